@@ -1,0 +1,251 @@
+"""Parts every mixer shares, written once: RMSNorm variants, RoPE (rotate-half and
+interleaved, partial, YaRN), the SwiGLU MLP and the short causal convolution.
+
+Numerics follow the published model code (Hugging Face ``transformers`` 5.23.0 is the
+reference): norms compute in float32 and cast back; RoPE angles are float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_tensor
+
+# ----------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim: ``x / rms(x) * w`` (Llama, DeepSeek, MiniMax, Kimi), or
+    ``x / rms(x) * (1 + w)`` with ``zero_centered=True`` (Qwen3-Next; ``w`` starts at 0 so
+    weight decay pulls the scale to 1). Computed in float32, returned in ``x.dtype``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim] -> [..., dim], same dtype."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        return (h * (1.0 + w if self.zero_centered else w)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
+
+
+class GatedRMSNorm(nn.Module):
+    """``rmsnorm(x) * w * act(gate)``: the output norm of gated DeltaNet (``act="silu"``,
+    Qwen3-Next) and Kimi delta attention (``act="sigmoid"``). Float32 inside."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, activation: str = "silu") -> None:
+        super().__init__()
+        if activation not in ("silu", "sigmoid"):
+            raise ValueError(f"activation: expected 'silu' or 'sigmoid', got {activation!r}")
+        self.eps = eps
+        self.activation = activation
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x, gate [..., dim] -> [..., dim] in ``x.dtype``."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        g = gate.float()
+        g = F.silu(g) if self.activation == "silu" else torch.sigmoid(g)
+        return (h * g).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, activation={self.activation}"
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(dim: int, theta: float) -> torch.Tensor:
+    """Inverse frequencies ``theta^(-2i/dim)``, i < dim/2 -> float32 [dim // 2] (RoFormer)."""
+    if dim % 2:
+        raise ValueError(f"dim: RoPE needs an even number of rotated dims, got {dim}")
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature ``0.1 * mscale * ln(scale) + 1`` (1 when scale <= 1),
+    as in DeepSeek-V2/V3 (their softmax scale is multiplied by this squared)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_inv_freq(dim: int, theta: float, rope_scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN frequencies (Peng et al. 2023, arXiv:2309.00071) -> (inv_freq float32 [dim // 2],
+    attention_factor). ``rope_scaling`` keys: factor, original_max_position_embeddings, and
+    optional beta_fast (32), beta_slow (1), mscale, mscale_all_dim, attention_factor, truncate (True).
+
+    Low-frequency dims (fewer than beta_slow rotations over the original context) are
+    interpolated by ``factor``, high-frequency ones (more than beta_fast) kept, with a linear
+    ramp between. ``attention_factor`` scales cos/sin:
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are given, else
+    ``mscale(factor)``.
+    """
+    factor = float(rope_scaling["factor"])
+    orig = rope_scaling.get("original_max_position_embeddings")
+    if orig is None:
+        raise ValueError("rope_scaling: YaRN needs 'original_max_position_embeddings'")
+    beta_fast = rope_scaling.get("beta_fast") or 32
+    beta_slow = rope_scaling.get("beta_slow") or 1
+    mscale = rope_scaling.get("mscale")
+    mscale_all_dim = rope_scaling.get("mscale_all_dim")
+    attention_factor = rope_scaling.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_get_mscale(factor)
+
+    def correction_dim(n_rot: float) -> float:
+        # the dim index whose wavelength fits n_rot full rotations in the original context
+        return dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope_scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1 = keep the original frequency
+    base = rope_inv_freq(dim, theta)
+    inv_freq = base / factor * (1 - extrapolate) + base * extrapolate
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; ``rope_scaling={"type": "yarn", ...}`` selects YaRN.
+
+    ``forward(positions)`` with positions int64 [B, T] (or [T]) returns ``(cos, sin)``,
+    float32 [B, T, dim // 2] (or [T, dim // 2]), already multiplied by the attention factor.
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0, rope_scaling: dict | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        kind = None if rope_scaling is None else rope_scaling.get("type", rope_scaling.get("rope_type"))
+        if kind in (None, "default"):
+            inv_freq, self.attention_factor = rope_inv_freq(dim, theta), 1.0
+        elif kind == "yarn":
+            inv_freq, self.attention_factor = yarn_inv_freq(dim, theta, rope_scaling)
+        else:
+            raise ValueError(f"rope_scaling: type {kind!r} is not supported (use None or 'yarn')")
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
+        angles = positions.float()[..., None] * self.inv_freq.float()  # (..., T, dim/2)
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
+    """Rotate the first ``2 * cos.shape[-1]`` dims of each head of ``x``; the rest pass through
+    (partial RoPE).
+
+    x [B, T, H, D]; cos, sin [B, T, R/2] or [T, R/2] float32 with R <= D.
+    ``interleaved=False``: rotate-half pairs (i, i + R/2) (Llama, Qwen, MiniMax, DeepSeek's indexer).
+    ``interleaved=True``: adjacent pairs (2i, 2i+1) (DeepSeek MLA, RoFormer). The result stays
+    in interleaved order; Hugging Face de-interleaves both q and k first, which gives the same
+    q·k. Computed in float32, returned in ``x.dtype``.
+    """
+    check_tensor("x", x, 4, "[B, T, H, D]")
+    half = cos.shape[-1]
+    r = 2 * half
+    if r > x.shape[-1]:
+        raise ValueError(f"cos: rotates {r} dims but x has head dim {x.shape[-1]}")
+    if r == 0:
+        return x
+    c = cos.float().unsqueeze(-2)  # (B, T, 1, R/2)
+    s = sin.float().unsqueeze(-2)
+    xr = x[..., :r].float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]  # (B, T, H, R/2)
+        rot = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)  # (B, T, H, R)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rot = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)  # (B, T, H, R)
+    return torch.cat((rot.to(x.dtype), x[..., r:]), dim=-1)
+
+
+# ----------------------------------------------------------------------------- MLP
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``, no biases (Shazeer 2020; Llama and all five families)."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_model] -> [..., d_model]."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- short conv
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal conv1d over time (kernel 4 by default) followed by SiLU, as in
+    Mamba, gated DeltaNet and Kimi delta attention. Weight [C, 1, K] like ``nn.Conv1d``
+    with ``groups=C`` (the Hugging Face layout), no bias by default.
+
+    Decode keeps the last ``K - 1`` inputs per channel in ``conv_state`` [B, C, K - 1].
+    """
+
+    def __init__(
+        self, channels: int, kernel_size: int = 4, bias: bool = False, activation: bool = True
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C] -> y [B, T, C].
+
+        conv_state None: the sequence starts at position 0 (zero history).
+        conv_state [B, C, K - 1] (any float dtype): the inputs before ``x``; it is read, then
+        overwritten IN PLACE with the last ``K - 1`` inputs (so decode with T == 1 and
+        chunked prefill both continue correctly).
+        """
+        check_tensor("x", x, 3, "[B, T, C]", shape=(None, None, self.channels))
+        B, T, C = x.shape
+        K = self.kernel_size
+        xt = x.transpose(1, 2).to(self.weight.dtype)  # (B, C, T)
+        if conv_state is None:
+            history = xt.new_zeros(B, C, K - 1)
+        else:
+            check_tensor("conv_state", conv_state, 3, "[B, C, K - 1]", shape=(B, C, K - 1))
+            history = conv_state.to(xt.dtype)
+        full = torch.cat((history, xt), dim=-1)  # (B, C, K - 1 + T)
+        if conv_state is not None:
+            conv_state.copy_(full[:, :, -(K - 1):])
+        y = F.conv1d(full, self.weight, self.bias, groups=C)  # (B, C, T)
+        if self.activation:
+            y = F.silu(y)
+        return y.transpose(1, 2).to(x.dtype)  # (B, T, C)
+
+    def new_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A zero conv state [batch, C, K - 1]."""
+        return torch.zeros(batch, self.channels, self.kernel_size - 1, device=device, dtype=dtype)
