@@ -28,7 +28,10 @@ Return forms of :func:`generate` (the output follows the input):
 
 from __future__ import annotations
 
+import codecs
+import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -578,3 +581,133 @@ def generate(
             row = row[: int(hit[0, 0]) + 1]
         out.append(torch.cat([tokens[b, : lens[b]], row]))
     return out
+
+
+# ----------------------------------------------------------------------------- CLI
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _parse_ids(text: str, name: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        msg = f"{name}: expected integer token ids separated by spaces or commas, got {text!r}"
+        raise ValueError(msg) from None
+
+
+def _load_model(args):
+    from .config import ModelConfig
+    from .model import HybridLM
+
+    if (args.checkpoint is None) == (args.preset is None):
+        raise ValueError("give either a checkpoint directory or --preset NAME (not both, not neither)")
+    if args.checkpoint is not None:
+        return HybridLM.from_pretrained(args.checkpoint)
+    torch.manual_seed(args.seed if args.seed is not None else 0)
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set: expected FIELD=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return HybridLM(ModelConfig.preset(args.preset, **overrides))
+
+
+def _run_cli(args) -> int:
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    model = _load_model(args)
+    model = model.to(device=args.device, dtype=dtypes[args.dtype]).eval()
+    vocab = model.cfg.vocab_size
+    byte_level = vocab == 256
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise ValueError("give --prompt (text) or --prompt-ids, not both")
+    if args.prompt_ids is not None:
+        ids = _parse_ids(args.prompt_ids, "--prompt-ids")
+    elif args.prompt is not None:
+        if vocab < 256:
+            raise ValueError(
+                f"--prompt: text becomes bytes, which needs vocab_size >= 256 (the model has {vocab}); "
+                f"pass --prompt-ids instead"
+            )
+        ids = list(args.prompt.encode("utf-8"))
+    else:
+        ids = list(b"The ") if vocab >= 256 else [1]
+    if not ids:
+        raise ValueError("--prompt: empty prompt; give at least one token")
+    stop = _parse_ids(args.stop, "--stop") if args.stop else []
+    prompt = torch.tensor(ids, dtype=torch.long)
+
+    out = sys.stdout
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stopped = [False]
+
+    def show(tok_ids: list[int]) -> None:
+        if byte_level:
+            out.write(utf8.decode(bytes(tok_ids)))
+        else:
+            out.write("".join(f"{t} " for t in tok_ids))
+        out.flush()
+
+    def on_token(tokens: torch.Tensor) -> None:
+        if stopped[0]:
+            return
+        t = int(tokens[0])
+        show([t])
+        stopped[0] = t in stop
+
+    show(ids)
+    stats = GenerateStats()
+    generate(
+        model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        stop_tokens=stop, seed=args.seed, prefill_chunk=args.prefill_chunk, decode_mode=args.decode_mode,
+        on_token=on_token, stats=stats,
+    )
+    if byte_level:
+        out.write(utf8.decode(b"", final=True))
+    out.write("\n")
+    out.flush()
+    n_params = sum(p.numel() for p in model.parameters())
+    pf = stats.prompt_tokens / stats.prefill_s if stats.prefill_s > 0 else float("nan")
+    print(
+        f"[{n_params / 1e6:.2f}M params, {args.dtype}, {args.device}] prompt {stats.prompt_tokens} tokens "
+        f"({pf:.1f} tokens/s prefill), {stats.new_tokens} new tokens, decode {stats.decode_tokens_per_s:.1f} "
+        f"tokens/s, cache {_format_bytes(stats.cache_bytes)} for {len(ids) + args.max_new_tokens} tokens",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``attnlab generate``."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate tokens from a checkpoint or a randomly initialised preset, streaming them",
+        description="Prefill a prompt and decode with per-layer caches, streaming tokens to stdout; prints "
+        "tokens/s and cache memory to stderr. Tokens are integer ids; a model with vocab_size 256 is "
+        "byte-level, so --prompt text is UTF-8 bytes and output is shown as text.",
+    )
+    p.add_argument("checkpoint", nargs="?", help="directory from HybridLM.save_pretrained / the trainer")
+    p.add_argument("--preset", help="build this preset with random weights instead of loading a checkpoint")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a preset config field")
+    p.add_argument("--prompt", help="prompt text (UTF-8 bytes as token ids; needs vocab_size >= 256)")
+    p.add_argument("--prompt-ids", help="prompt as token ids, e.g. '1 2 3'")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", help="stop token ids, e.g. '0 10'")
+    p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--decode-mode", choices=DECODE_MODES, default="eager")
+    p.set_defaults(func=_run_cli)
