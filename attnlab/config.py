@@ -47,14 +47,18 @@ class ModelConfig:
     norm_eps: float = 1e-6
     norm_zero_centered: bool = False  # Qwen3-Next RMSNorm: x_hat * (1 + w), w initialised to 0
     tie_embeddings: bool = False
-    # residual scales (MiniMax): h = alpha * norm(h) + beta * mixer(norm(h)) for 'attn'
-    # (softmax-family layers S W M D), 'linear' (L G K) and the MLP. 1.0/1.0 = pre-norm residual.
+    # residual scales (MiniMax): h = alpha * residual + beta * f(norm(h)) for 'attn' (softmax-family
+    # layers S W M D), 'linear' (L G K) and the MLP. 1.0/1.0 with postnorm=False = pre-norm residual.
     attn_alpha: float = 1.0
     attn_beta: float = 1.0
     linear_alpha: float = 1.0
     linear_beta: float = 1.0
     mlp_alpha: float = 1.0
     mlp_beta: float = 1.0
+    # MiniMax-01 ("postnorm" in its config; what Hugging Face's MiniMax always does): the residual
+    # branch carries the *normalized* stream, h = alpha * norm(h) + beta * f(norm(h)).
+    # False = the usual pre-norm residual h = alpha * h + beta * f(norm(h)).
+    postnorm: bool = False
 
     # --- S / W: softmax attention ---
     n_heads: int = 4
