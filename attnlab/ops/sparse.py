@@ -189,5 +189,6 @@ def _sparse_block(
     m = torch.where(torch.isfinite(m), m, 0.0)
     e = torch.exp(logits - m)  # empty slots -> 0
     p = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    v_sel = torch.where(valid[..., None, None], v_sel, 0)  # empty slots read position 0: keep NaN there out
     o = torch.einsum("bthgk,btkhd->bthgd", p, v_sel.to(acc))  # (B, Tb, H_kv, G, D_v)
     return o.reshape(B, Tb, H, D_v).to(q.dtype)
