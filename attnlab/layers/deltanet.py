@@ -1,0 +1,311 @@
+"""Gated DeltaNet (G, Qwen3-Next) and Kimi Delta Attention (K, Kimi Linear).
+
+Both are the gated delta rule (``attnlab.ops.gated_delta_rule`` / ``kda``) wrapped the same
+way, so they share one body, :class:`DeltaRuleMixer`::
+
+    q, k, v  = silu(ShortConv(W_qkv x))          depthwise causal conv, kernel 4, over [q|k|v]
+    q, k     = q / |q|, k / |k|                   (inside the op), q also scaled by D_k^-1/2
+    beta     = sigmoid(W_b x)                     [B, T, H]
+    g        = -exp(A_log) * softplus(a(x) + dt_bias)        log-decay, ≤ 0
+    S_t      = Diag(e^{g_t}) S_{t-1} + beta_t k_t (v_t − S_{t-1}'ᵀ k_t)ᵀ ,  o_t = S_tᵀ q_t
+    y        = W_o( GatedRMSNorm_{D_v}(o, gate(x)) )          norm per head, one weight
+
+They differ only where the papers differ:
+
+=============  ==========================================  ===========================================
+               G: Gated DeltaNet (Yang et al. 2025)         K: Kimi Delta Attention (Kimi Linear 2025)
+=============  ==========================================  ===========================================
+decay a(x)     one per head: ``a_proj`` (d → H)             one per key channel, low rank:
+                                                            ``f_b_proj(f_a_proj(x))`` (d → D_v → H·D_k)
+dt_bias        [H]                                          [H·D_k]
+output gate    ``z_proj`` (d → H·D_v), silu                 ``g_b_proj(g_a_proj(x))`` (low rank), sigmoid
+key heads      may be fewer than value heads (each q/k      as many as value heads in Kimi Linear
+               head serves H/H_k consecutive value heads)
+=============  ==========================================  ===========================================
+
+The Hugging Face ``Qwen3NextGatedDeltaNet`` and ``KimiLinearDeltaAttention`` are the numeric
+references (:meth:`load_from_hf`). Our projections use plain layouts; Qwen3-Next's per-key-head
+interleave of ``in_proj_qkvz`` / ``in_proj_ba`` is undone once, at load time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .._checks import check_heads_divide, check_tensor
+from ..cache import CacheSpec, LayerCache
+from .common import GatedRMSNorm, ShortConv
+from .lightning import _check_cache
+
+
+@dataclass
+class DeltaRuleCache(LayerCache):
+    """State of a ``G`` / ``K`` layer, constant in context length.
+
+    state:      float32 [B, H, D_k, D_v], the delta-rule memory.
+    conv_state: [B, 2·H_k·D_k + H·D_v, K − 1] (cache dtype), the last K − 1 inputs of the short conv.
+    """
+
+    state: torch.Tensor
+    conv_state: torch.Tensor
+
+
+class DeltaRuleMixer(nn.Module):
+    """Shared body of ``G`` and ``K``: forward(x [B, T, d_model], cache=None) -> [B, T, d_model].
+
+    Subclasses add the decay and output-gate projections and set the op and activation.
+    ``qkv_proj`` rows are ``[q | k | v]`` (H_k·D_k, H_k·D_k, H·D_v), head-major inside.
+    """
+
+    output_activation: str  # of the gated output norm
+    a_init_range: tuple[float, float]  # A = exp(A_log) drawn uniform in this range
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_key_heads: int,
+        key_head_dim: int,
+        value_head_dim: int,
+        conv_kernel: int = 4,
+        norm_eps: float = 1e-6,
+        n_decay: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_heads_divide("linear_n_heads (value heads)", n_heads, "linear_n_key_heads", n_key_heads)
+        self.d_model, self.n_heads, self.n_key_heads = d_model, n_heads, n_key_heads
+        self.key_head_dim, self.value_head_dim = key_head_dim, value_head_dim
+        self.key_dim = n_key_heads * key_head_dim
+        self.value_dim = n_heads * value_head_dim
+        conv_dim = 2 * self.key_dim + self.value_dim
+        self.qkv_proj = nn.Linear(d_model, conv_dim, bias=False)
+        self.conv = ShortConv(conv_dim, conv_kernel)
+        self.b_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.dt_bias = nn.Parameter(torch.empty(n_heads if n_decay is None else n_decay))
+        self.o_norm = GatedRMSNorm(value_head_dim, eps=norm_eps, activation=self.output_activation)
+        self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
+        self.reset_gate_parameters()
+
+    @torch.no_grad()
+    def reset_gate_parameters(self) -> None:
+        """Mamba-2 / fla initialisation: A uniform in ``a_init_range``; dt = softplus(dt_bias)
+        log-uniform in [1e-3, 1e-1] (dt_bias is its inverse softplus)."""
+        lo, hi = self.a_init_range
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(lo, hi).log())
+        dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    # ---- what G and K define
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d_model] -> float32 g, [B, T, H] (G) or [B, T, H, D_k] (K)."""
+        raise NotImplementedError
+
+    def output_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d_model] -> gate pre-activation [B, T, H·D_v]."""
+        raise NotImplementedError
+
+    def recurrence(self, q, k, v, g, beta, initial_state=None, output_final_state=False):
+        """The chunked op: ``ops.gated_delta_rule`` or ``ops.kda``."""
+        raise NotImplementedError
+
+    def recurrence_step(self, q, k, v, g, beta, state):
+        """The one-token op: ``ops.gated_delta_rule_step`` or ``ops.kda_step``."""
+        raise NotImplementedError
+
+    # ---- shared
+    def forward(self, x: torch.Tensor, cache: DeltaRuleCache | None = None) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model], x's dtype.
+
+        cache None: the sequence starts at position 0. Otherwise the T tokens continue each
+        row's conv and recurrent state (T == 1 uses the single-step recurrence) and
+        ``cache.lengths += T``.
+        """
+        check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
+        B, T, _ = x.shape
+        if cache is not None:
+            _check_cache(cache, DeltaRuleCache, B)
+        qkv = self.conv(self.qkv_proj(x), None if cache is None else cache.conv_state)  # (B, T, conv_dim)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(B, T, self.n_key_heads, self.key_head_dim)  # (B, T, H_k, D_k)
+        k = k.reshape(B, T, self.n_key_heads, self.key_head_dim)  # (B, T, H_k, D_k)
+        v = v.reshape(B, T, self.n_heads, self.value_head_dim)  # (B, T, H, D_v)
+        g = self.log_decay(x)  # (B, T, H) or (B, T, H, D_k), float32
+        beta = torch.sigmoid(self.b_proj(x).float())  # (B, T, H)
+        if cache is None:
+            o, _ = self.recurrence(q, k, v, g, beta)  # (B, T, H, D_v)
+        elif T == 1:
+            o = self.recurrence_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
+            o = o.unsqueeze(1)  # (B, 1, H, D_v)
+        else:
+            o, state = self.recurrence(q, k, v, g, beta, initial_state=cache.state, output_final_state=True)
+            cache.state.copy_(state)
+        if cache is not None:
+            cache.lengths += T
+        gate = self.output_gate(x).reshape(B, T, self.n_heads, self.value_head_dim)  # (B, T, H, D_v)
+        o = self.o_norm(o, gate).reshape(B, T, self.value_dim)  # (B, T, H*D_v)
+        return self.o_proj(o)
+
+    def cache_spec(self, dtype: torch.dtype = torch.bfloat16) -> CacheSpec:
+        """Constant bytes only: float32 state H·D_k·D_v·4 plus the conv history in ``dtype``."""
+        state = self.n_heads * self.key_head_dim * self.value_head_dim * 4
+        conv = self.conv.channels * (self.conv.kernel_size - 1) * torch.empty((), dtype=dtype).element_size()
+        return CacheSpec(bytes_per_token=0, constant_bytes=state + conv)
+
+    def new_cache(
+        self, batch: int, max_len: int, device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> DeltaRuleCache:
+        """A zeroed cache for ``batch`` sequences (``max_len`` does not change its size)."""
+        return DeltaRuleCache(
+            lengths=torch.zeros(batch, dtype=torch.int64, device=device),
+            state=torch.zeros(batch, self.n_heads, self.key_head_dim, self.value_head_dim,
+                              dtype=torch.float32, device=device),
+            conv_state=self.conv.new_state(batch, device=device, dtype=dtype),
+        )
+
+    def _check_hf_common(self, hf, n_heads, n_key_heads, key_head_dim, value_head_dim, norm) -> None:
+        got = (n_heads, n_key_heads, key_head_dim, value_head_dim, hf.conv_kernel_size)
+        want = (self.n_heads, self.n_key_heads, self.key_head_dim, self.value_head_dim, self.conv.kernel_size)
+        if got != want:
+            raise ValueError(
+                f"hf_module: (value heads, key heads, key head dim, value head dim, conv kernel) = {got}, "
+                f"but this layer was built with {want}; set linear_n_heads, linear_n_key_heads, "
+                f"linear_key_head_dim, linear_value_head_dim, conv_kernel to match"
+            )
+        if hf.activation != "silu":
+            raise ValueError(f"hf_module: conv activation {hf.activation!r}; only hidden_act='silu' works")
+        if hf.conv1d.bias is not None:
+            raise ValueError("hf_module: a short conv with bias is not supported")
+        if norm.variance_epsilon != self.o_norm.eps:
+            raise ValueError(
+                f"hf_module: output norm eps {norm.variance_epsilon} != {self.o_norm.eps}; "
+                f"set norm_eps to match"
+            )
+
+
+class GatedDeltaNet(DeltaRuleMixer):
+    """``G``: Gated DeltaNet as in Qwen3-Next (scalar decay per head, silu output gate)."""
+
+    output_activation = "silu"
+    a_init_range = (0.01, 16.0)  # Qwen3-Next keeps A away from 0
+
+    def __init__(self, d_model: int, n_heads: int, n_key_heads: int, key_head_dim: int, value_head_dim: int,
+                 conv_kernel: int = 4, norm_eps: float = 1e-6) -> None:
+        super().__init__(d_model, n_heads, n_key_heads, key_head_dim, value_head_dim, conv_kernel, norm_eps)
+        self.a_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.z_proj = nn.Linear(d_model, self.value_dim, bias=False)
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a_proj(x).float()  # (B, T, H)
+        return -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
+
+    def output_gate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.z_proj(x)
+
+    def recurrence(self, q, k, v, g, beta, initial_state=None, output_final_state=False):
+        return ops.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
+                                    output_final_state=output_final_state, use_qk_l2norm=True)
+
+    def recurrence_step(self, q, k, v, g, beta, state):
+        return ops.gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm=True)
+
+    @torch.no_grad()
+    def load_from_hf(self, hf_module: nn.Module) -> None:
+        """Copy weights from a ``transformers`` ``Qwen3NextGatedDeltaNet`` (a layer's ``linear_attn``)."""
+        hf = hf_module
+        if type(hf).__name__ != "Qwen3NextGatedDeltaNet":
+            raise ValueError(f"hf_module: expected a Qwen3NextGatedDeltaNet, got {type(hf).__name__}")
+        self._check_hf_common(hf, hf.num_v_heads, hf.num_k_heads, hf.head_k_dim, hf.head_v_dim, hf.norm)
+        d, Hk, Dk, Dv = self.d_model, self.n_key_heads, self.key_head_dim, self.value_head_dim
+        r = self.n_heads // Hk  # value heads per key head
+        # in_proj_qkvz rows: per key head group [q (D_k) | k (D_k) | v (r·D_v) | z (r·D_v)]
+        w = hf.in_proj_qkvz.weight.reshape(Hk, 2 * Dk + 2 * r * Dv, d)
+        wq, wk, wv, wz = w.split([Dk, Dk, r * Dv, r * Dv], dim=1)  # (H_k, ·, d) each
+        self.qkv_proj.weight.copy_(torch.cat([wq.reshape(-1, d), wk.reshape(-1, d), wv.reshape(-1, d)]))
+        self.z_proj.weight.copy_(wz.reshape(-1, d))  # value head = group·r + j, as HF reshapes it
+        # in_proj_ba rows: per key head group [b (r) | a (r)]
+        wb, wa = hf.in_proj_ba.weight.reshape(Hk, 2 * r, d).split([r, r], dim=1)
+        self.b_proj.weight.copy_(wb.reshape(-1, d))
+        self.a_proj.weight.copy_(wa.reshape(-1, d))
+        self.conv.weight.copy_(hf.conv1d.weight)  # channels [q | k | v], same order as ours
+        self.A_log.copy_(hf.A_log)
+        self.dt_bias.copy_(hf.dt_bias)
+        self.o_norm.weight.copy_(hf.norm.weight)
+        self.o_proj.weight.copy_(hf.out_proj.weight)
+
+
+class KimiDeltaAttention(DeltaRuleMixer):
+    """``K``: Kimi Delta Attention (per-channel decay from a low-rank projection, sigmoid output gate)."""
+
+    output_activation = "sigmoid"
+    a_init_range = (1.0, 16.0)  # Kimi Linear / fla
+
+    def __init__(self, d_model: int, n_heads: int, n_key_heads: int, key_head_dim: int, value_head_dim: int,
+                 conv_kernel: int = 4, norm_eps: float = 1e-6) -> None:
+        super().__init__(d_model, n_heads, n_key_heads, key_head_dim, value_head_dim, conv_kernel, norm_eps,
+                         n_decay=n_heads * key_head_dim)
+        rank = value_head_dim  # low-rank width of both gates (fla's KDA; Kimi Linear has D_k == D_v)
+        self.f_a_proj = nn.Linear(d_model, rank, bias=False)
+        self.f_b_proj = nn.Linear(rank, n_heads * key_head_dim, bias=False)
+        self.g_a_proj = nn.Linear(d_model, rank, bias=False)
+        self.g_b_proj = nn.Linear(rank, self.value_dim, bias=False)
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()  # (B, T, H*D_k)
+        f = f.reshape(B, T, self.n_heads, self.key_head_dim)  # (B, T, H, D_k)
+        return -self.A_log.float().exp()[:, None] * F.softplus(f)
+
+    def output_gate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g_b_proj(self.g_a_proj(x))
+
+    def recurrence(self, q, k, v, g, beta, initial_state=None, output_final_state=False):
+        return ops.kda(q, k, v, g, beta, initial_state=initial_state,
+                       output_final_state=output_final_state, use_qk_l2norm=True)
+
+    def recurrence_step(self, q, k, v, g, beta, state):
+        return ops.kda_step(q, k, v, g, beta, state, use_qk_l2norm=True)
+
+    @torch.no_grad()
+    def load_from_hf(self, hf_module: nn.Module) -> None:
+        """Copy weights from a ``transformers`` ``KimiLinearDeltaAttention`` (a KDA layer's ``self_attn``)."""
+        hf = hf_module
+        if type(hf).__name__ != "KimiLinearDeltaAttention":
+            raise ValueError(f"hf_module: expected a KimiLinearDeltaAttention, got {type(hf).__name__}")
+        self._check_hf_common(hf, hf.num_heads, hf.num_heads, hf.head_dim, hf.head_dim, hf.o_norm)
+        if hf.o_norm.activation != "sigmoid":
+            raise ValueError(f"hf_module: output gate activation {hf.o_norm.activation!r}, not 'sigmoid'")
+        self.qkv_proj.weight.copy_(torch.cat([hf.q_proj.weight, hf.k_proj.weight, hf.v_proj.weight]))
+        self.conv.weight.copy_(hf.conv1d.weight)
+        fg = hf.forget_gate
+        self.f_a_proj.weight.copy_(fg.f_a_proj.weight)
+        self.f_b_proj.weight.copy_(fg.f_b_proj.weight)
+        self.A_log.copy_(fg.A_log.reshape(-1))  # HF keeps it [1, 1, H, 1]
+        self.dt_bias.copy_(fg.dt_bias)
+        self.b_proj.weight.copy_(hf.b_proj.weight)
+        self.g_a_proj.weight.copy_(hf.g_a_proj.weight)
+        self.g_b_proj.weight.copy_(hf.g_b_proj.weight)
+        self.o_norm.weight.copy_(hf.o_norm.weight)
+        self.o_proj.weight.copy_(hf.o_proj.weight)
+
+
+def _linear_args(cfg) -> tuple:
+    return (cfg.d_model, cfg.linear_heads, cfg.linear_key_heads, cfg.linear_key_head_dim,
+            cfg.linear_value_head_dim, cfg.conv_kernel, cfg.norm_eps)
+
+
+def build_gated_deltanet(cfg, layer_idx: int) -> GatedDeltaNet:
+    """The ``G`` layer of ``cfg`` (linear_n_heads, linear_n_key_heads, linear_*_head_dim, conv_kernel)."""
+    return GatedDeltaNet(*_linear_args(cfg))
+
+
+def build_kda(cfg, layer_idx: int) -> KimiDeltaAttention:
+    """The ``K`` layer of ``cfg`` (same fields as ``G``)."""
+    return KimiDeltaAttention(*_linear_args(cfg))
