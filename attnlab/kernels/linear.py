@@ -1,0 +1,786 @@
+"""Triton kernels for chunked linear attention: Gated DeltaNet, Kimi Delta Attention, Lightning.
+
+The ops in :mod:`attnlab.ops` call these through ``mode="triton"`` (and ``"auto"`` on CUDA);
+each public function here has the op's signature minus ``mode``, plus ``cu_seqlens`` for packed
+variable-length batches. Conventions as in the ops: tensors [B, T, H, D], log-space gates,
+float32 states [B, H, D_k, D_v], ``o_t = S_tᵀ (scale · q_t)`` after the token's update.
+
+Forward (chunk C = 64, the UT/WY form of Yang et al. 2024 "Parallelizing Linear Transformers with
+the Delta Rule over Sequence Length" and "Gated Delta Networks" 2025, as in fla's chunk kernels).
+With G the within-chunk cumulative log-gate, Γ = exp(G), S₀ the state entering the chunk:
+
+    A     = strict_tril(β_i Σ_d k_id k_jd Γ_id/Γ_jd)          [C, C]
+    X     = (I + A)⁻¹                    (forward substitution on 16-row blocks, then block merge)
+    w     = X (β K ⊙ Γ),   u = X (β V)                         [C, D_k], [C, D_v]
+    v'    = u − w S₀                                            (the delta-rule corrected values)
+    o     = scale (Q ⊙ Γ) S₀ + (scale · tril(Σ_d q_id k_jd Γ_id/Γ_jd)) v'
+    S_C   = Diag(Γ_C) S₀ + (K ⊙ Γ_C/Γ)ᵀ v'
+
+Two launches: ``_prepare_kernel`` (parallel over chunks: gate cumsum, A, X, w, u, and for the
+per-channel gate the masked q·k matrix) and ``_state_output_kernel`` (one program per
+(sequence, head, D_v block), walking the chunks in order; it fuses the output so that the
+per-chunk states are never written to memory). Lightning attention has no delta rule
+(v' = v) and a constant decay, so it needs only the second launch.
+
+Decay ratios are only ever formed as exp of a non-positive number: for the scalar gate the
+[C, C] exponent is masked before exp; for the per-channel gate, pairs in different 16-token
+sub-chunks factor through the first token r of the row's sub-chunk, exp(G_i − G_r)·exp(G_r − G_j),
+both ≤ 1, and pairs inside one sub-chunk are computed elementwise (as fla's chunk_kda does).
+
+Backward: recomputation through the chunked PyTorch implementation (``attnlab.ops``,
+``mode="chunk"``) under autograd — correct, not fast. There is no Triton backward yet.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_heads_divide, check_same_device, check_tensor
+
+CHUNK = 64  # tokens per chunk
+SUB = 16  # rows per block of the triangular solve (and per-channel-gate sub-chunk)
+L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-Next) do
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Kernel launch parameters of the sequential kernel, by gate kind; the benchmark may override them.
+# BV: D_v columns per program (more programs, less work each); warps; software-pipeline depth.
+TUNING: dict[str, dict[str, int]] = {
+    "scalar": {"BV": 32, "num_warps": 4, "num_stages": 2},
+    "vector": {"BV": 32, "num_warps": 4, "num_stages": 2},
+    "lightning": {"BV": 32, "num_warps": 4, "num_stages": 2},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# small device helpers
+
+
+@triton.jit
+def _tile(ptr, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BCOL: tl.constexpr):
+    """Load a [BR, BCOL] tile at (row0, col0) of a row-major view, zero outside [n_rows, n_cols]."""
+    r = row0 + tl.arange(0, BR)
+    c = col0 + tl.arange(0, BCOL)
+    m = (r < n_rows)[:, None] & (c < n_cols)[None, :]
+    return tl.load(ptr + r[:, None].to(tl.int64) * row_stride + c[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, x, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BCOL: tl.constexpr):
+    r = row0 + tl.arange(0, BR)
+    c = col0 + tl.arange(0, BCOL)
+    m = (r < n_rows)[:, None] & (c < n_cols)[None, :]
+    tl.store(ptr + r[:, None].to(tl.int64) * row_stride + c[None, :], x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _vec(ptr, row0, n_rows, row_stride, BR: tl.constexpr):
+    """Load BR scalars spaced row_stride apart (a per-token gate or beta), zero past n_rows."""
+    r = row0 + tl.arange(0, BR)
+    return tl.load(ptr + r.to(tl.int64) * row_stride, mask=r < n_rows, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row(x, i, BR: tl.constexpr):
+    """Row i of a [BR, N] register tile, as [N]."""
+    sel = (tl.arange(0, BR) == i)[:, None]
+    return tl.sum(tl.where(sel, x, 0.0), 0)
+
+
+@triton.jit
+def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b on the tensor cores in the input dtype DT, fp32 accumulation."""
+    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+
+
+@triton.jit
+def _mm32(a, b):
+    """a @ b in full fp32 (the small blocks of the triangular solve)."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _inv_unit_lower(a, BC: tl.constexpr):
+    """(I + a)⁻¹ for a strictly lower-triangular [BC, BC] fp32 tile, by forward substitution:
+    row i of L = X − I is −a_i − Σ_{m<i} a_im L_m (rows 0, 1 are just −a)."""
+    rr = tl.arange(0, BC)
+    lo = -a
+    for i in range(2, BC):
+        r = _row(lo, i, BC)  # −a_i, nonzero only left of the diagonal
+        r = r + tl.sum(r[:, None] * lo, 0)
+        lo = tl.where((rr == i)[:, None], r[None, :], lo)
+    return lo + (rr[:, None] == rr[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _diag_block_vec(kc, qc, Gc, BC: tl.constexpr):
+    """Inside one sub-chunk, per-channel gate: Σ_d k_id k_jd e^{G_id−G_jd} (j < i) and the same
+    with q_i (j ≤ i), elementwise over d, one column j at a time. kc, qc, Gc [BC, BK] fp32."""
+    rr = tl.arange(0, BC)
+    akk = tl.zeros([BC, BC], dtype=tl.float32)
+    aqk = tl.zeros([BC, BC], dtype=tl.float32)
+    for j in range(0, BC):
+        kj = _row(kc, j, BC)
+        gj = _row(Gc, j, BC)
+        e = tl.exp(tl.where((rr >= j)[:, None], Gc - gj[None, :], 0.0))  # [BC, BK], exponent ≤ 0
+        kje = kj[None, :] * e
+        ck = tl.sum(kc * kje, 1)
+        cq = tl.sum(qc * kje, 1)
+        col = (rr == j)[None, :]
+        akk = tl.where(col & (rr > j)[:, None], ck[:, None], akk)
+        aqk = tl.where(col & (rr >= j)[:, None], cq[:, None], aqk)
+    return akk, aqk
+
+
+@triton.jit
+def _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN: tl.constexpr):
+    """(bos, length) of sequence i_b: rows bos .. bos+length-1 of the flattened [B*T] token axis."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)
+        return bos, (eos - bos).to(tl.int32)
+    else:
+        return i_b.to(tl.int64) * T, T
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel 1: per chunk, gate cumsum + A + X = (I + A)⁻¹ + w, u (+ gated q·k for per-channel gates)
+
+
+@triton.jit
+def _prepare_kernel(
+    q, k, v, g, beta, w, u, gcum, aqk, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_h = i_bh
+        i_b = tl.load(chunk_indices + 2 * i_c)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    else:
+        i_b, i_h = i_bh // H, i_bh % H
+        i_t = i_c
+    i_hk = i_h // (H // HK)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    t0 = i_t * BT
+    r1, r2, r3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
+    rr = tl.arange(0, BC)
+
+    q_p = q + (bos * HK + i_hk) * K
+    k_p = k + (bos * HK + i_hk) * K
+    v_p = v + (bos * H + i_h) * V
+    w_p = w + (bos * H + i_h) * K
+    u_p = u + (bos * H + i_h) * V
+    b_p = beta + bos * H + i_h
+    a_p = aqk + (bos * H + i_h) * BT
+
+    b0 = _vec(b_p, t0, n, H, BC)
+    b1 = _vec(b_p, r1, n, H, BC)
+    b2 = _vec(b_p, r2, n, H, BC)
+    b3 = _vec(b_p, r3, n, H, BC)
+
+    a10 = tl.zeros([BC, BC], dtype=tl.float32)
+    a20 = tl.zeros([BC, BC], dtype=tl.float32)
+    a21 = tl.zeros([BC, BC], dtype=tl.float32)
+    a30 = tl.zeros([BC, BC], dtype=tl.float32)
+    a31 = tl.zeros([BC, BC], dtype=tl.float32)
+    a32 = tl.zeros([BC, BC], dtype=tl.float32)
+    d0 = tl.zeros([BC, BC], dtype=tl.float32)
+    d1 = tl.zeros([BC, BC], dtype=tl.float32)
+    d2 = tl.zeros([BC, BC], dtype=tl.float32)
+    d3 = tl.zeros([BC, BC], dtype=tl.float32)
+
+    if GATE_VEC:
+        g_p = g + (bos * H + i_h) * K
+        G_p = gcum + (bos * H + i_h) * K
+        s10 = tl.zeros([BC, BC], dtype=tl.float32)
+        s20 = tl.zeros([BC, BC], dtype=tl.float32)
+        s21 = tl.zeros([BC, BC], dtype=tl.float32)
+        s30 = tl.zeros([BC, BC], dtype=tl.float32)
+        s31 = tl.zeros([BC, BC], dtype=tl.float32)
+        s32 = tl.zeros([BC, BC], dtype=tl.float32)
+        e0 = tl.zeros([BC, BC], dtype=tl.float32)
+        e1 = tl.zeros([BC, BC], dtype=tl.float32)
+        e2 = tl.zeros([BC, BC], dtype=tl.float32)
+        e3 = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            c0 = i_k * BK
+            G0 = tl.cumsum(_tile(g_p, t0, n, H * K, c0, K, BC, BK).to(tl.float32), 0)
+            G1 = tl.cumsum(_tile(g_p, r1, n, H * K, c0, K, BC, BK).to(tl.float32), 0)
+            G1 += _row(G0, BC - 1, BC)[None, :]
+            G2 = tl.cumsum(_tile(g_p, r2, n, H * K, c0, K, BC, BK).to(tl.float32), 0)
+            G2 += _row(G1, BC - 1, BC)[None, :]
+            G3 = tl.cumsum(_tile(g_p, r3, n, H * K, c0, K, BC, BK).to(tl.float32), 0)
+            G3 += _row(G2, BC - 1, BC)[None, :]
+            _store_tile(G_p, G0, t0, n, H * K, c0, K, BC, BK)
+            _store_tile(G_p, G1, r1, n, H * K, c0, K, BC, BK)
+            _store_tile(G_p, G2, r2, n, H * K, c0, K, BC, BK)
+            _store_tile(G_p, G3, r3, n, H * K, c0, K, BC, BK)
+            k0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32)
+            k1 = _tile(k_p, r1, n, HK * K, c0, K, BC, BK).to(tl.float32)
+            k2 = _tile(k_p, r2, n, HK * K, c0, K, BC, BK).to(tl.float32)
+            k3 = _tile(k_p, r3, n, HK * K, c0, K, BC, BK).to(tl.float32)
+            q1 = _tile(q_p, r1, n, HK * K, c0, K, BC, BK).to(tl.float32)
+            q2 = _tile(q_p, r2, n, HK * K, c0, K, BC, BK).to(tl.float32)
+            q3 = _tile(q_p, r3, n, HK * K, c0, K, BC, BK).to(tl.float32)
+            # reference = first token of the row sub-chunk: both factors are exp(≤ 0)
+            R1 = _row(G1, 0, BC)[None, :]
+            R2 = _row(G2, 0, BC)[None, :]
+            R3 = _row(G3, 0, BC)[None, :]
+            f1 = tl.exp(G1 - R1)
+            f2 = tl.exp(G2 - R2)
+            f3 = tl.exp(G3 - R3)
+            kt01 = tl.trans(k0 * tl.exp(R1 - G0))
+            kt02 = tl.trans(k0 * tl.exp(R2 - G0))
+            kt12 = tl.trans(k1 * tl.exp(R2 - G1))
+            kt03 = tl.trans(k0 * tl.exp(R3 - G0))
+            kt13 = tl.trans(k1 * tl.exp(R3 - G1))
+            kt23 = tl.trans(k2 * tl.exp(R3 - G2))
+            a10 += _mm(k1 * f1, kt01, DT, PREC)
+            s10 += _mm(q1 * f1, kt01, DT, PREC)
+            a20 += _mm(k2 * f2, kt02, DT, PREC)
+            s20 += _mm(q2 * f2, kt02, DT, PREC)
+            a21 += _mm(k2 * f2, kt12, DT, PREC)
+            s21 += _mm(q2 * f2, kt12, DT, PREC)
+            a30 += _mm(k3 * f3, kt03, DT, PREC)
+            s30 += _mm(q3 * f3, kt03, DT, PREC)
+            a31 += _mm(k3 * f3, kt13, DT, PREC)
+            s31 += _mm(q3 * f3, kt13, DT, PREC)
+            a32 += _mm(k3 * f3, kt23, DT, PREC)
+            s32 += _mm(q3 * f3, kt23, DT, PREC)
+            x, y = _diag_block_vec(k0, _tile(q_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32), G0, BC)
+            d0 += x
+            e0 += y
+            x, y = _diag_block_vec(k1, q1, G1, BC)
+            d1 += x
+            e1 += y
+            x, y = _diag_block_vec(k2, q2, G2, BC)
+            d2 += x
+            e2 += y
+            x, y = _diag_block_vec(k3, q3, G3, BC)
+            d3 += x
+            e3 += y
+        # the gated, scaled q·k matrix for the output, rows of this chunk, columns 0..BT-1
+        _store_tile(a_p, e0 * scale, t0, n, H * BT, 0, BT, BC, BC)
+        _store_tile(a_p, s10 * scale, r1, n, H * BT, 0, BT, BC, BC)
+        _store_tile(a_p, e1 * scale, r1, n, H * BT, BC, BT, BC, BC)
+        _store_tile(a_p, s20 * scale, r2, n, H * BT, 0, BT, BC, BC)
+        _store_tile(a_p, s21 * scale, r2, n, H * BT, BC, BT, BC, BC)
+        _store_tile(a_p, e2 * scale, r2, n, H * BT, 2 * BC, BT, BC, BC)
+        _store_tile(a_p, s30 * scale, r3, n, H * BT, 0, BT, BC, BC)
+        _store_tile(a_p, s31 * scale, r3, n, H * BT, BC, BT, BC, BC)
+        _store_tile(a_p, s32 * scale, r3, n, H * BT, 2 * BC, BT, BC, BC)
+        _store_tile(a_p, e3 * scale, r3, n, H * BT, 3 * BC, BT, BC, BC)
+    else:
+        g_p = g + bos * H + i_h
+        gs0 = tl.cumsum(_vec(g_p, t0, n, H, BC), 0)
+        gs1 = tl.cumsum(_vec(g_p, r1, n, H, BC), 0) + tl.sum(tl.where(rr == BC - 1, gs0, 0.0), 0)
+        gs2 = tl.cumsum(_vec(g_p, r2, n, H, BC), 0) + tl.sum(tl.where(rr == BC - 1, gs1, 0.0), 0)
+        gs3 = tl.cumsum(_vec(g_p, r3, n, H, BC), 0) + tl.sum(tl.where(rr == BC - 1, gs2, 0.0), 0)
+        G_p = gcum + bos * H + i_h
+        tl.store(G_p + (t0 + rr).to(tl.int64) * H, gs0, mask=t0 + rr < n)
+        tl.store(G_p + (r1 + rr).to(tl.int64) * H, gs1, mask=r1 + rr < n)
+        tl.store(G_p + (r2 + rr).to(tl.int64) * H, gs2, mask=r2 + rr < n)
+        tl.store(G_p + (r3 + rr).to(tl.int64) * H, gs3, mask=r3 + rr < n)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            c0 = i_k * BK
+            k0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK)
+            k1 = _tile(k_p, r1, n, HK * K, c0, K, BC, BK)
+            k2 = _tile(k_p, r2, n, HK * K, c0, K, BC, BK)
+            k3 = _tile(k_p, r3, n, HK * K, c0, K, BC, BK)
+            a10 += _mm(k1, tl.trans(k0), DT, PREC)
+            a20 += _mm(k2, tl.trans(k0), DT, PREC)
+            a21 += _mm(k2, tl.trans(k1), DT, PREC)
+            a30 += _mm(k3, tl.trans(k0), DT, PREC)
+            a31 += _mm(k3, tl.trans(k1), DT, PREC)
+            a32 += _mm(k3, tl.trans(k2), DT, PREC)
+            d0 += _mm(k0, tl.trans(k0), DT, PREC)
+            d1 += _mm(k1, tl.trans(k1), DT, PREC)
+            d2 += _mm(k2, tl.trans(k2), DT, PREC)
+            d3 += _mm(k3, tl.trans(k3), DT, PREC)
+        # gates: across sub-chunks the exponent is ≤ 0 already; inside, mask before exp
+        a10 *= tl.exp(gs1[:, None] - gs0[None, :])
+        a20 *= tl.exp(gs2[:, None] - gs0[None, :])
+        a21 *= tl.exp(gs2[:, None] - gs1[None, :])
+        a30 *= tl.exp(gs3[:, None] - gs0[None, :])
+        a31 *= tl.exp(gs3[:, None] - gs1[None, :])
+        a32 *= tl.exp(gs3[:, None] - gs2[None, :])
+        low = rr[:, None] > rr[None, :]
+        d0 = tl.where(low, d0 * tl.exp(tl.where(low, gs0[:, None] - gs0[None, :], 0.0)), 0.0)
+        d1 = tl.where(low, d1 * tl.exp(tl.where(low, gs1[:, None] - gs1[None, :], 0.0)), 0.0)
+        d2 = tl.where(low, d2 * tl.exp(tl.where(low, gs2[:, None] - gs2[None, :], 0.0)), 0.0)
+        d3 = tl.where(low, d3 * tl.exp(tl.where(low, gs3[:, None] - gs3[None, :], 0.0)), 0.0)
+
+    # A's rows carry β_i
+    a10 *= b1[:, None]
+    a20 *= b2[:, None]
+    a21 *= b2[:, None]
+    a30 *= b3[:, None]
+    a31 *= b3[:, None]
+    a32 *= b3[:, None]
+    i0 = _inv_unit_lower(d0 * b0[:, None], BC)
+    i1 = _inv_unit_lower(d1 * b1[:, None], BC)
+    i2 = _inv_unit_lower(d2 * b2[:, None], BC)
+    i3 = _inv_unit_lower(d3 * b3[:, None], BC)
+    # block merge: X_ij = −X_ii Σ_{j≤m<i} A_im X_mj
+    x10 = -_mm32(i1, _mm32(a10, i0))
+    x21 = -_mm32(i2, _mm32(a21, i1))
+    x20 = -_mm32(i2, _mm32(a20, i0) + _mm32(a21, x10))
+    x32 = -_mm32(i3, _mm32(a32, i2))
+    x31 = -_mm32(i3, _mm32(a31, i1) + _mm32(a32, x21))
+    x30 = -_mm32(i3, _mm32(a30, i0) + _mm32(a31, x10) + _mm32(a32, x20))
+
+    # w = X (β K ⊙ Γ)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        c0 = i_k * BK
+        if GATE_VEC:
+            G0 = _tile(G_p, t0, n, H * K, c0, K, BC, BK)
+            G1 = _tile(G_p, r1, n, H * K, c0, K, BC, BK)
+            G2 = _tile(G_p, r2, n, H * K, c0, K, BC, BK)
+            G3 = _tile(G_p, r3, n, H * K, c0, K, BC, BK)
+            y0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32) * tl.exp(G0) * b0[:, None]
+            y1 = _tile(k_p, r1, n, HK * K, c0, K, BC, BK).to(tl.float32) * tl.exp(G1) * b1[:, None]
+            y2 = _tile(k_p, r2, n, HK * K, c0, K, BC, BK).to(tl.float32) * tl.exp(G2) * b2[:, None]
+            y3 = _tile(k_p, r3, n, HK * K, c0, K, BC, BK).to(tl.float32) * tl.exp(G3) * b3[:, None]
+        else:
+            y0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32) * (tl.exp(gs0) * b0)[:, None]
+            y1 = _tile(k_p, r1, n, HK * K, c0, K, BC, BK).to(tl.float32) * (tl.exp(gs1) * b1)[:, None]
+            y2 = _tile(k_p, r2, n, HK * K, c0, K, BC, BK).to(tl.float32) * (tl.exp(gs2) * b2)[:, None]
+            y3 = _tile(k_p, r3, n, HK * K, c0, K, BC, BK).to(tl.float32) * (tl.exp(gs3) * b3)[:, None]
+        _store_tile(w_p, _mm(i0, y0, DT, PREC), t0, n, H * K, c0, K, BC, BK)
+        _store_tile(w_p, _mm(x10, y0, DT, PREC) + _mm(i1, y1, DT, PREC), r1, n, H * K, c0, K, BC, BK)
+        _store_tile(w_p, _mm(x20, y0, DT, PREC) + _mm(x21, y1, DT, PREC) + _mm(i2, y2, DT, PREC),
+                    r2, n, H * K, c0, K, BC, BK)
+        _store_tile(w_p, _mm(x30, y0, DT, PREC) + _mm(x31, y1, DT, PREC) + _mm(x32, y2, DT, PREC)
+                    + _mm(i3, y3, DT, PREC), r3, n, H * K, c0, K, BC, BK)
+    # u = X (β V)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        c0 = i_v * BV
+        y0 = _tile(v_p, t0, n, H * V, c0, V, BC, BV).to(tl.float32) * b0[:, None]
+        y1 = _tile(v_p, r1, n, H * V, c0, V, BC, BV).to(tl.float32) * b1[:, None]
+        y2 = _tile(v_p, r2, n, H * V, c0, V, BC, BV).to(tl.float32) * b2[:, None]
+        y3 = _tile(v_p, r3, n, H * V, c0, V, BC, BV).to(tl.float32) * b3[:, None]
+        _store_tile(u_p, _mm(i0, y0, DT, PREC), t0, n, H * V, c0, V, BC, BV)
+        _store_tile(u_p, _mm(x10, y0, DT, PREC) + _mm(i1, y1, DT, PREC), r1, n, H * V, c0, V, BC, BV)
+        _store_tile(u_p, _mm(x20, y0, DT, PREC) + _mm(x21, y1, DT, PREC) + _mm(i2, y2, DT, PREC),
+                    r2, n, H * V, c0, V, BC, BV)
+        _store_tile(u_p, _mm(x30, y0, DT, PREC) + _mm(x31, y1, DT, PREC) + _mm(x32, y2, DT, PREC)
+                    + _mm(i3, y3, DT, PREC), r3, n, H * V, c0, V, BC, BV)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel 2: the chunk-to-chunk recurrence with the output fused in
+
+
+@triton.jit
+def _state_output_kernel(
+    q, k, v, w, u, gcum, aqk, slope, o, h0, ht, cu_seqlens, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr,  # 0: constant decay exp(−slope_h) (Lightning), 1: scalar per token, 2: per channel
+    DELTA: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // (H // HK)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    c0 = i_v * BV
+    rk = tl.arange(0, BK)
+    rv = c0 + tl.arange(0, BV)
+    rt = tl.arange(0, BT)
+    state_off = i_bh.to(tl.int64) * K * V
+    mkv = (rk < K)[:, None] & (rv < V)[None, :]
+
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0 + state_off + rk[:, None] * V + rv[None, :], mask=mkv, other=0.0)
+
+    q_p = q + (bos * HK + i_hk) * K
+    k_p = k + (bos * HK + i_hk) * K
+    v_p = v + (bos * H + i_h) * V
+    o_p = o + (bos * H + i_h) * V
+    w_p = w + (bos * H + i_h) * K
+    u_p = u + (bos * H + i_h) * V
+    a_p = aqk + (bos * H + i_h) * BT
+    if GATE == 0:
+        s_h = tl.load(slope + i_h).to(tl.float32)
+    if GATE == 1:
+        G_p = gcum + bos * H + i_h
+    if GATE == 2:
+        G_p = gcum + (bos * H + i_h) * K
+
+    for i_t in range(0, tl.cdiv(n, BT)):
+        t0 = i_t * BT
+        valid = t0 + rt < n
+        n_in = tl.minimum(n - t0, BT)  # tokens in this chunk
+        b_q = _tile(q_p, t0, n, HK * K, 0, K, BT, BK)
+        b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK)
+        if DELTA:
+            b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
+            b_u = _tile(u_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32)
+            b_vn = b_u - _mm(b_w, S, DT, PREC)  # corrected values v' = u − w S₀
+        else:
+            b_vn = _tile(v_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32)
+
+        if GATE == 2:
+            b_G = _tile(G_p, t0, n, H * K, 0, K, BT, BK)  # [BT, BK]
+            G_last = tl.load(G_p + (t0 + n_in - 1).to(tl.int64) * H * K + rk, mask=rk < K, other=0.0)
+            b_o = _mm(b_q.to(tl.float32) * tl.exp(b_G), S, DT, PREC) * scale
+            b_a = _tile(a_p, t0, n, H * BT, 0, BT, BT, BT)
+            b_a = tl.where(rt[:, None] >= rt[None, :], b_a, 0.0)
+            b_o += _mm(b_a, b_vn, DT, PREC)
+            b_kd = b_k.to(tl.float32) * tl.exp(G_last[None, :] - b_G)
+            S = S * tl.exp(G_last)[:, None]
+        else:
+            if GATE == 0:
+                b_G = -s_h * (rt + 1).to(tl.float32)
+                G_last = -s_h * n_in.to(tl.float32)
+            else:
+                b_G = tl.load(G_p + (t0 + rt).to(tl.int64) * H, mask=valid, other=0.0)
+                G_last = tl.load(G_p + (t0 + n_in - 1).to(tl.int64) * H)
+            b_o = _mm(b_q, S, DT, PREC) * (tl.exp(b_G) * scale)[:, None]
+            causal = (rt[:, None] >= rt[None, :]) & valid[:, None]
+            b_a = _mm(b_q, tl.trans(b_k), DT, PREC)
+            b_a = tl.where(causal, b_a * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
+            b_o += _mm(b_a * scale, b_vn, DT, PREC)
+            b_kd = b_k.to(tl.float32) * tl.exp(G_last - b_G)[:, None]
+            S = S * tl.exp(G_last)
+        _store_tile(o_p, b_o, t0, n, H * V, c0, V, BT, BV)
+        S += _mm(tl.trans(b_kd), b_vn, DT, PREC)
+
+    if STORE_HT:
+        tl.store(ht + state_off + rk[:, None] * V + rv[None, :], S, mask=mkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: one token, state updated in place
+
+
+@triton.jit
+def _step_kernel(
+    q, k, v, g, beta, slope, state, o, scale,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, L2NORM: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // (H // HK)
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    off = i_bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]
+    m = mk[:, None] & mv[None, :]
+    S = tl.load(state + off, mask=m, other=0.0)
+    b_q = tl.load(q + (i_b * HK + i_hk) * K + rk, mask=mk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + (i_b * HK + i_hk) * K + rk, mask=mk, other=0.0).to(tl.float32)
+    b_v = tl.load(v + i_bh * V + rv, mask=mv, other=0.0).to(tl.float32)
+    if L2NORM:
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+    if GATE == 0:
+        S = S * tl.exp(-tl.load(slope + i_h).to(tl.float32))
+    if GATE == 1:
+        S = S * tl.exp(tl.load(g + i_bh).to(tl.float32))
+    if GATE == 2:
+        S = S * tl.exp(tl.load(g + i_bh * K + rk, mask=mk, other=0.0).to(tl.float32))[:, None]
+    if DELTA:
+        b_b = tl.load(beta + i_bh).to(tl.float32)
+        b_v = b_b * (b_v - tl.sum(S * b_k[:, None], 0))
+    S += b_k[:, None] * b_v[None, :]
+    b_o = tl.sum(S * (b_q * scale)[:, None], 0)
+    tl.store(state + off, S, mask=m)
+    tl.store(o + i_bh * V + rv, b_o.to(o.dtype.element_ty), mask=mv)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)
+
+
+def _chunk_indices(cu_seqlens: torch.Tensor, chunk: int) -> torch.Tensor:
+    """int32 [n_chunks, 2]: (sequence, chunk within it) of every chunk of a packed batch."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    pairs = [(i, j) for i, n in enumerate(lens) for j in range(-(-n // chunk))]
+    return torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
+
+
+def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens, gate: int):
+    """Launch the kernels. gate 0: Lightning (slope [H]); 1: GDN (g [B,T,H]); 2: KDA (g [B,T,H,K]).
+    All tensors contiguous; q, k [B, T, HK, K]; v [B, T, H, V]. Returns (o, final state | None)."""
+    b, t, hk, d_k = q.shape
+    h, d_v = v.shape[2], v.shape[3]
+    n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    dev = q.device
+    dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
+    bk = max(16, triton.next_power_of_2(d_k))
+    delta = gate != 0
+    varlen = cu_seqlens is not None
+    cu = cu_seqlens if varlen else q  # any pointer; unused when not varlen
+    o = torch.empty(b, t, h, d_v, dtype=q.dtype, device=dev)
+    ht = torch.empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if output_final_state else o
+    h0 = initial_state.float().contiguous() if initial_state is not None else o
+    w = u = gcum = aqk = o  # placeholders for arguments a kernel does not read
+    if delta:
+        w = torch.empty(b, t, h, d_k, dtype=q.dtype, device=dev)
+        u = torch.empty(b, t, h, d_v, dtype=q.dtype, device=dev)
+        gcum = torch.empty(g.shape, dtype=torch.float32, device=dev)
+        if gate == 2:
+            aqk = torch.empty(b, t, h, CHUNK, dtype=torch.float32, device=dev)
+        if varlen:
+            idx = _chunk_indices(cu_seqlens, CHUNK)
+            grid = (idx.shape[0], h)
+        else:
+            idx = cu
+            grid = (triton.cdiv(t, CHUNK), b * h)
+        _prepare_kernel[grid](
+            q, k, v, g, beta, w, u, gcum, aqk, cu, idx, scale, t,
+            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(64, bk),
+            BV=min(64, max(16, triton.next_power_of_2(d_v))),
+            GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=4,
+        )
+    cfg = TUNING[("lightning", "scalar", "vector")[gate]]
+    bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
+    _state_output_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+        q, k, v, w, u, gcum, aqk, slope if slope is not None else o, o, h0, ht, cu, scale, t,
+        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, DELTA=delta,
+        USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=varlen,
+        DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return o, (ht if output_final_state else None)
+
+
+class _ChunkFunction(torch.autograd.Function):
+    """Triton forward; backward by recomputing the chunked PyTorch op under autograd."""
+
+    @staticmethod
+    def forward(ctx, gate, q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens):
+        ctx.save_for_backward(q, k, v, g, beta, slope, initial_state)
+        ctx.gate, ctx.scale, ctx.cu_seqlens = gate, scale, cu_seqlens
+        o, ht = _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens, gate)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, slope, h0 = ctx.saved_tensors
+        if ctx.cu_seqlens is not None:
+            raise NotImplementedError("attnlab.kernels.linear: backward with cu_seqlens is not implemented")
+        from .. import ops  # lazy: ops imports this module in its triton mode
+
+        inputs = [x.detach().requires_grad_(x.requires_grad or i < 3) if x is not None else None
+                  for i, x in enumerate((q, k, v, g, beta, slope, h0))]
+        q_, k_, v_, g_, b_, s_, h0_ = inputs
+        with torch.enable_grad():
+            if ctx.gate == 0:
+                o, ht = ops.lightning_attention(q_, k_, v_, s_, scale=ctx.scale, initial_state=h0_,
+                                                output_final_state=dht is not None, mode="chunk")
+            else:
+                fn = ops.gated_delta_rule if ctx.gate == 1 else ops.kda
+                o, ht = fn(q_, k_, v_, g_, b_, scale=ctx.scale, initial_state=h0_,
+                           output_final_state=dht is not None, mode="chunk")
+            outs, grads = [o], [do]
+            if dht is not None:
+                outs.append(ht)
+                grads.append(dht)
+            wrt = [x for x in inputs if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+        dx = [next(got) if x is not None and x.requires_grad else None for x in inputs]
+        dq, dk, dv, dg, db, ds, dh0 = dx
+        return None, dq, dk, dv, dg, db, ds, None, dh0, None, None
+
+
+def _as_io(x: torch.Tensor) -> torch.Tensor:
+    """Kernels read fp16/bf16/fp32; float64 is computed in float32."""
+    return (x.float() if x.dtype == torch.float64 else x).contiguous()
+
+
+def _check(q, k, v, initial_state, cu_seqlens):
+    check_tensor("q", q, 4, "[B, T, H_k, D_k]")
+    b, t, hk, d_k = q.shape
+    check_tensor("k", k, 4, "[B, T, H_k, D_k]", shape=(b, t, hk, d_k), dtypes=(q.dtype,))
+    check_tensor("v", v, 4, "[B, T, H, D_v]", shape=(b, t, None, None), dtypes=(q.dtype,))
+    check_heads_divide("v", v.shape[2], "q", hk)
+    if d_k > 256 or v.shape[3] > 256:
+        raise ValueError(f"q, v: head dims up to 256 are supported, got D_k={d_k}, D_v={v.shape[3]}")
+    n_seq = b
+    if cu_seqlens is not None:
+        check_tensor("cu_seqlens", cu_seqlens, 1, "[N + 1]", dtypes=(torch.int32, torch.int64))
+        if b != 1:
+            raise ValueError(f"q: with cu_seqlens the batch must be packed into B = 1, got B = {b}")
+        n_seq = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, 4, "[N, H, D_k, D_v]",
+                     shape=(n_seq, v.shape[2], d_k, v.shape[3]), dtypes=(torch.float32, torch.float64))
+    check_same_device(q=q, k=k, v=v, initial_state=initial_state, cu_seqlens=cu_seqlens)
+
+
+def _run(gate, q, k, v, g, beta, slope, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens):
+    out_dtype = v.dtype
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    args = [None if x is None else _as_io(x) for x in (q, k, v, g, beta, slope, initial_state)]
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+    o, ht = _ChunkFunction.apply(gate, *args[:6], float(scale), args[6], bool(output_final_state), cu_seqlens)
+    return o.to(out_dtype), ht
+
+
+def lightning_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lightning attention (MiniMax): S_t = e^{−s_h} S_{t−1} + k_t v_tᵀ, o_t = S_tᵀ (scale · q_t).
+
+    q, k: [B, T, H_k, D_k]; v: [B, T, H, D_v] (H a multiple of H_k); slope: [H] float, s_h > 0;
+    scale: None = 1.0. initial_state: float32 [N, H, D_k, D_v] (N = B, or the number of packed
+    sequences with cu_seqlens int [N + 1] and B = 1). Returns (o [B, T, H, D_v] in v's dtype,
+    final state float32 [N, H, D_k, D_v] or None)."""
+    _check(q, k, v, initial_state, cu_seqlens)
+    check_tensor("slope", slope, 1, "[H]", shape=(v.shape[2],))
+    check_same_device(q=q, slope=slope)
+    scale = 1.0 if scale is None else scale
+    return _run(0, q, k, v, None, None, slope.float(), scale, initial_state, output_final_state, False,
+                cu_seqlens)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated DeltaNet: S_t = e^{g_t}(I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ, o_t = S_tᵀ (scale · q_t).
+
+    q, k: [B, T, H_k, D_k]; v: [B, T, H, D_v]; g, beta: [B, T, H] (g log-decay ≤ 0, any float
+    dtype). scale: None = D_k ** −0.5. use_qk_l2norm: q, k ← x / sqrt(Σx² + 1e-6) first.
+    initial_state / cu_seqlens / returns: as :func:`lightning_attention`."""
+    _check(q, k, v, initial_state, cu_seqlens)
+    b, t, h = v.shape[:3]
+    check_tensor("g", g, 3, "[B, T, H]", shape=(b, t, h))
+    check_tensor("beta", beta, 3, "[B, T, H]", shape=(b, t, h))
+    check_same_device(q=q, g=g, beta=beta)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _run(1, q, k, v, g, beta, None, scale, initial_state, output_final_state, use_qk_l2norm,
+                cu_seqlens)
+
+
+def kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kimi Delta Attention: as :func:`gated_delta_rule` with a per-channel gate g [B, T, H, D_k]."""
+    _check(q, k, v, initial_state, cu_seqlens)
+    b, t, h = v.shape[:3]
+    check_tensor("g", g, 4, "[B, T, H, D_k]", shape=(b, t, h, q.shape[3]))
+    check_tensor("beta", beta, 3, "[B, T, H]", shape=(b, t, h))
+    check_same_device(q=q, g=g, beta=beta)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _run(2, q, k, v, g, beta, None, scale, initial_state, output_final_state, use_qk_l2norm,
+                cu_seqlens)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode steps
+
+
+def _step(gate, q, k, v, g, beta, slope, state, scale, use_qk_l2norm):
+    check_tensor("q", q, 3, "[B, H_k, D_k]")
+    b, hk, d_k = q.shape
+    check_tensor("k", k, 3, "[B, H_k, D_k]", shape=(b, hk, d_k), dtypes=(q.dtype,))
+    check_tensor("v", v, 3, "[B, H, D_v]", shape=(b, None, None), dtypes=(q.dtype,))
+    h, d_v = v.shape[1], v.shape[2]
+    check_heads_divide("v", h, "q", hk)
+    check_tensor("state", state, 4, "[B, H, D_k, D_v]", shape=(b, h, d_k, d_v), dtypes=(torch.float32,))
+    if not state.is_contiguous():
+        raise ValueError("state: must be contiguous (it is updated in place)")
+    if gate == 1:
+        check_tensor("g", g, 2, "[B, H]", shape=(b, h))
+    if gate == 2:
+        check_tensor("g", g, 3, "[B, H, D_k]", shape=(b, h, d_k))
+    if gate != 0:
+        check_tensor("beta", beta, 2, "[B, H]", shape=(b, h))
+    check_same_device(q=q, k=k, v=v, g=g, beta=beta, slope=slope, state=state)
+    q, k, v = (_as_io(x) for x in (q, k, v))
+    o = torch.empty(b, h, d_v, dtype=q.dtype, device=q.device)
+    bk = max(16, triton.next_power_of_2(d_k))
+    bv = min(32, max(16, triton.next_power_of_2(d_v)))
+    dummy = o
+    _step_kernel[(triton.cdiv(d_v, bv), b * h)](
+        q, k, v, dummy if g is None else g.contiguous(), dummy if beta is None else beta.contiguous(),
+        dummy if slope is None else slope.float().contiguous(), state, o, float(scale),
+        H=h, HK=hk, K=d_k, V=d_v, BK=bk, BV=bv, GATE=gate, DELTA=gate != 0, L2NORM=use_qk_l2norm,
+        num_warps=4,
+    )
+    return o
+
+
+def lightning_attention_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, state: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One decode token of Lightning attention; updates `state` (float32 [B, H, D_k, D_v]) in place.
+    q, k: [B, H_k, D_k]; v: [B, H, D_v]; slope: [H]. Returns o [B, H, D_v] in q's dtype."""
+    check_tensor("slope", slope, 1, "[H]", shape=(v.shape[1] if v.dim() == 3 else None,))
+    return _step(0, q, k, v, None, None, slope, state, 1.0 if scale is None else scale, False)
+
+
+def gated_delta_rule_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    state: torch.Tensor, scale: float | None = None, use_qk_l2norm: bool = False,
+) -> torch.Tensor:
+    """One decode token of Gated DeltaNet; updates `state` in place. g, beta: [B, H]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _step(1, q, k, v, g, beta, None, state, scale, use_qk_l2norm)
+
+
+def kda_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    state: torch.Tensor, scale: float | None = None, use_qk_l2norm: bool = False,
+) -> torch.Tensor:
+    """One decode token of KDA; updates `state` in place. g: [B, H, D_k]; beta: [B, H]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _step(2, q, k, v, g, beta, None, state, scale, use_qk_l2norm)
+
+
+__all__ = [
+    "gated_delta_rule",
+    "gated_delta_rule_step",
+    "kda",
+    "kda_step",
+    "lightning_attention",
+    "lightning_attention_step",
+]
