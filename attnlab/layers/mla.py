@@ -1,0 +1,443 @@
+"""Multi-head Latent Attention (M) and DeepSeek Sparse Attention (D).
+
+MLA (DeepSeek-V2 §2.1, DeepSeek-V3): keys and values are decompressed from a per-token latent
+``c_kv`` (``kv_lora_rank``) plus one RoPE key ``k_pe`` (``qk_rope_head_dim``) shared by all
+heads, so the cache keeps only ``kv_lora_rank + qk_rope_head_dim`` numbers per token::
+
+    c_q          = RMSNorm(W_DQ x)                                  (q LoRA; or q = W_Q x)
+    [q_nope|q_pe] = W_UQ c_q                      per head: qk_nope_head_dim | qk_rope_head_dim
+    [c_kv|k_pe]   = W_DKV x ;  c_kv = RMSNorm(c_kv)
+    [k_nope|v]    = W_UKV c_kv                    per head: qk_nope_head_dim | v_head_dim
+    q_pe, k_pe    = RoPE(q_pe), RoPE(k_pe)        (interleaved pairs; none for Kimi's NoPE MLA)
+    o             = W_O softmax(scale * [q_nope|q_pe]·[k_nope|k_pe]) v
+
+Decode uses weight absorption (DeepSeek-V2 §2.1.3): ``q_nope·k_nope = (W_UK^T q_nope)·c_kv``,
+so each head scores the cached latents directly (MQA with one 576-dim "key head" in the
+full-size model), and ``W_UV`` is applied after the weighted sum of latents.
+
+DSA (DeepSeek-V3.2): MLA in that absorbed MQA form, attending only to the ``index_topk``
+tokens chosen by the lightning indexer ``I[t,s] = sum_j w[t,j] relu(q_I[t,j]·k_I[s])``, whose
+query comes from the q latent, whose single key head is LayerNorm'd, and which uses its own
+NON-interleaved RoPE on the first ``qk_rope_head_dim`` dims (``[rope | nope]``), while MLA
+rotates the last dims of ``[nope | rope]`` in interleaved pairs.
+
+The Hugging Face ``deepseek_v3`` / ``deepseek_v32`` / ``kimi_linear`` modules are the numeric
+reference (:meth:`MultiHeadLatentAttention.load_from_hf`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import ops
+from .._checks import check_tensor
+from ..cache import CacheSpec, LayerCache
+from .common import RMSNorm, RotaryEmbedding, apply_rope, yarn_get_mscale
+
+# DeepSeek hard-codes eps=1e-6 for the q/kv latent norms and the indexer key LayerNorm,
+# independent of the model's rms_norm_eps.
+_LATENT_EPS = 1e-6
+
+
+@dataclass
+class MLACache(LayerCache):
+    """Latent cache of an ``M`` layer.
+
+    latent: ``[B, S_max, 1, kv_lora_rank + qk_rope_head_dim]`` — the normalised ``c_kv``
+    followed by ``k_pe`` after RoPE. Dims ``:kv_lora_rank`` double as the value in absorbed
+    decode, so one buffer serves as both key and value.
+    """
+
+    latent: torch.Tensor
+
+
+@dataclass
+class DSACache(MLACache):
+    """Latent cache plus the indexer keys (after RoPE and LayerNorm) of a ``D`` layer.
+
+    index_keys: ``[B, S_max, index_head_dim]``.
+    """
+
+    index_keys: torch.Tensor
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """The ``M`` mixer: forward(x [B, T, d_model], cache=None) -> [B, T, d_model]."""
+
+    def __init__(self, cfg, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.d_model = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.use_rope = cfg.mla_use_rope
+        self.rope_interleave = cfg.rope_interleave
+        qk_head_dim = self.nope_dim + self.rope_dim
+        H = self.n_heads
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.d_model, H * qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.d_model, self.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(self.q_lora_rank, eps=_LATENT_EPS)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_head_dim, bias=False)
+        self.kv_a_proj = nn.Linear(cfg.d_model, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_norm = RMSNorm(self.kv_lora_rank, eps=_LATENT_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, cfg.d_model, bias=False)
+
+        # YaRN (rope_scaling type "yarn") changes the frequencies, scales cos/sin by its
+        # attention factor (inside RotaryEmbedding), and multiplies the softmax scale by
+        # mscale(factor, mscale_all_dim)^2 (DeepSeek-V3 modeling code, `yarn_get_mscale`).
+        self.scale = qk_head_dim**-0.5
+        rs = cfg.rope_scaling
+        if rs is not None and rs.get("type", rs.get("rope_type")) == "yarn" and rs.get("mscale_all_dim"):
+            self.scale *= yarn_get_mscale(float(rs["factor"]), float(rs["mscale_all_dim"])) ** 2
+        self.rotary = (
+            RotaryEmbedding(self.rope_dim, cfg.rope_theta, rs) if self.use_rope and self.rope_dim else None
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def _project_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, d] -> q [B, T, H, nope + rope], and the q latent [B, T, q_lora_rank] (or None)."""
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            return self.q_proj(x).view(B, T, self.n_heads, -1), None  # (B, T, H, dn + dr)
+        q_latent = self.q_a_norm(self.q_a_proj(x))  # (B, T, q_lora_rank)
+        return self.q_b_proj(q_latent).view(B, T, self.n_heads, -1), q_latent  # (B, T, H, dn + dr)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """Per-token projections of the new tokens.
+
+        Returns q_nope [B, T, H, dn], q_pe [B, T, H, dr] (rotated), latent [B, T, R + dr]
+        (normalised c_kv | rotated k_pe), the q latent (or None) and (cos, sin) (or None).
+        """
+        q, q_latent = self._project_q(x)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_norm(c_kv)  # (B, T, R)
+        cos_sin = None
+        if self.rotary is not None:
+            cos_sin = self.rotary(positions)  # each (B, T, dr / 2)
+            q_pe = apply_rope(q_pe, *cos_sin, interleaved=self.rope_interleave)
+            k_pe = apply_rope(k_pe[:, :, None], *cos_sin, interleaved=self.rope_interleave)[:, :, 0]
+        latent = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, R + dr)
+        return q_nope, q_pe, latent, q_latent, cos_sin
+
+    def _absorb_q(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[q_nope | q_pe] -> [W_UK^T q_nope | q_pe]: [B, T, H, R + dr] (DeepSeek-V2 §2.1.3)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w[:, : self.nope_dim])  # (B, T, H, R)
+        return torch.cat([q_lat, q_pe], dim=-1)  # (B, T, H, R + dr)
+
+    def _unabsorb_o(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Weighted latents o_lat [B, T, H, R] -> output [B, T, d_model] through W_UV and W_O."""
+        B, T = o_lat.shape[:2]
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+        o = torch.einsum("bthr,hvr->bthv", o_lat, w[:, self.nope_dim :])  # (B, T, H, dv)
+        return self.o_proj(o.reshape(B, T, -1))  # (B, T, d_model)
+
+    def _expanded_attention(self, q_nope, q_pe, latent) -> torch.Tensor:
+        """Non-absorbed MLA: decompress every latent into per-head keys/values.
+
+        q_* [B, T, H, *] are the last T of the S tokens in latent [B, S, R + dr]; -> [B, T, d_model].
+        """
+        B, T, H, _ = q_nope.shape
+        S = latent.shape[1]
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_head_dim)  # (B, S, H, dn + dv)
+        k_nope, v = kv.split([self.nope_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope_dim)], dim=-1)  # (B, S, H, dn + dr)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, dn + dr)
+        o = ops.softmax_attention(q, k, v, causal=True, scale=self.scale)  # (B, T, H, dv)
+        return self.o_proj(o.reshape(B, T, -1))  # (B, T, d_model)
+
+    # ------------------------------------------------------------------ cache plumbing
+    def _positions(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
+        """Absolute positions of the new tokens, [B, T] int64."""
+        B, T, _ = x.shape
+        steps = torch.arange(T, device=x.device)
+        if cache is None:
+            return steps[None].expand(B, T)
+        return cache.lengths.to(x.device)[:, None] + steps  # (B, T)
+
+    @staticmethod
+    def _check_cache(cache: MLACache, B: int, T: int) -> int | None:
+        """Validate room in the cache; for T > 1 return the common row length."""
+        if cache.lengths.shape != (B,):
+            raise ValueError(
+                f"cache: expected lengths of shape ({B},) for this batch, got {tuple(cache.lengths.shape)}"
+            )
+        s_max = cache.latent.shape[1]
+        if T > 1:
+            lo, hi = int(cache.lengths.min()), int(cache.lengths.max())
+            if lo != hi:
+                raise ValueError(
+                    f"cache: prefill of T={T} tokens needs equal row lengths, got {lo}..{hi}; "
+                    "prefill rows of different lengths one at a time with cache.rows(b, b + 1)"
+                )
+            if hi + T > s_max:
+                raise ValueError(f"cache: {hi} + {T} tokens exceed its max_len {s_max}")
+            return hi
+        if not _capturing() and int(cache.lengths.max()) >= s_max:
+            raise ValueError(f"cache: full (max_len {s_max}); allocate a longer cache")
+        return None
+
+    @staticmethod
+    def _write(buf: torch.Tensor, new: torch.Tensor, cache: LayerCache, start: int | None) -> None:
+        """Write new [B, T, ...] tokens into buf [B, S_max, ...] at each row's length."""
+        if start is not None:
+            buf[:, start : start + new.shape[1]] = new.to(buf.dtype)
+        else:  # T == 1, rows at different lengths
+            rows = torch.arange(buf.shape[0], device=buf.device)
+            buf[rows, cache.lengths.to(buf.device)] = new[:, 0].to(buf.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it."""
+        check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
+        B, T, _ = x.shape
+        q_nope, q_pe, latent, _, _ = self._project(x, self._positions(x, cache))
+        if cache is None:
+            return self._expanded_attention(q_nope, q_pe, latent)
+
+        start = self._check_cache(cache, B, T)
+        lat_buf = cache.latent[:, :, 0]  # (B, S_max, R + dr)
+        self._write(lat_buf, latent, cache, start)
+        if T > 1:  # prefill (possibly continuing): non-absorbed over everything cached so far
+            ctx = lat_buf[:, : start + T].to(x.dtype)  # (B, S, R + dr)
+            y = self._expanded_attention(q_nope, q_pe, ctx)
+        else:  # absorbed decode: MQA over the latent cache, key = latent, value = c_kv
+            q = self._absorb_q(q_nope, q_pe)[:, 0]  # (B, H, R + dr)
+            k_cache = cache.latent.to(x.dtype)  # (B, S_max, 1, R + dr)
+            o_lat = ops.softmax_decode(
+                q, k_cache, k_cache[..., : self.kv_lora_rank], cache.lengths + 1, scale=self.scale
+            )  # (B, H, R)
+            y = self._unabsorb_o(o_lat[:, None])
+        cache.lengths += T
+        return y
+
+    # ------------------------------------------------------------------ cache API
+    def cache_spec(self, dtype: torch.dtype = torch.bfloat16) -> CacheSpec:
+        """Per sequence: (kv_lora_rank + qk_rope_head_dim) cached numbers per token."""
+        return CacheSpec(bytes_per_token=(self.kv_lora_rank + self.rope_dim) * _dtype_bytes(dtype))
+
+    def new_cache(
+        self, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.float32
+    ) -> MLACache:
+        return MLACache(
+            lengths=torch.zeros(batch, dtype=torch.int64, device=device),
+            latent=torch.zeros(
+                batch, max_len, 1, self.kv_lora_rank + self.rope_dim, dtype=dtype, device=device
+            ),
+        )
+
+    # ------------------------------------------------------------------ Hugging Face
+    def load_from_hf(self, hf_module: nn.Module) -> None:
+        """Copy weights from a ``DeepseekV3Attention`` / ``KimiLinearAttention`` (its ``self_attn``)."""
+        _load_mla_weights(self, hf_module)
+
+
+class DeepSeekSparseAttention(MultiHeadLatentAttention):
+    """The ``D`` mixer: MLA in absorbed (MQA) form over the indexer's top-k tokens per query."""
+
+    def __init__(self, cfg, layer_idx: int = 0) -> None:
+        super().__init__(cfg, layer_idx)
+        if self.use_rope and cfg.index_head_dim < self.rope_dim:
+            raise ValueError(
+                f"index_head_dim: {cfg.index_head_dim} is smaller than qk_rope_head_dim={self.rope_dim}; "
+                "the indexer rotates its first qk_rope_head_dim dims"
+            )
+        self.index_n_heads = cfg.index_n_heads
+        self.index_head_dim = cfg.index_head_dim
+        self.index_topk = cfg.index_topk
+        # The indexer query reads the q latent (q LoRA); without q LoRA it reads x itself.
+        q_in = cfg.d_model if self.q_lora_rank is None else self.q_lora_rank
+        self.wq_b = nn.Linear(q_in, self.index_n_heads * self.index_head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.index_head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.index_head_dim, eps=_LATENT_EPS)
+        self.weights_proj = nn.Linear(cfg.d_model, self.index_n_heads, bias=False)
+
+    def _index_qkw(self, x, q_latent, cos_sin):
+        """Indexer query [B, T, H_I, D_I], key [B, T, D_I] (rotated) and head weights [B, T, H_I] float32.
+
+        The scales head_dim^-0.5 (inside the ReLU, positive so it commutes) and n_heads^-0.5 are
+        folded into the weights, as ops.dsa_index_scores expects (DeepSeek-V3.2 indexer)."""
+        B, T, _ = x.shape
+        q = self.wq_b(x if q_latent is None else q_latent).view(B, T, self.index_n_heads, self.index_head_dim)
+        k = self.k_norm(self.wk(x))  # (B, T, D_I)
+        if cos_sin is not None:  # non-interleaved RoPE on the FIRST rope_dim dims: [rope | nope]
+            q = apply_rope(q, *cos_sin, interleaved=False)
+            k = apply_rope(k[:, :, None], *cos_sin, interleaved=False)[:, :, 0]
+        w = self.weights_proj(x).float() * (
+            self.index_head_dim**-0.5 * self.index_n_heads**-0.5
+        )  # (B, T, H_I)
+        return q, k, w
+
+    def _sparse_latent_attention(self, q_nope, q_pe, q_idx, w, latent, k_idx, n_valid=None) -> torch.Tensor:
+        """Absorbed MLA over the top-k latents the indexer picks.
+
+        q_* and w are the last T of S positions; latent [B, S, R + dr]; k_idx [B, S, D_I];
+        n_valid [B] (decode, rows of different lengths) masks slots >= n_valid[b]."""
+        scores = ops.dsa_index_scores(q_idx, k_idx, w)  # (B, T, S)
+        S = latent.shape[1]
+        if n_valid is not None:
+            invalid = torch.arange(S, device=scores.device)[None, None] >= n_valid[:, None, None]  # (B, 1, S)
+            scores = scores.masked_fill(invalid, float("-inf"))
+        # -inf positions are never chosen; slots beyond the visible count come back as -1
+        idx = ops.dsa_topk(scores, min(self.index_topk, S), causal=True)  # (B, T, k)
+        q = self._absorb_q(q_nope, q_pe)  # (B, T, H, R + dr)
+        kv = latent[:, :, None]  # (B, S, 1, R + dr)
+        o_lat = ops.sparse_attention(
+            q, kv, kv[..., : self.kv_lora_rank], idx, scale=self.scale
+        )  # (B, T, H, R)
+        return self._unabsorb_o(o_lat)
+
+    def forward(self, x: torch.Tensor, cache: DSACache | None = None) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it."""
+        check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
+        B, T, _ = x.shape
+        q_nope, q_pe, latent, q_latent, cos_sin = self._project(x, self._positions(x, cache))
+        q_idx, k_idx, w = self._index_qkw(x, q_latent, cos_sin)
+        if cache is None:
+            return self._sparse_latent_attention(q_nope, q_pe, q_idx, w, latent, k_idx)
+
+        start = self._check_cache(cache, B, T)
+        lat_buf = cache.latent[:, :, 0]  # (B, S_max, R + dr)
+        self._write(lat_buf, latent, cache, start)
+        self._write(cache.index_keys, k_idx, cache, start)
+        if T > 1:
+            S, n_valid = start + T, None
+        else:  # rows may differ: score up to the longest row, mask the rest per row
+            n_valid = cache.lengths + 1
+            S = lat_buf.shape[1] if _capturing() else int(n_valid.max())
+        y = self._sparse_latent_attention(
+            q_nope, q_pe, q_idx, w, lat_buf[:, :S].to(x.dtype), cache.index_keys[:, :S].to(x.dtype), n_valid
+        )
+        cache.lengths += T
+        return y
+
+    def cache_spec(self, dtype: torch.dtype = torch.bfloat16) -> CacheSpec:
+        """Per sequence: latent (kv_lora_rank + qk_rope_head_dim) + indexer key (index_head_dim) per token."""
+        n = self.kv_lora_rank + self.rope_dim + self.index_head_dim
+        return CacheSpec(bytes_per_token=n * _dtype_bytes(dtype))
+
+    def new_cache(
+        self, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.float32
+    ) -> DSACache:
+        return DSACache(
+            lengths=torch.zeros(batch, dtype=torch.int64, device=device),
+            latent=torch.zeros(
+                batch, max_len, 1, self.kv_lora_rank + self.rope_dim, dtype=dtype, device=device
+            ),
+            index_keys=torch.zeros(batch, max_len, self.index_head_dim, dtype=dtype, device=device),
+        )
+
+    def load_from_hf(self, hf_module: nn.Module) -> None:
+        """Copy weights from a ``DeepseekV32Attention`` (MLA + ``indexer``)."""
+        indexer = getattr(hf_module, "indexer", None)
+        if indexer is None:
+            raise ValueError(
+                f"hf_module: expected a DeepseekV32Attention (with `indexer`), got {type(hf_module).__name__}"
+            )
+        _load_mla_weights(self, hf_module)
+        for name in ("wq_b", "wk", "weights_proj"):
+            _copy(f"indexer.{name}.weight", getattr(self, name).weight, getattr(indexer, name).weight)
+        _copy("indexer.k_norm.weight", self.k_norm.weight, indexer.k_norm.weight)
+        _copy("indexer.k_norm.bias", self.k_norm.bias, indexer.k_norm.bias)
+        if indexer.k_norm.eps != self.k_norm.eps:
+            raise ValueError(
+                f"indexer.k_norm: eps {indexer.k_norm.eps} unsupported; expected {self.k_norm.eps}"
+            )
+
+
+# ---------------------------------------------------------------------------- helpers
+def _capturing() -> bool:
+    """True while a CUDA graph is being captured (no host syncs allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _copy(name: str, dst: torch.Tensor, src: torch.Tensor | None) -> None:
+    if src is None:
+        raise ValueError(
+            f"hf_module.{name}: missing, but this layer has a parameter of shape {tuple(dst.shape)}"
+        )
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(
+            f"hf_module.{name}: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}; check the config"
+        )
+    with torch.no_grad():
+        dst.copy_(src.detach().to(dst.dtype))
+
+
+def _load_mla_weights(layer: MultiHeadLatentAttention, hf) -> None:
+    """Copy the MLA projections and latent norms from a transformers MLA attention module."""
+    for lin in ("q_proj", "q_a_proj", "kv_a_proj_with_mqa", "o_proj"):
+        mod = getattr(hf, lin, None)
+        if mod is not None and mod.bias is not None:
+            raise ValueError(
+                f"hf_module.{lin}: has a bias (attention_bias=True), which attnlab's MLA does not support"
+            )
+    if getattr(hf, "num_key_value_groups", 1) != 1:
+        raise ValueError("hf_module: MLA expects num_key_value_heads == num_attention_heads")
+    if (getattr(hf, "q_lora_rank", None) is None) != (layer.q_lora_rank is None):
+        raise ValueError(
+            f"hf_module: q_lora_rank {getattr(hf, 'q_lora_rank', None)} != layer's {layer.q_lora_rank}"
+        )
+    if layer.q_lora_rank is None:
+        _copy("q_proj.weight", layer.q_proj.weight, hf.q_proj.weight)
+    else:
+        _copy("q_a_proj.weight", layer.q_a_proj.weight, hf.q_a_proj.weight)
+        _copy("q_a_layernorm.weight", layer.q_a_norm.weight, hf.q_a_layernorm.weight)
+        _check_eps("q_a_layernorm", hf.q_a_layernorm)
+        _copy("q_b_proj.weight", layer.q_b_proj.weight, hf.q_b_proj.weight)
+    _copy("kv_a_proj_with_mqa.weight", layer.kv_a_proj.weight, hf.kv_a_proj_with_mqa.weight)
+    _copy("kv_a_layernorm.weight", layer.kv_a_norm.weight, hf.kv_a_layernorm.weight)
+    _check_eps("kv_a_layernorm", hf.kv_a_layernorm)
+    _copy("kv_b_proj.weight", layer.kv_b_proj.weight, hf.kv_b_proj.weight)
+    _copy("o_proj.weight", layer.o_proj.weight, hf.o_proj.weight)
+    if not math.isclose(float(hf.scaling), layer.scale, rel_tol=1e-6):
+        raise ValueError(
+            f"hf_module.scaling: {hf.scaling} differs from this layer's softmax scale {layer.scale}; "
+            "check qk dims and rope_scaling (YaRN mscale_all_dim)"
+        )
+
+
+def _check_eps(name: str, norm: nn.Module) -> None:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", _LATENT_EPS))
+    if eps != _LATENT_EPS:
+        raise ValueError(
+            f"hf_module.{name}: eps {eps} unsupported; DeepSeek's latent norms use {_LATENT_EPS}"
+        )
+
+
+def build_mla(cfg, layer_idx: int) -> MultiHeadLatentAttention:
+    """The ``M`` layer for ``cfg`` (a :class:`attnlab.config.ModelConfig`)."""
+    return MultiHeadLatentAttention(cfg, layer_idx)
+
+
+def build_dsa(cfg, layer_idx: int) -> DeepSeekSparseAttention:
+    """The ``D`` layer for ``cfg`` (a :class:`attnlab.config.ModelConfig`)."""
+    return DeepSeekSparseAttention(cfg, layer_idx)
+
+
+__all__ = [
+    "DSACache",
+    "DeepSeekSparseAttention",
+    "MLACache",
+    "MultiHeadLatentAttention",
+    "build_dsa",
+    "build_mla",
+]
