@@ -161,6 +161,8 @@ def sparse_attention(
     # MLA absorbed: v = k[..., :D_v] is a view of the same storage; gather once and slice.
     v_is_k_prefix = not grad and D_v <= D and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
     o = torch.empty(B, T, H, D_v, dtype=q.dtype, device=q.device)
+    if K == 0:  # no slots at all: every row is empty
+        return o.zero_()
     block = _query_block(B, K * (H_kv * (D + D_v) + 3 * H))
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
