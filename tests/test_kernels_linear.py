@@ -1,0 +1,279 @@
+"""Triton linear-attention kernels (attnlab.kernels.linear) against a float64 token loop.
+
+Two ways to run:
+- on a CUDA machine, the tests marked ``gpu`` (awkward shapes, bf16, extreme gates, gradients);
+- on the CPU, tiny sizes under ``TRITON_INTERPRET=1``. That variable must be set before triton is
+  imported, so ``test_interpreter_suite`` re-runs this file's ``interp`` tests in a subprocess
+  with it set (or run ``TRITON_INTERPRET=1 pytest tests/test_kernels_linear.py`` directly).
+
+Error metric: rms(ref − out) / rms(ref) (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not (HAVE_TRITON and INTERPRETED),
+                            reason="runs under TRITON_INTERPRET=1 (see test_interpreter_suite)")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "output has NaN/inf"
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def oracle(q, k, v, g, beta, scale, h0, delta: bool):
+    """float64 token loop. q, k [B,T,H_k,K]; v [B,T,H,V]; g [B,T,H,K] log-gate (broadcast already);
+    beta [B,T,H] or None. S_t = diag(e^g) S; delta: S += β k (v − Sᵀk)ᵀ else S += k vᵀ; o = Sᵀ(scale q)."""
+    b, t, h, d_v = v.shape
+    rep = h // q.shape[2]
+    q, k = (x.double().cpu().repeat_interleave(rep, dim=2) for x in (q, k))
+    v, g = v.double().cpu(), g.double().cpu()
+    S = torch.zeros(b, h, q.shape[-1], d_v, dtype=torch.float64) if h0 is None else h0.double().cpu().clone()
+    o = torch.zeros(b, t, h, d_v, dtype=torch.float64)
+    for i in range(t):
+        S = S * g[:, i].exp()[..., None]  # (B, H, K, V)
+        vi = v[:, i]
+        if delta:
+            vi = beta[:, i].double().cpu()[..., None] * (vi - torch.einsum("bhk,bhkv->bhv", k[:, i], S))
+        S = S + k[:, i][..., None] * vi[..., None, :]
+        o[:, i] = torch.einsum("bhk,bhkv->bhv", q[:, i] * scale, S)
+    return o, S
+
+
+def make_inputs(op, b, t, h, hk, d_k, d_v, dtype=torch.float32, device="cpu", gate_scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)
+    q, k, v = r(b, t, hk, d_k), r(b, t, hk, d_k), r(b, t, h, d_v)
+    k = torch.nn.functional.normalize(k, dim=-1)  # the delta rule is stable for |k| = 1, β ≤ 1
+    beta = torch.rand(b, t, h, generator=gen)
+    if op == "gdn":
+        g = -torch.rand(b, t, h, generator=gen) * gate_scale
+    elif op == "kda":
+        g = -torch.rand(b, t, h, d_k, generator=gen) * gate_scale
+    else:
+        g = torch.rand(h, generator=gen) * 0.5 * gate_scale + 0.01  # Lightning slope
+    h0 = r(b, h, d_k, d_v)
+    to = lambda x: x.to(device)
+    return to(q.to(dtype)), to(k.to(dtype)), to(v.to(dtype)), to(g), to(beta), to(h0)
+
+
+def run_kernel(op, q, k, v, g, beta, h0, **kw):
+    from attnlab.kernels import linear
+
+    if op == "gdn":
+        return linear.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, **kw)
+    if op == "kda":
+        return linear.kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, **kw)
+    return linear.lightning_attention(q, k, v, g, initial_state=h0, output_final_state=True, **kw)
+
+
+def run_oracle(op, q, k, v, g, beta, h0, scale=None, l2=False):
+    d_k = q.shape[-1]
+    if l2:
+        q, k = (torch.nn.functional.normalize(x.double(), dim=-1) for x in (q, k))  # eps differs by ~1e-6
+    if op == "lightning":
+        b, t, h = v.shape[:3]
+        gf = (-g.double())[None, None, :, None].expand(b, t, h, d_k)
+        return oracle(q, k, v, gf, None, 1.0 if scale is None else scale, h0, delta=False)
+    gf = g[..., None].expand(*g.shape, d_k) if op == "gdn" else g
+    return oracle(q, k, v, gf, beta, d_k**-0.5 if scale is None else scale, h0, delta=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU, under the Triton interpreter (tiny sizes: the interpreter runs every program in Python)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
+@interp
+@pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
+@pytest.mark.parametrize("t", [1, 70])
+def test_interp_forward_matches_loop(op, t):
+    q, k, v, g, beta, h0 = make_inputs(op, 1, t, 2, 2, 32, 16, seed=t)
+    o, ht = run_kernel(op, q, k, v, g, beta, h0)
+    ro, rs = run_oracle(op, q, k, v, g, beta, h0)
+    assert o.shape == ro.shape and ht.shape == rs.shape
+    assert rel_err(o, ro) < 1e-5
+    assert rel_err(ht, rs) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("op", ["gdn", "kda"])
+def test_interp_odd_dims_gqa_l2norm_extreme_gates(op):
+    """D_k = 24, D_v = 20 (not powers of two), 2 value heads per key head, L2-normed q/k,
+    log-gates down to −40 per token (decay underflows; nothing may overflow)."""
+    q, k, v, g, beta, h0 = make_inputs(op, 2, 40, 4, 2, 24, 20, gate_scale=40.0, seed=3)
+    o, ht = run_kernel(op, q, k, v, g, beta, h0, use_qk_l2norm=True)
+    ro, rs = run_oracle(op, q, k, v, g, beta, h0, l2=True)
+    assert rel_err(o, ro) < 1e-5
+    assert rel_err(ht, rs) < 1e-5
+
+
+@interp
+def test_interp_varlen_equals_separate_sequences():
+    from attnlab.kernels import linear
+
+    lens = [5, 64, 23]
+    for op in ("gdn", "lightning"):
+        parts = [make_inputs(op, 1, n, 2, 2, 16, 16, seed=i) for i, n in enumerate(lens)]
+        q, k, v, gc, beta = (torch.cat([p[j] for p in parts], dim=1) for j in range(5))
+        g = gc if op == "gdn" else parts[0][3]
+        h0 = torch.cat([p[5] for p in parts], dim=0)  # (N, H, K, V)
+        cu = torch.tensor([0, 5, 69, 92])
+        if op == "gdn":
+            o, ht = linear.gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+                                            output_final_state=True, cu_seqlens=cu)
+        else:
+            o, ht = linear.lightning_attention(q, k, v, g, initial_state=h0,
+                                               output_final_state=True, cu_seqlens=cu)
+        for i, p in enumerate(parts):
+            gi = p[3] if op == "gdn" else g
+            ro, rs = run_oracle(op, p[0], p[1], p[2], gi, p[4], p[5])
+            assert rel_err(o[:, cu[i]:cu[i + 1]], ro) < 1e-5
+            assert rel_err(ht[i], rs[0]) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
+def test_interp_decode_steps_continue_the_prefill(op):
+    """Prefill T0 tokens with the chunk kernel, then decode with the in-place step kernel:
+    same outputs and state as the loop over all tokens."""
+    from attnlab.kernels import linear
+
+    t0, t = 9, 12
+    q, k, v, g, beta, h0 = make_inputs(op, 2, t, 4, 2, 16, 24, seed=7)
+    ro, rs = run_oracle(op, q, k, v, g, beta, h0)
+    _, state = run_kernel(op, q[:, :t0], k[:, :t0], v[:, :t0], g if op == "lightning" else g[:, :t0],
+                          beta[:, :t0], h0)
+    for i in range(t0, t):
+        if op == "gdn":
+            o = linear.gated_delta_rule_step(q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], state)
+        elif op == "kda":
+            o = linear.kda_step(q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], state)
+        else:
+            o = linear.lightning_attention_step(q[:, i], k[:, i], v[:, i], g, state)
+        assert rel_err(o, ro[:, i]) < 1e-5
+    assert rel_err(state, rs) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
+def test_interp_gradients_match_loop(op):
+    pytest.importorskip("attnlab.ops")
+    from attnlab import ops
+
+    if not hasattr(ops, {"gdn": "gated_delta_rule", "kda": "kda", "lightning": "lightning_attention"}[op]):
+        pytest.skip("the chunked torch op used by the backward has not landed in attnlab.ops")
+    q, k, v, g, beta, h0 = make_inputs(op, 1, 20, 2, 2, 16, 16, seed=5)
+    leaves = [x.clone().double().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    ro, rs = run_oracle(op, *leaves)
+    gen = torch.Generator().manual_seed(1)
+    do, dS = torch.randn(ro.shape, generator=gen), torch.randn(rs.shape, generator=gen)
+    ref = torch.autograd.grad((ro * do).sum() + (rs * dS).sum(), leaves, allow_unused=True)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o, ht = run_kernel(op, *ins)
+    got = torch.autograd.grad((o * do).sum() + (ht * dS).sum(), ins, allow_unused=True)
+    names = ["q", "k", "v", "g" if op != "lightning" else "slope", "beta", "h0"]
+    for name, a, r in zip(names, got, ref, strict=True):
+        if r is None:
+            continue
+        assert a is not None, f"no gradient for {name}"
+        assert rel_err(a, r) < 1e-4, name
+
+
+@interp
+def test_interp_bad_input_raises_value_error():
+    from attnlab.kernels import linear
+
+    q, k, v, g, beta, h0 = make_inputs("gdn", 1, 4, 2, 2, 16, 16)
+    with pytest.raises(ValueError, match="g"):
+        linear.gated_delta_rule(q, k, v, g[..., None], beta)
+    with pytest.raises(ValueError, match="initial_state"):
+        linear.gated_delta_rule(q, k, v, g, beta, initial_state=h0[:, :1])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        linear.gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([[0, 4]]))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.fixture
+def poisoned():
+    from attnlab.kernels import linear
+
+    linear.POISON_OUTPUTS = True  # every buffer the kernels write starts as NaN
+    yield
+    linear.POISON_OUTPUTS = False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
+@pytest.mark.parametrize("t,d_k,d_v", [(1, 64, 64), (63, 60, 100), (65, 128, 128), (500, 100, 60)])
+def test_gpu_forward_fp32(op, t, d_k, d_v, poisoned):
+    q, k, v, g, beta, h0 = make_inputs(op, 2, t, 4, 2, d_k, d_v, device="cuda", seed=t)
+    o, ht = run_kernel(op, q, k, v, g, beta, h0)
+    ro, rs = run_oracle(op, q, k, v, g, beta, h0)
+    assert rel_err(o, ro) < 2e-5 and rel_err(ht, rs) < 2e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
+@pytest.mark.parametrize("gate_scale", [1e-4, 1.0, 30.0])
+def test_gpu_forward_bf16_gates(op, gate_scale, poisoned):
+    q, k, v, g, beta, h0 = make_inputs(op, 1, 300, 4, 4, 128, 128, dtype=torch.bfloat16, device="cuda",
+                                       gate_scale=gate_scale, seed=11)
+    o, ht = run_kernel(op, q, k, v, g, beta, h0)
+    ro, rs = run_oracle(op, q, k, v, g, beta, h0)
+    assert o.dtype == torch.bfloat16
+    assert rel_err(o, ro) < 2e-2 and rel_err(ht, rs) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
+def test_gpu_state_carried_across_split(op, poisoned):
+    q, k, v, g, beta, h0 = make_inputs(op, 2, 200, 4, 4, 64, 64, device="cuda", seed=2)
+    full_o, full_s = run_kernel(op, q, k, v, g, beta, h0)
+    cut = 77
+    gl = (lambda a, b: g) if op == "lightning" else (lambda a, b: g[:, a:b])
+    o1, s1 = run_kernel(op, q[:, :cut], k[:, :cut], v[:, :cut], gl(0, cut), beta[:, :cut], h0)
+    o2, s2 = run_kernel(op, q[:, cut:], k[:, cut:], v[:, cut:], gl(cut, None), beta[:, cut:], s1)
+    assert rel_err(torch.cat([o1, o2], 1), full_o) < 1e-5 and rel_err(s2, full_s) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
+def test_gpu_gradients(op):
+    from attnlab import ops
+
+    if not hasattr(ops, {"gdn": "gated_delta_rule", "kda": "kda", "lightning": "lightning_attention"}[op]):
+        pytest.skip("the chunked torch op used by the backward has not landed in attnlab.ops")
+    q, k, v, g, beta, h0 = make_inputs(op, 1, 130, 2, 2, 32, 32, device="cuda", seed=4)
+    leaves = [x.clone().double().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    ro, rs = run_oracle(op, *leaves)
+    do, dS = torch.randn_like(ro), torch.randn_like(rs)
+    ref = torch.autograd.grad((ro * do).sum() + (rs * dS).sum(), leaves, allow_unused=True)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o, ht = run_kernel(op, *ins)
+    got = torch.autograd.grad((o * do.cuda()).sum() + (ht * dS.cuda()).sum(), ins, allow_unused=True)
+    for a, r in zip(got, ref, strict=True):
+        if r is not None:
+            assert rel_err(a, r) < 1e-4
