@@ -14,6 +14,7 @@ import sys
 # module path -> the subcommands it registers (listed so `--help` works even if one fails to import)
 COMMAND_MODULES: list[str] = [
     "attnlab.generate",  # generate
+    "attnlab.cli_models",  # presets, convert
 ]
 
 
