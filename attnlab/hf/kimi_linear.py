@@ -43,9 +43,12 @@ def config_from_hf(c: Any) -> ModelConfig:
             "MLA decompresses one key/value per query head; set num_key_value_heads=num_attention_heads",
         )
     pattern = pattern_from_layer_types(MODEL_TYPE, c.layer_types, LAYER_LETTERS, n)
+    # KimiLinearForCausalLM declares no tied weights (_tied_weights_keys = {}): its lm_head is
+    # its own matrix even when the config says tie_word_embeddings=True.
+    fields = {**base_fields(c), "tie_embeddings": False}
     cfg = ModelConfig(
         pattern=pattern,
-        **base_fields(c),
+        **fields,
         n_heads=int(c.num_attention_heads),
         # M: Kimi's NoPE MLA
         q_lora_rank=None if c.q_lora_rank is None else int(c.q_lora_rank),
