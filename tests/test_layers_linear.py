@@ -236,8 +236,9 @@ def test_bf16_forward_close_to_float32(letter):
         out = layer.to(torch.bfloat16)(x.bfloat16())
     assert out.dtype == torch.bfloat16
     assert rms_rel(ref, out.float()) < 5e-2
-    if letter == "L":  # slopes are recomputed exactly, not used as rounded bf16 buffers
-        assert layer._slope().dtype == torch.float32
+    if letter == "L":  # the decay rates survive the cast exactly, not rounded to bf16
+        assert layer.slope.dtype == torch.float32
+        assert torch.equal(layer.slope, lightning_slopes(4, 1, 3))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -274,3 +275,62 @@ def test_load_from_hf_rejects_mismatched_shapes_and_depth():
 def test_value_heads_must_be_multiple_of_key_heads():
     with pytest.raises(ValueError, match=r"linear_n_heads"):
         GatedDeltaNet(D_MODEL, 5, 2, 8, 8)
+
+
+# ----------------------------------------------------------------------------- GPU (device machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("letter", "LGK")
+def test_gpu_layer_matches_cpu_and_decodes(letter):
+    layer = make_layer(letter)
+    B, T, n = 2, 150, 5
+    x = torch.randn(B, T + n, D_MODEL)
+    with torch.no_grad():
+        ref = layer(x)  # CPU chunked path
+        gpu = layer.to("cuda")
+        xg = x.cuda()
+        full = gpu(xg)  # CUDA: ops pick the triton kernels ("auto")
+        cache = gpu.new_cache(B, T + n, device="cuda")
+        outs = [gpu(xg[:, :T], cache)] + [gpu(xg[:, t : t + 1], cache) for t in range(T, T + n)]
+    assert rms_rel(ref, full.cpu()) <= 1e-3  # kernels may use TF32 dot products
+    assert rms_rel(full, torch.cat(outs, dim=1)) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("letter", "LGK")
+def test_gpu_decode_step_captures_in_a_cuda_graph(letter):
+    # the decode step must be free of host syncs and host-to-device copies
+    layer = make_layer(letter).to("cuda", torch.bfloat16)
+    B = 3
+    prompt = torch.randn(B, 9, D_MODEL, device="cuda", dtype=torch.bfloat16)
+    steps = torch.randn(4, B, 1, D_MODEL, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager_cache = layer.new_cache(B, 16, "cuda", torch.bfloat16)
+        layer(prompt, eager_cache)
+        eager = [layer(s, eager_cache) for s in steps]
+
+        graph_cache = layer.new_cache(B, 16, "cuda", torch.bfloat16)
+        layer(prompt, graph_cache)
+        saved = {k: v.clone() for k, v in graph_cache.state_tensors().items()}
+        lengths = graph_cache.lengths.clone()
+        static_x = steps[0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (triton compiles) outside the capture
+            layer(static_x, graph_cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x, graph_cache)
+        for k, v in graph_cache.state_tensors().items():  # undo warm-up and capture
+            v.copy_(saved[k])
+        graph_cache.lengths.copy_(lengths)
+        replayed = []
+        for s in steps:
+            static_x.copy_(s)
+            graph.replay()
+            replayed.append(static_y.clone())
+    for e, r in zip(eager, replayed, strict=True):
+        assert rms_rel(e.float(), r.float()) <= 1e-2
+    assert graph_cache.lengths.tolist() == eager_cache.lengths.tolist()

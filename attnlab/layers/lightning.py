@@ -68,11 +68,15 @@ class LightningAttention(nn.Module):
         self.out_proj = nn.Linear(inner, d_model, bias=False)
         self.register_buffer("slope", lightning_slopes(n_heads, layer_idx, n_layers), persistent=False)
 
-    def _slope(self) -> torch.Tensor:
-        # a model cast to bf16 casts buffers too; the decay rates must stay exact float32
-        if self.slope.dtype == torch.float32:
-            return self.slope
-        return lightning_slopes(self.n_heads, self.layer_idx, self.n_layers).to(self.slope.device)
+    def _apply(self, fn, recurse: bool = True):
+        # .to(bfloat16) / .half() cast buffers too, but the decay rates must stay exact float32
+        # (e^{-s} over thousands of steps); restore them here, outside forward, so the decode
+        # step stays free of host-to-device copies (CUDA graphs).
+        super()._apply(fn, recurse)
+        if self.slope.dtype != torch.float32:
+            exact = lightning_slopes(self.n_heads, self.layer_idx, self.n_layers)
+            self.slope = exact.to(self.slope.device)
+        return self
 
     def forward(self, x: torch.Tensor, cache: LightningCache | None = None) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model], x's dtype.
@@ -85,7 +89,7 @@ class LightningAttention(nn.Module):
         H, D = self.n_heads, self.head_dim
         qkv = F.silu(self.qkv_proj(x)).view(B, T, 3, H, D)  # (B, T, 3, H, D)
         q, k, v = qkv.unbind(2)  # each (B, T, H, D)
-        slope = self._slope()
+        slope = self.slope
         if cache is None:
             o, _ = ops.lightning_attention(q, k, v, slope)  # (B, T, H, D)
         else:
