@@ -252,7 +252,7 @@ class DecodeStep:
       and then ``reset()``s every cache, so build the step BEFORE :func:`prefill`.
       ``simulate=True`` follows the same protocol without a GPU (static buffers, warm-up,
       reset, the step re-run instead of replayed) so it can be tested on a CPU.
-    - ``mode="compile"``: ``torch.compile(mode="reduce-overhead", fullgraph=True)``; the cache
+    - ``mode="compile"``: ``torch.compile(mode="reduce-overhead")``; the cache
       tensors are marked static so the compiled step may update them inside its CUDA graph.
     """
 
@@ -290,7 +290,9 @@ class DecodeStep:
             for c in self.caches:
                 for t in [c.lengths, *c.state_tensors().values()]:
                     torch._dynamo.mark_static_address(t)
-            self._compiled = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
+            # fullgraph=False: a layer's host-side check (e.g. cache overflow) may break the graph; the
+            # pieces are still compiled and CUDA-graphed
+            self._compiled = torch.compile(self._forward, mode="reduce-overhead")
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, self.caches)[:, -1].float()  # (B, 1, V) -> (B, V)
