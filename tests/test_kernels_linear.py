@@ -134,8 +134,8 @@ def test_interp_varlen_equals_separate_sequences():
     lens = [5, 64, 23]
     for op in ("gdn", "lightning"):
         parts = [make_inputs(op, 1, n, 2, 2, 16, 16, seed=i) for i, n in enumerate(lens)]
-        q, k, v, gc, beta = (torch.cat([p[j] for p in parts], dim=1) for j in range(5))
-        g = gc if op == "gdn" else parts[0][3]
+        q, k, v, beta = (torch.cat([p[j] for p in parts], dim=1) for j in (0, 1, 2, 4))
+        g = torch.cat([p[3] for p in parts], dim=1) if op == "gdn" else parts[0][3]
         h0 = torch.cat([p[5] for p in parts], dim=0)  # (N, H, K, V)
         cu = torch.tensor([0, 5, 69, 92])
         if op == "gdn":

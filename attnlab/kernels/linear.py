@@ -117,15 +117,19 @@ def _inv_unit_lower(a, BC: tl.constexpr):
 
 
 @triton.jit
-def _diag_block_vec(kc, qc, Gc, BC: tl.constexpr):
+def _diag_block_vec(kc, qc, Gc, k_p, G_p, row0, n, k_stride, G_stride, col0, K: tl.constexpr,
+                    BC: tl.constexpr, BK: tl.constexpr):
     """Inside one sub-chunk, per-channel gate: Σ_d k_id k_jd e^{G_id−G_jd} (j < i) and the same
-    with q_i (j ≤ i), elementwise over d, one column j at a time. kc, qc, Gc [BC, BK] fp32."""
+    with q_i (j ≤ i), elementwise over d, one column j at a time (row j re-read from memory, an
+    L1 hit, instead of a cross-thread extraction). kc, qc, Gc [BC, BK] fp32 tiles of rows row0..."""
     rr = tl.arange(0, BC)
+    cols = col0 + tl.arange(0, BK)
     akk = tl.zeros([BC, BC], dtype=tl.float32)
     aqk = tl.zeros([BC, BC], dtype=tl.float32)
     for j in range(0, BC):
-        kj = _row(kc, j, BC)
-        gj = _row(Gc, j, BC)
+        m = (cols < K) & (cols * 0 + row0 + j < n)
+        kj = tl.load(k_p + (row0 + j).to(tl.int64) * k_stride + cols, mask=m, other=0.0).to(tl.float32)
+        gj = tl.load(G_p + (row0 + j).to(tl.int64) * G_stride + cols, mask=m, other=0.0)
         e = tl.exp(tl.where((rr >= j)[:, None], Gc - gj[None, :], 0.0))  # [BC, BK], exponent ≤ 0
         kje = kj[None, :] * e
         ck = tl.sum(kc * kje, 1)
@@ -222,6 +226,7 @@ def _prepare_kernel(
             _store_tile(G_p, G1, r1, n, H * K, c0, K, BC, BK)
             _store_tile(G_p, G2, r2, n, H * K, c0, K, BC, BK)
             _store_tile(G_p, G3, r3, n, H * K, c0, K, BC, BK)
+            tl.debug_barrier()  # the diagonal blocks re-read single rows of G from memory
             k0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32)
             k1 = _tile(k_p, r1, n, HK * K, c0, K, BC, BK).to(tl.float32)
             k2 = _tile(k_p, r2, n, HK * K, c0, K, BC, BK).to(tl.float32)
@@ -254,16 +259,17 @@ def _prepare_kernel(
             s31 += _mm(q3 * f3, kt13, DT, PREC)
             a32 += _mm(k3 * f3, kt23, DT, PREC)
             s32 += _mm(q3 * f3, kt23, DT, PREC)
-            x, y = _diag_block_vec(k0, _tile(q_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32), G0, BC)
+            q0 = _tile(q_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32)
+            x, y = _diag_block_vec(k0, q0, G0, k_p, G_p, t0, n, HK * K, H * K, c0, K, BC, BK)
             d0 += x
             e0 += y
-            x, y = _diag_block_vec(k1, q1, G1, BC)
+            x, y = _diag_block_vec(k1, q1, G1, k_p, G_p, r1, n, HK * K, H * K, c0, K, BC, BK)
             d1 += x
             e1 += y
-            x, y = _diag_block_vec(k2, q2, G2, BC)
+            x, y = _diag_block_vec(k2, q2, G2, k_p, G_p, r2, n, HK * K, H * K, c0, K, BC, BK)
             d2 += x
             e2 += y
-            x, y = _diag_block_vec(k3, q3, G3, BC)
+            x, y = _diag_block_vec(k3, q3, G3, k_p, G_p, r3, n, HK * K, H * K, c0, K, BC, BK)
             d3 += x
             e3 += y
         # the gated, scaled q·k matrix for the output, rows of this chunk, columns 0..BT-1

@@ -1,0 +1,211 @@
+"""Linear-attention kernels on one GPU: ours (attnlab.kernels.linear) vs fla vs SDPA causal.
+
+    python benchmarks/linear_gpu.py [--T 4096,16384,65536,262144] [--sweep] [--fwdbwd-max 65536]
+
+B=1, H=16, D=128, bf16. Prints, per T: forward ms of SDPA (flash, causal), ours and fla for GDN,
+KDA, Lightning; then forward+backward. The floor is the bytes of q, k, v, o (16 KB per token here)
+over the copy bandwidth measured at the start. fla (``fla-core``) is used only if importable.
+--sweep first times the sequential kernel's launch parameters (attnlab.kernels.linear.TUNING) at one
+T and keeps the fastest per op. Also prints ours-vs-fla output differences as a sanity check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from attnlab.kernels import linear
+
+H, D = 16, 128
+DT = torch.bfloat16
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()  # 1 GiB
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def make(t: int, op: str, grad: bool = False):
+    q = torch.randn(1, t, H, D, device="cuda", dtype=DT)
+    k = F.normalize(torch.randn(1, t, H, D, device="cuda", dtype=torch.float32), dim=-1).to(DT)
+    v = torch.randn(1, t, H, D, device="cuda", dtype=DT)
+    beta = torch.rand(1, t, H, device="cuda", dtype=DT)
+    if op == "gdn":
+        g = F.logsigmoid(torch.randn(1, t, H, device="cuda")) * 0.1
+    elif op == "kda":
+        g = F.logsigmoid(torch.randn(1, t, H, D, device="cuda")) * 0.1
+    else:
+        g = None
+    xs = [q, k, v, g, beta]
+    if grad:
+        xs = [x.requires_grad_() if x is not None else None for x in xs]
+    return xs
+
+
+def fla_fns():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.kda import chunk_kda
+        from fla.ops.lightning_attn import chunk_lightning_attn
+    except Exception as e:  # noqa: BLE001 - any failure means "no fla here"
+        print(f"fla not importable: {type(e).__name__}: {e}")
+        return None
+    return {
+        "gdn": lambda q, k, v, g, b: chunk_gated_delta_rule(q, k, v, g, b, scale=D**-0.5)[0],
+        "kda": lambda q, k, v, g, b: chunk_kda(q, k, v, g, b, scale=D**-0.5)[0],
+        # fla's lightning decay: slope_h = 8/H (1 − layer/L) h; layer 0 of 1 -> 8h/H
+        "lightning": lambda q, k, v, g, b: chunk_lightning_attn(q, k, v, layer_idx=0, num_layers=1,
+                                                                scale=1.0)[0],
+    }
+
+
+SLOPE = None
+# (BV, num_warps, num_stages) of the sequential kernel tried by --sweep
+SWEEP = [(16, 4, 2), (16, 4, 3), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2)]
+
+
+def ours_fns():
+    global SLOPE
+    SLOPE = 8.0 / H * torch.arange(H, device="cuda", dtype=torch.float32)  # same decays as fla's
+    return {
+        "gdn": lambda q, k, v, g, b: linear.gated_delta_rule(q, k, v, g, b)[0],
+        "kda": lambda q, k, v, g, b: linear.kda(q, k, v, g, b)[0],
+        "lightning": lambda q, k, v, g, b: linear.lightning_attention(q, k, v, SLOPE)[0],
+    }
+
+
+def sdpa(q, k, v, g, b):
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def bench_fwd(fn, xs) -> float:
+    with torch.no_grad():
+        return do_bench(lambda: fn(*xs), warmup=10, rep=60, return_mode="median")
+
+
+def bench_fwdbwd(fn, xs) -> float:
+    do = torch.randn_like(xs[2])
+
+    def step():
+        o = fn(*xs)
+        o = o.transpose(1, 2) if o.shape != do.shape else o
+        o.backward(do)
+
+    leaves = [x for x in xs if x is not None]
+    return do_bench(step, warmup=3, rep=60, return_mode="median", grad_to_none=leaves)
+
+
+def safe(f, *a):
+    try:
+        return f(*a)
+    except Exception as e:  # noqa: BLE001 - report the failure in the table, keep benchmarking
+        msg = str(e).split("\n")[0][:80]
+        print(f"  failed: {type(e).__name__}: {msg}")
+        torch.cuda.empty_cache()
+        return float("nan")
+
+
+def sweep(t: int) -> dict:
+    ours = ours_fns()
+    best = {}
+    for op, kind in (("gdn", "scalar"), ("kda", "vector"), ("lightning", "lightning")):
+        xs = make(t, op)
+        results = []
+        for bv, nw, ns in SWEEP:
+            linear.TUNING[kind] = {"BV": bv, "num_warps": nw, "num_stages": ns}
+            ms = safe(bench_fwd, ours[op], xs)
+            results.append((ms, bv, nw, ns))
+            print(f"sweep {op:9s} T={t} BV={bv:2d} warps={nw} stages={ns}: {ms:.3f} ms", flush=True)
+        ms, bv, nw, ns = min(r for r in results if r[0] == r[0])
+        best[kind] = {"BV": bv, "num_warps": nw, "num_stages": ns}
+        linear.TUNING[kind] = best[kind]
+        del xs
+        torch.cuda.empty_cache()
+    print("best:", json.dumps(best))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", default="4096,16384,65536,262144")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--fwdbwd-max", type=int, default=65536)
+    ap.add_argument("--sdpa-fwdbwd-max", type=int, default=65536)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    ts = [int(x) for x in args.T.split(",")]
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"device: {name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
+    if args.sweep:
+        sweep(16384)
+    print("TUNING:", json.dumps(linear.TUNING))
+    ours, fla = ours_fns(), fla_fns()
+
+    # sanity: ours vs fla outputs (bf16; both approximate the same function)
+    if fla is not None:
+        for op in ("gdn", "kda", "lightning"):
+            xs = make(4096, op)
+            with torch.no_grad():
+                a, b = safe(ours[op], *xs), safe(fla[op], *xs)
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                err = ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+                print(f"ours vs fla, {op}, T=4096: rel diff {err:.2e}")
+
+    rows = []
+    for t in ts:
+        floor = 4 * t * H * D * 2 / bw * 1e3
+        row = {"T": t, "floor": floor}
+        xs = make(t, "gdn")
+        row["sdpa"] = safe(bench_fwd, sdpa, xs)
+        del xs
+        for op in ("gdn", "kda", "lightning"):
+            xs = make(t, op)
+            row[f"ours_{op}"] = safe(bench_fwd, ours[op], xs)
+            row[f"fla_{op}"] = safe(bench_fwd, fla[op], xs) if fla else float("nan")
+            del xs
+            torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    brows = []
+    for t in [t for t in ts if t <= args.fwdbwd_max]:
+        row = {"T": t}
+        xs = make(t, "gdn", grad=True)
+        row["sdpa"] = safe(bench_fwdbwd, sdpa, xs) if t <= args.sdpa_fwdbwd_max else float("nan")
+        del xs
+        for op in ("gdn", "kda", "lightning"):
+            xs = make(t, op, grad=True)
+            row[f"ours_{op}"] = safe(bench_fwdbwd, ours[op], xs)
+            row[f"fla_{op}"] = safe(bench_fwdbwd, fla[op], xs) if fla else float("nan")
+            del xs
+            torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        brows.append(row)
+
+    with open(os.path.join(args.out, "linear_gpu.json"), "w") as f:
+        json.dump({"device": name, "bandwidth": bw, "tuning": linear.TUNING, "fwd": rows, "fwdbwd": brows}, f)
+    cols = ["sdpa", "ours_gdn", "fla_gdn", "ours_kda", "fla_kda", "ours_lightning", "fla_lightning"]
+    print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median)")
+    print("forward:")
+    print("| T | floor | " + " | ".join(cols) + " |")
+    for r in rows:
+        print(f"| {r['T']} | {r['floor']:.3f} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    print("forward+backward:")
+    print("| T | " + " | ".join(cols) + " |")
+    for r in brows:
+        print(f"| {r['T']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
