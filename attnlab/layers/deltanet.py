@@ -15,17 +15,20 @@ They differ only where the papers differ:
 =============  ==========================================  ===========================================
                G: Gated DeltaNet (Yang et al. 2025)         K: Kimi Delta Attention (Kimi Linear 2025)
 =============  ==========================================  ===========================================
-decay a(x)     one per head: ``a_proj`` (d → H)             one per key channel, low rank:
-                                                            ``f_b_proj(f_a_proj(x))`` (d → D_v → H·D_k)
+decay a(x)     one per head: ``a`` (d → H)                  one per key channel, low rank:
+                                                            ``f_b_proj(f)``, ``f`` (d → D_v → H·D_k)
 dt_bias        [H]                                          [H·D_k]
-output gate    ``z_proj`` (d → H·D_v), silu                 ``g_b_proj(g_a_proj(x))`` (low rank), sigmoid
+output gate    ``z`` (d → H·D_v), silu                      ``g_b_proj(g)``, ``g`` (d → D_v → H·D_v),
+                                                            sigmoid
 key heads      may be fewer than value heads (each q/k      as many as value heads in Kimi Linear
                head serves H/H_k consecutive value heads)
 =============  ==========================================  ===========================================
 
-The Hugging Face ``Qwen3NextGatedDeltaNet`` and ``KimiLinearDeltaAttention`` are the numeric
-references (:meth:`load_from_hf`). Our projections use plain layouts; Qwen3-Next's per-key-head
-interleave of ``in_proj_qkvz`` / ``in_proj_ba`` is undone once, at load time.
+Everything read from x goes through ONE matmul, ``in_proj``, whose rows are the named parts of
+``in_sizes`` in order (``q k v beta`` then ``z a`` for G, ``f g`` for K): fewer, larger matmuls,
+which matters most in decode. The Hugging Face ``Qwen3NextGatedDeltaNet`` and
+``KimiLinearDeltaAttention`` are the numeric references (:meth:`load_from_hf`); Qwen3-Next's
+per-key-head interleave of ``in_proj_qkvz`` / ``in_proj_ba`` is undone once, at load time.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ class DeltaRuleCache(LayerCache):
 class DeltaRuleMixer(nn.Module):
     """Shared body of ``G`` and ``K``: forward(x [B, T, d_model], cache=None) -> [B, T, d_model].
 
-    Subclasses add the decay and output-gate projections and set the op and activation.
-    ``qkv_proj`` rows are ``[q | k | v]`` (H_k·D_k, H_k·D_k, H·D_v), head-major inside.
+    Subclasses name their extra ``in_proj`` parts, turn them into the decay and output gate,
+    and pick the op and the gate activation. ``in_proj`` rows start ``[q | k | v | beta]``
+    (H_k·D_k, H_k·D_k, H·D_v, H), head-major inside; the conv reads the ``q | k | v`` part.
     """
 
     output_activation: str  # of the gated output norm
@@ -76,6 +80,7 @@ class DeltaRuleMixer(nn.Module):
         conv_kernel: int = 4,
         norm_eps: float = 1e-6,
         n_decay: int | None = None,
+        extra_in: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         check_heads_divide("linear_n_heads (value heads)", n_heads, "linear_n_key_heads", n_key_heads)
@@ -83,10 +88,10 @@ class DeltaRuleMixer(nn.Module):
         self.key_head_dim, self.value_head_dim = key_head_dim, value_head_dim
         self.key_dim = n_key_heads * key_head_dim
         self.value_dim = n_heads * value_head_dim
-        conv_dim = 2 * self.key_dim + self.value_dim
-        self.qkv_proj = nn.Linear(d_model, conv_dim, bias=False)
-        self.conv = ShortConv(conv_dim, conv_kernel)
-        self.b_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.in_sizes = {"q": self.key_dim, "k": self.key_dim, "v": self.value_dim, "beta": n_heads,
+                         **(extra_in or {})}
+        self.in_proj = nn.Linear(d_model, sum(self.in_sizes.values()), bias=False)
+        self.conv = ShortConv(2 * self.key_dim + self.value_dim, conv_kernel)
         self.A_log = nn.Parameter(torch.empty(n_heads))
         self.dt_bias = nn.Parameter(torch.empty(n_heads if n_decay is None else n_decay))
         self.o_norm = GatedRMSNorm(value_head_dim, eps=norm_eps, activation=self.output_activation)
@@ -103,12 +108,12 @@ class DeltaRuleMixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     # ---- what G and K define
-    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d_model] -> float32 g, [B, T, H] (G) or [B, T, H, D_k] (K)."""
+    def log_decay(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``in_proj`` parts ([B, T, size] each) -> float32 g, [B, T, H] (G) or [B, T, H, D_k] (K)."""
         raise NotImplementedError
 
-    def output_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d_model] -> gate pre-activation [B, T, H·D_v]."""
+    def output_gate(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``in_proj`` parts -> gate pre-activation [B, T, H·D_v]."""
         raise NotImplementedError
 
     def recurrence(self, q, k, v, g, beta, initial_state=None, output_final_state=False):
@@ -131,13 +136,16 @@ class DeltaRuleMixer(nn.Module):
         B, T, _ = x.shape
         if cache is not None:
             _check_cache(cache, DeltaRuleCache, B)
-        qkv = self.conv(self.qkv_proj(x), None if cache is None else cache.conv_state)  # (B, T, conv_dim)
+        proj = self.in_proj(x)  # (B, T, sum(in_sizes))
+        parts = dict(zip(self.in_sizes, proj.split(list(self.in_sizes.values()), dim=-1), strict=True))
+        conv_dim = self.conv.channels
+        qkv = self.conv(proj[..., :conv_dim], None if cache is None else cache.conv_state)  # (B, T, conv_dim)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(B, T, self.n_key_heads, self.key_head_dim)  # (B, T, H_k, D_k)
         k = k.reshape(B, T, self.n_key_heads, self.key_head_dim)  # (B, T, H_k, D_k)
         v = v.reshape(B, T, self.n_heads, self.value_head_dim)  # (B, T, H, D_v)
-        g = self.log_decay(x)  # (B, T, H) or (B, T, H, D_k), float32
-        beta = torch.sigmoid(self.b_proj(x).float())  # (B, T, H)
+        g = self.log_decay(parts)  # (B, T, H) or (B, T, H, D_k), float32
+        beta = torch.sigmoid(parts["beta"].float())  # (B, T, H)
         if cache is None:
             o, _ = self.recurrence(q, k, v, g, beta)  # (B, T, H, D_v)
         elif T == 1:
@@ -148,7 +156,7 @@ class DeltaRuleMixer(nn.Module):
             cache.state.copy_(state)
         if cache is not None:
             cache.lengths += T
-        gate = self.output_gate(x).reshape(B, T, self.n_heads, self.value_head_dim)  # (B, T, H, D_v)
+        gate = self.output_gate(parts).reshape(B, T, self.n_heads, self.value_head_dim)  # (B, T, H, D_v)
         o = self.o_norm(o, gate).reshape(B, T, self.value_dim)  # (B, T, H*D_v)
         return self.o_proj(o)
 
@@ -169,6 +177,14 @@ class DeltaRuleMixer(nn.Module):
                               dtype=torch.float32, device=device),
             conv_state=self.conv.new_state(batch, device=device, dtype=dtype),
         )
+
+    def _load_in_proj(self, **weights: torch.Tensor) -> None:
+        """Stack HF weights [size, d_model] into ``in_proj`` in ``in_sizes`` order."""
+        for name, size in self.in_sizes.items():
+            if tuple(weights[name].shape) != (size, self.d_model):
+                raise ValueError(f"hf_module: {name} weight has shape {tuple(weights[name].shape)}, "
+                                 f"expected {(size, self.d_model)}")
+        self.in_proj.weight.copy_(torch.cat([weights[name] for name in self.in_sizes]))
 
     def _check_hf_common(self, hf, n_heads, n_key_heads, key_head_dim, value_head_dim, norm) -> None:
         got = (n_heads, n_key_heads, key_head_dim, value_head_dim, hf.conv_kernel_size)
@@ -198,16 +214,15 @@ class GatedDeltaNet(DeltaRuleMixer):
 
     def __init__(self, d_model: int, n_heads: int, n_key_heads: int, key_head_dim: int, value_head_dim: int,
                  conv_kernel: int = 4, norm_eps: float = 1e-6) -> None:
-        super().__init__(d_model, n_heads, n_key_heads, key_head_dim, value_head_dim, conv_kernel, norm_eps)
-        self.a_proj = nn.Linear(d_model, n_heads, bias=False)
-        self.z_proj = nn.Linear(d_model, self.value_dim, bias=False)
+        super().__init__(d_model, n_heads, n_key_heads, key_head_dim, value_head_dim, conv_kernel, norm_eps,
+                         extra_in={"z": n_heads * value_head_dim, "a": n_heads})
 
-    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.a_proj(x).float()  # (B, T, H)
+    def log_decay(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        a = parts["a"].float()  # (B, T, H)
         return -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
 
-    def output_gate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.z_proj(x)
+    def output_gate(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["z"]
 
     def recurrence(self, q, k, v, g, beta, initial_state=None, output_final_state=False):
         return ops.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
@@ -228,12 +243,11 @@ class GatedDeltaNet(DeltaRuleMixer):
         # in_proj_qkvz rows: per key head group [q (D_k) | k (D_k) | v (r·D_v) | z (r·D_v)]
         w = hf.in_proj_qkvz.weight.reshape(Hk, 2 * Dk + 2 * r * Dv, d)
         wq, wk, wv, wz = w.split([Dk, Dk, r * Dv, r * Dv], dim=1)  # (H_k, ·, d) each
-        self.qkv_proj.weight.copy_(torch.cat([wq.reshape(-1, d), wk.reshape(-1, d), wv.reshape(-1, d)]))
-        self.z_proj.weight.copy_(wz.reshape(-1, d))  # value head = group·r + j, as HF reshapes it
         # in_proj_ba rows: per key head group [b (r) | a (r)]
         wb, wa = hf.in_proj_ba.weight.reshape(Hk, 2 * r, d).split([r, r], dim=1)
-        self.b_proj.weight.copy_(wb.reshape(-1, d))
-        self.a_proj.weight.copy_(wa.reshape(-1, d))
+        # flattening (group, j) gives value head group·r + j, as HF's reshape does
+        q, k, v, z, b, a = (t.reshape(-1, d) for t in (wq, wk, wv, wz, wb, wa))
+        self._load_in_proj(q=q, k=k, v=v, beta=b, z=z, a=a)
         self.conv.weight.copy_(hf.conv1d.weight)  # channels [q | k | v], same order as ours
         self.A_log.copy_(hf.A_log)
         self.dt_bias.copy_(hf.dt_bias)
@@ -249,22 +263,19 @@ class KimiDeltaAttention(DeltaRuleMixer):
 
     def __init__(self, d_model: int, n_heads: int, n_key_heads: int, key_head_dim: int, value_head_dim: int,
                  conv_kernel: int = 4, norm_eps: float = 1e-6) -> None:
-        super().__init__(d_model, n_heads, n_key_heads, key_head_dim, value_head_dim, conv_kernel, norm_eps,
-                         n_decay=n_heads * key_head_dim)
         rank = value_head_dim  # low-rank width of both gates (fla's KDA; Kimi Linear has D_k == D_v)
-        self.f_a_proj = nn.Linear(d_model, rank, bias=False)
+        super().__init__(d_model, n_heads, n_key_heads, key_head_dim, value_head_dim, conv_kernel, norm_eps,
+                         n_decay=n_heads * key_head_dim, extra_in={"f": rank, "g": rank})
         self.f_b_proj = nn.Linear(rank, n_heads * key_head_dim, bias=False)
-        self.g_a_proj = nn.Linear(d_model, rank, bias=False)
         self.g_b_proj = nn.Linear(rank, self.value_dim, bias=False)
 
-    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()  # (B, T, H*D_k)
-        f = f.reshape(B, T, self.n_heads, self.key_head_dim)  # (B, T, H, D_k)
+    def log_decay(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        f = self.f_b_proj(parts["f"]).float() + self.dt_bias.float()  # (B, T, H*D_k)
+        f = f.unflatten(-1, (self.n_heads, self.key_head_dim))  # (B, T, H, D_k)
         return -self.A_log.float().exp()[:, None] * F.softplus(f)
 
-    def output_gate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.g_b_proj(self.g_a_proj(x))
+    def output_gate(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.g_b_proj(parts["g"])
 
     def recurrence(self, q, k, v, g, beta, initial_state=None, output_final_state=False):
         return ops.kda(q, k, v, g, beta, initial_state=initial_state,
@@ -282,15 +293,13 @@ class KimiDeltaAttention(DeltaRuleMixer):
         self._check_hf_common(hf, hf.num_heads, hf.num_heads, hf.head_dim, hf.head_dim, hf.o_norm)
         if hf.o_norm.activation != "sigmoid":
             raise ValueError(f"hf_module: output gate activation {hf.o_norm.activation!r}, not 'sigmoid'")
-        self.qkv_proj.weight.copy_(torch.cat([hf.q_proj.weight, hf.k_proj.weight, hf.v_proj.weight]))
-        self.conv.weight.copy_(hf.conv1d.weight)
         fg = hf.forget_gate
-        self.f_a_proj.weight.copy_(fg.f_a_proj.weight)
+        self._load_in_proj(q=hf.q_proj.weight, k=hf.k_proj.weight, v=hf.v_proj.weight, beta=hf.b_proj.weight,
+                           f=fg.f_a_proj.weight, g=hf.g_a_proj.weight)
+        self.conv.weight.copy_(hf.conv1d.weight)
         self.f_b_proj.weight.copy_(fg.f_b_proj.weight)
         self.A_log.copy_(fg.A_log.reshape(-1))  # HF keeps it [1, 1, H, 1]
         self.dt_bias.copy_(fg.dt_bias)
-        self.b_proj.weight.copy_(hf.b_proj.weight)
-        self.g_a_proj.weight.copy_(hf.g_a_proj.weight)
         self.g_b_proj.weight.copy_(hf.g_b_proj.weight)
         self.o_norm.weight.copy_(hf.o_norm.weight)
         self.o_proj.weight.copy_(hf.o_proj.weight)
