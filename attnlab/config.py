@@ -96,6 +96,8 @@ class ModelConfig:
     conv_kernel: int = 4
 
     # --- fields added by other mechanisms go below this line (never rename one above) ---
+    # D (owner: mla): weight of DeepSeek-V3.2's indexer KL loss in training; 0 = indexer untrained
+    index_loss_weight: float = 1.0
 
     # ------------------------------------------------------------------ derived
     @property

@@ -396,3 +396,112 @@ def test_load_from_hf_rejects_mismatch():
     with pytest.raises(ValueError, match="indexer"):
         build_dsa(dataclasses.replace(cfg, pattern="D"), 0).load_from_hf(hf)
     assert isinstance(build_mla(cfg, 0), MultiHeadLatentAttention)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["M", "D-sparse"])
+def test_gpu_decode_matches_cpu_and_survives_cuda_graph_and_compile(name):
+    layer = LAYERS[name]()
+    randomize(layer, seed=21)
+    x = torch.randn(2, 20, layer.d_model, generator=torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        ref = layer(x)
+        gpu = layer.cuda()
+        xc = x.cuda()
+        assert rms_rel(ref, gpu(xc).cpu()) <= 1e-4  # TF32-free float32 path on the GPU
+
+        # decode steps 12..19 replayed from one captured CUDA graph (no host syncs inside)
+        cache = gpu.new_cache(2, 24, device="cuda")
+        gpu(xc[:, :12], cache)
+        step_in = xc[:, 12:13].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs documents
+            gpu(step_in, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.lengths -= 1  # undo the warm-up step; capture records but does not run
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step_out = gpu(step_in, cache)
+        outs = []
+        for t in range(12, 20):
+            step_in.copy_(xc[:, t : t + 1])
+            graph.replay()
+            outs.append(step_out.clone())
+        assert cache.lengths.tolist() == [20, 20]
+        assert rms_rel(ref[:, 12:20], torch.cat(outs, 1).cpu()) <= 1e-4
+
+        # the same step under torch.compile(fullgraph=True)
+        cache2 = gpu.new_cache(2, 24, device="cuda")
+        gpu(xc[:, :12], cache2)
+        step = torch.compile(lambda inp: gpu(inp, cache2), fullgraph=True)
+        outs = [step(xc[:, t : t + 1]).clone() for t in range(12, 20)]
+        assert rms_rel(ref[:, 12:20], torch.cat(outs, 1).cpu()) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- indexer training
+INDEXER = ("wq_b", "wk", "k_norm", "weights_proj")
+
+
+def _grads(layer, x, weight):
+    layer.index_loss_weight = weight
+    layer.zero_grad()
+    xx = x.clone().requires_grad_(True)
+    out = layer(xx)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return xx.grad, {n: (None if p.grad is None else p.grad.clone()) for n, p in layer.named_parameters()}
+
+
+def test_indexer_loss_trains_only_the_indexer():
+    layer = build_dsa(tiny_cfg(pattern="D", index_topk=5), 0).train()
+    randomize(layer, seed=23)
+    x = torch.randn(2, 19, layer.d_model, generator=torch.Generator().manual_seed(24))
+    gx0, g0 = _grads(layer, x, 0.0)
+    gx1, g1 = _grads(layer, x, 1.0)
+    assert layer.last_indexer_loss is not None and float(layer.last_indexer_loss) > 0
+    torch.testing.assert_close(gx1, gx0, rtol=1e-6, atol=1e-7)  # the input gets nothing from it
+    for name, grad in g1.items():
+        if name.split(".")[0] in INDEXER:
+            assert g0[name] is None and grad is not None and grad.abs().sum() > 0, name
+        else:
+            torch.testing.assert_close(grad, g0[name], rtol=1e-6, atol=1e-7)
+
+
+def test_indexer_loss_is_kl_to_head_summed_attention():
+    """topk >= T: KL(mean-over-heads causal attention || softmax(I)) over each query's prefix."""
+    layer = build_dsa(tiny_cfg(pattern="D", index_topk=64), 0).train()
+    randomize(layer, seed=25)
+    B, T = 2, 13
+    x = torch.randn(B, T, layer.d_model, generator=torch.Generator().manual_seed(26))
+    layer(x)
+    with torch.no_grad():
+        pos = torch.arange(T)[None].expand(B, T)
+        q_nope, q_pe, latent, q_latent, cos_sin = layer._project(x, pos)
+        c_kv, k_pe = latent.split([layer.kv_lora_rank, layer.rope_dim], dim=-1)
+        k_nope = layer.kv_b_proj(c_kv).view(B, T, layer.n_heads, -1)[..., : layer.nope_dim]
+        logits = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)
+        p = (
+            (logits * layer.scale).masked_fill(future, float("-inf")).softmax(-1).mean(1).double()
+        )  # (B, T, S)
+        q_i, k_i, w = layer._index_qkw(x, q_latent, cos_sin)
+        index = (torch.einsum("bthd,bsd->btsh", q_i, k_i).relu() * w[:, :, None]).sum(-1)
+        log_q = index.masked_fill(future, float("-inf")).log_softmax(-1).double()
+        kl = torch.where(future, 0.0, p * (p.clamp_min(1e-30).log() - log_q)).sum(-1).mean()
+    assert abs(float(layer.last_indexer_loss) - float(kl)) <= 1e-5 * float(kl)
+
+
+def test_indexer_learns_to_follow_attention():
+    layer = build_dsa(tiny_cfg(pattern="D", index_topk=6), 0).train()
+    randomize(layer, seed=27)
+    x = torch.randn(2, 24, layer.d_model, generator=torch.Generator().manual_seed(28))
+    params = [p for n, p in layer.named_parameters() if n.split(".")[0] in INDEXER]
+    opt = torch.optim.Adam(params, lr=3e-2)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        layer(x).sum().backward()
+        losses.append(float(layer.last_indexer_loss))
+        opt.step()
+    assert losses[-1] < 0.6 * losses[0]

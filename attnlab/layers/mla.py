@@ -269,6 +269,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         self.wk = nn.Linear(cfg.d_model, self.index_head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.index_head_dim, eps=_LATENT_EPS)
         self.weights_proj = nn.Linear(cfg.d_model, self.index_n_heads, bias=False)
+        self.index_loss_weight = cfg.index_loss_weight
+        self.last_indexer_loss: torch.Tensor | None = None
 
     def _index_qkw(self, x, q_latent, cos_sin):
         """Indexer query [B, T, H_I, D_I], key [B, T, D_I] (rotated) and head weights [B, T, H_I] float32.
@@ -286,33 +288,71 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         )  # (B, T, H_I)
         return q, k, w
 
-    def _sparse_latent_attention(self, q_nope, q_pe, q_idx, w, latent, k_idx, n_valid=None) -> torch.Tensor:
+    def _sparse_latent_attention(self, q_nope, q_pe, scores, latent, n_valid=None) -> torch.Tensor:
         """Absorbed MLA over the top-k latents the indexer picks.
 
-        q_* and w are the last T of S positions; latent [B, S, R + dr]; k_idx [B, S, D_I];
+        q_* are the last T of S positions; scores [B, T, S] float32 (indexer); latent [B, S, R + dr];
         n_valid [B] (decode, rows of different lengths) masks slots >= n_valid[b]."""
-        scores = ops.dsa_index_scores(q_idx, k_idx, w)  # (B, T, S)
         S = latent.shape[1]
         if n_valid is not None:
             invalid = torch.arange(S, device=scores.device)[None, None] >= n_valid[:, None, None]  # (B, 1, S)
             scores = scores.masked_fill(invalid, float("-inf"))
         # -inf positions are never chosen; slots beyond the visible count come back as -1
-        idx = ops.dsa_topk(scores, min(self.index_topk, S), causal=True)  # (B, T, k)
+        idx = ops.dsa_topk(scores.detach(), min(self.index_topk, S), causal=True)  # (B, T, k)
         q = self._absorb_q(q_nope, q_pe)  # (B, T, H, R + dr)
         kv = latent[:, :, None]  # (B, S, 1, R + dr)
         o_lat = ops.sparse_attention(
             q, kv, kv[..., : self.kv_lora_rank], idx, scale=self.scale
         )  # (B, T, H, R)
-        return self._unabsorb_o(o_lat)
+        y = self._unabsorb_o(o_lat)
+        if scores.requires_grad and n_valid is None:  # training: the indexer learns from its own loss
+            loss = self._indexer_kl(q.detach(), latent.detach(), scores, idx)
+            self.last_indexer_loss = loss.detach()
+            y = _AddAuxLoss.apply(y, loss * self.index_loss_weight)
+        return y
+
+    def _indexer_kl(self, q, latent, scores, idx) -> torch.Tensor:
+        """DeepSeek-V3.2's indexer loss (sparse stage): mean over queries of
+        KL(p_t || softmax(I_t)) on the selected set, where p_t is the main attention over the
+        selected latents summed over heads and L1-normalised (the target carries no gradient).
+
+        q [B, T, H, R + dr] absorbed queries, latent [B, S, R + dr], scores [B, T, S] with grad,
+        idx [B, T, k] (-1 = empty) -> scalar."""
+        B, T, H, _ = q.shape
+        S = latent.shape[1]
+        valid = idx >= 0  # (B, T, k)
+        safe = idx.clamp(min=0)
+        p = torch.empty(idx.shape, dtype=torch.float32, device=q.device)  # (B, T, k)
+        block = max(1, (1 << 24) // max(1, B * H * S))  # bound the [B, Tb, H, S] logits
+        with torch.no_grad():
+            for t0 in range(0, T, block):
+                t1 = min(T, t0 + block)
+                logits = torch.einsum("bthd,bsd->bths", q[:, t0:t1].float(), latent.float())  # (B, Tb, H, S)
+                sel = logits.gather(-1, safe[:, t0:t1, None].expand(-1, -1, H, -1))  # (B, Tb, H, k)
+                sel = sel.masked_fill(~valid[:, t0:t1, None], float("-inf")) * self.scale
+                p[:, t0:t1] = sel.softmax(-1).mean(2)  # (B, Tb, k); each head sums to 1, so /H normalises
+        log_q = scores.gather(-1, safe).masked_fill(~valid, float("-inf")).log_softmax(-1)  # (B, T, k)
+        log_q = torch.where(valid, log_q, 0.0)
+        kl = torch.where(valid, p * (p.clamp_min(1e-30).log() - log_q), 0.0).sum(-1)  # (B, T)
+        return kl.mean()
 
     def forward(self, x: torch.Tensor, cache: DSACache | None = None) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it."""
+        """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it.
+
+        In training (``self.training`` and grad enabled, no cache) the indexer, whose input is
+        detached from the main graph, gets its gradient from the KL loss of :meth:`_indexer_kl`
+        times ``index_loss_weight``, injected in backward (``last_indexer_loss`` keeps its value);
+        the main attention gets none from it, as in DeepSeek-V3.2 §2.1."""
         check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
         B, T, _ = x.shape
         q_nope, q_pe, latent, q_latent, cos_sin = self._project(x, self._positions(x, cache))
-        q_idx, k_idx, w = self._index_qkw(x, q_latent, cos_sin)
+        q_in = None if q_latent is None else q_latent.detach()
+        q_idx, k_idx, w = self._index_qkw(x.detach(), q_in, cos_sin)
         if cache is None:
-            return self._sparse_latent_attention(q_nope, q_pe, q_idx, w, latent, k_idx)
+            train = self.training and torch.is_grad_enabled() and self.index_loss_weight > 0
+            with torch.set_grad_enabled(train):
+                scores = ops.dsa_index_scores(q_idx, k_idx, w)  # (B, T, T)
+            return self._sparse_latent_attention(q_nope, q_pe, scores, latent)
 
         start = self._check_cache(cache, B, T)
         lat_buf = cache.latent[:, :, 0]  # (B, S_max, R + dr)
@@ -323,9 +363,9 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         else:  # rows may differ: score up to the longest row, mask the rest per row
             n_valid = cache.lengths + 1
             S = lat_buf.shape[1] if _capturing() else int(n_valid.max())
-        y = self._sparse_latent_attention(
-            q_nope, q_pe, q_idx, w, lat_buf[:, :S].to(x.dtype), cache.index_keys[:, :S].to(x.dtype), n_valid
-        )
+        with torch.no_grad():
+            scores = ops.dsa_index_scores(q_idx, cache.index_keys[:, :S].to(x.dtype), w)  # (B, T, S)
+        y = self._sparse_latent_attention(q_nope, q_pe, scores, lat_buf[:, :S].to(x.dtype), n_valid)
         cache.lengths += T
         return y
 
@@ -364,8 +404,25 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
 
 
 # ---------------------------------------------------------------------------- helpers
+class _AddAuxLoss(torch.autograd.Function):
+    """Identity on ``y`` whose backward also feeds gradient 1 into the scalar ``loss``, so an
+    auxiliary loss trains its parameters without the trainer knowing about it (the
+    ``AddAuxiliaryLoss`` trick of DeepSeek-V2's MoE code)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_dtype, ctx.loss_device = loss.dtype, loss.device
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
+
+
 def _capturing() -> bool:
-    """True while a CUDA graph is being captured (no host syncs allowed)."""
+    """True while torch.compile traces or a CUDA graph captures: no host syncs allowed then."""
+    if torch.compiler.is_compiling():
+        return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
