@@ -437,3 +437,33 @@ def test_gpu_compiled_decode_matches_eager(name):
     model = copy.deepcopy(get_model(name)).cuda()
     x = tokens(2, 9, seed=12).cuda()
     assert torch.equal(generate(model, x, 6, decode_mode="compile"), generate(model, x, 6))
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_generate_from_checkpoint_streams_text(tmp_path, capsys):
+    from attnlab.cli import main
+
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset("llama", d_model=32, n_layers=2, vocab_size=256)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    rc = main(["generate", str(tmp_path / "ckpt"), "--prompt", "Hi", "-n", "6"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    want = generate(model, torch.tensor(list(b"Hi")), 6)
+    assert out == bytes(want.tolist()).decode("utf-8", errors="replace") + "\n"
+    assert "tokens/s" in err and "cache" in err
+
+
+def test_cli_generate_preset_ids_and_errors(capsys):
+    from attnlab.cli import main
+
+    args = ["generate", "--preset", "gdn", "--set", "d_model=32", "--set", "vocab_size=50",
+            "--prompt-ids", "1 2 3", "-n", "4"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    ids = [int(t) for t in out.split()]
+    assert ids[:3] == [1, 2, 3] and len(ids) == 7 and all(0 <= t < 50 for t in ids)
+    assert main(["generate", "--preset", "gdn", "--set", "vocab_size=50", "--prompt", "text"]) == 2
+    assert "--prompt" in capsys.readouterr().err
+    assert main(["generate", "--preset", "gdn", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
