@@ -127,7 +127,11 @@ def build_models(preset: str, tiny: bool, device: str, dtype: torch.dtype, with_
         hf = tf.AutoModelForCausalLM.from_config(hf_config(cfg, preset)).to(dtype).eval()
         ours = from_hf(hf).to(device=device, dtype=dtype).eval()
         hf = hf.to(device)
-        note = "converted from transformers"
+        x = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
+        with torch.no_grad():
+            ref, out = hf(x).logits.float(), ours(x)
+        err = float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+        note = f"converted from transformers (logits rms-rel {err:.1e})"
     else:
         torch.manual_seed(0)
         ours = HybridLM(cfg).to(device=device, dtype=dtype).eval()

@@ -275,6 +275,7 @@ def test_generate_reports_cache_bytes():
     assert out.shape == (2, 7)
     assert stats.cache_bytes == 2 * sum(s.allocated_bytes(11) for s in model.cache_specs(torch.bfloat16))
     assert stats.new_tokens == 3 and stats.prompt_tokens == 8 and stats.decode_s > 0
+    assert torch.equal(model.generate(tokens(2, 4), max_new_tokens=3), out)  # the HybridLM method
 
 
 # ----------------------------------------------------------------------------- sampling
