@@ -53,8 +53,8 @@ class LightningCache(LayerCache):
 class LightningAttention(nn.Module):
     """The ``L`` mixer: forward(x [B, T, d_model], cache=None) -> [B, T, d_model].
 
-    ``qkv_proj`` rows are laid out ``[q | k | v]``, each H·D wide (head-major inside);
-    :meth:`load_from_hf` permutes MiniMax's per-head ``[q_h k_h v_h]`` interleave into it.
+    One matmul reads x: ``in_proj`` rows are ``[q | k | v | gate]``, each H·D wide (head-major
+    inside); :meth:`load_from_hf` permutes MiniMax's per-head ``[q_h k_h v_h]`` interleave into it.
     """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, layer_idx: int, n_layers: int) -> None:
@@ -62,8 +62,7 @@ class LightningAttention(nn.Module):
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim
         self.layer_idx, self.n_layers = layer_idx, n_layers
         inner = n_heads * head_dim
-        self.qkv_proj = nn.Linear(d_model, 3 * inner, bias=False)
-        self.output_gate = nn.Linear(d_model, inner, bias=False)
+        self.in_proj = nn.Linear(d_model, 4 * inner, bias=False)
         self.norm = RMSNorm(inner, eps=_OUTPUT_NORM_EPS)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
         self.register_buffer("slope", lightning_slopes(n_heads, layer_idx, n_layers), persistent=False)
@@ -87,7 +86,8 @@ class LightningAttention(nn.Module):
         check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        qkv = F.silu(self.qkv_proj(x)).view(B, T, 3, H, D)  # (B, T, 3, H, D)
+        proj = self.in_proj(x)  # (B, T, 4*H*D)
+        qkv = F.silu(proj[..., : 3 * H * D]).unflatten(-1, (3, H, D))  # (B, T, 3, H, D)
         q, k, v = qkv.unbind(2)  # each (B, T, H, D)
         slope = self.slope
         if cache is None:
@@ -104,7 +104,7 @@ class LightningAttention(nn.Module):
                 cache.state.copy_(state)
             cache.lengths += T
         o = self.norm(o.reshape(B, T, H * D))  # (B, T, H*D): one norm over all heads
-        o = o * torch.sigmoid(self.output_gate(x))
+        o = o * torch.sigmoid(proj[..., 3 * H * D :])
         return self.out_proj(o)
 
     # ------------------------------------------------------------------ cache
@@ -151,10 +151,9 @@ class LightningAttention(nn.Module):
             )
         if hf.norm.variance_epsilon != self.norm.eps:
             raise ValueError(f"hf_module: output norm eps {hf.norm.variance_epsilon} != {self.norm.eps}")
-        # MiniMax rows are [head][q | k | v][D]; ours are [q | k | v][head][D]
+        # MiniMax rows are [head][q | k | v][D]; ours are [q | k | v][head][D], then the gate
         w = hf.qkv_proj.weight.reshape(H, 3, D, self.d_model).transpose(0, 1)  # (3, H, D, d_model)
-        self.qkv_proj.weight.copy_(w.reshape(3 * H * D, self.d_model))
-        self.output_gate.weight.copy_(hf.output_gate.weight)
+        self.in_proj.weight.copy_(torch.cat([w.reshape(3 * H * D, self.d_model), hf.output_gate.weight]))
         self.norm.weight.copy_(hf.norm.weight)
         self.out_proj.weight.copy_(hf.out_proj.weight)
 
