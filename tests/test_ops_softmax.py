@@ -207,9 +207,10 @@ def test_decode_mla_absorbed_shapes():
         assert rel_err(out[b], full[0, 0]) < 1e-5
 
 
-def test_decode_bf16():
+@pytest.mark.parametrize("H_kv", [1, 2])  # the matmul path (one kv head) and the SDPA path
+def test_decode_bf16(H_kv):
     q = torch.randn(2, 8, 64).bfloat16()
-    k, v = torch.randn(2, 30, 2, 64).bfloat16(), torch.randn(2, 30, 2, 64).bfloat16()
+    k, v = torch.randn(2, 30, H_kv, 64).bfloat16(), torch.randn(2, 30, H_kv, 64).bfloat16()
     n_valid = torch.tensor([30, 11])
     out = ops.softmax_decode(q, k, v, n_valid)
     assert out.dtype == torch.bfloat16
