@@ -180,3 +180,77 @@ def test_backward_reaches_every_parameter():
     layer(torch.randn(2, 9, 32)).pow(2).mean().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------ shared parts (layers/common.py)
+
+
+def test_rope_matches_transformers_rotate_half_and_interleaved():
+    hf_q3 = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    hf_ds = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+    from attnlab.layers.common import RotaryEmbedding, apply_rope
+
+    q, k = torch.randn(2, 7, 3, 16), torch.randn(2, 7, 3, 16)
+    cos, sin = RotaryEmbedding(8, 500.0)(torch.arange(7)[None].expand(2, 7) + 5)  # partial: 8 of 16 dims
+    c2, s2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    ref_q, ref_k = hf_q3.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), c2, s2)
+    assert torch.allclose(apply_rope(q, cos, sin).transpose(1, 2), ref_q, atol=1e-6)
+    assert torch.allclose(apply_rope(k, cos, sin).transpose(1, 2), ref_k, atol=1e-6)
+    # interleaved pairs: HF de-interleaves q and k; scores q.k are what must agree
+    qi, ki = q[..., :8].contiguous(), k[..., :8].contiguous()
+    hq, hk = hf_ds.apply_rotary_pos_emb_interleave(qi.transpose(1, 2), ki.transpose(1, 2), c2, s2)
+    ours = torch.einsum("bthd,bshd->bhts", apply_rope(qi, cos, sin, True), apply_rope(ki, cos, sin, True))
+    assert torch.allclose(ours, hq @ hk.transpose(-1, -2), atol=1e-5)
+
+
+def test_yarn_matches_transformers():
+    rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+    from transformers import DeepseekV3Config
+
+    from attnlab.layers.common import yarn_inv_freq
+
+    scaling = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+               "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
+    c = DeepseekV3Config(qk_rope_head_dim=64, rope_scaling=scaling, max_position_embeddings=163840)
+    ref, ref_factor = rope_utils.ROPE_INIT_FUNCTIONS["yarn"](c)
+    ours, factor = yarn_inv_freq(64, c.rope_parameters["rope_theta"], c.rope_parameters)
+    assert torch.allclose(ours, ref, rtol=1e-6) and abs(factor - ref_factor) < 1e-9
+
+
+def test_bf16_model_keeps_float32_rope_frequencies():
+    layer = build_softmax(cfg(), 0)
+    ref = layer.rotary.inv_freq.clone()
+    layer = layer.to(torch.bfloat16)
+    assert layer.rotary.inv_freq.dtype == torch.float32 and torch.equal(layer.rotary.inv_freq, ref)
+    with torch.device("meta"):
+        meta = build_softmax(cfg(), 0)
+    assert torch.equal(meta.to_empty(device="cpu").rotary.inv_freq, ref)  # materialised later: still right
+
+
+def test_norms():
+    from attnlab.layers.common import GatedRMSNorm, RMSNorm
+
+    x, g = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    n = RMSNorm(16, 1e-6, zero_centered=True)
+    assert torch.equal(n.weight, torch.zeros(16))
+    with torch.no_grad():
+        n.weight.normal_()
+    x_hat = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    assert torch.allclose(n(x), x_hat * (1 + n.weight), atol=1e-6)
+    gn = GatedRMSNorm(16, 1e-6, "sigmoid")
+    assert torch.allclose(gn(x, g), x_hat * torch.sigmoid(g), atol=1e-6)
+    assert torch.allclose(GatedRMSNorm(16)(x, g), x_hat * torch.nn.functional.silu(g), atol=1e-6)
+
+
+def test_short_conv_state_continues_across_chunks():
+    from attnlab.layers.common import ShortConv
+
+    conv = ShortConv(6, 4)
+    x = torch.randn(2, 11, 6)
+    padded = torch.nn.functional.pad(x.transpose(1, 2), (3, 0))
+    ref = torch.nn.functional.silu(torch.nn.functional.conv1d(padded, conv.weight, groups=6)).transpose(1, 2)
+    assert torch.allclose(conv(x), ref, atol=1e-6)
+    state = conv.new_state(2)
+    out = torch.cat([conv(x[:, :2], state), conv(x[:, 2:3], state), conv(x[:, 3:], state)], 1)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.equal(state, x[:, -3:].transpose(1, 2))

@@ -72,7 +72,9 @@ def rope_inv_freq(dim: int, theta: float) -> torch.Tensor:
     """Inverse frequencies ``theta^(-2i/dim)``, i < dim/2 -> float32 [dim // 2] (RoFormer)."""
     if dim % 2:
         raise ValueError(f"dim: RoPE needs an even number of rotated dims, got {dim}")
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    # built on the CPU even under a `with torch.device("meta")` context, so that a model
+    # materialised later (to_empty) still has real frequencies
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -119,7 +121,7 @@ def yarn_inv_freq(dim: int, theta: float, rope_scaling: dict) -> tuple[torch.Ten
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 = keep the original frequency
     base = rope_inv_freq(dim, theta)
     inv_freq = base / factor * (1 - extrapolate) + base * extrapolate
@@ -143,7 +145,15 @@ class RotaryEmbedding(nn.Module):
             inv_freq, self.attention_factor = yarn_inv_freq(dim, theta, rope_scaling)
         else:
             raise ValueError(f"rope_scaling: type {kind!r} is not supported (use None or 'yarn')")
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
+        self._inv_freq_fp32 = inv_freq  # master copy: casting the model must not round the angles
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round inv_freq to 8 bits of mantissa, shifting the angle of
+        # position p by ~p/256 radians; keep the float32 frequencies, follow only the device.
+        super()._apply(fn, recurse)
+        self.inv_freq = self._inv_freq_fp32.to(device=self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
