@@ -186,6 +186,12 @@ class ModelConfig:
                 )
             if self.attn_head_dim % 2 and self.rope_dim:
                 raise ValueError(f"head_dim: RoPE needs an even head_dim, got {self.attn_head_dim}")
+            rotated = int(self.attn_head_dim * self.rope_fraction)
+            if rotated % 2:
+                raise ValueError(
+                    f"rope_fraction: head_dim {self.attn_head_dim} * rope_fraction {self.rope_fraction} = "
+                    f"{rotated} rotated dims, which must be even (RoPE rotates pairs)"
+                )
         if letters & set("MD"):
             if self.mla_use_rope and self.qk_rope_head_dim % 2:
                 raise ValueError(f"qk_rope_head_dim: RoPE needs an even size, got {self.qk_rope_head_dim}")

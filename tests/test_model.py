@@ -41,6 +41,7 @@ def test_pattern_tiles_or_is_full_length():
         (dict(head_dim=7), "head_dim: RoPE needs an even head_dim"),
         (dict(d_model=0), "d_model: expected a positive int"),
         (dict(rope_fraction=1.5), r"rope_fraction: expected a value in \[0, 1\]"),
+        (dict(head_dim=10, rope_fraction=0.5), "rope_fraction: head_dim 10 .* = 5 rotated dims"),
         (dict(pattern="G", linear_n_heads=3, linear_n_key_heads=2), "linear_n_heads: 3 value heads"),
         (dict(pattern="M", qk_rope_head_dim=3), "qk_rope_head_dim: RoPE needs an even size"),
         (dict(rope_scaling={"type": "ntk"}), "rope_scaling: only 'yarn'"),
