@@ -1,0 +1,50 @@
+"""Mode selection for the linear-attention ops.
+
+``mode="triton"`` runs the GPU kernel of the same name in :mod:`attnlab.kernels.linear`;
+``"auto"`` takes it when the tensors are on CUDA and the kernels import, else the chunked
+torch path. Kernels are imported lazily so that a CPU-only install never touches triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from .._checks import check_mode
+
+LINEAR_MODES = ("auto", "recurrent", "chunk", "triton")
+
+
+def _import_kernel(op_name: str) -> tuple[Callable | None, str]:
+    """The kernel ``attnlab.kernels.linear.<op_name>``, or None and the reason it is unavailable."""
+    try:
+        module = importlib.import_module("attnlab.kernels.linear")
+    except Exception as e:  # ImportError, or triton failing at import on a machine without a GPU
+        return None, f"attnlab.kernels.linear does not import ({type(e).__name__}: {e})"
+    fn = getattr(module, op_name, None)
+    if fn is None:
+        return None, f"attnlab.kernels.linear has no function {op_name!r}"
+    return fn, ""
+
+
+def resolve_mode(mode: str, q: torch.Tensor, op_name: str) -> tuple[str, Callable | None]:
+    """Pick the implementation: returns ("recurrent" | "chunk" | "triton", kernel or None).
+
+    Raises ValueError for an unknown mode, or for "triton" when the tensors are not on CUDA or
+    the kernel does not import."""
+    check_mode(mode, LINEAR_MODES)
+    if mode in ("recurrent", "chunk"):
+        return mode, None
+    if mode == "auto":
+        if not q.is_cuda:
+            return "chunk", None
+        fn, _ = _import_kernel(op_name)
+        return ("triton", fn) if fn is not None else ("chunk", None)
+    if not q.is_cuda:
+        raise ValueError(f"mode: 'triton' needs CUDA tensors, but q is on {q.device}; use 'chunk' on the CPU")
+    fn, why = _import_kernel(op_name)
+    if fn is None:
+        raise ValueError(f"mode: 'triton' is unavailable for {op_name}: {why}")
+    return "triton", fn

@@ -1,0 +1,378 @@
+"""The gated delta rule: Gated DeltaNet (Qwen3-Next) and Kimi Delta Attention (Kimi Linear).
+
+Per head, with a float32 state S [D_k, D_v] and α_t = exp(g_t):
+
+    S_t = Diag(α_t) S_{t-1}
+    S_t = S_t + β_t k_t (v_t − S_tᵀ k_t)ᵀ          (the delta rule: write only the correction)
+    o_t = S_tᵀ (scale · q_t)
+
+GDN has one gate per head (g [B, T, H]); KDA one per key channel (g [B, T, H, D_k]). GDN is
+KDA with its scalar gate broadcast over D_k, so both share one implementation; the scalar
+case only takes a cheaper route to the intra-chunk decay (a [C, C] mask instead of D_k of them).
+
+Chunked form (Yang et al., "Parallelizing Linear Transformers with the Delta Rule", 2024, and
+"Gated Delta Networks", 2025; the UT/WY transform). Inside a chunk of C tokens, with Γ_i the
+per-channel cumulative decay from the chunk start and S₀ the incoming state, the pseudo-values
+u_i = β_i (v_i − S_{i-1}'ᵀ k_i) solve a unit lower-triangular system
+
+    (I + A) U = β V − (β K ⊙ Γ) S₀,      A_ij = β_i Σ_d k_id k_jd Γ_id/Γ_jd   (j < i)
+
+so U = W − K_c S₀ with W, K_c from one triangular solve per chunk, and
+
+    o_i  = (q_i ⊙ Γ_i)ᵀ S₀ + Σ_{j≤i} (Σ_d q_id k_jd Γ_id/Γ_jd) u_j
+    S_C  = Diag(Γ_C) S₀ + Σ_j (k_j ⊙ Γ_C/Γ_j) u_jᵀ.
+
+Every decay ratio is exp(G_i − G_j) with G the within-chunk cumulative log-gate, formed only
+for j ≤ i (masked to −inf before exp), so a log-gate of −30 per token underflows to 0 instead
+of overflowing. For the per-channel gate, the [C, C, D_k] ratios are never materialised for
+the whole chunk: chunks are cut into sub-chunks; pairs in different sub-chunks factor through
+the sub-chunk boundaries (three factors, each exp of a non-positive number, as in fla's
+chunk_kda). Pairs inside a sub-chunk are factored too when the gates are mild enough that
+exp(±span) is harmless, else (gates near −30) computed elementwise over D_k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_heads_divide, check_same_device, check_tensor
+from ._dispatch import resolve_mode
+
+CHUNK_SIZE = 64  # tokens per chunk of the chunked form (fla and Qwen3-Next use 64)
+_MIN_SUB = 8  # smallest sub-chunk of the per-channel (KDA) intra-chunk decay; see _pick_sub_chunk
+_MAX_SPAN = 60.0  # largest sub-chunk log-decay span factored around its midpoint: factors within e^±30
+_STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    mode: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated DeltaNet (Qwen3-Next): the gated delta rule with one gate per head.
+
+    q, k: [B, T, H_k, D_k]; v: [B, T, H, D_v] with H a multiple of H_k (each q/k head serves
+    H // H_k consecutive value heads, as in Qwen3-Next); g: [B, T, H] log-decay (≤ 0);
+    beta: [B, T, H] write strength in [0, 1]. scale: None = D_k ** -0.5.
+    initial_state: float32 (or float64) [B, H, D_k, D_v]. use_qk_l2norm: L2-normalise q and k
+    (eps 1e-6, in float32) before scaling. mode: "auto" | "chunk" | "recurrent" | "triton".
+
+    Returns (o [B, T, H, D_v] in q's dtype, final state float32 [B, H, D_k, D_v] or None).
+    Computation is in float32 (float64 if the inputs are float64) whatever the input dtype.
+    """
+    _check_inputs(q, k, v, g, beta, initial_state, per_channel=False)
+    impl, kernel = resolve_mode(mode, q, "gated_delta_rule")
+    if impl == "triton":
+        return kernel(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
+    g = g.unsqueeze(-1)  # (B, T, H, 1): the per-channel code path with one broadcast channel
+    return _delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, impl)
+
+
+def kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    mode: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kimi Delta Attention: the gated delta rule with one gate per key channel.
+
+    As :func:`gated_delta_rule` except g: [B, T, H, D_k] (log-decay per key channel, ≤ 0).
+    Returns (o [B, T, H, D_v] in q's dtype, final state float32 [B, H, D_k, D_v] or None).
+    """
+    _check_inputs(q, k, v, g, beta, initial_state, per_channel=True)
+    impl, kernel = resolve_mode(mode, q, "kda")
+    if impl == "triton":
+        return kernel(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
+    return _delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, impl)
+
+
+def gated_delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+) -> torch.Tensor:
+    """One decode token of Gated DeltaNet; updates `state` in place.
+
+    q, k: [B, H_k, D_k]; v: [B, H, D_v]; g, beta: [B, H]; state: float32 [B, H, D_k, D_v].
+    Returns o [B, H, D_v] in q's dtype.
+    """
+    _check_step_inputs(q, k, v, g, beta, state, per_channel=False)
+    return _step_in_place(q, k, v, g.unsqueeze(-1), beta, state, scale, use_qk_l2norm)
+
+
+def kda_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+) -> torch.Tensor:
+    """One decode token of Kimi Delta Attention; updates `state` in place.
+
+    q, k: [B, H_k, D_k]; v: [B, H, D_v]; g: [B, H, D_k]; beta: [B, H];
+    state: float32 [B, H, D_k, D_v]. Returns o [B, H, D_v] in q's dtype.
+    """
+    _check_step_inputs(q, k, v, g, beta, state, per_channel=True)
+    return _step_in_place(q, k, v, g, beta, state, scale, use_qk_l2norm)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_inputs(q, k, v, g, beta, initial_state, per_channel: bool) -> None:
+    check_tensor("q", q, 4, "[B, T, H_k, D_k]")
+    b, t, h_k, d_k = q.shape
+    check_tensor("k", k, 4, "[B, T, H_k, D_k]", shape=(b, t, h_k, d_k), dtypes=(q.dtype,))
+    check_tensor("v", v, 4, "[B, T, H, D_v]", shape=(b, t, None, None), dtypes=(q.dtype,))
+    h, d_v = v.shape[2], v.shape[3]
+    check_heads_divide("v", h, "q", h_k)
+    if per_channel:
+        check_tensor("g", g, 4, "[B, T, H, D_k]", shape=(b, t, h, d_k))
+    else:
+        check_tensor("g", g, 3, "[B, T, H]", shape=(b, t, h))
+    check_tensor("beta", beta, 3, "[B, T, H]", shape=(b, t, h))
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, 4, "[B, H, D_k, D_v]", shape=(b, h, d_k, d_v),
+                     dtypes=_STATE_DTYPES)
+    check_same_device(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
+
+
+def _check_step_inputs(q, k, v, g, beta, state, per_channel: bool) -> None:
+    check_tensor("q", q, 3, "[B, H_k, D_k]")
+    b, h_k, d_k = q.shape
+    check_tensor("k", k, 3, "[B, H_k, D_k]", shape=(b, h_k, d_k), dtypes=(q.dtype,))
+    check_tensor("v", v, 3, "[B, H, D_v]", shape=(b, None, None), dtypes=(q.dtype,))
+    h, d_v = v.shape[1], v.shape[2]
+    check_heads_divide("v", h, "q", h_k)
+    if per_channel:
+        check_tensor("g", g, 3, "[B, H, D_k]", shape=(b, h, d_k))
+    else:
+        check_tensor("g", g, 2, "[B, H]", shape=(b, h))
+    check_tensor("beta", beta, 2, "[B, H]", shape=(b, h))
+    check_tensor("state", state, 4, "[B, H, D_k, D_v]", shape=(b, h, d_k, d_v), dtypes=_STATE_DTYPES)
+    check_same_device(q=q, k=k, v=v, g=g, beta=beta, state=state)
+
+
+# --------------------------------------------------------------------------------------------
+# shared math
+
+
+def _compute_dtype(*xs: torch.Tensor | None) -> torch.dtype:
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _prepare_qk(q, k, n_rep: int, use_qk_l2norm: bool, scale: float | None, head_dim: int):
+    """Optionally L2-normalise (fla / HF: x / sqrt(Σx² + 1e-6)), scale q, expand key heads to value heads."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_qk_l2norm:
+        q = q * (torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * scale)
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    else:
+        q = q * scale
+    if n_rep > 1:  # grouped values: q/k head i serves value heads i*n_rep .. i*n_rep + n_rep - 1
+        q = q.repeat_interleave(n_rep, dim=head_dim)  # (..., H, ..., D_k)
+        k = k.repeat_interleave(n_rep, dim=head_dim)  # (..., H, ..., D_k)
+    return q, k
+
+
+def _delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, impl):
+    """g here is [B, T, H, 1] (GDN) or [B, T, H, D_k] (KDA)."""
+    dtype = _compute_dtype(q, g, beta, initial_state)
+    n_rep = v.shape[2] // q.shape[2]
+    t = q.shape[1]
+    state = None if initial_state is None else initial_state.to(dtype)
+    if impl == "recurrent" or t == 0:
+        q, k = _prepare_qk(q.to(dtype), k.to(dtype), n_rep, use_qk_l2norm, scale, head_dim=2)
+        o, state = _delta_recurrent(q, k, v.to(dtype), g.to(dtype), beta.to(dtype), state)
+    else:
+        q, k, vc, g, beta = (_to_chunks(x, CHUNK_SIZE, dtype) for x in (q, k, v, g, beta.unsqueeze(-1)))
+        q, k = _prepare_qk(q, k, n_rep, use_qk_l2norm, scale, head_dim=1)  # (B, H, N, C, D_k)
+        o, state = _delta_chunk(q, k, vc, g, beta, state, t)
+    return o.to(v.dtype), (state if output_final_state else None)
+
+
+def _delta_step(q, k, v, g, beta, state):
+    """One token, out of place. q, k [B, H, D_k] (q scaled); v [B, H, D_v]; g [B, H, 1|D_k];
+    beta [B, H]; state [B, H, D_k, D_v]. Returns (o [B, H, D_v], new state)."""
+    state = state * g.exp().unsqueeze(-1)  # (B, H, D_k, D_v)
+    predicted = (k.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, D_v)  Sᵀk
+    u = beta.unsqueeze(-1) * (v - predicted)  # (B, H, D_v)
+    state = state + k.unsqueeze(-1) * u.unsqueeze(-2)  # (B, H, D_k, D_v)
+    o = (q.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, D_v)
+    return o, state
+
+
+def _delta_recurrent(q, k, v, g, beta, state):
+    """The oracle: a token loop. q (scaled), k [B, T, H, D_k]; v [B, T, H, D_v]; g [B, T, H, 1|D_k];
+    beta [B, T, H]; state [B, H, D_k, D_v] or None. Returns (o [B, T, H, D_v], final state)."""
+    b, t, h, d_k = k.shape
+    if state is None:
+        state = q.new_zeros(b, h, d_k, v.shape[-1])
+    outs = []
+    for i in range(t):
+        o, state = _delta_step(q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], state)
+        outs.append(o)
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape)  # (B, T, H, D_v)
+    return o, state
+
+
+def _to_chunks(x: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, X] -> [B, H, N, C, X] in `dtype`, zero-padded at the end of the sequence (one copy)."""
+    b, t, h, d = x.shape
+    n = -(-t // chunk)
+    out = x.new_zeros(b, h, n * chunk, d, dtype=dtype)  # (B, H, N·C, X)
+    out[:, :, :t] = x.transpose(1, 2)
+    return out.view(b, h, n, chunk, d)  # (B, H, N, C, X)
+
+
+def _delta_chunk(q, k, v, g, beta, state, t: int):
+    """Chunked form (see the module docstring). q (scaled), k [B, H, N, C, D_k]; v [B, H, N, C, D_v];
+    g [B, H, N, C, 1|D_k]; beta [B, H, N, C, 1]; state [B, H, D_k, D_v] or None; t the true length.
+    Padded tokens have k = 0, β = 0, g = 0, so they leave the state untouched.
+    Returns (o [B, T, H, D_v], final state)."""
+    b, h, n, chunk, d_k = k.shape
+    d_v = v.shape[-1]
+    G = g.cumsum(dim=3)  # (B, H, N, C, 1|D_k) log of Γ_i, decay from the chunk start through token i
+    k_beta = k * beta  # (B, H, N, C, D_k)
+
+    if G.shape[-1] == 1:
+        qk, kk = _intra_scalar_gate(q, k_beta, k, G)
+    else:
+        qk, kk = _intra_channel_gate(q, k_beta, k, G)  # (B, H, N, C, C) each, zero above the diagonal
+
+    # UT transform: unit-lower-triangular solves (the diagonal of kk is ignored).
+    decay_in = G.exp()  # (B, H, N, C, 1|D_k)   Γ_i
+    solve = lambda rhs: torch.linalg.solve_triangular(kk, rhs, upper=False, unitriangular=True)
+    w = solve(v * beta)  # (B, H, N, C, D_v)
+    k_cum = solve(k_beta * decay_in)  # (B, H, N, C, D_k)
+
+    k_decayed_t = (k * (G[..., -1:, :] - G).exp()).transpose(-1, -2)  # (B, H, N, D_k, C)  (k_j ⊙ Γ_C/Γ_j)ᵀ
+    chunk_decay = G[..., -1, :].exp().unsqueeze(-1)  # (B, H, N, 1|D_k, 1)   Γ_C
+    state = q.new_zeros(b, h, d_k, d_v) if state is None else state
+    # Only what depends on the incoming state is sequential: u = W − K_c S and S' = Γ_C S + K̃ᵀ u.
+    # (Folding it into S' = (Γ_C − K̃ᵀK_c) S + K̃ᵀW leaves one op per chunk but costs two more
+    # [D_k, C] @ [C, D] products per chunk; measured slower on the CPU.)
+    w_, k_cum_, kdt_ = (x.reshape(b * h, n, *x.shape[-2:]) for x in (w, k_cum, k_decayed_t))
+    cd_ = chunk_decay.reshape(b * h, n, *chunk_decay.shape[-2:])
+    state = state.reshape(b * h, d_k, d_v)
+    entering, us = [], []
+    for i in range(n):
+        entering.append(state)
+        u_i = torch.baddbmm(w_[:, i], k_cum_[:, i], state, alpha=-1.0)  # (B·H, C, D_v)
+        us.append(u_i)
+        state = torch.baddbmm(state * cd_[:, i], kdt_[:, i], u_i)  # (B·H, D_k, D_v)
+    entering = torch.stack(entering, dim=1).reshape(b, h, n, d_k, d_v)  # (B, H, N, D_k, D_v)
+    u = torch.stack(us, dim=1).reshape(b, h, n, chunk, d_v)  # (B, H, N, C, D_v)
+    o = (q * decay_in) @ entering + qk @ u  # (B, H, N, C, D_v)
+    o = o.reshape(b, h, n * chunk, d_v)[:, :, :t]  # (B, H, T, D_v)
+    return o.transpose(1, 2), state.reshape(b, h, d_k, d_v)  # (B, T, H, D_v)
+
+
+def _intra_scalar_gate(q, k_beta, k, G):
+    """Decayed pair products for a scalar gate: (q_i·k_j, β_i k_i·k_j) · exp(G_i − G_j), j ≤ i.
+    q, k_beta, k [B, H, N, C, D_k]; G [B, H, N, C, 1]. Returns two [B, H, N, C, C]."""
+    c = G.shape[-2]
+    future = torch.ones(c, c, dtype=torch.bool, device=G.device).triu(1)
+    diff = G - G.transpose(-1, -2)  # (B, H, N, C, C)  G_i − G_j
+    decay = diff.masked_fill(future, float("-inf")).exp()  # (B, H, N, C, C)
+    k_t = k.transpose(-1, -2)  # (B, H, N, D_k, C)
+    return (q @ k_t) * decay, (k_beta @ k_t) * decay
+
+
+def _pick_sub_chunk(G: torch.Tensor) -> tuple[int, bool]:
+    """Sub-chunk size for the per-channel decay, and whether pairs inside a sub-chunk may be factored.
+
+    Factoring exp(G_i − G_j) = exp(G_i − R) · exp(R − G_j) around R, the midpoint of the sub-chunk's
+    log-decay range, is exact in floating point while neither factor under/overflows, i.e. while the
+    span G_first − G_last of every sub-chunk (over all channels) stays within _MAX_SPAN (factors
+    within e^±30). Take the largest such sub-chunk (fewest cross-sub-chunk bridges); if even
+    _MIN_SUB tokens span more (gates near −30), use _MIN_SUB and the elementwise form inside."""
+    c = G.shape[-2]
+    sub = c
+    while sub >= _MIN_SUB and c % sub == 0:
+        Gr = G.detach().reshape(*G.shape[:-2], c // sub, sub, G.shape[-1])  # (..., m, s, D_k)
+        if float((Gr[..., 0, :] - Gr[..., -1, :]).amax()) <= _MAX_SPAN:
+            return sub, True
+        sub //= 2
+    return (_MIN_SUB if c % _MIN_SUB == 0 else c), False
+
+
+def _intra_channel_gate(q, k_beta, k, G):
+    """As :func:`_intra_scalar_gate` with G [B, H, N, C, D_k]: Σ_d a_id k_jd exp(G_id − G_jd).
+
+    Each sub-chunk I has a reference log-decay R_I (the midpoint of its range when factored, else
+    its first token's). Rows in I and columns in an earlier sub-chunk J factor through R_I and the
+    last token l_J of J: exp(G_i − R_I) · exp(R_I − G_l) · exp(G_l − G_j), the last two ≤ 1. Pairs
+    inside one sub-chunk are exp(G_i − R_I) · exp(R_I − G_j) when factored (see
+    :func:`_pick_sub_chunk`), else computed elementwise over D_k with the decay masked before exp."""
+    *lead, c, d = G.shape
+    sub, factored = _pick_sub_chunk(G)
+    m = c // sub
+    a = torch.stack([q, k_beta]).reshape(2, *lead, m, sub, d)  # (2, B, H, N, m, s, D_k)
+    kr = k.reshape(*lead, m, sub, d)  # (B, H, N, m, s, D_k)
+    Gr = G.reshape(*lead, m, sub, d)  # (B, H, N, m, s, D_k)
+    last = Gr[..., -1:, :]  # (B, H, N, m, 1, D_k)
+    ref = (Gr[..., :1, :] + last) / 2 if factored else Gr[..., :1, :]  # (B, H, N, m, 1, D_k)
+    a_rel = a * (Gr - ref).exp()  # (2, B, H, N, m, s, D_k)   exp(G_i − R)
+
+    future = torch.ones(sub, sub, dtype=torch.bool, device=G.device).triu(1)
+    if factored:
+        k_rel = kr * (ref - Gr).exp()  # (B, H, N, m, s, D_k)   exp(R − G_j)
+        within = (a_rel @ k_rel.transpose(-1, -2)).masked_fill(future, 0.0)  # (2, B, H, N, m, s, s)
+    else:
+        diff = Gr.unsqueeze(-2) - Gr.unsqueeze(-3)  # (B, H, N, m, s, s, D_k)  G_i − G_j
+        decay = diff.masked_fill(future.unsqueeze(-1), float("-inf")).exp()  # (B, H, N, m, s, s, D_k)
+        k_decay = kr.unsqueeze(-3) * decay  # (B, H, N, m, s, s, D_k)
+        within = (a.unsqueeze(-2) @ k_decay.transpose(-1, -2)).squeeze(-2)  # (2, B, H, N, m, s, s)
+    if m == 1:
+        full = within.reshape(2, *lead, c, c)  # (2, B, H, N, C, C)
+        return full[0], full[1]
+
+    # Across sub-chunks: row block I is [s, D_k] @ [D_k, C], columns (J, b) weighted by exp(R_I − G_l(J)).
+    earlier = torch.ones(m, m, dtype=torch.bool, device=G.device).tril(-1)  # J < I
+    bridge = ref - last.transpose(-3, -2)  # (B, H, N, m, m, D_k)  R_I − G_l(J)
+    bridge = bridge.masked_fill(~earlier.unsqueeze(-1), float("-inf")).exp()
+    k_to_end = kr * (last - Gr).exp()  # (B, H, N, m, s, D_k)   exp(G_l − G_j) ≤ 1
+    k_bridged = bridge.unsqueeze(-2) * k_to_end.unsqueeze(-4)  # (B, H, N, m, m, s, D_k)
+    k_bridged = k_bridged.reshape(*lead, m, c, d)  # (B, H, N, m, C, D_k)
+    across = a_rel @ k_bridged.transpose(-1, -2)  # (2, B, H, N, m, s, C)
+
+    eye = torch.eye(m, dtype=G.dtype, device=G.device).reshape(m, 1, m, 1)
+    blocks = within.unsqueeze(-2) * eye  # (2, B, H, N, m, s, m, s)  diagonal blocks in place
+    full = (across + blocks.reshape(2, *lead, m, sub, c)).reshape(2, *lead, c, c)  # (2, B, H, N, C, C)
+    return full[0], full[1]
+
+
+def _step_in_place(q, k, v, g, beta, state, scale, use_qk_l2norm) -> torch.Tensor:
+    dtype = state.dtype
+    q, k = _prepare_qk(q.to(dtype), k.to(dtype), v.shape[1] // q.shape[1], use_qk_l2norm, scale, head_dim=1)
+    o, new_state = _delta_step(q, k, v.to(dtype), g.to(dtype), beta.to(dtype), state)
+    state.copy_(new_state)
+    return o.to(v.dtype)
+
+
+__all__ = ["CHUNK_SIZE", "gated_delta_rule", "gated_delta_rule_step", "kda", "kda_step"]
