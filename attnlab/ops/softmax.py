@@ -177,8 +177,8 @@ def softmax_decode(
         n_valid: int64 [B]: row b attends to slots 0..n_valid[b]-1 (values are clamped to [0, S_max];
             no host sync, so the step can be CUDA-graphed). Slot order does not matter, so a
             ring buffer works. A row with n_valid = 0 outputs zeros. Slots past n_valid must hold
-            finite values (a zero-initialised cache): SDPA multiplies their zero weight by the value,
-            so a NaN left there would leak into the output.
+            finite values (a zero-initialised cache): their weight is 0, but 0 * NaN is NaN, so a NaN
+            left there would leak into the output.
         scale: logit scale; None = D ** -0.5.
 
     Returns:
