@@ -124,9 +124,9 @@ def build_models(preset: str, tiny: bool, device: str, dtype: torch.dtype, with_
         from attnlab.hf import from_hf
 
         torch.manual_seed(0)
-        hf = tf.AutoModelForCausalLM.from_config(hf_config(cfg, preset)).to(dtype).eval()
-        ours = from_hf(hf).to(device=device, dtype=dtype).eval()
-        hf = hf.to(device)
+        with torch.device(device):  # initialise on the device: a 1B model is slow to init on a CPU
+            hf = tf.AutoModelForCausalLM.from_config(hf_config(cfg, preset), dtype=dtype).eval()
+            ours = from_hf(hf).to(device=device, dtype=dtype).eval()
         x = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
         with torch.no_grad():
             ref, out = hf(x).logits.float(), ours(x)
@@ -134,7 +134,8 @@ def build_models(preset: str, tiny: bool, device: str, dtype: torch.dtype, with_
         note = f"converted from transformers (logits rms-rel {err:.1e})"
     else:
         torch.manual_seed(0)
-        ours = HybridLM(cfg).to(device=device, dtype=dtype).eval()
+        with torch.device(device):
+            ours = HybridLM(cfg).to(dtype=dtype).eval()
     return ours, hf, note
 
 
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="our decode step (default: cuda_graph on CUDA, eager on CPU)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate()")
     ap.add_argument("--hf-max-context", type=int, default=131072)
+    ap.add_argument("--eager-max-context", type=int, default=131072, help="time eager too, up to here")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a CPU smoke run of this script)")
     ap.add_argument("--bandwidth-bytes", type=int, default=4 << 30)
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
@@ -273,7 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             try:
                 timed = time_ours(ours, ctx, args.steps, device, dtype, mode)
                 row.update({f"ours_{k}": v for k, v in timed.items()})
-                if mode != "eager":
+                free(device)
+                if mode != "eager" and ctx <= args.eager_max_context:
                     eager = time_ours(ours, ctx, max(4, args.steps // 8), device, dtype, "eager")
                     row["ours_eager_ms"] = eager["ms"]
             except torch.OutOfMemoryError:
