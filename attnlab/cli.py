@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES: list[str] = [
     "attnlab.generate",  # generate
     "attnlab.cli_models",  # presets, convert
+    "attnlab.cost",  # cost
 ]
 
 
