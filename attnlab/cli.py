@@ -16,6 +16,8 @@ COMMAND_MODULES: list[str] = [
     "attnlab.generate",  # generate
     "attnlab.cli_models",  # presets, convert
     "attnlab.cost",  # cost
+    "attnlab.train",  # train
+    "attnlab.evaluate",  # eval
 ]
 
 
