@@ -22,8 +22,10 @@ from .._checks import check_same_device, check_tensor
 from .softmax import _check_attention_inputs, _check_same_dtype
 
 # Work is split into query blocks so that the per-block temporaries (gathered keys/values,
-# [B, T_blk, H, S] indexer logits) hold at most about this many elements.
-_BLOCK_ELEMENTS = 1 << 25
+# [B, T_blk, H, S] indexer logits) hold at most about this many elements. On an H200, MLA-shaped
+# sparse prefill (T=4096, top-2048, 128 heads) took 199 ms at 2**25 (launch-bound), 71 ms at 2**27
+# (peak 1.6 GiB), 65 ms at 2**29 (2.6 GiB).
+_BLOCK_ELEMENTS = 1 << 27
 _ZERO_EMPTY_VALUES = True
 
 
