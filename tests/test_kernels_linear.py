@@ -128,6 +128,16 @@ def test_interp_odd_dims_gqa_l2norm_extreme_gates(op):
 
 
 @interp
+def test_interp_lightning_steep_decay_partial_chunk():
+    """Slopes up to 15 with a partial last chunk: padded rows must not produce exp overflow
+    (this was NaN on the GPU once: 0 · inf in the state update)."""
+    q, k, v, g, beta, h0 = make_inputs("lightning", 1, 70, 4, 4, 16, 16, gate_scale=30.0, seed=9)
+    o, ht = run_kernel("lightning", q, k, v, g, beta, h0)
+    ro, rs = run_oracle("lightning", q, k, v, g, beta, h0)
+    assert rel_err(o, ro) < 1e-5 and rel_err(ht, rs) < 1e-5
+
+
+@interp
 def test_interp_varlen_equals_separate_sequences():
     from attnlab.kernels import linear
 

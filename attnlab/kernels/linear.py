@@ -16,11 +16,13 @@ With G the within-chunk cumulative log-gate, Γ = exp(G), S₀ the state enterin
     o     = scale (Q ⊙ Γ) S₀ + (scale · tril(Σ_d q_id k_jd Γ_id/Γ_jd)) v'
     S_C   = Diag(Γ_C) S₀ + (K ⊙ Γ_C/Γ)ᵀ v'
 
-Two launches: ``_prepare_kernel`` (parallel over chunks: gate cumsum, A, X, w, u, and for the
-per-channel gate the masked q·k matrix) and ``_state_output_kernel`` (one program per
-(sequence, head, D_v block), walking the chunks in order; it fuses the output so that the
-per-chunk states are never written to memory). Lightning attention has no delta rule
-(v' = v) and a constant decay, so it needs only the second launch.
+Three launches: ``_prepare_kernel`` (parallel over chunks: gate cumsum, A, X, w, u, k decayed to
+the chunk end, and for the per-channel gate the masked gated q·k matrix), ``_state_kernel`` (one
+program per (sequence, head, D_v block) walking the chunks in order; it writes the state entering
+each chunk and the corrected values v', and does nothing else, since its loop is the critical path)
+and ``_output_kernel`` (parallel over chunks). Lightning attention has no delta rule (v' = v) and a
+constant decay, so it skips the first launch. (A first version fused the output into the
+sequential loop; on an H200 that was ~2x slower than fla at 64K tokens, so the output moved out.)
 
 Decay ratios are only ever formed as exp of a non-positive number: for the scalar gate the
 [C, C] exponent is masked before exp; for the per-channel gate, pairs in different 16-token
@@ -49,10 +51,17 @@ POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as
 
 # Kernel launch parameters of the sequential kernel, by gate kind; the benchmark may override them.
 # BV: D_v columns per program (more programs, less work each); warps; software-pipeline depth.
+# Defaults from a sweep on an H200 (benchmarks/linear_gpu.py --sweep).
 TUNING: dict[str, dict[str, int]] = {
     "scalar": {"BV": 32, "num_warps": 4, "num_stages": 2},
     "vector": {"BV": 32, "num_warps": 4, "num_stages": 2},
     "lightning": {"BV": 32, "num_warps": 4, "num_stages": 2},
+}
+# ... and of the output kernel (parallel over chunks)
+OUT_TUNING: dict[str, dict[str, int]] = {
+    "scalar": {"BV": 64, "num_warps": 4, "num_stages": 2},
+    "vector": {"BV": 64, "num_warps": 4, "num_stages": 2},
+    "lightning": {"BV": 64, "num_warps": 4, "num_stages": 2},
 }
 
 
@@ -157,7 +166,7 @@ def _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _prepare_kernel(
-    q, k, v, g, beta, w, u, gcum, aqk, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, g, beta, w, u, kd, gcum, aqk, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
@@ -175,11 +184,13 @@ def _prepare_kernel(
     t0 = i_t * BT
     r1, r2, r3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
     rr = tl.arange(0, BC)
+    last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)  # last token of this chunk
 
     q_p = q + (bos * HK + i_hk) * K
     k_p = k + (bos * HK + i_hk) * K
     v_p = v + (bos * H + i_h) * V
     w_p = w + (bos * H + i_h) * K
+    kd_p = kd + (bos * H + i_h) * K
     u_p = u + (bos * H + i_h) * V
     b_p = beta + bos * H + i_h
     a_p = aqk + (bos * H + i_h) * BT
@@ -294,6 +305,8 @@ def _prepare_kernel(
         tl.store(G_p + (r1 + rr).to(tl.int64) * H, gs1, mask=r1 + rr < n)
         tl.store(G_p + (r2 + rr).to(tl.int64) * H, gs2, mask=r2 + rr < n)
         tl.store(G_p + (r3 + rr).to(tl.int64) * H, gs3, mask=r3 + rr < n)
+        tl.debug_barrier()
+        G_last = tl.load(G_p + last * H)
         for i_k in range(0, tl.cdiv(K, BK)):
             c0 = i_k * BK
             k0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK)
@@ -342,23 +355,31 @@ def _prepare_kernel(
     x31 = -_mm32(i3, _mm32(a31, i1) + _mm32(a32, x21))
     x30 = -_mm32(i3, _mm32(a30, i0) + _mm32(a31, x10) + _mm32(a32, x20))
 
-    # w = X (β K ⊙ Γ)
+    # w = X (β K ⊙ Γ), and k decayed to the chunk end, kd = K ⊙ Γ_C/Γ, for the state update
     for i_k in range(0, tl.cdiv(K, BK)):
         c0 = i_k * BK
+        k0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32)
+        k1 = _tile(k_p, r1, n, HK * K, c0, K, BC, BK).to(tl.float32)
+        k2 = _tile(k_p, r2, n, HK * K, c0, K, BC, BK).to(tl.float32)
+        k3 = _tile(k_p, r3, n, HK * K, c0, K, BC, BK).to(tl.float32)
         if GATE_VEC:
             G0 = _tile(G_p, t0, n, H * K, c0, K, BC, BK)
             G1 = _tile(G_p, r1, n, H * K, c0, K, BC, BK)
             G2 = _tile(G_p, r2, n, H * K, c0, K, BC, BK)
             G3 = _tile(G_p, r3, n, H * K, c0, K, BC, BK)
-            y0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32) * tl.exp(G0) * b0[:, None]
-            y1 = _tile(k_p, r1, n, HK * K, c0, K, BC, BK).to(tl.float32) * tl.exp(G1) * b1[:, None]
-            y2 = _tile(k_p, r2, n, HK * K, c0, K, BC, BK).to(tl.float32) * tl.exp(G2) * b2[:, None]
-            y3 = _tile(k_p, r3, n, HK * K, c0, K, BC, BK).to(tl.float32) * tl.exp(G3) * b3[:, None]
+            cols = c0 + tl.arange(0, BK)
+            Gl = tl.load(G_p + last * H * K + cols, mask=cols < K, other=0.0)[None, :]
         else:
-            y0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32) * (tl.exp(gs0) * b0)[:, None]
-            y1 = _tile(k_p, r1, n, HK * K, c0, K, BC, BK).to(tl.float32) * (tl.exp(gs1) * b1)[:, None]
-            y2 = _tile(k_p, r2, n, HK * K, c0, K, BC, BK).to(tl.float32) * (tl.exp(gs2) * b2)[:, None]
-            y3 = _tile(k_p, r3, n, HK * K, c0, K, BC, BK).to(tl.float32) * (tl.exp(gs3) * b3)[:, None]
+            G0, G1, G2, G3 = gs0[:, None], gs1[:, None], gs2[:, None], gs3[:, None]
+            Gl = G_last
+        _store_tile(kd_p, k0 * tl.exp(Gl - G0), t0, n, H * K, c0, K, BC, BK)
+        _store_tile(kd_p, k1 * tl.exp(Gl - G1), r1, n, H * K, c0, K, BC, BK)
+        _store_tile(kd_p, k2 * tl.exp(Gl - G2), r2, n, H * K, c0, K, BC, BK)
+        _store_tile(kd_p, k3 * tl.exp(Gl - G3), r3, n, H * K, c0, K, BC, BK)
+        y0 = k0 * tl.exp(G0) * b0[:, None]
+        y1 = k1 * tl.exp(G1) * b1[:, None]
+        y2 = k2 * tl.exp(G2) * b2[:, None]
+        y3 = k3 * tl.exp(G3) * b3[:, None]
         _store_tile(w_p, _mm(i0, y0, DT, PREC), t0, n, H * K, c0, K, BC, BK)
         _store_tile(w_p, _mm(x10, y0, DT, PREC) + _mm(i1, y1, DT, PREC), r1, n, H * K, c0, K, BC, BK)
         _store_tile(w_p, _mm(x20, y0, DT, PREC) + _mm(x21, y1, DT, PREC) + _mm(i2, y2, DT, PREC),
@@ -381,88 +402,131 @@ def _prepare_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# kernel 2: the chunk-to-chunk recurrence with the output fused in
+# kernel 2: the chunk-to-chunk recurrence (sequential over chunks; parallel over heads, D_v blocks)
 
 
 @triton.jit
-def _state_output_kernel(
-    q, k, v, w, u, gcum, aqk, slope, o, h0, ht, cu_seqlens, scale, T,
+def _state_kernel(
+    k, v, kd, u, w, gcum, slope, h, vn, h0, ht, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr,  # 0: constant decay exp(−slope_h) (Lightning), 1: scalar per token, 2: per channel
-    DELTA: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Writes h[c] = the state entering chunk c ([n_chunks, H, K, V]) and, for the delta rule,
+    the corrected values v' = u − w h[c]; the loop body is all that is sequential."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // (H // HK)
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    n_chunks = tl.cdiv(n, BT)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_b).to(tl.int64)
+    else:
+        boh = i_b.to(tl.int64) * n_chunks
     c0 = i_v * BV
     rk = tl.arange(0, BK)
     rv = c0 + tl.arange(0, BV)
     rt = tl.arange(0, BT)
-    state_off = i_bh.to(tl.int64) * K * V
     mkv = (rk < K)[:, None] & (rv < V)[None, :]
+    kv = rk[:, None] * V + rv[None, :]
 
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        S += tl.load(h0 + state_off + rk[:, None] * V + rv[None, :], mask=mkv, other=0.0)
-
-    q_p = q + (bos * HK + i_hk) * K
-    k_p = k + (bos * HK + i_hk) * K
-    v_p = v + (bos * H + i_h) * V
-    o_p = o + (bos * H + i_h) * V
-    w_p = w + (bos * H + i_h) * K
-    u_p = u + (bos * H + i_h) * V
-    a_p = aqk + (bos * H + i_h) * BT
+        S += tl.load(h0 + i_bh.to(tl.int64) * K * V + kv, mask=mkv, other=0.0)
+    h_p = h + (boh * H + i_h) * K * V
     if GATE == 0:
         s_h = tl.load(slope + i_h).to(tl.float32)
+        k_p = k + (bos * HK + i_hk) * K
+        v_p = v + (bos * H + i_h) * V
+    else:
+        kd_p = kd + (bos * H + i_h) * K
+        w_p = w + (bos * H + i_h) * K
+        u_p = u + (bos * H + i_h) * V
+        vn_p = vn + (bos * H + i_h) * V
     if GATE == 1:
         G_p = gcum + bos * H + i_h
     if GATE == 2:
         G_p = gcum + (bos * H + i_h) * K
 
-    for i_t in range(0, tl.cdiv(n, BT)):
+    for i_t in range(0, n_chunks):
         t0 = i_t * BT
-        valid = t0 + rt < n
-        n_in = tl.minimum(n - t0, BT)  # tokens in this chunk
-        b_q = _tile(q_p, t0, n, HK * K, 0, K, BT, BK)
-        b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK)
-        if DELTA:
+        n_in = tl.minimum(n - t0, BT)
+        tl.store(h_p + i_t * H * K * V + kv, S.to(h.dtype.element_ty), mask=mkv)
+        if GATE == 0:
+            b_vn = _tile(v_p, t0, n, H * V, c0, V, BT, BV)
+            b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK).to(tl.float32)
+            # k_j e^{−s (n_in − 1 − j)}; padded rows masked before exp (their exponent is positive)
+            e = tl.where(rt < n_in, -s_h * (n_in - 1 - rt).to(tl.float32), 0.0)
+            b_kd = b_k * tl.exp(e)[:, None]
+            S = S * tl.exp(-s_h * n_in.to(tl.float32))
+        else:
             b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
             b_u = _tile(u_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32)
-            b_vn = b_u - _mm(b_w, S, DT, PREC)  # corrected values v' = u − w S₀
-        else:
-            b_vn = _tile(v_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32)
-
-        if GATE == 2:
-            b_G = _tile(G_p, t0, n, H * K, 0, K, BT, BK)  # [BT, BK]
-            G_last = tl.load(G_p + (t0 + n_in - 1).to(tl.int64) * H * K + rk, mask=rk < K, other=0.0)
-            b_o = _mm(b_q.to(tl.float32) * tl.exp(b_G), S, DT, PREC) * scale
-            b_a = _tile(a_p, t0, n, H * BT, 0, BT, BT, BT)
-            b_a = tl.where(rt[:, None] >= rt[None, :], b_a, 0.0)
-            b_o += _mm(b_a, b_vn, DT, PREC)
-            b_kd = b_k.to(tl.float32) * tl.exp(G_last[None, :] - b_G)
-            S = S * tl.exp(G_last)[:, None]
-        else:
-            if GATE == 0:
-                b_G = -s_h * (rt + 1).to(tl.float32)
-                G_last = -s_h * n_in.to(tl.float32)
+            b_vn = b_u - _mm(b_w, S, DT, PREC)  # corrected values v' = u − w S
+            _store_tile(vn_p, b_vn, t0, n, H * V, c0, V, BT, BV)
+            b_kd = _tile(kd_p, t0, n, H * K, 0, K, BT, BK)
+            last = (t0 + n_in - 1).to(tl.int64)
+            if GATE == 1:
+                S = S * tl.exp(tl.load(G_p + last * H))
             else:
-                b_G = tl.load(G_p + (t0 + rt).to(tl.int64) * H, mask=valid, other=0.0)
-                G_last = tl.load(G_p + (t0 + n_in - 1).to(tl.int64) * H)
-            b_o = _mm(b_q, S, DT, PREC) * (tl.exp(b_G) * scale)[:, None]
-            causal = (rt[:, None] >= rt[None, :]) & valid[:, None]
-            b_a = _mm(b_q, tl.trans(b_k), DT, PREC)
-            b_a = tl.where(causal, b_a * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0)
-            b_o += _mm(b_a * scale, b_vn, DT, PREC)
-            b_kd = b_k.to(tl.float32) * tl.exp(G_last - b_G)[:, None]
-            S = S * tl.exp(G_last)
-        _store_tile(o_p, b_o, t0, n, H * V, c0, V, BT, BV)
+                S = S * tl.exp(tl.load(G_p + last * H * K + rk, mask=rk < K, other=0.0))[:, None]
         S += _mm(tl.trans(b_kd), b_vn, DT, PREC)
 
     if STORE_HT:
-        tl.store(ht + state_off + rk[:, None] * V + rv[None, :], S, mask=mkv)
+        tl.store(ht + i_bh.to(tl.int64) * K * V + kv, S, mask=mkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel 3: outputs, parallel over chunks
+
+
+@triton.jit
+def _output_kernel(
+    q, k, vn, gcum, aqk, slope, h, o, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """o = scale (Q ⊙ Γ) h[c] + (scale · masked gated Q Kᵀ) v' for one chunk c and D_v block."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if IS_VARLEN:
+        i_b = tl.load(chunk_indices + 2 * i_c)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    else:
+        n_chunks = tl.cdiv(T, BT)
+        i_b, i_t = i_c // n_chunks, i_c % n_chunks
+    i_hk = i_h // (H // HK)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    t0 = i_t * BT
+    c0 = i_v * BV
+    rk = tl.arange(0, BK)
+    rv = c0 + tl.arange(0, BV)
+    rt = tl.arange(0, BT)
+    valid = t0 + rt < n
+
+    b_q = _tile(q + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
+    b_vn = _tile(vn + (bos * H + i_h) * V, t0, n, H * V, c0, V, BT, BV)
+    b_h = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
+                  mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
+    causal = (rt[:, None] >= rt[None, :]) & valid[:, None]
+    if GATE == 2:
+        b_G = _tile(gcum + (bos * H + i_h) * K, t0, n, H * K, 0, K, BT, BK)
+        b_o = _mm(b_q.to(tl.float32) * tl.exp(b_G), b_h, DT, PREC) * scale
+        b_a = _tile(aqk + (bos * H + i_h) * BT, t0, n, H * BT, 0, BT, BT, BT)
+        b_a = tl.where(causal, b_a, 0.0)
+    else:
+        if GATE == 0:
+            b_G = -tl.load(slope + i_h).to(tl.float32) * (rt + 1).to(tl.float32)
+        else:
+            b_G = tl.load(gcum + bos * H + i_h + (t0 + rt).to(tl.int64) * H, mask=valid, other=0.0)
+        b_o = _mm(b_q, b_h, DT, PREC) * (tl.exp(b_G) * scale)[:, None]
+        b_k = _tile(k + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
+        b_a = _mm(b_q, tl.trans(b_k), DT, PREC)
+        b_a = tl.where(causal, b_a * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0) * scale
+    b_o += _mm(b_a, b_vn, DT, PREC)
+    _store_tile(o + (bos * H + i_h) * V, b_o, t0, n, H * V, c0, V, BT, BV)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,11 +588,16 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)
 
 
-def _chunk_indices(cu_seqlens: torch.Tensor, chunk: int) -> torch.Tensor:
-    """int32 [n_chunks, 2]: (sequence, chunk within it) of every chunk of a packed batch."""
+def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a packed batch: int32 [n_chunks, 2] (sequence, chunk within it) of every chunk, and
+    int32 [N] the index of each sequence's first chunk."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    pairs = [(i, j) for i, n in enumerate(lens) for j in range(-(-n // chunk))]
-    return torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
+    counts = [-(-n // chunk) for n in lens]
+    pairs = [(i, j) for i, c in enumerate(counts) for j in range(c)]
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
+    dev = cu_seqlens.device
+    idx = torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=dev).reshape(-1, 2)
+    return idx, torch.tensor(offsets, dtype=torch.int32, device=dev)
 
 
 def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens, gate: int):
@@ -536,43 +605,56 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
     All tensors contiguous; q, k [B, T, HK, K]; v [B, T, H, V]. Returns (o, final state | None)."""
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
-    n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
     dev = q.device
     dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
     bk = max(16, triton.next_power_of_2(d_k))
-    delta = gate != 0
     varlen = cu_seqlens is not None
-    cu = cu_seqlens if varlen else q  # any pointer; unused when not varlen
+    if varlen:
+        n_seq = cu_seqlens.numel() - 1
+        idx, offsets = _chunk_tables(cu_seqlens, CHUNK)
+        n_chunks = idx.shape[0] if t > 0 else 0
+        cu = cu_seqlens
+    else:
+        n_seq, n_chunks = b, b * triton.cdiv(t, CHUNK)
+        idx = offsets = cu = q  # any pointer; unused when not varlen
     o = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
     ht = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if output_final_state else o
     h0 = initial_state.float().contiguous() if initial_state is not None else o
-    w = u = gcum = aqk = o  # placeholders for arguments a kernel does not read
-    if delta:
+    states = _empty(max(n_chunks, 1), h, d_k, d_v, dtype=q.dtype, device=dev)  # state entering each chunk
+    w = u = kd = gcum = aqk = vn = o  # placeholders for arguments a kernel does not read
+    if gate != 0:
         w = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
+        kd = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         u = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
+        vn = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
         gcum = _empty(*g.shape, dtype=torch.float32, device=dev)
         if gate == 2:
             aqk = _empty(b, t, h, CHUNK, dtype=torch.float32, device=dev)
-        if varlen:
-            idx = _chunk_indices(cu_seqlens, CHUNK)
-            grid = (idx.shape[0], h)
-        else:
-            idx = cu
-            grid = (triton.cdiv(t, CHUNK), b * h)
-        _prepare_kernel[grid](
-            q, k, v, g, beta, w, u, gcum, aqk, cu, idx, scale, t,
-            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(64, bk),
-            BV=min(64, max(16, triton.next_power_of_2(d_v))),
-            GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=4,
-        )
-    cfg = TUNING[("lightning", "scalar", "vector")[gate]]
+        grid = (idx.shape[0], h) if varlen else (triton.cdiv(t, CHUNK), b * h)
+        if n_chunks > 0:
+            _prepare_kernel[grid](
+                q, k, v, g, beta, w, u, kd, gcum, aqk, cu, idx, scale, t,
+                H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(64, bk),
+                BV=min(64, max(16, triton.next_power_of_2(d_v))),
+                GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=4,
+            )
+    kind = ("lightning", "scalar", "vector")[gate]
+    cfg = TUNING[kind]
     bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
-    _state_output_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-        q, k, v, w, u, gcum, aqk, slope if slope is not None else o, o, h0, ht, cu, scale, t,
-        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, DELTA=delta,
+    _state_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+        k, v, kd, u, w, gcum, slope if slope is not None else o, states, vn, h0, ht, cu, offsets, t,
+        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate,
         USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=varlen,
         DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    cfg = OUT_TUNING[kind]
+    bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
+    if n_chunks > 0:
+        _output_kernel[(triton.cdiv(d_v, bv), n_chunks, h)](
+            q, k, v if gate == 0 else vn, gcum, aqk, slope if slope is not None else o, states, o, cu, idx,
+            scale, t, H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, IS_VARLEN=varlen,
+            DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return o, (ht if output_final_state else None)
 
 
