@@ -162,7 +162,14 @@ def sparse_attention(
     K = indices.shape[2]
     grad = _needs_grad(q, k, v)
     # MLA absorbed: v = k[..., :D_v] is a view of the same storage; gather once and slice.
-    v_is_k_prefix = not grad and D_v <= D and v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
+    # data_ptr() cannot be traced by torch.compile; compiled code just gathers v separately
+    v_is_k_prefix = (
+        not grad
+        and not torch.compiler.is_compiling()
+        and D_v <= D
+        and v.data_ptr() == k.data_ptr()
+        and v.stride() == k.stride()
+    )
     o = torch.empty(B, T, H, D_v, dtype=q.dtype, device=q.device)
     if K == 0:  # no slots at all: every row is empty
         return o.zero_()
