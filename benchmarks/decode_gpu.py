@@ -111,7 +111,27 @@ def hf_config(cfg: ModelConfig, preset: str):
         return tf.DeepseekV32Config(**common, **mla, mlp_layer_types=["dense"] * n, n_routed_experts=1,
                                     num_experts_per_tok=1, n_group=1, topk_group=1, index_topk=cfg.index_topk,
                                     index_head_dim=cfg.index_head_dim, index_n_heads=cfg.index_n_heads)
+    if preset == "llama":
+        return tf.LlamaConfig(**common, num_key_value_heads=cfg.kv_heads, head_dim=cfg.attn_head_dim,
+                              rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     return None
+
+
+def llama_from_hf(hf, cfg: ModelConfig) -> HybridLM:
+    """Ours with the weights of a transformers Llama (attnlab.hf converts the five hybrid
+    families only; a Llama maps one to one onto the ``S`` preset)."""
+    ours = HybridLM(cfg)
+    with torch.no_grad():
+        ours.embed.weight.copy_(hf.model.embed_tokens.weight)
+        for block, layer in zip(ours.blocks, hf.model.layers, strict=True):
+            block.mixer_norm.weight.copy_(layer.input_layernorm.weight)
+            block.mixer.load_from_hf(layer.self_attn)
+            block.mlp_norm.weight.copy_(layer.post_attention_layernorm.weight)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(block.mlp, name).weight.copy_(getattr(layer.mlp, name).weight)
+        ours.norm.weight.copy_(hf.model.norm.weight)
+        ours.lm_head.weight.copy_(hf.lm_head.weight)
+    return ours
 
 
 def build_models(preset: str, tiny: bool, device: str, dtype: torch.dtype, with_hf: bool):
@@ -126,10 +146,11 @@ def build_models(preset: str, tiny: bool, device: str, dtype: torch.dtype, with_
         torch.manual_seed(0)
         with torch.device(device):  # initialise on the device: a 1B model is slow to init on a CPU
             hf = tf.AutoModelForCausalLM.from_config(hf_config(cfg, preset), dtype=dtype).eval()
-            ours = from_hf(hf).to(device=device, dtype=dtype).eval()
+            ours = llama_from_hf(hf, cfg) if preset == "llama" else from_hf(hf)
+            ours = ours.to(device=device, dtype=dtype).eval()
         x = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
         with torch.no_grad():
-            ref, out = hf(x).logits.float(), ours(x)
+            ref, out = hf(x, use_cache=False).logits.float(), ours(x)
         err = float((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
         note = f"converted from transformers (logits rms-rel {err:.1e})"
     else:
@@ -322,11 +343,11 @@ def write_results(rows: list[dict], bw: float, card: str, args) -> None:
         ours, hfms = r.get("ours_ms"), r.get("hf_ms")
         ratio = ours / r["floor_ms"] if ours and not math.isnan(ours) else None
         speedup = hfms / ours if hfms and ours and not math.isnan(ours) else None
-        hf_cell = _fmt(hfms) if hfms is not None else r.get("hf_skip", "—")
+        hf_cell = _fmt(hfms) if hfms is not None else r.get("hf_skip", "—")[:48]
         cache_mib = r.get("ours_cache_bytes", float("nan")) / 2**20
         peak_mib = r.get("ours_peak_bytes", float("nan")) / 2**20
         lines.append(
-            f"| {r['preset']} | {r['params'] / 1e6:,.0f}M | {r['context']:,} | {_fmt(ours)} | "
+            f"| {r['preset']} | {r['params'] / 1e6:,.1f}M | {r['context']:,} | {_fmt(ours)} | "
             f"{_fmt(r.get('ours_eager_ms'))} | {_fmt(r['floor_ms'], '.3f')} | {_fmt(ratio)}× | {hf_cell} | "
             f"{_fmt(speedup, '.1f')}{'×' if speedup else ''} | {_fmt(cache_mib, '.1f')} | "
             f"{_fmt(peak_mib, '.0f')} | {r['note']} |"
