@@ -5,8 +5,9 @@
 B=1, H=16, D=128, bf16. Prints, per T: forward ms of SDPA (flash, causal), ours and fla for GDN,
 KDA, Lightning; then forward+backward. The floor is the bytes of q, k, v, o (16 KB per token here)
 over the copy bandwidth measured at the start. fla (``fla-core``) is used only if importable.
---sweep first times the sequential kernel's launch parameters (attnlab.kernels.linear.TUNING) at one
-T and keeps the fastest per op. Also prints ours-vs-fla output differences as a sanity check.
+--profile prints per-kernel times at 64K. --sweep first times the launch parameters of the
+sequential and output kernels (attnlab.kernels.linear.TUNING, OUT_TUNING) at one T and keeps the
+fastest per op. Also prints ours-vs-fla output differences as a sanity check.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def fla_fns():
 
 SLOPE = None
 # (BV, num_warps, num_stages) of the sequential kernel tried by --sweep
-SWEEP = [(16, 4, 2), (16, 4, 3), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2)]
+SWEEP = [(16, 4, 2), (16, 4, 3), (16, 4, 4), (16, 2, 3), (32, 4, 3)]
+OUT_SWEEP = [(64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 8, 3)]  # ... and of the output kernel
 
 
 def ours_fns():
@@ -89,7 +91,7 @@ def sdpa(q, k, v, g, b):
 
 def bench_fwd(fn, xs) -> float:
     with torch.no_grad():
-        return do_bench(lambda: fn(*xs), warmup=10, rep=60, return_mode="median")
+        return do_bench(lambda: fn(*xs), warmup=10, rep=40, return_mode="median")
 
 
 def bench_fwdbwd(fn, xs) -> float:
@@ -114,30 +116,51 @@ def safe(f, *a):
         return float("nan")
 
 
-def sweep(t: int) -> dict:
+def sweep(t: int) -> None:
+    """Time the sequential kernel's launch parameters, then the output kernel's, keep the fastest."""
     ours = ours_fns()
-    best = {}
     for op, kind in (("gdn", "scalar"), ("kda", "vector"), ("lightning", "lightning")):
         xs = make(t, op)
-        results = []
-        for bv, nw, ns in SWEEP:
-            linear.TUNING[kind] = {"BV": bv, "num_warps": nw, "num_stages": ns}
-            ms = safe(bench_fwd, ours[op], xs)
-            results.append((ms, bv, nw, ns))
-            print(f"sweep {op:9s} T={t} BV={bv:2d} warps={nw} stages={ns}: {ms:.3f} ms", flush=True)
-        ms, bv, nw, ns = min(r for r in results if r[0] == r[0])
-        best[kind] = {"BV": bv, "num_warps": nw, "num_stages": ns}
-        linear.TUNING[kind] = best[kind]
+        for table, grid in ((linear.TUNING, SWEEP), (linear.OUT_TUNING, OUT_SWEEP)):
+            results = []
+            for bv, nw, ns in grid:
+                table[kind] = {"BV": bv, "num_warps": nw, "num_stages": ns}
+                ms = safe(bench_fwd, ours[op], xs)
+                results.append((ms, bv, nw, ns))
+                which = "state " if table is linear.TUNING else "output"
+                print(f"sweep {op:9s} {which} T={t} BV={bv:3d} warps={nw} stages={ns}: {ms:.3f} ms",
+                      flush=True)
+            ms, bv, nw, ns = min(r for r in results if r[0] == r[0])
+            table[kind] = {"BV": bv, "num_warps": nw, "num_stages": ns}
         del xs
         torch.cuda.empty_cache()
-    print("best:", json.dumps(best))
-    return best
+
+
+def profile(t: int) -> None:
+    """Per-kernel CUDA time of one forward of each op (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    ours = ours_fns()
+    for op in ("gdn", "kda", "lightning"):
+        xs = make(t, op)
+        with torch.no_grad():
+            ours[op](*xs)
+            torch.cuda.synchronize()
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                ours[op](*xs)
+                torch.cuda.synchronize()
+        for e in p.key_averages():
+            if e.device_time_total > 0:
+                print(f"profile {op:9s} T={t} {e.key[:40]:40s} {e.device_time_total / 1e3:8.3f} ms")
+        del xs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default="4096,16384,65536,262144")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--fwdbwd-max", type=int, default=65536)
     ap.add_argument("--sdpa-fwdbwd-max", type=int, default=65536)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -150,6 +173,9 @@ def main() -> None:
     if args.sweep:
         sweep(16384)
     print("TUNING:", json.dumps(linear.TUNING))
+    print("OUT_TUNING:", json.dumps(linear.OUT_TUNING))
+    if args.profile:
+        profile(65536)
     ours, fla = ours_fns(), fla_fns()
 
     # sanity: ours vs fla outputs (bf16; both approximate the same function)
@@ -194,7 +220,8 @@ def main() -> None:
         brows.append(row)
 
     with open(os.path.join(args.out, "linear_gpu.json"), "w") as f:
-        json.dump({"device": name, "bandwidth": bw, "tuning": linear.TUNING, "fwd": rows, "fwdbwd": brows}, f)
+        json.dump({"device": name, "bandwidth": bw, "tuning": linear.TUNING, "out_tuning": linear.OUT_TUNING,
+                   "fwd": rows, "fwdbwd": brows}, f)
     cols = ["sdpa", "ours_gdn", "fla_gdn", "ours_kda", "fla_kda", "ours_lightning", "fla_lightning"]
     print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median)")
     print("forward:")

@@ -45,6 +45,7 @@ from .._checks import check_heads_divide, check_same_device, check_tensor
 
 CHUNK = 64  # tokens per chunk
 SUB = 16  # rows per block of the triangular solve (and per-channel-gate sub-chunk)
+DIAG_SPAN: tl.constexpr = tl.constexpr(60.0)  # see _diag_block
 L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-Next) do
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
@@ -146,6 +147,27 @@ def _diag_block_vec(kc, qc, Gc, k_p, G_p, row0, n, k_stride, G_stride, col0, K: 
         col = (rr == j)[None, :]
         akk = tl.where(col & (rr > j)[:, None], ck[:, None], akk)
         aqk = tl.where(col & (rr >= j)[:, None], cq[:, None], aqk)
+    return akk, aqk
+
+
+@triton.jit
+def _diag_block(kc, qc, Gc, k_p, G_p, row0, n, k_stride, G_stride, col0, K: tl.constexpr,
+                BC: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """The diagonal sub-chunk block of the per-channel-gate products (see _diag_block_vec).
+    When the gate falls by at most DIAG_SPAN over the sub-chunk (every channel), factor through
+    its first row r as two tensor-core products, e^{G_i−G_r} · e^{G_r−G_j}: the second factor
+    is ≤ e^{DIAG_SPAN}, finite in fp32 and bf16, and the product is exact up to rounding.
+    Steeper gates take the elementwise loop, where no factor exceeds 1."""
+    R = _row(Gc, 0, BC)[None, :]
+    span = tl.max(tl.max(R - Gc, 1), 0)
+    if span < DIAG_SPAN:
+        rr = tl.arange(0, BC)
+        f = tl.exp(Gc - R)
+        kt = tl.trans(kc * tl.exp(R - Gc))
+        akk = tl.where(rr[:, None] > rr[None, :], _mm(kc * f, kt, DT, PREC), 0.0)
+        aqk = tl.where(rr[:, None] >= rr[None, :], _mm(qc * f, kt, DT, PREC), 0.0)
+    else:
+        akk, aqk = _diag_block_vec(kc, qc, Gc, k_p, G_p, row0, n, k_stride, G_stride, col0, K, BC, BK)
     return akk, aqk
 
 
@@ -271,16 +293,16 @@ def _prepare_kernel(
             a32 += _mm(k3 * f3, kt23, DT, PREC)
             s32 += _mm(q3 * f3, kt23, DT, PREC)
             q0 = _tile(q_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32)
-            x, y = _diag_block_vec(k0, q0, G0, k_p, G_p, t0, n, HK * K, H * K, c0, K, BC, BK)
+            x, y = _diag_block(k0, q0, G0, k_p, G_p, t0, n, HK * K, H * K, c0, K, BC, BK, DT, PREC)
             d0 += x
             e0 += y
-            x, y = _diag_block_vec(k1, q1, G1, k_p, G_p, r1, n, HK * K, H * K, c0, K, BC, BK)
+            x, y = _diag_block(k1, q1, G1, k_p, G_p, r1, n, HK * K, H * K, c0, K, BC, BK, DT, PREC)
             d1 += x
             e1 += y
-            x, y = _diag_block_vec(k2, q2, G2, k_p, G_p, r2, n, HK * K, H * K, c0, K, BC, BK)
+            x, y = _diag_block(k2, q2, G2, k_p, G_p, r2, n, HK * K, H * K, c0, K, BC, BK, DT, PREC)
             d2 += x
             e2 += y
-            x, y = _diag_block_vec(k3, q3, G3, k_p, G_p, r3, n, HK * K, H * K, c0, K, BC, BK)
+            x, y = _diag_block(k3, q3, G3, k_p, G_p, r3, n, HK * K, H * K, c0, K, BC, BK, DT, PREC)
             d3 += x
             e3 += y
         # the gated, scaled q·k matrix for the output, rows of this chunk, columns 0..BT-1
