@@ -217,12 +217,15 @@ def _delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_
 
 def _delta_step(q, k, v, g, beta, state):
     """One token, out of place. q, k [B, H, D_k] (q scaled); v [B, H, D_v]; g [B, H, 1|D_k];
-    beta [B, H]; state [B, H, D_k, D_v]. Returns (o [B, H, D_v], new state)."""
+    beta [B, H]; state [B, H, D_k, D_v]. Returns (o [B, H, D_v], new state).
+
+    Products are broadcast-and-sum rather than matmul: for one token they are tiny, and a
+    threaded BLAS call costs more than the arithmetic (and far more on a loaded machine)."""
     state = state * g.exp().unsqueeze(-1)  # (B, H, D_k, D_v)
-    predicted = (k.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, D_v)  Sᵀk
+    predicted = (state * k.unsqueeze(-1)).sum(-2)  # (B, H, D_v)  Sᵀk
     u = beta.unsqueeze(-1) * (v - predicted)  # (B, H, D_v)
     state = state + k.unsqueeze(-1) * u.unsqueeze(-2)  # (B, H, D_k, D_v)
-    o = (q.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, D_v)
+    o = (state * q.unsqueeze(-1)).sum(-2)  # (B, H, D_v)
     return o, state
 
 
@@ -244,8 +247,11 @@ def _to_chunks(x: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, T, H, X] -> [B, H, N, C, X] in `dtype`, zero-padded at the end of the sequence (one copy)."""
     b, t, h, d = x.shape
     n = -(-t // chunk)
-    out = x.new_zeros(b, h, n * chunk, d, dtype=dtype)  # (B, H, N·C, X)
-    out[:, :, :t] = x.transpose(1, 2)
+    if n * chunk == t:
+        out = x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)  # (B, H, T, X)
+    else:
+        out = x.new_zeros(b, h, n * chunk, d, dtype=dtype)  # (B, H, N·C, X)
+        out[:, :, :t] = x.transpose(1, 2)
     return out.view(b, h, n, chunk, d)  # (B, H, N, C, X)
 
 
@@ -287,7 +293,8 @@ def _delta_chunk(q, k, v, g, beta, state, t: int):
         state = torch.baddbmm(state * cd_[:, i], kdt_[:, i], u_i)  # (B·H, D_k, D_v)
     entering = torch.stack(entering, dim=1).reshape(b, h, n, d_k, d_v)  # (B, H, N, D_k, D_v)
     u = torch.stack(us, dim=1).reshape(b, h, n, chunk, d_v)  # (B, H, N, C, D_v)
-    o = (q * decay_in) @ entering + qk @ u  # (B, H, N, C, D_v)
+    flat = lambda x: x.reshape(b * h * n, *x.shape[-2:])  # (B·H·N, ·, ·) views for baddbmm
+    o = torch.baddbmm(flat(qk @ u), flat(q * decay_in), flat(entering))  # (B·H·N, C, D_v)
     o = o.reshape(b, h, n * chunk, d_v)[:, :, :t]  # (B, H, T, D_v)
     return o.transpose(1, 2), state.reshape(b, h, d_k, d_v)  # (B, T, H, D_v)
 
@@ -337,11 +344,12 @@ def _intra_channel_gate(q, k_beta, k, G):
     Gr = G.reshape(*lead, m, sub, d)  # (B, H, N, m, s, D_k)
     last = Gr[..., -1:, :]  # (B, H, N, m, 1, D_k)
     ref = (Gr[..., :1, :] + last) / 2 if factored else Gr[..., :1, :]  # (B, H, N, m, 1, D_k)
-    a_rel = a * (Gr - ref).exp()  # (2, B, H, N, m, s, D_k)   exp(G_i − R)
+    to_ref = (Gr - ref).exp()  # (B, H, N, m, s, D_k)   exp(G_i − R)
+    a_rel = a * to_ref  # (2, B, H, N, m, s, D_k)
 
     future = torch.ones(sub, sub, dtype=torch.bool, device=G.device).triu(1)
     if factored:
-        k_rel = kr * (ref - Gr).exp()  # (B, H, N, m, s, D_k)   exp(R − G_j)
+        k_rel = kr / to_ref  # (B, H, N, m, s, D_k)   exp(R − G_j), within e^±_MAX_SPAN/2
         within = (a_rel @ k_rel.transpose(-1, -2)).masked_fill(future, 0.0)  # (2, B, H, N, m, s, s)
     else:
         diff = Gr.unsqueeze(-2) - Gr.unsqueeze(-3)  # (B, H, N, m, s, s, D_k)  G_i − G_j

@@ -53,14 +53,15 @@ def lightning_attention(
     dtype = torch.float64 if torch.float64 in (q.dtype, slope.dtype) else torch.float32
     if initial_state is not None and initial_state.dtype == torch.float64:
         dtype = torch.float64
-    q_scale = 1.0 if scale is None else scale
     slope_c = slope.to(dtype)
     state = None if initial_state is None else initial_state.to(dtype)
     if impl == "recurrent" or q.shape[1] == 0:
-        o, state = _lightning_recurrent(q.to(dtype) * q_scale, k.to(dtype), v.to(dtype), slope_c, state)
+        q = q.to(dtype) if scale is None else q.to(dtype) * scale
+        o, state = _lightning_recurrent(q, k.to(dtype), v.to(dtype), slope_c, state)
     else:
         qc, kc, vc = (_to_chunks(x, BLOCK_SIZE, dtype) for x in (q, k, v))  # (B, H, N, C, ·)
-        o, state = _lightning_chunk(qc * q_scale, kc, vc, slope_c, state, q.shape[1])
+        qc = qc if scale is None else qc * scale
+        o, state = _lightning_chunk(qc, kc, vc, slope_c, state, q.shape[1])
     return o.to(v.dtype), (state if output_final_state else None)
 
 
@@ -85,7 +86,7 @@ def lightning_attention_step(
     check_tensor("state", state, 4, "[B, H, D_k, D_v]", shape=(b, h, d_k, v.shape[2]), dtypes=_STATE_DTYPES)
     check_same_device(q=q, k=k, v=v, slope=slope, state=state)
     dtype = state.dtype
-    qc = q.to(dtype) * (1.0 if scale is None else scale)
+    qc = q.to(dtype) if scale is None else q.to(dtype) * scale
     o, new_state = _lightning_step(qc, k.to(dtype), v.to(dtype), (-slope.to(dtype)).exp(), state)
     state.copy_(new_state)
     return o.to(v.dtype)
@@ -106,7 +107,7 @@ def _check_inputs(q, k, v, slope, initial_state) -> None:
 def _lightning_step(q, k, v, decay, state):
     """q (scaled), k [B, H, D_k]; v [B, H, D_v]; decay [H] = e^{-s}; state [B, H, D_k, D_v]."""
     state = state * decay[:, None, None] + k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, D_k, D_v)
-    return (q.unsqueeze(-2) @ state).squeeze(-2), state  # (B, H, D_v)
+    return (state * q.unsqueeze(-1)).sum(-2), state  # (B, H, D_v)  (broadcast-sum: see _delta_step)
 
 
 def _lightning_recurrent(q, k, v, slope, state):
@@ -135,8 +136,11 @@ def _lightning_chunk(q, k, v, slope, state, t: int):
     steps = torch.minimum(pos, valid[:, None]).to(q.dtype)  # (N, C)
     G = -slope[:, None, None] * steps  # (H, N, C)
 
+    # Inside a block the decay between tokens i ≥ j is e^{-s(i-j)}, the same in every block (in the
+    # padded tail of the last block rows are dropped and k = v = 0, so one [C, C] mask serves all).
     future = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
-    decay = (G.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill(future, float("-inf")).exp()  # (H, N, C, C)
+    G0 = G[:, :1]  # (H, 1, C)  a full block's log-decays
+    decay = (G0.unsqueeze(-1) - G0.unsqueeze(-2)).masked_fill(future, float("-inf")).exp()  # (H, 1, C, C)
     intra = ((q @ k.transpose(-1, -2)) * decay) @ v  # (B, H, N, C, D_v)
     q_decayed = q * G.exp().unsqueeze(-1)  # (B, H, N, C, D_k)
     k_decayed = k * (G[..., -1:] - G).exp().unsqueeze(-1)  # (B, H, N, C, D_k)
@@ -149,7 +153,8 @@ def _lightning_chunk(q, k, v, slope, state, t: int):
         entering.append(state)
         state = torch.addcmul(block_kv[:, :, i], state, block_decay[:, i])  # (B, H, D_k, D_v)
     entering = torch.stack(entering, dim=2)  # (B, H, N, D_k, D_v)
-    o = intra + q_decayed @ entering  # (B, H, N, C, D_v)
+    flat = lambda x: x.reshape(b * h * n, *x.shape[-2:])  # (B·H·N, ·, ·) views for baddbmm
+    o = torch.baddbmm(flat(intra), flat(q_decayed), flat(entering))  # (B·H·N, C, D_v)
     o = o.reshape(b, h, n * block, d_v)[:, :, :t]  # (B, H, T, D_v)
     return o.transpose(1, 2), state  # (B, T, H, D_v)
 
