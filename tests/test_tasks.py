@@ -214,9 +214,17 @@ def test_corpus_split_and_fingerprint():
 
 
 # ---------------------------------------------------------------------- determinism, registry, mixtures
-@pytest.mark.parametrize("spec,L,V", [("mqar:num_pairs=3", 32, 32), ("needle:haystack=text", 300, 256),
-                                      ("passkey:intro=false", 200, 256), ("copying", 33, 20),
-                                      ("mrcr", 60, 40), ("text", 64, 256)])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec,L,V",
+    [
+        ("mqar:num_pairs=3", 32, 32),
+        ("needle:haystack=text", 300, 256),
+        ("passkey:intro=false", 200, 256),
+        ("copying", 33, 20),
+        ("mrcr", 60, 40),
+        ("text", 64, 256),
+    ],
+)
 def test_every_task_is_deterministic_by_seed(spec, L, V):
     task = make_task(spec, L, V)
     a, b, c = task.batch(rng(5), 4), task.batch(rng(5), 4), task.batch(rng(6), 4)
