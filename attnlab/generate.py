@@ -678,11 +678,15 @@ def _run_cli(args) -> int:
     out.write("\n")
     out.flush()
     n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     pf = stats.prompt_tokens / stats.prefill_s if stats.prefill_s > 0 else float("nan")
+    # gpt-fast's figure: every decode step reads all weights (a lower bound on bytes moved)
+    read = weight_bytes * stats.decode_tokens_per_s / 1e9
     print(
         f"[{n_params / 1e6:.2f}M params, {args.dtype}, {args.device}] prompt {stats.prompt_tokens} tokens "
         f"({pf:.1f} tokens/s prefill), {stats.new_tokens} new tokens, decode {stats.decode_tokens_per_s:.1f} "
-        f"tokens/s, cache {_format_bytes(stats.cache_bytes)} for {len(ids) + args.max_new_tokens} tokens",
+        f"tokens/s (>= {read:.2f} GB/s of weights read), cache {_format_bytes(stats.cache_bytes)} "
+        f"for {len(ids) + args.max_new_tokens} tokens",
         file=sys.stderr,
     )
     return 0
