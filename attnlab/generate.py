@@ -609,7 +609,9 @@ def _load_model(args):
     if (args.checkpoint is None) == (args.preset is None):
         raise ValueError("give either a checkpoint directory or --preset NAME (not both, not neither)")
     if args.checkpoint is not None:
-        return HybridLM.from_pretrained(args.checkpoint)
+        from .train import find_checkpoint  # a save_pretrained dir, a trainer checkpoint or run dir
+
+        return HybridLM.from_pretrained(find_checkpoint(args.checkpoint))
     torch.manual_seed(args.seed if args.seed is not None else 0)
     overrides = {}
     for item in args.set or []:
@@ -701,7 +703,7 @@ def add_cli(subparsers) -> None:
         "tokens/s and cache memory to stderr. Tokens are integer ids; a model with vocab_size 256 is "
         "byte-level, so --prompt text is UTF-8 bytes and output is shown as text.",
     )
-    p.add_argument("checkpoint", nargs="?", help="directory from HybridLM.save_pretrained / the trainer")
+    p.add_argument("checkpoint", nargs="?", help="a HybridLM.save_pretrained dir, or a trainer run dir")
     p.add_argument("--preset", help="build this preset with random weights instead of loading a checkpoint")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a preset config field")
     p.add_argument("--prompt", help="prompt text (UTF-8 bytes as token ids; needs vocab_size >= 256)")

@@ -453,6 +453,13 @@ def test_cli_generate_from_checkpoint_streams_text(tmp_path, capsys):
     want = generate(model, torch.tensor(list(b"Hi")), 6)
     assert out == bytes(want.tolist()).decode("utf-8", errors="replace") + "\n"
     assert "tokens/s" in err and "cache" in err
+    # a trainer run directory (its checkpoint/ inside) is found too
+    (tmp_path / "run").mkdir()
+    (tmp_path / "ckpt").rename(tmp_path / "run" / "checkpoint")
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "Hi", "-n", "6"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["generate", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
 
 
 def test_cli_generate_preset_ids_and_errors(capsys):
