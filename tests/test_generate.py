@@ -62,14 +62,14 @@ class _ToyAttention(nn.Module):
         self.d = d
 
     def _pe(self, pos: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
-        freq = 1.0 / 100.0 ** (torch.arange(self.d, dtype=torch.float32) / self.d)
+        freq = 1.0 / 100.0 ** (torch.arange(self.d, dtype=torch.float32, device=pos.device) / self.d)
         return torch.sin(pos[..., None].float() * freq)
 
     def forward(self, x: torch.Tensor, cache: _KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, D) each
-        start = torch.zeros(B, dtype=torch.long) if cache is None else cache.lengths
-        pos = start[:, None] + torch.arange(T)  # (B, T)
+        start = torch.zeros(B, dtype=torch.long, device=x.device) if cache is None else cache.lengths
+        pos = start[:, None] + torch.arange(T, device=x.device)  # (B, T)
         q, k = q + self._pe(pos), k + self._pe(pos)
         if cache is None:
             keys, vals, kpos = k, v, pos
@@ -77,7 +77,7 @@ class _ToyAttention(nn.Module):
             cache.k.scatter_(1, pos[..., None].expand(B, T, self.d), k.to(cache.k.dtype))
             cache.v.scatter_(1, pos[..., None].expand(B, T, self.d), v.to(cache.v.dtype))
             keys, vals = cache.k.to(x.dtype), cache.v.to(x.dtype)
-            kpos = torch.arange(keys.shape[1]).expand(B, -1)  # (B, S_max)
+            kpos = torch.arange(keys.shape[1], device=x.device).expand(B, -1)  # (B, S_max)
             cache.lengths += T
         scores = q @ keys.transpose(1, 2) / self.d**0.5  # (B, T, S)
         scores = scores.masked_fill(kpos[:, None, :] > pos[:, :, None], float("-inf"))
