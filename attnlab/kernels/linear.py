@@ -29,8 +29,10 @@ Decay ratios are only ever formed as exp of a non-positive number: for the scala
 sub-chunks factor through the first token r of the row's sub-chunk, exp(G_i − G_r)·exp(G_r − G_j),
 both ≤ 1, and pairs inside one sub-chunk are computed elementwise (as fla's chunk_kda does).
 
-Backward: recomputation through the chunked PyTorch implementation (``attnlab.ops``,
-``mode="chunk"``) under autograd — correct, not fast. There is no Triton backward yet.
+Backward: Lightning has a Triton backward (q, k, v, initial state; the slope is a fixed buffer
+in the layers, and asking for its gradient falls back). Gated DeltaNet and KDA backward recompute
+through the chunked PyTorch implementation (``attnlab.ops``, ``mode="chunk"``) under autograd —
+correct, not fast; there is no Triton backward for the delta rule yet.
 """
 
 from __future__ import annotations
@@ -552,6 +554,111 @@ def _output_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# Lightning backward (constant decay, no delta rule): dS sweep backwards, then parallel dq, dk, dv.
+# With Γ_i = γ^{i+1}, e_j = γ^{n−1−j} (decay to the chunk end), D_ij = γ^{i−j} (i ≥ j),
+# h_c the state entering chunk c and dS_c the gradient of the state leaving it:
+#   dS_{c−1} = γ^{n_c} dS_c + scale (Q ⊙ Γ)ᵀ dO                      (dS_{last} = d final state)
+#   dq = scale [(dO h_cᵀ) ⊙ Γ + ((dO Vᵀ) ⊙ D) K]
+#   dk = scale ((dO Vᵀ) ⊙ D)ᵀ Q + (V dS_cᵀ) ⊙ e
+#   dv = scale ((Q Kᵀ) ⊙ D)ᵀ dO + (K dS_c) ⊙ e
+
+
+@triton.jit
+def _lightning_dstate_kernel(
+    q, do, slope, dstates, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // (H // HK)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    n_chunks = tl.cdiv(n, BT)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_b).to(tl.int64)
+    else:
+        boh = i_b.to(tl.int64) * n_chunks
+    c0 = i_v * BV
+    rk = tl.arange(0, BK)
+    rv = c0 + tl.arange(0, BV)
+    rt = tl.arange(0, BT)
+    mkv = (rk < K)[:, None] & (rv < V)[None, :]
+    kv = rk[:, None] * V + rv[None, :]
+    s_h = tl.load(slope + i_h).to(tl.float32)
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht + i_bh.to(tl.int64) * K * V + kv, mask=mkv, other=0.0)
+    q_p = q + (bos * HK + i_hk) * K
+    do_p = do + (bos * H + i_h) * V
+    d_p = dstates + (boh * H + i_h) * K * V
+    for j in range(0, n_chunks):
+        i_t = n_chunks - 1 - j
+        t0 = i_t * BT
+        n_in = tl.minimum(n - t0, BT)
+        tl.store(d_p + i_t * H * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mkv)
+        b_q = _tile(q_p, t0, n, HK * K, 0, K, BT, BK).to(tl.float32)
+        b_do = _tile(do_p, t0, n, H * V, c0, V, BT, BV)
+        b_q = b_q * (tl.exp(-s_h * (rt + 1).to(tl.float32)) * scale)[:, None]
+        dS = dS * tl.exp(-s_h * n_in.to(tl.float32)) + _mm(tl.trans(b_q), b_do, DT, PREC)
+    if STORE_DH0:
+        tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv, dS, mask=mkv)
+
+
+@triton.jit
+def _lightning_dqkv_kernel(
+    q, k, v, do, slope, states, dstates, dq, dk, dv, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq, dk (per value head; the host sums heads that share a key head) and dv of one chunk."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_b = tl.load(chunk_indices + 2 * i_c)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    else:
+        n_chunks = tl.cdiv(T, BT)
+        i_b, i_t = i_c // n_chunks, i_c % n_chunks
+    i_hk = i_h // (H // HK)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    t0 = i_t * BT
+    rk = tl.arange(0, BK)
+    rt = tl.arange(0, BT)
+    n_in = tl.minimum(n - t0, BT)
+    valid = rt < n_in
+    s_h = tl.load(slope + i_h).to(tl.float32)
+    pos = rt.to(tl.float32)
+    gam = tl.exp(-s_h * (pos + 1)) * scale  # scale Γ_i
+    e = tl.exp(tl.where(valid, -s_h * (n_in - 1 - rt).to(tl.float32), 0.0))  # decay to chunk end
+    causal = (rt[:, None] >= rt[None, :]) & valid[:, None]
+    D = tl.where(causal, tl.exp(tl.where(causal, -s_h * (pos[:, None] - pos[None, :]), 0.0)), 0.0) * scale
+
+    b_q = _tile(q + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
+    b_k = _tile(k + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
+    b_A = _mm(b_q, tl.trans(b_k), DT, PREC) * D  # scale (Q Kᵀ) ⊙ D
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    st = (i_c.to(tl.int64) * H + i_h) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        c0 = i_v * BV
+        rv = c0 + tl.arange(0, BV)
+        mkv = (rk < K)[:, None] & (rv < V)[None, :]
+        b_v = _tile(v + (bos * H + i_h) * V, t0, n, H * V, c0, V, BT, BV)
+        b_do = _tile(do + (bos * H + i_h) * V, t0, n, H * V, c0, V, BT, BV)
+        b_h = tl.load(states + st + rk[:, None] * V + rv[None, :], mask=mkv, other=0.0)
+        b_dh = tl.load(dstates + st + rk[:, None] * V + rv[None, :], mask=mkv, other=0.0)
+        b_dA = _mm(b_do, tl.trans(b_v), DT, PREC) * D  # scale (dO Vᵀ) ⊙ D
+        b_dq += _mm(b_do, tl.trans(b_h), DT, PREC) * gam[:, None] + _mm(b_dA, b_k, DT, PREC)
+        b_dk += _mm(tl.trans(b_dA), b_q, DT, PREC) + _mm(b_v, tl.trans(b_dh), DT, PREC) * e[:, None]
+        b_dv = _mm(tl.trans(b_A), b_do, DT, PREC) + _mm(b_k, b_dh, DT, PREC) * e[:, None]
+        _store_tile(dv + (bos * H + i_h) * V, b_dv, t0, n, H * V, c0, V, BT, BV)
+    _store_tile(dq + (bos * H + i_h) * K, b_dq, t0, n, H * K, 0, K, BT, BK)
+    _store_tile(dk + (bos * H + i_h) * K, b_dk, t0, n, H * K, 0, K, BT, BK)
+
+
+# ---------------------------------------------------------------------------------------------
 # decode: one token, state updated in place
 
 
@@ -677,28 +784,79 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
             scale, t, H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, IS_VARLEN=varlen,
             DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    return o, (ht if output_final_state else None)
+    return o, (ht if output_final_state else None), states
+
+
+def _lightning_backward(q, k, v, slope, scale, states, do, dht, need_dh0, cu_seqlens):
+    """Triton backward of Lightning attention: (dq, dk, dv, dh0 | None); no slope gradient."""
+    b, t, hk, d_k = q.shape
+    h, d_v = v.shape[2], v.shape[3]
+    dev = q.device
+    dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
+    bk = max(16, triton.next_power_of_2(d_k))
+    varlen = cu_seqlens is not None
+    if varlen:
+        n_seq = cu_seqlens.numel() - 1
+        idx, offsets = _chunk_tables(cu_seqlens, CHUNK)
+        n_chunks = idx.shape[0] if t > 0 else 0
+        cu = cu_seqlens
+    else:
+        n_seq, n_chunks = b, b * triton.cdiv(t, CHUNK)
+        idx = offsets = cu = q
+    do = do.contiguous().to(q.dtype)
+    dstates = _empty(*states.shape, dtype=q.dtype, device=dev)
+    dh0 = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if need_dh0 else q
+    dht_ = dht.float().contiguous() if dht is not None else q
+    cfg = TUNING["lightning"]
+    bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
+    _lightning_dstate_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+        q, do, slope, dstates, dht_, dh0, cu, offsets, scale, t,
+        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, USE_DHT=dht is not None, STORE_DH0=need_dh0,
+        IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    dq = _empty(b, t, h, d_k, dtype=torch.float32, device=dev)
+    dk = _empty(b, t, h, d_k, dtype=torch.float32, device=dev)
+    dv = _empty(b, t, h, d_v, dtype=torch.float32, device=dev)
+    if n_chunks > 0:
+        _lightning_dqkv_kernel[(n_chunks, h)](
+            q, k, v, do, slope, states, dstates, dq, dk, dv, cu, idx, scale, t,
+            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=min(64, max(16, triton.next_power_of_2(d_v))),
+            IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=8 if bk >= 128 else 4,
+        )
+    if hk != h:  # key heads shared by h // hk value heads: sum their gradients
+        dq = dq.reshape(b, t, hk, h // hk, d_k).sum(3)  # (B, T, H_k, D_k)
+        dk = dk.reshape(b, t, hk, h // hk, d_k).sum(3)  # (B, T, H_k, D_k)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dh0 if need_dh0 else None)
 
 
 class _ChunkFunction(torch.autograd.Function):
-    """Triton forward; backward by recomputing the chunked PyTorch op under autograd."""
+    """Triton forward. Backward: Triton for Lightning (q, k, v, initial state); otherwise (the delta
+    rule, or a slope that needs a gradient) by recomputing the chunked PyTorch op under autograd."""
 
     @staticmethod
     def forward(ctx, gate, q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens):
-        ctx.save_for_backward(q, k, v, g, beta, slope, initial_state)
+        o, ht, states = _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state,
+                                 cu_seqlens, gate)
+        ctx.save_for_backward(q, k, v, g, beta, slope, initial_state, states if gate == 0 else None)
         ctx.gate, ctx.scale, ctx.cu_seqlens = gate, scale, cu_seqlens
-        o, ht = _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens, gate)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, slope, h0 = ctx.saved_tensors
+        q, k, v, g, beta, slope, h0, states = ctx.saved_tensors
+        need = ctx.needs_input_grad  # (gate, q, k, v, g, beta, slope, scale, h0, ...)
+        if ctx.gate == 0 and not need[6]:
+            dq, dk, dv, dh0 = _lightning_backward(q, k, v, slope, ctx.scale, states, do, dht,
+                                                  h0 is not None and need[8], ctx.cu_seqlens)
+            return None, dq, dk, dv, None, None, None, None, dh0, None, None
         if ctx.cu_seqlens is not None:
-            raise NotImplementedError("attnlab.kernels.linear: backward with cu_seqlens is not implemented")
+            raise NotImplementedError("attnlab.kernels.linear: backward with cu_seqlens is implemented only "
+                                      "for Lightning with a fixed slope")
         from .. import ops  # lazy: ops imports this module in its triton mode
 
-        inputs = [x.detach().requires_grad_(x.requires_grad or i < 3) if x is not None else None
-                  for i, x in enumerate((q, k, v, g, beta, slope, h0))]
+        inputs = [x.detach().requires_grad_(bool(need[i + 1]) or i < 3) if x is not None else None
+                  for i, x in enumerate((q, k, v, g, beta, slope))]
+        inputs.append(h0.detach().requires_grad_(bool(need[8])) if h0 is not None else None)
         q_, k_, v_, g_, b_, s_, h0_ = inputs
         with torch.enable_grad():
             if ctx.gate == 0:
