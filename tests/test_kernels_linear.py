@@ -219,6 +219,26 @@ def test_interp_gradients_match_loop(op):
 
 
 @interp
+def test_interp_lightning_varlen_backward_equals_separate_sequences():
+    from attnlab.kernels import linear
+
+    lens, cu = [5, 70], torch.tensor([0, 5, 75])
+    parts = [make_inputs("lightning", 1, n, 2, 2, 16, 16, seed=i) for i, n in enumerate(lens)]
+    slope = parts[0][3]
+    gen = torch.Generator().manual_seed(2)
+    dos = [torch.randn(1, n, 2, 16, generator=gen) for n in lens]
+    packed = [torch.cat([p[j] for p in parts], dim=1).requires_grad_() for j in range(3)]
+    o, _ = linear.lightning_attention(*packed, slope, cu_seqlens=cu)
+    got = torch.autograd.grad((o * torch.cat(dos, dim=1)).sum(), packed)
+    for i, p in enumerate(parts):
+        xs = [x.clone().requires_grad_() for x in p[:3]]
+        oi, _ = linear.lightning_attention(*xs, slope)
+        ref = torch.autograd.grad((oi * dos[i]).sum(), xs)
+        for a, r in zip(got, ref, strict=True):
+            assert rel_err(a[:, cu[i]:cu[i + 1]], r) < 1e-5
+
+
+@interp
 def test_interp_bad_input_raises_value_error():
     from attnlab.kernels import linear
 
