@@ -21,7 +21,7 @@ import torch
 
 from .._checks import check_same_device, check_tensor
 from ._dispatch import resolve_mode
-from .delta_rule import _to_chunks
+from .delta_rule import _to_chunks, decay_exp
 
 BLOCK_SIZE = 64  # tokens per block; the math is block-size independent (MiniMax uses 256)
 _STATE_DTYPES = (torch.float32, torch.float64)
@@ -140,12 +140,12 @@ def _lightning_chunk(q, k, v, slope, state, t: int):
     # padded tail of the last block rows are dropped and k = v = 0, so one [C, C] mask serves all).
     future = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
     G0 = G[:, :1]  # (H, 1, C)  a full block's log-decays
-    decay = (G0.unsqueeze(-1) - G0.unsqueeze(-2)).masked_fill(future, float("-inf")).exp()  # (H, 1, C, C)
+    decay = decay_exp(G0.unsqueeze(-1) - G0.unsqueeze(-2), ~future)  # (H, 1, C, C)
     intra = ((q @ k.transpose(-1, -2)) * decay) @ v  # (B, H, N, C, D_v)
-    q_decayed = q * G.exp().unsqueeze(-1)  # (B, H, N, C, D_k)
-    k_decayed = k * (G[..., -1:] - G).exp().unsqueeze(-1)  # (B, H, N, C, D_k)
+    q_decayed = q * decay_exp(G).unsqueeze(-1)  # (B, H, N, C, D_k)
+    k_decayed = k * decay_exp(G[..., -1:] - G).unsqueeze(-1)  # (B, H, N, C, D_k)
     block_kv = k_decayed.transpose(-1, -2) @ v  # (B, H, N, D_k, D_v)
-    block_decay = G[..., -1].exp()[..., None, None]  # (H, N, 1, 1)
+    block_decay = decay_exp(G[..., -1])[..., None, None]  # (H, N, 1, 1)
 
     state = q.new_zeros(b, h, d_k, d_v) if state is None else state
     entering = []  # the state entering each block; only this recurrence is sequential

@@ -1,0 +1,79 @@
+"""CPU time of the chunked linear-attention ops against their token loops (the oracles).
+
+    python benchmarks/ops_cpu.py                 # T=4096, B=1, H=4, D=64, one thread
+    python benchmarks/ops_cpu.py --threads 2 --t 2048
+
+For each family (lightning, gated delta rule, KDA) it runs mode="chunk" and mode="recurrent" on
+the same float32 inputs, forward only, and prints a Markdown table: the best of --repeats wall
+and process-CPU times, and chunk's speed-up over the loop. Process-CPU time is reported beside
+wall time because on a shared, loaded machine wall time mostly measures the neighbours. A row
+with KDA gates of about −10 per token shows the slower route the chunked KDA takes when its
+per-channel decay cannot be factored (see attnlab/ops/delta_rule.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attnlab import ops
+
+
+def make_cases(b: int, t: int, h: int, d: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=gen)
+    q, k, v = rnd(b, t, h, d), rnd(b, t, h, d), rnd(b, t, h, d)
+    beta = torch.rand(b, t, h, generator=gen)
+    g_head = F.logsigmoid(rnd(b, t, h) + 2)  # per-head log-decay, mostly in (−1, 0)
+    g_chan = -torch.rand(b, t, h, d, generator=gen)  # per-channel log-decay in (−1, 0)
+    slope = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)])  # MiniMax's slopes (layer 0)
+    return {
+        "lightning": lambda mode: ops.lightning_attention(q, k / d**0.5, v, slope, mode=mode),
+        "gated_delta_rule": lambda mode: ops.gated_delta_rule(q, k, v, g_head, beta, use_qk_l2norm=True, mode=mode),
+        "kda": lambda mode: ops.kda(q, k, v, g_chan, beta, use_qk_l2norm=True, mode=mode),
+        "kda, gates ≈ −10/token": lambda mode: ops.kda(q, k, v, g_chan * 20, beta, use_qk_l2norm=True, mode=mode),
+    }
+
+
+def best_time(fn, repeats: int) -> tuple[float, float]:
+    """(best wall seconds, best process-CPU seconds) over `repeats` runs after one warm-up."""
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return min(walls), min(cpus)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--t", type=int, default=4096, help="sequence length (default 4096)")
+    p.add_argument("--b", type=int, default=1)
+    p.add_argument("--h", type=int, default=4)
+    p.add_argument("--d", type=int, default=64, help="D_k = D_v")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see the module docstring)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of the chunked path (the loop gets 2)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cases = make_cases(args.b, args.t, args.h, args.d)
+    print(f"B={args.b} T={args.t} H={args.h} D_k=D_v={args.d}, float32, forward only, "
+          f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs visible\n")
+    print("| op | chunk wall ms | chunk CPU ms | loop wall ms | loop CPU ms | speed-up (wall) | speed-up (CPU) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, fn in cases.items():
+        with torch.no_grad():
+            cw, cc = best_time(lambda: fn("chunk"), args.repeats)
+            rw, rc = best_time(lambda: fn("recurrent"), 2)
+        print(f"| {name} | {cw * 1e3:.1f} | {cc * 1e3:.1f} | {rw * 1e3:.1f} | {rc * 1e3:.1f} | "
+              f"{rw / cw:.1f}× | {rc / cc:.1f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
