@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "attnlab.cost",  # cost
     "attnlab.train",  # train
     "attnlab.evaluate",  # eval
+    "attnlab.diagnostics",  # diagnose
 ]
 
 
