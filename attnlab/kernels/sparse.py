@@ -1,0 +1,741 @@
+"""Triton kernels for DeepSeek Sparse Attention and MLA absorbed decode.
+
+The ops in :mod:`attnlab.ops` call these through ``mode="triton"`` (and ``"auto"`` on CUDA);
+each public function has the op's signature minus ``mode``:
+
+- :func:`sparse_attention` — attention over selected key rows (``indices`` [B, T, topk], -1 = empty),
+  forward and backward, prefill (T queries) and decode (T = 1).
+- :func:`softmax_decode` — one query token per row over a dense cache with per-row ``n_valid``
+  (MLA absorbed decode: H_kv = 1, D = 576, D_v = 512), split-K over the sequence with a second
+  reduction launch (flash-decoding); :func:`paged_decode` is the same over a paged cache with a
+  block table.
+- :func:`dsa_index_scores` — the lightning indexer ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])``,
+  bf16 operands, or FP8 e4m3 operands with per-row scales (:func:`quantize_fp8_rows`).
+
+One kernel, ``_latent_attn_fwd``, serves all three attention entry points; a constexpr picks how a
+slot becomes a cache row (dense position, index list, or block table). Design (FlashMLA and the
+tilelang ``sparse_mla_fwd`` example, DeepSeek 2025, do the same): a program owns one query token
+and a block of up to ``BLOCK_H`` query heads of one kv head, so every gathered latent row is
+loaded ONCE and multiplied against all of those heads on the tensor cores. With MLA's absorbed
+form (v = k[..., :D_v]) the value tile is the first D_v columns of the key tile already in
+registers: one load per row, 1152 bytes at bf16. The key dims are split into a power-of-two main
+part (the D_v value columns) and a tail (the 64 RoPE columns). Softmax is online (base 2, running
+max and sum), with a finite initial max so an all-empty block never makes 0 * inf. When there are
+too few (query, head-block) programs to fill the GPU (decode), slots are split across programs
+that write float32 partial outputs and log-sum-exps, and ``_combine`` merges them.
+
+Backward (:func:`sparse_attention` under autograd) is a Triton kernel too: a program per (query,
+head block) recomputes p from the saved log-sum-exp, accumulates dq in registers and adds dk / dv
+into float32 buffers of the full key/value size with atomics (rows are shared between queries).
+Correct, deterministic only up to float32 addition order.
+
+Top-k selection stays in torch (``attnlab.ops.dsa_topk``; :func:`dsa_topk_chunked` is an exact
+two-stage variant for very long rows). Nothing here has run on a GPU yet: the kernels are tested
+under ``TRITON_INTERPRET=1`` on the CPU; GPU tests are in tests/test_kernels_sparse.py (marked
+``gpu``) and timings come from benchmarks/sparse_mla_gpu.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_same_device, check_tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
+LOG2E = 1.4426950408889634
+
+# Launch parameters; the benchmark may override them (benchmarks/sparse_mla_gpu.py --sweep).
+# Untuned first guesses from FlashMLA / sglang's Triton MLA decode (64 heads per CTA, 32-64 rows per step).
+TUNING: dict[str, dict[str, int]] = {
+    "sparse": {"BLOCK_H": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    "decode": {"BLOCK_H": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    "sparse_bwd": {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+    "index": {"BLOCK_T": 2, "BLOCK_S": 128, "S_CHUNK": 4096, "num_warps": 8, "num_stages": 2},
+}
+# Split slots across programs until there are about this many programs per SM.
+PROGRAMS_PER_SM = 2
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+_GATHER_DENSE, _GATHER_INDEX, _GATHER_PAGED = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _latent_attn_fwd(
+    Q, K, V, IDX, NVALID, TABLE, O, LSE, OP, LP,
+    sm_scale, T, G, N_HBLK, N_SPLIT, n_slots, slots_per_split, n_rows,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ib, stride_it,
+    stride_tb,
+    stride_ob, stride_ot, stride_oh,
+    GATHER: tl.constexpr, PAGE: tl.constexpr,
+    DK1: tl.constexpr, BD1: tl.constexpr, DK2: tl.constexpr, BD2: tl.constexpr,
+    D_V: tl.constexpr, BDV: tl.constexpr, V_IS_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_OUT: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program: query token (b, t), kv head hk, query heads hk*G + [hb*BLOCK_H, +BLOCK_H),
+    slots [split*slots_per_split, +slots_per_split). Writes o (normalised, O's dtype) and the
+    base-2 log-sum-exp (+inf for a row with no valid slot), or with SPLIT_OUT float32 partials."""
+    pid = tl.program_id(0)
+    hb = pid % N_HBLK  # head blocks fastest: programs reading the same rows run side by side (L2)
+    rest = pid // N_HBLK
+    split = rest % N_SPLIT
+    rest = rest // N_SPLIT
+    n_kv = tl.num_programs(1)
+    hk = tl.program_id(1)
+    bt = rest
+    b = (bt // T).to(tl.int64)
+    t = bt % T
+
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < G
+    heads = (hk * G + offs_h).to(tl.int64)
+    d1 = tl.arange(0, BD1)
+    q_base = Q + b * stride_qb + t * stride_qt + heads[:, None] * stride_qh
+    q1 = tl.load(q_base + d1[None, :], mask=h_ok[:, None] & (d1 < DK1)[None, :], other=0.0)
+    if DK2 > 0:
+        d2 = tl.arange(0, BD2)
+        q2 = tl.load(q_base + DK1 + d2[None, :], mask=h_ok[:, None] & (d2 < DK2)[None, :], other=0.0)
+    dv = tl.arange(0, BDV)
+
+    lo = split * slots_per_split
+    hi = tl.minimum(lo + slots_per_split, n_slots)
+    if GATHER != 1:  # dense / paged: slots are positions, valid below n_valid[b]
+        nv = tl.load(NVALID + b).to(tl.int32)
+        nv = tl.minimum(tl.maximum(nv, 0), n_slots)
+        hi = tl.minimum(hi, nv)
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BDV], dtype=tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    for start in range(lo, hi, BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        in_range = slots < hi
+        if GATHER == 1:
+            idx = tl.load(IDX + b * stride_ib + t * stride_it + slots, mask=in_range, other=-1).to(tl.int64)
+            valid = in_range & (idx >= 0) & (idx < n_rows)
+            rows = tl.where(valid, idx, 0)
+        elif GATHER == 2:
+            page = tl.load(TABLE + b * stride_tb + slots // PAGE, mask=in_range, other=0).to(tl.int64)
+            valid = in_range
+            rows = page * PAGE + slots % PAGE
+        else:
+            valid = in_range
+            rows = slots.to(tl.int64)
+        k_rows = k_base + rows[:, None] * stride_ks
+        k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None] & (d1 < DK1)[None, :], other=0.0)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)  # (BLOCK_H, BLOCK_N)
+        if DK2 > 0:
+            k2 = tl.load(k_rows + DK1 + d2[None, :], mask=valid[:, None] & (d2 < DK2)[None, :], other=0.0)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+        s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_IS_K:
+            v = k1  # MLA absorbed: the value is the first D_v dims of the key row, already loaded
+        else:
+            v = tl.load(v_base + rows[:, None] * stride_vs + dv[None, :],
+                        mask=valid[:, None] & (dv < D_V)[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if SPLIT_OUT:  # partials [B*T*H, N_SPLIT, D_V] float32 and [B*T*H, N_SPLIT]
+        row = (bt * n_kv * G + heads) * N_SPLIT + split
+        tl.store(OP + row[:, None] * D_V + dv[None, :], o, mask=h_ok[:, None] & (dv < D_V)[None, :])
+        tl.store(LP + row, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=h_ok)
+    else:
+        o_ptr = O + b * stride_ob + t * stride_ot + heads[:, None] * stride_oh + dv[None, :]
+        tl.store(o_ptr, o.to(O.dtype.element_ty), mask=h_ok[:, None] & (dv < D_V)[None, :])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
+        tl.store(LSE + bt * n_kv * G + heads, lse, mask=h_ok)
+
+
+@triton.jit
+def _combine(OP, LP, O, LSE, T, H, N_SPLIT, stride_ob, stride_ot, stride_oh,
+             D_V: tl.constexpr, BDV: tl.constexpr, BSPLIT: tl.constexpr):
+    """Merge N_SPLIT partial (o_i, lse_i) of one (query token, head): o = Σ 2^(lse_i − lse) o_i."""
+    pid = tl.program_id(0).to(tl.int64)  # = (b*T + t)*H + h
+    h = pid % H
+    bt = pid // H
+    b = bt // T
+    t = bt % T
+    sp = tl.arange(0, BSPLIT)
+    lse_i = tl.load(LP + pid * N_SPLIT + sp, mask=sp < N_SPLIT, other=float("-inf"))
+    m = tl.max(lse_i, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_i - m)  # empty splits: 0
+    total = tl.sum(w, 0)
+    dv = tl.arange(0, BDV)
+    acc = tl.zeros([BDV], dtype=tl.float32)
+    for i in range(0, N_SPLIT):
+        w_i = tl.exp2(tl.load(LP + pid * N_SPLIT + i) - m)
+        if w_i > 0:  # an empty split's partial is 0, but skip the read
+            acc += w_i * tl.load(OP + (pid * N_SPLIT + i) * D_V + dv, mask=dv < D_V, other=0.0)
+    has = total > 0
+    o = acc / tl.where(has, total, 1.0)
+    tl.store(O + b * stride_ob + t * stride_ot + h * stride_oh + dv, o.to(O.dtype.element_ty), mask=dv < D_V)
+    tl.store(LSE + pid, tl.where(has, m + tl.log2(tl.where(has, total, 1.0)), float("inf")))
+
+
+@triton.jit
+def _sparse_bwd(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,
+    sm_scale, T, G, N_HBLK, n_slots, n_rows,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ib, stride_it,
+    stride_ob, stride_ot, stride_oh,
+    DK1: tl.constexpr, BD1: tl.constexpr, DK2: tl.constexpr, BD2: tl.constexpr,
+    D_V: tl.constexpr, BDV: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per (query token, kv head, head block): p = 2^(s − lse), dp = do vᵀ,
+    ds = p (dp − Δ); dq += ds k (registers); dk[row] += dsᵀ q, dv[row] += pᵀ do (float32 atomics).
+    DQ is float32 [B, T, H, D] contiguous; DK / DV are float32 buffers shaped like K / V but
+    contiguous ([B, S, H_kv, D|D_v]). sm_scale is the natural scale times log2(e)."""
+    pid = tl.program_id(0)
+    hb = pid % N_HBLK
+    bt = pid // N_HBLK
+    hk = tl.program_id(1)
+    n_kv = tl.num_programs(1)
+    b = (bt // T).to(tl.int64)
+    t = bt % T
+    H = n_kv * G
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < G
+    heads = (hk * G + offs_h).to(tl.int64)
+    d1 = tl.arange(0, BD1)
+    dv = tl.arange(0, BDV)
+    q_base = Q + b * stride_qb + t * stride_qt + heads[:, None] * stride_qh
+    q1 = tl.load(q_base + d1[None, :], mask=h_ok[:, None] & (d1 < DK1)[None, :], other=0.0)
+    if DK2 > 0:
+        d2 = tl.arange(0, BD2)
+        q2 = tl.load(q_base + DK1 + d2[None, :], mask=h_ok[:, None] & (d2 < DK2)[None, :], other=0.0)
+        dq2 = tl.zeros([BLOCK_H, BD2], dtype=tl.float32)
+    do = tl.load(DO + b * stride_ob + t * stride_ot + heads[:, None] * stride_oh + dv[None, :],
+                 mask=h_ok[:, None] & (dv < D_V)[None, :], other=0.0)
+    lse = tl.load(LSE + bt * H + heads, mask=h_ok, other=float("inf"))  # +inf: p = 0
+    delta = tl.load(DELTA + bt * H + heads, mask=h_ok, other=0.0)
+    dq1 = tl.zeros([BLOCK_H, BD1], dtype=tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    D_TOT: tl.constexpr = DK1 + DK2
+    dk_base = DK + (b * n_rows * n_kv + hk) * D_TOT
+    dv_base = DV + (b * n_rows * n_kv + hk) * D_V
+    for start in range(0, n_slots, BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        idx = tl.load(IDX + b * stride_ib + t * stride_it + slots, mask=slots < n_slots, other=-1).to(tl.int64)
+        valid = (idx >= 0) & (idx < n_rows)
+        rows = tl.where(valid, idx, 0)
+        k_rows = k_base + rows[:, None] * stride_ks
+        k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None] & (d1 < DK1)[None, :], other=0.0)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        if DK2 > 0:
+            k2 = tl.load(k_rows + DK1 + d2[None, :], mask=valid[:, None] & (d2 < DK2)[None, :], other=0.0)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+        s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
+        p = tl.exp2(s - lse[:, None])  # (BLOCK_H, BLOCK_N); 0 for empty slots, padded heads, empty rows
+        v = tl.load(v_base + rows[:, None] * stride_vs + dv[None, :],
+                    mask=valid[:, None] & (dv < D_V)[None, :], other=0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])  # dL/d(logit), natural units
+        ds_lo = ds.to(q1.dtype)
+        dq1 += tl.dot(ds_lo, k1, input_precision=PREC)
+        dk1 = tl.dot(tl.trans(ds_lo), q1, input_precision=PREC)  # (BLOCK_N, BD1)
+        row_off = rows[:, None] * n_kv
+        tl.atomic_add(dk_base + row_off * D_TOT + d1[None, :], dk1 * (sm_scale / 1.4426950408889634),
+                      mask=valid[:, None] & (d1 < DK1)[None, :])
+        if DK2 > 0:
+            dq2 += tl.dot(ds_lo, k2, input_precision=PREC)
+            dk2 = tl.dot(tl.trans(ds_lo), q2, input_precision=PREC)
+            tl.atomic_add(dk_base + row_off * D_TOT + DK1 + d2[None, :], dk2 * (sm_scale / 1.4426950408889634),
+                          mask=valid[:, None] & (d2 < DK2)[None, :])
+        dvr = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # (BLOCK_N, BDV)
+        tl.atomic_add(dv_base + row_off * D_V + dv[None, :], dvr, mask=valid[:, None] & (dv < D_V)[None, :])
+    scale = sm_scale / 1.4426950408889634
+    dq_base = DQ + (bt * H + heads[:, None]) * D_TOT
+    tl.store(dq_base + d1[None, :], dq1 * scale, mask=h_ok[:, None] & (d1 < DK1)[None, :])
+    if DK2 > 0:
+        tl.store(dq_base + DK1 + d2[None, :], dq2 * scale, mask=h_ok[:, None] & (d2 < DK2)[None, :])
+
+
+@triton.jit
+def _index_scores_kernel(
+    Q, K, W, KS, OUT, T, S, H, N_TBLK, N_SCHUNK, s_chunk,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks,
+    stride_wb, stride_wt,
+    stride_sb,
+    stride_ob, stride_ot,
+    D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    FP8: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program: BLOCK_T queries x all H index heads (one [BLOCK_T*BH, D] tile, kept in
+    registers) against keys [chunk*s_chunk, +s_chunk) in BLOCK_S steps: relu(q kᵀ) weighted by w
+    and summed over heads in registers; only the [BLOCK_T, BLOCK_S] result is written. FP8: q and k
+    are e4m3, the q scales are folded into W (relu(c x) = c relu(x) for c > 0), the k scale KS[b, s]
+    multiplies the column. CAUSAL: keys after the query (queries are the last T of S) get -inf."""
+    pid = tl.program_id(0)
+    chunk = pid % N_SCHUNK
+    rest = pid // N_SCHUNK
+    tb = rest % N_TBLK
+    b = (rest // N_TBLK).to(tl.int64)
+    r = tl.arange(0, BLOCK_T * BH)
+    tq = tb * BLOCK_T + r // BH  # query of each tile row
+    hq = r % BH
+    r_ok = (tq < T) & (hq < H)
+    d = tl.arange(0, BD)
+    q = tl.load(Q + b * stride_qb + tq[:, None].to(tl.int64) * stride_qt + hq[:, None] * stride_qh + d[None, :],
+                mask=r_ok[:, None] & (d < D)[None, :], other=0.0)
+    w = tl.load(W + b * stride_wb + tq.to(tl.int64) * stride_wt + hq, mask=r_ok, other=0.0).to(tl.float32)
+    ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = ts < T
+    lo = chunk * s_chunk
+    hi = tl.minimum(lo + s_chunk, S)
+    top = hi
+    if CAUSAL:  # the block's last query sees keys up to S - T + t_last
+        top = tl.minimum(hi, S - T + tl.minimum(tb * BLOCK_T + BLOCK_T, T))
+    for s0 in range(lo, hi, BLOCK_S):
+        cols = s0 + tl.arange(0, BLOCK_S)
+        c_ok = cols < hi
+        out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
+        if s0 < top:
+            k = tl.load(K + b * stride_kb + cols[:, None].to(tl.int64) * stride_ks + d[None, :],
+                        mask=c_ok[:, None] & (d < D)[None, :], other=0.0)
+            logits = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_T*BH, BLOCK_S)
+            part = tl.maximum(logits, 0.0) * w[:, None]
+            score = tl.sum(tl.reshape(part, (BLOCK_T, BH, BLOCK_S)), 1)  # (BLOCK_T, BLOCK_S)
+            if FP8:
+                ks = tl.load(KS + b * stride_sb + cols, mask=c_ok, other=0.0)
+                score = score * ks[None, :]
+            if CAUSAL:
+                score = tl.where(cols[None, :] <= (S - T + ts)[:, None], score, float("-inf"))
+            tl.store(out_ptr, score, mask=t_ok[:, None] & c_ok[None, :])
+        else:
+            tl.store(out_ptr, tl.full([BLOCK_T, BLOCK_S], float("-inf"), tl.float32),
+                     mask=t_ok[:, None] & c_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype in (torch.bfloat16, torch.float16):
+        return "tf32"  # ignored for 16-bit operands
+    if dtype == torch.float32:
+        return "ieee"  # float32 inputs get float32 products (tf32 would cost ~3e-4 relative error)
+    raise ValueError(f"q: the Triton kernels take bfloat16, float16 or float32, got {dtype}")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits, so the tests exercise the combine path
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _value_is_key_prefix(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """v is k[..., :D_v] (same storage, strides): MLA's absorbed value, loaded with the key."""
+    return (
+        v.shape[-1] <= k.shape[-1]
+        and v.data_ptr() == k.data_ptr()
+        and v.stride() == k.stride()
+        and v.shape[:-1] == k.shape[:-1]
+    )
+
+
+def _key_split(D: int, D_v: int, v_is_k: bool) -> tuple[int, int, int, int]:
+    """Key dims as a main part (the value columns when v is a prefix of k) and a tail: DK1, BD1, DK2, BD2."""
+    dk1 = D_v if v_is_k else D
+    dk2 = D - dk1
+    return dk1, _pow2(dk1), dk2, (_pow2(dk2) if dk2 else 16)
+
+
+def _n_splits(programs: int, n_slots: int, block_n: int, device: torch.device) -> int:
+    """Split the slots when the (query, head block) programs alone would leave SMs idle; each
+    split keeps at least 4 steps of block_n slots."""
+    want = PROGRAMS_PER_SM * _num_sms(device)
+    if programs >= want:
+        return 1
+    return max(1, min(triton.cdiv(want, programs), n_slots // (4 * block_n)))
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    gather: int,
+    n_slots: int,
+    idx: torch.Tensor | None = None,
+    n_valid: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
+    page: int = 1,
+    tuning: str = "sparse",
+    n_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared launcher. q [B, T, H, D]; k [B|1, rows, H_kv, D] (paged: [1, pages*page, H_kv, D]);
+    v likewise with D_v. Returns o [B, T, H, D_v] in q's dtype and lse float32 [B, T, H] (base 2,
+    +inf for rows with no valid slot)."""
+    B, T, H, D = q.shape
+    H_kv, D_v, n_rows = k.shape[2], v.shape[3], k.shape[1]
+    G = H // H_kv
+    prec = _precision(q.dtype)
+    v_is_k = _value_is_key_prefix(k, v)
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    dk1, bd1, dk2, bd2 = _key_split(D, D_v, v_is_k)
+    cfg = TUNING[tuning]
+    block_h = min(cfg["BLOCK_H"], _pow2(G))
+    n_hblk = triton.cdiv(G, block_h)
+    splits = n_splits or _n_splits(B * T * H_kv * n_hblk, n_slots, cfg["BLOCK_N"], q.device)
+    per_split = triton.cdiv(max(1, n_slots), splits)
+    per_split = triton.cdiv(per_split, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    splits = triton.cdiv(max(1, n_slots), per_split)
+    o = _empty(B, T, H, D_v, dtype=q.dtype, device=q.device)
+    lse = _empty(B, T, H, dtype=torch.float32, device=q.device)
+    dummy = idx if idx is not None else (n_valid if n_valid is not None else q)
+    if splits > 1:
+        op = _empty(B * T * H, splits, D_v, dtype=torch.float32, device=q.device)
+        lp = _empty(B * T * H, splits, dtype=torch.float32, device=q.device)
+    else:
+        op, lp = o, lse
+    sb = lambda x, i: x.stride(i) if x.shape[i] > 1 else 0  # noqa: E731  (paged caches: one "batch")
+    grid = (B * T * splits * n_hblk, H_kv)
+    _latent_attn_fwd[grid](
+        q, k, v,
+        idx if idx is not None else dummy,
+        n_valid if n_valid is not None else dummy,
+        table if table is not None else dummy,
+        o, lse, op, lp,
+        scale * LOG2E, T, G, n_hblk, splits, n_slots, per_split, n_rows,
+        q.stride(0), q.stride(1), q.stride(2),
+        sb(k, 0), k.stride(1), k.stride(2),
+        sb(v, 0), v.stride(1), v.stride(2),
+        idx.stride(0) if idx is not None else 0, idx.stride(1) if idx is not None else 0,
+        table.stride(0) if table is not None else 0,
+        o.stride(0), o.stride(1), o.stride(2),
+        GATHER=gather, PAGE=page, DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=_pow2(D_v),
+        V_IS_K=v_is_k, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], SPLIT_OUT=splits > 1, PREC=prec,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        _combine[(B * T * H,)](
+            op, lp, o, lse, T, H, splits, o.stride(0), o.stride(1), o.stride(2),
+            D_V=D_v, BDV=_pow2(D_v), BSPLIT=_pow2(splits, 2), num_warps=4,
+        )
+    return o, lse
+
+
+def _check_indices(indices: torch.Tensor, B: int, T: int, q: torch.Tensor) -> torch.Tensor:
+    check_tensor("indices", indices, 3, "[B, T, topk]", shape=(B, T, None), dtypes=(torch.int64, torch.int32))
+    check_same_device(q=q, indices=indices)
+    return _last_contiguous(indices)
+
+
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_tensor("q", q, 4, "[B, T, H, D]")
+    check_tensor("k", k, 4, "[B, S, H_kv, D]", shape=(q.shape[0], None, None, q.shape[3]))
+    check_tensor("v", v, 4, "[B, S, H_kv, D_v]", shape=(q.shape[0], k.shape[1], k.shape[2], None))
+    check_same_device(q=q, k=k, v=v)
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}: dtype {x.dtype} differs from q's {q.dtype}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q has {q.shape[2]} heads, not a multiple of k's {k.shape[2]} heads")
+    _precision(q.dtype)
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, indices, scale, n_splits):
+        o, lse = _attend(q, k, v, scale, _GATHER_INDEX, indices.shape[2], idx=indices, n_splits=n_splits)
+        ctx.save_for_backward(q, k, v, indices, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, indices, o, lse = ctx.saved_tensors
+        dq, dk, dv = _sparse_backward(q, k, v, indices, o, lse, do, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _sparse_backward(q, k, v, indices, o, lse, do, scale):
+    B, T, H, D = q.shape
+    S, H_kv, D_v = k.shape[1], k.shape[2], v.shape[3]
+    G = H // H_kv
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    do = _last_contiguous(do.to(q.dtype))
+    delta = (o.float() * do.float()).sum(-1).contiguous()  # (B, T, H)  Σ_d o do, as FlashAttention-2
+    dq = torch.zeros(B, T, H, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(B, S, H_kv, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B, S, H_kv, D_v, dtype=torch.float32, device=q.device)
+    dk1, bd1, dk2, bd2 = _key_split(D, D_v, False)  # no tail split needed: v is loaded separately
+    if D > 128:  # keep the dq accumulator small: split the key dims at the value width when it fits
+        if D_v < D:
+            dk1, bd1, dk2, bd2 = D_v, _pow2(D_v), D - D_v, _pow2(D - D_v)
+    cfg = TUNING["sparse_bwd"]
+    block_h = min(cfg["BLOCK_H"], _pow2(G))
+    n_hblk = triton.cdiv(G, block_h)
+    _sparse_bwd[(B * T * n_hblk, H_kv)](
+        q, k, v, indices, do, lse, delta, dq, dk, dv,
+        scale * LOG2E, T, G, n_hblk, indices.shape[2], S,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        indices.stride(0), indices.stride(1),
+        do.stride(0), do.stride(1), do.stride(2),
+        DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=_pow2(D_v),
+        BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], PREC=_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float | None = None,
+    n_splits: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention of each query over its selected key rows (``attnlab.ops.sparse_attention``).
+
+    Args:
+        q: [B, T, H, D] bf16 / fp16 / fp32. k: [B, S, H_kv, D]; v: [B, S, H_kv, D_v] (MLA absorbed:
+            H_kv = 1, D = 576 and v = k[..., :512], a view, which is then read once with the key).
+        indices: int64/int32 [B, T, topk] shared across heads; negative or >= S = empty slot.
+        scale: logit scale; None = D ** -0.5.
+        n_splits: programs per (query, head block) over the slots; None = enough to fill the GPU
+            (decode), 1 for prefill. Tests set it to exercise the split-and-combine path.
+
+    Returns:
+        o: [B, T, H, D_v] in q's dtype, float32 softmax; 0 for a query with no valid slot.
+        Differentiable in q, k, v (Triton backward with float32 atomics on the selected rows).
+    """
+    _check_attention(q, k, v)
+    B, T, H, D = q.shape
+    indices = _check_indices(indices, B, T, q)
+    scale = D**-0.5 if scale is None else float(scale)
+    if indices.shape[2] == 0 or T == 0:
+        return torch.zeros(B, T, H, v.shape[3], dtype=q.dtype, device=q.device)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _SparseAttention.apply(q, k, v, indices, scale, n_splits)
+    return _attend(q, k, v, scale, _GATHER_INDEX, indices.shape[2], idx=indices, n_splits=n_splits)[0]
+
+
+def softmax_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_valid: torch.Tensor,
+    scale: float | None = None,
+    n_splits: int | None = None,
+) -> torch.Tensor:
+    """One query token per row over a dense cache (``attnlab.ops.softmax_decode``), split-K.
+
+    Args:
+        q: [B, H_q, D]; k_cache [B, S_max, H_kv, D]; v_cache [B, S_max, H_kv, D_v]; same dtype.
+            MLA absorbed decode: H_kv = 1, D = 576, v_cache = k_cache[..., :512] (read once).
+        n_valid: int64/int32 [B]; row b attends to slots 0..n_valid[b]-1 (clamped to [0, S_max]).
+            Slots past n_valid are never read (NaN there is harmless). No host sync.
+        scale: logit scale; None = D ** -0.5.
+        n_splits: programs per (row, head block) over the sequence; None = enough to fill the GPU.
+
+    Returns:
+        o: [B, H_q, D_v] in q's dtype; 0 for a row with n_valid = 0. Inference only (no autograd).
+    """
+    check_tensor("q", q, 3, "[B, H_q, D]")
+    check_tensor("n_valid", n_valid, 1, "[B]", shape=(q.shape[0],), dtypes=(torch.int64, torch.int32))
+    _check_attention(q[:, None], k_cache, v_cache)
+    check_same_device(q=q, n_valid=n_valid)
+    D = q.shape[-1]
+    scale = D**-0.5 if scale is None else float(scale)
+    o, _ = _attend(q[:, None], k_cache, v_cache, scale, _GATHER_DENSE, k_cache.shape[1],
+                   n_valid=n_valid, tuning="decode", n_splits=n_splits)
+    return o[:, 0]  # (B, H_q, D_v)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    n_valid: torch.Tensor,
+    scale: float | None = None,
+    n_splits: int | None = None,
+) -> torch.Tensor:
+    """``softmax_decode`` over a paged cache (vLLM / FlashMLA layout).
+
+    Args:
+        q: [B, H_q, D]. k_pages: [N_pages, page_size, H_kv, D]; v_pages: [N_pages, page_size, H_kv, D_v]
+            (MLA: v_pages = k_pages[..., :512]).
+        block_table: int32/int64 [B, max_pages]; position p of row b lives in page
+            block_table[b, p // page_size] at offset p % page_size.
+        n_valid: int64/int32 [B], positions 0..n_valid[b]-1 (clamped to max_pages * page_size).
+        scale, n_splits: as in :func:`softmax_decode`.
+
+    Returns:
+        o: [B, H_q, D_v] in q's dtype.
+    """
+    check_tensor("q", q, 3, "[B, H_q, D]")
+    check_tensor("k_pages", k_pages, 4, "[N_pages, page_size, H_kv, D]", shape=(None, None, None, q.shape[-1]))
+    check_tensor("v_pages", v_pages, 4, "[N_pages, page_size, H_kv, D_v]", shape=(*k_pages.shape[:3], None))
+    check_tensor("block_table", block_table, 2, "[B, max_pages]", shape=(q.shape[0], None),
+                 dtypes=(torch.int32, torch.int64))
+    check_tensor("n_valid", n_valid, 1, "[B]", shape=(q.shape[0],), dtypes=(torch.int64, torch.int32))
+    check_same_device(q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table, n_valid=n_valid)
+    P = k_pages.shape[1]
+    k_flat = k_pages.view(1, -1, *k_pages.shape[2:])  # (1, N_pages * P, H_kv, D)
+    v_flat = (k_flat[..., : v_pages.shape[-1]] if _value_is_key_prefix(k_pages, v_pages)
+              else v_pages.reshape(1, -1, *v_pages.shape[2:]))  # (1, N_pages * P, H_kv, D_v)
+    _check_attention(q[:1, None], k_flat, v_flat)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, _ = _attend(q[:, None], k_flat, v_flat, scale, _GATHER_PAGED, block_table.shape[1] * P,
+                   n_valid=n_valid, table=_last_contiguous(block_table), page=P, tuning="decode",
+                   n_splits=n_splits)
+    return o[:, 0]  # (B, H_q, D_v)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric float8 e4m3 quantisation over the last dim (DeepSeek-V3.2 keeps its index
+    keys this way). x [..., D] -> (x8 float8_e4m3fn [..., D], scale float32 [...]), x ≈ x8 * scale."""
+    amax = x.detach().abs().amax(-1).float().clamp_min(1e-12)  # (...)
+    scale = amax / FP8_MAX
+    x8 = (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x8, scale
+
+
+def dsa_index_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Lightning-indexer scores ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])`` (``attnlab.ops.dsa_index_scores``).
+
+    Args:
+        q: [B, T, H_I, D_I] bf16 / fp16 / fp32 (fp32 runs in full float32 products).
+        k: [B, S, D_I], q's dtype; or float8_e4m3fn with ``k_scale`` float32 [B, S] (from
+            :func:`quantize_fp8_rows`): then q is quantised per (token, head) row and the products
+            run in FP8 on the tensor cores (Hopper / Ada), accumulating in float32.
+        w: [B, T, H_I] head weights, every scale folded in.
+        causal: False (the op's contract): every score. True: queries are the last T of S; scores of
+            keys after the query are -inf and never computed (what ``dsa_topk`` would mask anyway).
+
+    Returns:
+        I: float32 [B, T, S]. Inference only (no autograd; the op's torch path has the gradient).
+    """
+    check_tensor("q", q, 4, "[B, T, H_I, D_I]")
+    fp8 = k_scale is not None
+    k_dtypes = (torch.float8_e4m3fn,) if fp8 else None
+    check_tensor("k", k, 3, "[B, S, D_I]", shape=(q.shape[0], None, q.shape[3]), dtypes=k_dtypes)
+    check_tensor("w", w, 3, "[B, T, H_I]", shape=q.shape[:3])
+    check_same_device(q=q, k=k, w=w, k_scale=k_scale)
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    if fp8:
+        check_tensor("k_scale", k_scale, 2, "[B, S]", shape=(B, S), dtypes=(torch.float32,))
+        q, q_scale = quantize_fp8_rows(q)  # (B, T, H, D) e4m3, (B, T, H)
+        w = w.float() * q_scale
+        prec = "tf32"
+    else:
+        if k.dtype != q.dtype:
+            raise ValueError(f"k: dtype {k.dtype} differs from q's {q.dtype} (pass k_scale for float8 keys)")
+        prec = _precision(q.dtype)
+    if causal and S < T:
+        raise ValueError(f"k: causal scores need S >= T (queries are the last T of S), got S={S}, T={T}")
+    q, k, w = _last_contiguous(q), _last_contiguous(k), _last_contiguous(w)
+    out = _empty(B, T, S, dtype=torch.float32, device=q.device)
+    if T == 0 or S == 0:
+        return out
+    cfg = TUNING["index"]
+    bh = _pow2(H, 1)
+    block_t = max(1, min(cfg["BLOCK_T"], 128 // bh)) if bh < 128 else 1
+    block_t = max(block_t, triton.cdiv(16, bh))  # the dot needs >= 16 rows
+    n_tblk = triton.cdiv(T, block_t)
+    s_chunk = triton.cdiv(cfg["S_CHUNK"], cfg["BLOCK_S"]) * cfg["BLOCK_S"]
+    n_schunk = triton.cdiv(S, s_chunk)
+    ks = k_scale if fp8 else out
+    _index_scores_kernel[(B * n_tblk * n_schunk,)](
+        q, k, w, ks, out, T, S, H, n_tblk, n_schunk, s_chunk,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1),
+        w.stride(0), w.stride(1),
+        ks.stride(0),
+        out.stride(0), out.stride(1),
+        D=D, BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"],
+        FP8=fp8, CAUSAL=causal, PREC=prec,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def dsa_topk_chunked(scores: torch.Tensor, topk: int, causal: bool = True, chunk: int = 16384) -> torch.Tensor:
+    """``attnlab.ops.dsa_topk`` in two exact stages for long rows (decode at 1M): top-k inside each
+    chunk of ``chunk`` positions, then top-k of the survivors. Exact, same tie rule (the sort key
+    carries the position), because every global top-k member is in its chunk's top-k. Returns
+    int64 [B, T, topk], -1 for empty slots. Torch, not Triton."""
+    from ..ops.sparse import _ordered_keys, dsa_topk
+
+    B, T, S = scores.shape
+    if S <= 2 * chunk or topk >= chunk:
+        return dsa_topk(scores, topk, causal=causal)
+    blk = scores.to(torch.float32)
+    if causal:
+        pos = torch.arange(S, device=scores.device)
+        q_pos = torch.arange(S - T, S, device=scores.device)
+        blk = blk.masked_fill(pos[None, :] > q_pos[:, None], float("-inf"))  # (B, T, S)
+    keys = _ordered_keys(blk)  # (B, T, S) int64, unique per position
+    n_chunks = math.ceil(S / chunk)
+    pad = n_chunks * chunk - S
+    if pad:
+        keys = torch.nn.functional.pad(keys, (0, pad), value=torch.iinfo(torch.int64).min)
+    k1 = min(topk, chunk)
+    cand = keys.view(B, T, n_chunks, chunk).topk(k1, dim=-1)  # (B, T, C, k1)
+    cand_pos = cand.indices + torch.arange(n_chunks, device=scores.device)[:, None] * chunk  # (B, T, C, k1)
+    k_eff = min(topk, S)
+    best = cand.values.flatten(2).topk(k_eff, dim=-1)  # (B, T, k_eff)
+    idx = cand_pos.flatten(2).gather(-1, best.indices)  # (B, T, k_eff)
+    chosen = blk.gather(-1, idx)
+    out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
+    out[..., :k_eff] = idx.masked_fill(chosen == float("-inf"), -1)
+    return out
