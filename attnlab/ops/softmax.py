@@ -10,11 +10,13 @@ tokens is just ``softmax_attention(q_chunk, k_all, v_all)``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from .._checks import check_heads_divide, check_same_device, check_tensor
+from .._checks import check_heads_divide, check_mode, check_same_device, check_tensor
 
 # Windowed attention runs in blocks of this many queries, each against only the keys its
 # window can reach (plus sinks), so cost and memory are O(T * (window + block)), not O(T * S).
@@ -40,6 +42,30 @@ def _check_same_dtype(**tensors: torch.Tensor) -> None:
         if t.dtype != first.dtype:
             got, want = str(t.dtype).removeprefix("torch."), str(first.dtype).removeprefix("torch.")
             raise ValueError(f"{name}: dtype {got} differs from {first_name}'s {want}")
+
+
+def _sparse_kernel(mode: str, name: str, q: torch.Tensor, needs_grad: bool = False):
+    """``mode`` of the softmax/sparse ops: "torch" -> None (the torch code below); "triton" -> the
+    kernel ``attnlab.kernels.sparse.<name>`` (needs CUDA, or TRITON_INTERPRET=1 for CPU tests);
+    "auto" -> the kernel when q is a CUDA bf16/fp16/fp32 tensor outside torch.compile, no gradient
+    is needed that the kernel lacks, and the kernels import; else None."""
+    check_mode(mode, ("auto", "torch", "triton"))
+    if mode == "torch":
+        return None
+    device_ok = q.is_cuda or (mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+    usable = device_ok and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and not needs_grad
+    if mode == "auto" and (not usable or torch.compiler.is_compiling()):
+        return None
+    if not usable:
+        why = "no autograd" if needs_grad else f"CUDA bf16/fp16/fp32 tensors, got {q.dtype} on {q.device}"
+        raise ValueError(f"mode: 'triton' for {name} needs {why}; use mode='torch'")
+    try:
+        from ..kernels import sparse as kernels
+    except Exception as e:  # ImportError, or triton failing at import
+        if mode == "auto":
+            return None
+        raise ValueError(f"mode: 'triton' is unavailable for {name} ({type(e).__name__}: {e})") from e
+    return getattr(kernels, name)
 
 
 def _check_window(causal: bool, window: int | None, sink_tokens: int) -> None:
@@ -168,6 +194,7 @@ def softmax_decode(
     v_cache: torch.Tensor,
     n_valid: torch.Tensor,
     scale: float | None = None,
+    mode: str = "auto",
 ) -> torch.Tensor:
     """One query token per row against a preallocated KV cache.
 
@@ -180,6 +207,8 @@ def softmax_decode(
             finite values (a zero-initialised cache): their weight is 0, but 0 * NaN is NaN, so a NaN
             left there would leak into the output.
         scale: logit scale; None = D ** -0.5.
+        mode: "torch"; "triton" (attnlab.kernels.sparse, split-K, no autograd); "auto" = triton for
+            CUDA tensors with one kv head (MLA absorbed decode) and no gradient, else torch.
 
     Returns:
         o: [B, H_q, D_v] in q's dtype.
@@ -204,6 +233,10 @@ def softmax_decode(
     B, H_q, D = q.shape
     S_max, H_kv = k_cache.shape[1], k_cache.shape[2]
     scale = D**-0.5 if scale is None else float(scale)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
+    kernel = _sparse_kernel("torch" if mode == "auto" and H_kv > 1 else mode, "softmax_decode", q, grad)
+    if kernel is not None:
+        return kernel(q, k_cache, v_cache, n_valid, scale=scale)
 
     valid = torch.arange(S_max, device=q.device)[None, :] < n_valid[:, None]  # (B, S_max)
     if H_kv == 1:

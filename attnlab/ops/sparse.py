@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_same_device, check_tensor
-from .softmax import _check_attention_inputs, _check_same_dtype
+from .softmax import _check_attention_inputs, _check_same_dtype, _sparse_kernel
 
 # Work is split into query blocks so that the per-block temporaries (gathered keys/values,
 # [B, T_blk, H, S] indexer logits) hold at most about this many elements. On an H200, MLA-shaped
@@ -37,13 +37,15 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def dsa_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def dsa_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """Lightning-indexer scores ``I[b,t,s] = sum_j w[b,t,j] * relu(q[b,t,j] . k[b,s])``.
 
     Args:
         q: [B, T, H_I, D_I] index queries (any float dtype; computed in float32).
         k: [B, S, D_I] index keys, one head shared by all index heads; same dtype as q.
         w: [B, T, H_I] per-head weights with every scale already folded in.
+        mode: "torch"; "triton" (attnlab.kernels.sparse, fused ReLU/weighted sum, no autograd);
+            "auto" = triton for CUDA tensors when no gradient is needed, else torch.
 
     Returns:
         I: float32 [B, T, S], unmasked (``dsa_topk`` applies causality). Computed in query blocks so
@@ -57,11 +59,14 @@ def dsa_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch
     check_same_device(q=q, k=k, w=w)
     B, T, H, _ = q.shape
     S = k.shape[1]
+    grad = _needs_grad(q, k, w)
+    kernel = _sparse_kernel(mode, "dsa_index_scores", q, grad)
+    if kernel is not None:
+        return kernel(q, k, w)
     acc = torch.float32
     kt = k.to(acc).transpose(1, 2).unsqueeze(1)  # (B, 1, D_I, S)
     out = torch.empty(B, T, S, dtype=acc, device=q.device)
     block = _query_block(B, H * S)
-    grad = _needs_grad(q, k, w)
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         args = (q[:, t0:t1].to(acc), kt, w[:, t0:t1].to(acc))
@@ -131,6 +136,7 @@ def sparse_attention(
     v: torch.Tensor,
     indices: torch.Tensor,
     scale: float | None = None,
+    mode: str = "auto",
 ) -> torch.Tensor:
     """Softmax attention of each query over its selected key positions only.
 
@@ -144,6 +150,8 @@ def sparse_attention(
             negative entries are empty slots. Positions in a row should be distinct (a repeat counts twice).
             On the CPU an entry >= S raises ValueError; on GPU it is the caller's contract.
         scale: logit scale; None = D ** -0.5.
+        mode: "torch"; "triton" (attnlab.kernels.sparse, with a Triton backward); "auto" = triton for
+            CUDA tensors, else torch.
 
     Returns:
         o: [B, T, H, D_v] in q's dtype, computed in float32 (float64 for float64 inputs). A query whose
@@ -159,6 +167,9 @@ def sparse_attention(
         got = int(indices.max())
         raise ValueError(f"indices: entries must be < S={S} (or negative for an empty slot), got max {got}")
     scale = D**-0.5 if scale is None else float(scale)
+    kernel = _sparse_kernel(mode, "sparse_attention", q)
+    if kernel is not None:
+        return kernel(q, k, v, indices, scale=scale)
     K = indices.shape[2]
     grad = _needs_grad(q, k, v)
     # MLA absorbed: v = k[..., :D_v] is a view of the same storage; gather once and slice.
