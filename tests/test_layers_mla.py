@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+from attnlab import ops
 from attnlab.config import ModelConfig
 from attnlab.layers.mla import DeepSeekSparseAttention, MultiHeadLatentAttention, build_dsa, build_mla
 
@@ -505,3 +506,23 @@ def test_indexer_learns_to_follow_attention():
         losses.append(float(layer.last_indexer_loss))
         opt.step()
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_topk_indices_are_the_ones_forward_attends_to():
+    """Zeroing the latents of every position topk_indices does NOT pick leaves the output unchanged."""
+    layer = LAYERS["D-sparse"]()
+    randomize(layer, seed=29)
+    x = torch.randn(1, 15, layer.d_model, generator=torch.Generator().manual_seed(30))
+    with torch.no_grad():
+        idx = layer.topk_indices(x)  # (1, 15, 6)
+        assert idx.shape == (1, 15, 6) and bool((idx[0, 5:] >= 0).all())
+        q_nope, q_pe, latent, q_latent, cos_sin = layer._project(x, layer._positions(x, None))
+        scores = ops.dsa_index_scores(*layer._index_qkw(x, q_latent, cos_sin))
+        y = layer._sparse_latent_attention(q_nope, q_pe, scores, latent)
+        t = 14  # the last query: perturb every latent it did not select
+        keep = torch.zeros(15, dtype=torch.bool)
+        keep[idx[0, t]] = True
+        noisy = torch.where(keep[None, :, None], latent, latent + 5.0)
+        y2 = layer._sparse_latent_attention(q_nope, q_pe, scores, noisy)
+    assert torch.allclose(y[0, t], y2[0, t], atol=1e-6)
+    assert not torch.allclose(y[0, 3], y2[0, 3], atol=1e-3)  # early queries see perturbed positions

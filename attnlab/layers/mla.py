@@ -336,6 +336,15 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         kl = torch.where(valid, p * (p.clamp_min(1e-30).log() - log_q), 0.0).sum(-1)  # (B, T)
         return kl.mean()
 
+    @torch.no_grad()
+    def topk_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """The positions the indexer selects for each query of a whole sequence x [B, T, d_model]
+        (as forward without a cache does) -> int64 [B, T, min(index_topk, T)], -1 = empty slot."""
+        check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
+        _, _, _, q_latent, cos_sin = self._project(x, self._positions(x, None))
+        scores = ops.dsa_index_scores(*self._index_qkw(x, q_latent, cos_sin))  # (B, T, T)
+        return ops.dsa_topk(scores, min(self.index_topk, x.shape[1]), causal=True)
+
     def forward(self, x: torch.Tensor, cache: DSACache | None = None) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it.
 
