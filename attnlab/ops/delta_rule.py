@@ -22,12 +22,13 @@ so U = W − K_c S₀ with W, K_c from one triangular solve per chunk, and
     o_i  = (q_i ⊙ Γ_i)ᵀ S₀ + Σ_{j≤i} (Σ_d q_id k_jd Γ_id/Γ_jd) u_j
     S_C  = Diag(Γ_C) S₀ + Σ_j (k_j ⊙ Γ_C/Γ_j) u_jᵀ.
 
-Every decay ratio is exp(G_i − G_j) with G the within-chunk cumulative log-gate, formed only
-for j ≤ i (masked to −inf before exp), so a log-gate of −30 per token underflows to 0 instead
-of overflowing. For the per-channel gate, the [C, C, D_k] ratios are never materialised for
-the whole chunk: chunks are cut into sub-chunks; pairs in different sub-chunks factor through
-a reference point of the later sub-chunk (two factors, as in fla's chunk_kda). Pairs inside a sub-chunk are factored too when the gates are mild enough that
-exp(±span) is harmless, else (gates near −30) computed elementwise over D_k.
+Every decay ratio is exp(G_i − G_j) with G the within-chunk cumulative log-gate, used only for
+j ≤ i and clamped to [−40, 0] before exp (see decay_exp), so a log-gate of −30 per token
+neither overflows nor sinks into slow denormals. For the per-channel gate, the [C, C, D_k]
+ratios are never materialised for the whole chunk: chunks are cut into sub-chunks; pairs in
+different sub-chunks factor through a reference point of the later sub-chunk (two factors, as
+in fla's chunk_kda). Pairs inside a sub-chunk are factored too when the gates are mild enough
+that exp(±span) is harmless, else (gates near −30) computed elementwise over D_k.
 """
 
 from __future__ import annotations
@@ -39,22 +40,22 @@ from ._dispatch import resolve_mode
 
 CHUNK_SIZE = 64  # tokens per chunk of the chunked form (fla and Qwen3-Next use 64)
 _MIN_SUB = 8  # smallest sub-chunk of the per-channel (KDA) intra-chunk decay; see _pick_sub_chunk
-_MAX_SPAN = 60.0  # largest sub-chunk log-decay span factored around its midpoint: factors within e^±30
+_MAX_SPAN = 60.0  # largest log-decay span that is factored as exp(+x)·exp(−x); see _chunk_factorable
 _STATE_DTYPES = (torch.float32, torch.float64)
-_LOG_FLOOR = -40.0  # decay factors below e^-40 ≈ 4e-18 are flushed to exactly 0; see decay_exp
+_LOG_FLOOR = -40.0  # log-decays are clamped here before exp (e^-40 ≈ 4e-18); see decay_exp
 
 
-def decay_exp(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """exp(x) of a log-decay x ≤ 0, exactly 0 where `keep` is False or x < _LOG_FLOOR.
+def decay_exp(x: torch.Tensor, keep: torch.Tensor | None = None, floor: float = _LOG_FLOOR) -> torch.Tensor:
+    """exp(x) of a log-decay x ≤ 0, and exactly 0 where the bool mask `keep` is False.
 
-    Masked entries never reach exp (no exp(+large), no inf·0 in backward). Flushing factors
-    below e^-40 changes nothing visible in float32 (every output has a diagonal term of factor 1,
-    17 orders of magnitude larger) but avoids denormals, which cost the CPU ~100× per element
-    (exp of −95 took 34 ms per million values here, against 0.3 ms)."""
-    ok = x >= _LOG_FLOOR
-    if keep is not None:
-        ok = ok & keep
-    return torch.where(ok, x, 0.0).exp() * ok
+    x is clamped to [floor, 0] before exp: masked entries (which may be large and positive) never
+    reach exp(+large), their gradient is 0 (no inf·0 in backward), and a factor below e^floor is
+    held there instead of reaching the denormal range, which costs the CPU 10-100× per element
+    (exp(−95) took 34 ms per million values here, against 0.3 ms). The default e^-40 ≈ 4e-18 is
+    far below float32 resolution next to each output's own-token term (factor 1); a factor that
+    is multiplied by a partner up to e^P needs floor ≤ −40 − P."""
+    y = x.clamp(floor, 0.0).exp()
+    return y if keep is None else y * keep
 
 
 def gated_delta_rule(
@@ -276,21 +277,35 @@ def _delta_chunk(q, k, v, g, beta, state, t: int):
     b, h, n, chunk, d_k = k.shape
     d_v = v.shape[-1]
     G = g.cumsum(dim=3)  # (B, H, N, C, 1|D_k) log of Γ_i, decay from the chunk start through token i
-    k_beta = k * beta  # (B, H, N, C, D_k)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # j ≤ i
 
-    if G.shape[-1] == 1:
-        qk, kk = _intra_scalar_gate(q, k_beta, k, G)
+    if _chunk_factorable(G):
+        # Mild gates (every chunk decays by at most e^-60 in every channel): Γ_i/Γ_j factors as
+        # Γ_i · (1/Γ_j) with both factors within e^±60, so all pair products are plain matmuls,
+        # and q ⊙ Γ and β k ⊙ Γ are the very tensors the inter-chunk terms need.
+        decay_in = G.exp()  # (B, H, N, C, 1|D_k)   Γ_i ∈ [e^-60, 1]
+        q_in = q * decay_in  # (B, H, N, C, D_k)   q_i ⊙ Γ_i
+        kb_in = k * (beta * decay_in)  # (B, H, N, C, D_k)   β_i k_i ⊙ Γ_i
+        k_out_t = (k / decay_in).transpose(-1, -2)  # (B, H, N, D_k, C)   k_j ⊘ Γ_j
+        qk = (q_in @ k_out_t) * lower  # (B, H, N, C, C)
+        kk = kb_in @ k_out_t  # (B, H, N, C, C); only its strict lower triangle is read by the solve
+        k_decayed_t = k_out_t * decay_in[..., -1:, :].transpose(-1, -2)  # (B, H, N, D_k, C)  (k_j ⊙ Γ_C/Γ_j)ᵀ
     else:
-        qk, kk = _intra_channel_gate(q, k_beta, k, G)  # (B, H, N, C, C) each, zero above the diagonal
+        # Strong gates: decay ratios formed as exp(G_i − G_j) only for j ≤ i, clamped (decay_exp).
+        k_beta = k * beta  # (B, H, N, C, D_k)
+        if G.shape[-1] == 1:
+            qk, kk = _intra_scalar_gate(q, k_beta, k, G)
+        else:
+            qk, kk = _intra_channel_gate(q, k_beta, k, G)  # (B, H, N, C, C) each, zero above the diagonal
+        decay_in = decay_exp(G)  # (B, H, N, C, 1|D_k)   Γ_i
+        q_in, kb_in = q * decay_in, k_beta * decay_in  # (B, H, N, C, D_k)
+        k_decayed_t = (k * decay_exp(G[..., -1:, :] - G)).transpose(-1, -2)  # (B, H, N, D_k, C)
 
-    # UT transform: unit-lower-triangular solves (the diagonal of kk is ignored).
-    decay_in = decay_exp(G)  # (B, H, N, C, 1|D_k)   Γ_i
+    # UT transform: unit-lower-triangular solves (only the strict lower triangle of kk is used).
     solve = lambda rhs: torch.linalg.solve_triangular(kk, rhs, upper=False, unitriangular=True)
     w = solve(v * beta)  # (B, H, N, C, D_v)
-    k_cum = solve(k_beta * decay_in)  # (B, H, N, C, D_k)
-
-    k_decayed_t = (k * decay_exp(G[..., -1:, :] - G)).transpose(-1, -2)  # (B, H, N, D_k, C)  (k_j ⊙ Γ_C/Γ_j)ᵀ
-    chunk_decay = decay_exp(G[..., -1, :]).unsqueeze(-1)  # (B, H, N, 1|D_k, 1)   Γ_C
+    k_cum = solve(kb_in)  # (B, H, N, C, D_k)
+    chunk_decay = decay_in[..., -1, :].unsqueeze(-1)  # (B, H, N, 1|D_k, 1)   Γ_C
     state = q.new_zeros(b, h, d_k, d_v) if state is None else state
     # Only what depends on the incoming state is sequential: u = W − K_c S and S' = Γ_C S + K̃ᵀ u.
     # (Folding it into S' = (Γ_C − K̃ᵀK_c) S + K̃ᵀW leaves one op per chunk but costs two more
@@ -307,9 +322,15 @@ def _delta_chunk(q, k, v, g, beta, state, t: int):
     entering = torch.stack(entering, dim=1).reshape(b, h, n, d_k, d_v)  # (B, H, N, D_k, D_v)
     u = torch.stack(us, dim=1).reshape(b, h, n, chunk, d_v)  # (B, H, N, C, D_v)
     flat = lambda x: x.reshape(b * h * n, *x.shape[-2:])  # (B·H·N, ·, ·) views for baddbmm
-    o = torch.baddbmm(flat(qk @ u), flat(q * decay_in), flat(entering))  # (B·H·N, C, D_v)
+    o = torch.baddbmm(flat(qk @ u), flat(q_in), flat(entering))  # (B·H·N, C, D_v)
     o = o.reshape(b, h, n * chunk, d_v)[:, :, :t]  # (B, H, T, D_v)
     return o.transpose(1, 2), state.reshape(b, h, d_k, d_v)  # (B, T, H, D_v)
+
+
+def _chunk_factorable(G: torch.Tensor) -> bool:
+    """Whether every chunk's total log-decay (in every channel) is within _MAX_SPAN, so that
+    Γ_i/Γ_j = Γ_i · (1/Γ_j) keeps both factors within e^±60, far from float32's e^±87 limits."""
+    return float(G.detach()[..., -1, :].amin()) >= -_MAX_SPAN
 
 
 def _intra_scalar_gate(q, k_beta, k, G):
@@ -324,7 +345,8 @@ def _intra_scalar_gate(q, k_beta, k, G):
 
 
 def _pick_sub_chunk(G: torch.Tensor) -> tuple[int, bool]:
-    """Sub-chunk size for the per-channel decay, and whether pairs inside a sub-chunk may be factored.
+    """Sub-chunk size for the per-channel decay when a whole chunk spans more than _MAX_SPAN, and
+    whether pairs inside a sub-chunk may be factored.
 
     Factoring exp(G_i − G_j) = exp(G_i − R) · exp(R − G_j) around R, the midpoint of the sub-chunk's
     log-decay range, is exact in floating point while neither factor under/overflows, i.e. while the
@@ -379,7 +401,9 @@ def _intra_channel_gate(q, k_beta, k, G):
     earlier = torch.ones(m, m, dtype=torch.bool, device=G.device).tril(-1)  # J < I
     keep = earlier.repeat_interleave(sub, dim=1).unsqueeze(-1)  # (m, C, 1)
     to_row = ref - G.unsqueeze(-3)  # (B, H, N, m, C, D_k)   R_I − G_j
-    k_bridged = k.unsqueeze(-3) * decay_exp(to_row, keep)  # (B, H, N, m, C, D_k)
+    # rows carry up to e^(_MAX_SPAN/2) when factored around the midpoint: floor this factor lower to match
+    floor = _LOG_FLOOR - (_MAX_SPAN / 2 if factored else 0.0)
+    k_bridged = k.unsqueeze(-3) * decay_exp(to_row, keep, floor)  # (B, H, N, m, C, D_k)
     across = a_rel @ k_bridged.transpose(-1, -2)  # (2, B, H, N, m, s, C)
 
     eye = torch.eye(m, dtype=G.dtype, device=G.device).reshape(m, 1, m, 1)
