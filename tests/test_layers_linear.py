@@ -272,6 +272,23 @@ def test_load_from_hf_rejects_mismatched_shapes_and_depth():
         KimiDeltaAttention(D_MODEL, 4, 4, 8, 8, norm_eps=1e-6).load_from_hf(hf_kda())
 
 
+@pytest.mark.parametrize("letter", "GK")
+def test_log_decay_of_matches_hf_gate(letter):
+    # the gate the layer applies, exposed for diagnostics, equals the HF module's
+    x = torch.randn(2, 7, D_MODEL)
+    if letter == "G":
+        hf = hf_gdn()
+        b, a = hf.fix_query_key_value_ordering(hf.in_proj_qkvz(x), hf.in_proj_ba(x))[4:]
+        ref = -hf.A_log.float().exp() * torch.nn.functional.softplus(a.float() + hf.dt_bias)
+    else:
+        hf = hf_kda()
+        ref = hf.forget_gate(x)
+    with torch.no_grad():
+        g = ours_for(hf).log_decay_of(x)
+    assert g.shape == ref.shape and g.dtype == torch.float32
+    torch.testing.assert_close(g, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_value_heads_must_be_multiple_of_key_heads():
     with pytest.raises(ValueError, match=r"linear_n_heads"):
         GatedDeltaNet(D_MODEL, 5, 2, 8, 8)

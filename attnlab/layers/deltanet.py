@@ -125,6 +125,16 @@ class DeltaRuleMixer(nn.Module):
         raise NotImplementedError
 
     # ---- shared
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x [B, T, d_model] -> (``in_proj(x)`` [B, T, sum(in_sizes)], its parts by name)."""
+        proj = self.in_proj(x)  # (B, T, sum(in_sizes))
+        return proj, dict(zip(self.in_sizes, proj.split(list(self.in_sizes.values()), dim=-1), strict=True))
+
+    def log_decay_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token log-decay g this layer applies for inputs x [B, T, d_model] (float32,
+        [B, T, H] for G, [B, T, H, D_k] for K): the memory horizon diagnostics read."""
+        return self.log_decay(self.project(x)[1])
+
     def forward(self, x: torch.Tensor, cache: DeltaRuleCache | None = None) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model], x's dtype.
 
@@ -136,8 +146,7 @@ class DeltaRuleMixer(nn.Module):
         B, T, _ = x.shape
         if cache is not None:
             _check_cache(cache, DeltaRuleCache, B)
-        proj = self.in_proj(x)  # (B, T, sum(in_sizes))
-        parts = dict(zip(self.in_sizes, proj.split(list(self.in_sizes.values()), dim=-1), strict=True))
+        proj, parts = self.project(x)
         conv_dim = self.conv.channels
         qkv = self.conv(proj[..., :conv_dim], None if cache is None else cache.conv_state)  # (B, T, conv_dim)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
