@@ -174,7 +174,7 @@ class Trainer:
 
         if self.cfg.threads is not None:
             torch.set_num_threads(self.cfg.threads)
-        self.rank, self.world = _init_distributed()
+        self.rank, self.world = _init_distributed(self.cfg.device)
         self.device = _pick_device(self.cfg.device, self.world)
         self.amp = self.cfg.amp and self.device.type == "cuda"
         if self.cfg.batch_size % self.world:
@@ -401,14 +401,18 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- parallelism (the one place)
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by torchrun."""
+def _init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group (nccl on GPU, gloo on CPU) under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if on_gpu:
+            local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="nccl", device_id=local)
+        else:
+            dist.init_process_group(backend="gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -421,6 +425,8 @@ def _pick_device(name: str, world: int) -> torch.device:
             raise ValueError("device: 'cuda' asked for, but torch sees no CUDA GPU")
         if world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 

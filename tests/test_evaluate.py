@@ -92,7 +92,13 @@ def test_evaluate_grid_over_lengths_and_depths():
 
 def test_cli_eval_writes_results_beyond_training_length(tmp_path):
     cfg = TrainConfig(
-        tasks=["mqar:num_pairs=2"], seq_len=16, batch_size=8, steps=2, eval_samples=8, log_every=1
+        tasks=["mqar:num_pairs=2"],
+        seq_len=16,
+        batch_size=8,
+        steps=2,
+        eval_samples=8,
+        log_every=1,
+        device="cpu",
     )
     Trainer(
         ModelConfig(pattern="S", d_model=32, n_layers=1, n_heads=2, vocab_size=32),

@@ -32,6 +32,7 @@ def tiny_train(**kw) -> TrainConfig:
         save_every=3,
         log_every=1,
         seed=1,
+        device="cpu",  # the same test on a GPU machine
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -204,6 +205,8 @@ def test_cli_train_mixture_and_errors(tmp_path, capsys):
         "--eval-samples",
         "8",
         "--quiet",
+        "--device",
+        "cpu",
     ]
     assert attnlab_cli.main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -273,6 +276,8 @@ def test_torchrun_two_processes_match_single_process(tmp_path, mode):
         "--threads",
         "1",
         "--quiet",
+        "--device",
+        "cpu",
     ]
     if mode == "fsdp":
         cmd.append("--fsdp")
