@@ -297,6 +297,21 @@ def test_gradients_chunk_vs_recurrent(family, g_scale):
         assert rel_err(grads["chunk"][name], g_ref) < 1e-9, name
 
 
+def test_gradients_across_segments():
+    """Sequences longer than one segment (the chunked path carries its state between segments of
+    delta_rule._SEGMENT tokens) still differentiate exactly."""
+    t = delta_rule._SEGMENT + 77
+    x = {k: v.double() for k, v in make_inputs("kda", t=t, h=1, d_k=4, d_v=3).items()}
+    grads = []
+    for mode in ("recurrent", "chunk"):
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        o, s = run("kda", leaves, mode)
+        (o.square().sum() + s.sum()).backward()
+        grads.append(leaves)
+    for name in x:
+        assert rel_err(grads[1][name].grad, grads[0][name].grad) < 1e-9, name
+
+
 # ------------------------------------------------------------------------------------------
 # property tests
 
