@@ -292,6 +292,9 @@ def test_run_diagnostics_and_section(tmp_path):
     for key in ("capacity", "forgetting", "horizons", "horizon_histograms", "selection", "attribution"):
         assert result[key], key
     json.dumps(result, allow_nan=False)  # plain, strict JSON
+    # capacity at the probe's own N reuses the probe's predictions: the same as computing it afresh
+    fresh = capacity_curve(model, "mqar:num_pairs=2", seq_len=24, facts=[2], n_samples=8)
+    assert result["capacity"][1] == fresh[0] and result["summary"]["recall"] == fresh[0]["recall"]
     md, html = diagnostics_section({"tiny": result}, tmp_path)
     for png in ("diag_capacity.png", "diag_forgetting.png", "diag_horizons.png", "diag_selection.png",
                 "diag_attribution.png"):  # fmt: skip
@@ -316,3 +319,28 @@ def test_cli_diagnose(tmp_path, capsys):
     assert main(args + ["--force", "--only", "capacity"]) == 0
     assert "selection" not in json.loads((out / "diagnostics.json").read_text())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_study_diagnostics_plan_reuse_and_sections(tmp_path):
+    from attnlab.diagnostics import StudyDiagnosticsSettings, run_study_diagnostics
+
+    for name, pattern in (("L", "L"), ("hyb", "WL")):
+        tiny(pattern, vocab_size=64).save_pretrained(tmp_path / "models" / name / "checkpoint")
+    tasks = ["needle", "mqar:num_pairs=2,weight=2"]
+    s = StudyDiagnosticsSettings(n_samples=4, facts=(1, 2, 16), bins=3)
+    results = run_study_diagnostics(tmp_path, ["L", "hyb"], tasks, 32, s)
+    assert results["L"]["plan"] == ["capacity", "forgetting"]
+    assert results["hyb"]["plan"] == ["capacity", "forgetting", "selection", "attribution"]
+    assert results["L"]["settings"]["spec"] == "mqar:num_pairs=2"  # MQAR first, weight dropped
+    assert [r["facts"] for r in results["L"]["capacity"]] == [1, 2]  # 16 pairs do not fit 32 tokens
+    assert not results["L"]["reused"]
+    again = run_study_diagnostics(tmp_path, ["L", "hyb"], tasks, 32, s)
+    assert again["hyb"]["reused"] and again["hyb"]["selection"] == results["hyb"]["selection"]
+    report = pytest.importorskip("attnlab.report")
+    from attnlab.diagnostics import study_sections
+
+    sections = study_sections(again, tmp_path)
+    titles = [sec.title for sec in sections]
+    assert titles[0] == "What the diagnostics measure" and len(titles) == 6  # + the 5 tables
+    assert all(isinstance(sec, report.Section) for sec in sections)
+    assert all(path.is_file() for sec in sections for path, _ in sec.images)

@@ -29,6 +29,7 @@ from .probes import Probe, make_probe, mqar_probe, needle_probe, predict, recall
 from .run import DIAGNOSTICS, applicable, run_diagnostics
 from .section import diagnostics_section, write_plots
 from .selection import dsa_selected, dsa_topk_indices, selection_audit, window_selected
+from .study import StudyDiagnosticsSettings, run_study_diagnostics, study_diagnostics, study_sections
 
 __all__ = [
     "DIAGNOSTICS", "Probe", "ablate_mixers", "add_cli", "applicable", "capacity_cliff", "capacity_curve",
@@ -36,4 +37,5 @@ __all__ = [
     "forgetting_curve", "half_life", "horizon_histograms", "layer_attribution", "linear_key_dim",
     "log_decays", "make_probe", "memory_horizons", "mqar_probe", "needle_depth_probe", "needle_probe",
     "predict", "recall", "run_diagnostics", "selection_audit", "window_selected", "write_plots",
+    "StudyDiagnosticsSettings", "run_study_diagnostics", "study_diagnostics", "study_sections",
 ]  # fmt: skip

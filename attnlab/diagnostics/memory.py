@@ -82,6 +82,7 @@ def capacity_curve(
     n_samples: int = 128,
     seed: int = 0,
     batch_size: int = 64,
+    known: dict[int, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Recall against the number of facts stored at context ``seq_len``.
 
@@ -89,7 +90,8 @@ def capacity_curve(
     multi-key needle, one asked). One row per fact count: ``facts``, ``recall`` (teacher-forced
     accuracy at the answer positions), ``exact`` (samples with every answer right), ``targets``,
     ``cache_bytes`` (one sequence's cache at ``seq_len``, bf16, as the layers declare it) and
-    ``cache_bytes_per_fact``."""
+    ``cache_bytes_per_fact``. ``known`` maps a fact count to predictions (bool [N, T]) already
+    made on the very probe this function builds for it (same spec, length, samples, seed)."""
     from ..cost import ModelCost
 
     cfg = _cfg(model)
@@ -98,7 +100,7 @@ def capacity_curve(
     rows = []
     for n in facts:
         probe = make_probe(spec, seq_len, cfg.vocab_size, n_samples, seed, **_facts_option(spec, n))
-        correct = predict(model, probe, batch_size)  # (N, T)
+        correct = known[n] if known and n in known else predict(model, probe, batch_size)  # (N, T)
         per_sample = (correct | ~probe.mask).all(1)  # (N,)
         rows.append(
             {

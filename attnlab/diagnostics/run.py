@@ -94,25 +94,29 @@ def run_diagnostics(
         out["seconds"][name] = round(time.perf_counter() - t0, 3)
         return result
 
-    if "capacity" in which:
-        rows = timed(
-            "capacity", lambda: capacity_curve(model, spec, seq_len, facts, n_samples, seed, batch_size)
-        )
-        out["capacity"] = rows
-        out["summary"]["cliff_facts"] = capacity_cliff(rows)
-    if "selection" in which:
+    if "selection" in which:  # its forward also gives the probe's predictions
         rows, correct = timed("selection", lambda: selection_audit(model, probe, batch_size))
         out["selection"] = rows
         main = rows[-1]
         out["summary"]["selected_rate"] = main["selected_rate"]
         out["summary"]["recall_selected"] = main["recall_selected"]
         out["summary"]["recall_pruned"] = main["recall_pruned"]
+    if task_name == "mqar":
+        correct = predict(model, probe, batch_size) if correct is None else correct
+    out["summary"]["recall"] = None if correct is None else recall(correct, probe.mask)
+    if "capacity" in which:
+        known = {probe.facts: correct} if task_name == "mqar" else None  # the same probe at N = probe.facts
+        rows = timed(
+            "capacity",
+            lambda: capacity_curve(model, spec, seq_len, facts, n_samples, seed, batch_size, known),
+        )
+        out["capacity"] = rows
+        out["summary"]["cliff_facts"] = capacity_cliff(rows)
     if "forgetting" in which:
         if task_name == "needle":  # controlled gaps: the asked needle at evenly spaced depths
             fprobe = needle_depth_probe(spec, seq_len, cfg.vocab_size, n_samples, bins, seed)
             fcorrect = None
         else:  # MQAR queries already spread over distances; bin them
-            correct = predict(model, probe, batch_size) if correct is None else correct
             fprobe, fcorrect = probe, correct
         rows = timed("forgetting", lambda: forgetting_curve(model, fprobe, bins, batch_size, fcorrect))
         out["forgetting"] = rows
@@ -133,8 +137,8 @@ def run_diagnostics(
             "letter": worst["letter"],
             "recall_drop": worst["recall_drop"],
         }
-    if "recall" not in out["summary"]:
-        correct = predict(model, probe, batch_size) if correct is None else correct
+    if out["summary"]["recall"] is None:
+        correct = predict(model, probe, batch_size)
         out["summary"]["recall"] = recall(correct, probe.mask)
     return out
 

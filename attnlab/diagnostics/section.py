@@ -283,7 +283,7 @@ def tables(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, list[str]
             (
                 "attribution",
                 "Layer attribution: recall with one mixer ablated",
-                ["model", "ablated layer", "recall", "drop", "mean |Δ logit|"],
+                ["model", "ablated layer", "recall", "drop", "mean abs Δ logit"],
                 rows,
             )
         )

@@ -122,7 +122,7 @@ def selection_audit(
         rows.append(
             {
                 "layer": "any",
-                "letter": "",
+                "letter": "W/D",
                 "mechanism": "kept by >= 1 sparse layer",
                 "budget": None,
                 **_split(kept_any, mask, correct_all),
