@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "attnlab.train",  # train
     "attnlab.evaluate",  # eval
     "attnlab.diagnostics",  # diagnose
+    "attnlab.compare",  # compare
 ]
 
 

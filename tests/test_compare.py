@@ -1,0 +1,213 @@
+"""attnlab compare: a tiny study end to end on the CPU (seconds), its report and summary
+numbers, resume without retraining, --out refusal, equal parameter budgets, config files."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from attnlab.cli import main
+from attnlab.compare import (
+    DEFAULT_MODELS,
+    StudySettings,
+    format_summary_table,
+    load_study_config,
+    run_study,
+    study_configs,
+    summary_table_rows,
+)
+
+TINY = dict(
+    models=("S", "W"),
+    d_model=16,
+    n_layers=2,
+    window=8,
+    tasks=("mqar:num_pairs=2", "needle:key_len=2,value_digits=2", "mrcr:num_topics=2"),
+    train_len=80,
+    lengths=(80, 96),
+    depths=(0.0, 1.0),
+    steps=4,
+    batch_size=4,
+    eval_samples=3,
+    workers=1,
+    cost={"d_model": 16, "n_heads": 2, "prefill_contexts": [32, 64], "decode_contexts": [32, 64]},
+)
+
+
+def tiny(**changes) -> StudySettings:
+    return StudySettings.from_dict({**TINY, **changes})
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    summary = run_study(tiny(), out, progress=False)
+    return out, summary
+
+
+def _table_cells(text: str, first_cell: str) -> dict[str, list[str]]:
+    """Rows of a Markdown table in ``text`` whose header starts with ``first_cell``."""
+    rows: dict[str, list[str]] = {}
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell} |"))
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_study_writes_report_and_files(study):
+    out, summary = study
+    for name in ("study.json", "summary.json", "report.md", "report.html", "cost.json",
+                 "recall_vs_length.png", "needle_heatmaps.png", "recall_vs_memory.png",
+                 "cache_vs_context.png",
+                 "cost_vs_context.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    for m in ("S", "W"):
+        assert (out / "models" / m / "checkpoint" / "model.safetensors").is_file()
+        assert (out / "models" / m / "result.json").is_file()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5  # self-contained: plots embedded
+    assert 'src="http' not in html and "<script" not in html
+    md = (out / "report.md").read_text()
+    assert "## Diagnostics" in md and "## Summary" in md
+    for png in re.findall(r"\]\(([^)]+\.png)\)", md):
+        assert (out / png).is_file()
+
+
+def test_summary_numbers_come_from_the_eval_records_and_match_the_tables(study, capsys):
+    out, summary = study
+    stored = json.loads((out / "summary.json").read_text())
+    assert stored["models"] == json.loads(json.dumps(summary["models"]))
+    s = tiny()
+    for m in stored["models"]:
+        result = json.loads((out / "models" / m["name"] / "result.json").read_text())
+        for L in s.lengths:  # recompute recall from the raw records: mean over tasks (needle over depths)
+            per_task = []
+            for spec in s.tasks:
+                recs = [r for r in result["results"] if r["spec"] == spec and r["length"] == L]
+                assert recs, (m["name"], spec, L)
+                per_task.append(sum(r.get("score", r["accuracy"]) for r in recs) / len(recs))
+            assert m["recall"][str(L)] == pytest.approx(sum(per_task) / len(per_task))
+        assert m["params"] == result["params"]
+    # the Markdown table and the printed table show exactly the summary's numbers
+    header, rows = summary_table_rows(stored)
+    md_rows = _table_cells((out / "report.md").read_text(), "model")
+    printed = format_summary_table(stored).splitlines()
+    for row in rows:
+        assert md_rows[row[0]] == row
+        assert any(line.split() == " ".join(row).split() for line in printed)
+    for m in stored["models"]:
+        cells = dict(zip(header, md_rows[m["name"]], strict=True))
+        assert cells["params"] == f"{m['params']:,}"
+        for L in s.lengths:
+            key = f"recall@{L}" + ("*" if L > s.train_len else "")
+            assert float(cells[key].rstrip("%")) == pytest.approx(100 * m["recall"][str(L)], abs=0.05)
+
+
+def test_resume_reuses_finished_models(study, capsys):
+    out, _ = study
+    ckpt = {m: out / "models" / m / "checkpoint" / "model.safetensors" for m in ("S", "W")}
+    before = {m: p.stat().st_mtime_ns for m, p in ckpt.items()}
+    # an interrupted study: W never finished (no result.json); S did
+    (out / "models" / "W" / "result.json").unlink()
+    summary = run_study(tiny(skip_cost=True), out, progress=False)
+    assert summary["run"]["reused"] == ["S"]
+    assert ckpt["S"].stat().st_mtime_ns == before["S"]  # not retrained
+    assert ckpt["W"].stat().st_mtime_ns != before["W"]  # retrained
+    again = run_study(tiny(), out, progress=False)
+    assert again["run"]["reused"] == ["S", "W"]
+    assert ckpt["W"].stat().st_mtime_ns == json.loads(json.dumps(ckpt["W"].stat().st_mtime_ns))
+
+
+def test_out_directory_is_never_overwritten_by_accident(study, tmp_path, capsys):
+    out, _ = study
+    with pytest.raises(FileExistsError, match="different study.*steps"):
+        run_study(tiny(steps=5), out, progress=False)
+    other = tmp_path / "not-a-study"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an attnlab study"):
+        run_study(tiny(), other, progress=False)
+    assert (other / "keep.txt").read_text() == "mine"
+    # through the CLI: a clean error, exit code 2
+    code = main(["compare", "--out", str(out), "--models", "S", "--steps", "3", "--quiet"])
+    assert code == 2
+    assert "different study" in capsys.readouterr().err
+
+
+def test_force_replaces_a_different_study(tmp_path):
+    out = tmp_path / "out"
+    run_study(tiny(models=("S",), skip_cost=True), out, progress=False)
+    with pytest.raises(FileExistsError):
+        run_study(tiny(models=("W",), skip_cost=True), out, progress=False)
+    summary = run_study(tiny(models=("W",), skip_cost=True), out, force=True, progress=False)
+    assert [m["name"] for m in summary["models"]] == ["W"]
+    assert not (out / "models" / "S").exists()
+
+
+def test_every_default_model_gets_the_same_parameter_budget():
+    budget, configs = study_configs(StudySettings())
+    assert list(configs) == list(DEFAULT_MODELS)
+    from attnlab.compare import count_params
+
+    for name, cfg in configs.items():
+        assert abs(count_params(cfg) / budget - 1) < 0.03, name
+    assert configs["minimax-01"].layer_pattern == "LLLLLLLS"
+    assert set(configs["W"].layer_pattern) == {"W"} and set(configs["K"].layer_pattern) == {"K"}
+    assert len({cfg.ff_dim for cfg in configs.values()}) > 3  # widths differ to equalize the counts
+
+
+def test_budget_too_small_names_the_model():
+    with pytest.raises(ValueError, match="minimax-01"):
+        study_configs(StudySettings(models=("S", "minimax-01"), param_budget=150_000))
+
+
+def test_config_files_json_and_toml(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({"models": ["S", "L"], "steps": 7, "lengths": [128, 256]}))
+    (tmp_path / "s.toml").write_text(
+        'models = ["S", "L"]\nsteps = 7\nlengths = [128, 256]\n[overrides.L]\nblock_size = 64\n'
+    )
+    a = StudySettings.from_dict(load_study_config(tmp_path / "s.json")).validate()
+    b = StudySettings.from_dict(load_study_config(tmp_path / "s.toml")).validate()
+    assert a.models == b.models == ("S", "L") and a.steps == b.steps == 7 and a.lengths == (128, 256)
+    assert study_configs(b)[1]["L"].block_size == 64
+    (tmp_path / "bad.json").write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ValueError, match="stepz"):
+        StudySettings.from_dict(load_study_config(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="unknown model 'Q'"):
+        StudySettings(models=("Q",)).validate()
+    with pytest.raises(FileNotFoundError):
+        load_study_config(tmp_path / "missing.toml")
+
+
+def test_cli_flags_override_the_config_file(tmp_path):
+    from attnlab.cli import build_parser
+    from attnlab.compare import settings_from_args
+
+    cfg = tmp_path / "s.json"
+    cfg.write_text(json.dumps({"models": ["S", "L"], "steps": 7}))
+    args = build_parser().parse_args(
+        ["compare", "--config", str(cfg), "--steps", "9", "--lengths", "128,512", "--skip-cost"]
+    )
+    s = settings_from_args(args)
+    assert s.models == ("S", "L") and s.steps == 9 and s.lengths == (128, 512) and s.skip_cost
+
+
+def test_progress_lines_when_not_a_tty(tmp_path):
+    import io
+
+    from attnlab.compare import StudyProgress
+
+    stream = io.StringIO()
+    bar = StudyProgress({"a": 1.0, "b": 3.0}, stream=stream)
+    bar.set("a", 1.0, "a done")
+    bar.note("hello")
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" not in text and "hello" in text
+    assert re.search(r"25\.0%\s+elapsed 0:\d\d\s+ETA \d+:\d\d", text)
