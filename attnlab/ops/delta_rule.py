@@ -229,9 +229,8 @@ def _delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_
         outs = []
         for start in range(0, t, _SEGMENT):
             seg = slice(start, min(t, start + _SEGMENT))
-            qs, ks, vs, gs, bs = (_to_chunks(x[:, seg], CHUNK_SIZE, dtype)
-                                  for x in (q, k, v, g, beta.unsqueeze(-1)))  # (B, H, N, C, ·)
-            qs, ks = _prepare_qk(qs, ks, n_rep, use_qk_l2norm, scale, head_dim=1)
+            qs, ks = _chunked_qk(q[:, seg], k[:, seg], n_rep, use_qk_l2norm, scale, dtype)  # (B,H,N,C,D_k)
+            vs, gs, bs = (_to_chunks(x[:, seg], CHUNK_SIZE, dtype) for x in (v, g, beta.unsqueeze(-1)))
             o_seg, state = _delta_chunk(qs, ks, vs, gs, bs, state, seg.stop - seg.start)
             outs.append(o_seg)
         o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, T, H, D_v)
@@ -267,15 +266,33 @@ def _delta_recurrent(q, k, v, g, beta, state):
 
 
 def _to_chunks(x: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T, H, X] -> [B, H, N, C, X] in `dtype`, zero-padded at the end of the sequence (one copy)."""
+    """[B, T, H, X] -> [B, H, N, C, X] in `dtype`, zero-padded at the end of the sequence.
+
+    Always a fresh tensor (one copy), so callers may scale it in place."""
     b, t, h, d = x.shape
     n = -(-t // chunk)
-    if n * chunk == t:
-        out = x.transpose(1, 2).to(dtype).contiguous()  # (B, H, T, X)
-    else:
-        out = x.new_zeros(b, h, n * chunk, d, dtype=dtype)  # (B, H, N·C, X)
-        out[:, :, :t] = x.transpose(1, 2)
+    out = x.new_empty((b, h, n * chunk, d), dtype=dtype)  # (B, H, N·C, X)
+    out[:, :, t:] = 0
+    out[:, :, :t] = x.transpose(1, 2)
     return out.view(b, h, n, chunk, d)  # (B, H, N, C, X)
+
+
+def _chunked_qk(q, k, n_rep: int, use_qk_l2norm: bool, scale: float | None, dtype: torch.dtype):
+    """_prepare_qk for the chunked layout: q, k [B, T, H_k, D_k] -> [B, H, N, C, D_k], the norms
+    read from the inputs and applied in place to the fresh chunked copies (fewer passes and
+    allocations, which dominate on the CPU)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qc, kc = _to_chunks(q, CHUNK_SIZE, dtype), _to_chunks(k, CHUNK_SIZE, dtype)  # (B, H_k, N, C, D_k)
+    if use_qk_l2norm:
+        norm = lambda x: torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype)  # (B, T, H_k, 1)
+        inv = lambda x: (norm(x).square() + 1e-6).rsqrt()
+        qc = qc.mul_(_to_chunks(inv(q) * scale, CHUNK_SIZE, dtype))  # (B, H_k, N, C, D_k)
+        kc = kc.mul_(_to_chunks(inv(k), CHUNK_SIZE, dtype))
+    else:
+        qc = qc.mul_(scale)
+    if n_rep > 1:  # grouped values, as in _prepare_qk
+        qc, kc = qc.repeat_interleave(n_rep, dim=1), kc.repeat_interleave(n_rep, dim=1)  # (B, H, N, C, D_k)
+    return qc, kc
 
 
 def _delta_chunk(q, k, v, g, beta, state, t: int):
@@ -296,7 +313,7 @@ def _delta_chunk(q, k, v, g, beta, state, t: int):
         q_in = q * decay_in  # (B, H, N, C, D_k)   q_i ⊙ Γ_i
         kb_in = k * (beta * decay_in)  # (B, H, N, C, D_k)   β_i k_i ⊙ Γ_i
         k_out_t = (k / decay_in).transpose(-1, -2)  # (B, H, N, D_k, C)   k_j ⊘ Γ_j
-        qk = (q_in @ k_out_t) * lower  # (B, H, N, C, C)
+        qk = (q_in @ k_out_t).mul_(lower)  # (B, H, N, C, C)
         kk = kb_in @ k_out_t  # (B, H, N, C, C); only its strict lower triangle is read by the solve
         k_decayed_t = k_out_t * decay_in[..., -1:, :].transpose(-1, -2)  # (B, H, N, D_k, C)  (k_j ⊙ Γ_C/Γ_j)ᵀ
     else:
