@@ -297,6 +297,20 @@ def test_gradients_chunk_vs_recurrent(family, g_scale):
         assert rel_err(grads["chunk"][name], g_ref) < 1e-9, name
 
 
+@pytest.mark.parametrize("family", ["gdn", "kda"])
+def test_gradients_grouped_heads_without_l2norm(family):
+    x = {k: v.double() for k, v in make_inputs(family, t=70, h=4, h_k=2, d_k=6, d_v=5).items()}
+    x["q"], x["k"] = x["q"] / 3, x["k"] / 3
+    grads = []
+    for mode in ("recurrent", "chunk"):
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        o, s = run(family, leaves, mode, use_qk_l2norm=False, scale=0.7)
+        (o.square().sum() + s.sum()).backward()
+        grads.append(leaves)
+    for name in x:
+        assert rel_err(grads[1][name].grad, grads[0][name].grad) < 1e-9, name
+
+
 def test_gradients_across_segments():
     """Sequences longer than one segment (the chunked path carries its state between segments of
     delta_rule._SEGMENT tokens) still differentiate exactly."""

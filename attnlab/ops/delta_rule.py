@@ -7,8 +7,9 @@ Per head, with a float32 state S [D_k, D_v] and α_t = exp(g_t):
     o_t = S_tᵀ (scale · q_t)
 
 GDN has one gate per head (g [B, T, H]); KDA one per key channel (g [B, T, H, D_k]). GDN is
-KDA with its scalar gate broadcast over D_k, so both share one implementation; the scalar
-case only takes a cheaper route to the intra-chunk decay (a [C, C] mask instead of D_k of them).
+KDA with its scalar gate broadcast over D_k (a trailing dim of 1), so both share one
+implementation; only the strong-gate route below has a scalar special case ([C, C] decays
+instead of D_k of them).
 
 Chunked form (Yang et al., "Parallelizing Linear Transformers with the Delta Rule", 2024, and
 "Gated Delta Networks", 2025; the UT/WY transform). Inside a chunk of C tokens, with Γ_i the
@@ -22,13 +23,19 @@ so U = W − K_c S₀ with W, K_c from one triangular solve per chunk, and
     o_i  = (q_i ⊙ Γ_i)ᵀ S₀ + Σ_{j≤i} (Σ_d q_id k_jd Γ_id/Γ_jd) u_j
     S_C  = Diag(Γ_C) S₀ + Σ_j (k_j ⊙ Γ_C/Γ_j) u_jᵀ.
 
-Every decay ratio is exp(G_i − G_j) with G the within-chunk cumulative log-gate, used only for
-j ≤ i and clamped to [−40, 0] before exp (see decay_exp), so a log-gate of −30 per token
-neither overflows nor sinks into slow denormals. For the per-channel gate, the [C, C, D_k]
-ratios are never materialised for the whole chunk: chunks are cut into sub-chunks; pairs in
-different sub-chunks factor through a reference point of the later sub-chunk (two factors, as
-in fla's chunk_kda). Pairs inside a sub-chunk are factored too when the gates are mild enough
-that exp(±span) is harmless, else (gates near −30) computed elementwise over D_k.
+Decay ratios Γ_i/Γ_j = exp(G_i − G_j), G the within-chunk cumulative log-gate, take one of two
+routes, chosen from the data:
+- mild gates (every chunk decays by at most e^-60, the usual case): Γ_i · (1/Γ_j), both factors
+  within e^±60, so all pair products are plain matmuls (and reuse q ⊙ Γ, βk ⊙ Γ);
+- strong gates (down to −30 per token): exp(G_i − G_j) formed only for j ≤ i and clamped to
+  [−40, 0] before exp (see decay_exp): no overflow, no slow denormals. For a per-channel gate
+  the [C, C, D_k] ratios are not materialised for the whole chunk: chunks are cut into
+  sub-chunks; pairs in different sub-chunks factor through a reference point of the later
+  sub-chunk (as in fla's chunk_kda), pairs inside one are factored when their span allows,
+  else computed elementwise over D_k. This route is exact but slow (about the token loop's
+  speed at gates of −10 per token).
+The sequence is processed in segments of _SEGMENT tokens with the state carried between them,
+which keeps a segment's intermediates in cache on the CPU.
 """
 
 from __future__ import annotations
