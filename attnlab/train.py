@@ -305,7 +305,8 @@ class Trainer:
                 where = f"no checkpoint had been written yet in {self.run_dir}"
         raise TrainingDiverged(
             f"training diverged at step {self.step + 1}: {what}; stopped without updating the weights. "
-            f"{where}. Try a lower --lr or a stronger --grad-clip."
+            f"{where}. Try a lower --lr or a stronger --grad-clip; non-finite values in the first steps "
+            f"point at the model's own forward/backward."
         )
 
     # ------------------------------------------------------------------ evaluation
