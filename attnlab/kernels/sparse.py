@@ -50,12 +50,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
 LOG2E = 1.4426950408889634
 
-# Launch parameters; the benchmark may override them (benchmarks/sparse_mla_gpu.py --sweep).
-# Untuned first guesses from FlashMLA / sglang's Triton MLA decode (64 heads per CTA, 32-64 rows per step).
+# Launch parameters; the benchmark may override them (benchmarks/sparse_mla_gpu.py --sweep). Not yet
+# timed on a GPU: chosen from the sm_90 compile report (benchmarks/sparse_mla_gpu.py --compile-report,
+# no GPU needed) at the MLA shapes (576/512 dims, 64 heads per program). The forward with the whole
+# [64, 512] float32 accumulator (DVB=1) uses wgmma and cp.async but spills ~100 bytes per thread at
+# 255 registers; DVB=2 (value columns split over two programs, q·k computed twice) does not spill
+# (196 registers). The backward at 16 heads x 16 rows, 8 warps, is the largest spill-free shape found.
 TUNING: dict[str, dict[str, int]] = {
-    "sparse": {"BLOCK_H": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-    "decode": {"BLOCK_H": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-    "sparse_bwd": {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+    "sparse": {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1},
+    "decode": {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1},
+    "sparse_bwd": {"BLOCK_H": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1},
     "index": {"BLOCK_T": 2, "BLOCK_S": 128, "S_CHUNK": 4096, "num_warps": 8, "num_stages": 2},
 }
 # Split slots across programs until there are about this many programs per SM.
@@ -70,6 +74,23 @@ _GATHER_DENSE, _GATHER_INDEX, _GATHER_PAGED = 0, 1, 2
 
 
 @triton.jit
+def _mm(a, b, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b on the tensor cores in the operands' dtype, fp32 accumulation. Under TRITON_INTERPRET
+    (triton 3.9) tl.dot returns garbage for bf16 operands, so there the (already rounded) operands
+    are multiplied in float32: same values, the same products, exact in float32."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _dot_lowp(a, b, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """a (float32: probabilities or their gradient) rounded to b's dtype, times b (FlashAttention's
+    bf16 P·V), fp32 accumulation."""
+    return _mm(a.to(b.dtype), b, PREC, INTERP)
+
+
+@triton.jit
 def _latent_attn_fwd(
     Q, K, V, IDX, NVALID, TABLE, O, LSE, OP, LP,
     sm_scale, T, G, N_HBLK, N_SPLIT, n_slots, slots_per_split, n_rows,
@@ -81,15 +102,20 @@ def _latent_attn_fwd(
     stride_ob, stride_ot, stride_oh,
     GATHER: tl.constexpr, PAGE: tl.constexpr,
     DK1: tl.constexpr, BD1: tl.constexpr, DK2: tl.constexpr, BD2: tl.constexpr,
-    D_V: tl.constexpr, BDV: tl.constexpr, V_IS_K: tl.constexpr,
+    D_V: tl.constexpr, BDV: tl.constexpr, NUM_DVB: tl.constexpr, V_IS_K: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_OUT: tl.constexpr, PREC: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     """One program: query token (b, t), kv head hk, query heads hk*G + [hb*BLOCK_H, +BLOCK_H),
-    slots [split*slots_per_split, +slots_per_split). Writes o (normalised, O's dtype) and the
-    base-2 log-sum-exp (+inf for a row with no valid slot), or with SPLIT_OUT float32 partials."""
+    value columns [dvb*BDV, +BDV), slots [split*slots_per_split, +slots_per_split). Writes o
+    (normalised, O's dtype) and the base-2 log-sum-exp (+inf for a row with no valid slot), or with
+    SPLIT_OUT float32 partials. NUM_DVB > 1 splits the value columns across programs (each recomputes
+    q·k): a smaller accumulator for fewer registers, at the price of more tensor-core work."""
     pid = tl.program_id(0)
     hb = pid % N_HBLK  # head blocks fastest: programs reading the same rows run side by side (L2)
     rest = pid // N_HBLK
+    dvb = rest % NUM_DVB
+    rest = rest // NUM_DVB
     split = rest % N_SPLIT
     rest = rest // N_SPLIT
     n_kv = tl.num_programs(1)
@@ -107,7 +133,8 @@ def _latent_attn_fwd(
     if DK2 > 0:
         d2 = tl.arange(0, BD2)
         q2 = tl.load(q_base + DK1 + d2[None, :], mask=h_ok[:, None] & (d2 < DK2)[None, :], other=0.0)
-    dv = tl.arange(0, BDV)
+    dv = dvb * BDV + tl.arange(0, BDV)  # this program's value columns
+    first = (offs_h * 0 + dvb) == 0  # one program per head block writes the log-sum-exp
 
     lo = split * slots_per_split
     hi = tl.minimum(lo + slots_per_split, n_slots)
@@ -137,21 +164,21 @@ def _latent_attn_fwd(
             rows = slots.to(tl.int64)
         k_rows = k_base + rows[:, None] * stride_ks
         k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None] & (d1 < DK1)[None, :], other=0.0)
-        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)  # (BLOCK_H, BLOCK_N)
+        s = _mm(q1, tl.trans(k1), PREC, INTERP)  # (BLOCK_H, BLOCK_N)
         if DK2 > 0:
             k2 = tl.load(k_rows + DK1 + d2[None, :], mask=valid[:, None] & (d2 < DK2)[None, :], other=0.0)
-            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+            s += _mm(q2, tl.trans(k2), PREC, INTERP)
         s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if V_IS_K:
+        if V_IS_K and NUM_DVB == 1:
             v = k1  # MLA absorbed: the value is the first D_v dims of the key row, already loaded
         else:
             v = tl.load(v_base + rows[:, None] * stride_vs + dv[None, :],
                         mask=valid[:, None] & (dv < D_V)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + _dot_lowp(p, v, PREC, INTERP)
         m_i = m_new
 
     has = l_i > 0
@@ -159,12 +186,13 @@ def _latent_attn_fwd(
     if SPLIT_OUT:  # partials [B*T*H, N_SPLIT, D_V] float32 and [B*T*H, N_SPLIT]
         row = (bt * n_kv * G + heads) * N_SPLIT + split
         tl.store(OP + row[:, None] * D_V + dv[None, :], o, mask=h_ok[:, None] & (dv < D_V)[None, :])
-        tl.store(LP + row, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=h_ok)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(LP + row, lse, mask=h_ok & first)
     else:
         o_ptr = O + b * stride_ob + t * stride_ot + heads[:, None] * stride_oh + dv[None, :]
         tl.store(o_ptr, o.to(O.dtype.element_ty), mask=h_ok[:, None] & (dv < D_V)[None, :])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
-        tl.store(LSE + bt * n_kv * G + heads, lse, mask=h_ok)
+        tl.store(LSE + bt * n_kv * G + heads, lse, mask=h_ok & first)
 
 
 @triton.jit
@@ -205,7 +233,7 @@ def _sparse_bwd(
     stride_ob, stride_ot, stride_oh,
     DK1: tl.constexpr, BD1: tl.constexpr, DK2: tl.constexpr, BD2: tl.constexpr,
     D_V: tl.constexpr, BDV: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One program per (query token, kv head, head block): p = 2^(s − lse), dp = do vᵀ,
     ds = p (dp − Δ); dq += ds k (registers); dk[row] += dsᵀ q, dv[row] += pᵀ do (float32 atomics).
@@ -235,6 +263,7 @@ def _sparse_bwd(
     lse = tl.load(LSE + bt * H + heads, mask=h_ok, other=float("inf"))  # +inf: p = 0
     delta = tl.load(DELTA + bt * H + heads, mask=h_ok, other=0.0)
     dq1 = tl.zeros([BLOCK_H, BD1], dtype=tl.float32)
+    scale = sm_scale / 1.4426950408889634  # the natural logit scale
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     D_TOT: tl.constexpr = DK1 + DK2
@@ -242,35 +271,34 @@ def _sparse_bwd(
     dv_base = DV + (b * n_rows * n_kv + hk) * D_V
     for start in range(0, n_slots, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
-        idx = tl.load(IDX + b * stride_ib + t * stride_it + slots, mask=slots < n_slots, other=-1).to(tl.int64)
+        idx = tl.load(IDX + b * stride_ib + t * stride_it + slots, mask=slots < n_slots, other=-1)
+        idx = idx.to(tl.int64)
         valid = (idx >= 0) & (idx < n_rows)
         rows = tl.where(valid, idx, 0)
         k_rows = k_base + rows[:, None] * stride_ks
         k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None] & (d1 < DK1)[None, :], other=0.0)
-        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        s = _mm(q1, tl.trans(k1), PREC, INTERP)
         if DK2 > 0:
             k2 = tl.load(k_rows + DK1 + d2[None, :], mask=valid[:, None] & (d2 < DK2)[None, :], other=0.0)
-            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+            s += _mm(q2, tl.trans(k2), PREC, INTERP)
         s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
         p = tl.exp2(s - lse[:, None])  # (BLOCK_H, BLOCK_N); 0 for empty slots, padded heads, empty rows
         v = tl.load(v_base + rows[:, None] * stride_vs + dv[None, :],
                     mask=valid[:, None] & (dv < D_V)[None, :], other=0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dp = _mm(do, tl.trans(v), PREC, INTERP)
         ds = p * (dp - delta[:, None])  # dL/d(logit), natural units
-        ds_lo = ds.to(q1.dtype)
-        dq1 += tl.dot(ds_lo, k1, input_precision=PREC)
-        dk1 = tl.dot(tl.trans(ds_lo), q1, input_precision=PREC)  # (BLOCK_N, BD1)
+        dq1 += _dot_lowp(ds, k1, PREC, INTERP)
+        dk1 = _dot_lowp(tl.trans(ds), q1, PREC, INTERP)  # (BLOCK_N, BD1)
         row_off = rows[:, None] * n_kv
-        tl.atomic_add(dk_base + row_off * D_TOT + d1[None, :], dk1 * (sm_scale / 1.4426950408889634),
+        tl.atomic_add(dk_base + row_off * D_TOT + d1[None, :], dk1 * scale,
                       mask=valid[:, None] & (d1 < DK1)[None, :])
         if DK2 > 0:
-            dq2 += tl.dot(ds_lo, k2, input_precision=PREC)
-            dk2 = tl.dot(tl.trans(ds_lo), q2, input_precision=PREC)
-            tl.atomic_add(dk_base + row_off * D_TOT + DK1 + d2[None, :], dk2 * (sm_scale / 1.4426950408889634),
+            dq2 += _dot_lowp(ds, k2, PREC, INTERP)
+            dk2 = _dot_lowp(tl.trans(ds), q2, PREC, INTERP)
+            tl.atomic_add(dk_base + row_off * D_TOT + DK1 + d2[None, :], dk2 * scale,
                           mask=valid[:, None] & (d2 < DK2)[None, :])
-        dvr = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # (BLOCK_N, BDV)
+        dvr = _dot_lowp(tl.trans(p), do, PREC, INTERP)  # (BLOCK_N, BDV)
         tl.atomic_add(dv_base + row_off * D_V + dv[None, :], dvr, mask=valid[:, None] & (dv < D_V)[None, :])
-    scale = sm_scale / 1.4426950408889634
     dq_base = DQ + (bt * H + heads[:, None]) * D_TOT
     tl.store(dq_base + d1[None, :], dq1 * scale, mask=h_ok[:, None] & (d1 < DK1)[None, :])
     if DK2 > 0:
@@ -286,7 +314,7 @@ def _index_scores_kernel(
     stride_sb,
     stride_ob, stride_ot,
     D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-    FP8: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    FP8: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One program: BLOCK_T queries x all H index heads (one [BLOCK_T*BH, D] tile, kept in
     registers) against keys [chunk*s_chunk, +s_chunk) in BLOCK_S steps: relu(q kᵀ) weighted by w
@@ -303,8 +331,8 @@ def _index_scores_kernel(
     hq = r % BH
     r_ok = (tq < T) & (hq < H)
     d = tl.arange(0, BD)
-    q = tl.load(Q + b * stride_qb + tq[:, None].to(tl.int64) * stride_qt + hq[:, None] * stride_qh + d[None, :],
-                mask=r_ok[:, None] & (d < D)[None, :], other=0.0)
+    q_rows = Q + b * stride_qb + tq[:, None].to(tl.int64) * stride_qt + hq[:, None] * stride_qh
+    q = tl.load(q_rows + d[None, :], mask=r_ok[:, None] & (d < D)[None, :], other=0.0)
     w = tl.load(W + b * stride_wb + tq.to(tl.int64) * stride_wt + hq, mask=r_ok, other=0.0).to(tl.float32)
     ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = ts < T
@@ -313,25 +341,29 @@ def _index_scores_kernel(
     top = hi
     if CAUSAL:  # the block's last query sees keys up to S - T + t_last
         top = tl.minimum(hi, S - T + tl.minimum(tb * BLOCK_T + BLOCK_T, T))
-    for s0 in range(lo, hi, BLOCK_S):
+    # two branch-free loops (so the first can be software-pipelined): computed blocks, then the
+    # blocks wholly after the block's last query, filled with -inf (CAUSAL only)
+    top = lo + tl.cdiv(top - lo, BLOCK_S) * BLOCK_S
+    for s0 in range(lo, top, BLOCK_S):
         cols = s0 + tl.arange(0, BLOCK_S)
         c_ok = cols < hi
+        k = tl.load(K + b * stride_kb + cols[:, None].to(tl.int64) * stride_ks + d[None, :],
+                    mask=c_ok[:, None] & (d < D)[None, :], other=0.0)
+        logits = _mm(q, tl.trans(k), PREC, INTERP)  # (BLOCK_T*BH, BLOCK_S)
+        part = tl.maximum(logits, 0.0) * w[:, None]
+        score = tl.sum(tl.reshape(part, (BLOCK_T, BH, BLOCK_S)), 1)  # (BLOCK_T, BLOCK_S)
+        if FP8:
+            k_scale = tl.load(KS + b * stride_sb + cols, mask=c_ok, other=0.0)
+            score = score * k_scale[None, :]
+        if CAUSAL:
+            score = tl.where(cols[None, :] <= (S - T + ts)[:, None], score, float("-inf"))
         out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
-        if s0 < top:
-            k = tl.load(K + b * stride_kb + cols[:, None].to(tl.int64) * stride_ks + d[None, :],
-                        mask=c_ok[:, None] & (d < D)[None, :], other=0.0)
-            logits = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_T*BH, BLOCK_S)
-            part = tl.maximum(logits, 0.0) * w[:, None]
-            score = tl.sum(tl.reshape(part, (BLOCK_T, BH, BLOCK_S)), 1)  # (BLOCK_T, BLOCK_S)
-            if FP8:
-                ks = tl.load(KS + b * stride_sb + cols, mask=c_ok, other=0.0)
-                score = score * ks[None, :]
-            if CAUSAL:
-                score = tl.where(cols[None, :] <= (S - T + ts)[:, None], score, float("-inf"))
-            tl.store(out_ptr, score, mask=t_ok[:, None] & c_ok[None, :])
-        else:
-            tl.store(out_ptr, tl.full([BLOCK_T, BLOCK_S], float("-inf"), tl.float32),
-                     mask=t_ok[:, None] & c_ok[None, :])
+        tl.store(out_ptr, score, mask=t_ok[:, None] & c_ok[None, :])
+    for s0 in range(top, hi, BLOCK_S):
+        cols = s0 + tl.arange(0, BLOCK_S)
+        out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
+        tl.store(out_ptr, tl.full([BLOCK_T, BLOCK_S], float("-inf"), tl.float32),
+                 mask=t_ok[:, None] & (cols < hi)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +451,9 @@ def _attend(
     cfg = TUNING[tuning]
     block_h = min(cfg["BLOCK_H"], _pow2(G))
     n_hblk = triton.cdiv(G, block_h)
-    splits = n_splits or _n_splits(B * T * H_kv * n_hblk, n_slots, cfg["BLOCK_N"], q.device)
+    bdv = _pow2(triton.cdiv(D_v, cfg.get("DVB", 1)))  # value columns per program
+    n_dvb = triton.cdiv(D_v, bdv)
+    splits = n_splits or _n_splits(B * T * H_kv * n_hblk * n_dvb, n_slots, cfg["BLOCK_N"], q.device)
     per_split = triton.cdiv(max(1, n_slots), splits)
     per_split = triton.cdiv(per_split, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     splits = triton.cdiv(max(1, n_slots), per_split)
@@ -432,7 +466,7 @@ def _attend(
     else:
         op, lp = o, lse
     sb = lambda x, i: x.stride(i) if x.shape[i] > 1 else 0  # noqa: E731  (paged caches: one "batch")
-    grid = (B * T * splits * n_hblk, H_kv)
+    grid = (B * T * splits * n_dvb * n_hblk, H_kv)
     _latent_attn_fwd[grid](
         q, k, v,
         idx if idx is not None else dummy,
@@ -446,8 +480,9 @@ def _attend(
         idx.stride(0) if idx is not None else 0, idx.stride(1) if idx is not None else 0,
         table.stride(0) if table is not None else 0,
         o.stride(0), o.stride(1), o.stride(2),
-        GATHER=gather, PAGE=page, DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=_pow2(D_v),
+        GATHER=gather, PAGE=page, DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=bdv, NUM_DVB=n_dvb,
         V_IS_K=v_is_k, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], SPLIT_OUT=splits > 1, PREC=prec,
+        INTERP=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
@@ -518,7 +553,7 @@ def _sparse_backward(q, k, v, indices, o, lse, do, scale):
         indices.stride(0), indices.stride(1),
         do.stride(0), do.stride(1), do.stride(2),
         DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=_pow2(D_v),
-        BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], PREC=_precision(q.dtype),
+        BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], PREC=_precision(q.dtype), INTERP=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -616,7 +651,8 @@ def paged_decode(
         o: [B, H_q, D_v] in q's dtype.
     """
     check_tensor("q", q, 3, "[B, H_q, D]")
-    check_tensor("k_pages", k_pages, 4, "[N_pages, page_size, H_kv, D]", shape=(None, None, None, q.shape[-1]))
+    check_tensor("k_pages", k_pages, 4, "[N_pages, page_size, H_kv, D]",
+                 shape=(None, None, None, q.shape[-1]))
     check_tensor("v_pages", v_pages, 4, "[N_pages, page_size, H_kv, D_v]", shape=(*k_pages.shape[:3], None))
     check_tensor("block_table", block_table, 2, "[B, max_pages]", shape=(q.shape[0], None),
                  dtypes=(torch.int32, torch.int64))
@@ -650,7 +686,7 @@ def dsa_index_scores(
     k_scale: torch.Tensor | None = None,
     causal: bool = False,
 ) -> torch.Tensor:
-    """Lightning-indexer scores ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])`` (``attnlab.ops.dsa_index_scores``).
+    """Lightning-indexer scores ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])`` (the op's kernel).
 
     Args:
         q: [B, T, H_I, D_I] bf16 / fp16 / fp32 (fp32 runs in full float32 products).
@@ -703,13 +739,15 @@ def dsa_index_scores(
         ks.stride(0),
         out.stride(0), out.stride(1),
         D=D, BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"],
-        FP8=fp8, CAUSAL=causal, PREC=prec,
+        FP8=fp8, CAUSAL=causal, PREC=prec, INTERP=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
 
-def dsa_topk_chunked(scores: torch.Tensor, topk: int, causal: bool = True, chunk: int = 16384) -> torch.Tensor:
+def dsa_topk_chunked(
+    scores: torch.Tensor, topk: int, causal: bool = True, chunk: int = 16384
+) -> torch.Tensor:
     """``attnlab.ops.dsa_topk`` in two exact stages for long rows (decode at 1M): top-k inside each
     chunk of ``chunk`` positions, then top-k of the survivors. Exact, same tie rule (the sort key
     carries the position), because every global top-k member is in its chunk's top-k. Returns

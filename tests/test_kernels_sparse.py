@@ -1,0 +1,435 @@
+"""Triton DSA / MLA-decode kernels (attnlab.kernels.sparse) against the torch ops in float64.
+
+Two ways to run:
+- on the CPU, tiny sizes under ``TRITON_INTERPRET=1``. That variable must be set before triton is
+  imported, so ``test_interpreter_suite`` re-runs this file's ``interp_`` tests in a subprocess with
+  it set (or run ``TRITON_INTERPRET=1 pytest tests/test_kernels_sparse.py -k interp_`` directly);
+- on a CUDA machine, the tests marked ``gpu`` (MLA sizes: 576/512 dims, 128 heads, top-2048).
+
+Outputs are poisoned with NaN (``POISON_OUTPUTS``) so an unwritten element fails.
+Error metric: rms(ref − out) / rms(ref) (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnlab import ops
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(
+    not (HAVE_TRITON and INTERPRETED), reason="runs under TRITON_INTERPRET=1 (see test_interpreter_suite)"
+)
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    if not HAVE_TRITON:
+        yield
+        return
+    from attnlab.kernels import sparse as ks
+
+    ks.POISON_OUTPUTS = True
+    yield
+    ks.POISON_OUTPUTS = False
+
+
+@contextlib.contextmanager
+def tuned(name: str, **params):
+    """Temporarily override attnlab.kernels.sparse.TUNING[name] (launch shapes)."""
+    from attnlab.kernels import sparse as ks
+
+    old = dict(ks.TUNING[name])
+    ks.TUNING[name].update(params)
+    try:
+        yield
+    finally:
+        ks.TUNING[name] = old
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "output has NaN/inf"
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def make_sparse(b, t, h, s, topk, d, d_v, h_kv=1, v_prefix=True, dtype=torch.float32, device="cpu", seed=0):
+    """q [b,t,h,d]; latent k [b,s,h_kv,d]; v = k[..., :d_v] (MLA) or separate; distinct indices per
+    query with -1 slots: query (0, 0) has none, others lose a random tail."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, d, generator=gen)
+    k = torch.randn(b, s, h_kv, d, generator=gen)
+    v = None if v_prefix else torch.randn(b, s, h_kv, d_v, generator=gen)
+    idx = torch.stack([torch.randperm(s, generator=gen)[:topk] for _ in range(b * t)]).view(b, t, topk)
+    n_keep = torch.randint(0, topk + 1, (b, t), generator=gen)
+    idx = idx.masked_fill(torch.arange(topk) >= n_keep[..., None], -1)
+    idx[0, 0] = -1
+    if t > 1:
+        idx[-1, 1] = idx[-1, 1].flip(0)  # -1 slots first: empty slots anywhere in the row
+    q, k = q.to(device, dtype), k.to(device, dtype)
+    v = k[..., :d_v] if v_prefix else v.to(device, dtype)
+    return q, k, v, idx.to(device)
+
+
+def oracle_sparse(q, k, v, idx, scale=None):
+    return ops.sparse_attention(
+        q.double().cpu(), k.double().cpu(), v.double().cpu(), idx.cpu(), scale=scale, mode="torch"
+    )
+
+
+def check_sparse(b, t, h, s, topk, d, d_v, dtype, h_kv=1, v_prefix=True, n_splits=None, device="cpu", seed=0):
+    from attnlab.kernels import sparse as ks
+
+    q, k, v, idx = make_sparse(b, t, h, s, topk, d, d_v, h_kv, v_prefix, dtype, device, seed)
+    o = ks.sparse_attention(q, k, v, idx, n_splits=n_splits)
+    ref = oracle_sparse(q, k, v, idx)
+    assert o.shape == (b, t, h, d_v) and o.dtype == dtype
+    assert rel_err(o, ref) < TOL[dtype]
+    empty = (idx < 0).all(-1)  # (b, t)
+    assert empty[0, 0] and (o[empty] == 0).all(), "a query with no valid slot must output 0"
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the subprocess runner and the checks that need no kernel launch
+
+
+@needs_triton
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
+def test_auto_mode_on_cpu_is_the_torch_path():
+    q, k, v, idx = make_sparse(2, 5, 4, 40, 8, 24, 16)
+    assert torch.equal(ops.sparse_attention(q, k, v, idx), ops.sparse_attention(q, k, v, idx, mode="torch"))
+    qi, ki, w = torch.randn(2, 5, 4, 16), torch.randn(2, 40, 16), torch.randn(2, 5, 4)
+    assert torch.equal(ops.dsa_index_scores(qi, ki, w), ops.dsa_index_scores(qi, ki, w, mode="torch"))
+    qd, nv = torch.randn(2, 4, 24), torch.tensor([3, 40])
+    assert torch.equal(ops.softmax_decode(qd, k, v, nv), ops.softmax_decode(qd, k, v, nv, mode="torch"))
+
+
+def test_bad_modes_raise():
+    q, k, v, idx = make_sparse(1, 2, 4, 10, 4, 16, 16)
+    with pytest.raises(ValueError, match="mode"):
+        ops.sparse_attention(q, k, v, idx, mode="fast")
+    if not INTERPRETED:  # the CPU is usable by mode="triton" only under the interpreter
+        with pytest.raises(ValueError, match="mode: 'triton'"):
+            ops.sparse_attention(q, k, v, idx, mode="triton")
+    with pytest.raises(ValueError, match="mode: 'triton'"):  # float64 has no Triton path
+        ops.dsa_index_scores(
+            q.double(), k[:, :, 0].double(), torch.randn(1, 2, 4, dtype=torch.float64), mode="triton"
+        )
+
+
+@needs_triton
+def test_kernel_bad_inputs_raise():
+    from attnlab.kernels import sparse as ks
+
+    q, k, v, idx = make_sparse(1, 2, 4, 10, 4, 16, 16)
+    with pytest.raises(ValueError, match=r"indices: expected shape"):
+        ks.sparse_attention(q, k, v, idx[:, :1])
+    with pytest.raises(ValueError, match="heads"):
+        ks.sparse_attention(q[:, :, :3], k.expand(-1, -1, 2, -1), v.expand(-1, -1, 2, -1), idx)
+    with pytest.raises(ValueError, match="k: dtype"):
+        ks.sparse_attention(q, k.bfloat16(), v, idx)
+    with pytest.raises(ValueError, match="n_valid"):
+        ks.softmax_decode(q[:, 0], k, v, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="k_scale"):
+        ks.dsa_index_scores(
+            torch.randn(1, 2, 4, 16),
+            torch.randn(1, 10, 16).to(torch.float8_e4m3fn),
+            torch.randn(1, 2, 4),
+            k_scale=torch.ones(1, 9),
+        )
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_two_stage_topk_equals_oracle(causal):
+    """Exact, ties included: scores rounded to 0.5 steps so many positions tie."""
+    from attnlab.kernels.sparse import dsa_topk_chunked
+
+    scores = (torch.randn(2, 3, 700) * 2).round() / 2
+    scores[0, 0, 650:] = float("-inf")
+    for topk in (5, 64, 800):
+        got = dsa_topk_chunked(scores, topk, causal=causal, chunk=64)
+        assert torch.equal(got, ops.dsa_topk(scores, topk, causal=causal))
+
+
+# ---------------------------------------------------------------------------------------------
+# interpreter (CPU, tiny sizes)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,h", [(5, 4), (20, 16)])
+def test_interp_sparse_mqa_matches_oracle(dtype, t, h):
+    check_sparse(2, t, h, 40, 8, 24, 16, dtype, seed=t + h)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_sparse_mla_dims(dtype):
+    """The real absorbed-MLA head: 576-dim key, its first 512 dims the value; 20 heads (two blocks
+    of 16, the second partly padded)."""
+    check_sparse(1, 3, 20, 40, 8, 576, 512, dtype, seed=1)
+    with tuned("sparse", DVB=2, BLOCK_H=32):  # value columns split over two programs; one head block
+        check_sparse(1, 3, 20, 40, 8, 576, 512, dtype, seed=1)
+
+
+@interp
+def test_interp_sparse_gqa_separate_values_odd_dims():
+    check_sparse(2, 6, 8, 40, 8, 24, 20, torch.float32, h_kv=2, v_prefix=False, seed=2)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_sparse_decode_split_slots(dtype):
+    """T = 1 with the slots split across programs and merged by the combine kernel."""
+    check_sparse(2, 1, 4, 300, 100, 24, 16, dtype, n_splits=3, seed=3)
+    check_sparse(1, 1, 4, 300, 100, 24, 16, dtype, n_splits=7, seed=4)  # more splits than 32-slot blocks
+
+
+@interp
+def test_interp_op_dispatch_runs_the_kernel():
+    from attnlab.kernels import sparse as ks
+
+    q, k, v, idx = make_sparse(2, 5, 4, 40, 8, 24, 16)
+    assert torch.equal(ops.sparse_attention(q, k, v, idx, mode="triton"), ks.sparse_attention(q, k, v, idx))
+    qd, nv = torch.randn(2, 4, 24), torch.tensor([0, 17])
+    assert torch.equal(ops.softmax_decode(qd, k, v, nv, mode="triton"), ks.softmax_decode(qd, k, v, nv))
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,d_v,h_kv", [(576, 512, 1), (24, 16, 1), (24, 20, 2)])
+def test_interp_decode_matches_oracle(dtype, d, d_v, h_kv):
+    """Rows of length 0, partial, full and past S_max (clamped); NaN in slots past n_valid must
+    not leak (the kernel never reads them); split and unsplit."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(d)
+    B, H, S = 4, 4 * h_kv, 150
+    q = torch.randn(B, H, d, generator=gen).to(dtype)
+    k = torch.randn(B, S, h_kv, d, generator=gen).to(dtype)
+    v = k[..., :d_v] if h_kv == 1 else torch.randn(B, S, h_kv, d_v, generator=gen).to(dtype)
+    n_valid = torch.tensor([0, 37, S, S + 9])
+    ref = ops.softmax_decode(q.double(), k.double(), v.double(), n_valid, mode="torch")
+    k_dirty = k.clone()
+    k_dirty[1, 37:] = float("nan")  # past row 1's length
+    v_dirty = k_dirty[..., :d_v] if h_kv == 1 else v
+    for splits, dvb in ((None, 1), (1, 1), (3, 1), (3, 2)):
+        with tuned("decode", DVB=dvb):
+            o = ks.softmax_decode(q, k_dirty, v_dirty, n_valid, n_splits=splits)
+        assert o.shape == (B, H, d_v)
+        assert rel_err(o, ref) < TOL[dtype]
+        assert (o[0] == 0).all()
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_paged_decode_matches_dense(dtype):
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(5)
+    B, H, D, D_v, P, n_pages = 3, 4, 40, 32, 16, 30
+    pages = torch.randn(n_pages, P, 1, D, generator=gen).to(dtype)
+    table = torch.randperm(n_pages, generator=gen)[: B * 9].view(B, 9).int()
+    n_valid = torch.tensor([1, 77, 9 * P])
+    q = torch.randn(B, H, D, generator=gen).to(dtype)
+    dense = pages[table.long().view(-1)].view(B, 9 * P, 1, D)  # (B, S, 1, D) the same rows, unpaged
+    ref = ops.softmax_decode(q.double(), dense.double(), dense[..., :D_v].double(), n_valid, mode="torch")
+    for splits in (None, 4):
+        o = ks.paged_decode(q, pages, pages[..., :D_v], table, n_valid, n_splits=splits)
+        assert rel_err(o, ref) < TOL[dtype]
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,d", [(4, 16), (8, 40)])
+def test_interp_index_scores_match_oracle(dtype, h, d):
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(h * d)
+    B, T, S = 2, 7, 300  # S spans several key chunks when S_CHUNK is small
+    q = torch.randn(B, T, h, d, generator=gen).to(dtype)
+    k = torch.randn(B, S, d, generator=gen).to(dtype)
+    w = torch.randn(B, T, h, generator=gen)
+    ref = ops.dsa_index_scores(q.double(), k.double(), w.double(), mode="torch")
+    with tuned("index", S_CHUNK=128, BLOCK_S=64):  # several key chunks per row
+        out = ks.dsa_index_scores(q, k, w)
+        assert out.shape == (B, T, S) and out.dtype == torch.float32
+        assert rel_err(out, ref) < 1e-5  # products of bf16 numbers are exact in float32
+        causal = ks.dsa_index_scores(q, k, w, causal=True)
+    hidden = torch.arange(S)[None, :] > torch.arange(S - T, S)[:, None]  # (T, S)
+    assert (causal[:, hidden] == float("-inf")).all()
+    assert rel_err(causal[:, ~hidden], ref[:, ~hidden]) < 1e-5
+
+
+@interp
+def test_interp_index_scores_fp8():
+    """FP8 e4m3 operands with per-row scales: a few percent from the exact scores (3 mantissa bits)."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(8)
+    q, k = torch.randn(2, 5, 4, 32, generator=gen), torch.randn(2, 60, 32, generator=gen)
+    w = torch.rand(2, 5, 4, generator=gen)
+    k8, k_scale = ks.quantize_fp8_rows(k)
+    out = ks.dsa_index_scores(q, k8, w, k_scale=k_scale)
+    err = rel_err(out, ops.dsa_index_scores(q.double(), k.double(), w.double(), mode="torch"))
+    assert 1e-4 < err < 0.08  # quantised (not silently exact), but close
+
+
+@interp
+def test_interp_index_ties_give_the_oracle_topk():
+    """Integer-valued q, k, w make every score exact and produce many ties; the kernel's scores,
+    through dsa_topk, must select exactly the oracle's positions (earlier position wins a tie)."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(9)
+    B, T, S, H, D = 2, 12, 14, 4, 16  # query 0 sits at position 2: 3 visible, 5 empty slots
+    q = torch.randint(-1, 2, (B, T, H, D), generator=gen).float()
+    k = torch.randint(-1, 2, (B, S, D), generator=gen).float()
+    w = torch.randint(0, 3, (B, T, H), generator=gen).float()
+    scores = ks.dsa_index_scores(q, k, w)
+    ref = ops.dsa_index_scores(q, k, w, mode="torch")
+    assert torch.equal(scores, ref)
+    got, want = ops.dsa_topk(scores, 8), ops.dsa_topk(ref, 8)
+    assert torch.equal(got, want) and (want == -1).any()  # early queries see fewer than 8 positions
+    o = ops.sparse_attention(q, k[:, :, None], k[:, :, None], got, mode="triton")
+    assert rel_err(o, oracle_sparse(q, k[:, :, None], k[:, :, None], want)) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("v_prefix,h_kv,d,d_v", [(True, 1, 24, 16), (False, 2, 24, 20), (True, 1, 160, 128)])
+def test_interp_sparse_gradients_match_torch(v_prefix, h_kv, d, d_v):
+    """dq, dk, dv of the Triton backward (atomics on the selected rows) vs autograd through the
+    float64 torch path; with v a view of k (MLA) both gradients land on the one latent tensor."""
+    from attnlab.kernels import sparse as ks
+
+    q, k, v, idx = make_sparse(2, 6, 4 * h_kv, 40, 8, d, d_v, h_kv, v_prefix, seed=d)
+    if v_prefix:
+        idx[1, 2, :2] = idx[1, 3, :2]  # rows shared between queries: the atomics must add up
+    leaves = [q.clone().requires_grad_(), k.clone().requires_grad_()]
+    if not v_prefix:
+        leaves.append(v.clone().requires_grad_())
+    do = torch.randn(2, 6, 4 * h_kv, d_v)
+
+    def run(fn, cast):
+        xs = [x.detach().to(cast).requires_grad_() for x in leaves]
+        vv = xs[1][..., :d_v] if v_prefix else xs[2]
+        o = fn(xs[0], xs[1], vv)
+        o.backward(do.to(cast))
+        return o, [x.grad for x in xs]
+
+    o, grads = run(lambda a, b, c: ks.sparse_attention(a, b, c, idx), torch.float32)
+    ro, rgrads = run(lambda a, b, c: ops.sparse_attention(a, b, c, idx, mode="torch"), torch.float64)
+    assert rel_err(o, ro) < 1e-5
+    for g, rg in zip(grads, rgrads, strict=True):
+        assert rel_err(g, rg) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (device machine)
+
+
+def _gpu_inputs_mla(b, t, h, s, topk, dtype=torch.bfloat16, seed=0):
+    q, k, v, idx = make_sparse(b, t, h, s, topk, 576, 512, dtype=torch.float32, seed=seed)
+    q, k = q.cuda().to(dtype), k.cuda().to(dtype)
+    return q, k, k[..., :512], idx.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,topk", [(64, 128, 2048), (1, 128, 2048), (33, 16, 300), (1, 64, 64)])
+def test_gpu_sparse_mla_matches_oracle(t, h, topk):
+    from attnlab.kernels import sparse as ks
+
+    q, k, v, idx = _gpu_inputs_mla(2, t, h, 4096, topk, seed=t)
+    o = ks.sparse_attention(q, k, v, idx)
+    ref = ops.sparse_attention(q.double(), k.double(), v.double(), idx, mode="torch")
+    assert rel_err(o, ref) < 1e-2
+    assert (o[(idx < 0).all(-1)] == 0).all()
+    assert torch.equal(ops.sparse_attention(q, k, v, idx), o)  # "auto" on CUDA is the kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_sparse_small_and_gqa(dtype):
+    check_sparse(2, 20, 16, 40, 8, 24, 16, dtype, device="cuda")
+    check_sparse(2, 9, 8, 200, 64, 24, 20, dtype, h_kv=2, v_prefix=False, device="cuda")
+    check_sparse(2, 1, 16, 3000, 2048, 576, 512, dtype, device="cuda")  # split decode
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,s", [(4, 8192), (32, 1024), (1, 40000)])
+def test_gpu_mla_decode_matches_oracle(b, s):
+    from attnlab.kernels import sparse as ks
+
+    q = torch.randn(b, 128, 576, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, s, 1, 576, device="cuda", dtype=torch.bfloat16)
+    n_valid = torch.randint(0, s + 1, (b,), device="cuda")
+    n_valid[0] = 0
+    n_valid[-1] = s
+    ref = ops.softmax_decode(q.double(), k.double(), k[..., :512].double(), n_valid, mode="torch")
+    o = ks.softmax_decode(q, k, k[..., :512], n_valid)
+    assert rel_err(o, ref) < 1e-2
+    if b > 1:
+        assert (o[0] == 0).all()
+    assert torch.equal(ops.softmax_decode(q, k, k[..., :512], n_valid), o)  # "auto" with one kv head
+    pages = k.view(b * s // 64, 64, 1, 576) if s % 64 == 0 else None
+    if pages is not None:
+        perm = torch.randperm(pages.shape[0], device="cuda")
+        shuffled = torch.empty_like(pages)
+        shuffled[perm] = pages  # page j of the dense layout now lives at perm[j]
+        table = perm.view(b, s // 64).int()
+        o_paged = ks.paged_decode(q, shuffled, shuffled[..., :512], table, n_valid)
+        assert rel_err(o_paged, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,s", [(1, 100000), (300, 4096)])
+def test_gpu_index_scores(t, s):
+    from attnlab.kernels import sparse as ks
+
+    q = torch.randn(2, t, 64, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, s, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2, t, 64, device="cuda")
+    ref = ops.dsa_index_scores(q, k, w, mode="torch")
+    assert rel_err(ks.dsa_index_scores(q, k, w), ref) < 1e-5
+    causal = ks.dsa_index_scores(q, k, w, causal=True)
+    hidden = causal == float("-inf")
+    assert rel_err(causal.masked_fill(hidden, 0), ref.masked_fill(hidden, 0)) < 1e-5
+    assert hidden.sum() == 2 * t * (t - 1) // 2  # exactly the keys after each query
+    if torch.cuda.get_device_capability() >= (8, 9):
+        k8, k_scale = ks.quantize_fp8_rows(k)
+        assert rel_err(ks.dsa_index_scores(q, k8, w, k_scale=k_scale), ref) < 0.08
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_sparse_gradients(dtype):
+    from attnlab.kernels import sparse as ks
+
+    q, k, _, idx = _gpu_inputs_mla(2, 16, 16, 512, 64, dtype=dtype)
+    do = torch.randn(2, 16, 16, 512, device="cuda", dtype=dtype)
+    grads = []
+    torch_path = lambda *a: ops.sparse_attention(*a, mode="torch")  # noqa: E731
+    for fn, cast in ((ks.sparse_attention, dtype), (torch_path, torch.float64)):
+        qq, kk = q.detach().to(cast).requires_grad_(), k.detach().to(cast).requires_grad_()
+        fn(qq, kk, kk[..., :512], idx).backward(do.to(cast))
+        grads.append((qq.grad, kk.grad))
+    for g, rg in zip(*grads, strict=True):
+        assert rel_err(g, rg) < (1e-4 if dtype == torch.float32 else 2e-2)
