@@ -1,12 +1,13 @@
 """Linear-attention kernels on one GPU: ours (attnlab.kernels.linear) vs fla vs SDPA causal.
 
-    python benchmarks/linear_gpu.py [--T 4096,16384,65536,262144] [--sweep] [--fwdbwd-max 65536]
+    python benchmarks/linear_gpu.py [--T 4096,16384,65536,262144] [--sweep prep,state,output]
+                                    [--profile] [--fwdbwd-max 65536] [--recompute-bwd-max 16384]
 
 B=1, H=16, D=128, bf16. Prints, per T: forward ms of SDPA (flash, causal), ours and fla for GDN,
 KDA, Lightning; then forward+backward. The floor is the bytes of q, k, v, o (16 KB per token here)
 over the copy bandwidth measured at the start. fla (``fla-core``) is used only if importable.
 --profile prints per-kernel times at 64K. --sweep first times the launch parameters of the
-sequential and output kernels (attnlab.kernels.linear.TUNING, OUT_TUNING) at one T and keeps the
+named kernels (attnlab.kernels.linear.PREP_TUNING, TUNING, OUT_TUNING) at T = 16K and keeps the
 fastest per op. Also prints ours-vs-fla output differences as a sanity check.
 """
 
@@ -69,9 +70,12 @@ def fla_fns():
 
 
 SLOPE = None
-# (BV, num_warps, num_stages) of the sequential kernel tried by --sweep
-SWEEP = [(16, 4, 2), (16, 4, 3), (16, 4, 4), (16, 2, 3), (32, 4, 3)]
-OUT_SWEEP = [(64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 8, 3)]  # ... and of the output kernel
+# launch parameters tried by --sweep: sequential state kernel, output kernel, prepare kernel
+SWEEP = [{"BV": bv, "num_warps": w, "num_stages": st} for bv, w, st in
+         [(16, 4, 2), (16, 4, 3), (16, 4, 4), (16, 2, 3), (32, 4, 3)]]
+OUT_SWEEP = [{"BV": bv, "num_warps": w, "num_stages": st} for bv, w, st in
+             [(64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 8, 3)]]
+PREP_SWEEP = [{"num_warps": w} for w in (2, 4, 8)]
 
 
 def ours_fns():
@@ -94,16 +98,29 @@ def bench_fwd(fn, xs) -> float:
         return do_bench(lambda: fn(*xs), warmup=10, rep=40, return_mode="median")
 
 
-def bench_fwdbwd(fn, xs) -> float:
+def bench_fwdbwd(fn, xs, reps: int = 5) -> float:
+    """Median of a few timed forward+backward passes (CUDA events) after one warm-up: the
+    PyTorch-recompute backwards take long enough that do_bench's estimation rounds dominate."""
     do = torch.randn_like(xs[2])
+    leaves = [x for x in xs if x is not None]
 
     def step():
+        for x in leaves:
+            x.grad = None
         o = fn(*xs)
         o = o.transpose(1, 2) if o.shape != do.shape else o
         o.backward(do)
 
-    leaves = [x for x in xs if x is not None]
-    return do_bench(step, warmup=3, rep=60, return_mode="median", grad_to_none=leaves)
+    step()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
 
 
 def safe(f, *a):
@@ -116,22 +133,24 @@ def safe(f, *a):
         return float("nan")
 
 
-def sweep(t: int) -> None:
-    """Time the sequential kernel's launch parameters, then the output kernel's, keep the fastest."""
+def sweep(t: int, which: str) -> None:
+    """Time launch parameters of the chosen kernels ("prep", "state", "output"), keep the fastest."""
     ours = ours_fns()
+    grids = {"state": (linear.TUNING, SWEEP), "output": (linear.OUT_TUNING, OUT_SWEEP),
+             "prep": (linear.PREP_TUNING, PREP_SWEEP)}
     for op, kind in (("gdn", "scalar"), ("kda", "vector"), ("lightning", "lightning")):
         xs = make(t, op)
-        for table, grid in ((linear.TUNING, SWEEP), (linear.OUT_TUNING, OUT_SWEEP)):
+        for name in which.split(","):
+            table, grid = grids[name]
+            if kind not in table:
+                continue
             results = []
-            for bv, nw, ns in grid:
-                table[kind] = {"BV": bv, "num_warps": nw, "num_stages": ns}
+            for cfg in grid:
+                table[kind] = dict(cfg)
                 ms = safe(bench_fwd, ours[op], xs)
-                results.append((ms, bv, nw, ns))
-                which = "state " if table is linear.TUNING else "output"
-                print(f"sweep {op:9s} {which} T={t} BV={bv:3d} warps={nw} stages={ns}: {ms:.3f} ms",
-                      flush=True)
-            ms, bv, nw, ns = min(r for r in results if r[0] == r[0])
-            table[kind] = {"BV": bv, "num_warps": nw, "num_stages": ns}
+                results.append((ms, json.dumps(cfg)))
+                print(f"sweep {op:9s} {name:6s} T={t} {json.dumps(cfg)}: {ms:.3f} ms", flush=True)
+            table[kind] = json.loads(min(r for r in results if r[0] == r[0])[1])
         del xs
         torch.cuda.empty_cache()
 
@@ -159,10 +178,12 @@ def profile(t: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default="4096,16384,65536,262144")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", default="", help="comma list of prep,state,output")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--fwdbwd-max", type=int, default=65536)
     ap.add_argument("--sdpa-fwdbwd-max", type=int, default=65536)
+    ap.add_argument("--recompute-bwd-max", type=int, default=16384,
+                    help="largest T for our GDN/KDA backward, which recomputes through chunked PyTorch")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     ts = [int(x) for x in args.T.split(",")]
@@ -171,9 +192,10 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"device: {name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
     if args.sweep:
-        sweep(16384)
+        sweep(16384, args.sweep)
     print("TUNING:", json.dumps(linear.TUNING))
     print("OUT_TUNING:", json.dumps(linear.OUT_TUNING))
+    print("PREP_TUNING:", json.dumps(linear.PREP_TUNING))
     if args.profile:
         profile(65536)
     ours, fla = ours_fns(), fla_fns()
@@ -212,7 +234,8 @@ def main() -> None:
         del xs
         for op in ("gdn", "kda", "lightning"):
             xs = make(t, op, grad=True)
-            row[f"ours_{op}"] = safe(bench_fwdbwd, ours[op], xs)
+            slow = op != "lightning" and t > args.recompute_bwd_max
+            row[f"ours_{op}"] = float("nan") if slow else safe(bench_fwdbwd, ours[op], xs)
             row[f"fla_{op}"] = safe(bench_fwdbwd, fla[op], xs) if fla else float("nan")
             del xs
             torch.cuda.empty_cache()
@@ -221,7 +244,7 @@ def main() -> None:
 
     with open(os.path.join(args.out, "linear_gpu.json"), "w") as f:
         json.dump({"device": name, "bandwidth": bw, "tuning": linear.TUNING, "out_tuning": linear.OUT_TUNING,
-                   "fwd": rows, "fwdbwd": brows}, f)
+                   "prep_tuning": linear.PREP_TUNING, "fwd": rows, "fwdbwd": brows}, f)
     cols = ["sdpa", "ours_gdn", "fla_gdn", "ours_kda", "fla_kda", "ours_lightning", "fla_lightning"]
     print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median)")
     print("forward:")

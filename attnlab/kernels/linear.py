@@ -52,19 +52,25 @@ L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
 
-# Kernel launch parameters of the sequential kernel, by gate kind; the benchmark may override them.
-# BV: D_v columns per program (more programs, less work each); warps; software-pipeline depth.
-# Defaults from a sweep on an H200 (benchmarks/linear_gpu.py --sweep).
+# Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
+# at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
+# Sequential state kernel: BV = D_v columns per program (more programs, each with less work),
+# warps, software-pipeline depth (prefetching the next chunk's tiles is what pays here).
 TUNING: dict[str, dict[str, int]] = {
-    "scalar": {"BV": 32, "num_warps": 4, "num_stages": 2},
-    "vector": {"BV": 32, "num_warps": 4, "num_stages": 2},
-    "lightning": {"BV": 32, "num_warps": 4, "num_stages": 2},
+    "scalar": {"BV": 16, "num_warps": 4, "num_stages": 3},
+    "vector": {"BV": 16, "num_warps": 4, "num_stages": 4},
+    "lightning": {"BV": 16, "num_warps": 4, "num_stages": 4},
 }
-# ... and of the output kernel (parallel over chunks)
+# Output kernel (parallel over chunks).
 OUT_TUNING: dict[str, dict[str, int]] = {
-    "scalar": {"BV": 64, "num_warps": 4, "num_stages": 2},
-    "vector": {"BV": 64, "num_warps": 4, "num_stages": 2},
-    "lightning": {"BV": 64, "num_warps": 4, "num_stages": 2},
+    "scalar": {"BV": 128, "num_warps": 4, "num_stages": 2},
+    "vector": {"BV": 128, "num_warps": 4, "num_stages": 2},
+    "lightning": {"BV": 128, "num_warps": 4, "num_stages": 2},
+}
+# Prepare kernel (parallel over chunks; 16-row tiles).
+PREP_TUNING: dict[str, dict[str, int]] = {
+    "scalar": {"num_warps": 4},
+    "vector": {"num_warps": 4},
 }
 
 
@@ -765,7 +771,8 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
                 q, k, v, g, beta, w, u, kd, gcum, aqk, cu, idx, scale, t,
                 H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(64, bk),
                 BV=min(64, max(16, triton.next_power_of_2(d_v))),
-                GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=4,
+                GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec,
+                num_warps=PREP_TUNING["vector" if gate == 2 else "scalar"]["num_warps"],
             )
     kind = ("lightning", "scalar", "vector")[gate]
     cfg = TUNING[kind]
