@@ -39,6 +39,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig
+from .model import HybridLM
 from .tasks import IGNORE, TaskMixture, make_task, parse_task_spec
 
 CHECKPOINT = "checkpoint"
@@ -148,15 +150,13 @@ class Trainer:
 
     def __init__(
         self,
-        model_config: Any = None,
+        model_config: ModelConfig | None = None,
         train_config: TrainConfig | None = None,
         run_dir: str | os.PathLike | None = None,
         resume: bool = False,
         force: bool = False,
         progress: bool = True,
     ):
-        from .model import HybridLM
-
         if resume and force:
             raise ValueError(
                 "resume and force: pass one, not both (force deletes the run that resume continues)"
@@ -168,7 +168,7 @@ class Trainer:
             model_config, train_config = _resumed_configs(self.run_dir, model_config, train_config)
         if model_config is None:
             raise ValueError("model_config: expected a ModelConfig")
-        self.model_config = model_config.validate() if hasattr(model_config, "validate") else model_config
+        self.model_config = model_config.validate()
         self.cfg = (train_config or TrainConfig()).validate()
         self.progress = progress
 
@@ -645,10 +645,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _resumed_configs(
-    run_dir: Path, model_config: Any, train_config: TrainConfig | None
-) -> tuple[Any, TrainConfig]:
-    from .config import ModelConfig
-
+    run_dir: Path, model_config: ModelConfig | None, train_config: TrainConfig | None
+) -> tuple[ModelConfig, TrainConfig]:
     run_file = run_dir / "run.json"
     if not run_file.is_file():
         raise FileNotFoundError(f"resume: {run_dir} is not an attnlab run directory (no run.json)")
@@ -821,8 +819,7 @@ def _cli_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_config_from_args(args: argparse.Namespace) -> Any:
-    from .config import ModelConfig
+def _model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     from .tasks.registry import _parse_value
 
     overrides: dict[str, Any] = {}
