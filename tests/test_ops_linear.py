@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from attnlab import ops
 from attnlab.ops import delta_rule
+from attnlab.ops._dispatch import resolve_mode
 
 FAMILIES = ("lightning", "gdn", "kda")
 
@@ -440,3 +441,20 @@ def test_bad_step_input_names_the_argument(family, name, change, words):
         x[name] = change(x[name][:, 0]).unsqueeze(1) if per_token else change(x[name])
     with pytest.raises(ValueError, match=words):
         step(family, x, 0, state)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU (run on the device machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_chunk_matches_oracle_and_auto_dispatches_to_triton(family):
+    x = {k: v.cuda() for k, v in make_inputs(family, b=2, t=300, h=4, d_k=64).items()}
+    o_ref, s_ref = run(family, x, "recurrent")
+    o, s = run(family, x, "chunk")
+    assert rel_err(o, o_ref) < 2e-5 and rel_err(s, s_ref) < 2e-5
+    name = {"lightning": "lightning_attention", "gdn": "gated_delta_rule", "kda": "kda"}[family]
+    assert resolve_mode("auto", x["q"], name)[0] == "triton"  # "auto" takes the kernel on CUDA
+    o_tr, s_tr = run(family, x, "triton")
+    assert rel_err(o_tr, o_ref) < 5e-3 and rel_err(s_tr, s_ref) < 5e-3
