@@ -13,7 +13,8 @@ with a ``depth`` option (needle, passkey), at each requested needle depth. Per
 - ``score`` (MRCR only): the answer decoded greedily, scored with ``mrcr_score``
   (``difflib.SequenceMatcher`` ratio, as OpenAI's grader does), averaged.
 
-The results JSON is written atomically (temp file, fsync, rename).
+Tasks that read the text corpus are scored on its validation split unless the spec names a
+split (``evaluation_task``). The results JSON is written atomically (temp file, fsync, rename).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tasks import IGNORE, Task, corpus_fingerprint, make_task, mrcr_score
+from .tasks import IGNORE, Task, corpus_fingerprint, make_task, mrcr_score, parse_task_spec
 
 
 @torch.no_grad()
@@ -84,6 +85,15 @@ def score_task(
     if decode and task.scoring == "ratio":
         out["score"] = ratio_sum / n_samples
     return out
+
+
+def evaluation_task(spec: str, seq_len: int, vocab_size: int) -> Task:
+    """The task a spec names, as evaluated: tasks that read the text corpus (``text``, and
+    ``needle`` with a text haystack) use its validation split unless the spec sets ``split``."""
+    task = make_task(spec, seq_len, vocab_size)
+    if hasattr(task, "split") and "split" not in parse_task_spec(spec)[1]:
+        task = task.with_options(split="validation")
+    return task
 
 
 def _forward(model: nn.Module, tokens: torch.Tensor, amp: bool) -> torch.Tensor:
@@ -142,7 +152,7 @@ def evaluate(
     records = []
     for spec in tasks:
         for length in lengths:
-            task = make_task(spec, int(length), vocab)
+            task = evaluation_task(spec, int(length), vocab)
             task_depths = [None]
             if depths is not None and hasattr(task, "depth"):
                 task_depths = [float(d) for d in depths]

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .evaluate import evaluation_task, score_task
 from .model import HybridLM
 from .tasks import IGNORE, TaskMixture, make_task, parse_task_spec
 
@@ -183,6 +184,10 @@ class Trainer:
         specs = [parse_task_spec(s) for s in self.cfg.tasks]
         self.tasks = [make_task(s, self.cfg.seq_len, self.model_config.vocab_size) for s in self.cfg.tasks]
         self.task_labels = _labels(self.cfg.tasks)
+        # corpus-reading tasks are evaluated on validation text (see evaluate.evaluation_task)
+        self.eval_tasks = [
+            evaluation_task(s, self.cfg.seq_len, self.model_config.vocab_size) for s in self.cfg.tasks
+        ]
         self.data = TaskMixture(self.tasks, [w for _, _, w in specs], seed=self.cfg.seed)
 
         _seed_everything(self.cfg.seed)
@@ -313,8 +318,6 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Teacher-forced accuracy / exact match / loss of every training task on its fixed
         evaluation set (``eval_samples`` samples at ``seq_len``); logged and returned."""
-        from .evaluate import score_task
-
         self.last_eval = {
             label: score_task(
                 self.model,
@@ -326,7 +329,7 @@ class Trainer:
                 amp=self.amp,
                 decode=False,
             )
-            for label, task in zip(self.task_labels, self.tasks, strict=True)
+            for label, task in zip(self.task_labels, self.eval_tasks, strict=True)
         }
         self._log({"step": self.step, "eval": self.last_eval})
         return self.last_eval

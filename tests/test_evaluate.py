@@ -142,3 +142,15 @@ def test_cli_eval_writes_results_beyond_training_length(tmp_path):
     default = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert [(r["spec"], r["length"]) for r in default["results"]] == [("mqar:num_pairs=2", 16)]
     assert attnlab_cli.main(["eval", str(tmp_path / "nothing")]) == 2
+
+
+def test_corpus_tasks_are_evaluated_on_validation_text():
+    from attnlab.evaluate import evaluation_task
+    from attnlab.tasks import corpus_bytes
+
+    assert evaluation_task("text", 64, 256).split == "validation"
+    assert evaluation_task("text:split=train", 64, 256).split == "train"
+    assert evaluation_task("needle:haystack=text", 400, 256).split == "validation"
+    tokens, _ = evaluation_task("text", 64, 256).eval_batch(2, seed=0)
+    assert corpus_bytes("validation").find(bytes(tokens[0].tolist())) >= 0
+    assert evaluation_task("mqar", 64, 64).name == "mqar"  # tasks without a corpus are unchanged
