@@ -71,17 +71,13 @@ def build_haystack_sample(
             f"seq_len: {seq_len} bytes leave {hay_len} for the haystack, too few for {len(needles)} "
             f"needle(s) plus questions taking {fixed} bytes; use a longer seq_len"
         )
-    chosen: list[int] = []
-    for depth in depths:  # the requested depths first, so random ones cannot take their boundary
-        if depth is not None:
-            free = np.array([b for b in bounds if b not in chosen])
-            chosen.append(int(free[np.argmin(np.abs(free - depth * hay_len))]))
+    chosen = [-1] * len(needles)
+    for i in sorted(range(len(depths)), key=lambda i: depths[i] is None):  # requested depths first
+        free = bounds[~np.isin(bounds, chosen)]
+        if depths[i] is not None:
+            chosen[i] = int(free[np.argmin(np.abs(free - depths[i] * hay_len))])
         else:
-            chosen.append(-1)
-    for i, depth in enumerate(depths):
-        if depth is None:
-            free = [b for b in bounds if b not in chosen]
-            chosen[i] = int(free[int(rng.integers(len(free)))])
+            chosen[i] = int(free[rng.integers(len(free))])
     order = sorted(range(len(needles)), key=lambda i: chosen[i])
     pieces, offsets, pos, start = [prefix], [0] * len(needles), len(prefix), 0
     for i in order:
@@ -103,27 +99,29 @@ def build_haystack_sample(
     return HaystackSample(text, spans, offsets, [c / hay_len for c in chosen], hay_len)
 
 
-def _haystack(rng: np.random.Generator, kind: str, split: str, length: int) -> tuple[bytes, list[int]]:
-    """``length`` bytes of haystack and the boundaries (0 and ``length`` included) where a
-    needle may go: sentence starts for noise, line starts for text."""
+def _haystack(rng: np.random.Generator, kind: str, split: str, length: int) -> tuple[bytes, np.ndarray]:
+    """``length`` bytes of haystack and the sorted boundaries (0 and ``length`` included)
+    where a needle may go: sentence starts for noise, line starts for text."""
     if length < 1:
-        return b"", []
+        return b"", np.zeros(0, dtype=np.int64)
     if kind == "noise":
         hay = (NOISE * (length // len(NOISE) + 1))[:length]
-        sep = b" "
+        arr = np.frombuffer(hay, dtype=np.uint8)
+        inner = np.flatnonzero((arr[1:-1] == ord(" ")) & (arr[:-2] == ord("."))) + 2  # after ". "
     else:
         data = corpus_array(split)
+        if length >= data.shape[0] - 1:
+            raise ValueError(
+                f"seq_len: a {length}-byte text haystack is longer than the {split} corpus "
+                f"({data.shape[0]} bytes); use haystack=noise or split=train"
+            )
         start = int(rng.integers(0, data.shape[0] - length - 1))
         while start > 0 and data[start - 1] != ord("\n"):  # start at a line start
             start -= 1
-        hay = data[start : start + length].tobytes()
-        sep = b"\n"
-    bounds = [0] + [
-        i + 1
-        for i in range(length - 1)
-        if hay[i : i + 1] == sep and (kind == "text" or hay[i - 1 : i] == b".")
-    ]
-    return hay, sorted(set(bounds + [length]))
+        arr = data[start : start + length]
+        hay = arr.tobytes()
+        inner = np.flatnonzero(arr[:-1] == ord("\n")) + 1  # after each newline
+    return hay, np.unique(np.concatenate([[0], inner, [length]])).astype(np.int64)
 
 
 def random_word(rng: np.random.Generator, length: int) -> bytes:
