@@ -30,6 +30,8 @@ from .probes import Probe, make_probe, predict, recall
 
 LINEAR = "LGK"
 _MAX_QUANTILE_ROWS = 16384
+# log10 half-life bins: 0.1 token to 10^8 tokens, a quarter decade each
+HISTOGRAM_EDGES = tuple(np.arange(-1.0, 8.0 + 1e-9, 0.25).tolist())
 
 
 def _cfg(model: nn.Module):
@@ -263,20 +265,19 @@ def memory_horizons(model: nn.Module, decays: dict[int, torch.Tensor]) -> list[d
 
 
 def horizon_histograms(
-    model: nn.Module, decays: dict[int, torch.Tensor], n_bins: int = 30
+    model: nn.Module, decays: dict[int, torch.Tensor], edges: Sequence[float] = HISTOGRAM_EDGES
 ) -> list[dict[str, Any]]:
-    """Per linear layer, a histogram of log10(half-life in tokens): over heads (L), over
+    """Per linear layer, a histogram of log10(half-life in tokens) on shared ``edges`` (so
+    layers and models compare; values outside go to the end bins): over heads (L), over
     tokens × heads (G), over tokens × heads × channels (K). Rows: ``layer``, ``letter``,
-    ``edges`` (log10 tokens, n_bins + 1), ``counts``, ``infinite`` (values with no decay)."""
+    ``edges``, ``counts``, ``infinite`` (values with no decay, not counted in a bin)."""
+    edges = np.asarray(edges, dtype=np.float64)
     out = []
     for i, g in decays.items():
         hl = half_life(g).flatten()
         finite = hl[torch.isfinite(hl)]
-        logs = finite.clamp(min=1e-3).log10()
-        lo, hi = (float(logs.min()), float(logs.max())) if logs.numel() else (0.0, 1.0)
-        if hi - lo < 1e-6:
-            lo, hi = lo - 0.5, hi + 0.5
-        counts, edges = np.histogram(logs.numpy(), bins=n_bins, range=(lo, hi))
+        logs = finite.clamp(min=1e-30).log10().numpy().clip(edges[0], edges[-1])
+        counts, _ = np.histogram(logs, bins=edges)
         out.append(
             {
                 "layer": i,

@@ -106,6 +106,14 @@ def write_plots(results: dict[str, dict[str, Any]], out_dir: str | os.PathLike) 
                 edges = hist["edges"]
                 ax.stairs(hist["counts"], edges, label=f"layer {hist['layer']} {hist['letter']}")
             ax.axvline(math.log10(r["settings"]["seq_len"]), color="k", ls=":", lw=1)
+            used = [
+                (h["edges"][j], h["edges"][j + 1])
+                for h in r["horizon_histograms"]
+                for j, c in enumerate(h["counts"])
+                if c
+            ]
+            if used:
+                ax.set_xlim(min(a for a, _ in used) - 0.5, max(b for _, b in used) + 0.5)
             ax.set_xlabel("log10 half-life (tokens); dotted: context")
             ax.set_ylabel("count")
             unit = {"L": "heads", "G": "tokens x heads", "K": "tokens x heads x channels"}
