@@ -251,7 +251,12 @@ class ShortConv(nn.Module):
         full = torch.cat((history, xt), dim=-1)  # (B, C, K - 1 + T)
         if conv_state is not None:
             conv_state.copy_(full[:, :, -(K - 1):])
-        y = F.conv1d(full, self.weight, self.bias, groups=C)  # (B, C, T)
+        if T == 1:  # decode: one output per channel; a multiply-add beats conv1d's setup cost
+            y = (full * self.weight[:, 0]).sum(-1, keepdim=True)  # (B, C, 1)
+            if self.bias is not None:
+                y = y + self.bias[:, None]
+        else:
+            y = F.conv1d(full, self.weight, self.bias, groups=C)  # (B, C, T)
         if self.activation:
             y = F.silu(y)
         return y.transpose(1, 2).to(x.dtype)  # (B, T, C)
