@@ -252,12 +252,10 @@ class Measurement:
 def _impl_name(letter: str, device: torch.device) -> str:
     """Which implementation the layer's ops pick on this device (mode='auto')."""
     if letter in LINEAR_LETTERS:
-        try:
-            from .ops._dispatch import resolve_mode  # type: ignore[attr-defined]
+        from .ops._dispatch import resolve_mode
 
-            return resolve_mode("auto", torch.empty(0, device=device))
-        except Exception:
-            return "triton" if device.type == "cuda" else "chunk"
+        op = {"L": "lightning_attention", "G": "gated_delta_rule", "K": "kda"}[letter]
+        return resolve_mode("auto", torch.empty(0, device=device), op)[0]
     if letter in "SW":
         return "sdpa"
     return "absorbed-latent" if letter == "M" else "indexer+sparse-latent"
