@@ -291,3 +291,18 @@ def test_torchrun_two_processes_match_single_process(tmp_path, mode):
     model = HybridLM.from_pretrained(tmp_path / "two/checkpoint")
     for name, p in single.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], p, rtol=1e-4, atol=1e-5)
+
+
+def test_progress_lines_and_metrics_file(tmp_path, capsys):
+    cfg = tiny_train(steps=4, log_every=2, eval_every=2, save_every=0)
+    Trainer(ModelConfig(**TINY), cfg, tmp_path / "run", progress=True).fit()
+    err = capsys.readouterr().err.splitlines()  # not a TTY here: plain lines, one per log step
+    assert [line.split()[1] for line in err if line.startswith("step ")] == ["2/4", "4/4"]
+    assert all("loss" in line and "tok/s" in line for line in err if line.startswith("step "))
+    assert sum(line.startswith("eval @ step") for line in err) == 2
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    assert set(train[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+    assert [r["step"] for r in records if "eval" in r] == [2, 4]
+    assert set(records[1]["eval"]["mqar:num_pairs=2"]) >= {"accuracy", "exact_match", "loss"}
