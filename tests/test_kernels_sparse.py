@@ -241,6 +241,26 @@ def test_interp_decode_matches_oracle(dtype, d, d_v, h_kv):
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_latent_causal_attention_matches_softmax_attention(dtype):
+    """T queries, the last T of each row's n_valid positions, causal, over a latent cache (MQA,
+    v = first D_v dims of k), vs ops.softmax_attention on the visible prefix of each row."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(11)
+    B, T, H, S_max, D, D_v = 2, 6, 4, 50, 24, 16
+    q = torch.randn(B, T, H, D, generator=gen).to(dtype)
+    k = torch.randn(B, S_max, 1, D, generator=gen).to(dtype)
+    n_valid = torch.tensor([T + 3, 41])
+    o = ks.latent_causal_attention(q, k, k[..., :D_v], n_valid)
+    for b in range(B):
+        n = int(n_valid[b])
+        kb = k[b : b + 1, :n].double()
+        ref = ops.softmax_attention(q[b : b + 1].double(), kb, kb[..., :D_v], causal=True)
+        assert rel_err(o[b : b + 1], ref) < TOL[dtype]
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interp_paged_decode_matches_dense(dtype):
     from attnlab.kernels import sparse as ks
 

@@ -138,10 +138,10 @@ def _latent_attn_fwd(
 
     lo = split * slots_per_split
     hi = tl.minimum(lo + slots_per_split, n_slots)
-    if GATHER != 1:  # dense / paged: slots are positions, valid below n_valid[b]
+    if GATHER != 1:  # dense / paged: slots are positions; the T queries are the last T of n_valid[b]
         nv = tl.load(NVALID + b).to(tl.int32)
         nv = tl.minimum(tl.maximum(nv, 0), n_slots)
-        hi = tl.minimum(hi, nv)
+        hi = tl.minimum(hi, tl.maximum(nv - (T - 1 - t), 0))  # causal: query t sees positions <= nv-T+t
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -626,6 +626,35 @@ def softmax_decode(
     o, _ = _attend(q[:, None], k_cache, v_cache, scale, _GATHER_DENSE, k_cache.shape[1],
                    n_valid=n_valid, tuning="decode", n_splits=n_splits)
     return o[:, 0]  # (B, H_q, D_v)
+
+
+def latent_causal_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_valid: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense causal attention of T queries over a cache, with the decode kernel (no top-k): the
+    queries of row b are the LAST T of its n_valid[b] positions, so query t sees positions
+    0..n_valid[b]-T+t. MLA absorbed prefill over the latent cache (H_kv = 1, D = 576,
+    v_cache = k_cache[..., :512]) — the dense baseline DSA is compared with, and chunked prefill.
+
+    Args:
+        q: [B, T, H_q, D]; k_cache [B, S_max, H_kv, D]; v_cache [B, S_max, H_kv, D_v]; same dtype.
+        n_valid: int64/int32 [B] (clamped to [0, S_max]); a query with no visible position outputs 0.
+        scale: logit scale; None = D ** -0.5.
+
+    Returns:
+        o: [B, T, H_q, D_v] in q's dtype. Inference only (no autograd).
+    """
+    check_tensor("n_valid", n_valid, 1, "[B]", shape=(q.shape[0],), dtypes=(torch.int64, torch.int32))
+    _check_attention(q, k_cache, v_cache)
+    check_same_device(q=q, n_valid=n_valid)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    S_max = k_cache.shape[1]
+    o, _ = _attend(q, k_cache, v_cache, scale, _GATHER_DENSE, S_max, n_valid=n_valid, tuning="decode")
+    return o
 
 
 def paged_decode(
