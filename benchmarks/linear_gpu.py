@@ -237,6 +237,8 @@ def main() -> None:
             slow = op != "lightning" and t > args.recompute_bwd_max
             row[f"ours_{op}"] = float("nan") if slow else safe(bench_fwdbwd, ours[op], xs)
             row[f"fla_{op}"] = safe(bench_fwdbwd, fla[op], xs) if fla else float("nan")
+            print(f"  fwd+bwd T={t} {op}: ours {row[f'ours_{op}']:.3f} ms, fla {row[f'fla_{op}']:.3f} ms",
+                  flush=True)
             del xs
             torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)

@@ -67,10 +67,10 @@ OUT_TUNING: dict[str, dict[str, int]] = {
     "vector": {"BV": 128, "num_warps": 4, "num_stages": 2},
     "lightning": {"BV": 128, "num_warps": 4, "num_stages": 2},
 }
-# Prepare kernel (parallel over chunks; 16-row tiles).
+# Prepare kernel (parallel over chunks; 16-row tiles: 2 warps beat 4 by 6-15% at 16K).
 PREP_TUNING: dict[str, dict[str, int]] = {
-    "scalar": {"num_warps": 4},
-    "vector": {"num_warps": 4},
+    "scalar": {"num_warps": 2},
+    "vector": {"num_warps": 2},
 }
 
 
