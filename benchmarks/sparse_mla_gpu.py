@@ -306,11 +306,14 @@ def decode(b: int, s: int, env: dict, quick: bool) -> None:
     record("decode", "dsa topk torch", b, s, t_topk, b * s * 4, 0, env)
     t_topk2 = safe(bench, lambda: ks.dsa_topk_chunked(scores, k_sel, causal=True), quick)
     record("decode", "dsa topk 2-stage", b, s, t_topk2, b * s * 4, 0, env)
+    t_topk3 = safe(bench, lambda: ks.dsa_topk_threshold(scores, k_sel, causal=True), quick)
+    record("decode", "dsa topk threshold", b, s, t_topk3, b * s * 4, 0, env)
     # reference only: plain torch.topk on the float scores (no tie rule, no causal mask)
     ms = safe(bench, lambda: torch.topk(scores, k_sel, dim=-1), quick)
     record("decode", "ref: torch.topk float (no tie rule)", b, s, ms, b * s * 4, 0, env)
     idx = ops.dsa_topk(scores, k_sel, causal=True)
     assert torch.equal(idx, ks.dsa_topk_chunked(scores, k_sel, causal=True)), "two-stage top-k differs"
+    assert torch.equal(idx, ks.dsa_topk_threshold(scores, k_sel, causal=True)), "threshold top-k differs"
     qs = q[:, None]  # (b, 1, H, D_LAT)
     sp_bytes = b * k_sel * D_LAT * 2
     sp_flops = 2 * b * H * k_sel * (D_LAT + D_V)
@@ -319,7 +322,7 @@ def decode(b: int, s: int, env: dict, quick: bool) -> None:
     fn = cycling(lambda x: ops.sparse_attention(qs, x, x[..., :D_V], idx, SCALE, mode="torch"), lats)
     record("decode", "dsa sparse torch", b, s, safe(bench, fn, quick), sp_bytes, sp_flops, env)
     best_idx = min([x for x in (t_idx, t_idx8) if x == x], default=float("nan"))
-    total = best_idx + min(t_topk, t_topk2) + t_sp
+    total = best_idx + min(t_topk, t_topk2, t_topk3) + t_sp
     record(
         "decode",
         "dsa total ours",
@@ -357,7 +360,7 @@ def dsa_prefill(q, lat, qi, ki, w, chunk: int, causal_index: bool = True) -> tor
         scores = ks.dsa_index_scores(
             qi[:, t0:t1], ki[:, :t1], w[:, t0:t1], causal=causal_index
         )  # (1, Tc, t1)
-        idx = ops.dsa_topk(scores, TOPK, causal=True)  # (1, Tc, TOPK)
+        idx = ks.dsa_topk_threshold(scores, TOPK, causal=True)  # (1, Tc, TOPK), = ops.dsa_topk
         out[:, t0:t1] = ks.sparse_attention(q[:, t0:t1], lat, lat[..., :D_V], idx, SCALE)
     return out
 
@@ -386,9 +389,12 @@ def prefill(s: int, env: dict, quick: bool) -> None:
     record("prefill", "dsa index (last chunk)", 1, s, t_idx, 0, 2 * chunk * s * H_I * D_I, env)
     t_topk = safe(bench, lambda: ops.dsa_topk(scores, TOPK, causal=True), quick, long)
     record("prefill", "dsa topk (last chunk)", 1, s, t_topk, chunk * s * 4, 0, env)
+    ms = safe(bench, lambda: ks.dsa_topk_threshold(scores, TOPK, causal=True), quick, long)
+    record("prefill", "dsa topk threshold (last chunk)", 1, s, ms, chunk * s * 4, 0, env)
     ms = safe(bench, lambda: torch.topk(scores, TOPK, dim=-1), quick, long)
     record("prefill", "ref: torch.topk float (last chunk)", 1, s, ms, chunk * s * 4, 0, env)
     idx = ops.dsa_topk(scores, TOPK, causal=True)
+    assert torch.equal(idx, ks.dsa_topk_threshold(scores, TOPK, causal=True)), "threshold top-k differs"
     t_sp = safe(bench, lambda: ks.sparse_attention(q[:, t0:], lat, lat[..., :D_V], idx, SCALE), quick, long)
     record(
         "prefill", "dsa sparse (last chunk)", 1, s, t_sp, 0, 2 * chunk * min(TOPK, s) * H * (D_LAT + D_V), env

@@ -158,15 +158,19 @@ def test_kernel_bad_inputs_raise():
 
 @needs_triton
 @pytest.mark.parametrize("causal", [True, False])
-def test_two_stage_topk_equals_oracle(causal):
-    """Exact, ties included: scores rounded to 0.5 steps so many positions tie."""
-    from attnlab.kernels.sparse import dsa_topk_chunked
+def test_fast_topk_variants_equal_oracle(causal):
+    """Exact, ties included: scores rounded to 0.5 steps so many positions tie (and -0.0 vs 0.0),
+    -inf positions, k above the visible count and above S."""
+    from attnlab.kernels.sparse import dsa_topk_chunked, dsa_topk_threshold
 
-    scores = (torch.randn(2, 3, 700) * 2).round() / 2
+    scores = (torch.randn(2, 30, 700) * 2).round() / 2
     scores[0, 0, 650:] = float("-inf")
-    for topk in (5, 64, 800):
-        got = dsa_topk_chunked(scores, topk, causal=causal, chunk=64)
-        assert torch.equal(got, ops.dsa_topk(scores, topk, causal=causal))
+    scores[1, 3, ::2] = -0.0
+    for topk in (5, 64, 690, 800):
+        want = ops.dsa_topk(scores, topk, causal=causal)
+        assert torch.equal(dsa_topk_chunked(scores, topk, causal=causal, chunk=64), want)
+        assert torch.equal(dsa_topk_threshold(scores, topk, causal=causal), want)
+    assert (want == -1).any()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -774,6 +774,47 @@ def dsa_index_scores(
     return out
 
 
+def dsa_topk_threshold(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tensor:
+    """``attnlab.ops.dsa_topk`` (same result, ties to the earlier position) from one float32
+    ``torch.topk`` for the k-th largest score t, then elementwise passes: every score > t is taken,
+    and of the scores == t the earliest ones fill the remaining slots; the k taken positions are
+    then sorted by (score descending, position ascending). The oracle sorts int64 keys over the
+    whole row instead. Torch, not Triton; no host sync. Returns int64 [B, T, topk], -1 for empty
+    slots (after the visible positions)."""
+    check_tensor("scores", scores, 3, "[B, T, S]")
+    B, T, S = scores.shape
+    if causal and S < T:
+        raise ValueError(f"scores: causal top-k needs S >= T (queries are the last T of S), got {(B, T, S)}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
+    k_eff = min(topk, S)
+    out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
+    pos = torch.arange(S, device=scores.device)  # (S,)
+    block = max(1, (1 << 27) // max(1, B * S))  # bound the [B, Tb, S] temporaries
+    neg_inf = float("-inf")
+    with torch.no_grad():
+        for t0 in range(0, T, block):
+            t1 = min(T, t0 + block)
+            blk = scores[:, t0:t1].to(torch.float32)  # (B, Tb, S)
+            if causal:
+                q_pos = torch.arange(S - T + t0, S - T + t1, device=scores.device)  # (Tb,)
+                blk = blk.masked_fill(pos[None, :] > q_pos[:, None], neg_inf)
+            thr = blk.topk(k_eff, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # (B, Tb, 1) k-th best
+            above = blk > thr
+            tied = blk == thr
+            need = k_eff - above.sum(-1, keepdim=True, dtype=torch.int32)  # (B, Tb, 1) slots left for ties
+            take = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= need))  # exactly k_eff per row
+            slot = torch.where(take, take.cumsum(-1, dtype=torch.int32) - 1, k_eff).long()  # (B, Tb, S)
+            sel = torch.zeros(B, t1 - t0, k_eff + 1, dtype=torch.int64, device=scores.device)
+            sel.scatter_(-1, slot, pos.expand_as(slot))  # taken positions in ascending order; col k_eff junk
+            sel = sel[..., :k_eff]  # (B, Tb, k_eff)
+            vals = blk.gather(-1, sel)
+            order = vals.sort(dim=-1, descending=True, stable=True).indices  # stable: earlier position first
+            idx = sel.gather(-1, order)
+            out[:, t0:t1, :k_eff] = idx.masked_fill(vals.gather(-1, order) == neg_inf, -1)
+    return out
+
+
 def dsa_topk_chunked(
     scores: torch.Tensor, topk: int, causal: bool = True, chunk: int = 16384
 ) -> torch.Tensor:
