@@ -139,23 +139,29 @@ def test_interp_lightning_steep_decay_partial_chunk():
 
 @interp
 def test_interp_varlen_equals_separate_sequences():
+    check_varlen("cpu", ("gdn", "lightning"))
+
+
+def check_varlen(device, ops):
     from attnlab.kernels import linear
 
     lens = [5, 64, 23]
-    for op in ("gdn", "lightning"):
-        parts = [make_inputs(op, 1, n, 2, 2, 16, 16, seed=i) for i, n in enumerate(lens)]
+    for op in ops:
+        parts = [make_inputs(op, 1, n, 2, 2, 16, 16, device=device, seed=i) for i, n in enumerate(lens)]
         q, k, v, beta = (torch.cat([p[j] for p in parts], dim=1) for j in (0, 1, 2, 4))
-        g = torch.cat([p[3] for p in parts], dim=1) if op == "gdn" else parts[0][3]
+        g = parts[0][3] if op == "lightning" else torch.cat([p[3] for p in parts], dim=1)
         h0 = torch.cat([p[5] for p in parts], dim=0)  # (N, H, K, V)
-        cu = torch.tensor([0, 5, 69, 92])
-        if op == "gdn":
+        cu = torch.tensor([0, 5, 69, 92], device=device)
+        if op == "kda":
+            o, ht = linear.kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        elif op == "gdn":
             o, ht = linear.gated_delta_rule(q, k, v, g, beta, initial_state=h0,
                                             output_final_state=True, cu_seqlens=cu)
         else:
             o, ht = linear.lightning_attention(q, k, v, g, initial_state=h0,
                                                output_final_state=True, cu_seqlens=cu)
         for i, p in enumerate(parts):
-            gi = p[3] if op == "gdn" else g
+            gi = g if op == "lightning" else p[3]
             ro, rs = run_oracle(op, p[0], p[1], p[2], gi, p[4], p[5])
             assert rel_err(o[:, cu[i]:cu[i + 1]], ro) < 1e-5
             assert rel_err(ht[i], rs[0]) < 1e-5
@@ -164,12 +170,16 @@ def test_interp_varlen_equals_separate_sequences():
 @interp
 @pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
 def test_interp_decode_steps_continue_the_prefill(op):
+    check_decode_steps(op, "cpu", 16, 24)
+
+
+def check_decode_steps(op, device, d_k, d_v):
     """Prefill T0 tokens with the chunk kernel, then decode with the in-place step kernel:
     same outputs and state as the loop over all tokens."""
     from attnlab.kernels import linear
 
     t0, t = 9, 12
-    q, k, v, g, beta, h0 = make_inputs(op, 2, t, 4, 2, 16, 24, seed=7)
+    q, k, v, g, beta, h0 = make_inputs(op, 2, t, 4, 2, d_k, d_v, device=device, seed=7)
     ro, rs = run_oracle(op, q, k, v, g, beta, h0)
     _, state = run_kernel(op, q[:, :t0], k[:, :t0], v[:, :t0], g if op == "lightning" else g[:, :t0],
                           beta[:, :t0], h0)
@@ -302,3 +312,14 @@ def test_gpu_state_carried_across_split(op, poisoned):
 @pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
 def test_gpu_gradients(op):
     check_gradients(op, "cuda", 130, 1 if op == "lightning" else 2, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
+def test_gpu_decode_steps(op, poisoned):
+    check_decode_steps(op, "cuda", 100, 128)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen(poisoned):
+    check_varlen("cuda", ("gdn", "kda", "lightning"))
