@@ -24,10 +24,12 @@ and ``_output_kernel`` (parallel over chunks). Lightning attention has no delta 
 constant decay, so it skips the first launch. (A first version fused the output into the
 sequential loop; on an H200 that was ~2x slower than fla at 64K tokens, so the output moved out.)
 
-Decay ratios are only ever formed as exp of a non-positive number: for the scalar gate the
-[C, C] exponent is masked before exp; for the per-channel gate, pairs in different 16-token
-sub-chunks factor through the first token r of the row's sub-chunk, exp(G_i − G_r)·exp(G_r − G_j),
-both ≤ 1, and pairs inside one sub-chunk are computed elementwise (as fla's chunk_kda does).
+Decay ratios never overflow: for the scalar gate the [C, C] exponent is masked before exp; for
+the per-channel gate, pairs in different 16-token sub-chunks factor through the first token r of
+the row's sub-chunk, exp(G_i − G_r)·exp(G_r − G_j), both ≤ 1. Pairs inside one sub-chunk use the
+same factoring on the tensor cores when the gate falls by less than DIAG_SPAN = 60 over the
+sub-chunk (the second factor is then ≤ e^60, finite), and an elementwise loop otherwise (as fla's
+chunk_kda does), so a log-gate of −40 per token is exact too (tested).
 
 Backward: Lightning has a Triton backward (q, k, v, initial state; the slope is a fixed buffer
 in the layers, and asking for its gradient falls back). Gated DeltaNet and KDA backward recompute
@@ -36,8 +38,6 @@ correct, not fast; there is no Triton backward for the delta rule yet.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -49,7 +49,6 @@ CHUNK = 64  # tokens per chunk
 SUB = 16  # rows per block of the triangular solve (and per-channel-gate sub-chunk)
 DIAG_SPAN: tl.constexpr = tl.constexpr(60.0)  # see _diag_block
 L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-Next) do
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
