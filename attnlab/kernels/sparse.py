@@ -122,7 +122,7 @@ def _latent_attn_fwd(
     hk = tl.program_id(1)
     bt = rest
     b = (bt // T).to(tl.int64)
-    t = bt % T
+    t = (bt % T).to(tl.int64)  # int64: t * stride_qt overflows int32 at 128K tokens x 128 heads
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < G
@@ -141,7 +141,7 @@ def _latent_attn_fwd(
     if GATHER != 1:  # dense / paged: slots are positions; the T queries are the last T of n_valid[b]
         nv = tl.load(NVALID + b).to(tl.int32)
         nv = tl.minimum(tl.maximum(nv, 0), n_slots)
-        hi = tl.minimum(hi, tl.maximum(nv - (T - 1 - t), 0))  # causal: query t sees positions <= nv-T+t
+        hi = tl.minimum(hi, tl.maximum(nv - (T - 1 - t), 0).to(tl.int32))  # query t: positions <= nv-T+t
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -245,7 +245,7 @@ def _sparse_bwd(
     hk = tl.program_id(1)
     n_kv = tl.num_programs(1)
     b = (bt // T).to(tl.int64)
-    t = bt % T
+    t = (bt % T).to(tl.int64)  # int64: t * stride_qt overflows int32 at 128K tokens x 128 heads
     H = n_kv * G
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < G
