@@ -319,7 +319,8 @@ def _delta_chunk(q, k, v, g, beta, state, t: int):
         decay_in = G.exp()  # (B, H, N, C, 1|D_k)   Γ_i ∈ [e^-60, 1]
         q_in = q * decay_in  # (B, H, N, C, D_k)   q_i ⊙ Γ_i
         kb_in = k * (beta * decay_in)  # (B, H, N, C, D_k)   β_i k_i ⊙ Γ_i
-        k_out_t = (k / decay_in).transpose(-1, -2)  # (B, H, N, D_k, C)   k_j ⊘ Γ_j
+        # k ⊙ e^-G, not k / Γ: the quotient's gradient divides by Γ² (e^-120 is 0 in float32: NaN)
+        k_out_t = (k * (-G).exp()).transpose(-1, -2)  # (B, H, N, D_k, C)   k_j ⊘ Γ_j
         qk = (q_in @ k_out_t).mul_(lower)  # (B, H, N, C, C)
         kk = kb_in @ k_out_t  # (B, H, N, C, C); only its strict lower triangle is read by the solve
         k_decayed_t = k_out_t * decay_in[..., -1:, :].transpose(-1, -2)  # (B, H, N, D_k, C)  (k_j ⊙ Γ_C/Γ_j)ᵀ
