@@ -618,7 +618,9 @@ def run_study(
         "torch": torch.__version__,
     }
     write_json_atomic(summary, out / "summary.json")
-    md, html = write_report(summary, out, cost_result)
+    from .diagnostics.study import study_diagnostics  # the report's Diagnostics section (attnlab.diagnostics)
+
+    md, html = write_report(summary, out, cost_result, study_diagnostics(out, s.models, s.tasks, s.train_len))
     print(format_summary_table(summary))
     if cost_result is not None:
         print()
