@@ -77,12 +77,13 @@ def run_study_diagnostics(
         model_dir = out_dir / "models" / name
         model = HybridLM.from_pretrained(model_dir / "checkpoint").eval()
         spec = probe_spec(tasks, model.cfg.vocab_size)
-        if spec is None:
-            raise ValueError(
-                f"tasks: diagnostics need an mqar or needle task in the study, got {list(tasks)}"
-            )
+        if spec is None:  # no mqar task, and needle needs a byte vocabulary
+            say(f"diagnostics: {name} skipped (no mqar task; needle needs vocab >= 256)")
+            continue
         which = [w for w in plan(model.cfg.layer_pattern) if applicable(model)[w] is None]
-        key = {"spec": spec, "seq_len": seq_len, "which": which, "config": model.cfg.to_dict(),
+        weights = (model_dir / "checkpoint" / "model.safetensors").stat()
+        key = {"weights": [weights.st_size, weights.st_mtime_ns],  # a retrained model is diagnosed again
+               "spec": spec, "seq_len": seq_len, "which": which, "config": model.cfg.to_dict(),
                **dataclasses.asdict(s)}  # fmt: skip
         key = json.loads(json.dumps(key))  # as it reads back from the file (tuples -> lists)
         cached = _load(model_dir / "diagnostics.json", key)
@@ -91,7 +92,9 @@ def run_study_diagnostics(
             continue
         say(f"diagnostics: {name} ({', '.join(which)})")
         t0 = time.perf_counter()
-        facts = [f for f in s.facts if 4 * f <= seq_len] if spec.startswith("mqar") else None
+        vocab = model.cfg.vocab_size
+        fits = [f for f in s.facts if 4 * f <= seq_len and 2 * f + 2 <= vocab]  # MQAR's limits
+        facts = fits if spec.startswith("mqar") else None
         with torch.no_grad():
             result = run_diagnostics(model, spec, seq_len, s.n_samples, s.seed, which, facts, s.bins,
                                      s.batch_size)  # fmt: skip
@@ -162,6 +165,11 @@ def study_diagnostics(
         print(msg, file=sys.stderr, flush=True)
 
     results = run_study_diagnostics(out_dir, names, tasks, seq_len, settings, say)
+    if not results:
+        from ..report import Section
+
+        why = f"No diagnostics: they probe with an MQAR or needle task; this study has {', '.join(tasks)}."
+        return [Section("What the diagnostics measure", paragraphs=[INTRO, why])]
     return study_sections(results, out_dir)
 
 
