@@ -157,7 +157,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
-        angles = positions.float()[..., None] * self.inv_freq.float()  # (..., T, dim/2)
+        inv_freq = self.inv_freq
+        if inv_freq.device != positions.device:  # a module built under a device context keeps CPU freqs
+            inv_freq = inv_freq.to(positions.device)
+        angles = positions.float()[..., None] * inv_freq.float()  # (..., T, dim/2)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
