@@ -446,6 +446,33 @@ def prefill_dense(s: int, env: dict, quick: bool) -> None:
     record("prefill", "gqa-sdpa", 1, s, ms, 0, 4 * pairs * H * GQA_D, env)
 
 
+def train(t: int, env: dict, quick: bool) -> None:
+    """Sparse attention forward + backward (training, T = S = t, top-2048, 128 heads): our Triton
+    backward (float32 atomics on the latent rows) vs autograd through the torch path."""
+    torch.manual_seed(t)
+    q = torch.randn(1, t, H, D_LAT, device=DEVICE, dtype=DT, requires_grad=True)
+    lat = torch.randn(1, t, 1, D_LAT, device=DEVICE, dtype=DT, requires_grad=True)
+    scores = torch.randn(1, t, t, device=DEVICE)
+    idx = ks.dsa_topk_threshold(scores, TOPK, causal=True)
+    do = torch.randn(1, t, H, D_V, device=DEVICE, dtype=DT)
+    k_pairs = int((idx >= 0).sum())
+    flops = 2 * k_pairs * H * (D_LAT + D_V) * 3.5  # forward + backward (q.k recomputed): ~3.5x forward
+
+    def step(mode):
+        q.grad = lat.grad = None
+        ops.sparse_attention(q, lat, lat[..., :D_V], idx, SCALE, mode=mode).backward(do)
+
+    step("triton")
+    g_ours = (q.grad.float(), lat.grad.float())
+    step("torch")
+    err = max(rel(a, b.float()) for a, b in zip(g_ours, (q.grad, lat.grad), strict=True))
+    print(f"  train T={t}: gradient rel diff ours vs torch {err:.1e}")
+    if not err < 5e-2:
+        raise SystemExit("sparse backward disagrees with the torch path")
+    for mode, name in (("triton", "sparse fwd+bwd ours"), ("torch", "sparse fwd+bwd torch")):
+        record("train", name, 1, t, safe(bench, lambda m=mode: step(m), quick), 0, flops, env)
+
+
 # ---------------------------------------------------------------------------------------------
 # compile report: no GPU needed (triton's bundled ptxas / cuobjdump / nvdisasm, target sm_90)
 
@@ -555,6 +582,7 @@ def compile_report(sweep_grid: bool) -> None:
             BD2=64,
             D_V=512,
             BDV=512,
+            V_IS_K=True,
             BLOCK_H=cfg["BLOCK_H"],
             BLOCK_N=cfg["BLOCK_N"],
             PREC="tf32",
@@ -660,6 +688,7 @@ def main() -> None:
     ap.add_argument("--decode-ctx", default=None, help="comma-separated contexts (default 4K..1M)")
     ap.add_argument("--decode-batch", default="1,32")
     ap.add_argument("--prefill-ctx", default=None, help="comma-separated contexts (default 4K..128K)")
+    ap.add_argument("--train-ctx", default=None, help="forward+backward sequence lengths (default 4K,16K)")
     ap.add_argument(
         "--max-cache-gib", type=float, default=48.0, help="skip decode points with a bigger cache"
     )
@@ -680,17 +709,19 @@ def main() -> None:
         return
     default_dec = "4096,32768,131072,1048576" if args.quick else "4096,16384,65536,131072,262144,1048576"
     default_pre = "4096,32768,131072" if args.quick else "4096,16384,65536,131072"
+    default_train = "4096" if args.quick else "4096,16384"
     if args.cpu_smoke:
         global DEVICE, H, D_LAT, D_V, H_I, D_I, TOPK, GQA_KV, SANITY_S
         global SWEEP_SIZES
         DEVICE, H, D_LAT, D_V, H_I, D_I, TOPK, GQA_KV, SANITY_S = "cpu", 16, 40, 32, 4, 32, 16, 2, 100
         SWEEP_SIZES = (2, 100, 4, 100, 300)
-        default_dec, default_pre = "100", "80"
+        default_dec, default_pre, default_train = "100", "80", "40"
         args.decode_batch = "1,2"
     elif not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --cpu-smoke / --compile-report)")
     dec_ctx = [int(x) for x in (args.decode_ctx or default_dec).split(",")]
     pre_ctx = [int(x) for x in (args.prefill_ctx or default_pre).split(",") if x]
+    train_ctx = [int(x) for x in (args.train_ctx or default_train).split(",") if x]
     batches = [int(x) for x in args.decode_batch.split(",")]
     start = time.time()
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter smoke run)"
@@ -714,6 +745,9 @@ def main() -> None:
             decode_gqa(b, s, env, args.quick)
             empty_cache()
             print(f"  decode B={b} S={s} done ({time.time() - start:.0f} s)")
+    for t in train_ctx:
+        train(t, env, args.quick)
+        empty_cache()
     for s in pre_ctx:
         prefill(s, env, args.quick)
         empty_cache()

@@ -366,6 +366,23 @@ def test_interp_sparse_gradients_match_torch(v_prefix, h_kv, d, d_v):
         assert rel_err(g, rg) < 1e-5
 
 
+@interp
+def test_interp_sparse_gradient_with_detached_values():
+    """v shares k's storage but carries no gradient: k's gradient must then hold only the key part
+    (the kernel must not fold the value gradient into it)."""
+    from attnlab.kernels import sparse as ks
+
+    q, k, _, idx = make_sparse(1, 4, 4, 30, 6, 24, 16, seed=12)
+    do = torch.randn(1, 4, 4, 16)
+    grads = []
+    for fn, cast in ((ks.sparse_attention, torch.float32),
+                     (lambda *a: ops.sparse_attention(*a, mode="torch"), torch.float64)):
+        kk = k.detach().to(cast).requires_grad_()
+        fn(q.to(cast), kk, kk.detach()[..., :16], idx).backward(do.to(cast))
+        grads.append(kk.grad)
+    assert rel_err(grads[0], grads[1]) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU (device machine)
 

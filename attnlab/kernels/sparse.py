@@ -55,11 +55,13 @@ LOG2E = 1.4426950408889634
 # no GPU needed) at the MLA shapes (576/512 dims, 64 heads per program). The forward with the whole
 # [64, 512] float32 accumulator (DVB=1) uses wgmma and cp.async but spills ~100 bytes per thread at
 # 255 registers; DVB=2 (value columns split over two programs, q·k computed twice) does not spill
-# (196 registers). The backward at 16 heads x 16 rows, 8 warps, is the largest spill-free shape found.
+# (196 registers). The backward (key and value gradients of the latent added before one atomic) at 32
+# heads x 16 rows, 8 warps, 2 stages is the largest spill-free shape found (250 registers, mma.sync:
+# 64 heads spill ~1.5 KB per thread).
 TUNING: dict[str, dict[str, int]] = {
     "sparse": {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1},
     "decode": {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1},
-    "sparse_bwd": {"BLOCK_H": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1},
+    "sparse_bwd": {"BLOCK_H": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
     "index": {"BLOCK_T": 2, "BLOCK_S": 128, "S_CHUNK": 4096, "num_warps": 8, "num_stages": 2},
 }
 # Split slots across programs until there are about this many programs per SM.
@@ -232,7 +234,7 @@ def _sparse_bwd(
     stride_ib, stride_it,
     stride_ob, stride_ot, stride_oh,
     DK1: tl.constexpr, BD1: tl.constexpr, DK2: tl.constexpr, BD2: tl.constexpr,
-    D_V: tl.constexpr, BDV: tl.constexpr,
+    D_V: tl.constexpr, BDV: tl.constexpr, V_IS_K: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One program per (query token, kv head, head block): p = 2^(s − lse), dp = do vᵀ,
@@ -283,22 +285,29 @@ def _sparse_bwd(
             s += _mm(q2, tl.trans(k2), PREC, INTERP)
         s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
         p = tl.exp2(s - lse[:, None])  # (BLOCK_H, BLOCK_N); 0 for empty slots, padded heads, empty rows
-        v = tl.load(v_base + rows[:, None] * stride_vs + dv[None, :],
-                    mask=valid[:, None] & (dv < D_V)[None, :], other=0.0)
+        if V_IS_K:
+            v = k1  # MLA: the value is the key's first D_v (= DK1) dims
+        else:
+            v = tl.load(v_base + rows[:, None] * stride_vs + dv[None, :],
+                        mask=valid[:, None] & (dv < D_V)[None, :], other=0.0)
         dp = _mm(do, tl.trans(v), PREC, INTERP)
         ds = p * (dp - delta[:, None])  # dL/d(logit), natural units
         dq1 += _dot_lowp(ds, k1, PREC, INTERP)
-        dk1 = _dot_lowp(tl.trans(ds), q1, PREC, INTERP)  # (BLOCK_N, BD1)
+        dk1 = _dot_lowp(tl.trans(ds), q1, PREC, INTERP) * scale  # (BLOCK_N, BD1)
+        dvr = _dot_lowp(tl.trans(p), do, PREC, INTERP)  # (BLOCK_N, BDV)
+        if V_IS_K:  # one atomic per latent element: the key and value gradients of the same columns
+            dk1 += dvr
         row_off = rows[:, None] * n_kv
-        tl.atomic_add(dk_base + row_off * D_TOT + d1[None, :], dk1 * scale,
+        tl.atomic_add(dk_base + row_off * D_TOT + d1[None, :], dk1,
                       mask=valid[:, None] & (d1 < DK1)[None, :])
         if DK2 > 0:
             dq2 += _dot_lowp(ds, k2, PREC, INTERP)
             dk2 = _dot_lowp(tl.trans(ds), q2, PREC, INTERP)
             tl.atomic_add(dk_base + row_off * D_TOT + DK1 + d2[None, :], dk2 * scale,
                           mask=valid[:, None] & (d2 < DK2)[None, :])
-        dvr = _dot_lowp(tl.trans(p), do, PREC, INTERP)  # (BLOCK_N, BDV)
-        tl.atomic_add(dv_base + row_off * D_V + dv[None, :], dvr, mask=valid[:, None] & (dv < D_V)[None, :])
+        if not V_IS_K:
+            tl.atomic_add(dv_base + row_off * D_V + dv[None, :], dvr,
+                          mask=valid[:, None] & (dv < D_V)[None, :])
     dq_base = DQ + (bt * H + heads[:, None]) * D_TOT
     tl.store(dq_base + d1[None, :], dq1 * scale, mask=h_ok[:, None] & (d1 < DK1)[None, :])
     if DK2 > 0:
@@ -523,11 +532,14 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, indices, o, lse = ctx.saved_tensors
-        dq, dk, dv = _sparse_backward(q, k, v, indices, o, lse, do, ctx.scale)
+        combine = ctx.needs_input_grad[1] and ctx.needs_input_grad[2] and _value_is_key_prefix(k, v)
+        dq, dk, dv = _sparse_backward(q, k, v, indices, o, lse, do, ctx.scale, combine)
         return dq, dk, dv, None, None, None
 
 
-def _sparse_backward(q, k, v, indices, o, lse, do, scale):
+def _sparse_backward(q, k, v, indices, o, lse, do, scale, combine_kv: bool):
+    """dq, dk, dv (dv None when combine_kv: v is k[..., :D_v] and both need a gradient, so the value
+    gradient is added into dk's first D_v columns, one atomic per latent element)."""
     B, T, H, D = q.shape
     S, H_kv, D_v = k.shape[1], k.shape[2], v.shape[3]
     G = H // H_kv
@@ -536,11 +548,11 @@ def _sparse_backward(q, k, v, indices, o, lse, do, scale):
     delta = (o.float() * do.float()).sum(-1).contiguous()  # (B, T, H)  Σ_d o do, as FlashAttention-2
     dq = torch.zeros(B, T, H, D, dtype=torch.float32, device=q.device)
     dk = torch.zeros(B, S, H_kv, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(B, S, H_kv, D_v, dtype=torch.float32, device=q.device)
-    dk1, bd1, dk2, bd2 = _key_split(D, D_v, False)  # no tail split needed: v is loaded separately
-    if D > 128:  # keep the dq accumulator small: split the key dims at the value width when it fits
-        if D_v < D:
-            dk1, bd1, dk2, bd2 = D_v, _pow2(D_v), D - D_v, _pow2(D - D_v)
+    dv = dk if combine_kv else torch.zeros(B, S, H_kv, D_v, dtype=torch.float32, device=q.device)
+    if combine_kv or (D > 128 and D_v < D):  # key dims split at the value width (smaller dq tiles)
+        dk1, bd1, dk2, bd2 = _key_split(D, D_v, True)
+    else:
+        dk1, bd1, dk2, bd2 = _key_split(D, D_v, False)
     cfg = TUNING["sparse_bwd"]
     block_h = min(cfg["BLOCK_H"], _pow2(G))
     n_hblk = triton.cdiv(G, block_h)
@@ -552,11 +564,11 @@ def _sparse_backward(q, k, v, indices, o, lse, do, scale):
         v.stride(0), v.stride(1), v.stride(2),
         indices.stride(0), indices.stride(1),
         do.stride(0), do.stride(1), do.stride(2),
-        DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=_pow2(D_v),
+        DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=_pow2(D_v), V_IS_K=combine_kv,
         BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], PREC=_precision(q.dtype), INTERP=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), (None if combine_kv else dv.to(v.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
