@@ -383,6 +383,61 @@ def test_interp_sparse_gradient_with_detached_values():
     assert rel_err(grads[0], grads[1]) < 1e-5
 
 
+def _layer(kind: str):
+    """A tiny M or D layer (MLA latent 16 + RoPE 4, 3 heads; D: 2 index heads, top-6) with random weights."""
+    from attnlab.config import ModelConfig
+    from attnlab.layers.mla import build_dsa, build_mla
+
+    cfg = ModelConfig(pattern=kind, d_model=32, n_layers=1, n_heads=3, q_lora_rank=12, kv_lora_rank=16,
+                      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, index_n_heads=2,
+                      index_head_dim=8, index_topk=6).validate()
+    layer = (build_dsa if kind == "D" else build_mla)(cfg, 0)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen) if p.dim() == 1
+                    else torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+    return layer
+
+
+@interp
+@pytest.mark.parametrize("kind", ["M", "D"])
+def test_interp_mla_and_dsa_layers_through_the_kernels(kind, monkeypatch):
+    """The real M / D layers (prefill, then decode with rows of different lengths) with every
+    sparse/MLA op routed to the kernels, as "auto" does on CUDA, against the torch path: the layers'
+    views (latent cache slices, value = latent prefix) reach the kernels intact."""
+    import attnlab.ops.softmax as softmax_ops
+    import attnlab.ops.sparse as sparse_ops
+
+    layer = _layer(kind)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 14, 32, generator=gen)
+
+    def run():
+        cache = layer.new_cache(2, 20)
+        with torch.no_grad():
+            full = layer(x[:, :9])  # no cache: training-style forward
+            outs = [layer(x[:1, :9], cache.rows(0, 1)), layer(x[1:, :6], cache.rows(1, 2))]
+            steps = [layer(x[:, t : t + 1], cache) for t in range(9, 13)]  # rows at lengths 9 and 6
+        return [full, *outs, *steps]
+
+    want = run()
+    calls = []
+    original = softmax_ops._sparse_kernel
+
+    def to_kernels(mode, name, q, needs_grad=False):
+        calls.append(name)
+        return original("triton" if mode == "auto" else mode, name, q, needs_grad)
+
+    monkeypatch.setattr(softmax_ops, "_sparse_kernel", to_kernels)
+    monkeypatch.setattr(sparse_ops, "_sparse_kernel", to_kernels)
+    got = run()
+    expected = {"softmax_decode"} if kind == "M" else {"dsa_index_scores", "sparse_attention"}
+    assert expected <= set(calls)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU (device machine)
 
