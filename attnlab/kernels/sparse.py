@@ -8,7 +8,8 @@ each public function has the op's signature minus ``mode``:
 - :func:`softmax_decode` — one query token per row over a dense cache with per-row ``n_valid``
   (MLA absorbed decode: H_kv = 1, D = 576, D_v = 512), split-K over the sequence with a second
   reduction launch (flash-decoding); :func:`paged_decode` is the same over a paged cache with a
-  block table.
+  block table; :func:`latent_causal_attention` is its T-query causal form (dense absorbed-MLA
+  prefill over the cache, the baseline DSA is measured against).
 - :func:`dsa_index_scores` — the lightning indexer ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])``,
   bf16 operands, or FP8 e4m3 operands with per-row scales (:func:`quantize_fp8_rows`).
 
@@ -25,14 +26,20 @@ too few (query, head-block) programs to fill the GPU (decode), slots are split a
 that write float32 partial outputs and log-sum-exps, and ``_combine`` merges them.
 
 Backward (:func:`sparse_attention` under autograd) is a Triton kernel too: a program per (query,
-head block) recomputes p from the saved log-sum-exp, accumulates dq in registers and adds dk / dv
-into float32 buffers of the full key/value size with atomics (rows are shared between queries).
-Correct, deterministic only up to float32 addition order.
+head block) recomputes p from the saved log-sum-exp, accumulates dq in registers and adds the
+row gradients into a float32 buffer of the full key size with atomics (rows are shared between
+queries); for MLA (v = k[..., :D_v]) the value gradient is added to the key gradient of the same
+columns first, so there is one atomic per latent element. Correct; deterministic only up to
+float32 addition order. The indexer has no backward here (the op's torch path has one).
 
-Top-k selection stays in torch (``attnlab.ops.dsa_topk``; :func:`dsa_topk_chunked` is an exact
-two-stage variant for very long rows). Nothing here has run on a GPU yet: the kernels are tested
-under ``TRITON_INTERPRET=1`` on the CPU; GPU tests are in tests/test_kernels_sparse.py (marked
-``gpu``) and timings come from benchmarks/sparse_mla_gpu.py.
+Top-k selection stays in torch: ``attnlab.ops.dsa_topk`` sorts int64 keys over each row;
+:func:`dsa_topk_threshold` (one float32 topk for the k-th score, then elementwise tie filling) and
+:func:`dsa_topk_chunked` (two exact stages) return the same indices. There is no Triton top-k.
+
+Nothing here has run on a GPU yet: the kernels are tested under ``TRITON_INTERPRET=1`` on the
+CPU and compiled for sm_90 here (``benchmarks/sparse_mla_gpu.py --compile-report``: registers,
+spills, wgmma); GPU tests are in tests/test_kernels_sparse.py (marked ``gpu``) and timings come
+from ``benchmarks/sparse_mla_gpu.py``.
 """
 
 from __future__ import annotations
