@@ -432,12 +432,23 @@ def _key_split(D: int, D_v: int, v_is_k: bool) -> tuple[int, int, int, int]:
 
 
 def _n_splits(programs: int, n_slots: int, block_n: int, device: torch.device) -> int:
-    """Split the slots when the (query, head block) programs alone would leave SMs idle; each
-    split keeps at least 4 steps of block_n slots."""
-    want = PROGRAMS_PER_SM * _num_sms(device)
+    """How many programs share one (query, head block)'s slots. 1 when the programs alone give
+    PROGRAMS_PER_SM per SM (prefill). Otherwise the split count, up to twice what reaches that
+    target, whose total fills its waves best (a quarter-full last wave costs a whole wave: 32 rows
+    x 2 head blocks x 5 splits = 320 programs is 2.4 waves on 132 SMs, 4 splits fill 2), nearest
+    the target on ties; each split keeps at least 4 steps of block_n slots."""
+    sms = _num_sms(device)
+    want = PROGRAMS_PER_SM * sms
     if programs >= want:
         return 1
-    return max(1, min(triton.cdiv(want, programs), n_slots // (4 * block_n)))
+    most = max(1, min(2 * triton.cdiv(want, programs), n_slots // (4 * block_n)))
+
+    def score(s: int) -> tuple[float, int]:
+        total = programs * s
+        fill = total / (triton.cdiv(total, sms) * sms)  # busy fraction of the SM-waves it occupies
+        return round(min(fill, total / want), 2), -abs(total - want)
+
+    return max(range(1, most + 1), key=score)
 
 
 def _attend(
