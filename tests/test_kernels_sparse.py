@@ -170,6 +170,7 @@ def test_fast_topk_variants_equal_oracle(causal):
         want = ops.dsa_topk(scores, topk, causal=causal)
         assert torch.equal(dsa_topk_chunked(scores, topk, causal=causal, chunk=64), want)
         assert torch.equal(dsa_topk_threshold(scores, topk, causal=causal), want)
+        assert torch.equal(dsa_topk_threshold(scores, topk, causal=causal, chunk=100), want)  # two stages
     assert (want == -1).any()
 
 

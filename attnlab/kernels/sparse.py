@@ -804,13 +804,28 @@ def dsa_index_scores(
     return out
 
 
-def dsa_topk_threshold(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tensor:
+def _kth_largest(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """The k-th largest value along the last dim, [..., 1]; in two exact stages for long rows."""
+    S = x.shape[-1]
+    if S > 2 * chunk and chunk >= k:
+        n = math.ceil(S / chunk)
+        padded = torch.nn.functional.pad(x, (0, n * chunk - S), value=float("-inf"))
+        best = padded.view(*x.shape[:-1], n, chunk).topk(k, dim=-1, sorted=False).values  # (..., n, k)
+        x = best.flatten(-2)  # (..., n * k) survivors
+    return x.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+
+
+def dsa_topk_threshold(
+    scores: torch.Tensor, topk: int, causal: bool = True, chunk: int = 32768
+) -> torch.Tensor:
     """``attnlab.ops.dsa_topk`` (same result, ties to the earlier position) from one float32
     ``torch.topk`` for the k-th largest score t, then elementwise passes: every score > t is taken,
     and of the scores == t the earliest ones fill the remaining slots; the k taken positions are
     then sorted by (score descending, position ascending). The oracle sorts int64 keys over the
-    whole row instead. Torch, not Triton; no host sync. Returns int64 [B, T, topk], -1 for empty
-    slots (after the visible positions)."""
+    whole row instead. Rows longer than 2 * ``chunk`` find the k-th score in two stages (top-k
+    values of each chunk, then of the survivors: exact), because PyTorch sorts whole rows for a
+    top-k over few long rows (decode at 1M) but radix-selects over many short ones. Torch, not
+    Triton; no host sync. Returns int64 [B, T, topk], -1 for empty slots (after the visible ones)."""
     check_tensor("scores", scores, 3, "[B, T, S]")
     B, T, S = scores.shape
     if causal and S < T:
@@ -829,7 +844,7 @@ def dsa_topk_threshold(scores: torch.Tensor, topk: int, causal: bool = True) -> 
             if causal:
                 q_pos = torch.arange(S - T + t0, S - T + t1, device=scores.device)  # (Tb,)
                 blk = blk.masked_fill(pos[None, :] > q_pos[:, None], neg_inf)
-            thr = blk.topk(k_eff, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # (B, Tb, 1) k-th best
+            thr = _kth_largest(blk, k_eff, chunk)  # (B, Tb, 1)
             above = blk > thr
             tied = blk == thr
             need = k_eff - above.sum(-1, keepdim=True, dtype=torch.int32)  # (B, Tb, 1) slots left for ties
