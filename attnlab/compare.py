@@ -319,7 +319,7 @@ def train_and_evaluate(
     kind, n)`` is told of progress: ``kind`` "step" (n steps done) or "eval" (n evaluations done)."""
     from .cost import write_json_atomic
     from .evaluate import evaluate
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig, Trainer, TrainingDiverged
 
     def tell(kind: str, n: int) -> None:
         if _PROGRESS_QUEUE is not None:
@@ -348,9 +348,14 @@ def train_and_evaluate(
     )
     trainer = Trainer(cfg, tc, run_dir=None, progress=False)
     chunk = max(1, s.steps // 50)
-    for until in range(chunk, s.steps + chunk, chunk):
-        trainer.fit(until_step=min(until, s.steps))
-        tell("step", trainer.step)
+    diverged = None
+    try:
+        for until in range(chunk, s.steps + chunk, chunk):
+            trainer.fit(until_step=min(until, s.steps))
+            tell("step", trainer.step)
+    except TrainingDiverged as e:  # scored as it stands (the last good weights), and reported
+        diverged = str(e)
+        tell("step", s.steps)
     train_wall, train_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     model = trainer.model
     records: list[dict[str, Any]] = []
@@ -373,6 +378,7 @@ def train_and_evaluate(
         "d_ff": cfg.ff_dim,
         "train": {
             "steps": trainer.step,
+            "diverged": diverged,
             "final_loss": trainer.losses[-1] if trainer.losses else None,
             "loss_curve": trainer.losses[:: max(1, len(trainer.losses) // 100)],
             "wall_s": train_wall,
@@ -653,14 +659,18 @@ def _run_pool(todo, configs, s, out, workers, on_progress, bar) -> dict[str, dic
             for name in todo
         }
         pending = set(futures)
-        while pending:
-            _drain(q, on_progress)
-            done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
-            for f in done:
-                result = f.result()  # re-raises a worker's error here
-                results[futures[f]] = result
+        try:
+            while pending:
                 _drain(q, on_progress)
-                bar.note(_done_line(result))
+                done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    result = f.result()  # re-raises a worker's error here
+                    results[futures[f]] = result
+                    _drain(q, on_progress)
+                    bar.note(_done_line(result))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # finished models stay saved for a resume
+            raise
     _drain(q, on_progress)
     return results
 
@@ -742,6 +752,7 @@ def summarize(
                 **measured,
             },
             "train": r["train"],
+            "diverged": r["train"].get("diverged"),
         })  # fmt: skip
     return {
         "settings": s.to_dict(),
@@ -826,6 +837,7 @@ def format_summary_table(summary: dict[str, Any]) -> str:
         line(["-" * w for w in widths]),
     ]
     out += [line(r) for r in rows]
+    out += [f"note: {m['name']} {m['diverged']}" for m in summary["models"] if m.get("diverged")]
     return "\n".join(out)
 
 

@@ -76,6 +76,9 @@ def build_sections(
         ],
         tables=[Table(header, rows)],
     )
+    for m in summary["models"]:
+        if m.get("diverged"):
+            overview.paragraphs.append(f"Note: {m['name']} {m['diverged']}")
     sections.append(overview)
 
     recall = Section("Recall vs context length")
