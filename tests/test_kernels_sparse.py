@@ -530,3 +530,16 @@ def test_gpu_sparse_gradients(dtype):
         grads.append((qq.grad, kk.grad))
     for g, rg in zip(*grads, strict=True):
         assert rel_err(g, rg) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1, 1 << 20), (2, 64, 70000)])
+def test_gpu_topk_variants_equal_oracle(shape):
+    """On the GPU (where torch.topk sorts few long rows but radix-selects many short ones), with
+    many ties: the threshold and two-stage top-k equal ops.dsa_topk exactly."""
+    from attnlab.kernels.sparse import dsa_topk_chunked, dsa_topk_threshold
+
+    scores = (torch.randn(shape, device="cuda") * 4).round() / 4
+    want = ops.dsa_topk(scores, 2048, causal=True)
+    assert torch.equal(dsa_topk_threshold(scores, 2048, causal=True), want)
+    assert torch.equal(dsa_topk_chunked(scores, 2048, causal=True), want)
