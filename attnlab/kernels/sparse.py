@@ -64,7 +64,9 @@ LOG2E = 1.4426950408889634
 # 255 registers; DVB=2 (value columns split over two programs, q·k computed twice) does not spill
 # (196 registers). The backward (key and value gradients of the latent added before one atomic) at 32
 # heads x 16 rows, 8 warps, 2 stages is the largest spill-free shape found (250 registers, mma.sync:
-# 64 heads spill ~1.5 KB per thread).
+# 64 heads spill ~1.5 KB per thread). float32 inputs take exact float32 products (input_precision
+# "ieee"): no tensor cores, and at MLA sizes kilobytes of spills per thread, so the ops' "auto" mode
+# keeps float32 on the torch path; these shapes are tuned for bf16.
 TUNING: dict[str, dict[str, int]] = {
     "sparse": {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1},
     "decode": {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1},

@@ -47,14 +47,15 @@ def _check_same_dtype(**tensors: torch.Tensor) -> None:
 def _sparse_kernel(mode: str, name: str, q: torch.Tensor, needs_grad: bool = False):
     """``mode`` of the softmax/sparse ops: "torch" -> None (the torch code below); "triton" -> the
     kernel ``attnlab.kernels.sparse.<name>`` (needs CUDA, or TRITON_INTERPRET=1 for CPU tests);
-    "auto" -> the kernel when q is a CUDA bf16/fp16/fp32 tensor outside torch.compile, no gradient
-    is needed that the kernel lacks, and the kernels import; else None."""
+    "auto" -> the kernel when q is a CUDA bf16/fp16 tensor outside torch.compile, no gradient is
+    needed that the kernel lacks, and the kernels import; else None. (float32 runs on the kernels
+    only when asked: exact float32 products there use no tensor cores and are slow.)"""
     check_mode(mode, ("auto", "torch", "triton"))
     if mode == "torch":
         return None
     device_ok = q.is_cuda or (mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
     usable = device_ok and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and not needs_grad
-    if mode == "auto" and (not usable or torch.compiler.is_compiling()):
+    if mode == "auto" and (not usable or q.dtype == torch.float32 or torch.compiler.is_compiling()):
         return None
     if not usable:
         why = "no autograd" if needs_grad else f"CUDA bf16/fp16/fp32 tensors, got {q.dtype} on {q.device}"
@@ -208,7 +209,7 @@ def softmax_decode(
             left there would leak into the output.
         scale: logit scale; None = D ** -0.5.
         mode: "torch"; "triton" (attnlab.kernels.sparse, split-K, no autograd); "auto" = triton for
-            CUDA tensors with one kv head (MLA absorbed decode) and no gradient, else torch.
+            CUDA bf16/fp16 tensors with one kv head (MLA absorbed decode) and no gradient, else torch.
 
     Returns:
         o: [B, H_q, D_v] in q's dtype.

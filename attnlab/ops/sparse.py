@@ -45,7 +45,7 @@ def dsa_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mode: st
         k: [B, S, D_I] index keys, one head shared by all index heads; same dtype as q.
         w: [B, T, H_I] per-head weights with every scale already folded in.
         mode: "torch"; "triton" (attnlab.kernels.sparse, fused ReLU/weighted sum, no autograd);
-            "auto" = triton for CUDA tensors when no gradient is needed, else torch.
+            "auto" = triton for CUDA bf16/fp16 tensors when no gradient is needed, else torch.
 
     Returns:
         I: float32 [B, T, S], unmasked (``dsa_topk`` applies causality). Computed in query blocks so
@@ -151,7 +151,7 @@ def sparse_attention(
             On the CPU an entry >= S raises ValueError; on GPU it is the caller's contract.
         scale: logit scale; None = D ** -0.5.
         mode: "torch"; "triton" (attnlab.kernels.sparse, with a Triton backward); "auto" = triton for
-            CUDA tensors, else torch.
+            CUDA bf16/fp16 tensors, else torch.
 
     Returns:
         o: [B, T, H, D_v] in q's dtype, computed in float32 (float64 for float64 inputs). A query whose
