@@ -1,7 +1,11 @@
 """DeepSeek Sparse Attention and MLA decode on one GPU: our Triton kernels vs the torch paths vs
 SDPA GQA, context 4K -> 1M, bf16.
 
-    python benchmarks/sparse_mla_gpu.py [--quick] [--sweep] [--decode-ctx 4096,...] [--prefill-ctx ...]
+    python benchmarks/sparse_mla_gpu.py --quick            # < 4 min on an H100 (estimate: never run yet)
+    python benchmarks/sparse_mla_gpu.py --quick --sweep    # + launch-shape sweep (adds ~2-3 min)
+    python benchmarks/sparse_mla_gpu.py [--decode-ctx 4096,...] [--prefill-ctx ...] [--train-ctx ...]
+    python benchmarks/sparse_mla_gpu.py --compile-report   # no GPU: sm_90 registers/spills/wgmma
+    python benchmarks/sparse_mla_gpu.py --cpu-smoke        # no GPU: whole script, toy sizes, interpreter
 
 Shapes are DeepSeek-V3.2's: 128 query heads; absorbed MLA latent 576 = 512 (value) + 64 (RoPE),
 one shared latent head; indexer 64 heads x 128 dims; top-k 2048. The GQA baseline is a
@@ -10,24 +14,36 @@ Llama-style cache of 8 kv heads x 128 dims for the same 128 query heads (4 KB pe
 
 Decode (one new token per row, batch B, context S):
   mla-dense     dense absorbed MLA decode over the latent cache (ours: split-K Triton; torch: matmuls)
-  dsa           indexer scores over S keys (bf16 and FP8 keys) + top-k + sparse attention over 2048
-                latents; the total takes the faster indexer and top-k
+  dsa           indexer scores over S keys (bf16 and FP8 keys) + top-k (three exact variants) +
+                sparse attention over 2048 latents; the total takes the faster indexer and top-k
   gqa-sdpa      PyTorch SDPA over a GQA cache (attnlab.ops.softmax_decode, mode="torch")
+Train: sparse attention forward + backward at T = S (ours vs autograd through the torch path).
 Prefill (B = 1, T = S = context, causal):
-  dsa           in query chunks: causal indexer scores (ours) + top-k (torch) + sparse attention (ours)
+  dsa           in query chunks: causal indexer scores (ours) + top-k (dsa_topk_threshold, checked
+                equal to ops.dsa_topk) + sparse attention (ours)
+  mla-dense absorbed ours   dense causal attention over the same latents and heads
+                (kernels.sparse.latent_causal_attention): the issue's 5x baseline
   mla-sdpa      dense causal MLA prefill as DeepSeek runs it (non-absorbed: 128 heads of 192-dim
                 q/k and 128-dim v, SDPA)
   gqa-sdpa      dense causal SDPA, 128 q heads / 8 kv heads of 128
-  floor of dense absorbed MLA prefill (the "same latents and heads" baseline: 1088 MACs per pair
-  per head), analytic from the measured matmul rate.
 
 Floors: bytes that must be read (each input once) over the measured device copy bandwidth (a 1 GiB
 copy, read + write bytes per second); FLOPs over the measured bf16 matmul rate (8192^3). A time is
-reported with "x floor" = measured / max(floors). Prints a table last and writes
-$OUT/sparse_mla_gpu.json. --quick finishes in a few minutes on an H100 (fewer contexts, fewer
-repetitions). --sweep first times launch parameters of the decode and sparse kernels
-(attnlab.kernels.sparse.TUNING) and keeps the fastest. Every timed kernel is first checked against
-the torch path at a small size (relative RMS error printed).
+reported with "x floor" = measured / max(floors). Decode inputs smaller than 256 MB are rotated
+among copies so repeated calls read device memory, not L2. Prints a table last and writes
+$OUT/sparse_mla_gpu.json. --sweep first times launch shapes of the decode, sparse and indexer
+kernels (attnlab.kernels.sparse.TUNING; each checked against the default's output) and keeps the
+fastest for the run. Every timed kernel is first checked against the torch path (sanity()).
+
+Predictions written before any GPU run (H100 SXM, assuming ~3.0 TB/s copy and ~700 TFLOP/s bf16):
+- MLA decode, B=32, S=32K: 1.21 GB of latents (0.40 ms) but also 2.9e11 FLOPs (0.42 ms): with 128
+  heads the kernel sits at the ridge, so the issue's ">= 80% of copy bandwidth" needs ~80% of the
+  matmul rate inside an online-softmax kernel. Expect 40-65% from this Triton kernel; fewer heads
+  per GPU (tensor parallel) make it memory-bound and closer.
+- DSA decode, B=1, S=1M: indexer 268 MB bf16 / 134 MB FP8 (0.09 / 0.045 ms) + top-k over 1M +
+  2.4 MB of latents; dense MLA 1.2 GB (0.40 ms). Expect 2-4x: the top-k passes are the risk.
+- DSA prefill, 128K: indexer 1.4e14 FLOPs causal + sparse 7.3e13 vs dense absorbed 2.4e15 (3.4 s
+  at 700 TFLOP/s). Expect 5-10x if the top-k of 32 [4096, <=128K] chunks stays under ~0.3 s.
 """
 
 from __future__ import annotations
