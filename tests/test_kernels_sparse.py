@@ -305,6 +305,24 @@ def test_interp_index_scores_match_oracle(dtype, h, d):
 
 
 @interp
+def test_interp_index_scores_causal_prefill_many_chunks():
+    """T = S (prefill from position 0) over several key chunks: early query blocks see none of the
+    later chunks, whose programs must write -inf only inside their own chunk."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(13)
+    B, T, H, D = 1, 200, 4, 16
+    q, k = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, D, generator=gen)
+    w = torch.rand(B, T, H, generator=gen)
+    ref = ops.dsa_index_scores(q.double(), k.double(), w.double(), mode="torch")
+    with tuned("index", S_CHUNK=64, BLOCK_S=32):
+        got = ks.dsa_index_scores(q, k, w, causal=True)
+    hidden = torch.ones(T, T, dtype=torch.bool).triu(1)  # (T, S) keys after the query
+    assert (got[:, hidden] == float("-inf")).all()
+    assert rel_err(got[:, ~hidden], ref[:, ~hidden]) < 1e-5
+
+
+@interp
 def test_interp_index_scores_fp8():
     """FP8 e4m3 operands with per-row scales: a few percent from the exact scores (3 mantissa bits)."""
     from attnlab.kernels import sparse as ks

@@ -358,7 +358,7 @@ def _index_scores_kernel(
     hi = tl.minimum(lo + s_chunk, S)
     top = hi
     if CAUSAL:  # the block's last query sees keys up to S - T + t_last
-        top = tl.minimum(hi, S - T + tl.minimum(tb * BLOCK_T + BLOCK_T, T))
+        top = tl.maximum(tl.minimum(hi, S - T + tl.minimum(tb * BLOCK_T + BLOCK_T, T)), lo)
     # two branch-free loops (so the first can be software-pipelined): computed blocks, then the
     # blocks wholly after the block's last query, filled with -inf (CAUSAL only)
     top = lo + tl.cdiv(top - lo, BLOCK_S) * BLOCK_S
