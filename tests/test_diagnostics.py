@@ -283,6 +283,7 @@ def test_capacity_curve_rows_and_cliff():
     assert capacity_cliff([{"facts": 1, "recall": 1.0}, {"facts": 4, "recall": 0.9},
                            {"facts": 8, "recall": 0.2}]) == 8  # fmt: skip
     assert capacity_cliff([{"facts": 1, "recall": 1.0}, {"facts": 2, "recall": 0.9}]) is None
+    assert capacity_cliff([{"facts": 1, "recall": 0.0}, {"facts": 2, "recall": 0.02}]) is None  # no recall
 
 
 # ---------------------------------------------------------------------- all together

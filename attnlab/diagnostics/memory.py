@@ -117,10 +117,13 @@ def capacity_curve(
     return rows
 
 
-def capacity_cliff(rows: list[dict[str, Any]], threshold: float = 0.5) -> int | None:
+def capacity_cliff(rows: list[dict[str, Any]], threshold: float = 0.5, min_recall: float = 0.1) -> int | None:
     """The fewest facts at which recall falls below ``threshold`` times the best recall of the
-    curve (None if it never does)."""
+    curve; None if it never does, or if the best recall is under ``min_recall`` (a model that
+    recalls nothing has no cliff to find)."""
     best = max((r["recall"] or 0.0 for r in rows), default=0.0)
+    if best < min_recall:
+        return None
     for r in sorted(rows, key=lambda r: r["facts"]):
         if (r["recall"] or 0.0) < threshold * best:
             return r["facts"]
