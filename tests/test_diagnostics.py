@@ -280,6 +280,7 @@ def test_capacity_curve_rows_and_cliff():
     assert [r["facts"] for r in rows] == [1, 2, 4]
     assert all(r["cache_bytes"] == model.cache_bytes(32) for r in rows)  # bf16, as the layers declare
     assert all(0.0 <= r["recall"] <= 1.0 for r in rows)
+    assert [r["guess_recall"] for r in rows] == [1.0, 0.5, 0.25]  # one of the N stored values
     assert capacity_cliff([{"facts": 1, "recall": 1.0}, {"facts": 4, "recall": 0.9},
                            {"facts": 8, "recall": 0.2}]) == 8  # fmt: skip
     assert capacity_cliff([{"facts": 1, "recall": 1.0}, {"facts": 2, "recall": 0.9}]) is None

@@ -90,7 +90,8 @@ def capacity_curve(
 
     ``spec``: ``"mqar"`` (facts = ``num_pairs``) or ``"needle"`` (facts = ``num_keys`` of a
     multi-key needle, one asked). One row per fact count: ``facts``, ``recall`` (teacher-forced
-    accuracy at the answer positions), ``exact`` (samples with every answer right), ``targets``,
+    accuracy at the answer positions), ``exact`` (samples with every answer right), ``guess_recall``
+    (1/N: picking any stored value, the level of a model that stores values but no bindings), ``targets``,
     ``cache_bytes`` (one sequence's cache at ``seq_len``, bf16, as the layers declare it) and
     ``cache_bytes_per_fact``. ``known`` maps a fact count to predictions (bool [N, T]) already
     made on the very probe this function builds for it (same spec, length, samples, seed)."""
@@ -112,6 +113,9 @@ def capacity_curve(
                 "targets": int(probe.mask.sum()),
                 "cache_bytes": int(cache_bytes),
                 "cache_bytes_per_fact": cache_bytes / n,
+                # recall of a model that knows which values are stored but not which key owns
+                # which: one of the n stored values at random (MQAR; None for needles)
+                "guess_recall": 1.0 / n if probe.task.get("task") == "mqar" else None,
             }
         )
     return rows

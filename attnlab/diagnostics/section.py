@@ -72,6 +72,10 @@ def write_plots(results: dict[str, dict[str, Any]], out_dir: str | os.PathLike) 
                 "o-",
                 label=f"{label} ({_kib(rows[0]['cache_bytes'])}{extra})",
             )
+        guess = {x["facts"]: x.get("guess_recall") for r in with_cap.values() for x in r["capacity"]}
+        if all(v is not None for v in guess.values()):
+            xs = sorted(guess)
+            ax.plot(xs, [guess[x] for x in xs], "k:", lw=1, label="1/N: a stored value at random")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("facts stored (MQAR pairs / needles)")
         ax.set_ylabel("recall")
@@ -193,6 +197,9 @@ def tables(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, list[str]
                         r["summary"].get("cliff_facts"),
                     ]
                 )
+        guess = {x["facts"]: x.get("guess_recall") for r in results.values() for x in r.get("capacity") or []}
+        if all(v is not None for v in guess.values()):
+            rows.append(["1/N: a stored value at random", "", "", *[guess.get(f) for f in facts], ""])
         out.append(
             (
                 "capacity",
@@ -317,8 +324,9 @@ INTRO = (
     "accuracy at answer positions; a fact's position is the context token holding the answer (an MQAR "
     "value, a needle's digit). Capacity: recall vs facts at a fixed context beside each model's declared "
     "cache bytes (Zoology: recall tracks state size; a linear head stores about D_k keys without "
-    "interference). Forgetting: recall vs fact-query distance; horizons: half-life ln2/(-log alpha) of "
-    "each linear layer's decay (Lightning: per head, exact; Gated DeltaNet: per head and token; KDA: per "
+    "interference); on MQAR, 1/N is the recall of a model that knows which values were stored but "
+    "not which key owns which. Forgetting: recall vs fact-query distance; horizons: half-life "
+    "ln2/(-log alpha) of each linear layer's decay (Lightning: per head, exact; Gated DeltaNet: per head and token; KDA: per "
     "channel and token, on the probe's hidden states). Selection: how often a sparse layer keeps the "
     "fact's position (DSA top-k from its own indexer, W window + sinks), and recall when kept vs pruned. "
     "Attribution: recall with one layer's mixer output zeroed."
