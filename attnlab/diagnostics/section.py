@@ -324,12 +324,12 @@ INTRO = (
     "accuracy at answer positions; a fact's position is the context token holding the answer (an MQAR "
     "value, a needle's digit). Capacity: recall vs facts at a fixed context beside each model's declared "
     "cache bytes (Zoology: recall tracks state size; a linear head stores about D_k keys without "
-    "interference); on MQAR, 1/N is the recall of a model that knows which values were stored but "
-    "not which key owns which. Forgetting: recall vs fact-query distance; horizons: half-life "
-    "ln2/(-log alpha) of each linear layer's decay (Lightning: per head, exact; Gated DeltaNet: per head and token; KDA: per "
-    "channel and token, on the probe's hidden states). Selection: how often a sparse layer keeps the "
-    "fact's position (DSA top-k from its own indexer, W window + sinks), and recall when kept vs pruned. "
-    "Attribution: recall with one layer's mixer output zeroed."
+    "interference); on MQAR, 1/N is the recall of a model that knows which values were stored but not "
+    "which key owns which. Forgetting: recall vs fact-query distance; horizons: half-life "
+    "ln2/(-log alpha) of each linear layer's decay (Lightning: per head, exact; Gated DeltaNet: per head "
+    "and token; KDA: per channel and token, on the probe's hidden states). Selection: how often a sparse "
+    "layer keeps the fact's position (DSA top-k from its own indexer, W window + sinks), and recall when "
+    "kept vs pruned. Attribution: recall with one layer's mixer output zeroed."
 )
 
 
