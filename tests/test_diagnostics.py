@@ -346,3 +346,13 @@ def test_study_diagnostics_plan_reuse_and_sections(tmp_path):
     assert titles[0] == "What the diagnostics measure" and len(titles) == 6  # + the 5 tables
     assert all(isinstance(sec, report.Section) for sec in sections)
     assert all(path.is_file() for sec in sections for path, _ in sec.images)
+
+
+def test_default_probe_task_from_the_training_run():
+    from attnlab.diagnostics.cli import default_spec
+
+    info = {"train_config": {"tasks": ["copying", "mqar:num_pairs=8,weight=3", "needle"]}}
+    assert default_spec(info, 64) == "mqar:num_pairs=8"
+    assert default_spec({"train_config": {"tasks": ["needle:depth=0.5"]}}, 256) == "needle:depth=0.5"
+    assert default_spec({"train_config": {"tasks": ["needle"]}}, 64) == "mqar:num_pairs=4"  # no bytes
+    assert default_spec({}, 64) == "mqar:num_pairs=4"
