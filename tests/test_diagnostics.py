@@ -356,3 +356,14 @@ def test_default_probe_task_from_the_training_run():
     assert default_spec({"train_config": {"tasks": ["needle:depth=0.5"]}}, 256) == "needle:depth=0.5"
     assert default_spec({"train_config": {"tasks": ["needle"]}}, 64) == "mqar:num_pairs=4"  # no bytes
     assert default_spec({}, 64) == "mqar:num_pairs=4"
+
+
+def test_diagnose_reads_a_compare_study_s_tasks_and_length(tmp_path):
+    from attnlab.diagnostics.cli import study_train_config
+
+    ckpt = tmp_path / "out" / "models" / "G" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    settings = {"tasks": ["mqar:num_pairs=4", "mrcr"], "train_len": 128}
+    (tmp_path / "out" / "study.json").write_text(json.dumps({"format": 1, "settings": settings}))
+    assert study_train_config(ckpt) == {"tasks": ["mqar:num_pairs=4", "mrcr"], "seq_len": 128}
+    assert study_train_config(tmp_path / "elsewhere") == {}

@@ -29,6 +29,20 @@ def default_spec(info: dict[str, Any], vocab_size: int) -> str:
     return "mqar:num_pairs=4"
 
 
+def study_train_config(checkpoint: Path) -> dict[str, Any]:
+    """``{"tasks", "seq_len"}`` of the ``attnlab compare`` study holding ``checkpoint``
+    (``OUT/models/NAME/checkpoint``, settings in ``OUT/study.json``); empty if there is none."""
+    for parent in list(checkpoint.resolve().parents)[:3]:
+        path = parent / "study.json"
+        if path.is_file():
+            try:
+                settings = json.loads(path.read_text()).get("settings", {})
+            except json.JSONDecodeError:
+                return {}
+            return {"tasks": settings.get("tasks") or [], "seq_len": settings.get("train_len")}
+    return {}
+
+
 def write_outputs(result: dict[str, Any], label: str, out: Path, force: bool) -> Path:
     """Write diagnostics.json, the PNGs and diagnostics.md into ``out`` atomically."""
     _check_out(out, force)
@@ -80,6 +94,8 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         else ("cpu" if args.device == "auto" else args.device)
     )
     model, info = load_model(args.checkpoint, device)
+    if "train_config" not in info:  # a model of an `attnlab compare` study: its tasks and length
+        info["train_config"] = study_train_config(Path(info["checkpoint"]))
     spec = args.task or default_spec(info, model.cfg.vocab_size)
     seq_len = args.seq_len or info.get("train_config", {}).get("seq_len") or 64
     which = None if not args.only else [w.strip() for w in args.only.split(",") if w.strip()]
