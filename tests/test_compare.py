@@ -119,9 +119,11 @@ def test_resume_reuses_finished_models(study, capsys):
     assert summary["run"]["reused"] == ["S"]
     assert ckpt["S"].stat().st_mtime_ns == before["S"]  # not retrained
     assert ckpt["W"].stat().st_mtime_ns != before["W"]  # retrained
+    retrained = {m: p.stat().st_mtime_ns for m, p in ckpt.items()}
     again = run_study(tiny(), out, progress=False)
     assert again["run"]["reused"] == ["S", "W"]
-    assert ckpt["W"].stat().st_mtime_ns == json.loads(json.dumps(ckpt["W"].stat().st_mtime_ns))
+    assert {m: p.stat().st_mtime_ns for m, p in ckpt.items()} == retrained
+    assert again["models"] == json.loads((out / "summary.json").read_text())["models"]
 
 
 def test_out_directory_is_never_overwritten_by_accident(study, tmp_path, capsys):
@@ -131,8 +133,9 @@ def test_out_directory_is_never_overwritten_by_accident(study, tmp_path, capsys)
     other = tmp_path / "not-a-study"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not an attnlab study"):
-        run_study(tiny(), other, progress=False)
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="not an attnlab study"):
+            run_study(tiny(), other, force=force, progress=False)
     assert (other / "keep.txt").read_text() == "mine"
     # through the CLI: a clean error, exit code 2
     code = main(["compare", "--out", str(out), "--models", "S", "--steps", "3", "--quiet"])
@@ -164,7 +167,7 @@ def test_every_default_model_gets_the_same_parameter_budget():
 
 def test_budget_too_small_names_the_model():
     with pytest.raises(ValueError, match="minimax-01"):
-        study_configs(StudySettings(models=("S", "minimax-01"), param_budget=150_000))
+        study_configs(StudySettings(models=("S", "minimax-01"), param_budget=40_000))
 
 
 def test_config_files_json_and_toml(tmp_path):
