@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._io import atomic_write_json, save_figure
 from .config import LAYER_NAMES, ModelConfig
 from .layers import build_layer
 
@@ -596,7 +595,7 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
     fig.suptitle(f"one layer per mechanism on {result['device']} (fitted exponent in brackets)", fontsize=9)
     fig.tight_layout()
-    paths.append(_save(fig, out_dir / "cost_vs_context.png"))
+    paths.append(save_figure(fig, out_dir / "cost_vs_context.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, e in result["presets"].items():
@@ -610,7 +609,7 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(_save(fig, out_dir / "memory_vs_context.png"))
+    paths.append(save_figure(fig, out_dir / "memory_vs_context.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for letter, e in result["mechanisms"].items():
@@ -623,23 +622,14 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(_save(fig, out_dir / "dollars_vs_context.png"))
+    paths.append(save_figure(fig, out_dir / "dollars_vs_context.png"))
     plt.close("all")
     return paths
 
 
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    return path
-
-
 def write_json_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    """JSON to ``path`` atomically (see :mod:`attnlab._io`)."""
+    atomic_write_json(path, obj)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._io import atomic_write_text
 from .tasks import IGNORE, Task, corpus_fingerprint, make_task, mrcr_score, parse_task_spec
 
 
@@ -189,11 +190,9 @@ def _vocab_size(model: nn.Module) -> int:
 
 def write_results(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` as JSON to ``path`` atomically."""
-    from .train import _atomic_write_text
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     return path
 
 

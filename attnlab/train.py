@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._io import atomic_write_text, fsync_path
 from .config import ModelConfig
 from .evaluate import evaluation_task, score_task
 from .model import HybridLM
@@ -357,7 +358,7 @@ class Trainer:
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             run = {"model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict()}
-            _atomic_write_text(self.run_dir / "run.json", json.dumps(run, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "run.json", json.dumps(run, indent=2) + "\n")
         _barrier(self.world)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -400,7 +401,7 @@ class Trainer:
         if self.rank == 0:  # drop metrics logged after this checkpoint (they will be redone)
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             run = {"model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict()}
-            _atomic_write_text(self.run_dir / "run.json", json.dumps(run, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "run.json", json.dumps(run, indent=2) + "\n")
         _barrier(self.world)
 
 
@@ -536,8 +537,8 @@ def _write_checkpoint(
     (tmp / "rng.json").write_text(json.dumps(rng))
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync_path(f)
+    fsync_path(tmp)
     if old.exists():
         if final.exists():
             shutil.rmtree(old)  # left over from an earlier save; `final` is complete
@@ -546,7 +547,7 @@ def _write_checkpoint(
     if final.exists():
         final.rename(old)
     tmp.rename(final)
-    _fsync(run_dir)
+    fsync_path(run_dir)
     if old.exists():
         shutil.rmtree(old)
 
@@ -619,32 +620,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + fsync + rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [
         line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
     ]
-    _atomic_write_text(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _resumed_configs(

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._io import save_figure
+
 PLOTS = {
     "capacity": "diag_capacity.png",
     "forgetting": "diag_forgetting.png",
@@ -33,10 +35,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _grid(plt, n: int, w: float = 4.0, h: float = 3.0):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_write_json
 from .run import applicable, run_diagnostics
 from .section import INTRO, tables, write_plots
 
@@ -182,6 +183,4 @@ def _load(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
