@@ -98,7 +98,7 @@ def test_auto_on_cpu_is_chunk_and_values_differ_from_zero(family):
     assert o_auto.abs().mean() > 1e-3
 
 
-@pytest.mark.parametrize("g_scale, route", [(0.2, "chunk factored"), (2.5, (32, True)), (8.0, (8, True)),
+@pytest.mark.parametrize("g_scale, route", [(0.2, "chunk factored"), (5.0, (16, True)), (8.0, (8, True)),
                                              (30.0, (8, False))])
 def test_kda_every_intra_chunk_route_matches_oracle(g_scale, route):
     """KDA's per-channel decay takes one of several routes by gate strength; each must be exact."""
@@ -263,7 +263,7 @@ def test_bf16_inputs_float32_state(family):
     assert o_step.dtype == torch.bfloat16 and state.dtype == torch.float32
 
 
-@pytest.mark.parametrize("g_scale", [0.5, 3.0, 8.0, 30.0])
+@pytest.mark.parametrize("g_scale", [0.5, 5.0, 8.0, 30.0])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float64_inputs_compute_in_float64(family, g_scale):
     """In float64 every route of the chunked form is exact to ~1e-16: no approximation hides in
@@ -280,7 +280,7 @@ def test_float64_inputs_compute_in_float64(family, g_scale):
 
 
 @pytest.mark.parametrize("family, g_scale", [("lightning", 1.0), ("gdn", 0.5), ("gdn", 5.0), ("kda", 0.5),
-                                             ("kda", 3.0), ("kda", 30.0)])
+                                             ("kda", 5.0), ("kda", 30.0)])
 def test_gradients_chunk_vs_recurrent(family, g_scale):
     """Autograd through the chunked form (training uses it) equals autograd through the loop,
     on every intra-chunk route (mild gates factored per chunk, strong ones per sub-chunk)."""
