@@ -388,7 +388,7 @@ def _delta_chunk(q, k, v, G, beta, q_row, k_row, state):
     entering = torch.stack(entering)  # (n, B·H, D_k, D_v)
     u = torch.stack(us)  # (n, B·H, C, D_v)
     flat = lambda x: x.view(n * bh, *x.shape[-2:])  # (n·B·H, ·, ·) views for baddbmm
-    o = torch.baddbmm(flat(qk @ u), flat(q_in), flat(entering))  # (n·B·H, C, D_v)
+    o = torch.bmm(flat(q_in), flat(entering)).baddbmm_(flat(qk), flat(u))  # (n·B·H, C, D_v)
     return o.view(n, bh, chunk, d_v), state
 
 
