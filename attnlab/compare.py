@@ -85,14 +85,14 @@ class StudySettings:
     index_topk: int = 32  # D layers: sparse at every eval length
     tasks: tuple[str, ...] = (
         "mqar:num_pairs=4",
-        "needle:key_len=2,value_digits=2",
+        "needle:key_len=2,value_digits=2,weight=2",
         "mrcr:num_topics=4",
     )
     train_len: int = 128
     lengths: tuple[int, ...] = (128, 256, 512)
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    steps: int = 400
-    batch_size: int = 32
+    steps: int = 550
+    batch_size: int = 24
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
@@ -257,8 +257,8 @@ def count_params(cfg: ModelConfig) -> int:
 
 def default_budget(s: StudySettings) -> int:
     """The larger of: the ``S`` model's parameters at the default SwiGLU width (8/3 d_model),
-    and the largest model's parameters at ``d_ff = d_model`` (so every model keeps an MLP)."""
-    floor = max(count_params(model_base_config(name, s, s.d_model)) for name in s.models)
+    and the largest model's parameters at ``d_ff = d_model / 2`` (so every model keeps an MLP)."""
+    floor = max(count_params(model_base_config(name, s, max(8, s.d_model // 2))) for name in s.models)
     return max(count_params(model_base_config("S", s)), floor)
 
 
