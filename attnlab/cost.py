@@ -390,8 +390,8 @@ class CostSettings:
         "gdn",
         "kda",
     )
-    prefill_contexts: tuple[int, ...] = (512, 1024, 2048, 4096)
-    decode_contexts: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768)
+    prefill_contexts: tuple[int, ...] = (2048, 4096, 8192, 16384)  # long enough for T^2 to show
+    decode_contexts: tuple[int, ...] = (4096, 16384, 65536, 131072)
     analytic_contexts: tuple[int, ...] = tuple(2**i for i in range(10, 21))  # 1K .. 1M
     batch: int = 1
     window: int = 512
