@@ -30,11 +30,12 @@ def check_tensor(
         want = f" {layout}" if layout else ""
         raise ValueError(f"{name}: expected {ndim} dims{want}, got shape {tuple(x.shape)}")
     if shape is not None:
-        for i, (got, exp) in enumerate(zip(x.shape, shape)):
+        for i, (got, exp) in enumerate(zip(x.shape, shape, strict=False)):
             if exp is not None and got != exp:
                 want = f" {layout}" if layout else ""
                 raise ValueError(
-                    f"{name}: expected shape {_fmt(shape)}{want}, got {tuple(x.shape)} (dim {i} is {got}, not {exp})"
+                    f"{name}: expected shape {_fmt(shape)}{want}, got {tuple(x.shape)} "
+                    f"(dim {i} is {got}, not {exp})"
                 )
     if dtypes is not None and x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
@@ -50,13 +51,18 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
-            raise ValueError(f"{name}: on device {t.device}, but {first_name} is on {first.device}; move them together")
+            raise ValueError(
+                f"{name}: on device {t.device}, but {first_name} is on {first.device}; move them together"
+            )
 
 
 def check_heads_divide(name_q: str, h_q: int, name_kv: str, h_kv: int) -> None:
     """GQA needs the query head count to be a multiple of the key/value head count."""
     if h_kv <= 0 or h_q % h_kv != 0:
-        raise ValueError(f"{name_q} has {h_q} heads, which is not a multiple of {name_kv}'s {h_kv} heads (GQA needs H_q % H_kv == 0)")
+        raise ValueError(
+            f"{name_q} has {h_q} heads, which is not a multiple of {name_kv}'s {h_kv} heads "
+            "(GQA needs H_q % H_kv == 0)"
+        )
 
 
 def check_mode(mode: str, allowed: Sequence[str]) -> str:
