@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from . import plots
 from .render import render_html, render_markdown
 
@@ -195,17 +196,9 @@ def write_report(
     title = "attnlab compare: what each attention remembers and what it costs"
     md = out_dir / "report.md"
     html = out_dir / "report.html"
-    _write_text(md, render_markdown(title, sections, out_dir))
-    _write_text(html, render_html(title, sections))
+    atomic_write_text(md, render_markdown(title, sections, out_dir))
+    atomic_write_text(html, render_html(title, sections))
     return md, html
-
-
-def _write_text(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 __all__ = ["Section", "Table", "DIAGNOSTICS_TITLE", "build_sections", "write_report"]
