@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ._io import atomic_write_text
+
 LAYER_LETTERS = "SWMDLGK"
 LAYER_NAMES = {
     "S": "softmax attention",
@@ -224,11 +226,11 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | None = None) -> str:
-        """The config as JSON text; also written to ``path`` if given."""
+        """The config as JSON text; also written to ``path`` if given (atomically: a failed write
+        leaves the file that was there)."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod

@@ -1,6 +1,8 @@
 """ModelConfig (validation, JSON, presets) and HybridLM (every preset: forward/backward,
 parameter count, caches == full forward, declared == allocated bytes; save/load)."""
 
+import builtins
+import errno
 import json
 import os
 
@@ -65,6 +67,44 @@ def test_json_roundtrip_and_unknown_field(tmp_path):
     d["n_experts"] = 4
     with pytest.raises(ValueError, match="unknown field.*n_experts"):
         ModelConfig.from_dict(d)
+
+
+def test_to_json_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """A write that fails part-way (disk full) leaves the file that was there, not a truncated one."""
+    path = tmp_path / "c.json"
+    path.write_text("previous\n")
+
+    class DiskFull:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def failing(real):
+        def opener(file, mode="r", *args, **kwargs):
+            f = real(file, mode, *args, **kwargs)
+            return DiskFull(f) if "w" in mode else f
+
+        return opener
+
+    cfg = ModelConfig.preset("llama", **TINY)
+    monkeypatch.setattr(builtins, "open", failing(builtins.open))
+    monkeypatch.setattr(os, "fdopen", failing(os.fdopen))
+    with pytest.raises(OSError):
+        cfg.to_json(str(path))
+    monkeypatch.undo()
+    assert path.read_text() == "previous\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temp file left behind
 
 
 def test_preset_overrides_and_errors():
