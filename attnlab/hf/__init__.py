@@ -71,10 +71,6 @@ def unsupported(model_type: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"{model_type}: {problem}; {fix}")
 
 
-def hf_get(hf_config: Any, name: str, default: Any = None) -> Any:
-    return getattr(hf_config, name, default)
-
-
 def rope_params(hf_config: Any) -> dict:
     """transformers 5 keeps RoPE settings in ``config.rope_parameters`` (theta, type, ...)."""
     params = getattr(hf_config, "rope_parameters", None) or {}
@@ -175,7 +171,7 @@ def load_shared_parts(
 
 
 __all__ = [
-    "FAMILY_MODULES", "from_hf", "config_from_hf", "unsupported", "hf_get", "rope_params", "rope_theta",
+    "FAMILY_MODULES", "from_hf", "config_from_hf", "unsupported", "rope_params", "rope_theta",
     "base_fields", "pattern_from_layer_types", "copy_weight", "new_model", "load_dense_mlp",
     "load_shared_parts",
 ]

@@ -26,7 +26,6 @@ from .softmax import _check_attention_inputs, _check_same_dtype, _sparse_kernel
 # sparse prefill (T=4096, top-2048, 128 heads) took 199 ms at 2**25 (launch-bound), 71 ms at 2**27
 # (peak 1.6 GiB), 65 ms at 2**29 (2.6 GiB).
 _BLOCK_ELEMENTS = 1 << 27
-_ZERO_EMPTY_VALUES = True
 
 
 def _query_block(batch: int, per_query: int) -> int:
@@ -214,7 +213,6 @@ def _sparse_block(
     m = torch.where(torch.isfinite(m), m, 0.0)
     e = torch.exp(logits - m)  # empty slots -> 0
     p = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    if _ZERO_EMPTY_VALUES:
-        v_sel = torch.where(valid[..., None, None], v_sel, 0)  # empty slots read position 0: keep NaN out
+    v_sel = torch.where(valid[..., None, None], v_sel, 0)  # empty slots read position 0: keep NaN out
     o = torch.einsum("bthgk,btkhd->bthgd", p.to(q.dtype), v_sel)  # (B, Tb, H_kv, G, D_v)
     return o.reshape(B, Tb, H, D_v)
