@@ -323,6 +323,20 @@ def test_cli_diagnose(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
+def test_cli_diagnose_force_never_replaces_a_foreign_directory(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    tiny("L", d_model=32, vocab_size=32).save_pretrained(ckpt)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's file\n")
+    args = ["diagnose", str(ckpt), "--out", str(out), "--samples", "4", "--facts", "1", "--seq-len", "24",
+            "--only", "capacity", "--force"]  # fmt: skip
+    assert main(args) == 2
+    assert "diagnostics.json" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "a user's file\n"
+
+
 def test_study_diagnostics_plan_reuse_and_sections(tmp_path):
     from attnlab.diagnostics import StudyDiagnosticsSettings, run_study_diagnostics
 

@@ -69,8 +69,14 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"--out: {out} exists and is not a directory")
-        if any(out.iterdir()) and not force:
-            raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
+        if any(out.iterdir()):
+            if not force:
+                raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
+            if not (out / "diagnostics.json").is_file():  # --force replaces only an earlier output of ours
+                raise FileExistsError(
+                    f"--out: {out} is not empty and holds no diagnostics.json (not an attnlab diagnose "
+                    f"output); refusing to replace it, even with --force; choose another --out"
+                )
 
 
 def _ints(text: str) -> list[int]:
@@ -135,7 +141,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="a run directory (uses its checkpoint/) or a save_pretrained directory")
     p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true", help="replace an earlier diagnose output in --out")
     p.add_argument(
         "--task", help="probe task spec, mqar or needle (default: the run's first mqar/needle task)"
     )
