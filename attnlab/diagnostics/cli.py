@@ -16,17 +16,13 @@ import torch
 
 from .run import DIAGNOSTICS, run_diagnostics
 from .section import diagnostics_section
-
-_PROBE_TASKS = ("mqar", "needle")
+from .study import probe_spec
 
 
 def default_spec(info: dict[str, Any], vocab_size: int) -> str:
-    """The first MQAR / needle task the checkpoint was trained on, else MQAR with 4 pairs."""
-    for spec in info.get("train_config", {}).get("tasks") or []:
-        name = spec.split(":")[0]
-        if name in _PROBE_TASKS and (name != "needle" or vocab_size >= 256):
-            return ",".join(p for p in spec.split(",") if not p.strip().startswith("weight="))
-    return "mqar:num_pairs=4"
+    """The probe task the study's diagnostics would pick from the checkpoint's training tasks
+    (:func:`attnlab.diagnostics.study.probe_spec`: its MQAR, else needle), else MQAR with 4 pairs."""
+    return probe_spec(info.get("train_config", {}).get("tasks") or [], vocab_size) or "mqar:num_pairs=4"
 
 
 def study_train_config(checkpoint: Path) -> dict[str, Any]:
