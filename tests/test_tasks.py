@@ -252,6 +252,12 @@ def test_registry_and_specs():
         parse_task_spec("mqar:num_pairs")
 
 
+def test_task_spec_bad_weight_names_the_weight():
+    for bad, shown in (("abc", "'abc'"), ("none", "None"), ("inf", "inf"), ("0", "0"), ("-1", "-1")):
+        with pytest.raises(ValueError, match=f"weight must be a finite number > 0, got {shown}$"):
+            parse_task_spec(f"mqar:num_pairs=2,weight={bad}")
+
+
 def test_mixture_mixes_and_restores_state():
     tasks = [MQAR(seq_len=32, vocab_size=32, num_pairs=2), Copying(seq_len=32, vocab_size=32)]
     mix = TaskMixture(tasks, weights=[1, 3], seed=3)

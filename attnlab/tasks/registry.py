@@ -44,9 +44,13 @@ def parse_task_spec(spec: str) -> tuple[str, dict[str, Any], float]:
         if not eq or not key:
             raise ValueError(f"task spec {spec!r}: expected key=value, got {item!r}")
         options[key.strip().replace("-", "_")] = _parse_value(value.strip())
-    weight = float(options.pop("weight", 1.0))
-    if not weight > 0:
-        raise ValueError(f"task spec {spec!r}: weight must be > 0, got {weight}")
+    raw = options.pop("weight", 1.0)
+    try:
+        weight = float(raw)
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not 0 < weight < float("inf"):
+        raise ValueError(f"task spec {spec!r}: weight must be a finite number > 0, got {raw!r}")
     return name, options, weight
 
 
