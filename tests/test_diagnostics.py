@@ -337,6 +337,29 @@ def test_cli_diagnose_force_never_replaces_a_foreign_directory(tmp_path, capsys)
     assert (out / "notes.txt").read_text() == "a user's file\n"
 
 
+def test_write_outputs_failed_rename_keeps_the_previous_output(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from attnlab.diagnostics.cli import write_outputs
+
+    out = tmp_path / "diag"
+    out.mkdir()
+    (out / "diagnostics.json").write_text('{"previous": true}\n')
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".diag.tmp-"):  # the finished staging directory moving into place
+            raise OSError("simulated failure")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        write_outputs({"summary": {}}, "x", out, force=True)
+    monkeypatch.undo()
+    assert (out / "diagnostics.json").read_text() == '{"previous": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["diag"]  # no staging or .old leftovers
+
+
 def test_study_diagnostics_plan_reuse_and_sections(tmp_path):
     from attnlab.diagnostics import StudyDiagnosticsSettings, run_study_diagnostics
 

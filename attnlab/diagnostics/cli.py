@@ -44,20 +44,22 @@ def write_outputs(result: dict[str, Any], label: str, out: Path, force: bool) ->
     _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    old = None
     try:
         (staging / "diagnostics.json").write_text(json.dumps(result, indent=1) + "\n")
         md, _ = diagnostics_section({label: result}, staging, heading=f"# Diagnostics: {label}")
         (staging / "diagnostics.md").write_text(md)
-        old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{staging.name[-8:]}")
             out.rename(old)
         staging.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            old.rename(out)  # the new output did not land: put the previous one back
         raise
+    if old is not None:
+        shutil.rmtree(old)
     return out
 
 
