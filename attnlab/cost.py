@@ -645,6 +645,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _cmd_cost(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FileExistsError(f"--out: {out} is not empty; pass --force to write into it")
     bad = sorted(set(args.mechanisms) - set(LAYER_NAMES))

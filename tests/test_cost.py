@@ -129,3 +129,12 @@ def test_cost_cli_writes_json_and_plots(tmp_path):
     # a non-empty output directory is never overwritten without --force
     assert main(["cost", "--out", str(out), "--mechanisms", "S", "--presets", ""]) == 2
     assert main(["cost", "--out", str(tmp_path / "x"), "--mechanisms", "SQ"]) == 2
+
+
+def test_cost_cli_out_that_is_a_file(tmp_path, capsys):
+    path = tmp_path / "results.txt"
+    path.write_text("a user's file\n")
+    for extra in ([], ["--force"]):
+        assert main(["cost", "--out", str(path), "--mechanisms", "S", "--presets", "", *extra]) == 2
+        assert "--out:" in capsys.readouterr().err
+    assert path.read_text() == "a user's file\n"
