@@ -94,7 +94,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     src, out = Path(args.hf_dir), Path(args.out_dir)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"HF_DIR: {src} has no config.json (not a transformers save_pretrained dir)")
-    if out.exists() and out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"OUT_DIR: {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"OUT_DIR: {out} is not empty; pass --overwrite to replace its files")
     try:
         from transformers import AutoConfig, AutoModelForCausalLM

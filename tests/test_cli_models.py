@@ -81,3 +81,13 @@ def test_convert_errors(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "busy")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "busy"), "--overwrite"]) == 0
+
+
+def test_convert_out_dir_that_is_a_file(tmp_path, capsys):
+    _save_hf_qwen3_next(tmp_path / "hf", ["full_attention"])
+    path = tmp_path / "model.txt"
+    path.write_text("a user's file\n")
+    for extra in ([], ["--overwrite"]):
+        assert main(["convert", str(tmp_path / "hf"), str(path), *extra]) == 2
+        assert "OUT_DIR: " in capsys.readouterr().err
+    assert path.read_text() == "a user's file\n"
