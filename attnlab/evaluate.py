@@ -262,7 +262,11 @@ def _cli_eval(args: argparse.Namespace) -> int:
         else None,
         "results": records,
     }
-    out = Path(args.out) if args.out else Path(info["checkpoint"]).parent / "eval.json"
+    ckpt = Path(info["checkpoint"])
+    # default: the trainer's run directory (checkpoint/'s parent holds run.json), else the
+    # checkpoint directory itself, never an unrelated parent directory
+    default_dir = ckpt.parent if (ckpt.parent / "run.json").is_file() else ckpt
+    out = Path(args.out) if args.out else default_dir / "eval.json"
     write_results(out, payload)
     print(f"wrote {out}", file=sys.stderr)
     return 0

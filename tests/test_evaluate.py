@@ -154,3 +154,31 @@ def test_corpus_tasks_are_evaluated_on_validation_text():
     tokens, _ = evaluation_task("text", 64, 256).eval_batch(2, seed=0)
     assert corpus_bytes("validation").find(bytes(tokens[0].tolist())) >= 0
     assert evaluation_task("mqar", 64, 64).name == "mqar"  # tasks without a corpus are unchanged
+
+
+def test_eval_default_output_stays_inside_a_plain_model_dir(tmp_path):
+    """`attnlab eval` on a save_pretrained directory writes eval.json into it, not its parent."""
+    from attnlab.cli import main
+    from attnlab.config import ModelConfig
+    from attnlab.model import HybridLM
+
+    model_dir = tmp_path / "models" / "tiny"
+    cfg = ModelConfig(pattern="S", d_model=16, n_layers=1, n_heads=2, vocab_size=64)
+    HybridLM(cfg).save_pretrained(model_dir)
+    args = ["eval", str(model_dir), "--task", "mqar:num_pairs=2", "--lengths", "32", "--samples", "4"]
+    assert main(args) == 0
+    assert (model_dir / "eval.json").is_file()
+    assert not (tmp_path / "models" / "eval.json").exists()
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import os
+
+    from attnlab._io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
