@@ -794,14 +794,17 @@ def _cli_train(args: argparse.Namespace) -> int:
         )
     try:
         summary = trainer.fit()
+        if trainer.rank == 0:
+            print(json.dumps({"run_dir": str(trainer.run_dir), **summary}))
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still uses it
+        return 0
     except TrainingDiverged as e:
         print(f"attnlab train: {e}", file=sys.stderr)
         return 1
-    if trainer.rank == 0:
-        print(json.dumps({"run_dir": str(trainer.run_dir), **summary}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _model_config_from_args(args: argparse.Namespace) -> ModelConfig:
