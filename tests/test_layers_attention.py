@@ -224,6 +224,9 @@ def test_bf16_model_keeps_float32_rope_frequencies():
     assert layer.rotary.inv_freq.dtype == torch.float32 and torch.equal(layer.rotary.inv_freq, ref)
     with torch.device("meta"):
         meta = build_softmax(cfg(), 0)
+    # built under a device context the frequencies live on that device (under a CUDA context a CPU
+    # buffer needed a host copy in every forward, which CUDA-graph capture refuses)
+    assert meta.rotary.inv_freq.device.type == "meta"
     assert torch.equal(meta.to_empty(device="cpu").rotary.inv_freq, ref)  # materialised later: still right
 
 

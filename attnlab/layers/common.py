@@ -145,7 +145,12 @@ class RotaryEmbedding(nn.Module):
             inv_freq, self.attention_factor = yarn_inv_freq(dim, theta, rope_scaling)
         else:
             raise ValueError(f"rope_scaling: type {kind!r} is not supported (use None or 'yarn')")
-        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
+        # the frequencies are computed on the CPU (exact, and meta-safe: the master copy below keeps
+        # the values), then placed on the default device, so a model built under
+        # ``with torch.device("cuda")`` holds them on the GPU (a CPU buffer would need a host copy
+        # in every forward, which CUDA-graph capture refuses)
+        default_device = torch.empty(0).device
+        self.register_buffer("inv_freq", inv_freq.to(default_device), persistent=False)
         self._inv_freq_fp32 = inv_freq  # master copy: casting the model must not round the angles
 
     def _apply(self, fn, recurse=True):
