@@ -20,6 +20,8 @@ from typing import Any
 from ._io import atomic_write_text
 
 LAYER_LETTERS = "SWMDLGK"
+# a save's id, written by HybridLM.save_pretrained into config.json and the weights' metadata
+SAVE_ID_KEY = "_save_id"
 LAYER_NAMES = {
     "S": "softmax attention",
     "W": "sliding-window attention",
@@ -235,6 +237,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Fields by name; ``_save_id`` (written by ``HybridLM.save_pretrained``) is ignored."""
+        d = {k: v for k, v in d.items() if k != SAVE_ID_KEY}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

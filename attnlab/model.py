@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from ._checks import check_tensor
 from .cache import CacheSpec, LayerCache
-from .config import ModelConfig
+from .config import SAVE_ID_KEY, ModelConfig
 from .layers import build_layer
 from .layers.common import RMSNorm, SwiGLU
 
@@ -166,11 +167,15 @@ class HybridLM(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.cfg.tie_embeddings:
             tensors.pop("lm_head.weight")  # shared with embed.weight; safetensors stores it once
-        config_text = self.cfg.to_json() + "\n"
+        # one id per save in both files: an overwrite interrupted between the two replaces below
+        # leaves new weights beside the old config.json, which from_pretrained then refuses (a
+        # config.json edited by hand keeps its id and still loads)
+        save_id = uuid.uuid4().hex
+        config_text = json.dumps({**json.loads(self.cfg.to_json()), SAVE_ID_KEY: save_id}, indent=2) + "\n"
 
         def write(dest_dir: Path) -> None:
             tmp = dest_dir / f".{WEIGHTS_NAME}.tmp"
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            save_file(tensors, str(tmp), metadata={"format": "pt", SAVE_ID_KEY: save_id})
             os.replace(tmp, dest_dir / WEIGHTS_NAME)
             fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{CONFIG_NAME}.")
             with os.fdopen(fd, "w") as f:
@@ -210,10 +215,21 @@ class HybridLM(nn.Module):
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise FileNotFoundError(f"directory: {directory} has no {p.name} (not a save_pretrained dir)")
+        from safetensors import safe_open
+
         try:
-            cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
+            cfg_dict = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+        config_id = cfg_dict.get(SAVE_ID_KEY) if isinstance(cfg_dict, dict) else None
+        cfg = ModelConfig.from_dict(cfg_dict)
+        with safe_open(str(w_path), framework="pt") as f:
+            weights_id = (f.metadata() or {}).get(SAVE_ID_KEY)
+        if config_id is not None and weights_id is not None and config_id != weights_id:
+            raise ValueError(
+                f"{w_path}: these weights come from a different save than {cfg_path} (an interrupted "
+                f"save_pretrained(overwrite=True)?); save the model again"
+            )
         model = cls(cfg)
         tensors = load_file(str(w_path))
         if cfg.tie_embeddings and "lm_head.weight" not in tensors and "embed.weight" in tensors:

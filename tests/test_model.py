@@ -275,6 +275,30 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # neither the target nor a staging dir
 
 
+def test_interrupted_overwrite_is_refused_on_load(tmp_path, monkeypatch):
+    """save_pretrained(overwrite=True) replaces the weights, then config.json: a crash between the
+    two leaves new weights beside the old config, which must not load silently (here both configs
+    give the same shapes, so only the save id can tell)."""
+    tiny("llama").save_pretrained(tmp_path)
+    other = tiny("llama", rope_theta=500.0)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("config.json"):
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="power cut"):
+        other.save_pretrained(tmp_path, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(ValueError, match="different save"):
+        HybridLM.from_pretrained(tmp_path)
+    other.save_pretrained(tmp_path, overwrite=True)  # a complete save loads again
+    assert HybridLM.from_pretrained(tmp_path).cfg == other.cfg
+    assert ModelConfig.from_json(str(tmp_path / "config.json")) == other.cfg  # the id is not a field
+
+
 def test_from_pretrained_validates(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         HybridLM.from_pretrained(tmp_path)
