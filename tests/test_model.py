@@ -329,3 +329,12 @@ def test_from_pretrained_dtype_and_bf16_save(tmp_path):
     again = HybridLM.from_pretrained(tmp_path / "b")
     assert again.embed.weight.dtype == torch.bfloat16
     assert HybridLM.from_pretrained(tmp_path / "b", dtype=torch.float32).embed.weight.dtype == torch.float32
+
+
+def test_out_of_vocabulary_tokens_raise_value_error():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=r"tokens: id 64 is outside the vocabulary \[0, 64\)"):
+        model(torch.tensor([[1, 64]]))
+    with pytest.raises(ValueError, match="id -1"):
+        model(torch.tensor([[-1, 3]]))
+    assert model(torch.tensor([[0, 63]])).shape == (1, 2, 64)
