@@ -524,21 +524,24 @@ def _write_checkpoint(
     from safetensors.torch import save_file
 
     final, old = run_dir / CHECKPOINT, run_dir / _OLD
+    _remove_stale_staging(run_dir)
     tmp = run_dir / f".{CHECKPOINT}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_unshared(model_sd), str(tmp / "model.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    optim_meta = _flatten(optim_sd, "optim", tensors)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(optim_meta))
-    (tmp / "config.json").write_text(config_json + "\n")
-    (tmp / "rng.json").write_text(json.dumps(rng))
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    for f in tmp.iterdir():
-        fsync_path(f)
-    fsync_path(tmp)
+    try:
+        save_file(_unshared(model_sd), str(tmp / "model.safetensors"))
+        tensors: dict[str, torch.Tensor] = {}
+        optim_meta = _flatten(optim_sd, "optim", tensors)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(optim_meta))
+        (tmp / "config.json").write_text(config_json + "\n")
+        (tmp / "rng.json").write_text(json.dumps(rng))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint is untouched
+        raise
     if old.exists():
         if final.exists():
             shutil.rmtree(old)  # left over from an earlier save; `final` is complete
@@ -550,6 +553,28 @@ def _write_checkpoint(
     fsync_path(run_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _remove_stale_staging(run_dir: Path) -> None:
+    """Delete staging directories of saves that can no longer finish: this process's own
+    (an earlier failed save) and those of processes that no longer exist (killed mid-save)."""
+    for d in run_dir.glob(f".{CHECKPOINT}.tmp-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue  # not a name this module writes
+        if pid == os.getpid() or not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

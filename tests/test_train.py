@@ -110,6 +110,14 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         trainer.fit(until_step=4)
     monkeypatch.undo()
     assert (tmp_path / "run/checkpoint/model.safetensors").read_bytes() == good  # previous one untouched
+    assert not list((tmp_path / "run").glob(".checkpoint.tmp-*"))  # the failed save's staging is gone
+    # a save killed outright (no exception handler ran) leaves staging named by a dead pid:
+    # the next save removes it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"run/.checkpoint.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
     # a crash between the two renames leaves only checkpoint.old: it is found and recovered
     os.rename(tmp_path / "run/checkpoint", tmp_path / "run/checkpoint.old")
     assert find_checkpoint(tmp_path / "run").name == "checkpoint.old"
@@ -118,6 +126,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     resumed.fit()
     assert find_checkpoint(tmp_path / "run").name == "checkpoint"
     assert not (tmp_path / "run/checkpoint.old").exists()
+    assert not stale.exists()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
