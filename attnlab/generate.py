@@ -108,6 +108,13 @@ def cache_nbytes(caches: Sequence[LayerCache]) -> int:
     return sum(c.nbytes() for c in caches)
 
 
+def cache_capacity(cache: LayerCache) -> int | None:
+    """Tokens a row of ``cache`` can hold in all (its ``capacity()``), None = unbounded
+    (recurrent state, a sliding window that wraps)."""
+    capacity = getattr(cache, "capacity", None)
+    return capacity() if callable(capacity) else None
+
+
 def _cache_lengths(caches: Sequence[LayerCache]) -> torch.Tensor:
     """Tokens per row held by the caches, int64 [B]; every layer must agree."""
     if not caches:
@@ -252,8 +259,14 @@ class DecodeStep:
       and then ``reset()``s every cache, so build the step BEFORE :func:`prefill`.
       ``simulate=True`` follows the same protocol without a GPU (static buffers, warm-up,
       reset, the step re-run instead of replayed) so it can be tested on a CPU.
-    - ``mode="compile"``: ``torch.compile(mode="reduce-overhead")``; the cache
+    - ``mode="compile"``: ``torch.compile(mode="reduce-overhead", fullgraph=True)``; the cache
       tensors are marked static so the compiled step may update them inside its CUDA graph.
+      Every DecodeStep compiles anew; call ``torch._dynamo.reset()`` between many of them (each
+      new model/caches pair is a recompile of the same code, and dynamo caps recompiles).
+
+    In the graph modes the layers skip their own cache-overflow checks (a host sync); the step
+    checks on the host instead, from a host count of the longest row (``capacity`` is the
+    smallest per-row capacity over the caches, None = unbounded).
     """
 
     def __init__(
@@ -274,6 +287,13 @@ class DecodeStep:
         self.logits: torch.Tensor | None = None  # static output (B, V) once captured
         self.graph = None
         self._compiled = None
+        # room in the caches is checked on the host, outside the step: a host copy of the longest
+        # row's length, re-read (one sync) only when something else changed the caches' lengths
+        # (prefill, reset), which the lengths tensors' version counters reveal without a sync
+        capacities = [cap for cap in map(cache_capacity, self.caches) if cap is not None]
+        self.capacity: int | None = min(capacities) if capacities else None
+        self._held: int | None = None
+        self._versions: tuple[int, ...] | None = None
         if mode == "cuda_graph":
             if device.type != "cuda" and not simulate:
                 raise ValueError(
@@ -290,9 +310,10 @@ class DecodeStep:
             for c in self.caches:
                 for t in [c.lengths, *c.state_tensors().values()]:
                     torch._dynamo.mark_static_address(t)
-            # fullgraph=False: a layer's host-side check (e.g. cache overflow) may break the graph; the
-            # pieces are still compiled and CUDA-graphed
-            self._compiled = torch.compile(self._forward, mode="reduce-overhead")
+            # fullgraph=True: the T == 1 paths of every layer have no host syncs and no data-dependent
+            # shapes (room in the cache is checked here, on the host, see _check_room), so a graph
+            # break would be a regression to fail loudly on, not a slow path to fall into silently
+            self._compiled = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, self.caches)[:, -1].float()  # (B, 1, V) -> (B, V)
@@ -321,15 +342,44 @@ class DecodeStep:
         read it before the next call)."""
         if self.mode == "eager":
             return self._forward(tokens[:, None])
+        self._check_room()
         self.tokens.copy_(tokens[:, None])
         if self.mode == "compile":
             torch.compiler.cudagraph_mark_step_begin()
-            return self._compiled(self.tokens).clone()
-        if self.graph is None:  # simulated capture
-            self.logits = self._forward(self.tokens)
+            out = self._compiled(self.tokens).clone()
         else:
-            self.graph.replay()
-        return self.logits
+            if self.graph is None:  # simulated capture
+                self.logits = self._forward(self.tokens)
+            else:
+                self.graph.replay()
+            out = self.logits
+        self._stepped()
+        return out
+
+    def _length_versions(self) -> tuple[int, ...] | None:
+        try:
+            return tuple(c.lengths._version for c in self.caches)
+        except RuntimeError:  # inference-mode tensors keep no version counter: re-read every step
+            return None
+
+    def _check_room(self) -> None:
+        """ValueError if some row's cache has no slot left for one more token (the layers skip this
+        check inside a graph, where it would need a host sync)."""
+        if self.capacity is None:
+            return
+        versions = self._length_versions()
+        if self._held is None or versions is None or versions != self._versions:
+            self._held = max(int(c.lengths.max()) for c in self.caches)  # one sync
+        if self._held + 1 > self.capacity:
+            raise ValueError(
+                f"caches: a row holds {self._held} tokens and one more does not fit max_len={self.capacity}; "
+                f"allocate the caches with a larger max_len"
+            )
+
+    def _stepped(self) -> None:
+        if self.capacity is not None:
+            self._held += 1
+            self._versions = self._length_versions()
 
 
 def decode_one_token(

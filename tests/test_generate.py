@@ -131,7 +131,8 @@ class ToyLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------- real models
-def tiny_model(name: str) -> nn.Module:
+def tiny_model(name: str, device: str = "cpu") -> nn.Module:
+    """The tiny float32 preset ``name``, built (initialised) under ``torch.device(device)``."""
     base = ModelConfig.preset(name)
     overrides = dict(
         d_model=32, vocab_size=VOCAB, d_ff=64, n_heads=2, head_dim=16,
@@ -151,7 +152,8 @@ def tiny_model(name: str) -> nn.Module:
         overrides["linear_n_key_heads"] = 2 if base.linear_n_key_heads == base.linear_heads else 1
     overrides["n_layers"] = len(base.pattern) if len(base.pattern) > 1 else 2
     torch.manual_seed(0)
-    model = HybridLM(ModelConfig.preset(name, **overrides)).float().eval()
+    with torch.device(device):  # on CUDA: every buffer made in __init__ must land there too
+        model = HybridLM(ModelConfig.preset(name, **overrides)).float().eval()
     return model
 
 
@@ -409,12 +411,102 @@ def test_graph_step_needs_fresh_caches():
         DecodeStep(model, caches, mode="cuda_graph", simulate=True)
 
 
+def test_graph_step_checks_room_on_the_host():
+    """In the graph modes the layers skip their overflow check (a sync); the step checks instead,
+    re-reading the lengths after a prefill or reset changed them behind its back."""
+    model = get_model("qwen3-next")
+    caches = model.new_caches(1, 6)
+    step = DecodeStep(model, caches, mode="cuda_graph", simulate=True)
+    assert step.capacity == 6
+    prefill(model, tokens(1, 4), caches)
+    tok = torch.tensor([1])
+    step(tok), step(tok)  # tokens 5 and 6
+    with pytest.raises(ValueError, match="max_len=6"):
+        step(tok)
+    for c in caches:
+        c.reset()
+    prefill(model, tokens(1, 5), caches)
+    step(tok)
+    with pytest.raises(ValueError, match="caches: a row holds 6"):
+        step(tok)
+    gdn = get_model("gdn")  # recurrent caches never fill
+    assert DecodeStep(gdn, gdn.new_caches(1, 2), "cuda_graph", simulate=True).capacity is None
+
+
+def _decode_fn(model, caches):
+    def step(tok: torch.Tensor) -> torch.Tensor:
+        return model(tok, caches)[:, -1].float()
+
+    return step
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_decode_step_traces_without_graph_breaks(name):
+    """dynamo traces every preset's T == 1 step whole (fullgraph=True raises on any graph break:
+    a host sync, .item(), data-dependent shapes); the traced step (no inductor) equals eager."""
+    torch._dynamo.reset()
+    model = get_model(name)
+    x = tokens(2, 6, seed=13)
+    out = []
+    for compiled in (False, True):
+        caches = model.new_caches(2, 8, dtype=torch.float32)
+        prefill(model, x[:, :5], caches)
+        fn = _decode_fn(model, caches)
+        if compiled:
+            fn = torch.compile(fn, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            out.append(fn(x[:, 5:6]))
+            out.append(fn(x[:, 4:5]))  # a second step: the caches advanced in place
+        assert caches[0].lengths.tolist() == [7, 7]
+    assert rms_rel(out[0], out[2]) <= 1e-6 and rms_rel(out[1], out[3]) <= 1e-6
+
+
+def _inductor_works() -> bool:
+    try:
+        torch._dynamo.reset()
+        f = torch.compile(lambda t: (t * 2).sin(), backend="inductor", fullgraph=True)
+        return bool(torch.allclose(f(torch.ones(3)), torch.ones(3).mul(2).sin()))
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen3-next"])
+def test_compiled_decode_step_matches_eager_cpu(name):
+    """DecodeStep(mode="compile"): inductor (C++ on the CPU), fullgraph, logits == eager (float32)
+    and the same greedy generation."""
+    if not _inductor_works():
+        pytest.skip("torch.compile's inductor backend cannot compile here (no C++ compiler?)")
+    torch._dynamo.reset()
+    model = get_model(name)
+    T, n = 9, 3
+    x = tokens(2, T + n, seed=14)
+    ref = model.new_caches(2, T + n, dtype=torch.float32)
+    caches = model.new_caches(2, T + n, dtype=torch.float32)
+    step = DecodeStep(model, caches, mode="compile")
+    prefill(model, x[:, :T], ref)
+    prefill(model, x[:, :T], caches)
+    for i in range(n):
+        want = decode_one_token(model, x[:, T + i], ref)[1]
+        got = decode_one_token(model, x[:, T + i], caches, step=step)[1]
+        assert rms_rel(want, got) <= 1e-5, f"step {i}"
+    with pytest.raises(ValueError, match="max_len"):  # the host-side room check guards the compiled step
+        step(x[:, 0])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["toy", *PRESETS])
 def test_gpu_cuda_graph_decode_matches_eager(name):
     """The real capture: the decode step recorded as a CUDA graph and replayed gives the eager
-    logits (float32) and the same greedy generation."""
-    model = copy.deepcopy(get_model(name)).cuda()
+    logits (float32) and the same greedy generation. The model is built under
+    ``torch.device("cuda")`` (a buffer left on the CPU then broke capture) and must equal the
+    CPU-built one moved over."""
+    model = get_model("toy").cuda() if name == "toy" else tiny_model(name, device="cuda")
+    if name != "toy":
+        moved = copy.deepcopy(get_model(name)).cuda()
+        probe = tokens(2, 5, seed=10).cuda()
+        with torch.no_grad():
+            assert rms_rel(moved(probe), model(probe)) <= 1e-5, "built on CUDA != built on CPU and moved"
     T, n = 9, 6
     x = tokens(2, T + n, seed=11).cuda()
     ref = model.new_caches(2, T + n, dtype=torch.float32)
@@ -435,7 +527,7 @@ def test_gpu_cuda_graph_decode_matches_eager(name):
 @pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear"])
 def test_gpu_compiled_decode_matches_eager(name):
     torch._dynamo.reset()
-    model = copy.deepcopy(get_model(name)).cuda()
+    model = tiny_model(name, device="cuda")
     x = tokens(2, 9, seed=12).cuda()
     assert torch.equal(generate(model, x, 6, decode_mode="compile"), generate(model, x, 6))
 

@@ -31,6 +31,10 @@ class KVCache(LayerCache):
     k: torch.Tensor
     v: torch.Tensor
 
+    def capacity(self) -> int:
+        """Tokens a row can hold (max_len)."""
+        return self.k.shape[1]
+
 
 @dataclass
 class SlidingKVCache(LayerCache):
@@ -44,15 +48,27 @@ class SlidingKVCache(LayerCache):
     sink_tokens: int = 0
     max_len: int = 0
 
+    def capacity(self) -> int | None:
+        """Tokens a row can hold: unbounded once the ring can wrap, else max_len."""
+        return None if self.k.shape[1] >= self.window + self.sink_tokens else self.max_len
+
 
 def _ring_slot(p: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
     """Slot of absolute position(s) p (int64) in a sliding-window ring buffer."""
     return torch.where(p < sinks, p, sinks + (p - sinks) % window)
 
 
+def _in_graph() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: no host reads of tensors then
+    (a :class:`attnlab.generate.DecodeStep` checks cache room on the host, outside the step)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _check_room(cache: LayerCache, T: int, max_len: int) -> None:
-    """The cache must have room for T more tokens in every row (skipped during graph capture)."""
-    if cache.lengths.is_cuda and torch.cuda.is_current_stream_capturing():
+    """The cache must have room for T more tokens in every row (skipped inside a graph)."""
+    if _in_graph():
         return
     most = int(cache.lengths.max()) if cache.lengths.numel() else 0
     if most + T > max_len:

@@ -54,6 +54,10 @@ class MLACache(LayerCache):
 
     latent: torch.Tensor
 
+    def capacity(self) -> int:
+        """Tokens a row can hold (max_len)."""
+        return self.latent.shape[1]
+
 
 @dataclass
 class DSACache(MLACache):
