@@ -58,6 +58,14 @@ def _ring_slot(p: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
     return torch.where(p < sinks, p, sinks + (p - sinks) % window)
 
 
+def _write_slot(cache: KVCache | SlidingKVCache, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Decode write: row b's new k, v [B, 1, H_kv, D] into slot[b] (int64 [B]) of the preallocated
+    cache, one scatter each (no host sync, no index tensor built)."""
+    index = slot[:, None, None, None].expand(k.shape)  # (B, 1, H_kv, D)
+    cache.k.scatter_(1, index, k.to(cache.k.dtype))
+    cache.v.scatter_(1, index, v.to(cache.v.dtype))
+
+
 def _in_graph() -> bool:
     """True while torch.compile traces or a CUDA graph captures: no host reads of tensors then
     (a :class:`attnlab.generate.DecodeStep` checks cache room on the host, outside the step)."""
@@ -186,9 +194,7 @@ class SoftmaxAttention(nn.Module):
         if T == 1:
             pos = cache.lengths  # (B,)
             q, k, v, gate = self._qkv(x, pos[:, None])
-            rows = torch.arange(B, device=x.device)
-            cache.k[rows, pos] = k[:, 0].to(cache.k.dtype)
-            cache.v[rows, pos] = v[:, 0].to(cache.v.dtype)
+            _write_slot(cache, pos, k, v)
             o = ops.softmax_decode(q[:, 0], cache.k.to(q.dtype), cache.v.to(q.dtype), pos + 1)  # (B, H, D)
             cache.lengths += 1
             return self._out(o[:, None], gate)
@@ -211,10 +217,7 @@ class SoftmaxAttention(nn.Module):
         if T == 1:
             pos = cache.lengths  # (B,)
             q, k, v, gate = self._qkv(x, pos[:, None])
-            rows = torch.arange(B, device=x.device)
-            slot = _ring_slot(pos, w, n)
-            cache.k[rows, slot] = k[:, 0].to(cache.k.dtype)
-            cache.v[rows, slot] = v[:, 0].to(cache.v.dtype)
+            _write_slot(cache, _ring_slot(pos, w, n), k, v)
             n_valid = torch.clamp(pos + 1, max=w + n)
             o = ops.softmax_decode(q[:, 0], cache.k.to(q.dtype), cache.v.to(q.dtype), n_valid)  # (B, H, D)
             cache.lengths += 1

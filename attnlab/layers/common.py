@@ -32,10 +32,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim], same dtype."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight.float()
-        return (h * (1.0 + w if self.zero_centered else w)).to(x.dtype)
+        # F.rms_norm: the same float32 math in fewer ops (one fused kernel where torch has one)
+        return F.rms_norm(x.float(), w.shape, 1.0 + w if self.zero_centered else w, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
@@ -55,8 +54,8 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """x, gate [..., dim] -> [..., dim] in ``x.dtype``."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        w = self.weight.float()
+        h = F.rms_norm(x.float(), w.shape, w, self.eps)
         g = gate.float()
         g = F.silu(g) if self.activation == "silu" else torch.sigmoid(g)
         return (h * g).to(x.dtype)
@@ -166,6 +165,8 @@ class RotaryEmbedding(nn.Module):
         if inv_freq.device != positions.device:  # a module built under a device context keeps CPU freqs
             inv_freq = inv_freq.to(positions.device)
         angles = positions.float()[..., None] * inv_freq.float()  # (..., T, dim/2)
+        if self.attention_factor == 1.0:  # skip two multiplies per layer per decode step
+            return angles.cos(), angles.sin()
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
@@ -193,10 +194,14 @@ def apply_rope(
     xr = x[..., :r].float()
     if interleaved:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]  # (B, T, H, R/2)
-        rot = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)  # (B, T, H, R)
+        rot = torch.stack((torch.addcmul(x1 * c, x2, s, value=-1), torch.addcmul(x2 * c, x1, s)), dim=-1)
+        rot = rot.flatten(-2)  # (B, T, H, R)
     else:
         x1, x2 = xr[..., :half], xr[..., half:]
-        rot = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)  # (B, T, H, R)
+        rot = torch.cat((torch.addcmul(x1 * c, x2, s, value=-1), torch.addcmul(x2 * c, x1, s)), dim=-1)
+        # rot: (B, T, H, R)
+    if r == x.shape[-1]:  # full RoPE: nothing passes through
+        return rot.to(x.dtype)
     return torch.cat((rot.to(x.dtype), x[..., r:]), dim=-1)
 
 
