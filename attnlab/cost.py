@@ -21,6 +21,7 @@ tensors. Scaling exponents are least-squares slopes in log-log space.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -195,20 +196,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# A call longer than this is timed once after its warm-up (a 1M-token prefill takes seconds).
+_LONG_CALL_S = 1.0
+# Random cache contents are drawn in slices of this many elements, on the cache's device, so that
+# filling a 1M-token cache needs no second copy of it (on the host or the device).
+_FILL_SLICE = 1 << 24
+# Prefill runs in chunks for the layers that materialise [chunk, L] scores: D's indexer (by
+# design) and, on the CPU, M's expanded attention (SDPA has no fused CPU kernel for its unequal
+# q/v head dims, so it builds [H, chunk, L] logits). The chunk keeps chunk * L under this many
+# elements: unchunked at 16K tokens, M took 29 s and D 36 s on the CPU, page-faulting through
+# GBs of temporaries; in 2048-token chunks 6.6 s and 11 s. The work stays O(L^2), as the
+# mechanism's is. Long prompts are served in chunks anyway (chunked prefill). M is not chunked
+# on CUDA: each chunk would decompress the whole latent cache again.
+_SCORES_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
+_REPEATS = {"prefill": 3, "decode": 5}
+_MIN_TIME_S = 0.2
+
+
 def time_call(
-    fn: Callable[[], object], device: torch.device, repeats: int = 3, min_time: float = 0.05
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int = 3,
+    min_time: float = _MIN_TIME_S,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    """Median seconds of ``fn()`` after one warm-up; repeats until ``min_time`` total."""
+    """Seconds of the fastest timed call of ``fn()``, after one warm-up call (which also
+    compiles and autotunes kernels). Times ``repeats`` calls and more while their total is under
+    ``min_time`` (at most 50); a single one when the warm-up took over 1 s. The device is
+    synchronised before and after every call, so all of its GPU work lies inside the interval.
+    The minimum, not the median: on a shared machine other processes only ever add time.
+    ``clock``: :func:`cpu_clock` picks the process's CPU time for single-threaded CPU runs."""
+    _sync(device)
+    t0 = clock()
     fn()
     _sync(device)
+    n = 1 if clock() - t0 > _LONG_CALL_S else repeats
     times: list[float] = []
-    while len(times) < repeats or (sum(times) < min_time and len(times) < 50):
-        t0 = time.perf_counter()
+    while len(times) < n or (sum(times) < min_time and len(times) < 50):
+        t0 = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+        times.append(clock() - t0)
+    return min(times)
+
+
+def cpu_clock(device: torch.device) -> tuple[Callable[[], float], str]:
+    """The clock the lab times calls with: on the CPU with one torch thread, the process's CPU
+    time (user + system, so page faults count), which a neighbour that takes the core away does
+    not inflate (on an idle machine it equals wall time); else wall time."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time, "process_time (CPU seconds, one thread)"
+    return time.perf_counter, "perf_counter (wall seconds)"
+
+
+def _calls_s(seconds: float, repeats: int, min_time: float = _MIN_TIME_S) -> float:
+    """Wall seconds :func:`time_call` spends on a call that takes ``seconds`` (warm-up included)."""
+    if seconds > _LONG_CALL_S:
+        return 2 * seconds
+    return seconds + min(max(repeats * seconds, min_time), 50 * seconds)
 
 
 def allocated_cache_bytes(caches) -> int:
@@ -222,11 +267,19 @@ def allocated_cache_bytes(caches) -> int:
 
 
 def _fill_random(caches, length: int, generator: torch.Generator) -> None:
-    """Pretend ``length`` tokens were processed: random cache contents, lengths = length."""
+    """Pretend ``length`` tokens were processed: cache contents 0.1 * N(0, 1), drawn on the
+    cache's device (``generator`` is that device's) a slice at a time; lengths = length."""
     for c in caches:
         for t in c.state_tensors().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.dtype) * 0.1)
+            if not t.is_floating_point():
+                continue
+            flat = t.view(-1) if t.is_contiguous() else None
+            if flat is None:  # not expected (caches are allocated contiguous): one full-size draw
+                t.copy_(torch.randn(t.shape, generator=generator, device=t.device) * 0.1)
+                continue
+            for i in range(0, flat.numel(), _FILL_SLICE):
+                part = flat[i : i + _FILL_SLICE]
+                part.copy_(torch.randn(part.shape, generator=generator, device=t.device).mul_(0.1))
         c.lengths.fill_(length)
 
 
@@ -245,19 +298,33 @@ class Measurement:
     seconds: float | None  # per call (prefill of `context` tokens; one decode step at `context`)
     cache_bytes: int | None  # allocated cache bytes (per sequence)
     peak_bytes: int | None  # peak device memory (CUDA only)
-    error: str | None = None
+    error: str | None = None  # why the curve ends here: out of memory, time budget, or an error
+    setup_s: float | None = None  # wall seconds to allocate and fill the cache and inputs
+    wall_s: float | None = None  # wall seconds of the whole point (setup, warm-up, timed calls)
+    chunk: int | None = None  # prefill: tokens per call
 
 
-def _impl_name(letter: str, device: torch.device) -> str:
-    """Which implementation the layer's ops pick on this device (mode='auto')."""
+def _impl_name(letter: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Which implementation the layer's ops pick for ``letter`` on this device and dtype
+    (the layers call every op with mode='auto'; this asks the same dispatch)."""
+    probe = torch.empty(0, device=device, dtype=dtype)
     if letter in LINEAR_LETTERS:
         from .ops._dispatch import resolve_mode
 
         op = {"L": "lightning_attention", "G": "gated_delta_rule", "K": "kda"}[letter]
-        return resolve_mode("auto", torch.empty(0, device=device), op)[0]
-    if letter in "SW":
-        return "sdpa"
-    return "absorbed-latent" if letter == "M" else "indexer+sparse-latent"
+        return resolve_mode("auto", probe, op)[0]
+    if letter == "S":
+        return "sdpa"  # prefill: SDPA causal; decode: SDPA over the cache (auto = torch with H_kv > 1)
+    if letter == "W":
+        return "sdpa-window-blocks"
+    from .ops.softmax import _sparse_kernel
+
+    def kernel(name: str) -> str:
+        return "triton" if _sparse_kernel("auto", name, probe) is not None else "torch"
+
+    if letter == "M":  # prefill: expanded SDPA; decode: absorbed MQA over the latents
+        return f"sdpa+{kernel('softmax_decode')}-decode"
+    return f"{kernel('dsa_index_scores')}-indexer+{kernel('sparse_attention')}-sparse"
 
 
 class _Runner:
@@ -274,8 +341,17 @@ class _Runner:
 
     def inputs(self, batch: int, tokens: int, gen: torch.Generator) -> torch.Tensor:
         if self.is_model:
-            return torch.randint(0, self.cfg.vocab_size, (batch, tokens), generator=gen).to(self.device)
-        return (torch.randn(batch, tokens, self.cfg.d_model, generator=gen) * 0.5).to(self.device, self.dtype)
+            return torch.randint(0, self.cfg.vocab_size, (batch, tokens), generator=gen, device=self.device)
+        x = torch.randn(batch, tokens, self.cfg.d_model, generator=gen, device=self.device)  # (B, T, d)
+        return x.mul_(0.5).to(self.dtype)
+
+    def prefill_chunk(self, tokens: int) -> int:
+        """Tokens per prefill call: all of them, except for D, and M on the CPU (_SCORES_ELEMENTS)."""
+        letters = set(self.cfg.layer_pattern)
+        if "D" not in letters and not ("M" in letters and self.device.type == "cpu"):
+            return tokens
+        budget = _SCORES_ELEMENTS.get(self.device.type, _SCORES_ELEMENTS["cuda"])
+        return max(128, min(tokens, budget // tokens))
 
     def __call__(self, x, caches):
         if self.is_model:
@@ -283,9 +359,46 @@ class _Runner:
         return self.module(x, caches[0])
 
 
+class _SoftmaxOpRunner(_Runner):
+    """The ``S`` layer's mixing op alone, at its shapes: prefill is ``ops.softmax_attention``
+    (causal, q = k = v [B, T, H, D]), decode ``ops.softmax_decode`` over a KV cache. Timed
+    beside the layer, it shows the context term without the projections' per-token cost."""
+
+    def __init__(self, cfg: ModelConfig, device, dtype) -> None:
+        self.module, self.cfg, self.is_model = None, cfg, False
+        self.device, self.dtype = device, dtype
+        self.heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
+
+    def caches(self, batch: int, max_len: int):
+        from .layers.attention import KVCache
+
+        shape = (batch, max_len, self.kv_heads, self.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)  # (B, L, H_kv, D)
+        lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        return [KVCache(lengths=lengths, k=k, v=torch.zeros_like(k))]
+
+    def inputs(self, batch: int, tokens: int, gen: torch.Generator) -> torch.Tensor:
+        shape = (batch, tokens, self.heads, self.head_dim)
+        return torch.randn(shape, generator=gen, device=self.device).to(self.dtype)  # (B, T, H, D)
+
+    def prefill_chunk(self, tokens: int) -> int:
+        return tokens
+
+    def __call__(self, x, caches):
+        from . import ops
+
+        if x.shape[1] > 1:
+            return ops.softmax_attention(x, x, x, causal=True)
+        c = caches[0]
+        return ops.softmax_decode(x[:, 0], c.k, c.v, c.lengths + 1)  # (B, H, D)
+
+
 def _time_prefill(runner: _Runner, L: int, batch: int, chunk: int, gen: torch.Generator):
+    t0 = time.perf_counter()
     caches = runner.caches(batch, L)
     x = runner.inputs(batch, L, gen)
+    _sync(runner.device)
+    setup = time.perf_counter() - t0
 
     def step() -> None:
         for c in caches:
@@ -293,20 +406,34 @@ def _time_prefill(runner: _Runner, L: int, batch: int, chunk: int, gen: torch.Ge
         for s in range(0, L, chunk):
             runner(x[:, s : s + chunk], caches)
 
-    return time_call(step, runner.device, repeats=2 if L >= 4096 else 3), caches
+    clock = cpu_clock(runner.device)[0]
+    return time_call(step, runner.device, repeats=_REPEATS["prefill"], clock=clock), caches, setup
 
 
 def _time_decode(runner: _Runner, L: int, batch: int, gen: torch.Generator):
+    t0 = time.perf_counter()
     caches = runner.caches(batch, L + 1)
     _fill_random(caches, L, gen)
     x = runner.inputs(batch, 1, gen)
+    _sync(runner.device)
+    setup = time.perf_counter() - t0
 
     def step() -> None:
         for c in caches:
             c.lengths.fill_(L)
         runner(x, caches)
 
-    return time_call(step, runner.device, repeats=5), caches
+    clock = cpu_clock(runner.device)[0]
+    return time_call(step, runner.device, repeats=_REPEATS["decode"], clock=clock), caches, setup
+
+
+def estimate_point_s(prev: Measurement, context: int) -> float:
+    """Predicted wall seconds of measuring ``context`` from the previous point of the same
+    curve: its setup grows like the context (cache allocation and fill), its calls like
+    context^2 for prefill and context^1 for decode (the steepest any mechanism here grows)."""
+    r = context / prev.context
+    seconds = (prev.seconds or 0.0) * r ** (2 if prev.what == "prefill" else 1)
+    return (prev.setup_s or 0.0) * r + _calls_s(seconds, _REPEATS[prev.what])
 
 
 def measure(
@@ -316,35 +443,64 @@ def measure(
     batch: int = 1,
     prefill_chunk: int | None = None,
     seed: int = 0,
+    deadline: float | None = None,
+    on_point: Callable[[Measurement], None] | None = None,
 ) -> list[Measurement]:
     """Time prefill (``what='prefill'``: T = context tokens into an empty cache, in chunks of
-    ``prefill_chunk``) or one decode step at each context. Out-of-memory is recorded as the
-    limit reached (and longer contexts skipped), never raised."""
+    ``prefill_chunk``, default :meth:`_Runner.prefill_chunk`) or one decode step at each
+    context, in increasing order. The curve ends at the first context that runs out of memory,
+    or, with a ``deadline`` (a ``time.monotonic()`` value), at the first one whose estimated
+    time (:func:`estimate_point_s`) exceeds what is left; that context is appended with
+    ``seconds=None`` and the reason in ``error``. ``on_point`` sees every appended Measurement."""
     if what not in ("prefill", "decode"):
         raise ValueError(f"what: expected 'prefill' or 'decode', got {what!r}")
     out: list[Measurement] = []
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=runner.device).manual_seed(seed)
     device = runner.device
-    for L in contexts:
+
+    def add(m: Measurement) -> None:
+        out.append(m)
+        if on_point is not None:
+            on_point(m)
+
+    for L in sorted(contexts):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            est = estimate_point_s(out[-1], L) if out else 0.0
+            if left <= 0 or est > left:
+                add(Measurement(what, L, None, None, None, error=(
+                    f"stopped: time budget (context {L} estimated {est:.1f} s, {max(left, 0):.1f} s left)"
+                )))  # fmt: skip
+                break
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        oom, chunk = False, None
         try:
             with torch.no_grad():
                 if what == "prefill":
-                    seconds, caches = _time_prefill(runner, L, batch, prefill_chunk or L, gen)
+                    chunk = prefill_chunk or runner.prefill_chunk(L)
+                    seconds, caches, setup = _time_prefill(runner, L, batch, chunk, gen)
                 else:
-                    seconds, caches = _time_decode(runner, L, batch, gen)
+                    seconds, caches, setup = _time_decode(runner, L, batch, gen)
         except (RuntimeError, MemoryError) as e:
             if not _is_oom(e):
                 raise
-            out.append(Measurement(what, L, None, None, None, error=f"out of memory at context {L}"))
+            oom = True  # handled outside the except block, so the traceback's tensors are freed
+        if oom:
+            caches = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            add(Measurement(what, L, None, None, None, error=f"out of memory at context {L}",
+                            wall_s=time.perf_counter() - t0))  # fmt: skip
             break
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        out.append(Measurement(what, L, seconds, allocated_cache_bytes(caches) // batch, peak))
+        cache_bytes = allocated_cache_bytes(caches) // batch
         del caches
+        wall = time.perf_counter() - t0
+        add(Measurement(what, L, seconds, cache_bytes, peak, setup_s=setup, wall_s=wall,
+                        chunk=chunk if what == "prefill" else None))  # fmt: skip
     return out
 
 
@@ -363,6 +519,25 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
+def asymptotic_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Log-log slope between the two largest x with a positive y: the local exponent where the
+    leading term dominates most. Lower-order terms (projections, fixed overheads) bias a fit
+    over the whole range towards them; here they fade as x grows: for y = a x^2 + b x the
+    slope between x and 2x is 1 + log2((2ax + b) / (ax + b)), which tends to 2."""
+    pts = sorted((x, y) for x, y in zip(xs, ys, strict=False) if x > 0 and y is not None and y > 0)
+    return fit_exponent(*zip(*pts[-2:], strict=False)) if len(pts) >= 2 else None
+
+
+def marginal_cost(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """(y_last - y_prev) / (x_last - x_prev) over the two largest x: the cost one more token of
+    context adds there (for decode, seconds per cached token; constant terms cancel)."""
+    pts = sorted((x, y) for x, y in zip(xs, ys, strict=False) if y is not None)
+    if len(pts) < 2 or pts[-1][0] == pts[-2][0]:
+        return None
+    (x0, y0), (x1, y1) = pts[-2:]
+    return (y1 - y0) / (x1 - x0)
+
+
 def dollars_per_mtok(seconds_per_token: float, price_per_hour: float) -> float:
     """$ per million tokens at ``price_per_hour`` for the device that ran at this speed."""
     return price_per_hour / 3600.0 * seconds_per_token * 1e6
@@ -371,7 +546,15 @@ def dollars_per_mtok(seconds_per_token: float, price_per_hour: float) -> float:
 # ----------------------------------------------------------------------------- the lab
 @dataclasses.dataclass
 class CostSettings:
-    """What the cost lab measures. The CPU defaults finish in minutes on 2 cores."""
+    """What the cost lab measures. The CPU defaults finish in a few minutes on 2 cores.
+
+    Decode contexts reach past the last-level cache: the CPU default starts where an ``S``
+    layer's KV cache (2 KiB per token at d_model 256, float32) outgrows a shared L3 and its
+    reads come from DRAM, so the per-token cost is the same at every point of the upper range
+    (below ~64K the cache fits in L3 and each token costs about half as much, which bent the
+    old 4K..128K fit to 1.35). ``threads``: torch threads while timing on the CPU (None = torch's
+    default); one thread, because on a shared 2-core machine a second thread that loses its core
+    stalls every op at its join (a 0.6 ms decode step took 30 ms)."""
 
     d_model: int = 256
     n_heads: int = 4
@@ -391,15 +574,21 @@ class CostSettings:
         "kda",
     )
     prefill_contexts: tuple[int, ...] = (2048, 4096, 8192, 16384)  # long enough for T^2 to show
-    decode_contexts: tuple[int, ...] = (4096, 16384, 65536, 131072)
+    decode_contexts: tuple[int, ...] = (4096, 16384, 65536, 262144, 524288)
+    preset_decode_contexts: tuple[int, ...] = (4096, 65536)
     analytic_contexts: tuple[int, ...] = tuple(2**i for i in range(10, 21))  # 1K .. 1M
     batch: int = 1
     window: int = 512
     index_topk: int = 256
+    index_n_heads: int | None = None  # None = ModelConfig's default
+    index_head_dim: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
     price_per_hour: float = 2.0  # $ per device-hour used for $/Mtok
     measure_presets: bool = True
+    threads: int | None = 1  # torch threads on the CPU while timing; None = leave torch's setting
+    budget_s: float | None = None  # time budget for all measured curves; None = measure every context
+    keep_going: bool = False  # record an unexpected error in a curve and go on (a long unattended run)
 
 
 def mechanism_config(letter: str, s: CostSettings) -> ModelConfig:
@@ -421,93 +610,242 @@ def mechanism_config(letter: str, s: CostSettings) -> ModelConfig:
         linear_key_head_dim=s.d_model // s.n_heads,
         linear_value_head_dim=s.d_model // s.n_heads,
     )
+    if s.index_n_heads is not None:
+        base["index_n_heads"] = s.index_n_heads
+    if s.index_head_dim is not None:
+        base["index_head_dim"] = s.index_head_dim
     return ModelConfig(**base).validate()
 
 
-def run_cost_lab(s: CostSettings, progress: Callable[[str], None] | None = None) -> dict:
-    """Analytic and measured cost per mechanism (one layer) and per preset; returns a JSON-able dict."""
+@contextlib.contextmanager
+def _torch_threads(device: torch.device, n: int | None):
+    """torch.set_num_threads(n) for the block on the CPU; restored afterwards."""
+    if device.type != "cpu" or n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_cost_lab(
+    s: CostSettings,
+    progress: Callable[[str], None] | None = None,
+    on_update: Callable[[dict], None] | None = None,
+) -> dict:
+    """Analytic and measured cost per mechanism (one layer) and per preset; returns a JSON-able dict.
+
+    Every analytic figure is filled in first; then the measured curves run one at a time:
+    decode per mechanism, decode per preset, then prefill per mechanism from the cheapest to the
+    dearest (analytic FLOPs at the longest context), so that with ``s.budget_s`` the dearest
+    curves get the time the cheap ones left. Each curve gets an equal share of the budget still
+    left (recomputed as curves finish). After every curve ``on_update(result)`` is called with
+    ``result["status"] == "partial"``, and once more at the end with ``"complete"`` (the caller
+    writes it, so a run killed midway keeps what it measured). ``progress`` gets one line per
+    measured point and per curve."""
     say = progress or (lambda msg: None)
     device, dtype = torch.device(s.device), DTYPES[s.dtype]
-    result: dict = {
-        "settings": dataclasses.asdict(s),
-        "device": _device_name(device),
-        "mechanisms": {},
-        "presets": {},
-    }
-    for letter in s.mechanisms:
-        cfg = mechanism_config(letter, s)
-        lc = ModelCost(cfg, dtype)
-        entry: dict = {"name": LAYER_NAMES[letter], "impl": _impl_name(letter, device)}
-        layer_cost = lc.layers[0]
-        entry["analytic"] = {
-            "context": list(s.analytic_contexts),
-            "prefill_flops": [layer_cost.prefill_flops(cfg, L) for L in s.analytic_contexts],
-            "decode_flops": [layer_cost.decode_flops(cfg, L) for L in s.analytic_contexts],
-            "cache_bytes": [lc.specs[0].bytes_at(L) for L in s.analytic_contexts],
+    t_start = time.monotonic()
+    end = None if s.budget_s is None else t_start + s.budget_s
+    with _torch_threads(device, s.threads):
+        result: dict = {
+            "settings": dataclasses.asdict(s),
+            "device": _device_name(device),
+            "clock": cpu_clock(device)[1],
+            "status": "partial",
+            "mechanisms": {},
+            "presets": {},
         }
-        torch.manual_seed(0)
-        runner = _Runner(build_layer(letter, cfg, 0), cfg, False, device, dtype)
-        say(f"cost: {letter} ({LAYER_NAMES[letter]}) prefill")
-        pre = measure(runner, s.prefill_contexts, "prefill", s.batch)
-        say(f"cost: {letter} ({LAYER_NAMES[letter]}) decode")
-        dec = measure(runner, s.decode_contexts, "decode", s.batch)
-        entry["measured"] = {
-            "prefill": [dataclasses.asdict(m) for m in pre],
-            "decode": [dataclasses.asdict(m) for m in dec],
-        }
-        entry["exponents"] = _exponents(pre, dec)
-        entry["exponents"]["analytic_decode_flops"] = fit_exponent(
-            s.analytic_contexts[-4:], entry["analytic"]["decode_flops"][-4:]
-        )
-        entry["exponents"]["analytic_prefill_flops"] = fit_exponent(
-            s.analytic_contexts[-4:], entry["analytic"]["prefill_flops"][-4:]
-        )
-        entry["dollars_per_mtok"] = _pricing(pre, dec, s)
-        result["mechanisms"][letter] = entry
-    for name in s.presets:
-        cfg = ModelConfig.preset(name, d_model=s.d_model, n_layers=s.n_layers, vocab_size=s.vocab_size)
-        mc = ModelCost(cfg, dtype)
-        entry = {
-            "pattern": cfg.layer_pattern,
-            "params": mc.num_params,
-            "analytic": {
-                "context": list(s.analytic_contexts),
-                "cache_bytes": [mc.cache_bytes(L) for L in s.analytic_contexts],
-                "decode_bytes": [mc.decode_bytes(L) for L in s.analytic_contexts],
-                "decode_flops": [mc.decode_flops(L) for L in s.analytic_contexts],
-                "prefill_flops": [mc.prefill_flops(L) for L in s.analytic_contexts],
-            },
-        }
-        if s.measure_presets:
-            from .model import HybridLM
+        cfgs, runners = {}, {}
+        for letter in s.mechanisms:
+            cfgs[letter] = mechanism_config(letter, s)
+            result["mechanisms"][letter] = _mechanism_entry(letter, cfgs[letter], s, device, dtype)
+        preset_cfgs = {}
+        for name in s.presets:
+            preset_cfgs[name] = ModelConfig.preset(
+                name, d_model=s.d_model, n_layers=s.n_layers, vocab_size=s.vocab_size
+            )
+            result["presets"][name] = _preset_entry(preset_cfgs[name], s, dtype)
+        by_cost = sorted(s.mechanisms, key=lambda c: result["mechanisms"][c]["analytic"]["prefill_flops"][-1])
+        curves = [("decode", c) for c in s.mechanisms]
+        curves += [("preset", n) for n in s.presets] if s.measure_presets else []
+        curves += [("prefill", c) for c in by_cost]
+        if "S" in s.mechanisms:  # the softmax op alone, beside its layer
+            result["ops"] = {"S": _op_entry(s)}
+            curves += [("op-decode", "S"), ("op-prefill", "S")]
+        for i, (kind, key) in enumerate(curves):
+            deadline = (
+                None if end is None else time.monotonic() + (end - time.monotonic()) / (len(curves) - i)
+            )
+            label = f"{kind} {key}" if kind == "preset" else f"{kind} {key} ({LAYER_NAMES[key]})"
+            label = label.replace("op-", "") + " op alone" if kind.startswith("op-") else label
+            say(
+                f"cost: {label}"
+                + ("" if deadline is None else f", {deadline - time.monotonic():.0f} s share")
+            )
+            t0 = time.monotonic()
 
-            torch.manual_seed(0)
-            say(f"cost: preset {name}")
-            runner = _Runner(HybridLM(cfg), cfg, True, device, dtype)
-            ctx = s.decode_contexts[::2]
-            dec = measure(runner, ctx, "decode", s.batch)
-            entry["measured"] = {"decode": [dataclasses.asdict(m) for m in dec]}
-            # decode caches hold context + 1 tokens: compare the declaration with what was allocated
-            entry["memory_check"] = [
-                {
-                    "context": m.context,
-                    "analytic_bytes": mc.cache_bytes(m.context + 1),
-                    "allocated_bytes": m.cache_bytes,
-                }
-                for m in dec
-                if m.cache_bytes is not None
-            ]
-        result["presets"][name] = entry
+            def on_point(m: Measurement, label=label) -> None:
+                if m.seconds is None:
+                    say(f"  {label} @ {m.context}: {m.error}")
+                else:
+                    run_s = time.monotonic() - t_start
+                    say(f"  {label} @ {m.context}: {m.seconds * 1e3:.3f} ms per call (setup "
+                        f"{m.setup_s:.1f} s, point {m.wall_s:.1f} s, run {run_s:.0f} s)")  # fmt: skip
+
+            try:
+                if kind == "preset":
+                    from .model import HybridLM
+
+                    torch.manual_seed(0)
+                    with torch.device(device):  # initialise on the device (a 16-layer model is slow on a CPU)
+                        runner = _Runner(HybridLM(preset_cfgs[key]), preset_cfgs[key], True, device, dtype)
+                    ms = measure(runner, s.preset_decode_contexts, "decode", s.batch, deadline=deadline,
+                                 on_point=on_point)  # fmt: skip
+                    del runner
+                    _store_preset(result["presets"][key], preset_cfgs[key], dtype, ms)
+                elif kind.startswith("op-"):
+                    what = kind.removeprefix("op-")
+                    runner = _SoftmaxOpRunner(cfgs[key], device, dtype)
+                    contexts = s.prefill_contexts if what == "prefill" else s.decode_contexts
+                    ms = measure(runner, contexts, what, s.batch, deadline=deadline, on_point=on_point)
+                    _store_curve(result["ops"][key], what, ms, s)
+                else:
+                    if key not in runners:
+                        torch.manual_seed(0)
+                        with torch.device(device):
+                            runners[key] = _Runner(
+                                build_layer(key, cfgs[key], 0), cfgs[key], False, device, dtype
+                            )
+                    contexts = s.prefill_contexts if kind == "prefill" else s.decode_contexts
+                    ms = measure(runners[key], contexts, kind, s.batch, deadline=deadline, on_point=on_point)
+                    _store_curve(result["mechanisms"][key], kind, ms, s)
+            except Exception as e:  # noqa: BLE001 - recorded only with keep_going (an unattended GPU run)
+                if not s.keep_going:
+                    raise
+                msg = f"error: {type(e).__name__}: {str(e)[:300]}"
+                say(f"  {label}: {msg}")
+                group = {"preset": "presets", "op-decode": "ops", "op-prefill": "ops"}.get(kind, "mechanisms")
+                what = "decode" if kind == "preset" else kind.removeprefix("op-")
+                result[group][key].setdefault("limit", {})[what] = msg
+            say(f"cost: {label} done in {time.monotonic() - t0:.1f} s")
+            result["wall_s"] = time.monotonic() - t_start
+            result["curves_done"] = i + 1
+            result["curves_total"] = len(curves)
+            if on_update is not None:
+                on_update(result)
+        result["status"] = "complete"
+        result["wall_s"] = time.monotonic() - t_start
+        if on_update is not None:
+            on_update(result)
     return result
 
 
-def _exponents(pre: list[Measurement], dec: list[Measurement]) -> dict:
-    def fit(ms: list[Measurement]) -> float | None:
-        ok = [m for m in ms if m.seconds]
-        ok = ok[len(ok) // 3 :]  # the upper part of the range: fixed overheads fade there
-        return fit_exponent([m.context for m in ok], [m.seconds for m in ok])
+def _mechanism_entry(letter: str, cfg: ModelConfig, s: CostSettings, device, dtype) -> dict:
+    """The analytic part of one mechanism's entry; its measured curves start empty."""
+    lc = ModelCost(cfg, dtype)
+    layer_cost = lc.layers[0]
+    ctx = s.analytic_contexts
+    analytic = {
+        "context": list(ctx),
+        "prefill_flops": [layer_cost.prefill_flops(cfg, L) for L in ctx],
+        "decode_flops": [layer_cost.decode_flops(cfg, L) for L in ctx],
+        "cache_bytes": [lc.specs[0].bytes_at(L) for L in ctx],
+    }
+    entry = {
+        "name": LAYER_NAMES[letter],
+        "impl": _impl_name(letter, device, dtype),
+        "analytic": analytic,
+        "measured": {"prefill": [], "decode": []},
+        "limit": {"prefill": "not measured yet", "decode": "not measured yet"},
+    }
+    entry["exponents"] = _exponents([], [])
+    entry["exponents"]["analytic_decode_flops"] = fit_exponent(ctx[-4:], analytic["decode_flops"][-4:])
+    entry["exponents"]["analytic_prefill_flops"] = fit_exponent(ctx[-4:], analytic["prefill_flops"][-4:])
+    entry["dollars_per_mtok"] = _pricing([], [], s)
+    return entry
 
-    return {"prefill": fit(pre), "decode": fit(dec)}
+
+def _op_entry(s: CostSettings) -> dict:
+    """An entry for the S layer's op alone (measured only; the analytic cost is the layer's)."""
+    return {
+        "name": "softmax_attention / softmax_decode op alone",
+        "impl": "sdpa",
+        "measured": {"prefill": [], "decode": []},
+        "limit": {"prefill": "not measured yet", "decode": "not measured yet"},
+        "exponents": _exponents([], []),
+        "dollars_per_mtok": _pricing([], [], s),
+    }
+
+
+def _store_curve(entry: dict, what: str, ms: list[Measurement], s: CostSettings) -> None:
+    entry["measured"][what] = [dataclasses.asdict(m) for m in ms]
+    entry["limit"][what] = _limit(ms)
+    pre = [Measurement(**m) for m in entry["measured"]["prefill"]]
+    dec = [Measurement(**m) for m in entry["measured"]["decode"]]
+    entry["exponents"].update(_exponents(pre, dec))
+    entry["dollars_per_mtok"] = _pricing(pre, dec, s)
+
+
+def _limit(ms: list[Measurement]) -> str:
+    """How a curve ended: "complete", or the last point's reason (out of memory, time budget)."""
+    return ms[-1].error if ms and ms[-1].error else "complete"
+
+
+def _preset_entry(cfg: ModelConfig, s: CostSettings, dtype: torch.dtype) -> dict:
+    mc = ModelCost(cfg, dtype)
+    ctx = s.analytic_contexts
+    entry = {
+        "pattern": cfg.layer_pattern,
+        "params": mc.num_params,
+        "analytic": {
+            "context": list(ctx),
+            "cache_bytes": [mc.cache_bytes(L) for L in ctx],
+            "decode_bytes": [mc.decode_bytes(L) for L in ctx],
+            "decode_flops": [mc.decode_flops(L) for L in ctx],
+            "prefill_flops": [mc.prefill_flops(L) for L in ctx],
+        },
+    }
+    if s.measure_presets:
+        entry["measured"] = {"decode": []}
+        entry["memory_check"] = []
+        entry["limit"] = {"decode": "not measured yet"}
+    return entry
+
+
+def _store_preset(entry: dict, cfg: ModelConfig, dtype: torch.dtype, ms: list[Measurement]) -> None:
+    mc = ModelCost(cfg, dtype)
+    entry["measured"] = {"decode": [dataclasses.asdict(m) for m in ms]}
+    entry["limit"] = {"decode": _limit(ms)}
+    # decode caches hold context + 1 tokens: compare the declaration with what was allocated
+    entry["memory_check"] = [
+        {
+            "context": m.context,
+            "analytic_bytes": mc.cache_bytes(m.context + 1),
+            "allocated_bytes": m.cache_bytes,
+        }
+        for m in ms
+        if m.cache_bytes is not None
+    ]
+
+
+def _exponents(pre: list[Measurement], dec: list[Measurement]) -> dict:
+    """Time vs context exponents of the measured curves: ``prefill``/``decode`` = least-squares
+    fit over every context measured (the whole range); ``*_asymptotic`` = slope between the two
+    largest contexts; ``decode_marginal_ns_per_token`` = the time one more cached token adds to a
+    decode step there."""
+    out: dict = {}
+    for what, ms in (("prefill", pre), ("decode", dec)):
+        ok = [m for m in ms if m.seconds]
+        xs, ys = [m.context for m in ok], [m.seconds for m in ok]
+        out[what] = fit_exponent(xs, ys)
+        out[f"{what}_asymptotic"] = asymptotic_exponent(xs, ys)
+        marginal = marginal_cost(xs, ys)
+        out[f"{what}_marginal_ns_per_token"] = None if marginal is None else marginal * 1e9
+    return out
 
 
 def _pricing(pre: list[Measurement], dec: list[Measurement], s: CostSettings) -> dict:
@@ -545,8 +883,12 @@ def summary_rows(result: dict) -> list[dict]:
                 "mechanism": f"{letter} {e['name']}",
                 "impl": e["impl"],
                 "prefill_exp": ex["prefill"],
+                "prefill_exp_asymptotic": ex.get("prefill_asymptotic"),
                 "decode_exp": ex["decode"],
+                "decode_exp_asymptotic": ex.get("decode_asymptotic"),
+                "decode_ns_per_token": ex.get("decode_marginal_ns_per_token"),
                 "analytic_decode_exp": ex["analytic_decode_flops"],
+                "limit": e.get("limit", {}),
             }
         )
     return rows
@@ -556,16 +898,50 @@ def format_table(result: dict) -> str:
     def f(x):
         return "  n/a" if x is None else f"{x:5.2f}"
 
+    def ns(x):
+        return "n/a" if x is None else f"{x:.3g}"
+
+    s = result["settings"]
     lines = [
         f"cost lab on {result['device']}: time vs context exponents (2 quadratic, 1 linear, 0 flat)",
-        f"{'mechanism':<32}{'impl':<22}{'prefill':>8}{'decode':>8}{'decode (analytic)':>19}",
+        f"  whole = least-squares fit over every context (prefill {_span(s['prefill_contexts'])}, decode "
+        f"{_span(s['decode_contexts'])}); asym = slope between the two largest contexts reached",
+        "  decode ns/tok = time one more cached token adds to a decode step there (constant terms cancel)",
+        f"  timed with {result.get('clock', 'wall seconds')}; fastest of the repeats",
+        f"{'mechanism':<31}{'impl':<30}{'prefill':>7}{'asym':>7}{'decode':>8}{'asym':>7}"
+        f"{'ns/tok':>10}{'FLOPs exp':>11}",
     ]
     for r in summary_rows(result):
         lines.append(
-            f"{r['mechanism']:<32}{r['impl']:<22}{f(r['prefill_exp']):>8}{f(r['decode_exp']):>8}"
-            f"{f(r['analytic_decode_exp']):>19}"
+            f"{r['mechanism']:<31}{r['impl']:<30}{f(r['prefill_exp']):>7}{f(r['prefill_exp_asymptotic']):>7}"
+            f"{f(r['decode_exp']):>8}{f(r['decode_exp_asymptotic']):>7}{ns(r['decode_ns_per_token']):>10}"
+            f"{f(r['analytic_decode_exp']):>11}"
         )
+        for what, why in r["limit"].items():
+            if why != "complete":
+                lines.append(f"    {what}: {why}")
+    for letter, e in result.get("ops", {}).items():
+        ex = e["exponents"]
+        lines.append(
+            f"{'  ' + letter + ' op alone':<31}{'sdpa (no projections)':<30}{f(ex['prefill']):>7}"
+            f"{f(ex['prefill_asymptotic']):>7}{f(ex['decode']):>8}{f(ex['decode_asymptotic']):>7}"
+            f"{ns(ex['decode_marginal_ns_per_token']):>10}"
+        )
+    lines.append("  FLOPs exp = analytic decode FLOPs exponent over 128K..1M")
+    if result.get("status") != "complete":
+        lines.append(f"  PARTIAL: {result.get('curves_done', 0)} of {result.get('curves_total', '?')} curves")
     return "\n".join(lines)
+
+
+def _span(contexts) -> str:
+    return f"{min(contexts)}..{max(contexts)}" if contexts else "none"
+
+
+def _exp_label(exponents: dict, what: str) -> str:
+    def f(x):
+        return "n/a" if x is None else f"{x:.2f}"
+
+    return f"{f(exponents.get(what))} / {f(exponents.get(what + '_asymptotic'))}"
 
 
 def write_plots(result: dict, out_dir: Path) -> list[Path]:
@@ -585,7 +961,7 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
                     [m["context"] for m in ms],
                     [m["seconds"] * 1e3 for m in ms],
                     "o-",
-                    label=f"{letter} {e['name']} ({e['exponents'][what] or 0:.2f})",
+                    label=f"{letter} {e['name']} ({_exp_label(e['exponents'], what)})",
                 )
     for ax, what in zip(axes, ("prefill (whole context)", "decode (one token)"), strict=False):
         ax.set_xlabel("context (tokens)")
@@ -593,7 +969,11 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
         ax.set_title(f"measured {what}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"one layer per mechanism on {result['device']} (fitted exponent in brackets)", fontsize=9)
+    fig.suptitle(
+        f"one layer per mechanism on {result['device']} (exponent: whole-range fit / between the two largest "
+        f"contexts){'' if result.get('status', 'complete') == 'complete' else ' - PARTIAL'}",
+        fontsize=9,
+    )
     fig.tight_layout()
     paths.append(save_figure(fig, out_dir / "cost_vs_context.png"))
 
@@ -660,7 +1040,10 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         mechanisms=args.mechanisms,
         prefill_contexts=args.prefill_contexts,
         decode_contexts=args.decode_contexts,
+        preset_decode_contexts=args.preset_decode_contexts,
         batch=args.batch,
+        threads=args.threads or None,
+        budget_s=args.budget_s,
         device=args.device,
         dtype=args.dtype,
         price_per_hour=args.price_per_hour,
@@ -668,8 +1051,12 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         measure_presets=not args.no_preset_timing,
     )
     out.mkdir(parents=True, exist_ok=True)
-    result = run_cost_lab(s, progress=lambda m: print(m, flush=True))
-    write_json_atomic(result, out / "cost.json")
+    # cost.json after every curve (status "partial" until the end): an interrupted run keeps its curves
+    result = run_cost_lab(
+        s,
+        progress=lambda m: print(m, flush=True),
+        on_update=lambda r: write_json_atomic(r, out / "cost.json"),
+    )
     write_plots(result, out)
     print(format_table(result))
     print(f"wrote {out / 'cost.json'} and plots to {out}")
@@ -690,6 +1077,18 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill-contexts", type=_ints, default=CostSettings.prefill_contexts)
     p.add_argument("--decode-contexts", type=_ints, default=CostSettings.decode_contexts)
+    p.add_argument(
+        "--preset-decode-contexts",
+        type=_ints,
+        default=CostSettings.preset_decode_contexts,
+        help="decode contexts for whole presets",
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads on the CPU while timing (0 = torch's default)"
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="time budget for the measured curves (seconds)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--price-per-hour", type=float, default=2.0, help="$ per device-hour for $/Mtok")

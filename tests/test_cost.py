@@ -1,4 +1,8 @@
+import importlib.util
 import json
+import math
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +31,175 @@ def test_fit_exponent_recovers_power_laws():
     for p in (0.0, 1.0, 2.0):
         assert cost.fit_exponent(xs, [3.0 * x**p for x in xs]) == pytest.approx(p, abs=1e-9)
     assert cost.fit_exponent([1], [1.0]) is None
+
+
+def test_asymptotic_exponent_recovers_the_leading_power():
+    """A planted y = a x^2 + b x whose linear term dominates at small x: the whole-range fit is
+    biased towards 1, the slope between the two largest x tends to 2 as the range grows."""
+    a, b = 1.0, 5000.0
+
+    def y(x):
+        return a * x * x + b * x
+
+    xs = [2**i for i in range(11, 15)]  # 2K..16K: a x is 0.4 b .. 3.3 b
+    whole = cost.fit_exponent(xs, [y(x) for x in xs])
+    asym = cost.asymptotic_exponent(xs, [y(x) for x in xs])
+    assert whole < asym < 2
+    assert asym == pytest.approx(1 + math.log2((2 * a * 8192 + b) / (a * 8192 + b)), abs=1e-12)
+    errors = []
+    for top in range(14, 25):
+        xs = [2**i for i in range(top - 3, top + 1)]
+        errors.append(2 - cost.asymptotic_exponent(xs, [y(x) for x in xs]))
+    assert all(e1 < e0 for e0, e1 in zip(errors, errors[1:], strict=False))  # converges from below
+    assert errors[-1] < 0.001
+    # y = c + a x (decode: fixed per-step cost + a per-cached-token cost): slope -> 1, marginal = a exactly
+    xs = [4096, 65536, 262144, 524288]
+    ys = [0.3e-3 + 2e-9 * x for x in xs]
+    assert cost.fit_exponent(xs, ys) < cost.asymptotic_exponent(xs, ys) < 1
+    assert cost.asymptotic_exponent([x * 1024 for x in xs], [0.3e-3 + 2e-9 * x * 1024 for x in xs]) > 0.999
+    assert cost.marginal_cost(xs, ys) == pytest.approx(2e-9, rel=1e-9)
+    # the order of the points does not matter; too few points give None
+    assert cost.asymptotic_exponent(xs[::-1], ys[::-1]) == cost.asymptotic_exponent(xs, ys)
+    assert cost.asymptotic_exponent([1], [1.0]) is None and cost.marginal_cost([1], [1.0]) is None
+
+
+def test_time_budget_estimate_and_stop():
+    prev = cost.Measurement("prefill", 1000, seconds=0.1, cache_bytes=0, peak_bytes=None, setup_s=0.5)
+    # setup x ratio + warm-up and repeats of a call that grows with ratio^2 (0.4 s: 3 repeats)
+    assert cost.estimate_point_s(prev, 2000) == pytest.approx(0.5 * 2 + 0.4 + 3 * 0.4)
+    prev = cost.Measurement("decode", 1000, seconds=0.4, cache_bytes=0, peak_bytes=None, setup_s=0.0)
+    assert cost.estimate_point_s(prev, 4000) == pytest.approx(2 * 1.6)  # > 1 s: warm-up + one call
+
+    cfg = cost.mechanism_config("S", cost.CostSettings(d_model=32, n_heads=2))
+    runner = cost._Runner(cost.build_layer("S", cfg, 0), cfg, False, torch.device("cpu"), torch.float32)
+    seen = []
+    ms = cost.measure(
+        runner, [64, 16, 32, 2**26], "decode", deadline=time.monotonic() + 5, on_point=seen.append
+    )
+    assert [m.context for m in ms] == [16, 32, 64, 2**26]  # increasing order; 2**26 would take minutes
+    assert all(m.seconds > 0 and m.wall_s >= m.seconds for m in ms[:3])
+    assert ms[-1].seconds is None and ms[-1].error.startswith("stopped: time budget (context 67108864")
+    assert seen == ms
+    # a deadline already past stops the curve before its first point
+    ms = cost.measure(runner, [16, 32], "prefill", deadline=time.monotonic() - 1)
+    assert len(ms) == 1 and ms[0].context == 16 and "time budget" in ms[0].error
+
+
+def test_fill_random_in_slices_fills_every_element(monkeypatch):
+    monkeypatch.setattr(cost, "_FILL_SLICE", 1000)
+    cfg = cost.mechanism_config("D", cost.CostSettings(d_model=32, n_heads=2))
+    caches = [cost.build_layer("D", cfg, 0).new_cache(2, 300)]
+    cost._fill_random(caches, 123, torch.Generator().manual_seed(0))
+    for t in caches[0].state_tensors().values():
+        assert t.numel() > 1000 and bool((t != 0).all()) and float(t.std()) == pytest.approx(0.1, rel=0.2)
+    assert caches[0].lengths.tolist() == [123, 123]
+
+
+def test_dsa_decode_scores_one_query_and_prefill_chunks_bound_the_scores(monkeypatch):
+    """DSA decode at context L scores 1 query x (L + 1) keys (no O(L^2) work); prefill chunks keep
+    [chunk, L] indexer scores under the device's element budget, also at 1M tokens on a GPU."""
+    from attnlab import ops
+
+    shapes = []
+    real = ops.dsa_index_scores
+
+    def spy(q, k, w, *args, **kwargs):
+        shapes.append((q.shape[1], k.shape[1]))
+        return real(q, k, w, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "dsa_index_scores", spy)
+    s = cost.CostSettings(d_model=32, n_heads=2, index_topk=8)
+    cfg = cost.mechanism_config("D", s)
+    runner = cost._Runner(cost.build_layer("D", cfg, 0), cfg, False, torch.device("cpu"), torch.float32)
+    cost.measure(runner, [100, 1000], "decode")
+    assert shapes and set(shapes) == {(1, 101), (1, 1001)}
+    for device, budget in (("cpu", 1 << 25), ("cuda", 1 << 28)):
+        runner.device = torch.device(device)  # prefill_chunk only reads the device type
+        for L in (2048, 16384, 2**20):
+            chunk = runner.prefill_chunk(L)
+            assert chunk == L or (chunk * L <= max(budget, 128 * L) and chunk >= 128)
+        assert runner.prefill_chunk(2**20) * 2**20 <= 1 << 28
+    m_cfg = cost.mechanism_config("M", s)
+    m = cost._Runner(cost.build_layer("M", m_cfg, 0), m_cfg, False, torch.device("cpu"), torch.float32)
+    assert m.prefill_chunk(16384) == 2048
+    m.device = torch.device("cuda")
+    assert m.prefill_chunk(2**20) == 2**20  # on CUDA M decompresses its latents once
+
+
+def test_run_cost_lab_reports_after_every_curve():
+    s = cost.CostSettings(
+        d_model=32, n_heads=2, mechanisms="SL", presets=("llama",), prefill_contexts=(32, 64),
+        decode_contexts=(32, 64), preset_decode_contexts=(32,), budget_s=60,
+    )  # fmt: skip
+    updates = []
+    result = cost.run_cost_lab(s, on_update=lambda r: updates.append(json.loads(json.dumps(r))))
+    # decode S, L; preset llama; prefill L, S (cheapest first); the S op alone: decode, prefill
+    assert [u["status"] for u in updates] == ["partial"] * 7 + ["complete"]
+    assert [u["curves_done"] for u in updates[:7]] == list(range(1, 8))
+    first = updates[0]
+    assert (
+        len(first["mechanisms"]["S"]["measured"]["decode"]) == 2
+        and first["mechanisms"]["L"]["measured"]["decode"] == []
+    )
+    assert first["mechanisms"]["L"]["limit"]["decode"] == "not measured yet"
+    assert (
+        updates[3]["mechanisms"]["L"]["measured"]["prefill"]
+        and not updates[3]["mechanisms"]["S"]["measured"]["prefill"]
+    )
+    assert result["status"] == "complete" and result["mechanisms"]["S"]["limit"] == {
+        "prefill": "complete",
+        "decode": "complete",
+    }
+    ex = result["ops"]["S"]["exponents"]
+    assert ex["prefill"] is not None and ex["decode_asymptotic"] is not None
+    assert "S op alone" in cost.format_table(result)
+
+
+def _load_cost_gpu():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_gpu.py"
+    spec = importlib.util.spec_from_file_location("cost_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cost_gpu_script_tiny_on_cpu(tmp_path, capsys):
+    """benchmarks/cost_gpu.py end to end on the CPU (the path the GPU run takes, at toy sizes)."""
+    cost_gpu = _load_cost_gpu()
+    out = tmp_path / "gpu"
+    args = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--out",
+        str(out),
+        "--mechanisms",
+        "SDL",
+        "--presets",
+        "deepseek-v32",
+    ]
+    assert cost_gpu.main([*args, "--budget-s", "120"]) == 0
+    data = json.loads((out / "cost.json").read_text())
+    assert data["status"] == "complete" and data["settings"]["index_topk"] == 8
+    assert set(data["mechanisms"]) == set("SDL") and set(data["presets"]) == {"deepseek-v32"}
+    for e in data["mechanisms"].values():
+        assert e["impl"] and all(len(e["measured"][w]) == 3 for w in ("prefill", "decode"))
+        assert all(m["seconds"] > 0 for w in ("prefill", "decode") for m in e["measured"][w])
+    assert data["mechanisms"]["D"]["impl"] == "torch-indexer+torch-sparse"
+    assert data["presets"]["deepseek-v32"]["memory_check"]
+    assert all(
+        m["analytic_bytes"] == m["allocated_bytes"] for m in data["presets"]["deepseek-v32"]["memory_check"]
+    )
+    for png in ("cost_vs_context.png", "memory_vs_context.png", "dollars_vs_context.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = capsys.readouterr().out
+    assert "decode S (softmax attention) @ 64:" in log and "ms per call" in log
+    # replot from the JSON alone; no CUDA -> a clear refusal, not a crash
+    (out / "cost_vs_context.png").unlink()
+    assert cost_gpu.main(["--replot", str(out / "cost.json")]) == 0
+    assert (out / "cost_vs_context.png").is_file()
+    if not torch.cuda.is_available():
+        assert cost_gpu.main(["--out", str(tmp_path / "x")]) == 2
 
 
 @pytest.mark.parametrize("name", preset_names())
