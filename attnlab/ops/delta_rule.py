@@ -322,31 +322,35 @@ def _delta_chunked(q, k, v, g, beta, scale, state, use_qk_l2norm: bool, n_rep: i
     view = lambda x: _chunk_view(x, c, h_k, n_rep)  # (N, B, H_k, rep, C, ·), no copy
     inputs = [view(q), view(k), view(v), view(beta.unsqueeze(-1))]
     rows = [view(q_row), view(k_row)] if use_qk_l2norm else []  # (N, B, H_k, rep, C, 1) each
-    # G, the log of Γ_i (decay from the chunk start through token i), for the whole sequence at once
-    # (one op), as a product with a lower-triangular ones matrix rather than cumsum: the same sums,
-    # 1.3x faster than cumsum along C for KDA's per-channel gates on the CPU.
+    # G, the log of Γ_i (decay from the chunk start through token i), for the whole sequence at once,
+    # as a product with a lower-triangular ones matrix in the input layout: the same sums as a cumsum
+    # along C, 2x faster for KDA's per-channel gates on the CPU (2-5x faster than in the chunk-major view).
     ones_lower = torch.ones(c, c, dtype=dtype, device=q.device).tril()
-    G = ones_lower @ view(g).to(dtype)  # (N, B, H_k, rep, C, 1|D_k)
+    G = ones_lower @ g.to(dtype).reshape(b * n, c, -1)  # (B·N, C, H·(1|D_k))
+    G = view(G.view(b, n * c, h, -1))  # (N, B, H_k, rep, C, 1|D_k), a view
     per_segment = max(1, _SEGMENT // c)
-    mild = _chunk_factorable(G, per_segment)  # one bool per segment
+    mild, span_offset, span_ends = _decay_spans(G, per_segment)
     lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # j ≤ i
     o = q.new_empty((b, n, c, h, d_v), dtype=dtype)  # (B, N, C, H, D_v)
     for segment, first in enumerate(range(0, n, per_segment)):
         chunks = slice(first, first + per_segment)
         q6, k6, v6, beta6, *rows6 = (x[chunks] for x in inputs + rows)  # (n, B, H_k, rep, C, ·)
+        if mild[segment]:
+            spans = (span_offset[chunks], span_ends[chunks])  # see _decay_spans
         o_seg, state = _delta_segment(q6, k6, v6, G[chunks], beta6, scale, rows6 or None, state,
-                                      mild[segment], lower)  # (n, B·H, C, D_v)
+                                      spans if mild[segment] else None, lower)  # (n, B·H, C, D_v)
         o[:, chunks] = o_seg.view(-1, b, h, c, d_v).permute(1, 0, 3, 2, 4)  # (B, n, C, H, D_v)
         del o_seg  # freed before the next segment allocates (a lower peak: fewer page faults)
     return o.view(b, -1, h, d_v)[:, :t], state.view(b, h, d_k, d_v)  # (B, T, H, D_v)
 
 
-def _delta_segment(q, k, v, G, beta, scale, rows, state, mild: bool, lower):
+def _delta_segment(q, k, v, G, beta, scale, rows, state, spans, lower):
     """One segment of chunks (see the module docstring). q, k [n, B, H_k, rep, C, D_k] as read;
     v [n, B, H_k, rep, C, D_v]; G [n, B, H_k, rep, C, 1|D_k] the cumulative log-gate within each
     chunk; beta [.., C, 1] (views, any strides); scale a float; rows None or (scale · q's inverse
-    norm, k's inverse norm), each [n, B, H_k, rep, C, 1]; state [B·H, D_k, D_v]; mild: whether
-    every chunk's decay factors (see _chunk_factorable); lower [C, C] bool, j ≤ i.
+    norm, k's inverse norm), each [n, B, H_k, rep, C, 1]; state [B·H, D_k, D_v]; spans: None
+    (strong gates) or (offset [n, B, H_k, rep, 1, 1|D_k], ends: list of n bools), see
+    _decay_spans; lower [C, C] bool, j ≤ i.
     Padded tokens have k = 0, β = 0, g = 0, so they leave the state untouched.
     Returns (o [n, B·H, C, D_v], state after the last chunk)."""
     n, chunk, d_v = q.shape[0], q.shape[-2], v.shape[-1]
@@ -355,12 +359,17 @@ def _delta_segment(q, k, v, G, beta, scale, rows, state, mild: bool, lower):
     v_beta = flat(beta * v)  # (n, B·H, C, D_v)
     q_row, k_row = rows if rows is not None else (scale, None)
 
-    if mild:
-        # Mild gates (every chunk decays by at most e^-60 in every channel): Γ_i/Γ_j factors as
-        # Γ_i · (1/Γ_j) with both factors within e^±60, so all pair products are plain matmuls,
-        # and q ⊙ Γ and β k ⊙ Γ are the very tensors the inter-chunk terms need. The norms, the
-        # scale, β and the decays are applied as one factor per tensor (one pass each, which is
-        # also the layout copy: the factor comes first so the product is contiguous chunk-major).
+    if spans is not None:
+        # Mild gates, decays measured from the start of a span of chunks (see _decay_spans) that
+        # decays by at most e^-60 in every channel: Γ_i/Γ_j factors as Γ_i · (1/Γ_j) with both
+        # factors within e^±60, so all pair products are plain matmuls, and q ⊙ Γ and β k ⊙ Γ are
+        # the very tensors the inter-chunk terms need. Inside a span the state is kept divided by
+        # its decay since the span start (S/D): it then takes k ⊙ (1/Γ) u without a decay per chunk,
+        # and is multiplied by the span's decay once, at its end. The norms, the scale, β and the
+        # decays are applied as one factor per tensor (one pass each, which is also the layout
+        # copy: the factor comes first so the product is contiguous chunk-major).
+        offset, ends = spans
+        G = G.contiguous() + offset  # (n, B, H_k, rep, C, 1|D_k)   log-decay from the span start to token i
         decay_in = G.exp()  # (n, B, H_k, rep, C, 1|D_k)   Γ_i ∈ [e^-60, 1]
         # k ⊙ e^-G, not k / Γ: the quotient's gradient divides by Γ² (e^-120 is 0 in float32: NaN)
         decay_out = (-G).exp() if k_row is None else (-G).exp() * k_row  # (…, C, 1|D_k)   1/Γ_j
@@ -368,11 +377,12 @@ def _delta_segment(q, k, v, G, beta, scale, rows, state, mild: bool, lower):
         k_beta_row = beta if k_row is None else beta * k_row  # (n, B, H_k, rep, C, 1)
         kb_in = flat((decay_in * k_beta_row) * k)  # (n, B·H, C, D_k)   β_i k_i ⊙ Γ_i
         k_out = flat(decay_out * k)  # (n, B·H, C, D_k)   k_j ⊘ Γ_j
-        k_last = flat((decay_out * decay_in[..., -1:, :]) * k)  # (n, B·H, C, D_k)   k_j ⊙ Γ_C/Γ_j
-        k_out_t = k_out.transpose(-1, -2)  # (n, B·H, D_k, C)
-        qk = (q_in @ k_out_t).mul_(lower)  # (n, B·H, C, C)
-        kk = kb_in @ k_out_t  # (n, B·H, C, C); only its strict lower triangle is read by the solve
-        del k_out, k_out_t
+        k_state_t = k_out.transpose(-1, -2)  # (n, B·H, D_k, C)
+        qk = (q_in @ k_state_t).mul_(lower)  # (n, B·H, C, C)
+        kk = kb_in @ k_state_t  # (n, B·H, C, C); only its strict lower triangle is read by the solve
+        # the state's decay at each span end, from the span start: (n, B·H, 1|D_k, 1)
+        span_decay = flat(decay_in)[..., -1, :].unsqueeze(-1)
+        before, after = None, [span_decay[i] if end else None for i, end in enumerate(ends)]
     else:
         # Strong gates: decay ratios formed as exp(G_i − G_j) only for j ≤ i, clamped (decay_exp).
         dtype = state.dtype
@@ -386,8 +396,8 @@ def _delta_segment(q, k, v, G, beta, scale, rows, state, mild: bool, lower):
             qk, kk = _intra_channel_gate(q, k_beta, k, G)  # (n, B·H, C, C) each, zero above the diagonal
         decay_in = decay_exp(G)  # (n, B·H, C, 1|D_k)   Γ_i
         q_in, kb_in = q * decay_in, k_beta * decay_in  # (n, B·H, C, D_k)
-        k_last = k * decay_exp(G[..., -1:, :] - G)  # (n, B·H, C, D_k)
-    chunk_decay = flat(decay_in)[..., -1, :].unsqueeze(-1)  # (n, B·H, 1|D_k, 1)   Γ_C
+        k_state_t = (k * decay_exp(G[..., -1:, :] - G)).transpose(-1, -2)  # (n, B·H, D_k, C)  K̃ᵀ
+        before, after = decay_in[..., -1, :].unsqueeze(-1), None  # (n, B·H, 1|D_k, 1)   Γ_C
 
     # UT transform: T = (I + A)⁻¹ by one unit-lower-triangular solve against the identity (only the
     # strict lower triangle of kk is read), then W and K_c by matmuls (1.8x faster than two solves
@@ -398,43 +408,91 @@ def _delta_segment(q, k, v, G, beta, scale, rows, state, mild: bool, lower):
     w = t_inv @ v_beta  # (n, B·H, C, D_v)
     k_cum = t_inv @ kb_in  # (n, B·H, C, D_k)
     del kk, t_inv, v_beta, kb_in  # freed here, not at return: see the del in _delta_chunked
-    u, entering, state = _state_scan(w, k_cum, k_last.transpose(-1, -2), chunk_decay, state)
-    del w, k_cum, k_last
+    u, entering, state = _state_scan(w, k_cum, k_state_t, state, before, after)
+    del w, k_cum, k_state_t
     fold = lambda x: x.view(-1, *x.shape[-2:])  # (n·B·H, ·, ·) views for baddbmm
     o = torch.bmm(fold(q_in), fold(entering)).baddbmm_(fold(qk), fold(u))  # (n·B·H, C, D_v)
     return o.view(n, -1, chunk, d_v), state
 
 
-def _state_scan(w, k_cum, k_last_t, chunk_decay, state):
-    """The sequential part: per chunk i, u_i = W_i − K_c,i S_i and S_{i+1} = Γ_C,i S_i + K̃_iᵀ u_i.
-    w [n, B·H, C, D_v]; k_cum [n, B·H, C, D_k]; k_last_t K̃ᵀ [n, B·H, D_k, C]; chunk_decay
-    [n, B·H, 1|D_k, 1]; state [B·H, D_k, D_v].
+def _state_scan(w, k_cum, k_state_t, state, before, after):
+    """The sequential part: per chunk i, u_i = W_i − K_c,i S_i and S_{i+1} = Γ_C,i S_i + K̃_iᵀ u_i,
+    with the decay Γ_C either applied per chunk (`before`: strong gates) or folded into the factors
+    and applied at span ends only (`after`: mild gates, S kept divided by its decay in a span).
+    w [n, B·H, C, D_v]; k_cum [n, B·H, C, D_k]; k_state_t [n, B·H, D_k, C] (K̃ᵀ, or (k ⊘ Γ)ᵀ in
+    a span); state [B·H, D_k, D_v]; before [n, B·H, 1|D_k, 1] or None; after None or a list of n
+    [B·H, 1|D_k, 1] tensors or None.
     Returns (u [n, B·H, C, D_v], the state entering each chunk [n, B·H, D_k, D_v], final state).
 
     Without autograd u_i is computed in place in W_i (w is a fresh product, not read again) and
-    each state written into a preallocated stack: three ops per chunk, no list, no stack copy.
-    Measured slower on the CPU: folding it into S' = (Γ_C − K̃ᵀK_c) S + K̃ᵀW (one op per chunk but
-    two more [D_k, C] @ [C, D] products per chunk); one [K_c; q ⊙ Γ] @ S product per chunk
-    instead of stacking the entering states (+4%: the concatenations cost more than it saved)."""
+    each state written into a preallocated stack: two ops per chunk inside a span (three with a
+    decay per chunk), no list, no stack copy. Measured slower on the CPU: folding it into
+    S' = (Γ_C − K̃ᵀK_c) S + K̃ᵀW (one op per chunk but two more [D_k, C] @ [C, D] products per
+    chunk); one [K_c; q ⊙ Γ] @ S product per chunk instead of stacking the entering states (+4%:
+    the concatenations cost more than it saved)."""
     n = w.shape[0]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (w, k_cum, k_last_t, chunk_decay, state)):
+    before = [None] * n if before is None else before
+    after = [None] * n if after is None else after
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (w, k_cum, k_state_t, state)):
         entering, us = [], []
-        for w_i, k_cum_i, kdt_i, cd_i in zip(w, k_cum, k_last_t, chunk_decay, strict=True):
+        for w_i, k_cum_i, kt_i, b_i, a_i in zip(w, k_cum, k_state_t, before, after, strict=True):
             entering.append(state)
             u_i = torch.baddbmm(w_i, k_cum_i, state, alpha=-1.0)  # (B·H, C, D_v)
             us.append(u_i)
-            state = (state * cd_i).baddbmm_(kdt_i, u_i)  # (B·H, D_k, D_v); in place on a fresh product
+            state = torch.baddbmm(state if b_i is None else state * b_i, kt_i, u_i)  # (B·H, D_k, D_v)
+            state = state if a_i is None else state * a_i
         return torch.stack(us), torch.stack(entering), state  # (n, B·H, C, D_v), (n, B·H, D_k, D_v)
     states = state.new_empty((n + 1, *state.shape))  # (n + 1, B·H, D_k, D_v)
     states[0] = state
     u = w  # (n, B·H, C, D_v)
     s = states.unbind(0)
-    steps = zip(u, k_cum, k_last_t, chunk_decay, s[:-1], s[1:], strict=True)
-    for u_i, k_cum_i, kdt_i, cd_i, s_i, s_next in steps:
+    for u_i, k_cum_i, kt_i, b_i, a_i, s_i, s_next in zip(u, k_cum, k_state_t, before, after, s[:-1], s[1:],
+                                                         strict=True):
         u_i.baddbmm_(k_cum_i, s_i, alpha=-1.0)
-        torch.mul(s_i, cd_i, out=s_next)
-        s_next.baddbmm_(kdt_i, u_i)
+        if b_i is None:
+            torch.baddbmm(s_i, kt_i, u_i, out=s_next)
+        else:
+            torch.mul(s_i, b_i, out=s_next).baddbmm_(kt_i, u_i)
+        if a_i is not None:
+            s_next.mul_(a_i)
     return u, states[:-1], states[-1].clone()
+
+
+def _decay_spans(G: torch.Tensor, per_segment: int) -> tuple[list[bool], torch.Tensor, list[bool]]:
+    """Group the chunks of each segment into spans whose total decay stays within e^-_MAX_SPAN in
+    every channel (greedy, from the per-chunk worst channel: conservative), so that decays measured
+    from a span start factor as Γ_i · (1/Γ_j) with both factors within e^±_MAX_SPAN.
+    G [N, B, H_k, rep, C, 1|D_k], the within-chunk cumulative log-gate.
+    Returns (mild: one bool per segment, whether every chunk in it fits a span, i.e. decays by at
+    most e^-_MAX_SPAN itself; offset [N, B, H_k, rep, 1, 1|D_k], each chunk's log-decay from its
+    span start to the chunk start (0 in segments that are not mild); ends: per chunk, whether it
+    ends a span). Spans never cross a segment boundary."""
+    n = G.shape[0]
+    total = G[..., -1:, :]  # (N, B, H_k, rep, 1, 1|D_k)   each chunk's log-decay
+    worst = total.detach().reshape(n, -1).amin(1).tolist()  # (N,) on the host
+    mild, span_id, ends = [], [], []
+    for first in range(0, n, per_segment):
+        seg = worst[first:first + per_segment]
+        mild.append(min(seg) >= -_MAX_SPAN)
+        acc = -float("inf")
+        for w in seg:
+            if not mild[-1] or acc + w < -_MAX_SPAN:  # start a new span (every chunk alone if not mild)
+                acc = 0.0
+                if span_id:
+                    ends[-1] = True
+                span_id.append(len(span_id) and span_id[-1] + 1)
+            else:
+                span_id.append(span_id[-1])
+            acc += w
+            ends.append(False)
+        ends[-1] = True
+    ids = torch.tensor(span_id, device=G.device)
+    order = torch.arange(n, device=G.device)
+    # same span and earlier: an exclusive cumulative sum that restarts at each span start, as one
+    # product (exact per-span sums, no cancellation of a whole-sequence cumsum)
+    before = ((ids[:, None] == ids[None, :]) & (order[None, :] < order[:, None])).to(G.dtype)  # (N, N)
+    offset = (before @ total.reshape(n, -1)).view(total.shape)  # (N, B, H_k, rep, 1, 1|D_k)
+    return mild, offset, ends
 
 
 def _chunk_factorable(G: torch.Tensor, per_segment: int | None = None) -> bool | list[bool]:
