@@ -307,6 +307,11 @@ class DecodeStep:
                 )
             self._capture(warmup, simulate)
         elif mode == "compile":
+            if device.type == "cuda":
+                try:  # the decode kernels as custom ops the compiled step can call (ops.softmax_decode)
+                    import attnlab.kernels.decode  # noqa: F401
+                except Exception:  # no usable triton: the torch path is traced instead
+                    pass
             for c in self.caches:
                 for t in [c.lengths, *c.state_tensors().values()]:
                     torch._dynamo.mark_static_address(t)

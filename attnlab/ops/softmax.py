@@ -11,6 +11,7 @@ tokens is just ``softmax_attention(q_chunk, k_all, v_all)``.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,44 @@ def _sparse_kernel(mode: str, name: str, q: torch.Tensor, needs_grad: bool = Fal
             return None
         raise ValueError(f"mode: 'triton' is unavailable for {name} ({type(e).__name__}: {e})") from e
     return getattr(kernels, name)
+
+
+def _decode_kernel(mode: str, q: torch.Tensor, needs_grad: bool):
+    """``mode`` of softmax_decode for H_kv > 1: the kernel ``attnlab.kernels.decode.gqa_decode`` or
+    None (torch). "auto": CUDA bf16/fp16, no gradient, triton importable; while torch.compile traces,
+    only if the module is already imported (DecodeStep imports it before compiling): an import
+    inside the trace would break the graph. "triton": CUDA (or TRITON_INTERPRET=1), else ValueError."""
+    check_mode(mode, ("auto", "torch", "triton"))
+    if mode == "torch":
+        return None
+    device_ok = q.is_cuda or (mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+    usable = device_ok and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and not needs_grad
+    if mode == "auto":
+        if not usable or q.dtype == torch.float32:
+            return None
+        if torch.compiler.is_compiling():
+            module = sys.modules.get("attnlab.kernels.decode")
+            return None if module is None else module.gqa_decode
+    if not usable:
+        why = "no autograd" if needs_grad else f"CUDA bf16/fp16/fp32 tensors, got {q.dtype} on {q.device}"
+        raise ValueError(f"mode: 'triton' for softmax_decode needs {why}; use mode='torch'")
+    try:
+        from ..kernels import decode
+    except Exception as e:  # ImportError, or triton failing at import
+        if mode == "auto":
+            return None
+        raise ValueError(f"mode: 'triton' is unavailable for softmax_decode ({type(e).__name__}: {e})") from e
+    return decode.gqa_decode
+
+
+def _compiled_latent_kernel(q: torch.Tensor, needs_grad: bool):
+    """While torch.compile traces, "auto" with one kv head: the latent kernel as an opaque custom op
+    (``attnlab.kernels.decode.latent_decode``) for CUDA bf16/fp16 without gradient, if that module
+    is already imported (DecodeStep imports it before compiling); else None (torch)."""
+    module = sys.modules.get("attnlab.kernels.decode")
+    if module is None or needs_grad or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return module.latent_decode
 
 
 def _check_window(causal: bool, window: int | None, sink_tokens: int) -> None:
@@ -208,8 +247,10 @@ def softmax_decode(
             finite values (a zero-initialised cache): their weight is 0, but 0 * NaN is NaN, so a NaN
             left there would leak into the output.
         scale: logit scale; None = D ** -0.5.
-        mode: "torch"; "triton" (attnlab.kernels.sparse, split-K, no autograd); "auto" = triton for
-            CUDA bf16/fp16 tensors with one kv head (MLA absorbed decode) and no gradient, else torch.
+        mode: "torch"; "triton" (split-K kernels, no autograd: attnlab.kernels.decode for H_kv > 1,
+            attnlab.kernels.sparse for one kv head / MLA absorbed decode); "auto" = triton for CUDA
+            bf16/fp16 tensors and no gradient, else torch. Under torch.compile "auto" keeps both
+            kernels (as opaque custom ops) once attnlab.kernels.decode is imported.
 
     Returns:
         o: [B, H_q, D_v] in q's dtype.
@@ -235,9 +276,16 @@ def softmax_decode(
     S_max, H_kv = k_cache.shape[1], k_cache.shape[2]
     scale = D**-0.5 if scale is None else float(scale)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
-    kernel = _sparse_kernel("torch" if mode == "auto" and H_kv > 1 else mode, "softmax_decode", q, grad)
-    if kernel is not None:
-        return kernel(q, k_cache, v_cache, n_valid, scale=scale)
+    if H_kv > 1:  # GQA / MHA: the split-K kernel of attnlab.kernels.decode
+        kernel = _decode_kernel(mode, q, grad)
+        if kernel is not None:
+            return kernel(q, k_cache, v_cache, n_valid, scale=scale)
+    else:  # MQA / MLA absorbed: the latent kernel of attnlab.kernels.sparse
+        kernel = _sparse_kernel(mode, "softmax_decode", q, grad)
+        if kernel is None and mode == "auto" and torch.compiler.is_compiling():
+            kernel = _compiled_latent_kernel(q, grad)
+        if kernel is not None:
+            return kernel(q, k_cache, v_cache, n_valid, scale=scale)
 
     valid = torch.arange(S_max, device=q.device)[None, :] < n_valid[:, None]  # (B, S_max)
     if H_kv == 1:
