@@ -312,6 +312,42 @@ def test_gradients_grouped_heads_without_l2norm(family):
         assert rel_err(grads[1][name].grad, grads[0][name].grad) < 1e-9, name
 
 
+@pytest.mark.parametrize("family", ["gdn", "kda"])
+def test_decay_spans_restart_within_segments_and_stay_bounded(family):
+    """The mild route measures decays from the start of a span of chunks: each chunk's offset is the
+    sum of the earlier chunks' log-decays in its span, a span never crosses a segment boundary, its
+    total decay stays within e^-_MAX_SPAN, and a segment with one chunk beyond that is not mild."""
+    c, per_segment = delta_rule.CHUNK_SIZE, 4
+    x = make_inputs(family, t=c * 11, h=2, d_k=8, g_scale=0.3)
+    g = x["g"] if family == "kda" else x["g"].unsqueeze(-1)
+    g[:, 9 * c + 3] = -2 * delta_rule._MAX_SPAN  # one chunk in the third segment decays too much
+    G = delta_rule._to_chunks(g, c, torch.float32).cumsum(3).permute(2, 0, 1, 3, 4)  # (N, B, H, C, ·)
+    G = G.unsqueeze(3)  # (N, B, H, rep=1, C, ·) as _delta_chunked lays it out
+    mild, offset, ends = delta_rule._decay_spans(G, per_segment)
+    assert mild == [True, True, False]
+    assert all(ends[i] for i in (3, 7, 8, 9, 10))  # segment ends, and every chunk of a strong segment
+    total = G[..., -1:, :]  # (N, B, H, 1, 1, ·)
+    span_start = 0
+    for i in range(G.shape[0]):
+        expected = total[span_start:i].sum(0)
+        torch.testing.assert_close(offset[i], expected, rtol=1e-6, atol=1e-5)
+        assert float((offset[i] + total[i]).amin()) >= -delta_rule._MAX_SPAN or not mild[i // per_segment]
+        if ends[i]:
+            span_start = i + 1
+    assert sum(ends[:8]) < 8  # the mild segments hold spans of several chunks
+
+
+@pytest.mark.parametrize("family", ["gdn", "kda"])
+def test_mild_and_strong_segments_in_one_sequence_match_oracle(family):
+    """Several segments, multi-chunk spans, and a segment on the strong-gate route between mild ones."""
+    t = 3 * delta_rule._SEGMENT - 5
+    x = make_inputs(family, t=t, h=1, d_k=8, g_scale=0.2)
+    x["g"][:, delta_rule._SEGMENT + 40] = -70.0
+    o_ref, s_ref = run(family, x, "recurrent")
+    o, s = run(family, x, "chunk")
+    assert rel_err(o, o_ref) < 2e-5 and rel_err(s, s_ref) < 2e-5
+
+
 def test_gradients_across_segments():
     """Sequences longer than one segment (the chunked path carries its state between segments of
     delta_rule._SEGMENT tokens) still differentiate exactly."""

@@ -486,12 +486,16 @@ def _decay_spans(G: torch.Tensor, per_segment: int) -> tuple[list[bool], torch.T
             acc += w
             ends.append(False)
         ends[-1] = True
-    ids = torch.tensor(span_id, device=G.device)
-    order = torch.arange(n, device=G.device)
-    # same span and earlier: an exclusive cumulative sum that restarts at each span start, as one
-    # product (exact per-span sums, no cancellation of a whole-sequence cumsum)
-    before = ((ids[:, None] == ids[None, :]) & (order[None, :] < order[:, None])).to(G.dtype)  # (N, N)
-    offset = (before @ total.reshape(n, -1)).view(total.shape)  # (N, B, H_k, rep, 1, 1|D_k)
+    # Each chunk's log-decay from its span start: an exclusive cumulative sum that restarts at each
+    # span start, as one [P, P] product per segment of P chunks (exact per-span sums, no cancellation
+    # as in differences of a whole-sequence cumsum; memory linear in N).
+    pad = -n % per_segment
+    ids = torch.tensor(span_id + [-1] * pad, device=G.device).view(-1, per_segment)  # (segments, P)
+    order = torch.arange(per_segment, device=G.device)
+    earlier = (ids[:, :, None] == ids[:, None, :]) & (order[None, :] < order[:, None])  # (segments, P, P)
+    totals = torch.nn.functional.pad(total.reshape(n, -1), (0, 0, 0, pad))  # (segments·P, rest)
+    offset = earlier.to(G.dtype) @ totals.view(ids.shape[0], per_segment, -1)  # (segments, P, rest)
+    offset = offset.view(-1, totals.shape[-1])[:n].view(total.shape)  # (N, B, H_k, rep, 1, 1|D_k)
     return mild, offset, ends
 
 
