@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_write_json, save_figure
+from .cache import LayerCache
 from .config import LAYER_NAMES, ModelConfig
 from .layers import build_layer
 
@@ -209,6 +210,11 @@ _FILL_SLICE = 1 << 24
 # mechanism's is. Long prompts are served in chunks anyway (chunked prefill). M is not chunked
 # on CUDA: each chunk would decompress the whole latent cache again.
 _SCORES_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
+# On the CPU every prefill runs in chunks of at most this many tokens (chunked prefill, as servers
+# do): in one 16K-token call the temporaries (16 MB+ per tensor) outgrow the last-level cache and
+# the linear mechanisms' time per token rose from 8K to 16K (slopes L 1.42, K 1.54); in 2048-token
+# chunks they stay linear (0.995, 1.01) while S keeps its quadratic term (1.94).
+_CPU_PREFILL_CHUNK = 2048
 _REPEATS = {"prefill": 3, "decode": 5}
 _MIN_TIME_S = 0.2
 
@@ -313,15 +319,19 @@ def _impl_name(letter: str, device: torch.device, dtype: torch.dtype = torch.flo
 
         op = {"L": "lightning_attention", "G": "gated_delta_rule", "K": "kda"}[letter]
         return resolve_mode("auto", probe, op)[0]
-    if letter == "S":
-        return "sdpa"  # prefill: SDPA causal; decode: SDPA over the cache (auto = torch with H_kv > 1)
-    if letter == "W":
-        return "sdpa-window-blocks"
-    from .ops.softmax import _sparse_kernel
+    from .ops import softmax as softmax_ops
 
     def kernel(name: str) -> str:
-        return "triton" if _sparse_kernel("auto", name, probe) is not None else "torch"
+        return "triton" if softmax_ops._sparse_kernel("auto", name, probe) is not None else "torch"
 
+    if letter in "SW":  # prefill: SDPA (W in window blocks); decode: a GQA decode kernel where dispatched
+        gqa_decode = getattr(
+            softmax_ops, "_decode_kernel", None
+        )  # H_kv > 1 decode kernel, if this version has it
+        triton_decode = gqa_decode is not None and gqa_decode("auto", probe, False) is not None
+        return ("sdpa" if letter == "S" else "sdpa-window-blocks") + (
+            "+triton-decode" if triton_decode else ""
+        )
     if letter == "M":  # prefill: expanded SDPA; decode: absorbed MQA over the latents
         return f"sdpa+{kernel('softmax_decode')}-decode"
     return f"{kernel('dsa_index_scores')}-indexer+{kernel('sparse_attention')}-sparse"
@@ -346,12 +356,15 @@ class _Runner:
         return x.mul_(0.5).to(self.dtype)
 
     def prefill_chunk(self, tokens: int) -> int:
-        """Tokens per prefill call: all of them, except for D, and M on the CPU (_SCORES_ELEMENTS)."""
+        """Tokens per prefill call: all of them on a GPU, at most _CPU_PREFILL_CHUNK on the CPU,
+        and fewer for D (and M on the CPU) so [chunk, tokens] scores stay under _SCORES_ELEMENTS."""
+        cpu = self.device.type == "cpu"
+        chunk = min(tokens, _CPU_PREFILL_CHUNK) if cpu else tokens
         letters = set(self.cfg.layer_pattern)
-        if "D" not in letters and not ("M" in letters and self.device.type == "cpu"):
-            return tokens
-        budget = _SCORES_ELEMENTS.get(self.device.type, _SCORES_ELEMENTS["cuda"])
-        return max(128, min(tokens, budget // tokens))
+        if "D" in letters or ("M" in letters and cpu):
+            budget = _SCORES_ELEMENTS["cpu" if cpu else "cuda"]
+            chunk = min(chunk, max(128, budget // tokens))
+        return chunk
 
     def __call__(self, x, caches):
         if self.is_model:
@@ -391,6 +404,46 @@ class _SoftmaxOpRunner(_Runner):
             return ops.softmax_attention(x, x, x, causal=True)
         c = caches[0]
         return ops.softmax_decode(x[:, 0], c.k, c.v, c.lengths + 1)  # (B, H, D)
+
+
+@dataclasses.dataclass
+class _IndexKeyCache(LayerCache):
+    """The DSA indexer's key cache alone: keys [B, max_len, D_I]."""
+
+    keys: torch.Tensor
+
+
+class _IndexerOpRunner(_Runner):
+    """The ``D`` layer's context-dependent decode work apart from its fixed top-k attention: the
+    lightning indexer's scores over every cached key (``ops.dsa_index_scores``), the per-row
+    length mask and ``ops.dsa_topk``, as the layer runs them. Decode only."""
+
+    def __init__(self, cfg: ModelConfig, device, dtype) -> None:
+        self.module, self.cfg, self.is_model = None, cfg, False
+        self.device, self.dtype = device, dtype
+        self.weights = torch.rand(
+            1, 1, cfg.index_n_heads, device=device
+        )  # (1, 1, H_I) float32, as the layer's w
+
+    def caches(self, batch: int, max_len: int):
+        keys = torch.zeros(batch, max_len, self.cfg.index_head_dim, device=self.device, dtype=self.dtype)
+        return [_IndexKeyCache(lengths=torch.zeros(batch, dtype=torch.long, device=self.device), keys=keys)]
+
+    def inputs(self, batch: int, tokens: int, gen: torch.Generator) -> torch.Tensor:
+        shape = (batch, tokens, self.cfg.index_n_heads, self.cfg.index_head_dim)
+        return torch.randn(shape, generator=gen, device=self.device).to(self.dtype)  # (B, T, H_I, D_I)
+
+    def __call__(self, x, caches):
+        from . import ops
+
+        c = caches[0]
+        n_valid = c.lengths + 1  # (B,)
+        S = int(n_valid.max())
+        w = self.weights.expand(x.shape[0], 1, -1)  # (B, 1, H_I)
+        scores = ops.dsa_index_scores(x, c.keys[:, :S], w)  # (B, 1, S)
+        invalid = torch.arange(S, device=x.device)[None, None] >= n_valid[:, None, None]  # (B, 1, S)
+        scores = scores.masked_fill(invalid, float("-inf"))
+        return ops.dsa_topk(scores, min(self.cfg.index_topk, S), causal=True)  # (B, 1, k)
 
 
 def _time_prefill(runner: _Runner, L: int, batch: int, chunk: int, gen: torch.Generator):
@@ -635,6 +688,7 @@ def run_cost_lab(
     s: CostSettings,
     progress: Callable[[str], None] | None = None,
     on_update: Callable[[dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Analytic and measured cost per mechanism (one layer) and per preset; returns a JSON-able dict.
 
@@ -644,9 +698,10 @@ def run_cost_lab(
     curves get the time the cheap ones left. Each curve gets an equal share of the budget still
     left (recomputed as curves finish). After every curve ``on_update(result)`` is called with
     ``result["status"] == "partial"``, and once more at the end with ``"complete"`` (the caller
-    writes it, so a run killed midway keeps what it measured). ``progress`` gets one line per
-    measured point and per curve."""
+    writes it, so a run killed midway keeps what it measured). ``progress`` gets one line as each
+    curve starts; ``log`` one per measured point (its time) and per finished curve."""
     say = progress or (lambda msg: None)
+    detail = log or (lambda msg: None)
     device, dtype = torch.device(s.device), DTYPES[s.dtype]
     t_start = time.monotonic()
     end = None if s.budget_s is None else t_start + s.budget_s
@@ -673,8 +728,14 @@ def run_cost_lab(
         curves = [("decode", c) for c in s.mechanisms]
         curves += [("preset", n) for n in s.presets] if s.measure_presets else []
         curves += [("prefill", c) for c in by_cost]
-        if "S" in s.mechanisms:  # the softmax op alone, beside its layer
-            result["ops"] = {"S": _op_entry(s)}
+        result["ops"] = {}  # the ops alone, beside their layers
+        if "D" in s.mechanisms:
+            result["ops"]["D"] = _op_entry(
+                s, "indexer scores + top-k alone (decode)", _impl_name("D", device, dtype)
+            )
+            curves += [("op-decode", "D")]
+        if "S" in s.mechanisms:
+            result["ops"]["S"] = _op_entry(s, "softmax_attention / softmax_decode alone", "sdpa")
             curves += [("op-decode", "S"), ("op-prefill", "S")]
         for i, (kind, key) in enumerate(curves):
             deadline = (
@@ -690,10 +751,10 @@ def run_cost_lab(
 
             def on_point(m: Measurement, label=label) -> None:
                 if m.seconds is None:
-                    say(f"  {label} @ {m.context}: {m.error}")
+                    detail(f"  {label} @ {m.context}: {m.error}")
                 else:
                     run_s = time.monotonic() - t_start
-                    say(f"  {label} @ {m.context}: {m.seconds * 1e3:.3f} ms per call (setup "
+                    detail(f"  {label} @ {m.context}: {m.seconds * 1e3:.3f} ms per call (setup "
                         f"{m.setup_s:.1f} s, point {m.wall_s:.1f} s, run {run_s:.0f} s)")  # fmt: skip
 
             try:
@@ -709,7 +770,7 @@ def run_cost_lab(
                     _store_preset(result["presets"][key], preset_cfgs[key], dtype, ms)
                 elif kind.startswith("op-"):
                     what = kind.removeprefix("op-")
-                    runner = _SoftmaxOpRunner(cfgs[key], device, dtype)
+                    runner = (_SoftmaxOpRunner if key == "S" else _IndexerOpRunner)(cfgs[key], device, dtype)
                     contexts = s.prefill_contexts if what == "prefill" else s.decode_contexts
                     ms = measure(runner, contexts, what, s.batch, deadline=deadline, on_point=on_point)
                     _store_curve(result["ops"][key], what, ms, s)
@@ -727,11 +788,11 @@ def run_cost_lab(
                 if not s.keep_going:
                     raise
                 msg = f"error: {type(e).__name__}: {str(e)[:300]}"
-                say(f"  {label}: {msg}")
+                detail(f"  {label}: {msg}")
                 group = {"preset": "presets", "op-decode": "ops", "op-prefill": "ops"}.get(kind, "mechanisms")
                 what = "decode" if kind == "preset" else kind.removeprefix("op-")
                 result[group][key].setdefault("limit", {})[what] = msg
-            say(f"cost: {label} done in {time.monotonic() - t0:.1f} s")
+            detail(f"cost: {label} done in {time.monotonic() - t0:.1f} s")
             result["wall_s"] = time.monotonic() - t_start
             result["curves_done"] = i + 1
             result["curves_total"] = len(curves)
@@ -769,11 +830,11 @@ def _mechanism_entry(letter: str, cfg: ModelConfig, s: CostSettings, device, dty
     return entry
 
 
-def _op_entry(s: CostSettings) -> dict:
-    """An entry for the S layer's op alone (measured only; the analytic cost is the layer's)."""
+def _op_entry(s: CostSettings, name: str, impl: str) -> dict:
+    """An entry for a layer's op alone (measured only; the analytic cost is the layer's)."""
     return {
-        "name": "softmax_attention / softmax_decode op alone",
-        "impl": "sdpa",
+        "name": name,
+        "impl": impl,
         "measured": {"prefill": [], "decode": []},
         "limit": {"prefill": "not measured yet", "decode": "not measured yet"},
         "exponents": _exponents([], []),
@@ -922,8 +983,9 @@ def format_table(result: dict) -> str:
                 lines.append(f"    {what}: {why}")
     for letter, e in result.get("ops", {}).items():
         ex = e["exponents"]
+        what = "  S op alone (no projections)" if letter == "S" else "  D indexer + top-k alone"
         lines.append(
-            f"{'  ' + letter + ' op alone':<31}{'sdpa (no projections)':<30}{f(ex['prefill']):>7}"
+            f"{what:<31}{e['impl']:<30}{f(ex['prefill']):>7}"
             f"{f(ex['prefill_asymptotic']):>7}{f(ex['decode']):>8}{f(ex['decode_asymptotic']):>7}"
             f"{ns(ex['decode_marginal_ns_per_token']):>10}"
         )

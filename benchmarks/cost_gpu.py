@@ -67,9 +67,13 @@ def settings(args: argparse.Namespace) -> CostSettings:
         dtype="bfloat16" if cuda else "float32",
         price_per_hour=args.price_per_hour,
         threads=None,
-        budget_s=args.budget_s,
+        budget_s=args.budget_s or None,
         keep_going=True,  # an error in one curve is recorded; the other curves still run
     )
+
+
+def print_flush(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def finish(result: dict, out: Path) -> None:
@@ -88,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="contexts to 64K (prefill) / 256K (decode)")
     ap.add_argument("--tiny", action="store_true", help="toy sizes: a smoke run of every code path")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--budget-s", type=float, default=None, help="time budget for all measured curves")
+    ap.add_argument(
+        "--budget-s", type=float, default=300.0, help="time budget (s) for all measured curves; 0 = none"
+    )
     ap.add_argument("--out", default=str(Path(__file__).with_name("cost_gpu")))
     ap.add_argument("--mechanisms", default="SWMDLGK")
     ap.add_argument("--presets", default=None, help="comma-separated presets ('' = none; default all)")
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"cost_gpu: {s.device} {s.dtype}, budget {s.budget_s} s -> {out}", flush=True)
     try:
-        run_cost_lab(s, progress=lambda m: print(m, flush=True), on_update=save)
+        run_cost_lab(s, progress=print_flush, log=print_flush, on_update=save)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if "result" in last:

@@ -186,6 +186,8 @@ def test_cost_gpu_script_tiny_on_cpu(tmp_path, capsys):
         assert e["impl"] and all(len(e["measured"][w]) == 3 for w in ("prefill", "decode"))
         assert all(m["seconds"] > 0 for w in ("prefill", "decode") for m in e["measured"][w])
     assert data["mechanisms"]["D"]["impl"] == "torch-indexer+torch-sparse"
+    assert [m["context"] for m in data["ops"]["D"]["measured"]["decode"]] == [64, 128, 256]  # indexer alone
+    assert len(data["ops"]["S"]["measured"]["prefill"]) == 3
     assert data["presets"]["deepseek-v32"]["memory_check"]
     assert all(
         m["analytic_bytes"] == m["allocated_bytes"] for m in data["presets"]["deepseek-v32"]["memory_check"]
