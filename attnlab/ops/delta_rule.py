@@ -52,6 +52,7 @@ from ._dispatch import resolve_mode
 # chunk loop runs twice as many, half-size steps, the same flops). 16 measured slower again.
 CHUNK_SIZE = 32
 _SEGMENT = 512  # tokens processed together before carrying the state on (cache locality)
+_STRONG_PIECE = 128  # tokens whose per-channel intra-chunk decays are formed at once (strong gates)
 _MIN_SUB = 8  # smallest sub-chunk of the per-channel (KDA) intra-chunk decay; see _pick_sub_chunk
 _MAX_SPAN = 60.0  # largest log-decay span that is factored as exp(+x)·exp(−x); see _chunk_factorable
 _STATE_DTYPES = (torch.float32, torch.float64)
@@ -390,10 +391,13 @@ def _delta_segment(q, k, v, G, beta, scale, rows, state, spans, lower):
         k = flat(k.to(dtype) if k_row is None else k_row * k).contiguous()  # (n, B·H, C, D_k)
         G = flat(G)  # (n, B·H, C, 1|D_k)
         k_beta = k * flat(beta)  # (n, B·H, C, D_k)
-        if G.shape[-1] == 1:
-            qk, kk = _intra_scalar_gate(q, k_beta, k, G)
-        else:
-            qk, kk = _intra_channel_gate(q, k_beta, k, G)  # (n, B·H, C, C) each, zero above the diagonal
+        # (n, B·H, C, C) each, zero above the diagonal. KDA's [s, s, D_k] decays are formed a few chunks
+        # at a time (_STRONG_PIECE tokens): 1.2x faster than a whole segment's at once (cache-resident).
+        intra = _intra_scalar_gate if G.shape[-1] == 1 else _intra_channel_gate
+        piece = n if G.shape[-1] == 1 else max(1, _STRONG_PIECE // chunk)
+        parts = [intra(q[i:i + piece], k_beta[i:i + piece], k[i:i + piece], G[i:i + piece])
+                 for i in range(0, n, piece)]
+        qk, kk = (torch.cat(x) if len(x) > 1 else x[0] for x in zip(*parts, strict=True))
         decay_in = decay_exp(G)  # (n, B·H, C, 1|D_k)   Γ_i
         q_in, kb_in = q * decay_in, k_beta * decay_in  # (n, B·H, C, D_k)
         k_state_t = (k * decay_exp(G[..., -1:, :] - G)).transpose(-1, -2)  # (n, B·H, D_k, C)  K̃ᵀ
