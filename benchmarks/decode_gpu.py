@@ -2,11 +2,16 @@
 
 For each preset at about 1B parameters (bf16, batch 1) and each context length (4K .. 1M):
 
-- **ours**: the decode step captured as a CUDA graph (:class:`attnlab.generate.DecodeStep`),
-  replayed ``--steps`` times after the caches were filled to the context length (random cache
-  contents and ``lengths = context``: decode reads the same bytes whatever they hold, and a
-  real 1M-token prefill of the softmax presets would take most of the time budget); also the
-  same step run eagerly.
+- **ours**: the decode step (:class:`attnlab.generate.DecodeStep`) in each of ``--modes``:
+  ``cuda_graph`` (captured once per context, on caches sized for it) and ``compile``
+  (``torch.compile`` reduce-overhead, fullgraph; compiled ONCE per preset over caches sized for the
+  longest context, so a preset costs one compile, not one per context: the softmax/MLA decode
+  kernels read only up to each row's length, so the bigger buffer does not change the bytes read;
+  presets with DSA layers, whose indexer scores every slot of the buffer inside a graph, are
+  compiled per context instead). Each is replayed ``--steps`` times after the caches were filled
+  to the context length (random cache contents and ``lengths = context``: decode reads the same
+  bytes whatever they hold, and a real 1M-token prefill of the softmax presets would take most of
+  the time budget). ``ours`` is the best mode (named in the row); the same step is also run eagerly.
 - **transformers**: ``generate()`` on the same model (the HF model is built first and converted
   with :func:`attnlab.hf.from_hf`, so both run identical weights), with a real prompt of the
   context length; per-token time = (time of 1 + steps new tokens - time of 1) / steps.
@@ -20,6 +25,11 @@ Usage (on an H100)::
     python benchmarks/decode_gpu.py                       # all presets, 4K..1M, results -> RESULTS.md
     python benchmarks/decode_gpu.py --presets qwen3-next --contexts 4096,32768 --no-hf
     python benchmarks/decode_gpu.py --tiny --device cpu   # a smoke run of the code on a CPU
+    python benchmarks/decode_gpu.py --presets llama --contexts 4096 --profile   # + top kernels of a step
+
+Each row is printed as soon as it is measured and the JSON (``--json``) is rewritten atomically
+after every row, so a run cut short keeps what it measured; the Markdown table is appended to
+``--out`` at the end.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from attnlab._io import atomic_write_json
 from attnlab.config import ModelConfig
 from attnlab.generate import DecodeStep, cache_nbytes
 from attnlab.model import HybridLM
@@ -145,8 +156,11 @@ def build_models(preset: str, tiny: bool, device: str, dtype: torch.dtype, with_
 
         torch.manual_seed(0)
         with torch.device(device):  # initialise on the device: a 1B model is slow to init on a CPU
-            hf = tf.AutoModelForCausalLM.from_config(hf_config(cfg, preset), dtype=dtype).eval()
+            # built and converted in float32, then cast: a bf16 HF model holds rounded buffers (MiniMax's
+            # decay slopes) that from_hf rightly refuses as not matching the layer
+            hf = tf.AutoModelForCausalLM.from_config(hf_config(cfg, preset), dtype=torch.float32).eval()
             ours = llama_from_hf(hf, cfg) if preset == "llama" else from_hf(hf)
+            hf = hf.to(dtype=dtype)
             ours = ours.to(device=device, dtype=dtype).eval()
         x = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
         with torch.no_grad():
@@ -183,12 +197,18 @@ def copy_bandwidth(device: str, nbytes: int) -> float:
     return 2 * nbytes / dt
 
 
-def fill_caches(caches, context: int) -> None:
-    """Pretend every row holds ``context`` tokens: random float state, lengths = context."""
+def fill_caches(caches, context: int | None = None) -> None:
+    """Random float state; with ``context``, pretend every row holds that many tokens."""
     for c in caches:
         for t in c.state_tensors().values():
             if t.is_floating_point():
                 t.normal_(0, 0.02)
+        if context is not None:
+            c.lengths.fill_(context)
+
+
+def set_lengths(caches, context: int) -> None:
+    for c in caches:
         c.lengths.fill_(context)
 
 
@@ -211,14 +231,17 @@ def bytes_read_per_token(model: HybridLM, context: int, dtype: torch.dtype) -> t
     return weights, cache
 
 
-def time_ours(model: HybridLM, context: int, steps: int, device: str, dtype: torch.dtype, mode: str) -> dict:
-    caches = model.new_caches(1, context + steps + 8, device=device, dtype=dtype)
-    step = DecodeStep(model, caches, mode=mode)  # graph capture on fresh caches, then reset
-    fill_caches(caches, context)
-    tok = torch.zeros(1, dtype=torch.long, device=device)
+def time_step(step, caches, context: int, steps: int, device: str) -> dict:
+    """Per-token time of ``step`` with the caches' lengths set to ``context`` (3 warm-up steps,
+    which also compile a fresh compiled step); lengths are restored after, so a shared step can be
+    timed again at another context."""
+    set_lengths(caches, context)
+    tok = torch.zeros(caches[0].lengths.shape[0], dtype=torch.long, device=device)
+    t0 = time.perf_counter()
     for _ in range(3):
         tok = step(tok).argmax(-1)
     sync(device)
+    warm_s = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -227,9 +250,94 @@ def time_ours(model: HybridLM, context: int, steps: int, device: str, dtype: tor
     sync(device)
     dt = (time.perf_counter() - t) / steps
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else float("nan")
-    out = dict(ms=dt * 1e3, cache_bytes=cache_nbytes(caches), peak_bytes=peak)
+    set_lengths(caches, context)
+    return dict(ms=dt * 1e3, warmup_s=warm_s, cache_bytes=cache_nbytes(caches), peak_bytes=peak)
+
+
+def time_ours(model: HybridLM, context: int, steps: int, device: str, dtype: torch.dtype, mode: str) -> dict:
+    """A step of ``mode`` over fresh caches sized for ``context`` (eager / cuda_graph / compile)."""
+    if mode == "compile":
+        reset_compile()
+    caches = model.new_caches(1, context + steps + 8, device=device, dtype=dtype)
+    step = DecodeStep(model, caches, mode=mode)  # graph capture on fresh caches, then reset
+    fill_caches(caches)
+    out = time_step(step, caches, context, steps, device)
     del step, caches
     return out
+
+
+class SharedCompiledStep:
+    """One compiled DecodeStep per preset over caches sized for the longest context, timed at
+    every context by setting the lengths (one compile per preset instead of one per context)."""
+
+    def __init__(self, model: HybridLM, max_context: int, steps: int, device: str, dtype: torch.dtype):
+        reset_compile()
+        self.caches = model.new_caches(1, max_context + steps + 8, device=device, dtype=dtype)
+        fill_caches(self.caches)
+        self.step = DecodeStep(model, self.caches, mode="compile")
+
+    def time(self, context: int, steps: int, device: str) -> dict:
+        return time_step(self.step, self.caches, context, steps, device)
+
+
+def reset_compile() -> None:
+    """A fresh start for the next compiled step: dynamo's caches (it caps recompiles of one code
+    object) and its counters (so compile_counters() reports this step's)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def compile_counters() -> dict:
+    """Inductor's cudagraph skips and dynamo's graph breaks so far (a skipped cudagraph means the
+    compiled step launched its kernels one by one)."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    skips = counters.get("inductor", {}).get("cudagraph_skips", 0)
+    if skips:
+        out["compile_cudagraph_skips"] = skips
+    breaks = sum(counters.get("graph_break", {}).values())
+    if breaks:
+        out["compile_graph_breaks"] = breaks
+    return out
+
+
+def profile_step(model: HybridLM, context: int, device: str, dtype: torch.dtype, top: int = 15) -> None:
+    """Print the kernel count and the top kernels of ONE eager decode step (the kernels a CUDA graph
+    of the step replays; on the CPU: aten ops) at ``context``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    caches = model.new_caches(1, context + 16, device=device, dtype=dtype)
+    fill_caches(caches, context)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        for _ in range(2):
+            model(tok, caches)
+        sync(device)
+        cuda = device.startswith("cuda")
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            model(tok, caches)
+            sync(device)
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total_us = sum(e.time_range.elapsed_us() for e in kernels)
+        print(f"profile: one eager decode step at context {context}: {len(kernels)} GPU kernels "
+              f"({len(kernels) / model.cfg.n_layers:.1f} per layer), {total_us / 1e3:.3f} ms of kernel time")
+        sorts = ("self_device_time_total", "self_cuda_time_total")
+    else:
+        ops = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+        print(f"profile: one eager decode step at context {context}: {len(ops)} top-level aten ops (CPU)")
+        sorts = ("self_cpu_time_total",)
+    for sort_by in sorts:
+        try:
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=70))
+            break
+        except Exception as e:  # an older/newer profiler without this sort key
+            print(f"(profile table sorted by {sort_by} failed: {type(e).__name__}: {e})")
+    del caches
 
 
 def time_hf(hf, context: int, steps: int, device: str) -> dict:
@@ -263,16 +371,19 @@ def free(device: str) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--contexts", default=",".join(str(c) for c in CONTEXTS))
+    ap.add_argument("--contexts", default=None, help="default: 4K..1M (--tiny: 64,256)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per measurement")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--mode", default=None, choices=("eager", "cuda_graph", "compile"),
-                    help="our decode step (default: cuda_graph on CUDA, eager on CPU)")
+    ap.add_argument("--modes", default=None,
+                    help="our decode step modes to time, comma-separated from eager, cuda_graph, compile "
+                         "(default: cuda_graph,compile on CUDA, eager on the CPU); the best is reported")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate()")
     ap.add_argument("--hf-max-context", type=int, default=131072)
     ap.add_argument("--eager-max-context", type=int, default=131072, help="time eager too, up to here")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a CPU smoke run of this script)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the kernel count and top kernels of one eager step (first preset, context)")
     ap.add_argument("--bandwidth-bytes", type=int, default=4 << 30)
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--json", default=str(Path(__file__).with_name("decode_gpu.json")))
@@ -280,30 +391,70 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.command = "python benchmarks/decode_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     dtype = getattr(torch, args.dtype)
     device = args.device
-    mode = args.mode or ("cuda_graph" if device.startswith("cuda") else "eager")
-    contexts = [int(c) for c in args.contexts.split(",")]
+    cuda = device.startswith("cuda")
+    modes = (args.modes or ("cuda_graph,compile" if cuda else "eager")).split(",")
+    for m in modes:
+        if m not in ("eager", "cuda_graph", "compile"):
+            ap.error(f"--modes: unknown mode {m!r} (eager, cuda_graph, compile)")
+    default_contexts = "64,256" if args.tiny else ",".join(map(str, CONTEXTS))
+    contexts = [int(c) for c in (args.contexts or default_contexts).split(",")]
     bw = copy_bandwidth(device, args.bandwidth_bytes if not args.tiny else 1 << 24)
-    card = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    print(f"{card}: copy bandwidth {bw / 1e12:.3f} TB/s; our decode mode {mode}")
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"{card}: copy bandwidth {bw / 1e12:.3f} TB/s; our decode modes {', '.join(modes)}", flush=True)
+    args.modes_list = modes
     rows: list[dict] = []
-    for preset in args.presets.split(","):
+    t_start = time.perf_counter()
+    for p_i, preset in enumerate(args.presets.split(",")):
         ours, hf, note = build_models(preset, args.tiny, device, dtype, not args.no_hf)
         params = ours.num_params()
+        if args.profile and p_i == 0:
+            profile_step(ours, contexts[0], device, dtype)
+            free(device)
+        shared = None  # one compiled step for all contexts (not for DSA: its indexer reads the whole buffer)
+        share_compile = "compile" in modes and "D" not in ours.cfg.layer_pattern
         for ctx in contexts:
-            row = dict(preset=preset, params=params, context=ctx, note=note, card=card, mode=mode)
+            row = dict(preset=preset, params=params, context=ctx, note=note, card=card)
             w, c = bytes_read_per_token(ours, ctx, dtype)
             row.update(weight_bytes=w, cache_read_bytes=c, floor_ms=(w + c) / bw * 1e3)
-            try:
-                timed = time_ours(ours, ctx, args.steps, device, dtype, mode)
-                row.update({f"ours_{k}": v for k, v in timed.items()})
+            for mode in modes:
+                try:
+                    if mode == "compile" and share_compile:
+                        if shared is None:
+                            t0 = time.perf_counter()
+                            shared = SharedCompiledStep(ours, max(contexts), args.steps, device, dtype)
+                            row["compile_build_s"] = time.perf_counter() - t0
+                        timed = shared.time(ctx, args.steps, device)
+                        timed["cache_bytes"] = None  # sized for the longest context: not this row's
+                    else:
+                        timed = time_ours(ours, ctx, args.steps, device, dtype, mode)
+                    row[f"ours_{mode}_ms"] = timed["ms"]
+                    row[f"ours_{mode}_warmup_s"] = timed["warmup_s"]
+                    if timed["cache_bytes"] is not None:
+                        row.setdefault("ours_cache_bytes", timed["cache_bytes"])
+                    row[f"ours_{mode}_peak_bytes"] = timed["peak_bytes"]
+                    if mode == "compile":
+                        row.update(compile_counters())
+                except torch.OutOfMemoryError:
+                    row[f"ours_{mode}_skip"] = "OOM"
+                except Exception as e:  # one mode failing (e.g. compile) must not lose the others
+                    row[f"ours_{mode}_skip"] = f"fails: {type(e).__name__}: {str(e)[:200]}"
+                    if mode == "compile":
+                        shared, share_compile = None, False
                 free(device)
-                if mode != "eager" and ctx <= args.eager_max_context:
+            timed_modes = [m for m in modes if f"ours_{m}_ms" in row]
+            if timed_modes:
+                best = min(timed_modes, key=lambda m: row[f"ours_{m}_ms"])
+                row.update(ours_ms=row[f"ours_{best}_ms"], ours_mode=best,
+                           ours_peak_bytes=row[f"ours_{best}_peak_bytes"])
+            else:
+                row.update(ours_ms=float("nan"), ours_mode=None)
+            if "eager" not in modes and ctx <= args.eager_max_context:
+                try:
                     eager = time_ours(ours, ctx, max(4, args.steps // 8), device, dtype, "eager")
                     row["ours_eager_ms"] = eager["ms"]
-            except torch.OutOfMemoryError:
-                row["ours_ms"] = float("nan")
-                row["ours_skip"] = "OOM"
-            free(device)
+                except torch.OutOfMemoryError:
+                    row["ours_eager_skip"] = "OOM"
+                free(device)
             if hf is not None and ctx <= args.hf_max_context:
                 try:
                     timed = time_hf(hf, ctx, max(4, args.steps // 4), device)
@@ -315,9 +466,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 free(device)
             elif hf is not None:
                 row["hf_skip"] = f"> --hf-max-context {args.hf_max_context}"
+            row["elapsed_s"] = time.perf_counter() - t_start
             rows.append(row)
-            print(json.dumps(row))
-        del ours, hf
+            print(json.dumps(row), flush=True)
+            atomic_write_json(args.json, rows)  # after every row: a run cut short keeps what it measured
+        del ours, hf, shared
         free(device)
     write_results(rows, bw, card, args)
     return rows
@@ -327,27 +480,37 @@ def _fmt(x, spec: str = ".2f") -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _mode_cell(r: dict, mode: str) -> str:
+    if f"ours_{mode}_ms" in r:
+        return _fmt(r[f"ours_{mode}_ms"])
+    return r.get(f"ours_{mode}_skip", "—")[:40]
+
+
 def write_results(rows: list[dict], bw: float, card: str, args) -> None:
-    Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    atomic_write_json(args.json, rows)
+    modes = getattr(args, "modes_list", ["cuda_graph"])
     lines = [
         f"## Decode latency vs context ({card}, {args.dtype}, batch 1, {time.strftime('%Y-%m-%d')})",
         "",
-        f"`{args.command}` — copy bandwidth {bw / 1e12:.3f} TB/s; ours = decode step as "
-        f"`{rows[0]['mode'] if rows else ''}`; floor = (weights + cache bytes read) / bandwidth.",
+        f"`{args.command}` — copy bandwidth {bw / 1e12:.3f} TB/s; ours = the best of the decode step's "
+        f"modes ({', '.join(modes)}); floor = (weights + cache bytes read) / bandwidth.",
         "",
-        "| preset | params | context | ours ms/tok | eager ms/tok | floor ms | ours/floor | HF ms/tok "
-        "| HF/ours | cache MiB | peak MiB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | params | context | ours ms/tok | best mode | "
+        + " | ".join(f"{m} ms" for m in modes)
+        + " | eager ms/tok | floor ms | ours/floor | HF ms/tok | HF/ours | cache MiB | peak MiB | note |",
+        "|" + "---|" * (14 + len(modes) - 1),
     ]
     for r in rows:
         ours, hfms = r.get("ours_ms"), r.get("hf_ms")
         ratio = ours / r["floor_ms"] if ours and not math.isnan(ours) else None
         speedup = hfms / ours if hfms and ours and not math.isnan(ours) else None
         hf_cell = _fmt(hfms) if hfms is not None else r.get("hf_skip", "—")[:48]
-        cache_mib = r.get("ours_cache_bytes", float("nan")) / 2**20
-        peak_mib = r.get("ours_peak_bytes", float("nan")) / 2**20
+        cache_mib = (r.get("ours_cache_bytes") or float("nan")) / 2**20
+        peak_mib = (r.get("ours_peak_bytes") or float("nan")) / 2**20
+        mode_cells = " | ".join(_mode_cell(r, m) for m in modes)
         lines.append(
             f"| {r['preset']} | {r['params'] / 1e6:,.1f}M | {r['context']:,} | {_fmt(ours)} | "
+            f"{r.get('ours_mode') or '—'} | {mode_cells} | "
             f"{_fmt(r.get('ours_eager_ms'))} | {_fmt(r['floor_ms'], '.3f')} | {_fmt(ratio)}× | {hf_cell} | "
             f"{_fmt(speedup, '.1f')}{'×' if speedup else ''} | {_fmt(cache_mib, '.1f')} | "
             f"{_fmt(peak_mib, '.0f')} | {r['note']} |"
