@@ -255,8 +255,9 @@ def test_gpu_compiled_decode_step_with_kernel_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = HybridLM(ModelConfig.preset("llama", d_model=256, n_layers=2, vocab_size=512))
+        model = HybridLM(ModelConfig.preset("llama", d_model=512, n_layers=2, vocab_size=512))
     model = model.to(torch.bfloat16).eval()
+    assert model.blocks[0].mixer.n_kv_heads == 2  # GQA: the decode kernel of this file, not MLA's
     x = torch.randint(0, 512, (2, 300), device="cuda")
     logits = {}
     for mode in ("eager", "cuda_graph", "compile"):
