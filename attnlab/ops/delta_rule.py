@@ -26,18 +26,22 @@ two right-hand sides), and
     S_C  = Diag(Γ_C) S₀ + Σ_j (k_j ⊙ Γ_C/Γ_j) u_jᵀ.
 
 Decay ratios Γ_i/Γ_j = exp(G_i − G_j), G the within-chunk cumulative log-gate, take one of two
-routes, chosen from the data:
+routes, chosen from the data for each segment (below):
 - mild gates (every chunk decays by at most e^-60, the usual case): Γ_i · (1/Γ_j), both factors
-  within e^±60, so all pair products are plain matmuls (and reuse q ⊙ Γ, βk ⊙ Γ);
+  within e^±60, so all pair products are plain matmuls (and reuse q ⊙ Γ, βk ⊙ Γ). Decays are
+  measured from the start of a span of chunks that decays by at most e^-60 in all (not from
+  each chunk start), and inside a span the state is kept divided by its decay since the span
+  start: the chunk loop then needs no decay per chunk, only one per span (see _decay_spans);
 - strong gates (down to −30 per token): exp(G_i − G_j) formed only for j ≤ i and clamped to
   [−40, 0] before exp (see decay_exp): no overflow, no slow denormals. For a per-channel gate
   the [C, C, D_k] ratios are not materialised for the whole chunk: chunks are cut into
   sub-chunks; pairs in different sub-chunks factor through a reference point of the later
   sub-chunk (as in fla's chunk_kda), pairs inside one are factored when their span allows,
   else computed elementwise over D_k. This route is exact but slow (T = 4096 on the CPU: about
-  1.7x the token loop's speed at gates of −10 per token, against 7-9x on mild gates).
+  3x the token loop's speed at gates of −10 per token, against ~10x on mild gates).
 The sequence is processed in segments of _SEGMENT tokens with the state carried between them,
-which keeps a segment's intermediates in cache on the CPU.
+which keeps a segment's intermediates in cache on the CPU; within a segment all that does not
+depend on the incoming state is batched, and only the state recurrence runs chunk by chunk.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ CHUNK_SIZE = 32
 _SEGMENT = 512  # tokens processed together before carrying the state on (cache locality)
 _STRONG_PIECE = 128  # tokens whose per-channel intra-chunk decays are formed at once (strong gates)
 _MIN_SUB = 8  # smallest sub-chunk of the per-channel (KDA) intra-chunk decay; see _pick_sub_chunk
-_MAX_SPAN = 60.0  # largest log-decay span that is factored as exp(+x)·exp(−x); see _chunk_factorable
+_MAX_SPAN = 60.0  # largest log-decay span that is factored as exp(+x)·exp(−x); see _decay_spans
 _STATE_DTYPES = (torch.float32, torch.float64)
 _LOG_FLOOR = -40.0  # log-decays are clamped here before exp (e^-40 ≈ 4e-18); see decay_exp
 
@@ -307,7 +311,8 @@ def _delta_chunked(q, k, v, g, beta, scale, state, use_qk_l2norm: bool, n_rep: i
     scale, β and the decays are applied as one factor per tensor, and that product is the layout
     copy. Everything that does not depend on the incoming state is batched over a segment of
     _SEGMENT tokens; only the state recurrence runs chunk by chunk. Segments bound the
-    intermediates (the stacked entering states are 2·D_k·D_v/(C·D) times the size of q)."""
+    intermediates (the stacked entering states alone are D_v/C times the size of q); whole-sequence
+    tensors are only the output, G (the size of g) and the inverse norms."""
     b, t, h, d_v = v.shape
     h_k, d_k = q.shape[2], q.shape[3]
     c = CHUNK_SIZE
@@ -503,17 +508,11 @@ def _decay_spans(G: torch.Tensor, per_segment: int) -> tuple[list[bool], torch.T
     return mild, offset, ends
 
 
-def _chunk_factorable(G: torch.Tensor, per_segment: int | None = None) -> bool | list[bool]:
+def _chunk_factorable(G: torch.Tensor) -> bool:
     """Whether every chunk's total log-decay (in every channel) is within _MAX_SPAN, so that
-    Γ_i/Γ_j = Γ_i · (1/Γ_j) keeps both factors within e^±60, far from float32's e^±87 limits.
-    G [N, ..., C, 1|D_k], chunk-major. With per_segment: one bool per run of per_segment chunks."""
-    total = G.detach()[..., -1, :]  # (N, ..., 1|D_k)   each chunk's total log-decay
-    if per_segment is None:
-        return float(total.amin()) >= -_MAX_SPAN
-    worst = total.reshape(total.shape[0], -1).amin(1)  # (N,)
-    pad = -len(worst) % per_segment
-    worst = torch.nn.functional.pad(worst, (0, pad)).view(-1, per_segment).amin(1)  # (segments,)
-    return (worst >= -_MAX_SPAN).tolist()
+    Γ_i/Γ_j = Γ_i · (1/Γ_j) keeps both factors within e^±60, far from float32's e^±87 limits
+    (the per-segment form of this test is in _decay_spans). G [..., C, 1|D_k]."""
+    return float(G.detach()[..., -1, :].amin()) >= -_MAX_SPAN
 
 
 def _intra_scalar_gate(q, k_beta, k, G):
