@@ -41,6 +41,7 @@ from torch import nn
 
 from ._checks import check_mode, check_tensor
 from .cache import LayerCache
+from .ops.softmax import prepare_decode_kernels
 
 DECODE_MODES = ("eager", "cuda_graph", "compile")
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -307,11 +308,8 @@ class DecodeStep:
                 )
             self._capture(warmup, simulate)
         elif mode == "compile":
-            if device.type == "cuda":
-                try:  # the decode kernels as custom ops the compiled step can call (ops.softmax_decode)
-                    import attnlab.kernels.decode  # noqa: F401
-                except Exception:  # no usable triton: the torch path is traced instead
-                    pass
+            # the decode kernels as custom ops the compiled step calls (without triton: torch paths)
+            prepare_decode_kernels(device)
             for c in self.caches:
                 for t in [c.lengths, *c.state_tensors().values()]:
                     torch._dynamo.mark_static_address(t)

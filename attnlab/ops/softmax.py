@@ -98,6 +98,21 @@ def _decode_kernel(mode: str, q: torch.Tensor, needs_grad: bool):
     return decode.gqa_decode
 
 
+def prepare_decode_kernels(device: torch.device | str) -> bool:
+    """Import the decode kernels (attnlab.kernels.decode) and cache the device's SM count, so that a
+    decode step compiled afterwards calls them as custom ops with nothing to import or query while
+    torch.compile traces. Returns False (the torch paths get traced) when triton does not import."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    try:
+        from ..kernels import decode
+    except Exception:  # ImportError, or triton failing at import
+        return False
+    decode.num_splits(1, 1, 1, device)  # caches the SM count
+    return True
+
+
 def _compiled_latent_kernel(q: torch.Tensor, needs_grad: bool):
     """While torch.compile traces, "auto" with one kv head: the latent kernel as an opaque custom op
     (``attnlab.kernels.decode.latent_decode``) for CUDA bf16/fp16 without gradient, if that module
