@@ -1,7 +1,10 @@
 """DeepSeek Sparse Attention and MLA decode on one GPU: our Triton kernels vs the torch paths vs
 SDPA GQA, context 4K -> 1M, bf16.
 
-    python benchmarks/sparse_mla_gpu.py --quick            # < 4 min on an H100 (estimate: never run yet)
+    python benchmarks/sparse_mla_gpu.py --quick            # ~2 min on an H100 (113 s measured before the
+                                                           # decode rework; the rows print as measured)
+    python benchmarks/sparse_mla_gpu.py --decode-only      # issue 9's decode targets only (~1 min):
+                                                           # MLA + DSA decode, 32K/128K/1M, B = 1 and 32
     python benchmarks/sparse_mla_gpu.py --quick --sweep    # + launch-shape sweep (adds ~2-3 min)
     python benchmarks/sparse_mla_gpu.py [--decode-ctx 4096,...] [--prefill-ctx ...] [--train-ctx ...]
     python benchmarks/sparse_mla_gpu.py --compile-report   # no GPU: sm_90 registers/spills/wgmma
@@ -13,14 +16,20 @@ Llama-style cache of 8 kv heads x 128 dims for the same 128 query heads (4 KB pe
 1152 bytes).
 
 Decode (one new token per row, batch B, context S):
-  mla-dense     dense absorbed MLA decode over the latent cache (ours: split-K Triton; torch: matmuls)
-  dsa           indexer scores over S keys (bf16 and FP8 keys) + top-k (three exact variants) +
-                sparse attention over 2048 latents; the total takes the faster indexer and top-k
+  mla-dense     dense absorbed MLA decode over the latent cache (ours: split-K Triton; torch: matmuls);
+                "H=16" rows: 16 query heads (8-way tensor parallel), the memory-bound case; "old
+                shape" (B=32 only): the launch shape measured in RESULTS.md (16 slots per block)
+  dsa           indexer scores over S keys (bf16 and FP8 keys) + top-k (exact: torch sort keys, the
+                Triton radix select) + sparse attention over 2048 latents; the total adds the
+                fastest of each, each timed alone (host launch overhead included)
+  (graph)       the same step captured as one CUDA graph and replayed (how attnlab.generate's
+                "cuda_graph" decode runs it): dense MLA decode, and the DSA step index -> top-k
+                (ops.dsa_topk, "auto") -> sparse attention. Issue 9's decode ratio uses these.
   gqa-sdpa      PyTorch SDPA over a GQA cache (attnlab.ops.softmax_decode, mode="torch")
 Train: sparse attention forward + backward at T = S (ours vs autograd through the torch path).
 Prefill (B = 1, T = S = context, causal):
-  dsa           in query chunks: causal indexer scores (ours) + top-k (dsa_topk_threshold, checked
-                equal to ops.dsa_topk) + sparse attention (ours)
+  dsa           in query chunks: causal indexer scores (ours) + top-k (the Triton radix select,
+                checked equal to ops.dsa_topk) + sparse attention (ours)
   mla-dense absorbed ours   dense causal attention over the same latents and heads
                 (kernels.sparse.latent_causal_attention): the issue's 5x baseline
   mla-sdpa      dense causal MLA prefill as DeepSeek runs it (non-absorbed: 128 heads of 192-dim
@@ -34,6 +43,17 @@ among copies so repeated calls read device memory, not L2. Prints a table last a
 $OUT/sparse_mla_gpu.json. --sweep first times launch shapes of the decode, sparse and indexer
 kernels (attnlab.kernels.sparse.TUNING; each checked against the default's output) and keeps the
 fastest for the run. Every timed kernel is first checked against the torch path (sanity()).
+
+Roofline of MLA absorbed decode (per latent token: 1152 bytes; 2 * H * (576 + 512) FLOPs), H100
+with the measured 3.0 TB/s copy and 736 TFLOP/s bf16 matmul:
+- H = 128: 242 FLOP/byte, the ridge point (245): B=32, S=32K reads 1.21 GB (0.40 ms) and does
+  2.9e11 FLOPs (0.40 ms). 80% of copy bandwidth (0.50 ms) needs ~79% of the matmul rate inside the
+  online softmax. FlashMLA reports 660 TFLOP/s compute-bound on H800; a Triton kernel that reaches
+  55-65% of the matmul rate gives ~0.62-0.73 ms (55-65% of copy bandwidth).
+- H = 16: 30 FLOP/byte, memory bound (0.40 ms vs 0.05 ms of math): >= 80% needs only pipelined loads.
+The old shape (16 slots per block, q·k computed by both warpgroups) measured 2.08 ms (19%): by a
+shared-memory model (each wgmma re-reads its [64, 16] q operand, 128 B/clk per SM) its q·k was
+bound by those reads at ~5x the tensor-core time; the 64-slot SHARE_QK shape cuts that to ~1.3x.
 
 Predictions written before any GPU run (H100 SXM, assuming ~3.0 TB/s copy and ~700 TFLOP/s bf16):
 - MLA decode, B=32, S=32K: 1.21 GB of latents (0.40 ms) but also 2.9e11 FLOPs (0.42 ms): with 128
@@ -139,6 +159,7 @@ def safe(fn, *a, **k):
 
 
 def record(kind: str, name: str, b: int, s: int, ms: float, bytes_: float, flops: float, env: dict) -> None:
+    """Keep a row and print it at once (a run cut short still shows what it measured)."""
     floor_ms = max(bytes_ / env["copy_Bps"], flops / env["mm_flops"]) * 1e3
     RESULTS.append(
         dict(
@@ -154,6 +175,31 @@ def record(kind: str, name: str, b: int, s: int, ms: float, bytes_: float, flops
             bw_frac=bytes_ / (ms * 1e-3) / env["copy_Bps"] if ms == ms else float("nan"),
         )
     )
+    print(row_line(RESULTS[-1]), flush=True)
+
+
+def row_line(r: dict) -> str:
+    x = r["ms"] / r["floor_ms"] if r["floor_ms"] > 0 else float("nan")
+    return (
+        f"{r['kind']:8} {r['name']:36} {r['batch']:>3} {r['context']:>8} {r['ms']:>10.3f} "
+        f"{r['floor_ms']:>9.3f} {x:>8.2f} {r['gbps']:>7.0f} {100 * r['bw_frac']:>8.0f}%"
+    )
+
+
+def graphed(fn):
+    """fn captured once as a CUDA graph -> its replay (the CPU smoke run: fn itself)."""
+    if DEVICE != "cuda":
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compile) outside the capture, on a side stream
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,17 +252,14 @@ def sanity() -> None:
 
 # Candidate launch shapes (BLOCK_H, BLOCK_N, num_warps, num_stages, DVB), from the sm_90 compile report:
 # the spill-free ones and the defaults (which spill a little but skip DVB's repeated q·k).
-ATTN_GRID = [
-    (64, 16, 8, 3, 1),
-    (64, 16, 8, 2, 1),
-    (64, 32, 8, 2, 1),
-    (64, 16, 8, 2, 2),
-    (64, 32, 8, 2, 2),
-    (128, 16, 8, 2, 2),  # one program for all 128 heads: half the wgmma instructions of BLOCK_H=64
-    (128, 16, 8, 2, 4),
-    (64, 32, 4, 2, 4),
-    (32, 32, 4, 2, 2),
-    (16, 32, 4, 2, 1),
+ATTN_GRID = [  # (BLOCK_H, BLOCK_N, num_warps, num_stages, DVB, SHARE_QK)
+    (64, 64, 8, 2, 1, 1),  # the default: 224 KB of shared memory
+    (64, 32, 8, 2, 1, 1),
+    (64, 32, 8, 3, 1, 1),
+    (64, 64, 8, 2, 1, 0),  # q·k computed by both warpgroups (Triton's own layout); spills
+    (64, 16, 8, 3, 1, 0),  # the shape measured in RESULTS.md
+    (64, 16, 8, 3, 1, 1),
+    (128, 16, 8, 2, 2, 0),
 ]
 INDEX_GRID = [  # (BLOCK_T, BLOCK_S, S_CHUNK, num_warps, num_stages)
     (2, 128, 4096, 8, 2),
@@ -233,6 +276,7 @@ def _sweep_one(name: str, fn, configs: list[dict]) -> None:
     RMS > 1e-2) is reported WRONG and never chosen."""
     ref = [x.float() for x in fn()]  # the default shape, checked by sanity() against the torch path
     best = None
+    ks.ALLOW_FALLBACK = False  # a shape that does not build must fail here, not time another
     for cfg in configs:
         ks.TUNING[name] = cfg
         try:
@@ -245,6 +289,7 @@ def _sweep_one(name: str, fn, configs: list[dict]) -> None:
         print(f"  {name} {cfg}: {ms:.3f} ms, rel diff to default {err:.1e}{'' if ok else '  WRONG'}")
         if ok and (best is None or ms < best[0]):
             best = (ms, cfg)
+    ks.ALLOW_FALLBACK = True
     if best is not None:
         ks.TUNING[name] = best[1]
         print(f"sweep {name}: best {best[1]} at {best[0]:.3f} ms")
@@ -262,8 +307,8 @@ def sweep() -> None:
     lat1 = torch.randn(1, s_pre, 1, D_LAT, device=DEVICE, dtype=DT)
     idx = torch.randint(0, s_pre, (1, t_pre, TOPK), device=DEVICE)
     attn = [
-        dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=nw, num_stages=ns, DVB=dvb)
-        for bh, bn, nw, ns, dvb in ATTN_GRID
+        dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=nw, num_stages=ns, DVB=dvb, SHARE_QK=sh)
+        for bh, bn, nw, ns, dvb, sh in ATTN_GRID
     ]
     _sweep_one("decode", lambda: [ks.softmax_decode(q, lat, lat[..., :D_V], n_valid, SCALE)], attn)
     _sweep_one("sparse", lambda: [ks.sparse_attention(qs, lat1, lat1[..., :D_V], idx, SCALE)], attn)
@@ -295,7 +340,13 @@ def cycling(fn, sets: list):
     return lambda: fn(next(it))
 
 
-def decode(b: int, s: int, env: dict, quick: bool) -> None:
+OLD_SHAPE_AT = (32, 32768)  # (batch, context) of the "old shape" row
+OLD_DECODE_SHAPE = {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1, "SHARE_QK": 0}
+
+
+def decode(b: int, s: int, env: dict, quick: bool, lean: bool = False) -> None:
+    """Decode rows at batch b, context s. lean (--decode-only): no torch-path attention rows and only
+    the exact top-k paths that matter (the op's torch sort keys and the Triton radix select)."""
     torch.manual_seed(s)
     lat_bytes = b * s * D_LAT * 2
     idx_bytes = b * s * D_I * 2
@@ -307,8 +358,27 @@ def decode(b: int, s: int, env: dict, quick: bool) -> None:
     n_valid = torch.full((b,), s, device=DEVICE)
     flops_dense = 2 * b * H * s * (D_LAT + D_V)
     fn = cycling(lambda x: ks.softmax_decode(q, x, x[..., :D_V], n_valid, SCALE), lats)
-    record("decode", "mla-dense ours", b, s, safe(bench, fn, quick), lat_bytes, flops_dense, env)
-    if b * H * s * 4 <= 16 << 30:  # the torch path materialises [B, H, S] float32 logits
+    t_dense = safe(bench, fn, quick)
+    record("decode", "mla-dense ours", b, s, t_dense, lat_bytes, flops_dense, env)
+    graphs = [graphed(lambda x=x: ks.softmax_decode(q, x, x[..., :D_V], n_valid, SCALE)) for x in lats]
+    record("decode", "mla-dense ours (graph)", b, s, safe(bench, cycling(lambda g: g(), graphs), quick),
+           lat_bytes, flops_dense, env)
+    graphs = None
+    h16 = 16
+    q16 = q[:, :h16].contiguous()
+    fn = cycling(lambda x: ks.softmax_decode(q16, x, x[..., :D_V], n_valid, SCALE), lats)
+    record("decode", f"mla-dense ours H={h16}", b, s, safe(bench, fn, quick), lat_bytes,
+           flops_dense * h16 / H, env)
+    if (b, s) == OLD_SHAPE_AT:  # the launch shape RESULTS.md measured, at one point
+        saved = dict(ks.TUNING["decode"])
+        ks.TUNING["decode"] = OLD_DECODE_SHAPE
+        try:
+            fn = cycling(lambda x: ks.softmax_decode(q, x, x[..., :D_V], n_valid, SCALE), lats)
+            t_old = safe(bench, fn, quick)
+            record("decode", "mla-dense ours (old shape)", b, s, t_old, lat_bytes, flops_dense, env)
+        finally:
+            ks.TUNING["decode"] = saved
+    if not lean and b * H * s * 4 <= 16 << 30:  # the torch path materialises [B, H, S] float32 logits
         fn = cycling(lambda x: ops.softmax_decode(q, x, x[..., :D_V], n_valid, SCALE, mode="torch"), lats)
         record("decode", "mla-dense torch", b, s, safe(bench, fn, quick), lat_bytes, flops_dense, env)
 
@@ -323,39 +393,55 @@ def decode(b: int, s: int, env: dict, quick: bool) -> None:
         k8s = [ks.quantize_fp8_rows(x) for x in kis]  # (keys e4m3, per-row scales)
         t_idx8 = safe(bench, cycling(lambda x: ks.dsa_index_scores(qi, x[0], w, k_scale=x[1]), k8s), quick)
         record("decode", "dsa index fp8", b, s, t_idx8, b * s * (D_I + 4), idx_flops, env)
+        k8s = None
     scores = ks.dsa_index_scores(qi, ki, w)  # (b, 1, s)
     k_sel = min(TOPK, s)
-    t_topk = safe(bench, lambda: ops.dsa_topk(scores, k_sel, causal=True), quick)
-    record("decode", "dsa topk torch", b, s, t_topk, b * s * 4, 0, env)
-    t_topk2 = safe(bench, lambda: ks.dsa_topk_chunked(scores, k_sel, causal=True), quick)
-    record("decode", "dsa topk 2-stage", b, s, t_topk2, b * s * 4, 0, env)
-    t_topk3 = safe(bench, lambda: ks.dsa_topk_threshold(scores, k_sel, causal=True), quick)
-    record("decode", "dsa topk threshold", b, s, t_topk3, b * s * 4, 0, env)
+    topk_times = []
+    t = safe(bench, lambda: ops.dsa_topk(scores, k_sel, causal=True, mode="torch"), quick)
+    record("decode", "dsa topk torch", b, s, t, b * s * 4, 0, env)
+    topk_times.append(t)
+    t = safe(bench, lambda: ks.dsa_topk(scores, k_sel, causal=True), quick)
+    record("decode", "dsa topk triton (radix)", b, s, t, b * s * 4, 0, env)
+    topk_times.append(t)
+    if not lean:
+        t = safe(bench, lambda: ks.dsa_topk_chunked(scores, k_sel, causal=True), quick)
+        record("decode", "dsa topk 2-stage", b, s, t, b * s * 4, 0, env)
+        topk_times.append(t)
+        t = safe(bench, lambda: ks.dsa_topk_threshold(scores, k_sel, causal=True), quick)
+        record("decode", "dsa topk threshold", b, s, t, b * s * 4, 0, env)
+        topk_times.append(t)
     # reference only: plain torch.topk on the float scores (no tie rule, no causal mask)
     ms = safe(bench, lambda: torch.topk(scores, k_sel, dim=-1), quick)
     record("decode", "ref: torch.topk float (no tie rule)", b, s, ms, b * s * 4, 0, env)
-    idx = ops.dsa_topk(scores, k_sel, causal=True)
-    assert torch.equal(idx, ks.dsa_topk_chunked(scores, k_sel, causal=True)), "two-stage top-k differs"
-    assert torch.equal(idx, ks.dsa_topk_threshold(scores, k_sel, causal=True)), "threshold top-k differs"
+    idx = ops.dsa_topk(scores, k_sel, causal=True, mode="torch")
+    assert torch.equal(idx, ks.dsa_topk(scores, k_sel, causal=True)), "Triton top-k differs"
+    if not lean:
+        assert torch.equal(idx, ks.dsa_topk_chunked(scores, k_sel, causal=True)), "two-stage top-k differs"
+        assert torch.equal(idx, ks.dsa_topk_threshold(scores, k_sel, causal=True)), "threshold top-k differs"
     qs = q[:, None]  # (b, 1, H, D_LAT)
     sp_bytes = b * k_sel * D_LAT * 2
     sp_flops = 2 * b * H * k_sel * (D_LAT + D_V)
     t_sp = safe(bench, cycling(lambda x: ks.sparse_attention(qs, x, x[..., :D_V], idx, SCALE), lats), quick)
     record("decode", "dsa sparse ours", b, s, t_sp, sp_bytes, sp_flops, env)
-    fn = cycling(lambda x: ops.sparse_attention(qs, x, x[..., :D_V], idx, SCALE, mode="torch"), lats)
-    record("decode", "dsa sparse torch", b, s, safe(bench, fn, quick), sp_bytes, sp_flops, env)
+    if not lean:
+        fn = cycling(lambda x: ops.sparse_attention(qs, x, x[..., :D_V], idx, SCALE, mode="torch"), lats)
+        record("decode", "dsa sparse torch", b, s, safe(bench, fn, quick), sp_bytes, sp_flops, env)
     best_idx = min([x for x in (t_idx, t_idx8) if x == x], default=float("nan"))
-    total = best_idx + min(t_topk, t_topk2, t_topk3) + t_sp
-    record(
-        "decode",
-        "dsa total ours",
-        b,
-        s,
-        total,
-        min(idx_bytes, b * s * (D_I + 4)) + sp_bytes,
-        idx_flops + sp_flops,
-        env,
-    )
+    total = best_idx + min(x for x in topk_times if x == x) + t_sp
+    step_bytes = min(idx_bytes, b * s * (D_I + 4)) + sp_bytes
+    record("decode", "dsa total ours", b, s, total, step_bytes, idx_flops + sp_flops, env)
+
+    def dsa_step(lat, kk):  # what the D layer runs per decode step (bf16 indexer)
+        sc = ks.dsa_index_scores(qi, kk, w)  # (b, 1, s)
+        sel = ops.dsa_topk(sc, k_sel, causal=True)  # "auto": the Triton radix select on CUDA
+        return ks.sparse_attention(qs, lat, lat[..., :D_V], sel, SCALE)
+
+    got = dsa_step(lats[0], ki)
+    want = ks.sparse_attention(qs, lats[0], lats[0][..., :D_V], idx, SCALE)
+    assert torch.equal(got, want), "the DSA step's selection differs from the exact top-k"
+    graphs = [graphed(lambda x=x, y=y: dsa_step(x, y)) for x, y in zip(lats, kis, strict=True)]
+    record("decode", "dsa step ours (graph)", b, s, safe(bench, cycling(lambda g: g(), graphs), quick),
+           idx_bytes + sp_bytes, idx_flops + sp_flops, env)
 
 
 def decode_gqa(b: int, s: int, env: dict, quick: bool) -> None:
@@ -383,7 +469,7 @@ def dsa_prefill(q, lat, qi, ki, w, chunk: int, causal_index: bool = True) -> tor
         scores = ks.dsa_index_scores(
             qi[:, t0:t1], ki[:, :t1], w[:, t0:t1], causal=causal_index
         )  # (1, Tc, t1)
-        idx = ks.dsa_topk_threshold(scores, TOPK, causal=True)  # (1, Tc, TOPK), = ops.dsa_topk
+        idx = ks.dsa_topk(scores, TOPK, causal=True)  # (1, Tc, TOPK), = ops.dsa_topk (radix select)
         out[:, t0:t1] = ks.sparse_attention(q[:, t0:t1], lat, lat[..., :D_V], idx, SCALE)
     return out
 
@@ -410,14 +496,17 @@ def prefill(s: int, env: dict, quick: bool) -> None:
     n_chunks = math.ceil(T / chunk)
     t_idx = safe(bench, lambda: ks.dsa_index_scores(qi[:, t0:], ki, w[:, t0:], causal=True), quick, long)
     record("prefill", "dsa index (last chunk)", 1, s, t_idx, 0, 2 * chunk * s * H_I * D_I, env)
-    t_topk = safe(bench, lambda: ops.dsa_topk(scores, TOPK, causal=True), quick, long)
-    record("prefill", "dsa topk (last chunk)", 1, s, t_topk, chunk * s * 4, 0, env)
+    t_topk = safe(bench, lambda: ks.dsa_topk(scores, TOPK, causal=True), quick, long)
+    record("prefill", "dsa topk triton (last chunk)", 1, s, t_topk, chunk * s * 4, 0, env)
+    ms = safe(bench, lambda: ops.dsa_topk(scores, TOPK, causal=True, mode="torch"), quick, long)
+    record("prefill", "dsa topk torch (last chunk)", 1, s, ms, chunk * s * 4, 0, env)
     ms = safe(bench, lambda: ks.dsa_topk_threshold(scores, TOPK, causal=True), quick, long)
     record("prefill", "dsa topk threshold (last chunk)", 1, s, ms, chunk * s * 4, 0, env)
     ms = safe(bench, lambda: torch.topk(scores, TOPK, dim=-1), quick, long)
     record("prefill", "ref: torch.topk float (last chunk)", 1, s, ms, chunk * s * 4, 0, env)
-    idx = ops.dsa_topk(scores, TOPK, causal=True)
+    idx = ops.dsa_topk(scores, TOPK, causal=True, mode="torch")
     assert torch.equal(idx, ks.dsa_topk_threshold(scores, TOPK, causal=True)), "threshold top-k differs"
+    assert torch.equal(idx, ks.dsa_topk(scores, TOPK, causal=True)), "Triton top-k differs"
     t_sp = safe(bench, lambda: ks.sparse_attention(q[:, t0:], lat, lat[..., :D_V], idx, SCALE), quick, long)
     record(
         "prefill", "dsa sparse (last chunk)", 1, s, t_sp, 0, 2 * chunk * min(TOPK, s) * H * (D_LAT + D_V), env
@@ -586,6 +675,8 @@ def compile_report(sweep_grid: bool) -> None:
             BLOCK_N=cfg["BLOCK_N"],
             SPLIT_OUT=split,
             PREC="tf32",
+            ROW64=False,
+            SHARE_QK=bool(cfg.get("SHARE_QK", 0)),
             INTERP=False,
         )
         return _compile_sm90(ks._latent_attn_fwd, const, fwd_ptr, cfg["num_warps"], cfg["num_stages"])
@@ -621,6 +712,12 @@ def compile_report(sweep_grid: bool) -> None:
         )
         return _compile_sm90(ks._index_scores_kernel, const, ptr, cfg["num_warps"], cfg["num_stages"])
 
+    topk_ptr = {"SC": "*fp32", "HIST": "*i32", "CNT": "*i32", "SEL": "*i64", "OUT": "*i64"}
+
+    def topk(cfg):
+        const = dict(CAUSAL=True, BLOCK=ks.TOPK_BLOCK, **cfg["const"])
+        return _compile_sm90(cfg["fn"], const, topk_ptr, cfg["num_warps"], 1)
+
     cases = [
         ("sparse fwd", lambda c: fwd(c, 1, False), ks.TUNING["sparse"]),
         ("sparse fwd split", lambda c: fwd(c, 1, True), ks.TUNING["sparse"]),
@@ -629,13 +726,15 @@ def compile_report(sweep_grid: bool) -> None:
         ("sparse bwd", bwd, ks.TUNING["sparse_bwd"]),
         ("index bf16", lambda c: index(c, False), ks.TUNING["index"]),
         ("index fp8", lambda c: index(c, True), ks.TUNING["index"]),
+        ("topk hist level 1", topk, dict(fn=ks._topk_hist, const=dict(LEVEL=1), num_warps=8)),
+        ("topk write", topk, dict(fn=ks._topk_write, const=dict(BCH=512), num_warps=8)),
     ]
     for name, fn, cfg in cases:
         grid = [cfg]
         if sweep_grid and "BLOCK_H" in cfg:
             grid += [
-                dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=nw, num_stages=ns, DVB=dvb)
-                for bh, bn, nw, ns, dvb in ATTN_GRID
+                dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=nw, num_stages=ns, DVB=dvb, SHARE_QK=sh)
+                for bh, bn, nw, ns, dvb, sh in ATTN_GRID
             ]
         for c in grid:
             try:
@@ -655,11 +754,7 @@ def table(env: dict) -> str:
         f"{'GB/s':>7} {'% copy bw':>9}",
     ]
     for r in RESULTS:
-        x = r["ms"] / r["floor_ms"] if r["floor_ms"] > 0 else float("nan")
-        lines.append(
-            f"{r['kind']:8} {r['name']:36} {r['batch']:>3} {r['context']:>8} {r['ms']:>10.3f} "
-            f"{r['floor_ms']:>9.3f} {x:>8.2f} {r['gbps']:>7.0f} {100 * r['bw_frac']:>8.0f}%"
-        )
+        lines.append(row_line(r))
 
     # the issue's three targets
     def get(kind, name, b, s):
@@ -674,10 +769,12 @@ def table(env: dict) -> str:
 
     lines.append("targets (issue 9):")
     for r in RESULTS:
-        if r["name"] == "mla-dense ours" and r["batch"] >= 32 and r["context"] >= 32768:
+        if r["name"].startswith("mla-dense ours") and r["batch"] >= 32 and r["context"] >= 32768:
+            heads = 16 if "H=16" in r["name"] else H
+            how = r["name"][len("mla-dense ours"):].strip() or "(eager)"
             lines.append(
-                f"  MLA decode B={r['batch']} S={r['context']}: {100 * r['bw_frac']:.0f}% of copy bandwidth "
-                f"(target >= 80%)"
+                f"  MLA decode B={r['batch']} S={r['context']} H={heads} {how}: "
+                f"{100 * r['bw_frac']:.0f}% of copy bandwidth (target >= 80%)"
             )
     for s in sorted({r["context"] for r in RESULTS if r["kind"] == "prefill"}):
         dsa, dense = get("prefill", "dsa total ours", 1, s), get("prefill", "mla-dense absorbed ours", 1, s)
@@ -689,17 +786,25 @@ def table(env: dict) -> str:
             )
     for s in sorted({r["context"] for r in RESULTS if r["kind"] == "decode" and r["batch"] == 1}):
         dsa, dense = get("decode", "dsa total ours", 1, s), get("decode", "mla-dense ours", 1, s)
+        dsa_g = get("decode", "dsa step ours (graph)", 1, s)
+        dense_g = get("decode", "mla-dense ours (graph)", 1, s)
         if dsa and dense:
-            lines.append(
-                f"  decode B=1 S={s}: DSA {dsa:.3f} ms vs dense MLA {dense:.3f} ms: {dense / dsa:.2f}x "
-                f"(target >= 4x at 1M)"
-            )
+            line = (f"  decode B=1 S={s}: parts timed alone: DSA {dsa:.3f} ms vs dense MLA {dense:.3f} ms: "
+                    f"{dense / dsa:.2f}x")
+            if dsa_g and dense_g:
+                line += f"; CUDA graphs: DSA {dsa_g:.3f} ms vs dense {dense_g:.3f} ms: {dense_g / dsa_g:.2f}x"
+            lines.append(line + " (target >= 4x at 1M)")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="few contexts and repetitions (< 4 min on an H100)")
+    ap.add_argument("--quick", action="store_true", help="few contexts and repetitions (~2 min on an H100)")
+    ap.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="issue 9's decode targets only: MLA + DSA decode rows, contexts 32K,128K,1M, B=1,32 (~1 min)",
+    )
     ap.add_argument("--sweep", action="store_true", help="tune kernel launch parameters first")
     ap.add_argument("--decode-ctx", default=None, help="comma-separated contexts (default 4K..1M)")
     ap.add_argument("--decode-batch", default="1,32")
@@ -723,14 +828,19 @@ def main() -> None:
     if args.compile_report:
         compile_report(args.sweep)
         return
+    if args.decode_only:
+        args.quick = True
     default_dec = "4096,32768,131072,1048576" if args.quick else "4096,16384,65536,131072,262144,1048576"
+    if args.decode_only:
+        default_dec = "32768,131072,1048576"
     default_pre = "4096,32768,131072" if args.quick else "4096,16384,65536,131072"
     default_train = "4096" if args.quick else "4096,16384"
     if args.cpu_smoke:
         global DEVICE, H, D_LAT, D_V, H_I, D_I, TOPK, GQA_KV, SANITY_S
-        global SWEEP_SIZES
-        DEVICE, H, D_LAT, D_V, H_I, D_I, TOPK, GQA_KV, SANITY_S = "cpu", 16, 40, 32, 4, 32, 16, 2, 100
+        global SWEEP_SIZES, OLD_SHAPE_AT
+        DEVICE, H, D_LAT, D_V, H_I, D_I, TOPK, GQA_KV, SANITY_S = "cpu", 64, 40, 32, 4, 32, 16, 2, 100
         SWEEP_SIZES = (2, 100, 4, 100, 300)
+        OLD_SHAPE_AT = (2, 100)
         default_dec, default_pre, default_train = "100", "80", "40"
         args.decode_batch = "1,2"
     elif not torch.cuda.is_available():
@@ -756,11 +866,14 @@ def main() -> None:
                     f"  skip decode B={b} S={s}: cache {cache_gib:.1f} GiB (--max-cache-gib; 8 with --quick)"
                 )
                 continue
-            decode(b, s, env, args.quick)
+            decode(b, s, env, args.quick, lean=args.decode_only)
             empty_cache()
-            decode_gqa(b, s, env, args.quick)
-            empty_cache()
-            print(f"  decode B={b} S={s} done ({time.time() - start:.0f} s)")
+            if not args.decode_only:
+                decode_gqa(b, s, env, args.quick)
+                empty_cache()
+            print(f"  decode B={b} S={s} done ({time.time() - start:.0f} s)", flush=True)
+    if args.decode_only:
+        train_ctx, pre_ctx = [], []
     for t in train_ctx:
         train(t, env, args.quick)
         empty_cache()

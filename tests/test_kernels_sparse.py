@@ -402,6 +402,115 @@ def test_interp_sparse_gradient_with_detached_values():
     assert rel_err(grads[0], grads[1]) < 1e-5
 
 
+def _tie_scores(B, T, S, seed):
+    """Scores on a 0.5 grid (many ties), -0.0 next to 0.0, a run of -inf, a constant row, and a
+    row whose k-th value is shared by many positions on both sides of the cut."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(B, T, S, generator=gen) * 2).round() / 2
+    scores[0, 0, S // 3:] = float("-inf")
+    scores[-1, -1, ::3] = -0.0
+    if T > 1:
+        scores[0, 1] = 1.5  # one value everywhere: the tie rule alone decides
+    if B > 1:
+        scores[1, 0] = torch.where(torch.arange(S) % 7 == 0, 3.0, 1.0)  # k-th value tied many times
+    return scores
+
+
+@interp
+@pytest.mark.parametrize("causal", [True, False])
+def test_interp_triton_topk_equals_oracle(causal, monkeypatch):
+    """The radix-select top-k (many chunks per row: small blocks) equals ops.dsa_topk exactly:
+    ties at the k-th value go to the earlier positions, -inf and causally hidden positions are -1,
+    k above the visible count and above S; the op's mode="triton" dispatches to it."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
+    scores = _tie_scores(2, 2, 300, seed=1)
+    for topk in (1, 40, 350):
+        want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
+        assert torch.equal(ks.dsa_topk(scores, topk, causal=causal), want), topk
+        assert (want == -1).any() == (topk > 100)  # row (0, 0) has 100 finite scores
+    assert torch.equal(ops.dsa_topk(scores, 40, causal=causal, mode="triton"),
+                       ops.dsa_topk(scores, 40, causal=causal, mode="torch"))
+
+
+@interp
+def test_interp_triton_topk_decode_row_long(monkeypatch):
+    """One decode row (B = 1, T = 1) split over many programs, scores from integer data so the
+    k-th value is tied across chunk boundaries, float64 and bfloat16 inputs compared at float32."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randint(-3, 4, (1, 1, 2000), generator=gen).float()
+    scores[0, 0, 1900:] = float("-inf")  # past the row's length
+    want = ops.dsa_topk(scores, 300, causal=True, mode="torch")
+    assert torch.equal(ks.dsa_topk(scores.double(), 300), want)
+    bf = (scores / 3).bfloat16()
+    assert torch.equal(ks.dsa_topk(bf, 64), ops.dsa_topk(bf, 64, mode="torch"))
+
+
+@interp
+@pytest.mark.parametrize("share", [True, False])
+def test_interp_decode_64_heads_paged_and_split(share):
+    """64 heads (one head block: the SHARE_QK path when share), latent-like v = k[..., :D_v], rows
+    of length 0 / ragged / full, NaN past a row's length, split counts up to 40 (the combine reads
+    16 splits at a time), dense and paged caches with pages aligned to the slot block and not."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(21)
+    B, H, S, D, D_v = 3, 64, 256, 24, 16
+    q = torch.randn(B, H, D, generator=gen)
+    k = torch.randn(B, S, 1, D, generator=gen)
+    n_valid = torch.tensor([0, 77, S])
+    ref = ops.softmax_decode(q.double(), k.double(), k[..., :D_v].double(), n_valid, mode="torch")
+    k_dirty = k.clone()
+    k_dirty[1, 77:] = float("nan")
+    with tuned("decode", BLOCK_N=16, SHARE_QK=int(share)):
+        for splits in (None, 16):
+            o = ks.softmax_decode(q, k_dirty, k_dirty[..., :D_v], n_valid, n_splits=splits)
+            assert rel_err(o, ref) < 1e-5 and (o[0] == 0).all()
+        for page in (16, 8):  # 16: one table read per 16-slot block; 8: a table read per slot
+            n_pages = B * S // page
+            perm = torch.randperm(n_pages, generator=gen)
+            pages = torch.empty(n_pages, page, 1, D)
+            pages[perm] = k_dirty.reshape(n_pages, page, 1, D)
+            table = perm.view(B, S // page).int()
+            o = ks.paged_decode(q, pages, pages[..., :D_v], table, n_valid, n_splits=3)
+            assert rel_err(o, ref) < 1e-5
+
+
+@interp
+def test_interp_lazy_rescale_with_growing_logits():
+    """Logits whose row max grows block by block, slowly (below the 2^8 slack: the running max
+    stays stale) and in jumps (past it: rescaled), in bf16 and float32, vs the float64 oracle."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(5)
+    B, H, S, D = 2, 8, 200, 32
+    q = torch.randn(B, H, D, generator=gen)
+    k = torch.randn(B, S, 1, D, generator=gen) * 0.3
+    ramp = torch.linspace(0, 6, S)  # slow growth along the sequence
+    ramp[150:] += 40.0  # a jump
+    k = k + (ramp[:, None] * q.mean(1)[:, None, :] / q.mean(1).norm(dim=-1)[:, None, None] ** 2)[:, :, None]
+    n_valid = torch.tensor([S, 120])
+    for dtype in (torch.float32, torch.bfloat16):
+        qq, kk = q.to(dtype), k.to(dtype)
+        kd = kk.double()
+        ref = ops.softmax_decode(qq.double(), kd, kd[..., :16], n_valid, scale=1.0, mode="torch")
+        with tuned("decode", BLOCK_N=16):
+            o = ks.softmax_decode(qq, kk, kk[..., :16], n_valid, scale=1.0, n_splits=2)
+        assert rel_err(o, ref) < TOL[dtype]
+
+
+@interp
+def test_interp_sparse_64_heads_shared_qk():
+    """Sparse attention with 64 heads (one head block, the SHARE_QK path), prefill and split decode."""
+    with tuned("sparse", BLOCK_N=16):
+        check_sparse(1, 3, 64, 40, 8, 24, 16, torch.float32, seed=6)
+        check_sparse(2, 1, 64, 300, 100, 24, 16, torch.bfloat16, n_splits=3, seed=7)
+
+
 def _layer(kind: str):
     """A tiny M or D layer (MLA latent 16 + RoPE 4, 3 heads; D: 2 index heads, top-6) with random weights."""
     from attnlab.config import ModelConfig
@@ -551,13 +660,76 @@ def test_gpu_sparse_gradients(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 1, 1 << 20), (2, 64, 70000)])
+@pytest.mark.parametrize("shape", [(1, 1, 1 << 20), (2, 64, 70000), (4, 1, 300000)])
 def test_gpu_topk_variants_equal_oracle(shape):
     """On the GPU (where torch.topk sorts few long rows but radix-selects many short ones), with
-    many ties: the threshold and two-stage top-k equal ops.dsa_topk exactly."""
-    from attnlab.kernels.sparse import dsa_topk_chunked, dsa_topk_threshold
+    many ties and -inf tails: the Triton radix select (the op's "auto" on CUDA), the threshold and
+    the two-stage top-k all equal ops.dsa_topk(mode="torch") exactly."""
+    from attnlab.kernels.sparse import dsa_topk, dsa_topk_chunked, dsa_topk_threshold
 
-    scores = (torch.randn(shape, device="cuda") * 4).round() / 4
-    want = ops.dsa_topk(scores, 2048, causal=True)
+    gen = torch.Generator(device="cuda").manual_seed(shape[2])
+    scores = (torch.randn(shape, device="cuda", generator=gen) * 4).round() / 4
+    scores[-1, -1, shape[2] // 2:] = float("-inf")
+    scores[0, 0, ::5] = scores[0, 0, 7]  # one value repeated a fifth of the row
+    want = ops.dsa_topk(scores, 2048, causal=True, mode="torch")
+    assert torch.equal(dsa_topk(scores, 2048, causal=True), want)
+    assert torch.equal(ops.dsa_topk(scores, 2048, causal=True), want)  # "auto" on CUDA is the kernel
+    want_100 = ops.dsa_topk(scores, 100, causal=False, mode="torch")
+    assert torch.equal(dsa_topk(scores, 100, causal=False), want_100)
     assert torch.equal(dsa_topk_threshold(scores, 2048, causal=True), want)
     assert torch.equal(dsa_topk_chunked(scores, 2048, causal=True), want)
+
+
+@pytest.mark.gpu
+def test_gpu_topk_cuda_graph():
+    """The Triton top-k has no host sync: captured in a CUDA graph and replayed on new scores."""
+    from attnlab.kernels.sparse import dsa_topk
+
+    scores = torch.randn(1, 1, 300000, device="cuda")
+    dsa_topk(scores, 2048)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dsa_topk(scores, 2048)
+    scores.copy_((torch.randn_like(scores) * 2).round())
+    graph.replay()
+    assert torch.equal(out, ops.dsa_topk(scores, 2048, mode="torch"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [16, 128])
+def test_gpu_mla_decode_heads_and_pages(h):
+    """MLA decode at 16 heads (memory-bound, one 16-head block) and 128 (two 64-head blocks on the
+    SHARE_QK path), dense and paged with 64-slot pages (one table read per block), ragged rows."""
+    from attnlab.kernels import sparse as ks
+
+    b, s = 3, 5000
+    q = torch.randn(b, h, 576, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, s, 1, 576, device="cuda", dtype=torch.bfloat16)
+    n_valid = torch.tensor([0, 1234, s], device="cuda")
+    ref = ops.softmax_decode(q.double(), k.double(), k[..., :512].double(), n_valid, mode="torch")
+    assert rel_err(ks.softmax_decode(q, k, k[..., :512], n_valid), ref) < 1e-2
+    s_pad = 64 * triton_cdiv(s, 64)
+    dense = torch.zeros(b, s_pad, 1, 576, device="cuda", dtype=torch.bfloat16)
+    dense[:, :s] = k
+    n_pages = b * s_pad // 64
+    perm = torch.randperm(n_pages, device="cuda")
+    pages = torch.empty(n_pages, 64, 1, 576, device="cuda", dtype=torch.bfloat16)
+    pages[perm] = dense.view(n_pages, 64, 1, 576)
+    o = ks.paged_decode(q, pages, pages[..., :512], perm.view(b, -1).int(), n_valid)
+    assert rel_err(o, ref) < 1e-2 and (o[0] == 0).all()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@pytest.mark.gpu
+def test_gpu_default_launch_shapes_compile():
+    """The default bf16 launch shapes build on this GPU / Triton (no fallback to a smaller one,
+    which would be correct but slower: the launcher warns and records it in _FAILED_CONFIGS)."""
+    from attnlab.kernels import sparse as ks
+
+    q, k, v, idx = _gpu_inputs_mla(1, 2, 128, 1000, 256)
+    ks.sparse_attention(q, k, v, idx)
+    ks.softmax_decode(q[:, 0], k, v, torch.tensor([1000], device="cuda"))
+    assert not ks._FAILED_CONFIGS, f"default launch shapes failed to build: {ks._FAILED_CONFIGS}"

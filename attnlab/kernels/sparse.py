@@ -12,6 +12,8 @@ each public function has the op's signature minus ``mode``:
   prefill over the cache, the baseline DSA is measured against).
 - :func:`dsa_index_scores` — the lightning indexer ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])``,
   bf16 operands, or FP8 e4m3 operands with per-row scales (:func:`quantize_fp8_rows`).
+- :func:`dsa_topk` — ``attnlab.ops.dsa_topk`` (exact, ties to the earlier position) as a radix
+  select over many programs per row, for decode at 1M (the torch paths sort or top-k whole rows).
 
 One kernel, ``_latent_attn_fwd``, serves all three attention entry points; a constexpr picks how a
 slot becomes a cache row (dense position, index list, or block table). Design (FlashMLA and the
@@ -32,20 +34,31 @@ queries); for MLA (v = k[..., :D_v]) the value gradient is added to the key grad
 columns first, so there is one atomic per latent element. Correct; deterministic only up to
 float32 addition order. The indexer has no backward here (the op's torch path has one).
 
-Top-k selection stays in torch: ``attnlab.ops.dsa_topk`` sorts int64 keys over each row;
-:func:`dsa_topk_threshold` (one float32 topk for the k-th score, then elementwise tie filling) and
-:func:`dsa_topk_chunked` (two exact stages) return the same indices. There is no Triton top-k.
+How the forward spends its time (MLA: 64 heads x 576 dims per program). Every wgmma reads its
+[64, 16] q operand from shared memory (128 B/clk per SM); with few slots per block those reads,
+not the tensor cores, bound q·k. Triton also lays the q·k dot out for a FlashAttention-style chain
+(all warps along M), so with 64 heads and 2 warpgroups both compute the same logits. The default
+shape is 64 slots per block with q·k hidden from that chain analysis (SHARE_QK, see the kernel),
+each warpgroup computing half the columns once; lazy rescaling skips most accumulator rescales.
+At 128 heads absorbed MLA decode sits at the H100's ridge point (~242 FLOP per latent byte), so
+its bandwidth is bounded by the tensor cores; at 16 heads (8-way tensor parallel) it is memory bound.
 
-Nothing here has run on a GPU yet: the kernels are tested under ``TRITON_INTERPRET=1`` on the
-CPU and compiled for sm_90 here (``benchmarks/sparse_mla_gpu.py --compile-report``: registers,
-spills, wgmma); GPU tests are in tests/test_kernels_sparse.py (marked ``gpu``) and timings come
-from ``benchmarks/sparse_mla_gpu.py``.
+Other exact top-k paths in torch: ``attnlab.ops.dsa_topk(mode="torch")`` sorts int64 keys;
+:func:`dsa_topk_threshold` (one float32 topk for the k-th score, then elementwise tie filling) and
+:func:`dsa_topk_chunked` (two exact stages) return the same indices.
+
+The kernels are tested under ``TRITON_INTERPRET=1`` on the CPU (tests/test_kernels_sparse.py) and
+compiled for sm_90 here (``benchmarks/sparse_mla_gpu.py --compile-report``: registers, spills,
+wgmma); GPU tests are marked ``gpu`` and timings come from ``benchmarks/sparse_mla_gpu.py``
+(benchmarks/RESULTS.md has the last H100 run, made before the 64-slot / SHARE_QK / radix top-k
+changes).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -56,23 +69,36 @@ from .._checks import check_same_device, check_tensor
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
 LOG2E = 1.4426950408889634
+RESCALE_SLACK: tl.constexpr = tl.constexpr(8.0)  # log2 units: the running max may lag by 2^8
 
-# Launch parameters; the benchmark may override them (benchmarks/sparse_mla_gpu.py --sweep). Not yet
-# timed on a GPU: chosen from the sm_90 compile report (benchmarks/sparse_mla_gpu.py --compile-report,
-# no GPU needed) at the MLA shapes (576/512 dims, 64 heads per program). The forward with the whole
-# [64, 512] float32 accumulator (DVB=1) uses wgmma and cp.async but spills ~100 bytes per thread at
-# 255 registers; DVB=2 (value columns split over two programs, q·k computed twice) does not spill
-# (196 registers). The backward (key and value gradients of the latent added before one atomic) at 32
-# heads x 16 rows, 8 warps, 2 stages is the largest spill-free shape found (250 registers, mma.sync:
-# 64 heads spill ~1.5 KB per thread). float32 inputs take exact float32 products (input_precision
-# "ieee"): no tensor cores, and at MLA sizes kilobytes of spills per thread, so the ops' "auto" mode
-# keeps float32 on the torch path; these shapes are tuned for bf16.
+# Launch parameters; the benchmark may override them (benchmarks/sparse_mla_gpu.py --sweep).
+# Forward ("sparse", "decode"): 64 heads x 64 slots per block, 8 warps, 2 stages, SHARE_QK (see
+# _latent_attn_fwd). Why, from the sm_90 compile report (benchmarks/sparse_mla_gpu.py
+# --compile-report) and a shared-memory model, not yet from GPU timings: every wgmma re-reads its
+# [64, 16] q operand from shared memory (128 B/clk per SM), so the q·k of small slot blocks is
+# bound by those reads, not by the tensor cores. The old shape (16 slots, q·k computed by both
+# warpgroups) needed ~5x the tensor-core time of P·V + q·k at their peak per block of 64 slots;
+# 64 slots with q·k split across the warpgroups ~1.3x. It uses 224 KB of shared memory (q 72 KB,
+# two 72 KB latent stages, p) and 249-255 registers without spills; if a Triton version needs more,
+# the launcher falls back along FALLBACK (warning once). float32 inputs take exact float32
+# products (no tensor cores), so the ops' "auto" mode keeps float32 on the torch path.
 TUNING: dict[str, dict[str, int]] = {
-    "sparse": {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1},
-    "decode": {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1},
+    "sparse": {"BLOCK_H": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 1},
+    "decode": {"BLOCK_H": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 1},
     "sparse_bwd": {"BLOCK_H": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
+    # float32 inputs (mode="triton" only; exact products, no tensor cores) on a GPU: tiles twice the
+    # bytes, so a small shape (74 KB of shared memory at MLA dims; the bf16 one would need 311 KB)
+    "fp32": {"BLOCK_H": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "DVB": 1, "SHARE_QK": 0},
     "index": {"BLOCK_T": 2, "BLOCK_S": 128, "S_CHUNK": 4096, "num_warps": 8, "num_stages": 2},
 }
+# Tried in order after TUNING[...] when a launch shape does not compile (out of shared memory or
+# registers): 32 slots (152-188 KB), then the previous default (16 slots, 3 stages, 131 KB).
+FALLBACK: list[dict[str, int]] = [
+    {"BLOCK_H": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 1},
+    {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1, "SHARE_QK": 0},
+]
+_FAILED_CONFIGS: set = set()
+ALLOW_FALLBACK = True  # the benchmark's sweep turns it off, so a failing shape is not timed as another
 # Split slots across programs until there are about this many programs per SM.
 PROGRAMS_PER_SM = 2
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
@@ -102,6 +128,28 @@ def _dot_lowp(a, b, PREC: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax(s1, s2, HAS_S2: tl.constexpr, valid, sm_scale, m_i, l_i, acc, P_DTYPE: tl.constexpr):
+    """One block of base-2 online softmax over logits (s1 + s2) * sm_scale [BLOCK_H, BLOCK_N]
+    (valid [BLOCK_N] marks real slots), running max m_i and sum l_i [BLOCK_H], accumulator acc
+    [BLOCK_H, BDV] -> (p in P_DTYPE, m_i, l_i, acc); p is rounded to the value dtype for P·V
+    (FlashAttention's bf16 P·V). Lazy rescaling (FlashAttention-4): the running max is kept stale
+    until some row's max has grown by more than 2^RESCALE_SLACK, so p <= 2^8 (well inside bf16's
+    range) and the accumulator is rescaled a few times per row instead of once per block."""
+    s = s1 * sm_scale
+    if HAS_S2:
+        s += s2 * sm_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if tl.max(m_new - m_i, 0) > RESCALE_SLACK:
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(s - m_i[:, None])
+    return p.to(P_DTYPE), m_i, l_i + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _latent_attn_fwd(
     Q, K, V, IDX, NVALID, TABLE, O, LSE, OP, LP,
     sm_scale, T, G, N_HBLK, N_SPLIT, n_slots, slots_per_split, n_rows,
@@ -115,7 +163,7 @@ def _latent_attn_fwd(
     DK1: tl.constexpr, BD1: tl.constexpr, DK2: tl.constexpr, BD2: tl.constexpr,
     D_V: tl.constexpr, BDV: tl.constexpr, NUM_DVB: tl.constexpr, V_IS_K: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_OUT: tl.constexpr, PREC: tl.constexpr,
-    INTERP: tl.constexpr,
+    ROW64: tl.constexpr, SHARE_QK: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One program: query token (b, t), kv head hk, query heads hk*G + [hb*BLOCK_H, +BLOCK_H),
     value columns [dvb*BDV, +BDV), slots [split*slots_per_split, +slots_per_split). Writes o
@@ -145,7 +193,7 @@ def _latent_attn_fwd(
         d2 = tl.arange(0, BD2)
         q2 = tl.load(q_base + DK1 + d2[None, :], mask=h_ok[:, None] & (d2 < DK2)[None, :], other=0.0)
     dv = dvb * BDV + tl.arange(0, BDV)  # this program's value columns
-    first = (offs_h * 0 + dvb) == 0  # one program per head block writes the log-sum-exp
+    lse_writer = (offs_h * 0 + dvb) == 0  # one program per head block writes the log-sum-exp
 
     lo = split * slots_per_split
     hi = tl.minimum(lo + slots_per_split, n_slots)
@@ -162,35 +210,58 @@ def _latent_attn_fwd(
     for start in range(lo, hi, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         in_range = slots < hi
+        # Row addresses: a scalar int64 base for the block plus small per-row offsets (int32 unless
+        # ROW64), so the loop keeps few 64-bit pointers alive (the [64, 512] tile's pointers spilled).
         if GATHER == 1:
-            idx = tl.load(IDX + b * stride_ib + t * stride_it + slots, mask=in_range, other=-1).to(tl.int64)
+            idx = tl.load(IDX + b * stride_ib + t * stride_it + slots, mask=in_range, other=-1)
             valid = in_range & (idx >= 0) & (idx < n_rows)
-            rows = tl.where(valid, idx, 0)
-        elif GATHER == 2:
-            page = tl.load(TABLE + b * stride_tb + slots // PAGE, mask=in_range, other=0).to(tl.int64)
+            rows = tl.where(valid, idx, 0).to(tl.int64 if ROW64 else tl.int32)
+            first = tl.zeros([], dtype=tl.int64)
+        elif GATHER == 2 and PAGE % BLOCK_N == 0:  # the block lies inside one page: one table read
             valid = in_range
-            rows = page * PAGE + slots % PAGE
+            first = tl.load(TABLE + b * stride_tb + start // PAGE).to(tl.int64) * PAGE - start // PAGE * PAGE
+            rows = slots  # + first: page * PAGE + slot % PAGE
+        elif GATHER == 2:
+            valid = in_range
+            page = tl.load(TABLE + b * stride_tb + slots // PAGE, mask=in_range, other=0)
+            rows = page.to(tl.int64 if ROW64 else tl.int32) * PAGE + slots % PAGE
+            first = tl.zeros([], dtype=tl.int64)
         else:
             valid = in_range
-            rows = slots.to(tl.int64)
-        k_rows = k_base + rows[:, None] * stride_ks
-        k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None] & (d1 < DK1)[None, :], other=0.0)
-        s = _mm(q1, tl.trans(k1), PREC, INTERP)  # (BLOCK_H, BLOCK_N)
+            first = tl.zeros([], dtype=tl.int64)
+            rows = slots.to(tl.int64 if ROW64 else tl.int32)
+        k_rows = k_base + first * stride_ks + rows[:, None] * stride_ks
+        if BD1 == DK1:
+            k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None], other=0.0)
+        else:
+            k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None] & (d1 < DK1)[None, :], other=0.0)
+        s1 = _mm(q1, tl.trans(k1), PREC, INTERP)  # (BLOCK_H, BLOCK_N)
+        s2 = s1  # unused without a tail
         if DK2 > 0:
             k2 = tl.load(k_rows + DK1 + d2[None, :], mask=valid[:, None] & (d2 < DK2)[None, :], other=0.0)
-            s += _mm(q2, tl.trans(k2), PREC, INTERP)
-        s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+            s2 = _mm(q2, tl.trans(k2), PREC, INTERP)  # (BLOCK_H, BLOCK_N)
+        if SHARE_QK:
+            # Triton lays a dot out with all warps along M when its result reaches another dot
+            # through SSA values (FlashAttention's layout: softmax rows stay inside a warp). For q·k
+            # of 64 heads with 8 warps (2 warpgroups) that makes BOTH warpgroups compute the same
+            # [64, BLOCK_N] logits; at MLA's 576 dims q·k is most of the work, so that costs ~1.5x
+            # the tensor-core time and twice the shared-memory reads of the q tile (the tiles'
+            # limit at small BLOCK_N). The search does not follow values out of an `if`, so under
+            # this always-true runtime condition the q·k dots get the split layout (each warpgroup
+            # half of the columns, computed once); the softmax rows are then reduced across the
+            # warpgroups through shared memory and p crosses once, in bf16, to the P·V layout.
+            if n_rows >= 0:
+                p, m_i, l_i, acc = _online_softmax(s1, s2, DK2 > 0, valid, sm_scale, m_i, l_i, acc, k1.dtype)
+            else:  # never taken; not a constant, which would get its own shared-memory buffer
+                p = (s1 * 0.0).to(k1.dtype)
+        else:
+            p, m_i, l_i, acc = _online_softmax(s1, s2, DK2 > 0, valid, sm_scale, m_i, l_i, acc, k1.dtype)
         if V_IS_K and NUM_DVB == 1:
             v = k1  # MLA absorbed: the value is the first D_v dims of the key row, already loaded
         else:
-            v = tl.load(v_base + rows[:, None] * stride_vs + dv[None, :],
+            v = tl.load(v_base + first * stride_vs + rows[:, None] * stride_vs + dv[None, :],
                         mask=valid[:, None] & (dv < D_V)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot_lowp(p, v, PREC, INTERP)
-        m_i = m_new
+        acc += _dot_lowp(p, v, PREC, INTERP)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -198,18 +269,20 @@ def _latent_attn_fwd(
         row = (bt * n_kv * G + heads) * N_SPLIT + split
         tl.store(OP + row[:, None] * D_V + dv[None, :], o, mask=h_ok[:, None] & (dv < D_V)[None, :])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(LP + row, lse, mask=h_ok & first)
+        tl.store(LP + row, lse, mask=h_ok & lse_writer)
     else:
         o_ptr = O + b * stride_ob + t * stride_ot + heads[:, None] * stride_oh + dv[None, :]
         tl.store(o_ptr, o.to(O.dtype.element_ty), mask=h_ok[:, None] & (dv < D_V)[None, :])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
-        tl.store(LSE + bt * n_kv * G + heads, lse, mask=h_ok & first)
+        tl.store(LSE + bt * n_kv * G + heads, lse, mask=h_ok & lse_writer)
 
 
 @triton.jit
 def _combine(OP, LP, O, LSE, T, H, N_SPLIT, stride_ob, stride_ot, stride_oh,
-             D_V: tl.constexpr, BDV: tl.constexpr, BSPLIT: tl.constexpr):
-    """Merge N_SPLIT partial (o_i, lse_i) of one (query token, head): o = Σ 2^(lse_i − lse) o_i."""
+             D_V: tl.constexpr, BDV: tl.constexpr, BSPLIT: tl.constexpr, SPLIT_STEP: tl.constexpr):
+    """Merge N_SPLIT partial (o_i, lse_i) of one (query token, head) and value columns
+    [pid1*BDV, +BDV): o = Σ 2^(lse_i − lse) o_i. The partials are read SPLIT_STEP splits at a time
+    as one [SPLIT_STEP, BDV] tile (a serial loop over 100+ splits at batch 1 was latency-bound)."""
     pid = tl.program_id(0).to(tl.int64)  # = (b*T + t)*H + h
     h = pid % H
     bt = pid // H
@@ -219,18 +292,20 @@ def _combine(OP, LP, O, LSE, T, H, N_SPLIT, stride_ob, stride_ot, stride_oh,
     lse_i = tl.load(LP + pid * N_SPLIT + sp, mask=sp < N_SPLIT, other=float("-inf"))
     m = tl.max(lse_i, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse_i - m)  # empty splits: 0
-    total = tl.sum(w, 0)
-    dv = tl.arange(0, BDV)
+    total = tl.sum(tl.exp2(lse_i - m), 0)  # empty splits: 0
+    dv = tl.program_id(1) * BDV + tl.arange(0, BDV)
     acc = tl.zeros([BDV], dtype=tl.float32)
-    for i in range(0, N_SPLIT):
-        w_i = tl.exp2(tl.load(LP + pid * N_SPLIT + i) - m)
-        if w_i > 0:  # an empty split's partial is 0, but skip the read
-            acc += w_i * tl.load(OP + (pid * N_SPLIT + i) * D_V + dv, mask=dv < D_V, other=0.0)
+    for s0 in range(0, N_SPLIT, SPLIT_STEP):
+        si = s0 + tl.arange(0, SPLIT_STEP)
+        w = tl.exp2(tl.load(LP + pid * N_SPLIT + si, mask=si < N_SPLIT, other=float("-inf")) - m)
+        part = tl.load(OP + (pid * N_SPLIT + si[:, None]) * D_V + dv[None, :],
+                       mask=(w > 0)[:, None] & (dv < D_V)[None, :], other=0.0)  # empty splits: not read
+        acc += tl.sum(w[:, None] * part, 0)
     has = total > 0
     o = acc / tl.where(has, total, 1.0)
     tl.store(O + b * stride_ob + t * stride_ot + h * stride_oh + dv, o.to(O.dtype.element_ty), mask=dv < D_V)
-    tl.store(LSE + pid, tl.where(has, m + tl.log2(tl.where(has, total, 1.0)), float("inf")))
+    if tl.program_id(1) == 0:
+        tl.store(LSE + pid, tl.where(has, m + tl.log2(tl.where(has, total, 1.0)), float("inf")))
 
 
 @triton.jit
@@ -384,6 +459,169 @@ def _index_scores_kernel(
                  mask=t_ok[:, None] & (cols < hi)[None, :])
 
 
+# Exact causal top-k (attnlab.ops.dsa_topk) as a radix select on the scores' bits. Each score maps
+# to an int32 key that orders like the float (ops.sparse._ordered_keys' high word: -0.0 -> +0.0, IEEE
+# sign-magnitude -> two's complement); the k-th largest key is found 11 + 11 + 10 bits at a time
+# from histograms that many programs (chunks of a row) add up with atomics, then every key above it
+# and the earliest `need` keys equal to it are taken (the tie rule), written in position order,
+# and sorted by (key descending, position ascending) by ranking.
+_KEY_NEG_INF: tl.constexpr = tl.constexpr(-2139095041)  # key of -inf: 0xFF800000 ^ 0x7FFFFFFF as int32
+
+
+@triton.jit
+def _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL: tl.constexpr):
+    x = tl.load(SC + row_off + cols, mask=ok, other=float("-inf"))
+    if CAUSAL:
+        x = tl.where(cols > qpos, float("-inf"), x)
+    bits = (x + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 ties with +0.0
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _topk_select(HIST, k_rem, NB: tl.constexpr):
+    """The bin of a row's histogram [NB] holding its k_rem-th largest key, and k_rem minus the keys
+    in the bins above it."""
+    bins = tl.arange(0, NB)
+    h = tl.load(HIST + bins)
+    at_or_above = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys in bins >= b
+    b = tl.max(tl.where(at_or_above >= k_rem, bins, -1), 0)
+    return b, k_rem - tl.sum(tl.where(bins > b, h, 0), 0)
+
+
+@triton.jit
+def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
+    """(key prefix, keys still to take at it) after LEVELS histogram levels (0..3) of a row;
+    LEVELS = 3 gives the full k-th largest key and how many of the keys equal to it are taken."""
+    prefix = tl.zeros([], dtype=tl.int32)
+    k_rem = k_eff
+    if LEVELS >= 1:
+        b1, k_rem = _topk_select(HIST, k_rem, 2048)
+        prefix = b1 - 1024  # key >> 21
+    if LEVELS >= 2:
+        b2, k_rem = _topk_select(HIST + 2048, k_rem, 2048)
+        prefix = prefix * 2048 + b2  # key >> 10
+    if LEVELS >= 3:
+        b3, k_rem = _topk_select(HIST + 4096, k_rem, 1024)
+        prefix = prefix * 1024 + b3  # key
+    return prefix, k_rem
+
+
+@triton.jit
+def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
+               LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
+    the earlier levels chose (recomputed here from their histograms: no extra launch)."""
+    pid = tl.program_id(0)
+    r = pid // N_CHUNK
+    c = pid % N_CHUNK
+    hist = HIST + r.to(tl.int64) * (3 * 2048)
+    prefix, k_rem = _topk_threshold(hist, k_eff, LEVEL)
+    NB: tl.constexpr = 1024 if LEVEL == 2 else 2048
+    row_off = r.to(tl.int64) * stride_r
+    qpos = S - T + r % T
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, S)
+    counts = tl.zeros([NB], dtype=tl.int32)
+    n_out = 0
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        if LEVEL == 0:
+            digit = (key >> 21) + 1024
+        elif LEVEL == 1:
+            ok = ok & ((key >> 21) == prefix)
+            digit = (key >> 10) & 0x7FF
+        else:
+            ok = ok & ((key >> 10) == prefix)
+            digit = key & 0x3FF
+        counts += tl.histogram(tl.where(ok, digit, 0), NB)
+        n_out += tl.sum((~ok).to(tl.int32), 0)
+    bins = tl.arange(0, NB)
+    counts -= tl.where(bins == 0, n_out, 0)  # the keys outside the chunk or prefix went to bin 0
+    tl.atomic_add(hist + LEVEL * 2048 + bins, counts, mask=counts > 0)
+
+
+@triton.jit
+def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]."""
+    pid = tl.program_id(0)
+    r = pid // N_CHUNK
+    c = pid % N_CHUNK
+    thr, need = _topk_threshold(HIST + r.to(tl.int64) * (3 * 2048), k_eff, 3)
+    row_off = r.to(tl.int64) * stride_r
+    qpos = S - T + r % T
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, S)
+    n_gt = 0
+    n_eq = 0
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        n_gt += tl.sum((ok & (key > thr)).to(tl.int32), 0)
+        n_eq += tl.sum((ok & (key == thr)).to(tl.int32), 0)
+    tl.store(CNT + pid * 2, n_gt)
+    tl.store(CNT + pid * 2 + 1, n_eq)
+
+
+@triton.jit
+def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, stride_sel,
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr):
+    """The taken keys of chunk c of row r, in position order, into SEL[r, slot] as int64 sort keys
+    (key << 32) | (S - 1 - position): a bigger one is a higher score, then an earlier position. A
+    chunk's first slot counts the keys taken in the chunks before it (from CNT)."""
+    pid = tl.program_id(0)
+    r = pid // N_CHUNK
+    c = pid % N_CHUNK
+    thr, need = _topk_threshold(HIST + r.to(tl.int64) * (3 * 2048), k_eff, 3)
+    ch = tl.arange(0, BCH)
+    before = ch < c
+    cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
+    gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0), 0)
+    eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0), 0)
+    slot = gt_before + tl.minimum(eq_seen, need)
+    row_off = r.to(tl.int64) * stride_r
+    qpos = S - T + r % T
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, S)
+    sel = SEL + r.to(tl.int64) * stride_sel
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        eq = (ok & (key == thr)).to(tl.int32)
+        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
+        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
+        take_i = take.to(tl.int32)
+        dst = slot + tl.cumsum(take_i, 0) - 1
+        sort_key = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+        tl.store(sel + dst, sort_key, mask=take)
+        slot += tl.sum(take_i, 0)
+        eq_seen += tl.sum(eq, 0)
+
+
+@triton.jit
+def _topk_rank(SEL, OUT, S, k_eff, stride_sel, stride_out, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Sort a row's k_eff taken keys by ranking: each of BLOCK_I keys counts the keys bigger than
+    it (all distinct: they carry the position) and lands at that slot as a position, -1 for a -inf
+    score. k_eff^2 comparisons spread over k_eff / BLOCK_I programs per row."""
+    r = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok_i = i < k_eff
+    sel = SEL + r * stride_sel
+    xi = tl.load(sel + i, mask=ok_i, other=0)
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, k_eff, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        xj = tl.load(sel + j, mask=j < k_eff, other=0)
+        bigger = (xj[None, :] > xi[:, None]) & (j < k_eff)[None, :]
+        rank += tl.sum(bigger.to(tl.int32), 1)
+    pos = (S - 1 - (xi & 0xFFFFFFFF)).to(tl.int64)
+    pos = tl.where((xi >> 32).to(tl.int32) == _KEY_NEG_INF, -1, pos)
+    tl.store(OUT + r * stride_out + rank, pos, mask=ok_i)
+
 # ---------------------------------------------------------------------------------------------
 # host side
 
@@ -453,6 +691,47 @@ def _n_splits(programs: int, n_slots: int, block_n: int, device: torch.device) -
     return max(range(1, most + 1), key=score)
 
 
+def _config_key(tuning: str, cfg: dict) -> tuple:
+    return (tuning, *sorted(cfg.items()))
+
+
+def _launch_configs(tuning: str) -> list[dict]:
+    """TUNING[tuning], then FALLBACK, minus the shapes that already failed to compile here."""
+    out = []
+    for cfg in [TUNING[tuning], *FALLBACK]:
+        if _config_key(tuning, cfg) not in _FAILED_CONFIGS and cfg not in out:
+            out.append(cfg)
+    return out or [TUNING[tuning]]
+
+
+def _launch_errors() -> tuple:
+    errs: list = [RuntimeError]  # MLIR pass failures surface as RuntimeError
+    try:
+        from triton.runtime.errors import OutOfResources
+        errs.append(OutOfResources)
+    except ImportError:
+        pass
+    try:
+        from triton.compiler.errors import CompilationError
+        errs.append(CompilationError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+_LAUNCH_ERRORS = _launch_errors()
+
+
+def _is_compile_failure(e: BaseException) -> bool:
+    """A launch shape this GPU / Triton version cannot build (not a CUDA fault or an OOM)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    if type(e).__name__ in ("OutOfResources", "CompilationError"):
+        return True
+    msg = str(e)
+    return any(word in msg for word in ("PassManager", "out of resource", "ptxas", "MLIR"))
+
+
 def _attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -470,14 +749,35 @@ def _attend(
     """Shared launcher. q [B, T, H, D]; k [B|1, rows, H_kv, D] (paged: [1, pages*page, H_kv, D]);
     v likewise with D_v. Returns o [B, T, H, D_v] in q's dtype and lse float32 [B, T, H] (base 2,
     +inf for rows with no valid slot)."""
-    B, T, H, D = q.shape
-    H_kv, D_v, n_rows = k.shape[2], v.shape[3], k.shape[1]
-    G = H // H_kv
+    D, D_v, n_rows = q.shape[3], v.shape[3], k.shape[1]
     prec = _precision(q.dtype)
     v_is_k = _value_is_key_prefix(k, v)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     dk1, bd1, dk2, bd2 = _key_split(D, D_v, v_is_k)
-    cfg = TUNING[tuning]
+    # int64 row offsets only when a row offset can pass int32 (caches of > 2^31 elements)
+    row64 = max(n_rows * k.stride(1), v.shape[1] * v.stride(1)) + D >= 2**31
+    if q.dtype == torch.float32 and q.is_cuda and not _INTERPRET:
+        tuning = "fp32"
+    last_error = None
+    for cfg in _launch_configs(tuning):
+        try:
+            return _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_splits, cfg,
+                                dk1, bd1, dk2, bd2, v_is_k, prec, row64)
+        except _LAUNCH_ERRORS as e:  # shared memory / registers of a launch shape on this GPU/Triton
+            if _INTERPRET or not q.is_cuda or not ALLOW_FALLBACK or not _is_compile_failure(e):
+                raise
+            last_error = e
+            _FAILED_CONFIGS.add(_config_key(tuning, cfg))
+            warnings.warn(f"attnlab.kernels.sparse: launch shape {cfg} for {tuning!r} failed "
+                          f"({type(e).__name__}: {str(e)[:160]}); trying the next", stacklevel=2)
+    raise RuntimeError(f"no launch shape for {tuning!r} compiled") from last_error
+
+
+def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_splits, cfg,
+                 dk1, bd1, dk2, bd2, v_is_k, prec, row64):
+    B, T, H, D = q.shape
+    H_kv, D_v, n_rows = k.shape[2], v.shape[3], k.shape[1]
+    G = H // H_kv
     block_h = min(cfg["BLOCK_H"], _pow2(G))
     n_hblk = triton.cdiv(G, block_h)
     bdv = _pow2(triton.cdiv(D_v, cfg.get("DVB", 1)))  # value columns per program
@@ -511,13 +811,14 @@ def _attend(
         o.stride(0), o.stride(1), o.stride(2),
         GATHER=gather, PAGE=page, DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=bdv, NUM_DVB=n_dvb,
         V_IS_K=v_is_k, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], SPLIT_OUT=splits > 1, PREC=prec,
-        INTERP=_INTERPRET,
+        ROW64=row64, SHARE_QK=bool(cfg.get("SHARE_QK", 0)) and block_h >= 64, INTERP=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
-        _combine[(B * T * H,)](
+        bdv_c = min(128, _pow2(D_v))
+        _combine[(B * T * H, triton.cdiv(D_v, bdv_c))](
             op, lp, o, lse, T, H, splits, o.stride(0), o.stride(1), o.stride(2),
-            D_V=D_v, BDV=_pow2(D_v), BSPLIT=_pow2(splits, 2), num_warps=4,
+            D_V=D_v, BDV=bdv_c, BSPLIT=_pow2(splits, 2), SPLIT_STEP=min(16, _pow2(splits, 2)), num_warps=4,
         )
     return o, lse
 
@@ -803,6 +1104,69 @@ def dsa_index_scores(
         FP8=fp8, CAUSAL=causal, PREC=prec, INTERP=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    return out
+
+
+# Programs per SM the top-k passes aim for: chunks of a row are split across programs until the
+# rows x chunks reach this (a decode row of 1M scores: 4 x 132 chunks of 2048).
+TOPK_PROGRAMS_PER_SM = 4
+TOPK_BLOCK = 1024  # scores per step of a top-k program
+TOPK_MAX_CHUNKS = 1024  # a row's chunk counts are read as one vector by _topk_write
+
+
+def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tensor:
+    """``attnlab.ops.dsa_topk`` in Triton: the same indices, ties to the earlier position.
+
+    A radix select on the scores' order-preserving int32 keys: three histogram passes (11, 11, 10
+    bits) find the k-th largest key of each row, with each row split into chunks over many programs
+    (decode: one row of 1M scores over ~500 programs); a count pass and a write pass take every key
+    above it and the earliest ties, in position order; a rank pass sorts the k taken (each counts
+    the bigger ones: k^2 comparisons over k / 64 programs per row).
+    Five passes over the scores (L2-resident for a decode row), no host sync, CUDA-graph safe.
+
+    Args:
+        scores: float32 [B, T, S] (other float dtypes are compared at float32); the T queries are the
+            last T of S positions. -inf marks an unusable position.
+        topk: k >= 1; may exceed S.
+        causal: True: positions s > S - T + t are invisible to query t (needs S >= T).
+
+    Returns:
+        int64 [B, T, topk], by score descending, ties to the earlier position; -1 for -inf scores
+        and past S, last.
+    """
+    check_tensor("scores", scores, 3, "[B, T, S]")
+    B, T, S = scores.shape
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
+    if causal and S < T:
+        raise ValueError(f"scores: causal top-k needs S >= T (queries are the last T of S), got {(B, T, S)}")
+    if S >= 2**31 - 1:
+        raise ValueError(f"scores: S={S} positions do not fit the kernel's int32 positions")
+    k_eff = min(topk, S)
+    out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
+    R = B * T
+    if R == 0 or S == 0:
+        return out
+    sc = scores.reshape(R, S)  # (R, S)
+    if sc.dtype != torch.float32 or sc.stride(-1) != 1:
+        sc = sc.to(torch.float32).contiguous()
+    target = TOPK_PROGRAMS_PER_SM * _num_sms(scores.device)
+    n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
+    chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_BLOCK) * TOPK_BLOCK
+    n_chunks = triton.cdiv(S, chunk)
+    hist = torch.zeros(R, 3, 2048, dtype=torch.int32, device=scores.device)
+    cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=scores.device)
+    sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device)
+    grid = (R * n_chunks,)
+    args = (sc, hist, S, T, chunk, sc.stride(0), k_eff, n_chunks)
+    for level in range(3):
+        _topk_hist[grid](*args, LEVEL=level, CAUSAL=causal, BLOCK=TOPK_BLOCK, num_warps=8)
+    _topk_count[grid](sc, hist, cnt, *args[2:], CAUSAL=causal, BLOCK=TOPK_BLOCK, num_warps=8)
+    _topk_write[grid](sc, hist, cnt, sel, *args[2:], sel.stride(0), CAUSAL=causal, BLOCK=TOPK_BLOCK,
+                      BCH=_pow2(n_chunks, 2), num_warps=8)
+    res = out.view(R, topk)  # (R, topk)
+    _topk_rank[(R, triton.cdiv(k_eff, 64))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
+                                           BLOCK_I=64, BLOCK_J=128, num_warps=4)
     return out
 
 

@@ -15,10 +15,12 @@ gathers that head once per query, never once per query head.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import check_same_device, check_tensor
+from .._checks import check_mode, check_same_device, check_tensor
 from .softmax import _check_attention_inputs, _check_same_dtype, _sparse_kernel
 
 # Work is split into query blocks so that the per-block temporaries (gathered keys/values,
@@ -89,7 +91,7 @@ def _ordered_keys(scores: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int64) << 32) + tiebreak  # (..., S)
 
 
-def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tensor:
+def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, mode: str = "auto") -> torch.Tensor:
     """Top-k positions per query, causal.
 
     Args:
@@ -98,6 +100,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
             (e.g. past a row's cache length in decode, with causal=False).
         topk: k >= 1; may exceed S.
         causal: True: positions s > S - T + t are invisible to query t (needs S >= T).
+        mode: "torch" (one int64 top-k over sort keys); "triton" (attnlab.kernels.sparse.dsa_topk, a
+            radix select over many programs per row: the decode path at 1M); "auto" = triton for
+            CUDA tensors outside torch.compile, else torch. Every mode returns the same indices.
 
     Returns:
         indices: int64 [B, T, topk], ordered by score descending. Ties are broken deterministically
@@ -112,6 +117,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
         raise ValueError(
             f"scores: causal top-k needs S >= T (queries are the last T of S), got {tuple(scores.shape)}"
         )
+    kernel = _topk_kernel(mode, scores)
+    if kernel is not None:
+        return kernel(scores, topk, causal=causal)
     k_eff = min(topk, S)
     out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
     pos = torch.arange(S, device=scores.device)  # (S,)
@@ -127,6 +135,25 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
             chosen = blk.gather(-1, idx)  # (B, Tb, k_eff)
             out[:, t0:t1, :k_eff] = idx.masked_fill(chosen == float("-inf"), -1)
     return out
+
+
+def _topk_kernel(mode: str, scores: torch.Tensor):
+    """The Triton top-k for ``mode`` (see dsa_topk), or None for the torch path."""
+    check_mode(mode, ("auto", "torch", "triton"))
+    if mode == "torch" or (mode == "auto" and (not scores.is_cuda or torch.compiler.is_compiling())):
+        return None
+    if not (scores.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"mode: 'triton' for dsa_topk needs a CUDA tensor, got one on {scores.device}; "
+                         "use mode='torch'")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores: expected a float dtype, got {scores.dtype}")
+    try:
+        from ..kernels.sparse import dsa_topk as kernel
+    except Exception as e:  # ImportError, or triton failing at import
+        if mode == "auto":
+            return None
+        raise ValueError(f"mode: 'triton' is unavailable for dsa_topk ({type(e).__name__}: {e})") from e
+    return kernel
 
 
 def sparse_attention(
