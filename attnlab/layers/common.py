@@ -32,8 +32,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim], same dtype."""
+        # F.rms_norm: the same float32 math in fewer ops (one fused kernel where torch has one); it
+        # upcasts 16-bit inputs and weights itself (bitwise the same as casting first), so only the
+        # zero-centered 1 + w, which must not be rounded to 16 bits, is formed in float32 here
+        if not self.zero_centered and self.weight.dtype == x.dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         w = self.weight.float()
-        # F.rms_norm: the same float32 math in fewer ops (one fused kernel where torch has one)
         return F.rms_norm(x.float(), w.shape, 1.0 + w if self.zero_centered else w, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
