@@ -15,7 +15,15 @@ query scores every earlier key with the indexer (linear in context) but attends 
 Measured cost times prefill (the layer / model over T tokens with a cache) and per-token
 decode at context L (a cache filled to length L with random contents — decode time depends
 on how much is cached, not on its values), and reads the allocated cache bytes back from the
-tensors. Scaling exponents are least-squares slopes in log-log space.
+tensors. Two exponents per curve, both log-log slopes: the least-squares fit over every
+context measured, which lower-order terms (projections, fixed per-step overheads) bias towards
+them, and the slope between the two largest contexts, where the leading term dominates most
+(:func:`asymptotic_exponent`); beside them the marginal cost of one more context token. The
+``S`` op and the ``D`` indexer are also timed alone, beside their layers.
+
+On the CPU, timings are the process's CPU time with one torch thread (a busy neighbour does
+not inflate them), prefill runs in chunks (temporaries stay cache-sized), and decode contexts
+reach past the last-level cache (a cache that fits in L3 reads about twice as fast per token).
 """
 
 from __future__ import annotations
@@ -1118,6 +1126,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         s,
         progress=lambda m: print(m, flush=True),
         on_update=lambda r: write_json_atomic(r, out / "cost.json"),
+        log=lambda m: print(m, flush=True),  # each point's time
     )
     write_plots(result, out)
     print(format_table(result))

@@ -268,7 +268,7 @@ def test_measure_reports_out_of_memory_as_a_limit():
     assert all(m.seconds is not None and m.error is None for m in ms[:2])
 
 
-def test_cost_cli_writes_json_and_plots(tmp_path):
+def test_cost_cli_writes_json_and_plots(tmp_path, capsys):
     out = tmp_path / "cost"
     rc = main(
         [
@@ -290,7 +290,10 @@ def test_cost_cli_writes_json_and_plots(tmp_path):
         ]
     )
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert "decode S (softmax attention) @ 256:" in printed and "ms per call" in printed  # each point's time
     data = json.loads((out / "cost.json").read_text())
+    assert data["status"] == "complete"
     assert set(data["mechanisms"]) == {"S", "W", "L"}
     for letter in "SWL":
         assert len(data["mechanisms"][letter]["measured"]["decode"]) == 3
