@@ -80,10 +80,13 @@ def finish(result: dict, out: Path) -> None:
     """Plots and the table from a (possibly partial) result."""
     import warnings
 
-    with warnings.catch_warnings():  # an empty panel's legend warns
-        warnings.simplefilter("ignore", UserWarning)
-        write_plots(result, out)
     print(format_table(result), flush=True)
+    try:
+        with warnings.catch_warnings():  # an empty panel's legend warns
+            warnings.simplefilter("ignore", UserWarning)
+            write_plots(result, out)
+    except ImportError as e:  # no matplotlib on this machine: cost.json is there, --replot elsewhere
+        print(f"cost_gpu: no plots ({e}); run --replot {out / 'cost.json'} where matplotlib is installed")
     print(f"wrote {out / 'cost.json'} ({result.get('status')}) and plots to {out}", flush=True)
 
 
