@@ -511,6 +511,31 @@ def test_interp_sparse_64_heads_shared_qk():
         check_sparse(2, 1, 64, 300, 100, 24, 16, torch.bfloat16, n_splits=3, seed=7)
 
 
+@interp
+def test_interp_int64_row_offsets(monkeypatch):
+    """The int64 row-offset path (caches of > 2^31 elements), forced at a tiny size: dense, paged
+    and gathered rows give the same outputs as the int32 path."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(31)
+    q, k = torch.randn(2, 4, 24, generator=gen), torch.randn(2, 64, 1, 24, generator=gen)
+    n_valid = torch.tensor([50, 64])
+    pages = k.reshape(8, 16, 1, 24)
+    table = torch.arange(8).view(2, 4).int()
+    qs, ks_, vs, idx = make_sparse(1, 2, 4, 40, 8, 24, 16, seed=3)
+
+    def outputs():
+        with tuned("decode", BLOCK_N=16):
+            return (ks.softmax_decode(q, k, k[..., :16], n_valid, n_splits=2),
+                    ks.paged_decode(q, pages, pages[..., :16], table, n_valid),
+                    ks.sparse_attention(qs, ks_, vs, idx))
+
+    want = outputs()
+    monkeypatch.setattr(ks, "FORCE_ROW64", True)
+    for got, ref in zip(outputs(), want, strict=True):
+        assert torch.equal(got, ref)
+
+
 def _layer(kind: str):
     """A tiny M or D layer (MLA latent 16 + RoPE 4, 3 heads; D: 2 index heads, top-6) with random weights."""
     from attnlab.config import ModelConfig
@@ -557,10 +582,17 @@ def test_interp_mla_and_dsa_layers_through_the_kernels(kind, monkeypatch):
         calls.append(name)
         return original("triton" if mode == "auto" else mode, name, q, needs_grad)
 
+    original_topk = sparse_ops._topk_kernel
+
+    def topk_to_kernel(mode, scores):
+        calls.append("dsa_topk")
+        return original_topk("triton" if mode == "auto" else mode, scores)
+
     monkeypatch.setattr(softmax_ops, "_sparse_kernel", to_kernels)
     monkeypatch.setattr(sparse_ops, "_sparse_kernel", to_kernels)
+    monkeypatch.setattr(sparse_ops, "_topk_kernel", topk_to_kernel)
     got = run()
-    expected = {"softmax_decode"} if kind == "M" else {"dsa_index_scores", "sparse_attention"}
+    expected = {"softmax_decode"} if kind == "M" else {"dsa_index_scores", "dsa_topk", "sparse_attention"}
     assert expected <= set(calls)
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) < 1e-5

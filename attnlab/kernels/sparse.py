@@ -98,6 +98,7 @@ FALLBACK: list[dict[str, int]] = [
     {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1, "SHARE_QK": 0},
 ]
 _FAILED_CONFIGS: set = set()
+FORCE_ROW64 = False  # tests: int64 row offsets even for small caches
 ALLOW_FALLBACK = True  # the benchmark's sweep turns it off, so a failing shape is not timed as another
 # Split slots across programs until there are about this many programs per SM.
 PROGRAMS_PER_SM = 2
@@ -220,7 +221,7 @@ def _latent_attn_fwd(
         elif GATHER == 2 and PAGE % BLOCK_N == 0:  # the block lies inside one page: one table read
             valid = in_range
             first = tl.load(TABLE + b * stride_tb + start // PAGE).to(tl.int64) * PAGE - start // PAGE * PAGE
-            rows = slots  # + first: page * PAGE + slot % PAGE
+            rows = slots.to(tl.int64 if ROW64 else tl.int32)  # + first: page * PAGE + slot % PAGE
         elif GATHER == 2:
             valid = in_range
             page = tl.load(TABLE + b * stride_tb + slots // PAGE, mask=in_range, other=0)
@@ -755,7 +756,7 @@ def _attend(
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     dk1, bd1, dk2, bd2 = _key_split(D, D_v, v_is_k)
     # int64 row offsets only when a row offset can pass int32 (caches of > 2^31 elements)
-    row64 = max(n_rows * k.stride(1), v.shape[1] * v.stride(1)) + D >= 2**31
+    row64 = FORCE_ROW64 or max(n_rows * k.stride(1), v.shape[1] * v.stride(1)) + D >= 2**31
     if q.dtype == torch.float32 and q.is_cuda and not _INTERPRET:
         tuning = "fp32"
     last_error = None
