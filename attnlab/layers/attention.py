@@ -156,7 +156,8 @@ class SoftmaxAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             cos, sin = self.rotary(positions)  # (B, T, R/2) or (T, R/2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # q and k heads rotated together: one set of RoPE ops per layer (decode runs each op once)
+            q, k = apply_rope(torch.cat((q, k), dim=2), cos, sin).split((H, Hkv), dim=2)  # (B, T, H|H_kv, D)
         return q, k, v, gate
 
     def _out(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
