@@ -452,32 +452,46 @@ def test_interp_triton_topk_decode_row_long(monkeypatch):
 
 @interp
 @pytest.mark.parametrize("share", [True, False])
-def test_interp_decode_64_heads_paged_and_split(share):
+def test_interp_decode_64_heads_paged(share):
     """64 heads (one head block: the SHARE_QK path when share), latent-like v = k[..., :D_v], rows
-    of length 0 / ragged / full, NaN past a row's length, split counts up to 40 (the combine reads
-    16 splits at a time), dense and paged caches with pages aligned to the slot block and not."""
+    of length 0 / ragged / full, NaN past a row's length, split and not, dense and paged caches
+    with pages aligned to the 16-slot block (one table read per block) and not (one per slot)."""
     from attnlab.kernels import sparse as ks
 
     gen = torch.Generator().manual_seed(21)
-    B, H, S, D, D_v = 3, 64, 256, 24, 16
+    B, H, S, D, D_v = 3, 64, 96, 24, 16
     q = torch.randn(B, H, D, generator=gen)
     k = torch.randn(B, S, 1, D, generator=gen)
-    n_valid = torch.tensor([0, 77, S])
+    n_valid = torch.tensor([0, 37, S])
     ref = ops.softmax_decode(q.double(), k.double(), k[..., :D_v].double(), n_valid, mode="torch")
     k_dirty = k.clone()
-    k_dirty[1, 77:] = float("nan")
+    k_dirty[1, 37:] = float("nan")
     with tuned("decode", BLOCK_N=16, SHARE_QK=int(share)):
-        for splits in (None, 16):
+        for splits in (1, 3):
             o = ks.softmax_decode(q, k_dirty, k_dirty[..., :D_v], n_valid, n_splits=splits)
             assert rel_err(o, ref) < 1e-5 and (o[0] == 0).all()
-        for page in (16, 8):  # 16: one table read per 16-slot block; 8: a table read per slot
+        for page in (16, 8):
             n_pages = B * S // page
             perm = torch.randperm(n_pages, generator=gen)
             pages = torch.empty(n_pages, page, 1, D)
             pages[perm] = k_dirty.reshape(n_pages, page, 1, D)
             table = perm.view(B, S // page).int()
-            o = ks.paged_decode(q, pages, pages[..., :D_v], table, n_valid, n_splits=3)
+            o = ks.paged_decode(q, pages, pages[..., :D_v], table, n_valid, n_splits=2)
             assert rel_err(o, ref) < 1e-5
+
+
+@interp
+def test_interp_decode_many_splits_combine():
+    """30 splits (the combine reads 16 at a time), some of them empty for a short row."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(22)
+    q, k = torch.randn(2, 4, 24, generator=gen), torch.randn(2, 480, 1, 24, generator=gen)
+    n_valid = torch.tensor([100, 480])
+    ref = ops.softmax_decode(q.double(), k.double(), k[..., :16].double(), n_valid, mode="torch")
+    with tuned("decode", BLOCK_N=16):
+        o = ks.softmax_decode(q, k, k[..., :16], n_valid, n_splits=30)
+    assert rel_err(o, ref) < 1e-5
 
 
 @interp
