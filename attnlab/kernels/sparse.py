@@ -21,7 +21,7 @@ tilelang ``sparse_mla_fwd`` example, DeepSeek 2025, do the same): a program owns
 and a block of up to ``BLOCK_H`` query heads of one kv head, so every gathered latent row is
 loaded ONCE and multiplied against all of those heads on the tensor cores. With MLA's absorbed
 form (v = k[..., :D_v]) the value tile is the first D_v columns of the key tile already in
-registers: one load per row, 1152 bytes at bf16. The key dims are split into a power-of-two main
+shared memory: one load per row, 1152 bytes at bf16. The key dims are split into a power-of-two main
 part (the D_v value columns) and a tail (the 64 RoPE columns). Softmax is online (base 2, running
 max and sum), with a finite initial max so an all-empty block never makes 0 * inf. When there are
 too few (query, head-block) programs to fill the GPU (decode), slots are split across programs
@@ -211,8 +211,8 @@ def _latent_attn_fwd(
     for start in range(lo, hi, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         in_range = slots < hi
-        # Row addresses: a scalar int64 base for the block plus small per-row offsets (int32 unless
-        # ROW64), so the loop keeps few 64-bit pointers alive (the [64, 512] tile's pointers spilled).
+        # Row offsets in int32 unless ROW64 (caches past 2^31 elements); a block inside one page
+        # reads the block table once (a scalar page base), not once per slot.
         if GATHER == 1:
             idx = tl.load(IDX + b * stride_ib + t * stride_it + slots, mask=in_range, other=-1)
             valid = in_range & (idx >= 0) & (idx < n_rows)
