@@ -323,3 +323,33 @@ def test_gpu_decode_steps(op, poisoned):
 @pytest.mark.gpu
 def test_gpu_varlen(poisoned):
     check_varlen("cuda", ("gdn", "kda", "lightning"))
+
+
+@pytest.mark.gpu
+def test_gpu_lightning_states_past_2_31_elements():
+    """The per-chunk states of a 576K-token, 16-head, 128×128 sequence hold 4.7e9 elements: their
+    offsets need 64 bits (an int32 chunk offset crashed lightning at 1M tokens in the H200 cost
+    run). Forward and backward over the whole sequence equal the second half run alone from the
+    first half's final state (each half's states stay below 2^31 elements)."""
+    from attnlab.kernels import linear
+
+    t, h, d = 9000 * 64, 16, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, t, h, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    k = k / d**0.5
+    slope = torch.linspace(0.01, 0.5, h, device="cuda")
+    half = t // 2
+    q2, k2, v2 = (x[:, half:].detach().clone().requires_grad_() for x in (q, k, v))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    o, ht = linear.lightning_attention(q, k, v, slope, output_final_state=True)
+    with torch.no_grad():
+        first = (x[:, :half] for x in (q, k, v))
+        _, s1 = linear.lightning_attention(*first, slope, output_final_state=True)
+    o2, ht2 = linear.lightning_attention(q2, k2, v2, slope, initial_state=s1, output_final_state=True)
+    assert rel_err(o[:, half:], o2) < 1e-2 and rel_err(ht, ht2) < 1e-2
+    do = torch.randn(o.shape, device="cuda", generator=gen, dtype=o.dtype)
+    o.backward(do)
+    o2.backward(do[:, half:])
+    for full, part in ((q, q2), (k, k2), (v, v2)):
+        assert torch.isfinite(full.grad).all()
+        assert rel_err(full.grad[:, half:], part.grad) < 1e-2

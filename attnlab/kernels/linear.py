@@ -482,7 +482,8 @@ def _state_kernel(
     for i_t in range(0, n_chunks):
         t0 = i_t * BT
         n_in = tl.minimum(n - t0, BT)
-        tl.store(h_p + i_t * H * K * V + kv, S.to(h.dtype.element_ty), mask=mkv)
+        tl.store(h_p + kv, S.to(h.dtype.element_ty), mask=mkv)
+        h_p += H * K * V  # a 64-bit pointer step: chunk offsets pass 2^31 elements at ~1M tokens
         if GATE == 0:
             b_vn = _tile(v_p, t0, n, H * V, c0, V, BT, BV)
             b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK).to(tl.float32)
@@ -597,12 +598,13 @@ def _lightning_dstate_kernel(
         dS += tl.load(dht + i_bh.to(tl.int64) * K * V + kv, mask=mkv, other=0.0)
     q_p = q + (bos * HK + i_hk) * K
     do_p = do + (bos * H + i_h) * V
-    d_p = dstates + (boh * H + i_h) * K * V
+    d_p = dstates + ((boh + n_chunks - 1) * H + i_h) * K * V  # the last chunk's (boh is int64)
     for j in range(0, n_chunks):
         i_t = n_chunks - 1 - j
         t0 = i_t * BT
         n_in = tl.minimum(n - t0, BT)
-        tl.store(d_p + i_t * H * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mkv)
+        tl.store(d_p + kv, dS.to(dstates.dtype.element_ty), mask=mkv)
+        d_p -= H * K * V  # 64-bit pointer steps, as in the forward state kernel
         b_q = _tile(q_p, t0, n, HK * K, 0, K, BT, BK).to(tl.float32)
         b_do = _tile(do_p, t0, n, H * V, c0, V, BT, BV)
         b_q = b_q * (tl.exp(-s_h * (rt + 1).to(tl.float32)) * scale)[:, None]
