@@ -192,6 +192,40 @@ def test_interp_latent_decode_op_compiles_and_matches_oracle():
 
 
 @interp
+@pytest.mark.parametrize("name", ["qwen3-next", "kimi-linear", "minimax-01"])
+def test_interp_linear_layers_decode_with_the_fused_step_kernels(name, monkeypatch):
+    """The G / K / L layers' T == 1 path with the fused Triton steps of attnlab.kernels.linear (what
+    it takes on CUDA; forced here on CPU tensors) gives the torch ops' logits."""
+    import attnlab.layers.deltanet as deltanet_layers
+    import attnlab.layers.lightning as lightning_layers
+    from attnlab import HybridLM, ModelConfig
+    from attnlab.generate import decode_one_token, prefill
+    from attnlab.kernels import linear
+
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset(name, d_model=64, n_layers=8, vocab_size=97)).eval()
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        caches = model.new_caches(2, 12)
+        prefill(model, x[:, :9], caches)
+        return torch.stack([decode_one_token(model, x[:, 9 + i], caches)[1] for i in range(3)], 1)
+
+    want = run()
+    used = []
+
+    def forced(op_name, q):
+        used.append(op_name)
+        return getattr(linear, op_name)
+
+    monkeypatch.setattr(lightning_layers, "decode_step_kernel", forced)
+    monkeypatch.setattr(deltanet_layers, "decode_step_kernel", forced)
+    got = run()
+    assert used, "the fused step was never asked for"
+    assert rel_err(got, want) <= 1e-5
+
+
+@interp
 def test_interp_bad_inputs_raise():
     from attnlab.kernels.decode import gqa_decode
 

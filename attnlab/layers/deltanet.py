@@ -44,7 +44,7 @@ from .. import ops
 from .._checks import check_heads_divide, check_tensor
 from ..cache import CacheSpec, LayerCache
 from .common import GatedRMSNorm, ShortConv
-from .lightning import _check_cache
+from .lightning import _check_cache, decode_step_kernel
 
 
 @dataclass
@@ -121,7 +121,8 @@ class DeltaRuleMixer(nn.Module):
         raise NotImplementedError
 
     def recurrence_step(self, q, k, v, g, beta, state):
-        """The one-token op: ``ops.gated_delta_rule_step`` or ``ops.kda_step``."""
+        """The one-token op: ``ops.gated_delta_rule_step`` or ``ops.kda_step`` (on CUDA outside
+        torch.compile, the fused Triton step of the same name)."""
         raise NotImplementedError
 
     # ---- shared
@@ -238,7 +239,8 @@ class GatedDeltaNet(DeltaRuleMixer):
                                     output_final_state=output_final_state, use_qk_l2norm=True)
 
     def recurrence_step(self, q, k, v, g, beta, state):
-        return ops.gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm=True)
+        step = decode_step_kernel("gated_delta_rule_step", q) or ops.gated_delta_rule_step
+        return step(q, k, v, g, beta, state, use_qk_l2norm=True)
 
     @torch.no_grad()
     def load_from_hf(self, hf_module: nn.Module) -> None:
@@ -291,7 +293,8 @@ class KimiDeltaAttention(DeltaRuleMixer):
                        output_final_state=output_final_state, use_qk_l2norm=True)
 
     def recurrence_step(self, q, k, v, g, beta, state):
-        return ops.kda_step(q, k, v, g, beta, state, use_qk_l2norm=True)
+        step = decode_step_kernel("kda_step", q) or ops.kda_step
+        return step(q, k, v, g, beta, state, use_qk_l2norm=True)
 
     @torch.no_grad()
     def load_from_hf(self, hf_module: nn.Module) -> None:
