@@ -322,12 +322,19 @@ def _delta_chunked(q, k, v, g, beta, scale, state, use_qk_l2norm: bool, n_rep: i
         pad = n * c - t
         q, k, v, g = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, g))  # (B, N·C, ·)
         beta = torch.nn.functional.pad(beta, (0, 0, 0, pad))  # (B, N·C, H)
-    if use_qk_l2norm:
-        q_row, k_row = _inv_norm(q, dtype) * scale, _inv_norm(k, dtype)  # (B, N·C, H_k, 1)
-    state = q.new_zeros(b * h, d_k, d_v, dtype=dtype) if state is None else state.reshape(b * h, d_k, d_v)
+    # Without autograd, intermediates may be written in place / through out= (fewer passes).
+    fused = not (torch.is_grad_enabled()
+                 and any(x is not None and x.requires_grad for x in (q, k, v, g, beta, state)))
     view = lambda x: _chunk_view(x, c, h_k, n_rep)  # (N, B, H_k, rep, C, ·), no copy
+    # q's row factor (scale · its inverse norm) is applied to the output rows, as the output is
+    # written (o is linear in each row of q): one pass over q's per-channel factor product fewer
+    q_row, k_row = scale, None
+    if use_qk_l2norm:
+        q_row = (_inv_norm(q, dtype) * scale).view(b, n, c, h_k, 1, 1)  # (B, N, C, H_k, 1, 1)
+        q_row = q_row.expand(-1, -1, -1, -1, n_rep, -1).reshape(b, n, c, h, 1)  # (B, N, C, H, 1)
+        k_row = view(_inv_norm(k, dtype))  # (N, B, H_k, rep, C, 1)
+    state = q.new_zeros(b * h, d_k, d_v, dtype=dtype) if state is None else state.reshape(b * h, d_k, d_v)
     inputs = [view(q), view(k), view(v), view(beta.unsqueeze(-1))]
-    rows = [view(q_row), view(k_row)] if use_qk_l2norm else []  # (N, B, H_k, rep, C, 1) each
     # G, the log of Γ_i (decay from the chunk start through token i), for the whole sequence at once,
     # as a product with a lower-triangular ones matrix in the input layout: the same sums as a cumsum
     # along C, 1.9x faster for KDA's per-channel gates on the CPU (and 1.7-4x faster than the same
@@ -341,30 +348,34 @@ def _delta_chunked(q, k, v, g, beta, scale, state, use_qk_l2norm: bool, n_rep: i
     o = q.new_empty((b, n, c, h, d_v), dtype=dtype)  # (B, N, C, H, D_v)
     for segment, first in enumerate(range(0, n, per_segment)):
         chunks = slice(first, first + per_segment)
-        q6, k6, v6, beta6, *rows6 = (x[chunks] for x in inputs + rows)  # (n, B, H_k, rep, C, ·)
+        q6, k6, v6, beta6 = (x[chunks] for x in inputs)  # (n, B, H_k, rep, C, ·)
         if mild[segment]:
             spans = (span_offset[chunks], span_ends[chunks])  # see _decay_spans
-        o_seg, state = _delta_segment(q6, k6, v6, G[chunks], beta6, scale, rows6 or None, state,
-                                      spans if mild[segment] else None, lower)  # (n, B·H, C, D_v)
-        o[:, chunks] = o_seg.view(-1, b, h, c, d_v).permute(1, 0, 3, 2, 4)  # (B, n, C, H, D_v)
+        o_seg, state = _delta_segment(q6, k6, v6, G[chunks], beta6, None if k_row is None else k_row[chunks],
+                                      state, spans if mild[segment] else None, lower, fused)
+        o_seg = o_seg.view(-1, b, h, c, d_v).permute(1, 0, 3, 2, 4)  # (B, n, C, H, D_v) from (n, B·H, C, D_v)
+        row = q_row if isinstance(q_row, float) else q_row[:, chunks]  # (B, n, C, H, 1) or a float
+        if fused:
+            torch.mul(o_seg, row, out=o[:, chunks])
+        else:
+            o[:, chunks] = o_seg * row
         del o_seg  # freed before the next segment allocates (a lower peak: fewer page faults)
     return o.view(b, -1, h, d_v)[:, :t], state.view(b, h, d_k, d_v)  # (B, T, H, D_v)
 
 
-def _delta_segment(q, k, v, G, beta, scale, rows, state, spans, lower):
+def _delta_segment(q, k, v, G, beta, k_row, state, spans, lower, fused: bool):
     """One segment of chunks (see the module docstring). q, k [n, B, H_k, rep, C, D_k] as read;
     v [n, B, H_k, rep, C, D_v]; G [n, B, H_k, rep, C, 1|D_k] the cumulative log-gate within each
-    chunk; beta [.., C, 1] (views, any strides); scale a float; rows None or (scale · q's inverse
-    norm, k's inverse norm), each [n, B, H_k, rep, C, 1]; state [B·H, D_k, D_v]; spans: None
-    (strong gates) or (offset [n, B, H_k, rep, 1, 1|D_k], ends: list of n bools), see
-    _decay_spans; lower [C, C] bool, j ≤ i.
+    chunk; beta [.., C, 1] (views, any strides); k_row None or k's inverse norm [n, B, H_k, rep, C, 1];
+    state [B·H, D_k, D_v]; spans: None (strong gates) or (offset [n, B, H_k, rep, 1, 1|D_k], ends:
+    list of n bools), see _decay_spans; lower [C, C] bool, j ≤ i; fused: no autograd (intermediates
+    may be overwritten). q is used as read: its row factor (scale, norm) is the caller's.
     Padded tokens have k = 0, β = 0, g = 0, so they leave the state untouched.
-    Returns (o [n, B·H, C, D_v], state after the last chunk)."""
+    Returns (o [n, B·H, C, D_v] without q's row factor, state after the last chunk)."""
     n, chunk, d_v = q.shape[0], q.shape[-2], v.shape[-1]
     flat = lambda x: x.reshape(n, -1, *x.shape[-2:])  # (n, B·H, C, ·): a view of a contiguous product
     beta = beta.to(state.dtype).contiguous()  # (n, B, H_k, rep, C, 1)
     v_beta = flat(beta * v)  # (n, B·H, C, D_v)
-    q_row, k_row = rows if rows is not None else (scale, None)
 
     if spans is not None:
         # Mild gates, decays measured from the start of a span of chunks (see _decay_spans) that
@@ -376,11 +387,17 @@ def _delta_segment(q, k, v, G, beta, scale, rows, state, spans, lower):
         # decays are applied as one factor per tensor (one pass each, which is also the layout
         # copy: the factor comes first so the product is contiguous chunk-major).
         offset, ends = spans
-        G = G.contiguous() + offset  # (n, B, H_k, rep, C, 1|D_k)   log-decay from the span start to token i
-        decay_in = G.exp()  # (n, B, H_k, rep, C, 1|D_k)   Γ_i ∈ [e^-60, 1]
-        # k ⊙ e^-G, not k / Γ: the quotient's gradient divides by Γ² (e^-120 is 0 in float32: NaN)
-        decay_out = (-G).exp() if k_row is None else (-G).exp() * k_row  # (…, C, 1|D_k)   1/Γ_j
-        q_in = flat((decay_in * q_row) * q)  # (n, B·H, C, D_k)   scale · q_i ⊙ Γ_i
+        if fused:  # G + offset written chunk-major in one pass; 1/Γ as one division
+            G = torch.add(G, offset, out=G.new_empty(G.shape))  # (n, B, H_k, rep, C, 1|D_k)
+            decay_in = G.exp_()  # (n, B, H_k, rep, C, 1|D_k)   Γ_i ∈ [e^-60, 1]
+            decay_out = G.new_empty(G.shape)  # (n, B, H_k, rep, C, 1|D_k)   1/Γ_j (times k's norm)
+            torch.div(1.0 if k_row is None else k_row, decay_in, out=decay_out)
+        else:
+            G = G.contiguous() + offset  # (n, B, H_k, rep, C, 1|D_k)   log-decay from the span start
+            decay_in = G.exp()  # (n, B, H_k, rep, C, 1|D_k)   Γ_i ∈ [e^-60, 1]
+            # k ⊙ e^-G, not k / Γ: the quotient's gradient divides by Γ² (e^-120 is 0 in float32: NaN)
+            decay_out = (-G).exp() if k_row is None else (-G).exp() * k_row  # (…, C, 1|D_k)   1/Γ_j
+        q_in = flat(decay_in * q)  # (n, B·H, C, D_k)   q_i ⊙ Γ_i
         k_beta_row = beta if k_row is None else beta * k_row  # (n, B, H_k, rep, C, 1)
         kb_in = flat((decay_in * k_beta_row) * k)  # (n, B·H, C, D_k)   β_i k_i ⊙ Γ_i
         k_out = flat(decay_out * k)  # (n, B·H, C, D_k)   k_j ⊘ Γ_j
@@ -393,7 +410,7 @@ def _delta_segment(q, k, v, G, beta, scale, rows, state, spans, lower):
     else:
         # Strong gates: decay ratios formed as exp(G_i − G_j) only for j ≤ i, clamped (decay_exp).
         dtype = state.dtype
-        q = flat(q.to(dtype) * q_row).contiguous()  # (n, B·H, C, D_k)
+        q = flat(q.to(dtype)).contiguous()  # (n, B·H, C, D_k)
         k = flat(k.to(dtype) if k_row is None else k_row * k).contiguous()  # (n, B·H, C, D_k)
         G = flat(G)  # (n, B·H, C, 1|D_k)
         k_beta = k * flat(beta)  # (n, B·H, C, D_k)
