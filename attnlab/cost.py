@@ -24,6 +24,18 @@ them, and the slope between the two largest contexts, where the leading term dom
 On the CPU, timings are the process's CPU time with one torch thread (a busy neighbour does
 not inflate them), prefill runs in chunks (temporaries stay cache-sized), and decode contexts
 reach past the last-level cache (a cache that fits in L3 reads about twice as fast per token).
+
+On CUDA, one decode step is a chain of small kernels whose launches, timed eagerly, cost more
+than their work (a single layer took ~0.6 ms per token at every context on an H200): decode is
+timed by replaying the step captured as a CUDA graph (``CostSettings.decode_graph``; a failed
+capture falls back to eager timing and says why). Prefill is timed eagerly (large kernels).
+
+A CUDA error other than out-of-memory (an illegal memory access, a device-side assert) is
+sticky: every later CUDA call in the process fails with it. :func:`measure` then raises
+:class:`CurveFailed` with the points measured before it, and :func:`run_cost_lab` records the
+error as that curve's limit and returns with ``result["poisoned"]`` set; the caller goes on in a
+fresh process with ``run_cost_lab(..., resume=result)``, which skips the finished curves and keeps
+the time budget's remainder (``benchmarks/cost_gpu.py`` does this by itself).
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -305,6 +318,73 @@ def _is_oom(e: BaseException) -> bool:
     )
 
 
+# Words of the CUDA errors that leave the process's context unusable: after an illegal memory
+# access or a device-side assert every later CUDA call fails with the same error (CUDA's "sticky"
+# errors), so the rest of a run has to go on in a fresh process.
+_STICKY_MARKERS = (
+    "cuda error",
+    "illegal memory access",
+    "illegal address",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "cublas_status_execution_failed",
+)
+
+
+def is_sticky_device_error(e: BaseException) -> bool:
+    """True for a device error after which this process's CUDA context is unusable (an
+    ``AcceleratorError``, or a RuntimeError naming a CUDA error / illegal memory access /
+    device-side assert); False for out of memory (recoverable: the curve's limit) and for
+    everything else (a bug in one curve, recorded, the run goes on in the same process)."""
+    if _is_oom(e):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(m in text for m in _STICKY_MARKERS)
+
+
+class CurveFailed(RuntimeError):
+    """The point at ``context`` of a curve raised something other than out of memory.
+    ``points`` holds the measurements before it, ``error`` the exception, ``sticky`` whether the
+    CUDA context is poisoned (:func:`is_sticky_device_error`)."""
+
+    def __init__(self, points: list[Measurement], error: BaseException, context: int) -> None:
+        super().__init__(f"context {context}: {type(error).__name__}: {error}")
+        self.points, self.error, self.context = points, error, context
+        self.sticky = is_sticky_device_error(error)
+
+
+# Test hook (no GPU needed): ATTNLAB_COST_FAULT="<curve>@<context>", e.g. "prefill L@128", makes
+# that point raise a fake illegal-memory-access error, and, like a real one, every later point of
+# the same process too; "<curve>@<context>!" kills the process there instead (exit status 134, as
+# an abort would), as a crash inside a kernel would.
+FAULT_ENV = "ATTNLAB_COST_FAULT"
+_INJECTED: list[str] = []  # the injected error once it fired in this process
+
+
+def _injected_fault(curve: str) -> int | None:
+    """The context at which ``curve`` ("decode S", "preset llama", ...) must fail, from FAULT_ENV."""
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, context = spec.rpartition("@")
+    context = context.removesuffix("!")
+    return int(context) if name == curve and context.isdigit() else None
+
+
+def _maybe_fail(L: int, fault_at: int | None) -> None:
+    if fault_at is not None and L == fault_at and os.environ.get(FAULT_ENV, "").endswith("!"):
+        os._exit(134)
+    if _INJECTED or (fault_at is not None and L == fault_at):
+        if not _INJECTED:
+            _INJECTED.append(
+                f"RuntimeError: CUDA error: an illegal memory access was encountered ({FAULT_ENV})"
+            )
+        raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected by {FAULT_ENV})")
+
+
 @dataclasses.dataclass
 class Measurement:
     what: str  # "prefill" | "decode"
@@ -316,6 +396,9 @@ class Measurement:
     setup_s: float | None = None  # wall seconds to allocate and fill the cache and inputs
     wall_s: float | None = None  # wall seconds of the whole point (setup, warm-up, timed calls)
     chunk: int | None = None  # prefill: tokens per call
+    mode: str | None = None  # decode: "eager", "cuda_graph" (replays), "simulated_graph" (the protocol, CPU)
+    note: str | None = None  # decode: why a CUDA graph was asked for but not used
+    cache_len: int | None = None  # tokens the cache was allocated for (decode: context + 1 + replays)
 
 
 def _impl_name(letter: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
@@ -351,6 +434,7 @@ class _Runner:
     def __init__(self, module: nn.Module, cfg: ModelConfig, is_model: bool, device, dtype) -> None:
         self.module, self.cfg, self.is_model = module.to(device=device, dtype=dtype).eval(), cfg, is_model
         self.device, self.dtype = device, dtype
+        self.graph_failed: str | None = None  # why capture failed (then the curve's decode is eager)
 
     def caches(self, batch: int, max_len: int):
         if self.is_model:
@@ -388,6 +472,7 @@ class _SoftmaxOpRunner(_Runner):
     def __init__(self, cfg: ModelConfig, device, dtype) -> None:
         self.module, self.cfg, self.is_model = None, cfg, False
         self.device, self.dtype = device, dtype
+        self.graph_failed: str | None = None
         self.heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
 
     def caches(self, batch: int, max_len: int):
@@ -429,6 +514,7 @@ class _IndexerOpRunner(_Runner):
     def __init__(self, cfg: ModelConfig, device, dtype) -> None:
         self.module, self.cfg, self.is_model = None, cfg, False
         self.device, self.dtype = device, dtype
+        self.graph_failed: str | None = None
         self.weights = torch.rand(
             1, 1, cfg.index_n_heads, device=device
         )  # (1, 1, H_I) float32, as the layer's w
@@ -446,7 +532,9 @@ class _IndexerOpRunner(_Runner):
 
         c = caches[0]
         n_valid = c.lengths + 1  # (B,)
-        S = int(n_valid.max())
+        # every allocated key, masked past each row's length, as the D layer scores inside a CUDA
+        # graph (no host sync); the decode caches hold context + 1 keys (+ the graph's replays)
+        S = c.keys.shape[1]
         w = self.weights.expand(x.shape[0], 1, -1)  # (B, 1, H_I)
         scores = ops.dsa_index_scores(x, c.keys[:, :S], w)  # (B, 1, S)
         invalid = torch.arange(S, device=x.device)[None, None] >= n_valid[:, None, None]  # (B, 1, S)
@@ -471,21 +559,137 @@ def _time_prefill(runner: _Runner, L: int, batch: int, chunk: int, gen: torch.Ge
     return time_call(step, runner.device, repeats=_REPEATS["prefill"], clock=clock), caches, setup
 
 
-def _time_decode(runner: _Runner, L: int, batch: int, gen: torch.Generator):
+# CUDA-graph decode timing: replays per timed batch (each appends a token: the cache has room
+# for them, and the lengths go back to the context before every batch), at least this many
+# batches and more while their total is under _MIN_TIME_S (at most _GRAPH_MAX_BATCHES); the
+# fastest batch's mean is the point's time.
+_GRAPH_REPLAYS = 20
+_GRAPH_BATCHES = 3
+_GRAPH_MAX_BATCHES = 10
+_GRAPH_WARMUP = 2  # eager warm-up calls before capture (compile and autotune the kernels)
+DECODE_GRAPH_MODES = ("auto", "eager", "cuda_graph", "simulate")
+
+
+class _GraphDecode:
+    """One decode step of ``runner`` (a layer, an op alone, or a whole model) over ``caches``,
+    captured as a CUDA graph; ``replay()`` runs it once more.
+
+    Build it on fresh caches (lengths 0) BEFORE filling them: the warm-up calls write into the
+    caches, and the caches are ``reset()`` after capture. The input ``x`` and the cache tensors
+    stay at fixed addresses, so every replay reads the caches' current contents and lengths.
+    A model goes through :class:`attnlab.generate.DecodeStep` (how generation runs it); a layer
+    or op is captured here the same way: warm-up on a side stream, then capture (PyTorch's
+    CUDA-graph recipe). ``simulate=True`` follows the protocol without a GPU (warm-up, reset,
+    each replay a plain call) so that it can be tested on the CPU."""
+
+    def __init__(self, runner: _Runner, caches, x: torch.Tensor, simulate: bool = False) -> None:
+        self.mode = "simulated_graph" if simulate else "cuda_graph"
+        if runner.is_model:
+            from .generate import DecodeStep
+
+            tokens = x[:, 0].contiguous()  # (B,) static token ids
+            step = DecodeStep(
+                runner.module, caches, mode="cuda_graph", simulate=simulate, warmup=_GRAPH_WARMUP
+            )
+            self.replay: Callable[[], object] = lambda: step(tokens)
+            self._keep = (step, tokens)
+            return
+        for c in caches:
+            if bool((c.lengths != 0).any()):
+                raise ValueError("caches: capture needs fresh caches (lengths 0); fill them after capture")
+        if simulate:
+            for _ in range(_GRAPH_WARMUP):
+                runner(x, caches)
+            self.replay = lambda: runner(x, caches)
+        else:
+            current = torch.cuda.current_stream(runner.device)
+            side = torch.cuda.Stream(runner.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(_GRAPH_WARMUP):
+                    runner(x, caches)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = runner(x, caches)
+            self.replay = graph.replay
+            self._keep = (graph, out)  # the output lives in the graph's memory pool
+        for c in caches:  # warm-up (and, for a model, its capture) wrote into the caches
+            c.reset()
+
+
+def _time_replays(
+    replay: Callable[[], object], rewind: Callable[[], None], device: torch.device, clock: Callable[[], float]
+) -> float:
+    """Seconds per step: the fastest batch's mean of ``_GRAPH_REPLAYS`` replays; ``rewind()``
+    (the caches back to the context) before each batch, outside the timed interval. The device
+    is synchronised before and after each batch; one untimed replay first."""
+    rewind()
+    replay()
+    _sync(device)
+    times: list[float] = []
+    while len(times) < _GRAPH_BATCHES or (
+        sum(times) * _GRAPH_REPLAYS < _MIN_TIME_S and len(times) < _GRAPH_MAX_BATCHES
+    ):
+        rewind()
+        _sync(device)
+        t0 = clock()
+        for _ in range(_GRAPH_REPLAYS):
+            replay()
+        _sync(device)
+        times.append((clock() - t0) / _GRAPH_REPLAYS)
+    return min(times)
+
+
+def _capture_error_is_local(e: BaseException) -> bool:
+    """A capture that failed on something capture forbids (a host sync, an unsupported op) leaves
+    the context usable; any other sticky device error does not."""
+    return not is_sticky_device_error(e) or "captur" in str(e).lower()
+
+
+def _time_decode(runner: _Runner, L: int, batch: int, gen: torch.Generator, graph: str = "eager"):
+    """One decode step at context L: -> (seconds, caches, setup_s, mode, note, cache_len).
+
+    ``graph``: "eager" (:func:`time_call` of a plain call; lengths back to L before each),
+    "cuda_graph" / "simulate" (:class:`_GraphDecode` replays, :func:`_time_replays`; a capture
+    that fails, e.g. on an op that syncs with the host, is timed eagerly instead, ``note`` says
+    why, and the runner's later points skip capture)."""
     t0 = time.perf_counter()
-    caches = runner.caches(batch, L + 1)
+    use_graph = graph in ("cuda_graph", "simulate") and runner.graph_failed is None
+    cache_len = L + 1 + (_GRAPH_REPLAYS + 1 if use_graph else 0)
+    caches = runner.caches(batch, cache_len)
+    x = runner.inputs(batch, 1, gen)  # (B, 1, d) or (B, 1) token ids: a fixed address for the graph
+    step, note = None, runner.graph_failed
+    if use_graph:
+        try:
+            step = _GraphDecode(runner, caches, x, simulate=graph == "simulate")
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager timing
+            if _is_oom(e) or not _capture_error_is_local(e):
+                raise
+            note = runner.graph_failed = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]})"
+            step = None
+            _sync(runner.device)  # a failure that did poison the context surfaces here, as sticky
+            for c in caches:
+                c.reset()
     _fill_random(caches, L, gen)
-    x = runner.inputs(batch, 1, gen)
     _sync(runner.device)
     setup = time.perf_counter() - t0
+    clock = cpu_clock(runner.device)[0]
 
-    def step() -> None:
+    def rewind() -> None:
         for c in caches:
             c.lengths.fill_(L)
+
+    if step is not None:
+        seconds = _time_replays(step.replay, rewind, runner.device, clock)
+        return seconds, caches, setup, step.mode, None, cache_len
+
+    def call() -> None:
+        rewind()
         runner(x, caches)
 
-    clock = cpu_clock(runner.device)[0]
-    return time_call(step, runner.device, repeats=_REPEATS["decode"], clock=clock), caches, setup
+    seconds = time_call(call, runner.device, repeats=_REPEATS["decode"], clock=clock)
+    return seconds, caches, setup, "eager", note, cache_len
 
 
 def estimate_point_s(prev: Measurement, context: int) -> float:
@@ -494,6 +698,12 @@ def estimate_point_s(prev: Measurement, context: int) -> float:
     context^2 for prefill and context^1 for decode (the steepest any mechanism here grows)."""
     r = context / prev.context
     seconds = (prev.seconds or 0.0) * r ** (2 if prev.what == "prefill" else 1)
+    if prev.mode in ("cuda_graph", "simulated_graph"):  # warm-up + capture, one untimed + timed batches
+        replays = max(
+            _GRAPH_BATCHES * _GRAPH_REPLAYS * seconds,
+            min(_MIN_TIME_S, _GRAPH_MAX_BATCHES * _GRAPH_REPLAYS * seconds),
+        )
+        return (prev.setup_s or 0.0) * r + (_GRAPH_WARMUP + 2) * seconds + replays
     return (prev.setup_s or 0.0) * r + _calls_s(seconds, _REPEATS[prev.what])
 
 
@@ -506,15 +716,24 @@ def measure(
     seed: int = 0,
     deadline: float | None = None,
     on_point: Callable[[Measurement], None] | None = None,
+    decode_graph: str = "eager",
+    fault_at: int | None = None,
 ) -> list[Measurement]:
     """Time prefill (``what='prefill'``: T = context tokens into an empty cache, in chunks of
     ``prefill_chunk``, default :meth:`_Runner.prefill_chunk`) or one decode step at each
     context, in increasing order. The curve ends at the first context that runs out of memory,
     or, with a ``deadline`` (a ``time.monotonic()`` value), at the first one whose estimated
     time (:func:`estimate_point_s`) exceeds what is left; that context is appended with
-    ``seconds=None`` and the reason in ``error``. ``on_point`` sees every appended Measurement."""
+    ``seconds=None`` and the reason in ``error``. ``on_point`` sees every appended Measurement.
+
+    ``decode_graph``: how decode is timed, "eager", "cuda_graph" or "simulate" (see
+    :func:`_time_decode`). Any other exception at a point raises :class:`CurveFailed` holding the
+    points measured before it (its ``sticky``: the CUDA context is poisoned). ``fault_at``: a
+    context at which to raise a fake sticky CUDA error (the FAULT_ENV test hook)."""
     if what not in ("prefill", "decode"):
         raise ValueError(f"what: expected 'prefill' or 'decode', got {what!r}")
+    if decode_graph not in ("eager", "cuda_graph", "simulate"):
+        raise ValueError(f"decode_graph: expected 'eager', 'cuda_graph' or 'simulate', got {decode_graph!r}")
     out: list[Measurement] = []
     gen = torch.Generator(device=runner.device).manual_seed(seed)
     device = runner.device
@@ -533,35 +752,43 @@ def measure(
                     f"stopped: time budget (context {L} estimated {est:.1f} s, {max(left, 0):.1f} s left)"
                 )))  # fmt: skip
                 break
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        oom, chunk = False, None
+        oom, failure, chunk = False, None, None
+        mode = note = cache_len = None
         try:
+            _maybe_fail(L, fault_at)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
             with torch.no_grad():
                 if what == "prefill":
                     chunk = prefill_chunk or runner.prefill_chunk(L)
                     seconds, caches, setup = _time_prefill(runner, L, batch, chunk, gen)
+                    cache_len = L
                 else:
-                    seconds, caches, setup = _time_decode(runner, L, batch, gen)
-        except (RuntimeError, MemoryError) as e:
-            if not _is_oom(e):
-                raise
-            oom = True  # handled outside the except block, so the traceback's tensors are freed
+                    seconds, caches, setup, mode, note, cache_len = _time_decode(
+                        runner, L, batch, gen, decode_graph
+                    )
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            cache_bytes = allocated_cache_bytes(caches) // batch
+            del caches
+        except Exception as e:  # noqa: BLE001 - out of memory ends the curve; anything else is CurveFailed
+            if _is_oom(e):
+                oom = True  # handled outside the except block, so the traceback's tensors are freed
+            else:
+                failure = CurveFailed(list(out), e, L)
+        if failure is not None:
+            raise failure from failure.error
         if oom:
-            caches = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             add(Measurement(what, L, None, None, None, error=f"out of memory at context {L}",
                             wall_s=time.perf_counter() - t0))  # fmt: skip
             break
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        cache_bytes = allocated_cache_bytes(caches) // batch
-        del caches
         wall = time.perf_counter() - t0
         add(Measurement(what, L, seconds, cache_bytes, peak, setup_s=setup, wall_s=wall,
-                        chunk=chunk if what == "prefill" else None))  # fmt: skip
+                        chunk=chunk if what == "prefill" else None, mode=mode, note=note,
+                        cache_len=cache_len))  # fmt: skip
     return out
 
 
@@ -650,6 +877,9 @@ class CostSettings:
     threads: int | None = 1  # torch threads on the CPU while timing; None = leave torch's setting
     budget_s: float | None = None  # time budget for all measured curves; None = measure every context
     keep_going: bool = False  # record an unexpected error in a curve and go on (a long unattended run)
+    # how decode is timed: "auto" = replays of a CUDA graph of the step on CUDA, plain calls on the
+    # CPU; "eager"; "cuda_graph"; "simulate" = the graph protocol without a GPU (tests, smoke runs)
+    decode_graph: str = "auto"
 
 
 def mechanism_config(letter: str, s: CostSettings) -> ModelConfig:
@@ -697,6 +927,7 @@ def run_cost_lab(
     progress: Callable[[str], None] | None = None,
     on_update: Callable[[dict], None] | None = None,
     log: Callable[[str], None] | None = None,
+    resume: dict | None = None,
 ) -> dict:
     """Analytic and measured cost per mechanism (one layer) and per preset; returns a JSON-able dict.
 
@@ -704,51 +935,86 @@ def run_cost_lab(
     decode per mechanism, decode per preset, then prefill per mechanism from the cheapest to the
     dearest (analytic FLOPs at the longest context), so that with ``s.budget_s`` the dearest
     curves get the time the cheap ones left. Each curve gets an equal share of the budget still
-    left (recomputed as curves finish). After every curve ``on_update(result)`` is called with
-    ``result["status"] == "partial"``, and once more at the end with ``"complete"`` (the caller
-    writes it, so a run killed midway keeps what it measured). ``progress`` gets one line as each
-    curve starts; ``log`` one per measured point (its time) and per finished curve."""
+    left (recomputed as curves finish). ``on_update(result)`` is called before the first curve
+    and after every curve with ``result["status"] == "partial"`` (``result["running"]`` names the
+    curve that runs next), and once more at the end with ``"complete"`` (the caller writes it, so
+    a run killed midway keeps what it measured). ``progress`` gets one line as each curve starts;
+    ``log`` one per measured point (its time) and per finished curve.
+
+    With ``s.keep_going`` an error in a curve is recorded as its limit (the points before it are
+    kept) and the run goes on; a sticky CUDA error (:func:`is_sticky_device_error`) poisons this
+    process, so the run stops there with ``result["poisoned"]`` set (status "partial", unless it
+    was the last curve): call again
+    in a fresh process with ``resume=result`` (the same settings), which skips the curves in
+    ``result["curves_finished"]`` and keeps what is left of ``s.budget_s`` since the first start."""
     say = progress or (lambda msg: None)
     detail = log or (lambda msg: None)
+    if s.decode_graph not in DECODE_GRAPH_MODES:
+        raise ValueError(
+            f"decode_graph: expected one of {', '.join(DECODE_GRAPH_MODES)}, got {s.decode_graph!r}"
+        )
     device, dtype = torch.device(s.device), DTYPES[s.dtype]
+    graph = s.decode_graph
+    if graph == "auto":
+        graph = "cuda_graph" if device.type == "cuda" else "eager"
     t_start = time.monotonic()
-    end = None if s.budget_s is None else t_start + s.budget_s
     with _torch_threads(device, s.threads):
-        result: dict = {
-            "settings": dataclasses.asdict(s),
-            "device": _device_name(device),
-            "clock": cpu_clock(device)[1],
-            "status": "partial",
-            "mechanisms": {},
-            "presets": {},
+        cfgs = {letter: mechanism_config(letter, s) for letter in s.mechanisms}
+        preset_cfgs = {
+            name: ModelConfig.preset(name, d_model=s.d_model, n_layers=s.n_layers, vocab_size=s.vocab_size)
+            for name in s.presets
         }
-        cfgs, runners = {}, {}
-        for letter in s.mechanisms:
-            cfgs[letter] = mechanism_config(letter, s)
-            result["mechanisms"][letter] = _mechanism_entry(letter, cfgs[letter], s, device, dtype)
-        preset_cfgs = {}
-        for name in s.presets:
-            preset_cfgs[name] = ModelConfig.preset(
-                name, d_model=s.d_model, n_layers=s.n_layers, vocab_size=s.vocab_size
-            )
-            result["presets"][name] = _preset_entry(preset_cfgs[name], s, dtype)
+        if resume is None:
+            result: dict = {
+                "settings": dataclasses.asdict(s),
+                "device": _device_name(device),
+                "clock": cpu_clock(device)[1],
+                "status": "partial",
+                "mechanisms": {},
+                "presets": {},
+                "started_unix": time.time(),
+                "curves_finished": [],
+                "processes": [],
+            }
+            for letter in s.mechanisms:
+                result["mechanisms"][letter] = _mechanism_entry(letter, cfgs[letter], s, device, dtype)
+            for name in s.presets:
+                result["presets"][name] = _preset_entry(preset_cfgs[name], s, dtype)
+        else:
+            result = _resumable(resume, s)
         by_cost = sorted(s.mechanisms, key=lambda c: result["mechanisms"][c]["analytic"]["prefill_flops"][-1])
         curves = [("decode", c) for c in s.mechanisms]
         curves += [("preset", n) for n in s.presets] if s.measure_presets else []
         curves += [("prefill", c) for c in by_cost]
-        result["ops"] = {}  # the ops alone, beside their layers
-        if "D" in s.mechanisms:
-            result["ops"]["D"] = _op_entry(
-                s, "indexer scores + top-k alone (decode)", _impl_name("D", device, dtype)
-            )
-            curves += [("op-decode", "D")]
-        if "S" in s.mechanisms:
-            result["ops"]["S"] = _op_entry(s, "softmax_attention / softmax_decode alone", "sdpa")
-            curves += [("op-decode", "S"), ("op-prefill", "S")]
-        for i, (kind, key) in enumerate(curves):
-            deadline = (
-                None if end is None else time.monotonic() + (end - time.monotonic()) / (len(curves) - i)
-            )
+        if resume is None:
+            result["ops"] = {}  # the ops alone, beside their layers
+            if "D" in s.mechanisms:
+                result["ops"]["D"] = _op_entry(
+                    s, "indexer scores + top-k alone (decode)", _impl_name("D", device, dtype)
+                )
+            if "S" in s.mechanisms:
+                result["ops"]["S"] = _op_entry(s, "softmax_attention / softmax_decode alone", "sdpa")
+        curves += [("op-decode", "D")] if "D" in s.mechanisms else []
+        curves += [("op-decode", "S"), ("op-prefill", "S")] if "S" in s.mechanisms else []
+        finished = result["curves_finished"]
+        todo = [(kind, key) for kind, key in curves if f"{kind} {key}" not in finished]
+        this_process = {"pid": os.getpid(), "curves": []}
+        result["processes"].append(this_process)
+        # the budget runs from the first start: a resumed run gets what the earlier processes left
+        end = None if s.budget_s is None else t_start + s.budget_s - (time.time() - result["started_unix"])
+
+        def update(running: str | None) -> None:
+            result["running"] = running
+            result["wall_s"] = time.time() - result["started_unix"]
+            result["curves_done"] = len(finished)
+            result["curves_total"] = len(curves)
+            if on_update is not None:
+                on_update(result)
+
+        update(f"{todo[0][0]} {todo[0][1]}" if todo else None)
+        for i, (kind, key) in enumerate(todo):
+            curve = f"{kind} {key}"
+            deadline = None if end is None else time.monotonic() + (end - time.monotonic()) / (len(todo) - i)
             label = f"{kind} {key}" if kind == "preset" else f"{kind} {key} ({LAYER_NAMES[key]})"
             label = label.replace("op-", "") + " op alone" if kind.startswith("op-") else label
             say(
@@ -762,9 +1028,15 @@ def run_cost_lab(
                     detail(f"  {label} @ {m.context}: {m.error}")
                 else:
                     run_s = time.monotonic() - t_start
+                    how = "" if m.mode in (None, "eager") else f", {m.mode}"
                     detail(f"  {label} @ {m.context}: {m.seconds * 1e3:.3f} ms per call (setup "
-                        f"{m.setup_s:.1f} s, point {m.wall_s:.1f} s, run {run_s:.0f} s)")  # fmt: skip
+                        f"{m.setup_s:.1f} s, point {m.wall_s:.1f} s, run {run_s:.0f} s{how})")  # fmt: skip
 
+            group, what = _curve_slot(kind)
+            kw = dict(
+                deadline=deadline, on_point=on_point, decode_graph=graph, fault_at=_injected_fault(curve)
+            )
+            poisoned = None
             try:
                 if kind == "preset":
                     from .model import HybridLM
@@ -772,45 +1044,98 @@ def run_cost_lab(
                     torch.manual_seed(0)
                     with torch.device(device):  # initialise on the device (a 16-layer model is slow on a CPU)
                         runner = _Runner(HybridLM(preset_cfgs[key]), preset_cfgs[key], True, device, dtype)
-                    ms = measure(runner, s.preset_decode_contexts, "decode", s.batch, deadline=deadline,
-                                 on_point=on_point)  # fmt: skip
-                    del runner
+                    ms = measure(runner, s.preset_decode_contexts, "decode", s.batch, **kw)
                     _store_preset(result["presets"][key], preset_cfgs[key], dtype, ms)
                 elif kind.startswith("op-"):
-                    what = kind.removeprefix("op-")
                     runner = (_SoftmaxOpRunner if key == "S" else _IndexerOpRunner)(cfgs[key], device, dtype)
                     contexts = s.prefill_contexts if what == "prefill" else s.decode_contexts
-                    ms = measure(runner, contexts, what, s.batch, deadline=deadline, on_point=on_point)
+                    ms = measure(runner, contexts, what, s.batch, **kw)
                     _store_curve(result["ops"][key], what, ms, s)
                 else:
-                    if key not in runners:
-                        torch.manual_seed(0)
-                        with torch.device(device):
-                            runners[key] = _Runner(
-                                build_layer(key, cfgs[key], 0), cfgs[key], False, device, dtype
-                            )
+                    torch.manual_seed(0)
+                    with torch.device(device):
+                        runner = _Runner(build_layer(key, cfgs[key], 0), cfgs[key], False, device, dtype)
                     contexts = s.prefill_contexts if kind == "prefill" else s.decode_contexts
-                    ms = measure(runners[key], contexts, kind, s.batch, deadline=deadline, on_point=on_point)
+                    ms = measure(runner, contexts, kind, s.batch, **kw)
                     _store_curve(result["mechanisms"][key], kind, ms, s)
+            except CurveFailed as e:
+                if not s.keep_going:
+                    raise
+                msg = f"error at context {e.context}: {type(e.error).__name__}: {str(e.error)[:300]}"
+                detail(f"  {label}: {msg}")
+                # the points before the failure stay; the failed context ends the curve with the error
+                ms = [*e.points, Measurement(what, e.context, None, None, None, error=msg)]
+                if kind == "preset":
+                    _store_preset(result["presets"][key], preset_cfgs[key], dtype, ms)
+                else:
+                    _store_curve(result[group][key], what, ms, s)
+                poisoned = msg if e.sticky else None
             except Exception as e:  # noqa: BLE001 - recorded only with keep_going (an unattended GPU run)
                 if not s.keep_going:
                     raise
                 msg = f"error: {type(e).__name__}: {str(e)[:300]}"
                 detail(f"  {label}: {msg}")
-                group = {"preset": "presets", "op-decode": "ops", "op-prefill": "ops"}.get(kind, "mechanisms")
-                what = "decode" if kind == "preset" else kind.removeprefix("op-")
                 result[group][key].setdefault("limit", {})[what] = msg
+                poisoned = msg if is_sticky_device_error(e) else None
+            runner = None
             detail(f"cost: {label} done in {time.monotonic() - t0:.1f} s")
-            result["wall_s"] = time.monotonic() - t_start
-            result["curves_done"] = i + 1
-            result["curves_total"] = len(curves)
-            if on_update is not None:
-                on_update(result)
+            finished.append(curve)
+            this_process["curves"].append(curve)
+            if poisoned is not None and i + 1 < len(todo):
+                result["poisoned"] = {"curve": curve, "error": poisoned}
+                detail(f"cost: the CUDA context of this process is poisoned ({curve}); "
+                       f"{len(todo) - i - 1} curves left for a fresh process")  # fmt: skip
+                update(f"{todo[i + 1][0]} {todo[i + 1][1]}")
+                return result
+            update(f"{todo[i + 1][0]} {todo[i + 1][1]}" if i + 1 < len(todo) else None)
         result["status"] = "complete"
-        result["wall_s"] = time.monotonic() - t_start
-        if on_update is not None:
-            on_update(result)
+        update(None)
     return result
+
+
+def _curve_slot(kind: str) -> tuple[str, str]:
+    """Where a curve's results live: (result group, "prefill" | "decode")."""
+    group = {"preset": "presets", "op-decode": "ops", "op-prefill": "ops"}.get(kind, "mechanisms")
+    return group, "decode" if kind == "preset" else kind.removeprefix("op-")
+
+
+def _resumable(previous: dict, s: CostSettings) -> dict:
+    """A copy of an earlier (partial) result to go on from, after checking it was run with the
+    same settings (the time budget aside)."""
+    import copy
+
+    if previous.get("status") == "complete":
+        raise ValueError("resume: this result is complete; nothing is left to measure")
+    if "curves_finished" not in previous or "started_unix" not in previous:
+        raise ValueError(
+            "resume: expected a cost.json written by run_cost_lab (curves_finished, started_unix)"
+        )
+    old = {k: v for k, v in json.loads(json.dumps(previous["settings"])).items() if k != "budget_s"}
+    new = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(s))).items() if k != "budget_s"}
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ValueError(f"resume: settings differ from the run being resumed: {', '.join(diff)}")
+    result = copy.deepcopy(previous)
+    if "poisoned" in result:
+        result.setdefault("restarts", []).append(result.pop("poisoned"))
+    return result
+
+
+def mark_curve_failed(result: dict, curve: str, message: str) -> None:
+    """Record ``curve`` ("prefill L", "preset llama", ...) as finished with ``message`` as its
+    limit, keeping any points already stored: for a supervisor whose worker process died in it
+    (``result["running"]``), so that a resumed run does not run it again."""
+    kind, _, key = curve.partition(" ")
+    group, what = _curve_slot(kind)
+    entry = result[group][key]
+    entry.setdefault("limit", {})[what] = message
+    if curve not in result["curves_finished"]:
+        result["curves_finished"].append(curve)
+    result.setdefault("restarts", []).append({"curve": curve, "error": message})
+    result["curves_done"] = len(result["curves_finished"])
+    result["running"] = None
+    if result["curves_done"] >= result.get("curves_total", math.inf):
+        result["status"] = "complete"
 
 
 def _mechanism_entry(letter: str, cfg: ModelConfig, s: CostSettings, device, dtype) -> dict:
@@ -850,9 +1175,28 @@ def _op_entry(s: CostSettings, name: str, impl: str) -> dict:
     }
 
 
+def _decode_mode(ms: list[Measurement]) -> tuple[str | None, str | None]:
+    """How a decode curve was timed: ("cuda_graph" | "simulated_graph" | "eager" | "mixed", why a
+    requested graph was not used)."""
+    modes = {m.mode for m in ms if m.seconds is not None}
+    notes = [m.note for m in ms if m.note]
+    return (modes.pop() if len(modes) == 1 else "mixed" if modes else None), (notes[0] if notes else None)
+
+
+_IMPL_SUFFIX = {"cuda_graph": "+cuda-graph", "simulated_graph": "+simulated-graph"}
+
+
 def _store_curve(entry: dict, what: str, ms: list[Measurement], s: CostSettings) -> None:
     entry["measured"][what] = [dataclasses.asdict(m) for m in ms]
     entry["limit"][what] = _limit(ms)
+    if what == "decode":
+        mode, note = _decode_mode(ms)
+        entry["decode_mode"] = mode
+        if note:
+            entry["decode_mode_note"] = note
+        suffix = _IMPL_SUFFIX.get(mode or "")
+        if suffix and not entry["impl"].endswith(suffix):  # decode replayed as a graph (prefill: eager)
+            entry["impl"] += suffix
     pre = [Measurement(**m) for m in entry["measured"]["prefill"]]
     dec = [Measurement(**m) for m in entry["measured"]["decode"]]
     entry["exponents"].update(_exponents(pre, dec))
@@ -889,11 +1233,17 @@ def _store_preset(entry: dict, cfg: ModelConfig, dtype: torch.dtype, ms: list[Me
     mc = ModelCost(cfg, dtype)
     entry["measured"] = {"decode": [dataclasses.asdict(m) for m in ms]}
     entry["limit"] = {"decode": _limit(ms)}
-    # decode caches hold context + 1 tokens: compare the declaration with what was allocated
+    mode, note = _decode_mode(ms)
+    entry["decode_mode"] = mode
+    if note:
+        entry["decode_mode_note"] = note
+    # decode caches hold context + 1 tokens (+ room for a graph's replays): compare the
+    # declaration at the allocated length with what was allocated
     entry["memory_check"] = [
         {
             "context": m.context,
-            "analytic_bytes": mc.cache_bytes(m.context + 1),
+            "cache_len": m.cache_len or m.context + 1,
+            "analytic_bytes": mc.cache_bytes(m.cache_len or m.context + 1),
             "allocated_bytes": m.cache_bytes,
         }
         for m in ms
@@ -971,18 +1321,28 @@ def format_table(result: dict) -> str:
         return "n/a" if x is None else f"{x:.3g}"
 
     s = result["settings"]
+    impls = [e["impl"] for e in (*result["mechanisms"].values(), *result.get("ops", {}).values())]
+    iw = max([30, *(len(i) + 2 for i in impls)])  # impl column width
     lines = [
         f"cost lab on {result['device']}: time vs context exponents (2 quadratic, 1 linear, 0 flat)",
         f"  whole = least-squares fit over every context (prefill {_span(s['prefill_contexts'])}, decode "
         f"{_span(s['decode_contexts'])}); asym = slope between the two largest contexts reached",
         "  decode ns/tok = time one more cached token adds to a decode step there (constant terms cancel)",
         f"  timed with {result.get('clock', 'wall seconds')}; fastest of the repeats",
-        f"{'mechanism':<31}{'impl':<30}{'prefill':>7}{'asym':>7}{'decode':>8}{'asym':>7}"
+        *(
+            [
+                f"  decode: the step captured as a CUDA graph, fastest mean of {_GRAPH_REPLAYS} replays "
+                f"({modes})"
+            ]
+            if (modes := _graph_modes(result))
+            else []
+        ),
+        f"{'mechanism':<31}{'impl':<{iw}}{'prefill':>7}{'asym':>7}{'decode':>8}{'asym':>7}"
         f"{'ns/tok':>10}{'FLOPs exp':>11}",
     ]
     for r in summary_rows(result):
         lines.append(
-            f"{r['mechanism']:<31}{r['impl']:<30}{f(r['prefill_exp']):>7}{f(r['prefill_exp_asymptotic']):>7}"
+            f"{r['mechanism']:<31}{r['impl']:<{iw}}{f(r['prefill_exp']):>7}{f(r['prefill_exp_asymptotic']):>7}"
             f"{f(r['decode_exp']):>8}{f(r['decode_exp_asymptotic']):>7}{ns(r['decode_ns_per_token']):>10}"
             f"{f(r['analytic_decode_exp']):>11}"
         )
@@ -993,14 +1353,23 @@ def format_table(result: dict) -> str:
         ex = e["exponents"]
         what = "  S op alone (no projections)" if letter == "S" else "  D indexer + top-k alone"
         lines.append(
-            f"{what:<31}{e['impl']:<30}{f(ex['prefill']):>7}"
+            f"{what:<31}{e['impl']:<{iw}}{f(ex['prefill']):>7}"
             f"{f(ex['prefill_asymptotic']):>7}{f(ex['decode']):>8}{f(ex['decode_asymptotic']):>7}"
             f"{ns(ex['decode_marginal_ns_per_token']):>10}"
         )
     lines.append("  FLOPs exp = analytic decode FLOPs exponent over 128K..1M")
+    for r in result.get("restarts", []):
+        lines.append(f"  went on in a fresh process after {r['curve']}: {r['error'][:160]}")
     if result.get("status") != "complete":
         lines.append(f"  PARTIAL: {result.get('curves_done', 0)} of {result.get('curves_total', '?')} curves")
     return "\n".join(lines)
+
+
+def _graph_modes(result: dict) -> str:
+    """Which decode curves were replayed as a graph ("" = none): for the table's header."""
+    entries = [*result["mechanisms"].values(), *result.get("ops", {}).values(), *result["presets"].values()]
+    modes = sorted({e.get("decode_mode") for e in entries} - {None, "eager"})
+    return ", ".join(modes) if any(m in ("cuda_graph", "simulated_graph", "mixed") for m in modes) else ""
 
 
 def _span(contexts) -> str:

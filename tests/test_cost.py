@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 import math
@@ -133,9 +134,21 @@ def test_run_cost_lab_reports_after_every_curve():
     )  # fmt: skip
     updates = []
     result = cost.run_cost_lab(s, on_update=lambda r: updates.append(json.loads(json.dumps(r))))
-    # decode S, L; preset llama; prefill L, S (cheapest first); the S op alone: decode, prefill
-    assert [u["status"] for u in updates] == ["partial"] * 7 + ["complete"]
-    assert [u["curves_done"] for u in updates[:7]] == list(range(1, 8))
+    # before the first curve, then after each: decode S, L; preset llama; prefill L, S (cheapest
+    # first); the S op alone: decode, prefill
+    assert [u["status"] for u in updates] == ["partial"] * 8 + ["complete"]
+    assert [u["curves_done"] for u in updates[:8]] == list(range(0, 8))
+    assert [u["running"] for u in updates] == [
+        "decode S", "decode L", "preset llama", "prefill L", "prefill S", "op-decode S", "op-prefill S",
+        None, None,
+    ]  # fmt: skip
+    assert (
+        updates[-1]["curves_finished"]
+        == updates[-2]["curves_finished"]
+        == [u["running"] for u in updates[:7]]
+    )
+    assert updates[0]["mechanisms"]["S"]["analytic"]["prefill_flops"]  # the analytic part is saved at once
+    updates = updates[1:]
     first = updates[0]
     assert (
         len(first["mechanisms"]["S"]["measured"]["decode"]) == 2
@@ -163,10 +176,14 @@ def _load_cost_gpu():
     return module
 
 
-def test_cost_gpu_script_tiny_on_cpu(tmp_path, capsys):
-    """benchmarks/cost_gpu.py end to end on the CPU (the path the GPU run takes, at toy sizes)."""
+def test_cost_gpu_script_tiny_on_cpu(tmp_path, capfd, monkeypatch):
+    """benchmarks/cost_gpu.py end to end on the CPU (the path the GPU run takes, at toy sizes), with
+    a fake sticky CUDA error injected in the middle: the points before it stay, the curve's limit
+    is the error, and every later curve is measured by a fresh worker process."""
     cost_gpu = _load_cost_gpu()
     out = tmp_path / "gpu"
+    # curves: decode S, D, L; preset deepseek-v32; prefill L, S, D; op-decode D, S; op-prefill S
+    monkeypatch.setenv(cost.FAULT_ENV, "prefill L@64")
     args = [
         "--device",
         "cpu",
@@ -179,29 +196,179 @@ def test_cost_gpu_script_tiny_on_cpu(tmp_path, capsys):
         "deepseek-v32",
     ]
     assert cost_gpu.main([*args, "--budget-s", "120"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cost.json",
+        "cost_vs_context.png",
+        "dollars_vs_context.png",
+        "memory_vs_context.png",
+    ]  # fmt: skip  (no temporary file left behind)
     data = json.loads((out / "cost.json").read_text())
     assert data["status"] == "complete" and data["settings"]["index_topk"] == 8
     assert set(data["mechanisms"]) == set("SDL") and set(data["presets"]) == {"deepseek-v32"}
-    for e in data["mechanisms"].values():
-        assert e["impl"] and all(len(e["measured"][w]) == 3 for w in ("prefill", "decode"))
-        assert all(m["seconds"] > 0 for w in ("prefill", "decode") for m in e["measured"][w])
-    assert data["mechanisms"]["D"]["impl"] == "torch-indexer+torch-sparse"
+    first, second = data["processes"]
+    assert first["pid"] != second["pid"]
+    assert first["curves"] == ["decode S", "decode D", "decode L", "preset deepseek-v32", "prefill L"]
+    assert second["curves"] == data["curves_finished"][5:] and len(second["curves"]) == 5
+    assert {"prefill S", "prefill D"} < set(second["curves"]) and second["curves"][2:] == [
+        "op-decode D", "op-decode S", "op-prefill S",
+    ]  # fmt: skip
+    assert [r["curve"] for r in data["restarts"]] == ["prefill L"]
+    lp = data["mechanisms"]["L"]["measured"]["prefill"]
+    assert [m["context"] for m in lp] == [32, 64] and lp[0]["seconds"] > 0 and lp[1]["seconds"] is None
+    assert (
+        "illegal memory access" in lp[1]["error"]
+        and data["mechanisms"]["L"]["limit"]["prefill"] == lp[1]["error"]
+    )
+    for letter, e in data["mechanisms"].items():
+        assert e["impl"].endswith("+simulated-graph") and e["decode_mode"] == "simulated_graph"
+        for w in ("prefill", "decode"):
+            if (letter, w) != ("L", "prefill"):
+                assert [m["seconds"] > 0 for m in e["measured"][w]] == [True] * 3, (letter, w)
+                assert e["limit"][w] == "complete"
+    assert data["mechanisms"]["D"]["impl"] == "torch-indexer+torch-sparse+simulated-graph"
     assert [m["context"] for m in data["ops"]["D"]["measured"]["decode"]] == [64, 128, 256]  # indexer alone
     assert len(data["ops"]["S"]["measured"]["prefill"]) == 3
-    assert data["presets"]["deepseek-v32"]["memory_check"]
-    assert all(
-        m["analytic_bytes"] == m["allocated_bytes"] for m in data["presets"]["deepseek-v32"]["memory_check"]
-    )
+    preset = data["presets"]["deepseek-v32"]
+    assert preset["decode_mode"] == "simulated_graph" and preset["memory_check"]
+    assert all(m["analytic_bytes"] == m["allocated_bytes"] for m in preset["memory_check"])
+    assert all(m["cache_len"] > m["context"] + 1 for m in preset["memory_check"])  # room for the replays
     for png in ("cost_vs_context.png", "memory_vs_context.png", "dollars_vs_context.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    log = capsys.readouterr().out
+    log = capfd.readouterr().out
     assert "decode S (softmax attention) @ 64:" in log and "ms per call" in log
+    assert (
+        "(exit 75), resuming after prefill L" in log and "went on in a fresh process after prefill L" in log
+    )
     # replot from the JSON alone; no CUDA -> a clear refusal, not a crash
     (out / "cost_vs_context.png").unlink()
     assert cost_gpu.main(["--replot", str(out / "cost.json")]) == 0
     assert (out / "cost_vs_context.png").is_file()
     if not torch.cuda.is_available():
         assert cost_gpu.main(["--out", str(tmp_path / "x")]) == 2
+
+
+def test_cost_gpu_worker_that_dies_mid_curve(tmp_path, capfd, monkeypatch):
+    """A worker killed inside a curve (a crash, not an exception): the curve it was running is
+    recorded as failed and a fresh worker measures the rest."""
+    cost_gpu = _load_cost_gpu()
+    out = tmp_path / "gpu"
+    monkeypatch.setenv(cost.FAULT_ENV, "decode L@128!")
+    args = ["--device", "cpu", "--tiny", "--out", str(out), "--mechanisms", "LG", "--presets", ""]
+    assert cost_gpu.main([*args, "--decode-graph", "eager"]) == 0
+    data = json.loads((out / "cost.json").read_text())
+    assert data["status"] == "complete" and data["curves_finished"][0] == "decode L"
+    assert (
+        data["mechanisms"]["L"]["limit"]["decode"] == "error: the worker process died in it (exit status 134)"
+    )
+    assert [p["curves"] for p in data["processes"]] == [[], ["decode G", "prefill G", "prefill L"]]
+    assert all(
+        m["seconds"] > 0 and m["mode"] == "eager" for m in data["mechanisms"]["G"]["measured"]["decode"]
+    )
+    assert "+" not in data["mechanisms"]["G"]["impl"]  # eager decode: no graph suffix
+    assert "(exit 134), resuming after decode L" in capfd.readouterr().out
+
+
+def test_sticky_device_errors_are_told_from_recoverable_ones():
+    sticky = [
+        torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+        RuntimeError("CUDA error: device-side assert triggered"),
+        RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"),
+        RuntimeError("CUDA error: unspecified launch failure"),
+    ]
+    recoverable = [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+        RuntimeError("shape mismatch"),
+        ValueError("cache: full"),
+    ]
+    assert [cost.is_sticky_device_error(e) for e in sticky] == [True] * 4
+    assert [cost.is_sticky_device_error(e) for e in recoverable] == [False] * 4
+
+
+def test_poisoned_run_stops_and_resumes_with_the_rest_of_the_budget(monkeypatch):
+    """In process: a fake sticky error in one curve keeps its earlier points, stops the run with
+    ``poisoned`` set; a resumed run (a 'fresh process': the injected state cleared) measures only
+    the curves left, and its budget counts the time since the first start."""
+    monkeypatch.setattr(cost, "_INJECTED", [])
+    monkeypatch.setenv(cost.FAULT_ENV, "decode L@64")
+    s = cost.CostSettings(
+        d_model=32, n_heads=2, mechanisms="SL", presets=(), prefill_contexts=(32, 64),
+        decode_contexts=(32, 64, 128), budget_s=60, keep_going=True,
+    )  # fmt: skip
+    first = cost.run_cost_lab(s)
+    assert first["status"] == "partial" and first["poisoned"]["curve"] == "decode L"
+    assert first["curves_finished"] == ["decode S", "decode L"] and first["running"] == "prefill L"
+    dec = first["mechanisms"]["L"]["measured"]["decode"]
+    assert [m["context"] for m in dec] == [32, 64] and dec[0]["seconds"] > 0 and dec[1]["seconds"] is None
+    assert first["mechanisms"]["L"]["measured"]["prefill"] == []
+    # without a fresh process every later curve would fail the same way (the error is sticky)
+    with pytest.raises(cost.CurveFailed, match="illegal memory access"):
+        cost.measure(cost._SoftmaxOpRunner(cost.mechanism_config("S", s), torch.device("cpu"), torch.float32),
+                     [32], "decode")  # fmt: skip
+    with pytest.raises(ValueError, match="resume: settings differ.*d_model"):
+        cost.run_cost_lab(dataclasses.replace(s, d_model=64), resume=first)
+    monkeypatch.setattr(cost, "_INJECTED", [])  # a fresh process
+    first["started_unix"] -= 59.0  # the first process used 59 s of the 60
+    seen = []
+    second = cost.run_cost_lab(s, resume=first, progress=seen.append)
+    assert second["status"] == "complete" and "poisoned" not in second
+    assert second["restarts"] == [first["poisoned"]] and second["processes"][-1]["curves"] == [
+        "prefill L", "prefill S", "op-decode S", "op-prefill S",
+    ]  # fmt: skip
+    assert second["mechanisms"]["L"]["measured"]["decode"] == dec  # kept, not measured again
+    assert float(seen[0].split(", ")[1].split(" s share")[0]) < 1  # <= 1 s left, in 4 shares
+    with pytest.raises(ValueError, match="complete"):
+        cost.run_cost_lab(s, resume=second)
+
+
+def test_graph_decode_protocol_simulated(monkeypatch):
+    """The CUDA-graph decode timing path without a GPU: capture on fresh caches (reset after),
+    random fill after, lengths rewound to the context before every batch (they never grow past
+    context + 1 + replays), and a capture that fails is timed eagerly with the reason recorded."""
+    s = cost.CostSettings(d_model=32, n_heads=2)
+    cfg = cost.mechanism_config("S", s)
+    runner = cost._Runner(cost.build_layer("S", cfg, 0), cfg, False, torch.device("cpu"), torch.float32)
+    seen_lengths = []
+    real_call = cost._Runner.__call__
+
+    def spy(self, x, caches):
+        seen_lengths.append(int(caches[0].lengths[0]))
+        return real_call(self, x, caches)
+
+    monkeypatch.setattr(cost._Runner, "__call__", spy)
+    ms = cost.measure(runner, [100], "decode", decode_graph="simulate")
+    (m,) = ms
+    assert m.mode == "simulated_graph" and m.seconds > 0 and m.cache_len == 100 + 1 + cost._GRAPH_REPLAYS + 1
+    warm = cost._GRAPH_WARMUP
+    assert seen_lengths[:warm] == list(range(warm))  # warm-up on the fresh cache
+    timed = seen_lengths[warm:]  # one untimed replay, then batches of _GRAPH_REPLAYS from the context
+    assert timed[0] == 100 and len(timed) % cost._GRAPH_REPLAYS == 1
+    batches = [
+        timed[1 + i : 1 + i + cost._GRAPH_REPLAYS] for i in range(0, len(timed) - 1, cost._GRAPH_REPLAYS)
+    ]
+    assert len(batches) >= cost._GRAPH_BATCHES
+    assert all(b == list(range(100, 100 + cost._GRAPH_REPLAYS)) for b in batches)
+    assert max(seen_lengths) < m.cache_len
+    # a whole model goes through DecodeStep's protocol
+    pcfg = ModelConfig.preset("qwen3-next", d_model=32, n_layers=8, vocab_size=64)
+    model_runner = cost._Runner(HybridLM(pcfg), pcfg, True, torch.device("cpu"), torch.float32)
+    (pm,) = cost.measure(model_runner, [40], "decode", decode_graph="simulate")
+    assert pm.mode == "simulated_graph" and pm.seconds > 0
+
+    # capture fails (an op that syncs with the host inside capture): eager timing, reason kept
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cost, "_GraphDecode", refuse)
+    ms = cost.measure(runner, [50, 100], "decode", decode_graph="simulate")
+    assert [m.mode for m in ms] == ["eager", "eager"] and all(m.seconds > 0 for m in ms)
+    assert "capture failed" in ms[0].note and "stream is capturing" in runner.graph_failed
+    entry = {"impl": "sdpa", "measured": {"prefill": [], "decode": []}, "limit": {}, "exponents": {}}
+    cost._store_curve(entry, "decode", ms, s)
+    assert entry["decode_mode"] == "eager" and "capture failed" in entry["decode_mode_note"]
+    assert entry["impl"] == "sdpa"
+    with pytest.raises(ValueError, match="decode_graph"):
+        cost.measure(runner, [50], "decode", decode_graph="graph")
 
 
 @pytest.mark.parametrize("name", preset_names())
