@@ -260,6 +260,15 @@ ATTN_GRID = [  # (BLOCK_H, BLOCK_N, num_warps, num_stages, DVB, SHARE_QK)
     (64, 16, 8, 3, 1, 0),  # the shape measured in RESULTS.md
     (64, 16, 8, 3, 1, 1),
     (128, 16, 8, 2, 2, 0),
+    # SHARE_QK=1 failed to build with Triton 3.6 on an H200 ("PassManager::run failed"): more
+    # shapes with Triton's own layout
+    (64, 32, 8, 2, 1, 0),
+    (64, 32, 8, 3, 1, 0),
+    (64, 32, 4, 3, 1, 0),
+    (64, 64, 8, 1, 1, 0),
+    (32, 64, 4, 2, 1, 0),
+    (32, 32, 4, 3, 1, 0),
+    (128, 32, 8, 2, 2, 0),
 ]
 INDEX_GRID = [  # (BLOCK_T, BLOCK_S, S_CHUNK, num_warps, num_stages)
     (2, 128, 4096, 8, 2),
