@@ -602,16 +602,16 @@ class _GraphDecode:
                 runner(x, caches)
             self.replay = lambda: runner(x, caches)
         else:
-            current = torch.cuda.current_stream(runner.device)
-            side = torch.cuda.Stream(runner.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                for _ in range(_GRAPH_WARMUP):
-                    runner(x, caches)
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = runner(x, caches)
+            with torch.cuda.device(runner.device):  # streams of the tensors' device
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(_GRAPH_WARMUP):
+                        runner(x, caches)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = runner(x, caches)
             self.replay = graph.replay
             self._keep = (graph, out)  # the output lives in the graph's memory pool
         for c in caches:  # warm-up (and, for a model, its capture) wrote into the caches
@@ -954,6 +954,10 @@ def run_cost_lab(
             f"decode_graph: expected one of {', '.join(DECODE_GRAPH_MODES)}, got {s.decode_graph!r}"
         )
     device, dtype = torch.device(s.device), DTYPES[s.dtype]
+    if s.decode_graph == "cuda_graph" and device.type != "cuda":
+        raise ValueError(
+            f"decode_graph: 'cuda_graph' needs a CUDA device, got {s.device!r} ('simulate' on a CPU)"
+        )
     graph = s.decode_graph
     if graph == "auto":
         graph = "cuda_graph" if device.type == "cuda" else "eager"

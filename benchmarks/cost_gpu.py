@@ -175,7 +175,9 @@ def work(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     if result.get("poisoned") and result["status"] != "complete":
         print(f"cost_gpu: worker {os.getpid()} stops: {result['poisoned']['error'][:200]}", flush=True)
-        return EXIT_POISONED
+        sys.stderr.flush()
+        # no interpreter teardown: freeing CUDA memory in a poisoned context can abort or hang
+        os._exit(EXIT_POISONED)
     return 0
 
 
@@ -197,7 +199,7 @@ def supervise(args: argparse.Namespace) -> int:
     root = str(Path(attnlab.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     previous = signal.signal(signal.SIGTERM, on_term)
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
     rc = 1
     try:
         for attempt in range(args.max_restarts + 1):
@@ -206,9 +208,12 @@ def supervise(args: argparse.Namespace) -> int:
             if rc == 0 or state["stop"]:
                 break
             result = json.loads(path.read_text()) if path.is_file() else None
+            if result is not None and args.resume is None and result.get("started_unix", 0) < started:
+                result = None  # an older run's file: this run's first worker died before writing
             if result is None or result.get("status") == "complete":
                 break
-            if rc != EXIT_POISONED:  # the worker died: the curve it was in is its limit
+            died = rc != EXIT_POISONED and not result.get("poisoned")
+            if died:  # not an exit on a poisoned context: the curve it was in is its limit
                 running = result.get("running")
                 if not running:
                     print(f"cost_gpu: worker exited with {rc} outside any curve; stopping", flush=True)

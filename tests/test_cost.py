@@ -369,6 +369,9 @@ def test_graph_decode_protocol_simulated(monkeypatch):
     assert entry["impl"] == "sdpa"
     with pytest.raises(ValueError, match="decode_graph"):
         cost.measure(runner, [50], "decode", decode_graph="graph")
+    for bad in ("graph", "cuda_graph"):  # unknown; a CUDA graph asked for on the CPU
+        with pytest.raises(ValueError, match="decode_graph"):
+            cost.run_cost_lab(dataclasses.replace(s, decode_graph=bad, mechanisms="L", presets=()))
 
 
 @pytest.mark.parametrize("name", preset_names())
