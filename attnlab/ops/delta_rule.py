@@ -493,7 +493,11 @@ def _decay_spans(G: torch.Tensor, per_segment: int) -> tuple[list[bool], torch.T
     Returns (mild: one bool per segment, whether every chunk in it fits a span, i.e. decays by at
     most e^-_MAX_SPAN itself; offset [N, B, H_k, rep, 1, 1|D_k], each chunk's log-decay from its
     span start to the chunk start (0 in segments that are not mild); ends: per chunk, whether it
-    ends a span). Spans never cross a segment boundary."""
+    ends a span). Spans never cross a segment boundary.
+
+    Log-decays within a span reach −_MAX_SPAN (within a chunk they are usually far smaller), so
+    the factors exp(±G) carry up to _MAX_SPAN · 2⁻²⁴ relative rounding: about 2x the error of
+    per-chunk factors against the float64 loop on well-conditioned inputs (~5e-7 rms)."""
     n = G.shape[0]
     total = G[..., -1:, :]  # (N, B, H_k, rep, 1, 1|D_k)   each chunk's log-decay
     worst = total.detach().reshape(n, -1).amin(1).tolist()  # (N,) on the host
