@@ -34,8 +34,8 @@ A CUDA error other than out-of-memory (an illegal memory access, a device-side a
 sticky: every later CUDA call in the process fails with it. :func:`measure` then raises
 :class:`CurveFailed` with the points measured before it, and :func:`run_cost_lab` records the
 error as that curve's limit and returns with ``result["poisoned"]`` set; the caller goes on in a
-fresh process with ``run_cost_lab(..., resume=result)``, which skips the finished curves and keeps
-the time budget's remainder (``benchmarks/cost_gpu.py`` does this by itself).
+fresh process with ``run_cost_lab(..., resume=result)``, which skips the finished curves (with
+``budget_s`` = what is left of the budget; ``benchmarks/cost_gpu.py`` does all this by itself).
 """
 
 from __future__ import annotations
@@ -945,8 +945,8 @@ def run_cost_lab(
     kept) and the run goes on; a sticky CUDA error (:func:`is_sticky_device_error`) poisons this
     process, so the run stops there with ``result["poisoned"]`` set (status "partial", unless it
     was the last curve): call again
-    in a fresh process with ``resume=result`` (the same settings), which skips the curves in
-    ``result["curves_finished"]`` and keeps what is left of ``s.budget_s`` since the first start."""
+    in a fresh process with ``resume=result`` (the same settings but ``budget_s``: pass what is
+    left of it), which skips the curves in ``result["curves_finished"]``."""
     say = progress or (lambda msg: None)
     detail = log or (lambda msg: None)
     if s.decode_graph not in DECODE_GRAPH_MODES:
@@ -1004,8 +1004,8 @@ def run_cost_lab(
         todo = [(kind, key) for kind, key in curves if f"{kind} {key}" not in finished]
         this_process = {"pid": os.getpid(), "curves": []}
         result["processes"].append(this_process)
-        # the budget runs from the first start: a resumed run gets what the earlier processes left
-        end = None if s.budget_s is None else t_start + s.budget_s - (time.time() - result["started_unix"])
+        # a resumed run's s.budget_s is what the caller has left for it (the settings keep the first one)
+        end = None if s.budget_s is None else t_start + s.budget_s
 
         def update(running: str | None) -> None:
             result["running"] = running

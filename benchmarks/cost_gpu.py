@@ -26,7 +26,7 @@ are sticky (every later CUDA call of the process fails with them), so the measur
 worker process that this script starts and watches: when a point raises one, the worker records
 it as that curve's limit (the points before it are kept), writes cost.json and exits with
 EXIT_POISONED; the script then starts a fresh worker with ``--resume cost.json``, which skips the
-finished curves and gets what is left of ``--budget-s`` (counted from the first start). A worker
+finished curves and gets what is left of ``--budget-s`` (counted from this script's start). A worker
 that dies outright (a signal, a crash) has the curve it was running (``"running"`` in cost.json)
 marked failed the same way. The table and plots are written once, at the end, from cost.json.
 """
@@ -142,10 +142,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def worker_argv(args: argparse.Namespace, resume: Path | None) -> list[str]:
-    """The command line of a worker process measuring with ``args`` (from ``resume`` if given)."""
+def worker_argv(args: argparse.Namespace, resume: Path | None, budget_s: float) -> list[str]:
+    """The command line of a worker process measuring with ``args`` (from ``resume`` if given)
+    within ``budget_s`` seconds (0 = no budget)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--device", args.device]
-    cmd += ["--budget-s", str(args.budget_s), "--out", str(args.out), "--mechanisms", args.mechanisms]
+    cmd += ["--budget-s", repr(budget_s), "--out", str(args.out), "--mechanisms", args.mechanisms]
     cmd += ["--price-per-hour", str(args.price_per_hour)]
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--quick"] if args.quick else []
@@ -203,7 +204,10 @@ def supervise(args: argparse.Namespace) -> int:
     rc = 1
     try:
         for attempt in range(args.max_restarts + 1):
-            state["proc"] = subprocess.Popen(worker_argv(args, resume), env=env)
+            budget = args.budget_s  # 0 = none
+            if attempt and budget:  # a fresh worker gets what is left (start-ups and restarts count)
+                budget = max(args.budget_s - (time.monotonic() - t0), 1e-3)
+            state["proc"] = subprocess.Popen(worker_argv(args, resume, budget), env=env)
             rc = state["proc"].wait()
             if rc == 0 or state["stop"]:
                 break

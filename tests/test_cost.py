@@ -288,7 +288,7 @@ def test_sticky_device_errors_are_told_from_recoverable_ones():
 def test_poisoned_run_stops_and_resumes_with_the_rest_of_the_budget(monkeypatch):
     """In process: a fake sticky error in one curve keeps its earlier points, stops the run with
     ``poisoned`` set; a resumed run (a 'fresh process': the injected state cleared) measures only
-    the curves left, and its budget counts the time since the first start."""
+    the curves left, within the budget it is given."""
     monkeypatch.setattr(cost, "_INJECTED", [])
     monkeypatch.setenv(cost.FAULT_ENV, "decode L@64")
     s = cost.CostSettings(
@@ -308,10 +308,10 @@ def test_poisoned_run_stops_and_resumes_with_the_rest_of_the_budget(monkeypatch)
     with pytest.raises(ValueError, match="resume: settings differ.*d_model"):
         cost.run_cost_lab(dataclasses.replace(s, d_model=64), resume=first)
     monkeypatch.setattr(cost, "_INJECTED", [])  # a fresh process
-    first["started_unix"] -= 59.0  # the first process used 59 s of the 60
-    seen = []
-    second = cost.run_cost_lab(s, resume=first, progress=seen.append)
+    seen = []  # the first process used 59 s of the 60: the resumed run gets 1 s
+    second = cost.run_cost_lab(dataclasses.replace(s, budget_s=1.0), resume=first, progress=seen.append)
     assert second["status"] == "complete" and "poisoned" not in second
+    assert second["settings"]["budget_s"] == 60  # the run's settings, not the remainder
     assert second["restarts"] == [first["poisoned"]] and second["processes"][-1]["curves"] == [
         "prefill L", "prefill S", "op-decode S", "op-prefill S",
     ]  # fmt: skip
