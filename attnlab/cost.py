@@ -340,6 +340,8 @@ def is_sticky_device_error(e: BaseException) -> bool:
     everything else (a bug in one curve, recorded, the run goes on in the same process)."""
     if _is_oom(e):
         return False
+    if isinstance(e, GraphCaptureError):
+        return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(e, accelerator_error):
         return True
@@ -641,6 +643,12 @@ def _time_replays(
     return min(times)
 
 
+class GraphCaptureError(RuntimeError):
+    """Capturing a decode step as a CUDA graph failed with a sticky device error (the message is
+    the original's). A curve whose first point fails so is measured again eagerly by the fresh
+    process (see :func:`run_cost_lab`)."""
+
+
 def _capture_error_is_local(e: BaseException) -> bool:
     """A capture that failed on something capture forbids (a host sync, an unsupported op) leaves
     the context usable; any other sticky device error does not."""
@@ -664,8 +672,10 @@ def _time_decode(runner: _Runner, L: int, batch: int, gen: torch.Generator, grap
         try:
             step = _GraphDecode(runner, caches, x, simulate=graph == "simulate")
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager timing
-            if _is_oom(e) or not _capture_error_is_local(e):
+            if _is_oom(e):
                 raise
+            if not _capture_error_is_local(e):
+                raise GraphCaptureError(f"{type(e).__name__}: {e}") from e
             note = runner.graph_failed = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]})"
             step = None
             _sync(runner.device)  # a failure that did poison the context surfaces here, as sticky
@@ -946,7 +956,9 @@ def run_cost_lab(
     process, so the run stops there with ``result["poisoned"]`` set (status "partial", unless it
     was the last curve): call again
     in a fresh process with ``resume=result`` (the same settings but ``budget_s``: pass what is
-    left of it), which skips the curves in ``result["curves_finished"]``."""
+    left of it), which skips the curves in ``result["curves_finished"]``. A decode curve whose CUDA
+    graph capture broke the context at its first point is not finished: the fresh process times it
+    eagerly (``result["eager_decode"]`` holds why)."""
     say = progress or (lambda msg: None)
     detail = log or (lambda msg: None)
     if s.decode_graph not in DECODE_GRAPH_MODES:
@@ -1037,10 +1049,11 @@ def run_cost_lab(
                         f"{m.setup_s:.1f} s, point {m.wall_s:.1f} s, run {run_s:.0f} s{how})")  # fmt: skip
 
             group, what = _curve_slot(kind)
+            retry_eager = result.get("eager_decode", {}).get(curve)  # capture broke an earlier process
             kw = dict(
                 deadline=deadline, on_point=on_point, decode_graph=graph, fault_at=_injected_fault(curve)
             )
-            poisoned = None
+            poisoned, retry = None, False
             try:
                 if kind == "preset":
                     from .model import HybridLM
@@ -1048,10 +1061,12 @@ def run_cost_lab(
                     torch.manual_seed(0)
                     with torch.device(device):  # initialise on the device (a 16-layer model is slow on a CPU)
                         runner = _Runner(HybridLM(preset_cfgs[key]), preset_cfgs[key], True, device, dtype)
+                    runner.graph_failed = retry_eager
                     ms = measure(runner, s.preset_decode_contexts, "decode", s.batch, **kw)
                     _store_preset(result["presets"][key], preset_cfgs[key], dtype, ms)
                 elif kind.startswith("op-"):
                     runner = (_SoftmaxOpRunner if key == "S" else _IndexerOpRunner)(cfgs[key], device, dtype)
+                    runner.graph_failed = retry_eager
                     contexts = s.prefill_contexts if what == "prefill" else s.decode_contexts
                     ms = measure(runner, contexts, what, s.batch, **kw)
                     _store_curve(result["ops"][key], what, ms, s)
@@ -1059,6 +1074,7 @@ def run_cost_lab(
                     torch.manual_seed(0)
                     with torch.device(device):
                         runner = _Runner(build_layer(key, cfgs[key], 0), cfgs[key], False, device, dtype)
+                    runner.graph_failed = retry_eager
                     contexts = s.prefill_contexts if kind == "prefill" else s.decode_contexts
                     ms = measure(runner, contexts, kind, s.batch, **kw)
                     _store_curve(result["mechanisms"][key], kind, ms, s)
@@ -1067,13 +1083,18 @@ def run_cost_lab(
                     raise
                 msg = f"error at context {e.context}: {type(e.error).__name__}: {str(e.error)[:300]}"
                 detail(f"  {label}: {msg}")
-                # the points before the failure stay; the failed context ends the curve with the error
-                ms = [*e.points, Measurement(what, e.context, None, None, None, error=msg)]
-                if kind == "preset":
-                    _store_preset(result["presets"][key], preset_cfgs[key], dtype, ms)
-                else:
-                    _store_curve(result[group][key], what, ms, s)
                 poisoned = msg if e.sticky else None
+                # a capture that broke the context before any point: the fresh process times it eagerly
+                retry = isinstance(e.error, GraphCaptureError) and not e.points and not retry_eager
+                if retry:
+                    note = f"CUDA graph capture failed in an earlier process, timed eagerly ({msg[:200]})"
+                    result.setdefault("eager_decode", {})[curve] = note
+                else:  # the points before the failure stay; the failed context ends the curve
+                    ms = [*e.points, Measurement(what, e.context, None, None, None, error=msg)]
+                    if kind == "preset":
+                        _store_preset(result["presets"][key], preset_cfgs[key], dtype, ms)
+                    else:
+                        _store_curve(result[group][key], what, ms, s)
             except Exception as e:  # noqa: BLE001 - recorded only with keep_going (an unattended GPU run)
                 if not s.keep_going:
                     raise
@@ -1083,13 +1104,16 @@ def run_cost_lab(
                 poisoned = msg if is_sticky_device_error(e) else None
             runner = None
             detail(f"cost: {label} done in {time.monotonic() - t0:.1f} s")
-            finished.append(curve)
-            this_process["curves"].append(curve)
-            if poisoned is not None and i + 1 < len(todo):
+            if not retry:
+                finished.append(curve)
+                this_process["curves"].append(curve)
+            if poisoned is not None and (retry or i + 1 < len(todo)):
                 result["poisoned"] = {"curve": curve, "error": poisoned}
+                left = len(todo) - i - (0 if retry else 1)
                 detail(f"cost: the CUDA context of this process is poisoned ({curve}); "
-                       f"{len(todo) - i - 1} curves left for a fresh process")  # fmt: skip
-                update(f"{todo[i + 1][0]} {todo[i + 1][1]}")
+                       f"{left} curves left for a fresh process")  # fmt: skip
+                nxt = todo[i] if retry else todo[i + 1]
+                update(f"{nxt[0]} {nxt[1]}")
                 return result
             update(f"{todo[i + 1][0]} {todo[i + 1][1]}" if i + 1 < len(todo) else None)
         result["status"] = "complete"

@@ -321,6 +321,34 @@ def test_poisoned_run_stops_and_resumes_with_the_rest_of_the_budget(monkeypatch)
         cost.run_cost_lab(s, resume=second)
 
 
+def test_capture_that_poisons_the_context_is_retried_eagerly(monkeypatch):
+    """A sticky error while capturing a curve's first point: the curve is not finished, the fresh
+    process times it eagerly (with the reason); the other curves keep their graph timing."""
+    s = cost.CostSettings(
+        d_model=32, n_heads=2, mechanisms="SL", presets=(), prefill_contexts=(32,), decode_contexts=(32, 64),
+        keep_going=True, decode_graph="simulate",
+    )  # fmt: skip
+    real = cost._GraphDecode
+
+    def broken(runner, caches, x, simulate=False):
+        if runner.cfg.layer_pattern == "S" and runner.module is not None:  # the S layer, not the op alone
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return real(runner, caches, x, simulate)
+
+    monkeypatch.setattr(cost, "_GraphDecode", broken)
+    first = cost.run_cost_lab(s)
+    assert first["poisoned"]["curve"] == "decode S" and first["running"] == "decode S"
+    assert first["curves_finished"] == [] and "decode S" in first["eager_decode"]
+    assert first["mechanisms"]["S"]["measured"]["decode"] == []
+    second = cost.run_cost_lab(s, resume=first)  # a fresh process (the capture would break again)
+    assert second["status"] == "complete" and second["curves_finished"][0] == "decode S"
+    e = second["mechanisms"]["S"]
+    assert e["decode_mode"] == "eager" and "earlier process" in e["decode_mode_note"]
+    assert [m["seconds"] > 0 for m in e["measured"]["decode"]] == [True, True] and e["impl"] == "sdpa"
+    assert second["mechanisms"]["L"]["decode_mode"] == "simulated_graph"
+    assert second["ops"]["S"]["decode_mode"] == "simulated_graph"
+
+
 def test_graph_decode_protocol_simulated(monkeypatch):
     """The CUDA-graph decode timing path without a GPU: capture on fresh caches (reset after),
     random fill after, lengths rewound to the context before every batch (they never grow past
