@@ -702,11 +702,16 @@ def _time_decode(runner: _Runner, L: int, batch: int, gen: torch.Generator, grap
     return seconds, caches, setup, "eager", note, cache_len
 
 
-def estimate_point_s(prev: Measurement, context: int) -> float:
+def estimate_point_s(prev: Measurement, context: int, first: bool = False) -> float:
     """Predicted wall seconds of measuring ``context`` from the previous point of the same
     curve: its setup grows like the context (cache allocation and fill), its calls like
-    context^2 for prefill and context^1 for decode (the steepest any mechanism here grows)."""
+    context^2 for prefill and context^1 for decode (the steepest any mechanism here grows).
+    ``first``: ``prev`` is the curve's first point, whose setup also paid one-off costs (kernel
+    compilation, graph capture; 11 s of DSA's 4K decode setup on an H200, which stopped the
+    curve at 8K), so its setup is not extrapolated."""
     r = context / prev.context
+    if first:
+        prev = dataclasses.replace(prev, setup_s=0.0)
     seconds = (prev.seconds or 0.0) * r ** (2 if prev.what == "prefill" else 1)
     if prev.mode in ("cuda_graph", "simulated_graph"):  # warm-up + capture, one untimed + timed batches
         replays = max(
@@ -756,7 +761,7 @@ def measure(
     for L in sorted(contexts):
         if deadline is not None:
             left = deadline - time.monotonic()
-            est = estimate_point_s(out[-1], L) if out else 0.0
+            est = estimate_point_s(out[-1], L, first=len(out) == 1) if out else 0.0
             if left <= 0 or est > left:
                 add(Measurement(what, L, None, None, None, error=(
                     f"stopped: time budget (context {L} estimated {est:.1f} s, {max(left, 0):.1f} s left)"

@@ -68,6 +68,8 @@ def test_time_budget_estimate_and_stop():
     prev = cost.Measurement("prefill", 1000, seconds=0.1, cache_bytes=0, peak_bytes=None, setup_s=0.5)
     # setup x ratio + warm-up and repeats of a call that grows with ratio^2 (0.4 s: 3 repeats)
     assert cost.estimate_point_s(prev, 2000) == pytest.approx(0.5 * 2 + 0.4 + 3 * 0.4)
+    # after a curve's first point its setup (kernel compilation, capture) is not extrapolated
+    assert cost.estimate_point_s(prev, 2000, first=True) == pytest.approx(0.4 + 3 * 0.4)
     prev = cost.Measurement("decode", 1000, seconds=0.4, cache_bytes=0, peak_bytes=None, setup_s=0.0)
     assert cost.estimate_point_s(prev, 4000) == pytest.approx(2 * 1.6)  # > 1 s: warm-up + one call
 
