@@ -127,6 +127,7 @@ class ToyLM(nn.Module):
         return self.head(h).float() * 3.0  # (B, T, V): sharp enough that sampling has structure
 
     def new_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[LayerCache]:
+        device = self.emb.weight.device if device is None else device  # as HybridLM: the model's device
         return [layer.new_cache(batch, max_len, device, dtype or torch.float32) for layer in self.layers]
 
 
