@@ -72,29 +72,27 @@ LOG2E = 1.4426950408889634
 RESCALE_SLACK: tl.constexpr = tl.constexpr(8.0)  # log2 units: the running max may lag by 2^8
 
 # Launch parameters; the benchmark may override them (benchmarks/sparse_mla_gpu.py --sweep).
-# Forward ("sparse", "decode"): 64 heads x 64 slots per block, 8 warps, 2 stages, SHARE_QK (see
-# _latent_attn_fwd). Why, from the sm_90 compile report (benchmarks/sparse_mla_gpu.py
-# --compile-report) and a shared-memory model, not yet from GPU timings: every wgmma re-reads its
-# [64, 16] q operand from shared memory (128 B/clk per SM), so the q·k of small slot blocks is
-# bound by those reads, not by the tensor cores. The old shape (16 slots, q·k computed by both
-# warpgroups) needed ~5x the tensor-core time of P·V + q·k at their peak per block of 64 slots;
-# 64 slots with q·k split across the warpgroups ~1.3x. It uses 224 KB of shared memory (q 72 KB,
-# two 72 KB latent stages, p) and 249-255 registers without spills; if a Triton version needs more,
-# the launcher falls back along FALLBACK (warning once). float32 inputs take exact float32
+# Forward ("sparse", "decode") launch shapes: the winners of `benchmarks/sparse_mla_gpu.py
+# --decode-only --sweep` on an H200 with Triton 3.6 (2026-11-26; decode B=32, 32K latents, 128
+# heads: 1.37 ms vs 2.24 ms for the earlier 16-slot shape; sparse prefill T=4096 over 64K latents:
+# 12.8 ms vs 23.6 ms). The SHARE_QK=1 variants (q·k computed once per warpgroup pair through an
+# always-true runtime branch, see _latent_attn_fwd) were designed from the sm_90 compile report of
+# Triton 3.9 but do not build with Triton 3.6 ("PassManager::run failed" in TritonGPUPipeline),
+# so they are not the default; the sweep still tries them. float32 inputs take exact float32
 # products (no tensor cores), so the ops' "auto" mode keeps float32 on the torch path.
 TUNING: dict[str, dict[str, int]] = {
-    "sparse": {"BLOCK_H": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 1},
-    "decode": {"BLOCK_H": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 1},
+    "sparse": {"BLOCK_H": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 0},
+    "decode": {"BLOCK_H": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3, "DVB": 1, "SHARE_QK": 0},
     "sparse_bwd": {"BLOCK_H": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
     # float32 inputs (mode="triton" only; exact products, no tensor cores) on a GPU: tiles twice the
     # bytes, so a small shape (74 KB of shared memory at MLA dims; the bf16 one would need 311 KB)
     "fp32": {"BLOCK_H": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "DVB": 1, "SHARE_QK": 0},
-    "index": {"BLOCK_T": 2, "BLOCK_S": 128, "S_CHUNK": 4096, "num_warps": 8, "num_stages": 2},
+    # the indexer: also the H200 sweep's winner (decode over 1M keys and a prefill chunk)
+    "index": {"BLOCK_T": 4, "BLOCK_S": 64, "S_CHUNK": 8192, "num_warps": 8, "num_stages": 2},
 }
 # Tried in order after TUNING[...] when a launch shape does not compile (out of shared memory or
-# registers): 32 slots (152-188 KB), then the previous default (16 slots, 3 stages, 131 KB).
+# registers on another GPU or Triton version): the previous default (16 slots, 3 stages, 131 KB).
 FALLBACK: list[dict[str, int]] = [
-    {"BLOCK_H": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 1},
     {"BLOCK_H": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "DVB": 1, "SHARE_QK": 0},
 ]
 _FAILED_CONFIGS: set = set()
