@@ -196,8 +196,8 @@ def test_interp_latent_decode_op_compiles_and_matches_oracle():
 def test_interp_linear_layers_decode_with_the_fused_step_kernels(name, monkeypatch):
     """The G / K / L layers' T == 1 path with the fused Triton steps of attnlab.kernels.linear (what
     it takes on CUDA; forced here on CPU tensors) gives the torch ops' logits."""
-    import attnlab.layers.deltanet as deltanet_layers
-    import attnlab.layers.lightning as lightning_layers
+    import attnlab.ops.delta_rule as delta_rule_ops
+    import attnlab.ops.lightning as lightning_ops
     from attnlab import HybridLM, ModelConfig
     from attnlab.generate import decode_one_token, prefill
     from attnlab.kernels import linear
@@ -214,12 +214,13 @@ def test_interp_linear_layers_decode_with_the_fused_step_kernels(name, monkeypat
     want = run()
     used = []
 
-    def forced(op_name, q):
+    def forced(mode, q, op_name):  # what ops.*_step(mode="auto") resolves to on CUDA
+        assert mode == "auto"
         used.append(op_name)
         return getattr(linear, op_name)
 
-    monkeypatch.setattr(lightning_layers, "decode_step_kernel", forced)
-    monkeypatch.setattr(deltanet_layers, "decode_step_kernel", forced)
+    monkeypatch.setattr(lightning_ops, "resolve_step", forced)
+    monkeypatch.setattr(delta_rule_ops, "resolve_step", forced)
     got = run()
     assert used, "the fused step was never asked for"
     assert rel_err(got, want) <= 1e-5

@@ -494,3 +494,19 @@ def test_cuda_chunk_matches_oracle_and_auto_dispatches_to_triton(family):
     assert resolve_mode("auto", x["q"], name)[0] == "triton"  # "auto" takes the kernel on CUDA
     o_tr, s_tr = run(family, x, "triton")
     assert rel_err(o_tr, o_ref) < 5e-3 and rel_err(s_tr, s_ref) < 5e-3
+
+
+def test_step_modes_on_cpu():
+    """The decode steps take mode= like the sequence ops: "auto", "recurrent" and "chunk" run the
+    torch step on the CPU (same result); "triton" needs CUDA tensors and says so."""
+    x = make_inputs("kda", b=2, t=1, h=3, d_k=8)
+    q, k, v, g, beta = (x[n][:, 0] for n in ("q", "k", "v", "g", "beta"))  # one token
+    outs = []
+    for mode in ("auto", "recurrent", "chunk"):
+        outs.append(ops.kda_step(q, k, v, g, beta, torch.zeros(2, 3, 8, 8), mode=mode))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    state = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="mode: 'triton' needs CUDA"):
+        ops.lightning_attention_step(q, k, v, torch.ones(3), state, mode="triton")
+    with pytest.raises(ValueError, match="mode"):
+        ops.gated_delta_rule_step(q, k, v, g[..., 0], beta, state, mode="fast")

@@ -44,7 +44,7 @@ from .. import ops
 from .._checks import check_heads_divide, check_tensor
 from ..cache import CacheSpec, LayerCache
 from .common import GatedRMSNorm, ShortConv
-from .lightning import _check_cache, decode_step_kernel
+from .lightning import _check_cache
 
 
 @dataclass
@@ -121,8 +121,8 @@ class DeltaRuleMixer(nn.Module):
         raise NotImplementedError
 
     def recurrence_step(self, q, k, v, g, beta, state):
-        """The one-token op: ``ops.gated_delta_rule_step`` or ``ops.kda_step`` (on CUDA outside
-        torch.compile, the fused Triton step of the same name)."""
+        """The one-token op: ``ops.gated_delta_rule_step`` or ``ops.kda_step`` (mode "auto": on CUDA
+        outside torch.compile, the fused Triton step)."""
         raise NotImplementedError
 
     # ---- shared
@@ -239,8 +239,7 @@ class GatedDeltaNet(DeltaRuleMixer):
                                     output_final_state=output_final_state, use_qk_l2norm=True)
 
     def recurrence_step(self, q, k, v, g, beta, state):
-        step = decode_step_kernel("gated_delta_rule_step", q) or ops.gated_delta_rule_step
-        return step(q, k, v, g, beta, state, use_qk_l2norm=True)
+        return ops.gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm=True)
 
     @torch.no_grad()
     def load_from_hf(self, hf_module: nn.Module) -> None:
@@ -293,8 +292,7 @@ class KimiDeltaAttention(DeltaRuleMixer):
                        output_final_state=output_final_state, use_qk_l2norm=True)
 
     def recurrence_step(self, q, k, v, g, beta, state):
-        step = decode_step_kernel("kda_step", q) or ops.kda_step
-        return step(q, k, v, g, beta, state, use_qk_l2norm=True)
+        return ops.kda_step(q, k, v, g, beta, state, use_qk_l2norm=True)
 
     @torch.no_grad()
     def load_from_hf(self, hf_module: nn.Module) -> None:

@@ -24,7 +24,6 @@ from torch import nn
 from .. import ops
 from .._checks import check_tensor
 from ..cache import CacheSpec, LayerCache
-from ..ops._dispatch import resolve_mode
 from .common import RMSNorm
 
 # MiniMax builds the output norm with its RMSNorm's default eps, not the model's rms_norm_eps.
@@ -96,8 +95,7 @@ class LightningAttention(nn.Module):
         else:
             _check_cache(cache, LightningCache, B)
             if T == 1:
-                step = decode_step_kernel("lightning_attention_step", q) or ops.lightning_attention_step
-                o = step(q[:, 0], k[:, 0], v[:, 0], slope, cache.state)  # (B, H, D)
+                o = ops.lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, cache.state)  # (B, H, D)
                 o = o.unsqueeze(1)  # (B, 1, H, D)
             else:
                 o, state = ops.lightning_attention(
@@ -158,17 +156,6 @@ class LightningAttention(nn.Module):
         self.in_proj.weight.copy_(torch.cat([w.reshape(3 * H * D, self.d_model), hf.output_gate.weight]))
         self.norm.weight.copy_(hf.norm.weight)
         self.out_proj.weight.copy_(hf.out_proj.weight)
-
-
-def decode_step_kernel(op_name: str, q: torch.Tensor):
-    """The fused Triton decode step ``attnlab.kernels.linear.<op_name>`` (same signature as the op
-    of that name: one launch that reads and writes the state once, instead of a dozen torch ops
-    passing over it) for CUDA tensors outside torch.compile; None (use the torch op) otherwise.
-    Under torch.compile the torch op is traced and fused by inductor instead."""
-    if not q.is_cuda or torch.compiler.is_compiling():
-        return None
-    impl, kernel = resolve_mode("auto", q, op_name)
-    return kernel if impl == "triton" else None
 
 
 def _check_cache(cache: LayerCache, cls: type, batch: int) -> None:

@@ -48,3 +48,14 @@ def resolve_mode(mode: str, q: torch.Tensor, op_name: str) -> tuple[str, Callabl
     if fn is None:
         raise ValueError(f"mode: 'triton' is unavailable for {op_name}: {why}")
     return "triton", fn
+
+
+def resolve_step(mode: str, q: torch.Tensor, op_name: str) -> Callable | None:
+    """The fused Triton decode step ``attnlab.kernels.linear.<op_name>`` to run, or None for the
+    torch step. ``"auto"`` takes the kernel for CUDA tensors except while torch.compile traces (there
+    the torch step is traced and fused by inductor instead); ``"triton"`` requires it; ``"recurrent"``
+    and ``"chunk"`` (the same thing for one token) take the torch step."""
+    if mode == "auto" and torch.compiler.is_compiling():
+        return None
+    impl, kernel = resolve_mode(mode, q, op_name)
+    return kernel if impl == "triton" else None

@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_heads_divide, check_same_device, check_tensor
-from ._dispatch import resolve_mode
+from ._dispatch import resolve_mode, resolve_step
 
 # Tokens per chunk of the chunked form. fla and Qwen3-Next use 64; on the CPU 32 measured faster
 # (T = 4096, H = 4, D = 64: the intra-chunk products and the inverse cost half; the sequential
@@ -142,13 +142,18 @@ def gated_delta_rule_step(
     state: torch.Tensor,
     scale: float | None = None,
     use_qk_l2norm: bool = False,
+    mode: str = "auto",
 ) -> torch.Tensor:
     """One decode token of Gated DeltaNet; updates `state` in place.
 
     q, k: [B, H_k, D_k]; v: [B, H, D_v]; g, beta: [B, H]; state: float32 [B, H, D_k, D_v].
-    Returns o [B, H, D_v] in q's dtype.
+    Returns o [B, H, D_v] in q's dtype. ``mode``: "auto" (the fused Triton step on CUDA outside
+    torch.compile, else torch), "triton", or "recurrent" / "chunk" (the torch step).
     """
     _check_step_inputs(q, k, v, g, beta, state, per_channel=False)
+    kernel = resolve_step(mode, q, "gated_delta_rule_step")
+    if kernel is not None:
+        return kernel(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
     return _step_in_place(q, k, v, g.unsqueeze(-1), beta, state, scale, use_qk_l2norm)
 
 
@@ -161,13 +166,18 @@ def kda_step(
     state: torch.Tensor,
     scale: float | None = None,
     use_qk_l2norm: bool = False,
+    mode: str = "auto",
 ) -> torch.Tensor:
     """One decode token of Kimi Delta Attention; updates `state` in place.
 
     q, k: [B, H_k, D_k]; v: [B, H, D_v]; g: [B, H, D_k]; beta: [B, H];
-    state: float32 [B, H, D_k, D_v]. Returns o [B, H, D_v] in q's dtype.
+    state: float32 [B, H, D_k, D_v]. Returns o [B, H, D_v] in q's dtype. ``mode`` as in
+    :func:`gated_delta_rule_step`.
     """
     _check_step_inputs(q, k, v, g, beta, state, per_channel=True)
+    kernel = resolve_step(mode, q, "kda_step")
+    if kernel is not None:
+        return kernel(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
     return _step_in_place(q, k, v, g, beta, state, scale, use_qk_l2norm)
 
 

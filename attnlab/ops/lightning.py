@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_same_device, check_tensor
-from ._dispatch import resolve_mode
+from ._dispatch import resolve_mode, resolve_step
 from .delta_rule import _to_chunks, decay_exp
 
 BLOCK_SIZE = 64  # tokens per block; the math is block-size independent (MiniMax uses 256)
@@ -72,11 +72,13 @@ def lightning_attention_step(
     slope: torch.Tensor,
     state: torch.Tensor,
     scale: float | None = None,
+    mode: str = "auto",
 ) -> torch.Tensor:
     """One decode token; updates `state` in place.
 
     q, k: [B, H, D_k]; v: [B, H, D_v]; slope: [H]; state: float32 [B, H, D_k, D_v].
-    Returns o [B, H, D_v] in q's dtype.
+    Returns o [B, H, D_v] in q's dtype. ``mode``: "auto" (the fused Triton step on CUDA outside
+    torch.compile, else torch), "triton", or "recurrent" / "chunk" (the torch step).
     """
     check_tensor("q", q, 3, "[B, H, D_k]")
     b, h, d_k = q.shape
@@ -85,6 +87,9 @@ def lightning_attention_step(
     check_tensor("slope", slope, 1, "[H]", shape=(h,))
     check_tensor("state", state, 4, "[B, H, D_k, D_v]", shape=(b, h, d_k, v.shape[2]), dtypes=_STATE_DTYPES)
     check_same_device(q=q, k=k, v=v, slope=slope, state=state)
+    kernel = resolve_step(mode, q, "lightning_attention_step")
+    if kernel is not None:
+        return kernel(q, k, v, slope, state, scale=scale)
     dtype = state.dtype
     qc = q.to(dtype) if scale is None else q.to(dtype) * scale
     o, new_state = _lightning_step(qc, k.to(dtype), v.to(dtype), (-slope.to(dtype)).exp(), state)
