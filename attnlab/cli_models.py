@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ._format import human_bytes
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -25,14 +27,6 @@ def _tokens(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
     return str(n)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 def preset_rows(
@@ -78,8 +72,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
             continue
         pat = r["pattern"] if len(r["pattern"]) <= 10 else r["pattern"][:9] + "…"
         print(
-            f"{r['preset']:<14}{pat:<12}{_human(r['params']):>10}{_bytes(r['bytes_per_token']):>13}"
-            f"{_bytes(r['constant_bytes']):>12}{_bytes(r['bytes_at_context']):>15}"
+            f"{r['preset']:<14}{pat:<12}{_human(r['params']):>10}{human_bytes(r['bytes_per_token']):>13}"
+            f"{human_bytes(r['constant_bytes']):>12}{human_bytes(r['bytes_at_context']):>15}"
         )
     print(
         "cache/token: bytes added per token of context (layers without a window); constant: recurrent and\n"

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ._format import human_bytes
 from .config import LAYER_LETTERS, ModelConfig
 
 # the single-mechanism models, each built from the preset that carries its published shapes
@@ -781,14 +782,6 @@ def _measured_exponents(name: str, cfg: ModelConfig, cost_result: dict | None) -
         ms = [m for m in cost_result["presets"][name]["measured"]["decode"] if m["seconds"]]
         out["measured_decode"] = fit_exponent([m["context"] for m in ms], [m["seconds"] for m in ms])
     return out
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _exp(x: float | None) -> str:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ._checks import check_mode, check_tensor
+from ._format import human_bytes
 from .cache import LayerCache
 from .ops.softmax import prepare_decode_kernels
 
@@ -639,14 +640,6 @@ def generate(
 
 
 # ----------------------------------------------------------------------------- CLI
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
 def _parse_ids(text: str, name: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
@@ -740,7 +733,7 @@ def _run_cli(args) -> int:
     print(
         f"[{n_params / 1e6:.2f}M params, {args.dtype}, {args.device}] prompt {stats.prompt_tokens} tokens "
         f"({pf:.1f} tokens/s prefill), {stats.new_tokens} new tokens, decode {stats.decode_tokens_per_s:.1f} "
-        f"tokens/s (>= {read:.2f} GB/s of weights read), cache {_format_bytes(stats.cache_bytes)} "
+        f"tokens/s (>= {read:.2f} GB/s of weights read), cache {human_bytes(stats.cache_bytes, digits=2)} "
         f"for {len(ids) + args.max_new_tokens} tokens",
         file=sys.stderr,
     )

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from attnlab import HybridLM, ModelConfig
+from attnlab._format import human_bytes
 from attnlab.cli import main
-from attnlab.cli_models import _bytes, _human, preset_rows
+from attnlab.cli_models import _human, preset_rows
 from attnlab.presets import preset_names
 
 transformers = pytest.importorskip("transformers")
@@ -39,7 +40,7 @@ def test_presets_command_prints_every_preset(capsys):
     for name, r in rows.items():
         line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
         assert r["pattern"] in line and _human(r["params"]) in line
-        assert _bytes(r["bytes_per_token"]) in line and _bytes(r["bytes_at_context"]) in line
+        assert human_bytes(r["bytes_per_token"]) in line and human_bytes(r["bytes_at_context"]) in line
 
 
 def _save_hf_qwen3_next(path, layer_types, moe=False):
@@ -91,3 +92,10 @@ def test_convert_out_dir_that_is_a_file(tmp_path, capsys):
         assert main(["convert", str(tmp_path / "hf"), str(path), *extra]) == 2
         assert "OUT_DIR: " in capsys.readouterr().err
     assert path.read_text() == "a user's file\n"
+
+
+def test_human_bytes():
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(3 * 2**20, digits=2) == "3.00 MiB"
+    assert human_bytes(5 * 2**50) == "5120.0 TiB"  # stays in the largest unit
