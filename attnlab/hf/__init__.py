@@ -71,6 +71,12 @@ def unsupported(model_type: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"{model_type}: {problem}; {fix}")
 
 
+def check_silu_mlp(hf_config: Any, model_type: str) -> None:
+    """Our MLPs are SwiGLU: refuse any other ``hidden_act``."""
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise unsupported(model_type, f"hidden_act={hf_config.hidden_act!r}", "use hidden_act='silu'")
+
+
 def rope_params(hf_config: Any) -> dict:
     """transformers 5 keeps RoPE settings in ``config.rope_parameters`` (theta, type, ...)."""
     params = getattr(hf_config, "rope_parameters", None) or {}

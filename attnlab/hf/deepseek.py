@@ -19,7 +19,16 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import HybridLM
-from . import base_fields, load_dense_mlp, load_shared_parts, new_model, rope_params, rope_theta, unsupported
+from . import (
+    base_fields,
+    check_silu_mlp,
+    load_dense_mlp,
+    load_shared_parts,
+    new_model,
+    rope_params,
+    rope_theta,
+    unsupported,
+)
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
 _YARN_KEYS = (
@@ -75,8 +84,7 @@ def config_from_hf(c: Any) -> ModelConfig:
         if model_type == "deepseek_v32":
             fix += f" (or mlp_layer_types=['dense'] * {n})"
         raise unsupported(model_type, f"layers {moe} are MoE blocks and attnlab has dense MLPs only", fix)
-    if getattr(c, "hidden_act", "silu") != "silu":
-        raise unsupported(model_type, f"hidden_act={c.hidden_act!r}", "use hidden_act='silu'")
+    check_silu_mlp(c, model_type)
     if getattr(c, "attention_bias", False):
         raise unsupported(
             model_type, "attention_bias=True", "use attention_bias=False (no bias in attnlab's MLA)"

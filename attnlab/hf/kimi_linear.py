@@ -16,7 +16,15 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import HybridLM
-from . import base_fields, load_dense_mlp, load_shared_parts, new_model, pattern_from_layer_types, unsupported
+from . import (
+    base_fields,
+    check_silu_mlp,
+    load_dense_mlp,
+    load_shared_parts,
+    new_model,
+    pattern_from_layer_types,
+    unsupported,
+)
 
 MODEL_TYPE = "kimi_linear"
 LAYER_LETTERS = {"linear_attention": "K", "full_attention": "M"}
@@ -32,8 +40,7 @@ def config_from_hf(c: Any) -> ModelConfig:
             MODEL_TYPE, f"layers {moe} are sparse MoE blocks and attnlab has dense MLPs only",
             f'set mlp_layer_types=["dense"] * {n} (or first_k_dense_replace={n})',
         )
-    if getattr(c, "hidden_act", "silu") != "silu":
-        raise unsupported(MODEL_TYPE, f"hidden_act={c.hidden_act!r}", "use hidden_act='silu'")
+    check_silu_mlp(c, MODEL_TYPE)
     if getattr(c, "attention_bias", False):
         raise unsupported(MODEL_TYPE, "attention_bias=True", "use attention_bias=False (no bias in attnlab)")
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads

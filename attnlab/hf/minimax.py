@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..model import HybridLM
 from . import (
     base_fields,
+    check_silu_mlp,
     copy_weight,
     load_shared_parts,
     new_model,
@@ -50,8 +51,7 @@ def config_from_hf(c: Any) -> ModelConfig:
             "and attnlab has dense MLPs only",
             "use num_local_experts=1 and num_experts_per_tok=1 (a single expert is a dense SwiGLU MLP)",
         )
-    if getattr(c, "hidden_act", "silu") != "silu":
-        raise unsupported(MODEL_TYPE, f"hidden_act={c.hidden_act!r}", "use hidden_act='silu'")
+    check_silu_mlp(c, MODEL_TYPE)
     if getattr(c, "postnorm", True) is False:
         raise unsupported(MODEL_TYPE, "postnorm=False", "HF MiniMax always uses the postnorm residual")
     rp = rope_params(c)

@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..model import HybridLM
 from . import (
     base_fields,
+    check_silu_mlp,
     load_dense_mlp,
     load_shared_parts,
     new_model,
@@ -46,8 +47,7 @@ def config_from_hf(c: Any) -> ModelConfig:
             MODEL_TYPE, f"layers {moe} are sparse MoE blocks and attnlab has dense MLPs only",
             f"set mlp_only_layers=list(range({c.num_hidden_layers})) (or num_experts=0)",
         )
-    if getattr(c, "hidden_act", "silu") != "silu":
-        raise unsupported(MODEL_TYPE, f"hidden_act={c.hidden_act!r}", "use hidden_act='silu'")
+    check_silu_mlp(c, MODEL_TYPE)
     if getattr(c, "attention_bias", False):
         raise unsupported(MODEL_TYPE, "attention_bias=True", "use attention_bias=False (no bias in attnlab)")
     rp = rope_params(c)
