@@ -14,7 +14,8 @@ For each preset at about 1B parameters (bf16, batch 1) and each context length (
   the time budget). ``ours`` is the best mode (named in the row); the same step is also run eagerly.
 - **transformers**: ``generate()`` on the same model (the HF model is built first and converted
   with :func:`attnlab.hf.from_hf`, so both run identical weights), with a real prompt of the
-  context length; per-token time = (time of 1 + steps new tokens - time of 1) / steps.
+  context length; per-token time = the median interval between successive new tokens inside one
+  ``generate(max_new_tokens=1 + steps)`` call, stamped by a streamer (prefill excluded).
   Contexts above ``--hf-max-context`` or that run out of memory are reported as skipped.
 - **floor**: (weight bytes + cache bytes each token must read) / measured copy bandwidth.
   Weights exclude the embedding table unless tied (one row of it is read); DSA layers read
@@ -341,24 +342,42 @@ def profile_step(model: HybridLM, context: int, device: str, dtype: torch.dtype,
 
 
 def time_hf(hf, context: int, steps: int, device: str) -> dict:
+    """transformers ``generate()`` on a real prompt of ``context`` tokens: per-token decode time =
+    the median interval between successive new tokens, stamped by a streamer inside ONE generate
+    call (the prefill is excluded, so its run-to-run variance cannot swamp the decode steps, as the
+    earlier difference of two generate calls did at 131K: it came out negative)."""
+    from transformers.generation.streamers import BaseStreamer
+
     prompt = torch.randint(0, hf.config.vocab_size, (1, context), device=device)
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True)
 
-    def run(n: int) -> float:
-        sync(device)
-        t = time.perf_counter()
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:  # called with the prompt, then with each new token
+            sync(device)
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def run(n: int) -> list[float]:
+        stamps = Stamps()
         with torch.no_grad():
-            hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
-        sync(device)
-        return time.perf_counter() - t
+            hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, streamer=stamps, **kw)
+        return stamps.times
 
     run(2)  # warm-up
-    t1 = run(1)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    tn = run(1 + steps)
+    times = run(1 + steps)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else float("nan")
-    return dict(ms=(tn - t1) / steps * 1e3, peak_bytes=peak)
+    # times[0]: the prompt; times[1]: the first new token (after prefill); then one per decode step
+    gaps = sorted(b - a for a, b in zip(times[1:], times[2:], strict=False))
+    if not gaps:
+        raise RuntimeError(f"transformers generate() streamed {len(times)} stamps for {1 + steps} tokens")
+    return dict(ms=gaps[len(gaps) // 2] * 1e3, peak_bytes=peak, decode_steps_timed=len(gaps))
 
 
 def free(device: str) -> None:
