@@ -28,3 +28,17 @@ def test_decode_gpu_tiny_on_cpu(tmp_path):
     assert row["ours_ms"] > 0 and row["hf_ms"] > 0  # the streamer gaps are real intervals
     assert json.loads(js.read_text())  # written
     assert "| llama |" in out.read_text()
+
+
+def test_sparse_mla_gpu_cpu_smoke(tmp_path):
+    """benchmarks/sparse_mla_gpu.py --cpu-smoke --decode-only (the Triton kernels under the
+    interpreter at toy sizes) runs to its target lines and writes its JSON."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(BENCH / "sparse_mla_gpu.py"), "--cpu-smoke", "--decode-only",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "targets (issue 9):" in r.stdout
+    assert json.loads((tmp_path / "sparse_mla_gpu.json").read_text())
