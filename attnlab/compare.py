@@ -12,9 +12,15 @@ An output directory holds::
     study.json              the study's settings (its identity)
     models/<name>/checkpoint/   the trained model (save_pretrained; written atomically)
     models/<name>/result.json   training figures + every evaluation record (written last, atomically)
+    models/seed-<s>/<name>/     the same for seed s, only when several seeds are asked for
+                                (the first seed's models stay in models/<name>/)
     cost.json, cost plots   the cost lab
     summary.json            the numbers of the summary table and the report
     report.md, report.html  the report (the HTML embeds its plots)
+
+With several seeds (``seeds``), every model is trained and scored once per seed and the
+tables show the mean recall with the min-max across seeds; the cost lab and the diagnostics
+run once (the diagnostics on the first seed's models).
 
 A model whose ``result.json`` exists is never trained again, so an interrupted study
 resumes where it stopped. A directory holding a different study is refused unless
@@ -75,6 +81,8 @@ class StudySettings:
     ``overrides`` maps a model name to ModelConfig fields set on that model only.
     ``cost`` holds :class:`attnlab.cost.CostSettings` fields (the cost lab's reduced CPU
     setting by default).
+    ``seeds`` (two or more) trains and scores every model once per seed (each run exactly as
+    ``seed`` would); empty = the single ``seed``. Use one or the other.
     """
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -99,6 +107,7 @@ class StudySettings:
     warmup_steps: int = 50
     eval_samples: int = 32
     seed: int = 0
+    seeds: tuple[int, ...] = ()
     device: str = "cpu"
     workers: int | None = None  # None = one per CPU core (max 2) on the CPU, 1 on CUDA
     skip_cost: bool = False
@@ -144,6 +153,16 @@ class StudySettings:
         for spec in self.tasks:  # every task must fit the vocabulary and every length
             for length in sorted({self.train_len, *self.lengths}):
                 make_task(spec, length, self.vocab_size)
+        if any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in self.seeds):
+            raise ValueError(f"seeds (--seeds): expected non-negative integers, got {list(self.seeds)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds (--seeds): each seed once, got {list(self.seeds)}")
+        if self.seeds and self.seed != 0:
+            raise ValueError(
+                f"seed and seeds: give one or the other, got seed={self.seed} and seeds={list(self.seeds)}"
+            )
+        if len(self.seeds) == 1:  # one seed is the single-seed study
+            self.seed, self.seeds = self.seeds[0], ()
         unknown = sorted(set(self.overrides) - set(self.models))
         if unknown:
             raise ValueError(f"overrides: for model(s) {', '.join(unknown)} not in models")
@@ -157,8 +176,21 @@ class StudySettings:
         return d
 
     def identity(self) -> dict[str, Any]:
-        """The settings that define the results (what a resumed directory must match)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        """The settings that define the results (what a resumed directory must match). The
+        seed list is part of it when several seeds are asked for (absent for a single seed, so
+        single-seed directories written before ``seeds`` existed still resume)."""
+        return {
+            k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY and not (k == "seeds" and not v)
+        }
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds the study trains: ``seeds``, or the single ``seed``."""
+        return self.seeds or (self.seed,)
+
+    def for_seed(self, seed: int) -> StudySettings:
+        """These settings as the single-seed study of ``seed`` (what one run trains with)."""
+        return dataclasses.replace(self, seed=seed, seeds=())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudySettings:
@@ -169,7 +201,11 @@ class StudySettings:
                 f"study config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         d = dict(d)
-        for k in ("models", "tasks", "lengths", "depths"):
+        if "seed" in d and d.get("seeds"):
+            raise ValueError(
+                "seed and seeds: give one or the other (--seed for one run, --seeds for several)"
+            )
+        for k in ("models", "tasks", "lengths", "depths", "seeds"):
             if k in d:
                 if isinstance(d[k], str):
                     d[k] = [x.strip() for x in d[k].split(",") if x.strip()]
@@ -178,6 +214,11 @@ class StudySettings:
             d["lengths"] = tuple(int(x) for x in d["lengths"])
         if "depths" in d:
             d["depths"] = tuple(float(x) for x in d["depths"])
+        if "seeds" in d:
+            try:
+                d["seeds"] = tuple(int(x) for x in d["seeds"])
+            except (TypeError, ValueError):
+                raise ValueError(f"seeds (--seeds): expected integers, got {d['seeds']!r}") from None
         if "cost" in d:
             d["cost"] = {**cls().cost, **d["cost"]}
         return cls(**d)
@@ -314,20 +355,24 @@ def train_and_evaluate(
     s: StudySettings,
     model_dir: str | os.PathLike,
     report: Callable[[str, str, int], None] | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Train model ``name`` on the study's task mix, score it at every length (and depth),
-    save ``model_dir/checkpoint`` then ``model_dir/result.json`` (both atomically; the
-    result is written last, so its presence means the model is finished). ``report(name,
-    kind, n)`` is told of progress: ``kind`` "step" (n steps done) or "eval" (n evaluations done)."""
+    """Train model ``name`` on the study's task mix with seed ``s.seed`` (model init, data
+    and evaluation sampling), score it at every length (and depth), save
+    ``model_dir/checkpoint`` then ``model_dir/result.json`` (both atomically; the result is
+    written last, so its presence means the model is finished). ``report(label, kind, n)``
+    is told of progress (``label`` defaults to ``name``): ``kind`` "step" (n steps done) or
+    "eval" (n evaluations done)."""
+    label = label or name
     from .cost import write_json_atomic
     from .evaluate import evaluate
     from .train import TrainConfig, Trainer, TrainingDiverged
 
     def tell(kind: str, n: int) -> None:
         if _PROGRESS_QUEUE is not None:
-            _PROGRESS_QUEUE.put((name, kind, n))
+            _PROGRESS_QUEUE.put((label, kind, n))
         elif report is not None:
-            report(name, kind, n)
+            report(label, kind, n)
 
     model_dir = Path(model_dir)
     if model_dir.exists():  # an unfinished earlier attempt (no result.json): start it over
@@ -375,6 +420,7 @@ def train_and_evaluate(
     model.save_pretrained(model_dir / "checkpoint")
     result = {
         "name": name,
+        "seed": s.seed,
         "model_config": cfg.to_dict(),
         "pattern": cfg.layer_pattern,
         "params": model.num_params(),
@@ -395,10 +441,35 @@ def train_and_evaluate(
     return result
 
 
-def _job(args: tuple[str, dict, dict, str]) -> dict[str, Any]:
-    name, cfg_dict, settings_dict, model_dir = args
+def _job(args: tuple[str, dict, dict, str, str]) -> dict[str, Any]:
+    name, cfg_dict, settings_dict, model_dir, label = args
     s = StudySettings.from_dict(settings_dict)
-    return train_and_evaluate(name, ModelConfig.from_dict(cfg_dict), s, model_dir)
+    return train_and_evaluate(name, ModelConfig.from_dict(cfg_dict), s, model_dir, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One training run of the study: model ``name`` at ``seed``, saved in ``model_dir``."""
+
+    name: str
+    seed: int
+    label: str  # the progress / reuse label: the model name, with its seed when there are several
+    model_dir: Path
+
+
+def study_runs(s: StudySettings, out: str | os.PathLike) -> list[_Run]:
+    """Every (model, seed) run of the study with its directory: ``out/models/<name>`` for the
+    first seed, ``out/models/seed-<s>/<name>`` for the others (only with several seeds)."""
+    out = Path(out)
+    runs = []
+    for i, seed in enumerate(s.run_seeds):
+        for name in s.models:
+            if len(s.run_seeds) == 1:
+                runs.append(_Run(name, seed, name, out / "models" / name))
+            else:
+                model_dir = out / "models" / name if i == 0 else out / "models" / f"seed-{seed}" / name
+                runs.append(_Run(name, seed, f"{name} seed {seed}", model_dir))
+    return runs
 
 
 # ----------------------------------------------------------------------------- progress
@@ -503,7 +574,7 @@ def _prepare_out(out: Path, s: StudySettings, force: bool) -> None:
     write_json_atomic({"format": 1, "settings": s.identity()}, study_file)
 
 
-def _load_finished(model_dir: Path, cfg: ModelConfig) -> dict[str, Any] | None:
+def _load_finished(model_dir: Path, cfg: ModelConfig, seed: int) -> dict[str, Any] | None:
     path = model_dir / "result.json"
     if not path.is_file() or not (model_dir / "checkpoint" / "model.safetensors").is_file():
         return None
@@ -511,7 +582,10 @@ def _load_finished(model_dir: Path, cfg: ModelConfig) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return result if result.get("model_config") == cfg.to_dict() else None
+    # results written before the seed was recorded are single-seed runs of the study's seed
+    if result.get("model_config") != cfg.to_dict() or result.get("seed", seed) != seed:
+        return None
+    return result
 
 
 def _resolve_workers(s: StudySettings, n_jobs: int) -> int:
@@ -547,42 +621,47 @@ def run_study(
     wall0, cpu0 = time.perf_counter(), time.process_time()
 
     n_eval = _eval_units(s)
-    weights = {name: _STEP_COST.get(name, 2.0) * s.steps * 1.25 for name in s.models}
+    runs = study_runs(s, out)
+    weights = {r.label: _STEP_COST.get(r.name, 2.0) * s.steps * 1.25 for r in runs}
     cost_file = out / "cost.json"
     if not s.skip_cost:
-        weights["cost lab"] = 0.06 * sum(weights.values())
+        weights["cost lab"] = 0.06 * sum(weights.values()) / len(s.run_seeds)
     bar = StudyProgress(weights, stream=stream, enabled=progress)
 
-    results: dict[str, dict[str, Any]] = {}
-    todo = []
-    for name in s.models:
-        finished = _load_finished(out / "models" / name, configs[name])
+    done: dict[str, dict[str, Any]] = {}  # run label -> result
+    todo: list[_Run] = []
+    for r in runs:
+        finished = _load_finished(r.model_dir, configs[r.name], r.seed)
         if finished is not None:
-            results[name] = finished
-            bar.mark_reused(name)
-            bar.note(f"{name}: finished earlier, reused ({out / 'models' / name})")
+            done[r.label] = finished
+            bar.mark_reused(r.label)
+            bar.note(f"{r.label}: finished earlier, reused ({r.model_dir})")
         else:
-            todo.append(name)
+            todo.append(r)
     if "cost lab" in weights and cost_file.is_file():
         bar.mark_reused("cost lab")
 
-    def on_progress(name: str, kind: str, n: int) -> None:
+    def on_progress(label: str, kind: str, n: int) -> None:
         frac = 0.8 * n / s.steps if kind == "step" else 0.8 + 0.2 * n / n_eval
-        bar.set(name, frac, f"{name}: {'step ' + str(n) if kind == 'step' else 'eval'}")
+        bar.set(label, frac, f"{label}: {'step ' + str(n) if kind == 'step' else 'eval'}")
 
-    todo.sort(key=lambda n: -_STEP_COST.get(n, 2.0))
+    todo.sort(key=lambda r: -_STEP_COST.get(r.name, 2.0))
     workers = _resolve_workers(s, len(todo))
+    seeds_note = f" x {len(s.run_seeds)} seeds ({', '.join(map(str, s.run_seeds))})" if s.seeds else ""
     bar.note(
-        f"study: {len(s.models)} models at {budget:,} parameters each, {len(todo)} to train "
+        f"study: {len(s.models)} models{seeds_note} at {budget:,} parameters each, {len(todo)} to train "
         f"({workers} worker{'s' if workers > 1 else ''}), {s.steps} steps at length {s.train_len}, "
         f"recall at lengths {', '.join(map(str, s.lengths))} -> {out}"
     )
     if workers == 1:
-        for name in todo:
-            results[name] = train_and_evaluate(name, configs[name], s, out / "models" / name, on_progress)
-            bar.note(_done_line(results[name]))
+        for r in todo:
+            done[r.label] = train_and_evaluate(
+                r.name, configs[r.name], s.for_seed(r.seed), r.model_dir, on_progress, label=r.label
+            )
+            bar.note(_done_line(done[r.label], r.label))
     elif todo:
-        results.update(_run_pool(todo, configs, s, out, workers, on_progress, bar))
+        done.update(_run_pool(todo, configs, s, workers, on_progress, bar))
+    results = {seed: {r.name: done[r.label] for r in runs if r.seed == seed} for seed in s.run_seeds}
 
     cost_result = None
     if not s.skip_cost:
@@ -613,11 +692,12 @@ def run_study(
     bar.close()
 
     summary = summarize(s, budget, configs, results, cost_result)
+    todo_labels = {r.label for r in todo}
     summary["run"] = {
         "wall_s": time.perf_counter() - wall0,
         "main_process_cpu_s": time.process_time() - cpu0,
-        "models_cpu_s": {n: r.get("cpu_s") for n, r in results.items()},
-        "reused": [n for n in s.models if n not in todo],
+        "models_cpu_s": {r.label: done[r.label].get("cpu_s") for r in runs},
+        "reused": [r.label for r in runs if r.label not in todo_labels],
         "workers": workers,
         "device": s.device,
         "torch": torch.__version__,
@@ -645,7 +725,7 @@ def _cost_defaults(s: StudySettings) -> dict[str, Any]:
             "index_topk": s.index_topk}  # fmt: skip
 
 
-def _run_pool(todo, configs, s, out, workers, on_progress, bar) -> dict[str, dict[str, Any]]:
+def _run_pool(todo, configs, s, workers, on_progress, bar) -> dict[str, dict[str, Any]]:
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -654,8 +734,11 @@ def _run_pool(todo, configs, s, out, workers, on_progress, bar) -> dict[str, dic
     results: dict[str, dict[str, Any]] = {}
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q, 1)) as pool:
         futures = {
-            pool.submit(_job, (name, configs[name].to_dict(), s.to_dict(), str(out / "models" / name))): name
-            for name in todo
+            pool.submit(
+                _job,
+                (r.name, configs[r.name].to_dict(), s.for_seed(r.seed).to_dict(), str(r.model_dir), r.label),
+            ): r.label
+            for r in todo
         }
         pending = set(futures)
         try:
@@ -666,7 +749,7 @@ def _run_pool(todo, configs, s, out, workers, on_progress, bar) -> dict[str, dic
                     result = f.result()  # re-raises a worker's error here
                     results[futures[f]] = result
                     _drain(q, on_progress)
-                    bar.note(_done_line(result))
+                    bar.note(_done_line(result, futures[f]))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # finished models stay saved for a resume
             raise
@@ -683,10 +766,10 @@ def _drain(q, on_progress) -> None:
         on_progress(name, kind, n)
 
 
-def _done_line(r: dict[str, Any]) -> str:
+def _done_line(r: dict[str, Any], label: str) -> str:
     t = r["train"]
     return (
-        f"{r['name']}: trained {t['steps']} steps (loss {t['final_loss']:.3f}) in {t['wall_s']:.0f} s "
+        f"{label}: trained {t['steps']} steps (loss {t['final_loss']:.3f}) in {t['wall_s']:.0f} s "
         f"({t['cpu_s']:.0f} s CPU), evaluated in {r['eval_wall_s']:.0f} s"
     )
 
@@ -702,32 +785,32 @@ def summarize(
     s: StudySettings,
     budget: int,
     configs: dict[str, ModelConfig],
-    results: dict[str, dict[str, Any]],
+    results: dict[int, dict[str, dict[str, Any]]],
     cost_result: dict | None,
 ) -> dict[str, Any]:
     """The study's numbers, one entry per model: recall per task and length (needle averaged
     over depths, and its depth x length grid), mean recall per length, parameters, analytic
-    cache bytes at 1K/32K/1M and at each eval length, fitted cost exponents."""
+    cache bytes at 1K/32K/1M and at each eval length, fitted cost exponents.
+
+    ``results`` maps each seed of ``s.run_seeds`` to {model name: its result.json}. With
+    several seeds, ``recall``, ``mean_recall``, ``tasks`` and ``needle_grid`` are the means
+    over the seeds, ``recall_min`` / ``recall_max`` / ``tasks_min`` / ``tasks_max`` their
+    ranges, ``by_seed`` every seed's own numbers (and training figures), and the summary's
+    ``seeds`` lists the seeds; a single-seed summary has none of these extra keys."""
     from .cost import ModelCost, fit_exponent
 
     analytic_ctx = [2**i for i in range(10, 21)]
+    seeds = s.run_seeds
     models = []
     for name in s.models:
-        r, cfg = results[name], configs[name]
+        per_seed = {seed: _recall_numbers(s, results[seed][name]) for seed in seeds}
+        r, cfg = results[seeds[0]][name], configs[name]
         mc = ModelCost(cfg, torch.bfloat16)
-        tasks: dict[str, dict[str, float]] = {}
-        needle: dict[str, dict[str, float]] = {}
-        for spec in s.tasks:
-            per_len = {}
-            for length in s.lengths:
-                recs = [x for x in r["results"] if x["spec"] == spec and x["length"] == length]
-                per_len[str(length)] = sum(task_score(x) for x in recs) / len(recs)
-                if recs and recs[0]["depth"] is not None:
-                    grid = needle.setdefault(spec, {})
-                    for x in recs:
-                        grid[f"{length}@{x['depth']}"] = task_score(x)
-            tasks[spec] = per_len
-        recall = {str(L): sum(tasks[t][str(L)] for t in s.tasks) / len(s.tasks) for L in s.lengths}
+        if len(seeds) == 1:
+            numbers = per_seed[seeds[0]]
+            spread: dict[str, Any] = {}
+        else:
+            numbers, spread = _across_seeds(s, per_seed, {seed: results[seed][name] for seed in seeds})
         decode_flops = [mc.decode_flops(L) for L in analytic_ctx]
         prefill_flops = [mc.prefill_flops(L) for L in analytic_ctx]
         measured = _measured_exponents(name, cfg, cost_result)
@@ -738,10 +821,7 @@ def summarize(
             "d_ff": cfg.ff_dim,
             "params": r["params"],
             "params_vs_budget": r["params"] / budget - 1.0,
-            "recall": recall,
-            "mean_recall": sum(recall.values()) / len(recall),
-            "tasks": tasks,
-            "needle_grid": needle,
+            **numbers,
             "cache_bytes": {str(L): mc.cache_bytes(L) for L in CACHE_CONTEXTS},
             "cache_bytes_at_lengths": {str(L): mc.cache_bytes(L) for L in s.lengths},
             "cache_curve": {"context": analytic_ctx, "bytes": [mc.cache_bytes(L) for L in analytic_ctx]},
@@ -752,8 +832,9 @@ def summarize(
             },
             "train": r["train"],
             "diverged": r["train"].get("diverged"),
+            **spread,
         })  # fmt: skip
-    return {
+    summary = {
         "settings": s.to_dict(),
         "param_budget": budget,
         "cache_dtype": "bfloat16",
@@ -764,6 +845,70 @@ def summarize(
         "depths": list(s.depths),
         "models": models,
     }
+    if len(seeds) > 1:
+        summary["seeds"] = list(seeds)
+    return summary
+
+
+def _recall_numbers(s: StudySettings, r: dict[str, Any]) -> dict[str, Any]:
+    """One run's recall figures from its evaluation records: ``tasks`` (per task and length;
+    needle averaged over depths), ``needle_grid`` (per needle task, "length@depth"),
+    ``recall`` (mean over tasks per length) and ``mean_recall`` (mean over lengths)."""
+    tasks: dict[str, dict[str, float]] = {}
+    needle: dict[str, dict[str, float]] = {}
+    for spec in s.tasks:
+        per_len = {}
+        for length in s.lengths:
+            recs = [x for x in r["results"] if x["spec"] == spec and x["length"] == length]
+            per_len[str(length)] = sum(task_score(x) for x in recs) / len(recs)
+            if recs and recs[0]["depth"] is not None:
+                grid = needle.setdefault(spec, {})
+                for x in recs:
+                    grid[f"{length}@{x['depth']}"] = task_score(x)
+        tasks[spec] = per_len
+    recall = {str(L): sum(tasks[t][str(L)] for t in s.tasks) / len(s.tasks) for L in s.lengths}
+    return {"recall": recall, "mean_recall": sum(recall.values()) / len(recall), "tasks": tasks,
+            "needle_grid": needle}  # fmt: skip
+
+
+def _across_seeds(
+    s: StudySettings, per_seed: dict[int, dict[str, Any]], results: dict[int, dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the means over seeds of :func:`_recall_numbers`' figures, the min / max and per-seed
+    entries of a several-seed summary)."""
+    runs = list(per_seed.values())
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    def per_len(get: Callable[[dict[str, Any]], dict[str, float]], f: Callable) -> dict[str, float]:
+        return {k: f([get(n)[k] for n in runs]) for k in get(runs[0])}
+
+    numbers = {
+        "recall": per_len(lambda n: n["recall"], mean),
+        "mean_recall": mean([n["mean_recall"] for n in runs]),
+        "tasks": {t: per_len(lambda n, t=t: n["tasks"][t], mean) for t in s.tasks},
+        "needle_grid": {t: per_len(lambda n, t=t: n["needle_grid"][t], mean) for t in runs[0]["needle_grid"]},
+    }
+    diverged = [
+        f"seed {seed}: {r['train']['diverged']}" for seed, r in results.items() if r["train"].get("diverged")
+    ]
+    spread = {
+        "recall_min": per_len(lambda n: n["recall"], min),
+        "recall_max": per_len(lambda n: n["recall"], max),
+        "tasks_min": {t: per_len(lambda n, t=t: n["tasks"][t], min) for t in s.tasks},
+        "tasks_max": {t: per_len(lambda n, t=t: n["tasks"][t], max) for t in s.tasks},
+        "diverged": "; ".join(diverged) or None,
+        "by_seed": {
+            str(seed): {
+                **n,
+                "train": results[seed]["train"],
+                "diverged": results[seed]["train"].get("diverged"),
+            }
+            for seed, n in per_seed.items()
+        },
+    }
+    return numbers, spread
 
 
 def _measured_exponents(name: str, cfg: ModelConfig, cost_result: dict | None) -> dict[str, float | None]:
@@ -802,11 +947,27 @@ def summary_table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[st
     for m in summary["models"]:
         rows.append(
             [m["name"], m["pattern"], f"{m['params']:,}"]
-            + [f"{100 * m['recall'][str(L)]:.1f}%" for L in lengths]
+            + [recall_cell(m, L) for L in lengths]
             + [human_bytes(m["cache_bytes"][str(c)]) for c in summary["cache_contexts"]]
             + [_exp(m["exponents"]["decode_flops"]), _exp(m["exponents"]["prefill_flops"])]
         )
     return header, rows
+
+
+def recall_cell(m: dict[str, Any], length: int, task: str | None = None) -> str:
+    """Model entry ``m``'s recall at ``length`` (of ``task``, or the mean over tasks) as the
+    tables show it: "54.7%", or with several seeds the mean and the min-max across them,
+    "54.7% (33–83)"."""
+    key = "recall" if task is None else "tasks"
+
+    def get(k: str) -> float:
+        d = m[k] if task is None else m[k][task]
+        return d[str(length)]
+
+    text = f"{100 * get(key):.1f}%"
+    if f"{key}_min" in m:
+        text += f" ({100 * get(f'{key}_min'):.0f}–{100 * get(f'{key}_max'):.0f})"
+    return text
 
 
 def _ctx(n: int) -> str:
@@ -819,11 +980,18 @@ def format_summary_table(summary: dict[str, Any]) -> str:
     line = lambda cells: "  ".join(
         c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
     )
+    seeds = summary.get("seeds")
     out = [
         f"recall (mean of {', '.join(summary['tasks'])}) by context length; * = longer than training "
         f"({summary['train_len']}); every model has {summary['param_budget']:,} parameters (± a few %); "
         f"cache per sequence in {summary['cache_dtype']}; "
-        "exponents of analytic decode / prefill FLOPs vs context",
+        "exponents of analytic decode / prefill FLOPs vs context"
+        + (
+            f"\nrecall: mean over {len(seeds)} training seeds ({', '.join(map(str, seeds))}), "
+            "(min–max) across them; single-seed differences smaller than that spread are not meaningful"
+            if seeds
+            else ""
+        ),
         line(header),
         line(["-" * w for w in widths]),
     ]
@@ -879,7 +1047,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--task", action="append", metavar="SPEC", help="task spec, repeatable (replaces the default mix)"
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--seed", type=int, help=f"training / evaluation seed of a one-seed study (default {d.seed})"
+    )
+    p.add_argument(
+        "--seeds",
+        type=_csv(int),
+        help="train and score every model once per seed, e.g. 0,1,2: the tables show the mean recall and "
+        "the min-max across seeds (not with --seed)",
+    )
     p.add_argument("--workers", type=int, help="parallel training processes (default: 2 on a CPU, 1 on CUDA)")
     p.add_argument("--skip-cost", action="store_true", help="no cost lab")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -887,12 +1063,19 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> StudySettings:
+    if args.seed is not None and args.seeds is not None:
+        raise ValueError("--seeds: give either --seed (one training seed) or --seeds (several), not both")
     data = load_study_config(args.config) if args.config else {}
+    if args.seed is not None:
+        data.pop("seeds", None)  # a flag replaces the config file's seed choice
+    if args.seeds is not None:
+        data.pop("seed", None)
     flags = {
         "models": args.models, "device": args.device, "lengths": args.lengths, "train_len": args.train_len,
         "d_model": args.d_model, "n_layers": args.n_layers, "param_budget": args.param_budget,
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "eval_samples": args.eval_samples,
-        "tasks": tuple(args.task) if args.task else None, "seed": args.seed, "workers": args.workers,
+        "tasks": tuple(args.task) if args.task else None, "seed": args.seed, "seeds": args.seeds,
+        "workers": args.workers,
     }  # fmt: skip
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.skip_cost:

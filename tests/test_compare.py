@@ -214,3 +214,136 @@ def test_progress_lines_when_not_a_tty(tmp_path):
     text = stream.getvalue()
     assert "\r" not in text and "hello" in text
     assert re.search(r"25\.0%\s+elapsed 0:\d\d\s+ETA \d+:\d\d", text)
+
+
+# ----------------------------------------------------------------------------- several seeds
+@pytest.fixture(scope="module")
+def seeds_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seeds") / "out"
+    summary = run_study(tiny(seeds=(0, 1)), out, progress=False)
+    return out, summary
+
+
+def test_two_seeds_store_every_seed_and_mean_min_max_of_them(seeds_study):
+    out, summary = seeds_study
+    s = tiny()
+    stored = json.loads((out / "summary.json").read_text())
+    assert stored["seeds"] == [0, 1] and stored["models"] == json.loads(json.dumps(summary["models"]))
+    # the first seed keeps the single-seed layout; the second gets its own directory
+    dirs = {0: out / "models", 1: out / "models" / "seed-1"}
+    for m in stored["models"]:
+        losses = []
+        for seed, base in dirs.items():
+            result = json.loads((base / m["name"] / "result.json").read_text())
+            assert result["seed"] == seed
+            assert (base / m["name"] / "checkpoint" / "model.safetensors").is_file()
+            losses.append(result["train"]["loss_curve"])
+            own = m["by_seed"][str(seed)]
+            assert own["train"] == result["train"]
+            for L in s.lengths:  # each seed's numbers come from that seed's own eval records
+                per_task = []
+                for spec in s.tasks:
+                    recs = [r for r in result["results"] if r["spec"] == spec and r["length"] == L]
+                    per_task.append(sum(r.get("score", r["accuracy"]) for r in recs) / len(recs))
+                    assert own["tasks"][spec][str(L)] == pytest.approx(per_task[-1])
+                assert own["recall"][str(L)] == pytest.approx(sum(per_task) / len(per_task))
+        assert losses[0] != losses[1]  # the seed reaches the model's init and data
+        # mean / min / max across the stored per-seed numbers
+        for L in map(str, s.lengths):
+            vals = [m["by_seed"][str(seed)]["recall"][L] for seed in (0, 1)]
+            assert m["recall"][L] == pytest.approx(sum(vals) / 2)
+            assert (m["recall_min"][L], m["recall_max"][L]) == (min(vals), max(vals))
+            for spec in s.tasks:
+                tv = [m["by_seed"][str(seed)]["tasks"][spec][L] for seed in (0, 1)]
+                assert m["tasks"][spec][L] == pytest.approx(sum(tv) / 2)
+                assert (m["tasks_min"][spec][L], m["tasks_max"][spec][L]) == (min(tv), max(tv))
+        assert m["mean_recall"] == pytest.approx(sum(m["recall"].values()) / len(s.lengths))
+    assert summary["run"]["reused"] == []
+    assert sorted(summary["run"]["models_cpu_s"]) == ["S seed 0", "S seed 1", "W seed 0", "W seed 1"]
+
+
+def test_two_seeds_tables_and_report_show_mean_and_range(seeds_study):
+    out, _ = seeds_study
+    stored = json.loads((out / "summary.json").read_text())
+    md = (out / "report.md").read_text()
+    header, rows = summary_table_rows(stored)
+    md_rows = _table_cells(md, "model")
+    for row in rows:
+        assert md_rows[row[0]] == row
+    for m in stored["models"]:
+        cells = dict(zip(header, md_rows[m["name"]], strict=True))
+        for L in (80, 96):
+            key = f"recall@{L}" + ("*" if L > 80 else "")
+            got = re.fullmatch(r"(\d+\.\d)% \((\d+)–(\d+)\)", cells[key])
+            assert got, cells[key]
+            assert float(got[1]) == pytest.approx(100 * m["recall"][str(L)], abs=0.05)
+            assert int(got[2]) == round(100 * m["recall_min"][str(L)])
+            assert int(got[3]) == round(100 * m["recall_max"][str(L)])
+    needle = "needle:key_len=2,value_digits=2"
+    i = md.index(f"*`{needle}`*")
+    needle_rows = _table_cells(md[i:], "model")
+    for m in stored["models"]:
+        lo, hi = m["tasks_min"][needle]["80"], m["tasks_max"][needle]["80"]
+        assert needle_rows[m["name"]][1] == (
+            f"{100 * m['tasks'][needle]['80']:.1f}% ({100 * lo:.0f}–{100 * hi:.0f})"
+        )
+    assert "2 seeds (0, 1)" in md and "not meaningful" in md
+    assert "first seed's models (seed 0)" in md  # diagnostics: once
+    assert "ran once for the study" in md  # cost lab: once
+    assert "mean over 2 training seeds" in format_summary_table(stored)
+    assert "| model | seed | steps |" in md  # training: one row per model and seed
+    assert all(f"| {m} | {seed} | 4 |" in md for m in ("S", "W") for seed in (0, 1))
+    html = (out / "report.html").read_text()
+    assert "2 seeds (0, 1)" in html and "<script" not in html
+
+
+def test_two_seeds_resume_reuses_both_seeds_runs(seeds_study):
+    out, _ = seeds_study
+    ckpt = {
+        (m, seed): (out / "models" / m if seed == 0 else out / "models" / "seed-1" / m)
+        / "checkpoint"
+        / "model.safetensors"
+        for m in ("S", "W")
+        for seed in (0, 1)
+    }
+    before = {k: p.stat().st_mtime_ns for k, p in ckpt.items()}
+    again = run_study(tiny(seeds=(0, 1)), out, progress=False)
+    assert again["run"]["reused"] == ["S seed 0", "W seed 0", "S seed 1", "W seed 1"]
+    assert {k: p.stat().st_mtime_ns for k, p in ckpt.items()} == before
+    (out / "models" / "seed-1" / "W" / "result.json").unlink()  # interrupted in W's second seed
+    resumed = run_study(tiny(seeds=(0, 1)), out, progress=False)
+    assert resumed["run"]["reused"] == ["S seed 0", "W seed 0", "S seed 1"]
+    after = {k: p.stat().st_mtime_ns for k, p in ckpt.items()}
+    assert after[("W", 1)] != before[("W", 1)]
+    assert all(after[k] == before[k] for k in ckpt if k != ("W", 1))
+    # the seed list is part of the study's identity
+    for other in (tiny(seeds=(0, 2)), tiny()):
+        with pytest.raises(FileExistsError, match="different study.*seeds"):
+            run_study(other, out, progress=False)
+
+
+def test_seed_and_seeds_flags(tmp_path, capsys):
+    from attnlab.cli import build_parser
+    from attnlab.compare import settings_from_args
+
+    def parse(*argv):
+        return settings_from_args(build_parser().parse_args(["compare", *argv]))
+
+    assert parse("--seeds", "0,1,2").run_seeds == (0, 1, 2)
+    one = parse("--seeds", "5")  # one seed is the single-seed study (same layout and identity as --seed 5)
+    assert one.seeds == () and one.seed == 5 and one.identity() == parse("--seed", "5").identity()
+    assert "seeds" not in StudySettings().identity()  # single-seed directories of before still resume
+    out = str(tmp_path / "out")
+    assert main(["compare", "--out", out, "--seed", "1", "--seeds", "0,1", "--quiet"]) == 2
+    assert "--seeds" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    for bad in ("--seeds=-1,2", "--seeds=0,0"):
+        assert main(["compare", "--out", out, bad, "--quiet"]) == 2
+        assert "--seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--seeds", "a,b"])
+    assert "--seeds" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seed and seeds"):
+        StudySettings.from_dict({"seed": 3, "seeds": [0, 1]})
+    cfg = tmp_path / "s.json"
+    cfg.write_text(json.dumps({"seeds": [0, 1]}))
+    assert parse("--config", str(cfg), "--seed", "4").run_seeds == (4,)  # a flag replaces the file's choice

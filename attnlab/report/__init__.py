@@ -52,10 +52,11 @@ def build_sections(
     diagnostics: list[Section] | None = None,
 ) -> list[Section]:
     """The report's sections, plots written into ``out_dir`` on the way."""
-    from ..compare import human_bytes, summary_table_rows
+    from ..compare import human_bytes, recall_cell, summary_table_rows
 
     s = summary["settings"]
     lengths = summary["lengths"]
+    seeds = summary.get("seeds")  # present only when several training seeds were run
     sections: list[Section] = []
 
     header, rows = summary_table_rows(summary)
@@ -74,6 +75,7 @@ def build_sections(
             f"({summary['cache_dtype']}, recurrent states float32), from each layer's cache declaration. "
             "Exponents are log-log slopes of the analytic decode / prefill FLOPs between 128K and 1M tokens "
             "(2 quadratic, 1 linear, 0 flat).",
+            _seeds_paragraph(summary),
         ],
         tables=[Table(header, rows)],
     )
@@ -83,11 +85,17 @@ def build_sections(
     sections.append(overview)
 
     recall = Section("Recall vs context length")
+    of_seeds = f" (mean over {len(seeds)} seeds)" if seeds else ""
+    if seeds:
+        recall.paragraphs.append(
+            f"Plots show the mean over the {len(seeds)} seeds; the tables give the mean and, in parentheses, "
+            "the lowest and highest seed's recall (%)."
+        )
     recall.images.append(
-        (plots.recall_vs_length(summary, out_dir), "recall against context length, per task")
+        (plots.recall_vs_length(summary, out_dir), f"recall against context length, per task{of_seeds}")
     )
     for task in summary["tasks"]:
-        t_rows = [[m["name"]] + [f"{100 * m['tasks'][task][str(L)]:.1f}%" for L in lengths]
+        t_rows = [[m["name"]] + [recall_cell(m, L, task) for L in lengths]
                   for m in summary["models"]]  # fmt: skip
         recall.tables.append(Table(["model"] + [str(L) for L in lengths], t_rows, caption=f"`{task}`"))
     sections.append(recall)
@@ -97,15 +105,15 @@ def build_sections(
         sections.append(Section(
             "Needle in a haystack: depth x length",
             paragraphs=["Accuracy of the needle's value by where the needle sits (0 = start of the haystack, "
-                        "1 = end, next to the question) and by context length."],
-            images=[(heat, "needle accuracy by depth and length, per model")],
+                        "1 = end, next to the question) and by context length" + of_seeds + "."],
+            images=[(heat, f"needle accuracy by depth and length, per model{of_seeds}")],
         ))  # fmt: skip
 
     L = max(lengths)
     pareto = Section(
         "Recall vs memory",
         paragraphs=[f"Each model's recall at {L} tokens against the cache it holds at {L} tokens; the line "
-                    "joins the models no other model beats on both."],
+                    "joins the models no other model beats on both" + of_seeds + "."],
         images=[(plots.recall_vs_memory(summary, out_dir), "recall vs cache memory, Pareto front")],
         tables=[Table(
             ["model", "pattern", "params", "d_ff", "layers"]
@@ -136,6 +144,7 @@ def build_sections(
             f"{', '.join(map(str, cost_result['settings']['prefill_contexts']))} tokens and one decode "
             "step at "
             f"{', '.join(map(str, cost_result['settings']['decode_contexts']))} tokens of context."
+            + (" It ran once for the study: its timings do not depend on the training seed." if seeds else "")
         )
         cost.tables.append(Table(
             ["mechanism", "implementation", "prefill exp", "decode exp", "decode exp (analytic)"],
@@ -153,23 +162,51 @@ def build_sections(
     diag = Section(DIAGNOSTICS_TITLE, subsections=list(diagnostics or []))
     if not diagnostics:
         diag.paragraphs.append("No diagnostics were run for this study.")
+    elif seeds:
+        diag.paragraphs.append(
+            f"The diagnostics ran once, on the first seed's models (seed {seeds[0]}) only."
+        )
     sections.append(diag)
 
-    train = Section(
-        "Training",
-        tables=[Table(
-            ["model", "steps", "final loss", "train wall s", "train CPU s"],
-            [[m["name"], str(m["train"]["steps"]), f"{m['train']['final_loss']:.3f}",
-              f"{m['train']['wall_s']:.0f}", f"{m['train']['cpu_s']:.0f}"] for m in summary["models"]],
-        )],
-        paragraphs=[_run_line(summary)],
-    )  # fmt: skip
+    if seeds:
+        train_rows = [[m["name"], seed, *_train_cells(m["by_seed"][str(seed)]["train"])]
+                      for m in summary["models"] for seed in map(str, seeds)]  # fmt: skip
+        train_header = ["model", "seed", "steps", "final loss", "train wall s", "train CPU s"]
+    else:
+        train_rows = [[m["name"], *_train_cells(m["train"])] for m in summary["models"]]
+        train_header = ["model", "steps", "final loss", "train wall s", "train CPU s"]
+    train = Section("Training", tables=[Table(train_header, train_rows)], paragraphs=[_run_line(summary)])
     sections.append(train)
     return sections
 
 
 def _exp(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
+
+
+def _train_cells(t: dict[str, Any]) -> list[str]:
+    loss = "n/a" if t.get("final_loss") is None else f"{t['final_loss']:.3f}"
+    return [str(t["steps"]), loss, f"{t['wall_s']:.0f}", f"{t['cpu_s']:.0f}"]
+
+
+def _seeds_paragraph(summary: dict[str, Any]) -> str:
+    """How many training seeds the numbers come from, and what that means for reading them."""
+    seeds = summary.get("seeds")
+    if not seeds:
+        seed = summary["settings"]["seed"]
+        return (
+            f"Every model was trained once, with seed {seed}. At this size one training run's recall is "
+            "chaotic: a change of seed, or even a float-rounding-level change in the ops, can move a model's "
+            "needle recall by tens of points, so differences between models here may be luck; "
+            "`attnlab compare --seeds 0,1,2` trains every model once per seed and shows the spread."
+        )
+    return (
+        f"Every model was trained and scored once per seed: {len(seeds)} seeds "
+        f"({', '.join(map(str, seeds))}), each setting the model's initialization, its training data and "
+        "the evaluation samples. Recall cells give the mean over the seeds and, in parentheses, the lowest "
+        "and highest seed's recall in % (summary.json holds every seed's numbers). A single seed's "
+        "difference between two models that is smaller than this spread is not meaningful."
+    )
 
 
 def _run_line(summary: dict[str, Any]) -> str:
