@@ -59,3 +59,15 @@ def resolve_step(mode: str, q: torch.Tensor, op_name: str) -> Callable | None:
         return None
     impl, kernel = resolve_mode(mode, q, op_name)
     return kernel if impl == "triton" else None
+
+
+def lazy_kernel(module: str, attr: str, mode: str, op_name: str) -> Callable | None:
+    """``attnlab.kernels.<module>.<attr>``, imported on first use. If the module does not import
+    (no triton, or triton failing on a machine without a GPU): None under ``mode="auto"`` (take the
+    torch path), a ValueError naming ``op_name`` under ``mode="triton"``."""
+    try:
+        return getattr(importlib.import_module(f"attnlab.kernels.{module}"), attr)
+    except Exception as e:  # ImportError, or triton failing at import
+        if mode == "auto":
+            return None
+        raise ValueError(f"mode: 'triton' is unavailable for {op_name} ({type(e).__name__}: {e})") from e

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from .._checks import check_heads_divide, check_mode, check_same_device, check_tensor
+from ._dispatch import lazy_kernel
 
 # Windowed attention runs in blocks of this many queries, each against only the keys its
 # window can reach (plus sinks), so cost and memory are O(T * (window + block)), not O(T * S).
@@ -61,13 +62,7 @@ def _sparse_kernel(mode: str, name: str, q: torch.Tensor, needs_grad: bool = Fal
     if not usable:
         why = "no autograd" if needs_grad else f"CUDA bf16/fp16/fp32 tensors, got {q.dtype} on {q.device}"
         raise ValueError(f"mode: 'triton' for {name} needs {why}; use mode='torch'")
-    try:
-        from ..kernels import sparse as kernels
-    except Exception as e:  # ImportError, or triton failing at import
-        if mode == "auto":
-            return None
-        raise ValueError(f"mode: 'triton' is unavailable for {name} ({type(e).__name__}: {e})") from e
-    return getattr(kernels, name)
+    return lazy_kernel("sparse", name, mode, name)
 
 
 def _decode_kernel(mode: str, q: torch.Tensor, needs_grad: bool):
@@ -89,13 +84,7 @@ def _decode_kernel(mode: str, q: torch.Tensor, needs_grad: bool):
     if not usable:
         why = "no autograd" if needs_grad else f"CUDA bf16/fp16/fp32 tensors, got {q.dtype} on {q.device}"
         raise ValueError(f"mode: 'triton' for softmax_decode needs {why}; use mode='torch'")
-    try:
-        from ..kernels import decode
-    except Exception as e:  # ImportError, or triton failing at import
-        if mode == "auto":
-            return None
-        raise ValueError(f"mode: 'triton' is unavailable for softmax_decode ({type(e).__name__}: {e})") from e
-    return decode.gqa_decode
+    return lazy_kernel("decode", "gqa_decode", mode, "softmax_decode")
 
 
 def prepare_decode_kernels(device: torch.device | str) -> bool:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_mode, check_same_device, check_tensor
+from ._dispatch import lazy_kernel
 from .softmax import _check_attention_inputs, _check_same_dtype, _sparse_kernel
 
 # Work is split into query blocks so that the per-block temporaries (gathered keys/values,
@@ -147,13 +148,7 @@ def _topk_kernel(mode: str, scores: torch.Tensor):
                          "use mode='torch'")
     if not scores.is_floating_point():
         raise ValueError(f"scores: expected a float dtype, got {scores.dtype}")
-    try:
-        from ..kernels.sparse import dsa_topk as kernel
-    except Exception as e:  # ImportError, or triton failing at import
-        if mode == "auto":
-            return None
-        raise ValueError(f"mode: 'triton' is unavailable for dsa_topk ({type(e).__name__}: {e})") from e
-    return kernel
+    return lazy_kernel("sparse", "dsa_topk", mode, "dsa_topk")
 
 
 def sparse_attention(
