@@ -71,5 +71,13 @@ def check_mode(mode: str, allowed: Sequence[str]) -> str:
     return mode
 
 
+def in_graph() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: no host reads of tensor values
+    (``.item()``, ``int(t.max())``) are allowed then, so host-side checks are skipped."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _fmt(shape: Sequence[int | None]) -> str:
     return "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._checks import check_tensor
+from ._checks import check_tensor, in_graph
 from .cache import CacheSpec, LayerCache
 from .config import SAVE_ID_KEY, ModelConfig
 from .layers import build_layer
@@ -66,13 +66,6 @@ class Block(nn.Module):
         return self._residual(h, x, self.mlp(x), self.mlp_alpha, self.mlp_beta)
 
 
-def _tracing_or_capturing(x: torch.Tensor) -> bool:
-    """True inside torch.compile tracing or a CUDA-graph capture, where a host read is not allowed."""
-    if torch.compiler.is_compiling():
-        return True
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 class HybridLM(nn.Module):
     """A language model whose layers' token mixers follow ``cfg.pattern``.
 
@@ -101,7 +94,7 @@ class HybridLM(nn.Module):
                 f"caches: expected one cache per layer ({len(self.blocks)}), got {len(caches)}; "
                 f"use model.new_caches(batch, max_len)"
             )
-        if tokens.numel() and not _tracing_or_capturing(tokens):  # a host check: not inside a graph
+        if tokens.numel() and not in_graph():  # a host check: not inside a graph
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
                 bad = lo if lo < 0 else hi

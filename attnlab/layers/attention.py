@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_tensor
+from .._checks import check_tensor, in_graph
 from ..cache import CacheSpec, LayerCache
 from ..config import ModelConfig
 from .common import RMSNorm, RotaryEmbedding, apply_rope
@@ -66,17 +66,10 @@ def _write_slot(cache: KVCache | SlidingKVCache, slot: torch.Tensor, k: torch.Te
     cache.v.scatter_(1, index, v.to(cache.v.dtype))
 
 
-def _in_graph() -> bool:
-    """True while torch.compile traces or a CUDA graph captures: no host reads of tensors then
-    (a :class:`attnlab.generate.DecodeStep` checks cache room on the host, outside the step)."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def _check_room(cache: LayerCache, T: int, max_len: int) -> None:
-    """The cache must have room for T more tokens in every row (skipped inside a graph)."""
-    if _in_graph():
+    """The cache must have room for T more tokens in every row (skipped inside a graph: a
+    :class:`attnlab.generate.DecodeStep` checks room on the host, outside the step)."""
+    if in_graph():
         return
     most = int(cache.lengths.max()) if cache.lengths.numel() else 0
     if most + T > max_len:

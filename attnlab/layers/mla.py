@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_tensor
+from .._checks import check_tensor, in_graph
 from ..cache import CacheSpec, LayerCache
 from .common import RMSNorm, RotaryEmbedding, apply_rope, yarn_get_mscale
 
@@ -195,7 +195,7 @@ class MultiHeadLatentAttention(nn.Module):
             if hi + T > s_max:
                 raise ValueError(f"cache: {hi} + {T} tokens exceed its max_len {s_max}")
             return hi
-        if not _capturing() and int(cache.lengths.max()) >= s_max:
+        if not in_graph() and int(cache.lengths.max()) >= s_max:
             raise ValueError(f"cache: full (max_len {s_max}); allocate a longer cache")
         return None
 
@@ -375,7 +375,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             S, n_valid = start + T, None
         else:  # rows may differ: score up to the longest row, mask the rest per row
             n_valid = cache.lengths + 1
-            S = lat_buf.shape[1] if _capturing() else int(n_valid.max())
+            S = lat_buf.shape[1] if in_graph() else int(n_valid.max())
         with torch.no_grad():
             scores = ops.dsa_index_scores(q_idx, cache.index_keys[:, :S].to(x.dtype), w)  # (B, T, S)
         y = self._sparse_latent_attention(q_nope, q_pe, scores, lat_buf[:, :S].to(x.dtype), n_valid)
@@ -430,13 +430,6 @@ class _AddAuxLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
-
-
-def _capturing() -> bool:
-    """True while torch.compile traces or a CUDA graph captures: no host syncs allowed then."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _copy(name: str, dst: torch.Tensor, src: torch.Tensor | None) -> None:
