@@ -11,18 +11,9 @@ Error metric: rms(ref − out) / rms(ref) (DESIGN.md).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not (HAVE_TRITON and INTERPRETED),
-                            reason="runs under TRITON_INTERPRET=1 (see test_interpreter_suite)")
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, run_interpreter_suite
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -96,11 +87,7 @@ def run_oracle(op, q, k, v, g, beta, h0, scale=None, l2=False):
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+    run_interpreter_suite(__file__)
 
 
 @interp

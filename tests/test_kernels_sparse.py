@@ -13,22 +13,13 @@ Error metric: rms(ref − out) / rms(ref) (DESIGN.md).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, run_interpreter_suite
 
 from attnlab import ops
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(
-    not (HAVE_TRITON and INTERPRETED), reason="runs under TRITON_INTERPRET=1 (see test_interpreter_suite)"
-)
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -105,11 +96,7 @@ def check_sparse(b, t, h, s, topk, d, d_v, dtype, h_kv=1, v_prefix=True, n_split
 
 @needs_triton
 def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+    run_interpreter_suite(__file__)
 
 
 def test_auto_mode_on_cpu_is_the_torch_path():
