@@ -882,9 +882,8 @@ def main() -> None:
                 continue
             decode(b, s, env, args.quick, lean=args.decode_only)
             empty_cache()
-            if not args.decode_only:
-                decode_gqa(b, s, env, args.quick)
-                empty_cache()
+            decode_gqa(b, s, env, args.quick)  # the public baseline (PyTorch SDPA), also with --decode-only
+            empty_cache()
             print(f"  decode B={b} S={s} done ({time.time() - start:.0f} s)", flush=True)
     if args.decode_only:
         train_ctx, pre_ctx = [], []
