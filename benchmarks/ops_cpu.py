@@ -4,7 +4,8 @@
     python benchmarks/ops_cpu.py --threads 2 --t 2048
 
 For each family (lightning, gated delta rule, KDA) it runs mode="chunk" and mode="recurrent" on
-the same float32 inputs, forward only, interleaved, and prints a Markdown table: the best wall
+the same float32 inputs, forward only, interleaved, and prints a Markdown table (then GDN and KDA
+beside transformers' chunked torch references, when transformers is installed without fla): the best wall
 and process-CPU times, and chunk's speed-up over the loop. Process-CPU time is reported beside
 wall time because on a shared, loaded machine wall time mostly measures the neighbours. One
 thread by default: on an oversubscribed 2-core machine a second BLAS/OpenMP thread spin-waits
@@ -89,6 +90,47 @@ def main() -> None:
         (cw, cc), (rw, rc) = t["chunk"], t["loop"]
         print(f"| {name} | {cw * 1e3:.1f} | {cc * 1e3:.1f} | {rw * 1e3:.1f} | {rc * 1e3:.1f} | "
               f"{rw / cw:.1f}× | {rc / cc:.1f}× |", flush=True)
+
+    hf = hf_cases(args.b, args.t, args.h, args.d)
+    if hf:
+        print("\nOurs (chunk) beside transformers' chunked torch references, same inputs:\n")
+        print("| op | ours CPU ms | transformers CPU ms | transformers / ours |")
+        print("|---|---:|---:|---:|")
+    for name, (ours, ref) in hf.items():
+        with torch.no_grad():
+            t = best_times({"ours": ours, "hf": ref}, {"ours": args.repeats, "hf": max(2, args.repeats // 4)})
+        (_, oc), (_, hc) = t["ours"], t["hf"]
+        print(f"| {name} | {oc * 1e3:.1f} | {hc * 1e3:.1f} | {hc / oc:.1f}× |", flush=True)
+
+def hf_cases(b: int, t: int, h: int, d: int) -> dict:
+    """Ours (mode="chunk") beside the chunked PyTorch references in transformers (Qwen3-Next's
+    torch_chunk_gated_delta_rule, Kimi Linear's chunk_kimi_delta_attention) on the same inputs as
+    make_cases; {} without transformers, or with fla installed (transformers would then call fla's
+    kernels instead of its torch code)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("fla") is not None:
+        return {}
+    from transformers.models.kimi_linear import modeling_kimi_linear as kimi
+    from transformers.models.qwen3_next import modeling_qwen3_next as qwen
+
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=gen)
+    q, k, v = rnd(b, t, h, d), rnd(b, t, h, d), rnd(b, t, h, d)
+    beta = torch.rand(b, t, h, generator=gen)
+    g_head = F.logsigmoid(rnd(b, t, h) + 2)
+    g_chan = -torch.rand(b, t, h, d, generator=gen)
+    return {
+        "gated_delta_rule": (
+            lambda: ops.gated_delta_rule(q, k, v, g_head, beta, use_qk_l2norm=True, mode="chunk"),
+            lambda: qwen.torch_chunk_gated_delta_rule(q, k, v, g_head, beta, use_qk_l2norm_in_kernel=True),
+        ),
+        "kda": (
+            lambda: ops.kda(q, k, v, g_chan, beta, use_qk_l2norm=True, mode="chunk"),
+            lambda: kimi.chunk_kimi_delta_attention(q, k, v, g_chan, beta, use_qk_l2norm_in_kernel=True),
+        ),
+    }
+
 
 if __name__ == "__main__":
     main()
