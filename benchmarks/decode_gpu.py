@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from attnlab._io import atomic_write_json
+from attnlab._io import atomic_write_json, atomic_write_text
 from attnlab.config import ModelConfig
 from attnlab.generate import DecodeStep, cache_nbytes
 from attnlab.model import HybridLM
@@ -537,7 +537,7 @@ def write_results(rows: list[dict], bw: float, card: str, args) -> None:
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     prev = out.read_text() if out.exists() else "# Benchmark results\n"
-    out.write_text(prev.rstrip("\n") + "\n\n" + text)
+    atomic_write_text(out, prev.rstrip("\n") + "\n\n" + text)  # RESULTS.md is never left half-written
     print(text)
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from attnlab._io import atomic_write_json
 from attnlab.kernels import linear
 
 H, D = 16, 128
@@ -244,9 +245,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         brows.append(row)
 
-    with open(os.path.join(args.out, "linear_gpu.json"), "w") as f:
-        json.dump({"device": name, "bandwidth": bw, "tuning": linear.TUNING, "out_tuning": linear.OUT_TUNING,
-                   "prep_tuning": linear.PREP_TUNING, "fwd": rows, "fwdbwd": brows}, f)
+    atomic_write_json(os.path.join(args.out, "linear_gpu.json"),
+                      {"device": name, "bandwidth": bw, "tuning": linear.TUNING,
+                       "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
+                       "fwd": rows, "fwdbwd": brows})
     cols = ["sdpa", "ours_gdn", "fla_gdn", "ours_kda", "fla_kda", "ours_lightning", "fla_lightning"]
     print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median)")
     print("forward:")

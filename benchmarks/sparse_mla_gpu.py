@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -84,6 +83,7 @@ import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from attnlab import ops  # noqa: E402
+from attnlab._io import atomic_write_json  # noqa: E402
 from attnlab.kernels import sparse as ks  # noqa: E402
 
 H, D_LAT, D_V, H_I, D_I, TOPK = 128, 576, 512, 64, 128, 2048
@@ -898,8 +898,8 @@ def main() -> None:
         print(f"  prefill S={s} done ({time.time() - start:.0f} s)")
     out = table(env)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sparse_mla_gpu.json"), "w") as f:
-        json.dump({"env": env, "tuning": ks.TUNING, "results": RESULTS}, f, indent=1)
+    atomic_write_json(os.path.join(args.out, "sparse_mla_gpu.json"),
+                      {"env": env, "tuning": ks.TUNING, "results": RESULTS})
     print(out)
     print(f"total {time.time() - start:.0f} s")
 
