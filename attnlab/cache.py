@@ -62,6 +62,11 @@ class LayerCache:
         """Bytes allocated for the cached state (``lengths`` bookkeeping excluded)."""
         return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
 
+    def capacity(self) -> int | None:
+        """Tokens a row can hold in all; None = unbounded (a recurrent state; caches with a
+        preallocated length override this)."""
+        return None
+
     def rows(self, start: int, stop: int) -> LayerCache:
         """A cache of the same type whose tensors are views of rows ``start:stop``."""
         changes = {}

@@ -110,13 +110,6 @@ def cache_nbytes(caches: Sequence[LayerCache]) -> int:
     return sum(c.nbytes() for c in caches)
 
 
-def cache_capacity(cache: LayerCache) -> int | None:
-    """Tokens a row of ``cache`` can hold in all (its ``capacity()``), None = unbounded
-    (recurrent state, a sliding window that wraps)."""
-    capacity = getattr(cache, "capacity", None)
-    return capacity() if callable(capacity) else None
-
-
 def _cache_lengths(caches: Sequence[LayerCache]) -> torch.Tensor:
     """Tokens per row held by the caches, int64 [B]; every layer must agree."""
     if not caches:
@@ -292,7 +285,7 @@ class DecodeStep:
         # room in the caches is checked on the host, outside the step: a host copy of the longest
         # row's length, re-read (one sync) only when something else changed the caches' lengths
         # (prefill, reset), which the lengths tensors' version counters reveal without a sync
-        capacities = [cap for cap in map(cache_capacity, self.caches) if cap is not None]
+        capacities = [cap for cap in (c.capacity() for c in self.caches) if cap is not None]
         self.capacity: int | None = min(capacities) if capacities else None
         self._held: int | None = None
         self._versions: tuple[int, ...] | None = None
