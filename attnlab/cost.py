@@ -418,10 +418,7 @@ def _impl_name(letter: str, device: torch.device, dtype: torch.dtype = torch.flo
         return "triton" if softmax_ops._sparse_kernel("auto", name, probe) is not None else "torch"
 
     if letter in "SW":  # prefill: SDPA (W in window blocks); decode: a GQA decode kernel where dispatched
-        gqa_decode = getattr(
-            softmax_ops, "_decode_kernel", None
-        )  # H_kv > 1 decode kernel, if this version has it
-        triton_decode = gqa_decode is not None and gqa_decode("auto", probe, False) is not None
+        triton_decode = softmax_ops._decode_kernel("auto", probe, False) is not None  # H_kv > 1
         return ("sdpa" if letter == "S" else "sdpa-window-blocks") + (
             "+triton-decode" if triton_decode else ""
         )

@@ -46,12 +46,12 @@ def _check_same_dtype(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name}: dtype {got} differs from {first_name}'s {want}")
 
 
-def _sparse_kernel(mode: str, name: str, q: torch.Tensor, needs_grad: bool = False):
-    """``mode`` of the softmax/sparse ops: "torch" -> None (the torch code below); "triton" -> the
-    kernel ``attnlab.kernels.sparse.<name>`` (needs CUDA, or TRITON_INTERPRET=1 for CPU tests);
-    "auto" -> the kernel when q is a CUDA bf16/fp16 tensor outside torch.compile, no gradient is
-    needed that the kernel lacks, and the kernels import; else None. (float32 runs on the kernels
-    only when asked: exact float32 products there use no tensor cores and are slow.)"""
+def _triton_kernel(mode: str, module: str, attr: str, op_name: str, q: torch.Tensor, needs_grad: bool):
+    """``mode`` of a softmax/sparse op: "torch" -> None (the op's torch code); "triton" -> the kernel
+    ``attnlab.kernels.<module>.<attr>`` (needs CUDA, or TRITON_INTERPRET=1 for CPU tests); "auto" ->
+    the kernel when q is a CUDA bf16/fp16 tensor outside torch.compile, no gradient is needed that
+    the kernel lacks, and the kernels import; else None. (float32 runs on the kernels only when
+    asked: exact float32 products there use no tensor cores and are slow.)"""
     check_mode(mode, ("auto", "torch", "triton"))
     if mode == "torch":
         return None
@@ -61,30 +61,22 @@ def _sparse_kernel(mode: str, name: str, q: torch.Tensor, needs_grad: bool = Fal
         return None
     if not usable:
         why = "no autograd" if needs_grad else f"CUDA bf16/fp16/fp32 tensors, got {q.dtype} on {q.device}"
-        raise ValueError(f"mode: 'triton' for {name} needs {why}; use mode='torch'")
-    return lazy_kernel("sparse", name, mode, name)
+        raise ValueError(f"mode: 'triton' for {op_name} needs {why}; use mode='torch'")
+    return lazy_kernel(module, attr, mode, op_name)
+
+
+def _sparse_kernel(mode: str, name: str, q: torch.Tensor, needs_grad: bool = False):
+    """:func:`_triton_kernel` for ``attnlab.kernels.sparse.<name>`` (the op of the same name)."""
+    return _triton_kernel(mode, "sparse", name, name, q, needs_grad)
 
 
 def _decode_kernel(mode: str, q: torch.Tensor, needs_grad: bool):
     """``mode`` of softmax_decode for H_kv > 1: the kernel ``attnlab.kernels.decode.gqa_decode`` or
-    None (torch). "auto": CUDA bf16/fp16, no gradient, triton importable; while torch.compile traces,
-    only if the module is already imported (DecodeStep imports it before compiling): an import
-    inside the trace would break the graph. "triton": CUDA (or TRITON_INTERPRET=1), else ValueError."""
-    check_mode(mode, ("auto", "torch", "triton"))
-    if mode == "torch":
-        return None
-    device_ok = q.is_cuda or (mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
-    usable = device_ok and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and not needs_grad
-    if mode == "auto":
-        if not usable or q.dtype == torch.float32:
-            return None
-        if torch.compiler.is_compiling():
-            module = sys.modules.get("attnlab.kernels.decode")
-            return None if module is None else module.gqa_decode
-    if not usable:
-        why = "no autograd" if needs_grad else f"CUDA bf16/fp16/fp32 tensors, got {q.dtype} on {q.device}"
-        raise ValueError(f"mode: 'triton' for softmax_decode needs {why}; use mode='torch'")
-    return lazy_kernel("decode", "gqa_decode", mode, "softmax_decode")
+    None (torch); while torch.compile traces, "auto" gets it as an opaque custom op (see
+    :func:`_compiled_decode_kernel`)."""
+    if mode == "auto" and torch.compiler.is_compiling():
+        return _compiled_decode_kernel("gqa_decode", q, needs_grad)
+    return _triton_kernel(mode, "decode", "gqa_decode", "softmax_decode", q, needs_grad)
 
 
 def prepare_decode_kernels(device: torch.device | str) -> bool:
@@ -102,14 +94,15 @@ def prepare_decode_kernels(device: torch.device | str) -> bool:
     return True
 
 
-def _compiled_latent_kernel(q: torch.Tensor, needs_grad: bool):
-    """While torch.compile traces, "auto" with one kv head: the latent kernel as an opaque custom op
-    (``attnlab.kernels.decode.latent_decode``) for CUDA bf16/fp16 without gradient, if that module
-    is already imported (DecodeStep imports it before compiling); else None (torch)."""
+def _compiled_decode_kernel(attr: str, q: torch.Tensor, needs_grad: bool):
+    """While torch.compile traces, "auto": ``attnlab.kernels.decode.<attr>`` (``gqa_decode``, or
+    ``latent_decode`` for one kv head), opaque custom ops, for CUDA bf16/fp16 without gradient, if
+    that module is already imported (DecodeStep imports it before compiling: an import inside the
+    trace would break the graph); else None (torch)."""
     module = sys.modules.get("attnlab.kernels.decode")
     if module is None or needs_grad or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         return None
-    return module.latent_decode
+    return getattr(module, attr)
 
 
 def _check_window(causal: bool, window: int | None, sink_tokens: int) -> None:
@@ -287,7 +280,7 @@ def softmax_decode(
     else:  # MQA / MLA absorbed: the latent kernel of attnlab.kernels.sparse
         kernel = _sparse_kernel(mode, "softmax_decode", q, grad)
         if kernel is None and mode == "auto" and torch.compiler.is_compiling():
-            kernel = _compiled_latent_kernel(q, grad)
+            kernel = _compiled_decode_kernel("latent_decode", q, grad)
         if kernel is not None:
             return kernel(q, k_cache, v_cache, n_valid, scale=scale)
 
