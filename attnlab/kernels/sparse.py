@@ -1087,6 +1087,7 @@ def dsa_index_scores(
     cfg = TUNING["index"]
     bh = _pow2(H, 1)
     block_t = max(1, min(cfg["BLOCK_T"], 128 // bh)) if bh < 128 else 1
+    block_t = min(block_t, _pow2(T, 1))  # decode (T = 1): no tile rows of absent queries
     block_t = max(block_t, triton.cdiv(16, bh))  # the dot needs >= 16 rows
     n_tblk = triton.cdiv(T, block_t)
     s_chunk = triton.cdiv(cfg["S_CHUNK"], cfg["BLOCK_S"]) * cfg["BLOCK_S"]
