@@ -50,6 +50,7 @@ SUB = 16  # rows per block of the triangular solve (and per-channel-gate sub-chu
 DIAG_SPAN: tl.constexpr = tl.constexpr(60.0)  # see _diag_block
 L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-Next) do
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
+LIGHTNING_SEGMENTED = True  # Lightning forward: kernels/lightning_fwd.py (False: the kernels below)
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -739,6 +740,11 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
 def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens, gate: int):
     """Launch the kernels. gate 0: Lightning (slope [H]); 1: GDN (g [B,T,H]); 2: KDA (g [B,T,H,K]).
     All tensors contiguous; q, k [B, T, HK, K]; v [B, T, H, V]. Returns (o, final state | None)."""
+    if gate == 0 and LIGHTNING_SEGMENTED:  # per-chunk states only when a gradient will read them
+        from .lightning_fwd import forward
+
+        grad = any(x is not None and x.requires_grad for x in (q, k, v, initial_state))
+        return forward(q, k, v, slope, scale, initial_state, output_final_state, cu_seqlens, grad)
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
     dev = q.device
@@ -854,6 +860,10 @@ class _ChunkFunction(torch.autograd.Function):
         q, k, v, g, beta, slope, h0, states = ctx.saved_tensors
         need = ctx.needs_input_grad  # (gate, q, k, v, g, beta, slope, scale, h0, ...)
         if ctx.gate == 0 and not need[6]:
+            if states is None:  # the segmented forward keeps them only if an input needed a gradient
+                from .lightning_fwd import chunk_states
+
+                states = chunk_states(q, k, v, slope, h0, ctx.cu_seqlens)
             dq, dk, dv, dh0 = _lightning_backward(q, k, v, slope, ctx.scale, states, do, dht,
                                                   h0 is not None and need[8], ctx.cu_seqlens)
             return None, dq, dk, dv, None, None, None, None, dh0, None, None
