@@ -867,6 +867,12 @@ class _ChunkFunction(torch.autograd.Function):
             dq, dk, dv, dh0 = _lightning_backward(q, k, v, slope, ctx.scale, states, do, dht,
                                                   h0 is not None and need[8], ctx.cu_seqlens)
             return None, dq, dk, dv, None, None, None, None, dh0, None, None
+        if ctx.gate != 0:  # the delta rule: Triton state-gradient sweep + batched per-chunk gradients
+            from .linear_bwd import delta_rule_backward  # lazy: it imports this module
+
+            *dx, dh0 = delta_rule_backward(ctx.gate, q, k, v, g, beta, ctx.scale, h0, do, dht, ctx.cu_seqlens,
+                                           h0 is not None and need[8])
+            return None, *dx, None, None, dh0, None, None
         if ctx.cu_seqlens is not None:
             raise NotImplementedError("attnlab.kernels.linear: backward with cu_seqlens is implemented only "
                                       "for Lightning with a fixed slope")

@@ -1,0 +1,265 @@
+"""Backward of the chunked gated delta rule (Gated DeltaNet, KDA) for :mod:`attnlab.kernels.linear`.
+
+Notation as in that module's docstring (chunk C = 64; per chunk c: G the within-chunk cumulative
+log-gate, Γ = e^G, Γ_C = e^{G at the last token}, S_c the state entering the chunk):
+
+    A   = strict_tril(β_i Σ_d k_id k_jd Γ_id/Γ_jd),  Aq = scale · tril(Σ_d q_id k_jd Γ_id/Γ_jd)
+    w   = (I + A)⁻¹ (β K ⊙ Γ),  u = (I + A)⁻¹ (β V),  v' = u − w S_c
+    o   = (scale Q ⊙ Γ) S_c + Aq v'
+    S_{c+1} = Diag(Γ_C) S_c + Kdᵀ v',  Kd = K ⊙ Γ_C/Γ
+
+Backpropagation through time splits in two (Yang et al. 2024, "Parallelizing Linear Transformers
+with the Delta Rule over Sequence Length"; "Gated Delta Networks" 2025; fla's chunk backward has
+the same split into a state-gradient sweep and per-chunk gradients):
+
+1. the sequential part. dS'_c, the gradient of the state leaving chunk c, obeys (dS'_last = the
+   final state's gradient)
+
+       dv'_c       = Aqᵀ dO_c + Kd dS'_c                   (the gradient of v')
+       dS'_{c−1}   = Diag(Γ_C) dS'_c + (scale Q ⊙ Γ)ᵀ dO_c − wᵀ dv'_c
+
+   and dS'_{−1} is the initial state's gradient. ``_dstate_kernel`` runs it: one program per
+   (sequence, head, D_v block) walking the chunks from the last, like the forward's state kernel.
+2. the parallel part. With S_c and dS'_c known for every chunk, the chunks decouple: the input
+   gradients of chunk c are those of  L_c = ⟨o_c, dO_c⟩ + ⟨S_{c+1}, dS'_c⟩  with S_c held fixed.
+   L_c is written once, batched over all chunks ([N_chunks, H, C, ·] tensors; bmm and a batched
+   triangular solve), and differentiated by autograd, so no gradient formula is written by hand
+   twice and none can drift from the forward.
+
+The states S_c are recomputed by the forward kernels (three launches; nothing is kept from the
+forward but its inputs). The backward is a fixed sequence of launches whatever T is: those three,
+one sequential kernel, and the batched PyTorch ops with their autograd backward (no loop over
+chunks in Python). Packed sequences (cu_seqlens) use the same code: the chunks are gathered per
+sequence by an index table, and the sequential kernel walks each sequence's own chunk range.
+
+Per-channel gates: Σ_d k_id k_jd e^{G_id − G_jd} is factored through the first token r of row i's
+16-token sub-chunk, e^{G_i − G_r} · e^{G_r − G_j}, as the forward does. Both factors are ≤ 1 for
+j < r; inside the sub-chunk the second is ≤ e^{DIAG_SPAN}. A sub-chunk whose gate falls further
+than that is recomputed elementwise (the exponent masked before exp), so no factor overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear import CHUNK, SUB, _chunk_tables, _empty, _forward, _tile, _tl_dtype
+
+DIAG_SPAN = 60.0  # as attnlab.kernels.linear.DIAG_SPAN: e^60 is finite in fp32
+DSTATE_TUNING: dict[str, int] = {"BV": 32, "num_warps": 4, "num_stages": 2}
+
+
+@triton.jit
+def _dstate_kernel(
+    qg, do, w, kd, dvi, gl, dht, dstates, dh0, chunk_start,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Reverse sweep over one sequence's chunks for one head and D_v block. Per-chunk inputs are
+    [N_chunks, H, BT, ·] fp32 (qg = scale Q ⊙ Γ, w, kd, do, dvi = Aqᵀ dO) and gl = Γ_C [N_chunks, H, K].
+    Writes dstates[c] = the gradient of the state leaving chunk c, and dh0 = that entering the first."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_s, i_h = i_bh // H, i_bh % H
+    c_begin = tl.load(chunk_start + i_s).to(tl.int64)
+    c_end = tl.load(chunk_start + i_s + 1).to(tl.int64)
+    c0 = i_v * BV
+    rk = tl.arange(0, BK)
+    rv = c0 + tl.arange(0, BV)
+    mkv = (rk < K)[:, None] & (rv < V)[None, :]
+    kv = rk[:, None] * V + rv[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht + i_bh.to(tl.int64) * K * V + kv, mask=mkv, other=0.0)
+    for j in range(0, c_end - c_begin):
+        c = c_end - 1 - j
+        ch = c * H + i_h  # int64
+        tl.store(dstates + ch * K * V + kv, dS, mask=mkv)
+        b_qg = _tile(qg + ch * BT * K, 0, BT, K, 0, K, BT, BK)
+        b_w = _tile(w + ch * BT * K, 0, BT, K, 0, K, BT, BK)
+        b_kd = _tile(kd + ch * BT * K, 0, BT, K, 0, K, BT, BK)
+        b_do = _tile(do + ch * BT * V, 0, BT, V, c0, V, BT, BV)
+        b_dv = _tile(dvi + ch * BT * V, 0, BT, V, c0, V, BT, BV)
+        b_gl = tl.load(gl + ch * K + rk, mask=rk < K, other=0.0)
+        b_dv += tl.dot(b_kd, dS, input_precision=PREC)  # dv' = Aqᵀ dO + Kd dS'
+        dS = (dS * b_gl[:, None] + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
+              - tl.dot(tl.trans(b_w), b_dv, input_precision=PREC))
+    if STORE_DH0:
+        tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv, dS, mask=mkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _chunk_layout(b: int, t: int, cu_seqlens: torch.Tensor | None, device: torch.device):
+    """Token index of every chunk row and each sequence's first chunk.
+
+    Returns (tok int64 [N_chunks · C], index into the flattened [B·T] token axis, or B·T for the
+    padding rows past a sequence's end; chunk_start int32 [N_seq + 1])."""
+    rows = torch.arange(CHUNK, device=device)
+    if cu_seqlens is None:
+        n = triton.cdiv(t, CHUNK)
+        pos = torch.arange(n, device=device)[:, None] * CHUNK + rows  # (N, C) position in the sequence
+        tok = torch.arange(b, device=device)[:, None, None] * t + pos  # (B, N, C)
+        tok = torch.where(pos < t, tok, b * t)
+        start = torch.arange(b + 1, device=device, dtype=torch.int32) * n
+    else:
+        idx, offsets = _chunk_tables(cu_seqlens, CHUNK)  # (N_chunks, 2): sequence, chunk in it
+        idx = idx.long()
+        bos, eos = cu_seqlens[idx[:, 0]].long(), cu_seqlens[idx[:, 0] + 1].long()
+        tok = bos[:, None] + idx[:, 1:] * CHUNK + rows  # (N_chunks, C)
+        tok = torch.where(tok < eos[:, None], tok, b * t)
+        n_chunks = offsets.new_tensor([sum(-(-int(x) // CHUNK) for x in (cu_seqlens[1:] - cu_seqlens[:-1]))])
+        start = torch.cat([offsets, n_chunks])
+    return tok.reshape(-1), start
+
+
+def _to_chunks(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, ...] -> float32 [N_chunks, H, C, ...] through the row table (zero padding rows)."""
+    flat = x.reshape(-1, *x.shape[2:])  # (B·T, H, ...)
+    flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])  # (B·T + 1, H, ...)
+    y = flat[tok].float()  # (N_chunks·C, H, ...)
+    y = y.reshape(-1, CHUNK, *y.shape[1:])  # (N_chunks, C, H, ...)
+    return y.transpose(1, 2)  # (N_chunks, H, C, ...)
+
+
+def _gated_products_scalar(q, k, G):
+    """Σ_d q_id k_jd e^{G_i − G_j} (j ≤ i) and the same with k_i, for a per-head gate G [N, H, C]."""
+    causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
+    diff = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf"))  # (N, H, C, C)
+    decay = diff.exp()
+    kt = k.transpose(-1, -2)  # (N, H, K, C)
+    return (q @ kt) * decay, (k @ kt) * decay
+
+
+def _gated_products_channel(q, k, G):
+    """As :func:`_gated_products_scalar` for a per-channel gate G [N, H, C, K] (see the module
+    docstring: a factor through each sub-chunk's first row; steep sub-chunks elementwise).
+    Entries above the diagonal are arbitrary finite numbers (the caller masks them)."""
+    n, h, c, d = k.shape
+    nb = c // SUB
+    Gb = G.view(n, h, nb, SUB, d)
+    Gr = Gb[:, :, :, :1]  # (N, H, nb, 1, K): the gate at each sub-chunk's first row
+    f = (Gb - Gr).exp()  # (N, H, nb, SUB, K), ≤ 1
+    q_rows = q.view(n, h, nb, SUB, d) * f
+    k_rows = k.view(n, h, nb, SUB, d) * f
+    # columns for row block I: k_j e^{G_r(I) − G_j}, j < (I + 1)·SUB (0 past it; at most e^DIAG_SPAN)
+    past = torch.arange(c, device=k.device)[None, :] >= (torch.arange(nb, device=k.device)[:, None] + 1) * SUB
+    e = (Gr - G[:, :, None]).clamp(max=DIAG_SPAN).masked_fill(past[:, :, None], float("-inf"))  # (N,H,nb,C,K)
+    k_cols = (k[:, :, None] * e.exp()).transpose(-1, -2)  # (N, H, nb, K, C)
+    aq = (q_rows @ k_cols).reshape(n, h, c, c)  # (N, H, C, C)
+    ak = (k_rows @ k_cols).reshape(n, h, c, c)  # (N, H, C, C)
+    steep = (Gr - Gb).amax((-2, -1)) > DIAG_SPAN  # (N, H, nb)
+    if bool(steep.any()):
+        i_n, i_h, i_b = steep.nonzero(as_tuple=True)
+        gs = Gb[i_n, i_h, i_b]  # (n_steep, SUB, K)
+        qs = q.view(n, h, nb, SUB, d)[i_n, i_h, i_b]
+        ks = k.view(n, h, nb, SUB, d)[i_n, i_h, i_b]
+        causal = torch.ones(SUB, SUB, dtype=torch.bool, device=k.device).tril()
+        ex = (gs[:, :, None] - gs[:, None]).masked_fill(~causal[..., None], float("-inf"))
+        ex = ex.exp()  # (n_steep, SUB, SUB, K): e^{G_i − G_j}, j ≤ i
+        kj = ks[:, None] * ex  # (n_steep, SUB, SUB, K)
+        aq = _put_diag(aq, (i_n, i_h, i_b), (qs[:, :, None] * kj).sum(-1), nb)  # (N, H, C, C)
+        ak = _put_diag(ak, (i_n, i_h, i_b), (ks[:, :, None] * kj).sum(-1), nb)
+    return aq, ak
+
+
+def _put_diag(a: torch.Tensor, where, blocks: torch.Tensor, nb: int) -> torch.Tensor:
+    """a [N, H, C, C] with its diagonal SUB-blocks at (n, h, I) replaced by blocks [n_sel, SUB, SUB]."""
+    n, h, c, _ = a.shape
+    i_n, i_h, i_b = where
+    a6 = a.reshape(n, h, nb, SUB, nb, SUB).clone()  # (N, H, I, i, J, j)
+    a6[i_n, i_h, i_b, :, i_b, :] = blocks
+    return a6.reshape(n, h, c, c)
+
+
+def delta_rule_backward(
+    gate: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    need_dh0: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of the chunked gated delta rule (gate 1: GDN, g [B, T, H]; 2: KDA, g [B, T, H, K]).
+
+    q, k [B, T, H_k, K]; v [B, T, H, V]; beta [B, T, H]; initial_state float32 [N, H, K, V] or None;
+    do [B, T, H, V]; dht float32 [N, H, K, V] or None (N sequences: B, or cu_seqlens int32 [N + 1]
+    with B = 1). The inputs as the forward got them (contiguous, fp16/bf16/fp32).
+    Returns (dq, dk, dv, dg, dbeta, dh0 float32 [N, H, K, V] or None), each in its input's dtype."""
+    b, t, hk, d_k = q.shape
+    h, d_v = v.shape[2], v.shape[3]
+    dev = q.device
+    n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    tok, start = _chunk_layout(b, t, cu_seqlens, dev)
+    n_chunks = tok.numel() // CHUNK if t > 0 else 0
+    if n_chunks == 0:
+        zeros = [torch.zeros_like(x) for x in (q, k, v, g, beta)]
+        dh0 = None
+        if need_dh0:
+            dh0 = dht.float().clone() if dht is not None else torch.zeros_like(initial_state)
+        return (*zeros, dh0)
+
+    # 1. the state entering each chunk, by the forward kernels
+    with torch.no_grad():
+        _, _, states = _forward(q, k, v, g, beta, None, scale, initial_state, False, cu_seqlens, gate)
+    S = states[:n_chunks].float()  # (N_chunks, H, K, V)
+
+    # 2. the per-chunk quantities, batched over chunks, on an autograd graph
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+    with torch.enable_grad():
+        q_, k_, v_, g_, beta_ = (_to_chunks(x, tok) for x in leaves)  # (N_chunks, H_(k), C, ...)
+        if hk != h:  # each key head serves h // hk consecutive value heads
+            q_ = q_.repeat_interleave(h // hk, dim=1)  # (N_chunks, H, C, K)
+            k_ = k_.repeat_interleave(h // hk, dim=1)  # (N_chunks, H, C, K)
+        G = g_.cumsum(2)  # (N_chunks, H, C) or (N_chunks, H, C, K)
+        Gk = G[..., None] if gate == 1 else G  # (N_chunks, H, C, 1 | K)
+        G_last = Gk[:, :, -1:]  # (N_chunks, H, 1, 1 | K); padding rows have g = 0
+        if gate == 1:
+            aq, ak = _gated_products_scalar(q_, k_, G)
+        else:
+            aq, ak = _gated_products_channel(q_, k_, G)
+        aq = aq.tril() * scale  # (N_chunks, H, C, C)
+        ak = ak.tril(-1) * beta_[..., None]  # (N_chunks, H, C, C), row i carries β_i
+        kd = k_ * (G_last - Gk).exp()  # (N_chunks, H, C, K)
+        qg = q_ * (Gk.exp() * scale)  # (N_chunks, H, C, K)
+        bcol = beta_[..., None]  # (N_chunks, H, C, 1)
+        rhs = torch.cat([k_ * (Gk.exp() * bcol), v_ * bcol], -1)  # (N_chunks, H, C, K + V)
+        wu = torch.linalg.solve_triangular(ak, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
+        w, u = wu[..., :d_k], wu[..., d_k:]
+        vn = u - w @ S  # (N_chunks, H, C, V)
+        o = qg @ S + aq @ vn  # (N_chunks, H, C, V)
+
+    # 3. the state gradients, sequentially from the last chunk
+    do_ = _to_chunks(do, tok)  # (N_chunks, H, C, V)
+    gl = G_last.detach().exp().expand(n_chunks, h, 1, d_k).reshape(n_chunks, h, d_k).contiguous()
+    dstates = _empty(n_chunks, h, d_k, d_v, dtype=torch.float32, device=dev)
+    dh0 = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if need_dh0 else dstates
+    with torch.no_grad():
+        dvi = aq.detach().transpose(-1, -2) @ do_  # (N_chunks, H, C, V)
+    bk = max(16, triton.next_power_of_2(d_k))
+    bv = min(DSTATE_TUNING["BV"], max(16, triton.next_power_of_2(d_v)))
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _dstate_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+        qg.detach().contiguous(), do_.contiguous(), w.detach().contiguous(), kd.detach().contiguous(),
+        dvi.contiguous(), gl, dht.float().contiguous() if dht is not None else dstates, dstates, dh0,
+        start.to(torch.int32), H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv,
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, DT=_tl_dtype(q.dtype), PREC=prec,
+        num_warps=DSTATE_TUNING["num_warps"], num_stages=DSTATE_TUNING["num_stages"],
+    )
+
+    # 4. per-chunk gradients: L = Σ_c ⟨o_c, dO_c⟩ + ⟨S_{c+1}, dS'_c⟩ with every S_c held fixed, where
+    #    ⟨S_{c+1}, dS'⟩ = Σ_d Γ_C,d (S dS'ᵀ)_dd + ⟨v', Kd dS'⟩
+    with torch.no_grad():
+        s_ds = (S * dstates).sum(-1)[:, :, None]  # (N_chunks, H, 1, K)
+    with torch.enable_grad():
+        loss = (o * do_).sum() + (G_last.exp() * s_ds).sum() + (vn * (kd @ dstates)).sum()
+        grads = torch.autograd.grad(loss, leaves)
+    return (*grads, dh0 if need_dh0 else None)
