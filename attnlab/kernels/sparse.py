@@ -87,8 +87,15 @@ TUNING: dict[str, dict[str, int]] = {
     # float32 inputs (mode="triton" only; exact products, no tensor cores) on a GPU: tiles twice the
     # bytes, so a small shape (74 KB of shared memory at MLA dims; the bf16 one would need 311 KB)
     "fp32": {"BLOCK_H": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "DVB": 1, "SHARE_QK": 0},
-    # the indexer: also the H200 sweep's winner (decode over 1M keys and a prefill chunk)
+    # the indexer over a prefill chunk (H200 sweep)
     "index": {"BLOCK_T": 4, "BLOCK_S": 64, "S_CHUNK": 8192, "num_warps": 8, "num_stages": 2},
+    # the indexer for one query row per batch row (decode): more, lighter programs. H200, 1M keys,
+    # 64 heads of 128: 0.082 ms (3.3 TB/s of keys read) vs 0.174 ms with the prefill shape
+    "index_decode": {"BLOCK_T": 1, "BLOCK_S": 64, "S_CHUNK": 4096, "num_warps": 4, "num_stages": 4},
+    # dense decode with few query heads per latent (G <= 16, e.g. DeepSeek-V3's 128 heads over
+    # 8-way tensor parallelism): memory-bound, so narrow head blocks and 4 warps. H200, B = 32,
+    # 16 heads: 95% of copy bandwidth at 32K, 100% at 128K (the 64-head shape: 70%, 68%)
+    "decode_narrow": {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "DVB": 1, "SHARE_QK": 0},
 }
 # Tried in order after TUNING[...] when a launch shape does not compile (out of shared memory or
 # registers on another GPU or Triton version): the previous default (16 slots, 3 stages, 131 KB).
@@ -460,8 +467,8 @@ def _index_scores_kernel(
 
 # Exact causal top-k (attnlab.ops.dsa_topk) as a radix select on the scores' bits. Each score maps
 # to an int32 key that orders like the float (ops.sparse._ordered_keys' high word: -0.0 -> +0.0, IEEE
-# sign-magnitude -> two's complement); the k-th largest key is found 11 + 11 + 10 bits at a time
-# from histograms that many programs (chunks of a row) add up with atomics, then every key above it
+# sign-magnitude -> two's complement); the k-th largest key is found 8 bits at a time (four levels)
+# from 256-bin histograms that many programs (chunks of a row) add up with atomics, then every key above it
 # and the earliest `need` keys equal to it are taken (the tie rule), written in position order,
 # and sorted by (key descending, position ascending) by ranking.
 _KEY_NEG_INF: tl.constexpr = tl.constexpr(-2139095041)  # key of -inf: 0xFF800000 ^ 0x7FFFFFFF as int32
@@ -476,11 +483,15 @@ def _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL: tl.constexpr):
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+_TOPK_BINS: tl.constexpr = tl.constexpr(256)  # 8 bits per level: tl.histogram's cost grows with the bins
+# (2048-bin levels, 11 + 11 + 10 bits, took 69 us per level over a 1M-score decode row on an H200)
+
+
 @triton.jit
-def _topk_select(HIST, k_rem, NB: tl.constexpr):
-    """The bin of a row's histogram [NB] holding its k_rem-th largest key, and k_rem minus the keys
-    in the bins above it."""
-    bins = tl.arange(0, NB)
+def _topk_select(HIST, k_rem):
+    """The bin of a row's 256-bin histogram holding its k_rem-th largest key, and k_rem minus the
+    keys in the bins above it."""
+    bins = tl.arange(0, _TOPK_BINS)
     h = tl.load(HIST + bins)
     at_or_above = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys in bins >= b
     b = tl.max(tl.where(at_or_above >= k_rem, bins, -1), 0)
@@ -489,19 +500,23 @@ def _topk_select(HIST, k_rem, NB: tl.constexpr):
 
 @triton.jit
 def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
-    """(key prefix, keys still to take at it) after LEVELS histogram levels (0..3) of a row;
-    LEVELS = 3 gives the full k-th largest key and how many of the keys equal to it are taken."""
+    """(key prefix, keys still to take at it) after LEVELS histogram levels (0..4) of a row: the
+    prefix is key >> (32 - 8 LEVELS) (arithmetic shift); LEVELS = 4 gives the full k-th largest key
+    and how many of the keys equal to it are taken."""
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
     if LEVELS >= 1:
-        b1, k_rem = _topk_select(HIST, k_rem, 2048)
-        prefix = b1 - 1024  # key >> 21
+        b0, k_rem = _topk_select(HIST, k_rem)
+        prefix = b0 - 128  # key >> 24 (signed top byte)
     if LEVELS >= 2:
-        b2, k_rem = _topk_select(HIST + 2048, k_rem, 2048)
-        prefix = prefix * 2048 + b2  # key >> 10
+        b1, k_rem = _topk_select(HIST + 256, k_rem)
+        prefix = prefix * 256 + b1  # key >> 16 (floor division: holds for negative keys too)
     if LEVELS >= 3:
-        b3, k_rem = _topk_select(HIST + 4096, k_rem, 1024)
-        prefix = prefix * 1024 + b3  # key
+        b2, k_rem = _topk_select(HIST + 512, k_rem)
+        prefix = prefix * 256 + b2  # key >> 8
+    if LEVELS >= 4:
+        b3, k_rem = _topk_select(HIST + 768, k_rem)
+        prefix = prefix * 256 + b3  # key
     return prefix, k_rem
 
 
@@ -513,32 +528,28 @@ def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
-    hist = HIST + r.to(tl.int64) * (3 * 2048)
+    hist = HIST + r.to(tl.int64) * (4 * 256)
     prefix, k_rem = _topk_threshold(hist, k_eff, LEVEL)
-    NB: tl.constexpr = 1024 if LEVEL == 2 else 2048
     row_off = r.to(tl.int64) * stride_r
     qpos = S - T + r % T
     lo = c * chunk
     hi = tl.minimum(lo + chunk, S)
-    counts = tl.zeros([NB], dtype=tl.int32)
+    counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
     n_out = 0
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
         key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
         if LEVEL == 0:
-            digit = (key >> 21) + 1024
-        elif LEVEL == 1:
-            ok = ok & ((key >> 21) == prefix)
-            digit = (key >> 10) & 0x7FF
+            digit = (key >> 24) + 128
         else:
-            ok = ok & ((key >> 10) == prefix)
-            digit = key & 0x3FF
-        counts += tl.histogram(tl.where(ok, digit, 0), NB)
+            ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
+            digit = (key >> (24 - 8 * LEVEL)) & 0xFF
+        counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
         n_out += tl.sum((~ok).to(tl.int32), 0)
-    bins = tl.arange(0, NB)
+    bins = tl.arange(0, _TOPK_BINS)
     counts -= tl.where(bins == 0, n_out, 0)  # the keys outside the chunk or prefix went to bin 0
-    tl.atomic_add(hist + LEVEL * 2048 + bins, counts, mask=counts > 0)
+    tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0)
 
 
 @triton.jit
@@ -548,7 +559,7 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
-    thr, need = _topk_threshold(HIST + r.to(tl.int64) * (3 * 2048), k_eff, 3)
+    thr, need = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     row_off = r.to(tl.int64) * stride_r
     qpos = S - T + r % T
     lo = c * chunk
@@ -574,7 +585,7 @@ def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, strid
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
-    thr, need = _topk_threshold(HIST + r.to(tl.int64) * (3 * 2048), k_eff, 3)
+    thr, need = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     ch = tl.arange(0, BCH)
     before = ch < c
     cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
@@ -670,17 +681,17 @@ def _key_split(D: int, D_v: int, v_is_k: bool) -> tuple[int, int, int, int]:
     return dk1, _pow2(dk1), dk2, (_pow2(dk2) if dk2 else 16)
 
 
-def _n_splits(programs: int, n_slots: int, block_n: int, device: torch.device) -> int:
+def _n_splits(programs: int, n_slots: int, block_n: int, device: torch.device, min_steps: int = 4) -> int:
     """How many programs share one (query, head block)'s slots. 1 when the programs alone give
     PROGRAMS_PER_SM per SM (prefill). Otherwise the split count, up to twice what reaches that
     target, whose total fills its waves best (a quarter-full last wave costs a whole wave: 32 rows
     x 2 head blocks x 5 splits = 320 programs is 2.4 waves on 132 SMs, 4 splits fill 2), nearest
-    the target on ties; each split keeps at least 4 steps of block_n slots."""
+    the target on ties; each split keeps at least min_steps steps of block_n slots."""
     sms = _num_sms(device)
     want = PROGRAMS_PER_SM * sms
     if programs >= want:
         return 1
-    most = max(1, min(2 * triton.cdiv(want, programs), n_slots // (4 * block_n)))
+    most = max(1, min(2 * triton.cdiv(want, programs), n_slots // (min_steps * block_n)))
 
     def score(s: int) -> tuple[float, int]:
         total = programs * s
@@ -757,6 +768,8 @@ def _attend(
     row64 = FORCE_ROW64 or max(n_rows * k.stride(1), v.shape[1] * v.stride(1)) + D >= 2**31
     if q.dtype == torch.float32 and q.is_cuda and not _INTERPRET:
         tuning = "fp32"
+    elif tuning == "decode" and q.shape[2] // k.shape[2] <= 16:
+        tuning = "decode_narrow"
     last_error = None
     for cfg in _launch_configs(tuning):
         try:
@@ -781,7 +794,10 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
     n_hblk = triton.cdiv(G, block_h)
     bdv = _pow2(triton.cdiv(D_v, cfg.get("DVB", 1)))  # value columns per program
     n_dvb = triton.cdiv(D_v, bdv)
-    splits = n_splits or _n_splits(B * T * H_kv * n_hblk * n_dvb, n_slots, cfg["BLOCK_N"], q.device)
+    # a top-k row (2048 slots) is short: let each split take a single block (H200, 128 heads, decode:
+    # 32 splits of 64 slots 0.025 ms vs 8 splits 0.039 ms)
+    min_steps = 1 if gather == _GATHER_INDEX else 4
+    splits = n_splits or _n_splits(B * T * H_kv * n_hblk * n_dvb, n_slots, cfg["BLOCK_N"], q.device, min_steps)
     per_split = triton.cdiv(max(1, n_slots), splits)
     per_split = triton.cdiv(per_split, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     splits = triton.cdiv(max(1, n_slots), per_split)
@@ -1084,7 +1100,7 @@ def dsa_index_scores(
     out = _empty(B, T, S, dtype=torch.float32, device=q.device)
     if T == 0 or S == 0:
         return out
-    cfg = TUNING["index"]
+    cfg = TUNING["index_decode" if T == 1 else "index"]
     bh = _pow2(H, 1)
     block_t = max(1, min(cfg["BLOCK_T"], 128 // bh)) if bh < 128 else 1
     block_t = min(block_t, _pow2(T, 1))  # decode (T = 1): no tile rows of absent queries
@@ -1117,12 +1133,12 @@ TOPK_MAX_CHUNKS = 1024  # a row's chunk counts are read as one vector by _topk_w
 def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tensor:
     """``attnlab.ops.dsa_topk`` in Triton: the same indices, ties to the earlier position.
 
-    A radix select on the scores' order-preserving int32 keys: three histogram passes (11, 11, 10
-    bits) find the k-th largest key of each row, with each row split into chunks over many programs
+    A radix select on the scores' order-preserving int32 keys: four 256-bin histogram passes (8
+    bits each) find the k-th largest key of each row, with each row split into chunks over many programs
     (decode: one row of 1M scores over ~500 programs); a count pass and a write pass take every key
     above it and the earliest ties, in position order; a rank pass sorts the k taken (each counts
     the bigger ones: k^2 comparisons over k / 64 programs per row).
-    Five passes over the scores (L2-resident for a decode row), no host sync, CUDA-graph safe.
+    Six passes over the scores (L2-resident for a decode row), no host sync, CUDA-graph safe.
 
     Args:
         scores: float32 [B, T, S] (other float dtypes are compared at float32); the T queries are the
@@ -1154,19 +1170,20 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_BLOCK) * TOPK_BLOCK
     n_chunks = triton.cdiv(S, chunk)
-    hist = torch.zeros(R, 3, 2048, dtype=torch.int32, device=scores.device)
+    hist = torch.zeros(R, 4, 256, dtype=torch.int32, device=scores.device)
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=scores.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device)
     grid = (R * n_chunks,)
     args = (sc, hist, S, T, chunk, sc.stride(0), k_eff, n_chunks)
-    for level in range(3):
+    for level in range(4):
         _topk_hist[grid](*args, LEVEL=level, CAUSAL=causal, BLOCK=TOPK_BLOCK, num_warps=8)
     _topk_count[grid](sc, hist, cnt, *args[2:], CAUSAL=causal, BLOCK=TOPK_BLOCK, num_warps=8)
     _topk_write[grid](sc, hist, cnt, sel, *args[2:], sel.stride(0), CAUSAL=causal, BLOCK=TOPK_BLOCK,
                       BCH=_pow2(n_chunks, 2), num_warps=8)
     res = out.view(R, topk)  # (R, topk)
-    _topk_rank[(R, triton.cdiv(k_eff, 64))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
-                                           BLOCK_I=64, BLOCK_J=128, num_warps=4)
+    block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(scores.device) else 16  # decode: more programs
+    _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
+                                                BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
     return out
 
 
