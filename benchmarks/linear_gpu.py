@@ -8,7 +8,11 @@ KDA, Lightning; then forward+backward. The floor is the bytes of q, k, v, o (16 
 over the copy bandwidth measured at the start. fla (``fla-core``) is used only if importable.
 --profile prints per-kernel times at 64K. --sweep first times the launch parameters of the
 named kernels (attnlab.kernels.linear.PREP_TUNING, TUNING, OUT_TUNING) at T = 16K and keeps the
-fastest per op. Also prints ours-vs-fla output differences as a sanity check.
+fastest per op; ``--sweep segmented`` tunes the segment-parallel Lightning forward
+(attnlab.kernels.lightning_fwd.TUNING) at 16K and 64K. Lightning has two rows of ours: the
+per-chunk forward ("ours_lightning", LIGHTNING_SEGMENTED off) and the segment-parallel one
+("ours_lightning_seg", issue #8's target: 1.5x fla's throughput). Also prints ours-vs-fla output
+differences as a sanity check.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from attnlab._io import atomic_write_json
-from attnlab.kernels import linear
+from attnlab.kernels import lightning_fwd, linear
 
 H, D = 16, 128
 DT = torch.bfloat16
@@ -79,13 +83,24 @@ OUT_SWEEP = [{"BV": bv, "num_warps": w, "num_stages": st} for bv, w, st in
 PREP_SWEEP = [{"num_warps": w} for w in (2, 4, 8)]
 
 
+def lightning(segmented: bool):
+    """Our Lightning forward, per-chunk (the kernels in linear.py) or segment-parallel (lightning_fwd)."""
+
+    def fn(q, k, v, g, b):
+        linear.LIGHTNING_SEGMENTED = segmented
+        return linear.lightning_attention(q, k, v, SLOPE.to(q.device))[0]
+
+    return fn
+
+
 def ours_fns():
     global SLOPE
     SLOPE = 8.0 / H * torch.arange(H, device="cuda", dtype=torch.float32)  # same decays as fla's
     return {
         "gdn": lambda q, k, v, g, b: linear.gated_delta_rule(q, k, v, g, b)[0],
         "kda": lambda q, k, v, g, b: linear.kda(q, k, v, g, b)[0],
-        "lightning": lambda q, k, v, g, b: linear.lightning_attention(q, k, v, SLOPE)[0],
+        "lightning": lightning(False),
+        "lightning_seg": lightning(True),
     }
 
 
@@ -156,13 +171,45 @@ def sweep(t: int, which: str) -> None:
         torch.cuda.empty_cache()
 
 
+# segment-parallel Lightning forward: one table at a time, the others fixed at their best so far
+SEG_SWEEP = {
+    "output": [{"BV": bv, "num_warps": w, "num_stages": st} for bv, w, st in
+               [(64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (32, 4, 2)]],
+    "state": [{"BV": bv, "num_warps": w, "num_stages": st} for bv, w, st in
+              [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 4, 2), (32, 4, 2)]],
+    "segments": [{"programs_per_sm": p, "min_segment": m} for p, m in
+                 [(2, 256), (1, 256), (3, 256), (4, 256), (8, 256), (2, 1024)]],
+}
+
+
+def sweep_segmented(ts=(16384, 65536)) -> None:
+    """Coordinate search over lightning_fwd.TUNING: a config's score is the sum over ts of its time
+    relative to the current default's; keeps the best of each table."""
+    fn = ours_fns()["lightning_seg"]
+    xss = {t: make(t, "lightning") for t in ts}
+    for name, grid in SEG_SWEEP.items():
+        base = {t: safe(bench_fwd, fn, xss[t]) for t in ts}
+        best = (float("inf"), dict(lightning_fwd.TUNING[name]))
+        for cfg in grid:
+            lightning_fwd.TUNING[name] = dict(cfg)
+            ms = {t: safe(bench_fwd, fn, xss[t]) for t in ts}
+            score = sum(ms[t] / base[t] for t in ts)
+            print(f"sweep lightning_seg {name:8s} {json.dumps(cfg)}: "
+                  + ", ".join(f"T={t} {ms[t]:.3f} ms" for t in ts), flush=True)
+            if score < best[0]:  # NaN (a failed config) never wins
+                best = (score, dict(cfg))
+        lightning_fwd.TUNING[name] = best[1]
+    del xss
+    torch.cuda.empty_cache()
+
+
 def profile(t: int) -> None:
     """Per-kernel CUDA time of one forward of each op (torch.profiler)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
     ours = ours_fns()
-    for op in ("gdn", "kda", "lightning"):
+    for op in ("gdn", "kda", "lightning", "lightning_seg"):
         xs = make(t, op)
         with torch.no_grad():
             ours[op](*xs)
@@ -179,7 +226,7 @@ def profile(t: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default="4096,16384,65536,262144")
-    ap.add_argument("--sweep", default="", help="comma list of prep,state,output")
+    ap.add_argument("--sweep", default="", help="comma list of prep,state,output,segmented")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--fwdbwd-max", type=int, default=65536)
     ap.add_argument("--sdpa-fwdbwd-max", type=int, default=65536)
@@ -192,11 +239,15 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"device: {name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
-    if args.sweep:
-        sweep(16384, args.sweep)
+    kernels = [x for x in args.sweep.split(",") if x and x != "segmented"]
+    if kernels:
+        sweep(16384, ",".join(kernels))
+    if "segmented" in args.sweep.split(","):
+        sweep_segmented()
     print("TUNING:", json.dumps(linear.TUNING))
     print("OUT_TUNING:", json.dumps(linear.OUT_TUNING))
     print("PREP_TUNING:", json.dumps(linear.PREP_TUNING))
+    print("lightning_fwd.TUNING:", json.dumps(lightning_fwd.TUNING))
     if args.profile:
         profile(65536)
     ours, fla = ours_fns(), fla_fns()
@@ -210,6 +261,12 @@ def main() -> None:
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
                 err = ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
                 print(f"ours vs fla, {op}, T=4096: rel diff {err:.2e}")
+        xs = make(4096, "lightning")
+        with torch.no_grad():
+            a, b = safe(ours["lightning_seg"], *xs), safe(ours["lightning"], *xs)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            err = ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+            print(f"ours segmented vs per-chunk, lightning, T=4096: rel diff {err:.2e}")
 
     rows = []
     for t in ts:
@@ -222,6 +279,11 @@ def main() -> None:
             xs = make(t, op)
             row[f"ours_{op}"] = safe(bench_fwd, ours[op], xs)
             row[f"fla_{op}"] = safe(bench_fwd, fla[op], xs) if fla else float("nan")
+            if op == "lightning":
+                row["ours_lightning_seg"] = safe(bench_fwd, ours["lightning_seg"], xs)
+                print(f"  fwd T={t} lightning: ours per-chunk {row['ours_lightning']:.3f} ms, ours segmented "
+                      f"{row['ours_lightning_seg']:.3f} ms, fla {row['fla_lightning']:.3f} ms, "
+                      f"floor {floor:.3f} ms", flush=True)
             del xs
             torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
@@ -240,6 +302,10 @@ def main() -> None:
             row[f"fla_{op}"] = safe(bench_fwdbwd, fla[op], xs) if fla else float("nan")
             print(f"  fwd+bwd T={t} {op}: ours {row[f'ours_{op}']:.3f} ms, fla {row[f'fla_{op}']:.3f} ms",
                   flush=True)
+            if op == "lightning":  # the segmented forward also writes the per-chunk states the backward reads
+                row["ours_lightning_seg"] = safe(bench_fwdbwd, ours["lightning_seg"], xs)
+                print(f"  fwd+bwd T={t} lightning: ours segmented {row['ours_lightning_seg']:.3f} ms",
+                      flush=True)
             del xs
             torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
@@ -248,8 +314,10 @@ def main() -> None:
     atomic_write_json(os.path.join(args.out, "linear_gpu.json"),
                       {"device": name, "bandwidth": bw, "tuning": linear.TUNING,
                        "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
+                       "lightning_seg_tuning": lightning_fwd.TUNING,
                        "fwd": rows, "fwdbwd": brows})
-    cols = ["sdpa", "ours_gdn", "fla_gdn", "ours_kda", "fla_kda", "ours_lightning", "fla_lightning"]
+    cols = ["sdpa", "ours_gdn", "fla_gdn", "ours_kda", "fla_kda", "ours_lightning", "ours_lightning_seg",
+            "fla_lightning"]
     print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median)")
     print("forward:")
     print("| T | floor | " + " | ".join(cols) + " |")
