@@ -310,6 +310,32 @@ def test_interp_index_scores_causal_prefill_many_chunks():
 
 
 @interp
+def test_interp_index_scores_row_lengths():
+    """n_valid: keys at or past a row's length score -inf (never read: NaN keys there stay out),
+    the rest equal the unmasked scores; decode (T = 1) and a prefill block, several key chunks."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator().manual_seed(21)
+    for T in (1, 3):
+        B, S, H, D = 3, 150, 4, 16
+        q, k = torch.randn(B, T, H, D, generator=gen), torch.randn(B, S, D, generator=gen)
+        w = torch.rand(B, T, H, generator=gen)
+        n_valid = torch.tensor([150, 37, 0])
+        k_poisoned = k.clone()
+        for b, n in enumerate(n_valid.tolist()):
+            k_poisoned[b, n:] = float("nan")
+        ref = ops.dsa_index_scores(q.double(), k.double(), w.double(), mode="torch")  # (B, T, S)
+        with tuned("index", S_CHUNK=64, BLOCK_S=32), tuned("index_decode", S_CHUNK=64, BLOCK_S=32):
+            got = ks.dsa_index_scores(q, k_poisoned, w, n_valid=n_valid)
+        past = torch.arange(S)[None, :] >= n_valid[:, None]  # (B, S)
+        assert (got.transpose(1, 2)[past] == float("-inf")).all()
+        assert rel_err(got.transpose(1, 2)[~past], ref.transpose(1, 2)[~past]) < 1e-5
+        torch_path = ops.dsa_index_scores(q, k_poisoned, w, mode="torch", n_valid=n_valid)
+        assert (torch_path.transpose(1, 2)[past] == float("-inf")).all()
+        assert rel_err(torch_path.transpose(1, 2)[~past], ref.transpose(1, 2)[~past]) < 1e-5
+
+
+@interp
 def test_interp_index_scores_fp8():
     """FP8 e4m3 operands with per-row scales: a few percent from the exact scores (3 mantissa bits)."""
     from attnlab.kernels import sparse as ks

@@ -406,20 +406,21 @@ def _sparse_bwd(
 
 @triton.jit
 def _index_scores_kernel(
-    Q, K, W, KS, OUT, T, S, H, N_TBLK, N_SCHUNK, s_chunk,
+    Q, K, W, KS, NV, OUT, T, S, H, N_TBLK, N_SCHUNK, s_chunk,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_ks,
     stride_wb, stride_wt,
     stride_sb,
     stride_ob, stride_ot,
     D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-    FP8: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    FP8: tl.constexpr, CAUSAL: tl.constexpr, HAS_NV: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One program: BLOCK_T queries x all H index heads (one [BLOCK_T*BH, D] tile, kept in
     registers) against keys [chunk*s_chunk, +s_chunk) in BLOCK_S steps: relu(q kᵀ) weighted by w
     and summed over heads in registers; only the [BLOCK_T, BLOCK_S] result is written. FP8: q and k
     are e4m3, the q scales are folded into W (relu(c x) = c relu(x) for c > 0), the k scale KS[b, s]
-    multiplies the column. CAUSAL: keys after the query (queries are the last T of S) get -inf."""
+    multiplies the column. CAUSAL: keys after the query (queries are the last T of S) get -inf.
+    HAS_NV: keys at or past NV[b] (the row's valid length) get -inf and are never read."""
     pid = tl.program_id(0)
     chunk = pid % N_SCHUNK
     rest = pid // N_SCHUNK
@@ -440,6 +441,10 @@ def _index_scores_kernel(
     top = hi
     if CAUSAL:  # the block's last query sees keys up to S - T + t_last
         top = tl.maximum(tl.minimum(hi, S - T + tl.minimum(tb * BLOCK_T + BLOCK_T, T)), lo)
+    n_ok = hi
+    if HAS_NV:
+        n_ok = tl.minimum(tl.maximum(tl.load(NV + b).to(tl.int32), 0), hi)
+        top = tl.maximum(tl.minimum(top, n_ok), lo)
     # two branch-free loops (so the first can be software-pipelined): computed blocks, then the
     # blocks wholly after the block's last query, filled with -inf (CAUSAL only)
     top = lo + tl.cdiv(top - lo, BLOCK_S) * BLOCK_S
@@ -447,7 +452,7 @@ def _index_scores_kernel(
         cols = s0 + tl.arange(0, BLOCK_S)
         c_ok = cols < hi
         k = tl.load(K + b * stride_kb + cols[:, None].to(tl.int64) * stride_ks + d[None, :],
-                    mask=c_ok[:, None] & (d < D)[None, :], other=0.0)
+                    mask=(c_ok & (cols < n_ok))[:, None] & (d < D)[None, :], other=0.0)
         logits = _mm(q, tl.trans(k), PREC, INTERP)  # (BLOCK_T*BH, BLOCK_S)
         part = tl.maximum(logits, 0.0) * w[:, None]
         score = tl.sum(tl.reshape(part, (BLOCK_T, BH, BLOCK_S)), 1)  # (BLOCK_T, BLOCK_S)
@@ -456,6 +461,8 @@ def _index_scores_kernel(
             score = score * k_scale[None, :]
         if CAUSAL:
             score = tl.where(cols[None, :] <= (S - T + ts)[:, None], score, float("-inf"))
+        if HAS_NV:
+            score = tl.where(cols[None, :] < n_ok, score, float("-inf"))
         out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
         tl.store(out_ptr, score, mask=t_ok[:, None] & c_ok[None, :])
     for s0 in range(top, hi, BLOCK_S):
@@ -797,7 +804,8 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
     # a top-k row (2048 slots) is short: let each split take a single block (H200, 128 heads, decode:
     # 32 splits of 64 slots 0.025 ms vs 8 splits 0.039 ms)
     min_steps = 1 if gather == _GATHER_INDEX else 4
-    splits = n_splits or _n_splits(B * T * H_kv * n_hblk * n_dvb, n_slots, cfg["BLOCK_N"], q.device, min_steps)
+    programs = B * T * H_kv * n_hblk * n_dvb
+    splits = n_splits or _n_splits(programs, n_slots, cfg["BLOCK_N"], q.device, min_steps)
     per_split = triton.cdiv(max(1, n_slots), splits)
     per_split = triton.cdiv(per_split, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     splits = triton.cdiv(max(1, n_slots), per_split)
@@ -1062,6 +1070,7 @@ def dsa_index_scores(
     w: torch.Tensor,
     k_scale: torch.Tensor | None = None,
     causal: bool = False,
+    n_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lightning-indexer scores ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])`` (the op's kernel).
 
@@ -1073,6 +1082,8 @@ def dsa_index_scores(
         w: [B, T, H_I] head weights, every scale folded in.
         causal: False (the op's contract): every score. True: queries are the last T of S; scores of
             keys after the query are -inf and never computed (what ``dsa_topk`` would mask anyway).
+        n_valid: int64/int32 [B] or None: keys s >= n_valid[b] score -inf and are never read (decode
+            over a preallocated cache: the work follows the rows' lengths, not the buffer's).
 
     Returns:
         I: float32 [B, T, S]. Inference only (no autograd; the op's torch path has the gradient).
@@ -1082,9 +1093,11 @@ def dsa_index_scores(
     k_dtypes = (torch.float8_e4m3fn,) if fp8 else None
     check_tensor("k", k, 3, "[B, S, D_I]", shape=(q.shape[0], None, q.shape[3]), dtypes=k_dtypes)
     check_tensor("w", w, 3, "[B, T, H_I]", shape=q.shape[:3])
-    check_same_device(q=q, k=k, w=w, k_scale=k_scale)
+    check_same_device(q=q, k=k, w=w, k_scale=k_scale, n_valid=n_valid)
     B, T, H, D = q.shape
     S = k.shape[1]
+    if n_valid is not None:
+        check_tensor("n_valid", n_valid, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
     if fp8:
         check_tensor("k_scale", k_scale, 2, "[B, S]", shape=(B, S), dtypes=(torch.float32,))
         q, q_scale = quantize_fp8_rows(q)  # (B, T, H, D) e4m3, (B, T, H)
@@ -1110,14 +1123,14 @@ def dsa_index_scores(
     n_schunk = triton.cdiv(S, s_chunk)
     ks = k_scale if fp8 else out
     _index_scores_kernel[(B * n_tblk * n_schunk,)](
-        q, k, w, ks, out, T, S, H, n_tblk, n_schunk, s_chunk,
+        q, k, w, ks, n_valid if n_valid is not None else out, out, T, S, H, n_tblk, n_schunk, s_chunk,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1),
         w.stride(0), w.stride(1),
         ks.stride(0),
         out.stride(0), out.stride(1),
         D=D, BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"],
-        FP8=fp8, CAUSAL=causal, PREC=prec, INTERP=_INTERPRET,
+        FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -292,15 +292,12 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         )  # (B, T, H_I)
         return q, k, w
 
-    def _sparse_latent_attention(self, q_nope, q_pe, scores, latent, n_valid=None) -> torch.Tensor:
+    def _sparse_latent_attention(self, q_nope, q_pe, scores, latent) -> torch.Tensor:
         """Absorbed MLA over the top-k latents the indexer picks.
 
-        q_* are the last T of S positions; scores [B, T, S] float32 (indexer); latent [B, S, R + dr];
-        n_valid [B] (decode, rows of different lengths) masks slots >= n_valid[b]."""
+        q_* are the last T of S positions; scores [B, T, S] float32 (indexer; -inf = unusable, e.g.
+        past a decode row's length); latent [B, S, R + dr]."""
         S = latent.shape[1]
-        if n_valid is not None:
-            invalid = torch.arange(S, device=scores.device)[None, None] >= n_valid[:, None, None]  # (B, 1, S)
-            scores = scores.masked_fill(invalid, float("-inf"))
         # -inf positions are never chosen; slots beyond the visible count come back as -1
         idx = ops.dsa_topk(scores.detach(), min(self.index_topk, S), causal=True)  # (B, T, k)
         q = self._absorb_q(q_nope, q_pe)  # (B, T, H, R + dr)
@@ -309,7 +306,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             q, kv, kv[..., : self.kv_lora_rank], idx, scale=self.scale
         )  # (B, T, H, R)
         y = self._unabsorb_o(o_lat)
-        if scores.requires_grad and n_valid is None:  # training: the indexer learns from its own loss
+        if scores.requires_grad:  # training: the indexer learns from its own loss
             loss = self._indexer_kl(q.detach(), latent.detach(), scores, idx)
             self.last_indexer_loss = loss.detach()
             y = _AddAuxLoss.apply(y, loss * self.index_loss_weight)
@@ -373,12 +370,13 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         self._write(cache.index_keys, k_idx, cache, start)
         if T > 1:
             S, n_valid = start + T, None
-        else:  # rows may differ: score up to the longest row, mask the rest per row
+        else:  # rows may differ: score up to the longest row; keys past a row's length score -inf
             n_valid = cache.lengths + 1
             S = lat_buf.shape[1] if in_graph() else int(n_valid.max())
         with torch.no_grad():
-            scores = ops.dsa_index_scores(q_idx, cache.index_keys[:, :S].to(x.dtype), w)  # (B, T, S)
-        y = self._sparse_latent_attention(q_nope, q_pe, scores, lat_buf[:, :S].to(x.dtype), n_valid)
+            keys = cache.index_keys[:, :S].to(x.dtype)
+            scores = ops.dsa_index_scores(q_idx, keys, w, n_valid=n_valid)  # (B, T, S)
+        y = self._sparse_latent_attention(q_nope, q_pe, scores, lat_buf[:, :S].to(x.dtype))
         cache.lengths += T
         return y
 

@@ -39,7 +39,9 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def dsa_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+def dsa_index_scores(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mode: str = "auto", n_valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Lightning-indexer scores ``I[b,t,s] = sum_j w[b,t,j] * relu(q[b,t,j] . k[b,s])``.
 
     Args:
@@ -48,9 +50,11 @@ def dsa_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mode: st
         w: [B, T, H_I] per-head weights with every scale already folded in.
         mode: "torch"; "triton" (attnlab.kernels.sparse, fused ReLU/weighted sum, no autograd);
             "auto" = triton for CUDA bf16/fp16 tensors when no gradient is needed, else torch.
+        n_valid: None, or int64/int32 [B]: keys s >= n_valid[b] score -inf (decode over a
+            preallocated cache; the kernel never reads them, so its work follows the rows' lengths).
 
     Returns:
-        I: float32 [B, T, S], unmasked (``dsa_topk`` applies causality). Computed in query blocks so
+        I: float32 [B, T, S], causally unmasked (``dsa_topk`` applies causality). Computed in query blocks so
         the [B, T_blk, H_I, S] intermediate stays bounded; under autograd each block is
         checkpointed, so backward is bounded too.
     """
@@ -58,13 +62,15 @@ def dsa_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mode: st
     check_tensor("k", k, 3, "[B, S, D_I]", shape=(q.shape[0], None, q.shape[3]))
     check_tensor("w", w, 3, "[B, T, H_I]", shape=q.shape[:3])
     _check_same_dtype(q=q, k=k)
-    check_same_device(q=q, k=k, w=w)
+    check_same_device(q=q, k=k, w=w, n_valid=n_valid)
     B, T, H, _ = q.shape
     S = k.shape[1]
+    if n_valid is not None:
+        check_tensor("n_valid", n_valid, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
     grad = _needs_grad(q, k, w)
     kernel = _sparse_kernel(mode, "dsa_index_scores", q, grad)
     if kernel is not None:
-        return kernel(q, k, w)
+        return kernel(q, k, w, n_valid=n_valid)
     acc = torch.float32
     kt = k.to(acc).transpose(1, 2).unsqueeze(1)  # (B, 1, D_I, S)
     out = torch.empty(B, T, S, dtype=acc, device=q.device)
@@ -73,6 +79,9 @@ def dsa_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, mode: st
         t1 = min(T, t0 + block)
         args = (q[:, t0:t1].to(acc), kt, w[:, t0:t1].to(acc))
         out[:, t0:t1] = checkpoint(_index_block, *args, use_reentrant=False) if grad else _index_block(*args)
+    if n_valid is not None:
+        past = torch.arange(S, device=q.device) >= n_valid[:, None]  # (B, S)
+        out = out.masked_fill(past[:, None], float("-inf"))
     return out
 
 
