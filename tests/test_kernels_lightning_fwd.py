@@ -86,6 +86,17 @@ def test_interp_forward_matches_loop(segmented, t, dims, use_h0):
 
 
 @interp
+def test_interp_wide_key_head(segmented):
+    """D_k = 200 > 128 (the programs take at most 32 value columns), D_v = 72: three blocks."""
+    from attnlab.kernels import linear
+
+    q, k, v, slope, h0 = make(1, 150, 2, 1, 200, 72, [0.01, 4.0], seed=12)
+    o, ht = linear.lightning_attention(q, k, v, slope, initial_state=h0, output_final_state=True)
+    ro, rs = oracle(q, k, v, slope, h0, 1.0)
+    assert rel_err(o, ro) < 1e-5 and rel_err(ht, rs) < 1e-5
+
+
+@interp
 def test_interp_equals_per_chunk_forward_fp16(segmented):
     """fp16 in, fp16 out: the same numbers as the per-chunk forward (both round the state to the
     input dtype for the tensor-core products, so they agree to fp16 rounding), near the loop."""
@@ -204,20 +215,20 @@ def test_interp_segment_length(segmented, monkeypatch):
     and respects min_segment (the SM count faked: the rule is host arithmetic)."""
     segmented.SEGMENT_LEN = 100
     with pytest.raises(ValueError, match="SEGMENT_LEN"):
-        segmented.segment_length(1000, 4, 64, torch.device("cpu"))
+        segmented.segment_length(1000, 4, 64, 64, torch.device("cpu"))
     segmented.SEGMENT_LEN = None
-    assert segmented.segment_length(1000, 4, 64, torch.device("cpu")) == segmented.CPU_SEGMENT_LEN
+    assert segmented.segment_length(1000, 4, 64, 64, torch.device("cpu")) == segmented.CPU_SEGMENT_LEN
     monkeypatch.setattr(segmented, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     cfg = segmented.TUNING
     per_seg = 16 * -(-128 // min(cfg["output"]["BV"], 128))  # programs per segment, 16 heads
     for t in (16384, 65536, 262144):
-        length = segmented.segment_length(t, 16, 128, cuda)
+        length = segmented.segment_length(t, 16, 128, 128, cuda)
         n_seg = -(-t // length)
         assert length % 64 == 0 and length >= cfg["segments"]["min_segment"]
         assert n_seg * per_seg >= cfg["segments"]["programs_per_sm"] * 132
         assert (n_seg - 1) * per_seg < 2 * cfg["segments"]["programs_per_sm"] * 132  # not needlessly many
-    assert segmented.segment_length(1000, 16, 128, cuda) == cfg["segments"]["min_segment"]
+    assert segmented.segment_length(1000, 16, 128, 128, cuda) == cfg["segments"]["min_segment"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,6 +274,20 @@ def test_gpu_awkward_shapes_fp32(segmented):
     o, ht = linear.lightning_attention(q, k, v, slope, initial_state=h0, output_final_state=True)
     ro, rs = oracle(q, k, v, slope, h0, 1.0)
     assert rel_err(o, ro) < 2e-5 and rel_err(ht, rs) < 2e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_head_dim_256(segmented, dtype):
+    """D_k = D_v = 256 (the largest the kernels accept; BV drops to 32), default segments."""
+    from attnlab.kernels import linear
+
+    segmented.SEGMENT_LEN = None
+    q, k, v, slope, h0 = make(1, 3000, 2, 2, 256, 256, [0.02, 0.5], dtype=dtype, device="cuda", seed=5)
+    o, ht = linear.lightning_attention(q, k, v, slope, initial_state=h0, output_final_state=True)
+    ro, rs = oracle(q, k, v, slope, h0, 1.0)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(o, ro) < tol and rel_err(ht, rs) < tol
 
 
 @pytest.mark.gpu

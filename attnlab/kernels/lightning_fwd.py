@@ -126,7 +126,7 @@ def _segment_scan_kernel(
     p = seg_states + (first * H + i_h) * K * V + r
     if ns > 0:
         tl.store(p, S, mask=m)
-    for _ in range(1, ns):
+    for _i_s in range(1, ns):
         p += H * K * V
         S = S * decay + tl.load(p, mask=m, other=0.0)
         tl.store(p, S, mask=m)
@@ -203,7 +203,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def segment_length(n_tokens: int, h: int, d_v: int, device: torch.device) -> int:
+def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.device) -> int:
     """Tokens per segment (a multiple of CHUNK) for n_tokens in all sequences, h value heads:
     enough segments that pass 3 has TUNING["segments"]["programs_per_sm"] programs per SM, each
     at least min_segment tokens long. SEGMENT_LEN overrides; off CUDA, CPU_SEGMENT_LEN."""
@@ -214,13 +214,16 @@ def segment_length(n_tokens: int, h: int, d_v: int, device: torch.device) -> int
     if device.type != "cuda":
         return CPU_SEGMENT_LEN
     seg = TUNING["segments"]
-    per_segment = h * triton.cdiv(d_v, _block_v(TUNING["output"]["BV"], d_v))
+    per_segment = h * triton.cdiv(d_v, _block_v(TUNING["output"]["BV"], d_v, d_k))
     want = triton.cdiv(seg["programs_per_sm"] * _sm_count(device.index or 0), per_segment)
     length = triton.cdiv(triton.cdiv(max(n_tokens, 1), want), CHUNK) * CHUNK
     return max(length, triton.cdiv(seg["min_segment"], CHUNK) * CHUNK)
 
 
-def _block_v(bv: int, d_v: int) -> int:
+def _block_v(bv: int, d_v: int, d_k: int = 0) -> int:
+    """D_v columns per program: the tuned BV, at most 32 when D_k > 128 (the [D_k, BV] float32
+    state and the [64, D_k] q, k tiles must fit registers and shared memory), at least 16."""
+    bv = bv if d_k <= 128 else min(bv, 32)
     return min(bv, max(16, triton.next_power_of_2(d_v)))
 
 
@@ -263,7 +266,7 @@ def forward(
     dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
     bk = max(16, triton.next_power_of_2(d_k))
     varlen = cu_seqlens is not None
-    length = segment_length(b * t, h, d_v, dev)
+    length = segment_length(b * t, h, d_k, d_v, dev)
     if varlen:
         n_seq = cu_seqlens.numel() - 1
         table, firsts, nonlast, n_slots, n_nonlast = _segment_tables(cu_seqlens, length)
@@ -287,7 +290,7 @@ def forward(
     states = _empty(max(n_chunks, 1), h, d_k, d_v, dtype=q.dtype, device=dev) if store_states else o
 
     cfg = TUNING["state"]
-    bv = _block_v(cfg["BV"], d_v)
+    bv = _block_v(cfg["BV"], d_v, d_k)
     if n_nonlast > 0:
         _segment_state_kernel[(triton.cdiv(d_v, bv), n_nonlast, h)](
             k, v, slope, seg_states, cu, table, nonlast, t, length, n_seg,
@@ -302,7 +305,7 @@ def forward(
         IS_VARLEN=varlen, num_warps=cfg["num_warps"],
     )
     cfg = TUNING["output"]
-    bv = _block_v(cfg["BV"], d_v)
+    bv = _block_v(cfg["BV"], d_v, d_k)
     if n_slots > 0:
         _segment_output_kernel[(triton.cdiv(d_v, bv), n_slots, h)](
             q, k, v, slope, seg_states, states, o, ht, cu, table, chunk_offsets, scale, t, length, n_seg,
