@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from .._checks import check_tensor, in_graph
 from ..cache import CacheSpec, LayerCache
 from ..config import ModelConfig
-from .common import RMSNorm, RotaryEmbedding, apply_rope
+from .common import FusedLinears, RMSNorm, RotaryEmbedding
 
 
 @dataclass
@@ -130,35 +131,49 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.q_norm = RMSNorm(head_dim, norm_eps, norm_zero_centered) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps, norm_zero_centered) if qk_norm else None
-        self.rotary = RotaryEmbedding(rope_dim, rope_theta) if rope_dim > 0 else None
+        self.rotary = RotaryEmbedding(rope_dim, rope_theta, head_dim=head_dim) if rope_dim > 0 else None
+        self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)  # one matmul reads x
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.qkv.refuse()  # .to() / .half() gave each weight new storage
+        return self
 
     # ------------------------------------------------------------------ projections
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """x [B, T, d] and positions int64 [B, T] or [T] -> q [B,T,H,D], k, v [B,T,H_kv,D], gate."""
+        """x [B, T, d] and positions int64 [B, T] or [T] -> q [B,T,H,D], k, v [B,T,H_kv,D], gate
+        [B,T,H,D] or None."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x)
+        fused = self.qkv.weight()
+        if fused is not None and not self.output_gate and self.q_norm is None:
+            # one matmul whose q and k heads are adjacent: RoPE reads them as one tensor, no copy
+            qk, v = F.linear(x, fused).view(B, T, H + 2 * Hkv, D).split((H + Hkv, Hkv), dim=2)
+            if self.rotary is not None:
+                qk = self.rotary.rotate(qk, positions)  # (B, T, H + H_kv, D)
+            q, k = qk.split((H, Hkv), dim=2)  # (B, T, H|H_kv, D)
+            return q, k, v, None
+        q, k, v = self.qkv(x)  # (B, T, H*D or H*2D), (B, T, H_kv*D) twice
         gate = None
         if self.output_gate:
             q, gate = q.view(B, T, H, 2 * D).chunk(2, dim=-1)  # (B, T, H, D) each
-            gate = gate.reshape(B, T, H * D)
-        q = q.reshape(B, T, H, D)
-        k = self.k_proj(x).view(B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, Hkv, D)
+        else:
+            q = q.view(B, T, H, D)
+        k = k.view(B, T, Hkv, D)
+        v = v.view(B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            cos, sin = self.rotary(positions)  # (B, T, R/2) or (T, R/2)
             # q and k heads rotated together: one set of RoPE ops per layer (decode runs each op once)
-            q, k = apply_rope(torch.cat((q, k), dim=2), cos, sin).split((H, Hkv), dim=2)  # (B, T, H|H_kv, D)
+            qk = self.rotary.rotate(torch.cat((q, k), dim=2), positions)  # (B, T, H + H_kv, D)
+            q, k = qk.split((H, Hkv), dim=2)  # (B, T, H|H_kv, D)
         return q, k, v, gate
 
     def _out(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """o [B, T, H, D] -> [B, T, d_model]."""
-        o = o.reshape(o.shape[0], o.shape[1], -1)  # (B, T, H * D)
         if gate is not None:
-            o = o * torch.sigmoid(gate)
-        return self.o_proj(o)
+            o = o * torch.sigmoid(gate)  # (B, T, H, D)
+        return self.o_proj(o.reshape(o.shape[0], o.shape[1], -1))  # (B, T, H * D) -> (B, T, d_model)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
@@ -189,8 +204,9 @@ class SoftmaxAttention(nn.Module):
             pos = cache.lengths  # (B,)
             q, k, v, gate = self._qkv(x, pos[:, None])
             _write_slot(cache, pos, k, v)
-            o = ops.softmax_decode(q[:, 0], cache.k.to(q.dtype), cache.v.to(q.dtype), pos + 1)  # (B, H, D)
-            cache.lengths += 1
+            cache.lengths += 1  # pos is cache.lengths: now each row's token count, the keys to read
+            k_all, v_all = cache.k.to(q.dtype), cache.v.to(q.dtype)
+            o = ops.softmax_decode(q[:, 0], k_all, v_all, cache.lengths)  # (B, H, D)
             return self._out(o[:, None], gate)
         start = _prefill_start(cache)
         q, k, v, gate = self._qkv(x, torch.arange(start, start + T, device=x.device))
@@ -212,9 +228,9 @@ class SoftmaxAttention(nn.Module):
             pos = cache.lengths  # (B,)
             q, k, v, gate = self._qkv(x, pos[:, None])
             _write_slot(cache, _ring_slot(pos, w, n), k, v)
-            n_valid = torch.clamp(pos + 1, max=w + n)
+            cache.lengths += 1  # pos is cache.lengths: now each row's token count
+            n_valid = torch.clamp(cache.lengths, max=w + n)
             o = ops.softmax_decode(q[:, 0], cache.k.to(q.dtype), cache.v.to(q.dtype), n_valid)  # (B, H, D)
-            cache.lengths += 1
             return self._out(o[:, None], gate)
         start = _prefill_start(cache)
         q, k, v, gate = self._qkv(x, torch.arange(start, start + T, device=x.device))

@@ -37,8 +37,12 @@ class RMSNorm(nn.Module):
         # zero-centered 1 + w, which must not be rounded to 16 bits, is formed in float32 here
         if not self.zero_centered and self.weight.dtype == x.dtype:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        w = self.weight.float()
-        return F.rms_norm(x.float(), w.shape, 1.0 + w if self.zero_centered else w, self.eps).to(x.dtype)
+        if self.zero_centered:
+            # h * (1 + w) as h + h * w: one addcmul instead of casting w and adding 1 (the same
+            # float32 product up to one rounding)
+            h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+            return torch.addcmul(h, h, self.weight).to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
@@ -58,11 +62,16 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """x, gate [..., dim] -> [..., dim] in ``x.dtype``."""
-        w = self.weight.float()
-        h = F.rms_norm(x.float(), w.shape, w, self.eps)
+        w = self.weight
+        if w.dtype == x.dtype:
+            # one fused kernel; rounds rmsnorm(x) * w to x's dtype before the gate, as the reference
+            # does (Qwen3NextRMSNormGated: weight * x_hat.to(input_dtype)); exact in float32
+            h = F.rms_norm(x, w.shape, w, self.eps)
+        else:
+            h = F.rms_norm(x.float(), w.shape, w.float(), self.eps)
         g = gate.float()
         g = F.silu(g) if self.activation == "silu" else torch.sigmoid(g)
-        return (h * g).to(x.dtype)
+        return (h * g).to(x.dtype)  # a 16-bit h times the float32 gate computes in float32
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, activation={self.activation}"
@@ -136,9 +145,14 @@ class RotaryEmbedding(nn.Module):
 
     ``forward(positions)`` with positions int64 [B, T] (or [T]) returns ``(cos, sin)``,
     float32 [B, T, dim // 2] (or [T, dim // 2]), already multiplied by the attention factor.
+
+    ``head_dim`` (>= dim, rotate-half layout, no scaling) enables :meth:`rotate`, which applies the
+    rotation to whole heads in fewer ops than ``apply_rope(x, *self(positions))``.
     """
 
-    def __init__(self, dim: int, theta: float = 10000.0, rope_scaling: dict | None = None) -> None:
+    def __init__(
+        self, dim: int, theta: float = 10000.0, rope_scaling: dict | None = None, head_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.dim = dim
         kind = None if rope_scaling is None else rope_scaling.get("type", rope_scaling.get("rope_type"))
@@ -155,13 +169,42 @@ class RotaryEmbedding(nn.Module):
         default_device = torch.empty(0).device
         self.register_buffer("inv_freq", inv_freq.to(default_device), persistent=False)
         self._inv_freq_fp32 = inv_freq  # master copy: casting the model must not round the angles
+        self.head_dim = head_dim
+        if head_dim is not None:
+            if head_dim < dim or self.attention_factor != 1.0:
+                raise ValueError(f"head_dim: expected >= dim={dim} and no rope_scaling, got {head_dim}")
+            # for rotate(): each dim's signed frequency over the whole head, [-f | +f | 0 (passed
+            # through)], and its rotate-half partner (itself when passed through), so that
+            # rot(x) = x * cos(p·freq) + x[partner] * sin(p·freq): sin(-a) = -sin(a) gives the minus
+            # of the first half, and cos 1 / sin 0 leave the unrotated dims exactly as they were
+            half, pass_through = dim // 2, head_dim - dim
+            cpu = {"device": "cpu"}  # as inv_freq: exact under a meta device context too
+            freq = torch.cat((-inv_freq, inv_freq, torch.zeros(pass_through, **cpu)))  # (head_dim,)
+            partner = torch.cat((torch.arange(half, dim, **cpu), torch.arange(half, **cpu),
+                                 torch.arange(dim, head_dim, **cpu)))  # (head_dim,)
+            self.register_buffer("rot_freq", freq.to(default_device), persistent=False)
+            self.register_buffer("rot_partner", partner.to(default_device), persistent=False)
+            self._rot_freq_fp32 = freq
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) would round inv_freq to 8 bits of mantissa, shifting the angle of
         # position p by ~p/256 radians; keep the float32 frequencies, follow only the device.
         super()._apply(fn, recurse)
         self.inv_freq = self._inv_freq_fp32.to(device=self.inv_freq.device)
+        if self.head_dim is not None:
+            self.rot_freq = self._rot_freq_fp32.to(device=self.rot_freq.device)
         return self
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``apply_rope(x, *self(positions))`` (rotate-half, partial) in seven ops: x [B, T, H, head_dim]
+        of any float dtype; positions int64 [B, T] or [T]. Float32 inside, returned in ``x.dtype``."""
+        if self.head_dim is None:
+            raise ValueError("rotate: this RotaryEmbedding was built without head_dim")
+        check_tensor("x", x, 4, "[B, T, H, head_dim]", shape=(None, None, None, self.head_dim))
+        check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
+        angles = (positions[..., None] * self.rot_freq).unsqueeze(-2)  # (B, T, 1, head_dim) float32
+        rot = torch.addcmul(x * angles.cos(), x.index_select(-1, self.rot_partner), angles.sin())
+        return rot.to(x.dtype)  # (B, T, H, head_dim)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
@@ -209,21 +252,95 @@ def apply_rope(
     return torch.cat((rot.to(x.dtype), x[..., r:]), dim=-1)
 
 
+# ----------------------------------------------------------------------------- fused projections
+
+
+class FusedLinears:
+    """Bias-free ``nn.Linear`` s reading the same input whose weights are row blocks of ONE tensor,
+    so that inference runs one matmul (one GEMV per decode step) instead of one per Linear.
+
+    The Linears stay what they were (their own Parameters, state_dict keys, Hugging Face copies);
+    only their storage is shared: each weight is a view of ``fused``, so an in-place update of a
+    weight (optimizer step, ``load_state_dict``, ``copy_``) is an update of ``fused`` and nothing
+    can go stale, CUDA-graph replays included. :meth:`weight` returns ``fused`` when that still
+    holds and no gradient is needed (autograd must reach the Parameters themselves), else None
+    (the caller runs the Linears one by one): after a Parameter was replaced (FSDP2 sharding,
+    ``load_state_dict(assign=True)``) or its storage swapped. ``module.to()`` / ``.half()`` give
+    every Parameter new storage; the owning module calls :meth:`refuse` from its ``_apply``.
+    Not an ``nn.Module``: it holds no Parameters of its own.
+    """
+
+    def __init__(self, *linears: nn.Linear) -> None:
+        self.linears = linears
+        self.params = tuple(lin.weight for lin in linears)
+        self.fused: torch.Tensor | None = None
+        self.refuse()
+
+    def refuse(self) -> None:
+        """(Re)build ``fused`` from the current weights and point them into it; skipped (the
+        Linears then run one by one) unless all are plain Parameters of one dtype and device."""
+        ws = tuple(lin.weight for lin in self.linears)
+        plain = all(type(w) is nn.Parameter and type(w.data) is torch.Tensor for w in ws)
+        if not plain or len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
+            self.fused = None
+            return
+        with torch.no_grad():
+            fused = torch.cat([w.detach() for w in ws])  # (sum of out_features, in_features)
+        start = 0
+        for w in ws:
+            w.data = fused[start : start + w.shape[0]]
+            start += w.shape[0]
+        self.params, self.fused = ws, fused
+
+    def weight(self) -> torch.Tensor | None:
+        """The fused weight [sum(out), in] if it is still exactly the Linears' weights and no
+        gradient is wanted; else None."""
+        fused = self.fused
+        if fused is None or torch.is_grad_enabled():
+            return None
+        ws = tuple(lin.weight for lin in self.linears)
+        if any(w is not p for w, p in zip(ws, self.params, strict=True)):
+            return None  # a Parameter was replaced
+        if not torch.compiler.is_compiling():  # (dynamo cannot read pointers; identity suffices there)
+            row_bytes = fused.stride(0) * fused.element_size()
+            ptr, start = fused.data_ptr(), 0
+            for w in ws:
+                if w.data_ptr() != ptr + start * row_bytes or w.dtype != fused.dtype:
+                    return None  # its storage was swapped (w.data = ...)
+                start += w.shape[0]
+        return fused
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., in] -> one output per Linear, [..., out_i] (views of one matmul's result when fused)."""
+        fused = self.weight()
+        if fused is None:
+            return tuple(lin(x) for lin in self.linears)
+        return F.linear(x, fused).split([lin.out_features for lin in self.linears], dim=-1)
+
+
 # ----------------------------------------------------------------------------- MLP
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``, no biases (Shazeer 2020; Llama and all five families)."""
+    """``down(silu(gate(x)) * up(x))``, no biases (Shazeer 2020; Llama and all five families).
+    ``gate_proj`` and ``up_proj`` share one weight tensor (:class:`FusedLinears`): one matmul."""
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_up = FusedLinears(self.gate_proj, self.up_proj)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.gate_up.refuse()  # .to() / .half() gave each weight new storage
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_model] -> [..., d_model]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)  # (..., d_ff) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ----------------------------------------------------------------------------- short conv
