@@ -385,8 +385,8 @@ class ShortConv(nn.Module):
         full = torch.cat((history, xt), dim=-1)  # (B, C, K - 1 + T)
         if conv_state is not None:
             conv_state.copy_(full[:, :, -(K - 1):])
-        if T == 1:  # decode: one output per channel; a multiply-add beats conv1d's setup cost
-            y = (full * self.weight[:, 0]).sum(-1, keepdim=True)  # (B, C, 1)
+        if T == 1:  # decode: one dot product per channel, one batched matmul over the channels
+            y = torch.bmm(full.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)  # (B, C, 1)
             if self.bias is not None:
                 y = y + self.bias[:, None]
         else:

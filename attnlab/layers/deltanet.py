@@ -228,8 +228,8 @@ class GatedDeltaNet(DeltaRuleMixer):
                          extra_in={"z": n_heads * value_head_dim, "a": n_heads})
 
     def log_decay(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        a = parts["a"].float()  # (B, T, H)
-        return -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
+        # a 16-bit `a` plus the float32 bias computes in float32 (no separate cast of a)
+        return -self.A_log.float().exp() * F.softplus(parts["a"] + self.dt_bias.float())  # (B, T, H)
 
     def output_gate(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return parts["z"]
@@ -280,7 +280,7 @@ class KimiDeltaAttention(DeltaRuleMixer):
         self.g_b_proj = nn.Linear(rank, self.value_dim, bias=False)
 
     def log_decay(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        f = self.f_b_proj(parts["f"]).float() + self.dt_bias.float()  # (B, T, H*D_k)
+        f = self.f_b_proj(parts["f"]) + self.dt_bias.float()  # (B, T, H*D_k) float32 (promoted)
         f = f.unflatten(-1, (self.n_heads, self.key_head_dim))  # (B, T, H, D_k)
         return -self.A_log.float().exp()[:, None] * F.softplus(f)
 

@@ -1,0 +1,130 @@
+"""Ops per decode step (benchmarks/decode_ops.py) as a regression guard, and the pieces that cut them:
+fused q/k/v and gate/up weights (FusedLinears) and RoPE over whole heads (RotaryEmbedding.rotate)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from attnlab.layers.common import FusedLinears, RotaryEmbedding, SwiGLU, apply_rope
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# Ops one batch-1 decode step launches on the CUDA branch (bf16), per layer and in total, as counted
+# when issue 4's cuts landed (before them: llama S 31, total 35; qwen3-next G 43, S 53, total 190).
+# An op added back to the decode path fails this test; lower the numbers when you cut more.
+MAX_OPS = {
+    "llama": ({"S": 22}, 26),
+    "qwen3-next": ({"G": 36, "S": 39}, 154),
+}
+
+
+@pytest.fixture(scope="module")
+def decode_ops():
+    spec = importlib.util.spec_from_file_location("decode_ops", BENCH / "decode_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset", sorted(MAX_OPS))
+def test_ops_per_decode_step_do_not_grow(decode_ops, preset):
+    per_layer, total = MAX_OPS[preset]
+    # two kv heads: the GQA decode kernel's branch, as at the ~1B size (one kv head would take MLA's)
+    model = decode_ops.build(preset, d_model=256, n_kv_heads=2)
+    r = decode_ops.count_step(model, branch="cuda")
+    assert r["host_syncs"] == []
+    assert set(r["per_type"]) == set(per_layer)
+    for letter, n in per_layer.items():
+        assert r["per_type"][letter]["total"] <= n, (letter, r["per_type"][letter], r["ops"])
+    assert r["total"] <= total, r["total"]
+    # the stand-in Triton launches compute what the torch path computes
+    ref = decode_ops.count_step(model, branch="torch")
+    torch.testing.assert_close(r["logits"], ref["logits"], atol=2e-2, rtol=2e-2)
+    assert ref["total"] > r["total"]  # the CPU decomposes rms_norm and runs the torch steps
+
+
+def test_counter_sees_added_ops(decode_ops):
+    """The guard can fail: an op added to the MLP shows up in the count."""
+    model = decode_ops.build("llama", d_model=256, n_kv_heads=2)
+    base = decode_ops.count_step(model)["per_type"]["S"]
+    mlp = model.blocks[0].mlp
+    forward = mlp.forward
+    mlp.forward = lambda x: forward(x) * 1.0  # one more kernel
+    more = decode_ops.count_step(model)["per_type"]["S"]
+    assert more["mlp"] == base["mlp"] + 1 and more["total"] == base["total"] + 1
+
+
+def test_main_prints_a_table(decode_ops, capsys):
+    out = decode_ops.main(["--presets", "lightning", "--d-model", "128", "--ops"])
+    assert out["lightning"]["per_type"]["L"]["total"] > 0
+    assert "| L |" in capsys.readouterr().out
+
+
+def _linears(*sizes, d=8):
+    torch.manual_seed(0)
+    return [nn.Linear(d, n, bias=False) for n in sizes]
+
+
+def test_fused_linears_share_storage_and_stay_fresh():
+    a, b, c = _linears(4, 2, 2)
+    fused = FusedLinears(a, b, c)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        w = fused.weight()
+        assert w is not None and w.shape == (8, 8)
+        ya, yb, yc = fused(x)
+        torch.testing.assert_close(ya, a(x))
+        b.weight.copy_(torch.ones(2, 8))  # an in-place update (optimizer, load_state_dict) reaches it
+        torch.testing.assert_close(fused(x)[1], x @ torch.ones(2, 8).t())
+        b.weight.data = b.weight.data.clone()  # storage swapped: no longer fused
+        assert fused.weight() is None
+        torch.testing.assert_close(fused(x)[1], b(x))
+    # autograd needs the Parameters themselves: no fused weight while gradients are on
+    assert fused.weight() is None
+    sum(y.sum() for y in fused(x)).backward()
+    assert a.weight.grad is not None and c.weight.grad is not None
+
+
+def test_swiglu_fused_through_dtype_and_state_dict():
+    mlp = SwiGLU(8, 16)
+    keys = set(mlp.state_dict())
+    assert keys == {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
+    x = torch.randn(2, 3, 8)
+    ref = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), ref)
+    mlp = mlp.to(torch.float64)  # new storage for every weight: re-fused by _apply
+    with torch.no_grad():
+        assert mlp.gate_up.weight() is not None and mlp.gate_up.weight().dtype == torch.float64
+        torch.testing.assert_close(mlp(x.double()), ref.double())
+    other = SwiGLU(8, 16).double()
+    other.load_state_dict(mlp.state_dict())  # copies in place: still fused, with the new values
+    with torch.no_grad():
+        assert other.gate_up.weight() is not None
+        torch.testing.assert_close(other(x.double()), ref.double())
+
+
+@pytest.mark.parametrize("dim,head_dim", [(16, 16), (4, 16), (6, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_matches_apply_rope(dim, head_dim, dtype):
+    rope = RotaryEmbedding(dim, 1e4, head_dim=head_dim)
+    x = torch.randn(2, 5, 3, head_dim).to(dtype)
+    for pos in (torch.randint(0, 200_000, (2, 5)), torch.arange(5)):
+        ref = apply_rope(x, *rope(pos))
+        out = rope.rotate(x, pos)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref.float(), atol=1e-6, rtol=1e-6)
+        if dim < head_dim:  # passed-through dims unchanged, bit for bit
+            assert torch.equal(out[..., dim:], x[..., dim:])
+    rope = rope.to(torch.bfloat16)
+    assert rope.rot_freq.dtype == torch.float32
+
+
+def test_rotate_needs_head_dim():
+    with pytest.raises(ValueError, match="head_dim"):
+        RotaryEmbedding(16, 1e4).rotate(torch.randn(1, 1, 1, 16), torch.arange(1))
+    with pytest.raises(ValueError, match="head_dim"):
+        RotaryEmbedding(16, 1e4, head_dim=8)
