@@ -93,10 +93,12 @@ def _segment_state_kernel(
     for i_t in range(0, n_ch):
         t0 = t_beg + i_t * BT
         n_in = tl.minimum(n - t0, BT)
-        b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK).to(tl.float32)
+        b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK)
         b_v = _tile(v_p, t0, n, H * V, c0, V, BT, BV)
+        # decay to the chunk end on v's rows ([BT, BV], smaller than k's [BT, D_k] in registers)
         e = tl.where(rt < n_in, -s_h * (n_in - 1 - rt).to(tl.float32), 0.0)  # padded rows masked
-        S = S * tl.exp(-s_h * n_in.to(tl.float32)) + _mm(tl.trans(b_k * tl.exp(e)[:, None]), b_v, DT, PREC)
+        b_vd = b_v.to(tl.float32) * tl.exp(e)[:, None]
+        S = S * tl.exp(-s_h * n_in.to(tl.float32)) + _mm(tl.trans(b_k), b_vd, DT, PREC)
     dst = seg_states + ((slot + 1).to(tl.int64) * H + i_h) * K * V
     tl.store(dst + rk[:, None] * V + rv[None, :], S, mask=(rk < K)[:, None] & (rv < V)[None, :])
 
@@ -187,8 +189,8 @@ def _segment_output_kernel(
         b_o = _mm(b_q, S, DT, PREC) * gq[:, None] + _mm(b_a, b_v, DT, PREC)
         _store_tile(o_p, b_o, t0, n, H * V, c0, V, BT, BV)
         e = tl.where(rt < n_in, -s_h * (n_in - 1 - rt).to(tl.float32), 0.0)  # padded rows masked
-        b_kd = b_k.to(tl.float32) * tl.exp(e)[:, None]
-        S = S * tl.exp(-s_h * n_in.to(tl.float32)) + _mm(tl.trans(b_kd), b_v, DT, PREC)
+        b_vd = b_v.to(tl.float32) * tl.exp(e)[:, None]  # decayed to the chunk end
+        S = S * tl.exp(-s_h * n_in.to(tl.float32)) + _mm(tl.trans(b_k), b_vd, DT, PREC)
     if STORE_HT:
         if t_beg + L >= n:  # the sequence's last segment
             tl.store(ht + (i_b.to(tl.int64) * H + i_h) * K * V + kv, S, mask=mkv)
