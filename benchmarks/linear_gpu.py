@@ -311,6 +311,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         brows.append(row)
 
+    os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "linear_gpu.json"),
                       {"device": name, "bandwidth": bw, "tuning": linear.TUNING,
                        "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
