@@ -25,6 +25,7 @@ from ._checks import check_tensor, in_graph
 from .cache import CacheSpec, LayerCache
 from .config import SAVE_ID_KEY, ModelConfig
 from .layers import build_layer
+from .layers.attention import SoftmaxAttention
 from .layers.common import RMSNorm, SwiGLU
 
 LINEAR_LETTERS = "LGK"  # recurrent mixers; the rest (S W M D) are softmax-family ("attn")
@@ -49,6 +50,8 @@ class Block(nn.Module):
         else:
             self.mixer_alpha, self.mixer_beta = cfg.attn_alpha, cfg.attn_beta
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
+        # S / W layers take the decode step's RoPE factors from the model (one set per step)
+        self.takes_rotation = isinstance(self.mixer, SoftmaxAttention) and self.mixer.rotary is not None
 
     def _residual(self, h: torch.Tensor, x: torch.Tensor, f: torch.Tensor, alpha: float, beta: float):
         r = x if self.postnorm else h
@@ -58,10 +61,13 @@ class Block(nn.Module):
             f = f * beta
         return r + f
 
-    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """h [B, T, d_model] -> [B, T, d_model]."""
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None, rotation=None) -> torch.Tensor:
+        """h [B, T, d_model] -> [B, T, d_model]. ``rotation``: a decode step's shared RoPE factors
+        (see :meth:`HybridLM.forward`), passed to S / W mixers."""
         x = self.mixer_norm(h)
-        h = self._residual(h, x, self.mixer(x, cache), self.mixer_alpha, self.mixer_beta)
+        shared = rotation is not None and self.takes_rotation
+        f = self.mixer(x, cache, rotation) if shared else self.mixer(x, cache)
+        h = self._residual(h, x, f, self.mixer_alpha, self.mixer_beta)
         x = self.mlp_norm(h)
         return self._residual(h, x, self.mlp(x), self.mlp_alpha, self.mlp_beta)
 
@@ -100,9 +106,21 @@ class HybridLM(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         h = self.embed(tokens)  # (B, T, d_model)
+        rotation = self._decode_rotation(tokens, caches)
         for i, block in enumerate(self.blocks):
-            h = block(h, None if caches is None else caches[i])
+            h = block(h, None if caches is None else caches[i], rotation)
         return self.lm_head(self.norm(h)).float()  # (B, T, vocab_size)
+
+    def _decode_rotation(self, tokens: torch.Tensor, caches: list[LayerCache] | None):
+        """For a decode step (one token per row, with caches): the RoPE factors of the new tokens'
+        positions, computed once for all S / W layers (all built from this config: the same rotary
+        settings, and their caches hold the same lengths) instead of once per layer. None otherwise."""
+        if caches is None or tokens.shape[1] != 1:
+            return None
+        for block, cache in zip(self.blocks, caches, strict=True):
+            if block.takes_rotation:
+                return block.mixer.rotary.rotation(cache.lengths[:, None])  # (B, 1, 1, head_dim) each
+        return None
 
     def generate(self, *args, **kwargs):
         """Prefill + cached decode; see :func:`attnlab.generate.generate`."""

@@ -140,9 +140,9 @@ class SoftmaxAttention(nn.Module):
         return self
 
     # ------------------------------------------------------------------ projections
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rotation=None):
         """x [B, T, d] and positions int64 [B, T] or [T] -> q [B,T,H,D], k, v [B,T,H_kv,D], gate
-        [B,T,H,D] or None."""
+        [B,T,H,D] or None. ``rotation``: ``self.rotary.rotation(positions)`` if already computed."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         fused = self.qkv.weight()
@@ -150,7 +150,7 @@ class SoftmaxAttention(nn.Module):
             # one matmul whose q and k heads are adjacent: RoPE reads them as one tensor, no copy
             qk, v = F.linear(x, fused).view(B, T, H + 2 * Hkv, D).split((H + Hkv, Hkv), dim=2)
             if self.rotary is not None:
-                qk = self.rotary.rotate(qk, positions)  # (B, T, H + H_kv, D)
+                qk = self._rotate(qk, positions, rotation)  # (B, T, H + H_kv, D)
             q, k = qk.split((H, Hkv), dim=2)  # (B, T, H|H_kv, D)
             return q, k, v, None
         q, k, v = self.qkv(x)  # (B, T, H*D or H*2D), (B, T, H_kv*D) twice
@@ -165,9 +165,14 @@ class SoftmaxAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             # q and k heads rotated together: one set of RoPE ops per layer (decode runs each op once)
-            qk = self.rotary.rotate(torch.cat((q, k), dim=2), positions)  # (B, T, H + H_kv, D)
+            qk = self._rotate(torch.cat((q, k), dim=2), positions, rotation)  # (B, T, H + H_kv, D)
             q, k = qk.split((H, Hkv), dim=2)  # (B, T, H|H_kv, D)
         return q, k, v, gate
+
+    def _rotate(self, qk: torch.Tensor, positions: torch.Tensor, rotation) -> torch.Tensor:
+        if rotation is None:
+            return self.rotary.rotate(qk, positions)
+        return self.rotary.rotate(qk, rotation=rotation)
 
     def _out(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """o [B, T, H, D] -> [B, T, d_model]."""
@@ -176,8 +181,17 @@ class SoftmaxAttention(nn.Module):
         return self.o_proj(o.reshape(o.shape[0], o.shape[1], -1))  # (B, T, H * D) -> (B, T, d_model)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model]; see the layer contract for ``cache``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache | None = None,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model]; see the layer contract for ``cache``.
+
+        ``rotation``: for a decode step (T == 1 with a cache) the RoPE factors
+        ``self.rotary.rotation(cache.lengths[:, None])`` computed once per step for every layer of
+        the model (:class:`attnlab.model.HybridLM` does); None = computed here. Ignored otherwise."""
         check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
         B, T, _ = x.shape
         if cache is None:
@@ -189,20 +203,20 @@ class SoftmaxAttention(nn.Module):
             if not isinstance(cache, KVCache):
                 got = type(cache).__name__
                 raise ValueError(f"cache: expected a KVCache from this layer's new_cache, got {got}")
-            return self._forward_kv(x, cache)
+            return self._forward_kv(x, cache, rotation)
         if not isinstance(cache, SlidingKVCache):
             raise ValueError(
                 f"cache: expected a SlidingKVCache from this layer's new_cache, got {type(cache).__name__}"
             )
-        return self._forward_ring(x, cache)
+        return self._forward_ring(x, cache, rotation)
 
-    def _forward_kv(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _forward_kv(self, x: torch.Tensor, cache: KVCache, rotation=None) -> torch.Tensor:
         B, T, _ = x.shape
         max_len = cache.k.shape[1]
         _check_room(cache, T, max_len)
         if T == 1:
             pos = cache.lengths  # (B,)
-            q, k, v, gate = self._qkv(x, pos[:, None])
+            q, k, v, gate = self._qkv(x, pos[:, None], rotation)
             _write_slot(cache, pos, k, v)
             cache.lengths += 1  # pos is cache.lengths: now each row's token count, the keys to read
             k_all, v_all = cache.k.to(q.dtype), cache.v.to(q.dtype)
@@ -218,7 +232,7 @@ class SoftmaxAttention(nn.Module):
         cache.lengths += T
         return self._out(o, gate)
 
-    def _forward_ring(self, x: torch.Tensor, cache: SlidingKVCache) -> torch.Tensor:
+    def _forward_ring(self, x: torch.Tensor, cache: SlidingKVCache, rotation=None) -> torch.Tensor:
         B, T, _ = x.shape
         w, n = cache.window, cache.sink_tokens
         slots = cache.k.shape[1]
@@ -226,7 +240,7 @@ class SoftmaxAttention(nn.Module):
             _check_room(cache, T, cache.max_len)
         if T == 1:
             pos = cache.lengths  # (B,)
-            q, k, v, gate = self._qkv(x, pos[:, None])
+            q, k, v, gate = self._qkv(x, pos[:, None], rotation)
             _write_slot(cache, _ring_slot(pos, w, n), k, v)
             cache.lengths += 1  # pos is cache.lengths: now each row's token count
             n_valid = torch.clamp(cache.lengths, max=w + n)

@@ -195,15 +195,32 @@ class RotaryEmbedding(nn.Module):
             self.rot_freq = self._rot_freq_fp32.to(device=self.rot_freq.device)
         return self
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``apply_rope(x, *self(positions))`` (rotate-half, partial) in seven ops: x [B, T, H, head_dim]
-        of any float dtype; positions int64 [B, T] or [T]. Float32 inside, returned in ``x.dtype``."""
+    def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`rotate` multiplies by at int64 positions [B, T] (or [T]): (cos, sin), float32
+        [B, T, 1, head_dim] (or [T, 1, head_dim]), sin signed for rotate-half, 1 / 0 on unrotated dims.
+        Layers with the same rotary settings can share one per step (three ops)."""
+        if self.head_dim is None:
+            raise ValueError("rotation: this RotaryEmbedding was built without head_dim")
+        check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
+        angles = (positions[..., None] * self.rot_freq).unsqueeze(-2)  # (B, T, 1, head_dim) float32
+        return angles.cos(), angles.sin()
+
+    def rotate(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``apply_rope(x, *self(positions))`` (rotate-half, partial) in seven ops, or four given
+        ``rotation = self.rotation(positions)``: x [B, T, H, head_dim] of any float dtype. Float32
+        inside, returned in ``x.dtype``."""
         if self.head_dim is None:
             raise ValueError("rotate: this RotaryEmbedding was built without head_dim")
         check_tensor("x", x, 4, "[B, T, H, head_dim]", shape=(None, None, None, self.head_dim))
-        check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
-        angles = (positions[..., None] * self.rot_freq).unsqueeze(-2)  # (B, T, 1, head_dim) float32
-        rot = torch.addcmul(x * angles.cos(), x.index_select(-1, self.rot_partner), angles.sin())
+        if (positions is None) == (rotation is None):
+            raise ValueError("rotate: pass exactly one of positions and rotation")
+        cos, sin = self.rotation(positions) if rotation is None else rotation
+        rot = torch.addcmul(x * cos, x.index_select(-1, self.rot_partner), sin)
         return rot.to(x.dtype)  # (B, T, H, head_dim)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
