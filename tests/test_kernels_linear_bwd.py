@@ -100,6 +100,13 @@ def test_interp_strong_gates(op):
 
 
 @interp
+def test_interp_kda_gate_falls_past_span_within_chunk():
+    """KDA log-gate ≈ −2 per token: over a chunk the gate falls by > DIAG_SPAN (no chunk-wide factor),
+    over a 16-token sub-chunk by less (the sub-chunk factoring, no elementwise blocks)."""
+    check("kda", make_inputs("kda", 1, 70, 2, 2, 16, 24, gate=(-2.5, -1.5), seed=5), gate_tol=1e-4)
+
+
+@interp
 @pytest.mark.parametrize("op", OPS)
 def test_interp_extreme_gates_stay_finite(op):
     """Log-gate −40 per token: decays underflow to 0, nothing overflows. The true dg is ~1e-18
@@ -208,6 +215,32 @@ def test_interp_backward_launches_do_not_grow_with_t(op, monkeypatch):
     assert counts[0][0] == 4, counts  # forward recompute (prepare, state, output) + the dS sweep
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(INTERPRETED, reason="no Triton kernel here; runs once, outside the interpreter run")
+@pytest.mark.parametrize("products", ["scalar", "channel"])
+def test_chunk_terms_trace_whole_for_torch_compile(products):
+    """On CUDA the backward runs _chunk_terms through torch.compile (fullgraph, dynamic shapes).
+    Here: it traces without a graph break (AOT autograd, eager kernels) at two chunk counts and
+    gives the eager outputs and gradients."""
+    from attnlab.kernels.linear_bwd import _chunk_terms
+
+    compiled = torch.compile(_chunk_terms, backend="aot_eager", dynamic=True, fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    for n in (2, 3):
+        q, v = torch.randn(n, 2, 64, 24, generator=gen), torch.randn(n, 2, 64, 40, generator=gen)
+        k = torch.nn.functional.normalize(torch.randn(n, 2, 64, 24, generator=gen), dim=-1)
+        g = -torch.rand(n, 2, 64, *([24] if products == "channel" else []), generator=gen)
+        beta, S = torch.rand(n, 2, 64, generator=gen), torch.randn(n, 2, 24, 40, generator=gen)
+        results = []
+        for fn in (_chunk_terms, compiled):
+            xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+            outs = fn(*xs, S, 0.2, products)
+            loss = sum((o * torch.cos(torch.arange(o.numel()).view(o.shape) * 0.1)).sum() for o in outs)
+            results.append((outs, torch.autograd.grad(loss, xs)))
+        for a, r in zip(results[1][0] + results[1][1], results[0][0] + results[0][1], strict=True):
+            assert rel_err(a, r) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU (the device machine)
 
@@ -242,6 +275,25 @@ def test_gpu_gradients_bf16(op, t, poisoned):
 def test_gpu_gradients_strong_gates(op, poisoned):
     check(op, make_inputs(op, 1, 300, 4, 4, 128, 128, gate=(-5.5, -5.0), seed=8), tol=1e-4, gate_tol=1e-2,
           device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_compiled_terms_equal_eager(op, monkeypatch):
+    """The torch.compile'd per-chunk terms give the eager gradients, and compiling did not fail
+    (a failure falls back to eager with a warning and clears linear_bwd.COMPILE)."""
+    from attnlab.kernels import linear_bwd
+
+    xs = make_inputs(op, 2, 300, 4, 2, 64, 64, seed=12)
+    gen = torch.Generator().manual_seed(1)
+    do, dS = torch.randn(2, 300, 4, 64, generator=gen), torch.randn(2, 4, 64, 64, generator=gen)
+    cuda = [x.cuda() for x in xs]
+    _, compiled = grads(op, cuda, do.cuda(), dS.cuda(), "triton")
+    assert linear_bwd.COMPILE, "torch.compile of the per-chunk terms failed (see the warning)"
+    monkeypatch.setattr(linear_bwd, "COMPILE", False)
+    _, eager = grads(op, cuda, do.cuda(), dS.cuda(), "triton")
+    for a, r in zip(compiled, eager, strict=True):
+        assert rel_err(a, r) < 1e-5
 
 
 @pytest.mark.gpu

@@ -29,18 +29,26 @@ the same split into a state-gradient sweep and per-chunk gradients):
 The states S_c are recomputed by the forward kernels (three launches; nothing is kept from the
 forward but its inputs). The backward is a fixed sequence of launches whatever T is: those three,
 one sequential kernel, and the batched PyTorch ops with their autograd backward (no loop over
-chunks in Python). Packed sequences (cu_seqlens) use the same code: the chunks are gathered per
-sequence by an index table, and the sequential kernel walks each sequence's own chunk range.
+chunks in Python; ~190 ops, counted in the tests). On CUDA the batched expression
+(``_chunk_terms``) goes through ``torch.compile`` (``COMPILE``), which fuses its elementwise chains
+in the forward and the backward; a compiler failure warns once and falls back to eager. Packed
+sequences (cu_seqlens) use the same code: the chunks are gathered per sequence by an index table,
+and the sequential kernel walks each sequence's own chunk range.
 
-Per-channel gates: Σ_d k_id k_jd e^{G_id − G_jd} is factored through the first token r of row i's
-16-token sub-chunk, e^{G_i − G_r} · e^{G_r − G_j}, as the forward does. Both factors are ≤ 1 for
-j < r; inside the sub-chunk the second is ≤ e^{DIAG_SPAN}. A sub-chunk whose gate falls further
-than that is recomputed elementwise (the exponent masked before exp), so no factor overflows.
+Per-channel gates: Σ_d k_id k_jd e^{G_id − G_jd} is factored through the chunk's first token,
+e^{G_i − G_0} · e^{G_0 − G_j}, when no channel's gate falls by more than DIAG_SPAN over any chunk
+(the second factor is then ≤ e^{DIAG_SPAN}, finite; one matmul per chunk). Otherwise through the
+first token r of row i's 16-token sub-chunk, as the forward does: both factors are ≤ 1 for j < r,
+inside the sub-chunk the second is ≤ e^{DIAG_SPAN}, and a sub-chunk whose gate falls further than
+that is recomputed elementwise (the exponent masked before exp), so no factor overflows.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -93,34 +101,33 @@ def _dstate_kernel(
 
 
 def _chunk_layout(b: int, t: int, cu_seqlens: torch.Tensor | None, device: torch.device):
-    """Token index of every chunk row and each sequence's first chunk.
+    """Which tokens fill the chunk rows, and each sequence's first chunk.
 
-    Returns (tok int64 [N_chunks · C], index into the flattened [B·T] token axis, or B·T for the
-    padding rows past a sequence's end; chunk_start int32 [N_seq + 1])."""
-    rows = torch.arange(CHUNK, device=device)
+    Returns (tok, chunk_start int32 [N_seq + 1]). tok is None for a dense batch (chunk rows are
+    tokens in order, zero-padded at each sequence's end); for a packed batch it is int64
+    [N_chunks · C], an index into the flattened [T] token axis, or T for padding rows."""
     if cu_seqlens is None:
         n = triton.cdiv(t, CHUNK)
-        pos = torch.arange(n, device=device)[:, None] * CHUNK + rows  # (N, C) position in the sequence
-        tok = torch.arange(b, device=device)[:, None, None] * t + pos  # (B, N, C)
-        tok = torch.where(pos < t, tok, b * t)
-        start = torch.arange(b + 1, device=device, dtype=torch.int32) * n
+        return None, torch.arange(b + 1, device=device, dtype=torch.int32) * n
+    idx, offsets = _chunk_tables(cu_seqlens, CHUNK)  # (N_chunks, 2): sequence, chunk within it
+    idx = idx.long()
+    bos, eos = cu_seqlens[idx[:, 0]].long(), cu_seqlens[idx[:, 0] + 1].long()
+    tok = bos[:, None] + idx[:, 1:] * CHUNK + torch.arange(CHUNK, device=device)  # (N_chunks, C)
+    tok = torch.where(tok < eos[:, None], tok, t)
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    total = offsets.new_tensor([sum(-(-n // CHUNK) for n in lens)])
+    return tok.reshape(-1), torch.cat([offsets, total])
+
+
+def _to_chunks(x: torch.Tensor, tok: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, H, ...] -> float32 [N_chunks, H, C, ...], padding rows zero (see _chunk_layout)."""
+    b, t = x.shape[:2]
+    if tok is None:
+        pad = triton.cdiv(t, CHUNK) * CHUNK - t
+        y = F.pad(x, [0, 0] * (x.dim() - 2) + [0, pad])  # (B, N·C, H, ...)
     else:
-        idx, offsets = _chunk_tables(cu_seqlens, CHUNK)  # (N_chunks, 2): sequence, chunk in it
-        idx = idx.long()
-        bos, eos = cu_seqlens[idx[:, 0]].long(), cu_seqlens[idx[:, 0] + 1].long()
-        tok = bos[:, None] + idx[:, 1:] * CHUNK + rows  # (N_chunks, C)
-        tok = torch.where(tok < eos[:, None], tok, b * t)
-        n_chunks = offsets.new_tensor([sum(-(-int(x) // CHUNK) for x in (cu_seqlens[1:] - cu_seqlens[:-1]))])
-        start = torch.cat([offsets, n_chunks])
-    return tok.reshape(-1), start
-
-
-def _to_chunks(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """[B, T, H, ...] -> float32 [N_chunks, H, C, ...] through the row table (zero padding rows)."""
-    flat = x.reshape(-1, *x.shape[2:])  # (B·T, H, ...)
-    flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])  # (B·T + 1, H, ...)
-    y = flat[tok].float()  # (N_chunks·C, H, ...)
-    y = y.reshape(-1, CHUNK, *y.shape[1:])  # (N_chunks, C, H, ...)
+        y = F.pad(x.reshape(t, *x.shape[2:]), [0, 0] * (x.dim() - 2) + [0, 1])[tok]  # (N_chunks·C, H, ...)
+    y = y.reshape(-1, CHUNK, *x.shape[2:]).float()  # (N_chunks, C, H, ...)
     return y.transpose(1, 2)  # (N_chunks, H, C, ...)
 
 
@@ -134,9 +141,18 @@ def _gated_products_scalar(q, k, G):
 
 
 def _gated_products_channel(q, k, G):
-    """As :func:`_gated_products_scalar` for a per-channel gate G [N, H, C, K] (see the module
-    docstring: a factor through each sub-chunk's first row; steep sub-chunks elementwise).
-    Entries above the diagonal are arbitrary finite numbers (the caller masks them)."""
+    """As :func:`_gated_products_scalar` for a per-channel gate G [N, H, C, K], factored through
+    each chunk's first row, e^{G_i−G_0}·e^{G_0−G_j}: valid while no channel's gate falls by more
+    than DIAG_SPAN over a chunk (the caller checks). Entries above the diagonal are arbitrary."""
+    G0 = G[:, :, :1]  # (N, H, 1, K): the gate at each chunk's first row
+    k_cols = (k * (G0 - G).exp()).transpose(-1, -2)  # (N, H, K, C)
+    f = (G - G0).exp()  # (N, H, C, K), ≤ 1
+    return (q * f) @ k_cols, (k * f) @ k_cols
+
+
+def _gated_products_subchunk(q, k, G):
+    """As :func:`_gated_products_channel` for steeper gates: factored through the first row of each
+    16-token sub-chunk, and sub-chunks whose gate falls by more than DIAG_SPAN elementwise."""
     n, h, c, d = k.shape
     nb = c // SUB
     Gb = G.view(n, h, nb, SUB, d)
@@ -150,7 +166,7 @@ def _gated_products_channel(q, k, G):
     k_cols = (k[:, :, None] * e.exp()).transpose(-1, -2)  # (N, H, nb, K, C)
     aq = (q_rows @ k_cols).reshape(n, h, c, c)  # (N, H, C, C)
     ak = (k_rows @ k_cols).reshape(n, h, c, c)  # (N, H, C, C)
-    steep = (Gr - Gb).amax((-2, -1)) > DIAG_SPAN  # (N, H, nb)
+    steep = (Gr - Gb).detach().amax((-2, -1)) > DIAG_SPAN  # (N, H, nb)
     if bool(steep.any()):
         i_n, i_h, i_b = steep.nonzero(as_tuple=True)
         gs = Gb[i_n, i_h, i_b]  # (n_steep, SUB, K)
@@ -174,6 +190,49 @@ def _put_diag(a: torch.Tensor, where, blocks: torch.Tensor, nb: int) -> torch.Te
     return a6.reshape(n, h, c, c)
 
 
+def _chunk_terms(q, k, v, g, beta, S, scale: float, products: str):
+    """The forward of every chunk at once, given the states S entering them.
+
+    q, k [N, H, C, K]; v [N, H, C, V]; g [N, H, C] (products "scalar") or [N, H, C, K] ("channel",
+    "subchunk"); beta [N, H, C]; S [N, H, K, V]; all float32. Returns (o, v', w, Kd, scale Q ⊙ Γ,
+    Aq, G_last [N, H, 1, 1 | K])."""
+    d_k = k.shape[-1]
+    G = g.cumsum(2)  # (N, H, C) or (N, H, C, K)
+    Gk = G[..., None] if products == "scalar" else G  # (N, H, C, 1 | K)
+    G_last = Gk[:, :, -1:]  # (N, H, 1, 1 | K); padding rows have g = 0
+    if products == "scalar":
+        aq, ak = _gated_products_scalar(q, k, G)
+    elif products == "channel":
+        aq, ak = _gated_products_channel(q, k, G)
+    else:
+        aq, ak = _gated_products_subchunk(q, k, G)
+    aq = aq.tril() * scale  # (N, H, C, C)
+    ak = ak.tril(-1) * beta[..., None]  # (N, H, C, C), row i carries β_i
+    kd = k * (G_last - Gk).exp()  # (N, H, C, K)
+    gam = Gk.exp()  # (N, H, C, 1 | K)
+    qg = q * (gam * scale)  # (N, H, C, K)
+    bcol = beta[..., None]  # (N, H, C, 1)
+    rhs = torch.cat([k * (gam * bcol), v * bcol], -1)  # (N, H, C, K + V)
+    wu = torch.linalg.solve_triangular(ak, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
+    w, u = wu[..., :d_k], wu[..., d_k:]
+    vn = u - w @ S  # (N, H, C, V)
+    o = qg @ S + aq @ vn  # (N, H, C, V)
+    return o, vn, w, kd, qg, aq, G_last
+
+
+COMPILE = True  # on CUDA, torch.compile _chunk_terms (fuses its elementwise chains, forward and backward)
+_compiled = None
+
+
+def _terms_fn(compile_it: bool):
+    global _compiled
+    if not (compile_it and COMPILE):
+        return _chunk_terms
+    if _compiled is None:
+        _compiled = torch.compile(_chunk_terms, dynamic=True, fullgraph=True)
+    return _compiled
+
+
 def delta_rule_backward(
     gate: int,
     q: torch.Tensor,
@@ -194,12 +253,11 @@ def delta_rule_backward(
     do [B, T, H, V]; dht float32 [N, H, K, V] or None (N sequences: B, or cu_seqlens int32 [N + 1]
     with B = 1). The inputs as the forward got them (contiguous, fp16/bf16/fp32).
     Returns (dq, dk, dv, dg, dbeta, dh0 float32 [N, H, K, V] or None), each in its input's dtype."""
-    b, t, hk, d_k = q.shape
-    h, d_v = v.shape[2], v.shape[3]
+    b, t = q.shape[:2]
     dev = q.device
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
     tok, start = _chunk_layout(b, t, cu_seqlens, dev)
-    n_chunks = tok.numel() // CHUNK if t > 0 else 0
+    n_chunks = int(start[-1]) if t > 0 else 0
     if n_chunks == 0:
         zeros = [torch.zeros_like(x) for x in (q, k, v, g, beta)]
         dh0 = None
@@ -211,7 +269,34 @@ def delta_rule_backward(
     with torch.no_grad():
         _, _, states = _forward(q, k, v, g, beta, None, scale, initial_state, False, cu_seqlens, gate)
     S = states[:n_chunks].float()  # (N_chunks, H, K, V)
+    del states
+    products = "scalar"
+    if gate == 2:
+        with torch.no_grad():
+            G = _to_chunks(g, tok).cumsum(2)  # (N_chunks, H, C, K)
+            steep = float((G[:, :, :1] - G).amax()) > DIAG_SPAN
+            del G
+        products = "subchunk" if steep else "channel"
+    args = (q, k, v, g, beta, S, scale, do, dht, tok, start, n_seq, need_dh0, products)
+    terms = _terms_fn(q.is_cuda and products != "subchunk")
+    if terms is _chunk_terms:
+        return _chunk_grads(_chunk_terms, *args)
+    try:
+        return _chunk_grads(terms, *args)
+    except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the gradient; say so once
+        global COMPILE
+        COMPILE = False
+        warnings.warn(f"attnlab.kernels.linear_bwd: torch.compile of the per-chunk terms failed "
+                      f"({type(e).__name__}: {str(e)[:200]}); using eager PyTorch from now on", stacklevel=2)
+        return _chunk_grads(_chunk_terms, *args)
 
+
+def _chunk_grads(terms, q, k, v, g, beta, S, scale, do, dht, tok, start, n_seq, need_dh0, products):
+    """Steps 2-4 of the backward (see the module docstring) with `terms` = _chunk_terms, compiled or not."""
+    hk, d_k = q.shape[2:]
+    h, d_v = v.shape[2:]
+    dev = q.device
+    n_chunks = S.shape[0]
     # 2. the per-chunk quantities, batched over chunks, on an autograd graph
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
     with torch.enable_grad():
@@ -219,23 +304,7 @@ def delta_rule_backward(
         if hk != h:  # each key head serves h // hk consecutive value heads
             q_ = q_.repeat_interleave(h // hk, dim=1)  # (N_chunks, H, C, K)
             k_ = k_.repeat_interleave(h // hk, dim=1)  # (N_chunks, H, C, K)
-        G = g_.cumsum(2)  # (N_chunks, H, C) or (N_chunks, H, C, K)
-        Gk = G[..., None] if gate == 1 else G  # (N_chunks, H, C, 1 | K)
-        G_last = Gk[:, :, -1:]  # (N_chunks, H, 1, 1 | K); padding rows have g = 0
-        if gate == 1:
-            aq, ak = _gated_products_scalar(q_, k_, G)
-        else:
-            aq, ak = _gated_products_channel(q_, k_, G)
-        aq = aq.tril() * scale  # (N_chunks, H, C, C)
-        ak = ak.tril(-1) * beta_[..., None]  # (N_chunks, H, C, C), row i carries β_i
-        kd = k_ * (G_last - Gk).exp()  # (N_chunks, H, C, K)
-        qg = q_ * (Gk.exp() * scale)  # (N_chunks, H, C, K)
-        bcol = beta_[..., None]  # (N_chunks, H, C, 1)
-        rhs = torch.cat([k_ * (Gk.exp() * bcol), v_ * bcol], -1)  # (N_chunks, H, C, K + V)
-        wu = torch.linalg.solve_triangular(ak, rhs, upper=False, unitriangular=True)  # (I + A)⁻¹ rhs
-        w, u = wu[..., :d_k], wu[..., d_k:]
-        vn = u - w @ S  # (N_chunks, H, C, V)
-        o = qg @ S + aq @ vn  # (N_chunks, H, C, V)
+        o, vn, w, kd, qg, aq, G_last = terms(q_, k_, v_, g_, beta_, S, scale, products)
 
     # 3. the state gradients, sequentially from the last chunk
     do_ = _to_chunks(do, tok)  # (N_chunks, H, C, V)
