@@ -98,6 +98,18 @@ class DeltaRuleMixer(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
         self.reset_gate_parameters()
 
+    def _apply(self, fn, recurse: bool = True):
+        # A_log and dt_bias stay float32 when the model is cast to 16 bits, as Lightning's decay rates
+        # do: a decay compounded over thousands of tokens wants its float32 value (a 16-bit checkpoint's
+        # values convert exactly), and the decode step then casts neither (two kernels per layer)
+        kept = {name: getattr(self, name).data for name in ("A_log", "dt_bias")}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            p = getattr(self, name)
+            if before.dtype == torch.float32 and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = before.to(device=p.device)
+        return self
+
     @torch.no_grad()
     def reset_gate_parameters(self) -> None:
         """Mamba-2 / fla initialisation: A uniform in ``a_init_range``; dt = softplus(dt_bias)
