@@ -41,11 +41,14 @@ from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile,
 # registers), "scan" pass 2 (BLOCK state elements per program). A segment is chosen so that pass 3
 # has about programs_per_sm programs per SM, and is never shorter than min_segment tokens (each
 # segment costs a state written, scanned and read: ~4 x 64 KB per head at D = 128).
+# Defaults from `benchmarks/linear_gpu.py --sweep segmented` on an H200 (Triton 3.6, B=1, H=16,
+# D=128, bf16, 2026-11-26): 0.181 / 0.613 / 2.427 ms at T = 16K / 64K / 256K (fla 0.244 / 0.903 /
+# 3.554 ms in the same run; the first defaults, 2 stages and 2 programs per SM, 0.212 / 0.896 / 3.479).
 TUNING: dict[str, dict[str, int]] = {
-    "state": {"BV": 64, "num_warps": 4, "num_stages": 2},
-    "output": {"BV": 64, "num_warps": 4, "num_stages": 2},
+    "state": {"BV": 64, "num_warps": 4, "num_stages": 3},
+    "output": {"BV": 64, "num_warps": 4, "num_stages": 3},
     "scan": {"BLOCK": 1024, "num_warps": 4},
-    "segments": {"programs_per_sm": 2, "min_segment": 256},
+    "segments": {"programs_per_sm": 3, "min_segment": 256},
 }
 SEGMENT_LEN: int | None = None  # tests force a segment length (a multiple of CHUNK) here
 CPU_SEGMENT_LEN = 2 * CHUNK  # under the interpreter: short segments, so several are exercised

@@ -92,10 +92,11 @@ TUNING: dict[str, dict[str, int]] = {
     # the indexer for one query row per batch row (decode): more, lighter programs. H200, 1M keys,
     # 64 heads of 128: 0.082 ms (3.3 TB/s of keys read) vs 0.174 ms with the prefill shape
     "index_decode": {"BLOCK_T": 1, "BLOCK_S": 64, "S_CHUNK": 4096, "num_warps": 4, "num_stages": 4},
-    # dense decode with few query heads per latent (G <= 16, e.g. DeepSeek-V3's 128 heads over
-    # 8-way tensor parallelism): memory-bound, so narrow head blocks and 4 warps. H200, B = 32,
-    # 16 heads: 95% of copy bandwidth at 32K, 100% at 128K (the 64-head shape: 70%, 68%)
-    "decode_narrow": {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "DVB": 1, "SHARE_QK": 0},
+    # dense decode with few query heads per latent (G <= 32, e.g. DeepSeek-V3's 128 heads over
+    # 8- or 4-way tensor parallelism): memory-bound, so narrow head blocks and 4 warps. H200, B = 32,
+    # 32K latents: 16 heads 95-96% of copy bandwidth (101% at 128K), 32 heads 73%; the 64-head
+    # shape gave 70% and 40%
+    "decode_narrow": {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "DVB": 1, "SHARE_QK": 0},
 }
 # Tried in order after TUNING[...] when a launch shape does not compile (out of shared memory or
 # registers on another GPU or Triton version): the previous default (16 slots, 3 stages, 131 KB).
@@ -775,7 +776,7 @@ def _attend(
     row64 = FORCE_ROW64 or max(n_rows * k.stride(1), v.shape[1] * v.stride(1)) + D >= 2**31
     if q.dtype == torch.float32 and q.is_cuda and not _INTERPRET:
         tuning = "fp32"
-    elif tuning == "decode" and q.shape[2] // k.shape[2] <= 16:
+    elif tuning == "decode" and q.shape[2] // k.shape[2] <= 32:
         tuning = "decode_narrow"
     last_error = None
     for cfg in _launch_configs(tuning):
