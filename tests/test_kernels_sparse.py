@@ -755,10 +755,10 @@ def test_gpu_topk_cuda_graph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("h", [16, 128])
+@pytest.mark.parametrize("h", [16, 32, 128])
 def test_gpu_mla_decode_heads_and_pages(h):
-    """MLA decode at 16 heads (memory-bound, one 16-head block) and 128 (two 64-head blocks on the
-    SHARE_QK path), dense and paged with 64-slot pages (one table read per block), ragged rows."""
+    """MLA decode at 16 and 32 heads (memory-bound: the narrow "decode_narrow" launch shape) and 128
+    (two 64-head blocks), dense and paged with 64-slot pages (one table read per block), ragged rows."""
     from attnlab.kernels import sparse as ks
 
     b, s = 3, 5000
