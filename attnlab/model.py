@@ -54,12 +54,13 @@ class Block(nn.Module):
         self.takes_rotation = isinstance(self.mixer, SoftmaxAttention) and self.mixer.rotary is not None
 
     def _residual(self, h: torch.Tensor, x: torch.Tensor, f: torch.Tensor, alpha: float, beta: float):
+        """alpha * (x if postnorm else h) + beta * f, in one op unless both scales differ from 1."""
         r = x if self.postnorm else h
-        if alpha != 1.0:
-            r = r * alpha
-        if beta != 1.0:
-            f = f * beta
-        return r + f
+        if alpha == 1.0:
+            return torch.add(r, f, alpha=beta)
+        if beta == 1.0:
+            return torch.add(f, r, alpha=alpha)
+        return torch.add(r * alpha, f, alpha=beta)
 
     def forward(self, h: torch.Tensor, cache: LayerCache | None = None, rotation=None) -> torch.Tensor:
         """h [B, T, d_model] -> [B, T, d_model]. ``rotation``: a decode step's shared RoPE factors
@@ -69,7 +70,9 @@ class Block(nn.Module):
         f = self.mixer(x, cache, rotation) if shared else self.mixer(x, cache)
         h = self._residual(h, x, f, self.mixer_alpha, self.mixer_beta)
         x = self.mlp_norm(h)
-        return self._residual(h, x, self.mlp(x), self.mlp_alpha, self.mlp_beta)
+        # h and x are this block's own tensors: the MLP may add its output into the residual in place
+        r = x if self.postnorm else h
+        return self.mlp(x, residual=r, residual_scale=self.mlp_alpha, scale=self.mlp_beta)
 
 
 class HybridLM(nn.Module):

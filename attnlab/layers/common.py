@@ -354,10 +354,31 @@ class SwiGLU(nn.Module):
         self.gate_up.refuse()  # .to() / .half() gave each weight new storage
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_model] -> [..., d_model]."""
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, residual_scale: float = 1.0,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """x [..., d_model] -> [..., d_model]: ``mlp(x)``, or with ``residual`` (same shape)
+        ``residual * residual_scale + mlp(x) * scale``.
+
+        With ``residual`` and no gradient wanted, the sum is accumulated INTO ``residual`` by the down
+        projection's matmul (``addmm_``: one kernel instead of a matmul and an add, one rounding
+        instead of two) and ``residual`` is returned: pass a tensor you own."""
         gate, up = self.gate_up(x)  # (..., d_ff) each
-        return self.down_proj(F.silu(gate) * up)
+        a = F.silu(gate) * up  # (..., d_ff)
+        w = self.down_proj.weight
+        if residual is None:
+            return F.linear(a, w)
+        in_place = (
+            not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and residual.dtype == a.dtype == w.dtype and residual.is_contiguous()
+        )
+        if not in_place:
+            return torch.add(residual * residual_scale if residual_scale != 1.0 else residual,
+                             F.linear(a, w), alpha=scale)
+        d = residual.shape[-1]
+        residual.view(-1, d).addmm_(a.reshape(-1, a.shape[-1]), w.t(), beta=residual_scale, alpha=scale)
+        return residual
 
 
 # ----------------------------------------------------------------------------- short conv
