@@ -53,6 +53,7 @@ DIAG_SPAN: tl.constexpr = tl.constexpr(60.0)  # see _diag_block
 L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-Next) do
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
 LIGHTNING_SEGMENTED = True  # Lightning forward: kernels/lightning_fwd.py (False: the kernels below)
+DELTA_SEGMENTED = True  # GDN/KDA state pass: kernels/delta_segments.py (False: _state_kernel)
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -784,14 +785,20 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
                 num_warps=PREP_TUNING["vector" if gate == 2 else "scalar"]["num_warps"],
             )
     kind = ("lightning", "scalar", "vector")[gate]
-    cfg = TUNING[kind]
-    bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
-    _state_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-        k, v, kd, u, w, gcum, slope if slope is not None else o, states, vn, h0, ht, cu, offsets, t,
-        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate,
-        USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=varlen,
-        DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    if gate != 0 and DELTA_SEGMENTED:  # the same outputs from segment-parallel launches
+        from .delta_segments import state_pass
+
+        state_pass(w, u, kd, gcum, gate, h0 if initial_state is not None else None, cu_seqlens, states, vn,
+                   ht if output_final_state else None)
+    else:
+        cfg = TUNING[kind]
+        bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
+        _state_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+            k, v, kd, u, w, gcum, slope if slope is not None else o, states, vn, h0, ht, cu, offsets, t,
+            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate,
+            USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=varlen,
+            DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     cfg = OUT_TUNING[kind]
     bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
     if n_chunks > 0:

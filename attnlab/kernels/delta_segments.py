@@ -1,0 +1,323 @@
+"""Segment-parallel state pass of the chunked delta-rule forward (Gated DeltaNet and KDA; issue #8).
+
+:func:`attnlab.kernels.linear._forward` runs the delta rule in three launches; the middle one,
+``_state_kernel``, walks all chunks of a sequence in one program per (sequence, head, 16-column
+D_v block), a chain of T / 64 dependent steps on ~H · D_v / 16 programs (≈ 1 per SM at H = 16).
+This module replaces that launch (``linear.DELTA_SEGMENTED``) with three that cut the sequence
+into segments of L tokens (a multiple of the chunk), using that the chunk step is affine in the
+state. With γ_c the decay over chunk c (GDN: the scalar e^{G_last}; KDA: the vector e^{G_last}
+over key channels), w, u, kd the prepare kernel's outputs (kd = k decayed to the chunk end), and
+the state kernel's exact order (store h, v' = u − w S, S ← Diag(γ) S, S += kdᵀ v'):
+
+    S_c = Diag(γ_c) S_{c−1} + kd_cᵀ (u_c − w_c S_{c−1}) = M_c S_{c−1} + B_c,
+    M_c = Diag(γ_c) − kd_cᵀ w_c   [D_k, D_k],        B_c = kd_cᵀ u_c   [D_k, D_v].
+
+1. ``_transition_kernel`` (parallel over sequence, head, non-last segment, BX-column block of
+   [M | B]): composes the segment's transition, X ← M_c X chunk by chunk from X = [I | 0] (for B's
+   columns the update is X ← Diag(γ) X + kdᵀ(u − w X), i.e. the state pass from a zero state).
+   Columns evolve independently, so they split like the state kernel's D_v blocks. Written float32,
+   M_seg into [slots, H, D_k, D_k], B_seg into [slots, H, D_k, D_v], at the next segment's slot.
+2. ``_scan_kernel`` (sequential over segments, parallel over sequence, head, D_v block):
+   S_in[s+1] = M_seg[s] S_in[s] + B_seg[s] from S_in[0] = the initial state, in place in the B
+   slots; a sequence without tokens writes its final state here.
+3. ``_segment_state_kernel`` (parallel over sequence, head, segment, D_v block): the state
+   kernel's loop over one segment's chunks, from S_in: writes the state entering every chunk and
+   v' (the output kernel reads both, unchanged), and the last segment the final state.
+
+The two-level scan is the usual parallel-prefix form of a linear recurrence (Blelloch 1990); the
+same split of fla's ``chunk_gated_delta_rule_fwd_h`` over segments. Pass 1 does (D_k + D_v) / D_v
+= 2x the state kernel's matrix work (at D_k = D_v), pass 3 1x, but both on ~L/64-step chains:
+the point is to trade work for parallelism. Nothing overflows: the decays are products of gates
+≤ 1, and M_c is a contraction for |k| = 1, β ∈ [0, 1]. Products take the input dtype on the tensor
+cores with float32 accumulation, exactly as the state kernel (which rounds S for w S likewise);
+pass 2's [D_k, D_k] x [D_k, BV] products take TUNING["scan"]["precision"] (float32 inputs: "ieee").
+
+Packed batches (``cu_seqlens``) are supported: segments never cross a sequence (the host-built
+segment tables of :mod:`.lightning_fwd`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .lightning_fwd import _segment_of, _segment_tables, _sm_count
+from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile, _tile, _tl_dtype
+
+# Launch parameters; `benchmarks/linear_gpu.py --sweep delta_segmented` may override them.
+# "transition": pass 1 (BX columns of [M | B] per program); "scan": pass 2 (BV state columns per
+# program, BKK rows of S_in per product step, precision of those float32 products on 16-bit
+# inputs: "ieee" | "tf32x3" | "tf32"); "state": pass 3 (BV columns, as linear.TUNING's state kernel).
+# A segment is chosen so that pass 3 has about programs_per_sm programs per SM and is never shorter
+# than min_segment tokens (each segment costs a [D_k, D_k + D_v] float32 transition written, read
+# by pass 2, and a pass-1 chain of L / 64 steps). Untuned first guesses (no GPU run yet).
+TUNING: dict[str, dict] = {
+    "transition": {"BX": 32, "num_warps": 4, "num_stages": 3},
+    "scan": {"BV": 32, "BKK": 32, "num_warps": 4, "precision": "ieee"},
+    "state": {"BV": 16, "num_warps": 4, "num_stages": 3},
+    "segments": {"programs_per_sm": 4, "min_segment": 512},
+}
+SEGMENT_LEN: int | None = None  # tests force a segment length (a multiple of CHUNK) here
+CPU_SEGMENT_LEN = 2 * CHUNK  # under the interpreter: short segments, so several are exercised
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _decay_rows(X, G_p, last, rk, K: tl.constexpr, GATE: tl.constexpr, H: tl.constexpr):
+    """Diag(γ) X with γ = e^{G} at token `last` (GATE 1: one scalar; 2: one per key channel)."""
+    if GATE == 1:
+        return X * tl.exp(tl.load(G_p + last * H))
+    else:
+        return X * tl.exp(tl.load(G_p + last * H * K + rk, mask=rk < K, other=0.0))[:, None]
+
+
+@triton.jit
+def _transition_kernel(
+    w, u, kd, gcum, seg_m, seg_b, cu_seqlens, seg_table, nonlast, T, L, n_seg,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BX: tl.constexpr, NXK: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Pass 1: BX columns of [M_seg | B_seg] of one non-last segment, into the next slot.
+    Column blocks 0 .. NXK−1 are M's (from the identity), the rest B's (from zero)."""
+    i_x, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if IS_VARLEN:
+        slot = tl.load(nonlast + i_p)
+    else:
+        slot = (i_p // (n_seg - 1)) * n_seg + i_p % (n_seg - 1)
+    i_b, i_s = _segment_of(slot, n_seg, seg_table, IS_VARLEN)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    is_m = i_x < NXK
+    c0 = tl.where(is_m, i_x, i_x - NXK) * BX
+    n_u = tl.where(is_m, 0, n)  # M's columns see u = 0: every row of the u tile masked
+    rk = tl.arange(0, BK)
+    cols = c0 + tl.arange(0, BX)
+    X = tl.where(is_m & (rk[:, None] == cols[None, :]), 1.0, 0.0)  # [BK, BX] float32
+    w_p = w + (bos * H + i_h) * K
+    kd_p = kd + (bos * H + i_h) * K
+    u_p = u + (bos * H + i_h) * V
+    if GATE == 1:
+        G_p = gcum + bos * H + i_h
+    else:
+        G_p = gcum + (bos * H + i_h) * K
+    t_beg = i_s * L
+    n_ch = tl.cdiv(tl.minimum(n - t_beg, L), BT)  # a non-last segment is full: L // BT chunks
+    for i_t in range(0, n_ch):
+        t0 = t_beg + i_t * BT
+        n_in = tl.minimum(n - t0, BT)
+        b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
+        b_y = _tile(u_p, t0, n_u, H * V, c0, V, BT, BX).to(tl.float32) - _mm(b_w, X, DT, PREC)  # [BT, BX]
+        b_kd = _tile(kd_p, t0, n, H * K, 0, K, BT, BK)
+        X = _decay_rows(X, G_p, (t0 + n_in - 1).to(tl.int64), rk, K, GATE, H)
+        X += _mm(tl.trans(b_kd), b_y, DT, PREC)
+    dst = (slot + 1).to(tl.int64) * H + i_h
+    if is_m:
+        tl.store(seg_m + dst * K * K + rk[:, None] * K + cols[None, :], X,
+                 mask=(rk < K)[:, None] & (cols < K)[None, :])
+    else:
+        tl.store(seg_b + dst * K * V + rk[:, None] * V + cols[None, :], X,
+                 mask=(rk < K)[:, None] & (cols < V)[None, :])
+
+
+@triton.jit
+def _scan_kernel(
+    seg_m, seg_b, h0, ht, cu_seqlens, seg_offsets, T, L, n_seg,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BKK: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    SPREC: tl.constexpr,
+):
+    """Pass 2: B slot s ← S_in[s] (slot 0 the initial state; slot s > 0 held B_seg[s − 1], and
+    the M slot s M_seg[s − 1]). S_in[s] is re-read from memory BKK rows at a time for the product
+    (a register tile cannot be sliced by rows); the barrier orders this program's store and loads."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    ns = tl.cdiv(n, L)
+    if IS_VARLEN:
+        first = tl.load(seg_offsets + i_b).to(tl.int64)
+    else:
+        first = i_b.to(tl.int64) * n_seg
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    rkk = tl.arange(0, BKK)
+    mkv = (rk < K)[:, None] & (rv < V)[None, :]
+    kv = rk[:, None] * V + rv[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0 + i_bh.to(tl.int64) * K * V + kv, mask=mkv, other=0.0)
+    b_p = seg_b + (first * H + i_h) * K * V
+    m_p = seg_m + (first * H + i_h) * K * K
+    if ns > 0:
+        tl.store(b_p + kv, S, mask=mkv)
+    for _i_s in range(1, ns):
+        tl.debug_barrier()  # the rows of S_in[s − 1] stored above are read back below
+        prev = b_p
+        b_p += H * K * V  # 64-bit pointer steps
+        m_p += H * K * K
+        S = tl.load(b_p + kv, mask=mkv, other=0.0)  # B_seg[s − 1]
+        for i_k in range(0, tl.cdiv(K, BKK)):
+            r = i_k * BKK + rkk
+            b_m = tl.load(m_p + rk[:, None] * K + r[None, :], mask=(rk < K)[:, None] & (r < K)[None, :],
+                          other=0.0)  # [BK, BKK]
+            b_s = tl.load(prev + r[:, None] * V + rv[None, :], mask=(r < K)[:, None] & (rv < V)[None, :],
+                          other=0.0, cache_modifier=".cg")  # [BKK, BV]
+            S += tl.dot(b_m, b_s, input_precision=SPREC)
+        tl.store(b_p + kv, S, mask=mkv)
+    if STORE_HT:
+        if ns == 0:
+            tl.store(ht + i_bh.to(tl.int64) * K * V + kv, S, mask=mkv)
+
+
+@triton.jit
+def _segment_state_kernel(
+    w, u, kd, gcum, seg_b, h, vn, ht, cu_seqlens, seg_table, chunk_offsets, T, L, n_seg,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Pass 3: linear._state_kernel's loop (GATE 1, 2) over one segment's chunks, from S_in."""
+    i_v, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_s = _segment_of(i_p, n_seg, seg_table, IS_VARLEN)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    c0 = i_v * BV
+    rk = tl.arange(0, BK)
+    rv = c0 + tl.arange(0, BV)
+    mkv = (rk < K)[:, None] & (rv < V)[None, :]
+    kv = rk[:, None] * V + rv[None, :]
+    S = tl.load(seg_b + (i_p.to(tl.int64) * H + i_h) * K * V + kv, mask=mkv, other=0.0)
+    if IS_VARLEN:
+        c_first = tl.load(chunk_offsets + i_b).to(tl.int64)
+    else:
+        c_first = i_b.to(tl.int64) * tl.cdiv(T, BT)
+    h_p = h + ((c_first + i_s * (L // BT)) * H + i_h) * K * V
+    w_p = w + (bos * H + i_h) * K
+    kd_p = kd + (bos * H + i_h) * K
+    u_p = u + (bos * H + i_h) * V
+    vn_p = vn + (bos * H + i_h) * V
+    if GATE == 1:
+        G_p = gcum + bos * H + i_h
+    else:
+        G_p = gcum + (bos * H + i_h) * K
+    t_beg = i_s * L
+    n_ch = tl.cdiv(tl.minimum(n - t_beg, L), BT)
+    for i_t in range(0, n_ch):
+        t0 = t_beg + i_t * BT
+        n_in = tl.minimum(n - t0, BT)
+        tl.store(h_p + kv, S.to(h.dtype.element_ty), mask=mkv)
+        h_p += H * K * V  # 64-bit pointer steps (states pass 2^31 elements at ~1M tokens)
+        b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
+        b_vn = _tile(u_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32) - _mm(b_w, S, DT, PREC)
+        _store_tile(vn_p, b_vn, t0, n, H * V, c0, V, BT, BV)
+        b_kd = _tile(kd_p, t0, n, H * K, 0, K, BT, BK)
+        S = _decay_rows(S, G_p, (t0 + n_in - 1).to(tl.int64), rk, K, GATE, H)
+        S += _mm(tl.trans(b_kd), b_vn, DT, PREC)
+    if STORE_HT:
+        if t_beg + L >= n:  # the sequence's last segment
+            tl.store(ht + (i_b.to(tl.int64) * H + i_h) * K * V + kv, S, mask=mkv)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _block(b: int, d: int, d_k: int) -> int:
+    """Columns per program: the tuned width, at most 32 when D_k > 128 (a [D_k, b] float32 tile
+    and the [64, D_k] w, kd tiles must fit registers), at least 16, at most D rounded up."""
+    b = b if d_k <= 128 else min(b, 32)
+    return min(b, max(16, triton.next_power_of_2(d)))
+
+
+def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.device) -> int:
+    """Tokens per segment (a multiple of CHUNK) for n_tokens in all sequences and h value heads:
+    enough segments that pass 3 has TUNING["segments"]["programs_per_sm"] programs per SM, each
+    at least min_segment tokens. SEGMENT_LEN overrides; off CUDA, CPU_SEGMENT_LEN."""
+    if SEGMENT_LEN is not None:
+        if SEGMENT_LEN <= 0 or SEGMENT_LEN % CHUNK:
+            raise ValueError(f"SEGMENT_LEN: expected a positive multiple of {CHUNK}, got {SEGMENT_LEN}")
+        return SEGMENT_LEN
+    if device.type != "cuda":
+        return CPU_SEGMENT_LEN
+    seg = TUNING["segments"]
+    per_segment = h * triton.cdiv(d_v, _block(TUNING["state"]["BV"], d_v, d_k))
+    want = triton.cdiv(seg["programs_per_sm"] * _sm_count(device.index or 0), per_segment)
+    length = triton.cdiv(triton.cdiv(max(n_tokens, 1), want), CHUNK) * CHUNK
+    return max(length, triton.cdiv(seg["min_segment"], CHUNK) * CHUNK)
+
+
+def state_pass(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    kd: torch.Tensor,
+    gcum: torch.Tensor,
+    gate: int,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    states: torch.Tensor,
+    vn: torch.Tensor,
+    ht: torch.Tensor | None,
+) -> None:
+    """The delta rule's chunk-to-chunk pass, segment-parallel; fills what linear._state_kernel does.
+
+    w, kd: [B, T, H, D_k] and u: [B, T, H, D_v] in the input dtype (bf16 / fp16 / fp32), gcum: the
+    float32 within-chunk cumulative log-gate [B, T, H] (gate 1, GDN) or [B, T, H, D_k] (gate 2,
+    KDA), all from linear._prepare_kernel; initial_state: float32 [N, H, D_k, D_v] or None;
+    cu_seqlens: int32 [N + 1] with B = 1, or None (N = B). Writes, in place: states
+    [n_chunks, H, D_k, D_v] (the state entering each chunk, in the input dtype, chunks ordered as
+    linear._forward orders them), vn [B, T, H, D_v] (v' = u − w S), and ht float32
+    [N, H, D_k, D_v] (the final state) unless None."""
+    if gate not in (1, 2):
+        raise ValueError(f"gate: expected 1 (GDN) or 2 (KDA), got {gate}")
+    b, t, h, d_k = w.shape
+    d_v = u.shape[3]
+    dev = w.device
+    dt, prec = _tl_dtype(w.dtype), ("ieee" if w.dtype == torch.float32 else "tf32")
+    bk = max(16, triton.next_power_of_2(d_k))
+    varlen = cu_seqlens is not None
+    length = segment_length(b * t, h, d_k, d_v, dev)
+    if varlen:
+        n_seq = cu_seqlens.numel() - 1
+        table, firsts, nonlast, n_slots, n_nonlast = _segment_tables(cu_seqlens, length)
+        _, chunk_offsets = _chunk_tables(cu_seqlens, CHUNK)
+        n_seg, cu = 1, cu_seqlens  # n_seg unused: the kernels read the tables
+    else:
+        n_seq = b
+        n_seg = triton.cdiv(t, length)
+        n_slots, n_nonlast = b * n_seg, b * max(n_seg - 1, 0)
+        table = firsts = nonlast = chunk_offsets = cu = w  # any pointer; unused when not varlen
+    seg_m = _empty(max(n_slots, 1), h, d_k, d_k, dtype=torch.float32, device=dev)
+    seg_b = _empty(max(n_slots, 1), h, d_k, d_v, dtype=torch.float32, device=dev)
+    h0 = initial_state if initial_state is not None else seg_b
+    ht_ = ht if ht is not None else seg_b
+
+    cfg = TUNING["transition"]
+    bx = _block(cfg["BX"], max(d_k, d_v), d_k)
+    nxk = triton.cdiv(d_k, bx)
+    if n_nonlast > 0:
+        _transition_kernel[(nxk + triton.cdiv(d_v, bx), n_nonlast, h)](
+            w, u, kd, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
+            H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
+            DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    cfg = TUNING["scan"]
+    bv = _block(cfg["BV"], d_v, d_k)
+    sprec = "ieee" if w.dtype == torch.float32 else cfg["precision"]
+    _scan_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+        seg_m, seg_b, h0, ht_, cu, firsts, t, length, n_seg,
+        H=h, K=d_k, V=d_v, BK=bk, BV=bv, BKK=min(cfg["BKK"], bk), USE_H0=initial_state is not None,
+        STORE_HT=ht is not None, IS_VARLEN=varlen, SPREC=sprec, num_warps=cfg["num_warps"],
+    )
+    cfg = TUNING["state"]
+    bv = _block(cfg["BV"], d_v, d_k)
+    if n_slots > 0:
+        _segment_state_kernel[(triton.cdiv(d_v, bv), n_slots, h)](
+            w, u, kd, gcum, seg_b, states, vn, ht_, cu, table, chunk_offsets, t, length, n_seg,
+            H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
+            IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+
+__all__ = ["TUNING", "segment_length", "state_pass"]
