@@ -26,7 +26,9 @@ from .cache import CacheSpec, LayerCache
 from .config import SAVE_ID_KEY, ModelConfig
 from .layers import build_layer
 from .layers.attention import SoftmaxAttention
-from .layers.common import RMSNorm, SwiGLU
+from .layers.common import Residual, RMSNorm, SwiGLU
+from .layers.deltanet import DeltaRuleMixer
+from .layers.lightning import LightningAttention
 
 LINEAR_LETTERS = "LGK"  # recurrent mixers; the rest (S W M D) are softmax-family ("attn")
 
@@ -52,6 +54,8 @@ class Block(nn.Module):
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
         # S / W layers take the decode step's RoPE factors from the model (one set per step)
         self.takes_rotation = isinstance(self.mixer, SoftmaxAttention) and self.mixer.rotary is not None
+        # mixers whose output projection can add into the residual stream (all but MLA / DSA)
+        self.adds_residual = isinstance(self.mixer, (SoftmaxAttention, DeltaRuleMixer, LightningAttention))
 
     def _residual(self, h: torch.Tensor, x: torch.Tensor, f: torch.Tensor, alpha: float, beta: float):
         """alpha * (x if postnorm else h) + beta * f, in one op unless both scales differ from 1."""
@@ -62,17 +66,22 @@ class Block(nn.Module):
             return torch.add(f, r, alpha=alpha)
         return torch.add(r * alpha, f, alpha=beta)
 
-    def forward(self, h: torch.Tensor, cache: LayerCache | None = None, rotation=None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, cache: LayerCache | None = None, rotation=None, overwrite: bool = False
+    ) -> torch.Tensor:
         """h [B, T, d_model] -> [B, T, d_model]. ``rotation``: a decode step's shared RoPE factors
-        (see :meth:`HybridLM.forward`), passed to S / W mixers."""
+        (see :meth:`HybridLM.forward`), passed to S / W mixers. ``overwrite``: h is the caller's to
+        discard, so the mixer's output projection may add into it in place (HybridLM's hidden states);
+        the MLP always may (it adds into a tensor this block made)."""
         x = self.mixer_norm(h)
-        shared = rotation is not None and self.takes_rotation
-        f = self.mixer(x, cache, rotation) if shared else self.mixer(x, cache)
-        h = self._residual(h, x, f, self.mixer_alpha, self.mixer_beta)
-        x = self.mlp_norm(h)
-        # h and x are this block's own tensors: the MLP may add its output into the residual in place
         r = x if self.postnorm else h
-        return self.mlp(x, residual=r, residual_scale=self.mlp_alpha, scale=self.mlp_beta)
+        kwargs = {"rotation": rotation} if rotation is not None and self.takes_rotation else {}
+        if self.adds_residual and (self.postnorm or overwrite):
+            h = self.mixer(x, cache, residual=Residual(r, self.mixer_alpha, self.mixer_beta), **kwargs)
+        else:
+            h = self._residual(h, x, self.mixer(x, cache, **kwargs), self.mixer_alpha, self.mixer_beta)
+        x = self.mlp_norm(h)
+        return self.mlp(x, Residual(x if self.postnorm else h, self.mlp_alpha, self.mlp_beta))
 
 
 class HybridLM(nn.Module):
@@ -111,7 +120,7 @@ class HybridLM(nn.Module):
         h = self.embed(tokens)  # (B, T, d_model)
         rotation = self._decode_rotation(tokens, caches)
         for i, block in enumerate(self.blocks):
-            h = block(h, None if caches is None else caches[i], rotation)
+            h = block(h, None if caches is None else caches[i], rotation, overwrite=True)  # h is ours
         return self.lm_head(self.norm(h)).float()  # (B, T, vocab_size)
 
     def _decode_rotation(self, tokens: torch.Tensor, caches: list[LayerCache] | None):

@@ -22,7 +22,7 @@ from .. import ops
 from .._checks import check_tensor, in_graph
 from ..cache import CacheSpec, LayerCache
 from ..config import ModelConfig
-from .common import FusedLinears, RMSNorm, RotaryEmbedding
+from .common import FusedLinears, Residual, RMSNorm, RotaryEmbedding, project_out
 
 
 @dataclass
@@ -174,11 +174,13 @@ class SoftmaxAttention(nn.Module):
             return self.rotary.rotate(qk, positions)
         return self.rotary.rotate(qk, rotation=rotation)
 
-    def _out(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """o [B, T, H, D] -> [B, T, d_model]."""
+    def _out(
+        self, o: torch.Tensor, gate: torch.Tensor | None, residual: Residual | None = None
+    ) -> torch.Tensor:
+        """o [B, T, H, D] -> [B, T, d_model] (added into ``residual`` if given)."""
         if gate is not None:
             o = o * torch.sigmoid(gate)  # (B, T, H, D)
-        return self.o_proj(o.reshape(o.shape[0], o.shape[1], -1))  # (B, T, H * D) -> (B, T, d_model)
+        return project_out(self.o_proj, o.reshape(o.shape[0], o.shape[1], -1), residual)  # (B, T, d_model)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -186,8 +188,10 @@ class SoftmaxAttention(nn.Module):
         x: torch.Tensor,
         cache: LayerCache | None = None,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        residual: Residual | None = None,
     ) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model]; see the layer contract for ``cache``.
+        """x [B, T, d_model] -> [B, T, d_model]; see the layer contract for ``cache``. With
+        ``residual`` the output projection adds into it (:class:`attnlab.layers.common.Residual`).
 
         ``rotation``: for a decode step (T == 1 with a cache) the RoPE factors
         ``self.rotary.rotation(cache.lengths[:, None])`` computed once per step for every layer of
@@ -198,19 +202,19 @@ class SoftmaxAttention(nn.Module):
             positions = torch.arange(T, device=x.device)
             q, k, v, gate = self._qkv(x, positions)
             o = ops.softmax_attention(q, k, v, causal=True, window=self.window, sink_tokens=self.sink_tokens)
-            return self._out(o, gate)
+            return self._out(o, gate, residual)
         if self.window is None:
             if not isinstance(cache, KVCache):
                 got = type(cache).__name__
                 raise ValueError(f"cache: expected a KVCache from this layer's new_cache, got {got}")
-            return self._forward_kv(x, cache, rotation)
+            return self._forward_kv(x, cache, rotation, residual)
         if not isinstance(cache, SlidingKVCache):
             raise ValueError(
                 f"cache: expected a SlidingKVCache from this layer's new_cache, got {type(cache).__name__}"
             )
-        return self._forward_ring(x, cache, rotation)
+        return self._forward_ring(x, cache, rotation, residual)
 
-    def _forward_kv(self, x: torch.Tensor, cache: KVCache, rotation=None) -> torch.Tensor:
+    def _forward_kv(self, x: torch.Tensor, cache: KVCache, rotation=None, residual=None) -> torch.Tensor:
         B, T, _ = x.shape
         max_len = cache.k.shape[1]
         _check_room(cache, T, max_len)
@@ -221,7 +225,7 @@ class SoftmaxAttention(nn.Module):
             cache.lengths += 1  # pos is cache.lengths: now each row's token count, the keys to read
             k_all, v_all = cache.k.to(q.dtype), cache.v.to(q.dtype)
             o = ops.softmax_decode(q[:, 0], k_all, v_all, cache.lengths)  # (B, H, D)
-            return self._out(o[:, None], gate)
+            return self._out(o[:, None], gate, residual)
         start = _prefill_start(cache)
         q, k, v, gate = self._qkv(x, torch.arange(start, start + T, device=x.device))
         cache.k[:, start : start + T] = k.to(cache.k.dtype)
@@ -230,9 +234,11 @@ class SoftmaxAttention(nn.Module):
         v_all = cache.v[:, : start + T].to(q.dtype)
         o = ops.softmax_attention(q, k_all, v_all, causal=True)
         cache.lengths += T
-        return self._out(o, gate)
+        return self._out(o, gate, residual)
 
-    def _forward_ring(self, x: torch.Tensor, cache: SlidingKVCache, rotation=None) -> torch.Tensor:
+    def _forward_ring(
+        self, x: torch.Tensor, cache: SlidingKVCache, rotation=None, residual=None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         w, n = cache.window, cache.sink_tokens
         slots = cache.k.shape[1]
@@ -245,7 +251,7 @@ class SoftmaxAttention(nn.Module):
             cache.lengths += 1  # pos is cache.lengths: now each row's token count
             n_valid = torch.clamp(cache.lengths, max=w + n)
             o = ops.softmax_decode(q[:, 0], cache.k.to(q.dtype), cache.v.to(q.dtype), n_valid)  # (B, H, D)
-            return self._out(o[:, None], gate)
+            return self._out(o[:, None], gate, residual)
         start = _prefill_start(cache)
         q, k, v, gate = self._qkv(x, torch.arange(start, start + T, device=x.device))
         # keys the new queries may need, in position order: the sinks held, then the ring's
@@ -265,7 +271,7 @@ class SoftmaxAttention(nn.Module):
             cache.k[:, dst] = k[:, src].to(cache.k.dtype)
             cache.v[:, dst] = v[:, src].to(cache.v.dtype)
         cache.lengths += T
-        return self._out(o, gate)
+        return self._out(o, gate, residual)
 
     # ------------------------------------------------------------------ cache
     def cache_spec(self, dtype: torch.dtype = torch.bfloat16) -> CacheSpec:

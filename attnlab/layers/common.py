@@ -8,6 +8,7 @@ reference): norms compute in float32 and cast back; RoPE angles are float32.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -335,6 +336,41 @@ class FusedLinears:
         return F.linear(x, fused).split([lin.out_features for lin in self.linears], dim=-1)
 
 
+# ----------------------------------------------------------------------------- residual
+
+
+@dataclass(frozen=True)
+class Residual:
+    """The residual stream an output projection adds into: ``tensor * keep + linear(x) * scale``
+    (``keep``, ``scale``: MiniMax's DeepNorm alpha and beta; 1 elsewhere).
+
+    :meth:`project` accumulates into ``tensor`` IN PLACE with the projection's own matmul
+    (``addmm_``: one kernel and one rounding instead of a matmul and an add) when no gradient is
+    wanted, so pass a tensor you own; otherwise it returns a new tensor."""
+
+    tensor: torch.Tensor
+    keep: float = 1.0
+    scale: float = 1.0
+
+    def project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [..., in], weight [out, in] -> tensor * keep + (x @ weight.T) * scale, [..., out]."""
+        r = self.tensor
+        in_place = (
+            not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and r.dtype == x.dtype == weight.dtype and r.is_contiguous()
+        )
+        if not in_place:
+            return torch.add(r * self.keep if self.keep != 1.0 else r, F.linear(x, weight), alpha=self.scale)
+        flat = r.view(-1, r.shape[-1])  # (N, out)
+        flat.addmm_(x.reshape(-1, x.shape[-1]), weight.t(), beta=self.keep, alpha=self.scale)
+        return r
+
+
+def project_out(linear: nn.Linear, x: torch.Tensor, residual: Residual | None = None) -> torch.Tensor:
+    """``linear(x)`` (bias-free), or added into ``residual`` (see :class:`Residual`)."""
+    return linear(x) if residual is None else residual.project(x, linear.weight)
+
+
 # ----------------------------------------------------------------------------- MLP
 
 
@@ -354,31 +390,11 @@ class SwiGLU(nn.Module):
         self.gate_up.refuse()  # .to() / .half() gave each weight new storage
         return self
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, residual_scale: float = 1.0,
-        scale: float = 1.0,
-    ) -> torch.Tensor:
-        """x [..., d_model] -> [..., d_model]: ``mlp(x)``, or with ``residual`` (same shape)
-        ``residual * residual_scale + mlp(x) * scale``.
-
-        With ``residual`` and no gradient wanted, the sum is accumulated INTO ``residual`` by the down
-        projection's matmul (``addmm_``: one kernel instead of a matmul and an add, one rounding
-        instead of two) and ``residual`` is returned: pass a tensor you own."""
+    def forward(self, x: torch.Tensor, residual: Residual | None = None) -> torch.Tensor:
+        """x [..., d_model] -> [..., d_model]: ``mlp(x)``, or added into ``residual`` by the down
+        projection (in place when no gradient is wanted; see :class:`Residual`)."""
         gate, up = self.gate_up(x)  # (..., d_ff) each
-        a = F.silu(gate) * up  # (..., d_ff)
-        w = self.down_proj.weight
-        if residual is None:
-            return F.linear(a, w)
-        in_place = (
-            not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-            and residual.dtype == a.dtype == w.dtype and residual.is_contiguous()
-        )
-        if not in_place:
-            return torch.add(residual * residual_scale if residual_scale != 1.0 else residual,
-                             F.linear(a, w), alpha=scale)
-        d = residual.shape[-1]
-        residual.view(-1, d).addmm_(a.reshape(-1, a.shape[-1]), w.t(), beta=residual_scale, alpha=scale)
-        return residual
+        return project_out(self.down_proj, F.silu(gate) * up, residual)
 
 
 # ----------------------------------------------------------------------------- short conv

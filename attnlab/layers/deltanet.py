@@ -43,7 +43,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_heads_divide, check_tensor
 from ..cache import CacheSpec, LayerCache
-from .common import GatedRMSNorm, ShortConv
+from .common import GatedRMSNorm, Residual, ShortConv, project_out
 from .lightning import _check_cache
 
 
@@ -148,8 +148,11 @@ class DeltaRuleMixer(nn.Module):
         [B, T, H] for G, [B, T, H, D_k] for K): the memory horizon diagnostics read."""
         return self.log_decay(self.project(x)[1])
 
-    def forward(self, x: torch.Tensor, cache: DeltaRuleCache | None = None) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model], x's dtype.
+    def forward(
+        self, x: torch.Tensor, cache: DeltaRuleCache | None = None, residual: Residual | None = None
+    ) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model], x's dtype (added into ``residual`` by the output
+        projection if given, :class:`attnlab.layers.common.Residual`).
 
         cache None: the sequence starts at position 0. Otherwise the T tokens continue each
         row's conv and recurrent state (T == 1 uses the single-step recurrence) and
@@ -180,7 +183,7 @@ class DeltaRuleMixer(nn.Module):
             cache.lengths += T
         gate = self.output_gate(parts).reshape(B, T, self.n_heads, self.value_head_dim)  # (B, T, H, D_v)
         o = self.o_norm(o, gate).reshape(B, T, self.value_dim)  # (B, T, H*D_v)
-        return self.o_proj(o)
+        return project_out(self.o_proj, o, residual)
 
     def cache_spec(self, dtype: torch.dtype = torch.bfloat16) -> CacheSpec:
         """Constant bytes only: float32 state H·D_k·D_v·4 plus the conv history in ``dtype``."""

@@ -24,7 +24,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_tensor
 from ..cache import CacheSpec, LayerCache
-from .common import RMSNorm
+from .common import Residual, RMSNorm, project_out
 
 # MiniMax builds the output norm with its RMSNorm's default eps, not the model's rms_norm_eps.
 _OUTPUT_NORM_EPS = 1e-6
@@ -77,8 +77,11 @@ class LightningAttention(nn.Module):
             self.slope = exact.to(self.slope.device)
         return self
 
-    def forward(self, x: torch.Tensor, cache: LightningCache | None = None) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model], x's dtype.
+    def forward(
+        self, x: torch.Tensor, cache: LightningCache | None = None, residual: Residual | None = None
+    ) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model], x's dtype (added into ``residual`` by the output
+        projection if given, :class:`attnlab.layers.common.Residual`).
 
         cache None: the sequence starts at position 0. Otherwise the T tokens continue each
         row's state (T == 1 decodes with the single-step recurrence) and ``cache.lengths += T``.
@@ -105,7 +108,7 @@ class LightningAttention(nn.Module):
             cache.lengths += T
         o = self.norm(o.reshape(B, T, H * D))  # (B, T, H*D): one norm over all heads
         o = o * torch.sigmoid(proj[..., 3 * H * D :])
-        return self.out_proj(o)
+        return project_out(self.out_proj, o, residual)
 
     # ------------------------------------------------------------------ cache
     def cache_spec(self, dtype: torch.dtype = torch.bfloat16) -> CacheSpec:
