@@ -161,18 +161,30 @@ class SoftmaxAttention(nn.Module):
             q = q.view(B, T, H, D)
         k = k.view(B, T, Hkv, D)
         v = v.view(B, T, Hkv, D)
+        if self.q_norm is None and self.rotary is None:
+            return q, k, v, gate
+        # q and k heads normed and rotated together: one set of ops per layer (decode runs each once)
+        qk = torch.cat((q, k), dim=2)  # (B, T, H + H_kv, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            qk = self._qk_norm(qk)  # float32 until after RoPE: one rounding at the end
         if self.rotary is not None:
-            # q and k heads rotated together: one set of RoPE ops per layer (decode runs each op once)
-            qk = self._rotate(torch.cat((q, k), dim=2), positions, rotation)  # (B, T, H + H_kv, D)
-            q, k = qk.split((H, Hkv), dim=2)  # (B, T, H|H_kv, D)
+            qk = self._rotate(qk, positions, rotation, v.dtype)
+        q, k = qk.to(v.dtype).split((H, Hkv), dim=2)  # (B, T, H|H_kv, D)
         return q, k, v, gate
 
-    def _rotate(self, qk: torch.Tensor, positions: torch.Tensor, rotation) -> torch.Tensor:
+    def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm over the first H heads of qk [B, T, H + H_kv, D], k_norm over the rest, as one
+        float32 rms_norm and one weight product -> float32 [B, T, H + H_kv, D]."""
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qn, kn = self.q_norm, self.k_norm
+        h = F.rms_norm(qk.float(), (D,), None, qn.eps)  # (B, T, H + H_kv, D)
+        w = torch.cat((qn.weight.expand(H, D), kn.weight.expand(Hkv, D)))  # (H + H_kv, D)
+        return torch.addcmul(h, h, w) if qn.zero_centered else h * w  # (1 + w) as in RMSNorm
+
+    def _rotate(self, qk: torch.Tensor, positions: torch.Tensor, rotation, dtype=None) -> torch.Tensor:
         if rotation is None:
-            return self.rotary.rotate(qk, positions)
-        return self.rotary.rotate(qk, rotation=rotation)
+            return self.rotary.rotate(qk, positions, dtype=dtype)
+        return self.rotary.rotate(qk, rotation=rotation, dtype=dtype)
 
     def _out(
         self, o: torch.Tensor, gate: torch.Tensor | None, residual: Residual | None = None

@@ -211,10 +211,11 @@ class RotaryEmbedding(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor | None = None,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """``apply_rope(x, *self(positions))`` (rotate-half, partial) in seven ops, or four given
         ``rotation = self.rotation(positions)``: x [B, T, H, head_dim] of any float dtype. Float32
-        inside, returned in ``x.dtype``."""
+        inside, returned in ``dtype`` (None = ``x.dtype``)."""
         if self.head_dim is None:
             raise ValueError("rotate: this RotaryEmbedding was built without head_dim")
         check_tensor("x", x, 4, "[B, T, H, head_dim]", shape=(None, None, None, self.head_dim))
@@ -222,7 +223,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError("rotate: pass exactly one of positions and rotation")
         cos, sin = self.rotation(positions) if rotation is None else rotation
         rot = torch.addcmul(x * cos, x.index_select(-1, self.rot_partner), sin)
-        return rot.to(x.dtype)  # (B, T, H, head_dim)
+        return rot.to(x.dtype if dtype is None else dtype)  # (B, T, H, head_dim)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
