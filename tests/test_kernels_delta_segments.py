@@ -1,0 +1,370 @@
+"""The segment-parallel delta-rule state pass (attnlab.kernels.delta_segments) against a float64
+chunk recurrence, the single-pass ``linear._state_kernel`` it replaces, and, through the whole
+forward, the float64 token loop (attnlab.ops gated_delta_rule / kda, mode="recurrent").
+
+CPU: tiny sizes under ``TRITON_INTERPRET=1`` (``test_interpreter_suite`` re-runs the ``interp_``
+tests in a subprocess), segments forced short (64 or 128 tokens) so that every test with more
+than one chunk crosses several. The state-pass tests feed the pass synthetic prepare outputs
+(w, u, kd, the cumulative gate) so that they need not run the prepare kernel, which is most of
+the interpreter's time; the end-to-end tests run the real forward. GPU tests are marked ``gpu``.
+Error metric: rms(ref − out) / rms(ref).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, run_interpreter_suite
+
+C = 64  # the kernels' chunk
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "output has NaN/inf"
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def segmented():
+    """The segmented pass on, kernel outputs poisoned with NaN, segments of 64 tokens (tests may
+    change SEGMENT_LEN); everything restored afterwards."""
+    from attnlab.kernels import delta_segments, linear
+
+    saved = linear.DELTA_SEGMENTED, linear.POISON_OUTPUTS, delta_segments.SEGMENT_LEN
+    linear.DELTA_SEGMENTED, linear.POISON_OUTPUTS, delta_segments.SEGMENT_LEN = True, True, 64
+    yield delta_segments
+    linear.DELTA_SEGMENTED, linear.POISON_OUTPUTS, delta_segments.SEGMENT_LEN = saved
+
+
+# ------------------------------------------------------------------------------------------------
+# the state pass alone, on synthetic prepare outputs
+
+
+def synthetic(gate, lens, h, d_k, d_v, use_h0, seed):
+    """Prepare-kernel-shaped inputs for sequences of the given lengths, packed (B = 1) when there
+    is more than one: w, kd [1, T, H, K], u [1, T, H, V], gcum (the within-chunk cumulative log-gate,
+    [1, T, H] or [1, T, H, K]), h0 [N, H, K, V] or None. Strong gates (−5 per token) on the first
+    head / half of the channels, weak (−1e-3) elsewhere; kd, w small enough that M_c = Diag(γ) −
+    kdᵀw stays a contraction, as the real ones are."""
+    gen = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    w = torch.randn(1, t, h, d_k, generator=gen) / (d_k * C) ** 0.5
+    kd = torch.randn(1, t, h, d_k, generator=gen)
+    u = torch.randn(1, t, h, d_v, generator=gen)
+    shape = (1, t, h) if gate == 1 else (1, t, h, d_k)
+    rate = torch.full(shape, 1e-3)
+    if gate == 1:
+        rate[:, :, 0] = 5.0
+    else:
+        rate[..., : d_k // 2] = 5.0
+    g = -rate * (0.5 + torch.rand(shape, generator=gen))
+    gcum = torch.empty(shape)
+    for a, n in zip([0, *torch.tensor(lens).cumsum(0).tolist()], lens, strict=False):
+        for c0 in range(a, a + n, C):
+            gcum[:, c0:min(c0 + C, a + n)] = g[:, c0:min(c0 + C, a + n)].cumsum(1)
+    h0 = torch.randn(len(lens), h, d_k, d_v, generator=gen) if use_h0 else None
+    return w, u, kd, gcum, h0
+
+
+def chunk_recurrence(w, u, kd, gcum, h0, lens):
+    """float64: per sequence and chunk, h = S; v' = u − w S; S ← Diag(e^{G_last}) S + kdᵀ v'.
+    Returns (states [n_chunks, H, K, V], vn [1, T, H, V], final [N, H, K, V])."""
+    w, u, kd, gcum = (x.double() for x in (w, u, kd, gcum))
+    h, d_k, d_v = w.shape[2], w.shape[3], u.shape[3]
+    states, finals = [], []
+    vn = torch.zeros_like(u)
+    a = 0
+    for i, n in enumerate(lens):
+        S = torch.zeros(h, d_k, d_v, dtype=torch.float64) if h0 is None else h0[i].double().clone()
+        for c0 in range(a, a + n, C):
+            c1 = min(c0 + C, a + n)
+            states.append(S.clone())
+            v_ = u[0, c0:c1] - torch.einsum("thk,hkv->thv", w[0, c0:c1], S)  # (t, H, V)
+            vn[0, c0:c1] = v_
+            gam = gcum[0, c1 - 1].exp()  # (H,) or (H, K)
+            S = S * (gam[:, None, None] if gam.dim() == 1 else gam[:, :, None])
+            S = S + torch.einsum("thk,thv->hkv", kd[0, c0:c1], v_)
+        finals.append(S)
+        a += n
+    n_chunks = len(states)
+    return (torch.stack(states) if n_chunks else torch.zeros(0, h, d_k, d_v, dtype=torch.float64),
+            vn, torch.stack(finals))
+
+
+def run_state_pass(gate, w, u, kd, gcum, h0, lens, segmented_on):
+    """The state pass as linear._forward runs it: segmented, or the single-pass _state_kernel
+    (launched here as _forward launches it). Returns (states, vn, final state)."""
+    import triton
+
+    from attnlab.kernels import delta_segments, linear
+
+    t, h, d_k, d_v = w.shape[1], w.shape[2], w.shape[3], u.shape[3]
+    cu = None
+    if len(lens) > 1:
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    n_chunks = sum(-(-n // C) for n in lens)
+    states = linear._empty(max(n_chunks, 1), h, d_k, d_v, dtype=w.dtype, device=w.device)
+    vn = linear._empty(1, t, h, d_v, dtype=w.dtype, device=w.device)
+    ht = linear._empty(len(lens), h, d_k, d_v, dtype=torch.float32, device=w.device)
+    if segmented_on:
+        delta_segments.state_pass(w, u, kd, gcum, gate, h0, cu, states, vn, ht)
+    else:
+        offsets = linear._chunk_tables(cu, C)[1] if cu is not None else w
+        cfg = linear.TUNING["scalar"]
+        bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
+        dt = linear._tl_dtype(w.dtype)
+        linear._state_kernel[(triton.cdiv(d_v, bv), len(lens) * h)](
+            w, u, kd, u, w, gcum, w, states, vn, h0 if h0 is not None else ht, ht,
+            cu if cu is not None else w, offsets, t,
+            H=h, HK=h, K=d_k, V=d_v, BT=C, BK=max(16, triton.next_power_of_2(d_k)), BV=bv, GATE=gate,
+            USE_H0=h0 is not None, STORE_HT=True, IS_VARLEN=cu is not None, DT=dt,
+            PREC="ieee" if w.dtype == torch.float32 else "tf32",
+        )
+    return states[:n_chunks], vn, ht
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
+def test_interpreter_suite():
+    run_interpreter_suite(__file__)
+
+
+@interp
+@pytest.mark.parametrize("t", [1, 63, 64, 65, 200, 257])
+@pytest.mark.parametrize("dims", [(24, 40), (64, 64)])
+@pytest.mark.parametrize("gate", [1, 2])
+def test_interp_state_pass_matches_recurrence_and_single_pass(segmented, t, dims, gate):
+    """Per-chunk states, v' and final state of the segmented pass (segments of 64 or 128 tokens,
+    so up to 5 segments, the last partial) equal the float64 chunk recurrence and the single-pass
+    kernel's; the initial state is on for odd T. Both gate strengths run in every case."""
+    d_k, d_v = dims
+    segmented.SEGMENT_LEN = 64 if t < 200 else 128
+    w, u, kd, gcum, h0 = synthetic(gate, [t], 2, d_k, d_v, use_h0=t % 2 == 1, seed=t + d_k)
+    got = run_state_pass(gate, w, u, kd, gcum, h0, [t], True)
+    old = run_state_pass(gate, w, u, kd, gcum, h0, [t], False)
+    ref = chunk_recurrence(w, u, kd, gcum, h0, [t])
+    for name, a, o, r in zip(("states", "vn", "final"), got, old, ref, strict=True):
+        assert a.shape == r.shape, name
+        assert rel_err(a, r) < 1e-5, name
+        assert rel_err(a, o) < 1e-5, name
+
+
+@interp
+@pytest.mark.parametrize("gate", [1, 2])
+def test_interp_state_pass_packed_sequences(segmented, gate):
+    """cu_seqlens: sequences of 130, 1, 0, 257 and 64 tokens (segments never cross a sequence;
+    the empty one's final state is its initial state), against the recurrence and the single pass."""
+    lens = [130, 1, 0, 257, 64]
+    w, u, kd, gcum, h0 = synthetic(gate, lens, 2, 24, 40, use_h0=True, seed=gate)
+    got = run_state_pass(gate, w, u, kd, gcum, h0, lens, True)
+    old = run_state_pass(gate, w, u, kd, gcum, h0, lens, False)
+    ref = chunk_recurrence(w, u, kd, gcum, h0, lens)
+    assert rel_err(got[2][2], h0[2]) == 0.0  # the empty sequence
+    for name, a, o, r in zip(("states", "vn", "final"), got, old, ref, strict=True):
+        assert a.shape == r.shape, name
+        assert rel_err(a, r) < 1e-5 and rel_err(a, o) < 1e-5, name
+
+
+@interp
+def test_interp_state_pass_fp16_equals_single_pass(segmented):
+    """16-bit inputs: the products round the state (and M's columns) to fp16 as the single pass
+    rounds S, so the two agree to fp16 rounding, and both stay near the float64 recurrence."""
+    lens = [257]
+    w, u, kd, gcum, h0 = synthetic(1, lens, 2, 32, 48, use_h0=True, seed=5)
+    w16, u16, kd16 = (x.half() for x in (w, u, kd))
+    got = run_state_pass(1, w16, u16, kd16, gcum, h0, lens, True)
+    old = run_state_pass(1, w16, u16, kd16, gcum, h0, lens, False)
+    ref = chunk_recurrence(w16, u16, kd16, gcum, h0, lens)
+    assert got[0].dtype == torch.float16 and got[1].dtype == torch.float16
+    for name, a, o, r in zip(("states", "vn", "final"), got, old, ref, strict=True):
+        assert rel_err(a, o) < 3e-3 and rel_err(a, r) < 3e-3, name
+
+
+@interp
+def test_interp_bad_gate_and_segment_length(segmented, monkeypatch):
+    """state_pass refuses Lightning's gate 0; forced lengths are checked; on CUDA the length gives
+    pass 3 ~programs_per_sm programs per SM and respects min_segment (SM count faked)."""
+    w, u, kd, gcum, _ = synthetic(1, [10], 1, 16, 16, False, 0)
+    with pytest.raises(ValueError, match="gate"):
+        segmented.state_pass(w, u, kd, gcum, 0, None, None, w, u, None)
+    segmented.SEGMENT_LEN = 100
+    with pytest.raises(ValueError, match="SEGMENT_LEN"):
+        segmented.segment_length(1000, 4, 64, 64, torch.device("cpu"))
+    segmented.SEGMENT_LEN = None
+    assert segmented.segment_length(1000, 4, 64, 64, torch.device("cpu")) == segmented.CPU_SEGMENT_LEN
+    monkeypatch.setattr(segmented, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    cfg = segmented.TUNING
+    per_seg = 16 * -(-128 // min(cfg["state"]["BV"], 128))  # pass-3 programs per segment, 16 heads
+    for t in (16384, 65536, 262144):
+        length = segmented.segment_length(t, 16, 128, 128, cuda)
+        n_seg = -(-t // length)
+        assert length % C == 0 and length >= cfg["segments"]["min_segment"]
+        assert n_seg * per_seg >= cfg["segments"]["programs_per_sm"] * 132
+        assert (n_seg - 1) * per_seg < 2 * cfg["segments"]["programs_per_sm"] * 132
+    assert segmented.segment_length(300, 16, 128, 128, cuda) == cfg["segments"]["min_segment"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole forward (and backward) with the segmented pass
+
+
+def make_inputs(op, b, t, h, hk, d_k, d_v, log_gate, seed=0):
+    """q, k (unit norm) [B,T,H_k,D_k]; v [B,T,H,D_v]; g [B,T,H] (GDN) or [B,T,H,D_k] (KDA) around
+    log_gate per token; beta [B,T,H] in (0, 1); h0 float32 [B,H,D_k,D_v]."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, hk, d_k, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(b, t, hk, d_k, generator=gen), dim=-1)
+    v = torch.randn(b, t, h, d_v, generator=gen)
+    shape = (b, t, h) if op == "gdn" else (b, t, h, d_k)
+    g = log_gate * (0.5 + torch.rand(shape, generator=gen))
+    beta = torch.rand(b, t, h, generator=gen)
+    h0 = torch.randn(b, h, d_k, d_v, generator=gen)
+    return q, k, v, g, beta, h0
+
+
+def kernel(op):
+    from attnlab.kernels import linear
+
+    return linear.gated_delta_rule if op == "gdn" else linear.kda
+
+
+def oracle(op, q, k, v, g, beta, h0):
+    """float64 token loop of attnlab.ops; key heads repeated for GQA."""
+    from attnlab import ops
+
+    rep = v.shape[2] // q.shape[2]
+    q, k = (x.double().repeat_interleave(rep, dim=2) for x in (q, k))
+    fn = ops.gated_delta_rule if op == "gdn" else ops.kda
+    return fn(q, k, v.double(), g.double(), beta.double(), initial_state=None if h0 is None else h0.double(),
+              output_final_state=True, mode="recurrent")
+
+
+@interp
+@pytest.mark.parametrize(("op", "log_gate"), [("gdn", -1e-3), ("gdn", -5.0), ("kda", -1e-3)])
+def test_interp_forward_matches_loop_and_single_pass(segmented, op, log_gate):
+    """o and the final state through linear.gated_delta_rule / kda, GQA (4 value heads on 2 key
+    heads), 150 tokens in segments of 64 with the last chunk partial: equal to the float64 loop
+    and to the forward with the single-pass state kernel. (KDA at −5 per token per channel takes
+    the prepare kernel's elementwise loop, slow under the interpreter; the state-pass tests above
+    run strong per-channel gates.)"""
+    from attnlab.kernels import linear
+
+    q, k, v, g, beta, h0 = make_inputs(op, 1, 150, 4, 2, 24, 40, log_gate, seed=3)
+    o, ht = kernel(op)(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    linear.DELTA_SEGMENTED = False
+    o_old, ht_old = kernel(op)(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    ro, rs = oracle(op, q, k, v, g, beta, h0)
+    assert rel_err(o, ro) < 1e-5 and rel_err(ht, rs) < 1e-5
+    assert rel_err(o, o_old) < 1e-5 and rel_err(ht, ht_old) < 1e-5
+
+
+@interp
+def test_interp_forward_packed_equals_separate_sequences(segmented):
+    """GDN with cu_seqlens (70, 0 and 150 tokens): each sequence's outputs and final state equal
+    the float64 loop's on that sequence alone."""
+    lens = [70, 0, 150]
+    parts = [make_inputs("gdn", 1, n, 2, 2, 24, 40, -0.05, seed=i) for i, n in enumerate(lens)]
+    q, k, v, g, beta = (torch.cat([p[j] for p in parts], dim=1) for j in range(5))
+    h0 = torch.cat([p[5] for p in parts], dim=0)  # (N, H, K, V)
+    cu = torch.tensor([0, 70, 70, 220])
+    o, ht = kernel("gdn")(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    for i, p in enumerate(parts):
+        ro, rs = oracle("gdn", *p)
+        if lens[i]:
+            assert rel_err(o[:, cu[i]:cu[i + 1]], ro) < 1e-5
+        assert rel_err(ht[i], rs[0]) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("op", ["gdn", "kda"])
+def test_interp_gradients_through_segmented_forward(segmented, op):
+    """dq, dk, dv, dg, dβ, dh0 of (o·dO + S_T·dS) with the segmented pass (the backward recomputes
+    the states with the forward kernels, so it runs there too), 150 tokens in segments of 64,
+    against autograd through the float64 loop."""
+    t = 150
+    xs = make_inputs(op, 1, t, 2, 2, 16, 16, -0.02, seed=7)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(1, t, 2, 16, generator=gen)
+    dS = torch.randn(1, 2, 16, 16, generator=gen)
+    ins = [x.clone().requires_grad_() for x in xs]
+    o, ht = kernel(op)(*ins[:5], initial_state=ins[5], output_final_state=True)
+    got = torch.autograd.grad((o * do).sum() + (ht * dS).sum(), ins)
+    leaves = [x.double().requires_grad_() for x in xs]
+    ro, rs = oracle(op, *leaves)
+    ref = torch.autograd.grad((ro * do.double()).sum() + (rs * dS.double()).sum(), leaves)
+    for name, a, r in zip(("q", "k", "v", "g", "beta", "h0"), got, ref, strict=True):
+        assert a.shape == r.shape, name
+        assert rel_err(a, r) < 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (the lead runs these on the device machine)
+
+
+def _gpu_run(op, t, segmented_on, h=16, d=128, seed=0, cu=None):
+    from attnlab.kernels import linear
+
+    q, k, v, g, beta, h0 = make_inputs(op, 1, t, h, h, d, d, -0.05, seed=seed)
+    q, k, v = (x.to("cuda", torch.bfloat16) for x in (q, k, v))
+    g, beta = g.cuda(), beta.to("cuda", torch.bfloat16)
+    h0 = h0.cuda() if cu is None else h0.cuda().expand(cu.numel() - 1, -1, -1, -1).contiguous()
+    saved = linear.DELTA_SEGMENTED, linear.POISON_OUTPUTS
+    try:
+        linear.DELTA_SEGMENTED, linear.POISON_OUTPUTS = segmented_on, True
+        o, ht = kernel(op)(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    finally:
+        linear.DELTA_SEGMENTED, linear.POISON_OUTPUTS = saved
+    return (q, k, v, g, beta, h0), o, ht
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda"])
+@pytest.mark.parametrize("t", [4096, 70000])
+def test_gpu_bf16_matches_single_pass(op, t):
+    """bf16, B=1, H=16, D=128, device-chosen segments: o and the final state equal the single-pass
+    forward's to bf16 rounding; at 4096 tokens also the float64 loop's."""
+    xs, o, ht = _gpu_run(op, t, True)
+    _, o_old, ht_old = _gpu_run(op, t, False)
+    assert o.dtype == torch.bfloat16
+    assert rel_err(o, o_old) < 1e-2 and rel_err(ht, ht_old) < 1e-2
+    if t <= 4096:
+        ro, rs = oracle(op, *(x.cpu() for x in xs))
+        assert rel_err(o, ro) < 2e-2 and rel_err(ht, rs) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda"])
+def test_gpu_fp32_awkward_shapes(segmented, op):
+    """fp32, D_k = 100, D_v = 60, GQA, 1000 tokens in segments of 128 (last one partial)."""
+    q, k, v, g, beta, h0 = make_inputs(op, 2, 1000, 4, 2, 100, 60, -0.02, seed=3)
+    xs = [x.cuda() for x in (q, k, v, g, beta, h0)]
+    segmented.SEGMENT_LEN = 128
+    o, ht = kernel(op)(*xs[:5], initial_state=xs[5], output_final_state=True)
+    ro, rs = oracle(op, q, k, v, g, beta, h0)
+    assert rel_err(o, ro) < 2e-5 and rel_err(ht, rs) < 2e-5
+
+
+@pytest.mark.gpu
+def test_gpu_packed_bf16_and_gradients(segmented):
+    """Packed bf16 GDN sequences, default segments: outputs, final states and gradients equal the
+    single-pass forward's."""
+    from attnlab.kernels import linear
+
+    segmented.SEGMENT_LEN = None
+    lens = [5000, 1, 3000, 70]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    xs, _, _ = _gpu_run("gdn", sum(lens), True, cu=cu)
+    do = torch.randn_like(xs[2])
+
+    def run():
+        ins = [x.clone().requires_grad_() for x in xs[:5]]
+        o, ht = kernel("gdn")(*ins, initial_state=xs[5], output_final_state=True, cu_seqlens=cu)
+        return (o, ht, *torch.autograd.grad((o.float() * do.float()).sum(), ins))
+
+    new = run()
+    linear.DELTA_SEGMENTED = False
+    old = run()
+    for a, r in zip(new, old, strict=True):
+        assert rel_err(a, r) < 1e-2
