@@ -11,7 +11,10 @@ named kernels (attnlab.kernels.linear.PREP_TUNING, TUNING, OUT_TUNING) at T = 16
 fastest per op; ``--sweep segmented`` tunes the segment-parallel Lightning forward
 (attnlab.kernels.lightning_fwd.TUNING) at 16K and 64K. Lightning has two rows of ours: the
 per-chunk forward ("ours_lightning", LIGHTNING_SEGMENTED off) and the segment-parallel one
-("ours_lightning_seg", issue #8's target: 1.5x fla's throughput). Also prints ours-vs-fla output
+("ours_lightning_seg", issue #8's target: 1.5x fla's throughput). GDN and KDA likewise: "ours_gdn"
+with the single-pass state kernel (linear.DELTA_SEGMENTED off), "ours_gdn_seg" with the segment-
+parallel state pass (attnlab.kernels.delta_segments; forward rows only), tuned by
+``--sweep delta_segmented`` at 16K and 64K. Also prints ours-vs-fla output
 differences as a sanity check.
 """
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from attnlab._io import atomic_write_json
-from attnlab.kernels import lightning_fwd, linear
+from attnlab.kernels import delta_segments, lightning_fwd, linear
 
 H, D = 16, 128
 DT = torch.bfloat16
@@ -93,12 +96,26 @@ def lightning(segmented: bool):
     return fn
 
 
+def delta(op: str, segmented: bool):
+    """Our GDN / KDA forward, with the single-pass state kernel or the segment-parallel state pass
+    (attnlab.kernels.delta_segments; linear.DELTA_SEGMENTED)."""
+    fn = linear.gated_delta_rule if op == "gdn" else linear.kda
+
+    def run(q, k, v, g, b):
+        linear.DELTA_SEGMENTED = segmented
+        return fn(q, k, v, g, b)[0]
+
+    return run
+
+
 def ours_fns():
     global SLOPE
     SLOPE = 8.0 / H * torch.arange(H, device="cuda", dtype=torch.float32)  # same decays as fla's
     return {
-        "gdn": lambda q, k, v, g, b: linear.gated_delta_rule(q, k, v, g, b)[0],
-        "kda": lambda q, k, v, g, b: linear.kda(q, k, v, g, b)[0],
+        "gdn": delta("gdn", False),
+        "kda": delta("kda", False),
+        "gdn_seg": delta("gdn", True),
+        "kda_seg": delta("kda", True),
         "lightning": lightning(False),
         "lightning_seg": lightning(True),
     }
@@ -203,13 +220,56 @@ def sweep_segmented(ts=(16384, 65536)) -> None:
     torch.cuda.empty_cache()
 
 
+# segment-parallel delta-rule state pass (delta_segments.TUNING): coordinate search as SEG_SWEEP,
+# segments first and again last (the best segment count depends on the passes' launch parameters)
+DS_SWEEP = [
+    ("segments", [{"programs_per_sm": p, "min_segment": m} for p, m in
+                  [(1, 512), (2, 512), (4, 512), (6, 512), (8, 512), (16, 512), (3, 2048)]]),
+    ("state", [{"BV": bv, "num_warps": w, "num_stages": st} for bv, w, st in
+               [(16, 4, 2), (16, 4, 3), (16, 4, 1), (16, 2, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2)]]),
+    ("transition", [{"BX": bx, "num_warps": w, "num_stages": st} for bx, w, st in
+                    [(32, 4, 2), (32, 4, 3), (32, 4, 1), (16, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2)]]),
+    ("scan", [{"BV": bv, "BKK": bkk, "num_warps": w, "precision": p} for bv, bkk, w, p in
+              [(32, 32, 4, "ieee"), (16, 32, 4, "ieee"), (64, 32, 4, "ieee"), (32, 64, 8, "ieee"),
+               (32, 32, 4, "tf32x3"), (32, 32, 4, "tf32")]]),
+    ("segments", [{"programs_per_sm": p, "min_segment": m} for p, m in
+                  [(1, 512), (2, 512), (3, 512), (4, 512), (8, 512), (12, 512)]]),
+]
+
+
+def sweep_delta_segmented(ts=(16384, 65536)) -> None:
+    """Coordinate search over delta_segments.TUNING on GDN's forward (KDA runs the same state
+    pass): a config's score is the sum over ts of its time relative to the current default's."""
+    ours = ours_fns()
+    fn = ours["gdn_seg"]
+    xss = {t: make(t, "gdn") for t in ts}
+    old = {t: safe(bench_fwd, ours["gdn"], xss[t]) for t in ts}
+    print("sweep gdn_seg: single-pass state kernel " + ", ".join(f"T={t} {old[t]:.3f} ms" for t in ts),
+          flush=True)
+    for name, grid in DS_SWEEP:
+        base = {t: safe(bench_fwd, fn, xss[t]) for t in ts}
+        best = (float("inf"), dict(delta_segments.TUNING[name]))
+        for cfg in grid:
+            delta_segments.TUNING[name] = dict(cfg)
+            ms = {t: safe(bench_fwd, fn, xss[t]) for t in ts}
+            score = sum(ms[t] / base[t] for t in ts)
+            print(f"sweep gdn_seg {name:10s} {json.dumps(cfg)}: "
+                  + ", ".join(f"T={t} {ms[t]:.3f} ms" for t in ts), flush=True)
+            if score < best[0]:  # NaN (a failed config) never wins
+                best = (score, dict(cfg))
+        delta_segments.TUNING[name] = best[1]
+    print("sweep gdn_seg: kept", json.dumps(delta_segments.TUNING), flush=True)
+    del xss
+    torch.cuda.empty_cache()
+
+
 def profile(t: int) -> None:
     """Per-kernel CUDA time of one forward of each op (torch.profiler)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
     ours = ours_fns()
-    for op in ("gdn", "kda", "lightning", "lightning_seg"):
+    for op in ("gdn", "gdn_seg", "kda", "kda_seg", "lightning", "lightning_seg"):
         xs = make(t, op)
         with torch.no_grad():
             ours[op](*xs)
@@ -239,15 +299,18 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"device: {name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
-    kernels = [x for x in args.sweep.split(",") if x and x != "segmented"]
+    kernels = [x for x in args.sweep.split(",") if x and x not in ("segmented", "delta_segmented")]
     if kernels:
         sweep(16384, ",".join(kernels))
     if "segmented" in args.sweep.split(","):
         sweep_segmented()
+    if "delta_segmented" in args.sweep.split(","):
+        sweep_delta_segmented()
     print("TUNING:", json.dumps(linear.TUNING))
     print("OUT_TUNING:", json.dumps(linear.OUT_TUNING))
     print("PREP_TUNING:", json.dumps(linear.PREP_TUNING))
     print("lightning_fwd.TUNING:", json.dumps(lightning_fwd.TUNING))
+    print("delta_segments.TUNING:", json.dumps(delta_segments.TUNING))
     if args.profile:
         profile(65536)
     ours, fla = ours_fns(), fla_fns()
@@ -268,6 +331,14 @@ def main() -> None:
             err = ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
             print(f"ours segmented vs per-chunk, lightning, T=4096: rel diff {err:.2e}")
 
+    for op in ("gdn", "kda"):  # the segment-parallel state pass against the single pass (bf16)
+        xs = make(4096, op)
+        with torch.no_grad():
+            a, b = safe(ours[f"{op}_seg"], *xs), safe(ours[op], *xs)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            err = ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+            print(f"ours segmented vs single-pass state, {op}, T=4096: rel diff {err:.2e}", flush=True)
+
     rows = []
     for t in ts:
         floor = 4 * t * H * D * 2 / bw * 1e3
@@ -279,6 +350,10 @@ def main() -> None:
             xs = make(t, op)
             row[f"ours_{op}"] = safe(bench_fwd, ours[op], xs)
             row[f"fla_{op}"] = safe(bench_fwd, fla[op], xs) if fla else float("nan")
+            if op != "lightning":  # the segment-parallel state pass (issue #8) beside the single pass
+                row[f"ours_{op}_seg"] = safe(bench_fwd, ours[f"{op}_seg"], xs)
+                print(f"  fwd T={t} {op}: ours single-pass state {row[f'ours_{op}']:.3f} ms, ours segmented "
+                      f"{row[f'ours_{op}_seg']:.3f} ms, fla {row[f'fla_{op}']:.3f} ms", flush=True)
             if op == "lightning":
                 row["ours_lightning_seg"] = safe(bench_fwd, ours["lightning_seg"], xs)
                 print(f"  fwd T={t} lightning: ours per-chunk {row['ours_lightning']:.3f} ms, ours segmented "
@@ -316,18 +391,21 @@ def main() -> None:
                       {"device": name, "bandwidth": bw, "tuning": linear.TUNING,
                        "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
                        "lightning_seg_tuning": lightning_fwd.TUNING,
+                       "delta_seg_tuning": delta_segments.TUNING,
                        "fwd": rows, "fwdbwd": brows})
-    cols = ["sdpa", "ours_gdn", "fla_gdn", "ours_kda", "fla_kda", "ours_lightning", "ours_lightning_seg",
+    cols = ["sdpa", "ours_gdn", "ours_gdn_seg", "fla_gdn", "ours_kda", "ours_kda_seg", "fla_kda",
+            "ours_lightning", "ours_lightning_seg",
             "fla_lightning"]
     print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median)")
     print("forward:")
     print("| T | floor | " + " | ".join(cols) + " |")
     for r in rows:
-        print(f"| {r['T']} | {r['floor']:.3f} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+        print(f"| {r['T']} | {r['floor']:.3f} | "
+              + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in cols) + " |")
     print("forward+backward:")
     print("| T | " + " | ".join(cols) + " |")
     for r in brows:
-        print(f"| {r['T']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+        print(f"| {r['T']} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in cols) + " |")
 
 
 if __name__ == "__main__":
