@@ -183,8 +183,9 @@ def test_interp_state_pass_fp16_equals_single_pass(segmented):
 
 @interp
 def test_interp_bad_gate_and_segment_length(segmented, monkeypatch):
-    """state_pass refuses Lightning's gate 0; forced lengths are checked; on CUDA the length gives
-    pass 3 ~programs_per_sm programs per SM and respects min_segment (SM count faked)."""
+    """state_pass refuses Lightning's gate 0; forced lengths are checked; on CUDA the length keeps
+    pass 3 within programs_per_sm programs per SM (one wave), uses most of them, and respects
+    min_segment (SM count faked: the rule is host arithmetic)."""
     w, u, kd, gcum, _ = synthetic(1, [10], 1, 16, 16, False, 0)
     with pytest.raises(ValueError, match="gate"):
         segmented.state_pass(w, u, kd, gcum, 0, None, None, w, u, None)
@@ -197,13 +198,15 @@ def test_interp_bad_gate_and_segment_length(segmented, monkeypatch):
     cuda = torch.device("cuda", 0)
     cfg = segmented.TUNING
     per_seg = 16 * -(-128 // min(cfg["state"]["BV"], 128))  # pass-3 programs per segment, 16 heads
-    for t in (16384, 65536, 262144):
-        length = segmented.segment_length(t, 16, 128, 128, cuda)
-        n_seg = -(-t // length)
-        assert length % C == 0 and length >= cfg["segments"]["min_segment"]
-        assert n_seg * per_seg >= cfg["segments"]["programs_per_sm"] * 132
-        assert (n_seg - 1) * per_seg < 2 * cfg["segments"]["programs_per_sm"] * 132
-    assert segmented.segment_length(300, 16, 128, 128, cuda) == cfg["segments"]["min_segment"]
+    for pps in (1, 3, 8):
+        monkeypatch.setitem(cfg, "segments", {"programs_per_sm": pps, "min_segment": 512})
+        for t in (65536, 262144, 1 << 20):
+            length = segmented.segment_length(t, 16, 128, 128, cuda)
+            n_seg = -(-t // length)
+            assert length % C == 0 and length >= 512
+            assert n_seg * per_seg <= max(pps * 132, per_seg)
+            assert (n_seg + 1) * per_seg > pps * 132
+        assert segmented.segment_length(300, 16, 128, 128, cuda) == 512
 
 
 # ------------------------------------------------------------------------------------------------

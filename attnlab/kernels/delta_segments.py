@@ -51,12 +51,17 @@ from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile,
 # inputs: "ieee" | "tf32x3" | "tf32"); "state": pass 3 (BV columns, as linear.TUNING's state kernel).
 # A segment is chosen so that pass 3 has about programs_per_sm programs per SM and is never shorter
 # than min_segment tokens (each segment costs a [D_k, D_k + D_v] float32 transition written, read
-# by pass 2, and a pass-1 chain of L / 64 steps). Untuned first guesses (no GPU run yet).
+# by pass 2, and a pass-1 chain of L / 64 steps). Untuned first guesses (no GPU run yet), sized
+# by an sm_90 compile (Triton 3.9, bf16, D = 128, no spills): pass 3 at BV = 16 with 2 stages
+# takes 72 KB of shared memory and 72 registers a thread (3 programs fit an SM; 3 stages: 106 KB,
+# 2 fit), pass 1 at BX = 32 with 2 stages 76 KB and 92 registers, pass 2 at BV = BKK = 32 126.
+# The chains are latency-bound (the single-pass kernel takes ~1.2 us a chunk at 64K on an H200,
+# ~10x its tensor-core time), so several programs per SM is what pays.
 TUNING: dict[str, dict] = {
-    "transition": {"BX": 32, "num_warps": 4, "num_stages": 3},
+    "transition": {"BX": 32, "num_warps": 4, "num_stages": 2},
     "scan": {"BV": 32, "BKK": 32, "num_warps": 4, "precision": "ieee"},
-    "state": {"BV": 16, "num_warps": 4, "num_stages": 3},
-    "segments": {"programs_per_sm": 4, "min_segment": 512},
+    "state": {"BV": 16, "num_warps": 4, "num_stages": 2},
+    "segments": {"programs_per_sm": 3, "min_segment": 512},
 }
 SEGMENT_LEN: int | None = None  # tests force a segment length (a multiple of CHUNK) here
 CPU_SEGMENT_LEN = 2 * CHUNK  # under the interpreter: short segments, so several are exercised
@@ -233,8 +238,9 @@ def _block(b: int, d: int, d_k: int) -> int:
 
 def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.device) -> int:
     """Tokens per segment (a multiple of CHUNK) for n_tokens in all sequences and h value heads:
-    enough segments that pass 3 has TUNING["segments"]["programs_per_sm"] programs per SM, each
-    at least min_segment tokens. SEGMENT_LEN overrides; off CUDA, CPU_SEGMENT_LEN."""
+    as many segments as keep pass 3 within TUNING["segments"]["programs_per_sm"] programs per SM
+    (at least one), each at least min_segment tokens. SEGMENT_LEN overrides; off CUDA,
+    CPU_SEGMENT_LEN."""
     if SEGMENT_LEN is not None:
         if SEGMENT_LEN <= 0 or SEGMENT_LEN % CHUNK:
             raise ValueError(f"SEGMENT_LEN: expected a positive multiple of {CHUNK}, got {SEGMENT_LEN}")
@@ -243,7 +249,9 @@ def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.devi
         return CPU_SEGMENT_LEN
     seg = TUNING["segments"]
     per_segment = h * triton.cdiv(d_v, _block(TUNING["state"]["BV"], d_v, d_k))
-    want = triton.cdiv(seg["programs_per_sm"] * _sm_count(device.index or 0), per_segment)
+    # rounded down: one wave (a segment is ~H · D_v / 16 programs, about one per SM at H = 16, so
+    # rounding up could start a second wave of long chains)
+    want = max(1, seg["programs_per_sm"] * _sm_count(device.index or 0) // per_segment)
     length = triton.cdiv(triton.cdiv(max(n_tokens, 1), want), CHUNK) * CHUNK
     return max(length, triton.cdiv(seg["min_segment"], CHUNK) * CHUNK)
 
