@@ -25,6 +25,8 @@ constant decay, so it skips the first launch. (A first version fused the output 
 sequential loop; on an H200 that was ~2x slower than fla at 64K tokens, so the output moved out.)
 With ``LIGHTNING_SEGMENTED`` (the default) Lightning's forward is instead the segment-parallel one
 in :mod:`.lightning_fwd`, which writes per-chunk states only when an input needs a gradient.
+With ``DELTA_SEGMENTED`` (the default) the delta rule's state pass is instead the segment-parallel
+one in :mod:`.delta_segments` (same outputs: per-chunk states, v', final state).
 
 Decay ratios never overflow: for the scalar gate the [C, C] exponent is masked before exp; for
 the per-channel gate, pairs in different 16-token sub-chunks factor through the first token r of
