@@ -371,3 +371,59 @@ def test_gpu_packed_bf16_and_gradients(segmented):
     old = run()
     for a, r in zip(new, old, strict=True):
         assert rel_err(a, r) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda"])
+def test_gpu_bf16_weak_gates_error_not_worse(op):
+    """Weak gates (−1e-3 per token: a chunk keeps 94% of the state), 16K tokens, bf16: M_seg is a
+    product of ~80 bf16-rounded steps, so check that the segmented pass's error against the float32
+    single-pass forward on the same (upcast) inputs is no worse than the bf16 single pass's."""
+    from attnlab.kernels import linear
+
+    q, k, v, g, beta, h0 = make_inputs(op, 1, 16384, 16, 16, 128, 128, -1e-3, seed=4)
+    q, k, v, beta = (x.to("cuda", torch.bfloat16) for x in (q, k, v, beta))
+    g, h0 = g.cuda(), h0.cuda()
+    saved = linear.DELTA_SEGMENTED
+    try:
+        outs = {}
+        for name, seg, dt in (("seg", True, torch.bfloat16), ("old", False, torch.bfloat16),
+                              ("ref", False, torch.float32)):
+            linear.DELTA_SEGMENTED = seg
+            outs[name] = kernel(op)(*(x.to(dt) for x in (q, k, v)), g, beta.to(dt), initial_state=h0,
+                                    output_final_state=True)
+    finally:
+        linear.DELTA_SEGMENTED = saved
+    for i in range(2):  # o, final state
+        err_seg, err_old = rel_err(outs["seg"][i], outs["ref"][i]), rel_err(outs["old"][i], outs["ref"][i])
+        assert err_seg < 1.5 * err_old + 1e-3, (i, err_seg, err_old)
+
+
+@pytest.mark.gpu
+def test_gpu_states_past_2_31_elements():
+    """576K tokens, 16 heads, 128x128: the per-chunk states hold 4.7e9 elements (64-bit offsets);
+    the segmented forward equals the single pass."""
+    from attnlab.kernels import linear
+
+    t, h, d = 9000 * 64, 16, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, v = (torch.randn(1, t, h, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    k = torch.nn.functional.normalize(torch.randn(1, t, h, d, device="cuda", generator=gen), dim=-1)
+    k = k.to(torch.bfloat16)
+    g = -0.05 * torch.rand(1, t, h, device="cuda", generator=gen)
+    beta = torch.rand(1, t, h, device="cuda", generator=gen).to(torch.bfloat16)
+    saved = linear.DELTA_SEGMENTED
+    try:
+        linear.DELTA_SEGMENTED = True
+        o, ht = linear.gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+        linear.DELTA_SEGMENTED = False
+        o_old, ht_old = linear.gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+    finally:
+        linear.DELTA_SEGMENTED = saved
+
+    def err(a, r):  # on the GPU: rel_err's float64 CPU copies of 1.2e9 elements would take minutes
+        a, r = a.float(), r.float()
+        assert torch.isfinite(a).all()
+        return ((a - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt()).item()
+
+    assert err(o, o_old) < 1e-2 and err(ht, ht_old) < 1e-2
