@@ -16,6 +16,19 @@ from torch import nn
 
 from .._checks import check_tensor
 
+# ----------------------------------------------------------------------------- rounding on store
+
+
+def cast_out(op, *args: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``op(*args).to(dtype)`` in one kernel: the elementwise torch ``op`` (one taking ``out=``)
+    computes in its usual (float32) dtype and rounds once as it stores into a new ``dtype`` tensor.
+    Autograd does not take ``out=``: with gradients on it is the op and then the cast (same values)."""
+    if torch.is_grad_enabled():
+        return op(*args).to(dtype)
+    shape = torch.broadcast_shapes(*(a.shape for a in args))
+    return op(*args, out=torch.empty(shape, dtype=dtype, device=args[0].device))
+
+
 # ----------------------------------------------------------------------------- norms
 
 
@@ -42,7 +55,7 @@ class RMSNorm(nn.Module):
             # h * (1 + w) as h + h * w: one addcmul instead of casting w and adding 1 (the same
             # float32 product up to one rounding)
             h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-            return torch.addcmul(h, h, self.weight).to(x.dtype)
+            return cast_out(torch.addcmul, h, h, self.weight, dtype=x.dtype)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -61,18 +74,22 @@ class GatedRMSNorm(nn.Module):
         self.activation = activation
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def _apply(self, fn, recurse: bool = True):
+        # the weight stays float32 when the model is cast to 16 bits (a 16-bit checkpoint's values
+        # convert exactly): the norm computes in float32 anyway, and then needs no cast per step
+        before = self.weight.data
+        super()._apply(fn, recurse)
+        if before.dtype == torch.float32 and self.weight.dtype in (torch.float16, torch.bfloat16):
+            self.weight.data = before.to(device=self.weight.device)
+        return self
+
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """x, gate [..., dim] -> [..., dim] in ``x.dtype``."""
-        w = self.weight
-        if w.dtype == x.dtype:
-            # one fused kernel; rounds rmsnorm(x) * w to x's dtype before the gate, as the reference
-            # does (Qwen3NextRMSNormGated: weight * x_hat.to(input_dtype)); exact in float32
-            h = F.rms_norm(x, w.shape, w, self.eps)
-        else:
-            h = F.rms_norm(x.float(), w.shape, w.float(), self.eps)
+        w = self.weight.float()
+        h = F.rms_norm(x.float(), w.shape, w, self.eps)  # (..., dim) float32
         g = gate.float()
         g = F.silu(g) if self.activation == "silu" else torch.sigmoid(g)
-        return (h * g).to(x.dtype)  # a 16-bit h times the float32 gate computes in float32
+        return cast_out(torch.mul, h, g, dtype=x.dtype)  # rounded once, on store
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, activation={self.activation}"
@@ -222,8 +239,8 @@ class RotaryEmbedding(nn.Module):
         if (positions is None) == (rotation is None):
             raise ValueError("rotate: pass exactly one of positions and rotation")
         cos, sin = self.rotation(positions) if rotation is None else rotation
-        rot = torch.addcmul(x * cos, x.index_select(-1, self.rot_partner), sin)
-        return rot.to(x.dtype if dtype is None else dtype)  # (B, T, H, head_dim)
+        partner = x.index_select(-1, self.rot_partner)  # (B, T, H, head_dim)
+        return cast_out(torch.addcmul, x * cos, partner, sin, dtype=x.dtype if dtype is None else dtype)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
