@@ -92,21 +92,26 @@ def chunk_recurrence(w, u, kd, gcum, h0, lens):
             vn, torch.stack(finals))
 
 
-def run_state_pass(gate, w, u, kd, gcum, h0, lens, segmented_on):
+def run_state_pass(gate, w, u, kd, gcum, h0, lens, segmented_on, dense=False):
     """The state pass as linear._forward runs it: segmented, or the single-pass _state_kernel
-    (launched here as _forward launches it). Returns (states, vn, final state)."""
+    (launched here as _forward launches it). Several sequences go in packed with cu_seqlens, or
+    with dense=True (equal lengths) as a batch [N, T/N, ...]. Returns (states, vn [1, T, H, V],
+    final state)."""
     import triton
 
     from attnlab.kernels import delta_segments, linear
 
     t, h, d_k, d_v = w.shape[1], w.shape[2], w.shape[3], u.shape[3]
+    n_seq = len(lens)
     cu = None
-    if len(lens) > 1:
+    if dense:
+        w, u, kd, gcum = (x.reshape(n_seq, t // n_seq, *x.shape[2:]) for x in (w, u, kd, gcum))  # (N, T/N, .)
+    elif n_seq > 1:
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     n_chunks = sum(-(-n // C) for n in lens)
     states = linear._empty(max(n_chunks, 1), h, d_k, d_v, dtype=w.dtype, device=w.device)
-    vn = linear._empty(1, t, h, d_v, dtype=w.dtype, device=w.device)
-    ht = linear._empty(len(lens), h, d_k, d_v, dtype=torch.float32, device=w.device)
+    vn = linear._empty(*u.shape, dtype=w.dtype, device=w.device)
+    ht = linear._empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=w.device)
     if segmented_on:
         delta_segments.state_pass(w, u, kd, gcum, gate, h0, cu, states, vn, ht)
     else:
@@ -114,14 +119,14 @@ def run_state_pass(gate, w, u, kd, gcum, h0, lens, segmented_on):
         cfg = linear.TUNING["scalar"]
         bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
         dt = linear._tl_dtype(w.dtype)
-        linear._state_kernel[(triton.cdiv(d_v, bv), len(lens) * h)](
+        linear._state_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
             w, u, kd, u, w, gcum, w, states, vn, h0 if h0 is not None else ht, ht,
-            cu if cu is not None else w, offsets, t,
+            cu if cu is not None else w, offsets, w.shape[1],
             H=h, HK=h, K=d_k, V=d_v, BT=C, BK=max(16, triton.next_power_of_2(d_k)), BV=bv, GATE=gate,
             USE_H0=h0 is not None, STORE_HT=True, IS_VARLEN=cu is not None, DT=dt,
             PREC="ieee" if w.dtype == torch.float32 else "tf32",
         )
-    return states[:n_chunks], vn, ht
+    return states[:n_chunks], vn.reshape(1, t, h, d_v), ht
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
@@ -164,6 +169,32 @@ def test_interp_state_pass_packed_sequences(segmented, gate):
     for name, a, o, r in zip(("states", "vn", "final"), got, old, ref, strict=True):
         assert a.shape == r.shape, name
         assert rel_err(a, r) < 1e-5 and rel_err(a, o) < 1e-5, name
+
+
+@interp
+@pytest.mark.parametrize("gate", [1, 2])
+def test_interp_state_pass_dense_batch(segmented, gate):
+    """A dense batch of 3 sequences of 200 tokens (slots of non-last segments computed from the
+    batch index), against the recurrence and the single pass."""
+    lens = [200] * 3
+    w, u, kd, gcum, h0 = synthetic(gate, lens, 2, 24, 40, use_h0=True, seed=10 + gate)
+    got = run_state_pass(gate, w, u, kd, gcum, h0, lens, True, dense=True)
+    old = run_state_pass(gate, w, u, kd, gcum, h0, lens, False, dense=True)
+    ref = chunk_recurrence(w, u, kd, gcum, h0, lens)
+    for name, a, o, r in zip(("states", "vn", "final"), got, old, ref, strict=True):
+        assert a.shape == r.shape, name
+        assert rel_err(a, r) < 1e-5 and rel_err(a, o) < 1e-5, name
+
+
+@interp
+@pytest.mark.parametrize("gate", [1, 2])
+def test_interp_state_pass_wide_key_head(segmented, gate):
+    """D_k = 200 > 128 (column blocks capped at 32: pass 1 has 7 blocks of M, 3 of B), D_v = 72."""
+    w, u, kd, gcum, h0 = synthetic(gate, [257], 1, 200, 72, use_h0=True, seed=20 + gate)
+    got = run_state_pass(gate, w, u, kd, gcum, h0, [257], True)
+    ref = chunk_recurrence(w, u, kd, gcum, h0, [257])
+    for name, a, r in zip(("states", "vn", "final"), got, ref, strict=True):
+        assert rel_err(a, r) < 1e-5, name
 
 
 @interp
