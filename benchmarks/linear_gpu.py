@@ -220,44 +220,47 @@ def sweep_segmented(ts=(16384, 65536)) -> None:
     torch.cuda.empty_cache()
 
 
-# segment-parallel delta-rule state pass (delta_segments.TUNING): coordinate search as SEG_SWEEP,
-# segments first and again last (the best segment count depends on the passes' launch parameters)
+# segment-parallel delta-rule state pass (delta_segments.TUNING): coordinate search, one step at a
+# time, a config setting one or more tables. Pass 3's column width, pipeline depth (shared memory:
+# how many programs fit an SM) and the segment count go together: wider blocks need more segments.
 DS_SWEEP = [
-    ("segments", [{"programs_per_sm": p, "min_segment": m} for p, m in
-                  [(1, 512), (2, 512), (4, 512), (6, 512), (8, 512), (16, 512), (3, 2048)]]),
-    ("state", [{"BV": bv, "num_warps": w, "num_stages": st} for bv, w, st in
-               [(16, 4, 2), (16, 4, 3), (16, 4, 1), (16, 2, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2)]]),
-    ("transition", [{"BX": bx, "num_warps": w, "num_stages": st} for bx, w, st in
-                    [(32, 4, 2), (32, 4, 3), (32, 4, 1), (16, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2)]]),
-    ("scan", [{"BV": bv, "BKK": bkk, "num_warps": w, "precision": p} for bv, bkk, w, p in
-              [(32, 32, 4, "ieee"), (16, 32, 4, "ieee"), (64, 32, 4, "ieee"), (32, 64, 8, "ieee"),
-               (32, 32, 4, "tf32x3"), (32, 32, 4, "tf32")]]),
-    ("segments", [{"programs_per_sm": p, "min_segment": m} for p, m in
-                  [(1, 512), (2, 512), (3, 512), (4, 512), (8, 512), (12, 512)]]),
+    [{"state": {"BV": bv, "num_warps": 4, "num_stages": st},
+      "segments": {"programs_per_sm": p, "min_segment": 512}}
+     for bv in (16, 32, 64) for st in (1, 2) for p in (2, 3, 4, 6)],
+    [{"transition": {"BX": bx, "num_warps": w, "num_stages": st}} for bx, w, st in
+     [(16, 4, 2), (32, 4, 1), (32, 4, 2), (32, 4, 3), (64, 4, 1), (64, 4, 2), (64, 8, 2), (128, 8, 1),
+      (128, 8, 2)]],
+    [{"scan": {"BV": bv, "BKK": bkk, "num_warps": w, "precision": p}} for bv, bkk, w, p in
+     [(32, 32, 4, "ieee"), (16, 32, 4, "ieee"), (64, 32, 4, "ieee"), (32, 64, 8, "ieee"),
+      (32, 32, 4, "tf32x3"), (32, 32, 4, "tf32")]],
+    [{"segments": {"programs_per_sm": p, "min_segment": m}} for p, m in
+     [(2, 512), (3, 512), (4, 512), (6, 512), (8, 512), (12, 512), (4, 256), (4, 2048)]],
 ]
 
 
 def sweep_delta_segmented(ts=(16384, 65536)) -> None:
     """Coordinate search over delta_segments.TUNING on GDN's forward (KDA runs the same state
-    pass): a config's score is the sum over ts of its time relative to the current default's."""
+    pass): a config's score is the sum over ts of its time relative to the step's starting point."""
     ours = ours_fns()
     fn = ours["gdn_seg"]
     xss = {t: make(t, "gdn") for t in ts}
     old = {t: safe(bench_fwd, ours["gdn"], xss[t]) for t in ts}
     print("sweep gdn_seg: single-pass state kernel " + ", ".join(f"T={t} {old[t]:.3f} ms" for t in ts),
           flush=True)
-    for name, grid in DS_SWEEP:
+    for grid in DS_SWEEP:
+        names = sorted({name for cfg in grid for name in cfg})
         base = {t: safe(bench_fwd, fn, xss[t]) for t in ts}
-        best = (float("inf"), dict(delta_segments.TUNING[name]))
+        best = (float("inf"), {name: dict(delta_segments.TUNING[name]) for name in names})
         for cfg in grid:
-            delta_segments.TUNING[name] = dict(cfg)
+            for name, params in cfg.items():
+                delta_segments.TUNING[name] = dict(params)
             ms = {t: safe(bench_fwd, fn, xss[t]) for t in ts}
             score = sum(ms[t] / base[t] for t in ts)
-            print(f"sweep gdn_seg {name:10s} {json.dumps(cfg)}: "
-                  + ", ".join(f"T={t} {ms[t]:.3f} ms" for t in ts), flush=True)
+            print(f"sweep gdn_seg {json.dumps(cfg)}: " + ", ".join(f"T={t} {ms[t]:.3f} ms" for t in ts),
+                  flush=True)
             if score < best[0]:  # NaN (a failed config) never wins
-                best = (score, dict(cfg))
-        delta_segments.TUNING[name] = best[1]
+                best = (score, {name: dict(delta_segments.TUNING[name]) for name in names})
+        delta_segments.TUNING.update(best[1])
     print("sweep gdn_seg: kept", json.dumps(delta_segments.TUNING), flush=True)
     del xss
     torch.cuda.empty_cache()
