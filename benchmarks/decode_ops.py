@@ -98,30 +98,43 @@ _IDLE.paused = 1
 _COUNTER: OpCounter = _IDLE  # the active counter, for the stand-in launchers
 
 
-def _label_hooks(model: HybridLM, counter: OpCounter) -> list:
-    """Forward hooks that label ops by the part of the model that runs them."""
-    handles = []
+@contextmanager
+def _labelled(model: HybridLM, counter: OpCounter):
+    """Label ops by the part of the model that runs them. The parts' ``forward`` are wrapped rather
+    than hooked: a forward hook on a mixer or MLP makes its Block take the unfused residual path
+    (hooks must see the module's own output), which would count ops the step does not run."""
+    wrapped = []  # (module, its own forward attribute if it had one)
 
-    def attach(module, label):
-        def pre(_m, _a):
+    def wrap(module, label):
+        forward = module.forward
+        wrapped.append((module, module.__dict__.get("forward")))
+
+        def labelled_forward(*args, **kwargs):
             counter.labels.append(label)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                counter.labels.pop()
 
-        def post(_m, _a, _o):
-            counter.labels.pop()
-
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
+        module.forward = labelled_forward
 
     for i, block in enumerate(model.blocks):
-        attach(block, f"{i}:{block.letter}:residual")  # ops in Block.forward outside its children
-        attach(block.mixer_norm, f"{i}:{block.letter}:norms")
-        attach(block.mlp_norm, f"{i}:{block.letter}:norms")
-        attach(block.mixer, f"{i}:{block.letter}:mixer")
-        attach(block.mlp, f"{i}:{block.letter}:mlp")
-    attach(model.embed, "embed")
-    attach(model.norm, "final_norm")
-    attach(model.lm_head, "lm_head")
-    return handles
+        wrap(block, f"{i}:{block.letter}:residual")  # ops in Block.forward outside its children
+        wrap(block.mixer_norm, f"{i}:{block.letter}:norms")
+        wrap(block.mlp_norm, f"{i}:{block.letter}:norms")
+        wrap(block.mixer, f"{i}:{block.letter}:mixer")
+        wrap(block.mlp, f"{i}:{block.letter}:mlp")
+    wrap(model.embed, "embed")
+    wrap(model.norm, "final_norm")
+    wrap(model.lm_head, "lm_head")
+    try:
+        yield
+    finally:
+        for module, own in reversed(wrapped):
+            if own is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = own
 
 
 # ----------------------------------------------------------------------------- the CUDA branch
@@ -265,15 +278,12 @@ def count_step(model: HybridLM, branch: str = "cuda", prompt_len: int = 8, max_l
         step = DecodeStep(model, caches, mode="eager")
         nxt = logits.argmax(-1)  # (1,)
         _as_in_graph(stack)
-        handles = _label_hooks(model, counter)
         _COUNTER = counter
         try:
-            with counter:
+            with _labelled(model, counter), counter:
                 out = step(nxt)
         finally:
             _COUNTER = _IDLE
-            for h in handles:
-                h.remove()
     return summarize(model, counter, out)
 
 

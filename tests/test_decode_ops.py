@@ -222,3 +222,22 @@ def test_cast_out_rounds_once_on_store():
     y = cast_out(torch.mul, x, h, dtype=torch.bfloat16)  # autograd: op then cast, gradient flows
     y.float().sum().backward()
     torch.testing.assert_close(x.grad, h)
+
+
+def test_a_hooked_mixer_returns_its_own_branch():
+    """Forward hooks on a mixer (attnlab.diagnostics) see its output, not the residual sum."""
+    from attnlab import HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset("llama", d_model=64, n_layers=2, vocab_size=32)).eval()
+    tokens = torch.randint(0, 32, (1, 5))
+    seen = []
+    block = model.blocks[0]
+    handle = block.mixer.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        hooked = model(tokens)
+        handle.remove()
+        plain = model(tokens)
+        x, out = seen[0]
+        torch.testing.assert_close(out, block.mixer(x))
+    torch.testing.assert_close(hooked, plain)
