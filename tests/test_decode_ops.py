@@ -241,3 +241,18 @@ def test_a_hooked_mixer_returns_its_own_branch():
         x, out = seen[0]
         torch.testing.assert_close(out, block.mixer(x))
     torch.testing.assert_close(hooked, plain)
+
+
+def test_kda_gate_up_projections_fused_equal_separate():
+    from attnlab.layers.deltanet import KimiDeltaAttention
+
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(32, 2, 2, 8, 8)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        _, parts = layer.project(x)
+        assert "f_up" in parts
+        torch.testing.assert_close(parts["f_up"], layer.f_b_proj(parts["f"]))
+        torch.testing.assert_close(parts["g_up"], layer.g_b_proj(parts["g"]))
+        fused = layer(x)
+    torch.testing.assert_close(fused, layer(x))  # autograd on: the separate matmuls

@@ -43,7 +43,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_heads_divide, check_tensor
 from ..cache import CacheSpec, LayerCache
-from .common import GatedRMSNorm, Residual, ShortConv, project_out
+from .common import FusedLinears, GatedRMSNorm, Residual, ShortConv, project_out
 from .lightning import _check_cache
 
 
@@ -293,14 +293,35 @@ class KimiDeltaAttention(DeltaRuleMixer):
                          n_decay=n_heads * key_head_dim, extra_in={"f": rank, "g": rank})
         self.f_b_proj = nn.Linear(rank, n_heads * key_head_dim, bias=False)
         self.g_b_proj = nn.Linear(rank, self.value_dim, bias=False)
+        # both up-projections in one batched matmul when their widths match (D_k == D_v)
+        self.gates_up = FusedLinears(self.f_b_proj, self.g_b_proj)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.gates_up.refuse()  # .to() / .half() gave each weight new storage
+        return self
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As :meth:`DeltaRuleMixer.project`, plus the gates' up-projections ``f_up`` [B, T, H·D_k]
+        and ``g_up`` [B, T, H·D_v] from one batched matmul when the weights are fused (inference)."""
+        proj, parts = super().project(x)
+        fused = self.gates_up.weight()
+        rank, width = self.f_b_proj.in_features, self.f_b_proj.out_features
+        if fused is not None and self.g_b_proj.out_features == width:
+            B, T, _ = x.shape
+            fg = proj[..., -2 * rank :].reshape(B * T, 2, rank).transpose(0, 1)  # (2, B*T, rank): f, g
+            up = torch.bmm(fg, fused.view(2, width, rank).transpose(1, 2))  # (2, B*T, width)
+            parts["f_up"], parts["g_up"] = up[0].view(B, T, width), up[1].view(B, T, width)
+        return proj, parts
 
     def log_decay(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        f = self.f_b_proj(parts["f"]) + self.dt_bias.float()  # (B, T, H*D_k) float32 (promoted)
+        f = parts["f_up"] if "f_up" in parts else self.f_b_proj(parts["f"])  # (B, T, H*D_k)
+        f = f + self.dt_bias.float()  # float32 (a 16-bit f is promoted)
         f = f.unflatten(-1, (self.n_heads, self.key_head_dim))  # (B, T, H, D_k)
         return -self.A_log.float().exp()[:, None] * F.softplus(f)
 
     def output_gate(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.g_b_proj(parts["g"])
+        return parts["g_up"] if "g_up" in parts else self.g_b_proj(parts["g"])  # (B, T, H*D_v)
 
     def recurrence(self, q, k, v, g, beta, initial_state=None, output_final_state=False):
         return ops.kda(q, k, v, g, beta, initial_state=initial_state,
