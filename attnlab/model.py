@@ -76,21 +76,23 @@ class Block(nn.Module):
         x = self.mixer_norm(h)
         r = x if self.postnorm else h
         kwargs = {"rotation": rotation} if rotation is not None and self.takes_rotation else {}
-        if self.adds_residual and (self.postnorm or overwrite) and not _output_hooked(self.mixer):
+        if self.adds_residual and (self.postnorm or overwrite) and not _hooked(self.mixer):
             h = self.mixer(x, cache, residual=Residual(r, self.mixer_alpha, self.mixer_beta), **kwargs)
         else:
             h = self._residual(h, x, self.mixer(x, cache, **kwargs), self.mixer_alpha, self.mixer_beta)
         x = self.mlp_norm(h)
-        if _output_hooked(self.mlp):
+        if _hooked(self.mlp):
             return self._residual(h, x, self.mlp(x), self.mlp_alpha, self.mlp_beta)
         return self.mlp(x, Residual(x if self.postnorm else h, self.mlp_alpha, self.mlp_beta))
 
 
-def _output_hooked(module: nn.Module) -> bool:
-    """Whether a forward hook may read or replace ``module``'s output (attnlab.diagnostics ablates
-    mixers that way): then the module must return its own branch, not the residual sum it can add
-    its output into."""
-    return bool(module._forward_hooks) or bool(nn.modules.module._global_forward_hooks)
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward hooks watch ``module`` (attnlab.diagnostics ablates a mixer by replacing its
+    output, or keeps its input): then it must return its own branch, not the residual sum it can add
+    its output into, and must not overwrite its input (a post-norm block's residual)."""
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks)
 
 
 class HybridLM(nn.Module):

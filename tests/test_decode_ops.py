@@ -256,3 +256,19 @@ def test_kda_gate_up_projections_fused_equal_separate():
         torch.testing.assert_close(parts["g_up"], layer.g_b_proj(parts["g"]))
         fused = layer(x)
     torch.testing.assert_close(fused, layer(x))  # autograd on: the separate matmuls
+
+
+def test_captured_mixer_input_of_a_post_norm_block_is_not_overwritten():
+    """MiniMax's residual is the mixer's normed input: a pre-hook keeping that input (as
+    attnlab.diagnostics.capture_mixer_inputs does) must find it unchanged after the forward."""
+    from attnlab import HybridLM
+    from attnlab.diagnostics import capture_mixer_inputs
+
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset("minimax-01", d_model=64, n_layers=8, vocab_size=32)).eval()
+    tokens = torch.randint(0, 32, (1, 5))
+    with torch.no_grad(), capture_mixer_inputs(model, [0]) as seen:
+        model(tokens)
+        kept = seen[0].clone()
+        torch.testing.assert_close(seen[0], model.blocks[0].mixer_norm(model.embed(tokens)))
+    assert torch.equal(seen[0], kept)
