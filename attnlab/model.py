@@ -73,23 +73,28 @@ class Block(nn.Module):
         (see :meth:`HybridLM.forward`), passed to S / W mixers. ``overwrite``: h is the caller's to
         discard, so the mixer's output projection may add into it in place (HybridLM's hidden states);
         the MLP always may (it adds into a tensor this block made)."""
+        watched = self.watched()  # a hook may keep a tensor that an in-place add would change
         x = self.mixer_norm(h)
         r = x if self.postnorm else h
         kwargs = {"rotation": rotation} if rotation is not None and self.takes_rotation else {}
-        if self.adds_residual and (self.postnorm or overwrite) and not _hooked(self.mixer):
+        if self.adds_residual and (self.postnorm or overwrite) and not watched:
             h = self.mixer(x, cache, residual=Residual(r, self.mixer_alpha, self.mixer_beta), **kwargs)
         else:
             h = self._residual(h, x, self.mixer(x, cache, **kwargs), self.mixer_alpha, self.mixer_beta)
         x = self.mlp_norm(h)
-        if _hooked(self.mlp):
+        if watched:
             return self._residual(h, x, self.mlp(x), self.mlp_alpha, self.mlp_beta)
         return self.mlp(x, Residual(x if self.postnorm else h, self.mlp_alpha, self.mlp_beta))
 
+    def watched(self) -> bool:
+        """Whether forward hooks watch this block or its parts (attnlab.diagnostics replaces a
+        mixer's output or keeps its input): then every branch returns its own output and no tensor
+        a hook may hold is added into in place."""
+        return any(_hooked(m) for m in (self, self.mixer_norm, self.mixer, self.mlp_norm, self.mlp))
+
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether forward hooks watch ``module`` (attnlab.diagnostics ablates a mixer by replacing its
-    output, or keeps its input): then it must return its own branch, not the residual sum it can add
-    its output into, and must not overwrite its input (a post-norm block's residual)."""
+    """Whether forward hooks (pre or post, on ``module`` or global) may see its input or output."""
     hooks = nn.modules.module
     return bool(module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
                 or hooks._global_forward_pre_hooks)
@@ -130,8 +135,12 @@ class HybridLM(nn.Module):
                 raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         h = self.embed(tokens)  # (B, T, d_model)
         rotation = self._decode_rotation(tokens, caches)
+        previous = self.embed
         for i, block in enumerate(self.blocks):
-            h = block(h, None if caches is None else caches[i], rotation, overwrite=True)  # h is ours
+            # h is ours to overwrite unless a hook on its producer or on the block may have kept it
+            ours = not (_hooked(previous) or block.watched())
+            h = block(h, None if caches is None else caches[i], rotation, overwrite=ours)
+            previous = block
         return self.lm_head(self.norm(h)).float()  # (B, T, vocab_size)
 
     def _decode_rotation(self, tokens: torch.Tensor, caches: list[LayerCache] | None):

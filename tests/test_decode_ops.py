@@ -272,3 +272,20 @@ def test_captured_mixer_input_of_a_post_norm_block_is_not_overwritten():
         kept = seen[0].clone()
         torch.testing.assert_close(seen[0], model.blocks[0].mixer_norm(model.embed(tokens)))
     assert torch.equal(seen[0], kept)
+
+
+def test_hooked_block_outputs_are_not_overwritten_by_the_next_block():
+    from attnlab import HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.preset("llama", d_model=64, n_layers=3, vocab_size=32)).eval()
+    tokens = torch.randint(0, 32, (1, 5))
+    kept = []
+    handle = model.blocks[0].register_forward_hook(lambda m, args, out: kept.append((out, out.clone())))
+    with torch.no_grad():
+        hooked = model(tokens)
+        handle.remove()
+        plain = model(tokens)
+    out, copy = kept[0]
+    assert torch.equal(out, copy)  # block 1 did not add into block 0's output in place
+    torch.testing.assert_close(hooked, plain)
