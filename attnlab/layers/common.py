@@ -1,5 +1,8 @@
 """Parts every mixer shares, written once: RMSNorm variants, RoPE (rotate-half and
-interleaved, partial, YaRN), the SwiGLU MLP and the short causal convolution.
+interleaved, partial, YaRN), the SwiGLU MLP and the short causal convolution, and the pieces
+that keep a decode step to few kernels: projections fused into one matmul (:class:`FusedLinears`),
+output projections that add into the residual stream (:class:`Residual`), elementwise ops that
+round once as they store (:func:`cast_out`).
 
 Numerics follow the published model code (Hugging Face ``transformers`` 5.23.0 is the
 reference): norms compute in float32 and cast back; RoPE angles are float32.
