@@ -52,10 +52,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .linear import CHUNK, SUB, _chunk_tables, _empty, _forward, _tile, _tl_dtype
+from .linear import CHUNK, SUB, _chunk_tables, _empty, _forward, _mm, _tile, _tl_dtype
 
 DIAG_SPAN = 60.0  # as attnlab.kernels.linear.DIAG_SPAN: e^60 is finite in fp32
-DSTATE_TUNING: dict[str, int] = {"BV": 32, "num_warps": 4, "num_stages": 2}
+# The state-gradient sweep's launch parameters: D_v columns per program, warps, pipeline depth (as
+# the forward's sequential kernel, linear.TUNING; not yet swept on a GPU).
+DSTATE_TUNING: dict[str, int] = {"BV": 16, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -89,9 +91,8 @@ def _dstate_kernel(
         b_do = _tile(do + ch * BT * V, 0, BT, V, c0, V, BT, BV)
         b_dv = _tile(dvi + ch * BT * V, 0, BT, V, c0, V, BT, BV)
         b_gl = tl.load(gl + ch * K + rk, mask=rk < K, other=0.0)
-        b_dv += tl.dot(b_kd, dS, input_precision=PREC)  # dv' = Aqᵀ dO + Kd dS'
-        dS = (dS * b_gl[:, None] + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
-              - tl.dot(tl.trans(b_w), b_dv, input_precision=PREC))
+        b_dv += _mm(b_kd, dS, DT, PREC)  # dv' = Aqᵀ dO + Kd dS'
+        dS = dS * b_gl[:, None] + _mm(tl.trans(b_qg), b_do, DT, PREC) - _mm(tl.trans(b_w), b_dv, DT, PREC)
     if STORE_DH0:
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv, dS, mask=mkv)
 
@@ -316,11 +317,13 @@ def _chunk_grads(terms, q, k, v, g, beta, S, scale, do, dht, tok, start, n_seq, 
     bk = max(16, triton.next_power_of_2(d_k))
     bv = min(DSTATE_TUNING["BV"], max(16, triton.next_power_of_2(d_v)))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dt = q.dtype  # the sweep reads its per-chunk matrices in the inputs' dtype (half the bytes in bf16)
     _dstate_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-        qg.detach().contiguous(), do_.contiguous(), w.detach().contiguous(), kd.detach().contiguous(),
-        dvi.contiguous(), gl, dht.float().contiguous() if dht is not None else dstates, dstates, dh0,
-        start.to(torch.int32), H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv,
-        USE_DHT=dht is not None, STORE_DH0=need_dh0, DT=_tl_dtype(q.dtype), PREC=prec,
+        qg.detach().to(dt).contiguous(), do_.to(dt).contiguous(), w.detach().to(dt).contiguous(),
+        kd.detach().to(dt).contiguous(), dvi.contiguous(), gl,
+        dht.float().contiguous() if dht is not None else dstates, dstates, dh0, start.to(torch.int32),
+        H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, USE_DHT=dht is not None, STORE_DH0=need_dh0,
+        DT=_tl_dtype(dt), PREC=prec,
         num_warps=DSTATE_TUNING["num_warps"], num_stages=DSTATE_TUNING["num_stages"],
     )
 
