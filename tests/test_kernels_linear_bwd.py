@@ -266,7 +266,7 @@ def test_gpu_gradients_fp32(op, t, d_k, d_v, poisoned):
 def test_gpu_gradients_bf16(op, t, poisoned):
     xs = make_inputs(op, 1, t, 4, 4, 128, 128, gate=(-0.1, 0.0), seed=t)
     xs = [x.to(torch.bfloat16) if i < 3 else x for i, x in enumerate(xs)]
-    check(op, xs, tol=3e-2, device="cuda")
+    check(op, xs, tol=3e-2, gate_tol=5e-2, device="cuda")  # dg sums terms that cancel
 
 
 @pytest.mark.gpu

@@ -36,9 +36,10 @@ sub-chunk (the second factor is then ≤ e^60, finite), and an elementwise loop 
 chunk_kda does), so a log-gate of −40 per token is exact too (tested).
 
 Backward: Lightning has a Triton backward (q, k, v, initial state; the slope is a fixed buffer
-in the layers, and asking for its gradient falls back). Gated DeltaNet and KDA backward recompute
-through the chunked PyTorch implementation (``attnlab.ops``, ``mode="chunk"``) under autograd —
-correct, not fast; there is no Triton backward for the delta rule yet.
+in the layers, and asking for its gradient falls back to recomputing through the chunked PyTorch
+op under autograd). Gated DeltaNet and KDA: :mod:`attnlab.kernels.linear_bwd` (the forward kernels
+recompute the states, a Triton sweep carries the state gradient back over the chunks, and the
+per-chunk gradients are batched PyTorch over all chunks; cu_seqlens supported).
 """
 
 from __future__ import annotations
@@ -855,8 +856,8 @@ def _lightning_backward(q, k, v, slope, scale, states, do, dht, need_dh0, cu_seq
 
 
 class _ChunkFunction(torch.autograd.Function):
-    """Triton forward. Backward: Triton for Lightning (q, k, v, initial state); otherwise (the delta
-    rule, or a slope that needs a gradient) by recomputing the chunked PyTorch op under autograd."""
+    """Triton forward. Backward: Triton for Lightning (q, k, v, initial state), linear_bwd for the
+    delta rule; a Lightning slope that needs a gradient recomputes the chunked PyTorch op under autograd."""
 
     @staticmethod
     def forward(ctx, gate, q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens):

@@ -81,8 +81,9 @@ def _dstate_kernel(
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         dS += tl.load(dht + i_bh.to(tl.int64) * K * V + kv, mask=mkv, other=0.0)
-    for j in range(0, c_end - c_begin):
-        c = c_end - 1 - j
+    n_chunks = (c_end - c_begin).to(tl.int32)
+    for j in range(0, n_chunks):
+        c = c_end - 1 - j  # int64
         ch = c * H + i_h  # int64
         tl.store(dstates + ch * K * V + kv, dS, mask=mkv)
         b_qg = _tile(qg + ch * BT * K, 0, BT, K, 0, K, BT, BK)
