@@ -135,6 +135,10 @@ def test_interp_no_initial_state_no_final_grad_l2norm(op):
 @interp
 @pytest.mark.parametrize("op", OPS)
 def test_interp_varlen_backward_matches_loop_per_sequence(op):
+    check_varlen(op, "cpu")
+
+
+def check_varlen(op, device):
     """Packed sequences (cu_seqlens) of 5, 64 and 23 tokens, each with its own initial state:
     every gradient equals the loop's for that sequence alone."""
     lens = [5, 64, 23]
@@ -145,7 +149,9 @@ def test_interp_varlen_backward_matches_loop_per_sequence(op):
     dS = torch.randn(3, 2, 16, 24, generator=gen, dtype=torch.float64)
     packed = [torch.cat([p[j] for p in parts], dim=1) for j in range(5)]
     packed.append(torch.cat([p[5] for p in parts], dim=0))  # (N, H, K, V)
-    _, got = grads(op, packed, torch.cat(dos, dim=1), dS, "triton", cu_seqlens=cu)
+    packed = [x.to(device) for x in packed]
+    do = torch.cat(dos, dim=1).to(device)
+    _, got = grads(op, packed, do, dS.to(device), "triton", cu_seqlens=cu.to(device))
     for i, p in enumerate(parts):
         _, ref = grads(op, [x.double() for x in p], dos[i], dS[i:i + 1], "recurrent")
         for name, a, r in zip(("q", "k", "v", "g", "beta"), got[:5], ref[:5], strict=True):
@@ -274,6 +280,12 @@ def test_gpu_gradients_bf16(op, t, poisoned):
 def test_gpu_gradients_strong_gates(op, poisoned):
     check(op, make_inputs(op, 1, 300, 4, 4, 128, 128, gate=(-5.5, -5.0), seed=8), tol=1e-4, gate_tol=1e-2,
           device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_varlen_backward(op, poisoned):
+    check_varlen(op, "cuda")
 
 
 @pytest.mark.gpu
