@@ -430,14 +430,17 @@ def _tie_scores(B, T, S, seed):
 
 
 @interp
+@pytest.mark.parametrize("one_program", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_interp_triton_topk_equals_oracle(causal, monkeypatch):
-    """The radix-select top-k (many chunks per row: small blocks) equals ops.dsa_topk exactly:
-    ties at the k-th value go to the earlier positions, -inf and causally hidden positions are -1,
-    k above the visible count and above S; the op's mode="triton" dispatches to it."""
+def test_interp_triton_topk_equals_oracle(causal, one_program, monkeypatch):
+    """The radix-select top-k (many chunks per row: small blocks; or the one-program path)
+    equals ops.dsa_topk exactly: ties at the k-th value go to the earlier positions, -inf and
+    causally hidden positions are -1, k above the visible count and above S; the op's
+    mode="triton" dispatches to it."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if one_program else 0)
     scores = _tie_scores(2, 2, 300, seed=1)
     for topk in (1, 40, 350):
         want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
@@ -448,12 +451,14 @@ def test_interp_triton_topk_equals_oracle(causal, monkeypatch):
 
 
 @interp
-def test_interp_triton_topk_decode_row_long(monkeypatch):
-    """One decode row (B = 1, T = 1) split over many programs, scores from integer data so the
-    k-th value is tied across chunk boundaries, float64 and bfloat16 inputs compared at float32."""
+@pytest.mark.parametrize("one_program", [True, False])
+def test_interp_triton_topk_decode_row_long(one_program, monkeypatch):
+    """One decode row (B = 1, T = 1) split over many programs (or one), scores from integer data so
+    the k-th value is tied across chunk boundaries, float64 and bfloat16 inputs compared at float32."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 4096 if one_program else 1999)
     gen = torch.Generator().manual_seed(2)
     scores = torch.randint(-3, 4, (1, 1, 2000), generator=gen).float()
     scores[0, 0, 1900:] = float("-inf")  # past the row's length
@@ -461,6 +466,52 @@ def test_interp_triton_topk_decode_row_long(monkeypatch):
     assert torch.equal(ks.dsa_topk(scores.double(), 300), want)
     bf = (scores / 3).bfloat16()
     assert torch.equal(ks.dsa_topk(bf, 64), ops.dsa_topk(bf, 64, mode="torch"))
+
+
+@interp
+def test_interp_topk_one_program_edge_cases(monkeypatch):
+    """The one-launch top-k (_topk_row) alone (the multi-program kernels would raise): negative
+    scores, -0.0 next to +0.0, all--inf rows, k > S (tail of -1), k_eff not a power of two (sort
+    padding), S = 1, T > 1 causal and not, a strided bf16 input, equal to the oracle exactly; and
+    the limit: a row one longer than TOPK_ONE_PROGRAM_MAX takes the multi-program path."""
+    from attnlab.kernels import sparse as ks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the multi-program top-k ran")
+
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 100)
+    gen = torch.Generator().manual_seed(11)
+    neg = -(torch.randint(0, 6, (2, 3, 100), generator=gen).float() / 2) - 0.25  # all negative, tied
+    zeros = torch.zeros(2, 3, 100)
+    zeros[..., 1::2] = -0.0  # -0.0 ties with +0.0: the earlier position wins
+    zeros[..., ::5] = -1e-30
+    inf_row = neg.clone()
+    inf_row[1, 2] = float("-inf")
+    one = torch.randn(2, 1, 1, generator=gen)
+    wide = torch.randn(2, 3, 200, generator=gen).bfloat16()[..., ::2]  # strided, S = 100
+    cases = [(neg, (1, 33, 130), (True, False)), (zeros, (50,), (True,)), (inf_row, (99,), (False,)),
+             (one, (4,), (True,)), (wide, (17,), (True,))]
+    with monkeypatch.context() as m:
+        m.setattr(ks, "_topk_hist", refuse)
+        m.setattr(ks, "_topk_rank", refuse)
+        for scores, ks_, causals in cases:
+            for topk in ks_:
+                for causal in causals:
+                    want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
+                    got = ks.dsa_topk(scores, topk, causal=causal)
+                    assert torch.equal(got, want), (scores.shape, topk, causal)
+    long = torch.randint(-2, 3, (1, 1, 101), generator=gen).float()
+    calls = []
+    original = ks._topk_rank
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return original[grid]
+
+    monkeypatch.setattr(ks, "_topk_rank", Spy())
+    assert torch.equal(ks.dsa_topk(long, 9), ops.dsa_topk(long, 9, mode="torch")) and calls
 
 
 @interp
@@ -737,6 +788,40 @@ def test_gpu_topk_variants_equal_oracle(shape):
     assert torch.equal(dsa_topk(scores, 100, causal=False), want_100)
     assert torch.equal(dsa_topk_threshold(scores, 2048, causal=True), want)
     assert torch.equal(dsa_topk_chunked(scores, 2048, causal=True), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 1, 32768), (3, 2, 4096), (1, 1, 3000)])
+def test_gpu_topk_one_program_equals_oracle(shape):
+    """The one-launch top-k at decode lengths (S <= TOPK_ONE_PROGRAM_MAX, k = 2048, its sort
+    holding 2048 int64 keys; 3000: k_eff 2048 with many ties and a -inf tail) equals the oracle."""
+    from attnlab.kernels import sparse as ks
+
+    assert shape[2] <= ks.TOPK_ONE_PROGRAM_MAX
+    gen = torch.Generator(device="cuda").manual_seed(shape[2])
+    scores = (torch.randn(shape, device="cuda", generator=gen) * 4).round() / 4
+    scores[-1, -1, shape[2] // 2:] = float("-inf")
+    scores[0, 0, ::5] = -0.0
+    for causal in (True, False):
+        for topk in (2048, 100):
+            want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
+            assert torch.equal(ks.dsa_topk(scores, topk, causal=causal), want), (topk, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s", [4096, 300000])
+def test_gpu_topk_cuda_graph_both_paths(s):
+    """Both top-k paths (one program per row at 4K, multi-program at 300K) capture in a CUDA graph."""
+    from attnlab.kernels.sparse import dsa_topk
+
+    scores = torch.randn(1, 1, s, device="cuda")
+    dsa_topk(scores, 2048)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dsa_topk(scores, 2048)
+    scores.copy_((torch.randn_like(scores) * 2).round())
+    graph.replay()
+    assert torch.equal(out, ops.dsa_topk(scores, 2048, mode="torch"))
 
 
 @pytest.mark.gpu

@@ -496,14 +496,19 @@ _TOPK_BINS: tl.constexpr = tl.constexpr(256)  # 8 bits per level: tl.histogram's
 
 
 @triton.jit
-def _topk_select(HIST, k_rem):
-    """The bin of a row's 256-bin histogram holding its k_rem-th largest key, and k_rem minus the
-    keys in the bins above it."""
+def _topk_pick(h, k_rem):
+    """The bin of a 256-bin histogram h (int32 [256], in registers) holding the k_rem-th largest
+    key, and k_rem minus the keys in the bins above it."""
     bins = tl.arange(0, _TOPK_BINS)
-    h = tl.load(HIST + bins)
     at_or_above = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys in bins >= b
     b = tl.max(tl.where(at_or_above >= k_rem, bins, -1), 0)
     return b, k_rem - tl.sum(tl.where(bins > b, h, 0), 0)
+
+
+@triton.jit
+def _topk_select(HIST, k_rem):
+    """_topk_pick on a row's histogram in memory (HIST: 256 int32)."""
+    return _topk_pick(tl.load(HIST + tl.arange(0, _TOPK_BINS)), k_rem)
 
 
 @triton.jit
@@ -640,13 +645,79 @@ def _topk_rank(SEL, OUT, S, k_eff, stride_sel, stride_out, BLOCK_I: tl.constexpr
     pos = tl.where((xi >> 32).to(tl.int32) == _KEY_NEG_INF, -1, pos)
     tl.store(OUT + r * stride_out + rank, pos, mask=ok_i)
 
+@triton.jit
+def _topk_row(SC, OUT, S, T, stride_r, stride_out, k_eff, topk,
+              CAUSAL: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
+    """The whole top-k of one short row per program (decode and short prefill rows): the four
+    histogram levels of _topk_hist with the histograms in registers (no atomics, no zero fill),
+    then the earliest `need` ties and every key above the k-th written in position order as the
+    int64 sort keys of _topk_write into OUT's own row (topk >= k_eff slots: no scratch buffer),
+    read back, sorted descending (bitonic, KP = next power of two >= k_eff) and stored as
+    positions (-1 for a -inf score), then -1 in slots k_eff..topk."""
+    r = tl.program_id(0)
+    row_off = r.to(tl.int64) * stride_r
+    out = OUT + r.to(tl.int64) * stride_out
+    qpos = S - T + r % T
+    bins = tl.arange(0, _TOPK_BINS)
+    prefix = tl.zeros([], dtype=tl.int32)
+    k_rem = k_eff
+    for LEVEL in tl.static_range(4):
+        counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
+        n_out = 0
+        for j in range(0, S, BLOCK):
+            cols = j + tl.arange(0, BLOCK)
+            ok = cols < S
+            key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+            if LEVEL == 0:
+                digit = (key >> 24) + 128
+            else:
+                ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
+                digit = (key >> (24 - 8 * LEVEL)) & 0xFF
+            counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
+            n_out += tl.sum((~ok).to(tl.int32), 0)
+        counts -= tl.where(bins == 0, n_out, 0)  # the keys outside the row or prefix went to bin 0
+        b, k_rem = _topk_pick(counts, k_rem)
+        if LEVEL == 0:
+            prefix = b - 128  # key >> 24 (signed top byte), as _topk_threshold
+        else:
+            prefix = prefix * 256 + b
+    thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
+    slot = 0
+    eq_seen = 0
+    for j in range(0, S, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < S
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        eq = (ok & (key == thr)).to(tl.int32)
+        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
+        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < k_rem))
+        take_i = take.to(tl.int32)
+        dst = slot + tl.cumsum(take_i, 0) - 1
+        sort_key = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+        tl.store(out + dst, sort_key, mask=take)
+        slot += tl.sum(take_i, 0)
+        eq_seen += tl.sum(eq, 0)
+    tl.debug_barrier()  # the row's sort keys, stored by all threads, are read back by all
+    i = tl.arange(0, KP)
+    xi = tl.load(out + i, mask=i < k_eff, other=0)
+    xi = tl.where(i < k_eff, xi, -9223372036854775808)  # padding sorts last
+    tl.debug_barrier()  # every key is read before any slot is overwritten
+    xi = tl.sort(xi, descending=True)
+    pos = (S - 1 - (xi & 0xFFFFFFFF)).to(tl.int64)
+    pos = tl.where((xi >> 32).to(tl.int32) == _KEY_NEG_INF, -1, pos)
+    tl.store(out + i, pos, mask=i < k_eff)
+    for j in range(k_eff, topk, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        tl.store(out + cols, tl.full([BLOCK], -1, tl.int64), mask=cols < topk)
+
 # ---------------------------------------------------------------------------------------------
 # host side
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if POISON_OUTPUTS:  # NaN, or for integer buffers a value no kernel writes
+        fill = float("nan") if dtype.is_floating_point else -(2**40)
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -1142,6 +1213,12 @@ def dsa_index_scores(
 TOPK_PROGRAMS_PER_SM = 4
 TOPK_BLOCK = 1024  # scores per step of a top-k program
 TOPK_MAX_CHUNKS = 1024  # a row's chunk counts are read as one vector by _topk_write
+# Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
+# _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
+# one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
+# benchmarks/sparse_mla_gpu.py may sweep it; 0 turns the one-launch path off.
+TOPK_ONE_PROGRAM_MAX = 32768
+TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 
 
 def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tensor:
@@ -1153,6 +1230,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
     above it and the earliest ties, in position order; a rank pass sorts the k taken (each counts
     the bigger ones: k^2 comparisons over k / 64 programs per row).
     Six passes over the scores (L2-resident for a decode row), no host sync, CUDA-graph safe.
+    Rows of S <= ``TOPK_ONE_PROGRAM_MAX`` (k <= ``TOPK_ONE_PROGRAM_MAX_K``) do all of it in ONE
+    launch, a program per row (``_topk_row``: same passes, histograms in registers, a bitonic sort).
 
     Args:
         scores: float32 [B, T, S] (other float dtypes are compared at float32); the T queries are the
@@ -1173,13 +1252,22 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
     if S >= 2**31 - 1:
         raise ValueError(f"scores: S={S} positions do not fit the kernel's int32 positions")
     k_eff = min(topk, S)
-    out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
     R = B * T
+    one_program = 0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
+    if one_program and R > 0:  # _topk_row writes every slot: no -1 fill launch
+        out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
+    else:
+        out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
     if R == 0 or S == 0:
         return out
     sc = scores.reshape(R, S)  # (R, S)
     if sc.dtype != torch.float32 or sc.stride(-1) != 1:
         sc = sc.to(torch.float32).contiguous()
+    if one_program:
+        res = out.view(R, topk)  # (R, topk)
+        _topk_row[(R,)](sc, res, S, T, sc.stride(0), res.stride(0), k_eff, topk, CAUSAL=causal,
+                        BLOCK=TOPK_BLOCK, KP=_pow2(k_eff), num_warps=8)
+        return out
     target = TOPK_PROGRAMS_PER_SM * _num_sms(scores.device)
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_BLOCK) * TOPK_BLOCK
