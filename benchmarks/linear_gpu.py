@@ -294,27 +294,44 @@ def profile(t: int) -> None:
 
 
 def profile_bwd(t: int) -> None:
-    """Per-kernel CUDA time of one forward+backward of our GDN and KDA (after a warm-up, which
-    also compiles the backward's torch.compile'd per-chunk terms), top 25 by time."""
+    """Per-kernel CUDA time of one forward+backward of our GDN and KDA (after a warm-up, which also
+    compiles the backward's torch.compile'd per-chunk terms): top 25 kernels, then the totals with
+    the per-chunk terms eager (linear_bwd.COMPILE off) and with TF32 matmuls (what each is worth)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
+    from attnlab.kernels import linear_bwd
+
     ours = ours_fns()
+    variants = [("compiled", True, False), ("eager", False, False), ("compiled+tf32", True, True)]
     for op in ("gdn", "kda"):
         xs = make(t, op, grad=True)
         do = torch.randn_like(xs[2])
-        ours[op](*xs).backward(do)
-        torch.cuda.synchronize()
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
-            ours[op](*xs).backward(do)
-            torch.cuda.synchronize()
-        events = sorted((e for e in p.key_averages() if e.device_time_total > 0),
-                        key=lambda e: -e.device_time_total)
-        total = sum(e.device_time_total for e in events) / 1e3
-        launches = sum(e.count for e in events)
-        print(f"profile-bwd {op} T={t}: {total:.3f} ms of kernels, {launches} launches (fwd+bwd)", flush=True)
-        for e in events[:25]:
-            print(f"profile-bwd {op:4s} {e.key[:60]:60s} x{e.count:<4d} {e.device_time_total / 1e3:8.3f} ms")
+        for label, compiled, tf32 in variants:
+            linear_bwd.COMPILE = compiled
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                ours[op](*xs).backward(do)
+                torch.cuda.synchronize()
+                with prof(activities=[ProfilerActivity.CUDA]) as p:
+                    ours[op](*xs).backward(do)
+                    torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"profile-bwd {op} {label}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            finally:
+                linear_bwd.COMPILE = True
+                torch.backends.cuda.matmul.allow_tf32 = False
+            events = sorted((e for e in p.key_averages() if e.device_time_total > 0),
+                            key=lambda e: -e.device_time_total)
+            total = sum(e.device_time_total for e in events) / 1e3
+            launches = sum(e.count for e in events)
+            print(f"profile-bwd {op} T={t} {label}: {total:.3f} ms of kernels, {launches} launches (fwd+bwd)",
+                  flush=True)
+            if label == "compiled":
+                for e in events[:25]:
+                    ms = e.device_time_total / 1e3
+                    print(f"profile-bwd {op:4s} {e.key[:60]:60s} x{e.count:<4d} {ms:8.3f} ms")
         del xs
         torch.cuda.empty_cache()
 
