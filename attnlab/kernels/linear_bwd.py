@@ -29,7 +29,7 @@ the same split into a state-gradient sweep and per-chunk gradients):
 The states S_c are recomputed by the forward kernels (three launches; nothing is kept from the
 forward but its inputs). The backward is a fixed sequence of launches whatever T is: those three,
 one sequential kernel, and the batched PyTorch ops with their autograd backward (no loop over
-chunks in Python; ~190 ops, counted in the tests). On CUDA the batched expression
+chunks in Python; ~160 ops besides views in eager mode, counted in the tests). On CUDA the batched expression
 (``_chunk_terms``) goes through ``torch.compile`` (``COMPILE``), which fuses its elementwise chains
 in the forward and the backward; a compiler failure warns once and falls back to eager. Packed
 sequences (cu_seqlens) use the same code: the chunks are gathered per sequence by an index table,
