@@ -3,6 +3,7 @@
     python benchmarks/decode_ops.py                          # llama, qwen3-next, kimi-linear, minimax-01
     python benchmarks/decode_ops.py --presets llama --ops    # and which aten ops each part runs
     python benchmarks/decode_ops.py --branch torch           # the CPU path instead of the CUDA one
+    python benchmarks/decode_ops.py --presets deepseek-v3,deepseek-v32   # the M and D layers
 
 Each preset is built at a small size (d_model 1024 by default: 16 heads of 64, so that the softmax
 layers have more than one kv head and take the GQA path the ~1B presets take), a few tokens are
@@ -217,6 +218,83 @@ def _cuda_branch(stack: ExitStack) -> None:
     stack.enter_context(mock.patch.object(kdecode, "_launch", _fake_gqa_launch))
     fused_rms_norm = _fused_rms_norm(torch.nn.functional.rms_norm)
     stack.enter_context(mock.patch("torch.nn.functional.rms_norm", fused_rms_norm))
+    _sparse_branch(stack)
+
+
+# Triton kernels of attnlab.kernels.sparse that the D layer's decode launches (MLA's softmax_decode
+# keeps the two-launch stand-in `latent` above)
+_SPARSE_KERNELS = ("_index_scores_kernel", "_topk_row", "_topk_hist", "_topk_count", "_topk_write",
+                   "_topk_rank", "_latent_attn_fwd", "_combine")
+
+
+def _sparse_branch(stack: ExitStack) -> None:
+    """The D layer's CUDA branch: ``ops.dsa_index_scores``, ``ops.dsa_topk`` and
+    ``ops.sparse_attention`` call the real wrappers in attnlab.kernels.sparse, whose host code
+    (checks, allocations, fills, copies) runs and is counted; each Triton launch is replaced by a
+    stand-in that counts one kernel and computes nothing, then the op's torch path fills the
+    wrapper's output with the same result, uncounted."""
+    from attnlab.kernels import sparse as ksparse
+    from attnlab.ops import sparse as osparse
+
+    class Launcher:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid):
+            return self.launch
+
+        def launch(self, *args, **kwargs):
+            _COUNTER.record(f"triton:{self.name}")
+
+    for name in _SPARSE_KERNELS:
+        stack.enter_context(mock.patch.object(ksparse, name, Launcher(name)))
+
+    def counted(real, reference):
+        def run(*args, **kwargs):
+            out = real(*args, **kwargs)  # host code counted; launches counted, computing nothing
+            with _COUNTER.pause(), torch.no_grad():
+                out.copy_(reference(*args, **kwargs))
+            return out
+        return run
+
+    torch_sparse_kernel = osparse._sparse_kernel
+    torch_topk_kernel = osparse._topk_kernel
+
+    def sparse_kernel(mode, name, q, needs_grad=False):
+        if mode != "auto" or q.dtype not in (torch.bfloat16, torch.float16) or needs_grad:
+            return torch_sparse_kernel(mode, name, q, needs_grad)
+        if name == "dsa_index_scores":
+            return counted(ksparse.dsa_index_scores,
+                           lambda q, k, w, n_valid=None: osparse.dsa_index_scores(q, k, w, "torch", n_valid))
+        if name == "sparse_attention":
+            return counted(ksparse.sparse_attention,
+                           lambda q, k, v, idx, scale=None, **_: osparse.sparse_attention(
+                               q, k, v, idx, scale=scale, mode="torch"))
+        return torch_sparse_kernel(mode, name, q, needs_grad)
+
+    def topk_kernel(mode, scores):
+        if mode != "auto":
+            return torch_topk_kernel(mode, scores)
+        return counted(ksparse.dsa_topk,
+                       lambda scores, topk, causal=True: osparse.dsa_topk(scores, topk, causal, "torch"))
+
+    stack.enter_context(mock.patch.object(osparse, "_sparse_kernel", sparse_kernel))
+    stack.enter_context(mock.patch.object(osparse, "_topk_kernel", topk_kernel))
+
+    # ops.sparse_attention checks CPU indices' range with a host read (.max()) that CUDA tensors
+    # skip: run the op's checks uncounted, then its kernel branch counted
+    op_sparse_attention = ops.sparse_attention
+
+    def sparse_attention(q, k, v, indices, scale=None, mode="auto"):
+        kernel = sparse_kernel(mode, "sparse_attention", q, torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad))
+        if mode != "auto" or kernel is None or kernel.__name__ != "run":
+            return op_sparse_attention(q, k, v, indices, scale=scale, mode=mode)
+        with _COUNTER.pause():
+            op_sparse_attention(q[:, :0], k, v, indices[:, :0], scale=scale, mode="torch")  # checks only
+        return kernel(q, k, v, indices, scale=q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+    stack.enter_context(mock.patch.object(ops, "sparse_attention", sparse_attention))
 
 
 def _fused_rms_norm(rms_norm):
