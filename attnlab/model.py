@@ -29,6 +29,7 @@ from .layers.attention import SoftmaxAttention
 from .layers.common import Residual, RMSNorm, SwiGLU
 from .layers.deltanet import DeltaRuleMixer
 from .layers.lightning import LightningAttention
+from .layers.mla import MultiHeadLatentAttention
 
 LINEAR_LETTERS = "LGK"  # recurrent mixers; the rest (S W M D) are softmax-family ("attn")
 
@@ -54,8 +55,10 @@ class Block(nn.Module):
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
         # S / W layers take the decode step's RoPE factors from the model (one set per step)
         self.takes_rotation = isinstance(self.mixer, SoftmaxAttention) and self.mixer.rotary is not None
-        # mixers whose output projection can add into the residual stream (all but MLA / DSA)
-        self.adds_residual = isinstance(self.mixer, (SoftmaxAttention, DeltaRuleMixer, LightningAttention))
+        # mixers whose output projection can add into the residual stream (all of them: MLA / DSA too)
+        self.adds_residual = isinstance(
+            self.mixer, (SoftmaxAttention, DeltaRuleMixer, LightningAttention, MultiHeadLatentAttention)
+        )
 
     def _residual(self, h: torch.Tensor, x: torch.Tensor, f: torch.Tensor, alpha: float, beta: float):
         """alpha * (x if postnorm else h) + beta * f, in one op unless both scales differ from 1."""

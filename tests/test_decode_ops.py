@@ -20,6 +20,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 MAX_OPS = {
     "llama": ({"S": 16}, 39),
     "qwen3-next": ({"G": 30, "S": 27}, 243),
+    # M / D (issue 4, second part; d_model 256, two layers): before, M 43 (total 90) and D 76 with the
+    # multi-program top-k (68 with the one-launch top-k; total 144)
+    "deepseek-v3": ({"M": 28}, 60),
+    "deepseek-v32": ({"D": 33}, 70),
 }
 
 
@@ -289,3 +293,82 @@ def test_hooked_block_outputs_are_not_overwritten_by_the_next_block():
     out, copy = kept[0]
     assert torch.equal(out, copy)  # block 1 did not add into block 0's output in place
     torch.testing.assert_close(hooked, plain)
+
+
+def _mla_variants():
+    """(name, letter, config overrides): q LoRA or not, interleaved or rotate-half RoPE, NoPE,
+    YaRN (attention factor != 1), MLA and DSA."""
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+            "mscale_all_dim": 0.5}
+    return [
+        ("deepseek-v3", "M", {}),
+        ("deepseek-v3", "M", {"q_lora_rank": None, "rope_interleave": False}),
+        ("deepseek-v3", "M", {"rope_scaling": yarn}),
+        ("kimi-linear", "M", {}),  # NoPE, no q LoRA
+        ("deepseek-v32", "D", {}),
+        ("deepseek-v32", "D", {"q_lora_rank": None, "rope_scaling": yarn}),
+    ]
+
+
+def _mla_layer(preset, letter, overrides, dtype=torch.float32):
+    from attnlab.layers.mla import build_dsa, build_mla
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset, d_model=64, n_layers=1, vocab_size=32, pattern=letter, **overrides)
+    layer = (build_dsa if letter == "D" else build_mla)(cfg, 0).eval()
+    with torch.no_grad():
+        for p in layer.parameters():  # away from the default init (norm weights 1, biases 0)
+            p.add_(torch.randn_like(p) * 0.1)
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", range(6))
+def test_mla_fused_projections_equal_the_per_projection_form(variant, dtype):
+    """MLA / DSA's inference projections (one matmul per input, one RoPE table, each row rotated
+    in one pass) give the values of the per-projection form (_project, _index_qkw) that autograd
+    and attnlab.diagnostics use: float32 to rounding, bf16 within one rounding; after a dtype cast
+    (the fused weights and float32 RoPE tables rebuilt) and an in-place weight update."""
+    preset, letter, overrides = _mla_variants()[variant]
+    layer = _mla_layer(preset, letter, overrides, dtype)
+    x = torch.randn(2, 5, 64).to(dtype)
+    positions = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    with torch.no_grad():
+        layer.kv_a_proj.weight.mul_(1.5)  # lands in the fused weight (a view of it)
+        if layer.rotary is not None:
+            assert layer.rope_freq.dtype == torch.float32
+        fused = layer._project_fused(x, positions)
+        q_nope, q_pe, latent, q_latent, cos_sin = layer._project(x, positions)
+        for got, want in zip(fused[:3], (q_nope, q_pe, latent), strict=True):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, **tol)
+        if letter == "M":
+            assert fused[3] is None
+            return
+        want = layer._index_qkw(x, q_latent, cos_sin)
+        for got, ref in zip(fused[3], want, strict=True):
+            assert got.dtype == ref.dtype
+            torch.testing.assert_close(got, ref, **tol)
+
+
+@pytest.mark.parametrize("letter", ["M", "D"])
+def test_mla_output_adds_into_the_residual(letter):
+    """The M / D output projection adds into a Residual (in place, no autograd) for prefill,
+    decode and no-cache forwards: the same as residual + the layer's own output."""
+    layer = _mla_layer("deepseek-v32" if letter == "D" else "deepseek-v3", letter, {})
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        for T in (None, 5):  # no cache; prefill 5 then decode 2 single tokens
+            if T is None:
+                r = torch.randn(2, 7, 64)
+                out = layer(x, residual=Residual(r.clone()))
+                torch.testing.assert_close(out, r + layer(x), atol=1e-5, rtol=1e-5)
+                continue
+            caches = [layer.new_cache(2, 8), layer.new_cache(2, 8)]
+            for t0, t1 in ((0, T), (T, T + 1), (T + 1, T + 2)):
+                r = torch.randn(2, t1 - t0, 64)
+                mine = r.clone()
+                out = layer(x[:, t0:t1], caches[0], residual=Residual(mine))
+                assert out is mine
+                torch.testing.assert_close(out, r + layer(x[:, t0:t1], caches[1]), atol=1e-5, rtol=1e-5)

@@ -31,12 +31,24 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from .._checks import check_tensor, in_graph
 from ..cache import CacheSpec, LayerCache
-from .common import RMSNorm, RotaryEmbedding, apply_rope, yarn_get_mscale
+from .common import (
+    FusedLinears,
+    Residual,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rope,
+    cast_out,
+    project_out,
+    rope_inv_freq,
+    yarn_get_mscale,
+    yarn_inv_freq,
+)
 
 # DeepSeek hard-codes eps=1e-6 for the q/kv latent norms and the indexer key LayerNorm,
 # independent of the model's rms_norm_eps.
@@ -71,6 +83,38 @@ class DSACache(MLACache):
 
 def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _rope_columns(
+    inv_freq: torch.Tensor, segments: list[tuple[int, int, int, bool]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column RoPE tables for a row of heads laid out one segment after another.
+
+    segments: (n_heads, head_dim, rope_start, interleaved): each head rotates dims
+    rope_start .. rope_start + 2 * len(inv_freq) in adjacent pairs (interleaved) or rotate-half
+    pairs; its other dims pass through. Returns (freq float32 [N], partner int64 [N]) with
+    ``rot(x) = x * cos(p * freq) + x[..., partner] * sin(p * freq)``: the first of a pair gets
+    -f (sin(-a) = -sin(a) gives the minus), passed-through dims f = 0 and themselves as partner."""
+    half = inv_freq.shape[0]
+    freqs, partners, offset = [], [], 0
+    for n_heads, head_dim, start, interleaved in segments:
+        f = torch.zeros(head_dim)
+        p = torch.arange(head_dim)
+        i = torch.arange(half)
+        first, second = (start + 2 * i, start + 2 * i + 1) if interleaved else (start + i, start + half + i)
+        f[first], f[second] = -inv_freq, inv_freq
+        p[first], p[second] = second, first
+        freqs.append(f.repeat(n_heads))  # (n_heads * head_dim,)
+        partners.append((p[None] + offset + head_dim * torch.arange(n_heads)[:, None]).flatten())
+        offset += n_heads * head_dim
+    return torch.cat(freqs), torch.cat(partners)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """x [B, T, N] (any float dtype) rotated by per-column tables cos, sin float32 [B, T, N] and
+    partner int64 [N] (see _rope_columns): float32 inside, rounded once into x.dtype."""
+    partnered = x.index_select(-1, partner)  # (B, T, N)
+    return cast_out(torch.addcmul, x * cos, partnered, sin, dtype=x.dtype)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -112,6 +156,140 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary = (
             RotaryEmbedding(self.rope_dim, cfg.rope_theta, rs) if self.use_rope and self.rope_dim else None
         )
+        self._rope_scaling = rs
+        self._rope_theta = cfg.rope_theta
+        self._build_fused()
+
+    # ------------------------------------------------------------------ fused projections and RoPE
+    def _x_linears(self) -> list[nn.Linear]:
+        """The Linears reading x, in the order of their fused output: the q projection first, then kv_a."""
+        return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj]
+
+    def _q_linears(self) -> list[nn.Linear]:
+        """The Linears reading the q latent (q LoRA only)."""
+        return [self.q_b_proj] if self.q_lora_rank is not None else []
+
+
+    def _q_segments(self) -> list[tuple[int, int, int, bool]]:
+        """RoPE layout of the query row: per head [nope | rope], the rope part in MLA's pairs."""
+        return [(self.n_heads, self.nope_dim + self.rope_dim, self.nope_dim, self.rope_interleave)]
+
+    def _k_segments(self) -> list[tuple[int, int, int, bool]]:
+        """RoPE layout of the key row [c_kv | k_pe]: only k_pe rotates."""
+        return [(1, self.kv_lora_rank + self.rope_dim, self.kv_lora_rank, self.rope_interleave)]
+
+    def _build_fused(self) -> None:
+        """One matmul per input at inference (FusedLinears), and the RoPE tables of the query and
+        key rows, so a decode step rotates each row in three ops (RotaryEmbedding.rotate's scheme,
+        for MLA's interleaved pairs, the indexer's rotate-half and YaRN's attention factor)."""
+        self.x_proj = FusedLinears(*self._x_linears())
+        q_linears = self._q_linears()
+        self.q_up = FusedLinears(*q_linears) if q_linears else None
+        self._rope_master = None
+        if self.rotary is None:
+            return
+        rs, theta = self._rope_scaling, self._rope_theta
+        yarn = rs is not None and rs.get("type", rs.get("rope_type")) == "yarn"
+        inv_freq = yarn_inv_freq(self.rope_dim, theta, rs)[0] if yarn else rope_inv_freq(self.rope_dim, theta)
+        freq_q, partner_q = _rope_columns(inv_freq, self._q_segments())
+        freq_k, partner_k = _rope_columns(inv_freq, self._k_segments())
+        freq = torch.cat((freq_q, freq_k))  # (N_q + N_k,)
+        factor = self.rotary.attention_factor  # YaRN scales cos and sin of the rotated dims
+        cos_scale = torch.where(freq != 0, factor, 1.0) if factor != 1.0 else None
+        self._rope_master = (freq, cos_scale)
+        self._n_q = freq_q.shape[0]
+        device = torch.empty(0).device  # built on the CPU, placed as RotaryEmbedding places its own
+        self.register_buffer("rope_freq", freq.to(device), persistent=False)
+        self.register_buffer("rope_partner_q", partner_q.to(device), persistent=False)
+        self.register_buffer("rope_partner_k", partner_k.to(device), persistent=False)
+        self.register_buffer("rope_cos_scale", None if cos_scale is None else cos_scale.to(device),
+                             persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.x_proj.refuse()  # .to() / .half() gave each weight new storage
+        if self.q_up is not None:
+            self.q_up.refuse()
+        if self._rope_master is not None:  # the angles stay float32 (RotaryEmbedding._apply)
+            freq, cos_scale = self._rope_master
+            self.rope_freq = freq.to(device=self.rope_freq.device)
+            if cos_scale is not None:
+                self.rope_cos_scale = cos_scale.to(device=self.rope_freq.device)
+        return self
+
+    @staticmethod
+    def _linear_row(fused: FusedLinears, x: torch.Tensor) -> torch.Tensor:
+        """The fused Linears' outputs side by side, [..., sum(out)] (inference only): one matmul,
+        or the Linears one by one and concatenated when the weights are no longer one tensor."""
+        w = fused.weight()
+        if w is not None:
+            return F.linear(x, w)
+        outs = [lin(x) for lin in fused.linears]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _rope_tables(self, positions: torch.Tensor):
+        """(cos, sin) float32 [B, T, N_q + N_k] at int64 positions [B, T], or None (NoPE)."""
+        if self.rotary is None:
+            return None
+        angles = positions[..., None] * self.rope_freq  # (B, T, N_q + N_k) float32
+        cos, sin = angles.cos(), angles.sin()
+        if self.rope_cos_scale is not None:
+            cos, sin = cos * self.rope_cos_scale, sin * self.rotary.attention_factor
+        return cos, sin
+
+    def _project_all(self, x: torch.Tensor, positions: torch.Tensor):
+        """Every per-token projection of the new tokens.
+
+        Returns q_nope [B, T, H, dn], q_pe [B, T, H, dr] (rotated), latent [B, T, R + dr]
+        (normalised c_kv | rotated k_pe) and, for ``D``, the indexer's (q [B, T, H_I, D_I],
+        k [B, T, D_I], w float32 [B, T, H_I]; its input detached), else None.
+        Under autograd: :meth:`_project` and ``_index_qkw``, one projection at a time, so that each
+        part's gradient comes from its own loss only (the indexer's from the KL loss); without:
+        :meth:`_project_fused`, the same values in few ops (a decode step)."""
+        if not torch.is_grad_enabled():
+            return self._project_fused(x, positions)
+        q_nope, q_pe, latent, q_latent, cos_sin = self._project(x, positions)
+        if not isinstance(self, DeepSeekSparseAttention):
+            return q_nope, q_pe, latent, None
+        q_in = None if q_latent is None else q_latent.detach()
+        return q_nope, q_pe, latent, self._index_qkw(x.detach(), q_in, cos_sin)
+
+    def _project_fused(self, x: torch.Tensor, positions: torch.Tensor):
+        """:meth:`_project_all` without autograd: one matmul per input (x; the q latent), the
+        three norms, and one RoPE table for both rows ([MLA q heads | indexer q heads] and
+        [c_kv | k_pe | indexer key]), each rotated in one pass."""
+        B, T, _ = x.shape
+        H, dn, dr, R = self.n_heads, self.nope_dim, self.rope_dim, self.kv_lora_rank
+        n_q = H * (dn + dr)
+        index = isinstance(self, DeepSeekSparseAttention)
+        n_iq = self.index_n_heads * self.index_head_dim if index else 0
+        row = self._linear_row(self.x_proj, x)  # (B, T, sum of x-projection widths)
+        if self.q_lora_rank is None:
+            q, rest = row[..., : n_q + n_iq], row[..., n_q + n_iq :]
+        else:
+            q_latent = self.q_a_norm(row[..., : self.q_lora_rank])  # (B, T, q_lora_rank)
+            q = self._linear_row(self.q_up, q_latent)  # (B, T, n_q + n_iq)
+            rest = row[..., self.q_lora_rank :]
+        c_kv = self.kv_a_norm(rest[..., :R])  # (B, T, R)
+        k_parts = [c_kv, rest[..., R : R + dr]]
+        if index:
+            k_parts.append(self.k_norm(rest[..., R + dr : R + dr + self.index_head_dim]))  # (B, T, D_I)
+        k = torch.cat(k_parts, dim=-1)  # (B, T, R + dr [+ D_I])
+        tables = self._rope_tables(positions)
+        if tables is not None:
+            cos, sin = tables
+            q = _rotate(q, cos[..., : self._n_q], sin[..., : self._n_q], self.rope_partner_q)
+            k = _rotate(k, cos[..., self._n_q :], sin[..., self._n_q :], self.rope_partner_k)
+        q_main = q[..., :n_q].view(B, T, H, dn + dr)  # (B, T, H, dn + dr)
+        q_nope, q_pe = q_main.split([dn, dr], dim=-1)
+        latent = k[..., : R + dr]  # (B, T, R + dr)
+        if not index:
+            return q_nope, q_pe, latent, None
+        q_idx = q[..., n_q:].view(B, T, self.index_n_heads, self.index_head_dim)  # (B, T, H_I, D_I)
+        w = rest[..., R + dr + self.index_head_dim :].float() * (
+            self.index_head_dim**-0.5 * self.index_n_heads**-0.5
+        )  # (B, T, H_I)
+        return q_nope, q_pe, latent, (q_idx, k[..., R + dr :], w)
 
     # ------------------------------------------------------------------ pieces
     def _project_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -146,17 +324,19 @@ class MultiHeadLatentAttention(nn.Module):
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w[:, : self.nope_dim])  # (B, T, H, R)
         return torch.cat([q_lat, q_pe], dim=-1)  # (B, T, H, R + dr)
 
-    def _unabsorb_o(self, o_lat: torch.Tensor) -> torch.Tensor:
-        """Weighted latents o_lat [B, T, H, R] -> output [B, T, d_model] through W_UV and W_O."""
+    def _unabsorb_o(self, o_lat: torch.Tensor, residual: Residual | None = None) -> torch.Tensor:
+        """Weighted latents o_lat [B, T, H, R] -> output [B, T, d_model] through W_UV and W_O
+        (added into ``residual`` when given)."""
         B, T = o_lat.shape[:2]
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
         o = torch.einsum("bthr,hvr->bthv", o_lat, w[:, self.nope_dim :])  # (B, T, H, dv)
-        return self.o_proj(o.reshape(B, T, -1))  # (B, T, d_model)
+        return project_out(self.o_proj, o.reshape(B, T, -1), residual)  # (B, T, d_model)
 
-    def _expanded_attention(self, q_nope, q_pe, latent) -> torch.Tensor:
+    def _expanded_attention(self, q_nope, q_pe, latent, residual: Residual | None = None) -> torch.Tensor:
         """Non-absorbed MLA: decompress every latent into per-head keys/values.
 
-        q_* [B, T, H, *] are the last T of the S tokens in latent [B, S, R + dr]; -> [B, T, d_model].
+        q_* [B, T, H, *] are the last T of the S tokens in latent [B, S, R + dr]; -> [B, T, d_model]
+        (added into ``residual`` when given).
         """
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
@@ -166,12 +346,14 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope_dim)], dim=-1)  # (B, S, H, dn + dr)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, dn + dr)
         o = ops.softmax_attention(q, k, v, causal=True, scale=self.scale)  # (B, T, H, dv)
-        return self.o_proj(o.reshape(B, T, -1))  # (B, T, d_model)
+        return project_out(self.o_proj, o.reshape(B, T, -1), residual)  # (B, T, d_model)
 
     # ------------------------------------------------------------------ cache plumbing
     def _positions(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
         """Absolute positions of the new tokens, [B, T] int64."""
         B, T, _ = x.shape
+        if cache is not None and T == 1:  # decode: a view (read before the lengths advance)
+            return cache.lengths.to(x.device)[:, None]  # (B, 1)
         steps = torch.arange(T, device=x.device)
         if cache is None:
             return steps[None].expand(B, T)
@@ -204,34 +386,37 @@ class MultiHeadLatentAttention(nn.Module):
         """Write new [B, T, ...] tokens into buf [B, S_max, ...] at each row's length."""
         if start is not None:
             buf[:, start : start + new.shape[1]] = new.to(buf.dtype)
-        else:  # T == 1, rows at different lengths
-            rows = torch.arange(buf.shape[0], device=buf.device)
-            buf[rows, cache.lengths.to(buf.device)] = new[:, 0].to(buf.dtype)
+        else:  # T == 1, rows at different lengths: one scatter at each row's length
+            B = buf.shape[0]
+            at = cache.lengths.to(buf.device).view(B, 1, *([1] * (buf.dim() - 2)))
+            buf.scatter_(1, at.expand(B, 1, *buf.shape[2:]), new.to(buf.dtype))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it."""
+    def forward(
+        self, x: torch.Tensor, cache: MLACache | None = None, residual: Residual | None = None
+    ) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it.
+        ``residual``: the output projection adds its result into it (see :class:`Residual`)."""
         check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
         B, T, _ = x.shape
-        q_nope, q_pe, latent, _, _ = self._project(x, self._positions(x, cache))
+        q_nope, q_pe, latent, _ = self._project_all(x, self._positions(x, cache))
         if cache is None:
-            return self._expanded_attention(q_nope, q_pe, latent)
+            return self._expanded_attention(q_nope, q_pe, latent, residual)
 
         start = self._check_cache(cache, B, T)
         lat_buf = cache.latent[:, :, 0]  # (B, S_max, R + dr)
         self._write(lat_buf, latent, cache, start)
+        cache.lengths += T  # the rows now include the new tokens
         if T > 1:  # prefill (possibly continuing): non-absorbed over everything cached so far
             ctx = lat_buf[:, : start + T].to(x.dtype)  # (B, S, R + dr)
-            y = self._expanded_attention(q_nope, q_pe, ctx)
-        else:  # absorbed decode: MQA over the latent cache, key = latent, value = c_kv
-            q = self._absorb_q(q_nope, q_pe)[:, 0]  # (B, H, R + dr)
-            k_cache = cache.latent.to(x.dtype)  # (B, S_max, 1, R + dr)
-            o_lat = ops.softmax_decode(
-                q, k_cache, k_cache[..., : self.kv_lora_rank], cache.lengths + 1, scale=self.scale
-            )  # (B, H, R)
-            y = self._unabsorb_o(o_lat[:, None])
-        cache.lengths += T
-        return y
+            return self._expanded_attention(q_nope, q_pe, ctx, residual)
+        # absorbed decode: MQA over the latent cache, key = latent, value = c_kv
+        q = self._absorb_q(q_nope, q_pe)[:, 0]  # (B, H, R + dr)
+        k_cache = cache.latent.to(x.dtype)  # (B, S_max, 1, R + dr)
+        o_lat = ops.softmax_decode(
+            q, k_cache, k_cache[..., : self.kv_lora_rank], cache.lengths, scale=self.scale
+        )  # (B, H, R)
+        return self._unabsorb_o(o_lat[:, None], residual)
 
     # ------------------------------------------------------------------ cache API
     def cache_spec(self, dtype: torch.dtype = torch.bfloat16) -> CacheSpec:
@@ -258,6 +443,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     """The ``D`` mixer: MLA in absorbed (MQA) form over the indexer's top-k tokens per query."""
 
     def __init__(self, cfg, layer_idx: int = 0) -> None:
+        self._indexer_built = False  # MLA's __init__ leaves the fusing to the end of this one
         super().__init__(cfg, layer_idx)
         if self.use_rope and cfg.index_head_dim < self.rope_dim:
             raise ValueError(
@@ -275,6 +461,30 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         self.weights_proj = nn.Linear(cfg.d_model, self.index_n_heads, bias=False)
         self.index_loss_weight = cfg.index_loss_weight
         self.last_indexer_loss: torch.Tensor | None = None
+        self._indexer_built = True
+        self._build_fused()
+
+    def _build_fused(self) -> None:
+        if self._indexer_built:
+            super()._build_fused()
+
+    def _x_linears(self) -> list[nn.Linear]:
+        """MLA's, with the indexer's query right after MLA's (without q LoRA) so that the query row
+        is one slice, then the indexer's key and head weights."""
+        index_q = [self.wq_b] if self.q_lora_rank is None else []
+        q, kv_a = super()._x_linears()
+        return [q, *index_q, kv_a, self.wk, self.weights_proj]
+
+    def _q_linears(self) -> list[nn.Linear]:
+        return [self.q_b_proj, self.wq_b] if self.q_lora_rank is not None else []
+
+    def _q_segments(self) -> list[tuple[int, int, int, bool]]:
+        """MLA's query heads, then the indexer's: NON-interleaved RoPE on their first rope dims."""
+        return [*super()._q_segments(), (self.index_n_heads, self.index_head_dim, 0, False)]
+
+    def _k_segments(self) -> list[tuple[int, int, int, bool]]:
+        """[c_kv | k_pe], then the indexer key (rotated after its LayerNorm)."""
+        return [*super()._k_segments(), (1, self.index_head_dim, 0, False)]
 
     def _index_qkw(self, x, q_latent, cos_sin):
         """Indexer query [B, T, H_I, D_I], key [B, T, D_I] (rotated) and head weights [B, T, H_I] float32.
@@ -292,8 +502,9 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         )  # (B, T, H_I)
         return q, k, w
 
-    def _sparse_latent_attention(self, q_nope, q_pe, scores, latent) -> torch.Tensor:
-        """Absorbed MLA over the top-k latents the indexer picks.
+    def _sparse_latent_attention(self, q_nope, q_pe, scores, latent, residual: Residual | None = None):
+        """Absorbed MLA over the top-k latents the indexer picks -> [B, T, d_model] (added into
+        ``residual`` when given).
 
         q_* are the last T of S positions; scores [B, T, S] float32 (indexer; -inf = unusable, e.g.
         past a decode row's length); latent [B, S, R + dr]."""
@@ -305,7 +516,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         o_lat = ops.sparse_attention(
             q, kv, kv[..., : self.kv_lora_rank], idx, scale=self.scale
         )  # (B, T, H, R)
-        y = self._unabsorb_o(o_lat)
+        y = self._unabsorb_o(o_lat, residual)
         if scores.requires_grad:  # training: the indexer learns from its own loss
             loss = self._indexer_kl(q.detach(), latent.detach(), scores, idx)
             self.last_indexer_loss = loss.detach()
@@ -342,12 +553,15 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         """The positions the indexer selects for each query of a whole sequence x [B, T, d_model]
         (as forward without a cache does) -> int64 [B, T, min(index_topk, T)], -1 = empty slot."""
         check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
-        _, _, _, q_latent, cos_sin = self._project(x, self._positions(x, None))
-        scores = ops.dsa_index_scores(*self._index_qkw(x, q_latent, cos_sin))  # (B, T, T)
+        _, _, _, index_qkw = self._project_all(x, self._positions(x, None))
+        scores = ops.dsa_index_scores(*index_qkw)  # (B, T, T)
         return ops.dsa_topk(scores, min(self.index_topk, x.shape[1]), causal=True)
 
-    def forward(self, x: torch.Tensor, cache: DSACache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: DSACache | None = None, residual: Residual | None = None
+    ) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it.
+        ``residual``: the output projection adds its result into it (see :class:`Residual`).
 
         In training (``self.training`` and grad enabled, no cache) the indexer, whose input is
         detached from the main graph, gets its gradient from the KL loss of :meth:`_indexer_kl`
@@ -355,30 +569,27 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         the main attention gets none from it, as in DeepSeek-V3.2 §2.1."""
         check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
         B, T, _ = x.shape
-        q_nope, q_pe, latent, q_latent, cos_sin = self._project(x, self._positions(x, cache))
-        q_in = None if q_latent is None else q_latent.detach()
-        q_idx, k_idx, w = self._index_qkw(x.detach(), q_in, cos_sin)
+        q_nope, q_pe, latent, (q_idx, k_idx, w) = self._project_all(x, self._positions(x, cache))
         if cache is None:
             train = self.training and torch.is_grad_enabled() and self.index_loss_weight > 0
             with torch.set_grad_enabled(train):
                 scores = ops.dsa_index_scores(q_idx, k_idx, w)  # (B, T, T)
-            return self._sparse_latent_attention(q_nope, q_pe, scores, latent)
+            return self._sparse_latent_attention(q_nope, q_pe, scores, latent, residual)
 
         start = self._check_cache(cache, B, T)
         lat_buf = cache.latent[:, :, 0]  # (B, S_max, R + dr)
         self._write(lat_buf, latent, cache, start)
         self._write(cache.index_keys, k_idx, cache, start)
+        cache.lengths += T  # the rows now include the new tokens
         if T > 1:
             S, n_valid = start + T, None
         else:  # rows may differ: score up to the longest row; keys past a row's length score -inf
-            n_valid = cache.lengths + 1
+            n_valid = cache.lengths
             S = lat_buf.shape[1] if in_graph() else int(n_valid.max())
         with torch.no_grad():
             keys = cache.index_keys[:, :S].to(x.dtype)
-            scores = ops.dsa_index_scores(q_idx, keys, w, n_valid=n_valid)  # (B, T, S)
-        y = self._sparse_latent_attention(q_nope, q_pe, scores, lat_buf[:, :S].to(x.dtype))
-        cache.lengths += T
-        return y
+            scores = ops.dsa_index_scores(q_idx.detach(), keys, w.detach(), n_valid=n_valid)  # (B, T, S)
+        return self._sparse_latent_attention(q_nope, q_pe, scores, lat_buf[:, :S].to(x.dtype), residual)
 
     def cache_spec(self, dtype: torch.dtype = torch.bfloat16) -> CacheSpec:
         """Per sequence: latent (kv_lora_rank + qk_rope_head_dim) + indexer key (index_head_dim) per token."""
