@@ -515,6 +515,21 @@ def test_interp_topk_one_program_edge_cases(monkeypatch):
 
 
 @interp
+def test_interp_topk_one_program_then_rank_launch(monkeypatch):
+    """TOPK_ONE_PROGRAM_SORT = False: _topk_row leaves the k taken to _topk_rank (two launches);
+    the same indices as the oracle (ties, -inf, k > the visible count and > S, causal and not)."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_SORT", False)
+    monkeypatch.setattr(ks, "_topk_hist", None)  # the multi-program path must not run
+    scores = _tie_scores(2, 2, 150, seed=4)
+    for topk, causal in ((40, True), (60, False), (170, True)):
+        want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
+        assert torch.equal(ks.dsa_topk(scores, topk, causal=causal), want), (topk, causal)
+
+
+@interp
 @pytest.mark.parametrize("share", [True, False])
 def test_interp_decode_64_heads_paged(share):
     """64 heads (one head block: the SHARE_QK path when share), latent-like v = k[..., :D_v], rows

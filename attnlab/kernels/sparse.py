@@ -646,17 +646,19 @@ def _topk_rank(SEL, OUT, S, k_eff, stride_sel, stride_out, BLOCK_I: tl.constexpr
     tl.store(OUT + r * stride_out + rank, pos, mask=ok_i)
 
 @triton.jit
-def _topk_row(SC, OUT, S, T, stride_r, stride_out, k_eff, topk,
-              CAUSAL: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
+def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
+              CAUSAL: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr):
     """The whole top-k of one short row per program (decode and short prefill rows): the four
     histogram levels of _topk_hist with the histograms in registers (no atomics, no zero fill),
     then the earliest `need` ties and every key above the k-th written in position order as the
-    int64 sort keys of _topk_write into OUT's own row (topk >= k_eff slots: no scratch buffer),
-    read back, sorted descending (bitonic, KP = next power of two >= k_eff) and stored as
-    positions (-1 for a -inf score), then -1 in slots k_eff..topk."""
+    int64 sort keys of _topk_write, and -1 in OUT's slots k_eff..topk. SORT: the keys go into OUT's
+    own row (topk >= k_eff slots: no scratch buffer), are read back, sorted descending (bitonic,
+    KP = next power of two >= k_eff) and stored as positions (-1 for a -inf score): one launch.
+    Else they go to SEL's row for _topk_rank (a second launch)."""
     r = tl.program_id(0)
     row_off = r.to(tl.int64) * stride_r
     out = OUT + r.to(tl.int64) * stride_out
+    sel = out if SORT else SEL + r.to(tl.int64) * stride_sel
     qpos = S - T + r % T
     bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
@@ -694,18 +696,19 @@ def _topk_row(SC, OUT, S, T, stride_r, stride_out, k_eff, topk,
         take_i = take.to(tl.int32)
         dst = slot + tl.cumsum(take_i, 0) - 1
         sort_key = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-        tl.store(out + dst, sort_key, mask=take)
+        tl.store(sel + dst, sort_key, mask=take)
         slot += tl.sum(take_i, 0)
         eq_seen += tl.sum(eq, 0)
-    tl.debug_barrier()  # the row's sort keys, stored by all threads, are read back by all
-    i = tl.arange(0, KP)
-    xi = tl.load(out + i, mask=i < k_eff, other=0)
-    xi = tl.where(i < k_eff, xi, -9223372036854775808)  # padding sorts last
-    tl.debug_barrier()  # every key is read before any slot is overwritten
-    xi = tl.sort(xi, descending=True)
-    pos = (S - 1 - (xi & 0xFFFFFFFF)).to(tl.int64)
-    pos = tl.where((xi >> 32).to(tl.int32) == _KEY_NEG_INF, -1, pos)
-    tl.store(out + i, pos, mask=i < k_eff)
+    if SORT:
+        tl.debug_barrier()  # the row's sort keys, stored by all threads, are read back by all
+        i = tl.arange(0, KP)
+        xi = tl.load(out + i, mask=i < k_eff, other=0)
+        xi = tl.where(i < k_eff, xi, -9223372036854775808)  # padding sorts last
+        tl.debug_barrier()  # every key is read before any slot is overwritten
+        xi = tl.sort(xi, descending=True)
+        pos = (S - 1 - (xi & 0xFFFFFFFF)).to(tl.int64)
+        pos = tl.where((xi >> 32).to(tl.int32) == _KEY_NEG_INF, -1, pos)
+        tl.store(out + i, pos, mask=i < k_eff)
     for j in range(k_eff, topk, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         tl.store(out + cols, tl.full([BLOCK], -1, tl.int64), mask=cols < topk)
@@ -1219,6 +1222,10 @@ TOPK_MAX_CHUNKS = 1024  # a row's chunk counts are read as one vector by _topk_w
 # benchmarks/sparse_mla_gpu.py may sweep it; 0 turns the one-launch path off.
 TOPK_ONE_PROGRAM_MAX = 32768
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
+# True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
+# (two launches: k^2 comparisons over many programs). Also False after the sorting variant failed
+# to build on this GPU / Triton (a warning says so).
+TOPK_ONE_PROGRAM_SORT = True
 
 
 def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tensor:
@@ -1264,9 +1271,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
     if sc.dtype != torch.float32 or sc.stride(-1) != 1:
         sc = sc.to(torch.float32).contiguous()
     if one_program:
-        res = out.view(R, topk)  # (R, topk)
-        _topk_row[(R,)](sc, res, S, T, sc.stride(0), res.stride(0), k_eff, topk, CAUSAL=causal,
-                        BLOCK=TOPK_BLOCK, KP=_pow2(k_eff), num_warps=8)
+        _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal)  # (R, topk)
         return out
     target = TOPK_PROGRAMS_PER_SM * _num_sms(scores.device)
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
@@ -1287,6 +1292,33 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
     _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
                                                 BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
     return out
+
+
+def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
+                      causal: bool) -> None:
+    """_topk_row over the R rows of sc [R, S] into res [R, topk]: sorted in the program
+    (TOPK_ONE_PROGRAM_SORT), else by _topk_rank in a second launch; falls back to the latter if the
+    sorting variant does not build here."""
+    global TOPK_ONE_PROGRAM_SORT
+    R = sc.shape[0]
+    while True:
+        sort = TOPK_ONE_PROGRAM_SORT
+        sel = res if sort else torch.empty(R, k_eff, dtype=torch.int64, device=sc.device)
+        try:
+            _topk_row[(R,)](sc, res, sel, S, T, sc.stride(0), res.stride(0), sel.stride(0), k_eff, topk,
+                            CAUSAL=causal, BLOCK=TOPK_BLOCK, KP=_pow2(k_eff), SORT=sort, num_warps=8)
+            break
+        except _LAUNCH_ERRORS as e:
+            if not sort or _INTERPRET or not sc.is_cuda or not ALLOW_FALLBACK or not _is_compile_failure(e):
+                raise
+            TOPK_ONE_PROGRAM_SORT = False
+            _FAILED_CONFIGS.add(("topk_row", ("SORT", 1)))
+            warnings.warn(f"attnlab.kernels.sparse: the sorting one-program top-k failed to build "
+                          f"({type(e).__name__}: {str(e)[:160]}); sorting in a second launch", stacklevel=3)
+    if not sort:
+        block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(sc.device) else 16  # decode: more programs
+        _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
+                                                    BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
 
 
 def _kth_largest(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
