@@ -235,11 +235,6 @@ DS_SWEEP = [
     [{"scan": {"BV": bv, "BKK": bkk, "num_warps": w, "precision": p}} for bv, bkk, w, p in
      [(32, 32, 4, "ieee"), (16, 32, 4, "ieee"), (64, 32, 4, "ieee"), (32, 64, 8, "ieee"),
       (32, 32, 4, "tf32x3"), (32, 32, 4, "tf32")]],
-    # two chunks per link of the chains (delta_segments' pair kernel): more registers and shared
-    # memory per program, so with its own pass-1/3 launch parameters
-    [{"pair": {"enabled": 1}, "state": {"BV": bv, "num_warps": 4, "num_stages": st},
-      "transition": {"BX": bx, "num_warps": w, "num_stages": tst}}
-     for bv, st in ((16, 1), (16, 2), (32, 1)) for bx, w, tst in ((32, 4, 1), (32, 4, 2), (64, 8, 2))],
     [{"segments": {"programs_per_sm": p, "min_segment": m}} for p, m in
      [(2, 512), (3, 512), (4, 512), (6, 512), (8, 512), (12, 512), (4, 256), (4, 2048)]],
 ]

@@ -173,28 +173,6 @@ def test_interp_state_pass_packed_sequences(segmented, gate):
 
 @interp
 @pytest.mark.parametrize("gate", [1, 2])
-@pytest.mark.parametrize("seg_len", [128, 256])
-def test_interp_state_pass_paired_chunks(segmented, monkeypatch, gate, seg_len):
-    """TUNING["pair"]: passes 1 and 3 take two chunks per step of their chain from
-    the pair kernel's ŵ, û (an odd last chunk alone; with 256-token segments a partial last segment
-    has a pair and a single chunk). Packed sequences of 257, 130, 1 and 64 tokens plus a dense batch,
-    against the recurrence; a forced length must then be a multiple of two chunks."""
-    monkeypatch.setitem(segmented.TUNING, "pair", {"enabled": 1})
-    segmented.SEGMENT_LEN = 192
-    with pytest.raises(ValueError, match="SEGMENT_LEN"):
-        segmented.segment_length(1000, 4, 64, 64, torch.device("cpu"))
-    segmented.SEGMENT_LEN = seg_len
-    for lens, dense in (([257, 130, 1, 64], False), ([257, 257], True)):
-        w, u, kd, gcum, h0 = synthetic(gate, lens, 2, 24, 40, use_h0=True, seed=30 + gate)
-        got = run_state_pass(gate, w, u, kd, gcum, h0, lens, True, dense=dense)
-        ref = chunk_recurrence(w, u, kd, gcum, h0, lens)
-        for name, a, r in zip(("states", "vn", "final"), got, ref, strict=True):
-            assert a.shape == r.shape, name
-            assert rel_err(a, r) < 1e-5, name
-
-
-@interp
-@pytest.mark.parametrize("gate", [1, 2])
 def test_interp_state_pass_dense_batch(segmented, gate):
     """A dense batch of 3 sequences of 200 tokens (slots of non-last segments computed from the
     batch index), against the recurrence and the single pass."""

@@ -32,12 +32,6 @@ the point is to trade work for parallelism. Nothing overflows: the decays are pr
 cores with float32 accumulation, exactly as the state kernel (which rounds S for w S likewise);
 pass 2's [D_k, D_k] x [D_k, BV] products take TUNING["scan"]["precision"] (float32 inputs: "ieee").
 
-Optional pairing (TUNING["pair"], off by default): the chains are latency-bound (two dependent
-products per chunk), so ``_pair_kernel`` first computes, in parallel over chunks, ŵ = w' Diag(γ) −
-(w' kdᵀ) w and û = u' − (w' kdᵀ) u for the second chunk of each pair; then v' of both chunks comes
-from the state entering the pair, and passes 1 and 3 take one step of two (wider) products per
-two chunks. Segments then start at even chunks (lengths are multiples of 128 tokens).
-
 Packed batches (``cu_seqlens``) are supported: segments never cross a sequence (the host-built
 segment tables of :mod:`.lightning_fwd`).
 """
@@ -54,24 +48,21 @@ from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile,
 # Launch parameters; `benchmarks/linear_gpu.py --sweep delta_segmented` may override them.
 # "transition": pass 1 (BX columns of [M | B] per program); "scan": pass 2 (BV state columns per
 # program, BKK rows of S_in per product step, precision of those float32 products on 16-bit
-# inputs: "ieee" | "tf32x3" | "tf32"); "state": pass 3 (BV columns, as linear.TUNING's state kernel);
-# "pair": enabled = 1 makes passes 1 and 3 step two chunks at a time (a parallel _pair_kernel
-# first writes ŵ, û for every second chunk: the chains halve, for ~T·H·(D_k + D_v) more bytes;
-# D_k ≤ 128 only: wider keys spill registers). Off until a GPU sweep says otherwise.
+# inputs: "ieee" | "tf32x3" | "tf32"); "state": pass 3 (BV columns, as linear.TUNING's state kernel).
 # A segment is chosen so that pass 3 has about programs_per_sm programs per SM and is never shorter
 # than min_segment tokens (each segment costs a [D_k, D_k + D_v] float32 transition written, read
-# by pass 2, and a pass-1 chain of L / 64 steps). Untuned first guesses (no GPU run yet), sized
+# by pass 2, and a pass-1 chain of L / 64 steps). First guesses except pass 1's num_stages, sized
 # by an sm_90 compile (Triton 3.9, bf16, D = 128, no spills): pass 3 at BV = 16 with 2 stages
 # takes 72 KB of shared memory and 72 registers a thread (3 programs fit an SM; 3 stages: 106 KB,
 # 2 fit), pass 1 at BX = 32 with 2 stages 76 KB and 92 registers, pass 2 at BV = BKK = 32 126.
 # The chains are latency-bound (the single-pass kernel takes ~1.2 us a chunk at 64K on an H200,
 # ~10x its tensor-core time), so several programs per SM is what pays.
 TUNING: dict[str, dict] = {
-    "transition": {"BX": 32, "num_warps": 4, "num_stages": 2},
+    # --sweep delta_segmented (H200, 2026-11-26), GDN fwd 16K/64K: 3 stages 0.711/2.708 ms, 2: 0.736/2.801
+    "transition": {"BX": 32, "num_warps": 4, "num_stages": 3},
     "scan": {"BV": 32, "BKK": 32, "num_warps": 4, "precision": "ieee"},
     "state": {"BV": 16, "num_warps": 4, "num_stages": 2},
     "segments": {"programs_per_sm": 3, "min_segment": 512},
-    "pair": {"enabled": 0},
 }
 SEGMENT_LEN: int | None = None  # tests force a segment length (a multiple of CHUNK) here
 CPU_SEGMENT_LEN = 2 * CHUNK  # under the interpreter: short segments, so several are exercised
@@ -91,70 +82,14 @@ def _decay_rows(X, G_p, last, rk, K: tl.constexpr, GATE: tl.constexpr, H: tl.con
 
 
 @triton.jit
-def _gamma(G_p, last, rk, K: tl.constexpr, GATE: tl.constexpr, H: tl.constexpr):
-    """The chunk decay e^{G} at token `last` as a [BK] vector over key channels (GATE 1: one
-    value repeated)."""
-    if GATE == 1:
-        return tl.exp(tl.load(G_p + last * H + rk * 0))
-    else:
-        return tl.exp(tl.load(G_p + last * H * K + rk, mask=rk < K, other=0.0))
-
-
-@triton.jit
-def _pair_kernel(
-    w, u, kd, gcum, wh, uh, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-):
-    """Pair terms (TUNING["pair"]), parallel over chunks: for each odd chunk c' of a
-    sequence (the second of the pair c, c' = c + 1), with A = w' kd_cᵀ [BT, BT], writes
-    ŵ = w' Diag(γ_c) − A w and û = u' − A u into c's rows of wh, uh. For S the state entering c,
-    v'_{c'} = u' − w' (Diag(γ_c) S + kd_cᵀ (u − w S)) = û − ŵ S, so both chunks' products with S
-    are independent and the chains of passes 1 and 3 take one step per pair of chunks."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if IS_VARLEN:
-        i_b = tl.load(chunk_indices + 2 * i_c)
-        i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    else:
-        n_chunks = tl.cdiv(T, BT)
-        i_b, i_t = i_c // n_chunks, i_c % n_chunks
-    if i_t % 2 == 1:
-        bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
-        t1 = i_t * BT
-        t0 = t1 - BT
-        rk = tl.arange(0, BK)
-        w_p = w + (bos * H + i_h) * K
-        u_p = u + (bos * H + i_h) * V
-        if GATE == 1:
-            G_p = gcum + bos * H + i_h
-        else:
-            G_p = gcum + (bos * H + i_h) * K
-        b_w0 = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
-        b_w1 = _tile(w_p, t1, n, H * K, 0, K, BT, BK)
-        b_kd0 = _tile(kd + (bos * H + i_h) * K, t0, n, H * K, 0, K, BT, BK)
-        g0 = _gamma(G_p, (t1 - 1).to(tl.int64), rk, K, GATE, H)
-        b_a = _mm(b_w1, tl.trans(b_kd0), DT, PREC)  # [BT, BT]
-        b_wh = b_w1.to(tl.float32) * g0[None, :] - _mm(b_a, b_w0, DT, PREC)  # [BT, BK]
-        _store_tile(wh + (bos * H + i_h) * K, b_wh, t1, n, H * K, 0, K, BT, BK)
-        for i_v in range(0, tl.cdiv(V, BV)):
-            c0 = i_v * BV
-            b_u0 = _tile(u_p, t0, n, H * V, c0, V, BT, BV)
-            b_u1 = _tile(u_p, t1, n, H * V, c0, V, BT, BV).to(tl.float32)
-            b_uh = b_u1 - _mm(b_a, b_u0, DT, PREC)  # [BT, BV]
-            _store_tile(uh + (bos * H + i_h) * V, b_uh, t1, n, H * V, c0, V, BT, BV)
-
-
-@triton.jit
 def _transition_kernel(
-    w, u, kd, gcum, wh, uh, seg_m, seg_b, cu_seqlens, seg_table, nonlast, T, L, n_seg,
+    w, u, kd, gcum, seg_m, seg_b, cu_seqlens, seg_table, nonlast, T, L, n_seg,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BX: tl.constexpr, NXK: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PAIR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 1: BX columns of [M_seg | B_seg] of one non-last segment, into the next slot.
-    Column blocks 0 .. NXK−1 are M's (from the identity), the rest B's (from zero). PAIR: two
-    chunks per step of the chain (_pair_kernel's ŵ, û; segments start at even chunks), a single
-    step for an odd last chunk."""
+    Column blocks 0 .. NXK−1 are M's (from the identity), the rest B's (from zero)."""
     i_x, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_VARLEN:
         slot = tl.load(nonlast + i_p)
@@ -171,32 +106,13 @@ def _transition_kernel(
     w_p = w + (bos * H + i_h) * K
     kd_p = kd + (bos * H + i_h) * K
     u_p = u + (bos * H + i_h) * V
-    wh_p = wh + (bos * H + i_h) * K
-    uh_p = uh + (bos * H + i_h) * V
     if GATE == 1:
         G_p = gcum + bos * H + i_h
     else:
         G_p = gcum + (bos * H + i_h) * K
     t_beg = i_s * L
     n_ch = tl.cdiv(tl.minimum(n - t_beg, L), BT)  # a non-last segment is full: L // BT chunks
-    if PAIR:
-        n_pairs = n_ch // 2
-    else:
-        n_pairs = n_ch * 0
-    for i_q in range(0, n_pairs):
-        t0 = t_beg + i_q * 2 * BT
-        t1 = t0 + BT  # chunk c (from t0) is full, as c' exists
-        b_w0 = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
-        b_wh = _tile(wh_p, t1, n, H * K, 0, K, BT, BK)
-        b_kd0 = _tile(kd_p, t0, n, H * K, 0, K, BT, BK)
-        b_kd1 = _tile(kd_p, t1, n, H * K, 0, K, BT, BK)
-        g0 = _gamma(G_p, (t1 - 1).to(tl.int64), rk, K, GATE, H)
-        g1 = _gamma(G_p, (t0 + tl.minimum(n - t0, 2 * BT) - 1).to(tl.int64), rk, K, GATE, H)
-        b_y0 = _tile(u_p, t0, n_u, H * V, c0, V, BT, BX).to(tl.float32) - _mm(b_w0, X, DT, PREC)  # [BT, BX]
-        b_y1 = _tile(uh_p, t1, n_u, H * V, c0, V, BT, BX).to(tl.float32) - _mm(b_wh, X, DT, PREC)
-        X = (X * g0[:, None] + _mm(tl.trans(b_kd0), b_y0, DT, PREC)) * g1[:, None]
-        X += _mm(tl.trans(b_kd1), b_y1, DT, PREC)
-    for i_t in range(2 * n_pairs, n_ch):
+    for i_t in range(0, n_ch):
         t0 = t_beg + i_t * BT
         n_in = tl.minimum(n - t0, BT)
         b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
@@ -264,14 +180,12 @@ def _scan_kernel(
 
 @triton.jit
 def _segment_state_kernel(
-    w, u, kd, gcum, wh, uh, seg_b, h, vn, ht, cu_seqlens, seg_table, chunk_offsets, T, L, n_seg,
+    w, u, kd, gcum, seg_b, h, vn, ht, cu_seqlens, seg_table, chunk_offsets, T, L, n_seg,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PAIR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Pass 3: linear._state_kernel's loop (GATE 1, 2) over one segment's chunks, from S_in.
-    PAIR: two chunks per step of the chain, as in pass 1; the state between them is a side
-    output (stored, not on the chain)."""
+    """Pass 3: linear._state_kernel's loop (GATE 1, 2) over one segment's chunks, from S_in."""
     i_v, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_s = _segment_of(i_p, n_seg, seg_table, IS_VARLEN)
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
@@ -290,37 +204,13 @@ def _segment_state_kernel(
     kd_p = kd + (bos * H + i_h) * K
     u_p = u + (bos * H + i_h) * V
     vn_p = vn + (bos * H + i_h) * V
-    wh_p = wh + (bos * H + i_h) * K
-    uh_p = uh + (bos * H + i_h) * V
     if GATE == 1:
         G_p = gcum + bos * H + i_h
     else:
         G_p = gcum + (bos * H + i_h) * K
     t_beg = i_s * L
     n_ch = tl.cdiv(tl.minimum(n - t_beg, L), BT)
-    if PAIR:
-        n_pairs = n_ch // 2
-    else:
-        n_pairs = n_ch * 0
-    for i_q in range(0, n_pairs):
-        t0 = t_beg + i_q * 2 * BT
-        t1 = t0 + BT  # chunk c (from t0) is full, as c' exists
-        tl.store(h_p + kv, S.to(h.dtype.element_ty), mask=mkv)
-        b_w0 = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
-        b_wh = _tile(wh_p, t1, n, H * K, 0, K, BT, BK)
-        b_kd0 = _tile(kd_p, t0, n, H * K, 0, K, BT, BK)
-        b_kd1 = _tile(kd_p, t1, n, H * K, 0, K, BT, BK)
-        g0 = _gamma(G_p, (t1 - 1).to(tl.int64), rk, K, GATE, H)
-        g1 = _gamma(G_p, (t0 + tl.minimum(n - t0, 2 * BT) - 1).to(tl.int64), rk, K, GATE, H)
-        b_vn0 = _tile(u_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32) - _mm(b_w0, S, DT, PREC)  # [BT, BV]
-        b_vn1 = _tile(uh_p, t1, n, H * V, c0, V, BT, BV).to(tl.float32) - _mm(b_wh, S, DT, PREC)
-        _store_tile(vn_p, b_vn0, t0, n, H * V, c0, V, BT, BV)
-        _store_tile(vn_p, b_vn1, t1, n, H * V, c0, V, BT, BV)
-        S = S * g0[:, None] + _mm(tl.trans(b_kd0), b_vn0, DT, PREC)  # the state entering c'
-        tl.store(h_p + H * K * V + kv, S.to(h.dtype.element_ty), mask=mkv)
-        h_p += 2 * H * K * V
-        S = S * g1[:, None] + _mm(tl.trans(b_kd1), b_vn1, DT, PREC)
-    for i_t in range(2 * n_pairs, n_ch):
+    for i_t in range(0, n_ch):
         t0 = t_beg + i_t * BT
         n_in = tl.minimum(n - t0, BT)
         tl.store(h_p + kv, S.to(h.dtype.element_ty), mask=mkv)
@@ -347,29 +237,24 @@ def _block(b: int, d: int, d_k: int) -> int:
     return min(b, max(16, triton.next_power_of_2(d)))
 
 
-def _paired(d_k: int) -> bool:
-    return bool(TUNING["pair"]["enabled"]) and d_k <= 128
-
-
 def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.device) -> int:
     """Tokens per segment (a multiple of CHUNK) for n_tokens in all sequences and h value heads:
     as many segments as keep pass 3 within TUNING["segments"]["programs_per_sm"] programs per SM
     (at least one), each at least min_segment tokens. SEGMENT_LEN overrides; off CUDA,
     CPU_SEGMENT_LEN."""
-    step = CHUNK * (2 if _paired(d_k) else 1)  # paired: segments start at even chunks
     if SEGMENT_LEN is not None:
-        if SEGMENT_LEN <= 0 or SEGMENT_LEN % step:
-            raise ValueError(f"SEGMENT_LEN: expected a positive multiple of {step}, got {SEGMENT_LEN}")
+        if SEGMENT_LEN <= 0 or SEGMENT_LEN % CHUNK:
+            raise ValueError(f"SEGMENT_LEN: expected a positive multiple of {CHUNK}, got {SEGMENT_LEN}")
         return SEGMENT_LEN
     if device.type != "cuda":
-        return triton.cdiv(CPU_SEGMENT_LEN, step) * step
+        return CPU_SEGMENT_LEN
     seg = TUNING["segments"]
     per_segment = h * triton.cdiv(d_v, _block(TUNING["state"]["BV"], d_v, d_k))
     # rounded down: one wave (a segment is ~H · D_v / 16 programs, about one per SM at H = 16, so
     # rounding up could start a second wave of long chains)
     want = max(1, seg["programs_per_sm"] * _sm_count(device.index or 0) // per_segment)
-    length = triton.cdiv(triton.cdiv(max(n_tokens, 1), want), step) * step
-    return max(length, triton.cdiv(seg["min_segment"], step) * step)
+    length = triton.cdiv(triton.cdiv(max(n_tokens, 1), want), CHUNK) * CHUNK
+    return max(length, triton.cdiv(seg["min_segment"], CHUNK) * CHUNK)
 
 
 def state_pass(
@@ -405,38 +290,25 @@ def state_pass(
     if varlen:
         n_seq = cu_seqlens.numel() - 1
         table, firsts, nonlast, n_slots, n_nonlast = _segment_tables(cu_seqlens, length)
-        chunk_idx, chunk_offsets = _chunk_tables(cu_seqlens, CHUNK)
-        n_chunks = chunk_idx.shape[0] if t > 0 else 0
+        _, chunk_offsets = _chunk_tables(cu_seqlens, CHUNK)
         n_seg, cu = 1, cu_seqlens  # n_seg unused: the kernels read the tables
     else:
         n_seq = b
         n_seg = triton.cdiv(t, length)
         n_slots, n_nonlast = b * n_seg, b * max(n_seg - 1, 0)
-        n_chunks = b * triton.cdiv(t, CHUNK)
-        table = firsts = nonlast = chunk_idx = chunk_offsets = cu = w  # any pointer; unused when not varlen
+        table = firsts = nonlast = chunk_offsets = cu = w  # any pointer; unused when not varlen
     seg_m = _empty(max(n_slots, 1), h, d_k, d_k, dtype=torch.float32, device=dev)
     seg_b = _empty(max(n_slots, 1), h, d_k, d_v, dtype=torch.float32, device=dev)
     h0 = initial_state if initial_state is not None else seg_b
     ht_ = ht if ht is not None else seg_b
-    pair = _paired(d_k)
-    wh, uh = w, u  # placeholders unless paired
-    if pair and n_chunks > 1:
-        wh = _empty(*w.shape, dtype=w.dtype, device=dev)  # rows of every second chunk written
-        uh = _empty(*u.shape, dtype=u.dtype, device=dev)
-        _pair_kernel[(n_chunks, h)](
-            w, u, kd, gcum, wh, uh, cu, chunk_idx, t,
-            H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=min(64, max(16, triton.next_power_of_2(d_v))),
-            GATE=gate, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=4,
-        )
-
     cfg = TUNING["transition"]
     bx = _block(cfg["BX"], max(d_k, d_v), d_k)
     nxk = triton.cdiv(d_k, bx)
     if n_nonlast > 0:
         _transition_kernel[(nxk + triton.cdiv(d_v, bx), n_nonlast, h)](
-            w, u, kd, gcum, wh, uh, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
+            w, u, kd, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
             H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
-            PAIR=pair, DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     cfg = TUNING["scan"]
     bv = _block(cfg["BV"], d_v, d_k)
@@ -450,9 +322,9 @@ def state_pass(
     bv = _block(cfg["BV"], d_v, d_k)
     if n_slots > 0:
         _segment_state_kernel[(triton.cdiv(d_v, bv), n_slots, h)](
-            w, u, kd, gcum, wh, uh, seg_b, states, vn, ht_, cu, table, chunk_offsets, t, length, n_seg,
+            w, u, kd, gcum, seg_b, states, vn, ht_, cu, table, chunk_offsets, t, length, n_seg,
             H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
-            IS_VARLEN=varlen, PAIR=pair, DT=dt, PREC=prec, num_warps=cfg["num_warps"],
+            IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
 
