@@ -416,6 +416,18 @@ def decode(b: int, s: int, env: dict, quick: bool, lean: bool = False) -> None:
     t = safe(bench, lambda: ks.dsa_topk(scores, k_sel, causal=True), quick)
     record("decode", "dsa topk triton (radix)", b, s, t, b * s * 4, 0, env)
     topk_times.append(t)
+    if s <= ks.TOPK_ONE_PROGRAM_MAX:  # the row above took the one-launch path: time the alternatives
+        want = ops.dsa_topk(scores, k_sel, causal=True, mode="torch")
+        for label, attr, value in (("multi-program", "TOPK_ONE_PROGRAM_MAX", 0),
+                                   ("1 prog + rank", "TOPK_ONE_PROGRAM_SORT", False)):
+            saved = getattr(ks, attr)
+            setattr(ks, attr, value)
+            try:
+                t_alt = safe(bench, lambda: ks.dsa_topk(scores, k_sel, causal=True), quick)
+                record("decode", f"dsa topk triton ({label})", b, s, t_alt, b * s * 4, 0, env)
+                assert torch.equal(ks.dsa_topk(scores, k_sel, causal=True), want), f"top-k ({label}) differs"
+            finally:
+                setattr(ks, attr, saved)
     if not lean:
         t = safe(bench, lambda: ks.dsa_topk_chunked(scores, k_sel, causal=True), quick)
         record("decode", "dsa topk 2-stage", b, s, t, b * s * 4, 0, env)
@@ -755,6 +767,8 @@ def compile_report(sweep_grid: bool) -> None:
         ("index fp8", lambda c: index(c, True), ks.TUNING["index"]),
         ("topk hist level 1", topk, dict(fn=ks._topk_hist, const=dict(LEVEL=1), num_warps=8)),
         ("topk write", topk, dict(fn=ks._topk_write, const=dict(BCH=512), num_warps=8)),
+        ("topk row sorted", topk, dict(fn=ks._topk_row, const=dict(KP=2048, SORT=True), num_warps=8)),
+        ("topk row unsorted", topk, dict(fn=ks._topk_row, const=dict(KP=2048, SORT=False), num_warps=8)),
     ]
     for name, fn, cfg in cases:
         grid = [cfg]
