@@ -53,8 +53,10 @@ class Block(nn.Module):
         else:
             self.mixer_alpha, self.mixer_beta = cfg.attn_alpha, cfg.attn_beta
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
-        # S / W layers take the decode step's RoPE factors from the model (one set per step)
-        self.takes_rotation = isinstance(self.mixer, SoftmaxAttention) and self.mixer.rotary is not None
+        # S / W layers take the decode step's RoPE factors from the model (one set per step), and so
+        # do M / D layers (one set of their per-column tables per mixer class)
+        self.rotation_key = _rotation_key(self.mixer)
+        self.takes_rotation = self.rotation_key is not None
         # mixers whose output projection can add into the residual stream (all of them: MLA / DSA too)
         self.adds_residual = isinstance(
             self.mixer, (SoftmaxAttention, DeltaRuleMixer, LightningAttention, MultiHeadLatentAttention)
@@ -73,13 +75,15 @@ class Block(nn.Module):
         self, h: torch.Tensor, cache: LayerCache | None = None, rotation=None, overwrite: bool = False
     ) -> torch.Tensor:
         """h [B, T, d_model] -> [B, T, d_model]. ``rotation``: a decode step's shared RoPE factors
-        (see :meth:`HybridLM.forward`), passed to S / W mixers. ``overwrite``: h is the caller's to
+        by ``rotation_key`` (see :meth:`HybridLM._decode_rotation`), passed to S / W / M / D mixers
+        (this block's entry). ``overwrite``: h is the caller's to
         discard, so the mixer's output projection may add into it in place (HybridLM's hidden states);
         the MLP always may (it adds into a tensor this block made)."""
         watched = self.watched()  # a hook may keep a tensor that an in-place add would change
         x = self.mixer_norm(h)
         r = x if self.postnorm else h
-        kwargs = {"rotation": rotation} if rotation is not None and self.takes_rotation else {}
+        take = rotation is not None and self.takes_rotation
+        kwargs = {"rotation": rotation[self.rotation_key]} if take else {}
         if self.adds_residual and (self.postnorm or overwrite) and not watched:
             h = self.mixer(x, cache, residual=Residual(r, self.mixer_alpha, self.mixer_beta), **kwargs)
         else:
@@ -94,6 +98,15 @@ class Block(nn.Module):
         mixer's output or keeps its input): then every branch returns its own output and no tensor
         a hook may hold is added into in place."""
         return any(_hooked(m) for m in (self, self.mixer_norm, self.mixer, self.mlp_norm, self.mlp))
+
+
+def _rotation_key(mixer: nn.Module) -> str | None:
+    """Which decode-step RoPE factors a mixer takes (the layers of one key share one set), or None."""
+    if isinstance(mixer, SoftmaxAttention) and mixer.rotary is not None:
+        return "attention"  # RotaryEmbedding.rotation
+    if isinstance(mixer, MultiHeadLatentAttention) and mixer.rotary is not None:
+        return type(mixer).__name__  # MultiHeadLatentAttention.rotation (D's tables include the indexer)
+    return None
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -149,13 +162,21 @@ class HybridLM(nn.Module):
     def _decode_rotation(self, tokens: torch.Tensor, caches: list[LayerCache] | None):
         """For a decode step (one token per row, with caches): the RoPE factors of the new tokens'
         positions, computed once for all S / W layers (all built from this config: the same rotary
-        settings, and their caches hold the same lengths) instead of once per layer. None otherwise."""
+        settings, and their caches hold the same lengths) instead of once per layer, and once for all
+        M (or D) layers: {rotation_key: factors}. None otherwise."""
         if caches is None or tokens.shape[1] != 1:
             return None
+        rotations = {}
         for block, cache in zip(self.blocks, caches, strict=True):
-            if block.takes_rotation:
-                return block.mixer.rotary.rotation(cache.lengths[:, None])  # (B, 1, 1, head_dim) each
-        return None
+            key = block.rotation_key
+            if key is None or key in rotations:
+                continue
+            positions = cache.lengths[:, None]  # (B, 1)
+            if key == "attention":
+                rotations[key] = block.mixer.rotary.rotation(positions)  # (B, 1, 1, head_dim) each
+            else:
+                rotations[key] = block.mixer.rotation(positions)  # (B, 1, N) each
+        return rotations or None
 
     def generate(self, *args, **kwargs):
         """Prefill + cached decode; see :func:`attnlab.generate.generate`."""

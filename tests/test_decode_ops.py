@@ -20,10 +20,11 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 MAX_OPS = {
     "llama": ({"S": 16}, 39),
     "qwen3-next": ({"G": 30, "S": 27}, 243),
-    # M / D (issue 4, second part; d_model 256, two layers): before, M 43 (total 90) and D 76 with the
-    # multi-program top-k (68 with the one-launch top-k; total 144)
-    "deepseek-v3": ({"M": 28}, 60),
-    "deepseek-v32": ({"D": 33}, 70),
+    # M / D (issue 4, second part; d_model 256, two layers; the totals include the step's shared RoPE
+    # tables): before, M 43 (total 90) and D 76 with the multi-program top-k (68 with the one-launch
+    # top-k; total 144)
+    "deepseek-v3": ({"M": 25}, 57),
+    "deepseek-v32": ({"D": 30}, 67),
 }
 
 
@@ -372,3 +373,30 @@ def test_mla_output_adds_into_the_residual(letter):
                 out = layer(x[:, t0:t1], caches[0], residual=Residual(mine))
                 assert out is mine
                 torch.testing.assert_close(out, r + layer(x[:, t0:t1], caches[1]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset,pattern", [("deepseek-v3", "M"), ("deepseek-v32", "D"),
+                                            ("deepseek-v32", "SMD")])
+def test_shared_decode_rotation_for_mla_layers(preset, pattern):
+    """HybridLM computes a decode step's RoPE tables once per mixer kind (S/W, M and D each their
+    own: D's include the indexer's heads): same logits as each layer computing its own, and the
+    layers of a kind get the same tensors."""
+    from attnlab import HybridLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset, d_model=64, n_layers=2 * len(pattern), vocab_size=32, pattern=pattern)
+    model = HybridLM(cfg).eval()
+    prompt = torch.randint(0, 32, (2, 6))
+    outs = []
+    for share in (True, False):
+        caches = model.new_caches(2, 16)
+        with torch.no_grad():
+            model(prompt, caches)
+            if share:
+                rotations = model._decode_rotation(prompt[:, :1], caches)
+                assert set(rotations) == {b.rotation_key for b in model.blocks}
+                assert len({r[0].shape[-1] for r in rotations.values()}) == len(rotations)  # distinct layouts
+            else:
+                model._decode_rotation = lambda tokens, caches: None  # each layer its own
+            outs.append(model(prompt[:, :1], caches))
+    assert torch.equal(outs[0], outs[1])

@@ -227,8 +227,10 @@ class MultiHeadLatentAttention(nn.Module):
         outs = [lin(x) for lin in fused.linears]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-    def _rope_tables(self, positions: torch.Tensor):
-        """(cos, sin) float32 [B, T, N_q + N_k] at int64 positions [B, T], or None (NoPE)."""
+    def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The RoPE tables forward applies at int64 positions [B, T]: (cos, sin) float32
+        [B, T, N_q + N_k] over the query row then the key row (see :meth:`_project_fused`), or None
+        (NoPE). Layers of one class built from one config can share a decode step's (three ops)."""
         if self.rotary is None:
             return None
         angles = positions[..., None] * self.rope_freq  # (B, T, N_q + N_k) float32
@@ -237,8 +239,9 @@ class MultiHeadLatentAttention(nn.Module):
             cos, sin = cos * self.rope_cos_scale, sin * self.rotary.attention_factor
         return cos, sin
 
-    def _project_all(self, x: torch.Tensor, positions: torch.Tensor):
-        """Every per-token projection of the new tokens.
+    def _project_all(self, x: torch.Tensor, positions: torch.Tensor, rotation=None):
+        """Every per-token projection of the new tokens (``rotation``: :meth:`rotation` at
+        ``positions`` if already computed).
 
         Returns q_nope [B, T, H, dn], q_pe [B, T, H, dr] (rotated), latent [B, T, R + dr]
         (normalised c_kv | rotated k_pe) and, for ``D``, the indexer's (q [B, T, H_I, D_I],
@@ -247,14 +250,14 @@ class MultiHeadLatentAttention(nn.Module):
         part's gradient comes from its own loss only (the indexer's from the KL loss); without:
         :meth:`_project_fused`, the same values in few ops (a decode step)."""
         if not torch.is_grad_enabled():
-            return self._project_fused(x, positions)
+            return self._project_fused(x, positions, rotation)
         q_nope, q_pe, latent, q_latent, cos_sin = self._project(x, positions)
         if not isinstance(self, DeepSeekSparseAttention):
             return q_nope, q_pe, latent, None
         q_in = None if q_latent is None else q_latent.detach()
         return q_nope, q_pe, latent, self._index_qkw(x.detach(), q_in, cos_sin)
 
-    def _project_fused(self, x: torch.Tensor, positions: torch.Tensor):
+    def _project_fused(self, x: torch.Tensor, positions: torch.Tensor, rotation=None):
         """:meth:`_project_all` without autograd: one matmul per input (x; the q latent), the
         three norms, and one RoPE table for both rows ([MLA q heads | indexer q heads] and
         [c_kv | k_pe | indexer key]), each rotated in one pass."""
@@ -275,7 +278,7 @@ class MultiHeadLatentAttention(nn.Module):
         if index:
             k_parts.append(self.k_norm(rest[..., R + dr : R + dr + self.index_head_dim]))  # (B, T, D_I)
         k = torch.cat(k_parts, dim=-1)  # (B, T, R + dr [+ D_I])
-        tables = self._rope_tables(positions)
+        tables = self.rotation(positions) if rotation is None else rotation
         if tables is not None:
             cos, sin = tables
             q = _rotate(q, cos[..., : self._n_q], sin[..., : self._n_q], self.rope_partner_q)
@@ -393,13 +396,16 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: torch.Tensor, cache: MLACache | None = None, residual: Residual | None = None
+        self, x: torch.Tensor, cache: MLACache | None = None, residual: Residual | None = None,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it.
-        ``residual``: the output projection adds its result into it (see :class:`Residual`)."""
+        ``residual``: the output projection adds its result into it (see :class:`Residual`).
+        ``rotation``: :meth:`rotation` at the new tokens' positions, when the caller computed it
+        once for several layers (HybridLM's decode step)."""
         check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
         B, T, _ = x.shape
-        q_nope, q_pe, latent, _ = self._project_all(x, self._positions(x, cache))
+        q_nope, q_pe, latent, _ = self._project_all(x, self._positions(x, cache), rotation)
         if cache is None:
             return self._expanded_attention(q_nope, q_pe, latent, residual)
 
@@ -558,10 +564,11 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         return ops.dsa_topk(scores, min(self.index_topk, x.shape[1]), causal=True)
 
     def forward(
-        self, x: torch.Tensor, cache: DSACache | None = None, residual: Residual | None = None
+        self, x: torch.Tensor, cache: DSACache | None = None, residual: Residual | None = None,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model]; with a cache, appends the T tokens to it.
-        ``residual``: the output projection adds its result into it (see :class:`Residual`).
+        ``residual``, ``rotation``: as :meth:`MultiHeadLatentAttention.forward`.
 
         In training (``self.training`` and grad enabled, no cache) the indexer, whose input is
         detached from the main graph, gets its gradient from the KL loss of :meth:`_indexer_kl`
@@ -569,7 +576,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         the main attention gets none from it, as in DeepSeek-V3.2 §2.1."""
         check_tensor("x", x, 3, "[B, T, d_model]", shape=(None, None, self.d_model))
         B, T, _ = x.shape
-        q_nope, q_pe, latent, (q_idx, k_idx, w) = self._project_all(x, self._positions(x, cache))
+        q_nope, q_pe, latent, (q_idx, k_idx, w) = self._project_all(x, self._positions(x, cache), rotation)
         if cache is None:
             train = self.training and torch.is_grad_enabled() and self.index_loss_weight > 0
             with torch.set_grad_enabled(train):
