@@ -1219,8 +1219,10 @@ TOPK_MAX_CHUNKS = 1024  # a row's chunk counts are read as one vector by _topk_w
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
-# benchmarks/sparse_mla_gpu.py may sweep it; 0 turns the one-launch path off.
-TOPK_ONE_PROGRAM_MAX = 32768
+# benchmarks/sparse_mla_gpu.py may sweep it; 0 turns the one-launch path off. 16K from an H100 run
+# (2026-11-26, one decode row, k = 2048): one program 0.060 ms vs multi-program 0.145 ms at 4K, but
+# 0.207 vs 0.161 ms at 32K (a single program streams the whole row six times).
+TOPK_ONE_PROGRAM_MAX = 16384
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
 # (two launches: k^2 comparisons over many programs). Also False after the sorting variant failed

@@ -96,16 +96,17 @@ def _rope_columns(
     ``rot(x) = x * cos(p * freq) + x[..., partner] * sin(p * freq)``: the first of a pair gets
     -f (sin(-a) = -sin(a) gives the minus), passed-through dims f = 0 and themselves as partner."""
     half = inv_freq.shape[0]
+    cpu = inv_freq.device  # the CPU (rope_inv_freq), even under a torch.device("cuda") context
     freqs, partners, offset = [], [], 0
     for n_heads, head_dim, start, interleaved in segments:
-        f = torch.zeros(head_dim)
-        p = torch.arange(head_dim)
-        i = torch.arange(half)
+        f = torch.zeros(head_dim, device=cpu)
+        p = torch.arange(head_dim, device=cpu)
+        i = torch.arange(half, device=cpu)
         first, second = (start + 2 * i, start + 2 * i + 1) if interleaved else (start + i, start + half + i)
         f[first], f[second] = -inv_freq, inv_freq
         p[first], p[second] = second, first
         freqs.append(f.repeat(n_heads))  # (n_heads * head_dim,)
-        partners.append((p[None] + offset + head_dim * torch.arange(n_heads)[:, None]).flatten())
+        partners.append((p[None] + offset + head_dim * torch.arange(n_heads, device=cpu)[:, None]).flatten())
         offset += n_heads * head_dim
     return torch.cat(freqs), torch.cat(partners)
 
