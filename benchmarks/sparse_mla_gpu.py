@@ -695,7 +695,7 @@ def compile_report(sweep_grid: bool) -> None:
         "DK": f32,
         "DV": f32,
     }
-    idx_ptr = {"Q": bf, "K": bf, "W": f32, "KS": f32, "OUT": f32}
+    idx_ptr = {"Q": bf, "K": bf, "W": f32, "KS": f32, "NV": "*i64", "OUT": f32}
 
     def fwd(cfg, gather, split):
         bdv = 512 // cfg.get("DVB", 1)
@@ -746,6 +746,7 @@ def compile_report(sweep_grid: bool) -> None:
             BLOCK_S=cfg["BLOCK_S"],
             FP8=fp8,
             CAUSAL=True,
+            HAS_NV=False,
             PREC="tf32",
             INTERP=False,
         )
