@@ -534,10 +534,19 @@ def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _topk_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL: tl.constexpr, CAUSAL: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """Level LEVEL's 256-bin histogram of the keys of positions [lo, hi) of a row whose higher bits
-    equal `prefix` (key >> (32 - 8 LEVEL); every key at level 0)."""
+def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
+               LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
+    the earlier levels chose (recomputed here from their histograms: no extra launch)."""
+    pid = tl.program_id(0)
+    r = pid // N_CHUNK
+    c = pid % N_CHUNK
+    hist = HIST + r.to(tl.int64) * (4 * 256)
+    prefix, k_rem = _topk_threshold(hist, k_eff, LEVEL)
+    row_off = r.to(tl.int64) * stride_r
+    qpos = S - T + r % T
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, S)
     counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
     n_out = 0
     for j in range(lo, hi, BLOCK):
@@ -552,47 +561,7 @@ def _topk_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL: tl.constexpr, CAUSAL:
         counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
         n_out += tl.sum((~ok).to(tl.int32), 0)
     bins = tl.arange(0, _TOPK_BINS)
-    return counts - tl.where(bins == 0, n_out, 0)  # the keys outside the range or prefix went to bin 0
-
-
-@triton.jit
-def _topk_take(SC, sel, row_off, lo, hi, S, qpos, thr, need, slot, eq_seen,
-               CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-    """Write the taken keys of positions [lo, hi) of a row, in position order, into sel[slot ...]
-    as int64 sort keys (key << 32) | (S - 1 - position) (bigger: higher score, then earlier):
-    every key above thr, and keys equal to it while fewer than `need` ties are taken (eq_seen: the
-    ties at earlier positions of the row)."""
-    for j in range(lo, hi, BLOCK):
-        cols = j + tl.arange(0, BLOCK)
-        ok = cols < hi
-        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        eq = (ok & (key == thr)).to(tl.int32)
-        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
-        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
-        take_i = take.to(tl.int32)
-        dst = slot + tl.cumsum(take_i, 0) - 1
-        sort_key = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-        tl.store(sel + dst, sort_key, mask=take)
-        slot += tl.sum(take_i, 0)
-        eq_seen += tl.sum(eq, 0)
-
-
-@triton.jit
-def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
-               LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-    """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
-    the earlier levels chose (recomputed here from their histograms: no extra launch)."""
-    pid = tl.program_id(0)
-    r = pid // N_CHUNK
-    c = pid % N_CHUNK
-    hist = HIST + r.to(tl.int64) * (4 * 256)
-    prefix, k_rem = _topk_threshold(hist, k_eff, LEVEL)
-    row_off = r.to(tl.int64) * stride_r
-    qpos = S - T + r % T
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, S)
-    counts = _topk_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
-    bins = tl.arange(0, _TOPK_BINS)
+    counts -= tl.where(bins == 0, n_out, 0)  # the keys outside the chunk or prefix went to bin 0
     tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0)
 
 
@@ -640,8 +609,20 @@ def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, strid
     qpos = S - T + r % T
     lo = c * chunk
     hi = tl.minimum(lo + chunk, S)
-    _topk_take(SC, SEL + r.to(tl.int64) * stride_sel, row_off, lo, hi, S, qpos, thr, need, slot, eq_seen,
-               CAUSAL, BLOCK)
+    sel = SEL + r.to(tl.int64) * stride_sel
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        eq = (ok & (key == thr)).to(tl.int32)
+        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
+        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
+        take_i = take.to(tl.int32)
+        dst = slot + tl.cumsum(take_i, 0) - 1
+        sort_key = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+        tl.store(sel + dst, sort_key, mask=take)
+        slot += tl.sum(take_i, 0)
+        eq_seen += tl.sum(eq, 0)
 
 
 @triton.jit
@@ -679,18 +660,45 @@ def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
     out = OUT + r.to(tl.int64) * stride_out
     sel = out if SORT else SEL + r.to(tl.int64) * stride_sel
     qpos = S - T + r % T
+    bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
     for LEVEL in tl.static_range(4):
-        counts = _topk_counts(SC, row_off, 0, S, qpos, prefix, LEVEL, CAUSAL, BLOCK)
+        counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
+        n_out = 0
+        for j in range(0, S, BLOCK):
+            cols = j + tl.arange(0, BLOCK)
+            ok = cols < S
+            key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+            if LEVEL == 0:
+                digit = (key >> 24) + 128
+            else:
+                ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
+                digit = (key >> (24 - 8 * LEVEL)) & 0xFF
+            counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
+            n_out += tl.sum((~ok).to(tl.int32), 0)
+        counts -= tl.where(bins == 0, n_out, 0)  # the keys outside the row or prefix went to bin 0
         b, k_rem = _topk_pick(counts, k_rem)
         if LEVEL == 0:
             prefix = b - 128  # key >> 24 (signed top byte), as _topk_threshold
         else:
             prefix = prefix * 256 + b
     thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
-    zero = tl.zeros([], dtype=tl.int32)
-    _topk_take(SC, sel, row_off, 0, S, S, qpos, thr, k_rem, zero, zero, CAUSAL, BLOCK)
+    slot = 0
+    eq_seen = 0
+    for j in range(0, S, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < S
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        eq = (ok & (key == thr)).to(tl.int32)
+        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
+        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < k_rem))
+        take_i = take.to(tl.int32)
+        dst = slot + tl.cumsum(take_i, 0) - 1
+        sort_key = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+        tl.store(sel + dst, sort_key, mask=take)
+        slot += tl.sum(take_i, 0)
+        eq_seen += tl.sum(eq, 0)
     if SORT:
         tl.debug_barrier()  # the row's sort keys, stored by all threads, are read back by all
         i = tl.arange(0, KP)
