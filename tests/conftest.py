@@ -13,6 +13,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def poisoned():
+    """The Triton linear-attention kernels (attnlab.kernels.linear) fill every output buffer with NaN
+    first, so an element a kernel fails to write fails the test (tests/test_kernels_linear*.py)."""
+    from attnlab.kernels import linear
+
+    linear.POISON_OUTPUTS = True
+    yield
+    linear.POISON_OUTPUTS = False
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

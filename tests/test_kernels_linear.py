@@ -181,12 +181,13 @@ def check_decode_steps(op, device, d_k, d_v):
     assert rel_err(state, rs) < 1e-5
 
 
-def check_gradients(op, device, t, hk, tol):
+def check_gradients(op, device, t, hk, tol, slope_grad=False):
     """Gradients of (o·dO + S_T·dS) w.r.t. q, k, v, g, beta, h0 against autograd through the float64
-    loop. Lightning's slope is a fixed buffer (no gradient), which takes the Triton backward."""
+    loop. Lightning's slope is a fixed buffer (no gradient), which takes the Triton backward; with
+    slope_grad it needs one too, which takes the chunked-PyTorch fallback."""
     q, k, v, g, beta, h0 = make_inputs(op, 1, t, 2, hk, 32 if device == "cuda" else 16, 16, device=device,
                                        seed=5)
-    wants = [True, True, True, op != "lightning", op != "lightning", True]
+    wants = [True, True, True, op != "lightning" or slope_grad, op != "lightning", True]
     xs = (q, k, v, g, beta, h0)
     leaves = [x.clone().double().cpu().requires_grad_(w) for x, w in zip(xs, wants, strict=True)]
     ro, rs = run_oracle(op, *leaves)
@@ -213,6 +214,13 @@ def test_interp_gradients_match_loop(op):
     if not hasattr(ops, {"gdn": "gated_delta_rule", "kda": "kda", "lightning": "lightning_attention"}[op]):
         pytest.skip("the chunked torch op used by the backward has not landed in attnlab.ops")
     check_gradients(op, "cpu", 70, 1 if op == "lightning" else 2, 1e-5)
+
+
+@interp
+def test_interp_lightning_slope_gradient_fallback():
+    """A Lightning slope that needs a gradient: the backward recomputes through the chunked torch op
+    (which takes as many key heads as value heads: no GQA here)."""
+    check_gradients("lightning", "cpu", 70, 2, 1e-5, slope_grad=True)
 
 
 @interp
@@ -250,15 +258,6 @@ def test_interp_bad_input_raises_value_error():
 
 # ------------------------------------------------------------------------------------------------
 # GPU
-
-
-@pytest.fixture
-def poisoned():
-    from attnlab.kernels import linear
-
-    linear.POISON_OUTPUTS = True  # every buffer the kernels write starts as NaN
-    yield
-    linear.POISON_OUTPUTS = False
 
 
 @pytest.mark.gpu

@@ -250,15 +250,6 @@ def test_chunk_terms_trace_whole_for_torch_compile(products):
 # GPU (the device machine)
 
 
-@pytest.fixture
-def poisoned():
-    from attnlab.kernels import linear
-
-    linear.POISON_OUTPUTS = True  # every buffer the kernels write starts as NaN
-    yield
-    linear.POISON_OUTPUTS = False
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("t,d_k,d_v", [(1, 64, 64), (63, 60, 100), (130, 128, 128)])

@@ -885,32 +885,28 @@ class _ChunkFunction(torch.autograd.Function):
             *dx, dh0 = delta_rule_backward(ctx.gate, q, k, v, g, beta, ctx.scale, h0, do, dht, ctx.cu_seqlens,
                                            h0 is not None and need[8])
             return None, *dx, None, None, dh0, None, None
+        # Lightning with a slope that needs a gradient: autograd through the chunked PyTorch op
         if ctx.cu_seqlens is not None:
             raise NotImplementedError("attnlab.kernels.linear: backward with cu_seqlens is implemented only "
                                       "for Lightning with a fixed slope")
         from .. import ops  # lazy: ops imports this module in its triton mode
 
-        inputs = [x.detach().requires_grad_(bool(need[i + 1]) or i < 3) if x is not None else None
-                  for i, x in enumerate((q, k, v, g, beta, slope))]
+        # q, k, v always carry a gradient (so that o has a graph); the slope as asked (need[6])
+        inputs = [x.detach().requires_grad_(bool(need[i]) or i < 4)
+                  for i, x in zip((1, 2, 3, 6), (q, k, v, slope), strict=True)]
         inputs.append(h0.detach().requires_grad_(bool(need[8])) if h0 is not None else None)
-        q_, k_, v_, g_, b_, s_, h0_ = inputs
+        q_, k_, v_, s_, h0_ = inputs
         with torch.enable_grad():
-            if ctx.gate == 0:
-                o, ht = ops.lightning_attention(q_, k_, v_, s_, scale=ctx.scale, initial_state=h0_,
-                                                output_final_state=dht is not None, mode="chunk")
-            else:
-                fn = ops.gated_delta_rule if ctx.gate == 1 else ops.kda
-                o, ht = fn(q_, k_, v_, g_, b_, scale=ctx.scale, initial_state=h0_,
-                           output_final_state=dht is not None, mode="chunk")
+            o, ht = ops.lightning_attention(q_, k_, v_, s_, scale=ctx.scale, initial_state=h0_,
+                                            output_final_state=dht is not None, mode="chunk")
             outs, grads = [o], [do]
             if dht is not None:
                 outs.append(ht)
                 grads.append(dht)
             wrt = [x for x in inputs if x is not None and x.requires_grad]
             got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
-        dx = [next(got) if x is not None and x.requires_grad else None for x in inputs]
-        dq, dk, dv, dg, db, ds, dh0 = dx
-        return None, dq, dk, dv, dg, db, ds, None, dh0, None, None
+        dq, dk, dv, ds, dh0 = [next(got) if x is not None and x.requires_grad else None for x in inputs]
+        return None, dq, dk, dv, None, None, ds, None, dh0, None, None
 
 
 def _as_io(x: torch.Tensor) -> torch.Tensor:
