@@ -24,7 +24,7 @@ from torch import nn
 from ._checks import check_tensor, in_graph
 from .cache import CacheSpec, LayerCache
 from .config import SAVE_ID_KEY, ModelConfig
-from .layers import build_layer
+from .layers import build_layer, fused
 from .layers.attention import SoftmaxAttention
 from .layers.common import Residual, RMSNorm, SwiGLU
 from .layers.deltanet import DeltaRuleMixer
@@ -79,11 +79,13 @@ class Block(nn.Module):
         (this block's entry). ``overwrite``: h is the caller's to
         discard, so the mixer's output projection may add into it in place (HybridLM's hidden states);
         the MLP always may (it adds into a tensor this block made)."""
+        take = rotation is not None and self.takes_rotation
+        kwargs = {"rotation": rotation[self.rotation_key]} if take else {}
+        if cache is not None and overwrite and fused.usable(h) and fused.block_step(self, h, cache, **kwargs):
+            return h  # the fused decode step added both branches into h (attnlab.layers.fused)
         watched = self.watched()  # a hook may keep a tensor that an in-place add would change
         x = self.mixer_norm(h)
         r = x if self.postnorm else h
-        take = rotation is not None and self.takes_rotation
-        kwargs = {"rotation": rotation[self.rotation_key]} if take else {}
         if self.adds_residual and (self.postnorm or overwrite) and not watched:
             h = self.mixer(x, cache, residual=Residual(r, self.mixer_alpha, self.mixer_beta), **kwargs)
         else:
@@ -157,6 +159,8 @@ class HybridLM(nn.Module):
             ours = not (_hooked(previous) or block.watched())
             h = block(h, None if caches is None else caches[i], rotation, overwrite=ours)
             previous = block
+        if caches is not None and fused.usable(h) and not _hooked(self.norm) and not _hooked(self.lm_head):
+            return fused.head_step(self, h)  # (B, 1, vocab_size) float32
         return self.lm_head(self.norm(h)).float()  # (B, T, vocab_size)
 
     def _decode_rotation(self, tokens: torch.Tensor, caches: list[LayerCache] | None):

@@ -48,6 +48,7 @@ import torch
 from attnlab._io import atomic_write_json, atomic_write_text
 from attnlab.config import ModelConfig
 from attnlab.generate import DecodeStep, cache_nbytes
+from attnlab.layers import fused
 from attnlab.model import HybridLM
 
 PRESETS = ["llama", "swa", "deepseek-v3", "deepseek-v32", "minimax-01", "qwen3-next", "kimi-linear",
@@ -256,13 +257,22 @@ def time_step(step, caches, context: int, steps: int, device: str) -> dict:
 
 
 def time_ours(model: HybridLM, context: int, steps: int, device: str, dtype: torch.dtype, mode: str) -> dict:
-    """A step of ``mode`` over fresh caches sized for ``context`` (eager / cuda_graph / compile)."""
+    """A step of ``mode`` over fresh caches sized for ``context`` (eager / cuda_graph / compile, or
+    cuda_graph_plain: the CUDA graph of the step without the fused decode kernels,
+    attnlab.layers.fused, for a side-by-side of what they gain)."""
     if mode == "compile":
         reset_compile()
-    caches = model.new_caches(1, context + steps + 8, device=device, dtype=dtype)
-    step = DecodeStep(model, caches, mode=mode)  # graph capture on fresh caches, then reset
-    fill_caches(caches)
-    out = time_step(step, caches, context, steps, device)
+    plain = mode == "cuda_graph_plain"
+    before = fused.ENABLED
+    fused.ENABLED = before and not plain
+    try:
+        caches = model.new_caches(1, context + steps + 8, device=device, dtype=dtype)
+        # graph capture on fresh caches, then reset
+        step = DecodeStep(model, caches, mode="cuda_graph" if plain else mode)
+        fill_caches(caches)
+        out = time_step(step, caches, context, steps, device)
+    finally:
+        fused.ENABLED = before
     del step, caches
     return out
 
@@ -395,8 +405,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--modes", default=None,
-                    help="our decode step modes to time, comma-separated from eager, cuda_graph, compile "
-                         "(default: cuda_graph,compile on CUDA, eager on the CPU); the best is reported")
+                    help="our decode step modes to time, comma-separated from eager, cuda_graph, compile, "
+                         "cuda_graph_plain (no fused kernels) (default: cuda_graph,compile on CUDA, "
+                         "eager on the CPU); the best is reported")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate()")
     ap.add_argument("--hf-max-context", type=int, default=131072)
     ap.add_argument("--eager-max-context", type=int, default=131072, help="time eager too, up to here")
@@ -413,8 +424,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cuda = device.startswith("cuda")
     modes = (args.modes or ("cuda_graph,compile" if cuda else "eager")).split(",")
     for m in modes:
-        if m not in ("eager", "cuda_graph", "compile"):
-            ap.error(f"--modes: unknown mode {m!r} (eager, cuda_graph, compile)")
+        if m not in ("eager", "cuda_graph", "compile", "cuda_graph_plain"):
+            ap.error(f"--modes: unknown mode {m!r} (eager, cuda_graph, compile, cuda_graph_plain)")
     default_contexts = "64,256" if args.tiny else ",".join(map(str, CONTEXTS))
     contexts = [int(c) for c in (args.contexts or default_contexts).split(",")]
     bw = copy_bandwidth(device, args.bandwidth_bytes if not args.tiny else 1 << 24)

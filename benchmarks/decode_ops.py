@@ -27,7 +27,10 @@ replaced by stand-ins that count one kernel per launch (the linear step: 1; GQA 
 torch with counting paused. ``F.rms_norm`` counts as the one fused kernel CUDA runs
 (``aten::_fused_rms_norm``; the CPU build decomposes it into eight ops) when input and weight share a
 dtype. The step's host checks that ``in_graph()`` skips inside a CUDA graph
-(token range, cache room) are skipped here too. ``--branch torch`` counts the plain CPU path.
+(token range, cache room) are skipped here too. ``--branch fused`` (the default) adds the fused decode
+step a CUDA step takes (attnlab.layers.fused: GEMVs with norm / SiLU·mul / gate prologues and residual
+epilogues, one RoPE + cache-write launch, one GDN/KDA step launch; see ``_fused_branch``); ``--branch
+cuda`` is the step without it (``ATTNLAB_FUSED_DECODE=0``). ``--branch torch`` counts the plain CPU path.
 """
 
 from __future__ import annotations
@@ -221,6 +224,46 @@ def _cuda_branch(stack: ExitStack) -> None:
     _sparse_branch(stack)
 
 
+def _fused_branch(stack: ExitStack) -> None:
+    """The fused decode step of a CUDA bf16/fp16 step (attnlab.layers.fused), on top of the CUDA
+    branch: the block takes it on the CPU, each of its Triton launches (GEMV, RoPE + cache write, the
+    GDN/KDA step, the split-K attention + combine that counts the token) is a stand-in that counts its
+    launches and computes the kernel's torch reference with counting paused."""
+    from attnlab.kernels import decode as kdecode
+    from attnlab.kernels import delta_decode as kdelta
+    from attnlab.kernels import gemv as kgemv
+    from attnlab.kernels import rope_cache as krope
+    from attnlab.layers import fused
+
+    def stand_in(name: str, reference, launches: int = 1):
+        def launch(*args, **kwargs):
+            _COUNTER.record(f"triton:{name}", launches)
+            with _COUNTER.pause():
+                return reference(*args, **kwargs)
+
+        return launch
+
+    def advance(q, k_cache, v_cache, lengths, scale=None):
+        n_valid = torch.clamp(lengths + 1, max=k_cache.shape[1])
+        o = ops.softmax_decode(q, k_cache, v_cache, n_valid, scale=scale, mode="torch")
+        lengths += 1
+        return o
+
+    def usable(h):
+        return (fused.ENABLED and h.dim() == 3 and h.shape[1] == 1 and not torch.is_grad_enabled()
+                and h.shape[0] <= kgemv.MAX_ROWS)
+
+    patches = [
+        (fused, "usable", usable),
+        (kgemv, "gemv", stand_in("gemv", kgemv.gemv_reference)),
+        (krope, "rope_write", stand_in("rope_write", krope.rope_write_reference)),
+        (kdelta, "delta_decode", stand_in("delta_decode", kdelta.delta_decode_reference)),
+        (kdecode, "gqa_decode_advance", stand_in("gqa_decode_advance", advance, 2)),
+    ]
+    for module, name, value in patches:
+        stack.enter_context(mock.patch.object(module, name, value))
+
+
 # Triton kernels of attnlab.kernels.sparse that the D layer's decode launches (MLA's softmax_decode
 # keeps the two-launch stand-in `latent` above)
 _SPARSE_KERNELS = ("_index_scores_kernel", "_topk_row", "_topk_hist", "_topk_count", "_topk_write",
@@ -342,16 +385,18 @@ def count_step(model: HybridLM, branch: str = "cuda", prompt_len: int = 8, max_l
     Returns {"parts": {label: Counter}, "per_type": {letter: {part: ops per layer}}, "top": {...},
     "total": int, "host_syncs": [...], "logits": float32 [1, V]}."""
     global _COUNTER
-    if branch not in ("cuda", "torch"):
-        raise ValueError(f"branch: expected 'cuda' or 'torch', got {branch!r}")
+    if branch not in ("cuda", "fused", "torch"):
+        raise ValueError(f"branch: expected 'cuda', 'fused' or 'torch', got {branch!r}")
     gen = torch.Generator().manual_seed(0)
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (1, prompt_len), generator=gen)
     caches = model.new_caches(1, max_len)
     counter = OpCounter()
     with ExitStack() as stack:
-        if branch == "cuda":
+        if branch in ("cuda", "fused"):
             _cuda_branch(stack)
+        if branch == "fused":
+            _fused_branch(stack)
         logits = prefill(model, tokens, caches)
         step = DecodeStep(model, caches, mode="eager")
         nxt = logits.argmax(-1)  # (1,)
@@ -410,7 +455,7 @@ def table(name: str, r: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="llama,qwen3-next,kimi-linear,minimax-01")
-    ap.add_argument("--branch", choices=("cuda", "torch"), default="cuda")
+    ap.add_argument("--branch", choices=("cuda", "fused", "torch"), default="fused")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--ops", action="store_true", help="also list the aten ops of each part")

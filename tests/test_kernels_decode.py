@@ -141,6 +141,20 @@ def test_interp_odd_dims_values_scale_and_int32_lengths():
 
 
 @interp
+def test_interp_advance_reads_the_new_slot_and_counts_it():
+    """gqa_decode_advance: attends to lengths + 1 slots (capped at S_max: a full ring buffer), then
+    lengths += 1 in place; slots past that are never read (NaN there)."""
+    from attnlab.kernels.decode import gqa_decode_advance
+
+    q, k, v = make(3, 2, 4, 64, 32, seed=11)
+    lengths = torch.tensor([0, 30, 64])  # the last row: a full ring, the new token overwrote a slot
+    k[1, 31:], v[1, 31:] = float("nan"), float("nan")
+    out = gqa_decode_advance(q, k, v, lengths)
+    assert lengths.tolist() == [1, 31, 65]
+    assert rel_err(out, oracle(q, k, v, torch.tensor([1, 31, 64]))) <= 1e-5
+
+
+@interp
 def test_interp_op_dispatch_runs_the_kernel_and_ignores_stale_slots():
     """ops.softmax_decode(mode="triton") runs the kernel; slots past n_valid are never read (NaN there)."""
     q, k, v = make(2, 2, 4, 96, 32, seed=7)

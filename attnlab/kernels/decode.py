@@ -61,10 +61,10 @@ def _split_kernel(
     stride_vb, stride_vs, stride_vh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     D_V: tl.constexpr, BDV: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr,
-    PREC: tl.constexpr, INTERP: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr, NV_ADD: tl.constexpr,
 ):
     """Program (split, kv head hk, row b): query heads hk*G .. hk*G+G-1 over slots
-    [split*per_split, +per_split) ∩ [0, n_valid[b]). Writes OP [B, H_q, N_SPLIT, D_V] float32
+    [split*per_split, +per_split) ∩ [0, n_valid[b] + NV_ADD). Writes OP [B, H_q, N_SPLIT, D_V] float32
     (normalised within the split, 0 if empty) and LP [B, H_q, N_SPLIT] (base-2 lse, -inf if empty)."""
     split = tl.program_id(0)
     hk = tl.program_id(1)
@@ -79,7 +79,7 @@ def _split_kernel(
                 mask=g_ok[:, None] & (d < D)[None, :], other=0.0)  # (BLOCK_G, BD)
     dv = tl.arange(0, BDV)
 
-    nv = tl.load(NVALID + b).to(tl.int32)
+    nv = tl.load(NVALID + b).to(tl.int32) + NV_ADD
     nv = tl.minimum(tl.maximum(nv, 0), S_MAX)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, nv)
@@ -115,12 +115,18 @@ def _split_kernel(
 
 
 @triton.jit
-def _combine(OP, LP, O, stride_ob, stride_oh, H,
-             N_SPLIT: tl.constexpr, CHUNK: tl.constexpr, D_V: tl.constexpr, BDV: tl.constexpr):
-    """Program (row b, head h): o = Σ_i 2^(lse_i - lse) o_i over the splits; 0 if every split is empty."""
+def _combine(OP, LP, O, LENGTHS, stride_ob, stride_oh, H,
+             N_SPLIT: tl.constexpr, CHUNK: tl.constexpr, D_V: tl.constexpr, BDV: tl.constexpr,
+             ADVANCE: tl.constexpr):
+    """Program (row b, head h): o = Σ_i 2^(lse_i - lse) o_i over the splits; 0 if every split is empty.
+    ADVANCE: head 0's program also counts the row's new token, LENGTHS[b] += 1 (the split kernel,
+    which read it, has finished: same stream)."""
     pid = tl.program_id(0).to(tl.int64)  # b * H + h
     b = pid // H
     h = pid % H
+    if ADVANCE:
+        if h == 0:
+            tl.store(LENGTHS + b, tl.load(LENGTHS + b) + 1)
     dv = tl.arange(0, BDV)
     m = tl.full([], float("-inf"), dtype=tl.float32)
     for c in range(0, N_SPLIT, CHUNK):
@@ -178,7 +184,10 @@ def num_splits(batch: int, kv_heads: int, s_max: int, device: torch.device) -> i
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor, scale: float,
-            n_splits: int) -> torch.Tensor:
+            n_splits: int, advance: bool = False) -> torch.Tensor:
+    """The split-K kernel and its combine. ``advance``: n_valid is the rows' lengths BEFORE the new
+    token, whose k, v already sit in slot n_valid[b]: read n_valid[b] + 1 slots (capped at S_max),
+    then n_valid += 1 in place (inside the combine: no extra launch)."""
     B, H, D = q.shape
     S_max, H_kv, D_v = k.shape[1], k.shape[2], v.shape[3]
     G = H // H_kv
@@ -197,11 +206,12 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Te
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         G=G, BLOCK_G=_pow2(G), D=D, BD=_pow2(D), D_V=D_v, BDV=_pow2(D_v), BLOCK_N=BLOCK_N,
-        N_SPLIT=n_splits, PREC=prec, INTERP=_INTERPRET, num_warps=NUM_WARPS,
+        N_SPLIT=n_splits, PREC=prec, INTERP=_INTERPRET, NV_ADD=int(advance), num_warps=NUM_WARPS,
     )
     _combine[(B * H,)](
-        op, lp, o, o.stride(0), o.stride(1), H,
-        N_SPLIT=n_splits, CHUNK=min(16, _pow2(n_splits, 2)), D_V=D_v, BDV=_pow2(D_v), num_warps=4,
+        op, lp, o, n_valid, o.stride(0), o.stride(1), H,
+        N_SPLIT=n_splits, CHUNK=min(16, _pow2(n_splits, 2)), D_V=D_v, BDV=_pow2(D_v), ADVANCE=advance,
+        num_warps=4,
     )
     return o
 
@@ -285,4 +295,27 @@ def gqa_decode(
     return _gqa_decode_op(q, k_cache, v_cache, n_valid, scale, int(n_splits))
 
 
-__all__ = ["gqa_decode", "latent_decode", "num_splits"]
+def gqa_decode_advance(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       lengths: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """:func:`gqa_decode` for a decode step whose new k, v were just written to slot ``lengths[b]``
+    (the fused decode step, attnlab.layers.fused): attends to slots 0..lengths[b] (at most S_max:
+    a full ring buffer) and then counts the token, ``lengths += 1`` IN PLACE, in the same launches.
+    q [B, H_q, D], caches [B, S_max, H_kv, D(_v)] as in :func:`gqa_decode`; lengths int64 [B],
+    contiguous. Not a custom op: eager and CUDA-graph steps only (torch.compile traces the plain step)."""
+    check_tensor("q", q, 3, "[B, H_q, D]")
+    B, H, D = q.shape
+    check_tensor("k_cache", k_cache, 4, "[B, S_max, H_kv, D]", shape=(B, None, None, D), dtypes=(q.dtype,))
+    check_tensor("v_cache", v_cache, 4, "[B, S_max, H_kv, D_v]",
+                 shape=(B, k_cache.shape[1], k_cache.shape[2], None), dtypes=(q.dtype,))
+    check_tensor("lengths", lengths, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, lengths=lengths)
+    check_heads_divide("q", H, "k_cache", k_cache.shape[2])
+    if not lengths.is_contiguous() or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("lengths, k_cache, v_cache: lengths must be contiguous and the caches' last dim too")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    scale = D**-0.5 if scale is None else float(scale)
+    n_splits = num_splits(B, k_cache.shape[2], k_cache.shape[1], q.device)
+    return _launch(q, k_cache, v_cache, lengths, scale, n_splits, advance=True)
+
+
+__all__ = ["gqa_decode", "gqa_decode_advance", "latent_decode", "num_splits"]

@@ -1,0 +1,167 @@
+"""The fused decode step: a block in five to eight kernel launches instead of ~20.
+
+A batch-1 decode step of a ~1B model reads ~1.5 GB of weights, ~0.5 ms at 3 TB/s, but the plain
+step also launches ~20 small kernels per layer (norms, casts, SiLU·mul, RoPE, cache scatters,
+residual adds, gate math), each a few microseconds even inside a CUDA graph: on an H100 those cost
+more than the GEMVs did (benchmarks/RESULTS.md, "decode latency"). Here the small work moves into
+the kernels around it:
+
+- the RMSNorm in front of every projection, SwiGLU's ``silu(gate) * up``, the gated attention's
+  ``o * sigmoid(gate)`` and the residual add run as the prologue / epilogue of one Triton GEMV
+  (:mod:`attnlab.kernels.gemv`) — the normed activations never go to memory;
+- a softmax layer's q/k norm, RoPE and the k, v cache write are one launch
+  (:mod:`attnlab.kernels.rope_cache`), then the split-K decode kernel;
+- a GDN / KDA layer's conv step, gates, L2 norms, recurrence step and gated output norm are one
+  launch (:mod:`attnlab.kernels.delta_decode`).
+
+Llama-style block: norm+qkv GEMV, RoPE+cache write, attention (split + combine), length count,
+o-proj GEMV+residual, norm+gate/up GEMV, SiLU·mul+down GEMV+residual. GDN block: norm+in_proj
+GEMV, the fused step, length count, out GEMV+residual, the two MLP GEMVs. Other mixers (L, M, D)
+keep their own decode step behind a plain norm; their MLPs and the LM head still fuse.
+
+Taken only for inference (no gradient, not while torch.compile traces: inductor fuses the plain
+step itself) on CUDA tensors — or CPU tensors under ``TRITON_INTERPRET=1`` with ``ON_CPU_INTERPRETER``
+set, which is how the CPU tests run it — with a prenorm block whose outputs no hook watches. ``ATTNLAB_FUSED_DECODE=0`` (or
+``attnlab.layers.fused.ENABLED = False``) turns it off. Every kernel has a torch reference with the
+same semantics; the step's logits are tested against the plain step's (tests/test_fused_decode.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .. import ops
+from .attention import SlidingKVCache, SoftmaxAttention
+from .common import Residual
+from .deltanet import DeltaRuleMixer, KimiDeltaAttention
+
+ENABLED = os.environ.get("ATTNLAB_FUSED_DECODE", "1") != "0"
+# CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
+# interpreter tests check the plain step's kernels
+ON_CPU_INTERPRETER = False
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def usable(h: torch.Tensor) -> bool:
+    """Whether a decode step over hidden states h [B, 1, d_model] may take the fused kernels."""
+    return (
+        ENABLED and _HAVE_TRITON and h.dim() == 3 and h.shape[1] == 1 and h.dtype in _DTYPES
+        and (h.is_cuda or (_INTERPRET and ON_CPU_INTERPRETER and h.device.type == "cpu"))
+        and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        and h.shape[0] <= _gemv_module().MAX_ROWS
+    )
+
+
+def _gemv_module():
+    from ..kernels import gemv
+
+    return gemv
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torch.Tensor:
+    """:func:`attnlab.kernels.gemv.gemv` (x [M, K] -> [M, N]; prologue / residual keywords there)."""
+    return _gemv_module().gemv(x, weight, **kwargs)
+
+
+def _norm_args(norm) -> dict:
+    """The GEMV prologue keywords that apply RMSNorm module ``norm`` (attnlab.layers.common.RMSNorm)."""
+    return dict(prologue="rmsnorm", norm_weight=norm.weight, norm_eps=norm.eps,
+                norm_zero_centered=norm.zero_centered)
+
+
+# ----------------------------------------------------------------------------- mixers
+
+
+def _softmax(attn: SoftmaxAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
+             scale: float) -> None:
+    """S / W decode step, adding into h2 [B, d_model] in place."""
+    from ..kernels.decode import gqa_decode_advance
+    from ..kernels.rope_cache import rope_write
+
+    B = h2.shape[0]
+    H, D = attn.n_heads, attn.head_dim
+    weight = attn.qkv.weight()
+    if weight is None:
+        raise ValueError("attn: the fused decode step needs the fused q|k|v weight (FusedLinears)")
+    qkv = gemv(h2, weight, **_norm_args(norm))  # (B, W)
+    q, gate = rope_write(attn, qkv, cache, rotation)  # (B, H, D) each; k, v written to the cache
+    if cache.k.dtype == q.dtype:
+        # attends to the new token's slot too, then counts it (lengths += 1) in the same launches; a
+        # ring buffer holds at most its S_max = window + sinks slots, where the kernel caps the count
+        o = gqa_decode_advance(q, cache.k, cache.v, cache.lengths)  # (B, H, D)
+    else:
+        cache.lengths += 1
+        n_valid = cache.lengths
+        if isinstance(cache, SlidingKVCache):
+            n_valid = torch.clamp(n_valid, max=cache.window + cache.sink_tokens)
+        o = ops.softmax_decode(q, cache.k.to(q.dtype), cache.v.to(q.dtype), n_valid)  # (B, H, D)
+    o = o.reshape(B, H * D)  # (B, H*D)
+    if gate is None:
+        gemv(o, attn.o_proj.weight, residual=h2, keep=keep, scale=scale)
+    else:
+        gate = gate.reshape(B, H * D)  # (B, H*D): a copy only if the gate is a strided view
+        gemv(o, attn.o_proj.weight, prologue="sigmoid_gate", gate=gate, residual=h2, keep=keep, scale=scale)
+
+
+def _delta(mixer: DeltaRuleMixer, h2: torch.Tensor, norm, cache, keep: float, scale: float) -> None:
+    """G / K decode step, adding into h2 [B, d_model] in place."""
+    from ..kernels.delta_decode import delta_decode
+
+    proj = gemv(h2, mixer.in_proj.weight, **_norm_args(norm))  # (B, sum(in_sizes))
+    f_up = g_up = None
+    if isinstance(mixer, KimiDeltaAttention):
+        rank = mixer.f_b_proj.in_features
+        fused = mixer.gates_up.weight()
+        if fused is not None and mixer.g_b_proj.out_features == mixer.f_b_proj.out_features:
+            width = mixer.f_b_proj.out_features
+            fg = proj[:, -2 * rank :].reshape(-1, 2, rank).transpose(0, 1)  # (2, B, rank): f, g
+            up = torch.bmm(fg, fused.view(2, width, rank).transpose(1, 2))  # (2, B, width)
+            f_up, g_up = up[0], up[1]
+        else:
+            f_up = mixer.f_b_proj(proj[:, -2 * rank : -rank])  # (B, H*D_k)
+            g_up = mixer.g_b_proj(proj[:, -rank:])  # (B, H*D_v)
+    o = delta_decode(mixer, proj, cache, f_up, g_up)  # (B, H*D_v), state and conv state stepped
+    cache.lengths += 1
+    gemv(o, mixer.o_proj.weight, residual=h2, keep=keep, scale=scale)
+
+
+def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
+    """One decode step of ``block`` (an :class:`attnlab.model.Block`) over h [B, 1, d_model], added
+    into h in place. ``rotation``: the step's RoPE factors for this block's mixer (or None). Returns
+    False (h untouched) when the block does not take the fused path: a postnorm block (MiniMax's
+    residual is the normed stream) or one a hook watches."""
+    if block.postnorm or block.watched():
+        return False
+    h2 = h.view(h.shape[0], h.shape[2])  # (B, d_model): h is contiguous, the residual stream
+    mixer, keep, scale = block.mixer, block.mixer_alpha, block.mixer_beta
+    if isinstance(mixer, SoftmaxAttention) and mixer.qkv.weight() is not None:
+        _softmax(mixer, h2, block.mixer_norm, cache, rotation, keep, scale)
+    elif isinstance(mixer, DeltaRuleMixer):
+        _delta(mixer, h2, block.mixer_norm, cache, keep, scale)
+    else:  # L / M / D: their own decode step behind a plain norm, adding into h
+        kwargs = {} if rotation is None else {"rotation": rotation}
+        mixer(block.mixer_norm(h), cache, residual=Residual(h, keep, scale), **kwargs)
+    mlp = block.mlp
+    gate_up = mlp.gate_up.weight()
+    if gate_up is None:
+        mlp(block.mlp_norm(h), Residual(h, block.mlp_alpha, block.mlp_beta))
+        return True
+    gu = gemv(h2, gate_up, **_norm_args(block.mlp_norm))  # (B, 2 * d_ff): [gate | up]
+    gemv(gu, mlp.down_proj.weight, prologue="silu_mul", residual=h2, keep=block.mlp_alpha,
+         scale=block.mlp_beta)
+    return True
+
+
+def head_step(model, h: torch.Tensor) -> torch.Tensor:
+    """The final norm and LM head of a decode step: h [B, 1, d_model] -> float32 logits [B, 1, vocab]."""
+    h2 = h.view(h.shape[0], h.shape[2])  # (B, d_model)
+    logits = gemv(h2, model.lm_head.weight, **_norm_args(model.norm), out_dtype=torch.float32)  # (B, vocab)
+    return logits[:, None]  # (B, 1, vocab)
+
+
+__all__ = ["ENABLED", "block_step", "gemv", "head_step", "usable"]
