@@ -1,0 +1,305 @@
+"""The fused G / K decode step (attnlab.kernels.delta_decode) against its torch reference, and the
+reference against the layer's own T == 1 branch.
+
+Three ways to run (as tests/test_kernels_decode.py):
+- CPU, no interpreter: delta_decode_reference == DeltaRuleMixer.forward's decode branch; input checks;
+- CPU tensors under ``TRITON_INTERPRET=1`` (tiny, odd head dims, GQA): ``test_interpreter_suite``
+  re-runs this file's ``interp_`` tests in a subprocess, or
+  ``TRITON_INTERPRET=1 pytest tests/test_kernels_delta_decode.py -k interp_``;
+- a CUDA machine: the tests marked ``gpu`` (Qwen3-Next / Kimi Linear head shapes, bf16, CUDA graph).
+
+The output buffer is poisoned with NaN (``POISON_OUTPUTS``), so an unwritten element fails.
+Error metric: rms(ref − out) / rms(ref) (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, run_interpreter_suite
+
+from attnlab.layers.deltanet import GatedDeltaNet, KimiDeltaAttention
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+D_MODEL = 32
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    if not HAVE_TRITON:
+        yield
+        return
+    from attnlab.kernels import delta_decode as dd
+
+    dd.POISON_OUTPUTS = True
+    yield
+    dd.POISON_OUTPUTS = False
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def build(kind: str, h: int, hk: int, dk: int, dv: int, dtype=torch.float32, device="cpu", d_model=D_MODEL,
+          seed: int = 0):
+    torch.manual_seed(seed)
+    cls = GatedDeltaNet if kind == "G" else KimiDeltaAttention
+    with torch.device(device):
+        mixer = cls(d_model, h, hk, dk, dv)
+    with torch.no_grad():  # a non-trivial norm weight (it starts at ones)
+        mixer.o_norm.weight.uniform_(0.5, 1.5)
+    return mixer.to(dtype).eval()
+
+
+def step_inputs(mixer, x: torch.Tensor):
+    """x [B, 1, d_model] -> (proj [B, P], f_up, g_up) as the layer computes them."""
+    proj, parts = mixer.project(x)
+    if not isinstance(mixer, KimiDeltaAttention):
+        return proj[:, 0], None, None
+    f_up = parts["f_up"] if "f_up" in parts else mixer.f_b_proj(parts["f"])  # (B, 1, H*D_k)
+    g_up = parts["g_up"] if "g_up" in parts else mixer.g_b_proj(parts["g"])  # (B, 1, H*D_v)
+    return proj[:, 0], f_up[:, 0], g_up[:, 0]
+
+
+def prefilled(mixer, batch: int, t: int, conv_dtype=torch.float32, seed: int = 1):
+    """A cache after a t-token prefill through the layer: non-zero state and conv history."""
+    dev = mixer.A_log.device
+    dtype = mixer.in_proj.weight.dtype
+    gen = torch.Generator().manual_seed(seed)
+    cache = mixer.new_cache(batch, t + 8, device=dev, dtype=conv_dtype)
+    x = torch.randn(batch, t, mixer.d_model, generator=gen).to(device=dev, dtype=dtype)
+    mixer(x, cache)
+    return cache
+
+
+def strided(x: torch.Tensor, pad: int = 5) -> torch.Tensor:
+    """The same values with a row stride larger than the row (a view into a wider buffer)."""
+    buf = torch.full((x.shape[0], x.shape[1] + 2 * pad), float("nan"), dtype=x.dtype, device=x.device)
+    buf[:, pad : pad + x.shape[1]] = x
+    return buf[:, pad : pad + x.shape[1]]
+
+
+def compare_steps(mixer, cache, n_steps: int, tol: float, seed: int = 2, strided_rows: bool = False):
+    """n_steps tokens through delta_decode on `cache` and the reference on a clone of it: o, the
+    state and the conv state must agree after every step."""
+    from attnlab.kernels.delta_decode import delta_decode, delta_decode_reference
+
+    ref_cache = copy.deepcopy(cache)
+    lengths = cache.lengths.clone()
+    gen = torch.Generator().manual_seed(seed)
+    dev, dtype = mixer.A_log.device, mixer.in_proj.weight.dtype
+    for step in range(n_steps):
+        x = torch.randn(cache.state.shape[0], 1, mixer.d_model, generator=gen).to(device=dev, dtype=dtype)
+        proj, f_up, g_up = step_inputs(mixer, x)
+        if strided_rows:
+            proj = strided(proj)
+            f_up, g_up = (None if t is None else strided(t, 3) for t in (f_up, g_up))
+        o = delta_decode(mixer, proj, cache, f_up, g_up)
+        want = delta_decode_reference(mixer, proj, ref_cache, f_up, g_up)
+        assert o.shape == (proj.shape[0], mixer.value_dim) and o.dtype == proj.dtype
+        assert torch.isfinite(o).all(), f"step {step}: unwritten (NaN) output"
+        assert rel_err(o, want) <= tol, f"step {step}: o {rel_err(o, want):.2e}"
+        assert rel_err(cache.state, ref_cache.state) <= tol, f"step {step}: state"
+        assert torch.equal(cache.conv_state, ref_cache.conv_state), f"step {step}: conv state"
+    assert torch.equal(cache.lengths, lengths), "delta_decode must leave cache.lengths to the layer"
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the subprocess runner, the reference against the layer, input checks
+
+
+@needs_triton
+def test_interpreter_suite():
+    run_interpreter_suite(__file__)
+
+
+@pytest.mark.parametrize("kind, h, hk, dk, dv, dtype", [
+    ("G", 4, 2, 24, 40, torch.float32),
+    ("G", 2, 1, 16, 16, torch.bfloat16),
+    ("K", 2, 2, 32, 24, torch.float32),  # D_k != D_v: the gates' up-projections are not fused
+    ("K", 4, 2, 16, 16, torch.bfloat16),  # fused f_up / g_up
+])
+@torch.no_grad()
+def test_reference_is_the_layers_decode_branch(kind, h, hk, dk, dv, dtype):
+    """o_proj(delta_decode_reference(...)) is the layer's own T == 1 output, and both leave the same
+    cache (the layer also counts the token in lengths, the reference does not)."""
+    from attnlab.kernels.delta_decode import delta_decode_reference
+
+    mixer = build(kind, h, hk, dk, dv, dtype)
+    layer_cache = prefilled(mixer, 2, 5)
+    ref_cache = copy.deepcopy(layer_cache)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = torch.randn(2, 1, D_MODEL, generator=gen).to(dtype)
+        y = mixer(x, layer_cache)[:, 0]  # (B, d_model)
+        o = delta_decode_reference(mixer, *step_inputs(mixer, x)[:1], ref_cache, *step_inputs(mixer, x)[1:])
+        assert o.shape == (2, h * dv) and o.dtype == dtype
+        torch.testing.assert_close(mixer.o_proj(o), y, rtol=0, atol=0)
+        assert torch.equal(layer_cache.state, ref_cache.state)
+        assert torch.equal(layer_cache.conv_state, ref_cache.conv_state)
+    assert (layer_cache.lengths == 7).all() and (ref_cache.lengths == 5).all()
+
+
+@needs_triton
+@torch.no_grad()
+def test_bad_inputs_raise():
+    from attnlab.kernels.delta_decode import delta_decode_reference
+
+    g = build("G", 2, 1, 16, 16)
+    k = build("K", 2, 2, 16, 16)
+    cache_g, cache_k = g.new_cache(2, 4), k.new_cache(2, 4)
+    proj_g, _, _ = step_inputs(g, torch.randn(2, 1, D_MODEL))
+    proj_k, f_up, g_up = step_inputs(k, torch.randn(2, 1, D_MODEL))
+    with pytest.raises(ValueError, match="proj"):
+        delta_decode_reference(g, proj_g[:, :-1], cache_g)
+    with pytest.raises(ValueError, match="proj"):
+        delta_decode_reference(g, proj_g[:, None], cache_g)
+    with pytest.raises(ValueError, match="proj"):  # last dim strided
+        delta_decode_reference(g, torch.randn(proj_g.shape[1], 2).t(), cache_g)
+    with pytest.raises(ValueError, match="f_up"):
+        delta_decode_reference(g, proj_g, cache_g, f_up=f_up)
+    with pytest.raises(ValueError, match="f_up"):
+        delta_decode_reference(k, proj_k, cache_k, g_up=g_up)
+    with pytest.raises(ValueError, match="g_up"):
+        delta_decode_reference(k, proj_k, cache_k, f_up, g_up[:, :-1])
+    with pytest.raises(ValueError, match="cache.state"):
+        delta_decode_reference(g, proj_g[:1], cache_g)  # one row of proj, a cache of two
+    with pytest.raises(ValueError, match="cache"):
+        delta_decode_reference(g, proj_g, cache_k)  # another layer's cache shape
+    with pytest.raises(ValueError, match="mixer"):
+        delta_decode_reference(torch.nn.Linear(2, 2), proj_g, cache_g)
+
+
+@needs_triton
+@torch.no_grad()
+def test_cpu_tensors_need_the_interpreter():
+    if INTERPRETED:
+        pytest.skip("the interpreter makes CPU tensors usable")
+    from attnlab.kernels.delta_decode import delta_decode
+
+    g = build("G", 2, 1, 16, 16)
+    proj, _, _ = step_inputs(g, torch.randn(2, 1, D_MODEL))
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        delta_decode(g, proj, g.new_cache(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# interpreter (CPU tensors, TRITON_INTERPRET=1)
+
+
+@interp
+@pytest.mark.parametrize("kind, h, hk, dk, dv, dtype, conv_dtype", [
+    ("G", 4, 2, 24, 40, torch.float32, torch.float32),  # GQA, odd head dims
+    ("G", 4, 1, 16, 32, torch.bfloat16, torch.bfloat16),  # 4 value heads per key head
+    ("G", 3, 3, 32, 16, torch.float16, torch.float32),
+    ("K", 2, 2, 32, 24, torch.float32, torch.float32),  # unfused gates (D_k != D_v)
+    ("K", 4, 2, 16, 16, torch.bfloat16, torch.float32),  # fused gates, GQA
+])
+@torch.no_grad()
+def test_interp_matches_reference_over_steps(kind, h, hk, dk, dv, dtype, conv_dtype):
+    mixer = build(kind, h, hk, dk, dv, dtype, seed=h + dk)
+    cache = prefilled(mixer, 2, 5, conv_dtype)
+    assert cache.state.abs().amax() > 0 and cache.conv_state.abs().amax() > 0
+    compare_steps(mixer, cache, 3, TOL[dtype], strided_rows=dtype == torch.float32)
+
+
+@interp
+@pytest.mark.parametrize("kind", ["G", "K"])
+@pytest.mark.parametrize("a_log, dt_bias", [
+    (8.0, 25.0),  # A ≈ 3000, softplus past its threshold: decay e^-75000, the state is wiped each step
+    (-25.0, 0.0),  # A ≈ 1e-11: no decay at all
+    (0.0, -30.0),  # softplus(≈ -30) ≈ 1e-13: no decay either
+    (0.0, 3.0),  # softplus(≈ 3) ≈ 3.05: a decay of e^-3, below softplus's threshold of 20
+])
+@torch.no_grad()
+def test_interp_extreme_gates(kind, a_log, dt_bias):
+    mixer = build(kind, 2, 1 if kind == "G" else 2, 16, 24)
+    cache = prefilled(mixer, 2, 4)
+    mixer.A_log.fill_(a_log)
+    mixer.dt_bias.fill_(dt_bias)
+    compare_steps(mixer, cache, 2, TOL[torch.float32])
+
+
+@interp
+@torch.no_grad()
+def test_interp_wiped_state_is_one_write():
+    """With a decay of e^-75000 the state after a step is exactly β k uᵀ from a zero state: the
+    same as the step from a zeroed cache (the old state is forgotten, not mixed in)."""
+    from attnlab.kernels.delta_decode import delta_decode
+
+    mixer = build("G", 2, 2, 16, 16)
+    cache = prefilled(mixer, 2, 4)
+    mixer.A_log.fill_(8.0)
+    mixer.dt_bias.fill_(25.0)
+    fresh = copy.deepcopy(cache)
+    fresh.state.zero_()
+    proj, _, _ = step_inputs(mixer, torch.randn(2, 1, D_MODEL))
+    o = delta_decode(mixer, proj, cache)
+    o_fresh = delta_decode(mixer, proj, fresh)
+    assert torch.equal(o, o_fresh) and torch.equal(cache.state, fresh.state)
+
+
+@interp
+@torch.no_grad()
+def test_interp_empty_batch_and_bias():
+    """A conv with a bias (not in the presets, supported) and a zero-row batch."""
+    from attnlab.kernels.delta_decode import delta_decode
+    from attnlab.layers.common import ShortConv
+
+    mixer = build("G", 2, 1, 16, 16)
+    conv = ShortConv(mixer.conv.channels, mixer.conv.kernel_size, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(mixer.conv.weight)
+        conv.bias.uniform_(-0.5, 0.5)
+    mixer.conv = conv
+    compare_steps(mixer, prefilled(mixer, 2, 3), 2, TOL[torch.float32])
+    empty = mixer.new_cache(0, 4)
+    assert delta_decode(mixer, torch.zeros(0, sum(mixer.in_sizes.values())), empty).shape == (0, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, hk", [("G", 16), ("G", 8), ("K", 16)])
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.no_grad()
+def test_gpu_real_shapes(kind, hk, batch):
+    """Qwen3-Next-style 1B / Kimi Linear heads: H = 16, D_k = D_v = 128, conv 4, bf16 model with a
+    bf16 conv state, after a 64-token prefill; 4 steps against the reference."""
+    mixer = build(kind, 16, hk, 128, 128, torch.bfloat16, device="cuda", d_model=1024)
+    cache = prefilled(mixer, batch, 64, torch.bfloat16)
+    compare_steps(mixer, cache, 4, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_cuda_graph_replay():
+    """Captured once, replayed on new inputs written into the captured proj: the graph steps the
+    live cache as the eager reference does (no host sync or allocation-dependent pointer inside)."""
+    from attnlab.kernels.delta_decode import delta_decode, delta_decode_reference
+
+    mixer = build("K", 16, 16, 128, 128, torch.bfloat16, device="cuda", d_model=1024)
+    cache = prefilled(mixer, 2, 32, torch.bfloat16)
+    ref_cache = copy.deepcopy(cache)
+    x = torch.randn(2, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    proj, f_up, g_up = (t.clone() for t in step_inputs(mixer, x))
+    delta_decode(mixer, proj, copy.deepcopy(cache), f_up, g_up)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = delta_decode(mixer, proj, cache, f_up, g_up)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        new = step_inputs(mixer, torch.randn(2, 1, 1024, device="cuda", dtype=torch.bfloat16))
+        for dst, src in zip((proj, f_up, g_up), new, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        want = delta_decode_reference(mixer, proj, ref_cache, f_up, g_up)
+        assert rel_err(out, want) <= TOL[torch.bfloat16], f"replay {seed}"
+        assert rel_err(cache.state, ref_cache.state) <= TOL[torch.bfloat16]
+        assert torch.equal(cache.conv_state, ref_cache.conv_state)
