@@ -227,11 +227,12 @@ def _cuda_branch(stack: ExitStack) -> None:
 def _fused_branch(stack: ExitStack) -> None:
     """The fused decode step of a CUDA bf16/fp16 step (attnlab.layers.fused), on top of the CUDA
     branch: the block takes it on the CPU, each of its Triton launches (GEMV, RoPE + cache write, the
-    GDN/KDA step, the split-K attention + combine that counts the token) is a stand-in that counts its
+    GDN/KDA step, MLA's latent write, the split-K attention + combine that counts the token) is a stand-in that counts its
     launches and computes the kernel's torch reference with counting paused."""
     from attnlab.kernels import decode as kdecode
     from attnlab.kernels import delta_decode as kdelta
     from attnlab.kernels import gemv as kgemv
+    from attnlab.kernels import latent_cache as klatent
     from attnlab.kernels import rope_cache as krope
     from attnlab.layers import fused
 
@@ -258,6 +259,7 @@ def _fused_branch(stack: ExitStack) -> None:
         (kgemv, "gemv", stand_in("gemv", kgemv.gemv_reference)),
         (krope, "rope_write", stand_in("rope_write", krope.rope_write_reference)),
         (kdelta, "delta_decode", stand_in("delta_decode", kdelta.delta_decode_reference)),
+        (klatent, "latent_write", stand_in("latent_write", klatent.latent_write_reference)),
         (kdecode, "gqa_decode_advance", stand_in("gqa_decode_advance", advance, 2)),
     ]
     for module, name, value in patches:

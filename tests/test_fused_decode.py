@@ -18,9 +18,10 @@ from attnlab import HybridLM, ModelConfig
 from attnlab.generate import DecodeStep, decode_one_token, prefill
 from attnlab.layers import fused
 
-# every preset: S / W / G / K blocks take the fused mixers, L / M / D their own step behind the fused
+# every preset: S / W / G / K / M blocks take the fused mixers, L / D their own step behind the fused
 # MLP, minimax-01 (postnorm) the plain block
-PRESETS = ["llama", "swa", "qwen3-next", "kimi-linear", "deepseek-v32", "minimax-01", "gdn", "kda"]
+PRESETS = ["llama", "swa", "qwen3-next", "kimi-linear", "deepseek-v3", "deepseek-v32", "minimax-01", "gdn",
+           "kda"]
 
 
 def _decode(model, x: torch.Tensor, T: int, n: int, dtype: torch.dtype, on: bool, lengths=None):

@@ -12,18 +12,21 @@ the kernels around it:
 - a softmax layer's q/k norm, RoPE and the k, v cache write are one launch
   (:mod:`attnlab.kernels.rope_cache`), then the split-K decode kernel;
 - a GDN / KDA layer's conv step, gates, L2 norms, recurrence step and gated output norm are one
-  launch (:mod:`attnlab.kernels.delta_decode`).
+  launch (:mod:`attnlab.kernels.delta_decode`);
+- an MLA layer's latent norm, both RoPEs, the latent cache write and the absorbed query's assembly
+  are one launch (:mod:`attnlab.kernels.latent_cache`), between the two absorption matmuls.
 
-Llama-style block: norm+qkv GEMV, RoPE+cache write, attention (split + combine), length count,
-o-proj GEMV+residual, norm+gate/up GEMV, SiLU·mul+down GEMV+residual. GDN block: norm+in_proj
-GEMV, the fused step, length count, out GEMV+residual, the two MLP GEMVs. Other mixers (L, M, D)
+Llama-style block: norm+qkv GEMV, RoPE+cache write, attention (split + combine, which also counts
+the token), o-proj GEMV+residual, norm+gate/up GEMV, SiLU·mul+down GEMV+residual. GDN block: norm+in_proj
+GEMV, the fused step, length count, out GEMV+residual, the two MLP GEMVs. Other mixers (L, D)
 keep their own decode step behind a plain norm; their MLPs and the LM head still fuse.
 
 Taken only for inference (no gradient, not while torch.compile traces: inductor fuses the plain
 step itself) on CUDA tensors — or CPU tensors under ``TRITON_INTERPRET=1`` with ``ON_CPU_INTERPRETER``
-set, which is how the CPU tests run it — with a prenorm block whose outputs no hook watches. ``ATTNLAB_FUSED_DECODE=0`` (or
-``attnlab.layers.fused.ENABLED = False``) turns it off. Every kernel has a torch reference with the
-same semantics; the step's logits are tested against the plain step's (tests/test_fused_decode.py).
+set, which is how the CPU tests run it — with a prenorm block whose outputs no hook watches.
+``ATTNLAB_FUSED_DECODE=0`` (or ``attnlab.layers.fused.ENABLED = False``) turns it off. Every kernel
+has a torch reference with the same semantics; the step's logits are tested against the plain step's
+(tests/test_fused_decode.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .. import ops
 from .attention import SlidingKVCache, SoftmaxAttention
 from .common import Residual
 from .deltanet import DeltaRuleMixer, KimiDeltaAttention
+from .mla import DeepSeekSparseAttention, MultiHeadLatentAttention
 
 ENABLED = os.environ.get("ATTNLAB_FUSED_DECODE", "1") != "0"
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
@@ -130,6 +134,37 @@ def _delta(mixer: DeltaRuleMixer, h2: torch.Tensor, norm, cache, keep: float, sc
     gemv(o, mixer.o_proj.weight, residual=h2, keep=keep, scale=scale)
 
 
+def _latent(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
+            scale: float) -> None:
+    """M (absorbed MLA) decode step, adding into h2 [B, d_model] in place."""
+    from ..kernels.latent_cache import latent_write
+
+    B = h2.shape[0]
+    H, dn, dr, R, dv = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank, mla.v_head_dim
+    row = gemv(h2, mla.x_proj.weight(), **_norm_args(norm))  # (B, [q | q latent] + R + dr)
+    if mla.q_lora_rank is None:
+        q, kv = row[:, : H * (dn + dr)], row[:, H * (dn + dr) :]
+    else:
+        q = gemv(row[:, : mla.q_lora_rank], mla.q_up.weight(), **_norm_args(mla.q_a_norm))  # (B, H*(dn+dr))
+        kv = row[:, mla.q_lora_rank :]  # (B, R + dr)
+    w = mla.kv_b_proj.weight.view(H, dn + dv, R)
+    q_nope = q.view(B, H, dn + dr)[..., :dn]  # (B, H, dn)
+    q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w[:, :dn])  # (B, H, R): W_UK^T q_nope
+    q_abs = latent_write(mla, q, kv, q_lat, cache, rotation)  # (B, H, R + dr); latent row cached
+    cache.lengths += 1
+    lat = cache.latent if cache.latent.dtype == q_abs.dtype else cache.latent.to(q_abs.dtype)
+    o_lat = ops.softmax_decode(q_abs, lat, lat[..., :R], cache.lengths, scale=mla.scale)  # (B, H, R)
+    o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, dn:])  # (B, H, dv): W_UV o_lat
+    gemv(o.reshape(B, H * dv), mla.o_proj.weight, residual=h2, keep=keep, scale=scale)
+
+
+def _fused_latent(mixer) -> bool:
+    """An M layer (not D: its indexer keeps the layer's own step) whose projections are fused."""
+    return (isinstance(mixer, MultiHeadLatentAttention) and not isinstance(mixer, DeepSeekSparseAttention)
+            and mixer.x_proj.weight() is not None
+            and (mixer.q_lora_rank is None or mixer.q_up.weight() is not None))
+
+
 def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
     """One decode step of ``block`` (an :class:`attnlab.model.Block`) over h [B, 1, d_model], added
     into h in place. ``rotation``: the step's RoPE factors for this block's mixer (or None). Returns
@@ -143,6 +178,8 @@ def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
         _softmax(mixer, h2, block.mixer_norm, cache, rotation, keep, scale)
     elif isinstance(mixer, DeltaRuleMixer):
         _delta(mixer, h2, block.mixer_norm, cache, keep, scale)
+    elif _fused_latent(mixer):
+        _latent(mixer, h2, block.mixer_norm, cache, rotation, keep, scale)
     else:  # L / M / D: their own decode step behind a plain norm, adding into h
         kwargs = {} if rotation is None else {"rotation": rotation}
         mixer(block.mixer_norm(h), cache, residual=Residual(h, keep, scale), **kwargs)
