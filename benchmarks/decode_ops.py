@@ -227,8 +227,8 @@ def _cuda_branch(stack: ExitStack) -> None:
 def _fused_branch(stack: ExitStack) -> None:
     """The fused decode step of a CUDA bf16/fp16 step (attnlab.layers.fused), on top of the CUDA
     branch: the block takes it on the CPU, each of its Triton launches (GEMV, RoPE + cache write, the
-    GDN/KDA step, MLA's latent write, the split-K attention + combine that counts the token) is a stand-in that counts its
-    launches and computes the kernel's torch reference with counting paused."""
+    GDN/KDA step, MLA's latent write, the split-K attention + combine that counts the token) is a
+    stand-in that counts its launches and computes the kernel's torch reference with counting paused."""
     from attnlab.kernels import decode as kdecode
     from attnlab.kernels import delta_decode as kdelta
     from attnlab.kernels import gemv as kgemv
