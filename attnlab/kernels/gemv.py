@@ -1,0 +1,381 @@
+"""Triton GEMV for the batch-1 decode step, with the elementwise work around it fused in.
+
+At batch 1 a projection is a matrix-vector product: the weight is the only HBM traffic that
+matters, and the norms, activations and residual adds around it are separate launches that each
+cost more time than their bytes (a Llama-style 0.84B step: ~250 such tiny kernels took 0.73 ms
+beside 0.55 ms of GEMVs). :func:`gemv` folds them into the GEMV:
+
+- prologue (computed per program from x, never written to memory): ``"rmsnorm"`` (RMSNorm, plain
+  or zero-centered), ``"silu_mul"`` (SwiGLU's ``silu(gate) * up`` of the fused gate|up output),
+  ``"sigmoid_gate"`` (Qwen3-Next's gated attention output ``o * sigmoid(gate)``); each rounded to
+  x's dtype before the product, exactly where the unfused layer rounds its output;
+- epilogue: ``residual <- residual * keep + scale * (x̂ @ W.T)`` in place (``Residual.project``),
+  or a new output in any float dtype (the LM head's float32 logits).
+
+Kernel: program p owns output columns [p * BLOCK_N, +BLOCK_N) for ALL M rows of x (M <= MAX_ROWS,
+padded to a power of 2), so each weight tile is read from HBM once. The product is accumulated
+elementwise in a float32 [M, BLOCK_N, BLOCK_K] register tile over the K loop and reduced once at
+the end (one cross-thread reduction per program instead of one per K step). The rmsnorm prologue
+takes a first pass over x for the sum of squares; x (a few KB) is re-read by every program from L2.
+No split-K: the default launch shape (:func:`launch_config`) picks BLOCK_N small enough for >= 2
+programs per SM at d_model 2048, which the sweep in benchmarks/gemv_gpu.py is to confirm or refute.
+
+Under ``torch.compile`` the launcher is an opaque custom op (``attnlab::gemv``; the residual form
+``attnlab::gemv_residual_`` mutates its residual), so a compiled or graphed decode step keeps it.
+:func:`gemv_reference` is the same computation in torch ops: the CPU fallback and the test oracle.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .._checks import check_same_device, check_tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_ROWS = 8
+POISON_OUTPUTS = False  # tests: fill every new output buffer with NaN first, so an unwritten element fails
+PROLOGUES = (None, "rmsnorm", "silu_mul", "sigmoid_gate")
+_PROLOGUE_ID = {None: 0, "rmsnorm": 1, "silu_mul": 2, "sigmoid_gate": 3}
+_IO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+# (rows padded to a power of 2, N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), K the weight's.
+# Empty until the sweep (benchmarks/gemv_gpu.py --sweep prints a snippet for it) has run on an H100;
+# shapes not listed get launch_config's reasoned default.
+TUNING: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+
+
+@triton.jit
+def _round(v, DT: tl.constexpr, INTERP: tl.constexpr):
+    """float32 ``v`` rounded to ``DT`` (to nearest even), returned as float32. The interpreter
+    truncates float32 -> bfloat16 casts (triton 3.9), so there the rounding is done on the bits."""
+    if INTERP and DT == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return v.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(
+    X, W, NW, GATE, R, O,
+    N, K, stride_xm, stride_gm,
+    eps, keep, scale,
+    M: tl.constexpr, M_PAD: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N).
+    PROLOGUE 0 none, 1 rmsnorm (NW [K]), 2 silu_mul (X [M, 2K]), 3 sigmoid_gate (GATE [M, K]).
+    HAS_RES: R [M, N] <- R * keep + scale * acc; else O [M, N] <- scale * acc."""
+    pid = tl.program_id(0)
+    m = tl.arange(0, M_PAD)[:, None, None]  # (M_PAD, 1, 1)
+    m_ok = m < M
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]  # (1, BLOCK_N, 1)
+    n_ok = n < N
+    kk = tl.arange(0, BLOCK_K)[None, None, :]  # (1, 1, BLOCK_K)
+    x_rows = X + m.to(tl.int64) * stride_xm
+    w_rows = W + n.to(tl.int64) * K
+
+    if PROLOGUE == 1:  # first pass: each row's mean square (float32, as F.rms_norm)
+        ss = tl.zeros([M_PAD, 1, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            xv = tl.load(x_rows + k, mask=m_ok & (k < K), other=0.0).to(tl.float32)
+            ss += xv * xv
+        rstd = tl.math.rsqrt(tl.sum(ss, axis=2, keep_dims=True) / K + eps)  # (M_PAD, 1, 1)
+
+    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < K
+        w = tl.load(w_rows + k, mask=n_ok & k_ok, other=0.0, eviction_policy="evict_first")  # (1, BN, BK)
+        x_ok = m_ok & k_ok
+        xv = tl.load(x_rows + k, mask=x_ok, other=0.0).to(tl.float32)  # (M_PAD, 1, BLOCK_K)
+        if PROLOGUE == 1:
+            nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
+            h = xv * rstd
+            if ZERO_CENTERED:
+                xv = h + h * nw
+            else:
+                xv = h * nw
+        elif PROLOGUE == 2:
+            up = tl.load(x_rows + K + k, mask=x_ok, other=0.0).to(tl.float32)
+            xv = xv * tl.sigmoid(xv) * up
+        elif PROLOGUE == 3:
+            g = tl.load(GATE + m.to(tl.int64) * stride_gm + k, mask=x_ok, other=0.0).to(tl.float32)
+            xv = xv * tl.sigmoid(g)
+        xv = _round(xv, X.dtype.element_ty, INTERP)  # the unfused layer's output rounding
+        acc += xv * w.to(tl.float32)  # (M_PAD, BLOCK_N, BLOCK_K)
+    out = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
+
+    m2 = tl.arange(0, M_PAD)[:, None]
+    n2 = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    offs = m2.to(tl.int64) * N + n2  # (M_PAD, BLOCK_N)
+    ok = (m2 < M) & (n2 < N)
+    if HAS_RES:
+        r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
+        out = _round(r * keep + scale * out, R.dtype.element_ty, INTERP)
+        tl.store(R + offs, out.to(R.dtype.element_ty), mask=ok)
+    else:
+        out = _round(scale * out, O.dtype.element_ty, INTERP)
+        tl.store(O + offs, out.to(O.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch shape
+
+_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def rows_padded(m: int) -> int:
+    return triton.next_power_of_2(max(1, m))
+
+
+def launch_config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for x [m, .] times weight [n, k]: TUNING's entry,
+    else a default by reasoning (not yet measured on a GPU):
+    - BLOCK_N the largest of 32..4 giving >= 2 programs per SM (d_model 2048 on 132 SMs: o_proj
+      BLOCK_N 4 = 512 programs, the LM head 32): every SM gets weight rows, without a split-K;
+    - BLOCK_K so that a K step loads 8192 / M_PAD weights (16 KB in bf16 at M = 1): the loads
+      are not software-pipelined (these loop-carried register loads get no cp.async; checked in
+      the sm_90 SASS), so the bytes in flight per SM are (programs per SM) x (one K step's tile),
+      and ~16 KB per SM is what ~3 TB/s at ~0.7 us latency needs; o_proj's K = 2048 is then one
+      step. The float32 accumulator is M_PAD * BLOCK_N * BLOCK_K: bounded as M grows;
+    - 4 warps: 64 accumulator floats per thread (sm_90 compile: 110-140 registers, no spills);
+    - num_stages 1: nothing for the pipeliner to do (kept in the tuple for the sweep).
+    On the interpreter: small blocks, so the tests run several K steps and ragged N blocks."""
+    m_pad = rows_padded(m)
+    hit = TUNING.get((m_pad, n, k))
+    if hit is not None:
+        return hit
+    if device.type != "cuda":
+        return (8, 32, 4, 1)
+    block_n = 32
+    while block_n > 4 and triton.cdiv(n, block_n) < 2 * _num_sms(device):
+        block_n //= 2
+    block_k = max(64, 8192 // (m_pad * block_n))
+    block_k = min(block_k, max(64, triton.next_power_of_2(k)))
+    return (block_n, block_k, 4, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_weight: torch.Tensor | None,
+            norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
+            residual: torch.Tensor | None, keep: float, scale: float, out: torch.Tensor | None,
+            config: tuple[int, int, int, int]) -> None:
+    """Run the kernel: into ``residual`` in place if given, else into ``out`` [M, N]."""
+    M = x.shape[0]
+    N, K = weight.shape
+    if M == 0 or N == 0:
+        return
+    block_n, block_k, num_warps, num_stages = config
+    dummy = weight  # a pointer for the unused arguments (never read: their branch is compiled out)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, weight,
+        dummy if norm_weight is None else norm_weight,
+        dummy if gate is None else gate,
+        dummy if residual is None else residual,
+        dummy if out is None else out,
+        N, K, x.stride(0), 0 if gate is None else gate.stride(0),
+        float(norm_eps), float(keep), float(scale),
+        M=M, M_PAD=rows_padded(M), PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
+        HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, INTERP=_INTERPRET,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    return {v: k for k, v in _DTYPE_NAME.items()}[name]
+
+
+@torch.library.custom_op("attnlab::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
+             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
+             out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
+    dt = _dtype_of(out_dtype)
+    shape = (x.shape[0], weight.shape[0])
+    if POISON_OUTPUTS:
+        out = torch.full(shape, float("nan"), dtype=dt, device=x.device)
+    else:
+        out = torch.empty(shape, dtype=dt, device=x.device)
+    _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, None, 1.0, scale,
+            out, (block_n, block_k, num_warps, num_stages))
+    return out
+
+
+@_gemv_op.register_fake
+def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
+      block_n, block_k, num_warps, num_stages):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=_dtype_of(out_dtype))
+
+
+@torch.library.custom_op("attnlab::gemv_residual_", mutates_args=("residual",))
+def _gemv_residual_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
+                      norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
+                      residual: torch.Tensor, keep: float, scale: float, block_n: int, block_k: int,
+                      num_warps: int, num_stages: int) -> None:
+    _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep,
+            scale, None, (block_n, block_k, num_warps, num_stages))
+
+
+@_gemv_residual_op.register_fake
+def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep, scale,
+      block_n, block_k, num_warps, num_stages):
+    return None
+
+
+def _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype) -> None:
+    """Shared by gemv and gemv_reference: every argument's shape, dtype and device."""
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue: expected one of {PROLOGUES}, got {prologue!r}")
+    check_tensor("weight", weight, 2, "[N, K]", dtypes=_IO_DTYPES)
+    N, K = weight.shape
+    k_in = 2 * K if prologue == "silu_mul" else K
+    layout = "[M, 2K] = [gate | up]" if prologue == "silu_mul" else "[M, K]"
+    check_tensor("x", x, 2, layout, shape=(None, k_in), dtypes=(weight.dtype,))
+    if x.stride(-1) != 1:
+        raise ValueError(f"x: the last dim must be contiguous (stride 1), got strides {x.stride()}")
+    if not weight.is_contiguous():
+        raise ValueError(f"weight: expected a contiguous [N, K] tensor, got strides {weight.stride()}")
+    M = x.shape[0]
+    if prologue == "rmsnorm":
+        if norm_weight is None:
+            raise ValueError("norm_weight: prologue='rmsnorm' needs the norm's weight [K]")
+        check_tensor("norm_weight", norm_weight, 1, "[K]", shape=(K,))
+        if not norm_weight.is_contiguous():
+            raise ValueError("norm_weight: expected a contiguous [K] tensor")
+    elif norm_weight is not None:
+        raise ValueError(f"norm_weight: only used with prologue='rmsnorm', got prologue={prologue!r}")
+    if prologue == "sigmoid_gate":
+        if gate is None:
+            raise ValueError("gate: prologue='sigmoid_gate' needs gate [M, K]")
+        check_tensor("gate", gate, 2, "[M, K]", shape=(M, K), dtypes=(x.dtype,))
+        if gate.stride(-1) != 1:
+            raise ValueError(f"gate: the last dim must be contiguous (stride 1), got strides {gate.stride()}")
+    elif gate is not None:
+        raise ValueError(f"gate: only used with prologue='sigmoid_gate', got prologue={prologue!r}")
+    if residual is not None:
+        check_tensor("residual", residual, 2, "[M, N]", shape=(M, N), dtypes=(x.dtype,))
+        if not residual.is_contiguous():
+            raise ValueError("residual: expected a contiguous [M, N] tensor (it is updated in place)")
+        if out_dtype is not None and out_dtype != x.dtype:
+            raise ValueError(f"out_dtype: with residual the output is the residual ({x.dtype}), "
+                             f"got {out_dtype}")
+    elif keep != 1.0:
+        raise ValueError(f"keep: only applies with residual, got keep={keep}")
+    if out_dtype is not None and out_dtype not in _IO_DTYPES:
+        raise ValueError(f"out_dtype: expected one of bfloat16, float16, float32, got {out_dtype}")
+    check_same_device(x=x, weight=weight, norm_weight=norm_weight, gate=gate, residual=residual)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    prologue: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    norm_zero_centered: bool = False,
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    keep: float = 1.0,
+    scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``epilogue(prologue(x) @ weight.T)`` in one Triton kernel, for M <= MAX_ROWS rows.
+
+    Args:
+        x: [M, K_in] bf16 / fp16 / fp32, last dim contiguous (any row stride); K_in = K, or 2K for
+            ``"silu_mul"``. M <= MAX_ROWS.
+        weight: [N, K] contiguous, x's dtype.
+        prologue: what multiplies the weight, x̂ (rounded to x's dtype, computed in float32):
+            None: x. ``"rmsnorm"``: ``RMSNorm(x)`` with weight ``norm_weight`` [K] (any float dtype),
+            ``norm_eps``, ``norm_zero_centered`` (``h + h * w``), as
+            :class:`attnlab.layers.common.RMSNorm`. ``"silu_mul"``: x = [gate | up],
+            x̂ = silu(gate) * up. ``"sigmoid_gate"``: x̂ = x * sigmoid(gate), gate [M, K] (x's dtype,
+            last dim contiguous).
+        residual: [M, N] contiguous, x's dtype: updated IN PLACE to
+            ``residual * keep + scale * (x̂ @ weight.T)`` (rounded once) and returned.
+        keep, scale: see residual; without a residual the output is ``scale * (x̂ @ weight.T)``.
+        out_dtype: dtype of the new output when no residual is given (default x's dtype).
+
+    Returns:
+        [M, N]: ``residual``, or a new tensor of ``out_dtype``. Float32 accumulation. CUDA tensors
+        (CPU tensors only under TRITON_INTERPRET=1; else call :func:`gemv_reference`). No autograd.
+    """
+    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype)
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(
+            f"x: gemv runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device {x.device}; "
+            "use gemv_reference"
+        )
+    M = x.shape[0]
+    if M > MAX_ROWS:
+        raise ValueError(f"x: gemv takes at most MAX_ROWS={MAX_ROWS} rows, got {M}; use gemv_reference")
+    config = launch_config(M, weight.shape[0], weight.shape[1], x.device)
+    name = prologue or ""
+    if residual is not None:
+        _gemv_residual_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
+                          residual, float(keep), float(scale), *config)
+        return residual
+    dt = _DTYPE_NAME[out_dtype or x.dtype]
+    return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
+                    float(scale), dt, *config)
+
+
+def gemv_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    prologue: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    norm_zero_centered: bool = False,
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    keep: float = 1.0,
+    scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`gemv` in torch ops (any device, any M): the CPU fallback and the tests' oracle.
+    The product is float32 (16-bit weights are upcast: a float32 copy of the weight per call)."""
+    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype)
+    K = weight.shape[1]
+    xf = x.float()
+    if prologue == "rmsnorm":  # RMSNorm.forward's float32 math
+        if norm_zero_centered:
+            h = F.rms_norm(xf, (K,), None, norm_eps)  # (M, K)
+            xf = torch.addcmul(h, h, norm_weight.float())
+        else:
+            xf = F.rms_norm(xf, (K,), norm_weight.float(), norm_eps)
+    elif prologue == "silu_mul":
+        xf = F.silu(xf[:, :K]) * xf[:, K:]  # (M, K)
+    elif prologue == "sigmoid_gate":
+        xf = xf * torch.sigmoid(gate.float())
+    x_hat = xf.to(x.dtype).float()  # rounded where the unfused layer rounds its output
+    acc = x_hat @ weight.float().t()  # (M, N) float32
+    if residual is None:
+        return (acc * scale if scale != 1.0 else acc).to(out_dtype or x.dtype)
+    residual.copy_(torch.add(residual.float() * keep, acc, alpha=scale))
+    return residual
+
+
+__all__ = ["MAX_ROWS", "TUNING", "gemv", "gemv_reference", "launch_config"]
