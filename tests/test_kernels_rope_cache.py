@@ -222,6 +222,73 @@ def test_interp_row_without_room_is_not_written():
     assert not q.isnan().any()
 
 
+@interp
+def test_interp_torch_compile_keeps_the_op_and_its_cache_writes():
+    """Under torch.compile (fullgraph) the launcher is one opaque custom op that mutates the cache."""
+    from attnlab.kernels.rope_cache import rope_write, rope_write_reference
+
+    attn, cache, _, qkv = make("qwen3_next")
+    ref = clone(cache)
+    with torch.no_grad():
+        q, gate = torch.compile(rope_write, fullgraph=True)(attn, qkv, cache)
+        q_ref, gate_ref = rope_write_reference(attn, qkv, ref)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gate, gate_ref)
+    torch.testing.assert_close(cache.k, ref.k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cache.v, ref.v)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the GPU build (sm_90 compile of every variant at real shapes; no GPU needed)
+
+
+def _sm90_toolchain() -> bool:
+    if not HAVE_TRITON:
+        return False
+    import importlib.util
+    import os
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return importlib.util.find_spec("triton.backends.nvidia") is not None and os.path.exists(ptxas)
+
+
+@pytest.mark.skipif(INTERPRETED or not _sm90_toolchain(), reason="needs triton's nvidia backend (ptxas)")
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(D=128, QHEAD=128, HALF=64),  # Llama: full RoPE, no norm, no gate
+        dict(D=256, QHEAD=512, HALF=32, GATE=True, NORM=True, ZERO_CENTERED=True),  # Qwen3-Next
+        dict(D=128, QHEAD=128, HALF=64, TABLES=True, RING=True),  # sliding window, shared tables
+        dict(D=96, QHEAD=96, HALF=0, NORM=True),  # no RoPE, D not a power of 2
+    ],
+)
+def test_kernel_compiles_for_sm90(variant):
+    """The kernel as the GPU runs it (not the interpreter): each constexpr variant compiles for an
+    H100 with triton's own toolchain, and RoPE's cos / sin are the precise libdevice ones (the
+    angles reach ~1e6 rad at long context, where approximate sin.approx loses its accuracy)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from attnlab.kernels.rope_cache import _rope_write_kernel as fn
+
+    const = dict(H=16, HKV=4, GATE=False, NORM=False, ZERO_CENTERED=False, ROPE=variant["HALF"] > 0,
+                 TABLES=False, RING=False)
+    const.update(variant, BD=triton.next_power_of_2(variant["D"]))
+    ptr = dict(QKV="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32", QW="*bf16", KW="*bf16",
+               Q_OUT="*bf16", G_OUT="*bf16", K_CACHE="*bf16", V_CACHE="*bf16")
+    ints = "i32"  # strides and sizes as triton passes them below 2^31; offsets are int64 in the kernel
+    sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "eps" else ints) for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=2))
+    assert k.asm["cubin"]
+    rope_in_kernel = const["ROPE"] and not const["TABLES"]
+    assert ("__nv_cosf" in k.asm["llir"]) == rope_in_kernel
+    assert "sin.approx" not in k.asm["ptx"] and "cos.approx" not in k.asm["ptx"]
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: real shapes (bf16, 4096-slot caches), long positions, CUDA graph, torch.compile
 

@@ -12,6 +12,12 @@ h + h·w), then RoPE in float32 as ``x·cos + x[partner]·sin`` with the signed-
 :meth:`attnlab.layers.common.RotaryEmbedding.rotation`, one rounding to the projection's dtype (k
 then a second one to the cache's dtype, as ``_write_slot`` casts it); v is copied with one cast.
 
+Launch: grid (B, H + 2·H_kv), one or two warps, a head's D values (and, for RoPE, the same values
+again in rotate-half partner order) per program; not tuned on a GPU — the work is a few KB. Cache
+offsets are int64 (B·S·H_kv·D passes 2^31 at long context). Compiled for sm_90 on a CPU machine
+(tests/test_kernels_rope_cache.py): cos / sin lower to libdevice's precise ``__nv_cosf`` /
+``__nv_sinf``, as torch's CUDA tables use, so the in-kernel angles match them at ~1M positions.
+
 CUDA-graph safe: row b's position is ``cache.lengths[b]``, read on the device; nothing on the host
 reads a tensor value. Under ``torch.compile`` the launcher is an opaque custom op
 (``attnlab::rope_write``, mutating the cache) as :mod:`attnlab.kernels.decode` does.
