@@ -186,6 +186,48 @@ def test_cpu_tensors_need_the_interpreter():
         delta_decode(g, proj, g.new_cache(2, 4))
 
 
+@needs_triton
+@pytest.mark.parametrize("kind, hk", [("G", 16), ("G", 8), ("K", 16)])
+def test_compiles_for_sm90_at_real_shapes(kind, hk):
+    """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
+    ptxas, no GPU needed) at H = 16, D_k = D_v = 128, bf16, with the warps delta_decode launches;
+    the GDN variants use no local memory (no spills)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource / GPUTarget")
+    from attnlab.kernels.delta_decode import _delta_decode_kernel as fn
+    from attnlab.kernels.delta_decode import kernel_constants, num_warps
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(tools, "ptxas")):
+        pytest.skip("Triton's bundled ptxas is missing")
+    const = kernel_constants(build(kind, 16, hk, 128, 128, d_model=16))
+    ptr = dict(proj="*bf16", dec="*bf16", gate="*bf16", conv_w="*bf16", conv_b="*bf16", conv_state="*bf16",
+               a_log="*fp32", dt_bias="*fp32", norm_w="*fp32", state="*fp32", o="*bf16")
+    sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("scale", "eps") else "i32")
+           for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps(const["BK"], const["BV"])))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True).stdout
+    regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    assert regs <= 255
+    if kind == "G":
+        assert stack == 0, f"{regs} registers, {stack} bytes of stack"
+
+
 # ---------------------------------------------------------------------------------------------
 # interpreter (CPU tensors, TRITON_INTERPRET=1)
 

@@ -11,10 +11,10 @@ Kernel layout: one program per (batch row, KEY head). A key head's q/k conv chan
 by the H / H_k value heads that use it, and the conv state is shifted in place: if each value
 head had its own program, the one that writes the shifted q/k history could run before a sibling
 has read the old one (programs have no order). So a program owns its key head's q/k channels
-(conv, state shift, L2 norm once) and loops over its H / H_k value heads; for each: the v conv and
-shift, the decay and beta, the [D_k, D_v] float32 state tile (64 KB at 128 x 128: 8 warps), and
-the gated RMSNorm over all of D_v. With H == H_k (Kimi Linear, Qwen3-Next 80B's 16/16) that is
-B·H programs; with H_k = H / 2 half as many, each doing two heads.
+(conv, state shift, L2 norm once) and loops over its H / H_k value heads; for each: the v conv
+and shift, the decay and beta, the [D_k, D_v] float32 state tile (64 KB at 128 x 128: 16 warps,
+see num_warps), and the gated RMSNorm over all of D_v. With H == H_k (Kimi Linear) that is B·H
+programs; with H_k = H / 2, half as many, each doing two heads one after the other.
 
 Rounding (the layer's eager path rounds in more places; the results differ only by that):
 - the conv is computed in float32 from the stored history, the new input and the weight, then
@@ -40,6 +40,7 @@ import triton.language as tl
 from .._checks import check_same_device, check_tensor
 
 POISON_OUTPUTS = False  # tests set this: the output buffer starts as NaN, so an unwritten element fails
+NUM_WARPS: int | None = None  # None: chosen from the state tile (num_warps); a benchmark may set it
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _L2NORM_EPS = 1e-6  # as attnlab.ops.delta_rule._prepare_qk (fla / HF)
@@ -155,8 +156,40 @@ def _delta_decode_kernel(
 # host side
 
 
-def _check(mixer, proj, cache, f_up, g_up) -> tuple[bool, dict[str, int]]:
-    """Validate; returns (per-channel decay?, proj column offset of each ``in_sizes`` part)."""
+def kernel_constants(mixer) -> dict:
+    """The kernel's compile-time arguments for this mixer (sizes, proj column offsets, variant)."""
+    from ..layers.deltanet import KimiDeltaAttention
+
+    per_channel = isinstance(mixer, KimiDeltaAttention)
+    off, start = {}, 0
+    for name, size in mixer.in_sizes.items():
+        off[name] = start
+        start += size
+    H, Hk, Dk, Dv = mixer.n_heads, mixer.n_key_heads, mixer.key_head_dim, mixer.value_head_dim
+    KC = mixer.conv.kernel_size
+    return dict(
+        H=H, HK=Hk, REP=H // Hk, K=Dk, V=Dv, KC=KC, BK=max(16, triton.next_power_of_2(Dk)),
+        BV=max(16, triton.next_power_of_2(Dv)), BJ=triton.next_power_of_2(KC),
+        OFF_K=off["k"], OFF_V=off["v"], OFF_BETA=off["beta"],
+        OFF_DEC=0 if per_channel else off["a"],  # K reads f_up, G proj's `a` columns
+        OFF_GATE=0 if per_channel else off["z"],  # K reads g_up, G proj's `z` columns
+        PER_CHANNEL=per_channel, SIGMOID_GATE=mixer.o_norm.activation == "sigmoid",
+        HAS_BIAS=mixer.conv.bias is not None,
+    )
+
+
+def num_warps(bk: int, bv: int) -> int:
+    """Warps for a [bk, bv] state tile: NUM_WARPS if set, else one per 1024 elements in [4, 16]. At
+    128 x 128 that is 16: compiled for sm_90 (Triton 3.9, on the CPU) the GDN kernel then needs 96
+    registers (128 with two value heads per key head) and does not spill; at 8 warps it took 199-255
+    and the KDA variant spilled 88 bytes (it spills those at 16 too: its per-channel decay)."""
+    if NUM_WARPS is not None:
+        return NUM_WARPS
+    return max(4, min(16, bk * bv // 1024))
+
+
+def _check(mixer, proj, cache, f_up, g_up) -> bool:
+    """Validate the arguments; returns whether the decay is per channel (K)."""
     from ..layers.deltanet import DeltaRuleCache, GatedDeltaNet, KimiDeltaAttention
 
     if not isinstance(mixer, (GatedDeltaNet, KimiDeltaAttention)):
@@ -194,11 +227,7 @@ def _check(mixer, proj, cache, f_up, g_up) -> tuple[bool, dict[str, int]]:
                 raise ValueError(f"{name}: only for KimiDeltaAttention; pass None for GatedDeltaNet")
     check_same_device(proj=proj, cache_state=cache.state, cache_conv_state=cache.conv_state, f_up=f_up,
                       g_up=g_up, mixer_weights=mixer.conv.weight, mixer_A_log=mixer.A_log)
-    offsets, start = {}, 0
-    for name, size in mixer.in_sizes.items():
-        offsets[name] = start
-        start += size
-    return per_channel, offsets
+    return per_channel
 
 
 @torch.no_grad()
@@ -221,7 +250,7 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
     Where it rounds differently from the layer: the module docstring. Inference only (no autograd).
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
     """
-    per_channel, off = _check(mixer, proj, cache, f_up, g_up)
+    per_channel = _check(mixer, proj, cache, f_up, g_up)
     if not (proj.is_cuda or _INTERPRET):
         raise ValueError(f"proj: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests), "
                          f"got {proj.device}; use delta_decode_reference")
@@ -238,18 +267,14 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
         (B, H * Dv), *((float("nan"),) if POISON_OUTPUTS else ()), dtype=proj.dtype, device=proj.device)
     if B == 0:
         return o
-    dec, s_dec, off_dec = (f_up, f_up.stride(0), 0) if per_channel else (proj, proj.stride(0), off["a"])
-    gate, s_gate, off_gate = (g_up, g_up.stride(0), 0) if per_channel else (proj, proj.stride(0), off["z"])
-    bk, bv = max(16, triton.next_power_of_2(Dk)), max(16, triton.next_power_of_2(Dv))
+    dec, s_dec = (f_up, f_up.stride(0)) if per_channel else (proj, proj.stride(0))
+    gate, s_gate = (g_up, g_up.stride(0)) if per_channel else (proj, proj.stride(0))
+    const = kernel_constants(mixer)
     _delta_decode_kernel[(B * Hk,)](
         proj, proj.stride(0), dec, s_dec, gate, s_gate, w, w if conv.bias is None else conv.bias,
         cs, cs.stride(0), cs.stride(1), cs.stride(2),
         mixer.A_log, mixer.dt_bias, mixer.o_norm.weight, cache.state, o, Dk ** -0.5, float(mixer.o_norm.eps),
-        H=H, HK=Hk, REP=H // Hk, K=Dk, V=Dv, KC=KC, BK=bk, BV=bv, BJ=triton.next_power_of_2(KC),
-        OFF_K=off["k"], OFF_V=off["v"], OFF_BETA=off["beta"], OFF_DEC=off_dec, OFF_GATE=off_gate,
-        PER_CHANNEL=per_channel, SIGMOID_GATE=mixer.o_norm.activation == "sigmoid",
-        HAS_BIAS=conv.bias is not None,
-        num_warps=8 if bk * bv >= 128 * 128 else 4,
+        **const, num_warps=num_warps(const["BK"], const["BV"]),
     )
     return o
 
@@ -261,7 +286,7 @@ def delta_decode_reference(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor 
     output_gate, o_norm) in the order of ``DeltaRuleMixer.forward``'s T == 1 branch: the oracle and
     the fallback off CUDA. Same arguments, same in-place cache update (lengths untouched), same
     return: o [B, H·D_v] in proj's dtype."""
-    per_channel, _ = _check(mixer, proj, cache, f_up, g_up)
+    per_channel = _check(mixer, proj, cache, f_up, g_up)
     B = proj.shape[0]
     x = proj.unsqueeze(1)  # (B, 1, P)
     parts = dict(zip(mixer.in_sizes, x.split(list(mixer.in_sizes.values()), dim=-1), strict=True))
