@@ -1,0 +1,386 @@
+"""The one-launch MLA decode latent / query post-processing (attnlab.kernels.latent_cache) against
+its oracle.
+
+- CPU: ``latent_write_reference`` equals what MultiHeadLatentAttention's own decode step computes
+  (the absorbed query from ``_project_fused`` + ``_absorb_q``, the cache after ``forward``), bit for
+  bit: it is the oracle. Bad input -> ValueError.
+- Interpreter (``TRITON_INTERPRET=1``, tiny, run in a subprocess by ``test_interpreter_suite``):
+  ``latent_write`` against the reference on several layer configs — returned q_abs and the WHOLE
+  latent cache (filled with noise first, so a missing or misplaced write fails), outputs poisoned.
+- GPU (marked ``gpu``): real shapes in bf16, long positions, CUDA-graph replay and torch.compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, run_interpreter_suite
+
+from attnlab.config import ModelConfig
+from attnlab.layers.mla import DeepSeekSparseAttention, MultiHeadLatentAttention
+
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "mscale": 0.707,
+    "mscale_all_dim": 1.0,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+# tiny layer configs (d_model 32): q LoRA or not, interleaved pairs or rotate-half, YaRN, NoPE, and
+# sizes that are not powers of two (R 12, dr 6, dn 5)
+CONFIGS = {
+    "lora_interleaved": dict(q_lora_rank=12, rope_interleave=True),
+    "plain_rotate_half": dict(q_lora_rank=None, rope_interleave=False),
+    "yarn": dict(q_lora_rank=12, rope_interleave=True, rope_scaling=YARN),
+    "nope": dict(q_lora_rank=None, mla_use_rope=False),
+    "odd_sizes": dict(q_lora_rank=None, kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=5,
+                      rope_interleave=True, rope_scaling=YARN),
+}
+MAX_LEN = 24
+LENGTHS = [3, 0, MAX_LEN - 1]  # per row: a few prefilled tokens, the first token, the last slot
+PREFILL = [3, 0, 5]  # tokens each row gets through the layer's own prefill (then the lengths above)
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    if not HAVE_TRITON:
+        yield
+        return
+    from attnlab.kernels import latent_cache
+
+    latent_cache.POISON_OUTPUTS = True
+    yield
+    latent_cache.POISON_OUTPUTS = False
+
+
+def layer_cfg(d_model=32, **kw) -> ModelConfig:
+    base = dict(pattern="M", d_model=d_model, n_layers=1, n_heads=3, q_lora_rank=12, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
+
+def make(name, dtype=torch.float32, cache_dtype=None, lengths=None, max_len=MAX_LEN, device="cpu", seed=0,
+         d_model=32, **overrides):
+    """A layer of CONFIGS[name] (random weights, norm weights around 1), its cache filled with noise
+    at the given lengths, and one decode token x [B, 1, d_model]."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = dict(CONFIGS[name], **overrides) if name in CONFIGS else overrides
+    mla = MultiHeadLatentAttention(layer_cfg(d_model, **cfg))
+    with torch.no_grad():
+        for p in mla.parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+    mla = mla.to(device=device, dtype=dtype).eval()
+    lengths = LENGTHS if lengths is None else lengths
+    cache = mla.new_cache(len(lengths), max_len, device=device, dtype=cache_dtype or dtype)
+    with torch.no_grad():
+        cache.latent.copy_(torch.randn(cache.latent.shape, generator=gen))
+        cache.lengths.copy_(torch.tensor(lengths))
+    x = torch.randn(len(lengths), 1, d_model, generator=gen).to(device=device, dtype=dtype)
+    return mla, cache, x
+
+
+def inputs(mla, x):
+    """latent_write's inputs from x [B, 1, d_model] as the fused decode step makes them: q and kv
+    are slices of the projection rows (row stride > width), q_lat a strided view."""
+    B = x.shape[0]
+    H, dn, dr, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank
+    row = mla._linear_row(mla.x_proj, x)[:, 0]  # (B, [q | q latent] + R + dr)
+    if mla.q_lora_rank is None:
+        q, kv = row[:, : H * (dn + dr)], row[:, H * (dn + dr) :]
+    else:
+        q = mla._linear_row(mla.q_up, mla.q_a_norm(row[:, None, : mla.q_lora_rank]))[:, 0]  # (B, H*(dn+dr))
+        kv = row[:, mla.q_lora_rank :]
+    w = mla.kv_b_proj.weight.view(H, dn + mla.v_head_dim, R)
+    q_lat = torch.einsum("bhd,hdr->bhr", q.view(B, H, dn + dr)[..., :dn], w[:, :dn])  # (B, H, R)
+    # strided (any strides, last dim contiguous): the same values inside a wider buffer
+    wide = torch.zeros(B, H, R + 3, dtype=q_lat.dtype, device=q_lat.device)
+    wide[..., 1 : R + 1] = q_lat
+    return q, kv, wide[..., 1 : R + 1]
+
+
+def clone(cache):
+    tensors = {k: v.clone() for k, v in vars(cache).items() if isinstance(v, torch.Tensor)}
+    return dataclasses.replace(cache, **tensors)
+
+
+def tables(mla, cache, use):
+    return mla.rotation(cache.lengths[:, None]) if use and mla.rotary is not None else None
+
+
+def check_against_reference(mla, cache, q, kv, q_lat, rotation, rtol, atol, cache_tol=None):
+    """latent_write on ``cache`` vs latent_write_reference on a copy: q_abs and the whole latent
+    cache (``cache_tol``: (rtol, atol) for the cache if not those of q_abs)."""
+    from attnlab.kernels.latent_cache import latent_write, latent_write_reference
+
+    before = clone(cache)
+    ref = clone(cache)
+    q_ref = latent_write_reference(mla, q, kv, q_lat, ref, rotation)
+    out = latent_write(mla, q, kv, q_lat, cache, rotation)
+    B, H, R, dr = q.shape[0], mla.n_heads, mla.kv_lora_rank, mla.rope_dim
+    assert out.shape == (B, H, R + dr) and out.dtype == q.dtype and out.is_contiguous()
+    assert torch.equal(out[..., :R], q_lat)  # a copy
+    torch.testing.assert_close(out, q_ref, rtol=rtol, atol=atol)
+    rtol, atol = cache_tol or (rtol, atol)
+    torch.testing.assert_close(cache.latent, ref.latent, rtol=rtol, atol=atol)  # whole cache: nothing misplaced
+    assert torch.equal(cache.lengths, before.lengths)  # the layer counts the token, not latent_write
+    changed = (cache.latent != before.latent).any(-1)[:, :, 0]  # (B, S_max) slots written
+    want = torch.zeros_like(changed)
+    want[torch.arange(B), before.lengths] = True
+    assert torch.equal(changed, want)  # exactly slot lengths[b] of each row
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the subprocess runner, the oracle against the layer, bad input
+
+
+@needs_triton
+def test_interpreter_suite():
+    run_interpreter_suite(__file__)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                               (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shared_rotation", [False, True])
+def test_reference_is_the_layers_decode_step(name, dtype, cache_dtype, shared_rotation):
+    """After a prefill through the layer (rows of different lengths), one decode step of
+    ``mla.forward``: its cache equals the reference's, and its absorbed query (``_project_fused``
+    then ``_absorb_q``) equals the reference's q_abs, bit for bit."""
+    from attnlab.kernels.latent_cache import latent_write_reference
+
+    mla, cache, x = make(name, dtype, cache_dtype, lengths=[0, 0, 0])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for b, n in enumerate(PREFILL):
+            if n:
+                mla(torch.randn(1, n, mla.d_model, generator=gen).to(dtype), cache.rows(b, b + 1))
+        assert cache.lengths.tolist() == PREFILL
+        rotation = tables(mla, cache, shared_rotation)
+        q, kv, _ = inputs(mla, x)
+        q_nope, q_pe, _, _ = mla._project_fused(x, cache.lengths[:, None], rotation)
+        q_abs = mla._absorb_q(q_nope, q_pe)[:, 0]  # (B, H, R + dr): the layer's absorbed query
+        ref = clone(cache)
+        out = latent_write_reference(mla, q, kv, q_abs[..., : mla.kv_lora_rank], ref, rotation)
+        mla(x, cache, rotation=rotation)  # the decode branch: writes the latent, then lengths += 1
+    assert torch.equal(out, q_abs)
+    assert torch.equal(ref.latent, cache.latent)
+    assert torch.equal(ref.lengths + 1, cache.lengths)
+
+
+def test_reference_refuses_a_full_cache():
+    from attnlab.kernels.latent_cache import latent_write_reference
+
+    mla, cache, x = make("lora_interleaved", lengths=[2, MAX_LEN])
+    with torch.no_grad(), pytest.raises(ValueError, match="cache"):
+        latent_write_reference(mla, *inputs(mla, x), cache)
+
+
+def test_bad_input_raises_value_error_naming_the_argument():
+    from attnlab.kernels.latent_cache import latent_write, latent_write_reference
+
+    mla, cache, x = make("lora_interleaved")
+    nope, nope_cache, nope_x = make("nope")
+    with torch.no_grad():
+        q, kv, q_lat = inputs(mla, x)
+        nope_inputs = inputs(nope, nope_x)
+    dsa = DeepSeekSparseAttention(layer_cfg(pattern="D", index_n_heads=2, index_head_dim=8, index_topk=8))
+    for fn in (latent_write, latent_write_reference):
+        with pytest.raises(ValueError, match="mla"):
+            fn(dsa, q, kv, q_lat, cache)
+        with pytest.raises(ValueError, match="mla"):
+            fn(torch.nn.Linear(2, 2), q, kv, q_lat, cache)
+        with pytest.raises(ValueError, match="q:"):
+            fn(mla, q[:, :-1], kv, q_lat, cache)
+        with pytest.raises(ValueError, match="q:"):
+            fn(mla, q[:, None], kv, q_lat, cache)
+        with pytest.raises(ValueError, match="kv"):
+            fn(mla, q, kv[:, :-1], q_lat, cache)
+        with pytest.raises(ValueError, match="kv"):
+            fn(mla, q, kv[:2], q_lat, cache)
+        with pytest.raises(ValueError, match="q_lat"):
+            fn(mla, q, kv, q_lat[..., :-1], cache)
+        with pytest.raises(ValueError, match="q_lat"):
+            fn(mla, q, kv, q_lat.double(), cache)
+        with pytest.raises(ValueError, match="cache"):
+            fn(mla, q, kv, q_lat, cache.latent)
+        with pytest.raises(ValueError, match="cache.latent"):
+            fn(mla, q, kv, q_lat, dataclasses.replace(cache, latent=cache.latent[..., :-1]))
+        with pytest.raises(ValueError, match="cache.lengths"):
+            fn(mla, q, kv, q_lat, dataclasses.replace(cache, lengths=cache.lengths.float()))
+        cos, sin = mla.rotation(cache.lengths[:, None])
+        with pytest.raises(ValueError, match="rotation"):
+            fn(mla, q, kv, q_lat, cache, (cos[..., :-1], sin[..., :-1]))
+        with pytest.raises(ValueError, match="rotation"):
+            fn(mla, q, kv, q_lat, cache, cos)
+        with pytest.raises(ValueError, match="rotation"):
+            fn(mla, q, kv, q_lat, cache, (cos.double(), sin.double()))
+        with pytest.raises(ValueError, match="rotation"):  # tables for a NoPE layer
+            fn(nope, *nope_inputs, nope_cache, (cos, sin))
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter runs CPU tensors")
+def test_cpu_tensors_without_interpreter_are_refused():
+    from attnlab.kernels.latent_cache import latent_write
+
+    mla, cache, x = make("lora_interleaved")
+    with torch.no_grad(), pytest.raises(ValueError, match="latent_write_reference"):
+        latent_write(mla, *inputs(mla, x), cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# interpreter (TRITON_INTERPRET=1): the kernel against the reference
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-5)}  # rtol, atol (bf16: a rounding flip)
+
+
+@interp
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared_rotation", [False, True])
+def test_interp_matches_reference(name, dtype, shared_rotation):
+    mla, cache, x = make(name, dtype)
+    with torch.no_grad():
+        check_against_reference(mla, cache, *inputs(mla, x), tables(mla, cache, shared_rotation), *TOL[dtype])
+
+
+@interp
+@pytest.mark.parametrize("name", ["yarn", "odd_sizes"])
+def test_interp_float32_projection_into_bf16_cache(name):
+    """The latent rounds to the projection's dtype, then to the cache's, as the layer's _write casts it."""
+    mla, cache, x = make(name, torch.float32, cache_dtype=torch.bfloat16)
+    with torch.no_grad():
+        check_against_reference(mla, cache, *inputs(mla, x), None, *TOL[torch.float32],
+                                cache_tol=TOL[torch.bfloat16])
+
+
+@interp
+def test_interp_broadcast_tables_and_large_positions():
+    """One row of tables for B = 2 rows at one position (shape [1, 1, N], as a shared step's
+    would be); and far positions with in-kernel angles vs torch's tables."""
+    mla, cache, x = make("lora_interleaved", lengths=[9, 9], seed=2)
+    cos, sin = mla.rotation(cache.lengths[:1, None])  # (1, 1, N) each
+    with torch.no_grad():
+        check_against_reference(mla, cache, *inputs(mla, x), (cos, sin), *TOL[torch.float32])
+    mla, cache, x = make("yarn", lengths=[1234, 5000], max_len=5001, seed=3)
+    with torch.no_grad():
+        check_against_reference(mla, cache, *inputs(mla, x), None, rtol=1e-5, atol=2e-5)
+
+
+@interp
+def test_interp_row_without_room_is_not_written():
+    """A row whose slot is past the cache (the layer would refuse it on the host) writes nothing;
+    the other rows are written as usual, and every row's q_abs is."""
+    from attnlab.kernels.latent_cache import latent_write, latent_write_reference
+
+    mla, cache, x = make("lora_interleaved", lengths=[3, MAX_LEN])
+    before = clone(cache)
+    ref = clone(cache.rows(0, 1))
+    with torch.no_grad():
+        q, kv, q_lat = inputs(mla, x)
+        out = latent_write(mla, q, kv, q_lat, cache)
+        out_ref = latent_write_reference(mla, q[:1], kv[:1], q_lat[:1], ref)
+    assert torch.equal(cache.latent[1], before.latent[1])
+    torch.testing.assert_close(cache.latent[:1], ref.latent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:1], out_ref, rtol=1e-5, atol=1e-5)
+    assert not out.isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real shapes (bf16, 4096-slot caches), long positions, CUDA graph, torch.compile
+
+GPU_CONFIGS = {
+    # DeepSeek-V3 shapes with 16 heads: q LoRA, interleaved pairs, YaRN
+    "deepseek_16h": dict(n_heads=16, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                         qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True,
+                         rope_scaling=dict(YARN, factor=40.0, original_max_position_embeddings=4096)),
+    # 32 heads, no q LoRA, rotate-half
+    "plain_32h": dict(n_heads=32, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+                      qk_rope_head_dim=64, v_head_dim=128, rope_interleave=False),
+    # ModelConfig.preset("kimi-linear", d_model=2048, ...)'s M layer: 32 heads, dn 32, dr 16, NoPE
+    "kimi_1b": dict(n_heads=32, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=32,
+                    qk_rope_head_dim=16, v_head_dim=32, mla_use_rope=False),
+}
+
+
+def make_gpu(name, lengths, max_len=4096, seed=0):
+    return make(None, torch.bfloat16, lengths=lengths, max_len=max_len, device="cuda", seed=seed, d_model=512,
+                **GPU_CONFIGS[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+@pytest.mark.parametrize("lengths", [[4095], [0, 1000, 4095]])
+@pytest.mark.parametrize("shared_rotation", [False, True])
+def test_gpu_matches_reference(name, lengths, shared_rotation):
+    mla, cache, x = make_gpu(name, lengths)
+    with torch.no_grad():
+        check_against_reference(mla, cache, *inputs(mla, x), tables(mla, cache, shared_rotation),
+                                *TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_long_positions_in_kernel_tables():
+    """Positions up to ~131K: the kernel's own cos/sin against torch's tables."""
+    mla, cache, x = make_gpu("deepseek_16h", [131_071, 5], max_len=131_072)
+    with torch.no_grad():
+        check_against_reference(mla, cache, *inputs(mla, x), None, *TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["deepseek_16h", "kimi_1b"])
+def test_gpu_cuda_graph_replay_reads_lengths_on_device(name):
+    """Captured once, replayed 3 times with lengths += 1 in the graph: each replay writes the
+    next slot, as the reference stepped 3 times on a copy."""
+    from attnlab.kernels.latent_cache import latent_write, latent_write_reference
+
+    mla, cache, x = make_gpu(name, [1020, 7, 3000])
+    ref = clone(cache)
+    with torch.no_grad():
+        q, kv, q_lat = inputs(mla, x)
+        static = torch.empty(q.shape[0], mla.n_heads, mla.kv_lora_rank + mla.rope_dim, device="cuda",
+                             dtype=q.dtype)
+
+        def step():
+            static.copy_(latent_write(mla, q, kv, q_lat, cache))
+            cache.lengths += 1
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compiles the kernel) outside the capture
+            latent_write(mla, q, kv, q_lat, clone(cache))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        assert torch.equal(cache.lengths, ref.lengths)  # capture ran nothing
+        for _ in range(3):
+            graph.replay()
+            q_ref = latent_write_reference(mla, q, kv, q_lat, ref)
+            ref.lengths += 1
+            torch.cuda.synchronize()
+            torch.testing.assert_close(static, q_ref, rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(cache.latent, ref.latent, rtol=1e-2, atol=1e-5)
+    assert torch.equal(cache.lengths, ref.lengths)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_keeps_the_kernel():
+    from attnlab.kernels.latent_cache import latent_write, latent_write_reference
+
+    mla, cache, x = make_gpu("deepseek_16h", [0, 1000, 4095])
+    ref = clone(cache)
+    with torch.no_grad():
+        q, kv, q_lat = inputs(mla, x)
+        out = torch.compile(latent_write, fullgraph=True)(mla, q, kv, q_lat, cache)
+        out_ref = latent_write_reference(mla, q, kv, q_lat, ref)
+    torch.testing.assert_close(out, out_ref, rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(cache.latent, ref.latent, rtol=1e-2, atol=1e-5)
