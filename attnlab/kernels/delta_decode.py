@@ -32,12 +32,14 @@ Rounding (the layer's eager path rounds in more places; the results differ only 
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 
 from .._checks import check_same_device, check_tensor
+from ..layers.deltanet import DeltaRuleCache, GatedDeltaNet, KimiDeltaAttention
 
 POISON_OUTPUTS = False  # tests set this: the output buffer starts as NaN, so an unwritten element fails
 NUM_WARPS: int | None = None  # None: chosen from the state tile (num_warps); a benchmark may set it
@@ -45,6 +47,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _L2NORM_EPS = 1e-6  # as attnlab.ops.delta_rule._prepare_qk (fla / HF)
 _MAX_HEAD_DIM = 256
+_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mixer -> (conv, has bias, constants)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +160,11 @@ def _delta_decode_kernel(
 
 
 def kernel_constants(mixer) -> dict:
-    """The kernel's compile-time arguments for this mixer (sizes, proj column offsets, variant)."""
-    from ..layers.deltanet import KimiDeltaAttention
-
+    """The kernel's compile-time arguments for this mixer (sizes, proj column offsets, variant);
+    remembered per mixer (sizes are fixed at construction; a replaced conv is noticed)."""
+    known = _CONSTANTS.get(mixer)
+    if known is not None and known[0] is mixer.conv and known[1] == (mixer.conv.bias is not None):
+        return known[2]
     per_channel = isinstance(mixer, KimiDeltaAttention)
     off, start = {}, 0
     for name, size in mixer.in_sizes.items():
@@ -167,7 +172,7 @@ def kernel_constants(mixer) -> dict:
         start += size
     H, Hk, Dk, Dv = mixer.n_heads, mixer.n_key_heads, mixer.key_head_dim, mixer.value_head_dim
     KC = mixer.conv.kernel_size
-    return dict(
+    const = dict(
         H=H, HK=Hk, REP=H // Hk, K=Dk, V=Dv, KC=KC, BK=max(16, triton.next_power_of_2(Dk)),
         BV=max(16, triton.next_power_of_2(Dv)), BJ=triton.next_power_of_2(KC),
         OFF_K=off["k"], OFF_V=off["v"], OFF_BETA=off["beta"],
@@ -176,6 +181,8 @@ def kernel_constants(mixer) -> dict:
         PER_CHANNEL=per_channel, SIGMOID_GATE=mixer.o_norm.activation == "sigmoid",
         HAS_BIAS=mixer.conv.bias is not None,
     )
+    _CONSTANTS[mixer] = (mixer.conv, const["HAS_BIAS"], const)
+    return const
 
 
 def num_warps(bk: int, bv: int) -> int:
@@ -190,8 +197,6 @@ def num_warps(bk: int, bv: int) -> int:
 
 def _check(mixer, proj, cache, f_up, g_up) -> bool:
     """Validate the arguments; returns whether the decay is per channel (K)."""
-    from ..layers.deltanet import DeltaRuleCache, GatedDeltaNet, KimiDeltaAttention
-
     if not isinstance(mixer, (GatedDeltaNet, KimiDeltaAttention)):
         raise ValueError(f"mixer: expected a GatedDeltaNet or KimiDeltaAttention, got {type(mixer).__name__}")
     per_channel = isinstance(mixer, KimiDeltaAttention)
