@@ -42,3 +42,19 @@ def test_sparse_mla_gpu_cpu_smoke(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "targets (issue 9):" in r.stdout
     assert json.loads((tmp_path / "sparse_mla_gpu.json").read_text())
+
+
+def test_gemv_gpu_cpu_smoke(tmp_path):
+    """benchmarks/gemv_gpu.py --cpu-smoke --sweep (the fused GEMV under the interpreter at toy
+    sizes, every prologue and epilogue) runs through the sweep and the table and writes its JSON."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(BENCH / "gemv_gpu.py"), "--cpu-smoke", "--sweep", "--rows", "1,3",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "TUNING.update({" in r.stdout
+    report = json.loads((tmp_path / "gemv_gpu.json").read_text())
+    timed = [row for row in report["results"] if row["kind"] == "time"]
+    assert len(timed) == 10 and all(row["rel_err"] <= 1e-2 for row in timed)

@@ -1,0 +1,315 @@
+"""The fused decode GEMV (attnlab.kernels.gemv) on one GPU: against cuBLAS alone and against the
+unfused torch sequence it replaces, at the projections of a d_model 2048 model, bf16.
+
+    python benchmarks/gemv_gpu.py                    # timings, M = 1 and 4 (~30 s on an H100, estimated)
+    python benchmarks/gemv_gpu.py --sweep            # + launch-shape sweep per shape at M = 1 first
+                                                     # (capped by --sweep-budget-s, default 60 s)
+    python benchmarks/gemv_gpu.py --sweep --sweep-rows 1,4
+    python benchmarks/gemv_gpu.py --cpu-smoke        # no GPU: whole script, toy sizes, interpreter
+
+Per shape and row count M, three timings (triton.testing.do_bench, median; it clears the L2 cache
+before every timed call, so each reads its weight from HBM, as a decode step does):
+  fused     kernels.gemv.gemv: prologue + GEMV + epilogue, one launch
+  cublas    F.linear on the already-prepared input alone (no norm / activation / residual add)
+  unfused   the layers' torch sequence the fused call replaces: RMSNorm + F.linear (+ .float() for
+            the LM head), silu(gate) * up + Residual.project (addmm_), o * sigmoid(g) + addmm_
+Floor: the weight's bytes over the copy bandwidth measured in the same run (a 1 GiB ``copy_``,
+read + write bytes per second); "%floor" = floor / time (100% = at the floor). Every fused result
+is first checked against gemv_reference (rms-relative error printed).
+
+--sweep times a small grid of (BLOCK_N, BLOCK_K) at 4 warps, then num_warps 2 / 8 and num_stages 2
+around the best (each config checked against the oracle first), prints the best per shape as a
+``TUNING.update({...})`` snippet for attnlab/kernels/gemv.py, and uses it for the timings that
+follow. TUNING is keyed by (M padded to a power of 2, N, K): o_proj and the gated o_proj share a
+key, the later (gated) one's best is kept; both are printed.
+Writes $OUT/gemv_gpu.json (or --out) atomically, also after each shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if "--cpu-smoke" in sys.argv:  # the interpreter must be chosen before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from attnlab._io import atomic_write_json  # noqa: E402
+from attnlab.kernels import gemv as kg  # noqa: E402
+from attnlab.layers.common import Residual, RMSNorm  # noqa: E402
+
+DT = torch.bfloat16
+DEVICE = "cuda"  # --cpu-smoke: "cpu" under TRITON_INTERPRET=1, tiny shapes, one call per timing
+# (name, K, N, prologue, residual, out_dtype): a d_model 2048 model's decode projections
+SHAPES = [
+    ("qkv", 2048, 3072, "rmsnorm", False, None),
+    ("o_proj", 2048, 2048, None, True, None),
+    ("o_proj_gated", 2048, 2048, "sigmoid_gate", True, None),
+    ("gate_up", 2048, 11008, "rmsnorm", False, None),
+    ("down", 5504, 2048, "silu_mul", True, None),
+    ("lm_head", 2048, 32768, "rmsnorm", False, torch.float32),
+    ("gdn_in_proj", 2048, 8256, "rmsnorm", False, None),
+    ("kda_in_proj", 2048, 6400, "rmsnorm", False, None),
+]
+SMOKE_SHAPES = [  # the same kinds at toy sizes (ragged against the interpreter's 8 x 32 blocks)
+    ("qkv", 64, 96, "rmsnorm", False, None),
+    ("o_proj", 64, 64, None, True, None),
+    ("o_proj_gated", 64, 64, "sigmoid_gate", True, None),
+    ("down", 100, 64, "silu_mul", True, None),
+    ("lm_head", 64, 40, "rmsnorm", False, torch.float32),
+]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def copy_bandwidth() -> float:
+    if DEVICE == "cpu":
+        return 1e10  # placeholder: --cpu-smoke checks that the script runs, not the numbers
+    x = torch.empty(1 << 28, dtype=torch.float32, device=DEVICE).uniform_()  # 1 GiB
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    return 2 * (1 << 28) * 4 / (ms * 1e-3)
+
+
+def bench(fn, rep: int = 100) -> float:
+    """Median ms (do_bench, L2 cleared before each call); on the CPU smoke run one timed call."""
+    if DEVICE == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def inputs(m: int, k: int, n: int, prologue: str | None, seed: int = 0) -> tuple:
+    """x, weight, the gemv keyword arguments, and a residual [m, n]. Norm weights are bf16 (a model
+    cast to bf16 casts them); the Qwen3-Next-style gated o_proj and the KDA in_proj use the
+    zero-centered norm."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    k_in = 2 * k if prologue == "silu_mul" else k
+    x = torch.randn(m, k_in, generator=gen).to(device=DEVICE, dtype=DT)  # (M, K_in)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(device=DEVICE, dtype=DT)  # (N, K)
+    kw = {}
+    if prologue == "rmsnorm":
+        zc = n == 6400 and DEVICE == "cuda"
+        nw = 0.2 * torch.randn(k, generator=gen) + (0.0 if zc else 1.0)
+        kw = dict(norm_weight=nw.to(device=DEVICE, dtype=DT), norm_eps=1e-6, norm_zero_centered=zc)
+    elif prologue == "sigmoid_gate":
+        kw = dict(gate=torch.randn(m, k, generator=gen).to(device=DEVICE, dtype=DT))
+    r = torch.randn(m, n, generator=gen).to(device=DEVICE, dtype=DT)  # (M, N)
+    return x, w, kw, r
+
+
+def unfused(x, w, kw, r, prologue, residual, out_dtype):
+    """The layers' torch sequence that one fused call replaces (returns a callable)."""
+    k = w.shape[1]
+    norm = None
+    if prologue == "rmsnorm":
+        norm = RMSNorm(k, eps=kw["norm_eps"], zero_centered=kw["norm_zero_centered"])
+        norm = norm.to(device=DEVICE, dtype=DT)
+        with torch.no_grad():
+            norm.weight.copy_(kw["norm_weight"])
+
+    def prepare():
+        if prologue == "rmsnorm":
+            return norm(x)
+        if prologue == "silu_mul":
+            return F.silu(x[:, :k]) * x[:, k:]
+        if prologue == "sigmoid_gate":
+            return x * torch.sigmoid(kw["gate"])
+        return x
+
+    def run():
+        with torch.no_grad():
+            h = prepare()
+            if residual:
+                return Residual(r).project(h, w)
+            y = F.linear(h, w)
+            return y.float() if out_dtype == torch.float32 else y
+
+    return run, prepare
+
+
+def fused_call(x, w, kw, r, residual, out_dtype, config=None):
+    """The fused gemv as a callable; with ``config`` the kernel at that launch shape (into a fixed
+    output when there is no residual)."""
+    if config is None:
+        if residual:
+            return lambda: kg.gemv(x, w, residual=r, **kw)
+        return lambda: kg.gemv(x, w, out_dtype=out_dtype, **kw)
+    out = None if residual else torch.empty(x.shape[0], w.shape[0], dtype=out_dtype or DT, device=DEVICE)
+    args = (kw.get("norm_weight"), kw.get("norm_eps", 1e-6), kw.get("norm_zero_centered", False),
+            kw.get("gate"))
+
+    def run():
+        kg._launch(x, w, kw.get("prologue"), *args, r if residual else None, 1.0, 1.0, out, config)
+        return r if residual else out
+
+    return run
+
+
+def check(fn, x, w, kw, r, residual, out_dtype) -> float:
+    """rms-relative error of one fused call against gemv_reference (in float32)."""
+    if residual:
+        r0 = r.clone()
+        fn()
+        got = r.float() - r0.float()  # what was added
+        r.copy_(r0)
+    else:
+        got = fn()
+    ref = kg.gemv_reference(x, w, out_dtype=torch.float32, **kw)
+    return rel(got, ref)
+
+
+def candidates(m: int, n: int, k: int) -> list[tuple[int, int, int, int]]:
+    """Stage 1 of the sweep: launch_config's default, then (BLOCK_N, BLOCK_K) at 4 warps, 1 stage
+    with 4K..8K weights x padded rows per K step (the band the default reasons for: enough bytes per
+    step, <= 64 accumulator floats per thread), >= 64 programs; ~7 shapes, so the sweep stays short."""
+    default = kg.launch_config(m, n, k, torch.device(DEVICE))
+    if DEVICE == "cpu":
+        return [default]
+    m_pad = kg.rows_padded(m)
+    k_cap = max(64, triton.next_power_of_2(k))
+    out = [
+        (bn, bk, 4, 1)
+        for bn in (4, 8, 16, 32)
+        for bk in (128, 256, 512, 1024, 2048)
+        if bk <= k_cap and 4096 <= m_pad * bn * bk <= 8192 and triton.cdiv(n, bn) >= 64
+    ]
+    return [default] + [c for c in out if c != default]
+
+
+def around(cfg: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    """Stage 2: the best stage-1 tile with 2 and 8 warps, and with 2 stages (expected to change
+    nothing: the sm_90 SASS of these loads has no cp.async for the pipeliner to deepen)."""
+    bn, bk, _, _ = cfg
+    if DEVICE == "cpu":
+        return [(bn, bk, 2, 1)]
+    return [(bn, bk, 2, 1), (bn, bk, 8, 1), (bn, bk, 4, 2)]
+
+
+def sweep(shapes, rows, deadline: float, results: list) -> dict:
+    """Best launch shape per (M_PAD, N, K) among the candidates; stops at ``deadline`` (time.time())."""
+    best: dict = {}
+    for m in rows:
+        for name, k, n, prologue, residual, out_dtype in shapes:
+            key = (kg.rows_padded(m), n, k)
+            x, w, kw, r = inputs(m, k, n, prologue)
+            kw = dict(kw, prologue=prologue)
+            times: dict = {}
+
+            def try_config(cfg, x=x, w=w, kw=kw, r=r, residual=residual, out_dtype=out_dtype, times=times,
+                           name=name, m=m):
+                if cfg in times or time.time() > deadline:
+                    return
+                fn = fused_call(x, w, kw, r, residual, out_dtype, cfg)
+                err = check(fn, x, w, kw, r, residual, out_dtype)
+                if not err <= 1e-2:
+                    print(f"  sweep {name} M={m} {cfg}: WRONG (rel err {err:.2e}), skipped")
+                    times[cfg] = float("inf")
+                    return
+                times[cfg] = bench(fn, rep=25)
+
+            for cfg in candidates(m, n, k):
+                try_config(cfg)
+            if not times:
+                print(f"  sweep budget spent before {name} M={m}")
+                continue
+            for cfg in around(min(times, key=times.get)):
+                try_config(cfg)
+            cfg = min(times, key=times.get)
+            default = candidates(m, n, k)[0]
+            best[key] = cfg
+            print(f"  sweep {name:13} M={m}: best {cfg} {times[cfg] * 1e3:7.1f} us; default {default} "
+                  f"{times.get(default, float('nan')) * 1e3:7.1f} us ({len(times)} configs)", flush=True)
+            results.append(dict(kind="sweep", name=name, rows=m, n=n, k=k, best=list(cfg),
+                                best_us=times[cfg] * 1e3, default=list(default),
+                                default_us=times.get(default, float("nan")) * 1e3,
+                                all={str(c): t * 1e3 for c, t in times.items()}))
+    return best
+
+
+def measure(shapes, rows, env: dict, results: list, out_path: str) -> None:
+    print(f"{'shape':13} {'M':>2} {'N':>6} {'K':>5} {'floor us':>8} {'fused':>14} {'cublas':>14} "
+          f"{'unfused':>14} {'err':>8}   (us, %floor)")
+    for m in rows:
+        for name, k, n, prologue, residual, out_dtype in shapes:
+            x, w, kw, r = inputs(m, k, n, prologue)
+            floor_us = w.numel() * w.element_size() / env["copy_Bps"] * 1e6
+            fused = fused_call(x, w, dict(kw, prologue=prologue), r, residual, out_dtype)
+            err = check(fused, x, w, dict(kw, prologue=prologue), r, residual, out_dtype)
+            run_unfused, prepare = unfused(x, w, kw, r, prologue, residual, out_dtype)
+            with torch.no_grad():
+                h = prepare()
+            times = {
+                "fused": bench(fused),
+                "cublas": bench(lambda h=h, w=w: F.linear(h, w)),
+                "unfused": bench(run_unfused),
+            }
+            cells = " ".join(f"{t * 1e3:7.1f} {100 * floor_us / (t * 1e3):4.0f}%" for t in times.values())
+            print(f"{name:13} {m:>2} {n:>6} {k:>5} {floor_us:8.1f} {cells}  {err:8.1e}", flush=True)
+            results.append(dict(kind="time", name=name, rows=m, n=n, k=k, prologue=prologue,
+                                residual=residual, out_dtype=str(out_dtype or DT), floor_us=floor_us,
+                                rel_err=err,
+                                config=list(kg.launch_config(m, n, k, torch.device(DEVICE))),
+                                **{f"{k_}_us": t * 1e3 for k_, t in times.items()}))
+            atomic_write_json(out_path, {"env": env, "tuning": tuning_json(), "results": results})
+
+
+def tuning_json() -> dict:
+    return {str(k): list(v) for k, v in kg.TUNING.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    global DEVICE
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="1,4", help="decode rows M to time (comma-separated, <= MAX_ROWS)")
+    ap.add_argument("--sweep", action="store_true", help="tune the launch shape per shape first")
+    ap.add_argument("--sweep-rows", default="1", help="rows M the sweep tunes for")
+    ap.add_argument("--sweep-budget-s", type=float, default=60.0, help="stop sweeping after this long")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="no GPU needed: the whole script at toy sizes under TRITON_INTERPRET=1")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gemv_gpu.json")
+    args = ap.parse_args(argv)
+    shapes = SHAPES
+    if args.cpu_smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--cpu-smoke: TRITON_INTERPRET=1 must be set before triton is imported")
+        DEVICE, shapes = "cpu", SMOKE_SHAPES
+    elif not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --cpu-smoke)")
+    rows = [int(v) for v in args.rows.split(",") if v]
+    start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    out_path = os.path.join(args.out, "gemv_gpu.json")
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter smoke run)"
+    env = {"device": name, "copy_Bps": copy_bandwidth()}
+    print(f"{name}: copy {env['copy_Bps'] / 1e12:.2f} TB/s")
+    results: list = []
+    if args.sweep:
+        best = sweep(shapes, [int(v) for v in args.sweep_rows.split(",") if v], start + args.sweep_budget_s,
+                     results)
+        kg.TUNING.update(best)
+        print("# attnlab/kernels/gemv.py, measured on " + name)
+        print("TUNING.update({")
+        for key, cfg in sorted(best.items()):
+            print(f"    {key}: {cfg},")
+        print("})")
+        print(f"  sweep done ({time.time() - start:.0f} s)", flush=True)
+    measure(shapes, rows, env, results, out_path)
+    report = {"env": env, "tuning": tuning_json(), "results": results}
+    atomic_write_json(out_path, report)
+    print(f"wrote {out_path}; total {time.time() - start:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
