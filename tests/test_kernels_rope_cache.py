@@ -187,6 +187,23 @@ def test_interp_matches_reference(name, dtype, shared_rotation):
 
 
 @interp
+@pytest.mark.parametrize("name", ["llama", "qwen3_next"])
+def test_interp_float16(name):
+    attn, cache, _, qkv = make(name, torch.float16)
+    with torch.no_grad():
+        check_against_reference(attn, cache, qkv, None, rtol=5e-3, atol=1e-5)
+
+
+@interp
+@pytest.mark.parametrize("lengths", [[0, 7, 30], [3]])
+def test_interp_ring_without_sinks(lengths):
+    """sink_tokens = 0: slot p % window (a row past several wraps)."""
+    attn, cache, _, qkv = make("sliding", lengths=lengths, sink_tokens=0)
+    with torch.no_grad():
+        check_against_reference(attn, cache, qkv, tables(attn, cache, True), *TOL[torch.float32])
+
+
+@interp
 @pytest.mark.parametrize("name", ["qwen3_next", "sliding"])
 def test_interp_float32_projection_into_bf16_cache(name):
     """k rounds to the projection's dtype, then to the cache's, as _qkv + _write_slot do."""
