@@ -200,7 +200,7 @@ def _check(attn, qkv, cache, rotation) -> None:
                          f"{type(cache).__name__}")
     check_tensor("cache.k", cache.k, 4, "[B, S, H_kv, D]", shape=(B, None, Hkv, D), dtypes=_DTYPES)
     check_tensor("cache.v", cache.v, 4, "[B, S, H_kv, D]", shape=tuple(cache.k.shape), dtypes=_DTYPES)
-    check_tensor("cache.lengths", cache.lengths, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
+    check_tensor("cache.lengths", cache.lengths, 1, "[B]", shape=(B,), dtypes=(torch.int64,))
     if isinstance(cache, SlidingKVCache) and cache.window < 1:
         raise ValueError(f"cache: a SlidingKVCache needs window >= 1, got {cache.window}")
     cos = sin = None
