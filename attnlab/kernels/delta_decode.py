@@ -45,7 +45,6 @@ POISON_OUTPUTS = False  # tests set this: the output buffer starts as NaN, so an
 NUM_WARPS: int | None = None  # None: chosen from the state tile (num_warps); a benchmark may set it
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_L2NORM_EPS = 1e-6  # as attnlab.ops.delta_rule._prepare_qk (fla / HF)
 _MAX_HEAD_DIM = 256
 _CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mixer -> (conv, has bias, constants)
 
@@ -110,7 +109,7 @@ def _delta_decode_kernel(
     b_k = _conv_step(p_row, cs_row, conv_w, conv_b, OFF_K + i_hk * K + rk, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
     b_q = b_q.to(io_ty).to(tl.float32)
     b_k = b_k.to(io_ty).to(tl.float32)
-    b_q = b_q * (scale / tl.sqrt(tl.sum(b_q * b_q) + 1e-6))
+    b_q = b_q * (scale / tl.sqrt(tl.sum(b_q * b_q) + 1e-6))  # eps as ops.delta_rule._prepare_qk
     b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
     w_norm = tl.load(norm_w + rv, mask=mv, other=0.0).to(tl.float32)
 
@@ -268,8 +267,9 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
     w = conv.weight.reshape(conv.channels, KC)  # (C, K_conv): a view of the [C, 1, K_conv] weight
     if not w.is_contiguous():
         w = w.contiguous()
-    o = (torch.full if POISON_OUTPUTS else torch.empty)(  # (B, H*D_v)
-        (B, H * Dv), *((float("nan"),) if POISON_OUTPUTS else ()), dtype=proj.dtype, device=proj.device)
+    o = torch.empty(B, H * Dv, dtype=proj.dtype, device=proj.device)  # (B, H*D_v)
+    if POISON_OUTPUTS:
+        o.fill_(float("nan"))
     if B == 0:
         return o
     dec, s_dec = (f_up, f_up.stride(0)) if per_channel else (proj, proj.stride(0))
