@@ -129,7 +129,7 @@ def check_against_reference(mla, cache, q, kv, q_lat, rotation, rtol, atol, cach
     assert torch.equal(out[..., :R], q_lat)  # a copy
     torch.testing.assert_close(out, q_ref, rtol=rtol, atol=atol)
     rtol, atol = cache_tol or (rtol, atol)
-    torch.testing.assert_close(cache.latent, ref.latent, rtol=rtol, atol=atol)  # whole cache: nothing misplaced
+    torch.testing.assert_close(cache.latent, ref.latent, rtol=rtol, atol=atol)  # the whole cache
     assert torch.equal(cache.lengths, before.lengths)  # the layer counts the token, not latent_write
     changed = (cache.latent != before.latent).any(-1)[:, :, 0]  # (B, S_max) slots written
     want = torch.zeros_like(changed)
@@ -236,6 +236,53 @@ def test_cpu_tensors_without_interpreter_are_refused():
         latent_write(mla, *inputs(mla, x), cache)
 
 
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="compiles the real kernel, not the interpreter's")
+@pytest.mark.parametrize("rope, tables", [(True, False), (True, True), (False, False)])
+def test_compiles_for_sm90_at_real_shapes(rope, tables):
+    """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
+    ptxas, no GPU needed) at H = 16, dn 128, dr 64, R 512, bf16, with the warps latent_write
+    launches; no local memory (spills); in-kernel cos / sin are libdevice's (full range reduction,
+    not the MUFU approximation, whose error grows with the angle at long positions)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource / GPUTarget")
+    from attnlab.kernels.latent_cache import _latent_write_kernel as fn
+    from attnlab.kernels.latent_cache import num_warps
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(tools, "ptxas")):
+        pytest.skip("Triton's bundled ptxas is missing")
+    const = dict(H=16, DN=128, DR=64, R=512, BR=512, BDR=64, NQ=16 * 192, ROPE=rope, TABLES=tables,
+                 ZERO_CENTERED=False)
+    ptr = dict(Q="*bf16", KV="*bf16", Q_LAT="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32",
+               PARTNER_Q="*i64", PARTNER_K="*i64", NORM_W="*bf16", OUT="*bf16", LATENT="*bf16")
+    sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("eps", "factor") else "i32")
+           for n in fn.arg_names}
+    sig.update(stride_cache_b="i64", stride_cache_s="i64")
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps(512)))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                             text=True).stdout
+    assert "STACK:0 " in res and "LOCAL:0 " in res, res
+    ptx = kernel.asm["ptx"]
+    if rope and not tables:
+        assert "__nv_sinf" in ptx and "__nv_cosf" in ptx and "sin.approx" not in ptx
+    else:
+        assert "__nv_sinf" not in ptx and "sin.approx" not in ptx  # no angles computed
+
+
 # ---------------------------------------------------------------------------------------------
 # interpreter (TRITON_INTERPRET=1): the kernel against the reference
 
@@ -260,6 +307,19 @@ def test_interp_float32_projection_into_bf16_cache(name):
     with torch.no_grad():
         check_against_reference(mla, cache, *inputs(mla, x), None, *TOL[torch.float32],
                                 cache_tol=TOL[torch.bfloat16])
+
+
+@interp
+@pytest.mark.parametrize("name", ["lora_interleaved", "plain_rotate_half"])
+def test_interp_bf16_projection_into_float32_cache(name):
+    """A bf16 layer over a float32 cache: the written latent holds bf16 values (kv_a_norm and
+    _rotate round to the projection's dtype before _write's cast)."""
+    mla, cache, x = make(name, torch.bfloat16, cache_dtype=torch.float32)
+    lengths = cache.lengths.clone()
+    with torch.no_grad():
+        check_against_reference(mla, cache, *inputs(mla, x), None, *TOL[torch.bfloat16])
+    new = cache.latent[torch.arange(3), lengths]  # (B, 1, R + dr) the rows just written
+    assert torch.equal(new, new.bfloat16().float())
 
 
 @interp

@@ -114,6 +114,11 @@ def _latent_write_kernel(
 # host side
 
 
+def num_warps(block_r: int) -> int:
+    """Warps per program for the latent's padded width block_r (the norm program reduces it)."""
+    return 4 if block_r >= 512 else (2 if block_r >= 128 else 1)
+
+
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -131,17 +136,18 @@ def _launch(
     out = _empty(B, H, R + dr, dtype=q.dtype, device=q.device)
     rope = partner_q is not None
     tables = cos is not None
+    stride_cb = cos.stride(0) if tables and cos.shape[0] > 1 else 0  # one row of tables: broadcast
     BR = triton.next_power_of_2(R)
     dummy = q  # never read: an argument its constexpr switch leaves unused
     _latent_write_kernel[(B, H + 1)](
         q, kv, q_lat, lengths, cos if tables else dummy, sin if tables else dummy,
         freq if freq is not None else dummy, partner_q if rope else dummy, partner_k if rope else dummy,
         norm_weight, out, latent,
-        q.stride(0), kv.stride(0), q_lat.stride(0), q_lat.stride(1), cos.stride(0) if tables and cos.shape[0] > 1 else 0,
+        q.stride(0), kv.stride(0), q_lat.stride(0), q_lat.stride(1), stride_cb,
         latent.stride(0), latent.stride(1), latent.shape[1], eps, factor,
         H=H, DN=nope_dim, DR=dr, R=R, BR=BR, BDR=triton.next_power_of_2(max(dr, 1)),
         NQ=H * (nope_dim + dr), ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
-        num_warps=4 if BR >= 512 else (2 if BR >= 128 else 1),
+        num_warps=num_warps(BR),
     )
     return out
 
@@ -177,14 +183,18 @@ def _check(mla, q, kv, q_lat, cache, rotation) -> None:
     check_tensor("kv", kv, 2, "[B, kv_lora_rank + qk_rope_head_dim]", shape=(B, R + dr), dtypes=_DTYPES)
     check_tensor("q_lat", q_lat, 3, "[B, H, kv_lora_rank]", shape=(B, H, R), dtypes=(q.dtype,))
     if not isinstance(cache, MLACache):
-        raise ValueError(f"cache: expected an MLACache from this layer's new_cache, got {type(cache).__name__}")
+        raise ValueError(
+            f"cache: expected an MLACache from this layer's new_cache, got {type(cache).__name__}"
+        )
     check_tensor("cache.latent", cache.latent, 4, "[B, S_max, 1, kv_lora_rank + qk_rope_head_dim]",
                  shape=(B, None, 1, R + dr), dtypes=_DTYPES)
     check_tensor("cache.lengths", cache.lengths, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
     cos = sin = None
     if rotation is not None:
         if mla.rotary is None:
-            raise ValueError("rotation: this layer has no RoPE (NoPE MLA); pass None (mla.rotation returns None)")
+            raise ValueError(
+                "rotation: this layer has no RoPE (NoPE MLA); pass None (mla.rotation returns None)"
+            )
         if not isinstance(rotation, (tuple, list)) or len(rotation) != 2:
             raise ValueError("rotation: expected (cos, sin) = mla.rotation(cache.lengths[:, None])")
         cos, sin = rotation
@@ -192,7 +202,9 @@ def _check(mla, q, kv, q_lat, cache, rotation) -> None:
         for name, t in (("rotation[0] (cos)", cos), ("rotation[1] (sin)", sin)):
             check_tensor(name, t, 3, "[B, 1, N_q + N_k]", shape=(None, 1, n), dtypes=(torch.float32,))
             if t.shape[0] not in (1, B):
-                raise ValueError(f"{name}: expected shape ({B}, 1, {n}) [B, 1, N_q + N_k], got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name}: expected shape ({B}, 1, {n}) [B, 1, N_q + N_k], got {tuple(t.shape)}"
+                )
     check_same_device(q=q, kv=kv, q_lat=q_lat, cache_latent=cache.latent, cache_lengths=cache.lengths,
                       cos=cos, sin=sin)
 
