@@ -376,6 +376,19 @@ def make_gpu(name, lengths, max_len=4096, seed=0):
                 **GPU_CONFIGS[name])
 
 
+@interp
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+@pytest.mark.parametrize("shared_rotation", [False, True])
+def test_interp_real_shapes_short_cache(name, shared_rotation):
+    """The GPU configs' layer shapes (H 16 / 32, R 512, dn 128 / 32, dr 64 / 16), bf16, on a
+    64-slot CPU cache: the kernel's real-size blocks under the interpreter."""
+    mla, cache, x = make(None, torch.bfloat16, lengths=[0, 10, 63], max_len=64, d_model=512,
+                         **GPU_CONFIGS[name])
+    with torch.no_grad():
+        check_against_reference(mla, cache, *inputs(mla, x), tables(mla, cache, shared_rotation),
+                                *TOL[torch.bfloat16])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CONFIGS))
 @pytest.mark.parametrize("lengths", [[4095], [0, 1000, 4095]])
