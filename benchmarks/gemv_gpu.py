@@ -17,8 +17,9 @@ Floor: the weight's bytes over the copy bandwidth measured in the same run (a 1 
 read + write bytes per second); "%floor" = floor / time (100% = at the floor). Every fused result
 is first checked against gemv_reference (rms-relative error printed).
 
---sweep times a small grid of (BLOCK_N, BLOCK_K) at 4 warps, then num_warps 2 / 8 and num_stages 2
-around the best (each config checked against the oracle first), prints the best per shape as a
+--sweep times a small grid of (BLOCK_N, BLOCK_K) at 4 warps in both forms of the kernel (elementwise
+and tensor-core DOT), then num_warps and num_stages around the best (each config checked against
+the oracle first), prints the best per shape as a
 ``TUNING.update({...})`` snippet for attnlab/kernels/gemv.py, and uses it for the timings that
 follow. TUNING is keyed by (M padded to a power of 2, N, K): o_proj and the gated o_proj share a
 key, the later (gated) one's best is kept; both are printed.
@@ -169,31 +170,40 @@ def check(fn, x, w, kw, r, residual, out_dtype) -> float:
     return rel(got, ref)
 
 
-def candidates(m: int, n: int, k: int) -> list[tuple[int, int, int, int]]:
-    """Stage 1 of the sweep: launch_config's default, then (BLOCK_N, BLOCK_K) at 4 warps, 1 stage
-    with 4K..8K weights x padded rows per K step (the band the default reasons for: enough bytes per
-    step, <= 64 accumulator floats per thread), >= 64 programs; ~7 shapes, so the sweep stays short."""
+def candidates(m: int, n: int, k: int) -> list[tuple]:
+    """Stage 1 of the sweep: launch_config's default; the elementwise form's (BLOCK_N, BLOCK_K) at
+    4 warps with 4K..8K weights x padded rows per K step (the band the default reasons for: enough
+    bytes per step, <= 64 accumulator floats per thread); a few tensor-core (DOT) tiles, pipelined
+    3-4 deep. All with >= 64 programs; ~12 in all, so the sweep stays short."""
     default = kg.launch_config(m, n, k, torch.device(DEVICE))
     if DEVICE == "cpu":
-        return [default]
+        return [default, (16, 32, 4, 2, True)]
     m_pad = kg.rows_padded(m)
     k_cap = max(64, triton.next_power_of_2(k))
     out = [
-        (bn, bk, 4, 1)
+        (bn, bk, 4, 1, False)
         for bn in (4, 8, 16, 32)
         for bk in (128, 256, 512, 1024, 2048)
         if bk <= k_cap and 4096 <= m_pad * bn * bk <= 8192 and triton.cdiv(n, bn) >= 64
     ]
+    out += [
+        (bn, bk, 4, stages, True)
+        for bn, bk, stages in ((16, 256, 3), (16, 512, 3), (32, 256, 3), (32, 128, 4), (64, 128, 3))
+        if bk <= k_cap and triton.cdiv(n, bn) >= 64
+    ]
     return [default] + [c for c in out if c != default]
 
 
-def around(cfg: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
-    """Stage 2: the best stage-1 tile with 2 and 8 warps, and with 2 stages (expected to change
-    nothing: the sm_90 SASS of these loads has no cp.async for the pipeliner to deepen)."""
-    bn, bk, _, _ = cfg
+def around(cfg: tuple) -> list[tuple]:
+    """Stage 2, around the best of stage 1: the elementwise form with 2 and 8 warps, and 2 stages
+    (expected to change nothing: its sm_90 SASS has no cp.async for the pipeliner to deepen); the
+    DOT form 2 / 5 stages deep and with 8 warps."""
+    bn, bk, warps, stages, dot = cfg
     if DEVICE == "cpu":
-        return [(bn, bk, 2, 1)]
-    return [(bn, bk, 2, 1), (bn, bk, 8, 1), (bn, bk, 4, 2)]
+        return [(bn, bk, 2, 1, dot)]
+    if dot:
+        return [(bn, bk, warps, s, True) for s in (2, 5)] + [(bn, bk, 8, stages, True)]
+    return [(bn, bk, 2, 1, False), (bn, bk, 8, 1, False), (bn, bk, 4, 2, False)]
 
 
 def sweep(shapes, rows, deadline: float, results: list) -> dict:

@@ -193,14 +193,16 @@ def test_launch_config_from_shapes():
     cuda = torch.device("cuda", 0)
     kg._SMS[0] = 132
     try:
-        assert kg.launch_config(1, 2048, 2048, cuda) == (4, 2048, 4, 1)  # o_proj: 512 programs, one K step
-        assert kg.launch_config(1, 3072, 2048, cuda) == (8, 1024, 4, 1)  # qkv: 384 programs
-        assert kg.launch_config(1, 32768, 2048, cuda) == (32, 256, 4, 1)  # LM head: 1024 programs
-        assert kg.launch_config(4, 2048, 5504, cuda) == (4, 512, 4, 1)  # accumulator bounded as M grows
-        assert kg.launch_config(1, 37, 100, cuda) == (4, 128, 4, 1)  # BLOCK_K no wider than K needs
+        assert kg.launch_config(1, 2048, 2048, cuda) == (4, 2048, 4, 1, False)  # o_proj: 512 programs
+        assert kg.launch_config(1, 3072, 2048, cuda) == (8, 1024, 4, 1, False)  # qkv: 384 programs
+        assert kg.launch_config(1, 32768, 2048, cuda) == (32, 256, 4, 1, False)  # LM head: 1024 programs
+        assert kg.launch_config(4, 2048, 5504, cuda) == (4, 512, 4, 1, False)  # accumulator bounded
+        assert kg.launch_config(1, 37, 100, cuda) == (4, 128, 4, 1, False)  # BLOCK_K no wider than K needs
         assert kg.MAX_ROWS >= 8
-        kg.TUNING[(4, 2048, 5504)] = (16, 256, 8, 2)
-        assert kg.launch_config(3, 2048, 5504, cuda) == (16, 256, 8, 2)  # rows padded to 4
+        kg.TUNING[(4, 2048, 5504)] = (16, 256, 8, 2)  # a 4-tuple: the elementwise form
+        assert kg.launch_config(3, 2048, 5504, cuda) == (16, 256, 8, 2, False)  # rows padded to 4
+        kg.TUNING[(4, 2048, 5504)] = (16, 256, 4, 3, True)
+        assert kg.launch_config(4, 2048, 5504, cuda) == (16, 256, 4, 3, True)
     finally:
         kg._SMS.pop(0)
         kg.TUNING.pop((4, 2048, 5504), None)
@@ -215,7 +217,7 @@ def _check_against_reference(x, w, kw, prologue, with_residual, out_dtype, dtype
 
     m, n = x.shape[0], w.shape[0]
     if with_residual:
-        r0 = torch.randn(m, n).to(dtype)
+        r0 = torch.randn(m, n).to(device=x.device, dtype=dtype)
         r_out, r_ref = r0.clone(), r0.clone()
         if config is None:
             out = kg.gemv(x, w, prologue=prologue, residual=r_out, keep=0.5, scale=-1.25, **kw)
@@ -229,7 +231,7 @@ def _check_against_reference(x, w, kw, prologue, with_residual, out_dtype, dtype
         if config is None:
             out = kg.gemv(x, w, prologue=prologue, out_dtype=out_dtype, **kw)
         else:
-            out = torch.full((m, n), float("nan"), dtype=out_dtype or dtype)
+            out = torch.full((m, n), float("nan"), dtype=out_dtype or dtype, device=x.device)
             kg._launch(x, w, prologue, kw.get("norm_weight"), kw.get("norm_eps", 1e-6),
                        kw.get("norm_zero_centered", False), kw.get("gate"), None, 1.0, 1.0, out, config)
         ref = kg.gemv_reference(x, w, prologue=prologue, out_dtype=out_dtype, **kw)
@@ -301,11 +303,13 @@ def test_interp_gemv_matches_the_modules(dtype):
 
 @interp
 def test_interp_launch_shapes_and_row_counts():
-    """Blocks of 4..64 outputs and 16..128 K (one step wider than K, many narrow ones); M 1, 5
-    (padded to 8) and MAX_ROWS; fp16; more than MAX_ROWS rows is refused."""
+    """Both forms of the kernel: elementwise blocks of 4..64 outputs and 16..128 K (one step wider
+    than K, many narrow ones), tensor-core (DOT) blocks of 16 / 32 outputs; M 1, 5 (padded to 8) and
+    MAX_ROWS; fp16; more than MAX_ROWS rows is refused."""
     from attnlab.kernels.gemv import MAX_ROWS, gemv
 
-    for config in [(4, 16, 1, 1), (16, 128, 2, 1), (64, 64, 4, 2)]:
+    for config in [(4, 16, 1, 1, False), (16, 128, 2, 1, False), (64, 64, 4, 2, False), (16, 32, 4, 2, True),
+                   (32, 128, 4, 3, True)]:
         for m in (1, 5, MAX_ROWS):
             x, w, kw = make(m, 37, 100, "rmsnorm", torch.float32, seed=m)
             _check_against_reference(x, w, kw, "rmsnorm", False, None, torch.float32, config)
@@ -317,6 +321,9 @@ def test_interp_launch_shapes_and_row_counts():
     x, w, _ = make(MAX_ROWS + 1, 8, 16, None)
     with pytest.raises(ValueError, match="x: gemv takes at most MAX_ROWS"):
         gemv(x, w)
+    with pytest.raises(ValueError, match="config: the DOT form needs BLOCK_N"):
+        x, w, kw = make(1, 8, 16, None)
+        _check_against_reference(x, w, kw, None, False, None, torch.float32, (8, 16, 4, 1, True))
 
 
 @interp
@@ -366,16 +373,18 @@ def _sm90_toolchain() -> bool:
 
 
 @pytest.mark.skipif(INTERPRETED or not _sm90_toolchain(), reason="needs triton's nvidia backend (ptxas)")
-@pytest.mark.parametrize("m, prologue, residual, out, k, n", [
-    (1, "rmsnorm", False, "*fp32", 2048, 32768),  # the LM head (zero-centered norm, float32 logits)
-    (1, "silu_mul", True, "*bf16", 5504, 2048),  # down into the residual
-    (1, "sigmoid_gate", True, "*bf16", 2048, 2048),  # gated o_proj
-    (4, "rmsnorm", False, "*bf16", 2048, 3072),  # qkv at M = 4
+@pytest.mark.parametrize("m, prologue, residual, out, k, n, config", [
+    (1, "rmsnorm", False, "*fp32", 2048, 32768, None),  # the LM head (zero-centered norm, float32 logits)
+    (1, "silu_mul", True, "*bf16", 5504, 2048, None),  # down into the residual
+    (1, "sigmoid_gate", True, "*bf16", 2048, 2048, None),  # gated o_proj
+    (4, "rmsnorm", False, "*bf16", 2048, 3072, None),  # qkv at M = 4
+    (4, "silu_mul", True, "*bf16", 5504, 2048, (16, 512, 4, 3, True)),  # the DOT form, 3 stages
 ])
-def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n):
-    """The kernel as an H100 runs it (not the interpreter), at launch_config's default for the shape,
-    with the 16-divisibility triton specialises on: every weight load is a 16-byte evict-first
-    vector load, and nothing spills to local memory."""
+def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config):
+    """The kernel as an H100 runs it (not the interpreter), at launch_config's default for the shape
+    (or the given config), with the 16-divisibility triton specialises on: the elementwise form's
+    weight loads are 16-byte evict-first vector loads; the DOT form's go through cp.async (16 bytes)
+    to shared memory; nothing spills to local memory."""
     import os
     import re
     import subprocess
@@ -390,11 +399,12 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n):
 
     kg._SMS[0] = 132
     try:
-        bn, bk, warps, stages = kg.launch_config(m, n, k, torch.device("cuda", 0))
+        bn, bk, warps, stages, dot = config or kg.launch_config(m, n, k, torch.device("cuda", 0))
     finally:
         kg._SMS.pop(0)
-    const = dict(M=m, M_PAD=kg.rows_padded(m), PROLOGUE=kg._PROLOGUE_ID[prologue],
-                 ZERO_CENTERED=out == "*fp32", HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, INTERP=False)
+    rows = max(16, kg.rows_padded(m)) if dot else kg.rows_padded(m)
+    const = dict(M=m, ROWS=rows, PROLOGUE=kg._PROLOGUE_ID[prologue], ZERO_CENTERED=out == "*fp32",
+                 HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PREC="tf32", INTERP=False)
     ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out)
     sig = {a: "constexpr" if a in const else ptr.get(a, "fp32" if a in ("eps", "keep", "scale") else "i32")
            for a in fn.arg_names}
@@ -402,8 +412,13 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n):
            if a in ptr or a in ("N", "K", "stride_xm", "stride_gm")}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=div), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=stages))
-    weight_loads = re.findall(r"ld\.global\.L1::evict_first[\.\w:]*", kernel.asm["ptx"])
-    assert weight_loads and set(weight_loads) == {"ld.global.L1::evict_first.L2::cache_hint.v4.b32"}
+    ptx = kernel.asm["ptx"]
+    if dot:
+        assert set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^\n]*, 0x10", ptx)), "no 16-byte cp.async"
+        assert "mma" in ptx
+    else:
+        weight_loads = re.findall(r"ld\.global\.L1::evict_first[\.\w:]*", ptx)
+        assert weight_loads and set(weight_loads) == {"ld.global.L1::evict_first.L2::cache_hint.v4.b32"}
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -481,3 +496,20 @@ def test_gpu_gemv_in_cuda_graph_and_compile():
     h, wq, kw = make(1, 3072, 2048, "rmsnorm", torch.bfloat16, device="cuda")
     compiled = torch.compile(step, fullgraph=True)
     assert torch.equal(compiled(h, kw["norm_weight"], wq), step(h, kw["norm_weight"], wq))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
+def test_gpu_dot_form_matches_float32_reference(shape):
+    """The tensor-core form (a TUNING choice the sweep may make) at M = 1 and 4, 3 and 4 stages."""
+    from attnlab.kernels import gemv as kg
+
+    _, k, n, prologue, with_residual, out_dtype = shape
+    for m, config in ((1, (16, 256, 4, 3, True)), (4, (32, 128, 4, 4, True))):
+        x, w, kw = make(m, n, k, prologue, torch.bfloat16, device="cuda", seed=k + n + m)
+        ref = kg.gemv_reference(x, w, prologue=prologue, out_dtype=torch.float32, **kw)
+        _check_against_reference(x, w, kw, prologue, with_residual, out_dtype, torch.bfloat16, config)
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float32)
+        kg._launch(x, w, prologue, kw.get("norm_weight"), kw.get("norm_eps", 1e-6),
+                   kw.get("norm_zero_centered", False), kw.get("gate"), None, 1.0, 1.0, out, config)
+        assert rel_err(out, ref) <= 2e-3, (m, config)

@@ -15,8 +15,11 @@ beside 0.55 ms of GEMVs). :func:`gemv` folds them into the GEMV:
 Kernel: program p owns output columns [p * BLOCK_N, +BLOCK_N) for ALL M rows of x (M <= MAX_ROWS,
 padded to a power of 2), so each weight tile is read from HBM once. The product is accumulated
 elementwise in a float32 [M, BLOCK_N, BLOCK_K] register tile over the K loop and reduced once at
-the end (one cross-thread reduction per program instead of one per K step). The rmsnorm prologue
-takes a first pass over x for the sum of squares; x (a few KB) is re-read by every program from L2.
+the end (one cross-thread reduction per program instead of one per K step). A second form (DOT,
+chosen per shape by TUNING) multiplies on the tensor cores, W_tile @ x̂ᵀ with the rows padded to 16,
+so that the weight tiles are pipelined through shared memory (cp.async) rather than held in
+registers. The rmsnorm prologue takes a first pass over x for the sum of squares; x (a few KB) is
+re-read by every program from L2.
 No split-K: the default launch shape (:func:`launch_config`) picks BLOCK_N small enough for >= 2
 programs per SM at d_model 2048, which the sweep in benchmarks/gemv_gpu.py is to confirm or refute.
 
@@ -44,10 +47,12 @@ _PROLOGUE_ID = {None: 0, "rmsnorm": 1, "silu_mul": 2, "sigmoid_gate": 3}
 _IO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
-# (rows padded to a power of 2, N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages), K the weight's.
-# Empty until the sweep (benchmarks/gemv_gpu.py --sweep prints a snippet for it) has run on an H100;
-# shapes not listed get launch_config's reasoned default.
-TUNING: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+# (rows padded to a power of 2, N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages[, DOT]), K the
+# weight's; DOT (default False) selects the tensor-core form of the kernel (BLOCK_N >= 16). Empty until
+# the sweep (benchmarks/gemv_gpu.py --sweep prints a snippet for it) has run on an H100; shapes not
+# listed get launch_config's reasoned default.
+Config = tuple[int, int, int, int, bool]
+TUNING: dict[tuple[int, int, int], tuple] = {}
 
 
 @triton.jit
@@ -63,60 +68,103 @@ def _round(v, DT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _mm(a, b, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b, float32 accumulation; under the interpreter in float32 (tl.dot on bf16 misbehaves there)."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _x_hat(x_rows, k, x_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.constexpr,
+           ZERO_CENTERED: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    """The prologue at columns k of the rows x_rows (any broadcast shape): float32 x̂, rounded to DT."""
+    xv = tl.load(x_rows + k, mask=x_ok, other=0.0).to(tl.float32)
+    if PROLOGUE == 1:
+        nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
+        h = xv * rstd
+        if ZERO_CENTERED:
+            xv = h + h * nw
+        else:
+            xv = h * nw
+    elif PROLOGUE == 2:
+        up = tl.load(x_rows + K + k, mask=x_ok, other=0.0).to(tl.float32)
+        xv = xv * tl.sigmoid(xv) * up
+    elif PROLOGUE == 3:
+        g = tl.load(gate_rows + k, mask=x_ok, other=0.0).to(tl.float32)
+        xv = xv * tl.sigmoid(g)
+    return _round(xv, DT, INTERP)  # the unfused layer's output rounding
+
+
+@triton.jit
 def _gemv_kernel(
     X, W, NW, GATE, R, O,
     N, K, stride_xm, stride_gm,
     eps, keep, scale,
-    M: tl.constexpr, M_PAD: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr,
+    M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N).
+    """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N); rows padded to ROWS.
     PROLOGUE 0 none, 1 rmsnorm (NW [K]), 2 silu_mul (X [M, 2K]), 3 sigmoid_gate (GATE [M, K]).
-    HAS_RES: R [M, N] <- R * keep + scale * acc; else O [M, N] <- scale * acc."""
+    HAS_RES: R [M, N] <- R * keep + scale * acc; else O [M, N] <- scale * acc.
+    DOT False: elementwise float32 products in a [ROWS, BLOCK_N, BLOCK_K] tile, reduced at the end.
+    DOT True: acc [BLOCK_N, ROWS] += W_tile @ x̂_tileᵀ on the tensor cores (ROWS >= 16, BLOCK_N >= 16),
+    the weight tile a dot operand, so triton's pipeliner can keep num_stages tiles in flight (cp.async)
+    without the register cost of the elementwise accumulator."""
     pid = tl.program_id(0)
-    m = tl.arange(0, M_PAD)[:, None, None]  # (M_PAD, 1, 1)
+    if DOT:
+        m = tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, 1)
+        kk = tl.arange(0, BLOCK_K)[None, :]  # (1, BLOCK_K)
+    else:
+        m = tl.arange(0, ROWS)[:, None, None]  # (ROWS, 1, 1)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]  # (1, BLOCK_N, 1)
+        kk = tl.arange(0, BLOCK_K)[None, None, :]  # (1, 1, BLOCK_K)
     m_ok = m < M
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]  # (1, BLOCK_N, 1)
     n_ok = n < N
-    kk = tl.arange(0, BLOCK_K)[None, None, :]  # (1, 1, BLOCK_K)
     x_rows = X + m.to(tl.int64) * stride_xm
+    gate_rows = GATE + m.to(tl.int64) * stride_gm
     w_rows = W + n.to(tl.int64) * K
 
+    rstd = 0.0
     if PROLOGUE == 1:  # first pass: each row's mean square (float32, as F.rms_norm)
-        ss = tl.zeros([M_PAD, 1, BLOCK_K], dtype=tl.float32)
+        if DOT:
+            ss = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        else:
+            ss = tl.zeros([ROWS, 1, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kk
             xv = tl.load(x_rows + k, mask=m_ok & (k < K), other=0.0).to(tl.float32)
             ss += xv * xv
-        rstd = tl.math.rsqrt(tl.sum(ss, axis=2, keep_dims=True) / K + eps)  # (M_PAD, 1, 1)
+        if DOT:
+            rstd = tl.math.rsqrt(tl.sum(ss, axis=1, keep_dims=True) / K + eps)  # (ROWS, 1)
+        else:
+            rstd = tl.math.rsqrt(tl.sum(ss, axis=2, keep_dims=True) / K + eps)  # (ROWS, 1, 1)
 
-    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if DOT:
+        acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         k_ok = k < K
-        w = tl.load(w_rows + k, mask=n_ok & k_ok, other=0.0, eviction_policy="evict_first")  # (1, BN, BK)
-        x_ok = m_ok & k_ok
-        xv = tl.load(x_rows + k, mask=x_ok, other=0.0).to(tl.float32)  # (M_PAD, 1, BLOCK_K)
-        if PROLOGUE == 1:
-            nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
-            h = xv * rstd
-            if ZERO_CENTERED:
-                xv = h + h * nw
-            else:
-                xv = h * nw
-        elif PROLOGUE == 2:
-            up = tl.load(x_rows + K + k, mask=x_ok, other=0.0).to(tl.float32)
-            xv = xv * tl.sigmoid(xv) * up
-        elif PROLOGUE == 3:
-            g = tl.load(GATE + m.to(tl.int64) * stride_gm + k, mask=x_ok, other=0.0).to(tl.float32)
-            xv = xv * tl.sigmoid(g)
-        xv = _round(xv, X.dtype.element_ty, INTERP)  # the unfused layer's output rounding
-        acc += xv * w.to(tl.float32)  # (M_PAD, BLOCK_N, BLOCK_K)
-    out = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
+        w = tl.load(w_rows + k, mask=n_ok & k_ok, other=0.0, eviction_policy="evict_first")  # weight tile
+        x_hat = _x_hat(x_rows, k, m_ok & k_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+                       X.dtype.element_ty, INTERP)  # float32, (ROWS, BLOCK_K) or (ROWS, 1, BLOCK_K)
+        if DOT:
+            acc += _mm(w, tl.trans(x_hat.to(W.dtype.element_ty)), PREC, INTERP)  # (BLOCK_N, ROWS)
+        else:
+            acc += x_hat * w.to(tl.float32)  # (ROWS, BLOCK_N, BLOCK_K)
+    if DOT:
+        out = tl.trans(acc)  # (ROWS, BLOCK_N)
+    else:
+        out = tl.sum(acc, axis=2)  # (ROWS, BLOCK_N)
 
-    m2 = tl.arange(0, M_PAD)[:, None]
+    m2 = tl.arange(0, ROWS)[:, None]
     n2 = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    offs = m2.to(tl.int64) * N + n2  # (M_PAD, BLOCK_N)
+    offs = m2.to(tl.int64) * N + n2  # (ROWS, BLOCK_N)
     ok = (m2 < M) & (n2 < N)
     if HAS_RES:
         r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
@@ -146,9 +194,9 @@ def rows_padded(m: int) -> int:
     return triton.next_power_of_2(max(1, m))
 
 
-def launch_config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for x [m, .] times weight [n, k]: TUNING's entry,
-    else a default by reasoning (not yet measured on a GPU):
+def launch_config(m: int, n: int, k: int, device: torch.device) -> Config:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT) for x [m, .] times weight [n, k]: TUNING's
+    entry, else a default by reasoning (not yet measured on a GPU), the elementwise form (DOT False):
     - BLOCK_N the largest of 32..4 giving >= 2 programs per SM (d_model 2048 on 132 SMs: o_proj
       BLOCK_N 4 = 512 programs, the LM head 32): every SM gets weight rows, without a split-K;
     - BLOCK_K so that a K step loads 8192 / M_PAD weights (16 KB in bf16 at M = 1): the loads
@@ -158,19 +206,21 @@ def launch_config(m: int, n: int, k: int, device: torch.device) -> tuple[int, in
       step. The float32 accumulator is M_PAD * BLOCK_N * BLOCK_K: bounded as M grows;
     - 4 warps: 64 accumulator floats per thread (sm_90 compile: 110-140 registers, no spills);
     - num_stages 1: nothing for the pipeliner to do (kept in the tuple for the sweep).
+    The register file bounds that form's bytes in flight by M_PAD (four float32 accumulators per
+    weight element at M = 4); the DOT form (swept, not a default) has no such bound.
     On the interpreter: small blocks, so the tests run several K steps and ragged N blocks."""
     m_pad = rows_padded(m)
     hit = TUNING.get((m_pad, n, k))
     if hit is not None:
-        return hit
+        return (*hit[:4], bool(hit[4]) if len(hit) > 4 else False)
     if device.type != "cuda":
-        return (8, 32, 4, 1)
+        return (8, 32, 4, 1, False)
     block_n = 32
     while block_n > 4 and triton.cdiv(n, block_n) < 2 * _num_sms(device):
         block_n //= 2
     block_k = max(64, 8192 // (m_pad * block_n))
     block_k = min(block_k, max(64, triton.next_power_of_2(k)))
-    return (block_n, block_k, 4, 1)
+    return (block_n, block_k, 4, 1, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,13 +230,16 @@ def launch_config(m: int, n: int, k: int, device: torch.device) -> tuple[int, in
 def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_weight: torch.Tensor | None,
             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
             residual: torch.Tensor | None, keep: float, scale: float, out: torch.Tensor | None,
-            config: tuple[int, int, int, int]) -> None:
+            config: Config) -> None:
     """Run the kernel: into ``residual`` in place if given, else into ``out`` [M, N]."""
     M = x.shape[0]
     N, K = weight.shape
     if M == 0 or N == 0:
         return
-    block_n, block_k, num_warps, num_stages = config
+    block_n, block_k, num_warps, num_stages, dot = config
+    if dot and (block_n < 16 or block_k < 16):
+        raise ValueError(f"config: the DOT form needs BLOCK_N and BLOCK_K >= 16, got {config}")
+    rows = max(16, rows_padded(M)) if dot else rows_padded(M)
     dummy = weight  # a pointer for the unused arguments (never read: their branch is compiled out)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight,
@@ -196,8 +249,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         dummy if out is None else out,
         N, K, x.stride(0), 0 if gate is None else gate.stride(0),
         float(norm_eps), float(keep), float(scale),
-        M=M, M_PAD=rows_padded(M), PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
-        HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, INTERP=_INTERPRET,
+        M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
+        HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -209,7 +263,8 @@ def _dtype_of(name: str) -> torch.dtype:
 @torch.library.custom_op("attnlab::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
              norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
-             out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
+             out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int,
+             dot: bool) -> torch.Tensor:
     dt = _dtype_of(out_dtype)
     shape = (x.shape[0], weight.shape[0])
     if POISON_OUTPUTS:
@@ -217,13 +272,13 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: 
     else:
         out = torch.empty(shape, dtype=dt, device=x.device)
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, None, 1.0, scale,
-            out, (block_n, block_k, num_warps, num_stages))
+            out, (block_n, block_k, num_warps, num_stages, dot))
     return out
 
 
 @_gemv_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
-      block_n, block_k, num_warps, num_stages):
+      block_n, block_k, num_warps, num_stages, dot):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=_dtype_of(out_dtype))
 
 
@@ -231,14 +286,14 @@ def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scal
 def _gemv_residual_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
                       norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
                       residual: torch.Tensor, keep: float, scale: float, block_n: int, block_k: int,
-                      num_warps: int, num_stages: int) -> None:
+                      num_warps: int, num_stages: int, dot: bool) -> None:
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep,
-            scale, None, (block_n, block_k, num_warps, num_stages))
+            scale, None, (block_n, block_k, num_warps, num_stages, dot))
 
 
 @_gemv_residual_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep, scale,
-      block_n, block_k, num_warps, num_stages):
+      block_n, block_k, num_warps, num_stages, dot):
     return None
 
 
