@@ -249,6 +249,26 @@ def test_interp_matches_reference_over_steps(kind, h, hk, dk, dv, dtype, conv_dt
 
 
 @interp
+@pytest.mark.parametrize("kind, hk", [("G", 1), ("K", 2)])
+@torch.no_grad()
+def test_interp_count_token_adds_one_per_row(kind, hk):
+    """count_token=True: lengths += 1 once per row (one key head's program counts it), kernel and
+    reference alike; o and the states as without it."""
+    from attnlab.kernels.delta_decode import delta_decode, delta_decode_reference
+
+    mixer = build(kind, 4, hk, 16, 16, seed=3)
+    cache = prefilled(mixer, 3, 4)
+    ref_cache = copy.deepcopy(cache)
+    x = torch.randn(3, 1, mixer.d_model, generator=torch.Generator().manual_seed(5))
+    proj, f_up, g_up = step_inputs(mixer, x)
+    o = delta_decode(mixer, proj, cache, f_up, g_up, count_token=True)
+    want = delta_decode_reference(mixer, proj, ref_cache, f_up, g_up, count_token=True)
+    assert cache.lengths.tolist() == ref_cache.lengths.tolist() == [5, 5, 5]
+    tol = TOL[torch.float32]
+    assert rel_err(o, want) <= tol and rel_err(cache.state, ref_cache.state) <= tol
+
+
+@interp
 @pytest.mark.parametrize("kind", ["G", "K"])
 @pytest.mark.parametrize("a_log, dt_bias", [
     (8.0, 25.0),  # A ≈ 3000, softplus past its threshold: decay e^-75000, the state is wiped each step

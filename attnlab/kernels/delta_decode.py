@@ -89,15 +89,19 @@ def _conv_step(x_row, cs_row, w, bias, c, mc, rj, s_cc, s_ck, KC: tl.constexpr, 
 @triton.jit
 def _delta_decode_kernel(
     proj, s_proj, dec, s_dec, gate, s_gate, conv_w, conv_b, conv_state, s_cb, s_cc, s_ck,
-    a_log, dt_bias, norm_w, state, o, scale, eps,
+    a_log, dt_bias, norm_w, state, o, scale, eps, lengths,
     H: tl.constexpr, HK: tl.constexpr, REP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     KC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BJ: tl.constexpr,
     OFF_K: tl.constexpr, OFF_V: tl.constexpr, OFF_BETA: tl.constexpr, OFF_DEC: tl.constexpr,
     OFF_GATE: tl.constexpr, PER_CHANNEL: tl.constexpr, SIGMOID_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
     i_bk = tl.program_id(0)
     i_b = (i_bk // HK).to(tl.int64)
     i_hk = i_bk % HK
+    if COUNT:  # the row's token counted here (no other program of the launch reads lengths)
+        if i_hk == 0:
+            tl.store(lengths + i_b, tl.load(lengths + i_b) + 1)
     io_ty = proj.dtype.element_ty
     p_row = proj + i_b * s_proj
     cs_row = conv_state + i_b * s_cb
@@ -236,7 +240,7 @@ def _check(mixer, proj, cache, f_up, g_up) -> bool:
 
 @torch.no_grad()
 def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = None,
-                 g_up: torch.Tensor | None = None) -> torch.Tensor:
+                 g_up: torch.Tensor | None = None, count_token: bool = False) -> torch.Tensor:
     """A ``G`` / ``K`` layer's decode step between ``in_proj`` and ``o_proj``, in one Triton launch.
 
     mixer: the :class:`GatedDeltaNet` or :class:`KimiDeltaAttention` (its conv weight, A_log,
@@ -246,7 +250,8 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
         the last dim contiguous (rows may be strided).
     cache: the layer's ``DeltaRuleCache``: state float32 [B, H, D_k, D_v] (contiguous) and
         conv_state [B, C, K_conv - 1] (fp16 / bf16 / fp32) are updated IN PLACE; ``cache.lengths``
-        is NOT changed (the layer increments it).
+        is NOT changed (the layer increments it) unless ``count_token``: then ``lengths += 1`` in
+        the same launch (the fused decode step, attnlab.layers.fused).
     f_up, g_up: K only (required), [B, H·D_k] and [B, H·D_v], the gates' up-projections
         (``KimiDeltaAttention.project``'s parts["f_up"], parts["g_up"] at the token); None for G.
 
@@ -279,14 +284,14 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
         proj, proj.stride(0), dec, s_dec, gate, s_gate, w, w if conv.bias is None else conv.bias,
         cs, cs.stride(0), cs.stride(1), cs.stride(2),
         mixer.A_log, mixer.dt_bias, mixer.o_norm.weight, cache.state, o, Dk ** -0.5, float(mixer.o_norm.eps),
-        **const, num_warps=num_warps(const["BK"], const["BV"]),
+        cache.lengths, **const, COUNT=bool(count_token), num_warps=num_warps(const["BK"], const["BV"]),
     )
     return o
 
 
 @torch.no_grad()
 def delta_decode_reference(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = None,
-                           g_up: torch.Tensor | None = None) -> torch.Tensor:
+                           g_up: torch.Tensor | None = None, count_token: bool = False) -> torch.Tensor:
     """:func:`delta_decode` from the mixer's own torch pieces (conv, log_decay, recurrence_step,
     output_gate, o_norm) in the order of ``DeltaRuleMixer.forward``'s T == 1 branch: the oracle and
     the fallback off CUDA. Same arguments, same in-place cache update (lengths untouched), same
@@ -306,6 +311,8 @@ def delta_decode_reference(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor 
     beta = torch.sigmoid(parts["beta"].float())[:, 0]  # (B, H)
     o = mixer.recurrence_step(q, k, v, g, beta, cache.state)  # (B, H, D_v)
     gate = mixer.output_gate(parts).reshape(B, mixer.n_heads, mixer.value_head_dim)  # (B, H, D_v)
+    if count_token:
+        cache.lengths += 1
     return mixer.o_norm(o, gate).reshape(B, mixer.value_dim)  # (B, H*D_v)
 
 

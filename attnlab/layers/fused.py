@@ -18,7 +18,7 @@ the kernels around it:
 
 Llama-style block: norm+qkv GEMV, RoPE+cache write, attention (split + combine, which also counts
 the token), o-proj GEMV+residual, norm+gate/up GEMV, SiLU·mul+down GEMV+residual. GDN block: norm+in_proj
-GEMV, the fused step, length count, out GEMV+residual, the two MLP GEMVs. Other mixers (L, D)
+GEMV, the fused step (which also counts the token), out GEMV+residual, the two MLP GEMVs. Other mixers (L, D)
 keep their own decode step behind a plain norm; their MLPs and the LM head still fuse.
 
 Taken only for inference (no gradient, not while torch.compile traces: inductor fuses the plain
@@ -108,7 +108,7 @@ def _softmax(attn: SoftmaxAttention, h2: torch.Tensor, norm, cache, rotation, ke
     if gate is None:
         gemv(o, attn.o_proj.weight, residual=h2, keep=keep, scale=scale)
     else:
-        gate = gate.reshape(B, H * D)  # (B, H*D): a copy only if the gate is a strided view
+        gate = gate.reshape(B, H * D)  # (B, H*D): rope_write stores the gate contiguous
         gemv(o, attn.o_proj.weight, prologue="sigmoid_gate", gate=gate, residual=h2, keep=keep, scale=scale)
 
 
@@ -129,8 +129,7 @@ def _delta(mixer: DeltaRuleMixer, h2: torch.Tensor, norm, cache, keep: float, sc
         else:
             f_up = mixer.f_b_proj(proj[:, -2 * rank : -rank])  # (B, H*D_k)
             g_up = mixer.g_b_proj(proj[:, -rank:])  # (B, H*D_v)
-    o = delta_decode(mixer, proj, cache, f_up, g_up)  # (B, H*D_v), state and conv state stepped
-    cache.lengths += 1
+    o = delta_decode(mixer, proj, cache, f_up, g_up, count_token=True)  # (B, H*D_v); caches stepped
     gemv(o, mixer.o_proj.weight, residual=h2, keep=keep, scale=scale)
 
 
