@@ -169,8 +169,8 @@ def test_gpu_fused_step_equals_plain_step_in_a_cuda_graph(preset):
         ours, _ = _decode(model, x, T, n, torch.bfloat16, on=True)
         assert rms_rel(plain.float(), ours.float()) <= 3e-2
         caches = model.new_caches(1, T + n, dtype=torch.bfloat16)
+        step = DecodeStep(model, caches, mode="cuda_graph")  # captured on fresh caches
         prefill(model, x[:, :T], caches)
-        step = DecodeStep(model, caches, mode="cuda_graph")
         graphed = []
         for i in range(n):
             _, logits = decode_one_token(model, x[:, T + i], caches, step=step)

@@ -193,9 +193,11 @@ def test_launch_config_from_shapes():
     cuda = torch.device("cuda", 0)
     kg._SMS[0] = 132
     try:
-        assert kg.launch_config(1, 2048, 2048, cuda) == (4, 2048, 4, 1, False)  # o_proj: 512 programs
-        assert kg.launch_config(1, 3072, 2048, cuda) == (8, 1024, 4, 1, False)  # qkv: 384 programs
-        assert kg.launch_config(1, 32768, 2048, cuda) == (32, 256, 4, 1, False)  # LM head: 1024 programs
+        # shapes TUNING does not list (those it lists come from it: the H100 sweep's winners)
+        assert kg.launch_config(1, 2000, 2048, cuda) == (4, 2048, 4, 1, False)  # 500 programs
+        assert kg.launch_config(1, 3000, 2048, cuda) == (8, 1024, 4, 1, False)  # 375 programs
+        assert kg.launch_config(1, 32000, 2048, cuda) == (32, 256, 4, 1, False)  # 1000 programs
+        assert kg.launch_config(1, 32768, 2048, cuda) == (*kg.TUNING[(1, 32768, 2048)][:4], False)
         assert kg.launch_config(4, 2048, 5504, cuda) == (4, 512, 4, 1, False)  # accumulator bounded
         assert kg.launch_config(1, 37, 100, cuda) == (4, 128, 4, 1, False)  # BLOCK_K no wider than K needs
         assert kg.MAX_ROWS >= 8
@@ -373,6 +375,7 @@ def _sm90_toolchain() -> bool:
 
 
 @pytest.mark.skipif(INTERPRETED or not _sm90_toolchain(), reason="needs triton's nvidia backend (ptxas)")
+@pytest.mark.parametrize("pdl", [False, True])  # attnlab.kernels._pdl: on the H100 it is True
 @pytest.mark.parametrize("m, prologue, residual, out, k, n, config", [
     (1, "rmsnorm", False, "*fp32", 2048, 32768, None),  # the LM head (zero-centered norm, float32 logits)
     (1, "silu_mul", True, "*bf16", 5504, 2048, None),  # down into the residual
@@ -380,7 +383,7 @@ def _sm90_toolchain() -> bool:
     (4, "rmsnorm", False, "*bf16", 2048, 3072, None),  # qkv at M = 4
     (4, "silu_mul", True, "*bf16", 5504, 2048, (16, 512, 4, 3, True)),  # the DOT form, 3 stages
 ])
-def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config):
+def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl):
     """The kernel as an H100 runs it (not the interpreter), at launch_config's default for the shape
     (or the given config), with the 16-divisibility triton specialises on: the elementwise form's
     weight loads are 16-byte evict-first vector loads; the DOT form's go through cp.async (16 bytes)
@@ -404,7 +407,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config):
         kg._SMS.pop(0)
     rows = max(16, kg.rows_padded(m)) if dot else kg.rows_padded(m)
     const = dict(M=m, ROWS=rows, PROLOGUE=kg._PROLOGUE_ID[prologue], ZERO_CENTERED=out == "*fp32",
-                 HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PREC="tf32", INTERP=False)
+                 HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PREC="tf32", INTERP=False, PDL=pdl)
     ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out)
     sig = {a: "constexpr" if a in const else ptr.get(a, "fp32" if a in ("eps", "keep", "scale") else "i32")
            for a in fn.arg_names}

@@ -25,8 +25,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_heads_divide, check_same_device, check_tensor
+from ._pdl import use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
@@ -61,11 +63,14 @@ def _split_kernel(
     stride_vb, stride_vs, stride_vh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     D_V: tl.constexpr, BDV: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr,
-    PREC: tl.constexpr, INTERP: tl.constexpr, NV_ADD: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr, NV_ADD: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (split, kv head hk, row b): query heads hk*G .. hk*G+G-1 over slots
     [split*per_split, +per_split) ∩ [0, n_valid[b] + NV_ADD). Writes OP [B, H_q, N_SPLIT, D_V] float32
     (normalised within the split, 0 if empty) and LP [B, H_q, N_SPLIT] (base-2 lse, -inf if empty)."""
+    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     split = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -117,10 +122,13 @@ def _split_kernel(
 @triton.jit
 def _combine(OP, LP, O, LENGTHS, stride_ob, stride_oh, H,
              N_SPLIT: tl.constexpr, CHUNK: tl.constexpr, D_V: tl.constexpr, BDV: tl.constexpr,
-             ADVANCE: tl.constexpr):
+             ADVANCE: tl.constexpr, PDL: tl.constexpr):
     """Program (row b, head h): o = Σ_i 2^(lse_i - lse) o_i over the splits; 0 if every split is empty.
     ADVANCE: head 0's program also counts the row's new token, LENGTHS[b] += 1 (the split kernel,
     which read it, has finished: same stream)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0).to(tl.int64)  # b * H + h
     b = pid // H
     h = pid % H
@@ -199,6 +207,9 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Te
     op = _empty(B, H, n_splits, D_v, dtype=torch.float32, device=q.device)
     lp = _empty(B, H, n_splits, dtype=torch.float32, device=q.device)
     o = _empty(B, H, D_v, dtype=q.dtype, device=q.device)
+    # PDL only for the fused decode step's launch (advance): the other callers run beside torch ops
+    pdl = advance and use_pdl(q.device)
+    launch = {"launch_pdl": True} if pdl else {}
     _split_kernel[(n_splits, H_kv, B)](
         q, k, v, n_valid, op, lp,
         scale * LOG2E, S_max, per_split,
@@ -206,12 +217,13 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Te
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         G=G, BLOCK_G=_pow2(G), D=D, BD=_pow2(D), D_V=D_v, BDV=_pow2(D_v), BLOCK_N=BLOCK_N,
-        N_SPLIT=n_splits, PREC=prec, INTERP=_INTERPRET, NV_ADD=int(advance), num_warps=NUM_WARPS,
+        N_SPLIT=n_splits, PREC=prec, INTERP=_INTERPRET, NV_ADD=int(advance), PDL=pdl, num_warps=NUM_WARPS,
+        **launch,
     )
     _combine[(B * H,)](
         op, lp, o, n_valid, o.stride(0), o.stride(1), H,
         N_SPLIT=n_splits, CHUNK=min(16, _pow2(n_splits, 2)), D_V=D_v, BDV=_pow2(D_v), ADVANCE=advance,
-        num_warps=4,
+        PDL=pdl, num_warps=4, **launch,
     )
     return o
 

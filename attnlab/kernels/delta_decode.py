@@ -37,9 +37,11 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.deltanet import DeltaRuleCache, GatedDeltaNet, KimiDeltaAttention
+from ._pdl import use_pdl
 
 POISON_OUTPUTS = False  # tests set this: the output buffer starts as NaN, so an unwritten element fails
 NUM_WARPS: int | None = None  # None: chosen from the state tile (num_warps); a benchmark may set it
@@ -94,8 +96,11 @@ def _delta_decode_kernel(
     KC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BJ: tl.constexpr,
     OFF_K: tl.constexpr, OFF_V: tl.constexpr, OFF_BETA: tl.constexpr, OFF_DEC: tl.constexpr,
     OFF_GATE: tl.constexpr, PER_CHANNEL: tl.constexpr, SIGMOID_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COUNT: tl.constexpr,
+    COUNT: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     i_bk = tl.program_id(0)
     i_b = (i_bk // HK).to(tl.int64)
     i_hk = i_bk % HK
@@ -280,11 +285,13 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
     dec, s_dec = (f_up, f_up.stride(0)) if per_channel else (proj, proj.stride(0))
     gate, s_gate = (g_up, g_up.stride(0)) if per_channel else (proj, proj.stride(0))
     const = kernel_constants(mixer)
+    pdl = use_pdl(proj.device)
     _delta_decode_kernel[(B * Hk,)](
         proj, proj.stride(0), dec, s_dec, gate, s_gate, w, w if conv.bias is None else conv.bias,
         cs, cs.stride(0), cs.stride(1), cs.stride(2),
         mixer.A_log, mixer.dt_bias, mixer.o_norm.weight, cache.state, o, Dk ** -0.5, float(mixer.o_norm.eps),
-        cache.lengths, **const, COUNT=bool(count_token), num_warps=num_warps(const["BK"], const["BV"]),
+        cache.lengths, **const, COUNT=bool(count_token), PDL=pdl,
+        num_warps=num_warps(const["BK"], const["BV"]), **({"launch_pdl": True} if pdl else {}),
     )
     return o
 

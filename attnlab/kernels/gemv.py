@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
+from ._pdl import use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 8
@@ -52,7 +54,19 @@ _DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 # the sweep (benchmarks/gemv_gpu.py --sweep prints a snippet for it) has run on an H100; shapes not
 # listed get launch_config's reasoned default.
 Config = tuple[int, int, int, int, bool]
-TUNING: dict[tuple[int, int, int], tuple] = {}
+TUNING: dict[tuple[int, int, int], tuple] = {
+    # H100 80GB HBM3, 2026-11-26 (benchmarks/gemv_gpu.py --sweep, M = 1, d_model 2048 shapes): 4 rows
+    # of the whole K = 2048 per program beat every other candidate at every shape (by 3-15%, do_bench
+    # medians 9.2-50.6 us); the K = 5504 down projection was only timed at this shape (the sweep's
+    # other candidates there were mis-scored by a benchmark bug, since fixed)
+    (1, 3072, 2048): (4, 2048, 4, 1, False),
+    (1, 2048, 2048): (4, 2048, 4, 1, False),
+    (1, 11008, 2048): (4, 2048, 4, 1, False),
+    (1, 2048, 5504): (4, 2048, 4, 1, False),
+    (1, 32768, 2048): (4, 2048, 4, 1, False),
+    (1, 8256, 2048): (4, 2048, 4, 1, False),
+    (1, 6400, 2048): (4, 2048, 4, 1, False),
+}
 
 
 @triton.jit
@@ -98,13 +112,28 @@ def _x_hat(x_rows, k, x_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.constexpr
 
 
 @triton.jit
+def _k_step(acc, w, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.constexpr,
+            ZERO_CENTERED: tl.constexpr, XDT: tl.constexpr, WDT: tl.constexpr, DOT: tl.constexpr,
+            PREC: tl.constexpr, INTERP: tl.constexpr):
+    """acc + the weight tile w (at columns k) times x̂ there."""
+    k_ok = k < K
+    x_hat = _x_hat(x_rows, k, m_ok & k_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+                   XDT, INTERP)  # float32, (ROWS, BLOCK_K) or (ROWS, 1, BLOCK_K)
+    if DOT:
+        acc += _mm(w, tl.trans(x_hat.to(WDT)), PREC, INTERP)  # (BLOCK_N, ROWS)
+    else:
+        acc += x_hat * w.to(tl.float32)  # (ROWS, BLOCK_N, BLOCK_K)
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     X, W, NW, GATE, R, O,
     N, K, stride_xm, stride_gm,
     eps, keep, scale,
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, INTERP: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N); rows padded to ROWS.
     PROLOGUE 0 none, 1 rmsnorm (NW [K]), 2 silu_mul (X [M, 2K]), 3 sigmoid_gate (GATE [M, K]).
@@ -112,8 +141,12 @@ def _gemv_kernel(
     DOT False: elementwise float32 products in a [ROWS, BLOCK_N, BLOCK_K] tile, reduced at the end.
     DOT True: acc [BLOCK_N, ROWS] += W_tile @ x̂_tileᵀ on the tensor cores (ROWS >= 16, BLOCK_N >= 16),
     the weight tile a dot operand, so triton's pipeliner can keep num_stages tiles in flight (cp.async)
-    without the register cost of the elementwise accumulator."""
+    without the register cost of the elementwise accumulator.
+    PDL (attnlab.kernels._pdl): the elementwise form loads its first weight tile before waiting for
+    the previous kernel (weights are never written by the step), everything else after."""
     pid = tl.program_id(0)
+    if PDL:
+        gdc_launch_dependents()
     if DOT:
         m = tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]  # (BLOCK_N, 1)
@@ -127,6 +160,10 @@ def _gemv_kernel(
     x_rows = X + m.to(tl.int64) * stride_xm
     gate_rows = GATE + m.to(tl.int64) * stride_gm
     w_rows = W + n.to(tl.int64) * K
+    if PDL:
+        if not DOT:  # (the DOT form's pipelined loads would spill with a tile held across the wait)
+            w_first = tl.load(w_rows + kk, mask=n_ok & (kk < K), other=0.0, eviction_policy="evict_first")
+        gdc_wait()  # x, the gate and the residual come from earlier kernels
 
     rstd = 0.0
     if PROLOGUE == 1:  # first pass: each row's mean square (float32, as F.rms_norm)
@@ -147,16 +184,17 @@ def _gemv_kernel(
         acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
     else:
         acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = 0
+    if PDL:
+        if not DOT:  # the first K step with the tile loaded before the wait
+            acc = _k_step(acc, w_first, x_rows, kk, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+                          X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
+            k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         k = k0 + kk
-        k_ok = k < K
-        w = tl.load(w_rows + k, mask=n_ok & k_ok, other=0.0, eviction_policy="evict_first")  # weight tile
-        x_hat = _x_hat(x_rows, k, m_ok & k_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
-                       X.dtype.element_ty, INTERP)  # float32, (ROWS, BLOCK_K) or (ROWS, 1, BLOCK_K)
-        if DOT:
-            acc += _mm(w, tl.trans(x_hat.to(W.dtype.element_ty)), PREC, INTERP)  # (BLOCK_N, ROWS)
-        else:
-            acc += x_hat * w.to(tl.float32)  # (ROWS, BLOCK_N, BLOCK_K)
+        w = tl.load(w_rows + k, mask=n_ok & (k < K), other=0.0, eviction_policy="evict_first")  # weight tile
+        acc = _k_step(acc, w, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+                      X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
     if DOT:
         out = tl.trans(acc)  # (ROWS, BLOCK_N)
     else:
@@ -241,6 +279,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         raise ValueError(f"config: the DOT form needs BLOCK_N and BLOCK_K >= 16, got {config}")
     rows = max(16, rows_padded(M)) if dot else rows_padded(M)
     dummy = weight  # a pointer for the unused arguments (never read: their branch is compiled out)
+    pdl = use_pdl(x.device)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight,
         dummy if norm_weight is None else norm_weight,
@@ -251,8 +290,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         float(norm_eps), float(keep), float(scale),
         M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
         HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET,
-        num_warps=num_warps, num_stages=num_stages,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
     )
 
 

@@ -29,9 +29,11 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.mla import DeepSeekSparseAttention, MLACache, MultiHeadLatentAttention, _rotate
+from ._pdl import use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an unwritten element fails
@@ -66,11 +68,14 @@ def _latent_write_kernel(
     stride_cache_b, stride_cache_s, S, eps, factor,
     H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr,
     BR: tl.constexpr, BDR: tl.constexpr, NQ: tl.constexpr,
-    ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr,
+    ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
     outside [0, S)."""
+    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     r = tl.arange(0, BR)
@@ -139,6 +144,7 @@ def _launch(
     stride_cb = cos.stride(0) if tables and cos.shape[0] > 1 else 0  # one row of tables: broadcast
     BR = triton.next_power_of_2(R)
     dummy = q  # never read: an argument its constexpr switch leaves unused
+    pdl = use_pdl(q.device)
     _latent_write_kernel[(B, H + 1)](
         q, kv, q_lat, lengths, cos if tables else dummy, sin if tables else dummy,
         freq if freq is not None else dummy, partner_q if rope else dummy, partner_k if rope else dummy,
@@ -147,7 +153,7 @@ def _launch(
         latent.stride(0), latent.stride(1), latent.shape[1], eps, factor,
         H=H, DN=nope_dim, DR=dr, R=R, BR=BR, BDR=triton.next_power_of_2(max(dr, 1)),
         NQ=H * (nope_dim + dr), ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
-        num_warps=num_warps(BR),
+        PDL=pdl, num_warps=num_warps(BR), **({"launch_pdl": True} if pdl else {}),
     )
     return out
 

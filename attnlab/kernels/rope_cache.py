@@ -30,9 +30,11 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.attention import KVCache, SlidingKVCache, SoftmaxAttention, _ring_slot, _write_slot
+from ._pdl import use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an unwritten element fails
@@ -47,11 +49,14 @@ def _rope_write_kernel(
     S, WINDOW, SINKS, eps,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, QHEAD: tl.constexpr,
     HALF: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-    ROPE: tl.constexpr, TABLES: tl.constexpr, RING: tl.constexpr,
+    ROPE: tl.constexpr, TABLES: tl.constexpr, RING: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row b, head h) of the H q heads, then H_kv k heads, then H_kv v heads of qkv row b:
     q head -> Q_OUT[b, h] (and its gate half -> G_OUT[b, h]); k / v head j -> cache[b, slot, j],
     slot = lengths[b] (ring slot with RING), skipped if outside [0, S)."""
+    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, BD)
@@ -147,6 +152,7 @@ def _launch(
     g = _empty(B, H, D, dtype=qkv.dtype, device=qkv.device) if gate else q
     tables = cos is not None
     BD = triton.next_power_of_2(D)
+    pdl = use_pdl(qkv.device)
     _rope_write_kernel[(B, H + 2 * Hkv)](
         qkv, lengths, cos if tables else qkv, sin if tables else qkv,
         rot_freq if rot_freq is not None else qkv,
@@ -158,7 +164,7 @@ def _launch(
         k_cache.shape[1], max(window, 1), sinks, eps,
         H=H, HKV=Hkv, D=D, BD=BD, QHEAD=D * (2 if gate else 1), HALF=rope_dim // 2, GATE=gate,
         NORM=q_weight is not None, ZERO_CENTERED=zero_centered, ROPE=rope_dim > 0, TABLES=tables,
-        RING=ring, num_warps=1 if BD <= 128 else 2,
+        RING=ring, PDL=pdl, num_warps=1 if BD <= 128 else 2, **({"launch_pdl": True} if pdl else {}),
     )
     return q, g
 
