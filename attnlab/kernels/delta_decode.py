@@ -96,7 +96,7 @@ def _delta_decode_kernel(
     KC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BJ: tl.constexpr,
     OFF_K: tl.constexpr, OFF_V: tl.constexpr, OFF_BETA: tl.constexpr, OFF_DEC: tl.constexpr,
     OFF_GATE: tl.constexpr, PER_CHANNEL: tl.constexpr, SIGMOID_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COUNT: tl.constexpr, PDL: tl.constexpr,
+    COUNT: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr,
 ):
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
         gdc_launch_dependents()
@@ -112,6 +112,13 @@ def _delta_decode_kernel(
     cs_row = conv_state + i_b * s_cb
     rk, rv, rj = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BJ)
     mk, mv = rk < K, rv < V
+    # PRELOAD (tiles up to 64 x 64, as at the ~1B presets' sizes): the first value head's state tile
+    # is loaded first, so its latency overlaps the convolutions instead of following them (a launch
+    # of B·H_k programs is a chain of dependent loads); a 128 x 128 tile held that long would spill
+    m_s = mk[:, None] & mv[None, :]
+    if PRELOAD:
+        s_first = (i_b * H + i_hk * REP) * (K * V) + rk[:, None] * V + rv[None, :]
+        S_first = tl.load(state + s_first, mask=m_s, other=0.0)
 
     # q, k of this key head: conv + SiLU, rounded to proj's dtype (as the layer), L2 norm in float32
     b_q = _conv_step(p_row, cs_row, conv_w, conv_b, i_hk * K + rk, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
@@ -122,7 +129,7 @@ def _delta_decode_kernel(
     b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
     w_norm = tl.load(norm_w + rv, mask=mv, other=0.0).to(tl.float32)
 
-    for r in range(REP):  # the value heads this key head serves: i_hk·REP .. i_hk·REP + REP - 1
+    for r in tl.static_range(REP):  # the value heads this key head serves: i_hk·REP .. i_hk·REP + REP - 1
         i_h = i_hk * REP + r
         i_bh = i_b * H + i_h
         c_v = OFF_V + i_h * V + rv
@@ -141,8 +148,10 @@ def _delta_decode_kernel(
 
         # the delta rule on the float32 state tile (as attnlab.kernels.linear._step_kernel)
         s_off = i_bh * (K * V) + rk[:, None] * V + rv[None, :]
-        m_s = mk[:, None] & mv[None, :]
-        S = tl.load(state + s_off, mask=m_s, other=0.0)
+        if PRELOAD and r == 0:
+            S = S_first
+        else:
+            S = tl.load(state + s_off, mask=m_s, other=0.0)
         if PER_CHANNEL:
             S = S * decay[:, None]
         else:
@@ -188,6 +197,7 @@ def kernel_constants(mixer) -> dict:
         OFF_GATE=0 if per_channel else off["z"],  # K reads g_up, G proj's `z` columns
         PER_CHANNEL=per_channel, SIGMOID_GATE=mixer.o_norm.activation == "sigmoid",
         HAS_BIAS=mixer.conv.bias is not None,
+        PRELOAD=max(16, triton.next_power_of_2(Dk)) * max(16, triton.next_power_of_2(Dv)) <= 64 * 64,
     )
     _CONSTANTS[mixer] = (mixer.conv, const["HAS_BIAS"], const)
     return const
