@@ -280,6 +280,47 @@ def measure(shapes, rows, env: dict, results: list, out_path: str) -> None:
             atomic_write_json(out_path, {"env": env, "tuning": tuning_json(), "results": results})
 
 
+def chain(n_calls: int, k: int, env: dict, results: list) -> None:
+    """Back-to-back dependent GEMVs (each one's x is the previous one's output, [1, k] x [k, k]) captured
+    in ONE CUDA graph, with and without programmatic dependent launch (attnlab.kernels._pdl) and
+    against cuBLAS ``F.linear``: the per-call cost where a decode step's ~100 launches sit back to back,
+    which single-launch timings (do_bench) cannot show."""
+    from attnlab.kernels import _pdl
+
+    n_w = max(4, -(-(128 << 20) // (k * k * 2)))  # distinct weights, 128 MB together: not L2-resident
+    w = [torch.randn(k, k, device=DEVICE, dtype=DT) * k**-0.5 for _ in range(n_w)]
+    floor_us = k * k * 2 / env["copy_Bps"] * 1e6
+    print(f"chain of {n_calls} dependent GEMVs [1, {k}] x [{k}, {k}] in one CUDA graph "
+          f"(floor {floor_us:.2f} us)")
+    for label in ("pdl", "no_pdl", "cublas"):
+        _pdl.ENABLED = label == "pdl"
+        bufs = [torch.randn(1, k, device=DEVICE, dtype=DT) for _ in range(2)]
+        cfg = kg.launch_config(1, k, k, torch.device(DEVICE))
+
+        def step(bufs=bufs, cfg=cfg, label=label):
+            for i in range(n_calls):
+                x, y = bufs[i % 2], bufs[(i + 1) % 2]
+                if label == "cublas":
+                    torch.mm(x, w[i % n_w].t(), out=y)
+                else:
+                    kg._launch(x, w[i % n_w], None, None, 1e-6, False, None, None, 1.0, 1.0, y, cfg)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        ms = bench(graph.replay, rep=50)
+        per_us = ms * 1e3 / n_calls
+        print(f"  {label:7} {per_us:6.2f} us per GEMV ({100 * floor_us / per_us:.0f}% of floor)", flush=True)
+        results.append(dict(kind="chain", label=label, k=k, n_calls=n_calls, per_call_us=per_us,
+                            floor_us=floor_us))
+    _pdl.ENABLED = True
+
+
 def tuning_json() -> dict:
     return {str(k): list(v) for k, v in kg.TUNING.items()}
 
@@ -294,6 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no GPU needed: the whole script at toy sizes under TRITON_INTERPRET=1")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gemv_gpu.json")
+    ap.add_argument("--chain", action="store_true", help="also time 64 dependent GEMVs in one CUDA graph "
+                    "with and without programmatic dependent launch, and cuBLAS")
+    ap.add_argument("--chain-only", action="store_true", help="only the --chain timings")
     args = ap.parse_args(argv)
     shapes = SHAPES
     if args.cpu_smoke:
@@ -320,7 +364,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"    {key}: {cfg},")
         print("})")
         print(f"  sweep done ({time.time() - start:.0f} s)", flush=True)
-    measure(shapes, rows, env, results, out_path)
+    if (args.chain or args.chain_only) and DEVICE == "cuda":
+        for k in (2048, 4096):
+            chain(64, k, env, results)
+    if not args.chain_only:
+        measure(shapes, rows, env, results, out_path)
     report = {"env": env, "tuning": tuning_json(), "results": results}
     atomic_write_json(out_path, report)
     print(f"wrote {out_path}; total {time.time() - start:.0f} s")
