@@ -49,15 +49,19 @@ from attnlab.layers.common import Residual, RMSNorm  # noqa: E402
 DT = torch.bfloat16
 DEVICE = "cuda"  # --cpu-smoke: "cpu" under TRITON_INTERPRET=1, tiny shapes, one call per timing
 # (name, K, N, prologue, residual, out_dtype): a d_model 2048 model's decode projections
+# (the GEMVs of benchmarks/decode_gpu.py's ~1B presets: llama, qwen3-next, kimi-linear, deepseek-v32)
 SHAPES = [
     ("qkv", 2048, 3072, "rmsnorm", False, None),
     ("o_proj", 2048, 2048, None, True, None),
     ("o_proj_gated", 2048, 2048, "sigmoid_gate", True, None),
-    ("gate_up", 2048, 11008, "rmsnorm", False, None),
-    ("down", 5504, 2048, "silu_mul", True, None),
+    ("gate_up", 2048, 10944, "rmsnorm", False, None),
+    ("down", 5472, 2048, "silu_mul", True, None),
     ("lm_head", 2048, 32768, "rmsnorm", False, torch.float32),
-    ("gdn_in_proj", 2048, 8256, "rmsnorm", False, None),
-    ("kda_in_proj", 2048, 6400, "rmsnorm", False, None),
+    ("gdn_in_proj", 2048, 6208, "rmsnorm", False, None),
+    ("gated_qkv", 2048, 4608, "rmsnorm", False, None),
+    ("kda_in_proj", 2048, 6304, "rmsnorm", False, None),
+    ("mla_x_proj", 2048, 2064, "rmsnorm", False, None),
+    ("mla_o_proj", 1024, 2048, None, True, None),
 ]
 SMOKE_SHAPES = [  # the same kinds at toy sizes (ragged against the interpreter's 8 x 32 blocks)
     ("qkv", 64, 96, "rmsnorm", False, None),
@@ -321,6 +325,51 @@ def chain(n_calls: int, k: int, env: dict, results: list) -> None:
     _pdl.ENABLED = True
 
 
+def chain_sweep(shapes, env: dict, results: list, n_calls: int = 32) -> dict:
+    """Launch shapes timed as the decode step runs them: n_calls launches of one shape back to back in
+    a CUDA graph with programmatic dependent launch (M = 1). -> {(1, N, K): best config}."""
+    best = {}
+    for name, k, n, prologue, residual, out_dtype in shapes:
+        x, w, kw, r = inputs(1, k, n, prologue)
+        kw = dict(kw, prologue=prologue)
+        k_pow2 = triton.next_power_of_2(k)
+        cands = [(4, min(2048, k_pow2), 4, 1, False), (4, min(2048, k_pow2), 8, 1, False),
+                 (2, min(2048, k_pow2), 4, 1, False), (8, min(1024, k_pow2), 4, 1, False),
+                 (8, min(2048, k_pow2), 8, 1, False), (4, min(1024, k_pow2), 4, 1, False),
+                 (16, min(512, k_pow2), 4, 1, False), (4, min(4096, k_pow2), 8, 1, False)]
+        times = {}
+        for cfg in dict.fromkeys(cands):
+            fn = fused_call(x, w, kw, r, residual, out_dtype, cfg)
+            kept = r.clone()
+            err = check(fn, x, w, kw, r, residual, out_dtype)
+            if not err <= 1e-2:
+                print(f"  chain {name} {cfg}: WRONG ({err:.2e})")
+                continue
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(n_calls):
+                    fn()
+            times[cfg] = bench(graph.replay, rep=30) * 1e3 / n_calls
+            r.copy_(kept)
+        if not times:
+            continue
+        cfg = min(times, key=times.get)
+        best[(1, n, k)] = cfg
+        floor_us = w.numel() * w.element_size() / env["copy_Bps"] * 1e6
+        pct = 100 * floor_us / times[cfg]
+        others = ", ".join(f"{c[:3]}:{t:.2f}" for c, t in times.items())
+        print(f"  chain {name:13} N={n:6} K={k:5}: best {cfg} {times[cfg]:6.2f} us ({pct:.0f}% of floor "
+              f"{floor_us:.2f}); {others}", flush=True)
+        results.append(dict(kind="chain_sweep", name=name, n=n, k=k, best=list(cfg), best_us=times[cfg],
+                            floor_us=floor_us, all={str(c): t for c, t in times.items()}))
+    return best
+
+
 def tuning_json() -> dict:
     return {str(k): list(v) for k, v in kg.TUNING.items()}
 
@@ -367,6 +416,12 @@ def main(argv: list[str] | None = None) -> dict:
     if (args.chain or args.chain_only) and DEVICE == "cuda":
         for k in (2048, 4096):
             chain(64, k, env, results)
+        best = chain_sweep(shapes, env, results)
+        kg.TUNING.update(best)
+        print("TUNING.update({")
+        for key, cfg in sorted(best.items()):
+            print(f"    {key}: {cfg},")
+        print("})", flush=True)
     if not args.chain_only:
         measure(shapes, rows, env, results, out_path)
     report = {"env": env, "tuning": tuning_json(), "results": results}
