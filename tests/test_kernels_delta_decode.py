@@ -189,12 +189,15 @@ def test_cpu_tensors_need_the_interpreter():
 @needs_triton
 @pytest.mark.parametrize("kind, h, hk, d", [
     ("G", 16, 16, 128), ("G", 16, 8, 128), ("K", 16, 16, 128),
-    ("G", 32, 16, 64), ("K", 32, 32, 64),  # the ~1B qwen3-next / kimi-linear presets (state preloaded)
+    ("G", 32, 16, 64), ("K", 32, 32, 64),  # the ~1B qwen3-next / kimi-linear presets (8 warps)
 ])
 def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d):
     """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
-    ptxas, no GPU needed) at H = 16, D_k = D_v = 128, bf16, with the warps delta_decode launches;
-    GDN with one value head per key head uses no local memory (no spills), the others spill a little."""
+    ptxas, no GPU needed) at H = 16, D_k = D_v = 128 and at the ~1B presets' D = 64, bf16, with the
+    warps delta_decode launches. With every load issued up front (Triton 3.9): at D = 64 nothing
+    spills (G 121 registers, K 98, 8 warps); at 128 (16 warps) GDN with one value head per key head
+    does not spill (115), with two (its second tile loaded after the first is stored) 8 bytes of
+    stack at 128 registers, KDA 120 bytes (its per-channel decay; 128 before the loads moved up)."""
     import os
     import re
     import subprocess
@@ -230,7 +233,9 @@ def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d):
     assert regs <= 255
     if kind == "G" and hk == h or d <= 64:
         assert stack == 0, f"{regs} registers, {stack} bytes of stack"
-    else:  # two value heads per program (G, H_k = 8: 32 bytes since PDL / count) and K spill a little
+    elif kind == "G":  # two value heads per program, D = 128: a few bytes (8 with Triton 3.9)
+        assert stack <= 32, f"{regs} registers, {stack} bytes of stack"
+    else:  # K at D = 128 spills a little (120 bytes with Triton 3.9)
         assert stack <= 128, f"{regs} registers, {stack} bytes of stack"
 
 
@@ -242,6 +247,7 @@ def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d):
 @pytest.mark.parametrize("kind, h, hk, dk, dv, dtype, conv_dtype", [
     ("G", 4, 2, 24, 40, torch.float32, torch.float32),  # GQA, odd head dims
     ("G", 4, 1, 16, 32, torch.bfloat16, torch.bfloat16),  # 4 value heads per key head
+    ("G", 2, 1, 72, 40, torch.float32, torch.float32),  # tile 128 x 64 > 64 x 64: SPLIT, two heads
     ("G", 3, 3, 32, 16, torch.float16, torch.float32),
     ("K", 2, 2, 32, 24, torch.float32, torch.float32),  # unfused gates (D_k != D_v)
     ("K", 4, 2, 16, 16, torch.bfloat16, torch.float32),  # fused gates, GQA

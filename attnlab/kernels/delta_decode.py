@@ -14,7 +14,17 @@ has read the old one (programs have no order). So a program owns its key head's 
 (conv, state shift, L2 norm once) and loops over its H / H_k value heads; for each: the v conv
 and shift, the decay and beta, the [D_k, D_v] float32 state tile (64 KB at 128 x 128: 16 warps,
 see num_warps), and the gated RMSNorm over all of D_v. With H == H_k (Kimi Linear) that is B·H
-programs; with H_k = H / 2, half as many, each doing two heads one after the other.
+programs; with H_k = H / 2, half as many, each doing two heads.
+
+At the ~1B presets' sizes the launch is only 16-32 programs, so its time is each program's chain of
+DEPENDENT memory round trips, not its bytes. A program therefore issues ALL its global loads first
+(the q / k / v conv histories, inputs and weights, beta, A_log, dt_bias, a or f_up, the gate, the
+state tiles, the norm weight: none depends on another), computes, passes ONE barrier (every thread
+has read the old conv history before any thread overwrites it: a thread may store an element another
+thread loaded) and then stores everything (shifted conv histories, state, o, the token count). Two
+value heads per key head (Qwen3-Next) are loaded together; at tiles over 64 x 64 (SPLIT) the second
+head's state tile is loaded only after the first's is stored (two 128 x 128 float32 tiles would
+spill); heads beyond two (no preset) follow one by one, each with its own barrier.
 
 Rounding (the layer's eager path rounds in more places; the results differ only by that):
 - the conv is computed in float32 from the stored history, the new input and the weight, then
@@ -64,28 +74,107 @@ def _softplus(x):
 
 
 @triton.jit
-def _conv_step(x_row, cs_row, w, bias, c, mc, rj, s_cc, s_ck, KC: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Short conv of channels c (masked by mc) for one token, SiLU, float32 [len(c)]; shifts
-    these channels' conv state in place (history j <- input j + 1, the newest <- x).
+def _conv_load(x_row, cs_row, w, bias, c, mc, rj, s_cc, s_ck, KC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The loads of one short-conv step for channels c (masked by mc), all independent: returns the
+    window float32 [len(c), BJ] (the KC - 1 history inputs of the conv state, oldest first, then x,
+    zero past KC), the weight float32 [len(c), BJ] and the bias float32 [len(c)] (zeros without one).
 
     x_row: this row of proj (the conv input is its first C columns); cs_row: this row of the conv
     state [C, KC - 1] with strides (s_cc, s_ck); w: conv weight [C, KC] contiguous; rj: arange over
-    a power of two >= KC (the window: KC - 1 history inputs, oldest first, then x)."""
-    hist_ptr = cs_row + c[:, None] * s_cc + rj[None, :] * s_ck
+    a power of two >= KC."""
     in_hist = mc[:, None] & (rj[None, :] < KC - 1)
-    hist = tl.load(hist_ptr, mask=in_hist, other=0.0).to(tl.float32)
+    hist = tl.load(cs_row + c[:, None] * s_cc + rj[None, :] * s_ck, mask=in_hist, other=0.0).to(tl.float32)
     x = tl.load(x_row + c, mask=mc, other=0.0).to(tl.float32)
-    window = tl.where(rj[None, :] == KC - 1, x[:, None], hist)  # (channels, BJ)
-    in_window = mc[:, None] & (rj[None, :] < KC)
-    wt = tl.load(w + c[:, None] * KC + rj[None, :], mask=in_window, other=0.0).to(tl.float32)
-    y = tl.sum(window * wt, 1)
+    wt = tl.load(w + c[:, None] * KC + rj[None, :], mask=mc[:, None] & (rj[None, :] < KC), other=0.0)
     if HAS_BIAS:
-        y += tl.load(bias + c, mask=mc, other=0.0).to(tl.float32)
-    # every thread of the program has read the old history before any overwrites it (a thread may
-    # store an element another thread loaded)
-    tl.debug_barrier()
-    tl.store(hist_ptr - s_ck, window.to(cs_row.dtype.element_ty), mask=in_window & (rj[None, :] >= 1))
-    return y * tl.sigmoid(y)
+        b = tl.load(bias + c, mask=mc, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros_like(x)
+    window = tl.where(rj[None, :] == KC - 1, x[:, None], hist)  # (channels, BJ)
+    return window, wt.to(tl.float32), b
+
+
+@triton.jit
+def _conv_silu(window, wt, b, io_ty: tl.constexpr):
+    """The conv output of a loaded window (_conv_load), SiLU, rounded to io_ty (as the layer),
+    returned as float32 [channels]."""
+    y = tl.sum(window * wt, 1) + b
+    return (y * tl.sigmoid(y)).to(io_ty).to(tl.float32)
+
+
+@triton.jit
+def _conv_shift(cs_row, c, mc, rj, s_cc, s_ck, window, KC: tl.constexpr):
+    """Shifts channels c's conv state in place: history j <- window j + 1 (the newest <- x). Only
+    after a barrier that follows every thread's _conv_load of these channels (a thread may store an
+    element another thread loaded)."""
+    hist_ptr = cs_row + c[:, None] * s_cc + rj[None, :] * s_ck
+    shifted = mc[:, None] & (rj[None, :] >= 1) & (rj[None, :] < KC)
+    tl.store(hist_ptr - s_ck, window.to(cs_row.dtype.element_ty), mask=shifted)
+
+
+@triton.jit
+def _head_load(p_row, cs_row, conv_w, conv_b, dec_row, gate_row, a_log, dt_bias, i_h,
+               rk, rv, rj, mk, mv, s_cc, s_ck, K: tl.constexpr, V: tl.constexpr,
+               KC: tl.constexpr, OFF_V: tl.constexpr, OFF_BETA: tl.constexpr, OFF_DEC: tl.constexpr,
+               OFF_GATE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Every global load of value head i_h but its state tile (_state_load), none depending on
+    another: its v conv (_conv_load), beta, A_log, the decay input a (G, scalar) or f_up (K, [BK])
+    and dt_bias, the gate z / g_up [BV] (all float32)."""
+    v_win, v_wt, v_b = _conv_load(p_row, cs_row, conv_w, conv_b, OFF_V + i_h * V + rv, mv, rj, s_cc, s_ck,
+                                  KC, HAS_BIAS)
+    beta = tl.load(p_row + OFF_BETA + i_h).to(tl.float32)
+    a = tl.load(a_log + i_h).to(tl.float32)
+    if PER_CHANNEL:
+        f = tl.load(dec_row + OFF_DEC + i_h * K + rk, mask=mk, other=0.0).to(tl.float32)
+        dtb = tl.load(dt_bias + i_h * K + rk, mask=mk, other=0.0).to(tl.float32)
+    else:
+        f = tl.load(dec_row + OFF_DEC + i_h).to(tl.float32)
+        dtb = tl.load(dt_bias + i_h).to(tl.float32)
+    z = tl.load(gate_row + OFF_GATE + i_h * V + rv, mask=mv, other=0.0).to(tl.float32)
+    return v_win, v_wt, v_b, beta, a, f, dtb, z
+
+
+@triton.jit
+def _state_load(state, i_b, i_h, rk, rv, mk, mv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Value head i_h's float32 state tile [BK, BV] (zero outside [K, V])."""
+    s_off = (i_b * H + i_h) * (K * V) + rk[:, None] * V + rv[None, :]
+    return tl.load(state + s_off, mask=mk[:, None] & mv[None, :], other=0.0)
+
+
+@triton.jit
+def _head_step(b_q, b_k, w_norm, v_win, v_wt, v_b, beta, a, f, dtb, z, S, mv, eps, io_ty: tl.constexpr,
+               V: tl.constexpr, PER_CHANNEL: tl.constexpr, SIGMOID_GATE: tl.constexpr):
+    """One value head's step from its loads (_head_load), no memory access: returns the new state
+    tile [BK, BV] and the gated-normed output [BV] (float32; stored by the caller)."""
+    b_v = _conv_silu(v_win, v_wt, v_b, io_ty)
+    b_beta = tl.sigmoid(beta)
+    # log-decay: -exp(A_log) · softplus(a + dt_bias), one per head (G) or per key channel (K)
+    decay = tl.exp(-tl.exp(a) * _softplus(f + dtb))
+    # the delta rule on the float32 state tile (as attnlab.kernels.linear._step_kernel)
+    if PER_CHANNEL:
+        S = S * decay[:, None]
+    else:
+        S = S * decay
+    u = b_beta * (b_v - tl.sum(S * b_k[:, None], 0))  # (BV,)
+    S += b_k[:, None] * u[None, :]
+    b_o = tl.sum(S * b_q[:, None], 0)  # (BV,)
+    # gated RMSNorm over D_v: rmsnorm(o) · w · act(gate); o rounded as the layer's step returns it
+    b_o = tl.where(mv, b_o.to(io_ty).to(tl.float32), 0.0)
+    b_o = b_o / tl.sqrt(tl.sum(b_o * b_o) / V + eps) * w_norm
+    if SIGMOID_GATE:
+        b_o = b_o * tl.sigmoid(z)
+    else:
+        b_o = b_o * (z * tl.sigmoid(z))
+    return S, b_o
+
+
+@triton.jit
+def _head_store(state, o, i_b, i_h, S, b_o, rk, rv, mk, mv, H: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr):
+    """Value head i_h's state tile and output."""
+    i_bh = i_b * H + i_h
+    tl.store(state + i_bh * (K * V) + rk[:, None] * V + rv[None, :], S, mask=mk[:, None] & mv[None, :])
+    tl.store(o + i_bh * V + rv, b_o.to(o.dtype.element_ty), mask=mv)
 
 
 @triton.jit
@@ -96,7 +185,7 @@ def _delta_decode_kernel(
     KC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BJ: tl.constexpr,
     OFF_K: tl.constexpr, OFF_V: tl.constexpr, OFF_BETA: tl.constexpr, OFF_DEC: tl.constexpr,
     OFF_GATE: tl.constexpr, PER_CHANNEL: tl.constexpr, SIGMOID_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COUNT: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr,
+    COUNT: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
 ):
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
         gdc_launch_dependents()
@@ -104,72 +193,81 @@ def _delta_decode_kernel(
     i_bk = tl.program_id(0)
     i_b = (i_bk // HK).to(tl.int64)
     i_hk = i_bk % HK
-    if COUNT:  # the row's token counted here (no other program of the launch reads lengths)
-        if i_hk == 0:
-            tl.store(lengths + i_b, tl.load(lengths + i_b) + 1)
-    io_ty = proj.dtype.element_ty
+    io_ty: tl.constexpr = proj.dtype.element_ty
     p_row = proj + i_b * s_proj
+    dec_row = dec + i_b * s_dec
+    gate_row = gate + i_b * s_gate
     cs_row = conv_state + i_b * s_cb
     rk, rv, rj = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BJ)
     mk, mv = rk < K, rv < V
-    # PRELOAD (tiles up to 64 x 64, as at the ~1B presets' sizes): the first value head's state tile
-    # is loaded first, so its latency overlaps the convolutions instead of following them (a launch
-    # of B·H_k programs is a chain of dependent loads); a 128 x 128 tile held that long would spill
-    m_s = mk[:, None] & mv[None, :]
-    if PRELOAD:
-        s_first = (i_b * H + i_hk * REP) * (K * V) + rk[:, None] * V + rv[None, :]
-        S_first = tl.load(state + s_first, mask=m_s, other=0.0)
+    c_q = i_hk * K + rk
+    c_k = OFF_K + i_hk * K + rk
+    i_h0 = i_hk * REP  # the value heads this key head serves: i_h0 .. i_h0 + REP - 1
 
-    # q, k of this key head: conv + SiLU, rounded to proj's dtype (as the layer), L2 norm in float32
-    b_q = _conv_step(p_row, cs_row, conv_w, conv_b, i_hk * K + rk, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
-    b_k = _conv_step(p_row, cs_row, conv_w, conv_b, OFF_K + i_hk * K + rk, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
-    b_q = b_q.to(io_ty).to(tl.float32)
-    b_k = b_k.to(io_ty).to(tl.float32)
-    b_q = b_q * (scale / tl.sqrt(tl.sum(b_q * b_q) + 1e-6))  # eps as ops.delta_rule._prepare_qk
-    b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+    # 1. every load of the key head and its first two value heads, issued together: one DRAM round
+    # trip for the program (each conv's load -> barrier -> store, the state tile, the gate came one
+    # after another before); with two value heads at tiles over 64 x 64 (SPLIT) head 1's tile waits
+    if COUNT:  # the row's token counted here (one program per row; no other reads lengths)
+        count_it = i_hk == 0
+        n_tok = tl.load(lengths + i_b, mask=count_it, other=0)
+    args = (p_row, cs_row, conv_w, conv_b, dec_row, gate_row, a_log, dt_bias)
+    q_win, q_wt, q_b = _conv_load(p_row, cs_row, conv_w, conv_b, c_q, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
+    k_win, k_wt, k_b = _conv_load(p_row, cs_row, conv_w, conv_b, c_k, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
     w_norm = tl.load(norm_w + rv, mask=mv, other=0.0).to(tl.float32)
+    v0_win, v0_wt, v0_b, beta0, a0, f0, dtb0, z0 = _head_load(
+        *args, i_h0, rk, rv, rj, mk, mv, s_cc, s_ck, K, V, KC, OFF_V, OFF_BETA, OFF_DEC, OFF_GATE,
+        PER_CHANNEL, HAS_BIAS)
+    S0 = _state_load(state, i_b, i_h0, rk, rv, mk, mv, H, K, V)
+    if REP >= 2:
+        v1_win, v1_wt, v1_b, beta1, a1, f1, dtb1, z1 = _head_load(
+            *args, i_h0 + 1, rk, rv, rj, mk, mv, s_cc, s_ck, K, V, KC, OFF_V, OFF_BETA, OFF_DEC, OFF_GATE,
+            PER_CHANNEL, HAS_BIAS)
+        if not SPLIT:
+            S1 = _state_load(state, i_b, i_h0 + 1, rk, rv, mk, mv, H, K, V)
 
-    for r in tl.static_range(REP):  # the value heads this key head serves: i_hk·REP .. i_hk·REP + REP - 1
-        i_h = i_hk * REP + r
-        i_bh = i_b * H + i_h
-        c_v = OFF_V + i_h * V + rv
-        b_v = _conv_step(p_row, cs_row, conv_w, conv_b, c_v, mv, rj, s_cc, s_ck, KC, HAS_BIAS).to(io_ty)
-        b_v = b_v.to(tl.float32)
-        b_beta = tl.sigmoid(tl.load(p_row + OFF_BETA + i_h).to(tl.float32))
-        # log-decay: -exp(A_log) · softplus(a + dt_bias), one per head (G) or per key channel (K)
-        neg_a = -tl.exp(tl.load(a_log + i_h).to(tl.float32))
-        if PER_CHANNEL:
-            f = tl.load(dec + i_b * s_dec + OFF_DEC + i_h * K + rk, mask=mk, other=0.0).to(tl.float32)
-            f += tl.load(dt_bias + i_h * K + rk, mask=mk, other=0.0).to(tl.float32)
-        else:
-            f = tl.load(dec + i_b * s_dec + OFF_DEC + i_h).to(tl.float32)
-            f += tl.load(dt_bias + i_h).to(tl.float32)
-        decay = tl.exp(neg_a * _softplus(f))
+    # 2. compute: q, k of this key head (conv, SiLU, rounded to proj's dtype as the layer, L2 norm in
+    # float32, eps as ops.delta_rule._prepare_qk), then the value heads
+    b_q = _conv_silu(q_win, q_wt, q_b, io_ty)
+    b_k = _conv_silu(k_win, k_wt, k_b, io_ty)
+    b_q = b_q * (scale / tl.sqrt(tl.sum(b_q * b_q) + 1e-6))
+    b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+    S0, o0 = _head_step(b_q, b_k, w_norm, v0_win, v0_wt, v0_b, beta0, a0, f0, dtb0, z0, S0, mv, eps, io_ty, V,
+                        PER_CHANNEL, SIGMOID_GATE)
+    if REP >= 2:
+        if SPLIT:  # two tiles of 128 x 128 would spill: head 0's is stored (no barrier needed: only the
+            # conv history is shared between threads' loads and stores) before head 1's is loaded
+            _head_store(state, o, i_b, i_h0, S0, o0, rk, rv, mk, mv, H, K, V)
+            S1 = _state_load(state, i_b, i_h0 + 1, rk, rv, mk, mv, H, K, V)
+        S1, o1 = _head_step(b_q, b_k, w_norm, v1_win, v1_wt, v1_b, beta1, a1, f1, dtb1, z1, S1, mv, eps,
+                            io_ty, V, PER_CHANNEL, SIGMOID_GATE)
 
-        # the delta rule on the float32 state tile (as attnlab.kernels.linear._step_kernel)
-        s_off = i_bh * (K * V) + rk[:, None] * V + rv[None, :]
-        if PRELOAD and r == 0:
-            S = S_first
-        else:
-            S = tl.load(state + s_off, mask=m_s, other=0.0)
-        if PER_CHANNEL:
-            S = S * decay[:, None]
-        else:
-            S = S * decay
-        u = b_beta * (b_v - tl.sum(S * b_k[:, None], 0))  # (BV,)
-        S += b_k[:, None] * u[None, :]
-        b_o = tl.sum(S * b_q[:, None], 0)  # (BV,)
-        tl.store(state + s_off, S, mask=m_s)
+    # 3. every thread of the program has read the old conv history before any overwrites it (a
+    # thread may store an element another thread loaded); then every store
+    tl.debug_barrier()
+    _conv_shift(cs_row, c_q, mk, rj, s_cc, s_ck, q_win, KC)
+    _conv_shift(cs_row, c_k, mk, rj, s_cc, s_ck, k_win, KC)
+    _conv_shift(cs_row, OFF_V + i_h0 * V + rv, mv, rj, s_cc, s_ck, v0_win, KC)
+    if not (SPLIT and REP >= 2):
+        _head_store(state, o, i_b, i_h0, S0, o0, rk, rv, mk, mv, H, K, V)
+    if REP >= 2:
+        _conv_shift(cs_row, OFF_V + (i_h0 + 1) * V + rv, mv, rj, s_cc, s_ck, v1_win, KC)
+        _head_store(state, o, i_b, i_h0 + 1, S1, o1, rk, rv, mk, mv, H, K, V)
+    if COUNT:
+        tl.store(lengths + i_b, n_tok + 1, mask=count_it)
 
-        # gated RMSNorm over D_v: rmsnorm(o) · w · act(gate); o rounded as the layer's step returns it
-        b_o = tl.where(mv, b_o.to(io_ty).to(tl.float32), 0.0)
-        b_o = b_o / tl.sqrt(tl.sum(b_o * b_o) / V + eps) * w_norm
-        z = tl.load(gate + i_b * s_gate + OFF_GATE + i_h * V + rv, mask=mv, other=0.0).to(tl.float32)
-        if SIGMOID_GATE:
-            b_o = b_o * tl.sigmoid(z)
-        else:
-            b_o = b_o * (z * tl.sigmoid(z))
-        tl.store(o + i_bh * V + rv, b_o.to(o.dtype.element_ty), mask=mv)
+    # more than two value heads per key head (no preset has them): the rest one after another, each
+    # its own loads -> compute -> barrier -> stores (its v channels are its own)
+    for r in tl.static_range(2, REP):
+        i_h = i_h0 + r
+        v_win, v_wt, v_b, beta, a, f, dtb, z = _head_load(
+            *args, i_h, rk, rv, rj, mk, mv, s_cc, s_ck, K, V, KC, OFF_V, OFF_BETA, OFF_DEC, OFF_GATE,
+            PER_CHANNEL, HAS_BIAS)
+        S = _state_load(state, i_b, i_h, rk, rv, mk, mv, H, K, V)
+        S, b_o = _head_step(b_q, b_k, w_norm, v_win, v_wt, v_b, beta, a, f, dtb, z, S, mv, eps, io_ty, V,
+                            PER_CHANNEL, SIGMOID_GATE)
+        tl.debug_barrier()
+        _conv_shift(cs_row, OFF_V + i_h * V + rv, mv, rj, s_cc, s_ck, v_win, KC)
+        _head_store(state, o, i_b, i_h, S, b_o, rk, rv, mk, mv, H, K, V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,20 +295,29 @@ def kernel_constants(mixer) -> dict:
         OFF_GATE=0 if per_channel else off["z"],  # K reads g_up, G proj's `z` columns
         PER_CHANNEL=per_channel, SIGMOID_GATE=mixer.o_norm.activation == "sigmoid",
         HAS_BIAS=mixer.conv.bias is not None,
-        PRELOAD=max(16, triton.next_power_of_2(Dk)) * max(16, triton.next_power_of_2(Dv)) <= 64 * 64,
+        # two value heads per program at tiles over 64 x 64: the second state tile loaded after the
+        # first is stored (both held at once would spill at 128 x 128)
+        SPLIT=max(16, triton.next_power_of_2(Dk)) * max(16, triton.next_power_of_2(Dv)) > 64 * 64,
     )
     _CONSTANTS[mixer] = (mixer.conv, const["HAS_BIAS"], const)
     return const
 
 
 def num_warps(bk: int, bv: int) -> int:
-    """Warps for a [bk, bv] state tile: NUM_WARPS if set, else one per 1024 elements in [4, 16]. At
-    128 x 128 that is 16: compiled for sm_90 (Triton 3.9, on the CPU) the GDN kernel then needs 96
-    registers (128 with two value heads per key head) and does not spill; at 8 warps it took 199-255
-    and the KDA variant spilled 88 bytes (it spills those at 16 too: its per-channel decay)."""
+    """Warps for a [bk, bv] state tile: NUM_WARPS if set, else one per 512 elements in [4, 16]: 8 at
+    64 x 64, 16 at 128 x 128. A program is a short chain of dependent memory round trips, not bound
+    by bytes, and the ~1B presets launch only 16-32 programs (B·H_k): more warps per program keep
+    more loads in flight. H100, one Kimi-style call (H = H_k = 32, D = 64) back to back in a CUDA
+    graph, warm L2, before the loads were all issued up front: 6.7 us at 4 warps, 5.7 at 8 (the
+    Qwen3-Next shape, H_k = 16 with two value heads each, was not measured at 8). Compiled for sm_90
+    (Triton 3.9, on the CPU), all loads up front: D = 64 at 8 warps, G (H 32 / H_k 16) 121 registers,
+    K (32 / 32) 98, neither spills (at 4: 195 and 168); D = 128 at 16 warps, G (H_k = H) 115
+    registers and no spill, G with two value heads per key head 128 and 8 bytes of stack (its second
+    state tile is loaded after the first is stored: SPLIT), K 128 and 120 bytes (its per-channel
+    decay); at 8 warps these took 191-255 registers (K still spilling its 120 bytes)."""
     if NUM_WARPS is not None:
         return NUM_WARPS
-    return max(4, min(16, bk * bv // 1024))
+    return max(4, min(16, bk * bv // 512))
 
 
 def _check(mixer, proj, cache, f_up, g_up) -> bool:
