@@ -55,17 +55,21 @@ _DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 # listed get launch_config's reasoned default.
 Config = tuple[int, int, int, int, bool]
 TUNING: dict[tuple[int, int, int], tuple] = {
-    # H100 80GB HBM3, 2026-11-26 (benchmarks/gemv_gpu.py --sweep, M = 1, d_model 2048 shapes): 4 rows
-    # of the whole K = 2048 per program beat every other candidate at every shape (by 3-15%, do_bench
-    # medians 9.2-50.6 us); the K = 5504 down projection was only timed at this shape (the sweep's
-    # other candidates there were mis-scored by a benchmark bug, since fixed)
-    (1, 3072, 2048): (4, 2048, 4, 1, False),
+    # H100 80GB HBM3, 2026-11-26, the ~1B presets' GEMVs at M = 1 as the decode step runs them: 32
+    # launches back to back in a CUDA graph with PDL (benchmarks/gemv_gpu.py --chain-only): 74-100% of
+    # the weight bytes over the copy bandwidth (the LM head 100%, gate/up 92%, qkv 89%, the K = 5472
+    # down projection 74% before its K loop prefetched, MLA's 1024-wide o_proj 66%). Single-launch
+    # do_bench timings (--sweep) had favoured 4 x 2048 everywhere.
+    (1, 2048, 1024): (8, 1024, 4, 1, False),
     (1, 2048, 2048): (4, 2048, 4, 1, False),
-    (1, 11008, 2048): (4, 2048, 4, 1, False),
-    (1, 2048, 5504): (4, 2048, 4, 1, False),
-    (1, 32768, 2048): (4, 2048, 4, 1, False),
-    (1, 8256, 2048): (4, 2048, 4, 1, False),
-    (1, 6400, 2048): (4, 2048, 4, 1, False),
+    (1, 2048, 5472): (4, 2048, 4, 1, False),
+    (1, 2064, 2048): (4, 2048, 4, 1, False),
+    (1, 3072, 2048): (4, 1024, 4, 1, False),
+    (1, 4608, 2048): (4, 2048, 4, 1, False),
+    (1, 6208, 2048): (4, 1024, 4, 1, False),
+    (1, 6304, 2048): (4, 1024, 4, 1, False),
+    (1, 10944, 2048): (8, 1024, 4, 1, False),
+    (1, 32768, 2048): (8, 1024, 4, 1, False),
 }
 
 
@@ -133,7 +137,7 @@ def _gemv_kernel(
     eps, keep, scale,
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N); rows padded to ROWS.
     PROLOGUE 0 none, 1 rmsnorm (NW [K]), 2 silu_mul (X [M, 2K]), 3 sigmoid_gate (GATE [M, K]).
@@ -184,17 +188,30 @@ def _gemv_kernel(
         acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
     else:
         acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_start = 0
-    if PDL:
-        if not DOT:  # the first K step with the tile loaded before the wait
-            acc = _k_step(acc, w_first, x_rows, kk, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+    if PREFETCH:  # several K steps (elementwise form): the next tile's load is issued before this
+        # step's products, so the steps' DRAM round trips overlap instead of following each other
+        if PDL:
+            w_cur = w_first
+        else:
+            w_cur = tl.load(w_rows + kk, mask=n_ok & (kk < K), other=0.0, eviction_policy="evict_first")
+        for k0 in range(0, K, BLOCK_K):
+            kn = k0 + BLOCK_K + kk
+            w_next = tl.load(w_rows + kn, mask=n_ok & (kn < K), other=0.0, eviction_policy="evict_first")
+            acc = _k_step(acc, w_cur, x_rows, k0 + kk, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
                           X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
-            k_start = BLOCK_K
-    for k0 in range(k_start, K, BLOCK_K):
-        k = k0 + kk
-        w = tl.load(w_rows + k, mask=n_ok & (k < K), other=0.0, eviction_policy="evict_first")  # weight tile
-        acc = _k_step(acc, w, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
-                      X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
+            w_cur = w_next
+    else:
+        k_start = 0
+        if PDL:
+            if not DOT:  # the first K step with the tile loaded before the wait
+                acc = _k_step(acc, w_first, x_rows, kk, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+                              X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
+                k_start = BLOCK_K
+        for k0 in range(k_start, K, BLOCK_K):
+            k = k0 + kk
+            w = tl.load(w_rows + k, mask=n_ok & (k < K), other=0.0, eviction_policy="evict_first")
+            acc = _k_step(acc, w, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+                          X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
     if DOT:
         out = tl.trans(acc)  # (ROWS, BLOCK_N)
     else:
@@ -291,6 +308,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
         HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET, PDL=pdl,
+        PREFETCH=not dot and K > block_k,
         num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
     )
 
