@@ -304,20 +304,17 @@ def kernel_constants(mixer) -> dict:
 
 
 def num_warps(bk: int, bv: int) -> int:
-    """Warps for a [bk, bv] state tile: NUM_WARPS if set, else one per 512 elements in [4, 16]: 8 at
-    64 x 64, 16 at 128 x 128. A program is a short chain of dependent memory round trips, not bound
-    by bytes, and the ~1B presets launch only 16-32 programs (B·H_k): more warps per program keep
-    more loads in flight. H100, one Kimi-style call (H = H_k = 32, D = 64) back to back in a CUDA
-    graph, warm L2, before the loads were all issued up front: 6.7 us at 4 warps, 5.7 at 8 (the
-    Qwen3-Next shape, H_k = 16 with two value heads each, was not measured at 8). Compiled for sm_90
-    (Triton 3.9, on the CPU), all loads up front: D = 64 at 8 warps, G (H 32 / H_k 16) 121 registers,
-    K (32 / 32) 98, neither spills (at 4: 195 and 168); D = 128 at 16 warps, G (H_k = H) 115
-    registers and no spill, G with two value heads per key head 128 and 8 bytes of stack (its second
-    state tile is loaded after the first is stored: SPLIT), K 128 and 120 bytes (its per-channel
-    decay); at 8 warps these took 191-255 registers (K still spilling its 120 bytes)."""
+    """Warps for a [bk, bv] state tile: NUM_WARPS if set, else one per 1024 elements in [4, 16]: 4 at
+    64 x 64, 16 at 128 x 128. H100, one call back to back in a CUDA graph (warm L2), all loads issued
+    up front: Qwen3-Next-style (H 32 / H_k 16, D 64) 4.28 us at 4 warps vs 6.12 at 8; Kimi-style
+    (32 / 32, D 64) 3.66 vs 4.16 (before the loads were issued up front: 8.6 and 6.7 us at 4 warps;
+    the recurrence-only step kernel of attnlab.kernels.linear 2.3 us). Compiled for sm_90 (Triton
+    3.9, on the CPU): D = 128 at 16 warps, G (H_k = H) 115 registers and no spill, G with two value
+    heads per key head 128 and 8 bytes of stack (its second state tile is loaded after the first is
+    stored: SPLIT), K 128 and 120 bytes (its per-channel decay)."""
     if NUM_WARPS is not None:
         return NUM_WARPS
-    return max(4, min(16, bk * bv // 512))
+    return max(4, min(16, bk * bv // 1024))
 
 
 def _check(mixer, proj, cache, f_up, g_up) -> bool:

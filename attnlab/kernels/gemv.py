@@ -54,6 +54,7 @@ _DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 # the sweep (benchmarks/gemv_gpu.py --sweep prints a snippet for it) has run on an H100; shapes not
 # listed get launch_config's reasoned default.
 Config = tuple[int, int, int, int, bool]
+PREFETCH_K = True  # the elementwise form's K loop issues the next tile's load first (benchmarks toggle it)
 TUNING: dict[tuple[int, int, int], tuple] = {
     # H100 80GB HBM3, 2026-11-26, the ~1B presets' GEMVs at M = 1 as the decode step runs them: 32
     # launches back to back in a CUDA graph with PDL (benchmarks/gemv_gpu.py --chain-only): 74-100% of
@@ -308,7 +309,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
         HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET, PDL=pdl,
-        PREFETCH=not dot and K > block_k,
+        PREFETCH=PREFETCH_K and not dot and K > block_k,
         num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
     )
 
