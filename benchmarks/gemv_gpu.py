@@ -340,10 +340,8 @@ def chain_sweep(shapes, env: dict, results: list, n_calls: int = 32) -> dict:
                  (8, min(2048, k_pow2), 8, 1, False), (4, min(1024, k_pow2), 4, 1, False),
                  (16, min(512, k_pow2), 4, 1, False), (4, min(4096, k_pow2), 8, 1, False)]
         times = {}
-        cands = [(*c, pf) for c in dict.fromkeys(cands) for pf in ((True, False) if k > c[1] else (True,))]
-        for cfg in cands:
-            kg.PREFETCH_K = cfg[5]
-            fns = [fused_call(x, w_i, kw, r, residual, out_dtype, cfg[:5]) for w_i in ws]
+        for cfg in dict.fromkeys(cands):
+            fns = [fused_call(x, w_i, kw, r, residual, out_dtype, cfg) for w_i in ws]
             kept = r.clone()
             err = check(fns[0], x, w, kw, r, residual, out_dtype)
             if not err <= 1e-2:
@@ -361,14 +359,13 @@ def chain_sweep(shapes, env: dict, results: list, n_calls: int = 32) -> dict:
                     fns[i % len(fns)]()
             times[cfg] = bench(graph.replay, rep=30) * 1e3 / n_calls
             r.copy_(kept)
-        kg.PREFETCH_K = True
         if not times:
             continue
         cfg = min(times, key=times.get)
-        best[(1, n, k)] = cfg[:5]
+        best[(1, n, k)] = cfg
         floor_us = w.numel() * w.element_size() / env["copy_Bps"] * 1e6
         pct = 100 * floor_us / times[cfg]
-        others = ", ".join(f"{c[:3]}{'' if c[5] else 'nopf'}:{t:.2f}" for c, t in times.items())
+        others = ", ".join(f"{c[:3]}:{t:.2f}" for c, t in times.items())
         print(f"  chain {name:13} N={n:6} K={k:5}: best {cfg} {times[cfg]:6.2f} us ({pct:.0f}% of floor "
               f"{floor_us:.2f}); {others}", flush=True)
         results.append(dict(kind="chain_sweep", name=name, n=n, k=k, best=list(cfg), best_us=times[cfg],

@@ -407,8 +407,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
         kg._SMS.pop(0)
     rows = max(16, kg.rows_padded(m)) if dot else kg.rows_padded(m)
     const = dict(M=m, ROWS=rows, PROLOGUE=kg._PROLOGUE_ID[prologue], ZERO_CENTERED=out == "*fp32",
-                 HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PREC="tf32", INTERP=False, PDL=pdl,
-                 PREFETCH=not dot and k > bk)
+                 HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PREC="tf32", INTERP=False, PDL=pdl)
     ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out)
     sig = {a: "constexpr" if a in const else ptr.get(a, "fp32" if a in ("eps", "keep", "scale") else "i32")
            for a in fn.arg_names}

@@ -54,21 +54,21 @@ _DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 # the sweep (benchmarks/gemv_gpu.py --sweep prints a snippet for it) has run on an H100; shapes not
 # listed get launch_config's reasoned default.
 Config = tuple[int, int, int, int, bool]
-PREFETCH_K = True  # the elementwise form's K loop issues the next tile's load first (benchmarks toggle it)
 TUNING: dict[tuple[int, int, int], tuple] = {
-    # H100 80GB HBM3, 2026-11-26, the ~1B presets' GEMVs at M = 1 as the decode step runs them: 32
-    # launches back to back in a CUDA graph with PDL (benchmarks/gemv_gpu.py --chain-only): 74-100% of
-    # the weight bytes over the copy bandwidth (the LM head 100%, gate/up 92%, qkv 89%, the K = 5472
-    # down projection 74% before its K loop prefetched, MLA's 1024-wide o_proj 66%). Single-launch
-    # do_bench timings (--sweep) had favoured 4 x 2048 everywhere.
+    # H100 80GB HBM3, 2026-11-26: the ~1B presets' GEMVs at M = 1 as the decode step runs them, 32
+    # launches back to back in a CUDA graph with PDL over distinct weights (192 MB: not L2-resident),
+    # benchmarks/gemv_gpu.py --chain-only. Per launch: LM head 44.7 us (100% of the weight bytes over
+    # the copy bandwidth), gate/up 16.4 (91%), GDN / KDA in_proj 10.4-10.5 (82%), qkv 5.7 (74%),
+    # the K = 5472 down projection 10.2 (73%), o_proj 4.1 (69%), MLA's 1024-wide o_proj 2.5 (55%).
+    # A K loop that issued the next tile's load first measured slower (down: 13.4 us) and was removed.
     (1, 2048, 1024): (8, 1024, 4, 1, False),
     (1, 2048, 2048): (4, 2048, 4, 1, False),
     (1, 2048, 5472): (4, 2048, 4, 1, False),
     (1, 2064, 2048): (4, 2048, 4, 1, False),
-    (1, 3072, 2048): (4, 1024, 4, 1, False),
+    (1, 3072, 2048): (8, 1024, 4, 1, False),
     (1, 4608, 2048): (4, 2048, 4, 1, False),
-    (1, 6208, 2048): (4, 1024, 4, 1, False),
-    (1, 6304, 2048): (4, 1024, 4, 1, False),
+    (1, 6208, 2048): (16, 512, 4, 1, False),
+    (1, 6304, 2048): (16, 512, 4, 1, False),
     (1, 10944, 2048): (8, 1024, 4, 1, False),
     (1, 32768, 2048): (8, 1024, 4, 1, False),
 }
@@ -138,7 +138,7 @@ def _gemv_kernel(
     eps, keep, scale,
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N); rows padded to ROWS.
     PROLOGUE 0 none, 1 rmsnorm (NW [K]), 2 silu_mul (X [M, 2K]), 3 sigmoid_gate (GATE [M, K]).
@@ -189,30 +189,17 @@ def _gemv_kernel(
         acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
     else:
         acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PREFETCH:  # several K steps (elementwise form): the next tile's load is issued before this
-        # step's products, so the steps' DRAM round trips overlap instead of following each other
-        if PDL:
-            w_cur = w_first
-        else:
-            w_cur = tl.load(w_rows + kk, mask=n_ok & (kk < K), other=0.0, eviction_policy="evict_first")
-        for k0 in range(0, K, BLOCK_K):
-            kn = k0 + BLOCK_K + kk
-            w_next = tl.load(w_rows + kn, mask=n_ok & (kn < K), other=0.0, eviction_policy="evict_first")
-            acc = _k_step(acc, w_cur, x_rows, k0 + kk, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+    k_start = 0
+    if PDL:
+        if not DOT:  # the first K step with the tile loaded before the wait
+            acc = _k_step(acc, w_first, x_rows, kk, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
                           X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
-            w_cur = w_next
-    else:
-        k_start = 0
-        if PDL:
-            if not DOT:  # the first K step with the tile loaded before the wait
-                acc = _k_step(acc, w_first, x_rows, kk, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
-                              X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
-                k_start = BLOCK_K
-        for k0 in range(k_start, K, BLOCK_K):
-            k = k0 + kk
-            w = tl.load(w_rows + k, mask=n_ok & (k < K), other=0.0, eviction_policy="evict_first")
-            acc = _k_step(acc, w, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
-                          X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
+            k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
+        k = k0 + kk
+        w = tl.load(w_rows + k, mask=n_ok & (k < K), other=0.0, eviction_policy="evict_first")
+        acc = _k_step(acc, w, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+                      X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
     if DOT:
         out = tl.trans(acc)  # (ROWS, BLOCK_N)
     else:
@@ -309,7 +296,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
         HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET, PDL=pdl,
-        PREFETCH=PREFETCH_K and not dot and K > block_k,
         num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
     )
 
