@@ -82,9 +82,11 @@ def strided(x: torch.Tensor, pad: int = 5) -> torch.Tensor:
     return buf[:, pad : pad + x.shape[1]]
 
 
-def compare_steps(mixer, cache, n_steps: int, tol: float, seed: int = 2, strided_rows: bool = False):
+def compare_steps(mixer, cache, n_steps: int, tol: float, seed: int = 2, strided_rows: bool = False,
+                  gates_given: bool = True):
     """n_steps tokens through delta_decode on `cache` and the reference on a clone of it: o, the
-    state and the conv state must agree after every step."""
+    state and the conv state must agree after every step. K with gates_given=False: f_up / g_up
+    None (the kernel applies the up-projections itself, the reference the mixer's Linears)."""
     from attnlab.kernels.delta_decode import delta_decode, delta_decode_reference
 
     ref_cache = copy.deepcopy(cache)
@@ -94,6 +96,8 @@ def compare_steps(mixer, cache, n_steps: int, tol: float, seed: int = 2, strided
     for step in range(n_steps):
         x = torch.randn(cache.state.shape[0], 1, mixer.d_model, generator=gen).to(device=dev, dtype=dtype)
         proj, f_up, g_up = step_inputs(mixer, x)
+        if not gates_given:
+            f_up = g_up = None
         if strided_rows:
             proj = strided(proj)
             f_up, g_up = (None if t is None else strided(t, 3) for t in (f_up, g_up))
@@ -143,6 +147,28 @@ def test_reference_is_the_layers_decode_branch(kind, h, hk, dk, dv, dtype):
     assert (layer_cache.lengths == 7).all() and (ref_cache.lengths == 5).all()
 
 
+@pytest.mark.parametrize("dk, dv, dtype", [(32, 24, torch.float32), (16, 16, torch.bfloat16)])
+@torch.no_grad()
+def test_reference_computes_missing_gates_as_the_layer(dk, dv, dtype):
+    """K with f_up / g_up None: the reference applies f_b_proj / g_b_proj to proj's f / g columns.
+    Unfused gates (D_k != D_v): exactly the layer's values; fused (the layer's bmm): the same up to
+    the matmul's accumulation order."""
+    from attnlab.kernels.delta_decode import delta_decode_reference
+
+    mixer = build("K", 2, 2, dk, dv, dtype)
+    given_cache = prefilled(mixer, 2, 5)
+    none_cache = copy.deepcopy(given_cache)
+    x = torch.randn(2, 1, D_MODEL, generator=torch.Generator().manual_seed(4)).to(dtype)
+    proj, f_up, g_up = step_inputs(mixer, x)
+    want = delta_decode_reference(mixer, proj, given_cache, f_up, g_up)
+    o = delta_decode_reference(mixer, proj, none_cache)
+    if dk != dv:
+        assert torch.equal(o, want) and torch.equal(none_cache.state, given_cache.state)
+    else:
+        assert rel_err(o, want) <= TOL[dtype] and rel_err(none_cache.state, given_cache.state) <= TOL[dtype]
+    assert torch.equal(none_cache.conv_state, given_cache.conv_state)
+
+
 @needs_triton
 @torch.no_grad()
 def test_bad_inputs_raise():
@@ -165,6 +191,10 @@ def test_bad_inputs_raise():
         delta_decode_reference(k, proj_k, cache_k, g_up=g_up)
     with pytest.raises(ValueError, match="g_up"):
         delta_decode_reference(k, proj_k, cache_k, f_up, g_up[:, :-1])
+    with pytest.raises(ValueError, match="g_up"):  # f_up without g_up
+        delta_decode_reference(k, proj_k, cache_k, f_up)
+    with pytest.raises(ValueError, match="proj"):  # gates computed from proj: its dtype must be the weights'
+        delta_decode_reference(k, proj_k.double(), cache_k)
     with pytest.raises(ValueError, match="cache.state"):
         delta_decode_reference(g, proj_g[:1], cache_g)  # one row of proj, a cache of two
     with pytest.raises(ValueError, match="cache"):
@@ -189,15 +219,18 @@ def test_cpu_tensors_need_the_interpreter():
 @needs_triton
 @pytest.mark.parametrize("kind, h, hk, d", [
     ("G", 16, 16, 128), ("G", 16, 8, 128), ("K", 16, 16, 128),
-    ("G", 32, 16, 64), ("K", 32, 32, 64),  # the ~1B qwen3-next / kimi-linear presets (8 warps)
+    ("G", 32, 16, 64), ("K", 32, 32, 64),  # the ~1B qwen3-next / kimi-linear presets (4 warps)
 ])
 def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d):
     """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
     ptxas, no GPU needed) at H = 16, D_k = D_v = 128 and at the ~1B presets' D = 64, bf16, with the
-    warps delta_decode launches. With every load issued up front (Triton 3.9): at D = 64 nothing
-    spills (G 121 registers, K 98, 8 warps); at 128 (16 warps) GDN with one value head per key head
-    does not spill (115), with two (its second tile loaded after the first is stored) 8 bytes of
-    stack at 128 registers, KDA 120 bytes (its per-channel decay; 128 before the loads moved up)."""
+    warps delta_decode launches; K as the fused step runs it, its gates' up-projections in the kernel
+    (UP). With every load issued up front (Triton 3.9): at D = 64 (4 warps) nothing spills (G 195
+    registers; K 255 with its 2 x 64 x 64 up-projection weights, 168 with f_up / g_up given); at
+    128 (16 warps) GDN with one value head per key head does not spill (115), with two (its second
+    tile loaded after the first is stored) 8 bytes of stack at 128 registers, KDA 176 bytes with UP
+    (its gates applied as soon as their weights arrive, before the state tile; 560 if applied later,
+    120 with f_up / g_up given)."""
     import os
     import re
     import subprocess
@@ -216,10 +249,12 @@ def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(tools, "ptxas")):
         pytest.skip("Triton's bundled ptxas is missing")
-    # as the fused decode step launches it on an H100: counting the token, with PDL
-    const = dict(kernel_constants(build(kind, h, hk, d, d, d_model=16)), COUNT=True, PDL=True)
+    # as the fused decode step launches it on an H100: counting the token, with PDL, K computing its
+    # gates' up-projections itself (f_up = g_up = None)
+    const = dict(kernel_constants(build(kind, h, hk, d, d, d_model=16)), COUNT=True, PDL=True, UP=kind == "K")
     ptr = dict(proj="*bf16", dec="*bf16", gate="*bf16", conv_w="*bf16", conv_b="*bf16", conv_state="*bf16",
-               a_log="*fp32", dt_bias="*fp32", norm_w="*fp32", state="*fp32", o="*bf16", lengths="*i64")
+               a_log="*fp32", dt_bias="*fp32", norm_w="*fp32", state="*fp32", o="*bf16", lengths="*i64",
+               w_f="*bf16", w_g="*bf16")
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("scale", "eps") else "i32")
            for n in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
@@ -230,13 +265,14 @@ def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d):
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
                                capture_output=True, text=True).stdout
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    print(f"{kind} H={h} H_k={hk} D={d}: {regs} registers, {stack} bytes of stack")
     assert regs <= 255
     if kind == "G" and hk == h or d <= 64:
         assert stack == 0, f"{regs} registers, {stack} bytes of stack"
     elif kind == "G":  # two value heads per program, D = 128: a few bytes (8 with Triton 3.9)
         assert stack <= 32, f"{regs} registers, {stack} bytes of stack"
-    else:  # K at D = 128 spills a little (120 bytes with Triton 3.9)
-        assert stack <= 128, f"{regs} registers, {stack} bytes of stack"
+    else:  # K at D = 128 spills a little (176 bytes with Triton 3.9, its gates computed in the kernel)
+        assert stack <= 256, f"{regs} registers, {stack} bytes of stack"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +294,47 @@ def test_interp_matches_reference_over_steps(kind, h, hk, dk, dv, dtype, conv_dt
     cache = prefilled(mixer, 2, 5, conv_dtype)
     assert cache.state.abs().amax() > 0 and cache.conv_state.abs().amax() > 0
     compare_steps(mixer, cache, 3, TOL[dtype], strided_rows=dtype == torch.float32)
+
+
+@interp
+@pytest.mark.parametrize("h, hk, dk, dv, dtype", [
+    (3, 3, 20, 12, torch.float32),  # odd D_k, D_v and rank (= D_v = 12 in a 16-wide block)
+    (2, 2, 32, 24, torch.float32),  # rank 24 in 32
+    (4, 2, 16, 16, torch.bfloat16),  # two value heads per program, bf16 rounding of f_up / g_up
+    (3, 1, 16, 20, torch.float16),  # three value heads per key head (the third one on its own)
+    (2, 1, 72, 40, torch.float32),  # tile 128 x 64 > 64 x 64: SPLIT, two heads
+])
+@torch.no_grad()
+def test_interp_kda_gates_in_kernel(h, hk, dk, dv, dtype):
+    """K with f_up / g_up None: the kernel's own up-projections (W_f, W_g rows per value head from
+    proj's f / g columns) against the reference's f_b_proj / g_b_proj, over steps (strided proj
+    rows at float32)."""
+    mixer = build("K", h, hk, dk, dv, dtype, seed=h + dk + 1)
+    cache = prefilled(mixer, 2, 5)
+    compare_steps(mixer, cache, 3, TOL[dtype], strided_rows=dtype == torch.float32, gates_given=False)
+
+
+@interp
+@torch.no_grad()
+def test_interp_kda_gates_in_kernel_match_given_gates():
+    """The same step with the gates passed in and computed in the kernel: the same o and state up
+    to the up-projections' accumulation order (float32: 1e-5); a kernel that skipped the gates or
+    used the wrong weight rows fails this."""
+    from attnlab.kernels.delta_decode import delta_decode
+
+    mixer = build("K", 4, 4, 16, 24, seed=7)
+    cache = prefilled(mixer, 2, 5)
+    start, none_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+    x = torch.randn(2, 1, D_MODEL, generator=torch.Generator().manual_seed(8))
+    proj, f_up, g_up = step_inputs(mixer, x)
+    o = delta_decode(mixer, proj, cache, f_up, g_up, count_token=True)
+    o_none = delta_decode(mixer, proj, none_cache, count_token=True)
+    tol = TOL[torch.float32]
+    assert rel_err(o_none, o) <= tol and rel_err(none_cache.state, cache.state) <= tol
+    assert torch.equal(none_cache.conv_state, cache.conv_state)
+    assert torch.equal(none_cache.lengths, cache.lengths)
+    # and not trivially: another head's decay inputs (f_up rolled by one head) give another output
+    assert rel_err(delta_decode(mixer, proj, start, f_up.roll(16, 1), g_up), o) > 1e-3
 
 
 @interp
@@ -339,15 +416,19 @@ def test_interp_empty_batch_and_bias():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind, hk", [("G", 16), ("G", 8), ("K", 16)])
+@pytest.mark.parametrize("kind, h, hk, d, gates_given", [
+    ("G", 16, 16, 128, True), ("G", 16, 8, 128, True), ("K", 16, 16, 128, True),
+    ("K", 16, 16, 128, False), ("K", 32, 32, 64, False),  # K's gates in the kernel (the fused step)
+])
 @pytest.mark.parametrize("batch", [1, 3])
 @torch.no_grad()
-def test_gpu_real_shapes(kind, hk, batch):
-    """Qwen3-Next-style 1B / Kimi Linear heads: H = 16, D_k = D_v = 128, conv 4, bf16 model with a
-    bf16 conv state, after a 64-token prefill; 4 steps against the reference."""
-    mixer = build(kind, 16, hk, 128, 128, torch.bfloat16, device="cuda", d_model=1024)
+def test_gpu_real_shapes(kind, h, hk, d, gates_given, batch):
+    """Qwen3-Next-style 1B / Kimi Linear heads: H = 16, D_k = D_v = 128 (and the ~1B Kimi preset's
+    32 x 64), conv 4, bf16 model with a bf16 conv state, after a 64-token prefill; 4 steps against
+    the reference."""
+    mixer = build(kind, h, hk, d, d, torch.bfloat16, device="cuda", d_model=1024)
     cache = prefilled(mixer, batch, 64, torch.bfloat16)
-    compare_steps(mixer, cache, 4, TOL[torch.bfloat16])
+    compare_steps(mixer, cache, 4, TOL[torch.bfloat16], gates_given=gates_given)
 
 
 @pytest.mark.gpu

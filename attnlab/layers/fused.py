@@ -39,7 +39,7 @@ import torch
 from .. import ops
 from .attention import SlidingKVCache, SoftmaxAttention
 from .common import Residual
-from .deltanet import DeltaRuleMixer, KimiDeltaAttention
+from .deltanet import DeltaRuleMixer
 from .mla import DeepSeekSparseAttention, MultiHeadLatentAttention
 
 ENABLED = os.environ.get("ATTNLAB_FUSED_DECODE", "1") != "0"
@@ -117,19 +117,8 @@ def _delta(mixer: DeltaRuleMixer, h2: torch.Tensor, norm, cache, keep: float, sc
     from ..kernels.delta_decode import delta_decode
 
     proj = gemv(h2, mixer.in_proj.weight, **_norm_args(norm))  # (B, sum(in_sizes))
-    f_up = g_up = None
-    if isinstance(mixer, KimiDeltaAttention):
-        rank = mixer.f_b_proj.in_features
-        fused = mixer.gates_up.weight()
-        if fused is not None and mixer.g_b_proj.out_features == mixer.f_b_proj.out_features:
-            width = mixer.f_b_proj.out_features
-            fg = proj[:, -2 * rank :].reshape(-1, 2, rank).transpose(0, 1)  # (2, B, rank): f, g
-            up = torch.bmm(fg, fused.view(2, width, rank).transpose(1, 2))  # (2, B, width)
-            f_up, g_up = up[0], up[1]
-        else:
-            f_up = mixer.f_b_proj(proj[:, -2 * rank : -rank])  # (B, H*D_k)
-            g_up = mixer.g_b_proj(proj[:, -rank:])  # (B, H*D_v)
-    o = delta_decode(mixer, proj, cache, f_up, g_up, count_token=True)  # (B, H*D_v); caches stepped
+    # K: the gates' up-projections (f_b_proj, g_b_proj) run inside the kernel (f_up = g_up = None)
+    o = delta_decode(mixer, proj, cache, count_token=True)  # (B, H*D_v); caches stepped
     gemv(o, mixer.o_proj.weight, residual=h2, keep=keep, scale=scale)
 
 
