@@ -79,7 +79,7 @@ class Block(nn.Module):
         (this block's entry). ``overwrite``: h is the caller's to
         discard, so the mixer's output projection may add into it in place (HybridLM's hidden states);
         the MLP always may (it adds into a tensor this block made)."""
-        take = rotation is not None and self.takes_rotation
+        take = rotation is not None and self.takes_rotation and self.rotation_key in rotation
         kwargs = {"rotation": rotation[self.rotation_key]} if take else {}
         if cache is not None and overwrite and fused.usable(h) and fused.block_step(self, h, cache, **kwargs):
             return h  # the fused decode step added both branches into h (attnlab.layers.fused)
@@ -152,7 +152,7 @@ class HybridLM(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"tokens: id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         h = self.embed(tokens)  # (B, T, d_model)
-        rotation = self._decode_rotation(tokens, caches)
+        rotation = self._decode_rotation(tokens, caches, fused_step=caches is not None and fused.usable(h))
         previous = self.embed
         for i, block in enumerate(self.blocks):
             # h is ours to overwrite unless a hook on its producer or on the block may have kept it
@@ -163,17 +163,23 @@ class HybridLM(nn.Module):
             return fused.head_step(self, h)  # (B, 1, vocab_size) float32
         return self.lm_head(self.norm(h)).float()  # (B, T, vocab_size)
 
-    def _decode_rotation(self, tokens: torch.Tensor, caches: list[LayerCache] | None):
+    def _decode_rotation(
+        self, tokens: torch.Tensor, caches: list[LayerCache] | None, fused_step: bool = False
+    ):
         """For a decode step (one token per row, with caches): the RoPE factors of the new tokens'
         positions, computed once for all S / W layers (all built from this config: the same rotary
         settings, and their caches hold the same lengths) instead of once per layer, and once for all
-        M (or D) layers: {rotation_key: factors}. None otherwise."""
+        M (or D) layers: {rotation_key: factors}. None otherwise. ``fused_step``: the step takes the
+        fused kernels (attnlab.layers.fused); a key none of whose layers needs tables is skipped
+        (those kernels compute the angles themselves: three launches fewer per step)."""
         if caches is None or tokens.shape[1] != 1:
             return None
         rotations = {}
         for block, cache in zip(self.blocks, caches, strict=True):
             key = block.rotation_key
             if key is None or key in rotations:
+                continue
+            if fused_step and all(fused.computes_rope(b) for b in self.blocks if b.rotation_key == key):
                 continue
             positions = cache.lengths[:, None]  # (B, 1)
             if key == "attention":

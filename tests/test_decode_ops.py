@@ -55,6 +55,35 @@ def test_ops_per_decode_step_do_not_grow(decode_ops, preset):
     assert ref["total"] > r["total"]  # the CPU decomposes rms_norm and runs the torch steps
 
 
+# The fused decode step (attnlab.layers.fused, what a CUDA bf16 step takes; benchmarks/decode_ops.py
+# --branch fused counts each Triton launch of it as the kernel does, computing its torch reference):
+# launches per layer and per step (two periods of the pattern, d_model 256), as counted when it landed
+# (the step without it: llama S 16 per layer, total 39).
+MAX_OPS_FUSED = {
+    "llama": ({"S": 7}, 16),
+    "qwen3-next": ({"G": 5, "S": 8}, 48),
+    "kimi-linear": ({"K": 5, "M": 10}, 52),
+    "deepseek-v3": ({"M": 11}, 24),
+    "deepseek-v32": ({"D": 27}, 59),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(MAX_OPS_FUSED))
+def test_launches_per_fused_decode_step_do_not_grow(decode_ops, preset):
+    per_layer, total = MAX_OPS_FUSED[preset]
+    n_layers = 2 * len(ModelConfig.preset(preset).pattern)
+    model = decode_ops.build(preset, d_model=256, n_kv_heads=2, n_layers=n_layers)
+    r = decode_ops.count_step(model, branch="fused")
+    assert r["host_syncs"] == []
+    for letter, n in per_layer.items():
+        assert r["per_type"][letter]["total"] <= n, (letter, r["per_type"][letter], r["ops"])
+    assert r["total"] <= total, r["total"]
+    assert r["total"] < decode_ops.count_step(model, branch="cuda")["total"]
+    # the stand-ins compute the kernels' torch references: the same logits as the plain CPU step
+    ref = decode_ops.count_step(model, branch="torch")
+    torch.testing.assert_close(r["logits"], ref["logits"], atol=2e-2, rtol=2e-2)
+
+
 def test_counter_sees_added_ops(decode_ops):
     """The guard can fail: an op added to the MLP shows up in the count."""
     model = decode_ops.build("llama", d_model=256, n_kv_heads=2)
@@ -155,7 +184,7 @@ def test_shared_decode_rotation_equals_per_layer(preset):
         with torch.no_grad():
             model(prompt, caches)
             if not share:
-                model._decode_rotation = lambda tokens, caches: None  # each layer its own
+                model._decode_rotation = lambda tokens, caches, fused_step=False: None  # each layer its own
             outs.append(model(prompt[:, :1], caches))
     assert torch.equal(outs[0], outs[1])
 
@@ -397,6 +426,6 @@ def test_shared_decode_rotation_for_mla_layers(preset, pattern):
                 assert set(rotations) == {b.rotation_key for b in model.blocks}
                 assert len({r[0].shape[-1] for r in rotations.values()}) == len(rotations)  # distinct layouts
             else:
-                model._decode_rotation = lambda tokens, caches: None  # each layer its own
+                model._decode_rotation = lambda tokens, caches, fused_step=False: None  # each layer its own
             outs.append(model(prompt[:, :1], caches))
     assert torch.equal(outs[0], outs[1])

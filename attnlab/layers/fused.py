@@ -153,6 +153,15 @@ def _fused_latent(mixer) -> bool:
             and (mixer.q_lora_rank is None or mixer.q_up.weight() is not None))
 
 
+def computes_rope(block) -> bool:
+    """Whether ``block``'s fused decode step rotates q and k with angles its kernel computes (S / W
+    through rope_write, M through latent_write): then the step's shared RoPE tables are not needed."""
+    if block.postnorm or block.watched():
+        return False
+    mixer = block.mixer
+    return (isinstance(mixer, SoftmaxAttention) and mixer.qkv.weight() is not None) or _fused_latent(mixer)
+
+
 def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
     """One decode step of ``block`` (an :class:`attnlab.model.Block`) over h [B, 1, d_model], added
     into h in place. ``rotation``: the step's RoPE factors for this block's mixer (or None). Returns
@@ -189,4 +198,4 @@ def head_step(model, h: torch.Tensor) -> torch.Tensor:
     return logits[:, None]  # (B, 1, vocab)
 
 
-__all__ = ["ENABLED", "block_step", "gemv", "head_step", "usable"]
+__all__ = ["ENABLED", "block_step", "computes_rope", "gemv", "head_step", "usable"]
