@@ -33,14 +33,16 @@ from ._pdl import use_pdl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
-# Launch shape: 64 cache rows per step, 4 warps; enough splits for about WAVES programs per SM, each
-# split at least MIN_SPLIT_SLOTS slots so its loop amortises the partial write. MIN_SPLIT_SLOTS 128
-# measured best of 64 / 128 / 256 on an H100 (2026-11-26: the llama-style 0.84B decode step at 4K
-# context 0.885 / 0.901 / ~0.95 ms, at 32K equal within 0.3%). Compiled for sm_90 on a CPU machine
-# (triton 3.9, benchmarks/sparse_mla_gpu.py's _compile_sm90): bf16 G 4-16 x D 64: 59-64 registers,
-# 36 KB shared memory; D 128: 80 registers, 70 KB; no spills, cp.async pipelined (3 stages); the
-# combine 40 registers.
-BLOCK_N = 64
+# Launch shape: BLOCK_N cache rows per step (half that for heads wider than 128: a 256-wide K and V
+# tile of 128 rows, pipelined 3 deep, would not fit shared memory), 4 warps; enough splits for about
+# WAVES programs per SM, each split at least MIN_SPLIT_SLOTS slots so its loop amortises the partial
+# write. Swept on an H100 inside the fused llama-style 0.84B decode step (2026-11-26, ms per token at
+# 4K / 32K context; BLOCK_N x MIN_SPLIT_SLOTS x warps): 128 x 128 x 4 0.840 / 1.182, 128 x 256 x 4
+# 0.838 / 1.182, 64 x 128 x 4 0.860 / 1.246 (the previous default), 64 x 256 x 4 0.902 / 1.248,
+# 32 x 64 x 8 0.824 / 1.293. Compiled for sm_90 on a CPU machine (triton 3.9, at BLOCK_N 64,
+# benchmarks/sparse_mla_gpu.py's _compile_sm90): bf16 G 4-16 x D 64: 59-64 registers, 36 KB shared
+# memory; D 128: 80 registers, 70 KB; no spills, cp.async pipelined (3 stages); the combine 40 registers.
+BLOCK_N = 128
 NUM_WARPS = 4
 WAVES = 3
 MIN_SPLIT_SLOTS = 128
@@ -202,7 +204,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Te
     G = H // H_kv
     n_splits = max(1, min(n_splits, triton.cdiv(max(1, S_max), 16)))
     per_split = triton.cdiv(max(1, S_max), n_splits)
-    per_split = triton.cdiv(per_split, BLOCK_N) * BLOCK_N  # whole blocks per split
+    block_n = BLOCK_N if max(D, D_v) <= 128 else BLOCK_N // 2
+    if _INTERPRET:
+        block_n = 32  # the interpreter's tiny caches: several blocks per split, several splits
+    per_split = triton.cdiv(per_split, block_n) * block_n  # whole blocks per split
     n_splits = triton.cdiv(max(1, S_max), per_split)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
     op = _empty(B, H, n_splits, D_v, dtype=torch.float32, device=q.device)
@@ -217,7 +222,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Te
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        G=G, BLOCK_G=_pow2(G), D=D, BD=_pow2(D), D_V=D_v, BDV=_pow2(D_v), BLOCK_N=BLOCK_N,
+        G=G, BLOCK_G=_pow2(G), D=D, BD=_pow2(D), D_V=D_v, BDV=_pow2(D_v), BLOCK_N=block_n,
         N_SPLIT=n_splits, PREC=prec, INTERP=_INTERPRET, NV_ADD=int(advance), PDL=pdl, num_warps=NUM_WARPS,
         **launch,
     )
