@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, run_interpreter_suite
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, rel_err, run_interpreter_suite
 
 from attnlab import ops
 from attnlab.ops.softmax import _reference_softmax_attention
@@ -35,9 +35,6 @@ def _poison():
     kd.POISON_OUTPUTS = False
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 def oracle(q, k, v, n_valid, scale=None) -> torch.Tensor:

@@ -18,7 +18,17 @@ import copy
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, run_interpreter_suite
+from _triton_tests import (
+    INTERPRETED,
+    compile_sm90,
+    interp,
+    needs_sm90_toolchain,
+    needs_triton,
+    poison_outputs,
+    rel_err,
+    run_interpreter_suite,
+    sm90_usage,
+)
 
 from attnlab.layers.deltanet import GatedDeltaNet, KimiDeltaAttention
 
@@ -26,22 +36,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 D_MODEL = 32
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    if not HAVE_TRITON:
-        yield
-        return
-    from attnlab.kernels import delta_decode as dd
-
-    dd.POISON_OUTPUTS = True
-    yield
-    dd.POISON_OUTPUTS = False
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
-
+_poison = poison_outputs("delta_decode")
 
 def build(kind: str, h: int, hk: int, dk: int, dv: int, dtype=torch.float32, device="cpu", d_model=D_MODEL,
           seed: int = 0):
@@ -216,7 +211,7 @@ def test_cpu_tensors_need_the_interpreter():
         delta_decode(g, proj, g.new_cache(2, 4))
 
 
-@needs_triton
+@needs_sm90_toolchain
 @pytest.mark.parametrize("kind, h, hk, d", [
     ("G", 16, 16, 128), ("G", 16, 8, 128), ("K", 16, 16, 128),
     ("G", 32, 16, 64), ("K", 32, 32, 64),  # the ~1B qwen3-next / kimi-linear presets (4 warps)
@@ -231,40 +226,18 @@ def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d):
     tile loaded after the first is stored) 8 bytes of stack at 128 registers, KDA 176 bytes with UP
     (its gates applied as soon as their weights arrive, before the state tile; 560 if applied later,
     120 with f_up / g_up given)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ASTSource / GPUTarget")
     from attnlab.kernels.delta_decode import _delta_decode_kernel as fn
     from attnlab.kernels.delta_decode import kernel_constants, num_warps
 
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not os.path.exists(os.path.join(tools, "ptxas")):
-        pytest.skip("Triton's bundled ptxas is missing")
     # as the fused decode step launches it on an H100: counting the token, with PDL, K computing its
     # gates' up-projections itself (f_up = g_up = None)
     const = dict(kernel_constants(build(kind, h, hk, d, d, d_model=16)), COUNT=True, PDL=True, UP=kind == "K")
     ptr = dict(proj="*bf16", dec="*bf16", gate="*bf16", conv_w="*bf16", conv_b="*bf16", conv_state="*bf16",
                a_log="*fp32", dt_bias="*fp32", norm_w="*fp32", state="*fp32", o="*bf16", lengths="*i64",
                w_f="*bf16", w_g="*bf16")
-    sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("scale", "eps") else "i32")
-           for n in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps(const["BK"], const["BV"])))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
-                               capture_output=True, text=True).stdout
-    regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    warps = num_warps(const["BK"], const["BV"])
+    kernel = compile_sm90(fn, const, ptr, floats=("scale", "eps"), num_warps=warps)
+    regs, stack, _ = sm90_usage(kernel)
     print(f"{kind} H={h} H_k={hk} D={d}: {regs} registers, {stack} bytes of stack")
     assert regs <= 255
     if kind == "G" and hk == h or d <= 64:

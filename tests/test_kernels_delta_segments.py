@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, run_interpreter_suite
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, rel_err, run_interpreter_suite
 
 C = 64  # the kernels' chunk
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(out).all(), "output has NaN/inf"
-    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 @pytest.fixture

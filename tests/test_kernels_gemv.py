@@ -18,7 +18,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, run_interpreter_suite
+from _triton_tests import (
+    INTERPRETED,
+    compile_sm90,
+    interp,
+    needs_sm90_toolchain,
+    needs_triton,
+    poison_outputs,
+    rel_err,
+    run_interpreter_suite,
+    sm90_usage,
+)
 
 from attnlab.layers.common import Residual, RMSNorm, SwiGLU
 
@@ -27,22 +37,7 @@ pytestmark = needs_triton  # attnlab.kernels.gemv imports triton
 PROLOGUES = (None, "rmsnorm", "silu_mul", "sigmoid_gate")
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    if not HAVE_TRITON:
-        yield
-        return
-    from attnlab.kernels import gemv as kg
-
-    kg.POISON_OUTPUTS = True
-    yield
-    kg.POISON_OUTPUTS = False
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
-
+_poison = poison_outputs("gemv")
 
 def make(m, n, k, prologue, dtype=torch.float32, device="cpu", seed=0, row_pad=0, zero_centered=False):
     """Inputs of one gemv call: (x, weight, kwargs). ``row_pad`` > 0 makes x (and gate) views with a
@@ -361,20 +356,7 @@ def test_interp_empty_rows_and_custom_ops():
 # CPU: the GPU build (sm_90 compile at the real shapes' default launch; no GPU needed)
 
 
-def _sm90_toolchain() -> bool:
-    if not HAVE_TRITON:
-        return False
-    import importlib.util
-    import os
-
-    import triton
-
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    return importlib.util.find_spec("triton.backends.nvidia") is not None and all(
-        os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump"))
-
-
-@pytest.mark.skipif(INTERPRETED or not _sm90_toolchain(), reason="needs triton's nvidia backend (ptxas)")
+@needs_sm90_toolchain
 @pytest.mark.parametrize("pdl", [False, True])  # attnlab.kernels._pdl: on the H100 it is True
 @pytest.mark.parametrize("m, prologue, residual, out, k, n, config", [
     (1, "rmsnorm", False, "*fp32", 2048, 32768, None),  # the LM head (zero-centered norm, float32 logits)
@@ -388,14 +370,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
     (or the given config), with the 16-divisibility triton specialises on: the elementwise form's
     weight loads are 16-byte evict-first vector loads; the DOT form's go through cp.async (16 bytes)
     to shared memory; nothing spills to local memory."""
-    import os
     import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from attnlab.kernels import gemv as kg
     from attnlab.kernels.gemv import _gemv_kernel as fn
@@ -409,12 +384,10 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
     const = dict(M=m, ROWS=rows, PROLOGUE=kg._PROLOGUE_ID[prologue], ZERO_CENTERED=out == "*fp32",
                  HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PREC="tf32", INTERP=False, PDL=pdl)
     ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out)
-    sig = {a: "constexpr" if a in const else ptr.get(a, "fp32" if a in ("eps", "keep", "scale") else "i32")
-           for a in fn.arg_names}
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
            if a in ptr or a in ("N", "K", "stride_xm", "stride_gm")}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=div), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=warps, num_stages=stages))
+    kernel = compile_sm90(fn, const, ptr, floats=("eps", "keep", "scale"), attrs=div, num_warps=warps,
+                          num_stages=stages)
     ptx = kernel.asm["ptx"]
     if dot:
         assert set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^\n]*, 0x10", ptx)), "no 16-byte cp.async"
@@ -422,13 +395,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
     else:
         weight_loads = re.findall(r"ld\.global\.L1::evict_first[\.\w:]*", ptx)
         assert weight_loads and set(weight_loads) == {"ld.global.L1::evict_first.L2::cache_hint.v4.b32"}
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                               text=True).stdout
-    regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    regs, stack, usage = sm90_usage(kernel)
     assert stack == 0 and regs <= 168, usage
 
 

@@ -16,7 +16,16 @@ import dataclasses
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, run_interpreter_suite
+from _triton_tests import (
+    INTERPRETED,
+    compile_sm90,
+    interp,
+    needs_sm90_toolchain,
+    needs_triton,
+    poison_outputs,
+    run_interpreter_suite,
+    sm90_usage,
+)
 
 from attnlab.config import ModelConfig
 from attnlab.layers.mla import DeepSeekSparseAttention, MultiHeadLatentAttention
@@ -45,17 +54,7 @@ LENGTHS = [3, 0, MAX_LEN - 1]  # per row: a few prefilled tokens, the first toke
 PREFILL = [3, 0, 5]  # tokens each row gets through the layer's own prefill (then the lengths above)
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    if not HAVE_TRITON:
-        yield
-        return
-    from attnlab.kernels import latent_cache
-
-    latent_cache.POISON_OUTPUTS = True
-    yield
-    latent_cache.POISON_OUTPUTS = False
-
+_poison = poison_outputs("latent_cache")
 
 def layer_cfg(d_model=32, **kw) -> ModelConfig:
     base = dict(pattern="M", d_model=d_model, n_layers=1, n_heads=3, q_lora_rank=12, kv_lora_rank=16,
@@ -236,45 +235,23 @@ def test_cpu_tensors_without_interpreter_are_refused():
         latent_write(mla, *inputs(mla, x), cache)
 
 
-@needs_triton
-@pytest.mark.skipif(INTERPRETED, reason="compiles the real kernel, not the interpreter's")
+@needs_sm90_toolchain
 @pytest.mark.parametrize("rope, tables", [(True, False), (True, True), (False, False)])
 def test_compiles_for_sm90_at_real_shapes(rope, tables):
     """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
     ptxas, no GPU needed) at H = 16, dn 128, dr 64, R 512, bf16, with the warps latent_write
     launches; no local memory (spills); in-kernel cos / sin are libdevice's (full range reduction,
     not the MUFU approximation, whose error grows with the angle at long positions)."""
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
-
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ASTSource / GPUTarget")
     from attnlab.kernels.latent_cache import _latent_write_kernel as fn
     from attnlab.kernels.latent_cache import num_warps
 
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not os.path.exists(os.path.join(tools, "ptxas")):
-        pytest.skip("Triton's bundled ptxas is missing")
     const = dict(H=16, DN=128, DR=64, R=512, BR=512, BDR=64, NQ=16 * 192, ROPE=rope, TABLES=tables,
-                 ZERO_CENTERED=False)
+                 ZERO_CENTERED=False, PDL=True)
     ptr = dict(Q="*bf16", KV="*bf16", Q_LAT="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32",
                PARTNER_Q="*i64", PARTNER_K="*i64", NORM_W="*bf16", OUT="*bf16", LATENT="*bf16")
-    sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("eps", "factor") else "i32")
-           for n in fn.arg_names}
-    sig.update(stride_cache_b="i64", stride_cache_s="i64")
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps(512)))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                             text=True).stdout
+    kernel = compile_sm90(fn, const, ptr, floats=("eps", "factor"),
+                          ints=dict(stride_cache_b="i64", stride_cache_s="i64"), num_warps=num_warps(512))
+    _, _, res = sm90_usage(kernel)
     assert "STACK:0 " in res and "LOCAL:0 " in res, res
     ptx = kernel.asm["ptx"]
     if rope and not tables:

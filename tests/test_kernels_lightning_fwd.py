@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, run_interpreter_suite
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(out).all(), "output has NaN/inf"
-    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, rel_err, run_interpreter_suite
 
 
 def make(b, t, h, hk, d_k, d_v, slopes, dtype=torch.float32, device="cpu", seed=0):

@@ -13,13 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, run_interpreter_suite
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(out).all(), "output has NaN/inf"
-    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, rel_err, run_interpreter_suite
 
 
 def oracle(q, k, v, g, beta, scale, h0, delta: bool):

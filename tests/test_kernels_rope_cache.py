@@ -15,7 +15,15 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, run_interpreter_suite
+from _triton_tests import (
+    INTERPRETED,
+    compile_sm90,
+    interp,
+    needs_sm90_toolchain,
+    needs_triton,
+    poison_outputs,
+    run_interpreter_suite,
+)
 
 from attnlab.layers.attention import SoftmaxAttention
 
@@ -34,17 +42,7 @@ MAX_LEN = 40
 LENGTHS = {False: [0, 7, MAX_LEN - 1], True: [1, 9, 22]}
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    if not HAVE_TRITON:
-        yield
-        return
-    from attnlab.kernels import rope_cache
-
-    rope_cache.POISON_OUTPUTS = True
-    yield
-    rope_cache.POISON_OUTPUTS = False
-
+_poison = poison_outputs("rope_cache")
 
 def make(name, dtype=torch.float32, cache_dtype=None, lengths=None, d_model=32, max_len=MAX_LEN, device="cpu",
          seed=0, **overrides):
@@ -259,19 +257,7 @@ def test_interp_torch_compile_keeps_the_op_and_its_cache_writes():
 # CPU: the GPU build (sm_90 compile of every variant at real shapes; no GPU needed)
 
 
-def _sm90_toolchain() -> bool:
-    if not HAVE_TRITON:
-        return False
-    import importlib.util
-    import os
-
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return importlib.util.find_spec("triton.backends.nvidia") is not None and os.path.exists(ptxas)
-
-
-@pytest.mark.skipif(INTERPRETED or not _sm90_toolchain(), reason="needs triton's nvidia backend (ptxas)")
+@needs_sm90_toolchain
 @pytest.mark.parametrize(
     "variant",
     [
@@ -286,20 +272,16 @@ def test_kernel_compiles_for_sm90(variant):
     H100 with triton's own toolchain, and RoPE's cos / sin are the precise libdevice ones (the
     angles reach ~1e6 rad at long context, where approximate sin.approx loses its accuracy)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from attnlab.kernels.rope_cache import _rope_write_kernel as fn
 
     const = dict(H=16, HKV=4, GATE=False, NORM=False, ZERO_CENTERED=False, ROPE=variant["HALF"] > 0,
-                 TABLES=False, RING=False)
+                 TABLES=False, RING=False, PDL=True)
     const.update(variant, BD=triton.next_power_of_2(variant["D"]))
     ptr = dict(QKV="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32", QW="*bf16", KW="*bf16",
                Q_OUT="*bf16", G_OUT="*bf16", K_CACHE="*bf16", V_CACHE="*bf16")
-    ints = "i32"  # strides and sizes as triton passes them below 2^31; offsets are int64 in the kernel
-    sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "eps" else ints) for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=2))
+    # strides and sizes as i32, as triton passes them below 2^31; offsets are int64 in the kernel
+    k = compile_sm90(fn, const, ptr, floats=("eps",), num_warps=2)
     assert k.asm["cubin"]
     rope_in_kernel = const["ROPE"] and not const["TABLES"]
     assert ("__nv_cosf" in k.asm["llir"]) == rope_in_kernel

@@ -16,7 +16,7 @@ import contextlib
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, run_interpreter_suite
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, rel_err, run_interpreter_suite
 
 from attnlab import ops
 
@@ -48,10 +48,6 @@ def tuned(name: str, **params):
         ks.TUNING[name] = old
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    assert torch.isfinite(out).all(), "output has NaN/inf"
-    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def make_sparse(b, t, h, s, topk, d, d_v, h_kv=1, v_prefix=True, dtype=torch.float32, device="cpu", seed=0):
