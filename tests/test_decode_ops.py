@@ -37,18 +37,25 @@ def decode_ops():
     return module
 
 
-@pytest.mark.parametrize("preset", sorted(MAX_OPS))
-def test_ops_per_decode_step_do_not_grow(decode_ops, preset):
-    per_layer, total = MAX_OPS[preset]
-    # two kv heads: the GQA decode kernel's branch, as at the ~1B size (one kv head would take MLA's)
+def counted_within(decode_ops, preset: str, limits: tuple[dict, int], branch: str):
+    """One decode step of ``preset`` (two periods of its pattern, d_model 256, two kv heads: the GQA
+    decode kernel's branch, as at the ~1B size; one kv head would take MLA's) counted on ``branch``,
+    checked against (ops per layer type, ops per step) -> (model, count)."""
+    per_layer, total = limits
     n_layers = 2 * len(ModelConfig.preset(preset).pattern)
     model = decode_ops.build(preset, d_model=256, n_kv_heads=2, n_layers=n_layers)
-    r = decode_ops.count_step(model, branch="cuda")
+    r = decode_ops.count_step(model, branch=branch)
     assert r["host_syncs"] == []
-    assert set(r["per_type"]) == set(per_layer)
     for letter, n in per_layer.items():
         assert r["per_type"][letter]["total"] <= n, (letter, r["per_type"][letter], r["ops"])
     assert r["total"] <= total, r["total"]
+    return model, r
+
+
+@pytest.mark.parametrize("preset", sorted(MAX_OPS))
+def test_ops_per_decode_step_do_not_grow(decode_ops, preset):
+    model, r = counted_within(decode_ops, preset, MAX_OPS[preset], "cuda")
+    assert set(r["per_type"]) == set(MAX_OPS[preset][0])
     # the stand-in Triton launches compute what the torch path computes
     ref = decode_ops.count_step(model, branch="torch")
     torch.testing.assert_close(r["logits"], ref["logits"], atol=2e-2, rtol=2e-2)
@@ -70,14 +77,7 @@ MAX_OPS_FUSED = {
 
 @pytest.mark.parametrize("preset", sorted(MAX_OPS_FUSED))
 def test_launches_per_fused_decode_step_do_not_grow(decode_ops, preset):
-    per_layer, total = MAX_OPS_FUSED[preset]
-    n_layers = 2 * len(ModelConfig.preset(preset).pattern)
-    model = decode_ops.build(preset, d_model=256, n_kv_heads=2, n_layers=n_layers)
-    r = decode_ops.count_step(model, branch="fused")
-    assert r["host_syncs"] == []
-    for letter, n in per_layer.items():
-        assert r["per_type"][letter]["total"] <= n, (letter, r["per_type"][letter], r["ops"])
-    assert r["total"] <= total, r["total"]
+    model, r = counted_within(decode_ops, preset, MAX_OPS_FUSED[preset], "fused")
     assert r["total"] < decode_ops.count_step(model, branch="cuda")["total"]
     # the stand-ins compute the kernels' torch references: the same logits as the plain CPU step
     ref = decode_ops.count_step(model, branch="torch")

@@ -26,19 +26,11 @@ from _triton_tests import (
     run_interpreter_suite,
     sm90_usage,
 )
+from test_layers_mla import YARN
 
 from attnlab.config import ModelConfig
 from attnlab.layers.mla import DeepSeekSparseAttention, MultiHeadLatentAttention
 
-YARN = {
-    "type": "yarn",
-    "factor": 4.0,
-    "original_max_position_embeddings": 16,
-    "mscale": 0.707,
-    "mscale_all_dim": 1.0,
-    "beta_fast": 32,
-    "beta_slow": 1,
-}
 # tiny layer configs (d_model 32): q LoRA or not, interleaved pairs or rotate-half, YaRN, NoPE, and
 # sizes that are not powers of two (R 12, dr 6, dn 5)
 CONFIGS = {

@@ -35,4 +35,9 @@ def use_pdl(device: torch.device) -> bool:
     return _CAPABLE[index]
 
 
-__all__ = ["ENABLED", "use_pdl"]
+def launch_options(pdl: bool) -> dict:
+    """The launch keywords of a kernel launched with (``pdl``) or without PDL."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+__all__ = ["ENABLED", "launch_options", "use_pdl"]

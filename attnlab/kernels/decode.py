@@ -28,7 +28,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_heads_divide, check_same_device, check_tensor
-from ._pdl import use_pdl
+from ._common import output_buffer
+from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
@@ -163,9 +164,7 @@ def _combine(OP, LP, O, LENGTHS, stride_ob, stride_oh, H,
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return output_buffer(shape, dtype, device, POISON_OUTPUTS)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -215,7 +214,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Te
     o = _empty(B, H, D_v, dtype=q.dtype, device=q.device)
     # PDL only for the fused decode step's launch (advance): the other callers run beside torch ops
     pdl = advance and use_pdl(q.device)
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = launch_options(pdl)
     _split_kernel[(n_splits, H_kv, B)](
         q, k, v, n_valid, op, lp,
         scale * LOG2E, S_max, per_split,

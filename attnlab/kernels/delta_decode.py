@@ -62,7 +62,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.deltanet import DeltaRuleCache, GatedDeltaNet, KimiDeltaAttention
-from ._pdl import use_pdl
+from ._pdl import launch_options, use_pdl
 
 POISON_OUTPUTS = False  # tests set this: the output buffer starts as NaN, so an unwritten element fails
 NUM_WARPS: int | None = None  # None: chosen from the state tile (num_warps); a benchmark may set it
@@ -477,7 +477,7 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
         mixer.A_log, mixer.dt_bias, mixer.o_norm.weight, cache.state, o, Dk ** -0.5, float(mixer.o_norm.eps),
         cache.lengths, w_f, w_g, w_f.stride(0), w_g.stride(0), **const, COUNT=bool(count_token), PDL=pdl,
         UP=up,
-        num_warps=num_warps(const["BK"], const["BV"]), **({"launch_pdl": True} if pdl else {}),
+        num_warps=num_warps(const["BK"], const["BV"]), **launch_options(pdl),
     )
     return o
 

@@ -39,7 +39,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
-from ._pdl import use_pdl
+from ._common import norm_weight
+from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 8
@@ -102,11 +103,7 @@ def _x_hat(x_rows, k, x_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.constexpr
     xv = tl.load(x_rows + k, mask=x_ok, other=0.0).to(tl.float32)
     if PROLOGUE == 1:
         nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
-        h = xv * rstd
-        if ZERO_CENTERED:
-            xv = h + h * nw
-        else:
-            xv = h * nw
+        xv = norm_weight(xv * rstd, nw, ZERO_CENTERED)
     elif PROLOGUE == 2:
         up = tl.load(x_rows + K + k, mask=x_ok, other=0.0).to(tl.float32)
         xv = xv * tl.sigmoid(xv) * up
@@ -296,7 +293,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
         HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET, PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
+        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
     )
 
 

@@ -33,7 +33,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.mla import DeepSeekSparseAttention, MLACache, MultiHeadLatentAttention, _rotate
-from ._pdl import use_pdl
+from ._common import norm_weight, output_buffer
+from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an unwritten element fails
@@ -99,10 +100,7 @@ def _latent_write_kernel(
         inv = tl.rsqrt(tl.sum(x * x, 0) / R + eps)
         w = tl.load(NORM_W + r, mask=r_ok, other=0.0).to(tl.float32)
         x = x * inv
-        if ZERO_CENTERED:
-            c_kv = x + x * w  # h·(1 + w) as RMSNorm's addcmul
-        else:
-            c_kv = x * w
+        c_kv = norm_weight(x, w, ZERO_CENTERED)
         c_kv = c_kv.to(KV.dtype.element_ty)  # kv_a_norm's rounding
         cols = R + j  # k_pe's columns in the key row [c_kv | k_pe]
         k_pe = _rope_cols(kv_row, PARTNER_K, cos_row + NQ, sin_row + NQ, FREQ + NQ, cols, j_ok, pos, factor,
@@ -125,9 +123,7 @@ def num_warps(block_r: int) -> int:
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return output_buffer(shape, dtype, device, POISON_OUTPUTS)
 
 
 def _launch(
@@ -153,7 +149,7 @@ def _launch(
         latent.stride(0), latent.stride(1), latent.shape[1], eps, factor,
         H=H, DN=nope_dim, DR=dr, R=R, BR=BR, BDR=triton.next_power_of_2(max(dr, 1)),
         NQ=H * (nope_dim + dr), ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
-        PDL=pdl, num_warps=num_warps(BR), **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, num_warps=num_warps(BR), **launch_options(pdl),
     )
     return out
 

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_heads_divide, check_same_device, check_tensor
+from ._common import output_buffer
 
 CHUNK = 64  # tokens per chunk
 SUB = 16  # rows per block of the triangular solve (and per-channel-gate sub-chunk)
@@ -721,9 +722,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return output_buffer(shape, dtype, device, POISON_OUTPUTS)
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:

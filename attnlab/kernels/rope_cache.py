@@ -34,7 +34,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.attention import KVCache, SlidingKVCache, SoftmaxAttention, _ring_slot, _write_slot
-from ._pdl import use_pdl
+from ._common import norm_weight, output_buffer
+from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an unwritten element fails
@@ -94,10 +95,7 @@ def _rope_write_kernel(
             else:
                 w = tl.load(KW + d, mask=d_ok, other=0.0).to(tl.float32)
             x = x * inv
-            if ZERO_CENTERED:
-                x = x + x * w  # h·(1 + w) as _qk_norm's addcmul
-            else:
-                x = x * w
+            x = norm_weight(x, w, ZERO_CENTERED)  # as _qk_norm
         if ROPE:
             xp = tl.load(src + partner, mask=d_ok, other=0.0).to(tl.float32)  # (BD,) x[partner]
             if NORM:
@@ -105,11 +103,7 @@ def _rope_write_kernel(
                     wp = tl.load(QW + partner, mask=d_ok, other=0.0).to(tl.float32)
                 else:
                     wp = tl.load(KW + partner, mask=d_ok, other=0.0).to(tl.float32)
-                xp = xp * inv
-                if ZERO_CENTERED:
-                    xp = xp + xp * wp
-                else:
-                    xp = xp * wp
+                xp = norm_weight(xp * inv, wp, ZERO_CENTERED)
             if TABLES:
                 c = tl.load(COS + b * stride_cb + d, mask=d_ok, other=1.0)
                 s = tl.load(SIN + b * stride_cb + d, mask=d_ok, other=0.0)
@@ -134,9 +128,7 @@ def _rope_write_kernel(
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return output_buffer(shape, dtype, device, POISON_OUTPUTS)
 
 
 def _launch(
@@ -164,7 +156,7 @@ def _launch(
         k_cache.shape[1], max(window, 1), sinks, eps,
         H=H, HKV=Hkv, D=D, BD=BD, QHEAD=D * (2 if gate else 1), HALF=rope_dim // 2, GATE=gate,
         NORM=q_weight is not None, ZERO_CENTERED=zero_centered, ROPE=rope_dim > 0, TABLES=tables,
-        RING=ring, PDL=pdl, num_warps=1 if BD <= 128 else 2, **({"launch_pdl": True} if pdl else {}),
+        RING=ring, PDL=pdl, num_warps=1 if BD <= 128 else 2, **launch_options(pdl),
     )
     return q, g
 

@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_same_device, check_tensor
+from ._common import output_buffer
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
@@ -718,10 +719,7 @@ def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:  # NaN, or for integer buffers a value no kernel writes
-        fill = float("nan") if dtype.is_floating_point else -(2**40)
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return output_buffer(shape, dtype, device, POISON_OUTPUTS)
 
 
 def _pow2(n: int, lo: int = 16) -> int:

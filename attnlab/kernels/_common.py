@@ -1,0 +1,30 @@
+"""Pieces the Triton kernels share: output buffers that tests can poison, and the RMSNorm weight step."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def output_buffer(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, poison: bool
+) -> torch.Tensor:
+    """An uninitialised output buffer, or with ``poison`` (a module's POISON_OUTPUTS, set by the tests)
+    one filled with NaN — for integer buffers a value no kernel writes — so an element a kernel fails
+    to write fails the test."""
+    if poison:
+        fill = float("nan") if dtype.is_floating_point else -(2**40)
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def norm_weight(h, w, ZERO_CENTERED: tl.constexpr):
+    """The weight step of attnlab's RMSNorm on normalised float32 ``h``: ``h * w``, or ``h + h * w``
+    (``h * (1 + w)`` as the layer's addcmul) when zero-centered."""
+    if ZERO_CENTERED:
+        out = h + h * w
+    else:
+        out = h * w
+    return out
