@@ -436,6 +436,7 @@ def test_interp_triton_topk_equals_oracle(causal, one_program, monkeypatch):
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if one_program else 0)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
     scores = _tie_scores(2, 2, 300, seed=1)
     for topk in (1, 40, 350):
         want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
@@ -454,6 +455,7 @@ def test_interp_triton_topk_decode_row_long(one_program, monkeypatch):
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 4096 if one_program else 1999)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)  # one row may take the one-program path
     gen = torch.Generator().manual_seed(2)
     scores = torch.randint(-3, 4, (1, 1, 2000), generator=gen).float()
     scores[0, 0, 1900:] = float("-inf")  # past the row's length
@@ -476,6 +478,7 @@ def test_interp_topk_one_program_edge_cases(monkeypatch):
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 100)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
     gen = torch.Generator().manual_seed(11)
     neg = -(torch.randint(0, 6, (2, 3, 100), generator=gen).float() / 2) - 0.25  # all negative, tied
     zeros = torch.zeros(2, 3, 100)
@@ -509,6 +512,68 @@ def test_interp_topk_one_program_edge_cases(monkeypatch):
     assert torch.equal(ks.dsa_topk(long, 9), ops.dsa_topk(long, 9, mode="torch")) and calls
 
 
+def _assert_same_set_in_position_order(got: torch.Tensor, want: torch.Tensor) -> None:
+    """got (unsorted top-k) holds want's positions (sorted top-k) per row, in ascending position
+    order, with -1 exactly where want has -1 (here: only after the taken finite scores)."""
+    assert got.shape == want.shape
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    for row in got.reshape(-1, got.shape[-1]):
+        pos = row[row >= 0]
+        assert bool((pos[1:] > pos[:-1]).all()), row
+
+
+@interp
+@pytest.mark.parametrize("one_program", [True, False])
+def test_interp_topk_unsorted_same_set_in_position_order(one_program, monkeypatch):
+    """sort=False (a decode step's top-k): the oracle's positions, ties to the earlier position,
+    -inf and causally hidden positions -1, k above the visible count and above S, in position order,
+    on both paths (no _topk_rank launch); the op passes sort through."""
+    from attnlab.kernels import sparse as ks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the rank pass ran")
+
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if one_program else 0)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
+    monkeypatch.setattr(ks, "_topk_rank", refuse)
+    scores = _tie_scores(2, 2, 300, seed=5)
+    for topk in (1, 40, 350):
+        for causal in (True, False):
+            want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
+            _assert_same_set_in_position_order(ks.dsa_topk(scores, topk, causal=causal, sort=False), want)
+    _assert_same_set_in_position_order(ops.dsa_topk(scores, 40, mode="triton", sort=False),
+                                       ops.dsa_topk(scores, 40, mode="torch"))
+
+
+@interp
+def test_interp_topk_decode_rows_take_the_multi_program_path(monkeypatch):
+    """A decode row (few rows per SM) is split over many programs even when short enough for the
+    one-program path; many rows keep the one-program path."""
+    from attnlab.kernels import sparse as ks
+
+    launched = []
+    for name in ("_topk_row", "_topk_hist"):
+        original = getattr(ks, name)
+
+        class Spy:
+            def __init__(self, name, original):
+                self.name, self.original = name, original
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.original[grid]
+
+        monkeypatch.setattr(ks, name, Spy(name, original))
+    scores = _tie_scores(1, 1, 200, seed=6)
+    assert torch.equal(ks.dsa_topk(scores, 30), ops.dsa_topk(scores, 30, mode="torch"))
+    assert "_topk_hist" in launched and "_topk_row" not in launched
+    launched.clear()
+    many = _tie_scores(2, 4, 200, seed=7)  # 8 rows >= 0.5 per SM of the interpreter's 4
+    assert torch.equal(ks.dsa_topk(many, 30), ops.dsa_topk(many, 30, mode="torch"))
+    assert launched == ["_topk_row"]
+
+
 @interp
 def test_interp_topk_one_program_then_rank_launch(monkeypatch):
     """TOPK_ONE_PROGRAM_SORT = False: _topk_row leaves the k taken to _topk_rank (two launches);
@@ -517,6 +582,7 @@ def test_interp_topk_one_program_then_rank_launch(monkeypatch):
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_SORT", False)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
     monkeypatch.setattr(ks, "_topk_hist", None)  # the multi-program path must not run
     scores = _tie_scores(2, 2, 150, seed=4)
     for topk, causal in ((40, True), (60, False), (170, True)):
@@ -809,6 +875,7 @@ def test_gpu_topk_one_program_equals_oracle(shape, monkeypatch):
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", max(ks.TOPK_ONE_PROGRAM_MAX, shape[2]))
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
     gen = torch.Generator(device="cuda").manual_seed(shape[2])
     scores = (torch.randn(shape, device="cuda", generator=gen) * 4).round() / 4
     scores[-1, -1, shape[2] // 2:] = float("-inf")
@@ -817,15 +884,33 @@ def test_gpu_topk_one_program_equals_oracle(shape, monkeypatch):
         for topk in (2048, 100):
             want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
             assert torch.equal(ks.dsa_topk(scores, topk, causal=causal), want), (topk, causal)
+            _assert_same_set_in_position_order(ks.dsa_topk(scores, topk, causal=causal, sort=False), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 1, 32768), (2, 1, 131072), (1, 1, 3000)])
+def test_gpu_topk_decode_unsorted_equals_oracle(shape):
+    """The decode dispatch (multi-program for a few rows) unsorted: the oracle's set in position order."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator(device="cuda").manual_seed(shape[2] + 1)
+    scores = (torch.randn(shape, device="cuda", generator=gen) * 4).round() / 4
+    scores[-1, -1, shape[2] // 2:] = float("-inf")
+    for topk in (2048, 100):
+        want = ops.dsa_topk(scores, topk, causal=False, mode="torch")
+        _assert_same_set_in_position_order(ks.dsa_topk(scores, topk, causal=False, sort=False), want)
+        assert torch.equal(ks.dsa_topk(scores, topk, causal=False), want)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("s", [4096, 300000])
-def test_gpu_topk_cuda_graph_both_paths(s):
+def test_gpu_topk_cuda_graph_both_paths(s, monkeypatch):
     """The Triton top-k has no host sync: both paths (one program per row at 4K, multi-program at
     300K) captured in a CUDA graph and replayed on new scores."""
+    from attnlab.kernels import sparse as ks
     from attnlab.kernels.sparse import dsa_topk
 
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
     scores = torch.randn(1, 1, s, device="cuda")
     dsa_topk(scores, 2048)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

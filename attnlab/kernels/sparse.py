@@ -592,10 +592,11 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
 
 @triton.jit
 def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, stride_sel,
-                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr):
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr):
     """The taken keys of chunk c of row r, in position order, into SEL[r, slot] as int64 sort keys
-    (key << 32) | (S - 1 - position): a bigger one is a higher score, then an earlier position. A
-    chunk's first slot counts the keys taken in the chunks before it (from CNT)."""
+    (key << 32) | (S - 1 - position): a bigger one is a higher score, then an earlier position; with
+    POSITIONS the positions themselves (-1 for a -inf score): the unsorted result. A chunk's first
+    slot counts the keys taken in the chunks before it (from CNT)."""
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
@@ -620,8 +621,11 @@ def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, strid
         take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
         take_i = take.to(tl.int32)
         dst = slot + tl.cumsum(take_i, 0) - 1
-        sort_key = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-        tl.store(sel + dst, sort_key, mask=take)
+        if POSITIONS:
+            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
+        else:
+            val = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+        tl.store(sel + dst, val, mask=take)
         slot += tl.sum(take_i, 0)
         eq_seen += tl.sum(eq, 0)
 
@@ -648,18 +652,20 @@ def _topk_rank(SEL, OUT, S, k_eff, stride_sel, stride_out, BLOCK_I: tl.constexpr
 
 @triton.jit
 def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
-              CAUSAL: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr):
+              CAUSAL: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr,
+              POSITIONS: tl.constexpr):
     """The whole top-k of one short row per program (decode and short prefill rows): the four
     histogram levels of _topk_hist with the histograms in registers (no atomics, no zero fill),
     then the earliest `need` ties and every key above the k-th written in position order as the
     int64 sort keys of _topk_write, and -1 in OUT's slots k_eff..topk. SORT: the keys go into OUT's
     own row (topk >= k_eff slots: no scratch buffer), are read back, sorted descending (bitonic,
     KP = next power of two >= k_eff) and stored as positions (-1 for a -inf score): one launch.
-    Else they go to SEL's row for _topk_rank (a second launch)."""
+    Else they go to SEL's row for _topk_rank (a second launch). POSITIONS (not SORT): the positions
+    themselves go into OUT in position order (-1 for a -inf score): the unsorted result, one launch."""
     r = tl.program_id(0)
     row_off = r.to(tl.int64) * stride_r
     out = OUT + r.to(tl.int64) * stride_out
-    sel = out if SORT else SEL + r.to(tl.int64) * stride_sel
+    sel = out if (SORT or POSITIONS) else SEL + r.to(tl.int64) * stride_sel
     qpos = S - T + r % T
     bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
@@ -696,8 +702,11 @@ def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
         take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < k_rem))
         take_i = take.to(tl.int32)
         dst = slot + tl.cumsum(take_i, 0) - 1
-        sort_key = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-        tl.store(sel + dst, sort_key, mask=take)
+        if POSITIONS:
+            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
+        else:
+            val = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+        tl.store(sel + dst, val, mask=take)
         slot += tl.sum(take_i, 0)
         eq_seen += tl.sum(eq, 0)
     if SORT:
@@ -1192,7 +1201,11 @@ def dsa_index_scores(
     block_t = min(block_t, _pow2(T, 1))  # decode (T = 1): no tile rows of absent queries
     block_t = max(block_t, triton.cdiv(16, bh))  # the dot needs >= 16 rows
     n_tblk = triton.cdiv(T, block_t)
-    s_chunk = triton.cdiv(cfg["S_CHUNK"], cfg["BLOCK_S"]) * cfg["BLOCK_S"]
+    s_chunk = cfg["S_CHUNK"]
+    if T == 1:  # decode: chunks small enough for ~INDEX_DECODE_PROGRAMS_PER_SM programs per SM
+        target = INDEX_DECODE_PROGRAMS_PER_SM * _num_sms(q.device)
+        s_chunk = min(s_chunk, max(cfg["BLOCK_S"], _pow2(triton.cdiv(B * S, target), 1)))
+    s_chunk = triton.cdiv(s_chunk, cfg["BLOCK_S"]) * cfg["BLOCK_S"]
     n_schunk = triton.cdiv(S, s_chunk)
     ks = k_scale if fp8 else out
     _index_scores_kernel[(B * n_tblk * n_schunk,)](
@@ -1209,6 +1222,13 @@ def dsa_index_scores(
     return out
 
 
+# Decode (T = 1) index scores: a row's keys are cut into chunks (at most TUNING["index_decode"]
+# ["S_CHUNK"]) so that there are about this many programs per SM. H100, 2026-11-26, one decode row,
+# 64 heads x 128, bf16 (kernel time in a CUDA graph): S = 4K: 47.6 us at 4096-key chunks (one program),
+# 13.2 at 1024, 4.8 at 256, 2.9 at 64; 32K: 47.8 / 13.6 / 5.4 (256) / 5.1 (128) / 6.3 (64); 128K: 48.1 /
+# 13.9 (1024) / 13.7 (256) / 16.1 (128); at 1M 4096 was best (the third session's sweep).
+INDEX_DECODE_PROGRAMS_PER_SM = 2
+
 # Programs per SM the top-k passes aim for: chunks of a row are split across programs until the
 # rows x chunks reach this (a decode row of 1M scores: 4 x 132 chunks of 2048).
 TOPK_PROGRAMS_PER_SM = 4
@@ -1221,6 +1241,12 @@ TOPK_MAX_CHUNKS = 1024  # a row's chunk counts are read as one vector by _topk_w
 # (2026-11-26, one decode row, k = 2048): one program 0.060 ms vs multi-program 0.145 ms at 4K, but
 # 0.207 vs 0.161 ms at 32K (a single program streams the whole row six times).
 TOPK_ONE_PROGRAM_MAX = 16384
+# ... and only when there are at least this many rows per SM: a few long rows (decode) take the
+# multi-program passes. H100, 2026-11-26, ONE decode row, k = 2048, kernels in a CUDA graph: S = 4K
+# one program (sorted) 64.2 us, one program + rank 36.7, multi-program 34.1 (torch.topk unsorted 28.6);
+# 32K: 215.7 / 175.3 / 35.0 (44.7); 128K: 771.9 / 714.1 / 36.0 (54.5). (The 16K limit above came from
+# a run whose 4K and 32K figures these contradict; it stays for many short rows, e.g. prefill.)
+TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
 # (two launches: k^2 comparisons over many programs). Also False after the sorting variant failed
@@ -1228,7 +1254,7 @@ TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of
 TOPK_ONE_PROGRAM_SORT = True
 
 
-def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tensor:
+def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = True) -> torch.Tensor:
     """``attnlab.ops.dsa_topk`` in Triton: the same indices, ties to the earlier position.
 
     A radix select on the scores' order-preserving int32 keys: four 256-bin histogram passes (8
@@ -1245,10 +1271,12 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
             last T of S positions. -inf marks an unusable position.
         topk: k >= 1; may exceed S.
         causal: True: positions s > S - T + t are invisible to query t (needs S >= T).
+        sort: True: by score descending. False: the same set in POSITION order, without the rank
+            pass (a decode step's sparse attention does not care about the order): one launch fewer.
 
     Returns:
-        int64 [B, T, topk], by score descending, ties to the earlier position; -1 for -inf scores
-        and past S, last.
+        int64 [B, T, topk], by score descending (sort) or position (not sort), ties to the earlier
+        position; -1 for -inf scores and past S (sorted: last; unsorted: where the -inf positions are).
     """
     check_tensor("scores", scores, 3, "[B, T, S]")
     B, T, S = scores.shape
@@ -1260,7 +1288,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
         raise ValueError(f"scores: S={S} positions do not fit the kernel's int32 positions")
     k_eff = min(topk, S)
     R = B * T
-    one_program = 0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
+    one_program = (0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
+                   and R >= TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM * _num_sms(scores.device))
     if one_program and R > 0:  # _topk_row writes every slot: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
@@ -1271,7 +1300,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
     if sc.dtype != torch.float32 or sc.stride(-1) != 1:
         sc = sc.to(torch.float32).contiguous()
     if one_program:
-        _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal)  # (R, topk)
+        _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
         return out
     target = TOPK_PROGRAMS_PER_SM * _num_sms(scores.device)
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
@@ -1279,15 +1308,17 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
     n_chunks = triton.cdiv(S, chunk)
     hist = torch.zeros(R, 4, 256, dtype=torch.int32, device=scores.device)
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=scores.device)
-    sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device)
+    res = out.view(R, topk)  # (R, topk)
+    sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device) if sort else res
     grid = (R * n_chunks,)
     args = (sc, hist, S, T, chunk, sc.stride(0), k_eff, n_chunks)
     for level in range(4):
         _topk_hist[grid](*args, LEVEL=level, CAUSAL=causal, BLOCK=TOPK_BLOCK, num_warps=8)
     _topk_count[grid](sc, hist, cnt, *args[2:], CAUSAL=causal, BLOCK=TOPK_BLOCK, num_warps=8)
     _topk_write[grid](sc, hist, cnt, sel, *args[2:], sel.stride(0), CAUSAL=causal, BLOCK=TOPK_BLOCK,
-                      BCH=_pow2(n_chunks, 2), num_warps=8)
-    res = out.view(R, topk)  # (R, topk)
+                      BCH=_pow2(n_chunks, 2), POSITIONS=not sort, num_warps=8)
+    if not sort:  # _topk_write stored the positions themselves, in position order
+        return out
     block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(scores.device) else 16  # decode: more programs
     _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
                                                 BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
@@ -1295,18 +1326,24 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True) -> torch.Tens
 
 
 def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
-                      causal: bool) -> None:
+                      causal: bool, sort: bool = True) -> None:
     """_topk_row over the R rows of sc [R, S] into res [R, topk]: sorted in the program
     (TOPK_ONE_PROGRAM_SORT), else by _topk_rank in a second launch; falls back to the latter if the
-    sorting variant does not build here."""
+    sorting variant does not build here. Not ``sort``: positions in position order, one launch."""
     global TOPK_ONE_PROGRAM_SORT
     R = sc.shape[0]
+    if not sort:
+        _topk_row[(R,)](sc, res, res, S, T, sc.stride(0), res.stride(0), res.stride(0), k_eff, topk,
+                        CAUSAL=causal, BLOCK=TOPK_BLOCK, KP=_pow2(k_eff), SORT=False, POSITIONS=True,
+                        num_warps=8)
+        return
     while True:
         sort = TOPK_ONE_PROGRAM_SORT
         sel = res if sort else torch.empty(R, k_eff, dtype=torch.int64, device=sc.device)
         try:
             _topk_row[(R,)](sc, res, sel, S, T, sc.stride(0), res.stride(0), sel.stride(0), k_eff, topk,
-                            CAUSAL=causal, BLOCK=TOPK_BLOCK, KP=_pow2(k_eff), SORT=sort, num_warps=8)
+                            CAUSAL=causal, BLOCK=TOPK_BLOCK, KP=_pow2(k_eff), SORT=sort, POSITIONS=False,
+                            num_warps=8)
             break
         except _LAUNCH_ERRORS as e:
             if not sort or _INTERPRET or not sc.is_cuda or not ALLOW_FALLBACK or not _is_compile_failure(e):

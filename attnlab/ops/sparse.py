@@ -101,7 +101,9 @@ def _ordered_keys(scores: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int64) << 32) + tiebreak  # (..., S)
 
 
-def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, mode: str = "auto") -> torch.Tensor:
+def dsa_topk(
+    scores: torch.Tensor, topk: int, causal: bool = True, mode: str = "auto", sort: bool = True
+) -> torch.Tensor:
     """Top-k positions per query, causal.
 
     Args:
@@ -113,6 +115,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, mode: str = "
         mode: "torch" (one int64 top-k over sort keys); "triton" (attnlab.kernels.sparse.dsa_topk, a
             radix select over many programs per row: the decode path at 1M); "auto" = triton for
             CUDA tensors outside torch.compile, else torch. Every mode returns the same indices.
+        sort: True: ordered as below. False: the same set of positions in an unspecified order (the
+            Triton kernel: position order, one pass fewer; the torch path still sorts) — for a consumer
+            that does not care, such as a decode step's sparse attention.
 
     Returns:
         indices: int64 [B, T, topk], ordered by score descending. Ties are broken deterministically
@@ -129,7 +134,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, mode: str = "
         )
     kernel = _topk_kernel(mode, scores)
     if kernel is not None:
-        return kernel(scores, topk, causal=causal)
+        return kernel(scores, topk, causal=causal, sort=sort)
     k_eff = min(topk, S)
     out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
     pos = torch.arange(S, device=scores.device)  # (S,)
