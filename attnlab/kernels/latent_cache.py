@@ -32,13 +32,29 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
-from ..layers.mla import DeepSeekSparseAttention, MLACache, MultiHeadLatentAttention, _rotate
+from ..layers.mla import DeepSeekSparseAttention, DSACache, MLACache, MultiHeadLatentAttention, _rotate
 from ._common import norm_weight, output_buffer
 from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an unwritten element fails
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _cos_sin(COS, SIN, FREQ, cols, ok, pos, factor, TABLES: tl.constexpr):
+    """cos and sin of columns ``cols`` from the tables, or from the angle pos·freq with YaRN's
+    factor on the rotated columns (MultiHeadLatentAttention.rotation: cos of a passed-through column,
+    freq 0, stays 1; its sin is 0 either way)."""
+    if TABLES:
+        c = tl.load(COS + cols, mask=ok, other=1.0)
+        s = tl.load(SIN + cols, mask=ok, other=0.0)
+    else:  # float32(p) * signed freq
+        f = tl.load(FREQ + cols, mask=ok, other=0.0)
+        angle = pos.to(tl.float32) * f
+        c = tl.where(f != 0.0, tl.cos(angle) * factor, 1.0)
+        s = tl.sin(angle) * factor
+    return c, s
 
 
 @triton.jit
@@ -51,29 +67,37 @@ def _rope_cols(ROW, PARTNER, COS, SIN, FREQ, cols, ok, pos, factor,
     if ROPE:
         partner = tl.load(PARTNER + cols, mask=ok, other=0)
         xp = tl.load(ROW + partner, mask=ok, other=0.0).to(tl.float32)  # x[partner]
-        if TABLES:
-            c = tl.load(COS + cols, mask=ok, other=1.0)
-            s = tl.load(SIN + cols, mask=ok, other=0.0)
-        else:  # MultiHeadLatentAttention.rotation: float32(p) * signed freq; cos, sin times the factor
-            angle = pos.to(tl.float32) * tl.load(FREQ + cols, mask=ok, other=0.0)
-            c = tl.cos(angle) * factor
-            s = tl.sin(angle) * factor
+        c, s = _cos_sin(COS, SIN, FREQ, cols, ok, pos, factor, TABLES)
         x = x * c + xp * s
     return x
 
 
 @triton.jit
+def _layer_norm_cols(ROW, W, B_, cols, ok, mean, rstd):
+    """nn.LayerNorm of columns ``cols`` of ROW given the row's float32 mean and rstd: float32,
+    rounded to ROW's dtype as the module's output is."""
+    x = tl.load(ROW + cols, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    bias = tl.load(B_ + cols, mask=ok, other=0.0).to(tl.float32)
+    return ((x - mean) * rstd * w + bias).to(ROW.dtype.element_ty)
+
+
+@triton.jit
 def _latent_write_kernel(
     Q, KV, Q_LAT, LENGTHS, COS, SIN, FREQ, PARTNER_Q, PARTNER_K, NORM_W, OUT, LATENT,
+    QI, W_OUT, INDEX_KEYS, K_NORM_W, K_NORM_B,
     stride_qb, stride_kvb, stride_lb, stride_lh, stride_cb,
-    stride_cache_b, stride_cache_s, S, eps, factor,
+    stride_cache_b, stride_cache_s, stride_ik_b, stride_ik_s, S, eps, factor, k_eps, w_scale,
     H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr,
     BR: tl.constexpr, BDR: tl.constexpr, NQ: tl.constexpr,
+    INDEX: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
     ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
-    outside [0, S)."""
+    outside [0, S). With INDEX (a DSA layer): h == H + 1 writes INDEX_KEYS[b, lengths[b]] =
+    rope(layernorm(k_I)) (same slot rule) and W_OUT[b] = float32(w_I) * w_scale; h = H + 2 + i writes
+    QI[b, i] = rope(q_I head i)."""
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
         gdc_launch_dependents()
         gdc_wait()
@@ -84,8 +108,11 @@ def _latent_write_kernel(
     j = tl.arange(0, BDR)
     j_ok = j < DR
     pos = tl.load(LENGTHS + b).to(tl.int64)
+    # (a scalar & a block mask trips the interpreter: fold the slot test into the bounds)
+    room = (pos >= 0) & (pos < S)
     cos_row = COS + b * stride_cb
     sin_row = SIN + b * stride_cb
+    kv_row = KV + b * stride_kvb
     if h < H:  # head h of the absorbed query
         out_row = OUT + (b * H + h) * (R + DR)
         lat = tl.load(Q_LAT + b * stride_lb + h * stride_lh + r, mask=r_ok)
@@ -94,8 +121,7 @@ def _latent_write_kernel(
         q_pe = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, j_ok, pos, factor,
                           ROPE, TABLES)
         tl.store(out_row + R + j, q_pe.to(OUT.dtype.element_ty), mask=j_ok)  # OUT has q's dtype: one rounding
-    else:  # the latent row: norm, rope, cache store
-        kv_row = KV + b * stride_kvb
+    elif h == H:  # the latent row: norm, rope, cache store
         x = tl.load(kv_row + r, mask=r_ok, other=0.0).to(tl.float32)  # (BR,) c_kv
         inv = tl.rsqrt(tl.sum(x * x, 0) / R + eps)
         w = tl.load(NORM_W + r, mask=r_ok, other=0.0).to(tl.float32)
@@ -106,11 +132,38 @@ def _latent_write_kernel(
         k_pe = _rope_cols(kv_row, PARTNER_K, cos_row + NQ, sin_row + NQ, FREQ + NQ, cols, j_ok, pos, factor,
                           ROPE, TABLES)
         k_pe = k_pe.to(KV.dtype.element_ty)  # _rotate's rounding
-        # (a scalar & a block mask trips the interpreter: fold the slot test into the bounds)
-        room = (pos >= 0) & (pos < S)
         dst = LATENT + b * stride_cache_b + pos * stride_cache_s  # 64-bit: B·S·(R+dr) may pass 2^31
         tl.store(dst + r, c_kv.to(LATENT.dtype.element_ty), mask=r < tl.where(room, R, 0))
         tl.store(dst + R + j, k_pe.to(LATENT.dtype.element_ty), mask=j < tl.where(room, DR, 0))
+    elif INDEX:
+        d = tl.arange(0, BDI)
+        d_ok = d < DI
+        if h == H + 1:  # the indexer key: LayerNorm, rope on its first dims, cache store; the head weights
+            k_row = kv_row + R + DR  # the key row is [c_kv | k_pe | k_I]: k_I's columns start at R + dr
+            x = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
+            mean = tl.sum(x, 0) / DI
+            xc = tl.where(d_ok, x - mean, 0.0)
+            rstd = tl.rsqrt(tl.sum(xc * xc, 0) / DI + k_eps)
+            k = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, d, d_ok, mean, rstd).to(tl.float32)
+            if ROPE:  # x[partner] is the partner column's LayerNorm output: normalised again from its load
+                partner = tl.load(PARTNER_K + R + DR + d, mask=d_ok, other=R + DR) - (R + DR)
+                kp = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, partner, d_ok, mean, rstd).to(tl.float32)
+                c, s = _cos_sin(cos_row + NQ + R + DR, sin_row + NQ + R + DR, FREQ + NQ + R + DR, d, d_ok,
+                                pos, factor, TABLES)
+                k = k * c + kp * s
+            k = k.to(KV.dtype.element_ty)  # _rotate's rounding
+            dst = INDEX_KEYS + b * stride_ik_b + pos * stride_ik_s
+            tl.store(dst + d, k.to(INDEX_KEYS.dtype.element_ty), mask=d < tl.where(room, DI, 0))
+            e = tl.arange(0, BHI)
+            e_ok = e < HI
+            w_i = tl.load(k_row + DI + e, mask=e_ok, other=0.0).to(tl.float32) * w_scale
+            tl.store(W_OUT + b * HI + e, w_i, mask=e_ok)
+        else:  # indexer query head i: rope on its first dims
+            i = h - H - 2
+            cols = H * (DN + DR) + i * DI + d  # its columns in the query row [q heads | indexer q heads]
+            q_i = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, d_ok, pos, factor,
+                             ROPE, TABLES)
+            tl.store(QI + (b * HI + i) * DI + d, q_i.to(QI.dtype.element_ty), mask=d_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,30 +184,44 @@ def _launch(
     cos: torch.Tensor | None, sin: torch.Tensor | None, freq: torch.Tensor | None,
     partner_q: torch.Tensor | None, partner_k: torch.Tensor | None, norm_weight: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
-) -> torch.Tensor:
+    index_keys: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+    k_norm_bias: torch.Tensor | None = None, index_n_heads: int = 0, index_head_dim: int = 0,
+    k_eps: float = 0.0, w_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One launch; with ``index_keys`` (a DSA layer) also the indexer's part -> (q_abs, q_idx, w)
+    (the last two None without it)."""
     B, H, R = q_lat.shape
     dr = rope_dim
+    index = index_keys is not None
+    HI, DI = (index_n_heads, index_head_dim) if index else (0, 0)
     out = _empty(B, H, R + dr, dtype=q.dtype, device=q.device)
+    q_idx = _empty(B, HI, DI, dtype=q.dtype, device=q.device) if index else None
+    w = _empty(B, HI, dtype=torch.float32, device=q.device) if index else None
     rope = partner_q is not None
     tables = cos is not None
     stride_cb = cos.stride(0) if tables and cos.shape[0] > 1 else 0  # one row of tables: broadcast
     BR = triton.next_power_of_2(R)
     dummy = q  # never read: an argument its constexpr switch leaves unused
     pdl = use_pdl(q.device)
-    _latent_write_kernel[(B, H + 1)](
+    _latent_write_kernel[(B, H + 1 + (1 + HI if index else 0))](
         q, kv, q_lat, lengths, cos if tables else dummy, sin if tables else dummy,
         freq if freq is not None else dummy, partner_q if rope else dummy, partner_k if rope else dummy,
         norm_weight, out, latent,
+        q_idx if index else dummy, w if index else dummy, index_keys if index else dummy,
+        k_norm_weight if index else dummy, k_norm_bias if index else dummy,
         q.stride(0), kv.stride(0), q_lat.stride(0), q_lat.stride(1), stride_cb,
-        latent.stride(0), latent.stride(1), latent.shape[1], eps, factor,
+        latent.stride(0), latent.stride(1), index_keys.stride(0) if index else 0,
+        index_keys.stride(1) if index else 0, latent.shape[1], eps, factor, k_eps, w_scale,
         H=H, DN=nope_dim, DR=dr, R=R, BR=BR, BDR=triton.next_power_of_2(max(dr, 1)),
-        NQ=H * (nope_dim + dr), ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
+        NQ=H * (nope_dim + dr) + HI * DI, INDEX=index, HI=HI, DI=DI,
+        BHI=triton.next_power_of_2(max(HI, 1)), BDI=triton.next_power_of_2(max(DI, 1)),
+        ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
         PDL=pdl, num_warps=num_warps(BR), **launch_options(pdl),
     )
-    return out
+    return out, q_idx, w
 
 
-# The launcher as a custom op mutating the cache: torch.compile keeps it as one opaque call.
+# The launchers as custom ops mutating the cache: torch.compile keeps each as one opaque call.
 @torch.library.custom_op("attnlab::latent_write", mutates_args=("latent",))
 def _latent_write_op(
     q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor, lengths: torch.Tensor, latent: torch.Tensor,
@@ -163,7 +230,7 @@ def _latent_write_op(
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
 ) -> torch.Tensor:
     return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
-                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered)
+                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered)[0]
 
 
 @_latent_write_op.register_fake
@@ -173,23 +240,65 @@ def _(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_
     return q.new_empty(B, H, R + rope_dim)
 
 
+@torch.library.custom_op("attnlab::dsa_latent_write", mutates_args=("latent", "index_keys"))
+def _dsa_latent_write_op(
+    q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor, lengths: torch.Tensor, latent: torch.Tensor,
+    index_keys: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, freq: torch.Tensor | None,
+    partner_q: torch.Tensor | None, partner_k: torch.Tensor | None, norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor, k_norm_bias: torch.Tensor,
+    n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
+    index_n_heads: int, index_head_dim: int, k_eps: float, w_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
+                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered, index_keys, k_norm_weight,
+                   k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale)
+
+
+@_dsa_latent_write_op.register_fake
+def _(q, kv, q_lat, lengths, latent, index_keys, cos, sin, freq, partner_q, partner_k, norm_weight,
+      k_norm_weight, k_norm_bias, n_heads, nope_dim, rope_dim, eps, factor, zero_centered,
+      index_n_heads, index_head_dim, k_eps, w_scale):
+    B, H, R = q_lat.shape
+    return (q.new_empty(B, H, R + rope_dim), q.new_empty(B, index_n_heads, index_head_dim),
+            q.new_empty(B, index_n_heads, dtype=torch.float32))
+
+
+def _widths(mla: MultiHeadLatentAttention) -> tuple[int, int]:
+    """(query-row width, key-input width) latent_write takes: [q heads (| indexer q heads)] and
+    [c_kv | k_pe (| indexer key | indexer head weights)]."""
+    H, dn, dr, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank
+    if isinstance(mla, DeepSeekSparseAttention):
+        HI, DI = mla.index_n_heads, mla.index_head_dim
+        return H * (dn + dr) + HI * DI, R + dr + DI + HI
+    return H * (dn + dr), R + dr
+
+
 def _check(mla, q, kv, q_lat, cache, rotation) -> None:
     """ValueError naming the argument for anything latent_write / latent_write_reference cannot take."""
-    if isinstance(mla, DeepSeekSparseAttention) or not isinstance(mla, MultiHeadLatentAttention):
-        raise ValueError(f"mla: expected a MultiHeadLatentAttention (not its DSA subclass, whose cache "
-                         f"also holds indexer keys), got {type(mla).__name__}")
-    H, dn, dr, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank
-    n_q = H * (dn + dr)
-    check_tensor("q", q, 2, "[B, H*(qk_nope_head_dim + qk_rope_head_dim)]", shape=(None, n_q), dtypes=_DTYPES)
+    if not isinstance(mla, MultiHeadLatentAttention):
+        raise ValueError(f"mla: expected a MultiHeadLatentAttention (or its DSA subclass), got "
+                         f"{type(mla).__name__}")
+    index = isinstance(mla, DeepSeekSparseAttention)
+    H, dr, R = mla.n_heads, mla.rope_dim, mla.kv_lora_rank
+    n_q, n_kv = _widths(mla)
+    q_layout = "[B, H*(qk_nope_head_dim + qk_rope_head_dim)"
+    q_layout += " + index_n_heads*index_head_dim]" if index else "]"
+    kv_layout = ("[B, kv_lora_rank + qk_rope_head_dim + index_head_dim + index_n_heads]" if index
+                 else "[B, kv_lora_rank + qk_rope_head_dim]")
+    check_tensor("q", q, 2, q_layout, shape=(None, n_q), dtypes=_DTYPES)
     B = q.shape[0]
-    check_tensor("kv", kv, 2, "[B, kv_lora_rank + qk_rope_head_dim]", shape=(B, R + dr), dtypes=_DTYPES)
+    check_tensor("kv", kv, 2, kv_layout, shape=(B, n_kv), dtypes=_DTYPES)
     check_tensor("q_lat", q_lat, 3, "[B, H, kv_lora_rank]", shape=(B, H, R), dtypes=(q.dtype,))
-    if not isinstance(cache, MLACache):
+    want = DSACache if index else MLACache
+    if not isinstance(cache, want):
         raise ValueError(
-            f"cache: expected an MLACache from this layer's new_cache, got {type(cache).__name__}"
+            f"cache: expected a {want.__name__} from this layer's new_cache, got {type(cache).__name__}"
         )
     check_tensor("cache.latent", cache.latent, 4, "[B, S_max, 1, kv_lora_rank + qk_rope_head_dim]",
                  shape=(B, None, 1, R + dr), dtypes=_DTYPES)
+    if index:
+        check_tensor("cache.index_keys", cache.index_keys, 3, "[B, S_max, index_head_dim]",
+                     shape=(B, cache.latent.shape[1], mla.index_head_dim), dtypes=_DTYPES)
     check_tensor("cache.lengths", cache.lengths, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
     cos = sin = None
     if rotation is not None:
@@ -200,7 +309,7 @@ def _check(mla, q, kv, q_lat, cache, rotation) -> None:
         if not isinstance(rotation, (tuple, list)) or len(rotation) != 2:
             raise ValueError("rotation: expected (cos, sin) = mla.rotation(cache.lengths[:, None])")
         cos, sin = rotation
-        n = n_q + R + dr
+        n = n_q + R + dr + (mla.index_head_dim if index else 0)
         for name, t in (("rotation[0] (cos)", cos), ("rotation[1] (sin)", sin)):
             check_tensor(name, t, 3, "[B, 1, N_q + N_k]", shape=(None, 1, n), dtypes=(torch.float32,))
             if t.shape[0] not in (1, B):
@@ -208,7 +317,7 @@ def _check(mla, q, kv, q_lat, cache, rotation) -> None:
                     f"{name}: expected shape ({B}, 1, {n}) [B, 1, N_q + N_k], got {tuple(t.shape)}"
                 )
     check_same_device(q=q, kv=kv, q_lat=q_lat, cache_latent=cache.latent, cache_lengths=cache.lengths,
-                      cos=cos, sin=sin)
+                      cache_index_keys=cache.index_keys if index else None, cos=cos, sin=sin)
 
 
 def latent_write(
@@ -218,20 +327,25 @@ def latent_write(
     q_lat: torch.Tensor,
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An MLA layer's decode-step latent norm, both RoPEs, latent cache write and absorbed-query
-    assembly in one Triton launch.
+    assembly in one Triton launch; for a DSA layer also its indexer's key LayerNorm, RoPE and cache
+    write, its query RoPE and its head weights, in the same launch.
 
     Args:
-        mla: the :class:`MultiHeadLatentAttention` (not DSA) whose sizes, kv_a_norm and RoPE apply.
-        q: [B, H·(dn + dr)] the query row of one token per row (``q_up`` on the normed q latent, or
-            ``q_proj``), unrotated, per head [nope | rope]; bf16 / fp16 / fp32, last dim contiguous
-            (a slice of a wider row is fine).
-        kv: [B, R + dr] the row's [c_kv | k_pe] (kv_a_proj's part of ``x_proj``), unnormed and
-            unrotated, last dim contiguous.
+        mla: the :class:`MultiHeadLatentAttention` (or :class:`DeepSeekSparseAttention`) whose sizes,
+            kv_a_norm, k_norm and RoPE apply.
+        q: [B, N_q] the query row of one token per row (``q_up`` on the normed q latent, or the
+            query part of ``x_proj``), unrotated: per MLA head [nope | rope] (H·(dn + dr)), then for
+            DSA the indexer's query heads (H_I·D_I, rotated on their first dr dims, rotate-half);
+            bf16 / fp16 / fp32, last dim contiguous (a slice of a wider row is fine).
+        kv: [B, N_kv] the row's [c_kv | k_pe] (R + dr, kv_a_proj's part of ``x_proj``), then for DSA
+            the indexer's [key | head weights] (D_I + H_I, wk's and weights_proj's parts), unnormed
+            and unrotated, last dim contiguous.
         q_lat: [B, H, R] W_UK^T q_nope per head, q's dtype, last dim contiguous.
-        cache: the layer's MLACache. Row b's token has position p = cache.lengths[b] (read on the
-            device); ``[kv_a_norm(c_kv) | rope(k_pe)]`` goes to cache.latent[b, p, 0] in the
+        cache: the layer's MLACache (DSACache for DSA). Row b's token has position p =
+            cache.lengths[b] (read on the device); ``[kv_a_norm(c_kv) | rope(k_pe)]`` goes to
+            cache.latent[b, p, 0] and (DSA) ``rope(k_norm(k_I))`` to cache.index_keys[b, p], in the
             cache's dtype. ``cache.lengths`` is NOT changed. A slot outside the cache (no room) is
             not written: the layer checks room on the host.
         rotation: ``mla.rotation(cache.lengths[:, None])`` (cos, sin float32 [B, 1, N_q + N_k]), or
@@ -239,14 +353,21 @@ def latent_write(
 
     Returns:
         q_abs [B, H, R + dr] in q's dtype, contiguous: [q_lat | rope(q_pe)], the absorbed query of
-        the layer's decode (``mla._absorb_q(q_nope, q_pe)[:, 0]``). Inference only.
+        the layer's decode (``mla._absorb_q(q_nope, q_pe)[:, 0]``). For DSA the tuple (q_abs,
+        q_idx [B, H_I, D_I] in q's dtype, contiguous: the rotated indexer query, w float32 [B, H_I]:
+        the head weights times index_head_dim^-0.5 · index_n_heads^-0.5), as ``_project_fused``
+        returns them. Inference only.
     """
     _check(mla, q, kv, q_lat, cache, rotation)
     B = q.shape[0]
     if q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"q: latent_write runs a Triton kernel on CUDA tensors (or CPU ones under "
                          f"TRITON_INTERPRET=1), got device {q.device}; call latent_write_reference there")
-    for name, t in (("q", q), ("kv", kv), ("q_lat", q_lat), ("cache.latent", cache.latent)):
+    index = isinstance(mla, DeepSeekSparseAttention)
+    tensors = [("q", q), ("kv", kv), ("q_lat", q_lat), ("cache.latent", cache.latent)]
+    if index:
+        tensors.append(("cache.index_keys", cache.index_keys))
+    for name, t in tensors:
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {t.stride()}")
     cos = sin = freq = partner_q = partner_k = None
@@ -269,11 +390,25 @@ def latent_write(
         check_same_device(q=q, rope_partner_q=partner_q)
     weight = mla.kv_a_norm.weight.detach()
     check_same_device(q=q, kv_a_norm_weight=weight)
-    return _latent_write_op(
-        q, kv, q_lat, cache.lengths, cache.latent, cos, sin, freq, partner_q, partner_k, weight.contiguous(),
-        mla.n_heads, mla.nope_dim, mla.rope_dim, float(mla.kv_a_norm.eps), factor,
-        bool(mla.kv_a_norm.zero_centered),
+    args = (mla.n_heads, mla.nope_dim, mla.rope_dim, float(mla.kv_a_norm.eps), factor,
+            bool(mla.kv_a_norm.zero_centered))
+    if not index:
+        return _latent_write_op(q, kv, q_lat, cache.lengths, cache.latent, cos, sin, freq, partner_q,
+                                partner_k, weight.contiguous(), *args)
+    k_w, k_b = mla.k_norm.weight, mla.k_norm.bias
+    if k_w is None or k_b is None:
+        raise ValueError("mla: k_norm must have a weight and a bias (nn.LayerNorm, elementwise_affine)")
+    check_same_device(q=q, k_norm_weight=k_w, k_norm_bias=k_b)
+    return _dsa_latent_write_op(
+        q, kv, q_lat, cache.lengths, cache.latent, cache.index_keys, cos, sin, freq, partner_q, partner_k,
+        weight.contiguous(), k_w.detach().contiguous(), k_b.detach().contiguous(), *args,
+        mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla),
     )
+
+
+def _index_weight_scale(dsa: DeepSeekSparseAttention) -> float:
+    """The indexer's scales folded into its head weights (as DeepSeekSparseAttention._project_fused)."""
+    return dsa.index_head_dim**-0.5 * dsa.index_n_heads**-0.5
 
 
 def latent_write_reference(
@@ -283,27 +418,39 @@ def latent_write_reference(
     q_lat: torch.Tensor,
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """:func:`latent_write` in torch ops, from the layer's own ``kv_a_norm``, :meth:`rotation`,
-    ``_rotate`` with ``rope_partner_q`` / ``rope_partner_k``, ``_check_cache`` and ``_write`` (as
-    ``_project_fused`` and ``forward``'s decode branch use them): the oracle and the CPU path. Same
-    arguments and return; writes the cache, leaves its lengths (a full cache raises ValueError)."""
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`latent_write` in torch ops, from the layer's own ``kv_a_norm`` (and DSA's ``k_norm``),
+    :meth:`rotation`, ``_rotate`` with ``rope_partner_q`` / ``rope_partner_k``, ``_check_cache`` and
+    ``_write`` (as ``_project_fused`` and ``forward``'s decode branch use them): the oracle and the
+    CPU path. Same arguments and return; writes the cache, leaves its lengths (a full cache raises
+    ValueError)."""
     _check(mla, q, kv, q_lat, cache, rotation)
     B = q.shape[0]
     H, dn, dr, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank
+    index = isinstance(mla, DeepSeekSparseAttention)
     n_q = H * (dn + dr)
     mla._check_cache(cache, B, 1)
     c_kv = mla.kv_a_norm(kv[:, None, :R])  # (B, 1, R)
-    k = torch.cat([c_kv, kv[:, None, R:]], dim=-1)  # (B, 1, R + dr)
+    parts = [c_kv, kv[:, None, R : R + dr]]
+    if index:
+        parts.append(mla.k_norm(kv[:, None, R + dr : R + dr + mla.index_head_dim]))  # (B, 1, D_I)
+    k = torch.cat(parts, dim=-1)  # (B, 1, R + dr [+ D_I])
     qr = q[:, None]  # (B, 1, N_q)
     tables = mla.rotation(cache.lengths[:, None]) if rotation is None else rotation
     if tables is not None:
         cos, sin = tables
-        qr = _rotate(qr, cos[..., :n_q], sin[..., :n_q], mla.rope_partner_q)
-        k = _rotate(k, cos[..., n_q:], sin[..., n_q:], mla.rope_partner_k)
-    mla._write(cache.latent[:, :, 0], k, cache, None)
-    q_pe = qr.reshape(B, H, dn + dr)[..., dn:]  # (B, H, dr)
-    return torch.cat([q_lat, q_pe], dim=-1)  # (B, H, R + dr)
+        n_rows = q.shape[1]
+        qr = _rotate(qr, cos[..., :n_rows], sin[..., :n_rows], mla.rope_partner_q)
+        k = _rotate(k, cos[..., n_rows:], sin[..., n_rows:], mla.rope_partner_k)
+    mla._write(cache.latent[:, :, 0], k[..., : R + dr], cache, None)
+    q_pe = qr[..., :n_q].reshape(B, H, dn + dr)[..., dn:]  # (B, H, dr)
+    q_abs = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, R + dr)
+    if not index:
+        return q_abs
+    mla._write(cache.index_keys, k[..., R + dr :], cache, None)
+    q_idx = qr[:, 0, n_q:].reshape(B, mla.index_n_heads, mla.index_head_dim)  # (B, H_I, D_I)
+    w = kv[:, R + dr + mla.index_head_dim :].float() * _index_weight_scale(mla)  # (B, H_I)
+    return q_abs, q_idx.contiguous(), w
 
 
 __all__ = ["latent_write", "latent_write_reference"]

@@ -122,40 +122,88 @@ def _delta(mixer: DeltaRuleMixer, h2: torch.Tensor, norm, cache, keep: float, sc
     gemv(o, mixer.o_proj.weight, residual=h2, keep=keep, scale=scale)
 
 
+def _latent_rows(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projections of an M / D decode step: (q [B, N_q] the unrotated query row — MLA's heads,
+    then D's indexer query heads —, kv [B, N_kv] the rest of x_proj's row: [c_kv | k_pe], then D's
+    indexer [key | head weights]), in one GEMV per input (x; with q LoRA, the normed q latent)."""
+    n_q = mla.n_heads * (mla.nope_dim + mla.rope_dim)
+    if isinstance(mla, DeepSeekSparseAttention):  # x_proj / q_up hold the indexer's projections too
+        n_q += mla.index_n_heads * mla.index_head_dim
+    row = gemv(h2, mla.x_proj.weight(), **_norm_args(norm))  # (B, [q | q latent] + N_kv)
+    if mla.q_lora_rank is None:
+        return row[:, :n_q], row[:, n_q:]
+    q = gemv(row[:, : mla.q_lora_rank], mla.q_up.weight(), **_norm_args(mla.q_a_norm))  # (B, N_q)
+    return q, row[:, mla.q_lora_rank :]
+
+
+def _absorbed_query(mla: MultiHeadLatentAttention, q: torch.Tensor) -> torch.Tensor:
+    """W_UK^T q_nope per head from the query row q [B, N_q] -> q_lat [B, H, R]."""
+    B = q.shape[0]
+    H, dn, dr, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank
+    w = mla.kv_b_proj.weight.view(H, dn + mla.v_head_dim, R)
+    q_nope = q[:, : H * (dn + dr)].view(B, H, dn + dr)[..., :dn]  # (B, H, dn)
+    return torch.einsum("bhd,hdr->bhr", q_nope, w[:, :dn])  # (B, H, R)
+
+
+def _output(mla: MultiHeadLatentAttention, o_lat: torch.Tensor, h2: torch.Tensor, keep: float,
+            scale: float) -> None:
+    """W_UV on the weighted latents o_lat [B, H, R], then o_proj adding into h2 [B, d_model]."""
+    B = o_lat.shape[0]
+    H, dn, dv, R = mla.n_heads, mla.nope_dim, mla.v_head_dim, mla.kv_lora_rank
+    w = mla.kv_b_proj.weight.view(H, dn + dv, R)
+    o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, dn:])  # (B, H, dv): W_UV o_lat
+    gemv(o.reshape(B, H * dv), mla.o_proj.weight, residual=h2, keep=keep, scale=scale)
+
+
 def _latent(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
             scale: float) -> None:
     """M (absorbed MLA) decode step, adding into h2 [B, d_model] in place."""
     from ..kernels.latent_cache import latent_write
 
-    B = h2.shape[0]
-    H, dn, dr, R, dv = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank, mla.v_head_dim
-    row = gemv(h2, mla.x_proj.weight(), **_norm_args(norm))  # (B, [q | q latent] + R + dr)
-    if mla.q_lora_rank is None:
-        q, kv = row[:, : H * (dn + dr)], row[:, H * (dn + dr) :]
-    else:
-        q = gemv(row[:, : mla.q_lora_rank], mla.q_up.weight(), **_norm_args(mla.q_a_norm))  # (B, H*(dn+dr))
-        kv = row[:, mla.q_lora_rank :]  # (B, R + dr)
-    w = mla.kv_b_proj.weight.view(H, dn + dv, R)
-    q_nope = q.view(B, H, dn + dr)[..., :dn]  # (B, H, dn)
-    q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w[:, :dn])  # (B, H, R): W_UK^T q_nope
-    q_abs = latent_write(mla, q, kv, q_lat, cache, rotation)  # (B, H, R + dr); latent row cached
+    R = mla.kv_lora_rank
+    q, kv = _latent_rows(mla, h2, norm)  # (B, H*(dn+dr)), (B, R + dr)
+    q_abs = latent_write(mla, q, kv, _absorbed_query(mla, q), cache, rotation)  # (B, H, R + dr); row cached
     cache.lengths += 1
     lat = cache.latent if cache.latent.dtype == q_abs.dtype else cache.latent.to(q_abs.dtype)
     o_lat = ops.softmax_decode(q_abs, lat, lat[..., :R], cache.lengths, scale=mla.scale)  # (B, H, R)
-    o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, dn:])  # (B, H, dv): W_UV o_lat
-    gemv(o.reshape(B, H * dv), mla.o_proj.weight, residual=h2, keep=keep, scale=scale)
+    _output(mla, o_lat, h2, keep, scale)
+
+
+def _sparse_latent(dsa: DeepSeekSparseAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
+                   scale: float) -> None:
+    """D (DeepSeek Sparse Attention) decode step, adding into h2 [B, d_model] in place: M's step with
+    the indexer's projections inside the same GEMVs and its key / query post-processing inside the
+    latent-write launch, then index scores, top-k and the sparse absorbed attention over the WHOLE
+    cache with each row's length as its bound (no host sync: CUDA-graph safe). Positions past a
+    row's length score -inf and are never chosen, so this selects what the layer's own decode step
+    (which scores the first max(lengths) slots) selects."""
+    from ..kernels.latent_cache import latent_write
+
+    R = dsa.kv_lora_rank
+    q, kv = _latent_rows(dsa, h2, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
+    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation)
+    # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached
+    cache.lengths += 1  # the rows now include the new token, as the layer counts it before scoring
+    dtype = q_abs.dtype
+    keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
+    scores = ops.dsa_index_scores(q_idx[:, None], keys, w[:, None], n_valid=cache.lengths)  # (B, 1, S_max)
+    S = keys.shape[1]
+    idx = ops.dsa_topk(scores, min(dsa.index_topk, S), causal=False)  # (B, 1, k); -1 = empty slot
+    lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
+    o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
+    _output(dsa, o_lat[:, 0], h2, keep, scale)
 
 
 def _fused_latent(mixer) -> bool:
-    """An M layer (not D: its indexer keeps the layer's own step) whose projections are fused."""
-    return (isinstance(mixer, MultiHeadLatentAttention) and not isinstance(mixer, DeepSeekSparseAttention)
-            and mixer.x_proj.weight() is not None
+    """An M or D layer whose projections are fused (one weight per input)."""
+    return (isinstance(mixer, MultiHeadLatentAttention) and mixer.x_proj.weight() is not None
             and (mixer.q_lora_rank is None or mixer.q_up.weight() is not None))
 
 
 def computes_rope(block) -> bool:
     """Whether ``block``'s fused decode step rotates q and k with angles its kernel computes (S / W
-    through rope_write, M through latent_write): then the step's shared RoPE tables are not needed."""
+    through rope_write, M and D through latent_write): then the step's shared RoPE tables are not
+    needed."""
     if block.postnorm or block.watched():
         return False
     mixer = block.mixer
@@ -176,8 +224,9 @@ def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
     elif isinstance(mixer, DeltaRuleMixer):
         _delta(mixer, h2, block.mixer_norm, cache, keep, scale)
     elif _fused_latent(mixer):
-        _latent(mixer, h2, block.mixer_norm, cache, rotation, keep, scale)
-    else:  # L / M / D: their own decode step behind a plain norm, adding into h
+        step = _sparse_latent if isinstance(mixer, DeepSeekSparseAttention) else _latent
+        step(mixer, h2, block.mixer_norm, cache, rotation, keep, scale)
+    else:  # L, unfused M / D: their own decode step behind a plain norm, adding into h
         kwargs = {} if rotation is None else {"rotation": rotation}
         mixer(block.mixer_norm(h), cache, residual=Residual(h, keep, scale), **kwargs)
     mlp = block.mlp
