@@ -425,18 +425,27 @@ def _tie_scores(B, T, S, seed):
     return scores
 
 
+def _topk_path(ks, monkeypatch, path: str) -> None:
+    """Route ks.dsa_topk to one of its paths: "one_program" (_topk_row), "fused" (_topk_fused, one
+    launch; one chunk per row under the interpreter) or "multi" (the _topk_hist ... passes)."""
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if path == "one_program" else 0)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
+    monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
+
+
 @interp
-@pytest.mark.parametrize("causal,one_program", [(True, False), (False, False), (False, True)])
-def test_interp_triton_topk_equals_oracle(causal, one_program, monkeypatch):
-    """The radix-select top-k (many chunks per row: small blocks; or the one-program path)
-    equals ops.dsa_topk exactly: ties at the k-th value go to the earlier positions, -inf and
+@pytest.mark.parametrize("causal,path", [(True, "multi"), (False, "multi"), (False, "one_program"),
+                                         (True, "fused"), (False, "fused")])
+def test_interp_triton_topk_equals_oracle(causal, path, monkeypatch):
+    """The radix-select top-k (many chunks per row: small blocks; or the one-program or the fused
+    path) equals ops.dsa_topk exactly: ties at the k-th value go to the earlier positions, -inf and
     causally hidden positions are -1, k above the visible count and above S; the op's
     mode="triton" dispatches to it."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
-    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if one_program else 0)
-    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
+    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 32)
+    _topk_path(ks, monkeypatch, path)
     scores = _tie_scores(2, 2, 300, seed=1)
     for topk in (1, 40, 350):
         want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
@@ -447,15 +456,15 @@ def test_interp_triton_topk_equals_oracle(causal, one_program, monkeypatch):
 
 
 @interp
-@pytest.mark.parametrize("one_program", [True, False])
-def test_interp_triton_topk_decode_row_long(one_program, monkeypatch):
+@pytest.mark.parametrize("path", ["one_program", "multi", "fused"])
+def test_interp_triton_topk_decode_row_long(path, monkeypatch):
     """One decode row (B = 1, T = 1) split over many programs (or one), scores from integer data so
     the k-th value is tied across chunk boundaries, float64 and bfloat16 inputs compared at float32."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
-    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 4096 if one_program else 1999)
-    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)  # one row may take the one-program path
+    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
+    _topk_path(ks, monkeypatch, path)
     gen = torch.Generator().manual_seed(2)
     scores = torch.randint(-3, 4, (1, 1, 2000), generator=gen).float()
     scores[0, 0, 1900:] = float("-inf")  # past the row's length
@@ -479,6 +488,7 @@ def test_interp_topk_one_program_edge_cases(monkeypatch):
     monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 100)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
+    monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 0)
     gen = torch.Generator().manual_seed(11)
     neg = -(torch.randint(0, 6, (2, 3, 100), generator=gen).float() / 2) - 0.25  # all negative, tied
     zeros = torch.zeros(2, 3, 100)
@@ -523,8 +533,8 @@ def _assert_same_set_in_position_order(got: torch.Tensor, want: torch.Tensor) ->
 
 
 @interp
-@pytest.mark.parametrize("one_program", [True, False])
-def test_interp_topk_unsorted_same_set_in_position_order(one_program, monkeypatch):
+@pytest.mark.parametrize("path", ["one_program", "multi", "fused"])
+def test_interp_topk_unsorted_same_set_in_position_order(path, monkeypatch):
     """sort=False (a decode step's top-k): the oracle's positions, ties to the earlier position,
     -inf and causally hidden positions -1, k above the visible count and above S, in position order,
     on both paths (no _topk_rank launch); the op passes sort through."""
@@ -534,8 +544,8 @@ def test_interp_topk_unsorted_same_set_in_position_order(one_program, monkeypatc
         raise AssertionError("the rank pass ran")
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
-    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if one_program else 0)
-    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
+    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 32)
+    _topk_path(ks, monkeypatch, path)
     monkeypatch.setattr(ks, "_topk_rank", refuse)
     scores = _tie_scores(2, 2, 300, seed=5)
     for topk in (1, 40, 350):
@@ -547,13 +557,14 @@ def test_interp_topk_unsorted_same_set_in_position_order(one_program, monkeypatc
 
 
 @interp
-def test_interp_topk_decode_rows_take_the_multi_program_path(monkeypatch):
-    """A decode row (few rows per SM) is split over many programs even when short enough for the
-    one-program path; many rows keep the one-program path."""
+def test_interp_topk_decode_rows_take_the_fused_path(monkeypatch):
+    """A decode row (few rows per SM) takes the one-launch fused path even when short enough for the
+    one-program path, the multi-launch passes when the fused path is off or the row is longer than
+    TOPK_FUSED_MAX; many rows keep the one-program path."""
     from attnlab.kernels import sparse as ks
 
     launched = []
-    for name in ("_topk_row", "_topk_hist"):
+    for name in ("_topk_row", "_topk_hist", "_topk_fused"):
         original = getattr(ks, name)
 
         class Spy:
@@ -566,8 +577,14 @@ def test_interp_topk_decode_rows_take_the_multi_program_path(monkeypatch):
 
         monkeypatch.setattr(ks, name, Spy(name, original))
     scores = _tie_scores(1, 1, 200, seed=6)
-    assert torch.equal(ks.dsa_topk(scores, 30), ops.dsa_topk(scores, 30, mode="torch"))
-    assert "_topk_hist" in launched and "_topk_row" not in launched
+    want = ops.dsa_topk(scores, 30, mode="torch")
+    assert torch.equal(ks.dsa_topk(scores, 30), want)
+    assert launched == ["_topk_fused"]
+    for limit in (0, 199):
+        launched.clear()
+        monkeypatch.setattr(ks, "TOPK_FUSED_MAX", limit)
+        assert torch.equal(ks.dsa_topk(scores, 30), want)
+        assert "_topk_hist" in launched and "_topk_row" not in launched and "_topk_fused" not in launched
     launched.clear()
     many = _tie_scores(2, 4, 200, seed=7)  # 8 rows >= 0.5 per SM of the interpreter's 4
     assert torch.equal(ks.dsa_topk(many, 30), ops.dsa_topk(many, 30, mode="torch"))
@@ -888,10 +905,16 @@ def test_gpu_topk_one_program_equals_oracle(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 1, 32768), (2, 1, 131072), (1, 1, 3000)])
-def test_gpu_topk_decode_unsorted_equals_oracle(shape):
-    """The decode dispatch (multi-program for a few rows) unsorted: the oracle's set in position order."""
+@pytest.mark.parametrize("path", ["fused", "multi"])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 1, 32768), (2, 1, 131072), (1, 1, 3000), (8, 1, 70000),
+                                   (1, 1, 200)])
+def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
+    """Decode rows on the one-launch fused path (a row's chunks meeting at barriers: the only place
+    more than one chunk per row runs it) and on the multi-launch passes: sorted, the oracle exactly;
+    unsorted, the oracle's set in position order."""
     from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
 
     gen = torch.Generator(device="cuda").manual_seed(shape[2] + 1)
     scores = (torch.randn(shape, device="cuda", generator=gen) * 4).round() / 4
@@ -911,6 +934,7 @@ def test_gpu_topk_cuda_graph_both_paths(s, monkeypatch):
     from attnlab.kernels.sparse import dsa_topk
 
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
+    monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 0)
     scores = torch.randn(1, 1, s, device="cuda")
     dsa_topk(scores, 2048)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -919,6 +943,29 @@ def test_gpu_topk_cuda_graph_both_paths(s, monkeypatch):
     scores.copy_((torch.randn_like(scores) * 2).round())
     graph.replay()
     assert torch.equal(out, ops.dsa_topk(scores, 2048, mode="torch"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s", [4096, 65536])
+def test_gpu_topk_fused_cuda_graph_replays(s):
+    """The fused top-k (zeroed barrier counters and histograms each call) captured in a CUDA graph,
+    replayed many times on new scores, sorted and unsorted: the oracle every time, never a hang."""
+    from attnlab.kernels.sparse import dsa_topk
+
+    scores = torch.randn(1, 1, s, device="cuda")
+    dsa_topk(scores, 2048)
+    dsa_topk(scores, 2048, sort=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dsa_topk(scores, 2048)
+        unsorted = dsa_topk(scores, 2048, sort=False)
+    for seed in range(5):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        scores.copy_((torch.randn(scores.shape, device="cuda", generator=gen) * 2).round())
+        graph.replay()
+        want = ops.dsa_topk(scores, 2048, mode="torch")
+        assert torch.equal(out, want), seed
+        _assert_same_set_in_position_order(unsorted, want)
 
 
 @pytest.mark.gpu

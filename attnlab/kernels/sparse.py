@@ -631,6 +631,104 @@ def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, strid
 
 
 @triton.jit
+def _row_sync(CTR, target):
+    """Wait until the row's counter CTR (int32, zero at launch) reaches ``target``, after adding this
+    program's arrival: a barrier among the programs of one row (all resident: the launcher keeps
+    the grid within the SMs). Cooperative-groups style: CTA barrier, one acq_rel arrival, an acquire
+    spin, CTA barrier."""
+    tl.debug_barrier()  # every thread's atomics / stores are issued before the arrival
+    seen = tl.atomic_add(CTR, 1, sem="acq_rel", scope="gpu") + 1
+    while seen < target:
+        seen = tl.atomic_add(CTR, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr):
+    """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
+    the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
+    level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
+    [R, 4, 256] and CTR [R] start at zero. Writes SEL-style int64 sort keys into OUT's row (for
+    _topk_rank) or, with POSITIONS, the positions (-1 for a -inf score) in position order; the last
+    chunk fills slots k_eff..topk with -1."""
+    pid = tl.program_id(0)
+    r = pid // N_CHUNK
+    c = pid % N_CHUNK
+    hist = HIST + r.to(tl.int64) * (4 * 256)
+    ctr = CTR + r
+    row_off = r.to(tl.int64) * stride_r
+    qpos = S - T + r % T
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, S)
+    bins = tl.arange(0, _TOPK_BINS)
+    prefix = tl.zeros([], dtype=tl.int32)
+    k_rem = k_eff
+    for LEVEL in tl.static_range(4):
+        counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
+        n_out = 0
+        for j in range(lo, hi, BLOCK):
+            cols = j + tl.arange(0, BLOCK)
+            ok = cols < hi
+            key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+            if LEVEL == 0:
+                digit = (key >> 24) + 128
+            else:
+                ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
+                digit = (key >> (24 - 8 * LEVEL)) & 0xFF
+            counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
+            n_out += tl.sum((~ok).to(tl.int32), 0)
+        counts -= tl.where(bins == 0, n_out, 0)  # the keys outside the chunk or prefix went to bin 0
+        tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
+        _row_sync(ctr, (LEVEL + 1) * N_CHUNK)
+        h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
+        b, k_rem = _topk_pick(h, k_rem)
+        if LEVEL == 0:
+            prefix = b - 128  # key >> 24 (signed top byte), as _topk_threshold
+        else:
+            prefix = prefix * 256 + b
+    thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
+    n_gt = 0
+    n_eq = 0
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        n_gt += tl.sum((ok & (key > thr)).to(tl.int32), 0)
+        n_eq += tl.sum((ok & (key == thr)).to(tl.int32), 0)
+    tl.store(CNT + pid * 2, n_gt)
+    tl.store(CNT + pid * 2 + 1, n_eq)
+    _row_sync(ctr, 5 * N_CHUNK)
+    ch = tl.arange(0, BCH)
+    before = ch < c
+    cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
+    gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0, volatile=True), 0)
+    eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
+    slot = gt_before + tl.minimum(eq_seen, k_rem)
+    out = OUT + r.to(tl.int64) * stride_out
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        eq = (ok & (key == thr)).to(tl.int32)
+        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
+        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < k_rem))
+        take_i = take.to(tl.int32)
+        dst = slot + tl.cumsum(take_i, 0) - 1
+        if POSITIONS:
+            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
+        else:
+            val = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+        tl.store(out + dst, val, mask=take)
+        slot += tl.sum(take_i, 0)
+        eq_seen += tl.sum(eq, 0)
+    if c == N_CHUNK - 1:
+        for j in range(k_eff, topk, BLOCK):
+            cols = j + tl.arange(0, BLOCK)
+            tl.store(out + cols, tl.full([BLOCK], -1, tl.int64), mask=cols < topk)
+
+
+@triton.jit
 def _topk_rank(SEL, OUT, S, k_eff, stride_sel, stride_out, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """Sort a row's k_eff taken keys by ranking: each of BLOCK_I keys counts the keys bigger than
     it (all distinct: they carry the position) and lands at that slot as a position, -1 for a -inf
@@ -1247,6 +1345,12 @@ TOPK_ONE_PROGRAM_MAX = 16384
 # 32K: 215.7 / 175.3 / 35.0 (44.7); 128K: 771.9 / 714.1 / 36.0 (54.5). (The 16K limit above came from
 # a run whose 4K and 32K figures these contradict; it stays for many short rows, e.g. prefill.)
 TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
+# Rows of at most this many scores, when the rows times their chunks fit the SMs (one program each,
+# all resident), take _topk_fused: the multi-program passes in ONE launch, the chunks of a row meeting
+# at barriers (atomics) instead of kernel boundaries. 0 turns it off. Under the interpreter (programs
+# run one after another) a row is one chunk, so no program waits for one that has not run.
+TOPK_FUSED_MAX = 1 << 18
+TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
 # (two launches: k^2 comparisons over many programs). Also False after the sorting variant failed
@@ -1290,7 +1394,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     R = B * T
     one_program = (0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
                    and R >= TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM * _num_sms(scores.device))
-    if one_program and R > 0:  # _topk_row writes every slot: no -1 fill launch
+    fused = not one_program and 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(scores.device)
+    if (one_program or fused) and R > 0:  # _topk_row / _topk_fused write every slot: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
         out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
@@ -1301,6 +1406,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         sc = sc.to(torch.float32).contiguous()
     if one_program:
         _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
+        return out
+    if fused:
+        _topk_fused_launch(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
         return out
     target = TOPK_PROGRAMS_PER_SM * _num_sms(scores.device)
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
@@ -1353,6 +1461,29 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
             warnings.warn(f"attnlab.kernels.sparse: the sorting one-program top-k failed to build "
                           f"({type(e).__name__}: {str(e)[:160]}); sorting in a second launch", stacklevel=3)
     if not sort:
+        block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(sc.device) else 16  # decode: more programs
+        _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
+                                                    BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
+
+
+def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
+                       causal: bool, sort: bool) -> None:
+    """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
+    row's chunks, at most SMs // R of them, are one program each, so every program is resident."""
+    R = sc.shape[0]
+    n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, TOPK_FUSED_BLOCK)))
+    chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_FUSED_BLOCK) * TOPK_FUSED_BLOCK
+    n_chunks = triton.cdiv(S, chunk)
+    sync = torch.zeros(R * (4 * 256 + 1), dtype=torch.int32, device=sc.device)  # histograms, then counters
+    hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 :]
+    cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
+    sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
+    _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, sel, S, T, chunk, sc.stride(0), sel.stride(0), k_eff,
+                                 topk if not sort else k_eff, n_chunks, CAUSAL=causal, BLOCK=TOPK_FUSED_BLOCK,
+                                 BCH=_pow2(n_chunks, 2), POSITIONS=not sort, num_warps=4)
+    if sort:
+        if topk > k_eff:
+            res[:, k_eff:] = -1
         block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(sc.device) else 16  # decode: more programs
         _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
                                                     BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
