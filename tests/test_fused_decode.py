@@ -18,7 +18,7 @@ from attnlab import HybridLM, ModelConfig
 from attnlab.generate import DecodeStep, decode_one_token, prefill
 from attnlab.layers import fused
 
-# every preset: S / W / G / K / M blocks take the fused mixers, L / D their own step behind the fused
+# every preset: S / W / G / K / M / D blocks take the fused mixers, L its own step behind the fused
 # MLP, minimax-01 (postnorm) the plain block
 PRESETS = ["llama", "swa", "qwen3-next", "kimi-linear", "deepseek-v3", "deepseek-v32", "minimax-01", "gdn",
            "kda"]
@@ -109,10 +109,15 @@ def test_interp_fused_step_equals_plain_step(name):
 
 
 @interp
-@pytest.mark.parametrize("name", ["llama", "qwen3-next", "kimi-linear"])
+@pytest.mark.parametrize("name", ["llama", "qwen3-next", "kimi-linear", "deepseek-v32"])
 def test_interp_fused_step_bf16_mixed_lengths(name):
-    """bf16 model, rows of different lengths: fused vs plain logits agree to bf16 rounding."""
+    """bf16 model, rows of different lengths: fused vs plain logits agree to bf16 rounding. D: with
+    index_topk above the context (every visible token chosen): a top-k boundary inside the context
+    is a discrete choice that a near tie flips either way in bf16 (test_interp_fused_dsa_step_bf16_sparse)."""
     model = copy.deepcopy(tiny_model(name)).to(torch.bfloat16)
+    if name == "deepseek-v32":
+        for block in model.blocks:
+            block.mixer.index_topk = 64
     T, n = 7, 3
     x = tokens(3, T + n, seed=4)
     lengths = torch.tensor([7, 3, 5])
@@ -144,6 +149,104 @@ def test_interp_fused_step_is_taken():
     n_layers = len(model.blocks)
     assert calls.count("rmsnorm") == 2 * n_layers + 1  # qkv and gate/up per layer, the LM head
     assert calls.count("silu_mul") == n_layers
+
+
+@interp
+@pytest.mark.parametrize("topk", [2, 64])
+def test_interp_fused_dsa_step(topk):
+    """D layers take their fused step (fused._sparse_latent: the layer's own forward never runs in a
+    decode step; latent_write gets the DSA layer), rows of different lengths, index_topk below the
+    shortest context (a sparse selection) or above the cache: logits and every cache tensor agree
+    with the plain step's to float32 rounding, and the selection matters (top-2 and top-64 give
+    different logits)."""
+    from attnlab.kernels import latent_cache
+    from attnlab.layers.mla import DeepSeekSparseAttention
+
+    model = copy.deepcopy(tiny_model("deepseek-v32")).float()  # .float(): re-fuses the copied weights
+    for block in model.blocks:
+        assert isinstance(block.mixer, DeepSeekSparseAttention)
+        block.mixer.index_topk = topk
+    T, n = 9, 3
+    x = tokens(3, T + n, seed=5)
+    lengths = torch.tensor([9, 4, 6])
+    with torch.no_grad():
+        plain, c_plain = _decode(model, x, T, n, torch.float32, on=False, lengths=lengths)
+        seen = []
+        real_write, real_forward = latent_cache.latent_write, DeepSeekSparseAttention.forward
+
+        def write(mla, *args, **kwargs):
+            seen.append(type(mla))
+            return real_write(mla, *args, **kwargs)
+
+        def forward(self, x, cache=None, *args, **kwargs):
+            if fused.ENABLED and cache is not None and x.shape[1] == 1:  # a decode step, not prefill
+                raise AssertionError("the D layer's own decode step ran")
+            return real_forward(self, x, cache, *args, **kwargs)
+
+        latent_cache.latent_write, DeepSeekSparseAttention.forward = write, forward
+        try:
+            ours, c_ours = _decode(model, x, T, n, torch.float32, on=True, lengths=lengths)
+        finally:
+            latent_cache.latent_write, DeepSeekSparseAttention.forward = real_write, real_forward
+        if topk == 2:
+            for block in model.blocks:
+                block.mixer.index_topk = 64
+            dense, _ = _decode(model, x, T, n, torch.float32, on=False, lengths=lengths)
+            assert rms_rel(dense, plain) > 1e-3  # top-2 of 4..11 tokens: a real selection
+    assert seen == [DeepSeekSparseAttention] * (len(model.blocks) * n)
+    assert rms_rel(plain, ours) <= 1e-5, rms_rel(plain, ours)
+    for a, b in zip(_cache_tensors(c_plain), _cache_tensors(c_ours), strict=True):
+        if a.is_floating_point():
+            assert rms_rel(a.float(), b.float()) <= 1e-5
+        else:
+            assert torch.equal(a, b)
+
+
+@interp
+def test_interp_fused_dsa_step_bf16_sparse():
+    """bf16, rows of different lengths, top-2 of up to 9 tokens: what decides the selection, the first
+    D layer's index scores (the same inputs in both steps), agree to bf16 rounding at every decode
+    step, -inf at the same positions (past each row's length; the fused step scores the whole cache);
+    each step's top-2 is a true top-2 of its own scores (a near tie may order the two steps apart)."""
+    from attnlab import ops
+
+    model = copy.deepcopy(tiny_model("deepseek-v32")).to(torch.bfloat16)
+    for block in model.blocks:
+        block.mixer.index_topk = 2
+    T, n = 7, 3
+    x = tokens(3, T + n, seed=4)
+    lengths = torch.tensor([7, 3, 5])
+    real = ops.dsa_topk
+    seen = []
+
+    def topk(scores, k, *args, **kwargs):
+        idx = real(scores, k, *args, **kwargs)
+        if scores.shape[1] == 1:  # decode steps (prefill scores T > 1 queries)
+            seen.append((scores.clone(), idx.clone()))
+        return idx
+
+    ops.dsa_topk = topk
+    try:
+        with torch.no_grad():
+            _decode(model, x, T, n, torch.bfloat16, on=False, lengths=lengths)
+            plain, seen[:] = seen[:], []
+            _decode(model, x, T, n, torch.bfloat16, on=True, lengths=lengths)
+            ours = seen
+    finally:
+        ops.dsa_topk = real
+    n_layers = len(model.blocks)
+    assert len(plain) == len(ours) == n * n_layers
+    for (s_plain, _), (s_ours, _) in zip(plain[::n_layers], ours[::n_layers], strict=True):  # layer 0
+        S = s_plain.shape[-1]  # the plain step scores the longest row's length
+        assert torch.isinf(s_ours[..., S:]).all()
+        assert torch.equal(torch.isinf(s_plain), torch.isinf(s_ours[..., :S]))
+        finite = torch.isfinite(s_plain)
+        assert rms_rel(s_plain[finite], s_ours[..., :S][finite]) <= 2e-2
+    for scores, idx in ours:  # (B, 1, S_max), (B, 1, 2)
+        assert (idx >= 0).all()  # every row has at least 2 tokens
+        picked = scores.gather(-1, idx)  # (B, 1, 2)
+        others = scores.scatter(-1, idx, float("-inf"))
+        assert (picked.amin(-1) >= others.amax(-1)).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,7 +188,8 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, h2: torch.Tensor, norm, cache, 
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
     scores = ops.dsa_index_scores(q_idx[:, None], keys, w[:, None], n_valid=cache.lengths)  # (B, 1, S_max)
     S = keys.shape[1]
-    idx = ops.dsa_topk(scores, min(dsa.index_topk, S), causal=False)  # (B, 1, k); -1 = empty slot
+    # the set in any order (sort=False: one pass fewer on CUDA); the attention sums over it
+    idx = ops.dsa_topk(scores, min(dsa.index_topk, S), causal=False, sort=False)  # (B, 1, k); -1 = empty
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
     _output(dsa, o_lat[:, 0], h2, keep, scale)
