@@ -212,40 +212,39 @@ def test_cpu_tensors_need_the_interpreter():
 
 
 @needs_sm90_toolchain
-@pytest.mark.parametrize("kind, h, hk, d", [
-    ("G", 16, 16, 128), ("G", 16, 8, 128), ("K", 16, 16, 128),
-    ("G", 32, 16, 64), ("K", 32, 32, 64),  # the ~1B qwen3-next / kimi-linear presets (4 warps)
+@pytest.mark.parametrize("kind, h, hk, d, v_block, max_stack", [
+    ("G", 32, 16, 128, 32, 0), ("K", 16, 16, 128, 32, 64),  # ~1B qwen3-next / kimi-linear at the default
+    ("G", 32, 16, 128, 16, 0), ("K", 16, 16, 128, 16, 0), ("G", 32, 16, 128, 64, 0),
+    ("G", 16, 16, 128, 128, 0), ("G", 32, 16, 128, 128, 0), ("K", 16, 16, 128, 128, 0),  # whole rows
+    ("G", 32, 16, 64, 32, 0), ("K", 32, 32, 64, 32, 0),  # D = 64
 ])
-def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d):
+def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d, v_block, max_stack, monkeypatch):
     """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
-    ptxas, no GPU needed) at H = 16, D_k = D_v = 128 and at the ~1B presets' D = 64, bf16, with the
-    warps delta_decode launches; K as the fused step runs it, its gates' up-projections in the kernel
-    (UP). With every load issued up front (Triton 3.9): at D = 64 (4 warps) nothing spills (G 195
-    registers; K 255 with its 2 x 64 x 64 up-projection weights, 168 with f_up / g_up given); at
-    128 (16 warps) GDN with one value head per key head does not spill (115), with two (its second
-    tile loaded after the first is stored) 8 bytes of stack at 128 registers, KDA 176 bytes with UP
-    (its gates applied as soon as their weights arrive, before the state tile; 560 if applied later,
-    120 with f_up / g_up given)."""
-    from attnlab.kernels.delta_decode import _delta_decode_kernel as fn
-    from attnlab.kernels.delta_decode import kernel_constants, num_warps
+    ptxas, no GPU needed) at D_k = D_v = 128 and 64, bf16, with the warps delta_decode launches, as the
+    fused decode step runs it (counting the token, PDL, K's gates' up-projections in the kernel).
+    Triton 3.9, D = 128, V_BLOCK 32 (4 warps): G 168 registers and no stack; K with its 128 x 64
+    up-projection weights 255 registers and 32 bytes of stack (0 at 8 warps: NUM_WARPS); V_BLOCK 16
+    and 64 and whole rows (V_BLOCK 128: 16 warps) spill nothing."""
+    import attnlab.kernels.delta_decode as kd
 
-    # as the fused decode step launches it on an H100: counting the token, with PDL, K computing its
-    # gates' up-projections itself (f_up = g_up = None)
-    const = dict(kernel_constants(build(kind, h, hk, d, d, d_model=16)), COUNT=True, PDL=True, UP=kind == "K")
+    monkeypatch.setattr(kd, "V_BLOCK", v_block)
+    mixer = build(kind, h, hk, d, d, d_model=16)
+    const = dict(kd.launch_constants(mixer, up=kind == "K"), COUNT=True, PDL=True)
     ptr = dict(proj="*bf16", dec="*bf16", gate="*bf16", conv_w="*bf16", conv_b="*bf16", conv_state="*bf16",
                a_log="*fp32", dt_bias="*fp32", norm_w="*fp32", state="*fp32", o="*bf16", lengths="*i64",
-               w_f="*bf16", w_g="*bf16")
-    warps = num_warps(const["BK"], const["BV"])
-    kernel = compile_sm90(fn, const, ptr, floats=("scale", "eps"), num_warps=warps)
+               w_f="*bf16", w_g="*bf16", tickets="*i32", scratch="*fp32")
+    warps = kd.num_warps(const["BK"], const["BV"])
+    kernel = compile_sm90(kd._delta_decode_kernel, const, ptr, floats=("scale", "eps"), num_warps=warps)
     regs, stack, _ = sm90_usage(kernel)
-    print(f"{kind} H={h} H_k={hk} D={d}: {regs} registers, {stack} bytes of stack")
-    assert regs <= 255
-    if kind == "G" and hk == h or d <= 64:
-        assert stack == 0, f"{regs} registers, {stack} bytes of stack"
-    elif kind == "G":  # two value heads per program, D = 128: a few bytes (8 with Triton 3.9)
-        assert stack <= 32, f"{regs} registers, {stack} bytes of stack"
-    else:  # K at D = 128 spills a little (176 bytes with Triton 3.9, its gates computed in the kernel)
-        assert stack <= 256, f"{regs} registers, {stack} bytes of stack"
+    print(f"{kind} H={h} H_k={hk} D={d} V_BLOCK={v_block} ({warps} warps): {regs} registers, "
+          f"{stack} bytes of stack")
+    assert const["NVB"] == -(-d // v_block) and regs <= 255
+    assert stack <= max_stack, f"{regs} registers, {stack} bytes of stack"
+    ptx = kernel.asm["ptx"]
+    if const["NVB"] * h // hk > 1:  # the last-arriver ticket: one GPU-scope acq_rel atomic per program
+        assert ptx.count("atom.global.gpu.acq_rel.add") == 1, "expected one acq_rel ticket atomic"
+    if const["NVB"] > 1:  # the row gathered from the scratch past L1
+        assert "ld.global.cg" in ptx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +284,59 @@ def test_interp_kda_gates_in_kernel(h, hk, dk, dv, dtype):
     mixer = build("K", h, hk, dk, dv, dtype, seed=h + dk + 1)
     cache = prefilled(mixer, 2, 5)
     compare_steps(mixer, cache, 3, TOL[dtype], strided_rows=dtype == torch.float32, gates_given=False)
+
+
+@interp
+@pytest.mark.parametrize("kind, h, hk, dk, dv, v_block, gates_given", [
+    ("G", 4, 2, 16, 32, 8, True),  # 4 blocks per value head, 8 programs per key head's ticket
+    ("G", 4, 1, 24, 40, 16, True),  # a partial last block (40 = 16 + 16 + 8), 4 value heads per key head
+    ("K", 4, 2, 16, 32, 16, True),  # f_up / g_up given
+    ("K", 4, 2, 16, 32, 8, False),  # the gates' up-projections in the kernel: g's rows per block
+])
+@torch.no_grad()
+def test_interp_value_blocks_match_reference(kind, h, hk, dk, dv, v_block, gates_given, monkeypatch):
+    """V_BLOCK < D_v: each value head's columns over several programs (the state's columns, the gated
+    RMSNorm over the whole row by the key head's last arriver, the q/k conv history shifted by it)
+    against the reference over steps, bf16 so the rounding of o before the norm matters; the token
+    counted once per row."""
+    import attnlab.kernels.delta_decode as kd
+
+    monkeypatch.setattr(kd, "V_BLOCK", v_block)
+    assert kd.value_blocks(dv)[1] > 1
+    mixer = build(kind, h, hk, dk, dv, torch.bfloat16, seed=h + dv)
+    cache = prefilled(mixer, 2, 5, torch.bfloat16)
+    compare_steps(mixer, cache, 2, TOL[torch.bfloat16], gates_given=gates_given)
+    ref_cache = copy.deepcopy(cache)
+    proj, f_up, g_up = step_inputs(mixer, torch.randn(2, 1, D_MODEL).to(torch.bfloat16))
+    if not gates_given:
+        f_up = g_up = None
+    o = kd.delta_decode(mixer, proj, cache, f_up, g_up, count_token=True)
+    want = kd.delta_decode_reference(mixer, proj, ref_cache, f_up, g_up, count_token=True)
+    assert rel_err(o, want) <= TOL[torch.bfloat16]
+    assert torch.equal(cache.lengths, ref_cache.lengths) and (cache.lengths == 6).all()
+
+
+@interp
+@pytest.mark.parametrize("v_block", [8, 32])
+@torch.no_grad()
+def test_interp_tickets_are_zero_after_a_call(v_block, monkeypatch):
+    """The key heads' tickets are back at zero after every launch (the last arriver resets its own),
+    so the next launch or a CUDA-graph replay starts from a clean count; they are created once per
+    size and reused."""
+    import attnlab.kernels.delta_decode as kd
+
+    monkeypatch.setattr(kd, "V_BLOCK", v_block)
+    mixer = build("G", 4, 2, 16, 32)
+    cache = prefilled(mixer, 2, 4)
+    proj, _, _ = step_inputs(mixer, torch.randn(2, 1, D_MODEL))
+    kd.delta_decode(mixer, proj, cache)
+    tickets = kd._BUFFERS[("tickets", proj.device, 2 * 2)]  # [B · H_k] int32
+    assert tickets.dtype == torch.int32 and torch.equal(tickets, torch.zeros_like(tickets))
+    kd.delta_decode(mixer, proj, cache)
+    assert kd._BUFFERS[("tickets", proj.device, 2 * 2)] is tickets, "allocated again"
+    assert not tickets.any()
+    if kd.value_blocks(32)[1] > 1:
+        assert kd._BUFFERS[("scratch", proj.device, 2 * 4 * 2 * 32)].dtype == torch.float32
 
 
 @interp
@@ -390,44 +442,90 @@ def test_interp_empty_batch_and_bias():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind, h, hk, d, gates_given", [
-    ("G", 16, 16, 128, True), ("G", 16, 8, 128, True), ("K", 16, 16, 128, True),
+    ("G", 16, 16, 128, True), ("G", 32, 16, 128, True), ("K", 16, 16, 128, True),
     ("K", 16, 16, 128, False), ("K", 32, 32, 64, False),  # K's gates in the kernel (the fused step)
 ])
+@pytest.mark.parametrize("v_block", [16, 32, 128])
 @pytest.mark.parametrize("batch", [1, 3])
 @torch.no_grad()
-def test_gpu_real_shapes(kind, h, hk, d, gates_given, batch):
-    """Qwen3-Next-style 1B / Kimi Linear heads: H = 16, D_k = D_v = 128 (and the ~1B Kimi preset's
-    32 x 64), conv 4, bf16 model with a bf16 conv state, after a 64-token prefill; 4 steps against
-    the reference."""
+def test_gpu_real_shapes(kind, h, hk, d, gates_given, v_block, batch, monkeypatch):
+    """Qwen3-Next-style (32 value heads over 16 key heads) / Kimi Linear heads at D_k = D_v = 128 (and
+    the ~1B Kimi preset's 32 x 64), conv 4, bf16 model with a bf16 conv state, after a 64-token
+    prefill; 4 steps against the reference at V_BLOCK 16 / 32 / 128 (8 / 4 / 1 programs per value
+    head); the tickets are zero afterwards."""
+    import attnlab.kernels.delta_decode as kd
+
+    monkeypatch.setattr(kd, "V_BLOCK", v_block)
     mixer = build(kind, h, hk, d, d, torch.bfloat16, device="cuda", d_model=1024)
     cache = prefilled(mixer, batch, 64, torch.bfloat16)
     compare_steps(mixer, cache, 4, TOL[torch.bfloat16], gates_given=gates_given)
+    torch.cuda.synchronize()
+    assert not kd._BUFFERS[("tickets", cache.state.device, batch * hk)].any()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind, h, hk", [("G", 32, 16), ("G", 32, 8), ("K", 32, 32)])
+@pytest.mark.parametrize("v_block", [16, 32])
 @torch.no_grad()
-def test_gpu_cuda_graph_replay():
-    """Captured once, replayed on new inputs written into the captured proj: the graph steps the
-    live cache as the eager reference does (no host sync or allocation-dependent pointer inside)."""
-    from attnlab.kernels.delta_decode import delta_decode, delta_decode_reference
+def test_gpu_many_programs_race(kind, h, hk, v_block, monkeypatch):
+    """The cross-program ordering under load: 16 rows x 32 value heads x 4-8 value blocks (2048-4096
+    programs, 16-64 per ticket), 12 steps; the conv state (whose q/k history only the last arriver may
+    shift) must equal the reference's exactly after every step, o and the state within bf16
+    tolerance, and lengths counted once per row per step."""
+    import attnlab.kernels.delta_decode as kd
 
-    mixer = build("K", 16, 16, 128, 128, torch.bfloat16, device="cuda", d_model=1024)
+    monkeypatch.setattr(kd, "V_BLOCK", v_block)
+    mixer = build(kind, h, hk, 128, 128, torch.bfloat16, device="cuda", d_model=512)
+    cache = prefilled(mixer, 16, 16, torch.bfloat16)
+    ref_cache = copy.deepcopy(cache)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(12):
+        x = torch.randn(16, 1, 512, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+        proj, f_up, g_up = step_inputs(mixer, x)
+        o = kd.delta_decode(mixer, proj, cache, f_up, g_up, count_token=True)
+        want = kd.delta_decode_reference(mixer, proj, ref_cache, f_up, g_up, count_token=True)
+        assert torch.equal(cache.conv_state, ref_cache.conv_state), f"step {step}: conv state"
+        assert rel_err(o, want) <= TOL[torch.bfloat16], f"step {step}: o"
+        assert rel_err(cache.state, ref_cache.state) <= TOL[torch.bfloat16], f"step {step}: state"
+    assert torch.equal(cache.lengths, ref_cache.lengths)
+    assert not kd._BUFFERS[("tickets", cache.state.device, 16 * hk)].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, gates_given", [("K", True), ("K", False), ("G", True)])
+@pytest.mark.parametrize("v_block", [16, 32, 128])
+@torch.no_grad()
+def test_gpu_cuda_graph_replay(kind, gates_given, v_block, monkeypatch):
+    """Captured once, replayed on new inputs written into the captured proj: the graph steps the
+    live cache as the eager reference does (no host sync or allocation-dependent pointer inside; the
+    tickets and scratch made before the capture, the tickets zero after each replay)."""
+    import attnlab.kernels.delta_decode as kd
+
+    monkeypatch.setattr(kd, "V_BLOCK", v_block)
+    h, hk = (16, 16) if kind == "K" else (32, 16)
+    mixer = build(kind, h, hk, 128, 128, torch.bfloat16, device="cuda", d_model=1024)
     cache = prefilled(mixer, 2, 32, torch.bfloat16)
     ref_cache = copy.deepcopy(cache)
     x = torch.randn(2, 1, 1024, device="cuda", dtype=torch.bfloat16)
-    proj, f_up, g_up = (t.clone() for t in step_inputs(mixer, x))
-    delta_decode(mixer, proj, copy.deepcopy(cache), f_up, g_up)  # compile outside the capture
+    proj, f_up, g_up = (None if t is None else t.clone() for t in step_inputs(mixer, x))
+    if not gates_given:
+        f_up = g_up = None
+    kd.delta_decode(mixer, proj, copy.deepcopy(cache), f_up, g_up)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = delta_decode(mixer, proj, cache, f_up, g_up)
+        out = kd.delta_decode(mixer, proj, cache, f_up, g_up, count_token=True)
+    tickets = kd._BUFFERS[("tickets", proj.device, 2 * hk)]
     for seed in range(3):
         torch.manual_seed(seed)
         new = step_inputs(mixer, torch.randn(2, 1, 1024, device="cuda", dtype=torch.bfloat16))
         for dst, src in zip((proj, f_up, g_up), new, strict=True):
-            dst.copy_(src)
+            if dst is not None:
+                dst.copy_(src)
         graph.replay()
-        want = delta_decode_reference(mixer, proj, ref_cache, f_up, g_up)
+        want = kd.delta_decode_reference(mixer, proj, ref_cache, f_up, g_up, count_token=True)
         assert rel_err(out, want) <= TOL[torch.bfloat16], f"replay {seed}"
         assert rel_err(cache.state, ref_cache.state) <= TOL[torch.bfloat16]
         assert torch.equal(cache.conv_state, ref_cache.conv_state)
+        assert torch.equal(cache.lengths, ref_cache.lengths)
+        assert not tickets.any()

@@ -7,33 +7,72 @@ norm, the decay, beta, the delta-rule step, the gated RMSNorm. :func:`delta_deco
 it in ONE launch; :func:`delta_decode_reference` is the same from the layer's own torch pieces
 (the oracle, and the fallback off CUDA).
 
-Kernel layout: one program per (batch row, KEY head). A key head's q/k conv channels are shared
-by the H / H_k value heads that use it, and the conv state is shifted in place: if each value
-head had its own program, the one that writes the shifted q/k history could run before a sibling
-has read the old one (programs have no order). So a program owns its key head's q/k channels
-(conv, state shift, L2 norm once) and loops over its H / H_k value heads; for each: the v conv
-and shift, the decay and beta, the [D_k, D_v] float32 state tile (64 KB at 128 x 128: 16 warps,
-see num_warps), and the gated RMSNorm over all of D_v. With H == H_k (Kimi Linear) that is B·H
-programs; with H_k = H / 2, half as many, each doing two heads.
+Why the layout changed. The kernel used to run one program per (batch row, KEY head), looping over
+its value heads' whole [D_k, D_v] float32 state tiles: at the ~1B presets' shapes (D_k = D_v = 128,
+one decode token) that is 16 programs on an H100's 132 SMs, and the time is each program's chain of
+dependent memory round trips over a 64 KB tile, not bytes. Measured before this change (H100, bf16,
+warm L2 / L2 flushed): Qwen3-Next-style (H = 32 value heads, H_k = 16) 8.4 / 10.3 us at 4 warps,
+16.1 / 17.6 us at 16 (the default then); Kimi-style (H = H_k = 16, gates' up-projections in the
+kernel) 8.4 / 11.0 us at 4 warps, 11.3 / 12.2 at 16 — against 3.35 / 2.71 us for a cold in-place
+torch ``mul_`` over the same 2.1 / 1.05 MB of state. (No timing of this layout is quoted here yet.)
+
+Kernel layout now: one program per (batch row, value head, block of V_BLOCK value columns), the
+blocks of a value head and the value heads of a key head adjacent in the grid; B·H·ceil(D_v /
+V_BLOCK) programs (128 for the Qwen3-Next-style step at V_BLOCK 32). The delta rule is column-wise
+in the value dim (S ← S·decay + k uᵀ, u = β (v − Sᵀk), o = Sᵀq: column j needs only S[:, j], v_j),
+so a program owns the state tile [D_k, BV] of its value head and its v channels (conv, shift) and
+computes, redundantly, what the whole head needs: q and k (conv, SiLU, L2 norm; tiny) and K's per
+key channel decay (with in-kernel gates: W_f's D_k rows; W_g only for its BV rows). Two things cross
+programs:
+- the q/k short-conv history is shared by every program of a key head (all its value heads and
+  blocks) and shifted IN PLACE: it may only be overwritten once all of them have read it. Each
+  program, after its loads (and a barrier, so all its threads are done), takes a ticket for its
+  (batch row, key head): ``tl.atomic_add(tickets + ..., 1, sem="acq_rel")`` (GPU scope, one thread;
+  Triton broadcasts the result through shared memory behind a barrier). The program that draws the
+  last ticket (REP · NVB − 1) writes the shifted q/k history and sets the ticket back to 0, so the
+  [B, H_k] int32 ticket buffer is all zeros between launches (CUDA-graph replays);
+- the gated RMSNorm needs a value head's whole row: with NVB > 1 each program stores its block of o
+  (rounded to proj's dtype, as before) and of the gate's activation to a [B, H, 2, D_v] float32
+  scratch BEFORE its ticket, and the same last arriver reads the key head's REP rows back (``.cg``
+  loads: from L2, past a possibly stale L1) and stores the normed, gated output. With V_BLOCK >= D_v
+  (NVB = 1) a program has its row and stores the output itself; with REP = NVB = 1 (H == H_k at
+  V_BLOCK >= D_v) there is no ticket at all.
+Memory ordering: every program's scratch stores and conv-history loads come before its release
+(a CTA barrier, then thread 0's acq_rel atomic: the barrier orders the other threads' accesses before
+thread 0's, the release is cumulative); the tickets' acq_rel read-modify-writes chain, so the last
+arriver's acquire follows every earlier release; its reads and stores come after (the result's
+broadcast barrier). The tickets and scratch are allocated once per (device, size), zeroed, and shared
+by every layer and call: that is safe on one stream (launches run in order; with PDL each of our
+kernels gdc_waits for its predecessor before touching memory, so a launch never overlaps the
+previous delta_decode's) but NOT for concurrent launches of the same B·H_k on two streams. The
+token count (count_token) is incremented by one fixed program per row (value head 0, block 0).
+
+Loads: a program issues ALL its global loads first (the state tile first; the q / k / v conv
+histories, inputs and weights, beta, A_log, dt_bias, a or f_up, the gate, the norm weight: none
+depends on another) and then passes a barrier before computing (EARLY_STATE, see launch_constants):
+without it ptxas scheduled the first conv sums, which wait for their loads, ahead of the state
+tile's loads — a round trip more. Each conv's new input x stays a vector and is not broadcast into
+the [channels, K_conv] window: that was a shared-memory layout conversion at the load, which
+waited for x and held back every later load (in the old kernel's sm_90 SASS the q, k and v conv
+loads sat between such conversions: chained round trips). Exceptions: K computing its gates'
+up-projections loads its state tile after applying them (the 128 x 64 W_f tile and an early state
+tile would spill), and tiles over 128 x 64 (V_BLOCK 128 at D = 128) load the tile last, without the
+barrier (it spilled there).
+After the compute: scratch stores, the barrier and the ticket; then the program's own stores (v
+history shift, its state columns, the token count, its output when NVB = 1; after the ticket, so
+its release waits for the scratch stores only); then the last arriver's work.
 
 K's gates: given f_up / g_up (the gates' up-projections, [B, H·D_k] / [B, H·D_v]) the kernel reads
 them; without (the fused decode step, attnlab.layers.fused) each program applies its value head's
-rows of ``f_b_proj`` / ``g_b_proj`` (W_f [D_k, rank], W_g [D_v, rank]: 2 x 64 x 64 bf16 = 16 KB at
-the ~1B Kimi preset) to proj's f / g columns itself, saving the separate bmm launch (~3 us a layer
-on an H100).
+rows of ``f_b_proj`` / ``g_b_proj`` (W_f [D_k, rank] whole, W_g's BV rows) to proj's f / g columns
+itself, saving the separate bmm launch (~3 us a layer on an H100).
 
-At the ~1B presets' sizes the launch is only 16-32 programs, so its time is each program's chain of
-DEPENDENT memory round trips, not its bytes. A program therefore issues ALL its global loads first
-(the q / k / v conv histories, inputs and weights, beta, A_log, dt_bias, a or f_up, the gate, or K's
-up-projection weights and proj's f / g columns, the state tiles, the norm weight: none depends on
-another), computes, passes ONE barrier (every thread
-has read the old conv history before any thread overwrites it: a thread may store an element another
-thread loaded) and then stores everything (shifted conv histories, state, o, the token count). Two
-value heads per key head (Qwen3-Next) are loaded together; at tiles over 64 x 64 (SPLIT) the second
-head's state tile is loaded only after the first's is stored (two 128 x 128 float32 tiles would
-spill), and K's up-projections are applied as soon as their weights arrive, before the state tile
-is loaded (weight and state tiles at once would spill more); heads beyond two (no preset) follow one
-by one, each with its own barrier.
+Knobs (module globals, read at each call): V_BLOCK (value columns per program, a power of two;
+default 32; >= D_v: one program per value head) and NUM_WARPS (None: num_warps's choice from the
+[D_k, BV] tile, 4 at 128 x 32). Registers for sm_90 (Triton 3.9, compiled on the CPU:
+test_compiles_for_sm90_at_real_shapes), D = 128, V_BLOCK 32, 4 warps, as the fused step launches it:
+G (H 32 / H_k 16) 168 registers, no stack; K with its gates' up-projections in the kernel 255
+registers and 32 bytes of stack (8 warps: 250, none); V_BLOCK 16: 95 / 255, no stack.
 
 Rounding (the layer's eager path rounds in more places; the results differ only by that):
 - the conv is computed in float32 from the stored history, the new input and the weight, then
@@ -65,11 +104,13 @@ from ..layers.deltanet import DeltaRuleCache, GatedDeltaNet, KimiDeltaAttention
 from ._pdl import launch_options, use_pdl
 
 POISON_OUTPUTS = False  # tests set this: the output buffer starts as NaN, so an unwritten element fails
-NUM_WARPS: int | None = None  # None: chosen from the state tile (num_warps); a benchmark may set it
+V_BLOCK = 32  # value columns per program (a power of two); >= D_v: one program per value head
+NUM_WARPS: int | None = None  # None: chosen from the program's state tile (num_warps); a benchmark may set it
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mixer -> (conv, has bias, constants)
+_BUFFERS: dict[tuple, torch.Tensor] = {}  # (purpose, device, numel) -> zeroed tickets / scratch (_zeroed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,80 +127,47 @@ def _softplus(x):
 
 @triton.jit
 def _conv_load(x_row, cs_row, w, bias, c, mc, rj, s_cc, s_ck, KC: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The loads of one short-conv step for channels c (masked by mc), all independent: returns the
-    window float32 [len(c), BJ] (the KC - 1 history inputs of the conv state, oldest first, then x,
-    zero past KC), the weight float32 [len(c), BJ] and the bias float32 [len(c)] (zeros without one).
+    """The loads of one short-conv step for channels c (masked by mc), all independent: the history
+    float32 [len(c), BJ] (the KC - 1 inputs of the conv state, oldest first, zero from column KC - 1
+    on), the new input x float32 [len(c)], the weight float32 [len(c), BJ] (its first KC - 1 columns,
+    zero after), the weight's last column (x's) and the bias float32 [len(c)] (zeros without one).
+
+    x stays a vector, not a column of the [len(c), BJ] window: broadcast into the window it is a
+    layout conversion through shared memory, placed at the load, which waits for x to arrive and holds
+    back every load after it (three chained DRAM round trips for q, k, v instead of one).
 
     x_row: this row of proj (the conv input is its first C columns); cs_row: this row of the conv
     state [C, KC - 1] with strides (s_cc, s_ck); w: conv weight [C, KC] contiguous; rj: arange over
     a power of two >= KC."""
-    in_hist = mc[:, None] & (rj[None, :] < KC - 1)
-    hist = tl.load(cs_row + c[:, None] * s_cc + rj[None, :] * s_ck, mask=in_hist, other=0.0).to(tl.float32)
+    past = mc[:, None] & (rj[None, :] < KC - 1)
+    hist = tl.load(cs_row + c[:, None] * s_cc + rj[None, :] * s_ck, mask=past, other=0.0).to(tl.float32)
+    wt = tl.load(w + c[:, None] * KC + rj[None, :], mask=past, other=0.0).to(tl.float32)
     x = tl.load(x_row + c, mask=mc, other=0.0).to(tl.float32)
-    wt = tl.load(w + c[:, None] * KC + rj[None, :], mask=mc[:, None] & (rj[None, :] < KC), other=0.0)
+    w_x = tl.load(w + c * KC + KC - 1, mask=mc, other=0.0).to(tl.float32)
     if HAS_BIAS:
         b = tl.load(bias + c, mask=mc, other=0.0).to(tl.float32)
     else:
         b = tl.zeros_like(x)
-    window = tl.where(rj[None, :] == KC - 1, x[:, None], hist)  # (channels, BJ)
-    return window, wt.to(tl.float32), b
+    return hist, wt, x, w_x, b
 
 
 @triton.jit
-def _conv_silu(window, wt, b, io_ty: tl.constexpr):
-    """The conv output of a loaded window (_conv_load), SiLU, rounded to io_ty (as the layer),
+def _conv_silu(hist, wt, x, w_x, b, io_ty: tl.constexpr):
+    """The conv output of loaded inputs (_conv_load), SiLU, rounded to io_ty (as the layer),
     returned as float32 [channels]."""
-    y = tl.sum(window * wt, 1) + b
+    y = tl.sum(hist * wt, 1) + x * w_x + b
     return (y * tl.sigmoid(y)).to(io_ty).to(tl.float32)
 
 
 @triton.jit
-def _conv_shift(cs_row, c, mc, rj, s_cc, s_ck, window, KC: tl.constexpr):
-    """Shifts channels c's conv state in place: history j <- window j + 1 (the newest <- x). Only
+def _conv_shift(cs_row, c, mc, rj, s_cc, s_ck, hist, x, KC: tl.constexpr):
+    """Shifts channels c's conv state in place: history j <- history j + 1, the newest <- x. Only
     after a barrier that follows every thread's _conv_load of these channels (a thread may store an
     element another thread loaded)."""
     hist_ptr = cs_row + c[:, None] * s_cc + rj[None, :] * s_ck
-    shifted = mc[:, None] & (rj[None, :] >= 1) & (rj[None, :] < KC)
-    tl.store(hist_ptr - s_ck, window.to(cs_row.dtype.element_ty), mask=shifted)
-
-
-@triton.jit
-def _head_load(p_row, cs_row, conv_w, conv_b, dec_row, gate_row, a_log, dt_bias, w_f, w_g, s_wf, s_wg, i_h,
-               rk, rv, rj, rr, mk, mv, mr, s_cc, s_ck, K: tl.constexpr, V: tl.constexpr,
-               KC: tl.constexpr, OFF_V: tl.constexpr, OFF_BETA: tl.constexpr, OFF_DEC: tl.constexpr,
-               OFF_GATE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, UP: tl.constexpr):
-    """Every global load of value head i_h but its state tile (_state_load), none depending on
-    another: its v conv (_conv_load), beta, A_log, the decay input a (G, scalar) or f_up (K, [BK])
-    and dt_bias, the gate z / g_up [BV] (all float32). UP (K without f_up / g_up): instead of f_up
-    and g_up, this head's rows of the up-projection weights, W_f [BK, BR] and W_g [BV, BR] (their
-    dtype; rows with row strides s_wf / s_wg, columns rr < rank), which _head_step applies."""
-    v_win, v_wt, v_b = _conv_load(p_row, cs_row, conv_w, conv_b, OFF_V + i_h * V + rv, mv, rj, s_cc, s_ck,
-                                  KC, HAS_BIAS)
-    beta = tl.load(p_row + OFF_BETA + i_h).to(tl.float32)
-    a = tl.load(a_log + i_h).to(tl.float32)
-    if PER_CHANNEL:
-        if UP:
-            f = tl.load(w_f + (i_h * K + rk)[:, None] * s_wf + rr[None, :], mask=mk[:, None] & mr[None, :],
-                        other=0.0)  # (BK, BR)
-        else:
-            f = tl.load(dec_row + OFF_DEC + i_h * K + rk, mask=mk, other=0.0).to(tl.float32)
-        dtb = tl.load(dt_bias + i_h * K + rk, mask=mk, other=0.0).to(tl.float32)
-    else:
-        f = tl.load(dec_row + OFF_DEC + i_h).to(tl.float32)
-        dtb = tl.load(dt_bias + i_h).to(tl.float32)
-    if UP:
-        z = tl.load(w_g + (i_h * V + rv)[:, None] * s_wg + rr[None, :], mask=mv[:, None] & mr[None, :],
-                    other=0.0)  # (BV, BR)
-    else:
-        z = tl.load(gate_row + OFF_GATE + i_h * V + rv, mask=mv, other=0.0).to(tl.float32)
-    return v_win, v_wt, v_b, beta, a, f, dtb, z
-
-
-@triton.jit
-def _state_load(state, i_b, i_h, rk, rv, mk, mv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """Value head i_h's float32 state tile [BK, BV] (zero outside [K, V])."""
-    s_off = (i_b * H + i_h) * (K * V) + rk[:, None] * V + rv[None, :]
-    return tl.load(state + s_off, mask=mk[:, None] & mv[None, :], other=0.0)
+    moved = mc[:, None] & (rj[None, :] >= 1) & (rj[None, :] < KC - 1)
+    tl.store(hist_ptr - s_ck, hist.to(cs_row.dtype.element_ty), mask=moved)
+    tl.store(cs_row + c * s_cc + (KC - 2) * s_ck, x.to(cs_row.dtype.element_ty), mask=mc)
 
 
 @triton.jit
@@ -171,20 +179,94 @@ def _gate_up(w, x, io_ty: tl.constexpr):
 
 
 @triton.jit
-def _head_step(b_q, b_k, w_norm, v_win, v_wt, v_b, beta, a, f, dtb, z, x_f, x_g, S, mv, eps,
-               io_ty: tl.constexpr, V: tl.constexpr, PER_CHANNEL: tl.constexpr, SIGMOID_GATE: tl.constexpr,
-               UP: tl.constexpr):
-    """One value head's step from its loads (_head_load), no memory access: returns the new state
-    tile [BK, BV] and the gated-normed output [BV] (float32; stored by the caller). UP: f and z are
-    the head's W_f / W_g rows, applied here to proj's f / g columns x_f, x_g [BR] (float32)."""
-    if UP:
-        f = _gate_up(f, x_f, io_ty)  # (BK,)
-        z = _gate_up(z, x_g, io_ty)  # (BV,)
-    b_v = _conv_silu(v_win, v_wt, v_b, io_ty)
+def _delta_decode_kernel(
+    proj, s_proj, dec, s_dec, gate, s_gate, conv_w, conv_b, conv_state, s_cb, s_cc, s_ck,
+    a_log, dt_bias, norm_w, state, o, scale, eps, lengths, w_f, w_g, s_wf, s_wg, tickets, scratch,
+    H: tl.constexpr, HK: tl.constexpr, REP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    KC: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
+    BREP: tl.constexpr, BJ: tl.constexpr,
+    OFF_K: tl.constexpr, OFF_V: tl.constexpr, OFF_BETA: tl.constexpr, OFF_DEC: tl.constexpr,
+    OFF_GATE: tl.constexpr, PER_CHANNEL: tl.constexpr, SIGMOID_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COUNT: tl.constexpr, PDL: tl.constexpr, UP: tl.constexpr, BR: tl.constexpr,
+    RANK: tl.constexpr, OFF_F: tl.constexpr, OFF_G: tl.constexpr, EARLY_STATE: tl.constexpr,
+):
+    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
+    # program (b, value head, value block), the blocks of a value head and the value heads of a key
+    # head adjacent: i = ((b · H + h) · NVB + block)
+    pid = tl.program_id(0)
+    i_vb = pid % NVB
+    i_bh = pid // NVB  # b · H + h
+    i_h = i_bh % H
+    i_b = (i_bh // H).to(tl.int64)
+    i_hk = i_h // REP
+    io_ty: tl.constexpr = proj.dtype.element_ty
+    ARRIVALS: tl.constexpr = REP * NVB  # programs sharing the key head's q/k conv history
+    p_row = proj + i_b * s_proj
+    cs_row = conv_state + i_b * s_cb
+    rk, rj, rr = tl.arange(0, BK), tl.arange(0, BJ), tl.arange(0, BR)
+    rv = i_vb * BV + tl.arange(0, BV)  # this program's value columns
+    mk, mv, mr = rk < K, rv < V, rr < RANK
+    c_q = i_hk * K + rk
+    c_k = OFF_K + i_hk * K + rk
+    c_v = OFF_V + i_h * V + rv
+    ticket = tickets + i_b * HK + i_hk
+
+    # 1. every load, issued together (none depends on another): one DRAM round trip for the program.
+    # EARLY_STATE (small tiles, no UP): the state tile first and a barrier after the last load, else
+    # ptxas schedules the first conv sums (which wait for their loads) before the tile's loads: a
+    # round trip more. Otherwise last (that order and barrier would spill: kernel_constants)
+    s_ptr = state + i_bh.to(tl.int64) * (K * V) + rk[:, None] * V + rv[None, :]
+    s_mask = mk[:, None] & mv[None, :]
+    if EARLY_STATE:
+        S = tl.load(s_ptr, mask=s_mask, other=0.0)  # (BK, BV) float32
+    if COUNT:  # the row's token counted by one program of the row (no other reads lengths)
+        count_it = (i_h == 0) & (i_vb == 0)
+        n_tok = tl.load(lengths + i_b, mask=count_it, other=0)
+    if UP:  # proj's f and g columns, the gates' up-projections' inputs
+        x_f = tl.load(p_row + OFF_F + rr, mask=mr, other=0.0).to(tl.float32)
+        x_g = tl.load(p_row + OFF_G + rr, mask=mr, other=0.0).to(tl.float32)
+    q_conv = _conv_load(p_row, cs_row, conv_w, conv_b, c_q, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
+    k_conv = _conv_load(p_row, cs_row, conv_w, conv_b, c_k, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
+    v_conv = _conv_load(p_row, cs_row, conv_w, conv_b, c_v, mv, rj, s_cc, s_ck, KC, HAS_BIAS)
+    beta = tl.load(p_row + OFF_BETA + i_h).to(tl.float32)
+    a = tl.load(a_log + i_h).to(tl.float32)
+    if PER_CHANNEL:  # K: the decay per key channel, the whole D_k of the head in every program
+        if UP:
+            f = tl.load(w_f + (i_h * K + rk)[:, None] * s_wf + rr[None, :], mask=mk[:, None] & mr[None, :],
+                        other=0.0)  # (BK, BR)
+        else:
+            f = tl.load(dec + i_b * s_dec + OFF_DEC + i_h * K + rk, mask=mk, other=0.0).to(tl.float32)
+        dtb = tl.load(dt_bias + i_h * K + rk, mask=mk, other=0.0).to(tl.float32)
+    else:
+        f = tl.load(dec + i_b * s_dec + OFF_DEC + i_h).to(tl.float32)
+        dtb = tl.load(dt_bias + i_h).to(tl.float32)
+    if UP:  # the gate: only this program's BV columns
+        z = tl.load(w_g + (i_h * V + rv)[:, None] * s_wg + rr[None, :], mask=mv[:, None] & mr[None, :],
+                    other=0.0)  # (BV, BR)
+    else:
+        z = tl.load(gate + i_b * s_gate + OFF_GATE + i_h * V + rv, mask=mv, other=0.0).to(tl.float32)
+    if NVB == 1:
+        w_norm = tl.load(norm_w + rv, mask=mv, other=0.0).to(tl.float32)
+    if UP:  # applied as soon as the weights arrive, before the state tile is loaded (both would spill)
+        f, z = _gate_up(f, x_f, io_ty), _gate_up(z, x_g, io_ty)
+    if EARLY_STATE:
+        tl.debug_barrier()  # for ptxas's scheduler: no compute hoisted above a load
+    else:
+        S = tl.load(s_ptr, mask=s_mask, other=0.0)  # (BK, BV) float32
+    # 2. compute: q, k of the key head (conv, SiLU, rounded to proj's dtype as the layer, L2 norm in
+    # float32, eps as ops.delta_rule._prepare_qk), every program its own copy; v's block; the step
+    b_q = _conv_silu(*q_conv, io_ty)
+    b_k = _conv_silu(*k_conv, io_ty)
+    b_q = b_q * (scale / tl.sqrt(tl.sum(b_q * b_q) + 1e-6))
+    b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+    b_v = _conv_silu(*v_conv, io_ty)
     b_beta = tl.sigmoid(beta)
     # log-decay: -exp(A_log) · softplus(a + dt_bias), one per head (G) or per key channel (K)
     decay = tl.exp(-tl.exp(a) * _softplus(f + dtb))
-    # the delta rule on the float32 state tile (as attnlab.kernels.linear._step_kernel)
+    # the delta rule on the float32 state tile (as attnlab.kernels.linear._step_kernel); each value
+    # column is independent, so a block of columns needs only its own state columns
     if PER_CHANNEL:
         S = S * decay[:, None]
     else:
@@ -192,132 +274,51 @@ def _head_step(b_q, b_k, w_norm, v_win, v_wt, v_b, beta, a, f, dtb, z, x_f, x_g,
     u = b_beta * (b_v - tl.sum(S * b_k[:, None], 0))  # (BV,)
     S += b_k[:, None] * u[None, :]
     b_o = tl.sum(S * b_q[:, None], 0)  # (BV,)
-    # gated RMSNorm over D_v: rmsnorm(o) · w · act(gate); o rounded as the layer's step returns it
-    b_o = tl.where(mv, b_o.to(io_ty).to(tl.float32), 0.0)
-    b_o = b_o / tl.sqrt(tl.sum(b_o * b_o) / V + eps) * w_norm
+    b_o = tl.where(mv, b_o.to(io_ty).to(tl.float32), 0.0)  # rounded as the layer's step returns it
     if SIGMOID_GATE:
-        b_o = b_o * tl.sigmoid(z)
+        act = tl.sigmoid(z)
     else:
-        b_o = b_o * (z * tl.sigmoid(z))
-    return S, b_o
+        act = z * tl.sigmoid(z)
+    if NVB > 1:  # the gated RMSNorm needs the whole row: o and the gate's activation to the scratch
+        row = scratch + i_bh.to(tl.int64) * (2 * V)
+        tl.store(row + rv, b_o, mask=mv)
+        tl.store(row + V + rv, act, mask=mv)
 
-
-@triton.jit
-def _head_store(state, o, i_b, i_h, S, b_o, rk, rv, mk, mv, H: tl.constexpr, K: tl.constexpr,
-                V: tl.constexpr):
-    """Value head i_h's state tile and output."""
-    i_bh = i_b * H + i_h
-    tl.store(state + i_bh * (K * V) + rk[:, None] * V + rv[None, :], S, mask=mk[:, None] & mv[None, :])
-    tl.store(o + i_bh * V + rv, b_o.to(o.dtype.element_ty), mask=mv)
-
-
-@triton.jit
-def _delta_decode_kernel(
-    proj, s_proj, dec, s_dec, gate, s_gate, conv_w, conv_b, conv_state, s_cb, s_cc, s_ck,
-    a_log, dt_bias, norm_w, state, o, scale, eps, lengths, w_f, w_g, s_wf, s_wg,
-    H: tl.constexpr, HK: tl.constexpr, REP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    KC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BJ: tl.constexpr,
-    OFF_K: tl.constexpr, OFF_V: tl.constexpr, OFF_BETA: tl.constexpr, OFF_DEC: tl.constexpr,
-    OFF_GATE: tl.constexpr, PER_CHANNEL: tl.constexpr, SIGMOID_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COUNT: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr, UP: tl.constexpr, BR: tl.constexpr,
-    RANK: tl.constexpr, OFF_F: tl.constexpr, OFF_G: tl.constexpr,
-):
-    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
-        gdc_launch_dependents()
-        gdc_wait()
-    i_bk = tl.program_id(0)
-    i_b = (i_bk // HK).to(tl.int64)
-    i_hk = i_bk % HK
-    io_ty: tl.constexpr = proj.dtype.element_ty
-    # K without f_up / g_up: the gates' up-projections here, in _head_step (UP_LATE) or, at tiles over
-    # 64 x 64 (SPLIT), as soon as the weights arrive (their tiles and the state's at once would spill)
-    UP_LATE: tl.constexpr = UP and not SPLIT
-    p_row = proj + i_b * s_proj
-    dec_row = dec + i_b * s_dec
-    gate_row = gate + i_b * s_gate
-    cs_row = conv_state + i_b * s_cb
-    rk, rv, rj, rr = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BJ), tl.arange(0, BR)
-    mk, mv, mr = rk < K, rv < V, rr < RANK
-    c_q = i_hk * K + rk
-    c_k = OFF_K + i_hk * K + rk
-    i_h0 = i_hk * REP  # the value heads this key head serves: i_h0 .. i_h0 + REP - 1
-
-    # 1. every load of the key head and its first two value heads, issued together: one DRAM round
-    # trip for the program (each conv's load -> barrier -> store, the state tile, the gate came one
-    # after another before); with two value heads at tiles over 64 x 64 (SPLIT) head 1's tile waits
-    if COUNT:  # the row's token counted here (one program per row; no other reads lengths)
-        count_it = i_hk == 0
-        n_tok = tl.load(lengths + i_b, mask=count_it, other=0)
-    args = (p_row, cs_row, conv_w, conv_b, dec_row, gate_row, a_log, dt_bias, w_f, w_g, s_wf, s_wg)
-    if UP:  # proj's f and g columns, the up-projections' inputs (shared by the value heads)
-        x_f = tl.load(p_row + OFF_F + rr, mask=mr, other=0.0).to(tl.float32)
-        x_g = tl.load(p_row + OFF_G + rr, mask=mr, other=0.0).to(tl.float32)
-    else:
-        x_f = tl.zeros([BR], dtype=tl.float32)  # unused
-        x_g = x_f
-    q_win, q_wt, q_b = _conv_load(p_row, cs_row, conv_w, conv_b, c_q, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
-    k_win, k_wt, k_b = _conv_load(p_row, cs_row, conv_w, conv_b, c_k, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
-    w_norm = tl.load(norm_w + rv, mask=mv, other=0.0).to(tl.float32)
-    v0_win, v0_wt, v0_b, beta0, a0, f0, dtb0, z0 = _head_load(
-        *args, i_h0, rk, rv, rj, rr, mk, mv, mr, s_cc, s_ck, K, V, KC, OFF_V, OFF_BETA, OFF_DEC, OFF_GATE,
-        PER_CHANNEL, HAS_BIAS, UP)
-    if UP and SPLIT:  # tiles over 64 x 64: head 0's gates applied before its state tile is loaded
-        f0, z0 = _gate_up(f0, x_f, io_ty), _gate_up(z0, x_g, io_ty)
-    S0 = _state_load(state, i_b, i_h0, rk, rv, mk, mv, H, K, V)
-    if REP >= 2:
-        v1_win, v1_wt, v1_b, beta1, a1, f1, dtb1, z1 = _head_load(
-            *args, i_h0 + 1, rk, rv, rj, rr, mk, mv, mr, s_cc, s_ck, K, V, KC, OFF_V, OFF_BETA, OFF_DEC,
-            OFF_GATE, PER_CHANNEL, HAS_BIAS, UP)
-        if UP and SPLIT:
-            f1, z1 = _gate_up(f1, x_f, io_ty), _gate_up(z1, x_g, io_ty)
-        if not SPLIT:
-            S1 = _state_load(state, i_b, i_h0 + 1, rk, rv, mk, mv, H, K, V)
-
-    # 2. compute: q, k of this key head (conv, SiLU, rounded to proj's dtype as the layer, L2 norm in
-    # float32, eps as ops.delta_rule._prepare_qk), then the value heads
-    b_q = _conv_silu(q_win, q_wt, q_b, io_ty)
-    b_k = _conv_silu(k_win, k_wt, k_b, io_ty)
-    b_q = b_q * (scale / tl.sqrt(tl.sum(b_q * b_q) + 1e-6))
-    b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
-    S0, o0 = _head_step(b_q, b_k, w_norm, v0_win, v0_wt, v0_b, beta0, a0, f0, dtb0, z0, x_f, x_g, S0, mv, eps,
-                        io_ty, V, PER_CHANNEL, SIGMOID_GATE, UP_LATE)
-    if REP >= 2:
-        if SPLIT:  # two tiles of 128 x 128 would spill: head 0's is stored (no barrier needed: only the
-            # conv history is shared between threads' loads and stores) before head 1's is loaded
-            _head_store(state, o, i_b, i_h0, S0, o0, rk, rv, mk, mv, H, K, V)
-            S1 = _state_load(state, i_b, i_h0 + 1, rk, rv, mk, mv, H, K, V)
-        S1, o1 = _head_step(b_q, b_k, w_norm, v1_win, v1_wt, v1_b, beta1, a1, f1, dtb1, z1, x_f, x_g, S1, mv,
-                            eps, io_ty, V, PER_CHANNEL, SIGMOID_GATE, UP_LATE)
-
-    # 3. every thread of the program has read the old conv history before any overwrites it (a
-    # thread may store an element another thread loaded); then every store
+    # 3. every thread of the program has loaded (the conv histories) and stored (the scratch) before
+    # the ticket; the last of the key head's ARRIVALS programs to take one knows that all the others
+    # have read the old q/k history and written their scratch (release / acquire at GPU scope)
     tl.debug_barrier()
-    _conv_shift(cs_row, c_q, mk, rj, s_cc, s_ck, q_win, KC)
-    _conv_shift(cs_row, c_k, mk, rj, s_cc, s_ck, k_win, KC)
-    _conv_shift(cs_row, OFF_V + i_h0 * V + rv, mv, rj, s_cc, s_ck, v0_win, KC)
-    if not (SPLIT and REP >= 2):
-        _head_store(state, o, i_b, i_h0, S0, o0, rk, rv, mk, mv, H, K, V)
-    if REP >= 2:
-        _conv_shift(cs_row, OFF_V + (i_h0 + 1) * V + rv, mv, rj, s_cc, s_ck, v1_win, KC)
-        _head_store(state, o, i_b, i_h0 + 1, S1, o1, rk, rv, mk, mv, H, K, V)
+    if ARRIVALS > 1:
+        last = tl.atomic_add(ticket, 1, sem="acq_rel") == ARRIVALS - 1
+    # this program's own memory: its v channels' history, its state columns, the token count
+    _conv_shift(cs_row, c_v, mv, rj, s_cc, s_ck, v_conv[0], v_conv[2], KC)
+    tl.store(s_ptr, S, mask=s_mask)
     if COUNT:
         tl.store(lengths + i_b, n_tok + 1, mask=count_it)
-
-    # more than two value heads per key head (no preset has them): the rest one after another, each
-    # its own loads -> compute -> barrier -> stores (its v channels are its own)
-    for r in tl.static_range(2, REP):
-        i_h = i_h0 + r
-        v_win, v_wt, v_b, beta, a, f, dtb, z = _head_load(
-            *args, i_h, rk, rv, rj, rr, mk, mv, mr, s_cc, s_ck, K, V, KC, OFF_V, OFF_BETA, OFF_DEC, OFF_GATE,
-            PER_CHANNEL, HAS_BIAS, UP)
-        if UP and SPLIT:
-            f, z = _gate_up(f, x_f, io_ty), _gate_up(z, x_g, io_ty)
-        S = _state_load(state, i_b, i_h, rk, rv, mk, mv, H, K, V)
-        S, b_o = _head_step(b_q, b_k, w_norm, v_win, v_wt, v_b, beta, a, f, dtb, z, x_f, x_g, S, mv, eps,
-                            io_ty, V, PER_CHANNEL, SIGMOID_GATE, UP_LATE)
-        tl.debug_barrier()
-        _conv_shift(cs_row, OFF_V + i_h * V + rv, mv, rj, s_cc, s_ck, v_win, KC)
-        _head_store(state, o, i_b, i_h, S, b_o, rk, rv, mk, mv, H, K, V)
+    if NVB == 1:  # the whole row here: the gated RMSNorm rmsnorm(o) · w · act(gate) directly
+        b_o = b_o / tl.sqrt(tl.sum(b_o * b_o) / V + eps) * w_norm * act
+        tl.store(o + i_bh.to(tl.int64) * V + rv, b_o.to(o.dtype.element_ty), mask=mv)
+    if ARRIVALS == 1:
+        _conv_shift(cs_row, c_q, mk, rj, s_cc, s_ck, q_conv[0], q_conv[2], KC)
+        _conv_shift(cs_row, c_k, mk, rj, s_cc, s_ck, k_conv[0], k_conv[2], KC)
+    else:
+        if last:  # the key head's last arriver
+            tl.store(ticket, 0)  # all zeros again between launches (CUDA-graph replays)
+            _conv_shift(cs_row, c_q, mk, rj, s_cc, s_ck, q_conv[0], q_conv[2], KC)
+            _conv_shift(cs_row, c_k, mk, rj, s_cc, s_ck, k_conv[0], k_conv[2], KC)
+            if NVB > 1:  # the gated RMSNorm of the key head's REP value heads' rows
+                r_h = tl.arange(0, BREP)
+                c = tl.arange(0, BVF)
+                m = (r_h < REP)[:, None] & (c < V)[None, :]
+                i_row = i_b * H + i_hk * REP + r_h  # (BREP,) rows b · H + h
+                rows = scratch + i_row[:, None] * (2 * V) + c[None, :]
+                # .cg: from L2, where the other programs' stores are; L1 may hold stale lines
+                o_rows = tl.load(rows, mask=m, other=0.0, cache_modifier=".cg")  # (BREP, BVF)
+                a_rows = tl.load(rows + V, mask=m, other=0.0, cache_modifier=".cg")  # (BREP, BVF)
+                w_row = tl.load(norm_w + c, mask=c < V, other=0.0).to(tl.float32)
+                rms = tl.sqrt(tl.sum(o_rows * o_rows, 1) / V + eps)  # (BREP,)
+                out = o_rows / rms[:, None] * w_row[None, :] * a_rows
+                tl.store(o + i_row[:, None] * V + c[None, :], out.to(o.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +326,9 @@ def _delta_decode_kernel(
 
 
 def kernel_constants(mixer) -> dict:
-    """The kernel's compile-time arguments for this mixer (sizes, proj column offsets, variant);
-    remembered per mixer (sizes are fixed at construction; a replaced conv is noticed)."""
+    """The kernel's compile-time arguments fixed by this mixer (sizes, proj column offsets, variant);
+    remembered per mixer (sizes are fixed at construction; a replaced conv is noticed). The value
+    blocking (BV, NVB: :func:`value_blocks`) follows V_BLOCK at each call and is not in here."""
     known = _CONSTANTS.get(mixer)
     if known is not None and known[0] is mixer.conv and known[1] == (mixer.conv.bias is not None):
         return known[2]
@@ -340,7 +342,8 @@ def kernel_constants(mixer) -> dict:
     rank = mixer.f_b_proj.in_features if per_channel else 1  # K's gates' low-rank width (f, g columns)
     const = dict(
         H=H, HK=Hk, REP=H // Hk, K=Dk, V=Dv, KC=KC, BK=max(16, triton.next_power_of_2(Dk)),
-        BV=max(16, triton.next_power_of_2(Dv)), BJ=triton.next_power_of_2(KC),
+        BVF=max(16, triton.next_power_of_2(Dv)), BREP=triton.next_power_of_2(H // Hk),
+        BJ=triton.next_power_of_2(KC),
         OFF_K=off["k"], OFF_V=off["v"], OFF_BETA=off["beta"],
         OFF_DEC=0 if per_channel else off["a"],  # K reads f_up, G proj's `a` columns
         OFF_GATE=0 if per_channel else off["z"],  # K reads g_up, G proj's `z` columns
@@ -348,28 +351,54 @@ def kernel_constants(mixer) -> dict:
         HAS_BIAS=mixer.conv.bias is not None,
         RANK=rank, BR=max(16, triton.next_power_of_2(rank)),
         OFF_F=off["f"] if per_channel else 0, OFF_G=off["g"] if per_channel else 0,  # UP reads them
-        # two value heads per program at tiles over 64 x 64: the second state tile loaded after the
-        # first is stored (both held at once would spill at 128 x 128)
-        SPLIT=max(16, triton.next_power_of_2(Dk)) * max(16, triton.next_power_of_2(Dv)) > 64 * 64,
     )
     _CONSTANTS[mixer] = (mixer.conv, const["HAS_BIAS"], const)
     return const
 
 
+def value_blocks(dv: int) -> tuple[int, int]:
+    """(BV, NVB): the value columns per program and the programs per value head for D_v = dv under
+    V_BLOCK: (V_BLOCK, ceil(dv / V_BLOCK)), or one block of the whole (padded) row when V_BLOCK >= dv."""
+    if not (isinstance(V_BLOCK, int) and V_BLOCK >= 1 and V_BLOCK & (V_BLOCK - 1) == 0):
+        raise ValueError(f"V_BLOCK: expected a power of two >= 1, got {V_BLOCK!r}")
+    if V_BLOCK >= dv:
+        return max(16, triton.next_power_of_2(dv)), 1
+    return V_BLOCK, triton.cdiv(dv, V_BLOCK)
+
+
+def launch_constants(mixer, up: bool) -> dict:
+    """Every compile-time argument of the launch but COUNT and PDL: :func:`kernel_constants`, the
+    value blocking under V_BLOCK (BV, NVB), UP (K's gates' up-projections in the kernel) and
+    EARLY_STATE: the state tile loaded first, a barrier after the loads, where that does not spill
+    (no UP, tiles up to 128 x 64; compiled for sm_90 at D = 128: the 128 x 128 tile at 16 warps
+    spilled ~300 bytes that way, the up-projection weights and an early tile ~1 KB)."""
+    const = kernel_constants(mixer)
+    BV, NVB = value_blocks(const["V"])
+    return dict(const, BV=BV, NVB=NVB, UP=up, EARLY_STATE=not up and const["BK"] * BV <= 128 * 64)
+
+
 def num_warps(bk: int, bv: int) -> int:
-    """Warps for a [bk, bv] state tile: NUM_WARPS if set, else one per 1024 elements in [4, 16]: 4 at
-    64 x 64, 16 at 128 x 128. H100, one call back to back in a CUDA graph (warm L2), all loads issued
-    up front: Qwen3-Next-style (H 32 / H_k 16, D 64) 4.28 us at 4 warps vs 6.12 at 8; Kimi-style
-    (32 / 32, D 64) 3.66 vs 4.16 (before the loads were issued up front: 8.6 and 6.7 us at 4 warps;
-    the recurrence-only step kernel of attnlab.kernels.linear 2.3 us). Compiled for sm_90 (Triton
-    3.9, on the CPU): D = 128 at 16 warps, G (H_k = H) 115 registers and no spill, G with two value
-    heads per key head 128 and 8 bytes of stack (its second state tile is loaded after the first is
-    stored: SPLIT), K 128 and 120 bytes (its per-channel decay). K computing its gates'
-    up-projections (f_up / g_up None, the fused step): D = 64 at 4 warps 255 registers and no spill
-    (136 at 8 warps: worth timing), D = 128 at 16 warps 176 bytes of stack."""
+    """Warps for a program's [bk, bv] state tile: NUM_WARPS if set, else one per 1024 float32 elements
+    in [4, 16] (8 per thread at 4 warps: 4 at 128 x 32 and 64 x 64, 16 at 128 x 128).
+
+    Before this layout (one program per key head, its value heads' whole 128 x 128 tiles) an H100
+    gave 8.4 us at 4 warps vs 16.1 at 16 for the Qwen3-Next-style step (warm L2) and 8.4 vs 11.3 for
+    the Kimi-style one, so 16 warps at 128 x 128 is a register-pressure choice, not a timed one.
+    Compiled for sm_90 (Triton 3.9, on the CPU; test_compiles_for_sm90_at_real_shapes), D = 128,
+    V_BLOCK 32, 4 warps: see the module docstring."""
     if NUM_WARPS is not None:
         return NUM_WARPS
     return max(4, min(16, bk * bv // 1024))
+
+
+def _zeroed(purpose: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled buffer of n elements for `purpose`, created once per (purpose, device, n) and
+    reused by every later launch (none is allocated inside a CUDA graph capture after the first call)."""
+    key = (purpose, device, n)
+    buf = _BUFFERS.get(key)
+    if buf is None:
+        buf = _BUFFERS[key] = torch.zeros(n, dtype=dtype, device=device)
+    return buf
 
 
 def _check(mixer, proj, cache, f_up, g_up) -> bool:
@@ -469,15 +498,20 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
     if up:
         w_f, w_g = mixer.f_b_proj.weight, mixer.g_b_proj.weight  # (H*D_k, rank), (H*D_v, rank)
         w_f, w_g = (w if w.stride(-1) == 1 else w.contiguous() for w in (w_f, w_g))
-    const = kernel_constants(mixer)
+    const = launch_constants(mixer, up)
+    NVB = const["NVB"]
+    # the key heads' tickets (int32 [B, H_k], all zero between launches) and, with a value head split
+    # over programs, the [B, H, 2, D_v] float32 scratch of o and the gate's activation
+    tickets = _zeroed("tickets", B * Hk, torch.int32, proj.device)
+    scratch = _zeroed("scratch", B * H * 2 * Dv, torch.float32, proj.device) if NVB > 1 else cache.state
     pdl = use_pdl(proj.device)
-    _delta_decode_kernel[(B * Hk,)](
+    _delta_decode_kernel[(B * H * NVB,)](
         proj, proj.stride(0), dec, s_dec, gate, s_gate, w, w if conv.bias is None else conv.bias,
         cs, cs.stride(0), cs.stride(1), cs.stride(2),
         mixer.A_log, mixer.dt_bias, mixer.o_norm.weight, cache.state, o, Dk ** -0.5, float(mixer.o_norm.eps),
-        cache.lengths, w_f, w_g, w_f.stride(0), w_g.stride(0), **const, COUNT=bool(count_token), PDL=pdl,
-        UP=up,
-        num_warps=num_warps(const["BK"], const["BV"]), **launch_options(pdl),
+        cache.lengths, w_f, w_g, w_f.stride(0), w_g.stride(0), tickets, scratch, **const,
+        COUNT=bool(count_token), PDL=pdl, num_warps=num_warps(const["BK"], const["BV"]),
+        **launch_options(pdl),
     )
     return o
 
