@@ -199,6 +199,21 @@ def test_bad_inputs_raise():
 
 
 @needs_triton
+def test_value_blocks(monkeypatch):
+    """V_BLOCK splits D_v into ceil(D_v / V_BLOCK) blocks, or one block of the whole padded row when
+    V_BLOCK >= D_v; anything but a power of two is refused."""
+    import attnlab.kernels.delta_decode as kd
+
+    for v_block, dv, want in [(32, 128, (32, 4)), (16, 40, (16, 3)), (128, 128, (128, 1)), (64, 40, (64, 1)),
+                              (32, 12, (16, 1)), (8, 32, (8, 4))]:
+        monkeypatch.setattr(kd, "V_BLOCK", v_block)
+        assert kd.value_blocks(dv) == want, (v_block, dv)
+    monkeypatch.setattr(kd, "V_BLOCK", 24)
+    with pytest.raises(ValueError, match="V_BLOCK"):
+        kd.value_blocks(128)
+
+
+@needs_triton
 @torch.no_grad()
 def test_cpu_tensors_need_the_interpreter():
     if INTERPRETED:
@@ -214,9 +229,8 @@ def test_cpu_tensors_need_the_interpreter():
 @needs_sm90_toolchain
 @pytest.mark.parametrize("kind, h, hk, d, v_block, max_stack", [
     ("G", 32, 16, 128, 32, 0), ("K", 16, 16, 128, 32, 64),  # ~1B qwen3-next / kimi-linear at the default
-    ("G", 32, 16, 128, 16, 0), ("K", 16, 16, 128, 16, 0), ("G", 32, 16, 128, 64, 0),
-    ("G", 16, 16, 128, 128, 0), ("G", 32, 16, 128, 128, 0), ("K", 16, 16, 128, 128, 0),  # whole rows
-    ("G", 32, 16, 64, 32, 0), ("K", 32, 32, 64, 32, 0),  # D = 64
+    ("G", 32, 16, 128, 16, 0), ("G", 32, 16, 128, 128, 0), ("K", 16, 16, 128, 128, 0),  # whole rows
+    ("K", 32, 32, 64, 32, 0),  # D = 64
 ])
 def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d, v_block, max_stack, monkeypatch):
     """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
@@ -224,7 +238,8 @@ def test_compiles_for_sm90_at_real_shapes(kind, h, hk, d, v_block, max_stack, mo
     fused decode step runs it (counting the token, PDL, K's gates' up-projections in the kernel).
     Triton 3.9, D = 128, V_BLOCK 32 (4 warps): G 168 registers and no stack; K with its 128 x 64
     up-projection weights 255 registers and 32 bytes of stack (0 at 8 warps: NUM_WARPS); V_BLOCK 16
-    and 64 and whole rows (V_BLOCK 128: 16 warps) spill nothing."""
+    (G 95 registers, K 255) and whole rows (V_BLOCK 128: 16 warps, 115-128) spill nothing; V_BLOCK 64
+    (8 warps) neither (G 171, K 255), not compiled here to save time."""
     import attnlab.kernels.delta_decode as kd
 
     monkeypatch.setattr(kd, "V_BLOCK", v_block)
@@ -290,23 +305,23 @@ def test_interp_kda_gates_in_kernel(h, hk, dk, dv, dtype):
 @pytest.mark.parametrize("kind, h, hk, dk, dv, v_block, gates_given", [
     ("G", 4, 2, 16, 32, 8, True),  # 4 blocks per value head, 8 programs per key head's ticket
     ("G", 4, 1, 24, 40, 16, True),  # a partial last block (40 = 16 + 16 + 8), 4 value heads per key head
-    ("K", 4, 2, 16, 32, 16, True),  # f_up / g_up given
+    ("K", 2, 2, 16, 32, 16, True),  # f_up / g_up given; one value head per key head
     ("K", 4, 2, 16, 32, 8, False),  # the gates' up-projections in the kernel: g's rows per block
 ])
 @torch.no_grad()
 def test_interp_value_blocks_match_reference(kind, h, hk, dk, dv, v_block, gates_given, monkeypatch):
     """V_BLOCK < D_v: each value head's columns over several programs (the state's columns, the gated
     RMSNorm over the whole row by the key head's last arriver, the q/k conv history shifted by it)
-    against the reference over steps, bf16 so the rounding of o before the norm matters; the token
-    counted once per row."""
+    against the reference over two steps, bf16 so the rounding of o before the norm matters; the
+    token counted once per row."""
     import attnlab.kernels.delta_decode as kd
 
     monkeypatch.setattr(kd, "V_BLOCK", v_block)
     assert kd.value_blocks(dv)[1] > 1
     mixer = build(kind, h, hk, dk, dv, torch.bfloat16, seed=h + dv)
     cache = prefilled(mixer, 2, 5, torch.bfloat16)
-    compare_steps(mixer, cache, 2, TOL[torch.bfloat16], gates_given=gates_given)
-    ref_cache = copy.deepcopy(cache)
+    compare_steps(mixer, cache, 1, TOL[torch.bfloat16], gates_given=gates_given)
+    ref_cache = copy.deepcopy(cache)  # a second step from the first's shifted conv history, counting
     proj, f_up, g_up = step_inputs(mixer, torch.randn(2, 1, D_MODEL).to(torch.bfloat16))
     if not gates_given:
         f_up = g_up = None

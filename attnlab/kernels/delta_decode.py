@@ -216,7 +216,7 @@ def _delta_decode_kernel(
     # 1. every load, issued together (none depends on another): one DRAM round trip for the program.
     # EARLY_STATE (small tiles, no UP): the state tile first and a barrier after the last load, else
     # ptxas schedules the first conv sums (which wait for their loads) before the tile's loads: a
-    # round trip more. Otherwise last (that order and barrier would spill: kernel_constants)
+    # round trip more. Otherwise last (that order and barrier would spill: launch_constants)
     s_ptr = state + i_bh.to(tl.int64) * (K * V) + rk[:, None] * V + rv[None, :]
     s_mask = mk[:, None] & mv[None, :]
     if EARLY_STATE:
@@ -227,6 +227,7 @@ def _delta_decode_kernel(
     if UP:  # proj's f and g columns, the gates' up-projections' inputs
         x_f = tl.load(p_row + OFF_F + rr, mask=mr, other=0.0).to(tl.float32)
         x_g = tl.load(p_row + OFF_G + rr, mask=mr, other=0.0).to(tl.float32)
+    # each conv's loads: (history, its weights, x, x's weight, bias), see _conv_load
     q_conv = _conv_load(p_row, cs_row, conv_w, conv_b, c_q, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
     k_conv = _conv_load(p_row, cs_row, conv_w, conv_b, c_k, mk, rj, s_cc, s_ck, KC, HAS_BIAS)
     v_conv = _conv_load(p_row, cs_row, conv_w, conv_b, c_v, mv, rj, s_cc, s_ck, KC, HAS_BIAS)
@@ -378,8 +379,8 @@ def launch_constants(mixer, up: bool) -> dict:
 
 
 def num_warps(bk: int, bv: int) -> int:
-    """Warps for a program's [bk, bv] state tile: NUM_WARPS if set, else one per 1024 float32 elements
-    in [4, 16] (8 per thread at 4 warps: 4 at 128 x 32 and 64 x 64, 16 at 128 x 128).
+    """Warps for a program's [bk, bv] state tile: NUM_WARPS if set, else one warp per 1024 float32
+    elements (32 per thread), in [4, 16]: 4 at 128 x 32 and 64 x 64, 8 at 128 x 64, 16 at 128 x 128.
 
     Before this layout (one program per key head, its value heads' whole 128 x 128 tiles) an H100
     gave 8.4 us at 4 warps vs 16.1 at 16 for the Qwen3-Next-style step (warm L2) and 8.4 vs 11.3 for
