@@ -401,6 +401,34 @@ def test_interp_row_without_room_is_not_written(name):
         assert not out.isnan().any()
 
 
+@interp
+@pytest.mark.parametrize("name", ["lora_interleaved", "dsa_lora"])
+def test_interp_custom_op_schema_and_fake(name):
+    """The custom ops torch.compile keeps opaque (attnlab::latent_write, attnlab::dsa_latent_write):
+    their declared mutations (the caches) and fake implementations' outputs match what the kernel does."""
+    from attnlab.kernels import latent_cache
+
+    mla, cache, x = make(name)
+    op_name = "_dsa_latent_write_op" if is_dsa(mla) else "_latent_write_op"
+    op = getattr(latent_cache, op_name)
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return op(*args)
+
+    with torch.no_grad():
+        q, kv, q_lat = inputs(mla, x)
+        setattr(latent_cache, op_name, spy)
+        try:
+            latent_cache.latent_write(mla, q, kv, q_lat, cache)
+        finally:
+            setattr(latent_cache, op_name, op)
+    assert len(calls) == 1
+    result = torch.library.opcheck(op, calls[0], test_utils=("test_schema", "test_faketensor"))
+    assert result == {"test_schema": "SUCCESS", "test_faketensor": "SUCCESS"}
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: real shapes (bf16, 4096-slot caches), long positions, CUDA graph, torch.compile
 
@@ -504,14 +532,20 @@ def test_gpu_cuda_graph_replay_reads_lengths_on_device(name):
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile_keeps_the_kernel():
+@pytest.mark.parametrize("name", ["deepseek_16h", "dsa_16h"])
+def test_gpu_torch_compile_keeps_the_kernel(name):
     from attnlab.kernels.latent_cache import latent_write, latent_write_reference
 
-    mla, cache, x = make_gpu("deepseek_16h", [0, 1000, 4095])
+    mla, cache, x = make_gpu(name, [0, 1000, 4095])
     ref = clone(cache)
     with torch.no_grad():
         q, kv, q_lat = inputs(mla, x)
         out = torch.compile(latent_write, fullgraph=True)(mla, q, kv, q_lat, cache)
         out_ref = latent_write_reference(mla, q, kv, q_lat, ref)
+    if is_dsa(mla):
+        (out, q_idx, w), (out_ref, q_idx_ref, w_ref) = out, out_ref
+        torch.testing.assert_close(q_idx, q_idx_ref, rtol=1e-2, atol=1e-5)
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
+        torch.testing.assert_close(cache.index_keys, ref.index_keys, rtol=1e-2, atol=2.0**-5)
     torch.testing.assert_close(out, out_ref, rtol=1e-2, atol=1e-5)
     torch.testing.assert_close(cache.latent, ref.latent, rtol=1e-2, atol=1e-5)

@@ -6,7 +6,12 @@ Between the projections and the attention kernel, an absorbed decode step of
 attention factor), scatters ``[c_kv | k_pe]`` into the latent cache and concatenates each head's
 absorbed query ``[W_UK^T q_nope | q_pe]`` (DeepSeek-V2 §2.1.3): about ten small torch kernels per
 layer. :func:`latent_write` does it in one launch, grid (B, H + 1): programs 0 .. H-1 assemble head
-h of the absorbed query, program H norms, rotates and stores row b's latent.
+h of the absorbed query, program H norms, rotates and stores row b's latent. For a
+:class:`~attnlab.layers.mla.DeepSeekSparseAttention` layer the same launch also does its lightning
+indexer's part (another ~10 torch kernels): grid (B, H + 2 + H_I), program H + 1 LayerNorms (weight and
+bias) the indexer key, rotates its first dims (NON-interleaved, the layer's positions and YaRN) and
+stores it in ``cache.index_keys``, and scales the head weights (float32, index_head_dim^-0.5 ·
+index_n_heads^-0.5); programs H + 2 + i rotate indexer query head i.
 :func:`latent_write_reference` is the same from the layer's own torch pieces (the oracle, and the
 CPU path).
 
@@ -15,11 +20,13 @@ Numerics are those of ``MultiHeadLatentAttention._project_fused`` + ``_write``: 
 float32 as ``x·cos + x[partner]·sin`` with the per-column signed-sin tables of
 :meth:`MultiHeadLatentAttention.rotation`, rounded once to the projection's dtype; the latent row
 then cast to the cache's dtype as ``_write`` does (a second rounding only where the cache is
-narrower than the projection).
+narrower than the projection). The indexer key: ``nn.LayerNorm`` in float32 rounded to the projection's
+dtype, then RoPE as above (the partner column normalised from its own load).
 
 CUDA-graph safe: row b's position is ``cache.lengths[b]``, read on the device; nothing on the host
 reads a tensor value. Under ``torch.compile`` the launcher is an opaque custom op
-(``attnlab::latent_write``, mutating the cache) as :mod:`attnlab.kernels.rope_cache` does.
+(``attnlab::latent_write``, ``attnlab::dsa_latent_write``, mutating the cache) as
+:mod:`attnlab.kernels.rope_cache` does.
 """
 
 from __future__ import annotations

@@ -14,12 +14,16 @@ the kernels around it:
 - a GDN / KDA layer's conv step, gates, L2 norms, recurrence step and gated output norm are one
   launch (:mod:`attnlab.kernels.delta_decode`);
 - an MLA layer's latent norm, both RoPEs, the latent cache write and the absorbed query's assembly
-  are one launch (:mod:`attnlab.kernels.latent_cache`), between the two absorption matmuls.
+  are one launch (:mod:`attnlab.kernels.latent_cache`), between the two absorption matmuls; for a DSA
+  layer the same launch also LayerNorms, rotates and caches the indexer key, rotates the indexer
+  query and scales its head weights (the indexer's projections ride in the same GEMVs).
 
 Llama-style block: norm+qkv GEMV, RoPE+cache write, attention (split + combine, which also counts
 the token), o-proj GEMV+residual, norm+gate/up GEMV, SiLU·mul+down GEMV+residual. GDN block: norm+in_proj
-GEMV, the fused step (which also counts the token), out GEMV+residual, the two MLP GEMVs. Other mixers (L, D)
-keep their own decode step behind a plain norm; their MLPs and the LM head still fuse.
+GEMV, the fused step (which also counts the token), out GEMV+residual, the two MLP GEMVs. DSA block: MLA's
+GEMVs and latent write (with the indexer's part), then index scores, top-k and the sparse absorbed attention
+over the whole cache bounded by each row's length (no host sync), W_UV, o-proj GEMV+residual. Lightning (L)
+keeps its own decode step behind a plain norm; its MLP and the LM head still fuse.
 
 Taken only for inference (no gradient, not while torch.compile traces: inductor fuses the plain
 step itself) on CUDA tensors — or CPU tensors under ``TRITON_INTERPRET=1`` with ``ON_CPU_INTERPRETER``
