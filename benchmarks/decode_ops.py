@@ -269,7 +269,7 @@ def _fused_branch(stack: ExitStack) -> None:
 # Triton kernels of attnlab.kernels.sparse that the D layer's decode launches (MLA's softmax_decode
 # keeps the two-launch stand-in `latent` above)
 _SPARSE_KERNELS = ("_index_scores_kernel", "_topk_row", "_topk_hist", "_topk_count", "_topk_write",
-                   "_topk_rank", "_latent_attn_fwd", "_combine")
+                   "_topk_fused", "_topk_rank", "_latent_attn_fwd", "_combine")
 
 
 def _sparse_branch(stack: ExitStack) -> None:
@@ -321,7 +321,8 @@ def _sparse_branch(stack: ExitStack) -> None:
         if mode != "auto":
             return torch_topk_kernel(mode, scores)
         return counted(ksparse.dsa_topk,
-                       lambda scores, topk, causal=True: osparse.dsa_topk(scores, topk, causal, "torch"))
+                       lambda scores, topk, causal=True, sort=True: osparse.dsa_topk(
+                           scores, topk, causal, "torch"))
 
     stack.enter_context(mock.patch.object(osparse, "_sparse_kernel", sparse_kernel))
     stack.enter_context(mock.patch.object(osparse, "_topk_kernel", topk_kernel))

@@ -516,8 +516,10 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         q_* are the last T of S positions; scores [B, T, S] float32 (indexer; -inf = unusable, e.g.
         past a decode row's length); latent [B, S, R + dr]."""
         S = latent.shape[1]
-        # -inf positions are never chosen; slots beyond the visible count come back as -1
-        idx = ops.dsa_topk(scores.detach(), min(self.index_topk, S), causal=True)  # (B, T, k)
+        # -inf positions are never chosen; slots beyond the visible count come back as -1. The
+        # attention sums over the set, so only the indexer's loss (training) asks for the sorted order.
+        idx = ops.dsa_topk(scores.detach(), min(self.index_topk, S), causal=True,
+                           sort=scores.requires_grad)  # (B, T, k)
         q = self._absorb_q(q_nope, q_pe)  # (B, T, H, R + dr)
         kv = latent[:, :, None]  # (B, S, 1, R + dr)
         o_lat = ops.sparse_attention(
