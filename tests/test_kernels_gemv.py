@@ -189,17 +189,22 @@ def test_launch_config_from_shapes():
     kg._SMS[0] = 132
     try:
         # shapes TUNING does not list (those it lists come from it: the H100 sweep's winners)
-        assert kg.launch_config(1, 2000, 2048, cuda) == (4, 2048, 4, 1, False)  # 500 programs
-        assert kg.launch_config(1, 3000, 2048, cuda) == (8, 1024, 4, 1, False)  # 375 programs
-        assert kg.launch_config(1, 32000, 2048, cuda) == (32, 256, 4, 1, False)  # 1000 programs
-        assert kg.launch_config(1, 32768, 2048, cuda) == (*kg.TUNING[(1, 32768, 2048)][:4], False)
-        assert kg.launch_config(4, 2048, 5504, cuda) == (4, 512, 4, 1, False)  # accumulator bounded
-        assert kg.launch_config(1, 37, 100, cuda) == (4, 128, 4, 1, False)  # BLOCK_K no wider than K needs
+        assert kg.launch_config(1, 2000, 2048, cuda) == (4, 2048, 4, 1, False, 0)  # 500 programs
+        assert kg.launch_config(1, 3000, 2048, cuda) == (8, 1024, 4, 1, False, 0)  # 375 programs
+        assert kg.launch_config(1, 32000, 2048, cuda) == (32, 256, 4, 1, False, 0)  # 1000 programs
+        tuned = kg.TUNING[(1, 32768, 2048)]
+        assert kg.launch_config(1, 32768, 2048, cuda) == (*tuned[:4], False, (*tuned, 0, 0)[5])
+        assert kg.launch_config(4, 2048, 5504, cuda) == (4, 512, 4, 1, False, 0)  # accumulator bounded
+        assert kg.launch_config(1, 37, 100, cuda) == (4, 128, 4, 1, False, 0)  # BLOCK_K no wider than K needs
         assert kg.MAX_ROWS >= 8
         kg.TUNING[(4, 2048, 5504)] = (16, 256, 8, 2)  # a 4-tuple: the elementwise form
-        assert kg.launch_config(3, 2048, 5504, cuda) == (16, 256, 8, 2, False)  # rows padded to 4
+        assert kg.launch_config(3, 2048, 5504, cuda) == (16, 256, 8, 2, False, 0)  # rows padded to 4
         kg.TUNING[(4, 2048, 5504)] = (16, 256, 4, 3, True)
-        assert kg.launch_config(4, 2048, 5504, cuda) == (16, 256, 4, 3, True)
+        assert kg.launch_config(4, 2048, 5504, cuda) == (16, 256, 4, 3, True, 0)
+        kg.TUNING[(4, 2048, 5504)] = (8, 1024, 8, 1, False, 2)  # the persistent form, 2 programs per SM
+        assert kg.launch_config(4, 2048, 5504, cuda) == (8, 1024, 8, 1, False, 2)
+        assert kg.persistent_grid(2048, 8, 2, cuda) == 256  # every tile its own program: 256 < 264
+        assert kg.persistent_grid(32768, 8, 2, cuda) == 264
     finally:
         kg._SMS.pop(0)
         kg.TUNING.pop((4, 2048, 5504), None)
@@ -242,13 +247,30 @@ def _check_against_reference(x, w, kw, prologue, with_residual, out_dtype, dtype
     return out
 
 
+FORMS = ["tiled", "persistent"]
+
+
+@pytest.fixture
+def form(request, monkeypatch):
+    """The kernel form gemv() launches: "tiled" (launch_config's default) or "persistent" (the same
+    blocks with PERSIST 1: on the interpreter's 4 "SMs" N 17 is 3 programs of one tile, N 64 is 4
+    programs of two 8-column tiles, the last K step ragged)."""
+    if request.param == "persistent":
+        from attnlab.kernels import gemv as kg
+
+        real = kg.launch_config
+        monkeypatch.setattr(kg, "launch_config", lambda *a: (*real(*a)[:5], 1))
+    return request.param
+
+
 @interp
+@pytest.mark.parametrize("form", FORMS, indirect=True)
 @pytest.mark.parametrize("prologue", PROLOGUES)
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_interp_gemv_matches_reference(prologue, with_residual, dtype):
+def test_interp_gemv_matches_reference(prologue, with_residual, dtype, form):
     """M 1 and 3 (padded to 4), N 17 and 64, K 40 / 64 / 100 (ragged last K step of 32), a strided x
-    (and gate), both output dtypes, the zero-centered norm."""
+    (and gate), both output dtypes, the zero-centered norm; both forms of the kernel."""
     shapes = [(1, 17, 40, 0), (3, 64, 100, 7), (3, 17, 64, 0)]
     for i, (m, n, k, pad) in enumerate(shapes):
         zero_centered = prologue == "rmsnorm" and i == 1
@@ -258,8 +280,9 @@ def test_interp_gemv_matches_reference(prologue, with_residual, dtype):
 
 
 @interp
+@pytest.mark.parametrize("form", FORMS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_interp_gemv_matches_the_modules(dtype):
+def test_interp_gemv_matches_the_modules(dtype, form):
     """The kernel against the layers' math directly (not only the oracle): RMSNorm -> qkv, SwiGLU's
     down projection into the residual (the module's own forward), gated attention output into the
     residual, the zero-centered norm -> LM head in float32."""
@@ -302,11 +325,14 @@ def test_interp_gemv_matches_the_modules(dtype):
 def test_interp_launch_shapes_and_row_counts():
     """Both forms of the kernel: elementwise blocks of 4..64 outputs and 16..128 K (one step wider
     than K, many narrow ones), tensor-core (DOT) blocks of 16 / 32 outputs; M 1, 5 (padded to 8) and
-    MAX_ROWS; fp16; more than MAX_ROWS rows is refused."""
+    MAX_ROWS; the persistent form: 2 programs of 5 tiles x 7 K steps each (PERSIST 2 x 4 "SMs" = 8
+    programs, 10 tiles), one K step (x̂ computed once), a grid capped at the tile count; fp16; more
+    than MAX_ROWS rows is refused, and a bad PERSIST too."""
     from attnlab.kernels.gemv import MAX_ROWS, gemv
 
     for config in [(4, 16, 1, 1, False), (16, 128, 2, 1, False), (64, 64, 4, 2, False), (16, 32, 4, 2, True),
-                   (32, 128, 4, 3, True)]:
+                   (32, 128, 4, 3, True), (4, 16, 1, 1, False, 2), (16, 128, 4, 1, False, 1),
+                   (8, 32, 2, 1, False, 4)]:
         for m in (1, 5, MAX_ROWS):
             x, w, kw = make(m, 37, 100, "rmsnorm", torch.float32, seed=m)
             _check_against_reference(x, w, kw, "rmsnorm", False, None, torch.float32, config)
@@ -318,9 +344,15 @@ def test_interp_launch_shapes_and_row_counts():
     x, w, _ = make(MAX_ROWS + 1, 8, 16, None)
     with pytest.raises(ValueError, match="x: gemv takes at most MAX_ROWS"):
         gemv(x, w)
+    x, w, kw = make(1, 8, 16, None)
     with pytest.raises(ValueError, match="config: the DOT form needs BLOCK_N"):
-        x, w, kw = make(1, 8, 16, None)
         _check_against_reference(x, w, kw, None, False, None, torch.float32, (8, 16, 4, 1, True))
+    for bad in [(16, 16, 4, 1, True, 1), (8, 16, 4, 1, False, -1)]:
+        with pytest.raises(ValueError, match="config: PERSIST must be >= 0, and 0 with the DOT form"):
+            _check_against_reference(x, w, kw, None, False, None, torch.float32, bad)
+    x, w, kw = make(1, 8, 17 * 16, None)
+    with pytest.raises(ValueError, match=r"config: the persistent form unrolls its K loop.*got 17"):
+        _check_against_reference(x, w, kw, None, False, None, torch.float32, (8, 16, 4, 1, False, 1))
 
 
 @interp
@@ -339,6 +371,9 @@ def test_interp_empty_rows_and_custom_ops():
     r = torch.randn(2, 9)
     torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
                                                  1.0, 1.0, *cfg))
+    persistent = (4, 16, 4, 1, False, 1)  # 3 tiles on the interpreter's 4 "SMs"
+    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
+                                                 1.0, 1.0, *persistent))
 
     def step(h, nw, wq, res):  # what a decode layer calls: dynamo must trace gemv's checks whole
         logits = kg.gemv(h, wq, prologue="rmsnorm", norm_weight=nw, out_dtype=torch.float32)
@@ -364,25 +399,40 @@ def test_interp_empty_rows_and_custom_ops():
     (1, "sigmoid_gate", True, "*bf16", 2048, 2048, None),  # gated o_proj
     (4, "rmsnorm", False, "*bf16", 2048, 3072, None),  # qkv at M = 4
     (4, "silu_mul", True, "*bf16", 5504, 2048, (16, 512, 4, 3, True)),  # the DOT form, 3 stages
+    # the persistent form (PERSIST > 0) at the sweep's grid (sm_90 registers per thread, PDL on, M = 1:
+    # o_proj BN 4/8/16 x BK 2048 x 4 warps 72/124/208, 8 warps 57/78/126; down K = 5472 BN 4 178 (4
+    # warps) / 128 (8); BN 8 spills at 4 warps, 174-180 at 8; BN 16 spills at both)
+    (1, None, True, "*bf16", 2048, 2048, (4, 2048, 4, 1, False, 2)),  # o_proj, one K step: x̂ held
+    (1, "rmsnorm", False, "*fp32", 2048, 32768, (8, 1024, 4, 1, False, 1)),  # LM head, 2 K steps
+    (1, "silu_mul", True, "*bf16", 5472, 2048, (4, 2048, 4, 1, False, 1)),  # down, 3 K steps (ragged)
+    (1, "rmsnorm", False, "*bf16", 2048, 3072, (16, 2048, 8, 1, False, 1)),  # qkv, 16 columns, 8 warps
 ])
 def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl):
     """The kernel as an H100 runs it (not the interpreter), at launch_config's default for the shape
-    (or the given config), with the 16-divisibility triton specialises on: the elementwise form's
+    (or the given config), with the 16-divisibility triton specialises on: the elementwise forms'
     weight loads are 16-byte evict-first vector loads; the DOT form's go through cp.async (16 bytes)
     to shared memory; nothing spills to local memory."""
     import re
 
+    import triton
+
     from attnlab.kernels import gemv as kg
-    from attnlab.kernels.gemv import _gemv_kernel as fn
 
     kg._SMS[0] = 132
     try:
-        bn, bk, warps, stages, dot = config or kg.launch_config(m, n, k, torch.device("cuda", 0))
+        config = config or kg.launch_config(m, n, k, torch.device("cuda", 0))
+        bn, bk, warps, stages, dot, persist = (*config, 0)[:6]
     finally:
         kg._SMS.pop(0)
     rows = max(16, kg.rows_padded(m)) if dot else kg.rows_padded(m)
     const = dict(M=m, ROWS=rows, PROLOGUE=kg._PROLOGUE_ID[prologue], ZERO_CENTERED=out == "*fp32",
-                 HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PREC="tf32", INTERP=False, PDL=pdl)
+                 HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, INTERP=False, PDL=pdl)
+    if persist:
+        fn = kg._gemv_persistent_kernel
+        const.update(K_STEPS=triton.cdiv(k, bk))
+    else:
+        fn = kg._gemv_kernel
+        const.update(DOT=dot, PREC="tf32")
     ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out)
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
            if a in ptr or a in ("N", "K", "stride_xm", "stride_gm")}
@@ -396,7 +446,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
         weight_loads = re.findall(r"ld\.global\.L1::evict_first[\.\w:]*", ptx)
         assert weight_loads and set(weight_loads) == {"ld.global.L1::evict_first.L2::cache_hint.v4.b32"}
     regs, stack, usage = sm90_usage(kernel)
-    assert stack == 0 and regs <= 168, usage
+    assert stack == 0 and regs <= (184 if persist else 168), usage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,3 +533,17 @@ def test_gpu_dot_form_matches_float32_reference(shape):
         kg._launch(x, w, prologue, kw.get("norm_weight"), kw.get("norm_eps", 1e-6),
                    kw.get("norm_zero_centered", False), kw.get("gate"), None, 1.0, 1.0, out, config)
         assert rel_err(out, ref) <= 2e-3, (m, config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
+def test_gpu_persistent_form_matches_float32_reference(shape):
+    """The persistent form (a TUNING choice the chain sweep may make) at M = 1, 4 and 8: 1 and 4
+    programs per SM, one K step (x̂ held) and several, 4 and 8 warps."""
+    _, k, n, prologue, with_residual, out_dtype = shape
+    for m, config in ((1, (4, 2048, 4, 1, False, 2)), (1, (8, 1024, 8, 1, False, 4)),
+                      (4, (4, 1024, 4, 1, False, 1)), (8, (4, 512, 8, 1, False, 1))):
+        if -(-k // config[1]) > 16:  # the persistent form's unrolled K loop
+            continue
+        x, w, kw = make(m, n, k, prologue, torch.bfloat16, device="cuda", seed=k + n + m)
+        _check_against_reference(x, w, kw, prologue, with_residual, out_dtype, torch.bfloat16, config)

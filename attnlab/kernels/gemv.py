@@ -50,11 +50,12 @@ _PROLOGUE_ID = {None: 0, "rmsnorm": 1, "silu_mul": 2, "sigmoid_gate": 3}
 _IO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
-# (rows padded to a power of 2, N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages[, DOT]), K the
-# weight's; DOT (default False) selects the tensor-core form of the kernel (BLOCK_N >= 16). Empty until
-# the sweep (benchmarks/gemv_gpu.py --sweep prints a snippet for it) has run on an H100; shapes not
-# listed get launch_config's reasoned default.
-Config = tuple[int, int, int, int, bool]
+# (rows padded to a power of 2, N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages[, DOT[, PERSIST]]), K
+# the weight's; DOT (default False) selects the tensor-core form of the kernel (BLOCK_N >= 16); PERSIST
+# (default 0) > 0 selects the persistent elementwise form with PERSIST programs per SM
+# (_gemv_persistent_kernel; DOT must be False). The sweeps (benchmarks/gemv_gpu.py --sweep / --chain-only)
+# print snippets for it; shapes not listed get launch_config's reasoned default.
+Config = tuple[int, int, int, int, bool, int]
 TUNING: dict[tuple[int, int, int], tuple] = {
     # H100 80GB HBM3, 2026-11-26: the ~1B presets' GEMVs at M = 1 as the decode step runs them, 32
     # launches back to back in a CUDA graph with PDL over distinct weights (192 MB: not L2-resident),
@@ -126,6 +127,24 @@ def _k_step(acc, w, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.conste
     else:
         acc += x_hat * w.to(tl.float32)  # (ROWS, BLOCK_N, BLOCK_K)
     return acc
+
+
+@triton.jit
+def _epilogue(out, tile, R, O, N, keep, scale, M: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr,
+              BLOCK_N: tl.constexpr, INTERP: tl.constexpr):
+    """Write the float32 products ``out`` (ROWS, BLOCK_N) of output columns [tile * BLOCK_N, +BLOCK_N):
+    HAS_RES: R <- R * keep + scale * out (rounded once); else O <- scale * out."""
+    m2 = tl.arange(0, ROWS)[:, None]
+    n2 = tile * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    offs = m2.to(tl.int64) * N + n2  # (ROWS, BLOCK_N)
+    ok = (m2 < M) & (n2 < N)
+    if HAS_RES:
+        r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
+        out = _round(r * keep + scale * out, R.dtype.element_ty, INTERP)
+        tl.store(R + offs, out.to(R.dtype.element_ty), mask=ok)
+    else:
+        out = _round(scale * out, O.dtype.element_ty, INTERP)
+        tl.store(O + offs, out.to(O.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -202,23 +221,89 @@ def _gemv_kernel(
     else:
         out = tl.sum(acc, axis=2)  # (ROWS, BLOCK_N)
 
-    m2 = tl.arange(0, ROWS)[:, None]
-    n2 = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    offs = m2.to(tl.int64) * N + n2  # (ROWS, BLOCK_N)
-    ok = (m2 < M) & (n2 < N)
-    if HAS_RES:
-        r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
-        out = _round(r * keep + scale * out, R.dtype.element_ty, INTERP)
-        tl.store(R + offs, out.to(R.dtype.element_ty), mask=ok)
-    else:
-        out = _round(scale * out, O.dtype.element_ty, INTERP)
-        tl.store(O + offs, out.to(O.dtype.element_ty), mask=ok)
+    _epilogue(out, pid, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
+
+
+@triton.jit
+def _gemv_persistent_kernel(
+    X, W, NW, GATE, R, O,
+    N, K, stride_xm, stride_gm, n_tiles,
+    eps, keep, scale,
+    M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+    INTERP: tl.constexpr, PDL: tl.constexpr,
+):
+    """The persistent form (PERSIST > 0): a grid of G <= n_tiles programs, program p owns the
+    contiguous tiles [p * n_tiles // G, (p + 1) * n_tiles // G) -- shares differ by at most one tile,
+    and each program streams one contiguous stretch of W. A tile is BLOCK_N output columns over all
+    K, in K_STEPS = cdiv(K, BLOCK_K) steps (unrolled). The weights are register double-buffered
+    across K steps and tiles: each step first issues the load of the NEXT step's tile (the next K
+    step, or the next tile's first), then reduces the current one, so a program always has a load in
+    flight; the first is issued before gdc_wait (PDL). The prologue's per-row work is done once per
+    program: rmsnorm's sum of squares, and x̂ itself when one K step covers K (K_STEPS == 1); with
+    K_STEPS > 1 x̂ is recomputed per K step from x (L1/L2). Arguments and epilogue as _gemv_kernel's
+    elementwise form."""
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    if PDL:
+        gdc_launch_dependents()
+    t_start = pid * n_tiles // grid
+    t_end = (pid + 1) * n_tiles // grid
+    m = tl.arange(0, ROWS)[:, None, None]  # (ROWS, 1, 1)
+    nn = tl.arange(0, BLOCK_N)[None, :, None]  # (1, BLOCK_N, 1)
+    kk = tl.arange(0, BLOCK_K)[None, None, :]  # (1, 1, BLOCK_K)
+    m_ok = m < M
+    x_rows = X + m.to(tl.int64) * stride_xm
+    gate_rows = GATE + m.to(tl.int64) * stride_gm
+    n_end = tl.minimum(t_end * BLOCK_N, N)  # this program's columns end here
+    n = t_start * BLOCK_N + nn
+    w_cur = tl.load(W + n.to(tl.int64) * K + kk, mask=(n < N) & (kk < K), other=0.0,
+                    eviction_policy="evict_first")  # (1, BLOCK_N, BLOCK_K): weights are never written
+    if PDL:
+        gdc_wait()  # x, the gate and the residual come from earlier kernels
+
+    rstd = 0.0
+    if PROLOGUE == 1:  # each row's mean square (float32, as F.rms_norm), once per program
+        ss = tl.zeros([ROWS, 1, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            xv = tl.load(x_rows + k, mask=m_ok & (k < K), other=0.0).to(tl.float32)
+            ss += xv * xv
+        rstd = tl.math.rsqrt(tl.sum(ss, axis=2, keep_dims=True) / K + eps)  # (ROWS, 1, 1)
+    x_hat = tl.zeros([ROWS, 1, BLOCK_K], dtype=tl.float32)
+    if K_STEPS == 1:  # x̂ whole, once per program
+        x_hat = _x_hat(x_rows, kk, m_ok & (kk < K), kk < K, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+                       X.dtype.element_ty, INTERP)  # (ROWS, 1, BLOCK_K)
+
+    for t in range(t_start, t_end):
+        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for ks in tl.static_range(K_STEPS):
+            # the next tile in this program's stream, issued before the current one is reduced
+            if ks + 1 < K_STEPS:
+                n_next = t * BLOCK_N + nn
+                k_next = (ks + 1) * BLOCK_K + kk
+                ok_next = (n_next < N) & (k_next < K)
+            else:
+                n_next = (t + 1) * BLOCK_N + nn
+                k_next = kk
+                ok_next = (n_next < n_end) & (k_next < K)  # nothing past this program's share
+            w_next = tl.load(W + n_next.to(tl.int64) * K + k_next, mask=ok_next, other=0.0,
+                             eviction_policy="evict_first")
+            if K_STEPS == 1:
+                acc += x_hat * w_cur.to(tl.float32)  # (ROWS, BLOCK_N, BLOCK_K)
+            else:
+                k = ks * BLOCK_K + kk
+                acc = _k_step(acc, w_cur, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
+                              X.dtype.element_ty, W.dtype.element_ty, False, "ieee", INTERP)
+            w_cur = w_next
+        _epilogue(tl.sum(acc, axis=2), t, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
 
 
 # ---------------------------------------------------------------------------------------------
 # launch shape
 
 _SMS: dict[int, int] = {}
+_MAX_K_STEPS = 16  # the persistent form's K loop is unrolled
 
 
 def _num_sms(device: torch.device) -> int:
@@ -235,8 +320,9 @@ def rows_padded(m: int) -> int:
 
 
 def launch_config(m: int, n: int, k: int, device: torch.device) -> Config:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT) for x [m, .] times weight [n, k]: TUNING's
-    entry, else a default by reasoning (not yet measured on a GPU), the elementwise form (DOT False):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, PERSIST) for x [m, .] times weight [n, k]:
+    TUNING's entry (missing DOT / PERSIST read False / 0), else a default by reasoning (not yet
+    measured on a GPU), the elementwise form (DOT False, PERSIST 0):
     - BLOCK_N the largest of 32..4 giving >= 2 programs per SM (d_model 2048 on 132 SMs: o_proj
       BLOCK_N 4 = 512 programs, the LM head 32): every SM gets weight rows, without a split-K;
     - BLOCK_K so that a K step loads 8192 / M_PAD weights (16 KB in bf16 at M = 1): the loads
@@ -252,15 +338,20 @@ def launch_config(m: int, n: int, k: int, device: torch.device) -> Config:
     m_pad = rows_padded(m)
     hit = TUNING.get((m_pad, n, k))
     if hit is not None:
-        return (*hit[:4], bool(hit[4]) if len(hit) > 4 else False)
+        return (*hit[:4], bool(hit[4]) if len(hit) > 4 else False, int(hit[5]) if len(hit) > 5 else 0)
     if device.type != "cuda":
-        return (8, 32, 4, 1, False)
+        return (8, 32, 4, 1, False, 0)
     block_n = 32
     while block_n > 4 and triton.cdiv(n, block_n) < 2 * _num_sms(device):
         block_n //= 2
     block_k = max(64, 8192 // (m_pad * block_n))
     block_k = min(block_k, max(64, triton.next_power_of_2(k)))
-    return (block_n, block_k, 4, 1, False)
+    return (block_n, block_k, 4, 1, False, 0)
+
+
+def persistent_grid(n: int, block_n: int, persist: int, device: torch.device) -> int:
+    """Programs of the persistent form: min(tiles, PERSIST x SMs); each owns a contiguous equal share."""
+    return min(triton.cdiv(n, block_n), persist * _num_sms(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +367,34 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
     N, K = weight.shape
     if M == 0 or N == 0:
         return
-    block_n, block_k, num_warps, num_stages, dot = config
+    block_n, block_k, num_warps, num_stages, dot = config[:5]
+    persist = int(config[5]) if len(config) > 5 else 0
     if dot and (block_n < 16 or block_k < 16):
         raise ValueError(f"config: the DOT form needs BLOCK_N and BLOCK_K >= 16, got {config}")
+    if persist < 0 or (persist and dot):
+        raise ValueError(f"config: PERSIST must be >= 0, and 0 with the DOT form, got {config}")
+    k_steps = triton.cdiv(K, block_k)
+    if persist and k_steps > _MAX_K_STEPS:
+        raise ValueError(f"config: the persistent form unrolls its K loop: needs cdiv(K, BLOCK_K) <= "
+                         f"{_MAX_K_STEPS}, got {k_steps} for K={K}, config {config}")
     rows = max(16, rows_padded(M)) if dot else rows_padded(M)
     dummy = weight  # a pointer for the unused arguments (never read: their branch is compiled out)
     pdl = use_pdl(x.device)
+    if persist:
+        n_tiles = triton.cdiv(N, block_n)
+        _gemv_persistent_kernel[(persistent_grid(N, block_n, persist, x.device),)](
+            x, weight,
+            dummy if norm_weight is None else norm_weight,
+            dummy if gate is None else gate,
+            dummy if residual is None else residual,
+            dummy if out is None else out,
+            N, K, x.stride(0), 0 if gate is None else gate.stride(0), n_tiles,
+            float(norm_eps), float(keep), float(scale),
+            M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
+            HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, K_STEPS=k_steps,
+            INTERP=_INTERPRET, PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
+        )
+        return
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight,
         dummy if norm_weight is None else norm_weight,
@@ -305,7 +418,7 @@ def _dtype_of(name: str) -> torch.dtype:
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
              norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
              out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int,
-             dot: bool) -> torch.Tensor:
+             dot: bool, persist: int = 0) -> torch.Tensor:
     dt = _dtype_of(out_dtype)
     shape = (x.shape[0], weight.shape[0])
     if POISON_OUTPUTS:
@@ -313,13 +426,13 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: 
     else:
         out = torch.empty(shape, dtype=dt, device=x.device)
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, None, 1.0, scale,
-            out, (block_n, block_k, num_warps, num_stages, dot))
+            out, (block_n, block_k, num_warps, num_stages, dot, persist))
     return out
 
 
 @_gemv_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
-      block_n, block_k, num_warps, num_stages, dot):
+      block_n, block_k, num_warps, num_stages, dot, persist=0):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=_dtype_of(out_dtype))
 
 
@@ -327,14 +440,14 @@ def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scal
 def _gemv_residual_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
                       norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
                       residual: torch.Tensor, keep: float, scale: float, block_n: int, block_k: int,
-                      num_warps: int, num_stages: int, dot: bool) -> None:
+                      num_warps: int, num_stages: int, dot: bool, persist: int = 0) -> None:
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep,
-            scale, None, (block_n, block_k, num_warps, num_stages, dot))
+            scale, None, (block_n, block_k, num_warps, num_stages, dot, persist))
 
 
 @_gemv_residual_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep, scale,
-      block_n, block_k, num_warps, num_stages, dot):
+      block_n, block_k, num_warps, num_stages, dot, persist=0):
     return None
 
 
