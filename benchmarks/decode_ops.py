@@ -229,6 +229,7 @@ def _fused_branch(stack: ExitStack) -> None:
     branch: the block takes it on the CPU, each of its Triton launches (GEMV, RoPE + cache write, the
     GDN/KDA step, MLA's latent write, the split-K attention + combine that counts the token) is a
     stand-in that counts its launches and computes the kernel's torch reference with counting paused."""
+    from attnlab.kernels import absorb as kabsorb
     from attnlab.kernels import decode as kdecode
     from attnlab.kernels import delta_decode as kdelta
     from attnlab.kernels import gemv as kgemv
@@ -260,6 +261,8 @@ def _fused_branch(stack: ExitStack) -> None:
         (krope, "rope_write", stand_in("rope_write", krope.rope_write_reference)),
         (kdelta, "delta_decode", stand_in("delta_decode", kdelta.delta_decode_reference)),
         (klatent, "latent_write", stand_in("latent_write", klatent.latent_write_reference)),
+        (kabsorb, "absorb_q", stand_in("absorb_q", kabsorb.absorb_q_reference)),
+        (kabsorb, "unabsorb_o", stand_in("unabsorb_o", kabsorb.unabsorb_o_reference)),
         (kdecode, "gqa_decode_advance", stand_in("gqa_decode_advance", advance, 2)),
     ]
     for module, name, value in patches:

@@ -253,6 +253,41 @@ def test_interp_fused_dsa_step_bf16_sparse():
 # GPU
 
 
+@interp
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-v32"])
+def test_interp_fused_latent_step_launches(monkeypatch, name):
+    """An M / D layer's step runs both absorption products as Triton launches (kernels/absorb.py)
+    and counts its token inside latent_write (count_token=True): once per row and step, with no
+    separate lengths += 1 (the caches' lengths end at prompt + steps, the logits as the plain step's)."""
+    from attnlab.kernels import absorb, latent_cache
+
+    model = tiny_model(name)
+    calls = []
+
+    def spy(module, fn_name):
+        real = getattr(module, fn_name)
+
+        def wrapped(*args, **kwargs):
+            calls.append((fn_name, kwargs.get("count_token")))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, fn_name, wrapped)
+
+    for module, fn_name in ((absorb, "absorb_q"), (absorb, "unabsorb_o"), (latent_cache, "latent_write")):
+        spy(module, fn_name)
+    T, n = 5, 2
+    x = tokens(2, T + n)
+    with torch.no_grad():
+        ours, caches = _decode(model, x, T, n, torch.float32, on=True)
+        calls_fused = list(calls)
+        plain, _ = _decode(model, x, T, n, torch.float32, on=False)
+    steps = n * len(model.blocks)
+    assert calls_fused.count(("absorb_q", None)) == steps and calls_fused.count(("unabsorb_o", None)) == steps
+    assert calls_fused.count(("latent_write", True)) == steps and len(calls_fused) == 3 * steps
+    assert all(c.lengths.tolist() == [T + n] * 2 for c in caches)
+    assert rms_rel(plain, ours) <= 1e-5
+
+
 def _gpu_model(preset: str) -> HybridLM:
     cfg = ModelConfig.preset(preset, d_model=1024, n_layers=len(ModelConfig.preset(preset).pattern),
                              vocab_size=4096)
@@ -262,7 +297,7 @@ def _gpu_model(preset: str) -> HybridLM:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["llama", "qwen3-next", "kimi-linear", "deepseek-v32"])
+@pytest.mark.parametrize("preset", ["llama", "qwen3-next", "kimi-linear", "deepseek-v3", "deepseek-v32"])
 def test_gpu_fused_step_equals_plain_step_in_a_cuda_graph(preset):
     model = _gpu_model(preset)
     T, n = 300, 4

@@ -130,16 +130,18 @@ def tables(mla, cache, use):
     return mla.rotation(cache.lengths[:, None]) if use and mla.rotary is not None else None
 
 
-def check_against_reference(mla, cache, q, kv, q_lat, rotation, rtol, atol, cache_tol=None):
+def check_against_reference(mla, cache, q, kv, q_lat, rotation, rtol, atol, cache_tol=None,
+                            count_token=False):
     """latent_write on ``cache`` vs latent_write_reference on a copy: q_abs (DSA: and q_idx, w) and
     the whole latent cache (DSA: and the whole indexer-key cache); ``cache_tol``: (rtol, atol) for the
-    caches if not those of q_abs."""
+    caches if not those of q_abs. ``count_token``: both count the token (lengths + 1 exactly once)."""
+    from attnlab.kernels import latent_cache
     from attnlab.kernels.latent_cache import latent_write, latent_write_reference
 
     before = clone(cache)
     ref = clone(cache)
-    q_ref = latent_write_reference(mla, q, kv, q_lat, ref, rotation)
-    out = latent_write(mla, q, kv, q_lat, cache, rotation)
+    q_ref = latent_write_reference(mla, q, kv, q_lat, ref, rotation, count_token=count_token)
+    out = latent_write(mla, q, kv, q_lat, cache, rotation, count_token=count_token)
     B, H, R, dr = q.shape[0], mla.n_heads, mla.kv_lora_rank, mla.rope_dim
     if is_dsa(mla):
         (out, q_idx, w), (q_ref, q_idx_ref, w_ref) = out, q_ref
@@ -152,7 +154,11 @@ def check_against_reference(mla, cache, q, kv, q_lat, rotation, rtol, atol, cach
     torch.testing.assert_close(out, q_ref, rtol=rtol, atol=atol)
     rtol, atol = cache_tol or (rtol, atol)
     torch.testing.assert_close(cache.latent, ref.latent, rtol=rtol, atol=atol)  # the whole cache
-    assert torch.equal(cache.lengths, before.lengths)  # the layer counts the token, not latent_write
+    if count_token:  # once per row, after every program used the old value (the slots checked below)
+        assert torch.equal(cache.lengths, before.lengths + 1) and torch.equal(ref.lengths, cache.lengths)
+        assert not any(t.any() for t in latent_cache._TICKETS.values())  # zeros again for the next launch
+    else:
+        assert torch.equal(cache.lengths, before.lengths)  # the layer counts the token, not latent_write
     want = torch.zeros(cache.latent.shape[:2], dtype=torch.bool)
     want[torch.arange(B), before.lengths.cpu()] = True
     changed = (cache.latent != before.latent).any(-1)[:, :, 0]  # (B, S_max) slots written
@@ -286,10 +292,11 @@ def test_cpu_tensors_without_interpreter_are_refused():
 
 
 @needs_sm90_toolchain
-@pytest.mark.parametrize("rope, tables, index", [
-    (True, False, False), (True, True, False), (False, False, False), (True, False, True), (True, True, True),
+@pytest.mark.parametrize("rope, tables, index, count", [
+    (True, False, False, True), (True, True, False, False), (False, False, False, True),
+    (True, False, True, True), (True, True, True, False),
 ])
-def test_compiles_for_sm90_at_real_shapes(rope, tables, index):
+def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count):
     """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
     ptxas, no GPU needed) at H = 16, dn 128, dr 64, R 512 (DSA: indexer 64 x 128), bf16, with the
     warps latent_write launches; no local memory (spills); in-kernel cos / sin are libdevice's (full
@@ -299,10 +306,11 @@ def test_compiles_for_sm90_at_real_shapes(rope, tables, index):
 
     HI, DI = (64, 128) if index else (0, 0)
     const = dict(H=16, DN=128, DR=64, R=512, BR=512, BDR=64, NQ=16 * 192 + HI * DI, INDEX=index, HI=HI, DI=DI,
-                 BHI=max(HI, 1), BDI=max(DI, 1), ROPE=rope, TABLES=tables, ZERO_CENTERED=False, PDL=True)
+                 BHI=max(HI, 1), BDI=max(DI, 1), ROPE=rope, TABLES=tables, ZERO_CENTERED=False, PDL=True,
+                 COUNT=count, NPROG=16 + 1 + (1 + HI if index else 0))
     ptr = dict(Q="*bf16", KV="*bf16", Q_LAT="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32",
                PARTNER_Q="*i64", PARTNER_K="*i64", NORM_W="*bf16", OUT="*bf16", LATENT="*bf16", QI="*bf16",
-               W_OUT="*fp32", INDEX_KEYS="*bf16", K_NORM_W="*bf16", K_NORM_B="*bf16")
+               W_OUT="*fp32", INDEX_KEYS="*bf16", K_NORM_W="*bf16", K_NORM_B="*bf16", TICKETS="*i32")
     kernel = compile_sm90(fn, const, ptr, floats=("eps", "factor", "k_eps", "w_scale"),
                           ints=dict(stride_cache_b="i64", stride_cache_s="i64", stride_ik_b="i64",
                                     stride_ik_s="i64"), num_warps=num_warps(512))
@@ -312,6 +320,7 @@ def test_compiles_for_sm90_at_real_shapes(rope, tables, index):
     # array of libdevice's large-angle (Payne-Hanek) range reduction, not spills; other variants none
     assert stack == 0 or (index and rope and not tables and stack <= 16 and regs <= 64), res
     ptx = kernel.asm["ptx"]
+    assert ("atom" in ptx) == count  # the ticket (count_token) and nothing atomic without it
     if rope and not tables:
         assert "__nv_sinf" in ptx and "__nv_cosf" in ptx and "sin.approx" not in ptx
     else:
@@ -332,6 +341,21 @@ def test_interp_matches_reference(name, dtype, shared_rotation):
     mla, cache, x = make(name, dtype)
     with torch.no_grad():
         check_against_reference(mla, cache, *inputs(mla, x), tables(mla, cache, shared_rotation), *TOL[dtype])
+
+
+@interp
+@pytest.mark.parametrize("name", ["lora_interleaved", "nope", "odd_sizes", "dsa_lora", "dsa_plain_yarn"])
+@pytest.mark.parametrize("shared_rotation", [False, True])
+def test_interp_count_token(name, shared_rotation):
+    """count_token: the token is counted (lengths += 1) exactly once per row, after every program of
+    the row read the old length (the q heads' and the indexer's in-kernel angles, both cache slots);
+    the tickets are zero again, so a second step counts again and writes the next slot."""
+    mla, cache, x = make(name, lengths=[3, 0, MAX_LEN - 2])
+    with torch.no_grad():
+        for _ in range(2):
+            check_against_reference(mla, cache, *inputs(mla, x), tables(mla, cache, shared_rotation),
+                                    *TOL[torch.float32], count_token=True)
+    assert cache.lengths.tolist() == [5, 2, MAX_LEN]
 
 
 @interp
@@ -403,7 +427,8 @@ def test_interp_row_without_room_is_not_written(name):
 
 @interp
 @pytest.mark.parametrize("name", ["lora_interleaved", "dsa_lora"])
-def test_interp_custom_op_schema_and_fake(name):
+@pytest.mark.parametrize("count_token", [False, True])
+def test_interp_custom_op_schema_and_fake(name, count_token):
     """The custom ops torch.compile keeps opaque (attnlab::latent_write, attnlab::dsa_latent_write):
     their declared mutations (the caches) and fake implementations' outputs match what the kernel does."""
     from attnlab.kernels import latent_cache
@@ -421,7 +446,7 @@ def test_interp_custom_op_schema_and_fake(name):
         q, kv, q_lat = inputs(mla, x)
         setattr(latent_cache, op_name, spy)
         try:
-            latent_cache.latent_write(mla, q, kv, q_lat, cache)
+            latent_cache.latent_write(mla, q, kv, q_lat, cache, count_token=count_token)
         finally:
             setattr(latent_cache, op_name, op)
     assert len(calls) == 1
@@ -490,9 +515,10 @@ def test_gpu_long_positions_in_kernel_tables():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["deepseek_16h", "kimi_1b", "dsa_16h"])
-def test_gpu_cuda_graph_replay_reads_lengths_on_device(name):
-    """Captured once, replayed 3 times with lengths += 1 in the graph: each replay writes the
-    next slot, as the reference stepped 3 times on a copy."""
+@pytest.mark.parametrize("count_token", [False, True])
+def test_gpu_cuda_graph_replay_reads_lengths_on_device(name, count_token):
+    """Captured once, replayed 3 times with lengths += 1 in the graph (count_token: inside the launch):
+    each replay writes the next slot, as the reference stepped 3 times on a copy."""
     from attnlab.kernels.latent_cache import latent_write, latent_write_reference
 
     mla, cache, x = make_gpu(name, [1020, 7, 3000])
@@ -506,13 +532,16 @@ def test_gpu_cuda_graph_replay_reads_lengths_on_device(name):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (compiles the kernel) outside the capture
-            static = [t.clone() for t in tup(latent_write(mla, q, kv, q_lat, clone(cache)))]
+            outs = latent_write(mla, q, kv, q_lat, clone(cache), count_token=count_token)
+            static = [t.clone() for t in tup(outs)]
         torch.cuda.current_stream().wait_stream(side)
 
         def step():
-            for dst, src in zip(static, tup(latent_write(mla, q, kv, q_lat, cache)), strict=True):
+            for dst, src in zip(static, tup(latent_write(mla, q, kv, q_lat, cache, count_token=count_token)),
+                                strict=True):
                 dst.copy_(src)
-            cache.lengths += 1
+            if not count_token:
+                cache.lengths += 1
 
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

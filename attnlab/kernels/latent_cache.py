@@ -92,19 +92,21 @@ def _layer_norm_cols(ROW, W, B_, cols, ok, mean, rstd):
 @triton.jit
 def _latent_write_kernel(
     Q, KV, Q_LAT, LENGTHS, COS, SIN, FREQ, PARTNER_Q, PARTNER_K, NORM_W, OUT, LATENT,
-    QI, W_OUT, INDEX_KEYS, K_NORM_W, K_NORM_B,
+    QI, W_OUT, INDEX_KEYS, K_NORM_W, K_NORM_B, TICKETS,
     stride_qb, stride_kvb, stride_lb, stride_lh, stride_cb,
     stride_cache_b, stride_cache_s, stride_ik_b, stride_ik_s, S, eps, factor, k_eps, w_scale,
     H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr,
     BR: tl.constexpr, BDR: tl.constexpr, NQ: tl.constexpr,
     INDEX: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
     ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
+    COUNT: tl.constexpr, NPROG: tl.constexpr,
 ):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
     outside [0, S). With INDEX (a DSA layer): h == H + 1 writes INDEX_KEYS[b, lengths[b]] =
     rope(layernorm(k_I)) (same slot rule) and W_OUT[b] = float32(w_I) * w_scale; h = H + 2 + i writes
-    QI[b, i] = rope(q_I head i)."""
+    QI[b, i] = rope(q_I head i). COUNT: LENGTHS[b] += 1 by the last of the row's NPROG programs to
+    take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value."""
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
         gdc_launch_dependents()
         gdc_wait()
@@ -115,6 +117,9 @@ def _latent_write_kernel(
     j = tl.arange(0, BDR)
     j_ok = j < DR
     pos = tl.load(LENGTHS + b).to(tl.int64)
+    if COUNT:  # every thread has read pos before the ticket's release; the result is used at the end
+        tl.debug_barrier()
+        last = tl.atomic_add(TICKETS + b, 1, sem="acq_rel") == NPROG - 1
     # (a scalar & a block mask trips the interpreter: fold the slot test into the bounds)
     room = (pos >= 0) & (pos < S)
     cos_row = COS + b * stride_cb
@@ -171,6 +176,10 @@ def _latent_write_kernel(
             q_i = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, d_ok, pos, factor,
                              ROPE, TABLES)
             tl.store(QI + (b * HI + i) * DI + d, q_i.to(QI.dtype.element_ty), mask=d_ok)
+    if COUNT:
+        if last:  # every program of the row has read the old length: count the token
+            tl.store(TICKETS + b, 0)  # all zeros again between launches (CUDA-graph replays)
+            tl.store(LENGTHS + b, (pos + 1).to(LENGTHS.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,10 +202,10 @@ def _launch(
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
     index_keys: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
     k_norm_bias: torch.Tensor | None = None, index_n_heads: int = 0, index_head_dim: int = 0,
-    k_eps: float = 0.0, w_scale: float = 1.0,
+    k_eps: float = 0.0, w_scale: float = 1.0, tickets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One launch; with ``index_keys`` (a DSA layer) also the indexer's part -> (q_abs, q_idx, w)
-    (the last two None without it)."""
+    (the last two None without it); with ``tickets`` (int32 [B], zeros) it counts the token."""
     B, H, R = q_lat.shape
     dr = rope_dim
     index = index_keys is not None
@@ -210,12 +219,14 @@ def _launch(
     BR = triton.next_power_of_2(R)
     dummy = q  # never read: an argument its constexpr switch leaves unused
     pdl = use_pdl(q.device)
-    _latent_write_kernel[(B, H + 1 + (1 + HI if index else 0))](
+    n_prog = H + 1 + (1 + HI if index else 0)
+    count = tickets is not None
+    _latent_write_kernel[(B, n_prog)](
         q, kv, q_lat, lengths, cos if tables else dummy, sin if tables else dummy,
         freq if freq is not None else dummy, partner_q if rope else dummy, partner_k if rope else dummy,
         norm_weight, out, latent,
         q_idx if index else dummy, w if index else dummy, index_keys if index else dummy,
-        k_norm_weight if index else dummy, k_norm_bias if index else dummy,
+        k_norm_weight if index else dummy, k_norm_bias if index else dummy, tickets if count else lengths,
         q.stride(0), kv.stride(0), q_lat.stride(0), q_lat.stride(1), stride_cb,
         latent.stride(0), latent.stride(1), index_keys.stride(0) if index else 0,
         index_keys.stride(1) if index else 0, latent.shape[1], eps, factor, k_eps, w_scale,
@@ -223,31 +234,33 @@ def _launch(
         NQ=H * (nope_dim + dr) + HI * DI, INDEX=index, HI=HI, DI=DI,
         BHI=triton.next_power_of_2(max(HI, 1)), BDI=triton.next_power_of_2(max(DI, 1)),
         ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
-        PDL=pdl, num_warps=num_warps(BR), **launch_options(pdl),
+        PDL=pdl, COUNT=count, NPROG=n_prog, num_warps=num_warps(BR), **launch_options(pdl),
     )
     return out, q_idx, w
 
 
 # The launchers as custom ops mutating the cache: torch.compile keeps each as one opaque call.
-@torch.library.custom_op("attnlab::latent_write", mutates_args=("latent",))
+@torch.library.custom_op("attnlab::latent_write", mutates_args=("latent", "lengths", "tickets"))
 def _latent_write_op(
     q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor, lengths: torch.Tensor, latent: torch.Tensor,
     cos: torch.Tensor | None, sin: torch.Tensor | None, freq: torch.Tensor | None,
     partner_q: torch.Tensor | None, partner_k: torch.Tensor | None, norm_weight: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
+    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
-                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered)[0]
+                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered, tickets=tickets)[0]
 
 
 @_latent_write_op.register_fake
 def _(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
-      n_heads, nope_dim, rope_dim, eps, factor, zero_centered):
+      n_heads, nope_dim, rope_dim, eps, factor, zero_centered, tickets=None):
     B, H, R = q_lat.shape
     return q.new_empty(B, H, R + rope_dim)
 
 
-@torch.library.custom_op("attnlab::dsa_latent_write", mutates_args=("latent", "index_keys"))
+@torch.library.custom_op("attnlab::dsa_latent_write",
+                         mutates_args=("latent", "index_keys", "lengths", "tickets"))
 def _dsa_latent_write_op(
     q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor, lengths: torch.Tensor, latent: torch.Tensor,
     index_keys: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, freq: torch.Tensor | None,
@@ -255,16 +268,17 @@ def _dsa_latent_write_op(
     k_norm_weight: torch.Tensor, k_norm_bias: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
     index_n_heads: int, index_head_dim: int, k_eps: float, w_scale: float,
+    tickets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
                    n_heads, nope_dim, rope_dim, eps, factor, zero_centered, index_keys, k_norm_weight,
-                   k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale)
+                   k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale, tickets)
 
 
 @_dsa_latent_write_op.register_fake
 def _(q, kv, q_lat, lengths, latent, index_keys, cos, sin, freq, partner_q, partner_k, norm_weight,
       k_norm_weight, k_norm_bias, n_heads, nope_dim, rope_dim, eps, factor, zero_centered,
-      index_n_heads, index_head_dim, k_eps, w_scale):
+      index_n_heads, index_head_dim, k_eps, w_scale, tickets=None):
     B, H, R = q_lat.shape
     return (q.new_empty(B, H, R + rope_dim), q.new_empty(B, index_n_heads, index_head_dim),
             q.new_empty(B, index_n_heads, dtype=torch.float32))
@@ -334,6 +348,7 @@ def latent_write(
     q_lat: torch.Tensor,
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    count_token: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An MLA layer's decode-step latent norm, both RoPEs, latent cache write and absorbed-query
     assembly in one Triton launch; for a DSA layer also its indexer's key LayerNorm, RoPE and cache
@@ -353,10 +368,15 @@ def latent_write(
         cache: the layer's MLACache (DSACache for DSA). Row b's token has position p =
             cache.lengths[b] (read on the device); ``[kv_a_norm(c_kv) | rope(k_pe)]`` goes to
             cache.latent[b, p, 0] and (DSA) ``rope(k_norm(k_I))`` to cache.index_keys[b, p], in the
-            cache's dtype. ``cache.lengths`` is NOT changed. A slot outside the cache (no room) is
-            not written: the layer checks room on the host.
+            cache's dtype. ``cache.lengths`` is NOT changed unless ``count_token``. A slot outside
+            the cache (no room) is not written: the layer checks room on the host.
         rotation: ``mla.rotation(cache.lengths[:, None])`` (cos, sin float32 [B, 1, N_q + N_k]), or
             None: computed in the kernel from ``mla.rope_freq``. Must be None for a NoPE layer.
+        count_token: also count the token, ``cache.lengths += 1`` in place, in the same launch:
+            the last of a row's programs to take a ticket (an int32 [B] buffer per device, zero
+            between launches) increments it once every program has read the old value (as
+            delta_decode's count_token; the tickets are shared, so not for concurrent launches of
+            the same B on two streams). ``cache.lengths`` must then be contiguous.
 
     Returns:
         q_abs [B, H, R + dr] in q's dtype, contiguous: [q_lat | rope(q_pe)], the absorbed query of
@@ -399,9 +419,15 @@ def latent_write(
     check_same_device(q=q, kv_a_norm_weight=weight)
     args = (mla.n_heads, mla.nope_dim, mla.rope_dim, float(mla.kv_a_norm.eps), factor,
             bool(mla.kv_a_norm.zero_centered))
+    tickets = None
+    if count_token:
+        if not cache.lengths.is_contiguous():
+            raise ValueError(f"cache.lengths: count_token needs it contiguous, got strides "
+                             f"{cache.lengths.stride()}")
+        tickets = _tickets(B, q.device)
     if not index:
         return _latent_write_op(q, kv, q_lat, cache.lengths, cache.latent, cos, sin, freq, partner_q,
-                                partner_k, weight.contiguous(), *args)
+                                partner_k, weight.contiguous(), *args, tickets)
     k_w, k_b = mla.k_norm.weight, mla.k_norm.bias
     if k_w is None or k_b is None:
         raise ValueError("mla: k_norm must have a weight and a bias (nn.LayerNorm, elementwise_affine)")
@@ -409,8 +435,21 @@ def latent_write(
     return _dsa_latent_write_op(
         q, kv, q_lat, cache.lengths, cache.latent, cache.index_keys, cos, sin, freq, partner_q, partner_k,
         weight.contiguous(), k_w.detach().contiguous(), k_b.detach().contiguous(), *args,
-        mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla),
+        mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), tickets,
     )
+
+
+_TICKETS: dict[tuple, torch.Tensor] = {}  # (device, B) -> int32 [B] zeros between launches
+
+
+def _tickets(B: int, device: torch.device) -> torch.Tensor:
+    """The count_token tickets for B rows on ``device``: created zeroed once and reused by every later
+    launch (so none is allocated inside a CUDA-graph capture after the first call)."""
+    key = (device, B)
+    buf = _TICKETS.get(key)
+    if buf is None:
+        buf = _TICKETS[key] = torch.zeros(B, dtype=torch.int32, device=device)
+    return buf
 
 
 def _index_weight_scale(dsa: DeepSeekSparseAttention) -> float:
@@ -425,12 +464,13 @@ def latent_write_reference(
     q_lat: torch.Tensor,
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    count_token: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`latent_write` in torch ops, from the layer's own ``kv_a_norm`` (and DSA's ``k_norm``),
     :meth:`rotation`, ``_rotate`` with ``rope_partner_q`` / ``rope_partner_k``, ``_check_cache`` and
     ``_write`` (as ``_project_fused`` and ``forward``'s decode branch use them): the oracle and the
-    CPU path. Same arguments and return; writes the cache, leaves its lengths (a full cache raises
-    ValueError)."""
+    CPU path. Same arguments and return; writes the cache, leaves its lengths unless ``count_token``
+    (then ``cache.lengths += 1`` last; a full cache raises ValueError)."""
     _check(mla, q, kv, q_lat, cache, rotation)
     B = q.shape[0]
     H, dn, dr, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank
@@ -452,9 +492,12 @@ def latent_write_reference(
     mla._write(cache.latent[:, :, 0], k[..., : R + dr], cache, None)
     q_pe = qr[..., :n_q].reshape(B, H, dn + dr)[..., dn:]  # (B, H, dr)
     q_abs = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, R + dr)
+    if index:
+        mla._write(cache.index_keys, k[..., R + dr :], cache, None)
+    if count_token:  # after every use of the old lengths (the tables above, both writes)
+        cache.lengths += 1
     if not index:
         return q_abs
-    mla._write(cache.index_keys, k[..., R + dr :], cache, None)
     q_idx = qr[:, 0, n_q:].reshape(B, mla.index_n_heads, mla.index_head_dim)  # (B, H_I, D_I)
     w = kv[:, R + dr + mla.index_head_dim :].float() * _index_weight_scale(mla)  # (B, H_I)
     return q_abs, q_idx.contiguous(), w

@@ -13,8 +13,9 @@ the kernels around it:
   (:mod:`attnlab.kernels.rope_cache`), then the split-K decode kernel;
 - a GDN / KDA layer's conv step, gates, L2 norms, recurrence step and gated output norm are one
   launch (:mod:`attnlab.kernels.delta_decode`);
-- an MLA layer's latent norm, both RoPEs, the latent cache write and the absorbed query's assembly
-  are one launch (:mod:`attnlab.kernels.latent_cache`), between the two absorption matmuls; for a DSA
+- an MLA layer's latent norm, both RoPEs, the latent cache write, the absorbed query's assembly and
+  the token count are one launch (:mod:`attnlab.kernels.latent_cache`), between the two absorption
+  products (W_UK^T q_nope, W_UV o_lat: one Triton launch each, :mod:`attnlab.kernels.absorb`); for a DSA
   layer the same launch also LayerNorms, rotates and caches the indexer key, rotates the indexer
   query and scales its head weights (the indexer's projections ride in the same GEMVs).
 
@@ -141,21 +142,26 @@ def _latent_rows(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm) -> tuple
 
 
 def _absorbed_query(mla: MultiHeadLatentAttention, q: torch.Tensor) -> torch.Tensor:
-    """W_UK^T q_nope per head from the query row q [B, N_q] -> q_lat [B, H, R]."""
+    """W_UK^T q_nope per head from the query row q [B, N_q] -> q_lat [B, H, R] (one Triton launch)."""
+    from ..kernels import absorb
+
     B = q.shape[0]
     H, dn, dr, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank
     w = mla.kv_b_proj.weight.view(H, dn + mla.v_head_dim, R)
     q_nope = q[:, : H * (dn + dr)].view(B, H, dn + dr)[..., :dn]  # (B, H, dn)
-    return torch.einsum("bhd,hdr->bhr", q_nope, w[:, :dn])  # (B, H, R)
+    return absorb.absorb_q(q_nope, w[:, :dn])  # (B, H, R)
 
 
 def _output(mla: MultiHeadLatentAttention, o_lat: torch.Tensor, h2: torch.Tensor, keep: float,
             scale: float) -> None:
-    """W_UV on the weighted latents o_lat [B, H, R], then o_proj adding into h2 [B, d_model]."""
+    """W_UV on the weighted latents o_lat [B, H, R] (one Triton launch), then o_proj adding into
+    h2 [B, d_model]."""
+    from ..kernels import absorb
+
     B = o_lat.shape[0]
     H, dn, dv, R = mla.n_heads, mla.nope_dim, mla.v_head_dim, mla.kv_lora_rank
     w = mla.kv_b_proj.weight.view(H, dn + dv, R)
-    o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, dn:])  # (B, H, dv): W_UV o_lat
+    o = absorb.unabsorb_o(o_lat.contiguous(), w[:, dn:])  # (B, H, dv): W_UV o_lat
     gemv(o.reshape(B, H * dv), mla.o_proj.weight, residual=h2, keep=keep, scale=scale)
 
 
@@ -166,8 +172,9 @@ def _latent(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm, cache, rotati
 
     R = mla.kv_lora_rank
     q, kv = _latent_rows(mla, h2, norm)  # (B, H*(dn+dr)), (B, R + dr)
-    q_abs = latent_write(mla, q, kv, _absorbed_query(mla, q), cache, rotation)  # (B, H, R + dr); row cached
-    cache.lengths += 1
+    # (B, H, R + dr); the row cached at slot lengths[b], then the token counted (lengths += 1) in the
+    # same launch: the attention sees the new length, as the layer's own decode step counts it first
+    q_abs = latent_write(mla, q, kv, _absorbed_query(mla, q), cache, rotation, count_token=True)
     lat = cache.latent if cache.latent.dtype == q_abs.dtype else cache.latent.to(q_abs.dtype)
     o_lat = ops.softmax_decode(q_abs, lat, lat[..., :R], cache.lengths, scale=mla.scale)  # (B, H, R)
     _output(mla, o_lat, h2, keep, scale)
@@ -185,9 +192,10 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, h2: torch.Tensor, norm, cache, 
 
     R = dsa.kv_lora_rank
     q, kv = _latent_rows(dsa, h2, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
-    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation)
-    # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached
-    cache.lengths += 1  # the rows now include the new token, as the layer counts it before scoring
+    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
+    # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
+    # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
+    # the layer counts it
     dtype = q_abs.dtype
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
     scores = ops.dsa_index_scores(q_idx[:, None], keys, w[:, None], n_valid=cache.lengths)  # (B, 1, S_max)
