@@ -6,6 +6,10 @@ unfused torch sequence it replaces, at the projections of a d_model 2048 model, 
                                                      # (~10 configs a shape; capped by
                                                      # --sweep-budget-s, default 60 s)
     python benchmarks/gemv_gpu.py --sweep --sweep-rows 1,4
+    python benchmarks/gemv_gpu.py --chain-only       # dependent-chain CUDA-graph sweep (M = 1): the tiled
+                                                     # form's best vs the persistent form's (PERSIST 1/2/4)
+                                                     # per shape, a TUNING snippet (~130 s on an H100;
+                                                     # --chain-budget-s, default 110)
     python benchmarks/gemv_gpu.py --cpu-smoke        # no GPU: whole script, toy sizes, interpreter
 
 Per shape and row count M, three timings (triton.testing.do_bench, median; it clears the L2 cache
@@ -203,7 +207,7 @@ def around(cfg: tuple) -> list[tuple]:
     """Stage 2, around the best of stage 1: the elementwise form with 2 and 8 warps (its num_stages
     should not matter: its sm_90 SASS has no cp.async for the pipeliner to deepen); the DOT form one
     stage shallower and deeper."""
-    bn, bk, warps, stages, dot = cfg
+    bn, bk, warps, stages, dot = cfg[:5]
     if DEVICE == "cpu":
         return [(bn, bk, 2, 1, dot)]
     if dot:
@@ -325,51 +329,124 @@ def chain(n_calls: int, k: int, env: dict, results: list) -> None:
     _pdl.ENABLED = True
 
 
-def chain_sweep(shapes, env: dict, results: list, n_calls: int = 32) -> dict:
+def tiled_candidates(n: int, k: int) -> list[tuple]:
+    """The chain sweep's tiled-form (PERSIST 0) configs: launch_config's (TUNING's entry: the last
+    sweep's best) and two neighbours; the previous chain sweep ranked 8 such and TUNING holds its winner."""
+    default = (*kg.launch_config(1, n, k, torch.device(DEVICE)), 0)[:6]
+    if DEVICE == "cpu":
+        return [default]
+    k_pow2 = triton.next_power_of_2(k)
+    cands = [default, (4, min(2048, k_pow2), 4, 1, False, 0), (8, min(1024, k_pow2), 4, 1, False, 0)]
+    return list(dict.fromkeys(cands))
+
+
+def persistent_candidates(n: int, k: int) -> list[tuple]:
+    """The persistent form's grid: PERSIST 1, 2, 4 x BLOCK_N 4, 8, 16 x BLOCK_K 1024, 2048 (<= K's
+    power of 2) x 4, 8 warps, keeping the weight tiles of 32..128 elements per thread (fewer: too
+    little in flight per program; more: two tiles in registers spill, sm_90 compile) and dropping
+    PERSIST values that give the same grid (min(tiles, PERSIST x SMs)). Most promising first (64
+    elements per thread, 2 programs per SM), so a budget cut drops the long shots."""
+    grid_n, grid_k, grid_warps, per_thread_ok = (4, 8, 16), (1024, 2048), (4, 8), range(32, 129)
+    if DEVICE == "cpu":  # the interpreter: toy blocks (several K steps), its 4 "SMs"
+        grid_n, grid_k, grid_warps, per_thread_ok = (4, 8), (32,), (4,), range(0, 1 << 20)
+    k_pow2 = triton.next_power_of_2(k)
+    out, seen = [], set()
+    for bn in grid_n:
+        for bk in dict.fromkeys(min(b, k_pow2) for b in grid_k):
+            if triton.cdiv(k, bk) > 16:  # the persistent form unrolls its K loop
+                continue
+            for warps in grid_warps:
+                if bn * bk // (32 * warps) not in per_thread_ok:
+                    continue
+                for persist in (1, 2, 4):
+                    grid = kg.persistent_grid(n, bn, persist, torch.device(DEVICE))
+                    if (bn, bk, warps, grid) not in seen:
+                        seen.add((bn, bk, warps, grid))
+                        out.append((bn, bk, warps, 1, False, persist))
+
+    def rank(c):
+        per_thread = c[0] * c[1] // (32 * c[2])
+        return (per_thread != 64, per_thread != 32, abs(c[5] - 2), c[2])
+
+    return sorted(out, key=rank)
+
+
+def time_chain(fns: list, n_calls: int) -> float:
+    """us per launch of n_calls launches (fns in turn) back to back in one CUDA graph (with PDL, as
+    the decode step runs them); on the CPU smoke run each fn once, timed on the host."""
+    if DEVICE == "cpu":
+        t0 = time.perf_counter()
+        for fn in fns:
+            fn()
+        return (time.perf_counter() - t0) * 1e6 / len(fns)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_calls):
+            fns[i % len(fns)]()
+    return bench(graph.replay, rep=30) * 1e3 / n_calls
+
+
+def chain_sweep(shapes, env: dict, results: list, out_path: str, n_calls: int = 32,
+                budget_s: float = 120.0) -> dict:
     """Launch shapes timed as the decode step runs them: n_calls launches of one shape back to back in
-    a CUDA graph with programmatic dependent launch (M = 1). -> {(1, N, K): best config}."""
+    a CUDA graph with programmatic dependent launch (M = 1), over distinct weights (192 MB: never
+    L2-resident): the tiled form's best (tiled_candidates) against the persistent form's
+    (persistent_candidates). One line per shape with both. Each shape gets an equal share of what is
+    left of ``budget_s``; its tiled candidates always run, its persistent ones until the share is
+    spent (those left untimed are counted). -> {(1, N, K):
+    the faster config}; the JSON gets both."""
     best = {}
-    for name, k, n, prologue, residual, out_dtype in shapes:
+    deadline = time.time() + budget_s
+    for i, (name, k, n, prologue, residual, out_dtype) in enumerate(shapes):
         x, w, kw, r = inputs(1, k, n, prologue)
         kw = dict(kw, prologue=prologue)
-        # distinct weights, 192 MB together, one per launch in turn: never L2-resident (the H100 has 50 MB)
-        ws = [w] + [torch.randn_like(w) * k**-0.5 for _ in range(max(1, -(-(192 << 20) // w.nbytes)) - 1)]
-        k_pow2 = triton.next_power_of_2(k)
-        cands = [(4, min(2048, k_pow2), 4, 1, False), (4, min(2048, k_pow2), 8, 1, False),
-                 (2, min(2048, k_pow2), 4, 1, False), (8, min(1024, k_pow2), 4, 1, False),
-                 (8, min(2048, k_pow2), 8, 1, False), (4, min(1024, k_pow2), 4, 1, False),
-                 (16, min(512, k_pow2), 4, 1, False), (4, min(4096, k_pow2), 8, 1, False)]
-        times = {}
-        for cfg in dict.fromkeys(cands):
+        n_w = 2 if DEVICE == "cpu" else max(1, -(-(192 << 20) // w.nbytes))
+        ws = [w] + [torch.randn_like(w) * k**-0.5 for _ in range(n_w - 1)]
+        floor_us = w.numel() * w.element_size() / env["copy_Bps"] * 1e6
+        share_end = time.time() + max(0.0, deadline - time.time()) / (len(shapes) - i)
+        times, skipped = {}, 0
+        for cfg in tiled_candidates(n, k) + persistent_candidates(n, k):
+            if cfg[5] and time.time() > share_end:
+                skipped += 1
+                continue
             fns = [fused_call(x, w_i, kw, r, residual, out_dtype, cfg) for w_i in ws]
             kept = r.clone()
             err = check(fns[0], x, w, kw, r, residual, out_dtype)
             if not err <= 1e-2:
                 print(f"  chain {name} {cfg}: WRONG ({err:.2e})")
                 continue
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for fn in fns:
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for i in range(n_calls):
-                    fns[i % len(fns)]()
-            times[cfg] = bench(graph.replay, rep=30) * 1e3 / n_calls
+            times[cfg] = time_chain(fns, n_calls)
             r.copy_(kept)
+        tiled = {c: t for c, t in times.items() if not c[5]}
+        persistent = {c: t for c, t in times.items() if c[5]}
         if not times:
             continue
+        row = dict(kind="chain_sweep", name=name, n=n, k=k, floor_us=floor_us, skipped=skipped,
+                   all={str(c): t for c, t in times.items()})
+        cells = []
+        for form, group in (("tiled", tiled), ("persistent", persistent)):
+            if group:
+                c = min(group, key=group.get)
+                row[f"{form}_best"], row[f"{form}_us"] = list(c), group[c]
+                cells.append(f"{form} {c} {group[c]:6.2f} us ({100 * floor_us / group[c]:3.0f}%)")
+            else:
+                cells.append(f"{form}: none timed")
         cfg = min(times, key=times.get)
         best[(1, n, k)] = cfg
-        floor_us = w.numel() * w.element_size() / env["copy_Bps"] * 1e6
-        pct = 100 * floor_us / times[cfg]
-        others = ", ".join(f"{c[:3]}:{t:.2f}" for c, t in times.items())
-        print(f"  chain {name:13} N={n:6} K={k:5}: best {cfg} {times[cfg]:6.2f} us ({pct:.0f}% of floor "
-              f"{floor_us:.2f}); {others}", flush=True)
-        results.append(dict(kind="chain_sweep", name=name, n=n, k=k, best=list(cfg), best_us=times[cfg],
-                            floor_us=floor_us, all={str(c): t for c, t in times.items()}))
+        row.update(best=list(cfg), best_us=times[cfg])
+        gain = ""
+        if tiled and persistent:
+            gain = f" -> persistent {100 * (row['persistent_us'] / row['tiled_us'] - 1):+.1f}%"
+        print(f"  chain {name:13} N={n:6} K={k:5} floor {floor_us:6.2f}: " + " | ".join(cells) + gain
+              + (f" ({len(times)} configs, {skipped} over budget)"), flush=True)
+        results.append(row)
+        atomic_write_json(out_path, {"env": env, "tuning": tuning_json(), "results": results})
     return best
 
 
@@ -390,6 +467,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chain", action="store_true", help="also time 64 dependent GEMVs in one CUDA graph "
                     "with and without programmatic dependent launch, and cuBLAS")
     ap.add_argument("--chain-only", action="store_true", help="only the --chain timings")
+    ap.add_argument("--chain-budget-s", type=float, default=110.0,  # the H100 run: < 150 s in all
+                    help="the chain sweep's wall time (past a shape's share, its persistent configs are "
+                    "skipped)")
     args = ap.parse_args(argv)
     shapes = SHAPES
     if args.cpu_smoke:
@@ -416,11 +496,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"    {key}: {cfg},")
         print("})")
         print(f"  sweep done ({time.time() - start:.0f} s)", flush=True)
-    if (args.chain or args.chain_only) and DEVICE == "cuda":
-        for k in (2048, 4096):
-            chain(64, k, env, results)
-        best = chain_sweep(shapes, env, results)
+    if args.chain or args.chain_only:
+        if DEVICE == "cuda":
+            for k in (2048, 4096):
+                chain(64, k, env, results)
+        best = chain_sweep(shapes, env, results, out_path, budget_s=args.chain_budget_s)
         kg.TUNING.update(best)
+        print("# attnlab/kernels/gemv.py, chain sweep (M = 1; PERSIST > 0: the persistent form) on " + name)
         print("TUNING.update({")
         for key, cfg in sorted(best.items()):
             print(f"    {key}: {cfg},")

@@ -58,3 +58,19 @@ def test_gemv_gpu_cpu_smoke(tmp_path):
     report = json.loads((tmp_path / "gemv_gpu.json").read_text())
     timed = [row for row in report["results"] if row["kind"] == "time"]
     assert len(timed) == 10 and all(row["rel_err"] <= 1e-2 for row in timed)
+
+
+def test_gemv_gpu_chain_sweep_cpu_smoke(tmp_path):
+    """benchmarks/gemv_gpu.py --cpu-smoke --chain-only: the chain sweep's tiled and persistent forms
+    (interpreter, toy sizes) give one row per shape with both bests, and the TUNING snippet."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(BENCH / "gemv_gpu.py"), "--cpu-smoke", "--chain-only",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "TUNING.update({" in r.stdout
+    rows = [row for row in json.loads((tmp_path / "gemv_gpu.json").read_text())["results"]
+            if row["kind"] == "chain_sweep"]
+    assert len(rows) == 5 and all(row["tiled_best"][5] == 0 and row["persistent_best"][5] > 0 for row in rows)

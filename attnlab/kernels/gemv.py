@@ -20,8 +20,17 @@ chosen per shape by TUNING) multiplies on the tensor cores, W_tile @ x̂ᵀ with
 so that the weight tiles are pipelined through shared memory (cp.async) rather than held in
 registers. The rmsnorm prologue takes a first pass over x for the sum of squares; x (a few KB) is
 re-read by every program from L2.
-No split-K: the default launch shape (:func:`launch_config`) picks BLOCK_N small enough for >= 2
-programs per SM at d_model 2048, which the sweep in benchmarks/gemv_gpu.py is to confirm or refute.
+A third form (PERSIST > 0 in TUNING, _gemv_persistent_kernel) attacks the per-launch overhead (a
+DRAM round trip before the first bytes; a last wave of programs partly empty): min(tiles, PERSIST x
+SMs) programs each stream a contiguous equal share of the BLOCK_N-column tiles, with the next
+weight tile always loaded before the current one is reduced (register double-buffering), and the
+prologue's per-row work once per program. It is chosen per shape by the chain sweep
+(benchmarks/gemv_gpu.py --chain-only); 0, the tiled form, is the default.
+No split-K: a K split needs a float32 partial buffer and a last-arriver pass to round the residual
+update once, and pays only where the column tiles are fewer than the SMs -- the tall down projection
+(N 2048, K 5472) has 512 four-column tiles, ~4 per SM, so it was not built (reasoned, not measured).
+The default launch shape (:func:`launch_config`) picks BLOCK_N small enough for >= 2 programs per SM
+at d_model 2048.
 
 Under ``torch.compile`` the launcher is an opaque custom op (``attnlab::gemv``; the residual form
 ``attnlab::gemv_residual_`` mutates its residual), so a compiled or graphed decode step keeps it.
