@@ -251,7 +251,10 @@ def _gemv_persistent_kernel(
     flight; the first is issued before gdc_wait (PDL). The prologue's per-row work is done once per
     program: rmsnorm's sum of squares, and x̂ itself when one K step covers K (K_STEPS == 1); with
     K_STEPS > 1 x̂ is recomputed per K step from x (L1/L2). Arguments and epilogue as _gemv_kernel's
-    elementwise form."""
+    elementwise form. sm_90 SASS (o_proj, BLOCK_N 4, BLOCK_K 2048): ptxas issues the next tile's loads
+    after the current tile's FMAs (it unpacks the bf16 weights lazily, in the registers the loads
+    reuse) but before the cross-thread reduction, the residual load and the store, so the load is in
+    flight across the epilogue, not the FMAs; carrying the tile as float32 did not change that."""
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     if PDL:
