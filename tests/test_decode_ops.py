@@ -69,15 +69,15 @@ def test_ops_per_decode_step_do_not_grow(decode_ops, preset):
 # (the step without it: llama S 16 per layer, total 39). D: its own fused step (fused._sparse_latent:
 # 2 GEMVs, the q absorption, latent_write with the indexer's part, lengths += 1, index scores, top-k
 # with its zeroed counters, sparse attention, W_UV, o_proj GEMV; then the MLP's 2 GEMVs) = 13, total 28;
-# before it the layer's own step behind the fused MLP: D 27, total 59. M / D 11 / 13 -> 10 / 12 (kimi-linear's
-# M 10 -> 9): latent_write counts the token (no lengths += 1); the two absorption einsums (a cuBLAS bmm
-# each) became one Triton launch each (kernels/absorb.py: same count, ~1 us instead of ~3.5 on an H100).
+# before it the layer's own step behind the fused MLP: D 27, total 59. M / D 11 / 13 -> 9 / 11 (kimi-linear's
+# M 10 -> 8): latent_write counts the token (no lengths += 1) and computes W_UK^T q_nope in its launch
+# (fused.FOLD_ABSORB_Q; the einsum was a cuBLAS bmm), W_UV's einsum became a Triton launch (same count).
 MAX_OPS_FUSED = {
     "llama": ({"S": 7}, 16),
     "qwen3-next": ({"G": 5, "S": 8}, 48),
-    "kimi-linear": ({"K": 5, "M": 9}, 50),
-    "deepseek-v3": ({"M": 10}, 22),
-    "deepseek-v32": ({"D": 12}, 26),
+    "kimi-linear": ({"K": 5, "M": 8}, 48),
+    "deepseek-v3": ({"M": 9}, 20),
+    "deepseek-v32": ({"D": 11}, 24),
 }
 
 

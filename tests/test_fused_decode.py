@@ -254,13 +254,15 @@ def test_interp_fused_dsa_step_bf16_sparse():
 
 
 @interp
-@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-v32"])
-def test_interp_fused_latent_step_launches(monkeypatch, name):
-    """An M / D layer's step runs both absorption products as Triton launches (kernels/absorb.py)
-    and counts its token inside latent_write (count_token=True): once per row and step, with no
-    separate lengths += 1 (the caches' lengths end at prompt + steps, the logits as the plain step's)."""
+@pytest.mark.parametrize("name, fold", [("deepseek-v32", True), ("deepseek-v3", False)])
+def test_interp_fused_latent_step_launches(monkeypatch, name, fold):
+    """An M / D layer's step runs both absorption products in Triton (W_UK^T q_nope inside
+    latent_write with fused.FOLD_ABSORB_Q, else absorb_q; W_UV through unabsorb_o) and counts its
+    token inside latent_write (count_token=True): once per row and step, with no separate
+    lengths += 1 (the caches' lengths end at prompt + steps, the logits as the plain step's)."""
     from attnlab.kernels import absorb, latent_cache
 
+    monkeypatch.setattr(fused, "FOLD_ABSORB_Q", fold)
     model = tiny_model(name)
     calls = []
 
@@ -268,7 +270,8 @@ def test_interp_fused_latent_step_launches(monkeypatch, name):
         real = getattr(module, fn_name)
 
         def wrapped(*args, **kwargs):
-            calls.append((fn_name, kwargs.get("count_token")))
+            q_lat = args[3] if fn_name == "latent_write" else None
+            calls.append((fn_name, kwargs.get("count_token"), q_lat is None))
             return real(*args, **kwargs)
 
         monkeypatch.setattr(module, fn_name, wrapped)
@@ -282,8 +285,10 @@ def test_interp_fused_latent_step_launches(monkeypatch, name):
         calls_fused = list(calls)
         plain, _ = _decode(model, x, T, n, torch.float32, on=False)
     steps = n * len(model.blocks)
-    assert calls_fused.count(("absorb_q", None)) == steps and calls_fused.count(("unabsorb_o", None)) == steps
-    assert calls_fused.count(("latent_write", True)) == steps and len(calls_fused) == 3 * steps
+    assert calls_fused.count(("latent_write", True, fold)) == steps  # q_lat None when folded
+    assert calls_fused.count(("absorb_q", None, True)) == (0 if fold else steps)
+    assert calls_fused.count(("unabsorb_o", None, True)) == steps
+    assert len(calls_fused) == (2 if fold else 3) * steps
     assert all(c.lengths.tolist() == [T + n] * 2 for c in caches)
     assert rms_rel(plain, ours) <= 1e-5
 

@@ -150,7 +150,8 @@ def check_against_reference(mla, cache, q, kv, q_lat, rotation, rtol, atol, cach
         torch.testing.assert_close(q_idx, q_idx_ref, rtol=rtol, atol=atol)
         torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)  # float32(x) * scale: exact
     assert out.shape == (B, H, R + dr) and out.dtype == q.dtype and out.is_contiguous()
-    assert torch.equal(out[..., :R], q_lat)  # a copy
+    if q_lat is not None:
+        assert torch.equal(out[..., :R], q_lat)  # a copy
     torch.testing.assert_close(out, q_ref, rtol=rtol, atol=atol)
     rtol, atol = cache_tol or (rtol, atol)
     torch.testing.assert_close(cache.latent, ref.latent, rtol=rtol, atol=atol)  # the whole cache
@@ -292,11 +293,11 @@ def test_cpu_tensors_without_interpreter_are_refused():
 
 
 @needs_sm90_toolchain
-@pytest.mark.parametrize("rope, tables, index, count", [
-    (True, False, False, True), (True, True, False, False), (False, False, False, True),
-    (True, False, True, True), (True, True, True, False),
+@pytest.mark.parametrize("rope, tables, index, count, fold", [
+    (True, False, False, True, True), (True, True, False, False, False), (False, False, False, True, True),
+    (True, False, True, True, True), (True, True, True, False, False), (True, False, True, True, False),
 ])
-def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count):
+def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count, fold):
     """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
     ptxas, no GPU needed) at H = 16, dn 128, dr 64, R 512 (DSA: indexer 64 x 128), bf16, with the
     warps latent_write launches; no local memory (spills); in-kernel cos / sin are libdevice's (full
@@ -307,10 +308,12 @@ def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count):
     HI, DI = (64, 128) if index else (0, 0)
     const = dict(H=16, DN=128, DR=64, R=512, BR=512, BDR=64, NQ=16 * 192 + HI * DI, INDEX=index, HI=HI, DI=DI,
                  BHI=max(HI, 1), BDI=max(DI, 1), ROPE=rope, TABLES=tables, ZERO_CENTERED=False, PDL=True,
-                 COUNT=count, NPROG=16 + 1 + (1 + HI if index else 0))
+                 COUNT=count, NPROG=16 + 1 + (1 + HI if index else 0), FOLD=fold, BD=128, BLOCK_R=64,
+                 INTERP=False)
     ptr = dict(Q="*bf16", KV="*bf16", Q_LAT="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32",
                PARTNER_Q="*i64", PARTNER_K="*i64", NORM_W="*bf16", OUT="*bf16", LATENT="*bf16", QI="*bf16",
-               W_OUT="*fp32", INDEX_KEYS="*bf16", K_NORM_W="*bf16", K_NORM_B="*bf16", TICKETS="*i32")
+               W_OUT="*fp32", INDEX_KEYS="*bf16", K_NORM_W="*bf16", K_NORM_B="*bf16", TICKETS="*i32",
+               W_UK="*bf16")
     kernel = compile_sm90(fn, const, ptr, floats=("eps", "factor", "k_eps", "w_scale"),
                           ints=dict(stride_cache_b="i64", stride_cache_s="i64", stride_ik_b="i64",
                                     stride_ik_s="i64"), num_warps=num_warps(512))
@@ -321,6 +324,7 @@ def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count):
     assert stack == 0 or (index and rope and not tables and stack <= 16 and regs <= 64), res
     ptx = kernel.asm["ptx"]
     assert ("atom" in ptx) == count  # the ticket (count_token) and nothing atomic without it
+    assert ptx.count("griddepcontrol.wait") == (2 if fold else 1)  # FOLD: the absorb programs' own wait
     if rope and not tables:
         assert "__nv_sinf" in ptx and "__nv_cosf" in ptx and "sin.approx" not in ptx
     else:
@@ -356,6 +360,18 @@ def test_interp_count_token(name, shared_rotation):
             check_against_reference(mla, cache, *inputs(mla, x), tables(mla, cache, shared_rotation),
                                     *TOL[torch.float32], count_token=True)
     assert cache.lengths.tolist() == [5, 2, MAX_LEN]
+
+
+@interp
+@pytest.mark.parametrize("name", ["lora_interleaved", "nope", "odd_sizes", "dsa_lora", "dsa_odd_sizes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_q_lat_computed_in_the_launch(name, dtype):
+    """q_lat=None: the launch computes W_UK^T q_nope itself (extra programs, as absorb_q) with the
+    token counted too, as the fused step calls it; against the reference's einsum."""
+    mla, cache, x = make(name, dtype)
+    q, kv, _ = inputs(mla, x)
+    with torch.no_grad():
+        check_against_reference(mla, cache, q, kv, None, None, *TOL[dtype], count_token=True)
 
 
 @interp
@@ -427,8 +443,8 @@ def test_interp_row_without_room_is_not_written(name):
 
 @interp
 @pytest.mark.parametrize("name", ["lora_interleaved", "dsa_lora"])
-@pytest.mark.parametrize("count_token", [False, True])
-def test_interp_custom_op_schema_and_fake(name, count_token):
+@pytest.mark.parametrize("count_token, fold", [(False, False), (True, False), (True, True)])
+def test_interp_custom_op_schema_and_fake(name, count_token, fold):
     """The custom ops torch.compile keeps opaque (attnlab::latent_write, attnlab::dsa_latent_write):
     their declared mutations (the caches) and fake implementations' outputs match what the kernel does."""
     from attnlab.kernels import latent_cache
@@ -446,7 +462,7 @@ def test_interp_custom_op_schema_and_fake(name, count_token):
         q, kv, q_lat = inputs(mla, x)
         setattr(latent_cache, op_name, spy)
         try:
-            latent_cache.latent_write(mla, q, kv, q_lat, cache, count_token=count_token)
+            latent_cache.latent_write(mla, q, kv, None if fold else q_lat, cache, count_token=count_token)
         finally:
             setattr(latent_cache, op_name, op)
     assert len(calls) == 1
@@ -503,6 +519,17 @@ def test_gpu_matches_reference(name, lengths, shared_rotation):
     with torch.no_grad():
         check_against_reference(mla, cache, *inputs(mla, x), tables(mla, cache, shared_rotation),
                                 *TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["deepseek_16h", "kimi_1b", "dsa_16h"])
+def test_gpu_q_lat_computed_in_the_launch(name):
+    """q_lat=None and count_token, as the fused step calls it: W_UK^T q_nope from the launch's own
+    programs, the token counted once per row."""
+    mla, cache, x = make_gpu(name, [0, 1000, 4094])
+    q, kv, _ = inputs(mla, x)
+    with torch.no_grad():
+        check_against_reference(mla, cache, q, kv, None, None, *TOL[torch.bfloat16], count_token=True)
 
 
 @pytest.mark.gpu

@@ -42,6 +42,7 @@ from .._checks import check_same_device, check_tensor
 from ..layers.mla import DeepSeekSparseAttention, DSACache, MLACache, MultiHeadLatentAttention, _rotate
 from ._common import norm_weight, output_buffer
 from ._pdl import launch_options, use_pdl
+from .absorb import _round
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an unwritten element fails
@@ -90,96 +91,131 @@ def _layer_norm_cols(ROW, W, B_, cols, ok, mean, rstd):
 
 
 @triton.jit
+def _absorb_program(Q, W_UK, OUT, b, i, stride_qb, stride_wh, stride_wd,
+                    H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
+                    BLOCK_R: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
+    """OUT[b, h, r] = Σ_d q_nope[b, h, d] · W_UK[h, d, r] for head h = i // (R / BLOCK_R) and BLOCK_R
+    columns r (as attnlab.kernels.absorb.absorb_q, one row): the [dn, BLOCK_R] weight tile loaded
+    before waiting for the previous kernel, float32 sums, one rounding to OUT's dtype."""
+    n_blocks: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
+    h = (i // n_blocks).to(tl.int64)
+    r = (i % n_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    d = tl.arange(0, BD)  # (BD,)
+    r_ok = r < R
+    d_ok = d < DN
+    w = tl.load(W_UK + h * stride_wh + d[:, None] * stride_wd + r[None, :],
+                mask=d_ok[:, None] & r_ok[None, :], other=0.0, eviction_policy="evict_first")  # (BD, BLOCK_R)
+    if PDL:
+        gdc_wait()  # q comes from the previous kernel
+    q = tl.load(Q + b * stride_qb + h * (DN + DR) + d, mask=d_ok, other=0.0).to(tl.float32)  # (BD,) q_nope
+    o = tl.sum(q[:, None] * w.to(tl.float32), axis=0)  # (BLOCK_R,)
+    tl.store(OUT + (b * H + h) * (R + DR) + r, _round(o, OUT.dtype.element_ty, INTERP), mask=r_ok)
+
+
+@triton.jit
 def _latent_write_kernel(
     Q, KV, Q_LAT, LENGTHS, COS, SIN, FREQ, PARTNER_Q, PARTNER_K, NORM_W, OUT, LATENT,
-    QI, W_OUT, INDEX_KEYS, K_NORM_W, K_NORM_B, TICKETS,
-    stride_qb, stride_kvb, stride_lb, stride_lh, stride_cb,
+    QI, W_OUT, INDEX_KEYS, K_NORM_W, K_NORM_B, TICKETS, W_UK,
+    stride_qb, stride_wh, stride_wd, stride_kvb, stride_lb, stride_lh, stride_cb,
     stride_cache_b, stride_cache_s, stride_ik_b, stride_ik_s, S, eps, factor, k_eps, w_scale,
     H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr,
     BR: tl.constexpr, BDR: tl.constexpr, NQ: tl.constexpr,
     INDEX: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
     ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
-    COUNT: tl.constexpr, NPROG: tl.constexpr,
+    COUNT: tl.constexpr, NPROG: tl.constexpr, FOLD: tl.constexpr, BD: tl.constexpr, BLOCK_R: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
     outside [0, S). With INDEX (a DSA layer): h == H + 1 writes INDEX_KEYS[b, lengths[b]] =
     rope(layernorm(k_I)) (same slot rule) and W_OUT[b] = float32(w_I) * w_scale; h = H + 2 + i writes
     QI[b, i] = rope(q_I head i). COUNT: LENGTHS[b] += 1 by the last of the row's NPROG programs to
-    take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value."""
-    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
+    take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value.
+    FOLD: programs h >= NPROG compute q_lat themselves (:func:`_absorb_program`) instead of the
+    h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket."""
+    if PDL:  # attnlab.kernels._pdl: the next kernel may launch
         gdc_launch_dependents()
-        gdc_wait()
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    r = tl.arange(0, BR)
-    r_ok = r < R
-    j = tl.arange(0, BDR)
-    j_ok = j < DR
-    pos = tl.load(LENGTHS + b).to(tl.int64)
-    if COUNT:  # every thread has read pos before the ticket's release; the result is used at the end
-        tl.debug_barrier()
-        last = tl.atomic_add(TICKETS + b, 1, sem="acq_rel") == NPROG - 1
-    # (a scalar & a block mask trips the interpreter: fold the slot test into the bounds)
-    room = (pos >= 0) & (pos < S)
-    cos_row = COS + b * stride_cb
-    sin_row = SIN + b * stride_cb
-    kv_row = KV + b * stride_kvb
-    if h < H:  # head h of the absorbed query
-        out_row = OUT + (b * H + h) * (R + DR)
-        lat = tl.load(Q_LAT + b * stride_lb + h * stride_lh + r, mask=r_ok)
-        tl.store(out_row + r, lat.to(OUT.dtype.element_ty), mask=r_ok)
-        cols = h * (DN + DR) + DN + j  # q_pe's columns in the query row
-        q_pe = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, j_ok, pos, factor,
-                          ROPE, TABLES)
-        tl.store(out_row + R + j, q_pe.to(OUT.dtype.element_ty), mask=j_ok)  # OUT has q's dtype: one rounding
-    elif h == H:  # the latent row: norm, rope, cache store
-        x = tl.load(kv_row + r, mask=r_ok, other=0.0).to(tl.float32)  # (BR,) c_kv
-        inv = tl.rsqrt(tl.sum(x * x, 0) / R + eps)
-        w = tl.load(NORM_W + r, mask=r_ok, other=0.0).to(tl.float32)
-        x = x * inv
-        c_kv = norm_weight(x, w, ZERO_CENTERED)
-        c_kv = c_kv.to(KV.dtype.element_ty)  # kv_a_norm's rounding
-        cols = R + j  # k_pe's columns in the key row [c_kv | k_pe]
-        k_pe = _rope_cols(kv_row, PARTNER_K, cos_row + NQ, sin_row + NQ, FREQ + NQ, cols, j_ok, pos, factor,
-                          ROPE, TABLES)
-        k_pe = k_pe.to(KV.dtype.element_ty)  # _rotate's rounding
-        dst = LATENT + b * stride_cache_b + pos * stride_cache_s  # 64-bit: B·S·(R+dr) may pass 2^31
-        tl.store(dst + r, c_kv.to(LATENT.dtype.element_ty), mask=r < tl.where(room, R, 0))
-        tl.store(dst + R + j, k_pe.to(LATENT.dtype.element_ty), mask=j < tl.where(room, DR, 0))
-    elif INDEX:
-        d = tl.arange(0, BDI)
-        d_ok = d < DI
-        if h == H + 1:  # the indexer key: LayerNorm, rope on its first dims, cache store; the head weights
-            k_row = kv_row + R + DR  # the key row is [c_kv | k_pe | k_I]: k_I's columns start at R + dr
-            x = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
-            mean = tl.sum(x, 0) / DI
-            xc = tl.where(d_ok, x - mean, 0.0)
-            rstd = tl.rsqrt(tl.sum(xc * xc, 0) / DI + k_eps)
-            k = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, d, d_ok, mean, rstd).to(tl.float32)
-            if ROPE:  # x[partner] is the partner column's LayerNorm output: normalised again from its load
-                partner = tl.load(PARTNER_K + R + DR + d, mask=d_ok, other=R + DR) - (R + DR)
-                kp = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, partner, d_ok, mean, rstd).to(tl.float32)
-                c, s = _cos_sin(cos_row + NQ + R + DR, sin_row + NQ + R + DR, FREQ + NQ + R + DR, d, d_ok,
-                                pos, factor, TABLES)
-                k = k * c + kp * s
-            k = k.to(KV.dtype.element_ty)  # _rotate's rounding
-            dst = INDEX_KEYS + b * stride_ik_b + pos * stride_ik_s
-            tl.store(dst + d, k.to(INDEX_KEYS.dtype.element_ty), mask=d < tl.where(room, DI, 0))
-            e = tl.arange(0, BHI)
-            e_ok = e < HI
-            w_i = tl.load(k_row + DI + e, mask=e_ok, other=0.0).to(tl.float32) * w_scale
-            tl.store(W_OUT + b * HI + e, w_i, mask=e_ok)
-        else:  # indexer query head i: rope on its first dims
-            i = h - H - 2
-            cols = H * (DN + DR) + i * DI + d  # its columns in the query row [q heads | indexer q heads]
-            q_i = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, d_ok, pos, factor,
-                             ROPE, TABLES)
-            tl.store(QI + (b * HI + i) * DI + d, q_i.to(QI.dtype.element_ty), mask=d_ok)
-    if COUNT:
-        if last:  # every program of the row has read the old length: count the token
-            tl.store(TICKETS + b, 0)  # all zeros again between launches (CUDA-graph replays)
-            tl.store(LENGTHS + b, (pos + 1).to(LENGTHS.dtype.element_ty))
+    p = tl.program_id(1)
+    if FOLD and p >= NPROG:  # W_UK^T q_nope: head h, columns [j·BLOCK_R, +BLOCK_R) of row b
+        _absorb_program(Q, W_UK, OUT, tl.program_id(0).to(tl.int64), p - NPROG, stride_qb, stride_wh,
+                        stride_wd, H, DN, DR, R, BD, BLOCK_R, INTERP, PDL)
+    else:
+        if PDL:  # wait for the previous kernel
+            gdc_wait()
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        r = tl.arange(0, BR)
+        r_ok = r < R
+        j = tl.arange(0, BDR)
+        j_ok = j < DR
+        pos = tl.load(LENGTHS + b).to(tl.int64)
+        if COUNT:  # every thread has read pos before the ticket's release; the result is used at the end
+            tl.debug_barrier()
+            last = tl.atomic_add(TICKETS + b, 1, sem="acq_rel") == NPROG - 1
+        # (a scalar & a block mask trips the interpreter: fold the slot test into the bounds)
+        room = (pos >= 0) & (pos < S)
+        cos_row = COS + b * stride_cb
+        sin_row = SIN + b * stride_cb
+        kv_row = KV + b * stride_kvb
+        if h < H:  # head h of the absorbed query
+            out_row = OUT + (b * H + h) * (R + DR)
+            if not FOLD:  # q_lat given: copied (FOLD: the absorb programs write it)
+                lat = tl.load(Q_LAT + b * stride_lb + h * stride_lh + r, mask=r_ok)
+                tl.store(out_row + r, lat.to(OUT.dtype.element_ty), mask=r_ok)
+            cols = h * (DN + DR) + DN + j  # q_pe's columns in the query row
+            q_pe = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, j_ok, pos, factor,
+                              ROPE, TABLES)
+            # OUT has q's dtype: one rounding
+            tl.store(out_row + R + j, q_pe.to(OUT.dtype.element_ty), mask=j_ok)
+        elif h == H:  # the latent row: norm, rope, cache store
+            x = tl.load(kv_row + r, mask=r_ok, other=0.0).to(tl.float32)  # (BR,) c_kv
+            inv = tl.rsqrt(tl.sum(x * x, 0) / R + eps)
+            w = tl.load(NORM_W + r, mask=r_ok, other=0.0).to(tl.float32)
+            x = x * inv
+            c_kv = norm_weight(x, w, ZERO_CENTERED)
+            c_kv = c_kv.to(KV.dtype.element_ty)  # kv_a_norm's rounding
+            cols = R + j  # k_pe's columns in the key row [c_kv | k_pe]
+            k_pe = _rope_cols(kv_row, PARTNER_K, cos_row + NQ, sin_row + NQ, FREQ + NQ, cols, j_ok, pos,
+                              factor, ROPE, TABLES)
+            k_pe = k_pe.to(KV.dtype.element_ty)  # _rotate's rounding
+            dst = LATENT + b * stride_cache_b + pos * stride_cache_s  # 64-bit: B·S·(R+dr) may pass 2^31
+            tl.store(dst + r, c_kv.to(LATENT.dtype.element_ty), mask=r < tl.where(room, R, 0))
+            tl.store(dst + R + j, k_pe.to(LATENT.dtype.element_ty), mask=j < tl.where(room, DR, 0))
+        elif INDEX:
+            d = tl.arange(0, BDI)
+            d_ok = d < DI
+            # the indexer key: LayerNorm, rope on its first dims, cache store; the head weights
+            if h == H + 1:
+                k_row = kv_row + R + DR  # the key row is [c_kv | k_pe | k_I]: k_I's columns start at R + dr
+                x = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
+                mean = tl.sum(x, 0) / DI
+                xc = tl.where(d_ok, x - mean, 0.0)
+                rstd = tl.rsqrt(tl.sum(xc * xc, 0) / DI + k_eps)
+                k = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, d, d_ok, mean, rstd).to(tl.float32)
+                # x[partner] is the partner column's LayerNorm output: normalised again from its load
+                if ROPE:
+                    partner = tl.load(PARTNER_K + R + DR + d, mask=d_ok, other=R + DR) - (R + DR)
+                    kp = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, partner, d_ok, mean, rstd).to(tl.float32)
+                    c, s = _cos_sin(cos_row + NQ + R + DR, sin_row + NQ + R + DR, FREQ + NQ + R + DR, d, d_ok,
+                                    pos, factor, TABLES)
+                    k = k * c + kp * s
+                k = k.to(KV.dtype.element_ty)  # _rotate's rounding
+                dst = INDEX_KEYS + b * stride_ik_b + pos * stride_ik_s
+                tl.store(dst + d, k.to(INDEX_KEYS.dtype.element_ty), mask=d < tl.where(room, DI, 0))
+                e = tl.arange(0, BHI)
+                e_ok = e < HI
+                w_i = tl.load(k_row + DI + e, mask=e_ok, other=0.0).to(tl.float32) * w_scale
+                tl.store(W_OUT + b * HI + e, w_i, mask=e_ok)
+            else:  # indexer query head i: rope on its first dims
+                i = h - H - 2
+                cols = H * (DN + DR) + i * DI + d  # its columns in the query row [q heads | indexer q heads]
+                q_i = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, d_ok, pos,
+                                 factor, ROPE, TABLES)
+                tl.store(QI + (b * HI + i) * DI + d, q_i.to(QI.dtype.element_ty), mask=d_ok)
+        if COUNT:
+            if last:  # every program of the row has read the old length: count the token
+                tl.store(TICKETS + b, 0)  # all zeros again between launches (CUDA-graph replays)
+                tl.store(LENGTHS + b, (pos + 1).to(LENGTHS.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,11 +239,14 @@ def _launch(
     index_keys: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
     k_norm_bias: torch.Tensor | None = None, index_n_heads: int = 0, index_head_dim: int = 0,
     k_eps: float = 0.0, w_scale: float = 1.0, tickets: torch.Tensor | None = None,
+    w_uk: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One launch; with ``index_keys`` (a DSA layer) also the indexer's part -> (q_abs, q_idx, w)
-    (the last two None without it); with ``tickets`` (int32 [B], zeros) it counts the token."""
-    B, H, R = q_lat.shape
+    (the last two None without it); with ``tickets`` (int32 [B], zeros) it counts the token; with
+    ``w_uk`` [H, dn, R] (q_lat None) it computes q_lat = W_UK^T q_nope itself (FOLD)."""
     dr = rope_dim
+    B, H, R = q.shape[0], n_heads, latent.shape[-1] - dr
+    fold = w_uk is not None
     index = index_keys is not None
     HI, DI = (index_n_heads, index_head_dim) if index else (0, 0)
     out = _empty(B, H, R + dr, dtype=q.dtype, device=q.device)
@@ -221,20 +260,25 @@ def _launch(
     pdl = use_pdl(q.device)
     n_prog = H + 1 + (1 + HI if index else 0)
     count = tickets is not None
-    _latent_write_kernel[(B, n_prog)](
-        q, kv, q_lat, lengths, cos if tables else dummy, sin if tables else dummy,
+    BD = triton.next_power_of_2(nope_dim)
+    block_r = max(16, min(64, 8192 // BD, triton.next_power_of_2(R)))  # absorb.absorb_q's tile
+    n_absorb = H * triton.cdiv(R, block_r) if fold else 0
+    _latent_write_kernel[(B, n_prog + n_absorb)](
+        q, kv, dummy if fold else q_lat, lengths, cos if tables else dummy, sin if tables else dummy,
         freq if freq is not None else dummy, partner_q if rope else dummy, partner_k if rope else dummy,
         norm_weight, out, latent,
         q_idx if index else dummy, w if index else dummy, index_keys if index else dummy,
         k_norm_weight if index else dummy, k_norm_bias if index else dummy, tickets if count else lengths,
-        q.stride(0), kv.stride(0), q_lat.stride(0), q_lat.stride(1), stride_cb,
+        w_uk if fold else dummy, q.stride(0), w_uk.stride(0) if fold else 0, w_uk.stride(1) if fold else 0,
+        kv.stride(0), 0 if fold else q_lat.stride(0), 0 if fold else q_lat.stride(1), stride_cb,
         latent.stride(0), latent.stride(1), index_keys.stride(0) if index else 0,
         index_keys.stride(1) if index else 0, latent.shape[1], eps, factor, k_eps, w_scale,
         H=H, DN=nope_dim, DR=dr, R=R, BR=BR, BDR=triton.next_power_of_2(max(dr, 1)),
         NQ=H * (nope_dim + dr) + HI * DI, INDEX=index, HI=HI, DI=DI,
         BHI=triton.next_power_of_2(max(HI, 1)), BDI=triton.next_power_of_2(max(DI, 1)),
         ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
-        PDL=pdl, COUNT=count, NPROG=n_prog, num_warps=num_warps(BR), **launch_options(pdl),
+        PDL=pdl, COUNT=count, NPROG=n_prog, FOLD=fold, BD=BD, BLOCK_R=block_r, INTERP=_INTERPRET,
+        num_warps=num_warps(BR), **launch_options(pdl),
     )
     return out, q_idx, w
 
@@ -242,45 +286,46 @@ def _launch(
 # The launchers as custom ops mutating the cache: torch.compile keeps each as one opaque call.
 @torch.library.custom_op("attnlab::latent_write", mutates_args=("latent", "lengths", "tickets"))
 def _latent_write_op(
-    q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor, lengths: torch.Tensor, latent: torch.Tensor,
+    q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor | None, lengths: torch.Tensor,
+    latent: torch.Tensor,
     cos: torch.Tensor | None, sin: torch.Tensor | None, freq: torch.Tensor | None,
     partner_q: torch.Tensor | None, partner_k: torch.Tensor | None, norm_weight: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
-    tickets: torch.Tensor | None = None,
+    tickets: torch.Tensor | None = None, w_uk: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
-                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered, tickets=tickets)[0]
+                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered, tickets=tickets, w_uk=w_uk)[0]
 
 
 @_latent_write_op.register_fake
 def _(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
-      n_heads, nope_dim, rope_dim, eps, factor, zero_centered, tickets=None):
-    B, H, R = q_lat.shape
-    return q.new_empty(B, H, R + rope_dim)
+      n_heads, nope_dim, rope_dim, eps, factor, zero_centered, tickets=None, w_uk=None):
+    return q.new_empty(q.shape[0], n_heads, latent.shape[-1])
 
 
 @torch.library.custom_op("attnlab::dsa_latent_write",
                          mutates_args=("latent", "index_keys", "lengths", "tickets"))
 def _dsa_latent_write_op(
-    q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor, lengths: torch.Tensor, latent: torch.Tensor,
+    q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor | None, lengths: torch.Tensor,
+    latent: torch.Tensor,
     index_keys: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, freq: torch.Tensor | None,
     partner_q: torch.Tensor | None, partner_k: torch.Tensor | None, norm_weight: torch.Tensor,
     k_norm_weight: torch.Tensor, k_norm_bias: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
     index_n_heads: int, index_head_dim: int, k_eps: float, w_scale: float,
-    tickets: torch.Tensor | None = None,
+    tickets: torch.Tensor | None = None, w_uk: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
                    n_heads, nope_dim, rope_dim, eps, factor, zero_centered, index_keys, k_norm_weight,
-                   k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale, tickets)
+                   k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale, tickets, w_uk)
 
 
 @_dsa_latent_write_op.register_fake
 def _(q, kv, q_lat, lengths, latent, index_keys, cos, sin, freq, partner_q, partner_k, norm_weight,
       k_norm_weight, k_norm_bias, n_heads, nope_dim, rope_dim, eps, factor, zero_centered,
-      index_n_heads, index_head_dim, k_eps, w_scale, tickets=None):
-    B, H, R = q_lat.shape
-    return (q.new_empty(B, H, R + rope_dim), q.new_empty(B, index_n_heads, index_head_dim),
+      index_n_heads, index_head_dim, k_eps, w_scale, tickets=None, w_uk=None):
+    B = q.shape[0]
+    return (q.new_empty(B, n_heads, latent.shape[-1]), q.new_empty(B, index_n_heads, index_head_dim),
             q.new_empty(B, index_n_heads, dtype=torch.float32))
 
 
@@ -309,7 +354,8 @@ def _check(mla, q, kv, q_lat, cache, rotation) -> None:
     check_tensor("q", q, 2, q_layout, shape=(None, n_q), dtypes=_DTYPES)
     B = q.shape[0]
     check_tensor("kv", kv, 2, kv_layout, shape=(B, n_kv), dtypes=_DTYPES)
-    check_tensor("q_lat", q_lat, 3, "[B, H, kv_lora_rank]", shape=(B, H, R), dtypes=(q.dtype,))
+    if q_lat is not None:
+        check_tensor("q_lat", q_lat, 3, "[B, H, kv_lora_rank]", shape=(B, H, R), dtypes=(q.dtype,))
     want = DSACache if index else MLACache
     if not isinstance(cache, want):
         raise ValueError(
@@ -345,7 +391,7 @@ def latent_write(
     mla: MultiHeadLatentAttention,
     q: torch.Tensor,
     kv: torch.Tensor,
-    q_lat: torch.Tensor,
+    q_lat: torch.Tensor | None,
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     count_token: bool = False,
@@ -364,7 +410,9 @@ def latent_write(
         kv: [B, N_kv] the row's [c_kv | k_pe] (R + dr, kv_a_proj's part of ``x_proj``), then for DSA
             the indexer's [key | head weights] (D_I + H_I, wk's and weights_proj's parts), unnormed
             and unrotated, last dim contiguous.
-        q_lat: [B, H, R] W_UK^T q_nope per head, q's dtype, last dim contiguous.
+        q_lat: [B, H, R] W_UK^T q_nope per head, q's dtype, last dim contiguous; or None: computed
+            in the same launch from q's nope parts and W_UK (``kv_b_proj.weight``, q's dtype), by
+            H·R/64 more programs (as :func:`attnlab.kernels.absorb.absorb_q`, per row).
         cache: the layer's MLACache (DSACache for DSA). Row b's token has position p =
             cache.lengths[b] (read on the device); ``[kv_a_norm(c_kv) | rope(k_pe)]`` goes to
             cache.latent[b, p, 0] and (DSA) ``rope(k_norm(k_I))`` to cache.index_keys[b, p], in the
@@ -391,7 +439,9 @@ def latent_write(
         raise ValueError(f"q: latent_write runs a Triton kernel on CUDA tensors (or CPU ones under "
                          f"TRITON_INTERPRET=1), got device {q.device}; call latent_write_reference there")
     index = isinstance(mla, DeepSeekSparseAttention)
-    tensors = [("q", q), ("kv", kv), ("q_lat", q_lat), ("cache.latent", cache.latent)]
+    tensors = [("q", q), ("kv", kv), ("cache.latent", cache.latent)]
+    if q_lat is not None:
+        tensors.append(("q_lat", q_lat))
     if index:
         tensors.append(("cache.index_keys", cache.index_keys))
     for name, t in tensors:
@@ -419,6 +469,12 @@ def latent_write(
     check_same_device(q=q, kv_a_norm_weight=weight)
     args = (mla.n_heads, mla.nope_dim, mla.rope_dim, float(mla.kv_a_norm.eps), factor,
             bool(mla.kv_a_norm.zero_centered))
+    w_uk = None
+    if q_lat is None:
+        w_uk = _w_uk(mla)
+        if w_uk.dtype != q.dtype or w_uk.device != q.device:
+            raise ValueError(f"mla: kv_b_proj.weight is {w_uk.dtype} on {w_uk.device}; q_lat=None needs q's "
+                             f"dtype and device ({q.dtype} on {q.device})")
     tickets = None
     if count_token:
         if not cache.lengths.is_contiguous():
@@ -427,7 +483,7 @@ def latent_write(
         tickets = _tickets(B, q.device)
     if not index:
         return _latent_write_op(q, kv, q_lat, cache.lengths, cache.latent, cos, sin, freq, partner_q,
-                                partner_k, weight.contiguous(), *args, tickets)
+                                partner_k, weight.contiguous(), *args, tickets, w_uk)
     k_w, k_b = mla.k_norm.weight, mla.k_norm.bias
     if k_w is None or k_b is None:
         raise ValueError("mla: k_norm must have a weight and a bias (nn.LayerNorm, elementwise_affine)")
@@ -435,8 +491,14 @@ def latent_write(
     return _dsa_latent_write_op(
         q, kv, q_lat, cache.lengths, cache.latent, cache.index_keys, cos, sin, freq, partner_q, partner_k,
         weight.contiguous(), k_w.detach().contiguous(), k_b.detach().contiguous(), *args,
-        mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), tickets,
+        mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), tickets, w_uk,
     )
+
+
+def _w_uk(mla: MultiHeadLatentAttention) -> torch.Tensor:
+    """W_UK [H, dn, R]: a view of kv_b_proj.weight (R contiguous)."""
+    H, dn, R = mla.n_heads, mla.nope_dim, mla.kv_lora_rank
+    return mla.kv_b_proj.weight.detach().view(H, dn + mla.v_head_dim, R)[:, :dn]
 
 
 _TICKETS: dict[tuple, torch.Tensor] = {}  # (device, B) -> int32 [B] zeros between launches
@@ -461,7 +523,7 @@ def latent_write_reference(
     mla: MultiHeadLatentAttention,
     q: torch.Tensor,
     kv: torch.Tensor,
-    q_lat: torch.Tensor,
+    q_lat: torch.Tensor | None,
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     count_token: bool = False,
@@ -491,6 +553,9 @@ def latent_write_reference(
         k = _rotate(k, cos[..., n_rows:], sin[..., n_rows:], mla.rope_partner_k)
     mla._write(cache.latent[:, :, 0], k[..., : R + dr], cache, None)
     q_pe = qr[..., :n_q].reshape(B, H, dn + dr)[..., dn:]  # (B, H, dr)
+    if q_lat is None:  # as absorb_q_reference (the einsum)
+        q_nope = q[:, :n_q].view(B, H, dn + dr)[..., :dn]  # (B, H, dn)
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, _w_uk(mla))  # (B, H, R)
     q_abs = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, R + dr)
     if index:
         mla._write(cache.index_keys, k[..., R + dr :], cache, None)

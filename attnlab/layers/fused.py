@@ -13,9 +13,10 @@ the kernels around it:
   (:mod:`attnlab.kernels.rope_cache`), then the split-K decode kernel;
 - a GDN / KDA layer's conv step, gates, L2 norms, recurrence step and gated output norm are one
   launch (:mod:`attnlab.kernels.delta_decode`);
-- an MLA layer's latent norm, both RoPEs, the latent cache write, the absorbed query's assembly and
-  the token count are one launch (:mod:`attnlab.kernels.latent_cache`), between the two absorption
-  products (W_UK^T q_nope, W_UV o_lat: one Triton launch each, :mod:`attnlab.kernels.absorb`); for a DSA
+- an MLA layer's latent norm, both RoPEs, the latent cache write, the absorbed query's assembly
+  (W_UK^T q_nope included, FOLD_ABSORB_Q) and the token count are one launch
+  (:mod:`attnlab.kernels.latent_cache`); W_UV o_lat after the attention is one more
+  (:mod:`attnlab.kernels.absorb`, which also has the separate q absorption); for a DSA
   layer the same launch also LayerNorms, rotates and caches the indexer key, rotates the indexer
   query and scales its head weights (the indexer's projections ride in the same GEMVs).
 
@@ -48,6 +49,9 @@ from .deltanet import DeltaRuleMixer
 from .mla import DeepSeekSparseAttention, MultiHeadLatentAttention
 
 ENABLED = os.environ.get("ATTNLAB_FUSED_DECODE", "1") != "0"
+# M / D: W_UK^T q_nope computed inside latent_write's launch (extra programs) instead of its own
+# absorb_q launch before it (one launch fewer per layer; False: the separate kernel, to compare)
+FOLD_ABSORB_Q = os.environ.get("ATTNLAB_FOLD_ABSORB_Q", "1") != "0"
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
 # interpreter tests check the plain step's kernels
 ON_CPU_INTERPRETER = False
@@ -141,10 +145,13 @@ def _latent_rows(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm) -> tuple
     return q, row[:, mla.q_lora_rank :]
 
 
-def _absorbed_query(mla: MultiHeadLatentAttention, q: torch.Tensor) -> torch.Tensor:
-    """W_UK^T q_nope per head from the query row q [B, N_q] -> q_lat [B, H, R] (one Triton launch)."""
+def _absorbed_query(mla: MultiHeadLatentAttention, q: torch.Tensor) -> torch.Tensor | None:
+    """W_UK^T q_nope per head from the query row q [B, N_q] -> q_lat [B, H, R] (one Triton launch), or
+    None with FOLD_ABSORB_Q: latent_write computes it in its own launch."""
     from ..kernels import absorb
 
+    if FOLD_ABSORB_Q:
+        return None
     B = q.shape[0]
     H, dn, dr, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank
     w = mla.kv_b_proj.weight.view(H, dn + mla.v_head_dim, R)
