@@ -19,6 +19,10 @@ weights), the activations after. Numerics are the einsum's on 16-bit inputs: flo
 accumulation, one rounding to the input dtype at the end (the summation order differs, so bf16
 outputs may differ from cuBLAS's by a rounding flip).
 
+The fused decode step folds the first into :func:`attnlab.kernels.latent_cache.latent_write`
+(``q_lat=None``: the same tile per program, one launch fewer); :func:`absorb_q` stays the standalone
+form (``attnlab.layers.fused.FOLD_ABSORB_Q = False`` takes it, to compare on a GPU).
+
 Under ``torch.compile`` the launchers are opaque custom ops (``attnlab::absorb_q``,
 ``attnlab::unabsorb_o``), so a compiled or graphed decode step keeps them. :func:`absorb_q_reference`
 and :func:`unabsorb_o_reference` are the einsums (the oracle and the CPU path).

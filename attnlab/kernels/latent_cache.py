@@ -15,6 +15,13 @@ index_n_heads^-0.5); programs H + 2 + i rotate indexer query head i.
 :func:`latent_write_reference` is the same from the layer's own torch pieces (the oracle, and the
 CPU path).
 
+Two options the fused decode step (attnlab.layers.fused) takes: ``q_lat=None`` — the launch computes
+the absorbed query's ``W_UK^T q_nope`` itself, H·R/64 more programs per row, each a [dn, 64] tile of
+``kv_b_proj.weight`` loaded before its PDL wait (as :func:`attnlab.kernels.absorb.absorb_q`), saving
+that separate launch; ``count_token=True`` — the token is counted (``lengths += 1``) in the same
+launch by the last of the row's programs to take a ticket (an acq_rel atomic, after a barrier: all
+of them have read the old length), saving the separate increment.
+
 Numerics are those of ``MultiHeadLatentAttention._project_fused`` + ``_write``: the norm in float32
 (``x / rms(x) * w``, or ``h + h·w`` zero-centered), rounded to the projection's dtype; RoPE in
 float32 as ``x·cos + x[partner]·sin`` with the per-column signed-sin tables of
