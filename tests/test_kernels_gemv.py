@@ -189,20 +189,22 @@ def test_launch_config_from_shapes():
     kg._SMS[0] = 132
     try:
         # shapes TUNING does not list (those it lists come from it: the H100 sweep's winners)
-        assert kg.launch_config(1, 2000, 2048, cuda) == (4, 2048, 4, 1, False, 0)  # 500 programs
-        assert kg.launch_config(1, 3000, 2048, cuda) == (8, 1024, 4, 1, False, 0)  # 375 programs
-        assert kg.launch_config(1, 32000, 2048, cuda) == (32, 256, 4, 1, False, 0)  # 1000 programs
+        assert kg.launch_config(1, 2000, 2048, cuda) == (4, 2048, 4, 1, False, 0, 0)  # 500 programs
+        assert kg.launch_config(1, 3000, 2048, cuda) == (8, 1024, 4, 1, False, 0, 0)  # 375 programs
+        assert kg.launch_config(1, 32000, 2048, cuda) == (32, 256, 4, 1, False, 0, 0)  # 1000 programs
         tuned = kg.TUNING[(1, 32768, 2048)]
-        assert kg.launch_config(1, 32768, 2048, cuda) == (*tuned[:4], False, (*tuned, 0, 0)[5])
-        assert kg.launch_config(4, 2048, 5504, cuda) == (4, 512, 4, 1, False, 0)  # accumulator bounded
-        assert kg.launch_config(1, 37, 100, cuda) == (4, 128, 4, 1, False, 0)  # BLOCK_K no wider than K needs
+        assert kg.launch_config(1, 32768, 2048, cuda) == (*tuned[:4], False, *(*tuned, 0, 0)[5:7])
+        assert kg.launch_config(4, 2048, 5504, cuda) == (4, 512, 4, 1, False, 0, 0)  # accumulator bounded
+        assert kg.launch_config(1, 37, 100, cuda) == (4, 128, 4, 1, False, 0, 0)  # BLOCK_K no wider than K
         assert kg.MAX_ROWS >= 8
         kg.TUNING[(4, 2048, 5504)] = (16, 256, 8, 2)  # a 4-tuple: the elementwise form
-        assert kg.launch_config(3, 2048, 5504, cuda) == (16, 256, 8, 2, False, 0)  # rows padded to 4
+        assert kg.launch_config(3, 2048, 5504, cuda) == (16, 256, 8, 2, False, 0, 0)  # rows padded to 4
         kg.TUNING[(4, 2048, 5504)] = (16, 256, 4, 3, True)
-        assert kg.launch_config(4, 2048, 5504, cuda) == (16, 256, 4, 3, True, 0)
+        assert kg.launch_config(4, 2048, 5504, cuda) == (16, 256, 4, 3, True, 0, 0)
         kg.TUNING[(4, 2048, 5504)] = (8, 1024, 8, 1, False, 2)  # the persistent form, 2 programs per SM
-        assert kg.launch_config(4, 2048, 5504, cuda) == (8, 1024, 8, 1, False, 2)
+        assert kg.launch_config(4, 2048, 5504, cuda) == (8, 1024, 8, 1, False, 2, 0)
+        kg.TUNING[(4, 2048, 5504)] = (8, 1024, 8, 1, False, 2, 1)  # + the L2 prefetch one tile further
+        assert kg.launch_config(4, 2048, 5504, cuda) == (8, 1024, 8, 1, False, 2, 1)
         assert kg.persistent_grid(2048, 8, 2, cuda) == 256  # every tile its own program: 256 < 264
         assert kg.persistent_grid(32768, 8, 2, cuda) == 264
     finally:
@@ -259,7 +261,7 @@ def form(request, monkeypatch):
         from attnlab.kernels import gemv as kg
 
         real = kg.launch_config
-        monkeypatch.setattr(kg, "launch_config", lambda *a: (*real(*a)[:5], 1))
+        monkeypatch.setattr(kg, "launch_config", lambda *a: (*real(*a)[:5], 1, 0))
     return request.param
 
 
@@ -350,6 +352,13 @@ def test_interp_launch_shapes_and_row_counts():
     for bad in [(16, 16, 4, 1, True, 1), (8, 16, 4, 1, False, -1)]:
         with pytest.raises(ValueError, match="config: PERSIST must be >= 0, and 0 with the DOT form"):
             _check_against_reference(x, w, kw, None, False, None, torch.float32, bad)
+    # L2_AHEAD (its prefetch is GPU-only: on the interpreter the same loop without it), rows of 192 bytes
+    x, w, kw = make(3, 37, 96, "silu_mul", torch.bfloat16, seed=3)
+    _check_against_reference(x, w, kw, "silu_mul", True, None, torch.bfloat16, (4, 16, 1, 1, False, 2, 1))
+    x, w, kw = make(1, 8, 100, None, torch.bfloat16)  # rows of 200 bytes: no 16-byte bulk prefetch
+    for bad in [(8, 32, 4, 1, False, 1, 1), (8, 32, 4, 1, False, 0, 1), (8, 32, 4, 1, False, 1, -1)]:
+        with pytest.raises(ValueError, match="config: L2_AHEAD must be >= 0, and 0 unless PERSIST > 0"):
+            _check_against_reference(x, w, kw, None, False, None, torch.bfloat16, bad)
     x, w, kw = make(1, 8, 17 * 16, None)
     with pytest.raises(ValueError, match=r"config: the persistent form unrolls its K loop.*got 17"):
         _check_against_reference(x, w, kw, None, False, None, torch.float32, (8, 16, 4, 1, False, 1))
@@ -406,6 +415,7 @@ def test_interp_empty_rows_and_custom_ops():
     (1, "rmsnorm", False, "*fp32", 2048, 32768, (8, 1024, 4, 1, False, 1)),  # LM head, 2 K steps
     (1, "silu_mul", True, "*bf16", 5472, 2048, (4, 2048, 4, 1, False, 1)),  # down, 3 K steps (ragged)
     (1, "rmsnorm", False, "*bf16", 2048, 3072, (16, 2048, 8, 1, False, 1)),  # qkv, 16 columns, 8 warps
+    (1, "silu_mul", True, "*bf16", 5472, 2048, (4, 2048, 4, 1, False, 2, 2)),  # + L2 prefetch 3 tiles ahead
 ])
 def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl):
     """The kernel as an H100 runs it (not the interpreter), at launch_config's default for the shape
@@ -421,7 +431,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
     kg._SMS[0] = 132
     try:
         config = config or kg.launch_config(m, n, k, torch.device("cuda", 0))
-        bn, bk, warps, stages, dot, persist = (*config, 0)[:6]
+        bn, bk, warps, stages, dot, persist, l2_ahead = (*config, 0, 0)[:7]
     finally:
         kg._SMS.pop(0)
     rows = max(16, kg.rows_padded(m)) if dot else kg.rows_padded(m)
@@ -429,7 +439,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
                  HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, INTERP=False, PDL=pdl)
     if persist:
         fn = kg._gemv_persistent_kernel
-        const.update(K_STEPS=triton.cdiv(k, bk))
+        const.update(K_STEPS=triton.cdiv(k, bk), L2_AHEAD=l2_ahead)
     else:
         fn = kg._gemv_kernel
         const.update(DOT=dot, PREC="tf32")
@@ -439,6 +449,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
     kernel = compile_sm90(fn, const, ptr, floats=("eps", "keep", "scale"), attrs=div, num_warps=warps,
                           num_stages=stages)
     ptx = kernel.asm["ptx"]
+    assert ptx.count("cp.async.bulk.prefetch.L2.global") == (l2_ahead + 1 if l2_ahead else 0)
     if dot:
         assert set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^\n]*, 0x10", ptx)), "no 16-byte cp.async"
         assert "mma" in ptx
@@ -539,11 +550,13 @@ def test_gpu_dot_form_matches_float32_reference(shape):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
 def test_gpu_persistent_form_matches_float32_reference(shape):
     """The persistent form (a TUNING choice the chain sweep may make) at M = 1, 4 and 8: 1 and 4
-    programs per SM, one K step (x̂ held) and several, 4 and 8 warps."""
+    programs per SM, one K step (x̂ held) and several, 4 and 8 warps, with the L2 prefetch 2 and 3
+    tiles ahead."""
     _, k, n, prologue, with_residual, out_dtype = shape
     for m, config in ((1, (4, 2048, 4, 1, False, 2)), (1, (8, 1024, 8, 1, False, 4)),
-                      (4, (4, 1024, 4, 1, False, 1)), (8, (4, 512, 8, 1, False, 1))):
-        if -(-k // config[1]) > 16:  # the persistent form's unrolled K loop
+                      (4, (4, 1024, 4, 1, False, 1)), (8, (4, 512, 8, 1, False, 1)),
+                      (1, (4, 2048, 4, 1, False, 2, 1)), (4, (8, 1024, 8, 1, False, 1, 2))):
+        if -(-k // config[1]) > 16 or (len(config) > 6 and k * 2 % 16):  # unrolled K loop; bulk prefetch
             continue
         x, w, kw = make(m, n, k, prologue, torch.bfloat16, device="cuda", seed=k + n + m)
         _check_against_reference(x, w, kw, prologue, with_residual, out_dtype, torch.bfloat16, config)

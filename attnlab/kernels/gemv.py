@@ -59,12 +59,14 @@ _PROLOGUE_ID = {None: 0, "rmsnorm": 1, "silu_mul": 2, "sigmoid_gate": 3}
 _IO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
-# (rows padded to a power of 2, N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages[, DOT[, PERSIST]]), K
-# the weight's; DOT (default False) selects the tensor-core form of the kernel (BLOCK_N >= 16); PERSIST
-# (default 0) > 0 selects the persistent elementwise form with PERSIST programs per SM
-# (_gemv_persistent_kernel; DOT must be False). The sweeps (benchmarks/gemv_gpu.py --sweep / --chain-only)
-# print snippets for it; shapes not listed get launch_config's reasoned default.
-Config = tuple[int, int, int, int, bool, int]
+# (rows padded to a power of 2, N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages[, DOT[, PERSIST[,
+# L2_AHEAD]]]), K the weight's; DOT (default False) selects the tensor-core form of the kernel (BLOCK_N
+# >= 16); PERSIST (default 0) > 0 selects the persistent elementwise form with PERSIST programs per SM
+# (_gemv_persistent_kernel; DOT must be False); L2_AHEAD (default 0, persistent form only) > 0 has it
+# also prefetch into L2 the weight tile L2_AHEAD + 1 ahead of the one it reduces. The sweeps
+# (benchmarks/gemv_gpu.py --sweep / --chain-only) print snippets for it; shapes not listed get
+# launch_config's reasoned default.
+Config = tuple[int, int, int, int, bool, int, int]
 TUNING: dict[tuple[int, int, int], tuple] = {
     # H100 80GB HBM3, 2026-11-26: the ~1B presets' GEMVs at M = 1 as the decode step runs them, 32
     # launches back to back in a CUDA graph with PDL over distinct weights (192 MB: not L2-resident),
@@ -234,13 +236,27 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _prefetch_tile_l2(W, tile, t_end, N, K, BLOCK_N: tl.constexpr):
+    """Ask L2 for the weight rows of ``tile`` (contiguous: BLOCK_N rows of K) if tile < t_end: one
+    ``cp.async.bulk.prefetch.L2`` (sm_90, PTX 8.0) from thread 0, no registers held. K * the element
+    size must be a multiple of 16 bytes (the launcher checks)."""
+    n0 = tile * BLOCK_N
+    nbytes = tl.minimum(N - n0, BLOCK_N) * K * (W.dtype.element_ty.primitive_bitwidth // 8)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 p, tid, 0; "
+        "setp.ne.and.s32 p, $2, 0, p; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+        "=r,l,r,r", [W + n0.to(tl.int64) * K, (tile < t_end).to(tl.int32), nbytes.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _gemv_persistent_kernel(
     X, W, NW, GATE, R, O,
     N, K, stride_xm, stride_gm, n_tiles,
     eps, keep, scale,
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    INTERP: tl.constexpr, PDL: tl.constexpr,
+    L2_AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
 ):
     """The persistent form (PERSIST > 0): a grid of G <= n_tiles programs, program p owns the
     contiguous tiles [p * n_tiles // G, (p + 1) * n_tiles // G) -- shares differ by at most one tile,
@@ -254,7 +270,9 @@ def _gemv_persistent_kernel(
     elementwise form. sm_90 SASS (o_proj, BLOCK_N 4, BLOCK_K 2048): ptxas issues the next tile's loads
     after the current tile's FMAs (it unpacks the bf16 weights lazily, in the registers the loads
     reuse) but before the cross-thread reduction, the residual load and the store, so the load is in
-    flight across the epilogue, not the FMAs; carrying the tile as float32 did not change that."""
+    flight across the epilogue, not the FMAs; carrying the tile as float32 did not change that.
+    L2_AHEAD > 0 (GPU only) therefore also asks L2 for the tile L2_AHEAD + 1 ahead of the current one
+    (a bulk prefetch, no registers), so the register loads of the next tile find it in L2."""
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     if PDL:
@@ -271,6 +289,9 @@ def _gemv_persistent_kernel(
     n = t_start * BLOCK_N + nn
     w_cur = tl.load(W + n.to(tl.int64) * K + kk, mask=(n < N) & (kk < K), other=0.0,
                     eviction_policy="evict_first")  # (1, BLOCK_N, BLOCK_K): weights are never written
+    if L2_AHEAD > 0 and not INTERP:
+        for a in tl.static_range(1, L2_AHEAD + 1):
+            _prefetch_tile_l2(W, t_start + a, t_end, N, K, BLOCK_N)
     if PDL:
         gdc_wait()  # x, the gate and the residual come from earlier kernels
 
@@ -288,6 +309,8 @@ def _gemv_persistent_kernel(
                        X.dtype.element_ty, INTERP)  # (ROWS, 1, BLOCK_K)
 
     for t in range(t_start, t_end):
+        if L2_AHEAD > 0 and not INTERP:
+            _prefetch_tile_l2(W, t + 1 + L2_AHEAD, t_end, N, K, BLOCK_N)
         acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for ks in tl.static_range(K_STEPS):
             # the next tile in this program's stream, issued before the current one is reduced
@@ -332,9 +355,9 @@ def rows_padded(m: int) -> int:
 
 
 def launch_config(m: int, n: int, k: int, device: torch.device) -> Config:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, PERSIST) for x [m, .] times weight [n, k]:
-    TUNING's entry (missing DOT / PERSIST read False / 0), else a default by reasoning (not yet
-    measured on a GPU), the elementwise form (DOT False, PERSIST 0):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, PERSIST, L2_AHEAD) for x [m, .] times weight
+    [n, k]: TUNING's entry (missing DOT / PERSIST / L2_AHEAD read False / 0 / 0), else a default by
+    reasoning (not yet measured on a GPU), the tiled elementwise form (DOT False, PERSIST 0):
     - BLOCK_N the largest of 32..4 giving >= 2 programs per SM (d_model 2048 on 132 SMs: o_proj
       BLOCK_N 4 = 512 programs, the LM head 32): every SM gets weight rows, without a split-K;
     - BLOCK_K so that a K step loads 8192 / M_PAD weights (16 KB in bf16 at M = 1): the loads
@@ -350,15 +373,16 @@ def launch_config(m: int, n: int, k: int, device: torch.device) -> Config:
     m_pad = rows_padded(m)
     hit = TUNING.get((m_pad, n, k))
     if hit is not None:
-        return (*hit[:4], bool(hit[4]) if len(hit) > 4 else False, int(hit[5]) if len(hit) > 5 else 0)
+        persist, l2_ahead = (*hit[5:7], 0, 0)[:2]
+        return (*hit[:4], bool(hit[4]) if len(hit) > 4 else False, int(persist), int(l2_ahead))
     if device.type != "cuda":
-        return (8, 32, 4, 1, False, 0)
+        return (8, 32, 4, 1, False, 0, 0)
     block_n = 32
     while block_n > 4 and triton.cdiv(n, block_n) < 2 * _num_sms(device):
         block_n //= 2
     block_k = max(64, 8192 // (m_pad * block_n))
     block_k = min(block_k, max(64, triton.next_power_of_2(k)))
-    return (block_n, block_k, 4, 1, False, 0)
+    return (block_n, block_k, 4, 1, False, 0, 0)
 
 
 def persistent_grid(n: int, block_n: int, persist: int, device: torch.device) -> int:
@@ -381,10 +405,14 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         return
     block_n, block_k, num_warps, num_stages, dot = config[:5]
     persist = int(config[5]) if len(config) > 5 else 0
+    l2_ahead = int(config[6]) if len(config) > 6 else 0
     if dot and (block_n < 16 or block_k < 16):
         raise ValueError(f"config: the DOT form needs BLOCK_N and BLOCK_K >= 16, got {config}")
     if persist < 0 or (persist and dot):
         raise ValueError(f"config: PERSIST must be >= 0, and 0 with the DOT form, got {config}")
+    if l2_ahead < 0 or (l2_ahead and (not persist or K * weight.element_size() % 16)):
+        raise ValueError(f"config: L2_AHEAD must be >= 0, and 0 unless PERSIST > 0 and K x the element size "
+                         f"is a multiple of 16 bytes, got {config} for K={K}")
     k_steps = triton.cdiv(K, block_k)
     if persist and k_steps > _MAX_K_STEPS:
         raise ValueError(f"config: the persistent form unrolls its K loop: needs cdiv(K, BLOCK_K) <= "
@@ -404,7 +432,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
             float(norm_eps), float(keep), float(scale),
             M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
             HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, K_STEPS=k_steps,
-            INTERP=_INTERPRET, PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
+            L2_AHEAD=l2_ahead, INTERP=_INTERPRET, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+            **launch_options(pdl),
         )
         return
     _gemv_kernel[(triton.cdiv(N, block_n),)](
@@ -430,7 +459,7 @@ def _dtype_of(name: str) -> torch.dtype:
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
              norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
              out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int,
-             dot: bool, persist: int = 0) -> torch.Tensor:
+             dot: bool, persist: int = 0, l2_ahead: int = 0) -> torch.Tensor:
     dt = _dtype_of(out_dtype)
     shape = (x.shape[0], weight.shape[0])
     if POISON_OUTPUTS:
@@ -438,13 +467,13 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: 
     else:
         out = torch.empty(shape, dtype=dt, device=x.device)
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, None, 1.0, scale,
-            out, (block_n, block_k, num_warps, num_stages, dot, persist))
+            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead))
     return out
 
 
 @_gemv_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
-      block_n, block_k, num_warps, num_stages, dot, persist=0):
+      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=_dtype_of(out_dtype))
 
 
@@ -452,14 +481,15 @@ def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scal
 def _gemv_residual_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
                       norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
                       residual: torch.Tensor, keep: float, scale: float, block_n: int, block_k: int,
-                      num_warps: int, num_stages: int, dot: bool, persist: int = 0) -> None:
+                      num_warps: int, num_stages: int, dot: bool, persist: int = 0,
+                      l2_ahead: int = 0) -> None:
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep,
-            scale, None, (block_n, block_k, num_warps, num_stages, dot, persist))
+            scale, None, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead))
 
 
 @_gemv_residual_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep, scale,
-      block_n, block_k, num_warps, num_stages, dot, persist=0):
+      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
     return None
 
 
