@@ -291,6 +291,9 @@ def _launch(
 
 
 # The launchers as custom ops mutating the cache: torch.compile keeps each as one opaque call.
+# ``tickets`` is always a tensor (empty: no token count) and has no default: torch 2.11's dispatcher
+# drops trailing arguments equal to their defaults before its in-place bookkeeping indexes the mutated
+# ones (IndexError on the H100 image with ``tickets=None`` last).
 @torch.library.custom_op("attnlab::latent_write", mutates_args=("latent", "lengths", "tickets"))
 def _latent_write_op(
     q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor | None, lengths: torch.Tensor,
@@ -298,15 +301,16 @@ def _latent_write_op(
     cos: torch.Tensor | None, sin: torch.Tensor | None, freq: torch.Tensor | None,
     partner_q: torch.Tensor | None, partner_k: torch.Tensor | None, norm_weight: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
-    tickets: torch.Tensor | None = None, w_uk: torch.Tensor | None = None,
+    tickets: torch.Tensor, w_uk: torch.Tensor | None,
 ) -> torch.Tensor:
     return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
-                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered, tickets=tickets, w_uk=w_uk)[0]
+                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered,
+                   tickets=tickets if tickets.numel() else None, w_uk=w_uk)[0]
 
 
 @_latent_write_op.register_fake
 def _(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
-      n_heads, nope_dim, rope_dim, eps, factor, zero_centered, tickets=None, w_uk=None):
+      n_heads, nope_dim, rope_dim, eps, factor, zero_centered, tickets, w_uk):
     return q.new_empty(q.shape[0], n_heads, latent.shape[-1])
 
 
@@ -320,17 +324,18 @@ def _dsa_latent_write_op(
     k_norm_weight: torch.Tensor, k_norm_bias: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
     index_n_heads: int, index_head_dim: int, k_eps: float, w_scale: float,
-    tickets: torch.Tensor | None = None, w_uk: torch.Tensor | None = None,
+    tickets: torch.Tensor, w_uk: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
                    n_heads, nope_dim, rope_dim, eps, factor, zero_centered, index_keys, k_norm_weight,
-                   k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale, tickets, w_uk)
+                   k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale,
+                   tickets if tickets.numel() else None, w_uk)
 
 
 @_dsa_latent_write_op.register_fake
 def _(q, kv, q_lat, lengths, latent, index_keys, cos, sin, freq, partner_q, partner_k, norm_weight,
       k_norm_weight, k_norm_bias, n_heads, nope_dim, rope_dim, eps, factor, zero_centered,
-      index_n_heads, index_head_dim, k_eps, w_scale, tickets=None, w_uk=None):
+      index_n_heads, index_head_dim, k_eps, w_scale, tickets, w_uk):
     B = q.shape[0]
     return (q.new_empty(B, n_heads, latent.shape[-1]), q.new_empty(B, index_n_heads, index_head_dim),
             q.new_empty(B, index_n_heads, dtype=torch.float32))
@@ -482,7 +487,7 @@ def latent_write(
         if w_uk.dtype != q.dtype or w_uk.device != q.device:
             raise ValueError(f"mla: kv_b_proj.weight is {w_uk.dtype} on {w_uk.device}; q_lat=None needs q's "
                              f"dtype and device ({q.dtype} on {q.device})")
-    tickets = None
+    tickets = cache.lengths.new_empty(0, dtype=torch.int32)  # empty: no token count
     if count_token:
         if not cache.lengths.is_contiguous():
             raise ValueError(f"cache.lengths: count_token needs it contiguous, got strides "
