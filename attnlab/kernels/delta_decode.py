@@ -386,7 +386,14 @@ def num_warps(bk: int, bv: int) -> int:
     gave 8.4 us at 4 warps vs 16.1 at 16 for the Qwen3-Next-style step (warm L2) and 8.4 vs 11.3 for
     the Kimi-style one, so 16 warps at 128 x 128 is a register-pressure choice, not a timed one.
     Compiled for sm_90 (Triton 3.9, on the CPU; test_compiles_for_sm90_at_real_shapes), D = 128,
-    V_BLOCK 32, 4 warps: see the module docstring."""
+    V_BLOCK 32, 4 warps: see the module docstring.
+
+    This layout on the H100 (2026-11-26, fifth session; one call in a CUDA graph, warm = back to back,
+    cold = a 256 MB memset between calls), D = 128, us warm / cold at V_BLOCK 16, 32, 64, 128 with 4
+    warps: Qwen3-Next-style (H 32 / H_k 16) 6.4 / 7.5, 7.5 / 7.8, 7.9 / 9.5, 5.2 / 7.9; Kimi-style
+    (16 / 16, gates in the kernel) 6.0 / 8.1, 5.1 / 7.8, 5.6 / 8.8, 7.8 / 10.7; 8 warps at V_BLOCK 32:
+    7.0 / 7.8 and 6.1 / 7.2. The old layout's default (16 warps at 128 x 128): 16.1 / 17.6 and 11.3 /
+    12.2. Inside the ~1B decode steps: qwen3-next 1.18 -> 1.09 ms at 4K, kimi-linear 0.99 -> 0.94."""
     if NUM_WARPS is not None:
         return NUM_WARPS
     return max(4, min(16, bk * bv // 1024))
