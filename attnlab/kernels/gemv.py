@@ -74,20 +74,22 @@ TUNING: dict[tuple[int, int, int], tuple] = {
     # the copy bandwidth), gate/up 16.4 (91%), GDN / KDA in_proj 10.4-10.5 (82%), qkv 5.7 (74%),
     # the K = 5472 down projection 10.2 (73%), o_proj 4.1 (69%), MLA's 1024-wide o_proj 2.5 (55%).
     # A K loop that issued the next tile's load first measured slower (down: 13.4 us) and was removed.
-    # Fifth session, same card and benchmark, the persistent form beside the tiled one per shape
-    # (benchmarks/results/gemv_gpu_h100_persistent.json): persistent where it won by > 1%: in_proj
-    # (GDN 6208 / KDA 6304 x 2048) 10.39 -> 9.68 / 10.50 -> 9.81 us (82% -> 88% of floor), gated
-    # qkv 4608 x 2048 8.59 -> 8.16, MLA x_proj 2064 x 2048 4.39 -> 4.01, o_proj with the sigmoid gate
-    # 4.74 -> 4.03 (plain o_proj 3.95 vs 3.93: same shape key, so persistent); tiled kept for the LM
-    # head (44.6 vs 46.2), gate/up (16.6 vs 16.7), down (10.1 vs 10.6), qkv (5.65 vs 5.66), MLA o_proj.
+    # Fifth session, same card: the persistent form (PERSIST > 0) beside the tiled one per shape in the
+    # same chain benchmark (benchmarks/results/gemv_gpu_h100_persistent.json) won for in_proj (GDN 6208
+    # / KDA 6304 x 2048) 10.39 -> 9.68 / 10.50 -> 9.81 us, gated qkv 8.59 -> 8.16, MLA x_proj 4.39 ->
+    # 4.01, gated o_proj 4.74 -> 4.03; but inside the whole decode step (interleaved A/B, CUDA graph, 64
+    # steps, twice) those entries made it SLOWER: llama 0.841 -> 0.851 ms at 4K and 1.181 -> 1.212 at
+    # 32K, qwen3-next 1.091 -> 1.089 / 1.101 -> 1.115, kimi-linear 0.914 -> 0.924 / 0.964 -> 0.971 (its
+    # early-launched programs, waiting under PDL, take SM slots from the kernel before them, which a
+    # chain of GEMVs alone does not show). So every shape keeps the tiled form.
     (1, 2048, 1024): (8, 1024, 4, 1, False, 0),
-    (1, 2048, 2048): (8, 2048, 4, 1, False, 2),
+    (1, 2048, 2048): (4, 2048, 4, 1, False, 0),
     (1, 2048, 5472): (4, 2048, 4, 1, False, 0),
-    (1, 2064, 2048): (8, 2048, 4, 1, False, 2, 2),
+    (1, 2064, 2048): (4, 2048, 4, 1, False, 0),
     (1, 3072, 2048): (8, 1024, 4, 1, False, 0),
-    (1, 4608, 2048): (4, 2048, 8, 1, False, 2, 1),
-    (1, 6208, 2048): (4, 2048, 8, 1, False, 4, 1),
-    (1, 6304, 2048): (4, 2048, 8, 1, False, 4, 1),
+    (1, 4608, 2048): (4, 2048, 4, 1, False, 0),
+    (1, 6208, 2048): (16, 512, 4, 1, False, 0),
+    (1, 6304, 2048): (16, 512, 4, 1, False, 0),
     (1, 10944, 2048): (8, 1024, 4, 1, False, 0),
     (1, 32768, 2048): (8, 1024, 4, 1, False, 0),
 }
