@@ -74,3 +74,33 @@ def test_gemv_gpu_chain_sweep_cpu_smoke(tmp_path):
     rows = [row for row in json.loads((tmp_path / "gemv_gpu.json").read_text())["results"]
             if row["kind"] == "chain_sweep"]
     assert len(rows) == 5 and all(row["tiled_best"][5] == 0 and row["persistent_best"][5] > 0 for row in rows)
+
+
+def test_decode_parts_gpu_cpu_smoke(tmp_path):
+    """benchmarks/decode_parts_gpu.py --cpu-smoke (index scores, top-k paths, MLA decode launch shapes,
+    delta_decode V_BLOCK x warps; interpreter, toy sizes) runs every part, passes its checks and
+    writes a row per measurement."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    js = tmp_path / "decode_parts.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(BENCH / "decode_parts_gpu.py"), "--cpu-smoke", "--json", str(js)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "summary (us per call" in r.stdout and "CHECK FAILED" not in r.stdout
+    report = json.loads(js.read_text())
+    assert report["card"] and report["date"]
+    rows = report["rows"]
+    for part in ("index", "topk", "mla", "delta"):
+        timed = [row for row in rows if row["part"] == part and "us" in row]
+        assert timed and all(row["us"] > 0 for row in timed), part
+    assert not [row for row in rows if "failed" in row]
+    topk = [row for row in rows if row["part"] == "topk"]
+    paths = {"fused", "multi", "one-program", "one-program+rank", "torch.topk"}
+    assert {row["path"] for row in topk} == paths
+    assert all(row["ok"] for row in topk)
+    assert all(row["err"] < 1e-4 for row in rows if row["part"] in ("index", "mla"))
+    assert all(row["finite"] for row in rows if row["part"] == "delta")
