@@ -56,6 +56,7 @@ import itertools
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -331,7 +332,7 @@ def summary(rows: list[dict]) -> str:
         if bad:
             line += f"  CHECK FAILED x{len(bad)}"
         if fails:
-            line += f"  build failures x{fails}"
+            line += f"  failed x{fails}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         contexts, topk_contexts = [512], [96, 600]
     else:
         contexts, topk_contexts = list(DEFAULT_CONTEXTS), [*DEFAULT_CONTEXTS, TOPK_EXTRA_CONTEXT]
-    topk = args.topk or (16 if smoke else 2048)
+    topk = args.topk if args.topk is not None else (16 if smoke else 2048)
     device = "cpu" if smoke else "cuda"
     timer = Timer(device, args.calls or (1 if smoke else 20))
     card = "cpu (interpreter smoke)" if smoke else torch.cuda.get_device_name()
@@ -374,20 +375,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   calls_per_graph=timer.calls, flush_us=timer.flush_us, cpu_smoke=smoke, rows=[])
     rows = report["rows"]
     print(f"card {card}; {timer.calls} calls per timing; flush alone {timer.flush_us:.2f} us", flush=True)
+    crashed = []
     with torch.no_grad():
         for part in parts:
-            if part == "index":
-                part_index(timer, contexts, smoke, rows)
-            elif part == "topk":
-                part_topk(timer, topk_contexts, smoke, rows, topk)
-            elif part == "mla":
-                part_mla(timer, contexts, smoke, rows)
-            else:
-                part_delta(timer, smoke, rows)
+            try:
+                if part == "index":
+                    part_index(timer, contexts, smoke, rows)
+                elif part == "topk":
+                    part_topk(timer, topk_contexts, smoke, rows, topk)
+                elif part == "mla":
+                    part_mla(timer, contexts, smoke, rows)
+                else:
+                    part_delta(timer, smoke, rows)
+            except Exception as e:  # one broken part must not lose the others of a batched device run
+                traceback.print_exc()
+                crashed.append(part)
+                emit(rows, dict(part=part, failed=f"part crashed: {type(e).__name__}: {str(e)[:300]}"))
             atomic_write_json(args.json, report)  # after each part: a later crash keeps these
-    atomic_write_json(args.json, report)
     print(summary(rows), flush=True)
     print(f"wrote {len(rows)} rows to {args.json}", flush=True)
+    if crashed:
+        raise SystemExit(f"parts that crashed: {', '.join(crashed)} (tracebacks above; other rows written)")
     return rows
 
 
