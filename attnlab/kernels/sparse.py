@@ -63,9 +63,11 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ._common import output_buffer
+from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
@@ -176,13 +178,18 @@ def _latent_attn_fwd(
     DK1: tl.constexpr, BD1: tl.constexpr, DK2: tl.constexpr, BD2: tl.constexpr,
     D_V: tl.constexpr, BDV: tl.constexpr, NUM_DVB: tl.constexpr, V_IS_K: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_OUT: tl.constexpr, PREC: tl.constexpr,
-    ROW64: tl.constexpr, SHARE_QK: tl.constexpr, INTERP: tl.constexpr,
+    ROW64: tl.constexpr, SHARE_QK: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One program: query token (b, t), kv head hk, query heads hk*G + [hb*BLOCK_H, +BLOCK_H),
     value columns [dvb*BDV, +BDV), slots [split*slots_per_split, +slots_per_split). Writes o
     (normalised, O's dtype) and the base-2 log-sum-exp (+inf for a row with no valid slot), or with
     SPLIT_OUT float32 partials. NUM_DVB > 1 splits the value columns across programs (each recomputes
-    q·k): a smaller accumulator for fewer registers, at the price of more tensor-core work."""
+    q·k): a smaller accumulator for fewer registers, at the price of more tensor-core work.
+    PDL (attnlab.kernels._pdl, decode-shaped launches): the next kernel may launch now; everything
+    this one reads may come from the previous kernel, so it waits first."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     hb = pid % N_HBLK  # head blocks fastest: programs reading the same rows run side by side (L2)
     rest = pid // N_HBLK
@@ -292,10 +299,15 @@ def _latent_attn_fwd(
 
 @triton.jit
 def _combine(OP, LP, O, LSE, T, H, N_SPLIT, stride_ob, stride_ot, stride_oh,
-             D_V: tl.constexpr, BDV: tl.constexpr, BSPLIT: tl.constexpr, SPLIT_STEP: tl.constexpr):
+             D_V: tl.constexpr, BDV: tl.constexpr, BSPLIT: tl.constexpr, SPLIT_STEP: tl.constexpr,
+             PDL: tl.constexpr = False):
     """Merge N_SPLIT partial (o_i, lse_i) of one (query token, head) and value columns
     [pid1*BDV, +BDV): o = Σ 2^(lse_i − lse) o_i. The partials are read SPLIT_STEP splits at a time
-    as one [SPLIT_STEP, BDV] tile (a serial loop over 100+ splits at batch 1 was latency-bound)."""
+    as one [SPLIT_STEP, BDV] tile (a serial loop over 100+ splits at batch 1 was latency-bound).
+    PDL: as _latent_attn_fwd."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0).to(tl.int64)  # = (b*T + t)*H + h
     h = pid % H
     bt = pid // H
@@ -421,13 +433,18 @@ def _index_scores_kernel(
     stride_ob, stride_ot,
     D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     FP8: tl.constexpr, CAUSAL: tl.constexpr, HAS_NV: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One program: BLOCK_T queries x all H index heads (one [BLOCK_T*BH, D] tile, kept in
     registers) against keys [chunk*s_chunk, +s_chunk) in BLOCK_S steps: relu(q kᵀ) weighted by w
     and summed over heads in registers; only the [BLOCK_T, BLOCK_S] result is written. FP8: q and k
     are e4m3, the q scales are folded into W (relu(c x) = c relu(x) for c > 0), the k scale KS[b, s]
     multiplies the column. CAUSAL: keys after the query (queries are the last T of S) get -inf.
-    HAS_NV: keys at or past NV[b] (the row's valid length) get -inf and are never read."""
+    HAS_NV: keys at or past NV[b] (the row's valid length) get -inf and are never read.
+    PDL: as _latent_attn_fwd (decode)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     chunk = pid % N_SCHUNK
     rest = pid // N_SCHUNK
@@ -650,13 +667,18 @@ def _row_sync(CTR, target):
 
 @triton.jit
 def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
-                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr):
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
+                PDL: tl.constexpr = False):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
     [R, 4, 256] and CTR [R] start at zero. Writes SEL-style int64 sort keys into OUT's row (for
     _topk_rank) or, with POSITIONS, the positions (-1 for a -inf score) in position order; the last
-    chunk fills slots k_eff..topk with -1."""
+    chunk fills slots k_eff..topk with -1. PDL: the next kernel may launch once every program has
+    started (so all of them are resident before any later kernel takes SM slots); wait for the previous."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
@@ -1005,6 +1027,7 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         op, lp = o, lse
     sb = lambda x, i: x.stride(i) if x.shape[i] > 1 else 0  # noqa: E731  (paged caches: one "batch")
     grid = (B * T * splits * n_dvb * n_hblk, H_kv)
+    pdl = T == 1 and use_pdl(q.device)  # decode-shaped launches chain with PDL (attnlab.kernels._pdl)
     _latent_attn_fwd[grid](
         q, k, v,
         idx if idx is not None else dummy,
@@ -1021,13 +1044,14 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         GATHER=gather, PAGE=page, DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=bdv, NUM_DVB=n_dvb,
         V_IS_K=v_is_k, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], SPLIT_OUT=splits > 1, PREC=prec,
         ROW64=row64, SHARE_QK=bool(cfg.get("SHARE_QK", 0)) and block_h >= 64, INTERP=_INTERPRET,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     if splits > 1:
         bdv_c = min(128, _pow2(D_v))
         _combine[(B * T * H, triton.cdiv(D_v, bdv_c))](
             op, lp, o, lse, T, H, splits, o.stride(0), o.stride(1), o.stride(2),
-            D_V=D_v, BDV=bdv_c, BSPLIT=_pow2(splits, 2), SPLIT_STEP=min(16, _pow2(splits, 2)), num_warps=4,
+            D_V=D_v, BDV=bdv_c, BSPLIT=_pow2(splits, 2), SPLIT_STEP=min(16, _pow2(splits, 2)), PDL=pdl,
+            num_warps=4, **launch_options(pdl),
         )
     return o, lse
 
@@ -1312,6 +1336,7 @@ def dsa_index_scores(
     s_chunk = triton.cdiv(s_chunk, cfg["BLOCK_S"]) * cfg["BLOCK_S"]
     n_schunk = triton.cdiv(S, s_chunk)
     ks = k_scale if fp8 else out
+    pdl = T == 1 and use_pdl(q.device)  # decode: chained with PDL (attnlab.kernels._pdl)
     _index_scores_kernel[(B * n_tblk * n_schunk,)](
         q, k, w, ks, n_valid if n_valid is not None else out, out, T, S, H, n_tblk, n_schunk, s_chunk,
         q.stride(0), q.stride(1), q.stride(2),
@@ -1320,8 +1345,8 @@ def dsa_index_scores(
         ks.stride(0),
         out.stride(0), out.stride(1),
         D=D, BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"],
-        FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET, PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     return out
 
@@ -1487,9 +1512,11 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 :]
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
+    pdl = use_pdl(sc.device)
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, sel, S, T, chunk, sc.stride(0), sel.stride(0), k_eff,
                                  topk if not sort else k_eff, n_chunks, CAUSAL=causal, BLOCK=TOPK_FUSED_BLOCK,
-                                 BCH=_pow2(n_chunks, 2), POSITIONS=not sort, num_warps=4)
+                                 BCH=_pow2(n_chunks, 2), POSITIONS=not sort, PDL=pdl, num_warps=4,
+                                 **launch_options(pdl))
     if sort:
         if topk > k_eff:
             res[:, k_eff:] = -1
