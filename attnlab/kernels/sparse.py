@@ -1027,7 +1027,12 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         op, lp = o, lse
     sb = lambda x, i: x.stride(i) if x.shape[i] > 1 else 0  # noqa: E731  (paged caches: one "batch")
     grid = (B * T * splits * n_dvb * n_hblk, H_kv)
-    pdl = T == 1 and use_pdl(q.device)  # decode-shaped launches chain with PDL (attnlab.kernels._pdl)
+    # A decode row over its top-k (DSA) chains with PDL (attnlab.kernels._pdl). Not the dense latent
+    # decode: H100, interleaved A/B inside the ~1B decode steps (CUDA graph, twice each): deepseek-v32
+    # (index + top-k + sparse attention with PDL) 1.354 -> 1.297 ms at 4K, 1.431 -> 1.367 at 32K, but
+    # kimi-linear (dense MLA decode of its 4 M layers with PDL, up to 128 early-launched splits)
+    # 0.912 -> 0.920 and 0.959 -> 0.982.
+    pdl = T == 1 and gather == _GATHER_INDEX and use_pdl(q.device)
     _latent_attn_fwd[grid](
         q, k, v,
         idx if idx is not None else dummy,
