@@ -46,6 +46,16 @@ def _cache_tensors(caches) -> list[torch.Tensor]:
     return [t for c in caches for t in vars(c).values() if isinstance(t, torch.Tensor)]
 
 
+def _assert_same_caches(c_plain, c_ours, tol: float = 1e-5) -> None:
+    """Every cache tensor of the fused step equals the plain step's: float within ``tol`` rms-relative,
+    integer (lengths) exactly."""
+    for a, b in zip(_cache_tensors(c_plain), _cache_tensors(c_ours), strict=True):
+        if a.is_floating_point():
+            assert rms_rel(a.float(), b.float()) <= tol
+        else:
+            assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU
 
@@ -101,11 +111,7 @@ def test_interp_fused_step_equals_plain_step(name):
         ours, c_ours = _decode(model, x, T, n, torch.float32, on=True)
     assert rms_rel(plain, ours) <= 1e-5, rms_rel(plain, ours)
     assert rms_rel(full[:, T:], ours) <= 1e-4
-    for a, b in zip(_cache_tensors(c_plain), _cache_tensors(c_ours), strict=True):
-        if a.is_floating_point():
-            assert rms_rel(a.float(), b.float()) <= 1e-5
-        else:
-            assert torch.equal(a, b)
+    _assert_same_caches(c_plain, c_ours)
 
 
 @interp
@@ -195,11 +201,7 @@ def test_interp_fused_dsa_step(topk):
             assert rms_rel(dense, plain) > 1e-3  # top-2 of 4..11 tokens: a real selection
     assert seen == [DeepSeekSparseAttention] * (len(model.blocks) * n)
     assert rms_rel(plain, ours) <= 1e-5, rms_rel(plain, ours)
-    for a, b in zip(_cache_tensors(c_plain), _cache_tensors(c_ours), strict=True):
-        if a.is_floating_point():
-            assert rms_rel(a.float(), b.float()) <= 1e-5
-        else:
-            assert torch.equal(a, b)
+    _assert_same_caches(c_plain, c_ours)
 
 
 @interp

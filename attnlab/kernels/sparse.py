@@ -557,19 +557,10 @@ def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
-               LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-    """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
-    the earlier levels chose (recomputed here from their histograms: no extra launch)."""
-    pid = tl.program_id(0)
-    r = pid // N_CHUNK
-    c = pid % N_CHUNK
-    hist = HIST + r.to(tl.int64) * (4 * 256)
-    prefix, k_rem = _topk_threshold(hist, k_eff, LEVEL)
-    row_off = r.to(tl.int64) * stride_r
-    qpos = S - T + r % T
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, S)
+def _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL: tl.constexpr, CAUSAL: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Level LEVEL's 256-bin histogram (int32, in registers) of the keys at positions [lo, hi) of a row
+    whose higher bits match ``prefix`` (the earlier levels' choice; ignored at level 0)."""
     counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
     n_out = 0
     for j in range(lo, hi, BLOCK):
@@ -584,7 +575,65 @@ def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
         counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
         n_out += tl.sum((~ok).to(tl.int32), 0)
     bins = tl.arange(0, _TOPK_BINS)
-    counts -= tl.where(bins == 0, n_out, 0)  # the keys outside the chunk or prefix went to bin 0
+    return counts - tl.where(bins == 0, n_out, 0)  # the keys outside [lo, hi) or the prefix went to bin 0
+
+
+@triton.jit
+def _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """(keys above the k-th largest key ``thr``, keys equal to it) at positions [lo, hi) of a row."""
+    n_gt = 0
+    n_eq = 0
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        n_gt += tl.sum((ok & (key > thr)).to(tl.int32), 0)
+        n_eq += tl.sum((ok & (key == thr)).to(tl.int32), 0)
+    return n_gt, n_eq
+
+
+@triton.jit
+def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUSAL: tl.constexpr,
+               BLOCK: tl.constexpr, POSITIONS: tl.constexpr):
+    """Store the taken keys at positions [lo, hi) of a row, in position order, from DST[slot] on:
+    every key above ``thr`` and, of the keys equal to it, those whose rank among the row's ties
+    (``eq_seen`` of them before lo) is below ``need``. Stored as int64 sort keys (key << 32) |
+    (S - 1 - position) (a bigger one: a higher score, then an earlier position), or with POSITIONS
+    the positions themselves (-1 for a -inf score)."""
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        eq = (ok & (key == thr)).to(tl.int32)
+        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
+        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
+        take_i = take.to(tl.int32)
+        dst = slot + tl.cumsum(take_i, 0) - 1
+        if POSITIONS:
+            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
+        else:
+            val = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+        tl.store(DST + dst, val, mask=take)
+        slot += tl.sum(take_i, 0)
+        eq_seen += tl.sum(eq, 0)
+
+
+@triton.jit
+def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
+               LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
+    the earlier levels chose (recomputed here from their histograms: no extra launch)."""
+    pid = tl.program_id(0)
+    r = pid // N_CHUNK
+    c = pid % N_CHUNK
+    hist = HIST + r.to(tl.int64) * (4 * 256)
+    prefix, k_rem = _topk_threshold(hist, k_eff, LEVEL)
+    row_off = r.to(tl.int64) * stride_r
+    qpos = S - T + r % T
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, S)
+    counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
+    bins = tl.arange(0, _TOPK_BINS)
     tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0)
 
 
@@ -600,14 +649,7 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
     qpos = S - T + r % T
     lo = c * chunk
     hi = tl.minimum(lo + chunk, S)
-    n_gt = 0
-    n_eq = 0
-    for j in range(lo, hi, BLOCK):
-        cols = j + tl.arange(0, BLOCK)
-        ok = cols < hi
-        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        n_gt += tl.sum((ok & (key > thr)).to(tl.int32), 0)
-        n_eq += tl.sum((ok & (key == thr)).to(tl.int32), 0)
+    n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
     tl.store(CNT + pid * 2, n_gt)
     tl.store(CNT + pid * 2 + 1, n_eq)
 
@@ -633,23 +675,8 @@ def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, strid
     qpos = S - T + r % T
     lo = c * chunk
     hi = tl.minimum(lo + chunk, S)
-    sel = SEL + r.to(tl.int64) * stride_sel
-    for j in range(lo, hi, BLOCK):
-        cols = j + tl.arange(0, BLOCK)
-        ok = cols < hi
-        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        eq = (ok & (key == thr)).to(tl.int32)
-        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
-        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
-        take_i = take.to(tl.int32)
-        dst = slot + tl.cumsum(take_i, 0) - 1
-        if POSITIONS:
-            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
-        else:
-            val = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-        tl.store(sel + dst, val, mask=take)
-        slot += tl.sum(take_i, 0)
-        eq_seen += tl.sum(eq, 0)
+    _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, SEL + r.to(tl.int64) * stride_sel, S,
+               CAUSAL, BLOCK, POSITIONS)
 
 
 @triton.jit
@@ -692,20 +719,7 @@ def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_ef
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
     for LEVEL in tl.static_range(4):
-        counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
-        n_out = 0
-        for j in range(lo, hi, BLOCK):
-            cols = j + tl.arange(0, BLOCK)
-            ok = cols < hi
-            key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-            if LEVEL == 0:
-                digit = (key >> 24) + 128
-            else:
-                ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
-                digit = (key >> (24 - 8 * LEVEL)) & 0xFF
-            counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
-            n_out += tl.sum((~ok).to(tl.int32), 0)
-        counts -= tl.where(bins == 0, n_out, 0)  # the keys outside the chunk or prefix went to bin 0
+        counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
         tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
         _row_sync(ctr, (LEVEL + 1) * N_CHUNK)
         h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
@@ -715,14 +729,7 @@ def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_ef
         else:
             prefix = prefix * 256 + b
     thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
-    n_gt = 0
-    n_eq = 0
-    for j in range(lo, hi, BLOCK):
-        cols = j + tl.arange(0, BLOCK)
-        ok = cols < hi
-        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        n_gt += tl.sum((ok & (key > thr)).to(tl.int32), 0)
-        n_eq += tl.sum((ok & (key == thr)).to(tl.int32), 0)
+    n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
     tl.store(CNT + pid * 2, n_gt)
     tl.store(CNT + pid * 2 + 1, n_eq)
     _row_sync(ctr, 5 * N_CHUNK)
@@ -733,22 +740,7 @@ def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_ef
     eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
     slot = gt_before + tl.minimum(eq_seen, k_rem)
     out = OUT + r.to(tl.int64) * stride_out
-    for j in range(lo, hi, BLOCK):
-        cols = j + tl.arange(0, BLOCK)
-        ok = cols < hi
-        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        eq = (ok & (key == thr)).to(tl.int32)
-        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
-        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < k_rem))
-        take_i = take.to(tl.int32)
-        dst = slot + tl.cumsum(take_i, 0) - 1
-        if POSITIONS:
-            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
-        else:
-            val = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-        tl.store(out + dst, val, mask=take)
-        slot += tl.sum(take_i, 0)
-        eq_seen += tl.sum(eq, 0)
+    _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
     if c == N_CHUNK - 1:
         for j in range(k_eff, topk, BLOCK):
             cols = j + tl.arange(0, BLOCK)
@@ -792,48 +784,18 @@ def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
     out = OUT + r.to(tl.int64) * stride_out
     sel = out if (SORT or POSITIONS) else SEL + r.to(tl.int64) * stride_sel
     qpos = S - T + r % T
-    bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
     for LEVEL in tl.static_range(4):
-        counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
-        n_out = 0
-        for j in range(0, S, BLOCK):
-            cols = j + tl.arange(0, BLOCK)
-            ok = cols < S
-            key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-            if LEVEL == 0:
-                digit = (key >> 24) + 128
-            else:
-                ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
-                digit = (key >> (24 - 8 * LEVEL)) & 0xFF
-            counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
-            n_out += tl.sum((~ok).to(tl.int32), 0)
-        counts -= tl.where(bins == 0, n_out, 0)  # the keys outside the row or prefix went to bin 0
+        counts = _topk_level_counts(SC, row_off, 0, S, qpos, prefix, LEVEL, CAUSAL, BLOCK)
         b, k_rem = _topk_pick(counts, k_rem)
         if LEVEL == 0:
             prefix = b - 128  # key >> 24 (signed top byte), as _topk_threshold
         else:
             prefix = prefix * 256 + b
     thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
-    slot = 0
-    eq_seen = 0
-    for j in range(0, S, BLOCK):
-        cols = j + tl.arange(0, BLOCK)
-        ok = cols < S
-        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        eq = (ok & (key == thr)).to(tl.int32)
-        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
-        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < k_rem))
-        take_i = take.to(tl.int32)
-        dst = slot + tl.cumsum(take_i, 0) - 1
-        if POSITIONS:
-            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
-        else:
-            val = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-        tl.store(sel + dst, val, mask=take)
-        slot += tl.sum(take_i, 0)
-        eq_seen += tl.sum(eq, 0)
+    zero = tl.zeros([], dtype=tl.int32)
+    _topk_take(SC, row_off, 0, S, qpos, thr, k_rem, zero, zero, sel, S, CAUSAL, BLOCK, POSITIONS)
     if SORT:
         tl.debug_barrier()  # the row's sort keys, stored by all threads, are read back by all
         i = tl.arange(0, KP)
