@@ -1,4 +1,5 @@
-"""Pieces the Triton kernels share: output buffers that tests can poison, and the RMSNorm weight step."""
+"""Pieces the Triton kernels share: output buffers that tests can poison, buffers kept zeroed across
+launches, and the RMSNorm weight step."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ def output_buffer(
         fill = float("nan") if dtype.is_floating_point else -(2**40)
         return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def reused_zeros(buffers: dict, key: tuple, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled buffer of n elements kept in ``buffers`` under ``key``: created once, then reused by
+    every later launch, so none is allocated inside a CUDA-graph capture after the first call. For
+    kernels that leave it zeroed again (last-arriver tickets) or overwrite what they read (scratch)."""
+    buf = buffers.get(key)
+    if buf is None:
+        buf = buffers[key] = torch.zeros(n, dtype=dtype, device=device)
+    return buf
 
 
 @triton.jit

@@ -101,6 +101,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.deltanet import DeltaRuleCache, GatedDeltaNet, KimiDeltaAttention
+from ._common import reused_zeros
 from ._pdl import launch_options, use_pdl
 
 POISON_OUTPUTS = False  # tests set this: the output buffer starts as NaN, so an unwritten element fails
@@ -400,13 +401,8 @@ def num_warps(bk: int, bv: int) -> int:
 
 
 def _zeroed(purpose: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled buffer of n elements for `purpose`, created once per (purpose, device, n) and
-    reused by every later launch (none is allocated inside a CUDA graph capture after the first call)."""
-    key = (purpose, device, n)
-    buf = _BUFFERS.get(key)
-    if buf is None:
-        buf = _BUFFERS[key] = torch.zeros(n, dtype=dtype, device=device)
-    return buf
+    """The buffer of n elements for `purpose` (tickets / scratch), one per (purpose, device, n)."""
+    return reused_zeros(_BUFFERS, (purpose, device, n), n, dtype, device)
 
 
 def _check(mixer, proj, cache, f_up, g_up) -> bool:

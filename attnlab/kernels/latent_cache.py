@@ -47,7 +47,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.mla import DeepSeekSparseAttention, DSACache, MLACache, MultiHeadLatentAttention, _rotate
-from ._common import norm_weight, output_buffer
+from ._common import norm_weight, output_buffer, reused_zeros
 from ._pdl import launch_options, use_pdl
 from .absorb import _round
 
@@ -519,11 +519,7 @@ _TICKETS: dict[tuple, torch.Tensor] = {}  # (device, B) -> int32 [B] zeros betwe
 def _tickets(B: int, device: torch.device) -> torch.Tensor:
     """The count_token tickets for B rows on ``device``: created zeroed once and reused by every later
     launch (so none is allocated inside a CUDA-graph capture after the first call)."""
-    key = (device, B)
-    buf = _TICKETS.get(key)
-    if buf is None:
-        buf = _TICKETS[key] = torch.zeros(B, dtype=torch.int32, device=device)
-    return buf
+    return reused_zeros(_TICKETS, (device, B), B, torch.int32, device)
 
 
 def _index_weight_scale(dsa: DeepSeekSparseAttention) -> float:

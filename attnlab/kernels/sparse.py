@@ -529,9 +529,16 @@ def _topk_pick(h, k_rem):
 
 
 @triton.jit
-def _topk_select(HIST, k_rem):
-    """_topk_pick on a row's histogram in memory (HIST: 256 int32)."""
-    return _topk_pick(tl.load(HIST + tl.arange(0, _TOPK_BINS)), k_rem)
+def _topk_descend(h, k_rem, prefix, LEVEL: tl.constexpr):
+    """One radix level: the bin of histogram h (int32 [256]) holding the k_rem-th largest key appended
+    to ``prefix`` (level 0: the signed top byte, key >> 24; then prefix * 256 + bin, the floor division
+    holding for negative keys too), and k_rem minus the keys in the bins above it."""
+    b, k_rem = _topk_pick(h, k_rem)
+    if LEVEL == 0:
+        prefix = b - 128
+    else:
+        prefix = prefix * 256 + b
+    return prefix, k_rem
 
 
 @triton.jit
@@ -541,18 +548,9 @@ def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
     and how many of the keys equal to it are taken."""
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
-    if LEVELS >= 1:
-        b0, k_rem = _topk_select(HIST, k_rem)
-        prefix = b0 - 128  # key >> 24 (signed top byte)
-    if LEVELS >= 2:
-        b1, k_rem = _topk_select(HIST + 256, k_rem)
-        prefix = prefix * 256 + b1  # key >> 16 (floor division: holds for negative keys too)
-    if LEVELS >= 3:
-        b2, k_rem = _topk_select(HIST + 512, k_rem)
-        prefix = prefix * 256 + b2  # key >> 8
-    if LEVELS >= 4:
-        b3, k_rem = _topk_select(HIST + 768, k_rem)
-        prefix = prefix * 256 + b3  # key
+    for LEVEL in tl.static_range(LEVELS):
+        prefix, k_rem = _topk_descend(tl.load(HIST + LEVEL * 256 + tl.arange(0, _TOPK_BINS)), k_rem, prefix,
+                                      LEVEL)
     return prefix, k_rem
 
 
@@ -723,11 +721,7 @@ def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_ef
         tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
         _row_sync(ctr, (LEVEL + 1) * N_CHUNK)
         h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
-        b, k_rem = _topk_pick(h, k_rem)
-        if LEVEL == 0:
-            prefix = b - 128  # key >> 24 (signed top byte), as _topk_threshold
-        else:
-            prefix = prefix * 256 + b
+        prefix, k_rem = _topk_descend(h, k_rem, prefix, LEVEL)
     thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
     n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
     tl.store(CNT + pid * 2, n_gt)
@@ -788,11 +782,7 @@ def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
     k_rem = k_eff
     for LEVEL in tl.static_range(4):
         counts = _topk_level_counts(SC, row_off, 0, S, qpos, prefix, LEVEL, CAUSAL, BLOCK)
-        b, k_rem = _topk_pick(counts, k_rem)
-        if LEVEL == 0:
-            prefix = b - 128  # key >> 24 (signed top byte), as _topk_threshold
-        else:
-            prefix = prefix * 256 + b
+        prefix, k_rem = _topk_descend(counts, k_rem, prefix, LEVEL)
     thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
     zero = tl.zeros([], dtype=tl.int32)
     _topk_take(SC, row_off, 0, S, qpos, thr, k_rem, zero, zero, sel, S, CAUSAL, BLOCK, POSITIONS)
