@@ -72,19 +72,16 @@ class Block(nn.Module):
         return torch.add(r * alpha, f, alpha=beta)
 
     def forward(
-        self, h: torch.Tensor, cache: LayerCache | None = None, rotation=None, overwrite: bool = False,
-        next_weight: torch.Tensor | None = None,
+        self, h: torch.Tensor, cache: LayerCache | None = None, rotation=None, overwrite: bool = False
     ) -> torch.Tensor:
         """h [B, T, d_model] -> [B, T, d_model]. ``rotation``: a decode step's shared RoPE factors
         by ``rotation_key`` (see :meth:`HybridLM._decode_rotation`), passed to S / W / M / D mixers
         (this block's entry). ``overwrite``: h is the caller's to
         discard, so the mixer's output projection may add into it in place (HybridLM's hidden states);
-        the MLP always may (it adds into a tensor this block made). ``next_weight``: for the fused
-        decode step, the weight read first after this block (its start is prefetched into L2)."""
+        the MLP always may (it adds into a tensor this block made)."""
         take = rotation is not None and self.takes_rotation and self.rotation_key in rotation
         kwargs = {"rotation": rotation[self.rotation_key]} if take else {}
-        if (cache is not None and overwrite and fused.usable(h)
-                and fused.block_step(self, h, cache, next_weight=next_weight, **kwargs)):
+        if cache is not None and overwrite and fused.usable(h) and fused.block_step(self, h, cache, **kwargs):
             return h  # the fused decode step added both branches into h (attnlab.layers.fused)
         watched = self.watched()  # a hook may keep a tensor that an in-place add would change
         x = self.mixer_norm(h)
@@ -157,15 +154,10 @@ class HybridLM(nn.Module):
         h = self.embed(tokens)  # (B, T, d_model)
         rotation = self._decode_rotation(tokens, caches, fused_step=caches is not None and fused.usable(h))
         previous = self.embed
-        fused_step = caches is not None and fused.usable(h)
         for i, block in enumerate(self.blocks):
             # h is ours to overwrite unless a hook on its producer or on the block may have kept it
             ours = not (_hooked(previous) or block.watched())
-            nxt = None  # what the fused step reads after this block: its L2 prefetch target
-            if fused_step:
-                last = i + 1 == len(self.blocks)
-                nxt = self.lm_head.weight if last else fused.first_weight(self.blocks[i + 1])
-            h = block(h, None if caches is None else caches[i], rotation, overwrite=ours, next_weight=nxt)
+            h = block(h, None if caches is None else caches[i], rotation, overwrite=ours)
             previous = block
         if caches is not None and fused.usable(h) and not _hooked(self.norm) and not _hooked(self.lm_head):
             return fused.head_step(self, h)  # (B, 1, vocab_size) float32

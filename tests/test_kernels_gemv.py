@@ -171,45 +171,6 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
             fn(x, w, prologue="silu_mul")
 
 
-def test_bad_prefetch_raises_value_errors():
-    """gemv's ``prefetch`` must be contiguous and 16-byte aligned (checked before anything runs)."""
-    from attnlab.kernels.gemv import gemv
-
-    x, w, kw = make(2, 16, 32, "rmsnorm", torch.float32)
-    with pytest.raises(ValueError, match="prefetch: expected a contiguous tensor"):
-        gemv(x, w, prologue="rmsnorm", prefetch=w.t(), **kw)
-    with pytest.raises(ValueError, match="prefetch: its data must be 16-byte aligned"):
-        gemv(x, w, prologue="rmsnorm", prefetch=w.view(-1)[1:], **kw)
-
-
-def test_l2_prefetch_shares_cover_the_bytes_once():
-    """l2_prefetch_args: per-program shares are multiples of 16 bytes whose requests (at most
-    L2_PREFETCH_STEP bytes each, as l2_prefetch_share cuts them) tile [0, bytes) exactly once, the
-    bytes being the tensor's rounded down to a multiple of 16."""
-    from attnlab.kernels._common import L2_PREFETCH_STEP, l2_prefetch_args
-
-    assert l2_prefetch_args(None, 8)[1:] == (0, 0, 0)
-    assert l2_prefetch_args(torch.zeros(7, dtype=torch.uint8), 8)[1:] == (0, 0, 0)  # < 16 bytes
-    for numel, dtype, programs in ((37, torch.bfloat16, 5), (4096 * 2048, torch.bfloat16, 512),
-                                   (1000003, torch.float32, 3), (64, torch.uint8, 132),
-                                   (5 << 20, torch.uint8, 1)):
-        flat, nbytes, share, steps = l2_prefetch_args(torch.zeros(numel, dtype=dtype), programs)
-        total = numel * dtype.itemsize
-        assert flat.dtype == torch.uint8 and flat.numel() == total
-        assert nbytes == total // 16 * 16 and share % 16 == 0 and steps * L2_PREFETCH_STEP >= share
-        covered = []
-        for p in range(programs):  # the kernel's loop, on the host
-            for s in range(steps):
-                off = p * share + s * L2_PREFETCH_STEP
-                size = min(share - s * L2_PREFETCH_STEP, nbytes - off, L2_PREFETCH_STEP)
-                if size > 0:
-                    assert off % 16 == 0 and size % 16 == 0
-                    covered.append((off, off + size))
-        covered.sort()
-        assert covered[0][0] == 0 and covered[-1][1] == nbytes
-        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False)), "gap or overlap"
-
-
 def test_gemv_on_cpu_needs_the_interpreter():
     if INTERPRETED:
         pytest.skip("the interpreter makes CPU tensors usable")
@@ -414,16 +375,14 @@ def test_interp_empty_rows_and_custom_ops():
     x, w, kw = make(2, 9, 16, "rmsnorm")
     cfg = kg.launch_config(2, 9, 16, x.device)
     kg.POISON_OUTPUTS = False  # opcheck compares repeated calls; NaN never equals itself
-    torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, None, 1.0,
+    torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, 1.0,
                                         "float32", *cfg))
-    torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, w.view(-1),
-                                        1.0, "float32", *cfg))  # with an L2 prefetch target
     r = torch.randn(2, 9)
-    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, None,
-                                                 r, 1.0, 1.0, *cfg))
+    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
+                                                 1.0, 1.0, *cfg))
     persistent = (4, 16, 4, 1, False, 1)  # 3 tiles on the interpreter's 4 "SMs"
-    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, w,
-                                                 r, 1.0, 1.0, *persistent))
+    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
+                                                 1.0, 1.0, *persistent))
 
     def step(h, nw, wq, res):  # what a decode layer calls: dynamo must trace gemv's checks whole
         logits = kg.gemv(h, wq, prologue="rmsnorm", norm_weight=nw, out_dtype=torch.float32)
@@ -463,19 +422,6 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
     (or the given config), with the 16-divisibility triton specialises on: the elementwise forms'
     weight loads are 16-byte evict-first vector loads; the DOT form's go through cp.async (16 bytes)
     to shared memory; nothing spills to local memory."""
-    _check_sm90_build(m, prologue, residual, out, k, n, config, pdl, pf_steps=0)
-
-
-@needs_sm90_toolchain
-@pytest.mark.parametrize("config", [None, (4, 2048, 4, 1, False, 1)], ids=["tiled", "persistent"])
-@pytest.mark.parametrize("pf_steps", [1, 3])
-def test_kernel_with_l2_prefetch_compiles_for_sm90(config, pf_steps):
-    """gemv's ``prefetch``: PF_STEPS bulk L2 prefetches after the output, the build otherwise the
-    same (no spills, the same weight loads)."""
-    _check_sm90_build(1, "silu_mul", True, "*bf16", 5472, 2048, config, True, pf_steps=pf_steps)
-
-
-def _check_sm90_build(m, prologue, residual, out, k, n, config, pdl, pf_steps):
     import re
 
     import triton
@@ -490,21 +436,20 @@ def _check_sm90_build(m, prologue, residual, out, k, n, config, pdl, pf_steps):
         kg._SMS.pop(0)
     rows = max(16, kg.rows_padded(m)) if dot else kg.rows_padded(m)
     const = dict(M=m, ROWS=rows, PROLOGUE=kg._PROLOGUE_ID[prologue], ZERO_CENTERED=out == "*fp32",
-                 HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, INTERP=False, PDL=pdl, PF_STEPS=pf_steps,
-                 PF_STEP=kg.L2_PREFETCH_STEP)
+                 HAS_RES=residual, BLOCK_N=bn, BLOCK_K=bk, INTERP=False, PDL=pdl)
     if persist:
         fn = kg._gemv_persistent_kernel
         const.update(K_STEPS=triton.cdiv(k, bk), L2_AHEAD=l2_ahead)
     else:
         fn = kg._gemv_kernel
         const.update(DOT=dot, PREC="tf32")
-    ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out, PF="*u8")
+    ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out)
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
            if a in ptr or a in ("N", "K", "stride_xm", "stride_gm")}
     kernel = compile_sm90(fn, const, ptr, floats=("eps", "keep", "scale"), attrs=div, num_warps=warps,
                           num_stages=stages)
     ptx = kernel.asm["ptx"]
-    assert ptx.count("cp.async.bulk.prefetch.L2.global") == (l2_ahead + 1 if l2_ahead else 0) + pf_steps
+    assert ptx.count("cp.async.bulk.prefetch.L2.global") == (l2_ahead + 1 if l2_ahead else 0)
     if dot:
         assert set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^\n]*, 0x10", ptx)), "no 16-byte cp.async"
         assert "mma" in ptx
@@ -555,38 +500,6 @@ def test_gpu_gemv_matches_float32_reference(shape, m):
         # float32 logits: both sides accumulate in float32 from the same rounded x̂ (up to a one-ulp
         # flip of an x̂ element where the norm's float32 math differs in the last bit)
         assert rel_err(out, ref) <= (2e-3 if out_dtype == torch.float32 else 1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, (4, 2048, 4, 1, False, 1)], ids=["tiled", "persistent"])
-def test_gpu_prefetch_changes_no_result(config):
-    """gemv with ``prefetch`` (the next layer's 45 MB gate/up weight, a ragged 74-byte tensor, a slice)
-    gives bitwise the same result as without it, eagerly and replayed in a CUDA graph."""
-    from attnlab.kernels import gemv as kg
-
-    x, w, kw = make(1, 2048, 5472, "silu_mul", torch.bfloat16, device="cuda")
-    big = torch.randn(10944, 2048, device="cuda", dtype=torch.bfloat16)
-    config = config or kg.launch_config(1, 2048, 5472, x.device)
-
-    def run(prefetch):
-        r = torch.ones(1, 2048, device="cuda", dtype=torch.bfloat16)
-        kg._launch(x, w, "silu_mul", None, 1e-6, False, None, r, 0.5, 1.0, None, config, prefetch)
-        return r
-
-    expect = run(None)
-    for target in (big, big.view(-1)[: 8 << 20], torch.randn(37, device="cuda", dtype=torch.bfloat16)):
-        assert torch.equal(run(target), expect)
-    r = torch.ones(1, 2048, device="cuda", dtype=torch.bfloat16)
-    kg.gemv(x, w, prologue="silu_mul", residual=r, keep=0.5, prefetch=big)
-    assert torch.equal(r, expect)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        kg.gemv(x, w, prologue="silu_mul", residual=r, keep=0.5, prefetch=big)
-    r.fill_(1.0)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(r, expect)
 
 
 @pytest.mark.gpu

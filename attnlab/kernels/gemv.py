@@ -48,7 +48,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
-from ._common import L2_PREFETCH_STEP, l2_prefetch, l2_prefetch_args, l2_prefetch_share, norm_weight
+from ._common import norm_weight
 from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -168,13 +168,12 @@ def _epilogue(out, tile, R, O, N, keep, scale, M: tl.constexpr, ROWS: tl.constex
 
 @triton.jit
 def _gemv_kernel(
-    X, W, NW, GATE, R, O, PF,
-    N, K, stride_xm, stride_gm, pf_bytes, pf_share,
+    X, W, NW, GATE, R, O,
+    N, K, stride_xm, stride_gm,
     eps, keep, scale,
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, PF_STEPS: tl.constexpr,
-    PF_STEP: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N); rows padded to ROWS.
     PROLOGUE 0 none, 1 rmsnorm (NW [K]), 2 silu_mul (X [M, 2K]), 3 sigmoid_gate (GATE [M, K]).
@@ -184,9 +183,7 @@ def _gemv_kernel(
     the weight tile a dot operand, so triton's pipeliner can keep num_stages tiles in flight (cp.async)
     without the register cost of the elementwise accumulator.
     PDL (attnlab.kernels._pdl): the elementwise form loads its first weight tile before waiting for
-    the previous kernel (weights are never written by the step), everything else after.
-    PF_STEPS > 0 (GPU only): after its output, the program asks L2 for its share of the bytes PF
-    [pf_bytes] (the start of a later kernel's weight, see gemv's ``prefetch``)."""
+    the previous kernel (weights are never written by the step), everything else after."""
     pid = tl.program_id(0)
     if PDL:
         gdc_launch_dependents()
@@ -244,28 +241,30 @@ def _gemv_kernel(
         out = tl.sum(acc, axis=2)  # (ROWS, BLOCK_N)
 
     _epilogue(out, pid, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
-    if PF_STEPS > 0 and not INTERP:
-        l2_prefetch_share(PF, pf_bytes, pf_share, PF_STEPS, PF_STEP)
 
 
 @triton.jit
 def _prefetch_tile_l2(W, tile, t_end, N, K, BLOCK_N: tl.constexpr):
-    """Ask L2 for the weight rows of ``tile`` (contiguous: BLOCK_N rows of K) if tile < t_end. K * the
-    element size must be a multiple of 16 bytes (the launcher checks)."""
+    """Ask L2 for the weight rows of ``tile`` (contiguous: BLOCK_N rows of K) if tile < t_end: one
+    ``cp.async.bulk.prefetch.L2`` (sm_90, PTX 8.0) from thread 0, no registers held. K * the element
+    size must be a multiple of 16 bytes (the launcher checks)."""
     n0 = tile * BLOCK_N
     nbytes = tl.minimum(N - n0, BLOCK_N) * K * (W.dtype.element_ty.primitive_bitwidth // 8)
-    l2_prefetch(W + n0.to(tl.int64) * K, nbytes, tile < t_end)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 p, tid, 0; "
+        "setp.ne.and.s32 p, $2, 0, p; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+        "=r,l,r,r", [W + n0.to(tl.int64) * K, (tile < t_end).to(tl.int32), nbytes.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _gemv_persistent_kernel(
-    X, W, NW, GATE, R, O, PF,
-    N, K, stride_xm, stride_gm, n_tiles, pf_bytes, pf_share,
+    X, W, NW, GATE, R, O,
+    N, K, stride_xm, stride_gm, n_tiles,
     eps, keep, scale,
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    L2_AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, PF_STEPS: tl.constexpr,
-    PF_STEP: tl.constexpr,
+    L2_AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
 ):
     """The persistent form (PERSIST > 0): a grid of G <= n_tiles programs, program p owns the
     contiguous tiles [p * n_tiles // G, (p + 1) * n_tiles // G) -- shares differ by at most one tile,
@@ -281,8 +280,7 @@ def _gemv_persistent_kernel(
     reuse) but before the cross-thread reduction, the residual load and the store, so the load is in
     flight across the epilogue, not the FMAs; carrying the tile as float32 did not change that.
     L2_AHEAD > 0 (GPU only) therefore also asks L2 for the tile L2_AHEAD + 1 ahead of the current one
-    (a bulk prefetch, no registers), so the register loads of the next tile find it in L2.
-    PF_STEPS: as _gemv_kernel's, after the program's last tile."""
+    (a bulk prefetch, no registers), so the register loads of the next tile find it in L2."""
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     if PDL:
@@ -342,8 +340,6 @@ def _gemv_persistent_kernel(
                               X.dtype.element_ty, W.dtype.element_ty, False, "ieee", INTERP)
             w_cur = w_next
         _epilogue(tl.sum(acc, axis=2), t, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
-    if PF_STEPS > 0 and not INTERP:
-        l2_prefetch_share(PF, pf_bytes, pf_share, PF_STEPS, PF_STEP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,9 +405,8 @@ def persistent_grid(n: int, block_n: int, persist: int, device: torch.device) ->
 def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_weight: torch.Tensor | None,
             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
             residual: torch.Tensor | None, keep: float, scale: float, out: torch.Tensor | None,
-            config: Config, prefetch: torch.Tensor | None = None) -> None:
-    """Run the kernel: into ``residual`` in place if given, else into ``out`` [M, N]; ``prefetch``:
-    bytes each program asks L2 for at its end (GPU only)."""
+            config: Config) -> None:
+    """Run the kernel: into ``residual`` in place if given, else into ``out`` [M, N]."""
     M = x.shape[0]
     N, K = weight.shape
     if M == 0 or N == 0:
@@ -433,39 +428,34 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
     rows = max(16, rows_padded(M)) if dot else rows_padded(M)
     dummy = weight  # a pointer for the unused arguments (never read: their branch is compiled out)
     pdl = use_pdl(x.device)
-    grid = persistent_grid(N, block_n, persist, x.device) if persist else triton.cdiv(N, block_n)
-    pf, pf_bytes, pf_share, pf_steps = l2_prefetch_args(None if _INTERPRET else prefetch, grid)
-    pf_args = dict(PF_STEPS=pf_steps, PF_STEP=L2_PREFETCH_STEP)
     if persist:
         n_tiles = triton.cdiv(N, block_n)
-        _gemv_persistent_kernel[(grid,)](
+        _gemv_persistent_kernel[(persistent_grid(N, block_n, persist, x.device),)](
             x, weight,
             dummy if norm_weight is None else norm_weight,
             dummy if gate is None else gate,
             dummy if residual is None else residual,
             dummy if out is None else out,
-            dummy if pf is None else pf,
-            N, K, x.stride(0), 0 if gate is None else gate.stride(0), n_tiles, pf_bytes, pf_share,
+            N, K, x.stride(0), 0 if gate is None else gate.stride(0), n_tiles,
             float(norm_eps), float(keep), float(scale),
             M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
             HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, K_STEPS=k_steps,
             L2_AHEAD=l2_ahead, INTERP=_INTERPRET, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-            **pf_args, **launch_options(pdl),
+            **launch_options(pdl),
         )
         return
-    _gemv_kernel[(grid,)](
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight,
         dummy if norm_weight is None else norm_weight,
         dummy if gate is None else gate,
         dummy if residual is None else residual,
         dummy if out is None else out,
-        dummy if pf is None else pf,
-        N, K, x.stride(0), 0 if gate is None else gate.stride(0), pf_bytes, pf_share,
+        N, K, x.stride(0), 0 if gate is None else gate.stride(0),
         float(norm_eps), float(keep), float(scale),
         M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
         HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET, PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, **pf_args, **launch_options(pdl),
+        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
     )
 
 
@@ -475,9 +465,9 @@ def _dtype_of(name: str) -> torch.dtype:
 
 @torch.library.custom_op("attnlab::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
-             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
-             prefetch: torch.Tensor | None, scale: float, out_dtype: str, block_n: int, block_k: int,
-             num_warps: int, num_stages: int, dot: bool, persist: int = 0, l2_ahead: int = 0) -> torch.Tensor:
+             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
+             out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int,
+             dot: bool, persist: int = 0, l2_ahead: int = 0) -> torch.Tensor:
     dt = _dtype_of(out_dtype)
     shape = (x.shape[0], weight.shape[0])
     if POISON_OUTPUTS:
@@ -485,12 +475,12 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: 
     else:
         out = torch.empty(shape, dtype=dt, device=x.device)
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, None, 1.0, scale,
-            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), prefetch)
+            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead))
     return out
 
 
 @_gemv_op.register_fake
-def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, prefetch, scale, out_dtype,
+def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
       block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=_dtype_of(out_dtype))
 
@@ -498,15 +488,15 @@ def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, pref
 @torch.library.custom_op("attnlab::gemv_residual_", mutates_args=("residual",))
 def _gemv_residual_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
                       norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
-                      prefetch: torch.Tensor | None, residual: torch.Tensor, keep: float, scale: float,
-                      block_n: int, block_k: int, num_warps: int, num_stages: int, dot: bool,
-                      persist: int = 0, l2_ahead: int = 0) -> None:
+                      residual: torch.Tensor, keep: float, scale: float, block_n: int, block_k: int,
+                      num_warps: int, num_stages: int, dot: bool, persist: int = 0,
+                      l2_ahead: int = 0) -> None:
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep,
-            scale, None, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), prefetch)
+            scale, None, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead))
 
 
 @_gemv_residual_op.register_fake
-def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, prefetch, residual, keep, scale,
+def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep, scale,
       block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
     return None
 
@@ -568,7 +558,6 @@ def gemv(
     keep: float = 1.0,
     scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``epilogue(prologue(x) @ weight.T)`` in one Triton kernel, for M <= MAX_ROWS rows.
 
@@ -586,25 +575,12 @@ def gemv(
             ``residual * keep + scale * (x̂ @ weight.T)`` (rounded once) and returned.
         keep, scale: see residual; without a residual the output is ``scale * (x̂ @ weight.T)``.
         out_dtype: dtype of the new output when no residual is given (default x's dtype).
-        prefetch: a contiguous tensor on x's device whose bytes a LATER kernel reads (the start of the
-            next projection's weight, 16-byte aligned): each program, after its output, asks L2 for
-            its share of them (``cp.async.bulk.prefetch.L2``), so the HBM reads of the next weight
-            begin in this launch's tail — or during the latency-bound kernels in between — instead
-            of after the next launch starts. A hint only: results do not depend on it; its bytes
-            past the last multiple of 16 are skipped; ignored under the interpreter.
 
     Returns:
         [M, N]: ``residual``, or a new tensor of ``out_dtype``. Float32 accumulation. CUDA tensors
         (CPU tensors only under TRITON_INTERPRET=1; else call :func:`gemv_reference`). No autograd.
     """
     _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype)
-    if prefetch is not None:
-        check_same_device(x=x, prefetch=prefetch)
-        if not prefetch.is_contiguous():
-            raise ValueError(f"prefetch: expected a contiguous tensor, got strides {prefetch.stride()}")
-        if prefetch.data_ptr() % 16:
-            raise ValueError(f"prefetch: its data must be 16-byte aligned, got address "
-                             f"{prefetch.data_ptr():#x}")
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"x: gemv runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device {x.device}; "
@@ -617,10 +593,10 @@ def gemv(
     name = prologue or ""
     if residual is not None:
         _gemv_residual_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
-                          prefetch, residual, float(keep), float(scale), *config)
+                          residual, float(keep), float(scale), *config)
         return residual
     dt = _DTYPE_NAME[out_dtype or x.dtype]
-    return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate, prefetch,
+    return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
                     float(scale), dt, *config)
 
 
@@ -637,11 +613,9 @@ def gemv_reference(
     keep: float = 1.0,
     scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`gemv` in torch ops (any device, any M): the CPU fallback and the tests' oracle.
-    The product is float32 (16-bit weights are upcast: a float32 copy of the weight per call).
-    ``prefetch`` is accepted and ignored (a hint to the kernel's memory traffic, no result)."""
+    The product is float32 (16-bit weights are upcast: a float32 copy of the weight per call)."""
     _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype)
     K = weight.shape[1]
     xf = x.float()

@@ -27,14 +27,6 @@ GEMVs and latent write (with the indexer's part), then index scores, top-k and t
 over the whole cache bounded by each row's length (no host sync), W_UV, o-proj GEMV+residual. Lightning (L)
 keeps its own decode step behind a plain norm; its MLP and the LM head still fuse.
 
-Every GEMV also starts the HBM reads of the weight after it (kernels/gemv.py ``prefetch``: its programs
-ask L2 for the next weight's first bytes as they finish): a GEMV followed by another GEMV prefetches the
-first L2_PREFETCH_TAIL bytes of the next one during its own tail; the GEMV in front of a layer's
-latency-bound kernels (attention, the recurrent step, the DSA chain) prefetches up to L2_PREFETCH_AHEAD bytes
-of the output projection, which then streams while those kernels run with HBM idle; a block's last GEMV
-prefetches the next block's first weight (``next_weight``), the last block's the LM head's.
-``ATTNLAB_L2_PREFETCH=0`` turns it off.
-
 Taken only for inference (no gradient, not while torch.compile traces: inductor fuses the plain
 step itself) on CUDA tensors — or CPU tensors under ``TRITON_INTERPRET=1`` with ``ON_CPU_INTERPRETER``
 set, which is how the CPU tests run it — with a prenorm block whose outputs no hook watches.
@@ -66,10 +58,6 @@ ON_CPU_INTERPRETER = False
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# bytes of the next weight a GEMV asks L2 for (see the module docstring); 0 = none
-_L2_PREFETCH = os.environ.get("ATTNLAB_L2_PREFETCH", "1") != "0"
-L2_PREFETCH_TAIL = (8 << 20) if _L2_PREFETCH else 0
-L2_PREFETCH_AHEAD = (16 << 20) if _L2_PREFETCH else 0
 
 
 def usable(h: torch.Tensor) -> bool:
@@ -93,30 +81,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torch.Tensor:
     return _gemv_module().gemv(x, weight, **kwargs)
 
 
-def _ahead(weight: torch.Tensor | None, nbytes: int) -> torch.Tensor | None:
-    """The first ``nbytes`` of ``weight`` (contiguous) as a flat view, for gemv's ``prefetch``; None
-    for no weight or no bytes."""
-    if weight is None or nbytes <= 0:
-        return None
-    flat = weight.reshape(-1)  # (N*K,): a view of the contiguous weight
-    return flat[: min(flat.numel(), nbytes // flat.element_size())]
-
-
-def first_weight(block) -> torch.Tensor | None:
-    """The weight of ``block``'s first fused GEMV in a decode step (its mixer's input projection), or
-    None when the block does not take the fused path or starts with its own step (L)."""
-    if block.postnorm or block.watched():
-        return None
-    mixer = block.mixer
-    if isinstance(mixer, SoftmaxAttention):
-        return mixer.qkv.weight()
-    if isinstance(mixer, DeltaRuleMixer):
-        return mixer.in_proj.weight
-    if _fused_latent(mixer):
-        return mixer.x_proj.weight()
-    return None
-
-
 def _norm_args(norm) -> dict:
     """The GEMV prologue keywords that apply RMSNorm module ``norm`` (attnlab.layers.common.RMSNorm)."""
     return dict(prologue="rmsnorm", norm_weight=norm.weight, norm_eps=norm.eps,
@@ -127,9 +91,8 @@ def _norm_args(norm) -> dict:
 
 
 def _softmax(attn: SoftmaxAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
-             scale: float, following: torch.Tensor | None) -> None:
-    """S / W decode step, adding into h2 [B, d_model] in place; ``following``: the next GEMV's
-    weight (its start prefetched by the o-proj GEMV)."""
+             scale: float) -> None:
+    """S / W decode step, adding into h2 [B, d_model] in place."""
     from ..kernels.decode import gqa_decode_advance
     from ..kernels.rope_cache import rope_write
 
@@ -138,8 +101,7 @@ def _softmax(attn: SoftmaxAttention, h2: torch.Tensor, norm, cache, rotation, ke
     weight = attn.qkv.weight()
     if weight is None:
         raise ValueError("attn: the fused decode step needs the fused q|k|v weight (FusedLinears)")
-    qkv = gemv(h2, weight, **_norm_args(norm),
-               prefetch=_ahead(attn.o_proj.weight, L2_PREFETCH_AHEAD))  # (B, W)
+    qkv = gemv(h2, weight, **_norm_args(norm))  # (B, W)
     q, gate = rope_write(attn, qkv, cache, rotation)  # (B, H, D) each; k, v written to the cache
     if cache.k.dtype == q.dtype:
         # attends to the new token's slot too, then counts it (lengths += 1) in the same launches; a
@@ -152,44 +114,34 @@ def _softmax(attn: SoftmaxAttention, h2: torch.Tensor, norm, cache, rotation, ke
             n_valid = torch.clamp(n_valid, max=cache.window + cache.sink_tokens)
         o = ops.softmax_decode(q, cache.k.to(q.dtype), cache.v.to(q.dtype), n_valid)  # (B, H, D)
     o = o.reshape(B, H * D)  # (B, H*D)
-    pf = _ahead(following, L2_PREFETCH_TAIL)
     if gate is None:
-        gemv(o, attn.o_proj.weight, residual=h2, keep=keep, scale=scale, prefetch=pf)
+        gemv(o, attn.o_proj.weight, residual=h2, keep=keep, scale=scale)
     else:
         gate = gate.reshape(B, H * D)  # (B, H*D): rope_write stores the gate contiguous
-        gemv(o, attn.o_proj.weight, prologue="sigmoid_gate", gate=gate, residual=h2, keep=keep, scale=scale,
-             prefetch=pf)
+        gemv(o, attn.o_proj.weight, prologue="sigmoid_gate", gate=gate, residual=h2, keep=keep, scale=scale)
 
 
-def _delta(mixer: DeltaRuleMixer, h2: torch.Tensor, norm, cache, keep: float, scale: float,
-           following: torch.Tensor | None) -> None:
-    """G / K decode step, adding into h2 [B, d_model] in place (``following`` as _softmax's)."""
+def _delta(mixer: DeltaRuleMixer, h2: torch.Tensor, norm, cache, keep: float, scale: float) -> None:
+    """G / K decode step, adding into h2 [B, d_model] in place."""
     from ..kernels.delta_decode import delta_decode
 
-    proj = gemv(h2, mixer.in_proj.weight, **_norm_args(norm),
-                prefetch=_ahead(mixer.o_proj.weight, L2_PREFETCH_AHEAD))  # (B, sum(in_sizes))
+    proj = gemv(h2, mixer.in_proj.weight, **_norm_args(norm))  # (B, sum(in_sizes))
     # K: the gates' up-projections (f_b_proj, g_b_proj) run inside the kernel (f_up = g_up = None)
     o = delta_decode(mixer, proj, cache, count_token=True)  # (B, H*D_v); caches stepped
-    gemv(o, mixer.o_proj.weight, residual=h2, keep=keep, scale=scale,
-         prefetch=_ahead(following, L2_PREFETCH_TAIL))
+    gemv(o, mixer.o_proj.weight, residual=h2, keep=keep, scale=scale)
 
 
 def _latent_rows(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
     """The projections of an M / D decode step: (q [B, N_q] the unrotated query row — MLA's heads,
     then D's indexer query heads —, kv [B, N_kv] the rest of x_proj's row: [c_kv | k_pe], then D's
-    indexer [key | head weights]), in one GEMV per input (x; with q LoRA, the normed q latent). The
-    last of them prefetches the output projection for the latency-bound kernels after it."""
+    indexer [key | head weights]), in one GEMV per input (x; with q LoRA, the normed q latent)."""
     n_q = mla.n_heads * (mla.nope_dim + mla.rope_dim)
     if isinstance(mla, DeepSeekSparseAttention):  # x_proj / q_up hold the indexer's projections too
         n_q += mla.index_n_heads * mla.index_head_dim
-    out_ahead = _ahead(mla.o_proj.weight, L2_PREFETCH_AHEAD)
+    row = gemv(h2, mla.x_proj.weight(), **_norm_args(norm))  # (B, [q | q latent] + N_kv)
     if mla.q_lora_rank is None:
-        row = gemv(h2, mla.x_proj.weight(), **_norm_args(norm), prefetch=out_ahead)  # (B, q + N_kv)
         return row[:, :n_q], row[:, n_q:]
-    q_up = mla.q_up.weight()
-    row = gemv(h2, mla.x_proj.weight(), **_norm_args(norm),
-               prefetch=_ahead(q_up, L2_PREFETCH_TAIL))  # (B, q latent + N_kv)
-    q = gemv(row[:, : mla.q_lora_rank], q_up, **_norm_args(mla.q_a_norm), prefetch=out_ahead)  # (B, N_q)
+    q = gemv(row[:, : mla.q_lora_rank], mla.q_up.weight(), **_norm_args(mla.q_a_norm))  # (B, N_q)
     return q, row[:, mla.q_lora_rank :]
 
 
@@ -208,21 +160,20 @@ def _absorbed_query(mla: MultiHeadLatentAttention, q: torch.Tensor) -> torch.Ten
 
 
 def _output(mla: MultiHeadLatentAttention, o_lat: torch.Tensor, h2: torch.Tensor, keep: float,
-            scale: float, following: torch.Tensor | None) -> None:
+            scale: float) -> None:
     """W_UV on the weighted latents o_lat [B, H, R] (one Triton launch), then o_proj adding into
-    h2 [B, d_model] (prefetching ``following``'s start)."""
+    h2 [B, d_model]."""
     from ..kernels import absorb
 
     B = o_lat.shape[0]
     H, dn, dv, R = mla.n_heads, mla.nope_dim, mla.v_head_dim, mla.kv_lora_rank
     w = mla.kv_b_proj.weight.view(H, dn + dv, R)
     o = absorb.unabsorb_o(o_lat.contiguous(), w[:, dn:])  # (B, H, dv): W_UV o_lat
-    gemv(o.reshape(B, H * dv), mla.o_proj.weight, residual=h2, keep=keep, scale=scale,
-         prefetch=_ahead(following, L2_PREFETCH_TAIL))
+    gemv(o.reshape(B, H * dv), mla.o_proj.weight, residual=h2, keep=keep, scale=scale)
 
 
 def _latent(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
-            scale: float, following: torch.Tensor | None) -> None:
+            scale: float) -> None:
     """M (absorbed MLA) decode step, adding into h2 [B, d_model] in place."""
     from ..kernels.latent_cache import latent_write
 
@@ -233,11 +184,11 @@ def _latent(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm, cache, rotati
     q_abs = latent_write(mla, q, kv, _absorbed_query(mla, q), cache, rotation, count_token=True)
     lat = cache.latent if cache.latent.dtype == q_abs.dtype else cache.latent.to(q_abs.dtype)
     o_lat = ops.softmax_decode(q_abs, lat, lat[..., :R], cache.lengths, scale=mla.scale)  # (B, H, R)
-    _output(mla, o_lat, h2, keep, scale, following)
+    _output(mla, o_lat, h2, keep, scale)
 
 
 def _sparse_latent(dsa: DeepSeekSparseAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
-                   scale: float, following: torch.Tensor | None) -> None:
+                   scale: float) -> None:
     """D (DeepSeek Sparse Attention) decode step, adding into h2 [B, d_model] in place: M's step with
     the indexer's projections inside the same GEMVs and its key / query post-processing inside the
     latent-write launch, then index scores, top-k and the sparse absorbed attention over the WHOLE
@@ -260,7 +211,7 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, h2: torch.Tensor, norm, cache, 
     idx = ops.dsa_topk(scores, min(dsa.index_topk, S), causal=False, sort=False)  # (B, 1, k); -1 = empty
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
-    _output(dsa, o_lat[:, 0], h2, keep, scale, following)
+    _output(dsa, o_lat[:, 0], h2, keep, scale)
 
 
 def _fused_latent(mixer) -> bool:
@@ -279,36 +230,33 @@ def computes_rope(block) -> bool:
     return (isinstance(mixer, SoftmaxAttention) and mixer.qkv.weight() is not None) or _fused_latent(mixer)
 
 
-def block_step(block, h: torch.Tensor, cache, rotation=None, next_weight: torch.Tensor | None = None) -> bool:
+def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
     """One decode step of ``block`` (an :class:`attnlab.model.Block`) over h [B, 1, d_model], added
-    into h in place. ``rotation``: the step's RoPE factors for this block's mixer (or None).
-    ``next_weight``: the weight the step reads first after this block (the next block's
-    :func:`first_weight`, or the LM head's), whose start the block's last GEMV prefetches. Returns
+    into h in place. ``rotation``: the step's RoPE factors for this block's mixer (or None). Returns
     False (h untouched) when the block does not take the fused path: a postnorm block (MiniMax's
     residual is the normed stream) or one a hook watches."""
     if block.postnorm or block.watched():
         return False
     h2 = h.view(h.shape[0], h.shape[2])  # (B, d_model): h is contiguous, the residual stream
     mixer, keep, scale = block.mixer, block.mixer_alpha, block.mixer_beta
-    mlp = block.mlp
-    gate_up = mlp.gate_up.weight()
     if isinstance(mixer, SoftmaxAttention) and mixer.qkv.weight() is not None:
-        _softmax(mixer, h2, block.mixer_norm, cache, rotation, keep, scale, gate_up)
+        _softmax(mixer, h2, block.mixer_norm, cache, rotation, keep, scale)
     elif isinstance(mixer, DeltaRuleMixer):
-        _delta(mixer, h2, block.mixer_norm, cache, keep, scale, gate_up)
+        _delta(mixer, h2, block.mixer_norm, cache, keep, scale)
     elif _fused_latent(mixer):
         step = _sparse_latent if isinstance(mixer, DeepSeekSparseAttention) else _latent
-        step(mixer, h2, block.mixer_norm, cache, rotation, keep, scale, gate_up)
+        step(mixer, h2, block.mixer_norm, cache, rotation, keep, scale)
     else:  # L, unfused M / D: their own decode step behind a plain norm, adding into h
         kwargs = {} if rotation is None else {"rotation": rotation}
         mixer(block.mixer_norm(h), cache, residual=Residual(h, keep, scale), **kwargs)
+    mlp = block.mlp
+    gate_up = mlp.gate_up.weight()
     if gate_up is None:
         mlp(block.mlp_norm(h), Residual(h, block.mlp_alpha, block.mlp_beta))
         return True
-    gu = gemv(h2, gate_up, **_norm_args(block.mlp_norm),
-              prefetch=_ahead(mlp.down_proj.weight, L2_PREFETCH_TAIL))  # (B, 2 * d_ff): [gate | up]
+    gu = gemv(h2, gate_up, **_norm_args(block.mlp_norm))  # (B, 2 * d_ff): [gate | up]
     gemv(gu, mlp.down_proj.weight, prologue="silu_mul", residual=h2, keep=block.mlp_alpha,
-         scale=block.mlp_beta, prefetch=_ahead(next_weight, L2_PREFETCH_TAIL))
+         scale=block.mlp_beta)
     return True
 
 
@@ -319,5 +267,4 @@ def head_step(model, h: torch.Tensor) -> torch.Tensor:
     return logits[:, None]  # (B, 1, vocab)
 
 
-__all__ = ["ENABLED", "L2_PREFETCH_AHEAD", "L2_PREFETCH_TAIL", "block_step", "computes_rope", "first_weight",
-           "gemv", "head_step", "usable"]
+__all__ = ["ENABLED", "block_step", "computes_rope", "gemv", "head_step", "usable"]
