@@ -1,6 +1,6 @@
 """Decode-step parts on one GPU: the launch-shape knobs behind benchmarks/RESULTS.md's decode figures.
 
-One decode row (batch 1), each part's kernel timed alone. Four parts (``--parts``):
+One decode row (batch 1), each part's kernel timed alone. Five parts (``--parts``):
 
 - ``index``: the DSA lightning indexer at decode (``attnlab.kernels.sparse.dsa_index_scores``, one
   query row, 64 heads x 128, bf16 keys, ``n_valid`` = S). A row's S keys are cut into chunks of at
@@ -24,6 +24,12 @@ One decode row (batch 1), each part's kernel timed alone. Four parts (``--parts`
   (``ALLOW_FALLBACK`` = False). ``n_splits`` None is the default split policy (``MIN_STEPS``,
   ``MAX_SPLITS``); a row's ``err`` is the max abs difference from the output of the untouched
   default TUNING. Why: the split policy and block shape for a batch-1 row.
+- ``sparse``: DSA's attention of one decode row over its top-k (``sparse_attention``, T = 1, 16 heads
+  over one 576-dim latent, values its first 512 dims, bf16, k = ``--topk`` distinct positions of S in
+  position order, as the fused D step passes them; the ``TUNING["sparse_decode"]`` launch shape):
+  BLOCK_N in (32, 64) x DVB in (1, 4) x num_warps in (4, 8) x n_splits in (None, 8, 16, 32, 64),
+  BLOCK_H 16, 2 stages, fallback shapes off; ``err`` as for ``mla``. Why: the split count and block
+  shape of the top-k attention at batch 1 (the default came from 128-head, batch-32 sweeps).
 - ``delta``: ``attnlab.kernels.delta_decode.delta_decode(count_token=True)`` at 1B-model shapes
   (Qwen3-Next-style G layer: 32 value heads over 16 key heads of 128; Kimi-Linear-style K layer: 16 /
   16 of 128), bf16, V_BLOCK in (16, 32, 64, 128) x NUM_WARPS in (None, 4, 8), warm (state in L2)
@@ -61,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("index", "topk", "mla", "delta")
+PARTS = ("index", "topk", "mla", "sparse", "delta")
 DEFAULT_CONTEXTS = (4096, 32768, 131072)
 TOPK_EXTRA_CONTEXT = 262144
 DEFAULT_JSON = Path(__file__).resolve().parent / "decode_parts_gpu.json"
@@ -262,6 +268,55 @@ def part_mla(timer: Timer, contexts, smoke: bool, rows: list[dict]) -> None:
         ks.TUNING[tun], ks.ALLOW_FALLBACK = base, base_fallback
 
 
+def part_sparse(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) -> None:
+    from attnlab.kernels import sparse as ks
+
+    dev = timer.device
+    H, D, D_v = (4, 48, 32) if smoke else (16, 576, 512)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    grid = (itertools.product((16,), (1, 2), (4,), (None, 2)) if smoke
+            else itertools.product((32, 64), (1, 4), (4, 8), (None, 8, 16, 32, 64)))
+    grid = list(grid)
+    tun = "sparse_decode"
+    base, base_fallback = dict(ks.TUNING[tun]), ks.ALLOW_FALLBACK
+    try:
+        ks.ALLOW_FALLBACK = False
+        for S in contexts:
+            torch.manual_seed(0)
+            k_eff = min(topk, S)
+            q = torch.randn(1, 1, H, D, device=dev, dtype=dtype)  # (1, 1, H, D)
+            lat = torch.randn(1, S + 64, 1, D, device=dev, dtype=dtype)  # (1, S_max, 1, D): one latent
+            idx = torch.randperm(S, device=dev)[:k_eff].sort().values.view(1, 1, k_eff)  # (1, 1, k)
+            ref = ks.sparse_attention(q, lat, lat[..., :D_v], idx, scale=0.07).float()  # default shape
+            emit(rows, dict(part="sparse", S=S, config="default", us=timer.warm(
+                functools.partial(ks.sparse_attention, q, lat, lat[..., :D_v], idx, scale=0.07)), err=0.0))
+            best = None
+            for bn, dvb, w, splits in grid:
+                ks.TUNING[tun] = dict(base, BLOCK_N=bn, DVB=dvb, num_warps=w, BLOCK_H=16, num_stages=2)
+                fn = functools.partial(ks.sparse_attention, q, lat, lat[..., :D_v], idx, scale=0.07,
+                                       n_splits=splits)
+                try:
+                    err = (fn().float() - ref).abs().max().item()
+                    us = timer.warm(fn)
+                except Exception as e:  # a launch shape that does not build here
+                    emit(rows, dict(part="sparse", S=S, BLOCK_N=bn, DVB=dvb, num_warps=w, n_splits=splits,
+                                    failed=f"{type(e).__name__}: {str(e)[:200]}"))
+                    continue
+                finally:
+                    ks.TUNING[tun] = base
+                row = dict(part="sparse", S=S, BLOCK_N=bn, DVB=dvb, num_warps=w, n_splits=splits, us=us,
+                           err=err)
+                emit(rows, row)
+                if best is None or us < best["us"]:
+                    best = row
+            if best is not None:
+                print(f"BEST sparse S={S}: {best['us']:.2f} us at BLOCK_N={best['BLOCK_N']} "
+                      f"DVB={best['DVB']} num_warps={best['num_warps']} n_splits={best['n_splits']} "
+                      f"err={best['err']:.3g}", flush=True)
+    finally:
+        ks.TUNING[tun], ks.ALLOW_FALLBACK = base, base_fallback
+
+
 def part_delta(timer: Timer, smoke: bool, rows: list[dict]) -> None:
     from attnlab import ModelConfig
     from attnlab.kernels import delta_decode as kdd
@@ -385,6 +440,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     part_topk(timer, topk_contexts, smoke, rows, topk)
                 elif part == "mla":
                     part_mla(timer, contexts, smoke, rows)
+                elif part == "sparse":
+                    part_sparse(timer, contexts, smoke, rows, topk)
                 else:
                     part_delta(timer, smoke, rows)
             except Exception as e:  # one broken part must not lose the others of a batched device run
