@@ -473,6 +473,9 @@ def test_interp_topk_fused_leaves_its_buffer_zeroed(monkeypatch):
         assert torch.equal(ks.dsa_topk(scores, topk, causal=True), want), seed
         (buf,) = ks._TOPK_SYNC.values()
         assert buf.numel() == 3 * (4 * 256 + 1) and not bool(buf.any()), "buffer not left zeroed"
+    monkeypatch.setattr(ks, "TOPK_REUSE_SYNC", False)  # the other side of the A/B: a fresh zeroed buffer
+    scores = _tie_scores(1, 3, 200, seed=6)
+    assert torch.equal(ks.dsa_topk(scores, 40), ops.dsa_topk(scores, 40, mode="torch"))
 
 
 @interp

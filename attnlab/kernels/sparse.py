@@ -697,17 +697,17 @@ def _row_sync(CTR, target):
 @triton.jit
 def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                PDL: tl.constexpr = False):
+                PDL: tl.constexpr = False, CLEAR: tl.constexpr = True):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
-    [R, 4, 256] and CTR [R] start at zero, and are left at zero: every program counts its departure
-    on CTR once past the last barrier, and the row's last to leave clears the row's HIST and CTR, so
-    the launcher reuses one buffer (no fill launch per call). Writes SEL-style int64 sort keys into
-    OUT's row (for _topk_rank) or, with POSITIONS, the positions (-1 for a -inf score) in position
-    order; the last chunk fills slots k_eff..topk with -1. PDL: the next kernel may launch once every
-    program has started (so all of them are resident before any later kernel takes SM slots); wait for
-    the previous."""
+    [R, 4, 256] and CTR [R] start at zero; with CLEAR they are left at zero: every program counts its
+    departure on CTR once past the last barrier, and the row's last to leave clears the row's HIST
+    and CTR, so the launcher reuses one buffer (no fill launch per call; TOPK_REUSE_SYNC). Writes
+    SEL-style int64 sort keys into OUT's row (for _topk_rank) or, with POSITIONS, the positions (-1
+    for a -inf score) in position order; the last chunk fills slots k_eff..topk with -1. PDL: the
+    next kernel may launch once every program has started (so all of them are resident before any
+    later kernel takes SM slots); wait for the previous."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -741,11 +741,12 @@ def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_ef
     eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
     # departure: every read of HIST came before this program's arrival at the last barrier, which all
     # programs have passed once CTR counts 6 x N_CHUNK; the row's last to leave clears for the next launch
-    tl.debug_barrier()
-    left = tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu") + 1
-    if left == 6 * N_CHUNK:
-        tl.store(hist + tl.arange(0, 1024), tl.zeros([1024], dtype=tl.int32))
-        tl.atomic_xchg(ctr, 0, sem="release", scope="gpu")
+    if CLEAR:
+        tl.debug_barrier()
+        left = tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu") + 1
+        if left == 6 * N_CHUNK:
+            tl.store(hist + tl.arange(0, 1024), tl.zeros([1024], dtype=tl.int32))
+            tl.atomic_xchg(ctr, 0, sem="release", scope="gpu")
     slot = gt_before + tl.minimum(eq_seen, k_rem)
     out = OUT + r.to(tl.int64) * stride_out
     _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
@@ -1359,6 +1360,9 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # 37.0 vs 39.1 / 30.3 (a row's ~132 programs each stream 2K scores per pass there): so up to 128K.
 TOPK_FUSED_MAX = 1 << 17
 _TOPK_SYNC: dict = {}  # _topk_fused's zeroed histogram / counter buffers by (device, rows)
+# True: _topk_fused clears its buffer as it leaves and the launcher reuses it; False: a zero fill
+# (one more launch) before every call
+TOPK_REUSE_SYNC = True
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
@@ -1485,15 +1489,19 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, TOPK_FUSED_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_FUSED_BLOCK) * TOPK_FUSED_BLOCK
     n_chunks = triton.cdiv(S, chunk)
-    # histograms, then counters
-    sync = reused_zeros(_TOPK_SYNC, (sc.device, R), R * (4 * 256 + 1), torch.int32, sc.device)
+    n_sync = R * (4 * 256 + 1)  # histograms, then counters
+    if TOPK_REUSE_SYNC:
+        sync = reused_zeros(_TOPK_SYNC, (sc.device, R), n_sync, torch.int32, sc.device)
+    else:
+        sync = torch.zeros(n_sync, dtype=torch.int32, device=sc.device)
     hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 :]
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
     pdl = use_pdl(sc.device)
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, sel, S, T, chunk, sc.stride(0), sel.stride(0), k_eff,
                                  topk if not sort else k_eff, n_chunks, CAUSAL=causal, BLOCK=TOPK_FUSED_BLOCK,
-                                 BCH=_pow2(n_chunks, 2), POSITIONS=not sort, PDL=pdl, num_warps=4,
+                                 BCH=_pow2(n_chunks, 2), POSITIONS=not sort, PDL=pdl, CLEAR=TOPK_REUSE_SYNC,
+                                 num_warps=4,
                                  **launch_options(pdl))
     if sort:
         if topk > k_eff:
