@@ -405,8 +405,7 @@ def count_step(model: HybridLM, branch: str = "cuda", prompt_len: int = 8, max_l
             _fused_branch(stack)
         logits = prefill(model, tokens, caches)
         step = DecodeStep(model, caches, mode="eager")
-        nxt = step(logits.argmax(-1)).argmax(-1)  # (1,): one step uncounted, as a CUDA graph's warm-up
-        # (buffers a launch reuses, e.g. the fused top-k's zeroed barrier buffer, are made on first use)
+        nxt = logits.argmax(-1)  # (1,)
         _as_in_graph(stack)
         _COUNTER = counter
         try:

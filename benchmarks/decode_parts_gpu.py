@@ -26,10 +26,11 @@ One decode row (batch 1), each part's kernel timed alone. Five parts (``--parts`
   default TUNING. Why: the split policy and block shape for a batch-1 row.
 - ``sparse``: DSA's attention of one decode row over its top-k (``sparse_attention``, T = 1, 16 heads
   over one 576-dim latent, values its first 512 dims, bf16, k = ``--topk`` distinct positions of S in
-  position order, as the fused D step passes them; the ``TUNING["sparse_decode"]`` launch shape):
+  position order, as the fused D step passes them; the ``TUNING["sparse"]`` launch shape):
   BLOCK_N in (32, 64) x DVB in (1, 4) x num_warps in (4, 8) x n_splits in (None, 8, 16, 32, 64),
   BLOCK_H 16, 2 stages, fallback shapes off; ``err`` as for ``mla``. Why: the split count and block
-  shape of the top-k attention at batch 1 (the default came from 128-head, batch-32 sweeps).
+  shape of the top-k attention at batch 1 (the default came from 128-head, batch-32 sweeps; on an
+  H100 it was also the fastest here: benchmarks/RESULTS.md).
 - ``delta``: ``attnlab.kernels.delta_decode.delta_decode(count_token=True)`` at 1B-model shapes
   (Qwen3-Next-style G layer: 32 value heads over 16 key heads of 128; Kimi-Linear-style K layer: 16 /
   16 of 128), bf16, V_BLOCK in (16, 32, 64, 128) x NUM_WARPS in (None, 4, 8), warm (state in L2)
@@ -277,7 +278,7 @@ def part_sparse(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int
     grid = (itertools.product((16,), (1, 2), (4,), (None, 2)) if smoke
             else itertools.product((32, 64), (1, 4), (4, 8), (None, 8, 16, 32, 64)))
     grid = list(grid)
-    tun = "sparse_decode"
+    tun = "sparse"
     base, base_fallback = dict(ks.TUNING[tun]), ks.ALLOW_FALLBACK
     try:
         ks.ALLOW_FALLBACK = False

@@ -66,7 +66,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
-from ._common import output_buffer, reused_zeros
+from ._common import output_buffer
 from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -105,10 +105,6 @@ TUNING: dict[str, dict[str, int]] = {
     # 32K 33.8 -> 25.4 (128); 128K 77.2 (256) -> 67.4 (128)
     "decode_narrow": {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "DVB": 1, "SHARE_QK": 0,
                       "MIN_STEPS": 1, "MAX_SPLITS": 128},
-    # one query token per row over its top-k slots with few query heads per latent (G <= 32: a DSA
-    # decode step of a small model), the "sparse" shape until benchmarks/decode_parts_gpu.py --parts
-    # sparse measures better
-    "sparse_decode": {"BLOCK_H": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 0},
 }
 # Tried in order after TUNING[...] when a launch shape does not compile (out of shared memory or
 # registers on another GPU or Triton version): the previous default (16 slots, 3 stages, 131 KB).
@@ -697,17 +693,14 @@ def _row_sync(CTR, target):
 @triton.jit
 def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                PDL: tl.constexpr = False, CLEAR: tl.constexpr = True):
+                PDL: tl.constexpr = False):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
-    [R, 4, 256] and CTR [R] start at zero; with CLEAR they are left at zero: every program counts its
-    departure on CTR once past the last barrier, and the row's last to leave clears the row's HIST
-    and CTR, so the launcher reuses one buffer (no fill launch per call; TOPK_REUSE_SYNC). Writes
-    SEL-style int64 sort keys into OUT's row (for _topk_rank) or, with POSITIONS, the positions (-1
-    for a -inf score) in position order; the last chunk fills slots k_eff..topk with -1. PDL: the
-    next kernel may launch once every program has started (so all of them are resident before any
-    later kernel takes SM slots); wait for the previous."""
+    [R, 4, 256] and CTR [R] start at zero. Writes SEL-style int64 sort keys into OUT's row (for
+    _topk_rank) or, with POSITIONS, the positions (-1 for a -inf score) in position order; the last
+    chunk fills slots k_eff..topk with -1. PDL: the next kernel may launch once every program has
+    started (so all of them are resident before any later kernel takes SM slots); wait for the previous."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -739,14 +732,6 @@ def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_ef
     cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
     gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0, volatile=True), 0)
     eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
-    # departure: every read of HIST came before this program's arrival at the last barrier, which all
-    # programs have passed once CTR counts 6 x N_CHUNK; the row's last to leave clears for the next launch
-    if CLEAR:
-        tl.debug_barrier()
-        left = tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu") + 1
-        if left == 6 * N_CHUNK:
-            tl.store(hist + tl.arange(0, 1024), tl.zeros([1024], dtype=tl.int32))
-            tl.atomic_xchg(ctr, 0, sem="release", scope="gpu")
     slot = gt_before + tl.minimum(eq_seen, k_rem)
     out = OUT + r.to(tl.int64) * stride_out
     _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
@@ -951,9 +936,6 @@ def _attend(
         tuning = "fp32"
     elif tuning == "decode" and q.shape[2] // k.shape[2] <= 32:
         tuning = "decode_narrow"
-    elif (tuning == "sparse" and gather == _GATHER_INDEX and q.shape[1] == 1
-          and q.shape[2] // k.shape[2] <= 32):
-        tuning = "sparse_decode"  # a decode row over its top-k
     last_error = None
     for cfg in _launch_configs(tuning):
         try:
@@ -1359,10 +1341,6 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # multi-launch 34.2 / 25.5; 32K 22.9 / 14.0 vs 34.7 / 26.0; 128K 32.8 / 23.8 vs 35.9 / 27.1; 256K 46.0 /
 # 37.0 vs 39.1 / 30.3 (a row's ~132 programs each stream 2K scores per pass there): so up to 128K.
 TOPK_FUSED_MAX = 1 << 17
-_TOPK_SYNC: dict = {}  # _topk_fused's zeroed histogram / counter buffers by (device, rows)
-# True: _topk_fused clears its buffer as it leaves and the launcher reuses it; False: a zero fill
-# (one more launch) before every call
-TOPK_REUSE_SYNC = True
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
@@ -1482,26 +1460,19 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
 def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
                        causal: bool, sort: bool) -> None:
     """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
-    row's chunks, at most SMs // R of them, are one program each, so every program is resident. The
-    histograms and counters are one zeroed buffer per (device, R), reused (the kernel leaves it
-    zeroed): not safe for two launches with the same R on different streams at once."""
+    row's chunks, at most SMs // R of them, are one program each, so every program is resident."""
     R = sc.shape[0]
     n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, TOPK_FUSED_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_FUSED_BLOCK) * TOPK_FUSED_BLOCK
     n_chunks = triton.cdiv(S, chunk)
-    n_sync = R * (4 * 256 + 1)  # histograms, then counters
-    if TOPK_REUSE_SYNC:
-        sync = reused_zeros(_TOPK_SYNC, (sc.device, R), n_sync, torch.int32, sc.device)
-    else:
-        sync = torch.zeros(n_sync, dtype=torch.int32, device=sc.device)
+    sync = torch.zeros(R * (4 * 256 + 1), dtype=torch.int32, device=sc.device)  # histograms, then counters
     hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 :]
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
     pdl = use_pdl(sc.device)
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, sel, S, T, chunk, sc.stride(0), sel.stride(0), k_eff,
                                  topk if not sort else k_eff, n_chunks, CAUSAL=causal, BLOCK=TOPK_FUSED_BLOCK,
-                                 BCH=_pow2(n_chunks, 2), POSITIONS=not sort, PDL=pdl, CLEAR=TOPK_REUSE_SYNC,
-                                 num_warps=4,
+                                 BCH=_pow2(n_chunks, 2), POSITIONS=not sort, PDL=pdl, num_warps=4,
                                  **launch_options(pdl))
     if sort:
         if topk > k_eff:
