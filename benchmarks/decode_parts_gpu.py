@@ -16,7 +16,7 @@ One decode row (batch 1), each part's kernel timed alone. Five parts (``--parts`
   sorted in it; ``TOPK_ONE_PROGRAM_MAX``, with ``TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM`` = 0 so a single
   row takes it) and ``one-program+rank`` (``TOPK_ONE_PROGRAM_SORT`` = False: a rank pass sorts), each
   ``sort`` True and False (the rank variant: True only); ``small-w{4,8,16}`` (unsorted rows up to
-  ``TOPK_SMALL_MAX``: ``_topk_row`` with one block per pass, that many warps; S <= 64K only); plus
+  ``TOPK_SMALL_MAX``: ``_topk_row`` with one block per pass, that many warps; S <= 32K only); plus
   ``torch.topk(sorted=False)``. Checked:
   sorted output equal to ``ops.dsa_topk(mode="torch")``; unsorted, the same set. Why: which path a
   single decode row should take up to which S (``TOPK_FUSED_MAX``).
@@ -200,7 +200,7 @@ def part_topk(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) 
             sc = (torch.randn(1, 1, S, device=dev) * 4).round() / 4  # (1, 1, S): ties
             want = ops.dsa_topk(sc, topk, causal=False, mode="torch")  # (1, 1, topk)
             small = {f"small-w{w}": dict(TOPK_ONE_PROGRAM_MAX=0, TOPK_SMALL_MAX=big, TOPK_SMALL_WARPS=w)
-                     for w in ((4,) if smoke else (4, 8, 16)) if S <= (1 << 16)}  # unsorted only
+                     for w in ((4,) if smoke else (4, 8, 16)) if S <= (1 << 15)}  # unsorted only
             for path, knobs in {**paths, **small}.items():
                 sorts = (True,) if path == "one-program+rank" else (False,) if path.startswith("small") else (
                     True, False)
