@@ -15,9 +15,7 @@ One decode row (batch 1), each part's kernel timed alone. Five parts (``--parts`
   ``multi`` (the multi-launch radix select), ``one-program`` (``_topk_row``, one program per row,
   sorted in it; ``TOPK_ONE_PROGRAM_MAX``, with ``TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM`` = 0 so a single
   row takes it) and ``one-program+rank`` (``TOPK_ONE_PROGRAM_SORT`` = False: a rank pass sorts), each
-  ``sort`` True and False (the rank variant: True only); ``small-w{4,8,16}`` (unsorted rows up to
-  ``TOPK_SMALL_MAX``: ``_topk_row`` with one block per pass, that many warps; S <= 32K only); plus
-  ``torch.topk(sorted=False)``. Checked:
+  ``sort`` True and False (the rank variant: True only); plus ``torch.topk(sorted=False)``. Checked:
   sorted output equal to ``ops.dsa_topk(mode="torch")``; unsorted, the same set. Why: which path a
   single decode row should take up to which S (``TOPK_FUSED_MAX``).
 - ``mla``: MLA absorbed dense decode (``softmax_decode``, 16 heads over one 576-dim latent, values
@@ -175,7 +173,6 @@ def part_index(timer: Timer, contexts, smoke: bool, rows: list[dict]) -> None:
 
 TOPK_KNOBS = (
     "TOPK_FUSED_MAX", "TOPK_ONE_PROGRAM_MAX", "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", "TOPK_ONE_PROGRAM_SORT",
-    "TOPK_SMALL_MAX", "TOPK_SMALL_WARPS",
 )
 
 
@@ -186,8 +183,8 @@ def part_topk(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) 
     dev = timer.device
     big = 1 << 20
     paths = {  # knob values per path (the rest as found)
-        "fused": dict(TOPK_FUSED_MAX=big, TOPK_ONE_PROGRAM_MAX=0, TOPK_SMALL_MAX=0),
-        "multi": dict(TOPK_FUSED_MAX=0, TOPK_ONE_PROGRAM_MAX=0, TOPK_SMALL_MAX=0),
+        "fused": dict(TOPK_FUSED_MAX=big, TOPK_ONE_PROGRAM_MAX=0),
+        "multi": dict(TOPK_FUSED_MAX=0, TOPK_ONE_PROGRAM_MAX=0),
         "one-program": dict(TOPK_ONE_PROGRAM_MAX=big, TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM=0,
                             TOPK_ONE_PROGRAM_SORT=True),
         "one-program+rank": dict(TOPK_ONE_PROGRAM_MAX=big, TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM=0,
@@ -199,12 +196,8 @@ def part_topk(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) 
             torch.manual_seed(0)
             sc = (torch.randn(1, 1, S, device=dev) * 4).round() / 4  # (1, 1, S): ties
             want = ops.dsa_topk(sc, topk, causal=False, mode="torch")  # (1, 1, topk)
-            small = {f"small-w{w}": dict(TOPK_ONE_PROGRAM_MAX=0, TOPK_SMALL_MAX=big, TOPK_SMALL_WARPS=w)
-                     for w in ((4,) if smoke else (4, 8, 16)) if S <= (1 << 15)}  # unsorted only
-            for path, knobs in {**paths, **small}.items():
-                sorts = (True,) if path == "one-program+rank" else (False,) if path.startswith("small") else (
-                    True, False)
-                for sort in sorts:
+            for path, knobs in paths.items():
+                for sort in ((True,) if path == "one-program+rank" else (True, False)):
                     for name in TOPK_KNOBS:
                         setattr(ks, name, knobs.get(name, saved[name]))
                     fn = functools.partial(ks.dsa_topk, sc, topk, causal=False, sort=sort)

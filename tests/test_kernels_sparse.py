@@ -427,12 +427,10 @@ def _tie_scores(B, T, S, seed):
 
 def _topk_path(ks, monkeypatch, path: str) -> None:
     """Route ks.dsa_topk to one of its paths: "one_program" (_topk_row), "fused" (_topk_fused, one
-    launch; one chunk per row under the interpreter), "multi" (the _topk_hist ... passes) or, for
-    unsorted calls, "small" (_topk_row, one block per pass; sorted calls then take "multi")."""
+    launch; one chunk per row under the interpreter) or "multi" (the _topk_hist ... passes)."""
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if path == "one_program" else 0)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
     monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
-    monkeypatch.setattr(ks, "TOPK_SMALL_MAX", 1 << 14 if path == "small" else 0)
 
 
 @interp
@@ -458,11 +456,10 @@ def test_interp_triton_topk_equals_oracle(causal, path, monkeypatch):
 
 
 @interp
-@pytest.mark.parametrize("path", ["one_program", "multi", "fused", "small"])
+@pytest.mark.parametrize("path", ["one_program", "multi", "fused"])
 def test_interp_triton_topk_decode_row_long(path, monkeypatch):
     """One decode row (B = 1, T = 1) split over many programs (or one), scores from integer data so
-    the k-th value is tied across chunk boundaries, float64 and bfloat16 inputs compared at float32;
-    sorted, and unsorted (the "small" path: one program, one block per pass)."""
+    the k-th value is tied across chunk boundaries, float64 and bfloat16 inputs compared at float32."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
@@ -473,7 +470,6 @@ def test_interp_triton_topk_decode_row_long(path, monkeypatch):
     scores[0, 0, 1900:] = float("-inf")  # past the row's length
     want = ops.dsa_topk(scores, 300, causal=True, mode="torch")
     assert torch.equal(ks.dsa_topk(scores.double(), 300), want)
-    _assert_same_set_in_position_order(ks.dsa_topk(scores.double(), 300, sort=False), want)
     bf = (scores / 3).bfloat16()
     assert torch.equal(ks.dsa_topk(bf, 64), ops.dsa_topk(bf, 64, mode="torch"))
 
@@ -537,7 +533,7 @@ def _assert_same_set_in_position_order(got: torch.Tensor, want: torch.Tensor) ->
 
 
 @interp
-@pytest.mark.parametrize("path", ["one_program", "multi", "fused", "small"])
+@pytest.mark.parametrize("path", ["one_program", "multi", "fused"])
 def test_interp_topk_unsorted_same_set_in_position_order(path, monkeypatch):
     """sort=False (a decode step's top-k): the oracle's positions, ties to the earlier position,
     -inf and causally hidden positions -1, k above the visible count and above S, in position order,
@@ -593,13 +589,6 @@ def test_interp_topk_decode_rows_take_the_fused_path(monkeypatch):
     many = _tie_scores(2, 4, 200, seed=7)  # 8 rows >= 0.5 per SM of the interpreter's 4
     assert torch.equal(ks.dsa_topk(many, 30), ops.dsa_topk(many, 30, mode="torch"))
     assert launched == ["_topk_row"]
-    # unsorted decode rows up to TOPK_SMALL_MAX scores: one program per row (_topk_row, one block)
-    monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20)
-    for limit, path in ((200, "_topk_row"), (199, "_topk_fused"), (0, "_topk_fused")):
-        launched.clear()
-        monkeypatch.setattr(ks, "TOPK_SMALL_MAX", limit)
-        _assert_same_set_in_position_order(ks.dsa_topk(scores, 30, sort=False), want)
-        assert launched == [path], limit
 
 
 @interp
@@ -916,7 +905,7 @@ def test_gpu_topk_one_program_equals_oracle(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "multi", "small"])
+@pytest.mark.parametrize("path", ["fused", "multi"])
 @pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 1, 32768), (2, 1, 131072), (1, 1, 3000), (8, 1, 70000),
                                    (1, 1, 200)])
 def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
@@ -926,7 +915,6 @@ def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
-    monkeypatch.setattr(ks, "TOPK_SMALL_MAX", 8192 if path == "small" else 0)  # unsorted rows <= 8K
 
     gen = torch.Generator(device="cuda").manual_seed(shape[2] + 1)
     scores = (torch.randn(shape, device="cuda", generator=gen) * 4).round() / 4

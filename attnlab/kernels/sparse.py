@@ -764,7 +764,7 @@ def _topk_rank(SEL, OUT, S, k_eff, stride_sel, stride_out, BLOCK_I: tl.constexpr
 @triton.jit
 def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
               CAUSAL: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr,
-              POSITIONS: tl.constexpr, PDL: tl.constexpr = False):
+              POSITIONS: tl.constexpr):
     """The whole top-k of one short row per program (decode and short prefill rows): the four
     histogram levels of _topk_hist with the histograms in registers (no atomics, no zero fill),
     then the earliest `need` ties and every key above the k-th written in position order as the
@@ -772,12 +772,7 @@ def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
     own row (topk >= k_eff slots: no scratch buffer), are read back, sorted descending (bitonic,
     KP = next power of two >= k_eff) and stored as positions (-1 for a -inf score): one launch.
     Else they go to SEL's row for _topk_rank (a second launch). POSITIONS (not SORT): the positions
-    themselves go into OUT in position order (-1 for a -inf score): the unsorted result, one launch.
-    With BLOCK >= S (a short decode row, TOPK_SMALL_MAX) every pass is one block: the row is read
-    from memory once (later passes hit L1) and no program waits on another. PDL: as _topk_fused."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    themselves go into OUT in position order (-1 for a -inf score): the unsorted result, one launch."""
     r = tl.program_id(0)
     row_off = r.to(tl.int64) * stride_r
     out = OUT + r.to(tl.int64) * stride_out
@@ -1346,13 +1341,6 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # multi-launch 34.2 / 25.5; 32K 22.9 / 14.0 vs 34.7 / 26.0; 128K 32.8 / 23.8 vs 35.9 / 27.1; 256K 46.0 /
 # 37.0 vs 39.1 / 30.3 (a row's ~132 programs each stream 2K scores per pass there): so up to 128K.
 TOPK_FUSED_MAX = 1 << 17
-# Unsorted rows (sort=False: a decode step's set) of at most this many scores that would otherwise
-# take the fused path: one program per row whose passes each cover the whole row (_topk_row with
-# BLOCK = next_power_of_2(S)) -- no barriers between programs. 0 turns it off. Warps: TOPK_SMALL_WARPS,
-# or None: BLOCK / 512 in [4, 16] (sm_90 build, no spills: 4096 x 8 warps 77 registers, 8192 x 16
-# warps 107; 16384 x 16 spills)
-TOPK_SMALL_MAX = 8192
-TOPK_SMALL_WARPS: int | None = None
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
@@ -1397,9 +1385,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     R = B * T
     one_program = (0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
                    and R >= TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM * _num_sms(scores.device))
-    small = not one_program and not sort and 0 < S <= TOPK_SMALL_MAX
-    fused = not one_program and not small and 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(scores.device)
-    if (one_program or small or fused) and R > 0:  # _topk_row / _topk_fused write every slot: no -1 fill
+    fused = not one_program and 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(scores.device)
+    if (one_program or fused) and R > 0:  # _topk_row / _topk_fused write every slot: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
         out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
@@ -1410,13 +1397,6 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         sc = sc.to(torch.float32).contiguous()
     if one_program:
         _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
-        return out
-    if small:  # the unsorted set of a short row, one program holding the whole row
-        res = out.view(R, topk)  # (R, topk)
-        pdl = use_pdl(sc.device)
-        _topk_row[(R,)](sc, res, res, S, T, sc.stride(0), res.stride(0), res.stride(0), k_eff, topk,
-                        CAUSAL=causal, BLOCK=_pow2(S), KP=16, SORT=False, POSITIONS=True, PDL=pdl,
-                        num_warps=TOPK_SMALL_WARPS or max(4, min(16, _pow2(S) // 512)), **launch_options(pdl))
         return out
     if fused:
         _topk_fused_launch(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
