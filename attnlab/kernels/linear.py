@@ -58,6 +58,7 @@ L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
 LIGHTNING_SEGMENTED = True  # Lightning forward: kernels/lightning_fwd.py (False: the kernels below)
 DELTA_SEGMENTED = True  # GDN/KDA state pass: kernels/delta_segments.py (False: _state_kernel)
+PREP_SPLIT = True  # GDN/KDA prepare: _kkt_inv_kernel + _wu_kernel (False: the single _prepare_kernel)
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -74,11 +75,25 @@ OUT_TUNING: dict[str, dict[str, int]] = {
     "vector": {"BV": 128, "num_warps": 4, "num_stages": 2},
     "lightning": {"BV": 128, "num_warps": 4, "num_stages": 2},
 }
-# Prepare kernel (parallel over chunks; 16-row tiles: 2 warps beat 4 by 6-15% at 16K).
+# Prepare (parallel over chunks). With PREP_SPLIT: "num_warps" and "BK" (channels per step) of
+# _kkt_inv_kernel, "wu_num_warps" / "wu_num_stages" of _wu_kernel (defaults below when a sweep sets
+# only num_warps); without: num_warps of the single _prepare_kernel (2 warps beat 4 by 6-15% at 16K).
+# sm_90 (registers, stack bytes per thread) at H = HK = 16, D_k = D_v = 128, bf16, 16-divisible
+# pointers and T (tests/test_kernels_linear.py::test_prepare_compiles_for_sm90), triton 3.9:
+#   single _prepare_kernel   KDA 2 warps (255, 1904), 4 warps (255, 1136); GDN 2 (255, 200), 4 (255, 0)
+#     (without the 16-divisibility: KDA 2 (168, 5224), 4 (255, 2296); GDN 2 (255, 1784))
+#   _kkt_inv_kernel          KDA 8 warps BK 32 (119, 0) [4 warps 237, BK 64 at 8 warps 250]
+#                            GDN 8 warps BK 64 (115, 0) [4 warps 170]
+#   _wu_kernel, 1 stage      KDA 8 warps (71, 0), GDN (70, 0) [4 warps 128 / 104; 3 stages: 4 warps
+#                            168 / 144, 8 warps 102 / 80]
+# 8 warps for both: at most 128 registers, so two 8-warp programs fit an SM (16 warps resident,
+# against 8 for the spilling single kernel); _wu_kernel's K and V loops have two steps each, whose
+# loads one stage already issues together, and more stages only cost registers.
 PREP_TUNING: dict[str, dict[str, int]] = {
-    "scalar": {"num_warps": 2},
-    "vector": {"num_warps": 2},
+    "scalar": {"num_warps": 8, "BK": 64, "wu_num_warps": 8, "wu_num_stages": 1},
+    "vector": {"num_warps": 8, "BK": 32, "wu_num_warps": 8, "wu_num_stages": 1},
 }
+PREP_SINGLE_WARPS = {"scalar": 2, "vector": 2}  # num_warps of _prepare_kernel (PREP_SPLIT = False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +454,219 @@ def _prepare_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# kernel 1, split form (PREP_SPLIT): 1a gate cumsum + A (+ gated q·k) + X = (I + A)⁻¹, 1b w, u, kd.
+# 1a keeps two [BT, BT] fp32 accumulators and [BT, BK] input tiles (64-row tensor-core products),
+# stores A into the X buffer, and solves in 16×16 blocks read back from there (a layout change:
+# registers cannot be re-sliced); 1b multiplies the stored X into β K ⊙ Γ and β V with 64-row dots.
+
+
+@triton.jit
+def _ctile(ptr, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BCOL: tl.constexpr):
+    """_tile with 32-bit offsets from a 64-bit row-row0 base (fewer registers: one per element
+    instead of two); row_stride · BR must fit in int32."""
+    r = tl.arange(0, BR)
+    c = col0 + tl.arange(0, BCOL)
+    m = (row0 + r < n_rows)[:, None] & (c < n_cols)[None, :]
+    return tl.load(ptr + row0.to(tl.int64) * row_stride + (r[:, None] * row_stride + c[None, :]), mask=m,
+                   other=0.0)
+
+
+@triton.jit
+def _cstore(ptr, x, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BCOL: tl.constexpr):
+    """_store_tile with 32-bit offsets, as _ctile."""
+    r = tl.arange(0, BR)
+    c = col0 + tl.arange(0, BCOL)
+    m = (row0 + r < n_rows)[:, None] & (c < n_cols)[None, :]
+    tl.store(ptr + row0.to(tl.int64) * row_stride + (r[:, None] * row_stride + c[None, :]),
+             x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gated_kkt(a_acc, q_acc, kb, qb, G, G_p, t0, n_in, G_stride, col0, K: tl.constexpr, BT: tl.constexpr,
+               BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr):
+    """Adds to a_acc, q_acc [BT, BT] one BK-channel block of Σ_d k_id k_jd e^{G_id−G_jd} and
+    Σ_d q_id k_jd e^{G_id−G_jd}, per-channel gate, right for j ≤ i (above the diagonal: finite garbage
+    the caller masks), no factor ever above e^{SPAN/2}. kb, qb [BT, BK] (DT), G [BT, BK] fp32 (rows
+    ≥ n_in constant, as their g is 0), the same G stored at G_p (rows < n_in).
+
+    Segments of S = BT, BT/2, ..., 1 rows, starting with the whole chunk: when |G − G_m| < SPAN / 2
+    over every segment, m its middle row, each pair in one segment factors through m, e^{G_i−G_m} ·
+    e^{G_m−G_j} (every factor ≤ e^{SPAN/2}, products ≤ e^SPAN even above the diagonal: finite; exact
+    up to rounding), one product per segment, and this is the last size. Otherwise only the pairs
+    across the middle (i after m, j up to m: both factors ≤ 1, always safe) take that product, and
+    the halves go on to the next size. At S = 1 the factor is 1, so the loop always ends. A gentle
+    gate (the usual case) takes one product of the whole chunk. Each product is one tensor-core dot
+    accumulated in place: the rows outside its segment are zeroed in both operands, so pairs across
+    segments get nothing (a masked add of the product would keep a second [BT, BT] tile live)."""
+    rr = tl.arange(0, BT)
+    cols = col0 + tl.arange(0, BK)
+    done = rr * 0  # [BT] int32, all equal: 1 once every pair is covered
+    for lvl in range(0, 7):  # BT = 64 = 2^6: segment sizes 64 ... 1
+        if tl.max(done, 0) == 0:
+            S = BT >> lvl
+            hb = tl.maximum(S // 2, 1)
+            seg = rr // S
+            mid = tl.minimum(seg * S + hb - 1, n_in - 1)  # the segment's middle row (padding: the last)
+            R = tl.load(G_p + (t0 + mid).to(tl.int64)[:, None] * G_stride + cols[None, :],
+                        mask=(cols < K)[None, :], other=0.0)
+            d = G - R  # [BT, BK], ≤ 0 after the middle, ≥ 0 up to it
+            if tl.max(tl.max(tl.abs(d), 1), 0) < SPAN / 2:  # whole segments
+                f = tl.exp(d)
+                rk = (kb * tl.exp(-d)).to(DT)
+                lk = (kb * f).to(DT)
+                lq = (qb * f).to(DT)
+                done = done + 1
+            else:  # across the middle only: rows after it × rows up to it, factors ≤ 1
+                after = (rr % S >= hb)[:, None]
+                e = tl.exp(tl.where(after, d, -d))
+                rk = tl.where(after, 0.0, kb * e).to(DT)
+                lk = tl.where(after, kb * e, 0.0).to(DT)
+                lq = tl.where(after, qb * e, 0.0).to(DT)
+            for a in range(0, BT // S):
+                ins = (seg == a)[:, None]
+                right = tl.trans(tl.where(ins, rk, 0.0))
+                a_acc = tl.dot(tl.where(ins, lk, 0.0), right, a_acc, input_precision=PREC)
+                q_acc = tl.dot(tl.where(ins, lq, 0.0), right, q_acc, input_precision=PREC)
+    return a_acc, q_acc
+
+
+@triton.jit
+def _kkt_inv_kernel(
+    q, k, g, beta, gcum, aqk, xa, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr, SPAN: tl.constexpr,
+):
+    """Per chunk and head: gcum, A (β-scaled, strictly lower), aqk (per-channel gate: scale · gated
+    q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa (fp32, [.., BT] per token row, as aqk)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_h = i_bh
+        i_b = tl.load(chunk_indices + 2 * i_c)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    else:
+        i_b, i_h = i_bh // H, i_bh % H
+        i_t = i_c
+    i_hk = i_h // (H // HK)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    t0 = i_t * BT
+    n_in = tl.minimum(n - t0, BT)
+    rr = tl.arange(0, BT)
+    q_p = q + (bos * HK + i_hk) * K
+    k_p = k + (bos * HK + i_hk) * K
+    x_p = xa + (bos * H + i_h) * BT
+
+    if GATE_VEC:
+        g_p = g + (bos * H + i_h) * K
+        G_p = gcum + (bos * H + i_h) * K
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        Aq = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            c0 = i_k * BK
+            G = tl.cumsum(_ctile(g_p, t0, n, H * K, c0, K, BT, BK).to(tl.float32), 0)
+            _cstore(G_p, G, t0, n, H * K, c0, K, BT, BK)
+            tl.debug_barrier()  # _gated_kkt reads the segments' middle rows of G back
+            kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK)
+            qb = _ctile(q_p, t0, n, HK * K, c0, K, BT, BK)
+            A, Aq = _gated_kkt(A, Aq, kb, qb, G, G_p, t0, n_in, H * K, c0, K, BT, BK, DT, PREC, SPAN)
+        Aq = tl.where(rr[:, None] >= rr[None, :], Aq * scale, 0.0)
+        _cstore(aqk + (bos * H + i_h) * BT, Aq, t0, n, H * BT, 0, BT, BT, BT)
+    else:
+        gs = tl.cumsum(_vec(g + bos * H + i_h, t0, n, H, BT), 0)  # [BT]
+        tl.store(gcum + bos * H + i_h + (t0 + rr).to(tl.int64) * H, gs, mask=rr < n_in)
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            kb = _ctile(k_p, t0, n, HK * K, i_k * BK, K, BT, BK)
+            A += _mm(kb, tl.trans(kb), DT, PREC)
+        low = rr[:, None] > rr[None, :]
+        A *= tl.exp(tl.where(low, gs[:, None] - gs[None, :], 0.0))  # exponent masked before exp
+    b = _vec(beta + bos * H + i_h, t0, n, H, BT)
+    A = tl.where(rr[:, None] > rr[None, :], A * b[:, None], 0.0)
+    _cstore(x_p, A, t0, n, H * BT, 0, BT, BT, BT)
+    tl.debug_barrier()  # the solve reads A back in 16×16 blocks
+
+    r1, r2, r3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
+    a10 = _ctile(x_p, r1, n, H * BT, 0, BT, BC, BC)
+    a20 = _ctile(x_p, r2, n, H * BT, 0, BT, BC, BC)
+    a21 = _ctile(x_p, r2, n, H * BT, BC, BT, BC, BC)
+    a30 = _ctile(x_p, r3, n, H * BT, 0, BT, BC, BC)
+    a31 = _ctile(x_p, r3, n, H * BT, BC, BT, BC, BC)
+    a32 = _ctile(x_p, r3, n, H * BT, 2 * BC, BT, BC, BC)
+    d0 = _ctile(x_p, t0, n, H * BT, 0, BT, BC, BC)
+    d1 = _ctile(x_p, r1, n, H * BT, BC, BT, BC, BC)
+    d2 = _ctile(x_p, r2, n, H * BT, 2 * BC, BT, BC, BC)
+    d3 = _ctile(x_p, r3, n, H * BT, 3 * BC, BT, BC, BC)
+    tl.debug_barrier()  # every block is read before X overwrites it
+    i0 = _inv_unit_lower(d0, BC)
+    _cstore(x_p, i0, t0, n, H * BT, 0, BT, BC, BC)
+    i1 = _inv_unit_lower(d1, BC)
+    _cstore(x_p, i1, r1, n, H * BT, BC, BT, BC, BC)
+    x10 = -_mm32(i1, _mm32(a10, i0))
+    _cstore(x_p, x10, r1, n, H * BT, 0, BT, BC, BC)
+    i2 = _inv_unit_lower(d2, BC)
+    _cstore(x_p, i2, r2, n, H * BT, 2 * BC, BT, BC, BC)
+    x21 = -_mm32(i2, _mm32(a21, i1))
+    _cstore(x_p, x21, r2, n, H * BT, BC, BT, BC, BC)
+    x20 = -_mm32(i2, _mm32(a20, i0) + _mm32(a21, x10))
+    _cstore(x_p, x20, r2, n, H * BT, 0, BT, BC, BC)
+    i3 = _inv_unit_lower(d3, BC)
+    _cstore(x_p, i3, r3, n, H * BT, 3 * BC, BT, BC, BC)
+    x32 = -_mm32(i3, _mm32(a32, i2))
+    _cstore(x_p, x32, r3, n, H * BT, 2 * BC, BT, BC, BC)
+    x31 = -_mm32(i3, _mm32(a31, i1) + _mm32(a32, x21))
+    _cstore(x_p, x31, r3, n, H * BT, BC, BT, BC, BC)
+    x30 = -_mm32(i3, _mm32(a30, i0) + _mm32(a31, x10) + _mm32(a32, x20))
+    _cstore(x_p, x30, r3, n, H * BT, 0, BT, BC, BC)
+
+
+@triton.jit
+def _wu_kernel(
+    k, v, beta, gcum, xa, w, u, kd, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per chunk and head: w = X (β K ⊙ Γ), u = X (β V), kd = K ⊙ Γ_C/Γ, X from _kkt_inv_kernel."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_h = i_bh
+        i_b = tl.load(chunk_indices + 2 * i_c)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    else:
+        i_b, i_h = i_bh // H, i_bh % H
+        i_t = i_c
+    i_hk = i_h // (H // HK)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    t0 = i_t * BT
+    last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)  # last token of this chunk
+    k_p = k + (bos * HK + i_hk) * K
+    X = _ctile(xa + (bos * H + i_h) * BT, t0, n, H * BT, 0, BT, BT, BT).to(DT)  # [BT, BT]
+    b = _vec(beta + bos * H + i_h, t0, n, H, BT)[:, None]
+    if not GATE_VEC:
+        G_p = gcum + bos * H + i_h
+        Gs = _vec(G_p, t0, n, H, BT)[:, None]
+        Gl_s = tl.load(G_p + last * H)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        c0 = i_k * BK
+        kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK).to(tl.float32)
+        if GATE_VEC:
+            G_p = gcum + (bos * H + i_h) * K
+            G = _ctile(G_p, t0, n, H * K, c0, K, BT, BK)
+            cols = c0 + tl.arange(0, BK)
+            Gl = tl.load(G_p + last * H * K + cols, mask=cols < K, other=0.0)[None, :]
+        else:
+            G = Gs
+            Gl = Gl_s
+        _cstore(kd + (bos * H + i_h) * K, kb * tl.exp(Gl - G), t0, n, H * K, c0, K, BT, BK)
+        y = (kb * (tl.exp(G) * b)).to(DT)
+        _cstore(w + (bos * H + i_h) * K, tl.dot(X, y, input_precision=PREC), t0, n, H * K, c0, K, BT, BK)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        c0 = i_v * BV
+        y = (_ctile(v + (bos * H + i_h) * V, t0, n, H * V, c0, V, BT, BV).to(tl.float32) * b).to(DT)
+        _cstore(u + (bos * H + i_h) * V, tl.dot(X, y, input_precision=PREC), t0, n, H * V, c0, V, BT, BV)
+
+
+# ---------------------------------------------------------------------------------------------
 # kernel 2: the chunk-to-chunk recurrence (sequential over chunks; parallel over heads, D_v blocks)
 
 
@@ -742,6 +970,46 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
     return idx, torch.tensor(offsets, dtype=torch.int32, device=dev)
 
 
+def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate):
+    """The per-chunk preparation of the delta rule into w, u, kd, gcum (and aqk for gate 2): the split
+    kernels (PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and the chunk table
+    (any tensor when not varlen)."""
+    b, t, hk, d_k = q.shape
+    h, d_v = v.shape[2], v.shape[3]
+    dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
+    bk = min(64, max(16, triton.next_power_of_2(d_k)))
+    bv = min(64, max(16, triton.next_power_of_2(d_v)))
+    grid = (idx.shape[0], h) if varlen else (triton.cdiv(t, CHUNK), b * h)
+    kind = "vector" if gate == 2 else "scalar"
+    if not PREP_SPLIT:
+        _prepare_kernel[grid](
+            q, k, v, g, beta, w, u, kd, gcum, aqk, cu, idx, scale, t,
+            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=bk, BV=bv,
+            GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=PREP_SINGLE_WARPS[kind],
+        )
+        return
+    cfg = PREP_TUNING[kind]
+    xa = _empty(b, t, h, CHUNK, dtype=torch.float32, device=q.device)  # A, then X = (I + A)⁻¹, per row
+    _kkt_inv_kernel[grid](
+        q, k, g, beta, gcum, aqk, xa, cu, idx, scale, t,
+        H=h, HK=hk, K=d_k, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
+        GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
+        num_warps=cfg["num_warps"],
+    )
+    _wu_kernel[grid](
+        k, v, beta, gcum, xa, w, u, kd, cu, idx, t,
+        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen,
+        DT=dt, PREC=prec, num_warps=cfg.get("wu_num_warps", 8), num_stages=cfg.get("wu_num_stages", 1),
+    )
+
+
+def _span(dtype: torch.dtype) -> float:
+    """_gated_kkt's bound on the gate fall over a segment (its operands carry factors up to e^{span/2},
+    their products up to e^span): DIAG_SPAN (e^60 is finite in fp32; bf16 has its range), 16 for fp16
+    (largest value ~e^11: factors ≤ e^8 leave room for |k| up to ~20)."""
+    return 16.0 if dtype == torch.float16 else float(DIAG_SPAN.value)
+
+
 def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens, gate: int):
     """Launch the kernels. gate 0: Lightning (slope [H]); 1: GDN (g [B,T,H]); 2: KDA (g [B,T,H,K]).
     All tensors contiguous; q, k [B, T, HK, K]; v [B, T, H, V]. Returns (o, final state | None)."""
@@ -777,15 +1045,8 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
         gcum = _empty(*g.shape, dtype=torch.float32, device=dev)
         if gate == 2:
             aqk = _empty(b, t, h, CHUNK, dtype=torch.float32, device=dev)
-        grid = (idx.shape[0], h) if varlen else (triton.cdiv(t, CHUNK), b * h)
         if n_chunks > 0:
-            _prepare_kernel[grid](
-                q, k, v, g, beta, w, u, kd, gcum, aqk, cu, idx, scale, t,
-                H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(64, bk),
-                BV=min(64, max(16, triton.next_power_of_2(d_v))),
-                GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec,
-                num_warps=PREP_TUNING["vector" if gate == 2 else "scalar"]["num_warps"],
-            )
+            _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate)
     kind = ("lightning", "scalar", "vector")[gate]
     if gate != 0 and DELTA_SEGMENTED:  # the same outputs from segment-parallel launches
         from .delta_segments import state_pass
