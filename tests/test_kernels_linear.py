@@ -259,25 +259,27 @@ def test_interp_bad_input_raises_value_error():
         linear.gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([[0, 4]]))
 
 
-def run_prepare(split, op, q, k, v, g, beta, cu=None):
-    """The prepare stage alone (linear._prepare: split kernels or the single one) into NaN-filled
-    buffers: (w, u, kd, gcum[, aqk with its unused part above the diagonal zeroed])."""
+def run_prepare(split, op, q, k, v, g, beta, cu=None, fused=False):
+    """The prepare stage alone (linear._prepare: the split kernels, w, u, kd in the first one with
+    `fused`, or the single kernel) into NaN-filled buffers: (w, u, kd, gcum[, aqk with its unused
+    part above the diagonal zeroed])."""
     from attnlab.kernels import linear
 
     gate = 2 if op == "kda" else 1
+    kind = "vector" if gate == 2 else "scalar"
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
     nan = lambda *s: torch.full(s, float("nan"), device=q.device)  # noqa: E731
     w, kd, u, gcum = nan(b, t, h, d_k), nan(b, t, h, d_k), nan(b, t, h, d_v), nan(*g.shape)
     aqk = nan(b, t, h, linear.CHUNK) if gate == 2 else w
     idx = linear._chunk_tables(cu, linear.CHUNK)[0] if cu is not None else q
-    old = linear.PREP_SPLIT
-    linear.PREP_SPLIT = split
+    old = linear.PREP_SPLIT, linear.PREP_FUSED[kind]
+    linear.PREP_SPLIT, linear.PREP_FUSED[kind] = split, fused
     try:
         linear._prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, 0.3, q if cu is None else cu, idx,
                         cu is not None, gate)
     finally:
-        linear.PREP_SPLIT = old
+        linear.PREP_SPLIT, linear.PREP_FUSED[kind] = old
     if gate == 1:
         return w, u, kd, gcum
     pos = torch.arange(t, device=q.device)  # token position inside its chunk, per packed row
@@ -291,56 +293,60 @@ def run_prepare(split, op, q, k, v, g, beta, cu=None):
 
 
 @interp
-@pytest.mark.parametrize("op, gate_scale, packed", [
-    ("gdn", 40.0, True), ("kda", 0.1, False), ("kda", 6.0, True), ("kda", 300.0, False),
+@pytest.mark.parametrize("op, gate_scale, packed, fused", [
+    ("gdn", 4.0, False, False), ("gdn", 40.0, True, True),
+    ("kda", 0.1, False, False), ("kda", 6.0, True, True), ("kda", 300.0, False, False),
 ])
-def test_interp_split_prepare_equals_single_kernel(op, gate_scale, packed):
-    """_kkt_inv_kernel + _wu_kernel write what _prepare_kernel writes (w, u, kd, gcum, the causal part
-    of aqk), every element, finite. KDA log-gates from ~−0.05 per token (the whole chunk in one
-    product) through ~−3 (segments of 32 and 16) to ~−150 (every segment size down to single
-    tokens); partial chunks, GQA with odd dims, or packed sequences."""
+def test_interp_split_prepare_equals_single_kernel(op, gate_scale, packed, fused):
+    """_kkt_inv_kernel (+ _wu_kernel, or fused) writes what _prepare_kernel writes (w, u, kd, gcum,
+    the causal part of aqk), every element, finite. KDA log-gates from ~−0.05 per token (the whole
+    chunk in one product) through ~−3 (segments of 32 and 16) to ~−150 (every segment size down to
+    single tokens); partial chunks, GQA with odd dims, or packed sequences."""
     if packed:
         cu = torch.tensor([0, 5, 69, 92])
         xs = make_inputs(op, 1, 92, 2, 2, 16, 16, gate_scale=gate_scale, seed=5)[:5]
     else:
         cu = None
         xs = make_inputs(op, 1, 70, 4, 2, 24, 20, gate_scale=gate_scale, seed=4)[:5]
-    got, ref = run_prepare(True, op, *xs, cu), run_prepare(False, op, *xs, cu)
+    got, ref = run_prepare(True, op, *xs, cu, fused), run_prepare(False, op, *xs, cu)
     for name, a, r in zip(("w", "u", "kd", "gcum", "aqk"), got, ref, strict=False):
         assert rel_err(a, r) < 2e-5, name
 
 
 @needs_sm90_toolchain
 @pytest.mark.parametrize("op", ["gdn", "kda"])
-def test_prepare_compiles_for_sm90(op):
+@pytest.mark.parametrize("fused", [False, True])
+def test_prepare_compiles_for_sm90(op, fused):
     """The split prepare kernels as an H100 runs them (H = 16, D_k = D_v = 128, bf16, the launch's
-    PREP_TUNING, pointers and T 16-divisible as triton specialises them): no stack (no spills) and at
-    most 128 registers per thread at 8 warps, so two programs share an SM. (The single
-    _prepare_kernel they replace spilled 1-2 KB per thread here: see PREP_TUNING.)"""
+    PREP_TUNING, pointers and T 16-divisible as triton specialises them), w, u, kd in a second
+    launch or fused into the first: no stack (no spills) for either, and as launched by default
+    (PREP_FUSED) at most 128 registers per thread at 8 warps, so two programs share an SM. (The
+    single _prepare_kernel they replace spilled 1-2 KB per thread here: see PREP_TUNING.)"""
     import triton.language as tl
 
     from attnlab.kernels import linear
 
     kind = "vector" if op == "kda" else "scalar"
     cfg = linear.PREP_TUNING[kind]
-    common = dict(H=16, HK=16, K=128, BT=linear.CHUNK, GATE_VEC=op == "kda", IS_VARLEN=False, DT=tl.bfloat16,
-                  PREC="tf32")
+    common = dict(H=16, HK=16, K=128, V=128, BT=linear.CHUNK, GATE_VEC=op == "kda", IS_VARLEN=False,
+                  DT=tl.bfloat16, PREC="tf32")
     ptr_types = dict(q="*bf16", k="*bf16", v="*bf16", w="*bf16", u="*bf16", kd="*bf16", beta="*bf16",
                      g="*fp32", gcum="*fp32", aqk="*fp32", xa="*fp32", cu_seqlens="*i32",
                      chunk_indices="*i32")
-    launches = [
-        (linear._kkt_inv_kernel, dict(common, BC=linear.SUB, BK=cfg["BK"], SPAN=linear._span(torch.bfloat16)),
-         dict(num_warps=cfg["num_warps"])),
-        (linear._wu_kernel, dict(common, V=128, BK=64, BV=64),
-         dict(num_warps=cfg["wu_num_warps"], num_stages=cfg["wu_num_stages"])),
-    ]
+    launches = [(linear._kkt_inv_kernel, dict(common, BC=linear.SUB, BK=cfg["BK"], BKW=64, BV=64,
+                                              SPAN=linear._span(torch.bfloat16), FUSE_WU=fused),
+                 dict(num_warps=cfg["num_warps"]))]
+    if not fused:
+        launches.append((linear._wu_kernel, dict(common, BK=64, BV=64),
+                         dict(num_warps=cfg["wu_num_warps"], num_stages=cfg["wu_num_stages"])))
     for fn, const, options in launches:
         ptr = {a: t for a, t in ptr_types.items() if a in fn.arg_names}
         div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
         kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, **options)
         regs, stack, usage = sm90_usage(kernel)
         assert stack == 0, (fn.__name__, usage)
-        assert regs * 32 * options["num_warps"] * 2 <= 65536, (fn.__name__, usage)
+        if fused == linear.PREP_FUSED[kind]:  # the default launch
+            assert regs * 32 * options["num_warps"] * 2 <= 65536, (fn.__name__, usage)
         assert "wgmma" in kernel.asm["ptx"], fn.__name__  # the 64-row products run on Hopper's tensor cores
 
 

@@ -23,6 +23,10 @@ each chunk and the corrected values v', and does nothing else, since its loop is
 and ``_output_kernel`` (parallel over chunks). Lightning attention has no delta rule (v' = v) and a
 constant decay, so it skips the first launch. (A first version fused the output into the
 sequential loop; on an H200 that was ~2x slower than fla at 64K tokens, so the output moved out.)
+With ``PREP_SPLIT`` (the default) the first launch is instead ``_kkt_inv_kernel`` (gate cumsum, A and
+the q·k matrix as 64-row tensor-core products, X into a float32 scratch, as fla's chunk_scaled_dot_kkt
++ solve_tril do) and ``_wu_kernel`` (w, u, kd: 64-row products with X), or the first alone with
+w, u, kd fused (``PREP_FUSED``): no register spills, unlike the single kernel.
 With ``LIGHTNING_SEGMENTED`` (the default) Lightning's forward is instead the segment-parallel one
 in :mod:`.lightning_fwd`, which writes per-chunk states only when an input needs a gradient.
 With ``DELTA_SEGMENTED`` (the default) the delta rule's state pass is instead the segment-parallel
@@ -34,6 +38,10 @@ the row's sub-chunk, exp(G_i − G_r)·exp(G_r − G_j), both ≤ 1. Pairs insid
 same factoring on the tensor cores when the gate falls by less than DIAG_SPAN = 60 over the
 sub-chunk (the second factor is then ≤ e^60, finite), and an elementwise loop otherwise (as fla's
 chunk_kda does), so a log-gate of −40 per token is exact too (tested).
+The split kernel instead halves segments from the whole chunk down (_gated_kkt): a segment whose
+gate falls by less than DIAG_SPAN factors all its pairs through its middle token (factors ≤ e^30),
+else only the pairs across the middle (factors ≤ 1) and its halves go on; single tokens need no
+factor, so no gate overflows either.
 
 Backward: Lightning has a Triton backward (q, k, v, initial state; the slope is a fixed buffer
 in the layers, and asking for its gradient falls back to recomputing through the chunked PyTorch
@@ -58,7 +66,9 @@ L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
 LIGHTNING_SEGMENTED = True  # Lightning forward: kernels/lightning_fwd.py (False: the kernels below)
 DELTA_SEGMENTED = True  # GDN/KDA state pass: kernels/delta_segments.py (False: _state_kernel)
-PREP_SPLIT = True  # GDN/KDA prepare: _kkt_inv_kernel + _wu_kernel (False: the single _prepare_kernel)
+PREP_SPLIT = True  # GDN/KDA prepare: _kkt_inv_kernel (+ _wu_kernel) (False: the single _prepare_kernel)
+# with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel)
+PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": False}
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -75,20 +85,25 @@ OUT_TUNING: dict[str, dict[str, int]] = {
     "vector": {"BV": 128, "num_warps": 4, "num_stages": 2},
     "lightning": {"BV": 128, "num_warps": 4, "num_stages": 2},
 }
-# Prepare (parallel over chunks). With PREP_SPLIT: "num_warps" and "BK" (channels per step) of
-# _kkt_inv_kernel, "wu_num_warps" / "wu_num_stages" of _wu_kernel (defaults below when a sweep sets
-# only num_warps); without: num_warps of the single _prepare_kernel (2 warps beat 4 by 6-15% at 16K).
-# sm_90 (registers, stack bytes per thread) at H = HK = 16, D_k = D_v = 128, bf16, 16-divisible
-# pointers and T (tests/test_kernels_linear.py::test_prepare_compiles_for_sm90), triton 3.9:
-#   single _prepare_kernel   KDA 2 warps (255, 1904), 4 warps (255, 1136); GDN 2 (255, 200), 4 (255, 0)
-#     (without the 16-divisibility: KDA 2 (168, 5224), 4 (255, 2296); GDN 2 (255, 1784))
-#   _kkt_inv_kernel          KDA 8 warps BK 32 (119, 0) [4 warps 237, BK 64 at 8 warps 250]
-#                            GDN 8 warps BK 64 (115, 0) [4 warps 170]
-#   _wu_kernel, 1 stage      KDA 8 warps (71, 0), GDN (70, 0) [4 warps 128 / 104; 3 stages: 4 warps
-#                            168 / 144, 8 warps 102 / 80]
-# 8 warps for both: at most 128 registers, so two 8-warp programs fit an SM (16 warps resident,
-# against 8 for the spilling single kernel); _wu_kernel's K and V loops have two steps each, whose
-# loads one stage already issues together, and more stages only cost registers.
+# Prepare (parallel over chunks). With PREP_SPLIT: "num_warps" and "BK" (channels per step of A)
+# of _kkt_inv_kernel, "wu_num_warps" / "wu_num_stages" of _wu_kernel (used where PREP_FUSED is off;
+# the defaults below stand in when a sweep sets only num_warps); without: PREP_SINGLE_WARPS.
+# sm_90 (registers, stack bytes per thread) at H = HK = 16, D_k = D_v = 128, bf16, pointers and T
+# 16-divisible as at a real launch (tests/test_kernels_linear.py::test_prepare_compiles_for_sm90):
+#   single _prepare_kernel        KDA 2 warps (255, 1904), 4 warps (255, 1136)
+#                                 GDN 2 warps (255, 200),  4 warps (255, 0)
+#     (without the 16-divisibility: KDA 2 warps (168, 5224), 4 (255, 2296); GDN 2 (255, 1784))
+#   _kkt_inv_kernel               KDA 8 warps BK 32 (124, 0)  [BK 64: (249, 0); 4 warps: (233, 0)]
+#                                 GDN 8 warps BK 64 (110, 0)  [4 warps: (168, 0)]
+#   _kkt_inv_kernel + w, u, kd    KDA 8 warps (171, 0)  [4 warps: (253, 0)]
+#     (FUSE_WU)                   GDN 8 warps (126, 0)  [4 warps: (240, 0)]
+#   _wu_kernel                    KDA 8 warps 1 stage (71, 0), 3 stages (102, 0); 4 warps (128 / 168, 0)
+#                                 GDN 8 warps 1 stage (70, 0), 3 stages (80, 0);  4 warps (104 / 144, 0)
+# 8 warps everywhere: at most 128 registers, so two 8-warp programs share an SM (16 warps resident;
+# the spilling single kernel ran 8 per SM, 255 registers at 2 warps) -- except KDA with w, u, kd fused
+# (171: one program per SM), hence PREP_FUSED off for KDA, on for GDN (no occupancy lost, and X, k
+# are not read back from DRAM). _wu_kernel's K and V loops have two steps, whose loads one stage
+# already issues together; more stages only cost registers.
 PREP_TUNING: dict[str, dict[str, int]] = {
     "scalar": {"num_warps": 8, "BK": 64, "wu_num_warps": 8, "wu_num_stages": 1},
     "vector": {"num_warps": 8, "BK": 32, "wu_num_warps": 8, "wu_num_stages": 1},
@@ -500,9 +515,9 @@ def _gated_kkt(a_acc, q_acc, kb, qb, G, G_p, t0, n_in, G_stride, col0, K: tl.con
     segments get nothing (a masked add of the product would keep a second [BT, BT] tile live)."""
     rr = tl.arange(0, BT)
     cols = col0 + tl.arange(0, BK)
-    done = rr * 0  # [BT] int32, all equal: 1 once every pair is covered
+    done = n_in * 0  # 1 once every pair is covered
     for lvl in range(0, 7):  # BT = 64 = 2^6: segment sizes 64 ... 1
-        if tl.max(done, 0) == 0:
+        if done == 0:
             S = BT >> lvl
             hb = tl.maximum(S // 2, 1)
             seg = rr // S
@@ -531,14 +546,34 @@ def _gated_kkt(a_acc, q_acc, kb, qb, G, G_p, t0, n_in, G_stride, col0, K: tl.con
 
 
 @triton.jit
+def _inv_block(d, x_p, row0, col0, n, stride, BC: tl.constexpr):
+    """(I + a)⁻¹ of the strictly lower [BC, BC] block a = d of A, stored at (row0, col0) of x_p (fp32,
+    row stride `stride`, rows ≥ n zero), by columns from the right: column j of L = X − I is
+    −a_{:,j} − Σ_{m>j} L_{:,m} a_{mj}, a sum along L's rows (inside a warp: no barrier, unlike
+    _inv_unit_lower's sums over rows), with a_{mj} read back from memory as a row vector."""
+    rr = tl.arange(0, BC)
+    base = x_p + row0.to(tl.int64) * stride + col0
+    lo = tl.zeros([BC, BC], dtype=tl.float32)
+    for jj in range(1, BC):
+        j = BC - 1 - jj  # BC − 2 down to 0 (column BC − 1 of L is 0)
+        a_mj = tl.load(base + rr * stride + j, mask=row0 + rr < n, other=0.0)  # [BC] over m
+        col = tl.sum(tl.where(rr[None, :] == j, d, 0.0) + lo * a_mj[None, :], 1)  # [BC] over i
+        lo = tl.where(rr[None, :] == j, -col[:, None], lo)
+    return lo + (rr[:, None] == rr[None, :]).to(tl.float32)
+
+
+@triton.jit
 def _kkt_inv_kernel(
-    q, k, g, beta, gcum, aqk, xa, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr, SPAN: tl.constexpr,
+    q, k, v, g, beta, gcum, aqk, xa, w, u, kd, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BC: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr, GATE_VEC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr,
+    FUSE_WU: tl.constexpr,
 ):
     """Per chunk and head: gcum, A (β-scaled, strictly lower), aqk (per-channel gate: scale · gated
-    q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa (fp32, [.., BT] per token row, as aqk)."""
+    q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa (fp32, [.., BT] per token row, as aqk); with
+    FUSE_WU also w, u, kd (_wu_chunk, BKW channels per step), which then re-reads X, k and gcum
+    from this program's own recent writes and loads (cache hits) instead of DRAM."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
         i_h = i_bh
@@ -596,20 +631,20 @@ def _kkt_inv_kernel(
     d1 = _ctile(x_p, r1, n, H * BT, BC, BT, BC, BC)
     d2 = _ctile(x_p, r2, n, H * BT, 2 * BC, BT, BC, BC)
     d3 = _ctile(x_p, r3, n, H * BT, 3 * BC, BT, BC, BC)
-    tl.debug_barrier()  # every block is read before X overwrites it
-    i0 = _inv_unit_lower(d0, BC)
+    i0 = _inv_block(d0, x_p, t0, 0, n, H * BT, BC)  # the diagonal blocks' inverses (read A's columns)
+    i1 = _inv_block(d1, x_p, r1, BC, n, H * BT, BC)
+    i2 = _inv_block(d2, x_p, r2, 2 * BC, n, H * BT, BC)
+    i3 = _inv_block(d3, x_p, r3, 3 * BC, n, H * BT, BC)
+    tl.debug_barrier()  # every block of A is read before X overwrites it
     _cstore(x_p, i0, t0, n, H * BT, 0, BT, BC, BC)
-    i1 = _inv_unit_lower(d1, BC)
     _cstore(x_p, i1, r1, n, H * BT, BC, BT, BC, BC)
     x10 = -_mm32(i1, _mm32(a10, i0))
     _cstore(x_p, x10, r1, n, H * BT, 0, BT, BC, BC)
-    i2 = _inv_unit_lower(d2, BC)
     _cstore(x_p, i2, r2, n, H * BT, 2 * BC, BT, BC, BC)
     x21 = -_mm32(i2, _mm32(a21, i1))
     _cstore(x_p, x21, r2, n, H * BT, BC, BT, BC, BC)
     x20 = -_mm32(i2, _mm32(a20, i0) + _mm32(a21, x10))
     _cstore(x_p, x20, r2, n, H * BT, 0, BT, BC, BC)
-    i3 = _inv_unit_lower(d3, BC)
     _cstore(x_p, i3, r3, n, H * BT, 3 * BC, BT, BC, BC)
     x32 = -_mm32(i3, _mm32(a32, i2))
     _cstore(x_p, x32, r3, n, H * BT, 2 * BC, BT, BC, BC)
@@ -617,6 +652,43 @@ def _kkt_inv_kernel(
     _cstore(x_p, x31, r3, n, H * BT, BC, BT, BC, BC)
     x30 = -_mm32(i3, _mm32(a30, i0) + _mm32(a31, x10) + _mm32(a32, x20))
     _cstore(x_p, x30, r3, n, H * BT, 0, BT, BC, BC)
+    if FUSE_WU:
+        tl.debug_barrier()  # X is read back whole
+        G_p = gcum + (bos * H + i_h) * K if GATE_VEC else gcum + bos * H + i_h
+        _wu_chunk(k_p, v + (bos * H + i_h) * V, beta + bos * H + i_h, G_p, x_p, w + (bos * H + i_h) * K,
+                  u + (bos * H + i_h) * V, kd + (bos * H + i_h) * K, t0, n, H, HK, K, V, BT, BKW, BV,
+                  GATE_VEC, DT, PREC)
+
+
+@triton.jit
+def _wu_chunk(k_p, v_p, b_p, G_p, x_p, w_p, u_p, kd_p, t0, n, H: tl.constexpr, HK: tl.constexpr,
+              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              GATE_VEC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk and head: w = X (β K ⊙ Γ), u = X (β V), kd = K ⊙ Γ_C/Γ, with X [BT, BT] read from
+    x_p (fp32, row stride H·BT) and G from G_p (gcum); pointers at this sequence's row 0 and head."""
+    last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)  # last token of this chunk
+    X = _ctile(x_p, t0, n, H * BT, 0, BT, BT, BT).to(DT)  # [BT, BT]
+    b = _vec(b_p, t0, n, H, BT)[:, None]
+    if not GATE_VEC:
+        Gs = _vec(G_p, t0, n, H, BT)[:, None]
+        Gl_s = tl.load(G_p + last * H)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        c0 = i_k * BK
+        kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK).to(tl.float32)
+        if GATE_VEC:
+            G = _ctile(G_p, t0, n, H * K, c0, K, BT, BK)
+            cols = c0 + tl.arange(0, BK)
+            Gl = tl.load(G_p + last * H * K + cols, mask=cols < K, other=0.0)[None, :]
+        else:
+            G = Gs
+            Gl = Gl_s
+        _cstore(kd_p, kb * tl.exp(Gl - G), t0, n, H * K, c0, K, BT, BK)
+        y = (kb * (tl.exp(G) * b)).to(DT)
+        _cstore(w_p, tl.dot(X, y, input_precision=PREC), t0, n, H * K, c0, K, BT, BK)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        c0 = i_v * BV
+        y = (_ctile(v_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32) * b).to(DT)
+        _cstore(u_p, tl.dot(X, y, input_precision=PREC), t0, n, H * V, c0, V, BT, BV)
 
 
 @triton.jit
@@ -626,7 +698,7 @@ def _wu_kernel(
     BK: tl.constexpr, BV: tl.constexpr, GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per chunk and head: w = X (β K ⊙ Γ), u = X (β V), kd = K ⊙ Γ_C/Γ, X from _kkt_inv_kernel."""
+    """Per chunk and head: _wu_chunk, X from _kkt_inv_kernel (PREP_FUSED = False)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
         i_h = i_bh
@@ -637,33 +709,10 @@ def _wu_kernel(
         i_t = i_c
     i_hk = i_h // (H // HK)
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
-    t0 = i_t * BT
-    last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)  # last token of this chunk
-    k_p = k + (bos * HK + i_hk) * K
-    X = _ctile(xa + (bos * H + i_h) * BT, t0, n, H * BT, 0, BT, BT, BT).to(DT)  # [BT, BT]
-    b = _vec(beta + bos * H + i_h, t0, n, H, BT)[:, None]
-    if not GATE_VEC:
-        G_p = gcum + bos * H + i_h
-        Gs = _vec(G_p, t0, n, H, BT)[:, None]
-        Gl_s = tl.load(G_p + last * H)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        c0 = i_k * BK
-        kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK).to(tl.float32)
-        if GATE_VEC:
-            G_p = gcum + (bos * H + i_h) * K
-            G = _ctile(G_p, t0, n, H * K, c0, K, BT, BK)
-            cols = c0 + tl.arange(0, BK)
-            Gl = tl.load(G_p + last * H * K + cols, mask=cols < K, other=0.0)[None, :]
-        else:
-            G = Gs
-            Gl = Gl_s
-        _cstore(kd + (bos * H + i_h) * K, kb * tl.exp(Gl - G), t0, n, H * K, c0, K, BT, BK)
-        y = (kb * (tl.exp(G) * b)).to(DT)
-        _cstore(w + (bos * H + i_h) * K, tl.dot(X, y, input_precision=PREC), t0, n, H * K, c0, K, BT, BK)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        c0 = i_v * BV
-        y = (_ctile(v + (bos * H + i_h) * V, t0, n, H * V, c0, V, BT, BV).to(tl.float32) * b).to(DT)
-        _cstore(u + (bos * H + i_h) * V, tl.dot(X, y, input_precision=PREC), t0, n, H * V, c0, V, BT, BV)
+    G_p = gcum + (bos * H + i_h) * K if GATE_VEC else gcum + bos * H + i_h
+    _wu_chunk(k + (bos * HK + i_hk) * K, v + (bos * H + i_h) * V, beta + bos * H + i_h, G_p,
+              xa + (bos * H + i_h) * BT, w + (bos * H + i_h) * K, u + (bos * H + i_h) * V,
+              kd + (bos * H + i_h) * K, i_t * BT, n, H, HK, K, V, BT, BK, BV, GATE_VEC, DT, PREC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -991,16 +1040,17 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     cfg = PREP_TUNING[kind]
     xa = _empty(b, t, h, CHUNK, dtype=torch.float32, device=q.device)  # A, then X = (I + A)⁻¹, per row
     _kkt_inv_kernel[grid](
-        q, k, g, beta, gcum, aqk, xa, cu, idx, scale, t,
-        H=h, HK=hk, K=d_k, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
-        GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
-        num_warps=cfg["num_warps"],
+        q, k, v, g, beta, gcum, aqk, xa, w, u, kd, cu, idx, scale, t,
+        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
+        BKW=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
+        FUSE_WU=PREP_FUSED[kind], num_warps=cfg["num_warps"],
     )
-    _wu_kernel[grid](
-        k, v, beta, gcum, xa, w, u, kd, cu, idx, t,
-        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen,
-        DT=dt, PREC=prec, num_warps=cfg.get("wu_num_warps", 8), num_stages=cfg.get("wu_num_stages", 1),
-    )
+    if not PREP_FUSED[kind]:
+        _wu_kernel[grid](
+            k, v, beta, gcum, xa, w, u, kd, cu, idx, t,
+            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen,
+            DT=dt, PREC=prec, num_warps=cfg.get("wu_num_warps", 8), num_stages=cfg.get("wu_num_stages", 1),
+        )
 
 
 def _span(dtype: torch.dtype) -> float:
