@@ -319,9 +319,10 @@ def test_interp_split_prepare_equals_single_kernel(op, gate_scale, packed, fused
 def test_prepare_compiles_for_sm90(op, fused):
     """The split prepare kernels as an H100 runs them (H = 16, D_k = D_v = 128, bf16, the launch's
     PREP_TUNING, pointers and T 16-divisible as triton specialises them), w, u, kd in a second
-    launch or fused into the first: no stack (no spills) for either, and as launched by default
-    (PREP_FUSED) at most 128 registers per thread at 8 warps, so two programs share an SM. (The
-    single _prepare_kernel they replace spilled 1-2 KB per thread here: see PREP_TUNING.)"""
+    launch or fused into the first: at most 128 registers per thread at 8 warps (two programs share
+    an SM) and, as launched by default (PREP_FUSED), no stack (no spills); the other form at most
+    16 bytes (KDA fused under the cap: a few values parked once per program). (The single
+    _prepare_kernel they replace spilled 1-2 KB per thread here: see PREP_TUNING.)"""
     import triton.language as tl
 
     from attnlab.kernels import linear
@@ -335,7 +336,7 @@ def test_prepare_compiles_for_sm90(op, fused):
                      chunk_indices="*i32")
     launches = [(linear._kkt_inv_kernel, dict(common, BC=linear.SUB, BK=cfg["BK"], BKW=64, BV=64,
                                               SPAN=linear._span(torch.bfloat16), FUSE_WU=fused),
-                 dict(num_warps=cfg["num_warps"]))]
+                 dict(num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"]))]
     if not fused:
         launches.append((linear._wu_kernel, dict(common, BK=64, BV=64),
                          dict(num_warps=cfg["wu_num_warps"], num_stages=cfg["wu_num_stages"])))
@@ -344,9 +345,8 @@ def test_prepare_compiles_for_sm90(op, fused):
         div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
         kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, **options)
         regs, stack, usage = sm90_usage(kernel)
-        assert stack == 0, (fn.__name__, usage)
-        if fused == linear.PREP_FUSED[kind]:  # the default launch
-            assert regs * 32 * options["num_warps"] * 2 <= 65536, (fn.__name__, usage)
+        assert stack <= (0 if fused == linear.PREP_FUSED[kind] else 16), (fn.__name__, usage)
+        assert regs * 32 * options["num_warps"] * 2 <= 65536, (fn.__name__, usage)
         assert "wgmma" in kernel.asm["ptx"], fn.__name__  # the 64-row products run on Hopper's tensor cores
 
 

@@ -40,8 +40,8 @@ sub-chunk (the second factor is then ≤ e^60, finite), and an elementwise loop 
 chunk_kda does), so a log-gate of −40 per token is exact too (tested).
 The split kernel instead halves segments from the whole chunk down (_gated_kkt): a segment whose
 gate falls by less than DIAG_SPAN factors all its pairs through its middle token (factors ≤ e^30),
-else only the pairs across the middle (factors ≤ 1) and its halves go on; single tokens need no
-factor, so no gate overflows either.
+else only the pairs across the middle (factors ≤ 1) and its halves go on; pairs left inside
+4-token segments go elementwise (_seg_pairs), so no gate overflows either.
 
 Backward: Lightning has a Triton backward (q, k, v, initial state; the slope is a fixed buffer
 in the layers, and asking for its gradient falls back to recomputing through the chunked PyTorch
@@ -85,28 +85,30 @@ OUT_TUNING: dict[str, dict[str, int]] = {
     "vector": {"BV": 128, "num_warps": 4, "num_stages": 2},
     "lightning": {"BV": 128, "num_warps": 4, "num_stages": 2},
 }
-# Prepare (parallel over chunks). With PREP_SPLIT: "num_warps" and "BK" (channels per step of A)
-# of _kkt_inv_kernel, "wu_num_warps" / "wu_num_stages" of _wu_kernel (used where PREP_FUSED is off;
-# the defaults below stand in when a sweep sets only num_warps); without: PREP_SINGLE_WARPS.
+# Prepare (parallel over chunks). With PREP_SPLIT: "num_warps", "BK" (channels per step of A) and
+# "maxnreg" (ptxas register cap) of _kkt_inv_kernel, "wu_num_warps" / "wu_num_stages" of _wu_kernel
+# (where PREP_FUSED is off); a key a sweep leaves out falls back to the defaults in _prepare.
+# Without PREP_SPLIT: PREP_SINGLE_WARPS.
 # sm_90 (registers, stack bytes per thread) at H = HK = 16, D_k = D_v = 128, bf16, pointers and T
 # 16-divisible as at a real launch (tests/test_kernels_linear.py::test_prepare_compiles_for_sm90):
-#   single _prepare_kernel        KDA 2 warps (255, 1904), 4 warps (255, 1136)
-#                                 GDN 2 warps (255, 200),  4 warps (255, 0)
+#   single _prepare_kernel     KDA 2 warps (255, 1904), 4 warps (255, 1136)
+#                              GDN 2 warps (255, 200),  4 warps (255, 0)
 #     (without the 16-divisibility: KDA 2 warps (168, 5224), 4 (255, 2296); GDN 2 (255, 1784))
-#   _kkt_inv_kernel               KDA 8 warps BK 32 (124, 0)  [BK 64: (249, 0); 4 warps: (233, 0)]
-#                                 GDN 8 warps BK 64 (110, 0)  [4 warps: (168, 0)]
-#   _kkt_inv_kernel + w, u, kd    KDA 8 warps (171, 0)  [4 warps: (253, 0)]
-#     (FUSE_WU)                   GDN 8 warps (126, 0)  [4 warps: (240, 0)]
-#   _wu_kernel                    KDA 8 warps 1 stage (71, 0), 3 stages (102, 0); 4 warps (128 / 168, 0)
-#                                 GDN 8 warps 1 stage (70, 0), 3 stages (80, 0);  4 warps (104 / 144, 0)
-# 8 warps everywhere: at most 128 registers, so two 8-warp programs share an SM (16 warps resident;
-# the spilling single kernel ran 8 per SM, 255 registers at 2 warps) -- except KDA with w, u, kd fused
-# (171: one program per SM), hence PREP_FUSED off for KDA, on for GDN (no occupancy lost, and X, k
-# are not read back from DRAM). _wu_kernel's K and V loops have two steps, whose loads one stage
-# already issues together; more stages only cost registers.
+#   _kkt_inv_kernel            KDA 8 warps BK 32, maxnreg 128: (128, 0)  [uncapped (162, 0); 4 warps
+#                                (250, 0); BK 64 at 8 warps (250, 0)]
+#                              GDN 8 warps BK 64: (110, 0)  [4 warps (168, 0)]
+#   _kkt_inv_kernel + w, u, kd KDA 8 warps, maxnreg 128: (128, 16)  [uncapped (177, 0)]
+#     (FUSE_WU)                GDN 8 warps, maxnreg 128: (124, 0)  [uncapped (126, 0); 4 warps (240, 0)]
+#   _wu_kernel                 KDA 8 warps 1 stage (71, 0), 3 stages (102, 0); 4 warps (128 / 168, 0)
+#                              GDN 8 warps 1 stage (70, 0), 3 stages (80, 0);  4 warps (104 / 144, 0)
+# 8 warps and at most 128 registers: two 8-warp programs share an SM (16 warps resident; the
+# spilling single kernel ran 8 per SM at 2 warps). The cap costs KDA's kernel nothing (ptxas just
+# spreads out when allowed); the fused KDA form would spill 16 bytes under it, so PREP_FUSED is off
+# for KDA (X, k and gcum go through DRAM once more) and on for GDN. _wu_kernel's K and V loops have
+# two steps, whose loads one stage already issues together; more stages only cost registers.
 PREP_TUNING: dict[str, dict[str, int]] = {
-    "scalar": {"num_warps": 8, "BK": 64, "wu_num_warps": 8, "wu_num_stages": 1},
-    "vector": {"num_warps": 8, "BK": 32, "wu_num_warps": 8, "wu_num_stages": 1},
+    "scalar": {"num_warps": 8, "BK": 64, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
+    "vector": {"num_warps": 8, "BK": 32, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
 }
 PREP_SINGLE_WARPS = {"scalar": 2, "vector": 2}  # num_warps of _prepare_kernel (PREP_SPLIT = False)
 
@@ -497,33 +499,38 @@ def _cstore(ptr, x, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BC
 
 
 @triton.jit
-def _gated_kkt(a_acc, q_acc, kb, qb, G, G_p, t0, n_in, G_stride, col0, K: tl.constexpr, BT: tl.constexpr,
-               BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr):
+def _gated_kkt(a_acc, q_acc, kb, qb, G, G_p, G_stride, t0, n_in, col0, K: tl.constexpr, BT: tl.constexpr,
+               BK: tl.constexpr, MIN_SEG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+               SPAN: tl.constexpr):
     """Adds to a_acc, q_acc [BT, BT] one BK-channel block of Σ_d k_id k_jd e^{G_id−G_jd} and
     Σ_d q_id k_jd e^{G_id−G_jd}, per-channel gate, right for j ≤ i (above the diagonal: finite garbage
     the caller masks), no factor ever above e^{SPAN/2}. kb, qb [BT, BK] (DT), G [BT, BK] fp32 (rows
-    ≥ n_in constant, as their g is 0), the same G stored at G_p (rows < n_in).
+    ≥ n_in constant, as their g is 0), the same G in memory at G_p (rows < n_in). Returns the two
+    tiles and 1, or 0 when pairs inside segments of MIN_SEG rows are left for _seg_pairs.
 
-    Segments of S = BT, BT/2, ..., 1 rows, starting with the whole chunk: when |G − G_m| < SPAN / 2
-    over every segment, m its middle row, each pair in one segment factors through m, e^{G_i−G_m} ·
-    e^{G_m−G_j} (every factor ≤ e^{SPAN/2}, products ≤ e^SPAN even above the diagonal: finite; exact
-    up to rounding), one product per segment, and this is the last size. Otherwise only the pairs
-    across the middle (i after m, j up to m: both factors ≤ 1, always safe) take that product, and
-    the halves go on to the next size. At S = 1 the factor is 1, so the loop always ends. A gentle
-    gate (the usual case) takes one product of the whole chunk. Each product is one tensor-core dot
-    accumulated in place: the rows outside its segment are zeroed in both operands, so pairs across
-    segments get nothing (a masked add of the product would keep a second [BT, BT] tile live)."""
+    Segments of S = BT, BT/2, ..., 2·MIN_SEG rows, starting with the whole chunk: when |G − G_m| <
+    SPAN / 2 over every segment, m its middle row, each pair in one segment factors through m,
+    e^{G_i−G_m} · e^{G_m−G_j} (every factor ≤ e^{SPAN/2}, products ≤ e^SPAN even above the
+    diagonal: finite; exact up to rounding), one product per segment, and this is the last size.
+    Otherwise only the pairs across the middle (i after m, j up to m: both factors ≤ 1, always
+    safe) take that product, and the halves go on to the next size. The pairs inside segments of
+    MIN_SEG rows that are left (a gate falling by more than SPAN / 2 within 2·MIN_SEG tokens) go to
+    _seg_pairs. A gentle gate (the usual case) takes one product of the whole chunk, the steepest
+    15 (BT = 64, MIN_SEG = 4) and _seg_pairs. Each product is one tensor-core dot accumulated in
+    place: the rows outside its segment are zeroed in both operands, so pairs across segments get
+    nothing (a masked add of the product would keep a second [BT, BT] tile live)."""
     rr = tl.arange(0, BT)
     cols = col0 + tl.arange(0, BK)
+    cmask = (cols < K)[None, :]
+    G0 = G_p + t0.to(tl.int64) * G_stride  # this chunk's first row: 32-bit offsets from here
     done = n_in * 0  # 1 once every pair is covered
-    for lvl in range(0, 7):  # BT = 64 = 2^6: segment sizes 64 ... 1
-        if done == 0:
-            S = BT >> lvl
-            hb = tl.maximum(S // 2, 1)
+    for lvl in range(0, 6):  # BT = 64 = 2^6: segment sizes 64 ... 2 (the loop ends at 2·MIN_SEG)
+        S = BT >> lvl
+        if (done == 0) & (S > MIN_SEG):
+            hb = S // 2
             seg = rr // S
             mid = tl.minimum(seg * S + hb - 1, n_in - 1)  # the segment's middle row (padding: the last)
-            R = tl.load(G_p + (t0 + mid).to(tl.int64)[:, None] * G_stride + cols[None, :],
-                        mask=(cols < K)[None, :], other=0.0)
+            R = tl.load(G0 + (mid[:, None] * G_stride + cols[None, :]), mask=cmask, other=0.0)
             d = G - R  # [BT, BK], ≤ 0 after the middle, ≥ 0 up to it
             if tl.max(tl.max(tl.abs(d), 1), 0) < SPAN / 2:  # whole segments
                 f = tl.exp(d)
@@ -542,7 +549,42 @@ def _gated_kkt(a_acc, q_acc, kb, qb, G, G_p, t0, n_in, G_stride, col0, K: tl.con
                 right = tl.trans(tl.where(ins, rk, 0.0))
                 a_acc = tl.dot(tl.where(ins, lk, 0.0), right, a_acc, input_precision=PREC)
                 q_acc = tl.dot(tl.where(ins, lq, 0.0), right, q_acc, input_precision=PREC)
-    return a_acc, q_acc
+    return a_acc, q_acc, done
+
+
+@triton.jit
+def _seg_pairs(a_seg, q_seg, kb, qb, G, k_p, k_stride, G_p, G_stride, t0, n_in, col0, K: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, MIN_SEG: tl.constexpr):
+    """What _gated_kkt leaves of one channel block: the pairs inside segments of MIN_SEG rows, pair by
+    pair, elementwise over the channels, every factor e^{G_i−G_j} ≤ 1 (as fla's chunk_kda does
+    inside its sub-chunks), added to a_seg, q_seg [BT, MIN_SEG] (column j: the pair of row i with row
+    j of its segment). G [BT, BK] as stored: rows ≥ n_in hold 0 and take no pairs."""
+    rr = tl.arange(0, BT)
+    cols = col0 + tl.arange(0, BK)
+    cmask = (cols < K)[None, :]
+    k0 = k_p + t0.to(tl.int64) * k_stride  # this chunk's first row: 32-bit offsets from here
+    G0 = G_p + t0.to(tl.int64) * G_stride
+    js = tl.arange(0, MIN_SEG)[None, :]
+    for j in range(0, MIN_SEG):
+        p = (rr // MIN_SEG) * MIN_SEG + j  # [BT] the partner row j of each row's segment
+        pc = tl.minimum(p, n_in - 1)[:, None]  # (a padded partner: a padded row)
+        kp = tl.load(k0 + (pc * k_stride + cols[None, :]), mask=cmask, other=0.0).to(tl.float32)
+        Gp = tl.load(G0 + (pc * G_stride + cols[None, :]), mask=cmask, other=0.0)
+        kpe = kp * tl.exp(tl.where(((rr >= p) & (rr < n_in))[:, None], G - Gp, float("-inf")))  # ≤ 1
+        a_seg += tl.where(js == j, tl.sum(kb * kpe, 1)[:, None], 0.0)
+        q_seg += tl.where(js == j, tl.sum(qb * kpe, 1)[:, None], 0.0)
+    return a_seg, q_seg
+
+
+@triton.jit
+def _place_seg(acc, seg, BT: tl.constexpr, MIN_SEG: tl.constexpr):
+    """acc [BT, BT] plus _seg_pairs' seg [BT, MIN_SEG] at (i, row j of i's segment)."""
+    rr = tl.arange(0, BT)
+    js = tl.arange(0, MIN_SEG)[None, :]
+    for j in range(0, MIN_SEG):
+        col = tl.sum(tl.where(js == j, seg, 0.0), 1)  # [BT]
+        acc += tl.where(rr[None, :] == ((rr // MIN_SEG) * MIN_SEG + j)[:, None], col[:, None], 0.0)
+    return acc
 
 
 @triton.jit
@@ -596,6 +638,7 @@ def _kkt_inv_kernel(
         G_p = gcum + (bos * H + i_h) * K
         A = tl.zeros([BT, BT], dtype=tl.float32)
         Aq = tl.zeros([BT, BT], dtype=tl.float32)
+        steep = n_in * 0  # bit i_k: channel block i_k has pairs left inside 4-token segments
         for i_k in range(0, tl.cdiv(K, BK)):
             c0 = i_k * BK
             G = tl.cumsum(_ctile(g_p, t0, n, H * K, c0, K, BT, BK).to(tl.float32), 0)
@@ -603,7 +646,21 @@ def _kkt_inv_kernel(
             tl.debug_barrier()  # _gated_kkt reads the segments' middle rows of G back
             kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK)
             qb = _ctile(q_p, t0, n, HK * K, c0, K, BT, BK)
-            A, Aq = _gated_kkt(A, Aq, kb, qb, G, G_p, t0, n_in, H * K, c0, K, BT, BK, DT, PREC, SPAN)
+            A, Aq, done = _gated_kkt(A, Aq, kb, qb, G, G_p, H * K, t0, n_in, c0, K, BT, BK, 4, DT, PREC, SPAN)
+            steep = steep | ((1 - done) << i_k)
+        if steep != 0:  # a log-gate below ~−7 per token: elementwise inside 4-token segments
+            A4 = tl.zeros([BT, 4], dtype=tl.float32)
+            Aq4 = tl.zeros([BT, 4], dtype=tl.float32)
+            for i_k in range(0, tl.cdiv(K, BK)):
+                if (steep >> i_k) & 1:
+                    c0 = i_k * BK
+                    kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK).to(tl.float32)
+                    qb = _ctile(q_p, t0, n, HK * K, c0, K, BT, BK).to(tl.float32)
+                    G = _ctile(G_p, t0, n, H * K, c0, K, BT, BK)
+                    A4, Aq4 = _seg_pairs(A4, Aq4, kb, qb, G, k_p, HK * K, G_p, H * K, t0, n_in, c0, K, BT, BK,
+                                         4)
+            A = _place_seg(A, A4, BT, 4)
+            Aq = _place_seg(Aq, Aq4, BT, 4)
         Aq = tl.where(rr[:, None] >= rr[None, :], Aq * scale, 0.0)
         _cstore(aqk + (bos * H + i_h) * BT, Aq, t0, n, H * BT, 0, BT, BT, BT)
     else:
@@ -1043,7 +1100,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
         q, k, v, g, beta, gcum, aqk, xa, w, u, kd, cu, idx, scale, t,
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
         BKW=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
-        FUSE_WU=PREP_FUSED[kind], num_warps=cfg["num_warps"],
+        FUSE_WU=PREP_FUSED[kind], num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"),
     )
     if not PREP_FUSED[kind]:
         _wu_kernel[grid](
