@@ -300,11 +300,17 @@ def run_prepare(split, op, q, k, v, g, beta, cu=None, fused=False):
 def test_interp_split_prepare_equals_single_kernel(op, gate_scale, packed, fused):
     """_kkt_inv_kernel (+ _wu_kernel, or fused) writes what _prepare_kernel writes (w, u, kd, gcum,
     the causal part of aqk), every element, finite. KDA log-gates from ~−0.05 per token (the whole
-    chunk in one product) through ~−3 (segments of 32 and 16) to ~−150 (every segment size down to
-    single tokens); partial chunks, GQA with odd dims, or packed sequences."""
+    chunk in one product) through ~−3 (segments of 32 and 16) to ~−150 (every segment size, then
+    pairs inside 4-token segments elementwise), there in the second channel block only (D_k = 40:
+    blocks of 32 and 8 channels; the first ~−0.15); partial chunks, GQA with odd dims, or packed
+    sequences."""
     if packed:
         cu = torch.tensor([0, 5, 69, 92])
         xs = make_inputs(op, 1, 92, 2, 2, 16, 16, gate_scale=gate_scale, seed=5)[:5]
+    elif gate_scale > 100:
+        cu = None
+        xs = make_inputs(op, 1, 70, 4, 2, 40, 20, gate_scale=gate_scale, seed=4)[:5]
+        xs[3][..., :32] *= 1e-3  # gentle in the first channel block, steep in the second
     else:
         cu = None
         xs = make_inputs(op, 1, 70, 4, 2, 24, 20, gate_scale=gate_scale, seed=4)[:5]
