@@ -106,6 +106,7 @@ OUT_TUNING: dict[str, dict[str, int]] = {
 # spreads out when allowed); the fused KDA form would spill 16 bytes under it, so PREP_FUSED is off
 # for KDA (X, k and gcum go through DRAM once more) and on for GDN. _wu_kernel's K and V loops have
 # two steps, whose loads one stage already issues together; more stages only cost registers.
+# float32 inputs (products on FMA units, not tensor cores) go uncapped: (255, 160) KDA, (255, 280) GDN.
 PREP_TUNING: dict[str, dict[str, int]] = {
     "scalar": {"num_warps": 8, "BK": 64, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
     "vector": {"num_warps": 8, "BK": 32, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
@@ -1100,7 +1101,8 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
         q, k, v, g, beta, gcum, aqk, xa, w, u, kd, cu, idx, scale, t,
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
         BKW=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
-        FUSE_WU=PREP_FUSED[kind], num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"),
+        FUSE_WU=PREP_FUSED[kind], num_warps=cfg["num_warps"],
+        maxnreg=cfg.get("maxnreg") if q.dtype != torch.float32 else None,  # fp32's FMA products need more
     )
     if not PREP_FUSED[kind]:
         _wu_kernel[grid](
