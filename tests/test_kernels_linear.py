@@ -273,13 +273,13 @@ def run_prepare(split, op, q, k, v, g, beta, cu=None, fused=False):
     w, kd, u, gcum = nan(b, t, h, d_k), nan(b, t, h, d_k), nan(b, t, h, d_v), nan(*g.shape)
     aqk = nan(b, t, h, linear.CHUNK) if gate == 2 else w
     idx = linear._chunk_tables(cu, linear.CHUNK)[0] if cu is not None else q
-    old = linear.PREP_SPLIT, linear.PREP_FUSED[kind]
-    linear.PREP_SPLIT, linear.PREP_FUSED[kind] = split, fused
+    old = linear.PREP_SPLIT[kind], linear.PREP_FUSED[kind]
+    linear.PREP_SPLIT[kind], linear.PREP_FUSED[kind] = split, fused
     try:
         linear._prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, 0.3, q if cu is None else cu, idx,
                         cu is not None, gate)
     finally:
-        linear.PREP_SPLIT, linear.PREP_FUSED[kind] = old
+        linear.PREP_SPLIT[kind], linear.PREP_FUSED[kind] = old
     if gate == 1:
         return w, u, kd, gcum
     pos = torch.arange(t, device=q.device)  # token position inside its chunk, per packed row

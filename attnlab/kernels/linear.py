@@ -23,7 +23,7 @@ each chunk and the corrected values v', and does nothing else, since its loop is
 and ``_output_kernel`` (parallel over chunks). Lightning attention has no delta rule (v' = v) and a
 constant decay, so it skips the first launch. (A first version fused the output into the
 sequential loop; on an H200 that was ~2x slower than fla at 64K tokens, so the output moved out.)
-With ``PREP_SPLIT`` (the default) the first launch is instead ``_kkt_inv_kernel`` (gate cumsum, A and
+With ``PREP_SPLIT`` (KDA's default) the first launch is instead ``_kkt_inv_kernel`` (gate cumsum, A and
 the q·k matrix as 64-row tensor-core products, X into a float32 scratch, as fla's chunk_scaled_dot_kkt
 + solve_tril do) and ``_wu_kernel`` (w, u, kd: 64-row products with X), or the first alone with
 w, u, kd fused (``PREP_FUSED``): no register spills, unlike the single kernel.
@@ -66,7 +66,12 @@ L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
 LIGHTNING_SEGMENTED = True  # Lightning forward: kernels/lightning_fwd.py (False: the kernels below)
 DELTA_SEGMENTED = True  # GDN/KDA state pass: kernels/delta_segments.py (False: _state_kernel)
-PREP_SPLIT = True  # GDN/KDA prepare: _kkt_inv_kernel (+ _wu_kernel) (False: the single _prepare_kernel)
+# GDN/KDA prepare by gate kind: _kkt_inv_kernel (+ _wu_kernel) (False: the single _prepare_kernel).
+# H100, B = 1, H = 16, D = 128, bf16, whole forward, interleaved, best of 3 (benchmarks/RESULTS.md):
+# KDA 16K 2.054 ms (single) -> 1.265 (split, two launches), 64K 8.155 -> 4.841; steep gates (x 30) 16K
+# 1.997 -> 1.779. GDN 16K 0.758 (single) vs 0.830 (split, fused) / 0.893 (two launches), 64K 2.857 vs
+# 3.163 / 3.468: GDN keeps the single kernel (it spills little: 200 bytes at 2 warps).
+PREP_SPLIT: dict[str, bool] = {"scalar": False, "vector": True}
 # with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel)
 PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": False}
 
@@ -1088,7 +1093,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     bv = min(64, max(16, triton.next_power_of_2(d_v)))
     grid = (idx.shape[0], h) if varlen else (triton.cdiv(t, CHUNK), b * h)
     kind = "vector" if gate == 2 else "scalar"
-    if not PREP_SPLIT:
+    if not PREP_SPLIT[kind]:
         _prepare_kernel[grid](
             q, k, v, g, beta, w, u, kd, gcum, aqk, cu, idx, scale, t,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=bk, BV=bv,
