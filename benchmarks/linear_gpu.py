@@ -334,6 +334,18 @@ def profile_bwd(t: int) -> None:
         torch.cuda.empty_cache()
 
 
+def save(out: str, name: str, bw: float, rows: list[dict], brows: list[dict]) -> None:
+    """Write linear_gpu.json (atomically) with the rows so far and the launch parameters."""
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, "linear_gpu.json"),
+                      {"device": name, "bandwidth": bw, "tuning": linear.TUNING,
+                       "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
+                       "prep_split": linear.PREP_SPLIT, "prep_fused": linear.PREP_FUSED,
+                       "lightning_seg_tuning": lightning_fwd.TUNING,
+                       "delta_seg_tuning": delta_segments.TUNING,
+                       "fwd": rows, "fwdbwd": brows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default="4096,16384,65536,262144")
@@ -416,6 +428,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
         rows.append(row)
+        save(args.out, name, bw, rows, [])  # after every row: a later crash or time limit keeps these
 
     brows = []
     for t in [t for t in ts if t <= args.fwdbwd_max]:
@@ -444,14 +457,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
         brows.append(row)
-
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_json(os.path.join(args.out, "linear_gpu.json"),
-                      {"device": name, "bandwidth": bw, "tuning": linear.TUNING,
-                       "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
-                       "lightning_seg_tuning": lightning_fwd.TUNING,
-                       "delta_seg_tuning": delta_segments.TUNING,
-                       "fwd": rows, "fwdbwd": brows})
+        save(args.out, name, bw, rows, brows)
     cols = ["sdpa", "ours_gdn", "ours_gdn_seg", "fla_gdn", "ours_kda", "ours_kda_seg", "fla_kda",
             "ours_lightning", "ours_lightning_seg",
             "fla_lightning"]
