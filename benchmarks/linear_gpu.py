@@ -18,6 +18,11 @@ parallel state pass (attnlab.kernels.delta_segments; forward rows only), tuned b
 differences as a sanity check. --profile-bwd prints per-kernel times of our GDN/KDA
 forward+backward at 64K (the backward is attnlab.kernels.linear_bwd); an fla backward that
 refuses to run is recorded as fla_<op>_error.
+``--ab-prepare`` first times the delta-rule prepare variants against each other, interleaved (best of
+3, whole forward with the segment-parallel state pass): the single ``_prepare_kernel``, the split
+kernels with w, u, kd in a second launch, and fused (linear.PREP_SPLIT / PREP_FUSED per gate kind),
+for GDN and KDA at each --T and for KDA with steep gates (log-gates x 30) at the first; each with its
+rms-relative error against the float32 forward (single kernel) on the same inputs.
 """
 
 from __future__ import annotations
@@ -334,7 +339,50 @@ def profile_bwd(t: int) -> None:
         torch.cuda.empty_cache()
 
 
-def save(out: str, name: str, bw: float, rows: list[dict], brows: list[dict]) -> None:
+PREP_VARIANTS = {"single": (False, False), "split": (True, False), "split+fused": (True, True)}
+
+
+def ab_prepare(ts: list[int], reps: int = 3) -> list[dict]:
+    """Interleaved A/B of the prepare variants (see the module docstring); returns one row per case."""
+    fns = ours_fns()
+    saved = dict(linear.PREP_SPLIT), dict(linear.PREP_FUSED)
+    out = []
+    cases = [(op, t, 1.0) for t in ts for op in ("gdn", "kda")] + [("kda", ts[0], 30.0)]
+    try:
+        for op, t, gate_scale in cases:
+            kind = "vector" if op == "kda" else "scalar"
+            xs = make(t, op)
+            xs[3] = xs[3] * gate_scale
+            times: dict[str, list[float]] = {}
+            errs = {}
+            with torch.no_grad():
+                linear.PREP_SPLIT[kind] = False
+                ref = fns[op + "_seg"](*[x.float() for x in xs]).float()  # float32 inputs: the reference
+                for name, (split, fused) in PREP_VARIANTS.items():
+                    linear.PREP_SPLIT[kind], linear.PREP_FUSED[kind] = split, fused
+                    o = fns[op + "_seg"](*xs).float()
+                    errs[name] = ((o - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+            for _ in range(reps):
+                for name, (split, fused) in PREP_VARIANTS.items():
+                    linear.PREP_SPLIT[kind], linear.PREP_FUSED[kind] = split, fused
+                    times.setdefault(name, []).append(safe(bench_fwd, fns[op + "_seg"], xs))
+            linear.PREP_SPLIT.update(saved[0])
+            linear.PREP_FUSED.update(saved[1])
+            row = {"op": op, "T": t, "gate_scale": gate_scale}
+            row.update({f"{n}_ms": min(v) for n, v in times.items()})
+            row.update({f"{n}_err": e for n, e in errs.items()})
+            print(f"ab-prepare {op} T={t} gates x{gate_scale:g}: " + "  ".join(
+                f"{n} {min(v):.3f} ms (err vs fp32 {errs[n]:.1e})" for n, v in times.items()), flush=True)
+            out.append(row)
+            del xs, ref
+            torch.cuda.empty_cache()
+    finally:
+        linear.PREP_SPLIT.update(saved[0])
+        linear.PREP_FUSED.update(saved[1])
+    return out
+
+
+def save(out: str, name: str, bw: float, rows: list[dict], brows: list[dict], ab_rows: list[dict]) -> None:
     """Write linear_gpu.json (atomically) with the rows so far and the launch parameters."""
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "linear_gpu.json"),
@@ -343,7 +391,7 @@ def save(out: str, name: str, bw: float, rows: list[dict], brows: list[dict]) ->
                        "prep_split": linear.PREP_SPLIT, "prep_fused": linear.PREP_FUSED,
                        "lightning_seg_tuning": lightning_fwd.TUNING,
                        "delta_seg_tuning": delta_segments.TUNING,
-                       "fwd": rows, "fwdbwd": brows})
+                       "fwd": rows, "fwdbwd": brows, "ab_prepare": ab_rows})
 
 
 def main() -> None:
@@ -351,6 +399,8 @@ def main() -> None:
     ap.add_argument("--T", default="4096,16384,65536,262144")
     ap.add_argument("--sweep", default="", help="comma list of prep,state,output,segmented")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--ab-prepare", action="store_true",
+                    help="interleaved A/B of the delta-rule prepare variants")
     ap.add_argument("--fwdbwd-max", type=int, default=65536)
     ap.add_argument("--sdpa-fwdbwd-max", type=int, default=65536)
     ap.add_argument("--profile-bwd", action="store_true",
@@ -369,6 +419,7 @@ def main() -> None:
         sweep_segmented()
     if "delta_segmented" in args.sweep.split(","):
         sweep_delta_segmented()
+    ab_rows = ab_prepare(ts) if args.ab_prepare else []
     print("TUNING:", json.dumps(linear.TUNING))
     print("OUT_TUNING:", json.dumps(linear.OUT_TUNING))
     print("PREP_TUNING:", json.dumps(linear.PREP_TUNING))
@@ -428,7 +479,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
         rows.append(row)
-        save(args.out, name, bw, rows, [])  # after every row: a later crash or time limit keeps these
+        save(args.out, name, bw, rows, [], ab_rows)  # after every row: a crash or time limit keeps these
 
     brows = []
     for t in [t for t in ts if t <= args.fwdbwd_max]:
@@ -457,7 +508,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
         brows.append(row)
-        save(args.out, name, bw, rows, brows)
+        save(args.out, name, bw, rows, brows, ab_rows)
     cols = ["sdpa", "ours_gdn", "ours_gdn_seg", "fla_gdn", "ours_kda", "ours_kda_seg", "fla_kda",
             "ours_lightning", "ours_lightning_seg",
             "fla_lightning"]
