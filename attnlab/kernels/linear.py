@@ -240,12 +240,9 @@ def _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _prepare_kernel(
-    q, k, v, g, beta, w, u, kd, gcum, aqk, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-):
+def _prep_chunk(chunk_indices, cu_seqlens, T, H: tl.constexpr, HK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """A prepare-style program's chunk (grid: chunks, B·H; varlen: chunks from the chunk table, H):
+    (value head, key head, chunk within its sequence, the sequence's first row, its length)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
         i_h = i_bh
@@ -254,8 +251,18 @@ def _prepare_kernel(
     else:
         i_b, i_h = i_bh // H, i_bh % H
         i_t = i_c
-    i_hk = i_h // (H // HK)
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    return i_h, i_h // (H // HK), i_t, bos, n
+
+
+@triton.jit
+def _prepare_kernel(
+    q, k, v, g, beta, w, u, kd, gcum, aqk, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
     t0 = i_t * BT
     r1, r2, r3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
     rr = tl.arange(0, BC)
@@ -622,16 +629,7 @@ def _kkt_inv_kernel(
     q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa (fp32, [.., BT] per token row, as aqk); with
     FUSE_WU also w, u, kd (_wu_chunk, BKW channels per step), which then re-reads X, k and gcum
     from this program's own recent writes and loads (cache hits) instead of DRAM."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    if IS_VARLEN:
-        i_h = i_bh
-        i_b = tl.load(chunk_indices + 2 * i_c)
-        i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    else:
-        i_b, i_h = i_bh // H, i_bh % H
-        i_t = i_c
-    i_hk = i_h // (H // HK)
-    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
     t0 = i_t * BT
     n_in = tl.minimum(n - t0, BT)
     rr = tl.arange(0, BT)
@@ -762,16 +760,7 @@ def _wu_kernel(
     DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per chunk and head: _wu_chunk, X from _kkt_inv_kernel (PREP_FUSED = False)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    if IS_VARLEN:
-        i_h = i_bh
-        i_b = tl.load(chunk_indices + 2 * i_c)
-        i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    else:
-        i_b, i_h = i_bh // H, i_bh % H
-        i_t = i_c
-    i_hk = i_h // (H // HK)
-    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
     G_p = gcum + (bos * H + i_h) * K if GATE_VEC else gcum + bos * H + i_h
     _wu_chunk(k + (bos * HK + i_hk) * K, v + (bos * H + i_h) * V, beta + bos * H + i_h, G_p,
               xa + (bos * H + i_h) * BT, w + (bos * H + i_h) * K, u + (bos * H + i_h) * V,
