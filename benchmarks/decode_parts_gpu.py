@@ -223,50 +223,63 @@ def part_topk(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) 
             setattr(ks, name, saved[name])
 
 
+def _sweep_latent(timer: Timer, rows: list[dict], part: str, tun: str, contexts, grid, call_at,
+                  extra: dict) -> None:
+    """Shared by the mla and sparse parts: per S, ``call_at(S)`` (a callable taking ``n_splits``,
+    returning the attention output) timed at the default launch shape, then at every (BLOCK_N, DVB,
+    num_warps, n_splits) of ``grid`` with TUNING[tun] overridden (BLOCK_H 16, plus ``extra``), each
+    row's ``err`` the max abs difference from the default's output; fallback shapes off."""
+    from attnlab.kernels import sparse as ks
+
+    names = ("BLOCK_N", "DVB", "num_warps", "n_splits")
+    base, base_fallback = dict(ks.TUNING[tun]), ks.ALLOW_FALLBACK
+    try:
+        ks.ALLOW_FALLBACK = False
+        for S in contexts:
+            call = call_at(S)
+            ref = call().float()
+            emit(rows, dict(part=part, S=S, config="default", us=timer.warm(call), err=0.0))
+            best = None
+            for bn, dvb, w, splits in grid:
+                knobs = dict(zip(names, (bn, dvb, w, splits), strict=True))
+                ks.TUNING[tun] = dict(base, BLOCK_N=bn, DVB=dvb, num_warps=w, BLOCK_H=16, **extra)
+                fn = functools.partial(call, n_splits=splits)
+                try:
+                    err = (fn().float() - ref).abs().max().item()
+                    us = timer.warm(fn)
+                except Exception as e:  # a launch shape that does not build here
+                    emit(rows, dict(part=part, S=S, **knobs, failed=f"{type(e).__name__}: {str(e)[:200]}"))
+                    continue
+                finally:
+                    ks.TUNING[tun] = base
+                row = dict(part=part, S=S, **knobs, us=us, err=err)
+                emit(rows, row)
+                if best is None or us < best["us"]:
+                    best = row
+            if best is not None:
+                print(f"BEST {part} S={S}: {best['us']:.2f} us at "
+                      + " ".join(f"{k}={best[k]}" for k in names) + f" err={best['err']:.3g}", flush=True)
+    finally:
+        ks.TUNING[tun], ks.ALLOW_FALLBACK = base, base_fallback
+
+
 def part_mla(timer: Timer, contexts, smoke: bool, rows: list[dict]) -> None:
     from attnlab.kernels import sparse as ks
 
     dev = timer.device
     H, D, D_v = (4, 48, 32) if smoke else (16, 576, 512)
     dtype = torch.float32 if smoke else torch.bfloat16
-    grid = (itertools.product((16,), (1, 2), (4,), (None, 2)) if smoke
-            else itertools.product((32, 64), (1, 4), (4,), (None, 16, 32, 64, 128, 256)))
-    grid = list(grid)
-    tun = "decode_narrow"
-    base, base_fallback = dict(ks.TUNING[tun]), ks.ALLOW_FALLBACK
-    try:
-        ks.ALLOW_FALLBACK = False
-        for S in contexts:
-            torch.manual_seed(0)
-            q = torch.randn(1, H, D, device=dev, dtype=dtype)
-            lat = torch.randn(1, S + 64, 1, D, device=dev, dtype=dtype)  # (1, S_max, 1, D): one latent
-            nv = torch.tensor([S], device=dev)
-            ref = ks.softmax_decode(q, lat, lat[..., :D_v], nv, scale=0.07).float()  # (1, H, D_v), default
-            emit(rows, dict(part="mla", S=S, config="default", us=timer.warm(
-                functools.partial(ks.softmax_decode, q, lat, lat[..., :D_v], nv, scale=0.07)), err=0.0))
-            best = None
-            for bn, dvb, w, splits in grid:
-                ks.TUNING[tun] = dict(base, BLOCK_N=bn, DVB=dvb, num_warps=w, BLOCK_H=16)
-                fn = functools.partial(ks.softmax_decode, q, lat, lat[..., :D_v], nv, scale=0.07,
-                                       n_splits=splits)
-                try:
-                    err = (fn().float() - ref).abs().max().item()
-                    us = timer.warm(fn)
-                except Exception as e:  # a launch shape that does not build here
-                    emit(rows, dict(part="mla", S=S, BLOCK_N=bn, DVB=dvb, num_warps=w, n_splits=splits,
-                                    failed=f"{type(e).__name__}: {str(e)[:200]}"))
-                    continue
-                finally:
-                    ks.TUNING[tun] = base
-                row = dict(part="mla", S=S, BLOCK_N=bn, DVB=dvb, num_warps=w, n_splits=splits, us=us, err=err)
-                emit(rows, row)
-                if best is None or us < best["us"]:
-                    best = row
-            if best is not None:
-                print(f"BEST mla S={S}: {best['us']:.2f} us at BLOCK_N={best['BLOCK_N']} DVB={best['DVB']} "
-                      f"n_splits={best['n_splits']} err={best['err']:.3g}", flush=True)
-    finally:
-        ks.TUNING[tun], ks.ALLOW_FALLBACK = base, base_fallback
+    grid = list(itertools.product((16,), (1, 2), (4,), (None, 2)) if smoke
+                else itertools.product((32, 64), (1, 4), (4,), (None, 16, 32, 64, 128, 256)))
+
+    def call_at(S: int):
+        torch.manual_seed(0)
+        q = torch.randn(1, H, D, device=dev, dtype=dtype)
+        lat = torch.randn(1, S + 64, 1, D, device=dev, dtype=dtype)  # (1, S_max, 1, D): one latent
+        nv = torch.tensor([S], device=dev)
+        return functools.partial(ks.softmax_decode, q, lat, lat[..., :D_v], nv, scale=0.07)  # -> (1, H, D_v)
+
+    _sweep_latent(timer, rows, "mla", "decode_narrow", contexts, grid, call_at, {})
 
 
 def part_sparse(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) -> None:
@@ -275,47 +288,19 @@ def part_sparse(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int
     dev = timer.device
     H, D, D_v = (4, 48, 32) if smoke else (16, 576, 512)
     dtype = torch.float32 if smoke else torch.bfloat16
-    grid = (itertools.product((16,), (1, 2), (4,), (None, 2)) if smoke
-            else itertools.product((32, 64), (1, 4), (4, 8), (None, 8, 16, 32, 64)))
-    grid = list(grid)
-    tun = "sparse"
-    base, base_fallback = dict(ks.TUNING[tun]), ks.ALLOW_FALLBACK
-    try:
-        ks.ALLOW_FALLBACK = False
-        for S in contexts:
-            torch.manual_seed(0)
-            k_eff = min(topk, S)
-            q = torch.randn(1, 1, H, D, device=dev, dtype=dtype)  # (1, 1, H, D)
-            lat = torch.randn(1, S + 64, 1, D, device=dev, dtype=dtype)  # (1, S_max, 1, D): one latent
-            idx = torch.randperm(S, device=dev)[:k_eff].sort().values.view(1, 1, k_eff)  # (1, 1, k)
-            ref = ks.sparse_attention(q, lat, lat[..., :D_v], idx, scale=0.07).float()  # default shape
-            emit(rows, dict(part="sparse", S=S, config="default", us=timer.warm(
-                functools.partial(ks.sparse_attention, q, lat, lat[..., :D_v], idx, scale=0.07)), err=0.0))
-            best = None
-            for bn, dvb, w, splits in grid:
-                ks.TUNING[tun] = dict(base, BLOCK_N=bn, DVB=dvb, num_warps=w, BLOCK_H=16, num_stages=2)
-                fn = functools.partial(ks.sparse_attention, q, lat, lat[..., :D_v], idx, scale=0.07,
-                                       n_splits=splits)
-                try:
-                    err = (fn().float() - ref).abs().max().item()
-                    us = timer.warm(fn)
-                except Exception as e:  # a launch shape that does not build here
-                    emit(rows, dict(part="sparse", S=S, BLOCK_N=bn, DVB=dvb, num_warps=w, n_splits=splits,
-                                    failed=f"{type(e).__name__}: {str(e)[:200]}"))
-                    continue
-                finally:
-                    ks.TUNING[tun] = base
-                row = dict(part="sparse", S=S, BLOCK_N=bn, DVB=dvb, num_warps=w, n_splits=splits, us=us,
-                           err=err)
-                emit(rows, row)
-                if best is None or us < best["us"]:
-                    best = row
-            if best is not None:
-                print(f"BEST sparse S={S}: {best['us']:.2f} us at BLOCK_N={best['BLOCK_N']} "
-                      f"DVB={best['DVB']} num_warps={best['num_warps']} n_splits={best['n_splits']} "
-                      f"err={best['err']:.3g}", flush=True)
-    finally:
-        ks.TUNING[tun], ks.ALLOW_FALLBACK = base, base_fallback
+    grid = list(itertools.product((16,), (1, 2), (4,), (None, 2)) if smoke
+                else itertools.product((32, 64), (1, 4), (4, 8), (None, 8, 16, 32, 64)))
+
+    def call_at(S: int):
+        torch.manual_seed(0)
+        k_eff = min(topk, S)
+        q = torch.randn(1, 1, H, D, device=dev, dtype=dtype)  # (1, 1, H, D)
+        lat = torch.randn(1, S + 64, 1, D, device=dev, dtype=dtype)  # (1, S_max, 1, D): one latent
+        idx = torch.randperm(S, device=dev)[:k_eff].sort().values.view(1, 1, k_eff)  # (1, 1, k)
+        # -> (1, 1, H, D_v)
+        return functools.partial(ks.sparse_attention, q, lat, lat[..., :D_v], idx, scale=0.07)
+
+    _sweep_latent(timer, rows, "sparse", "sparse", contexts, grid, call_at, dict(num_stages=2))
 
 
 def part_delta(timer: Timer, smoke: bool, rows: list[dict]) -> None:
