@@ -3,7 +3,10 @@
 Kernels run two ways: on a CUDA machine (tests marked ``gpu``) and, at tiny sizes, on CPU tensors
 under ``TRITON_INTERPRET=1``. That variable must be set before triton is imported, so each file's
 ``test_interpreter_suite`` re-runs the file's ``interp_`` tests in a subprocess with it set
-(:func:`run_interpreter_suite`); ``@interp`` marks those tests.
+(:func:`run_interpreter_suite`); ``@interp`` marks those tests. Those subprocesses are most of the
+CPU suite's time, so tests/conftest.py starts every selected file's suite in the background once
+collection is done (:func:`start_interpreter_suites`, two at a time, in collection order) and
+each ``test_interpreter_suite`` then only waits for its result, while the other tests run.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -23,14 +27,55 @@ interp = pytest.mark.skipif(
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 
 
-def run_interpreter_suite(test_file: str) -> None:
-    """Run ``test_file``'s ``interp_`` tests under TRITON_INTERPRET=1 in a subprocess; fail with
-    its output unless they ran and all passed."""
+SUITE_TIMEOUT_S = 900
+_SUITES: dict[str, Future] = {}  # started in the background, by absolute path
+_PROCS: list[subprocess.Popen] = []
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _run_suite(test_file: str) -> tuple[int, str, str]:
+    """(return code, stdout, stderr) of ``test_file``'s ``interp_`` tests under TRITON_INTERPRET=1."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file, "-k", "interp_"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _PROCS.append(proc)
+    try:
+        out, err = proc.communicate(timeout=SUITE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return -9, out, err + f"\n(killed after {SUITE_TIMEOUT_S} s)"
+    return proc.returncode, out, err
+
+
+def start_interpreter_suites(test_files: list[str], workers: int = 2) -> None:
+    """Start the interpreter suites of ``test_files`` in the background, ``workers`` at a time, in
+    the given order; :func:`run_interpreter_suite` then collects each one's result. Nothing to do
+    inside an interpreter run or without triton."""
+    global _POOL
+    if INTERPRETED or not HAVE_TRITON or not test_files:
+        return
+    _POOL = ThreadPoolExecutor(max_workers=workers)
+    for f in test_files:
+        _SUITES[os.path.abspath(f)] = _POOL.submit(_run_suite, f)
+
+
+def stop_interpreter_suites() -> None:
+    """Kill the suites still running (an interrupted or -x session) and drop the pool."""
+    for proc in _PROCS:
+        if proc.poll() is None:
+            proc.kill()
+    if _POOL is not None:
+        _POOL.shutdown(wait=False, cancel_futures=True)
+
+
+def run_interpreter_suite(test_file: str) -> None:
+    """``test_file``'s ``interp_`` tests under TRITON_INTERPRET=1 in a subprocess (the one started in
+    the background, else one now); fail with its output unless they ran and all passed."""
+    started = _SUITES.pop(os.path.abspath(test_file), None)
+    code, out, err = started.result() if started is not None else _run_suite(test_file)
+    assert code == 0, out[-4000:] + err[-2000:]
+    assert " passed" in out and " failed" not in out, out[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    """Start the selected files' Triton-interpreter suites in the background, in the order the
+    session reaches them (tests/_triton_tests.py): they are most of the CPU suite's time and run
+    beside the other tests."""
+    from _triton_tests import start_interpreter_suites
+
+    files = [str(item.path) for item in session.items if item.name == "test_interpreter_suite"]
+    start_interpreter_suites(list(dict.fromkeys(files)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from _triton_tests import stop_interpreter_suites
+
+    stop_interpreter_suites()
+
+
 @pytest.fixture
 def poisoned():
     """The Triton linear-attention kernels (attnlab.kernels.linear) fill every output buffer with NaN
