@@ -72,7 +72,8 @@ DELTA_SEGMENTED = True  # GDN/KDA state pass: kernels/delta_segments.py (False: 
 # 1.997 -> 1.779. GDN 16K 0.758 (single) vs 0.830 (split, fused) / 0.893 (two launches), 64K 2.857 vs
 # 3.163 / 3.468: GDN keeps the single kernel (it spills little: 200 bytes at 2 warps).
 PREP_SPLIT: dict[str, bool] = {"scalar": False, "vector": True}
-# with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel)
+# with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel);
+# "scalar" applies only when GDN is switched to the split form
 PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": False}
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
@@ -697,6 +698,8 @@ def _kkt_inv_kernel(
     i2 = _inv_block(d2, x_p, r2, 2 * BC, n, H * BT, BC)
     i3 = _inv_block(d3, x_p, r3, 3 * BC, n, H * BT, BC)
     tl.debug_barrier()  # every block of A is read before X overwrites it
+    # _prepare_kernel's block merge, each block stored as soon as it is made: computing all six first
+    # (one helper for both kernels) spilled 24 bytes per thread under the 128-register cap (sm_90)
     _cstore(x_p, i0, t0, n, H * BT, 0, BT, BC, BC)
     _cstore(x_p, i1, r1, n, H * BT, BC, BT, BC, BC)
     x10 = -_mm32(i1, _mm32(a10, i0))
