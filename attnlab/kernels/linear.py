@@ -1074,10 +1074,11 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
     return idx, torch.tensor(offsets, dtype=torch.int32, device=dev)
 
 
-def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate):
+def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None):
     """The per-chunk preparation of the delta rule into w, u, kd, gcum (and aqk for gate 2): the split
-    kernels (PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and the chunk table
-    (any tensor when not varlen)."""
+    kernels (`split`, by default PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and
+    the chunk table (any tensor when not varlen). Returns the split kernels' X = (I + A)⁻¹ (float32
+    [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), or None from the single kernel."""
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
     dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
@@ -1085,7 +1086,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     bv = min(64, max(16, triton.next_power_of_2(d_v)))
     grid = (idx.shape[0], h) if varlen else (triton.cdiv(t, CHUNK), b * h)
     kind = "vector" if gate == 2 else "scalar"
-    if not PREP_SPLIT[kind]:
+    if not (PREP_SPLIT[kind] if split is None else split):
         _prepare_kernel[grid](
             q, k, v, g, beta, w, u, kd, gcum, aqk, cu, idx, scale, t,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=bk, BV=bv,
@@ -1107,6 +1108,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen,
             DT=dt, PREC=prec, num_warps=cfg.get("wu_num_warps", 8), num_stages=cfg.get("wu_num_stages", 1),
         )
+    return xa
 
 
 def _span(dtype: torch.dtype) -> float:
@@ -1116,9 +1118,14 @@ def _span(dtype: torch.dtype) -> float:
     return 16.0 if dtype == torch.float16 else float(DIAG_SPAN.value)
 
 
-def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens, gate: int):
+def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens, gate: int,
+             keep: dict | None = None):
     """Launch the kernels. gate 0: Lightning (slope [H]); 1: GDN (g [B,T,H]); 2: KDA (g [B,T,H,K]).
-    All tensors contiguous; q, k [B, T, HK, K]; v [B, T, H, V]. Returns (o, final state | None)."""
+    All tensors contiguous; q, k [B, T, HK, K]; v [B, T, H, V]. Returns (o, final state | None,
+    states: the state entering each chunk [N_chunks, H, K, V] in the input dtype).
+    keep (the delta rule's backward): a dict that receives the intermediates w, u, kd, vn, gcum, aqk
+    (gate 2) and xa (X = (I + A)⁻¹, by the split prepare whatever PREP_SPLIT says); o is then not
+    computed (None)."""
     if gate == 0 and LIGHTNING_SEGMENTED:  # per-chunk states only when a gradient will read them
         from .lightning_fwd import forward
 
@@ -1151,8 +1158,12 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
         gcum = _empty(*g.shape, dtype=torch.float32, device=dev)
         if gate == 2:
             aqk = _empty(b, t, h, CHUNK, dtype=torch.float32, device=dev)
+        xa = None
         if n_chunks > 0:
-            _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate)
+            xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate,
+                          split=True if keep is not None else None)
+        if keep is not None:
+            keep.update(w=w, u=u, kd=kd, vn=vn, gcum=gcum, aqk=aqk if gate == 2 else None, xa=xa)
     kind = ("lightning", "scalar", "vector")[gate]
     if gate != 0 and DELTA_SEGMENTED:  # the same outputs from segment-parallel launches
         from .delta_segments import state_pass
@@ -1168,6 +1179,8 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
             USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=varlen,
             DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+    if keep is not None:
+        return None, (ht if output_final_state else None), states
     cfg = OUT_TUNING[kind]
     bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
     if n_chunks > 0:

@@ -52,7 +52,22 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .linear import CHUNK, SUB, _chunk_tables, _empty, _forward, _mm, _tile, _tl_dtype
+from .linear import (
+    CHUNK,
+    SUB,
+    _chunk_tables,
+    _cstore,
+    _ctile,
+    _empty,
+    _forward,
+    _mm,
+    _prep_chunk,
+    _seq_bounds,
+    _store_tile,
+    _tile,
+    _tl_dtype,
+    _vec,
+)
 
 DIAG_SPAN = 60.0  # as attnlab.kernels.linear.DIAG_SPAN: e^60 is finite in fp32
 # The state-gradient sweep's launch parameters: D_v columns per program, warps, pipeline depth (as
@@ -94,6 +109,91 @@ def _dstate_kernel(
         b_gl = tl.load(gl + ch * K + rk, mask=rk < K, other=0.0)
         b_dv += _mm(b_kd, dS, DT, PREC)  # dv' = Aqᵀ dO + Kd dS'
         dS = dS * b_gl[:, None] + _mm(tl.trans(b_qg), b_do, DT, PREC) - _mm(tl.trans(b_w), b_dv, DT, PREC)
+    if STORE_DH0:
+        tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv, dS, mask=mkv)
+
+
+@triton.jit
+def _dv_local_kernel(
+    q, k, gcum, aqk, do, dvi, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per chunk and head: dvi = Aqᵀ dO (float32 [B, T, H, V]), the part of dv' inside the chunk.
+    Aq is the forward's aqk (per-channel gate) or made here from q, k and the scalar gate."""
+    i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
+    t0 = i_t * BT
+    rr = tl.arange(0, BT)
+    if GATE_VEC:
+        aq = _ctile(aqk + (bos * H + i_h) * BT, t0, n, H * BT, 0, BT, BT, BT)  # zero above the diagonal
+    else:
+        G = _vec(gcum + bos * H + i_h, t0, n, H, BT)
+        aq = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            qb = _ctile(q + (bos * HK + i_hk) * K, t0, n, HK * K, i_k * BK, K, BT, BK)
+            kb = _ctile(k + (bos * HK + i_hk) * K, t0, n, HK * K, i_k * BK, K, BT, BK)
+            aq += _mm(qb, tl.trans(kb), DT, PREC)
+        causal = rr[:, None] >= rr[None, :]
+        aq = tl.where(causal, aq * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0) * scale
+    aqt = tl.trans(aq)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        dob = _ctile(do + (bos * H + i_h) * V, t0, n, H * V, i_v * BV, V, BT, BV)
+        _cstore(dvi + (bos * H + i_h) * V, _mm(aqt, dob, DT, PREC), t0, n, H * V, i_v * BV, V, BT, BV)
+
+
+@triton.jit
+def _dstate_tok_kernel(
+    q, gcum, w, kd, do, dvn, dht, dstates, dh0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE_VEC: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """_dstate_kernel on the forward's token layout: one program per (sequence, head, D_v block)
+    walking its chunks from the last. dvn holds Aqᵀ dO (_dv_local_kernel) on entry and the whole
+    dv' = Aqᵀ dO + Kd dS' on exit; dstates[c] = the gradient of the state leaving chunk c (float32,
+    chunks ordered as the forward's states); dh0 = that of the state entering the first chunk."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_hk = i_h // (H // HK)
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    n_chunks = tl.cdiv(n, BT)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_b).to(tl.int64)
+    else:
+        boh = i_b.to(tl.int64) * n_chunks
+    c0 = i_v * BV
+    rk = tl.arange(0, BK)
+    rv = c0 + tl.arange(0, BV)
+    mkv = (rk < K)[:, None] & (rv < V)[None, :]
+    kv = rk[:, None] * V + rv[None, :]
+    q_p = q + (bos * HK + i_hk) * K
+    w_p = w + (bos * H + i_h) * K
+    kd_p = kd + (bos * H + i_h) * K
+    do_p = do + (bos * H + i_h) * V
+    dv_p = dvn + (bos * H + i_h) * V
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht + i_bh.to(tl.int64) * K * V + kv, mask=mkv, other=0.0)
+    for j in range(0, n_chunks):
+        i_t = n_chunks - 1 - j
+        t0 = i_t * BT
+        last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)
+        tl.store(dstates + ((boh + i_t) * H + i_h) * K * V + kv, dS, mask=mkv)
+        b_q = _tile(q_p, t0, n, HK * K, 0, K, BT, BK).to(tl.float32)
+        if GATE_VEC:
+            G_p = gcum + (bos * H + i_h) * K
+            b_qg = b_q * tl.exp(_tile(G_p, t0, n, H * K, 0, K, BT, BK)) * scale
+            gl = tl.exp(tl.load(G_p + last * H * K + rk, mask=rk < K, other=0.0))[:, None]
+        else:
+            G_p = gcum + bos * H + i_h
+            b_qg = b_q * (tl.exp(_vec(G_p, t0, n, H, BT)) * scale)[:, None]
+            gl = tl.exp(tl.load(G_p + last * H))
+        b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
+        b_kd = _tile(kd_p, t0, n, H * K, 0, K, BT, BK)
+        b_do = _tile(do_p, t0, n, H * V, c0, V, BT, BV)
+        b_dv = _tile(dv_p, t0, n, H * V, c0, V, BT, BV) + _mm(b_kd, dS, DT, PREC)  # dv' = Aqᵀ dO + Kd dS'
+        _store_tile(dv_p, b_dv, t0, n, H * V, c0, V, BT, BV)
+        dS = dS * gl + _mm(tl.trans(b_qg), b_do, DT, PREC) - _mm(tl.trans(b_w), b_dv, DT, PREC)
     if STORE_DH0:
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv, dS, mask=mkv)
 
@@ -222,6 +322,9 @@ def _chunk_terms(q, k, v, g, beta, S, scale: float, products: str):
     return o, vn, w, kd, qg, aq, G_last
 
 
+# "triton": the per-chunk gradients by Triton kernels (delta_bwd_local, delta_bwd_pairs) on the forward's
+# token layout; "batched": autograd through _chunk_terms batched over chunks (the first backward)
+BACKWARD = "batched"  # "triton" once delta_bwd_local / delta_bwd_pairs land
 COMPILE = True  # on CUDA, torch.compile _chunk_terms (fuses its elementwise chains, forward and backward)
 _compiled = None
 
@@ -258,8 +361,10 @@ def delta_rule_backward(
     b, t = q.shape[:2]
     dev = q.device
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
-    tok, start = _chunk_layout(b, t, cu_seqlens, dev)
-    n_chunks = int(start[-1]) if t > 0 else 0
+    if cu_seqlens is None:
+        n_chunks = b * triton.cdiv(t, CHUNK)
+    else:
+        n_chunks = sum(-(-n // CHUNK) for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()) if t > 0 else 0
     if n_chunks == 0:
         zeros = [torch.zeros_like(x) for x in (q, k, v, g, beta)]
         dh0 = None
@@ -267,6 +372,11 @@ def delta_rule_backward(
             dh0 = dht.float().clone() if dht is not None else torch.zeros_like(initial_state)
         return (*zeros, dh0)
 
+    if BACKWARD == "triton":
+        return _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens, need_dh0,
+                                n_seq, n_chunks)
+
+    tok, start = _chunk_layout(b, t, cu_seqlens, dev)
     # 1. the state entering each chunk, by the forward kernels
     with torch.no_grad():
         _, _, states = _forward(q, k, v, g, beta, None, scale, initial_state, False, cu_seqlens, gate)
@@ -336,3 +446,58 @@ def _chunk_grads(terms, q, k, v, g, beta, S, scale, do, dht, tok, start, n_seq, 
         loss = (o * do_).sum() + (G_last.exp() * s_ds).sum() + (vn * (kd @ dstates)).sum()
         grads = torch.autograd.grad(loss, leaves)
     return (*grads, dh0 if need_dh0 else None)
+
+
+def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens, need_dh0, n_seq,
+                     n_chunks):
+    """delta_rule_backward with every step a Triton kernel: the forward kernels recompute the states and
+    keep their intermediates (w, u, kd, v', gcum, aqk, X), _dv_local_kernel and _dstate_tok_kernel give
+    dv' and the state gradients, delta_bwd_local everything of a chunk but the gated pair products,
+    delta_bwd_pairs those and the gate's cumsum reversal."""
+    from .delta_bwd_local import bwd_local
+    from .delta_bwd_pairs import bwd_pairs
+
+    b, t, hk, d_k = q.shape
+    h, d_v = v.shape[2:]
+    dev = q.device
+    dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
+    varlen = cu_seqlens is not None
+    if varlen:
+        idx, offsets = _chunk_tables(cu_seqlens, CHUNK)
+        cu = cu_seqlens
+        grid = (idx.shape[0], h)
+    else:
+        idx = offsets = cu = q  # any pointer; unused
+        grid = (triton.cdiv(t, CHUNK), b * h)
+    inter: dict = {}
+    with torch.no_grad():
+        _, _, states = _forward(q, k, v, g, beta, None, scale, initial_state, False, cu_seqlens, gate,
+                                keep=inter)
+    gcum, vec = inter["gcum"], gate == 2
+    do = do.contiguous().to(q.dtype)
+    dvn = _empty(b, t, h, d_v, dtype=torch.float32, device=dev)  # Aqᵀ dO, then dv'
+    bk = max(16, triton.next_power_of_2(d_k))
+    _dv_local_kernel[grid](
+        q, k, gcum, inter["aqk"] if vec else gcum, do, dvn, cu, idx, scale, t,
+        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=min(64, bk), BV=min(64, max(16, triton.next_power_of_2(d_v))),
+        GATE_VEC=vec, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=4,
+    )
+    dstates = _empty(n_chunks, h, d_k, d_v, dtype=torch.float32, device=dev)
+    dh0 = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if need_dh0 else dstates
+    bv = min(DSTATE_TUNING["BV"], max(16, triton.next_power_of_2(d_v)))
+    _dstate_tok_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+        q, gcum, inter["w"], inter["kd"], do, dvn, dht.float().contiguous() if dht is not None else dstates,
+        dstates, dh0, cu, offsets, scale, t,
+        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=vec, USE_DHT=dht is not None,
+        STORE_DH0=need_dh0, IS_VARLEN=varlen, DT=dt, PREC=prec,
+        num_warps=DSTATE_TUNING["num_warps"], num_stages=DSTATE_TUNING["num_stages"],
+    )
+    dq, dk, dv, dbeta, dG, dAq, dA = bwd_local(q, k, v, beta, gcum, inter["xa"], inter["w"], inter["u"],
+                                               inter["vn"], states, do, dstates, dvn, scale, cu_seqlens, gate)
+    del dstates, dvn, states, inter
+    dq, dk, dg, dbeta = bwd_pairs(q, k, beta, gcum, dAq, dA, dq, dk, dG, dbeta, scale, cu_seqlens, gate)
+    if hk != h:  # key heads shared by h // hk value heads: sum their gradients
+        dq = dq.reshape(b, t, hk, h // hk, d_k).sum(3)  # (B, T, H_k, D_k)
+        dk = dk.reshape(b, t, hk, h // hk, d_k).sum(3)  # (B, T, H_k, D_k)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
+            dh0 if need_dh0 else None)
