@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from attnlab._io import atomic_write_json
-from attnlab.kernels import delta_segments, lightning_fwd, linear
+from attnlab.kernels import delta_segments, lightning_fwd, linear, linear_bwd
 
 H, D = 16, 128
 DT = torch.bfloat16
@@ -303,8 +303,6 @@ def profile_bwd(t: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    from attnlab.kernels import linear_bwd
-
     ours = ours_fns()
     variants = [("compiled", True, False), ("eager", False, False), ("compiled+tf32", True, True)]
     for op in ("gdn", "kda"):
@@ -405,9 +403,18 @@ def main() -> None:
     ap.add_argument("--sdpa-fwdbwd-max", type=int, default=65536)
     ap.add_argument("--profile-bwd", action="store_true",
                     help="per-kernel CUDA times of our GDN/KDA forward+backward at 64K")
+    ap.add_argument("--ab-backward", action="store_true",
+                    help="fwd+bwd also with the batched-PyTorch delta-rule backward (linear_bwd.BACKWARD)")
+    ap.add_argument("--ops", default="gdn,kda,lightning", help="comma list of the ops to time")
+    ap.add_argument("--fwd-max", type=int, default=1 << 40,
+                    help="time the forward only up to this T (0: forward + backward rows only)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     ts = [int(x) for x in args.T.split(",")]
+    ops = [x for x in args.ops.split(",") if x]
+    bad = [x for x in ops if x not in ("gdn", "kda", "lightning")]
+    if bad:
+        ap.error(f"--ops: unknown {bad}; expected a comma list of gdn, kda, lightning")
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -456,13 +463,13 @@ def main() -> None:
             print(f"ours segmented vs single-pass state, {op}, T=4096: rel diff {err:.2e}", flush=True)
 
     rows = []
-    for t in ts:
+    for t in [t for t in ts if t <= args.fwd_max]:
         floor = 4 * t * H * D * 2 / bw * 1e3
         row = {"T": t, "floor": floor}
         xs = make(t, "gdn")
         row["sdpa"] = safe(bench_fwd, sdpa, xs)
         del xs
-        for op in ("gdn", "kda", "lightning"):
+        for op in ops:
             xs = make(t, op)
             row[f"ours_{op}"] = safe(bench_fwd, ours[op], xs)
             row[f"fla_{op}"] = safe(bench_fwd, fla[op], xs) if fla else float("nan")
@@ -487,9 +494,16 @@ def main() -> None:
         xs = make(t, "gdn", grad=True)
         row["sdpa"] = safe(bench_fwdbwd, sdpa, xs) if t <= args.sdpa_fwdbwd_max else float("nan")
         del xs
-        for op in ("gdn", "kda", "lightning"):
+        for op in ops:
             xs = make(t, op, grad=True)
-            row[f"ours_{op}"] = safe(bench_fwdbwd, ours[op], xs)
+            # the default forward (segmented state pass) and backward (linear_bwd.BACKWARD)
+            row[f"ours_{op}"] = safe(bench_fwdbwd, ours[op if op == "lightning" else f"{op}_seg"], xs)
+            if op != "lightning" and args.ab_backward:  # the first, batched-PyTorch backward beside it
+                default, linear_bwd.BACKWARD = linear_bwd.BACKWARD, "batched"
+                row[f"ours_{op}_batched_bwd"] = safe(bench_fwdbwd, ours[f"{op}_seg"], xs)
+                linear_bwd.BACKWARD = default
+                print(f"  fwd+bwd T={t} {op}: ours with the batched backward "
+                      f"{row[f'ours_{op}_batched_bwd']:.3f} ms", flush=True)
             row[f"fla_{op}"] = float("nan")
             if fla:  # fla's GDN backward refuses on Hopper with some Triton versions: record why
                 try:
