@@ -1074,11 +1074,12 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
     return idx, torch.tensor(offsets, dtype=torch.int32, device=dev)
 
 
-def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None):
+def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None, xa=None):
     """The per-chunk preparation of the delta rule into w, u, kd, gcum (and aqk for gate 2): the split
     kernels (`split`, by default PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and
     the chunk table (any tensor when not varlen). Returns the split kernels' X = (I + A)⁻¹ (float32
-    [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), or None from the single kernel."""
+    [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), or None from the single kernel.
+    Given xa (X from an earlier call, with its gcum and aqk), only w, u, kd are made (_wu_kernel)."""
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
     dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
@@ -1086,14 +1087,21 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     bv = min(64, max(16, triton.next_power_of_2(d_v)))
     grid = (idx.shape[0], h) if varlen else (triton.cdiv(t, CHUNK), b * h)
     kind = "vector" if gate == 2 else "scalar"
+    cfg = PREP_TUNING[kind]
+    if xa is not None:
+        _wu_kernel[grid](
+            k, v, beta, gcum, xa, w, u, kd, cu, idx, t,
+            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen,
+            DT=dt, PREC=prec, num_warps=cfg.get("wu_num_warps", 8), num_stages=cfg.get("wu_num_stages", 1),
+        )
+        return xa
     if not (PREP_SPLIT[kind] if split is None else split):
         _prepare_kernel[grid](
             q, k, v, g, beta, w, u, kd, gcum, aqk, cu, idx, scale, t,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=bk, BV=bv,
             GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=PREP_SINGLE_WARPS[kind],
         )
-        return
-    cfg = PREP_TUNING[kind]
+        return None
     xa = _empty(b, t, h, CHUNK, dtype=torch.float32, device=q.device)  # A, then X = (I + A)⁻¹, per row
     _kkt_inv_kernel[grid](
         q, k, v, g, beta, gcum, aqk, xa, w, u, kd, cu, idx, scale, t,
@@ -1103,11 +1111,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
         maxnreg=cfg.get("maxnreg") if q.dtype != torch.float32 else None,  # fp32's FMA products need more
     )
     if not PREP_FUSED[kind]:
-        _wu_kernel[grid](
-            k, v, beta, gcum, xa, w, u, kd, cu, idx, t,
-            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen,
-            DT=dt, PREC=prec, num_warps=cfg.get("wu_num_warps", 8), num_stages=cfg.get("wu_num_stages", 1),
-        )
+        _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, xa=xa)
     return xa
 
 
@@ -1119,13 +1123,14 @@ def _span(dtype: torch.dtype) -> float:
 
 
 def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens, gate: int,
-             keep: dict | None = None):
+             keep: dict | None = None, output: bool = True, saved: dict | None = None):
     """Launch the kernels. gate 0: Lightning (slope [H]); 1: GDN (g [B,T,H]); 2: KDA (g [B,T,H,K]).
     All tensors contiguous; q, k [B, T, HK, K]; v [B, T, H, V]. Returns (o, final state | None,
     states: the state entering each chunk [N_chunks, H, K, V] in the input dtype).
     keep (the delta rule's backward): a dict that receives the intermediates w, u, kd, vn, gcum, aqk
-    (gate 2) and xa (X = (I + A)⁻¹, by the split prepare whatever PREP_SPLIT says); o is then not
-    computed (None)."""
+    (gate 2) and xa (X = (I + A)⁻¹, by the split prepare whatever PREP_SPLIT says). output=False: o is
+    not computed (None). saved: gcum, aqk, xa from an earlier call with keep on the same inputs; the
+    prepare then only makes w, u, kd from them."""
     if gate == 0 and LIGHTNING_SEGMENTED:  # per-chunk states only when a gradient will read them
         from .lightning_fwd import forward
 
@@ -1155,13 +1160,16 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
         kd = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         u = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
         vn = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
-        gcum = _empty(*g.shape, dtype=torch.float32, device=dev)
-        if gate == 2:
-            aqk = _empty(b, t, h, CHUNK, dtype=torch.float32, device=dev)
-        xa = None
+        if saved is not None:
+            gcum, aqk, xa = saved["gcum"], saved["aqk"] if gate == 2 else o, saved["xa"]
+        else:
+            gcum = _empty(*g.shape, dtype=torch.float32, device=dev)
+            if gate == 2:
+                aqk = _empty(b, t, h, CHUNK, dtype=torch.float32, device=dev)
+            xa = None
         if n_chunks > 0:
             xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate,
-                          split=True if keep is not None else None)
+                          split=True if keep is not None else None, xa=xa)
         if keep is not None:
             keep.update(w=w, u=u, kd=kd, vn=vn, gcum=gcum, aqk=aqk if gate == 2 else None, xa=xa)
     kind = ("lightning", "scalar", "vector")[gate]
@@ -1179,7 +1187,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
             USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=varlen,
             DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    if keep is not None:
+    if not output:
         return None, (ht if output_final_state else None), states
     cfg = OUT_TUNING[kind]
     bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
@@ -1234,21 +1242,31 @@ def _lightning_backward(q, k, v, slope, scale, states, do, dht, need_dh0, cu_seq
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dh0 if need_dh0 else None)
 
 
+def _delta_bwd_keeps() -> bool:
+    from . import linear_bwd  # lazy: it imports this module
+
+    return linear_bwd.BACKWARD == "triton"
+
+
 class _ChunkFunction(torch.autograd.Function):
     """Triton forward. Backward: Triton for Lightning (q, k, v, initial state), linear_bwd for the
     delta rule; a Lightning slope that needs a gradient recomputes the chunked PyTorch op under autograd."""
 
     @staticmethod
     def forward(ctx, gate, q, k, v, g, beta, slope, scale, initial_state, output_final_state, cu_seqlens):
+        # the delta rule's Triton backward re-uses the prepare's X, aqk and gcum (as fla keeps its A
+        # matrices): ~T·H·(2·64 + D_k) float32 values kept per call instead of recomputed
+        keep = {} if gate != 0 and any(ctx.needs_input_grad[1:9]) and _delta_bwd_keeps() else None
         o, ht, states = _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state,
-                                 cu_seqlens, gate)
-        ctx.save_for_backward(q, k, v, g, beta, slope, initial_state, states if gate == 0 else None)
+                                 cu_seqlens, gate, keep=keep)
+        kept = (keep.get("xa"), keep["aqk"], keep["gcum"]) if keep else (None, None, None)
+        ctx.save_for_backward(q, k, v, g, beta, slope, initial_state, states if gate == 0 else None, *kept)
         ctx.gate, ctx.scale, ctx.cu_seqlens = gate, scale, cu_seqlens
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, slope, h0, states = ctx.saved_tensors
+        q, k, v, g, beta, slope, h0, states, xa, aqk, gcum = ctx.saved_tensors
         need = ctx.needs_input_grad  # (gate, q, k, v, g, beta, slope, scale, h0, ...)
         if ctx.gate == 0 and not need[6]:
             if states is None:  # the segmented forward keeps them only if an input needed a gradient
@@ -1261,8 +1279,9 @@ class _ChunkFunction(torch.autograd.Function):
         if ctx.gate != 0:  # the delta rule: Triton state-gradient sweep + batched per-chunk gradients
             from .linear_bwd import delta_rule_backward  # lazy: it imports this module
 
+            kept = dict(xa=xa, aqk=aqk, gcum=gcum) if xa is not None else None
             *dx, dh0 = delta_rule_backward(ctx.gate, q, k, v, g, beta, ctx.scale, h0, do, dht, ctx.cu_seqlens,
-                                           h0 is not None and need[8])
+                                           h0 is not None and need[8], saved=kept)
             return None, *dx, None, None, dh0, None, None
         # Lightning with a slope that needs a gradient: autograd through the chunked PyTorch op
         if ctx.cu_seqlens is not None:

@@ -364,12 +364,15 @@ def delta_rule_backward(
     dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     need_dh0: bool,
+    saved: dict | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of the chunked gated delta rule (gate 1: GDN, g [B, T, H]; 2: KDA, g [B, T, H, K]).
 
     q, k [B, T, H_k, K]; v [B, T, H, V]; beta [B, T, H]; initial_state float32 [N, H, K, V] or None;
     do [B, T, H, V]; dht float32 [N, H, K, V] or None (N sequences: B, or cu_seqlens int32 [N + 1]
     with B = 1). The inputs as the forward got them (contiguous, fp16/bf16/fp32).
+    saved: the forward's gcum, aqk and xa (linear._forward's keep) when it kept them; BACKWARD
+    "triton" then skips recomputing them.
     Returns (dq, dk, dv, dg, dbeta, dh0 float32 [N, H, K, V] or None), each in its input's dtype."""
     b, t = q.shape[:2]
     dev = q.device
@@ -387,7 +390,7 @@ def delta_rule_backward(
 
     if BACKWARD == "triton":
         return _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens, need_dh0,
-                                n_seq, n_chunks)
+                                n_seq, n_chunks, saved)
 
     tok, start = _chunk_layout(b, t, cu_seqlens, dev)
     # 1. the state entering each chunk, by the forward kernels
@@ -462,7 +465,7 @@ def _chunk_grads(terms, q, k, v, g, beta, S, scale, do, dht, tok, start, n_seq, 
 
 
 def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens, need_dh0, n_seq,
-                     n_chunks):
+                     n_chunks, saved):
     """delta_rule_backward with every step a Triton kernel: the forward kernels recompute the states and
     keep their intermediates (w, u, kd, v', gcum, aqk, X), _dv_local_kernel and _dstate_tok_kernel give
     dv' and the state gradients, delta_bwd_local everything of a chunk but the gated pair products,
@@ -485,7 +488,7 @@ def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_s
     inter: dict = {}
     with torch.no_grad():
         _, _, states = _forward(q, k, v, g, beta, None, scale, initial_state, False, cu_seqlens, gate,
-                                keep=inter)
+                                keep=inter, output=False, saved=saved)
     gcum, vec = inter["gcum"], gate == 2
     do = do.contiguous().to(q.dtype)
     dvn = _empty(b, t, h, d_v, dtype=torch.float32, device=dev)  # Aqᵀ dO, then dv'
