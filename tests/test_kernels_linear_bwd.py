@@ -180,16 +180,19 @@ VIEWS = {"view", "_unsafe_view", "expand", "transpose", "slice", "unsqueeze", "s
 
 @interp
 @pytest.mark.parametrize("op", OPS)
-def test_interp_backward_launches_do_not_grow_with_t(op, monkeypatch):
+@pytest.mark.parametrize("backward", ["triton", "batched"])
+def test_interp_backward_launches_do_not_grow_with_t(op, backward, monkeypatch):
     """At 2 and 4 chunks the backward is the same: one forward pass (the states), one launch of the
     state-gradient sweep and the same PyTorch ops, no Python loop over chunks."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from attnlab.kernels import linear, linear_bwd
 
+    monkeypatch.setattr(linear_bwd, "BACKWARD", backward)
+    sweep = "_dstate_tok_kernel" if backward == "triton" else "_dstate_kernel"
     state = {"forward": 0, "sweep": 0, "active": True}
     monkeypatch.setattr(linear_bwd, "_forward", _Paused(linear_bwd._forward, state, "forward"))
-    monkeypatch.setattr(linear_bwd, "_dstate_kernel", _Paused(linear_bwd._dstate_kernel, state, "sweep"))
+    monkeypatch.setattr(linear_bwd, sweep, _Paused(getattr(linear_bwd, sweep), state, "sweep"))
 
     class CountOps(TorchDispatchMode):
         def __init__(self):
@@ -211,9 +214,52 @@ def test_interp_backward_launches_do_not_grow_with_t(op, monkeypatch):
             o.backward(torch.ones_like(o))
         counts.append((state["forward"], state["sweep"], mode.n))
         assert all(torch.isfinite(x.grad).all() for x in xs)
-    print(f"{op} backward: forward passes, sweep launches, PyTorch ops = {counts[0]}")
+    print(f"{op} {backward} backward: forward passes, sweep launches, PyTorch ops = {counts[0]}")
     assert counts[0] == counts[1], counts
     assert counts[0][:2] == (1, 1), counts
+
+
+@interp
+@pytest.mark.parametrize("op", OPS)
+def test_interp_triton_and_batched_backward_agree(op, monkeypatch):
+    """The two independently written backwards (linear_bwd.BACKWARD) give the same gradients: GQA,
+    awkward dims, a partial chunk, initial and final state, and a packed batch."""
+    from attnlab.kernels import linear_bwd
+
+    xs = make_inputs(op, 2, 100, 4, 2, 24, 40, seed=21)
+    gen = torch.Generator().manual_seed(3)
+    do, dS = torch.randn(2, 100, 4, 40, generator=gen), torch.randn(2, 4, 24, 40, generator=gen)
+    cu = torch.tensor([0, 37, 100], dtype=torch.int32)
+    packed = [x[:1] if i < 5 else x for i, x in enumerate(xs)]
+    results = {}
+    for backward in ("triton", "batched"):
+        monkeypatch.setattr(linear_bwd, "BACKWARD", backward)
+        results[backward] = (grads(op, xs, do, dS, "triton")[1]
+                             + grads(op, packed, do[:1], dS, "triton", cu_seqlens=cu)[1])
+    for a, r in zip(results["triton"], results["batched"], strict=True):
+        assert rel_err(a, r) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("op", OPS)
+def test_interp_forward_keeps_what_the_backward_reuses(op):
+    """linear._forward(keep=...) gives the plain forward's output and states, and a later call that
+    starts from its kept X, aqk and gcum (saved=...) the same w, u, kd, v' and states."""
+    from attnlab.kernels import linear
+
+    q, k, v, g, beta, h0 = make_inputs(op, 2, 100, 4, 2, 24, 40, seed=22)
+    gate = 1 if op == "gdn" else 2
+    keep, again = {}, {}
+    o, _, states = linear._forward(q, k, v, g, beta, None, 0.3, h0, False, None, gate, keep=keep)
+    o_plain, _, states_plain = linear._forward(q, k, v, g, beta, None, 0.3, h0, False, None, gate)
+    assert rel_err(o, o_plain) < 1e-6 and rel_err(states, states_plain) < 1e-6
+    saved = {name: keep[name] for name in ("xa", "aqk", "gcum")}
+    out, _, states2 = linear._forward(q, k, v, g, beta, None, 0.3, h0, False, None, gate, keep=again,
+                                      output=False, saved=saved)
+    assert out is None
+    assert torch.equal(states2, states)
+    for name in ("w", "u", "kd", "vn"):
+        assert torch.equal(again[name], keep[name]), name
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
