@@ -180,9 +180,16 @@ def test_interp_several_k_and_v_blocks(gate, blocks, poisoned):
 def test_interp_packed_sequences(gate, poisoned):
     """Four sequences packed into one row (cu_seqlens): partial chunks, a 5-token sequence, one exactly
     a chunk long; each chunk must read its own state and rows."""
+    from attnlab.kernels.delta_bwd_local import bwd_local
+    from attnlab.kernels.linear import CHUNK, _chunk_tables
+
     args, exp = make_case(gate, 1, 0, 2, 2, 32, 16, lens=[70, 5, 64, 30], seed=20 + gate)
     errs = run_and_compare(args, exp)
     assert max(errs.values()) < 1e-5, errs
+    # the caller's own chunk table gives the same result
+    table, _ = _chunk_tables(args["cu_seqlens"], CHUNK)
+    for a, b in zip(bwd_local(**args), bwd_local(**args, chunk_indices=table), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.fixture

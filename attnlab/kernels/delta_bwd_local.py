@@ -25,9 +25,9 @@ products through A and Aq (dA, dAq back to q, k, G, β) are :mod:`.delta_bwd_pai
 One program per (chunk, value head), the forward prepare kernels' grid. It walks the D_k blocks (BK
 channels); inside each, the D_v blocks (BV columns) accumulate dO Sᵀ, v' dS'ᵀ and dv' Sᵀ as 64-row
 tensor-core products into three [64, BK] fp32 tiles, and on the first D_k block also dR_u, dv, dβ's
-value part, the u part of dA and dAq (so S and dS' are read once, dO, v' and dv' once per D_k block,
-and the [64, 64] accumulators stay the only other live tiles). Each D_k block then finishes its dq,
-dk, dG and the w part of dA from q, k, G and w read once.
+value part, dv' uᵀ and dAq (so S and dS' are read once, dO, v' and dv' once per D_k block, and two
+[64, 64] accumulators are the only other live tiles). Each D_k block then finishes its dq, dk, dG and
+(dv' Sᵀ) wᵀ from q, k, G and w read once; dA = −strict_tril(Xᵀ (dv' uᵀ − (dv' Sᵀ) wᵀ)) at the end.
 """
 
 from __future__ import annotations
@@ -45,10 +45,14 @@ from .linear import CHUNK, _chunk_tables, _cstore, _ctile, _empty, _mm, _prep_ch
 # (tests/test_kernels_delta_bwd_local.py::test_bwd_local_compiles_for_sm90; 8 warps unless said):
 #   BK 32, BV 64           KDA (244, 0)   GDN (248, 0)     <- the defaults: one 8-warp program per SM
 #   BK 32, BV 32           KDA (231, 0)   GDN (239, 0)
-#   BK 32, BV 64, 2 stages KDA (255, 0)
+#   BK 32, BV 32, 2 stages KDA (252, 0)   GDN (225, 0)     (prefetches the next D_v block: worth a sweep)
+#   BK 32, BV 64, 2 stages KDA (255, 0)   GDN (255, 24)
+#   BK 16, BV 64           KDA (248, 0)
 #   BK 64, BV 64           KDA (255, 24)  GDN (255, 72)    4 warps: KDA (255, 968)
-# Each extra [64, BK] accumulator costs more than its own registers (a product and its operand
-# staging), so BK = 32: D_k in 4 blocks, dO, v', dv' read once per block (cache hits after the first).
+#   BK 32, BV 64, maxnreg 128: KDA spills 488 bytes (two programs per SM would need ≤ 128)
+# Where they go (KDA, BK 32): the D_v loop's three products ~115, the value side inside it ~100 (its
+# two [64, 64] accumulators, dR_u, the X operand), the per-block epilogue the rest. BK 16 saves
+# nothing, so BK = 32: D_k in 4 blocks, dO, v', dv' read once per block (cache hits after the first).
 TUNING: dict[str, dict[str, int | None]] = {
     "scalar": {"BK": 32, "BV": 64, "num_warps": 8, "num_stages": 1, "maxnreg": None},
     "vector": {"BK": 32, "BV": 64, "num_warps": 8, "num_stages": 1, "maxnreg": None},
