@@ -275,6 +275,30 @@ def test_pairs_compiles_for_sm90(gate):
     assert "wgmma" in kernel.asm["ptx"]
 
 
+@needs_sm90_toolchain
+@pytest.mark.parametrize("gate", [1, 2])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_pairs_other_forms_compile_for_sm90(gate, dtype):
+    """The forms the interpreter tests but the GPU test does not run build for sm_90 too: packed
+    sequences (IS_VARLEN), float32 (FMA products, "ieee") and float16 inputs, odd K = 40."""
+    import triton.language as tl
+
+    from attnlab.kernels import delta_bwd_pairs as pairs
+    from attnlab.kernels.linear import _span
+
+    cfg = pairs.TUNING["vector" if gate == 2 else "scalar"]
+    fn = pairs._bwd_pairs_kernel
+    torch_dt = torch.float32 if dtype == "fp32" else torch.float16
+    const = dict(H=4, HK=2, K=40, BT=C, BK=cfg["BK"], GATE_VEC=gate == 2, IS_VARLEN=True,
+                 DT=tl.float32 if dtype == "fp32" else tl.float16, PREC="ieee" if dtype == "fp32" else "tf32",
+                 SPAN=_span(torch_dt), MIN_SEG=pairs.MIN_SEG)
+    ptr = dict(q=f"*{dtype}", k=f"*{dtype}", beta=f"*{dtype}", gcum="*fp32", daq="*fp32", da="*fp32",
+               dq="*fp32", dk="*fp32", dG="*fp32", dbeta="*fp32", cu_seqlens="*i32", chunk_indices="*i32")
+    kernel = compile_sm90(fn, const, ptr, floats=("scale",), num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"])
+    assert kernel.asm["cubin"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", [1, 2])
 @pytest.mark.parametrize("g_range", [GENTLE, STEEP], ids=["gentle", "steep"])
