@@ -256,10 +256,12 @@ def test_interp_bad_input_raises_value_error():
 
 @needs_sm90_toolchain
 @pytest.mark.parametrize("gate", [1, 2])
-def test_bwd_local_compiles_for_sm90(gate):
-    """The kernel as an H100 runs it (H = 16, D_k = D_v = 128, bf16, the launch's TUNING, pointers and
-    T 16-divisible as triton specialises them): no stack (no spills), the registers of the configured
-    warps fit an SM, and the 64-row products are wgmma."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_bwd_local_compiles_for_sm90(gate, packed):
+    """The kernel as an H100 runs it (H = 16, D_k = D_v = 128, bf16, the launch's TUNING, pointers
+    16-divisible as triton specialises them, and T too for a dense batch; a packed batch's T is
+    arbitrary): no stack (no spills), the registers of the configured warps fit an SM, and the 64-row
+    products are wgmma."""
     import triton.language as tl
 
     from attnlab.kernels import delta_bwd_local as m
@@ -267,18 +269,19 @@ def test_bwd_local_compiles_for_sm90(gate):
     cfg = m.TUNING["vector" if gate == 2 else "scalar"]
     fn = m._bwd_local_kernel
     const = dict(H=16, HK=16, K=128, V=128, BT=C, BK=cfg["BK"], BV=cfg["BV"], GATE_VEC=gate == 2,
-                 IS_VARLEN=False, DT=tl.bfloat16, PREC="tf32")
+                 IS_VARLEN=packed, DT=tl.bfloat16, PREC="tf32")
     bf16 = ("q", "k", "v", "beta", "w", "u", "vn", "states", "do")
     ptr = {a: "*bf16" if a in bf16 else "*fp32" for a in fn.arg_names
            if a not in const and a not in ("scale", "T")}
     ptr.update(cu_seqlens="*i32", chunk_indices="*i32")
-    div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
+    div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+           if a in ptr or (a == "T" and not packed)}
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("maxnreg"):
         options["maxnreg"] = cfg["maxnreg"]
     kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, **options)
     regs, stack, usage = sm90_usage(kernel)
-    print(f"gate {gate}: {usage.strip()}")
+    print(f"gate {gate} packed {packed}: {usage.strip()}")
     assert stack == 0, usage
     assert regs * 32 * cfg["num_warps"] <= 65536, usage
     assert "wgmma" in kernel.asm["ptx"]
