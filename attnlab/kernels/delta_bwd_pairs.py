@@ -43,8 +43,11 @@ MIN_SEG = 4  # rows of the segments whose pairs go elementwise (as _kkt_inv_kern
 # (tests/test_kernels_delta_bwd_pairs.py::test_pairs_compiles_for_sm90):
 #   GDN  BK 32, 8 warps (116, 0)   [BK 64: 8 warps (193, 0), capped 168 (166, 0), capped 128 (128, 176);
 #                                   4 warps (255, 0); BK 32 at 4 warps (160, 0)]
-#   KDA  BK 32, 8 warps (234, 0)   [BK 16: 8 warps (202, 0), capped 168 (168, 56); BK 64: 8 warps (255, 320);
+#   KDA  BK 32, 8 warps (252, 0)   [BK 16: 8 warps (206, 0), capped 168 (168, 56); BK 64: 8 warps (255, 320);
 #                                   4 warps spill at every BK]
+# KDA fills the register file: one 8-warp program per SM. Not the [C, C] masks nor the number of live
+# products (tried: both sides in two passes, 244; the matrices re-read per level, 226); BK 16 is the
+# fallback should a change make BK 32 spill.
 TUNING: dict[str, dict[str, int | None]] = {
     "scalar": {"BK": 32, "num_warps": 8, "num_stages": 1, "maxnreg": None},
     "vector": {"BK": 32, "num_warps": 8, "num_stages": 1, "maxnreg": None},
