@@ -211,9 +211,9 @@ def test_interp_kda_channel_blocks_take_their_own_path():
 @interp
 @pytest.mark.parametrize("gate", [1, 2])
 def test_interp_varlen_packed_sequences(gate):
-    """Packed: sequences of 5, 65, 130 and 1 rows, then 3 rows past cu_seqlens[-1] that hold NaN in every
+    """Packed: sequences of 5, 0, 65, 130 and 1 rows, then 3 rows past cu_seqlens[-1] that hold NaN in every
     input and partial: they are neither read (the rest stays finite and exact) nor written (stay NaN)."""
-    cu = torch.tensor([0, 5, 70, 200, 201], dtype=torch.int32)
+    cu = torch.tensor([0, 5, 5, 70, 200, 201], dtype=torch.int32)
     t = 204
     case = make_case(gate, 1, t, 2, 1, 24, g_range=MEDIUM, cu_seqlens=cu, seed=11)
     for v in case.values():
