@@ -146,7 +146,7 @@ def _dv_local_kernel(
             qb = _ctile(q + (bos * HK + i_hk) * K, t0, n, HK * K, i_k * BK, K, BT, BK)
             kb = _ctile(k + (bos * HK + i_hk) * K, t0, n, HK * K, i_k * BK, K, BT, BK)
             aq += _mm(qb, tl.trans(kb), DT, PREC)
-        causal = rr[:, None] >= rr[None, :]
+        causal = (rr[:, None] >= rr[None, :]) & (t0 + rr < n)[:, None]  # padding rows: G = 0, exponent > 0
         aq = tl.where(causal, aq * tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0) * scale
     aqt = tl.trans(aq)
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -337,7 +337,7 @@ def _chunk_terms(q, k, v, g, beta, S, scale: float, products: str):
 
 # "triton": the per-chunk gradients by Triton kernels (delta_bwd_local, delta_bwd_pairs) on the forward's
 # token layout; "batched": autograd through _chunk_terms batched over chunks (the first backward)
-BACKWARD = "batched"  # "triton" once delta_bwd_local / delta_bwd_pairs land
+BACKWARD = "triton"
 COMPILE = True  # on CUDA, torch.compile _chunk_terms (fuses its elementwise chains, forward and backward)
 _compiled = None
 
