@@ -211,6 +211,7 @@ def bwd_local(
     gate: int,
     *,
     chunk_indices: torch.Tensor | None = None,
+    dv_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, ...]:
     """Per-chunk gradients of the gated delta rule except the gated pair products (module docstring).
 
@@ -218,10 +219,10 @@ def bwd_local(
     (bf16 / fp16 / fp32); beta [B, T, H] (any float dtype); gcum float32 [B, T, H] (gate 1, GDN) or
     [B, T, H, K] (gate 2, KDA), the within-chunk cumulative log-gate; xa float32 [B, T, H, 64],
     X = (I + A)⁻¹ row by token row; states DT [N_chunks, H, K, V], the state entering each chunk;
-    dstates float32 [N_chunks, H, K, V], the gradient of the state leaving it; dvn float32
-    [B, T, H, V], the total gradient of v'. cu_seqlens: None or int32 [N + 1] with B = 1 (chunks
+    dstates [N_chunks, H, K, V], the gradient of the state leaving it, and dvn [B, T, H, V], the
+    total gradient of v', in DT or float32. cu_seqlens: None or int32 [N + 1] with B = 1 (chunks
     then numbered as linear._chunk_tables; chunk_indices: that table, if the caller has it).
-    Returns float32 (dq, dk [B, T, H, K] per value head, dv [B, T, H, V], dbeta [B, T, H],
+    Returns float32 (dq, dk [B, T, H, K] per value head, dv [B, T, H, V] (in dv_dtype), dbeta [B, T, H],
     dG like gcum, dAq, dA [B, T, H, 64]); rows past each sequence's end are not written."""
     if gate not in (1, 2):
         raise ValueError(f"gate: expected 1 (GDN) or 2 (KDA), got {gate}")
@@ -242,9 +243,12 @@ def bwd_local(
     else:
         _expect("gcum", gcum, (b, t, h, d_k), "[B, T, H, K] (KDA)")
     _expect("xa", xa, (b, t, h, CHUNK), f"[B, T, H, {CHUNK}]")
-    for name, x in (("gcum", gcum), ("xa", xa), ("dstates", dstates), ("dvn", dvn)):
+    for name, x in (("gcum", gcum), ("xa", xa)):
         if x.dtype != torch.float32:
             raise ValueError(f"{name}: expected float32, got {x.dtype}")
+    for name, x in (("dstates", dstates), ("dvn", dvn)):
+        if x.dtype not in (torch.float32, q.dtype):
+            raise ValueError(f"{name}: expected float32 or q's dtype {q.dtype}, got {x.dtype}")
     varlen = cu_seqlens is not None
     if varlen:
         if b != 1:
@@ -265,7 +269,7 @@ def bwd_local(
     f32 = torch.float32
     dq = _empty(b, t, h, d_k, dtype=f32, device=dev)
     dk = _empty(b, t, h, d_k, dtype=f32, device=dev)
-    dv = _empty(b, t, h, d_v, dtype=f32, device=dev)
+    dv = _empty(b, t, h, d_v, dtype=dv_dtype, device=dev)
     dbeta = _empty(b, t, h, dtype=f32, device=dev)
     dg = _empty(*gcum.shape, dtype=f32, device=dev)
     daq = _empty(b, t, h, CHUNK, dtype=f32, device=dev)

@@ -144,13 +144,14 @@ def _seg_pairs_bwd(lq, lk, r, G, k_p, q_p, k_stride, G_p, G_stride, daq_p, da_p,
 
 @triton.jit
 def _bwd_pairs_kernel(
-    q, k, beta, gcum, daq, da, dq, dk, dG, dbeta, cu_seqlens, chunk_indices, scale, T,
+    q, k, beta, gcum, daq, da, dq, dk, dG, dbeta, oq, ok, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
     SPAN: tl.constexpr, MIN_SEG: tl.constexpr,
 ):
-    """Per chunk and value head: adds the pair terms to dq, dk, dbeta and dG (float32, in place),
-    then overwrites dG's rows with the reverse cumsum over the chunk (dg)."""
+    """Per chunk and value head: adds the pair terms to dq, dk (into oq, ok: in place or a copy in
+    another dtype), dbeta and dG (float32, in place), then overwrites dG's rows with the reverse cumsum
+    over the chunk (dg)."""
     i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
     t0 = i_t * BT
     n_in = tl.minimum(n - t0, BT)
@@ -159,6 +160,8 @@ def _bwd_pairs_kernel(
     k_p = k + (bos * HK + i_hk) * K
     dq_p = dq + (bos * H + i_h) * K
     dk_p = dk + (bos * H + i_h) * K
+    oq_p = oq + (bos * H + i_h) * K
+    ok_p = ok + (bos * H + i_h) * K
     b_p = beta + bos * H + i_h
     daq_p = daq + (bos * H + i_h) * BT
     da_p = da + (bos * H + i_h) * BT
@@ -195,8 +198,8 @@ def _bwd_pairs_kernel(
             dGb = _ctile(dG_p, t0, n, H * K, c0, K, BT, BK) + qf * lq + kf * (blk - r)
             lq += p_diag * kf
             r += p_diag * qf
-            _cstore(dq_p, _ctile(dq_p, t0, n, H * K, c0, K, BT, BK) + lq, t0, n, H * K, c0, K, BT, BK)
-            _cstore(dk_p, _ctile(dk_p, t0, n, H * K, c0, K, BT, BK) + blk + r, t0, n, H * K, c0, K, BT, BK)
+            _cstore(oq_p, _ctile(dq_p, t0, n, H * K, c0, K, BT, BK) + lq, t0, n, H * K, c0, K, BT, BK)
+            _cstore(ok_p, _ctile(dk_p, t0, n, H * K, c0, K, BT, BK) + blk + r, t0, n, H * K, c0, K, BT, BK)
             _cstore(dG_p, tl.cumsum(dGb, 0, reverse=True), t0, n, H * K, c0, K, BT, BK)  # rows ≥ n_in: 0
     else:
         gs = _vec(gcum + bos * H + i_h, t0, n, H, BT)  # [BT]
@@ -222,8 +225,8 @@ def _bwd_pairs_kernel(
             dGs += tl.sum(qf * lq + kf * (blk - r), 1)
             lq += p_diag * kf
             r += p_diag * qf
-            _cstore(dq_p, _ctile(dq_p, t0, n, H * K, c0, K, BT, BK) + lq, t0, n, H * K, c0, K, BT, BK)
-            _cstore(dk_p, _ctile(dk_p, t0, n, H * K, c0, K, BT, BK) + blk + r, t0, n, H * K, c0, K, BT, BK)
+            _cstore(oq_p, _ctile(dq_p, t0, n, H * K, c0, K, BT, BK) + lq, t0, n, H * K, c0, K, BT, BK)
+            _cstore(ok_p, _ctile(dk_p, t0, n, H * K, c0, K, BT, BK) + blk + r, t0, n, H * K, c0, K, BT, BK)
         dG_p = dG + bos * H + i_h
         dGs += _vec(dG_p, t0, n, H, BT)
         tl.store(dG_p + (t0 + rr).to(tl.int64) * H, tl.cumsum(dGs, 0, reverse=True), mask=rr < n_in)
@@ -233,21 +236,24 @@ def _bwd_pairs_kernel(
 
 def bwd_pairs(q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, gcum: torch.Tensor, dAq: torch.Tensor,
               dA: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dG: torch.Tensor, dbeta: torch.Tensor,
-              scale: float, cu_seqlens: torch.Tensor | None, gate: int
+              scale: float, cu_seqlens: torch.Tensor | None, gate: int,
+              out_dtype: torch.dtype = torch.float32
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adds the gated pair products' gradients to kernel 1's partials and reverses the gate's cumsum.
 
-    q, k [B, T, HK, K] (bf16, fp16 or fp32), beta [B, T, H] (same dtype), gcum float32 [B, T, H]
+    q, k [B, T, HK, K] (bf16, fp16 or fp32), beta [B, T, H] (any of those), gcum float32 [B, T, H]
     (gate 1, GDN) or [B, T, H, K] (gate 2, KDA): the within-chunk cumulative log-gate; dAq, dA float32
     [B, T, H, 64]: the gradients of Aq (incl. its scale) and A (incl. β), row t0 + i of a chunk holding
     its row i. dq, dk float32 [B, T, H, K] (per value head), dG float32 shaped as gcum, dbeta float32
     [B, T, H]: kernel 1's partials, updated in place. cu_seqlens: None or int32 [N + 1] (then B = 1).
-    Returns (dq, dk, dg, dbeta), float32: dq, dk per value head (the caller sums GQA groups), dg the
-    gradient of the per-token log-gate (in dG's storage) and dbeta."""
+    Returns (dq, dk, dg, dbeta): dq, dk per value head (the caller sums GQA groups) in out_dtype (float32:
+    the partials' storage; another dtype: new tensors, the partials left as they were), dg the float32
+    gradient of the per-token log-gate (in dG's storage) and dbeta (float32, in place)."""
     check_tensor("q", q, 4, "[B, T, HK, K]")
     b, t, hk, d_k = q.shape
     check_tensor("k", k, 4, "[B, T, HK, K]", shape=(b, t, hk, d_k), dtypes=(q.dtype,))
-    check_tensor("beta", beta, 3, "[B, T, H]", shape=(b, t, None), dtypes=(q.dtype,))
+    check_tensor("beta", beta, 3, "[B, T, H]", shape=(b, t, None),
+                 dtypes=(torch.float32, torch.bfloat16, torch.float16))
     h = beta.shape[2]
     check_heads_divide("beta", h, "q", hk)
     if gate not in (1, 2):
@@ -280,16 +286,22 @@ def bwd_pairs(q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, gcum: torch.
         n_chunks = triton.cdiv(t, CHUNK) * b
         grid = (triton.cdiv(t, CHUNK), b * h)
         idx = cu = q  # any pointer; unused when not varlen
+    oq, ok = dq, dk
+    if out_dtype != torch.float32:
+        oq, ok = torch.empty_like(dq, dtype=out_dtype), torch.empty_like(dk, dtype=out_dtype)
+        if n_chunks == 0:
+            oq.copy_(dq)
+            ok.copy_(dk)
     if n_chunks == 0:
-        return dq, dk, dG, dbeta
+        return oq, ok, dG, dbeta
     cfg = TUNING["vector" if gate == 2 else "scalar"]
     bk = min(cfg["BK"], max(16, triton.next_power_of_2(d_k)))
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("maxnreg") is not None and q.dtype != torch.float32:
         opts["maxnreg"] = cfg["maxnreg"]
     _bwd_pairs_kernel[grid](
-        q, k, beta, gcum, dAq, dA, dq, dk, dG, dbeta, cu, idx, scale, t,
+        q, k, beta, gcum, dAq, dA, dq, dk, dG, dbeta, oq, ok, cu, idx, scale, t,
         H=h, HK=hk, K=d_k, BT=CHUNK, BK=bk, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=_tl_dtype(q.dtype),
         PREC="ieee" if q.dtype == torch.float32 else "tf32", SPAN=_span(q.dtype), MIN_SEG=MIN_SEG, **opts,
     )
-    return dq, dk, dG, dbeta
+    return oq, ok, dG, dbeta

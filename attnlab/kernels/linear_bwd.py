@@ -164,7 +164,8 @@ def _dstate_tok_kernel(
     """_dstate_kernel on the forward's token layout: one program per (sequence, head, D_v block)
     walking its chunks from the last. dvn holds Aqᵀ dO (_dv_local_kernel) on entry and the whole
     dv' = Aqᵀ dO + Kd dS' on exit; dstates[c] = the gradient of the state leaving chunk c (float32,
-    chunks ordered as the forward's states); dh0 = that of the state entering the first chunk."""
+    chunks ordered as the forward's states, in dstates' dtype); dh0 = that of the state entering the first
+    chunk (float32)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // (H // HK)
@@ -191,7 +192,7 @@ def _dstate_tok_kernel(
         i_t = n_chunks - 1 - j
         t0 = i_t * BT
         last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)
-        tl.store(dstates + ((boh + i_t) * H + i_h) * K * V + kv, dS, mask=mkv)
+        tl.store(dstates + ((boh + i_t) * H + i_h) * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mkv)
         b_q = _tile(q_p, t0, n, HK * K, 0, K, BT, BK).to(tl.float32)
         if GATE_VEC:
             G_p = gcum + (bos * H + i_h) * K
@@ -482,6 +483,7 @@ def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_s
         idx, offsets = _chunk_tables(cu_seqlens, CHUNK)
         cu = cu_seqlens
         grid = (idx.shape[0], h)
+        end = int(cu_seqlens[-1])
     else:
         idx = offsets = cu = q  # any pointer; unused
         grid = (triton.cdiv(t, CHUNK), b * h)
@@ -491,14 +493,15 @@ def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_s
                                 keep=inter, output=False, saved=saved)
     gcum, vec = inter["gcum"], gate == 2
     do = do.contiguous().to(q.dtype)
-    dvn = _empty(b, t, h, d_v, dtype=torch.float32, device=dev)  # Aqᵀ dO, then dv'
+    # dv' and dS' in the inputs' dtype, as the states: their consumers' tensor-core products round to it
+    dvn = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)  # Aqᵀ dO, then dv'
     bk = max(16, triton.next_power_of_2(d_k))
     _dv_local_kernel[grid](
         q, k, gcum, inter["aqk"] if vec else gcum, do, dvn, cu, idx, scale, t,
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=min(64, bk), BV=min(64, max(16, triton.next_power_of_2(d_v))),
         GATE_VEC=vec, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=4,
     )
-    dstates = _empty(n_chunks, h, d_k, d_v, dtype=torch.float32, device=dev)
+    dstates = _empty(n_chunks, h, d_k, d_v, dtype=q.dtype, device=dev)
     dh0 = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if need_dh0 else dstates
     bv = min(DSTATE_TUNING["BV"], max(16, triton.next_power_of_2(d_v)))
     _dstate_tok_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
@@ -509,11 +512,17 @@ def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_s
         num_warps=DSTATE_TUNING["num_warps"], num_stages=DSTATE_TUNING["num_stages"],
     )
     dq, dk, dv, dbeta, dG, dAq, dA = bwd_local(q, k, v, beta, gcum, inter["xa"], inter["w"], inter["u"],
-                                               inter["vn"], states, do, dstates, dvn, scale, cu_seqlens, gate)
+                                               inter["vn"], states, do, dstates, dvn, scale, cu_seqlens, gate,
+                                               chunk_indices=idx if varlen else None, dv_dtype=v.dtype)
     del dstates, dvn, states, inter
-    dq, dk, dg, dbeta = bwd_pairs(q, k, beta, gcum, dAq, dA, dq, dk, dG, dbeta, scale, cu_seqlens, gate)
+    # dq, dk written in the inputs' dtype unless key heads are shared (then summed in float32 first)
+    dq, dk, dg, dbeta = bwd_pairs(q, k, beta, gcum, dAq, dA, dq, dk, dG, dbeta, scale, cu_seqlens, gate,
+                                  out_dtype=q.dtype if hk == h else torch.float32)
     if hk != h:  # key heads shared by h // hk value heads: sum their gradients
         dq = dq.reshape(b, t, hk, h // hk, d_k).sum(3)  # (B, T, H_k, D_k)
         dk = dk.reshape(b, t, hk, h // hk, d_k).sum(3)  # (B, T, H_k, D_k)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
-            dh0 if need_dh0 else None)
+    out = [dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dbeta.to(beta.dtype)]
+    if varlen and end < t:  # rows past the last sequence: no kernel wrote them; nothing depends on them
+        for x in out:
+            x[:, end:] = 0
+    return (*out, dh0 if need_dh0 else None)
