@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .linear import (
     CHUNK,
@@ -504,13 +505,19 @@ def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_s
     dstates = _empty(n_chunks, h, d_k, d_v, dtype=q.dtype, device=dev)
     dh0 = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if need_dh0 else dstates
     bv = min(DSTATE_TUNING["BV"], max(16, triton.next_power_of_2(d_v)))
-    _dstate_tok_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-        q, gcum, inter["w"], inter["kd"], do, dvn, dht.float().contiguous() if dht is not None else dstates,
-        dstates, dh0, cu, offsets, scale, t,
-        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=vec, USE_DHT=dht is not None,
-        STORE_DH0=need_dh0, IS_VARLEN=varlen, DT=dt, PREC=prec,
-        num_warps=DSTATE_TUNING["num_warps"], num_stages=DSTATE_TUNING["num_stages"],
-    )
+    dht_ = dht.float().contiguous() if dht is not None else dstates
+    for stages in range(DSTATE_TUNING["num_stages"], 0, -1):  # float32 / wide tiles: fewer pipeline stages
+        try:
+            _dstate_tok_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+                q, gcum, inter["w"], inter["kd"], do, dvn, dht_, dstates, dh0, cu, offsets, scale, t,
+                H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=vec, USE_DHT=dht is not None,
+                STORE_DH0=need_dh0, IS_VARLEN=varlen, DT=dt, PREC=prec,
+                num_warps=DSTATE_TUNING["num_warps"], num_stages=stages,
+            )
+            break
+        except OutOfResources:  # raised before the launch: nothing was written
+            if stages == 1:
+                raise
     dq, dk, dv, dbeta, dG, dAq, dA = bwd_local(q, k, v, beta, gcum, inter["xa"], inter["w"], inter["u"],
                                                inter["vn"], states, do, dstates, dvn, scale, cu_seqlens, gate,
                                                chunk_indices=idx if varlen else None, dv_dtype=v.dtype)
