@@ -328,6 +328,7 @@ def test_gpu_compiled_terms_equal_eager(op, monkeypatch):
     (a failure falls back to eager with a warning and clears linear_bwd.COMPILE)."""
     from attnlab.kernels import linear_bwd
 
+    monkeypatch.setattr(linear_bwd, "BACKWARD", "batched")  # the backward that compiles them
     xs = make_inputs(op, 2, 300, 4, 2, 64, 64, seed=12)
     gen = torch.Generator().manual_seed(1)
     do, dS = torch.randn(2, 300, 4, 64, generator=gen), torch.randn(2, 4, 64, 64, generator=gen)
