@@ -13,11 +13,13 @@ fastest per op; ``--sweep segmented`` tunes the segment-parallel Lightning forwa
 per-chunk forward ("ours_lightning", LIGHTNING_SEGMENTED off) and the segment-parallel one
 ("ours_lightning_seg", issue #8's target: 1.5x fla's throughput). GDN and KDA likewise: "ours_gdn"
 with the single-pass state kernel (linear.DELTA_SEGMENTED off), "ours_gdn_seg" with the segment-
-parallel state pass (attnlab.kernels.delta_segments; forward rows only), tuned by
-``--sweep delta_segmented`` at 16K and 64K. Also prints ours-vs-fla output
-differences as a sanity check. --profile-bwd prints per-kernel times of our GDN/KDA
-forward+backward at 64K (the backward is attnlab.kernels.linear_bwd); an fla backward that
-refuses to run is recorded as fla_<op>_error.
+parallel state pass (attnlab.kernels.delta_segments), tuned by ``--sweep delta_segmented`` at 16K and
+64K; the forward+backward rows of ours use the defaults (segment-parallel state pass, the Triton
+backward of attnlab.kernels.linear_bwd). Also prints ours-vs-fla output differences as a sanity check.
+--profile-bwd prints per-kernel times of our GDN/KDA forward+backward at 64K, with the Triton and the
+batched-PyTorch backward; an fla backward that refuses to run is recorded as fla_<op>_error.
+``--ops`` picks the ops timed, ``--fwd-max`` skips the forward rows above a T, ``--ab-backward`` adds
+forward+backward rows with the batched-PyTorch backward (linear_bwd.BACKWARD = "batched").
 ``--ab-prepare`` first times the delta-rule prepare variants against each other, interleaved (best of
 3, whole forward with the segment-parallel state pass): the single ``_prepare_kernel``, the split
 kernels with w, u, kd in a second launch, and fused (linear.PREP_SPLIT / PREP_FUSED per gate kind),
@@ -297,30 +299,34 @@ def profile(t: int) -> None:
 
 
 def profile_bwd(t: int) -> None:
-    """Per-kernel CUDA time of one forward+backward of our GDN and KDA (after a warm-up, which also
-    compiles the backward's torch.compile'd per-chunk terms): top 25 kernels, then the totals with
-    the per-chunk terms eager (linear_bwd.COMPILE off) and with TF32 matmuls (what each is worth)."""
+    """Per-kernel CUDA time of one forward+backward of our GDN and KDA after a warm-up: top 25 kernels of
+    the default (Triton) backward, then the totals with the batched-PyTorch backward (linear_bwd.BACKWARD
+    "batched"), its per-chunk terms torch.compile'd, eager (linear_bwd.COMPILE off) and with TF32."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
     ours = ours_fns()
-    variants = [("compiled", True, False), ("eager", False, False), ("compiled+tf32", True, True)]
+    variants = [("triton", "triton", True, False), ("batched compiled", "batched", True, False),
+                ("batched eager", "batched", False, False), ("batched compiled+tf32", "batched", True, True)]
     for op in ("gdn", "kda"):
         xs = make(t, op, grad=True)
         do = torch.randn_like(xs[2])
-        for label, compiled, tf32 in variants:
+        for label, backward, compiled, tf32 in variants:
+            default = linear_bwd.BACKWARD
+            linear_bwd.BACKWARD = backward
             linear_bwd.COMPILE = compiled
             torch.backends.cuda.matmul.allow_tf32 = tf32
             try:
-                ours[op](*xs).backward(do)
+                ours[f"{op}_seg"](*xs).backward(do)
                 torch.cuda.synchronize()
                 with prof(activities=[ProfilerActivity.CUDA]) as p:
-                    ours[op](*xs).backward(do)
+                    ours[f"{op}_seg"](*xs).backward(do)
                     torch.cuda.synchronize()
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"profile-bwd {op} {label}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             finally:
+                linear_bwd.BACKWARD = default
                 linear_bwd.COMPILE = True
                 torch.backends.cuda.matmul.allow_tf32 = False
             events = sorted((e for e in p.key_averages() if e.device_time_total > 0),
@@ -329,7 +335,7 @@ def profile_bwd(t: int) -> None:
             launches = sum(e.count for e in events)
             print(f"profile-bwd {op} T={t} {label}: {total:.3f} ms of kernels, {launches} launches (fwd+bwd)",
                   flush=True)
-            if label == "compiled":
+            if label == "triton":
                 for e in events[:25]:
                     ms = e.device_time_total / 1e3
                     print(f"profile-bwd {op:4s} {e.key[:60]:60s} x{e.count:<4d} {ms:8.3f} ms")

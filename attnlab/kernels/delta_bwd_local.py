@@ -40,7 +40,7 @@ from .linear import CHUNK, _chunk_tables, _cstore, _ctile, _empty, _mm, _prep_ch
 
 # Launch parameters by gate kind ("scalar" GDN, "vector" KDA): BK channels per D_k block, BV value
 # columns per step, warps, pipeline depth, and the ptxas register cap (ignored for float32 inputs,
-# whose products run on FMA units and need more). Not yet timed on a GPU. sm_90 (registers, stack bytes
+# whose products run on FMA units and need more). sm_90 (registers, stack bytes
 # per thread) at H = 16, D_k = D_v = 128, bf16, 16-divisible pointers and T
 # (tests/test_kernels_delta_bwd_local.py::test_bwd_local_compiles_for_sm90; 8 warps unless said):
 #   BK 32, BV 64           KDA (244, 0)   GDN (248, 0)     <- the defaults: one 8-warp program per SM
@@ -53,6 +53,8 @@ from .linear import CHUNK, _chunk_tables, _cstore, _ctile, _empty, _mm, _prep_ch
 # Where they go (KDA, BK 32): the D_v loop's three products ~115, the value side inside it ~100 (its
 # two [64, 64] accumulators, dR_u, the X operand), the per-block epilogue the rest. BK 16 saves
 # nothing, so BK = 32: D_k in 4 blocks, dO, v', dv' read once per block (cache hits after the first).
+# H100, whole GDN / KDA fwd + bwd at T = 16K, B = 1, H = 16, D = 128, bf16 (do_bench, benchmarks/RESULTS.md):
+# the defaults 3.52 / 5.05-5.10 ms, BV 32 with 2 stages 3.76 / 5.26, BK 16 3.95 / 5.62.
 TUNING: dict[str, dict[str, int | None]] = {
     "scalar": {"BK": 32, "BV": 64, "num_warps": 8, "num_stages": 1, "maxnreg": None},
     "vector": {"BK": 32, "BV": 64, "num_warps": 8, "num_stages": 1, "maxnreg": None},

@@ -38,7 +38,7 @@ from .linear import CHUNK, _chunk_tables, _cstore, _ctile, _mm, _prep_chunk, _sp
 MIN_SEG = 4  # rows of the segments whose pairs go elementwise (as _kkt_inv_kernel's _gated_kkt)
 
 # Launch parameters by gate kind ("scalar" GDN, "vector" KDA): BK channels per step, warps, pipeline
-# stages, ptxas register cap (None: uncapped; applied to 16-bit inputs only). Not yet timed on a GPU.
+# stages, ptxas register cap (None: uncapped; applied to 16-bit inputs only).
 # sm_90 (registers, stack bytes per thread) at H = HK = 16, K = 128, bf16, pointers and T 16-divisible
 # (tests/test_kernels_delta_bwd_pairs.py::test_pairs_compiles_for_sm90):
 #   GDN  BK 32, 8 warps (116, 0)   [BK 64: 8 warps (193, 0), capped 168 (166, 0), capped 128 (128, 176);
@@ -47,7 +47,9 @@ MIN_SEG = 4  # rows of the segments whose pairs go elementwise (as _kkt_inv_kern
 #                                   4 warps spill at every BK]
 # KDA fills the register file: one 8-warp program per SM. Not the [C, C] masks nor the number of live
 # products (tried: both sides in two passes, 244; the matrices re-read per level, 226); BK 16 is the
-# fallback should a change make BK 32 spill.
+# fallback should a change make BK 32 spill. H100, whole GDN / KDA fwd + bwd at T = 16K, B = 1, H = 16,
+# D = 128, bf16 (do_bench, benchmarks/RESULTS.md): BK 32 3.52 / 5.05-5.10 ms, BK 16 3.70 / 5.65, BK 64
+# 3.58 / 4.93 (KDA's BK 64 spills; one timing, not re-tested, so not adopted).
 TUNING: dict[str, dict[str, int | None]] = {
     "scalar": {"BK": 32, "num_warps": 8, "num_stages": 1, "maxnreg": None},
     "vector": {"BK": 32, "num_warps": 8, "num_stages": 1, "maxnreg": None},
