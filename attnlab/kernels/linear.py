@@ -257,6 +257,22 @@ def _prep_chunk(chunk_indices, cu_seqlens, T, H: tl.constexpr, HK: tl.constexpr,
 
 
 @triton.jit
+def _seq_chunks(cu_seqlens, chunk_offsets, T, H: tl.constexpr, HK: tl.constexpr, BT: tl.constexpr,
+                IS_VARLEN: tl.constexpr):
+    """A sequential program's sequence (grid: D_v blocks, sequences · H): (sequence, value head, key
+    head, its first row, its length, its chunk count, the global index of its first chunk)."""
+    i_bh = tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
+    n_chunks = tl.cdiv(n, BT)
+    if IS_VARLEN:
+        boh = tl.load(chunk_offsets + i_b).to(tl.int64)
+    else:
+        boh = i_b.to(tl.int64) * n_chunks
+    return i_b, i_h, i_h // (H // HK), bos, n, n_chunks, boh
+
+
+@triton.jit
 def _prepare_kernel(
     q, k, v, g, beta, w, u, kd, gcum, aqk, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -786,14 +802,7 @@ def _state_kernel(
     """Writes h[c] = the state entering chunk c ([n_chunks, H, K, V]) and, for the delta rule,
     the corrected values v' = u − w h[c]; the loop body is all that is sequential."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // (H // HK)
-    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
-    n_chunks = tl.cdiv(n, BT)
-    if IS_VARLEN:
-        boh = tl.load(chunk_offsets + i_b).to(tl.int64)
-    else:
-        boh = i_b.to(tl.int64) * n_chunks
+    i_b, i_h, i_hk, bos, n, n_chunks, boh = _seq_chunks(cu_seqlens, chunk_offsets, T, H, HK, BT, IS_VARLEN)
     c0 = i_v * BV
     rk = tl.arange(0, BK)
     rv = c0 + tl.arange(0, BV)

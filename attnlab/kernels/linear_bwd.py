@@ -74,7 +74,7 @@ from .linear import (
     _forward,
     _mm,
     _prep_chunk,
-    _seq_bounds,
+    _seq_chunks,
     _store_tile,
     _tile,
     _tl_dtype,
@@ -164,18 +164,11 @@ def _dstate_tok_kernel(
 ):
     """_dstate_kernel on the forward's token layout: one program per (sequence, head, D_v block)
     walking its chunks from the last. dvn holds Aqᵀ dO (_dv_local_kernel) on entry and the whole
-    dv' = Aqᵀ dO + Kd dS' on exit; dstates[c] = the gradient of the state leaving chunk c (float32,
-    chunks ordered as the forward's states, in dstates' dtype); dh0 = that of the state entering the first
-    chunk (float32)."""
+    dv' = Aqᵀ dO + Kd dS' on exit; dstates[c] = the gradient of the state leaving chunk c (chunks ordered
+    as the forward's states, in dstates' dtype); dh0 = that of the state entering the first chunk
+    (float32)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // (H // HK)
-    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
-    n_chunks = tl.cdiv(n, BT)
-    if IS_VARLEN:
-        boh = tl.load(chunk_offsets + i_b).to(tl.int64)
-    else:
-        boh = i_b.to(tl.int64) * n_chunks
+    i_b, i_h, i_hk, bos, n, n_chunks, boh = _seq_chunks(cu_seqlens, chunk_offsets, T, H, HK, BT, IS_VARLEN)
     c0 = i_v * BV
     rk = tl.arange(0, BK)
     rv = c0 + tl.arange(0, BV)
