@@ -927,14 +927,7 @@ def _lightning_dstate_kernel(
     DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hk = i_h // (H // HK)
-    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
-    n_chunks = tl.cdiv(n, BT)
-    if IS_VARLEN:
-        boh = tl.load(chunk_offsets + i_b).to(tl.int64)
-    else:
-        boh = i_b.to(tl.int64) * n_chunks
+    i_b, i_h, i_hk, bos, n, n_chunks, boh = _seq_chunks(cu_seqlens, chunk_offsets, T, H, HK, BT, IS_VARLEN)
     c0 = i_v * BV
     rk = tl.arange(0, BK)
     rv = c0 + tl.arange(0, BV)
