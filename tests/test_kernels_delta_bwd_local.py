@@ -270,7 +270,8 @@ def test_bwd_local_compiles_for_sm90(gate, packed):
     fn = m._bwd_local_kernel
     const = dict(H=16, HK=16, K=128, V=128, BT=C, BK=cfg["BK"], BV=cfg["BV"], GATE_VEC=gate == 2,
                  IS_VARLEN=packed, DT=tl.bfloat16, PREC="tf32")
-    bf16 = ("q", "k", "v", "beta", "w", "u", "vn", "states", "do")
+    # dstates, dvn and dv in the inputs' dtype, as linear_bwd launches it
+    bf16 = ("q", "k", "v", "beta", "w", "u", "vn", "states", "do", "dstates", "dvn", "dv")
     ptr = {a: "*bf16" if a in bf16 else "*fp32" for a in fn.arg_names
            if a not in const and a not in ("scale", "T")}
     ptr.update(cu_seqlens="*i32", chunk_indices="*i32")

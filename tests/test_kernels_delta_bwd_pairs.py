@@ -262,8 +262,10 @@ def test_pairs_compiles_for_sm90(gate):
     fn = pairs._bwd_pairs_kernel
     const = dict(H=16, HK=16, K=128, BT=C, BK=cfg["BK"], GATE_VEC=gate == 2, IS_VARLEN=False, DT=tl.bfloat16,
                  PREC="tf32", SPAN=_span(torch.bfloat16), MIN_SEG=pairs.MIN_SEG)
+    # oq, ok: dq, dk written in the inputs' dtype, as linear_bwd launches it without shared key heads
     ptr = dict(q="*bf16", k="*bf16", beta="*bf16", gcum="*fp32", daq="*fp32", da="*fp32", dq="*fp32",
-               dk="*fp32", dG="*fp32", dbeta="*fp32", cu_seqlens="*i32", chunk_indices="*i32")
+               dk="*fp32", dG="*fp32", dbeta="*fp32", oq="*bf16", ok="*bf16", cu_seqlens="*i32",
+               chunk_indices="*i32")
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("maxnreg") is not None:
@@ -293,6 +295,7 @@ def test_pairs_other_forms_compile_for_sm90(gate, dtype):
                  DT=tl.float32 if dtype == "fp32" else tl.float16, PREC="ieee" if dtype == "fp32" else "tf32",
                  SPAN=_span(torch_dt), MIN_SEG=pairs.MIN_SEG)
     ptr = dict(q=f"*{dtype}", k=f"*{dtype}", beta=f"*{dtype}", gcum="*fp32", daq="*fp32", da="*fp32",
+               oq="*fp32", ok="*fp32",
                dq="*fp32", dk="*fp32", dG="*fp32", dbeta="*fp32", cu_seqlens="*i32", chunk_indices="*i32")
     kernel = compile_sm90(fn, const, ptr, floats=("scale",), num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"])
