@@ -134,6 +134,23 @@ def test_interp_varlen_backward_matches_loop_per_sequence(op):
     check_varlen(op, "cpu")
 
 
+@interp
+@pytest.mark.parametrize("op", OPS)
+def test_interp_packed_rows_past_the_last_sequence(op, poisoned):
+    """T = 60 with cu_seqlens ending at 50: rows 50.. get zero gradients (no kernel writes them), and the
+    second sequence's gradients are those it gets alone."""
+    xs = make_inputs(op, 1, 60, 2, 2, 16, 24, seed=3)
+    xs[5] = torch.randn(2, 2, 16, 24, generator=torch.Generator().manual_seed(4))
+    cu = torch.tensor([0, 30, 50], dtype=torch.int32)
+    do = torch.randn(1, 60, 2, 24, generator=torch.Generator().manual_seed(5))
+    _, got = grads(op, xs, do, None, "triton", cu_seqlens=cu)
+    alone = [x[:, 30:50] if i < 5 else x[1:] for i, x in enumerate(xs)]
+    _, ref = grads(op, alone, do[:, 30:50], None, "triton")
+    for name, a, r in zip(("q", "k", "v", "g", "beta"), got[:5], ref[:5], strict=True):
+        assert torch.equal(a[:, 50:], torch.zeros_like(a[:, 50:])), name
+        assert rel_err(a[:, 30:50], r) < 1e-6, name
+
+
 def check_varlen(op, device):
     """Packed sequences (cu_seqlens) of 5, 64 and 23 tokens, each with its own initial state:
     every gradient equals the loop's for that sequence alone."""
@@ -189,10 +206,10 @@ def test_interp_backward_launches_do_not_grow_with_t(op, backward, monkeypatch):
     from attnlab.kernels import linear, linear_bwd
 
     monkeypatch.setattr(linear_bwd, "BACKWARD", backward)
-    sweep = "_dstate_tok_kernel" if backward == "triton" else "_dstate_kernel"
     state = {"forward": 0, "sweep": 0, "active": True}
     monkeypatch.setattr(linear_bwd, "_forward", _Paused(linear_bwd._forward, state, "forward"))
-    monkeypatch.setattr(linear_bwd, sweep, _Paused(getattr(linear_bwd, sweep), state, "sweep"))
+    sweep = _Paused(linear_bwd._dstate_tok_kernel, state, "sweep")
+    monkeypatch.setattr(linear_bwd, "_dstate_tok_kernel", sweep)
 
     class CountOps(TorchDispatchMode):
         def __init__(self):

@@ -239,7 +239,7 @@ def _bwd_pairs_kernel(
 def bwd_pairs(q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, gcum: torch.Tensor, dAq: torch.Tensor,
               dA: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dG: torch.Tensor, dbeta: torch.Tensor,
               scale: float, cu_seqlens: torch.Tensor | None, gate: int,
-              out_dtype: torch.dtype = torch.float32
+              out_dtype: torch.dtype = torch.float32, chunk_indices: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adds the gated pair products' gradients to kernel 1's partials and reverses the gate's cumsum.
 
@@ -247,7 +247,8 @@ def bwd_pairs(q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, gcum: torch.
     (gate 1, GDN) or [B, T, H, K] (gate 2, KDA): the within-chunk cumulative log-gate; dAq, dA float32
     [B, T, H, 64]: the gradients of Aq (incl. its scale) and A (incl. β), row t0 + i of a chunk holding
     its row i. dq, dk float32 [B, T, H, K] (per value head), dG float32 shaped as gcum, dbeta float32
-    [B, T, H]: kernel 1's partials, updated in place. cu_seqlens: None or int32 [N + 1] (then B = 1).
+    [B, T, H]: kernel 1's partials, updated in place. cu_seqlens: None or int32 [N + 1] (then B = 1;
+    chunk_indices: its chunk table, linear._chunk_tables, if the caller has it).
     Returns (dq, dk, dg, dbeta): dq, dk per value head (the caller sums GQA groups) in out_dtype (float32:
     the partials' storage; another dtype: new tensors, the partials left as they were), dg the float32
     gradient of the per-token log-gate (in dG's storage) and dbeta (float32, in place)."""
@@ -280,7 +281,7 @@ def bwd_pairs(q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, gcum: torch.
         check_tensor("cu_seqlens", cu_seqlens, 1, "[N + 1]", dtypes=(torch.int32,))
         if b != 1:
             raise ValueError(f"q: expected batch size 1 with cu_seqlens, got {b}")
-        idx, _ = _chunk_tables(cu_seqlens, CHUNK)
+        idx = _chunk_tables(cu_seqlens, CHUNK)[0] if chunk_indices is None else chunk_indices
         n_chunks = idx.shape[0] if t > 0 and int(cu_seqlens[-1]) > 0 else 0
         grid = (n_chunks, h)
         cu = cu_seqlens

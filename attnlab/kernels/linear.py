@@ -45,9 +45,10 @@ else only the pairs across the middle (factors ≤ 1) and its halves go on; pair
 
 Backward: Lightning has a Triton backward (q, k, v, initial state; the slope is a fixed buffer
 in the layers, and asking for its gradient falls back to recomputing through the chunked PyTorch
-op under autograd). Gated DeltaNet and KDA: :mod:`attnlab.kernels.linear_bwd` (the forward kernels
-recompute the states, a Triton sweep carries the state gradient back over the chunks, and the
-per-chunk gradients are batched PyTorch over all chunks; cu_seqlens supported).
+op under autograd). Gated DeltaNet and KDA: :mod:`attnlab.kernels.linear_bwd` (the forward keeps
+X, aqk and the cumulative gate, the backward's forward kernels recompute w, u, kd and the states, a
+Triton sweep carries the state gradient back over the chunks, and Triton kernels make the per-chunk
+gradients: :mod:`.delta_bwd_local`, :mod:`.delta_bwd_pairs`; cu_seqlens supported).
 """
 
 from __future__ import annotations
@@ -1261,7 +1262,7 @@ class _ChunkFunction(torch.autograd.Function):
         keep = {} if gate != 0 and any(ctx.needs_input_grad[1:9]) and _delta_bwd_keeps() else None
         o, ht, states = _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state,
                                  cu_seqlens, gate, keep=keep)
-        kept = (keep.get("xa"), keep["aqk"], keep["gcum"]) if keep else (None, None, None)
+        kept = (keep["xa"], keep["aqk"], keep["gcum"]) if keep else (None, None, None)
         ctx.save_for_backward(q, k, v, g, beta, slope, initial_state, states if gate == 0 else None, *kept)
         ctx.gate, ctx.scale, ctx.cu_seqlens = gate, scale, cu_seqlens
         return o, ht

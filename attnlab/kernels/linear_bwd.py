@@ -18,28 +18,29 @@ the same split into a state-gradient sweep and per-chunk gradients):
        dv'_c       = Aqᵀ dO_c + Kd dS'_c                   (the gradient of v')
        dS'_{c−1}   = Diag(Γ_C) dS'_c + (scale Q ⊙ Γ)ᵀ dO_c − wᵀ dv'_c
 
-   and dS'_{−1} is the initial state's gradient. ``_dstate_kernel`` runs it: one program per
-   (sequence, head, D_v block) walking the chunks from the last, like the forward's state kernel.
+   and dS'_{−1} is the initial state's gradient. ``_dstate_tok_kernel`` runs it (after
+   ``_dv_local_kernel`` has made Aqᵀ dO): one program per (sequence, head, D_v block) walking the
+   chunks from the last, like the forward's state kernel, on the forward's intermediates.
 2. the parallel part. With S_c and dS'_c known for every chunk, the chunks decouple: the input
    gradients of chunk c are those of  L_c = ⟨o_c, dO_c⟩ + ⟨S_{c+1}, dS'_c⟩  with S_c held fixed.
-   L_c is written once, batched over all chunks ([N_chunks, H, C, ·] tensors; bmm and a batched
-   triangular solve), and differentiated by autograd, so no gradient formula is written by hand
+   The batched backward writes L_c once, batched over all chunks ([N_chunks, H, C, ·] tensors; bmm
+   and a batched triangular solve), and differentiated by autograd, so no gradient formula is written by hand
    twice and none can drift from the forward.
 
-With ``BACKWARD = "triton"`` (the default) both parts are Triton kernels on the forward's token layout
-(no [N_chunks, H, C, ·] copies, no autograd graph): the forward kernels recompute the states and keep
-their intermediates (w, u, kd, v', the cumulative gate, Aq for KDA, X = (I + A)⁻¹), ``_dv_local_kernel``
-makes Aqᵀ dO, ``_dstate_tok_kernel`` runs part 1 (adding Kd dS' to give dv'), and part 2's formulas are
-written out by hand in :mod:`.delta_bwd_local` (every gradient of a chunk but the gated q·k / k·k pair
-products: through o's inter-chunk term, Kd, the state decay, w = X R_w and u = X R_u, giving dv, and
-the gradients of Aq and A) and :mod:`.delta_bwd_pairs` (the gated pair products, factored without
-overflow as the forward's prepare does, and the gate's cumsum reversed), as fla's chunk backward
-(chunk_bwd_dqkwg, prepare_wy_repr_bwd) splits them. ``BACKWARD = "batched"`` is the first backward
+Both backwards run part 1 so, after the forward kernels have recomputed the states and kept their
+intermediates (w, u, kd, v', the cumulative gate, Aq for KDA, X = (I + A)⁻¹). With ``BACKWARD =
+"triton"`` (the default) part 2 is Triton kernels on the forward's token layout too (no
+[N_chunks, H, C, ·] copies, no autograd graph): its formulas are written out by hand in
+:mod:`.delta_bwd_local` (every gradient of a chunk but the gated q·k / k·k pair products: through o's
+inter-chunk term, Kd, the state decay, w = X R_w and u = X R_u, giving dv, and the gradients of Aq and
+A) and :mod:`.delta_bwd_pairs` (the gated pair products, factored without overflow as the forward's
+prepare does, and the gate's cumsum reversed), as fla's chunk backward (chunk_bwd_dqkwg,
+prepare_wy_repr_bwd) splits them. ``BACKWARD = "batched"`` is the first backward
 described next, kept as a second, independently written implementation.
 
-The states S_c are recomputed by the forward kernels (three launches; nothing is kept from the
-forward but its inputs). The backward is a fixed sequence of launches whatever T is: those three,
-one sequential kernel, and the batched PyTorch ops with their autograd backward (no loop over
+For the batched backward the forward keeps nothing but its inputs: the states S_c are recomputed by
+the forward kernels. That backward is a fixed sequence of launches whatever T is: those, the two of part 1,
+and the batched PyTorch ops with their autograd backward (no loop over
 chunks in Python; ~160 ops besides views in eager mode, counted in the tests). On CUDA the batched expression
 (``_chunk_terms``) goes through ``torch.compile`` (``COMPILE``), which fuses its elementwise chains
 in the forward and the backward; a compiler failure warns once and falls back to eager. Packed
@@ -82,49 +83,11 @@ from .linear import (
 )
 
 DIAG_SPAN = 60.0  # as attnlab.kernels.linear.DIAG_SPAN: e^60 is finite in fp32
-# The state-gradient sweeps' launch parameters: D_v columns per program, warps, pipeline depth. For
+# The state-gradient sweep's launch parameters: D_v columns per program, warps, pipeline depth. For
 # _dstate_tok_kernel on an H100 (B=1, H=16, D=128, bf16, 2026-11-26): (16, 4, 3) 0.676 / 0.819 ms (GDN /
 # KDA at 16K), 2.65 / 3.18 at 64K, the best of (16, 4, 2), (32, 4, 3), (16, 8, 3), (32, 8, 2), (8, 4, 3)
 # (up to 2.3x slower); 146 registers, no spills.
 DSTATE_TUNING: dict[str, int] = {"BV": 16, "num_warps": 4, "num_stages": 3}
-
-
-@triton.jit
-def _dstate_kernel(
-    qg, do, w, kd, dvi, gl, dht, dstates, dh0, chunk_start,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-):
-    """Reverse sweep over one sequence's chunks for one head and D_v block. Per-chunk inputs are
-    [N_chunks, H, BT, ·] fp32 (qg = scale Q ⊙ Γ, w, kd, do, dvi = Aqᵀ dO) and gl = Γ_C [N_chunks, H, K].
-    Writes dstates[c] = the gradient of the state leaving chunk c, and dh0 = that entering the first."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_s, i_h = i_bh // H, i_bh % H
-    c_begin = tl.load(chunk_start + i_s).to(tl.int64)
-    c_end = tl.load(chunk_start + i_s + 1).to(tl.int64)
-    c0 = i_v * BV
-    rk = tl.arange(0, BK)
-    rv = c0 + tl.arange(0, BV)
-    mkv = (rk < K)[:, None] & (rv < V)[None, :]
-    kv = rk[:, None] * V + rv[None, :]
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        dS += tl.load(dht + i_bh.to(tl.int64) * K * V + kv, mask=mkv, other=0.0)
-    n_chunks = (c_end - c_begin).to(tl.int32)
-    for j in range(0, n_chunks):
-        c = c_end - 1 - j  # int64
-        ch = c * H + i_h  # int64
-        tl.store(dstates + ch * K * V + kv, dS, mask=mkv)
-        b_qg = _tile(qg + ch * BT * K, 0, BT, K, 0, K, BT, BK)
-        b_w = _tile(w + ch * BT * K, 0, BT, K, 0, K, BT, BK)
-        b_kd = _tile(kd + ch * BT * K, 0, BT, K, 0, K, BT, BK)
-        b_do = _tile(do + ch * BT * V, 0, BT, V, c0, V, BT, BV)
-        b_dv = _tile(dvi + ch * BT * V, 0, BT, V, c0, V, BT, BV)
-        b_gl = tl.load(gl + ch * K + rk, mask=rk < K, other=0.0)
-        b_dv += _mm(b_kd, dS, DT, PREC)  # dv' = Aqᵀ dO + Kd dS'
-        dS = dS * b_gl[:, None] + _mm(tl.trans(b_qg), b_do, DT, PREC) - _mm(tl.trans(b_w), b_dv, DT, PREC)
-    if STORE_DH0:
-        tl.store(dh0 + i_bh.to(tl.int64) * K * V + kv, dS, mask=mkv)
 
 
 @triton.jit
@@ -162,8 +125,8 @@ def _dstate_tok_kernel(
     BV: tl.constexpr, GATE_VEC: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """_dstate_kernel on the forward's token layout: one program per (sequence, head, D_v block)
-    walking its chunks from the last. dvn holds Aqᵀ dO (_dv_local_kernel) on entry and the whole
+    """Part 1's sweep (module docstring) on the forward's token layout: one program per (sequence, head,
+    D_v block) walking its chunks from the last. dvn holds Aqᵀ dO (_dv_local_kernel) on entry and the whole
     dv' = Aqᵀ dO + Kd dS' on exit; dstates[c] = the gradient of the state leaving chunk c (chunks ordered
     as the forward's states, in dstates' dtype); dh0 = that of the state entering the first chunk
     (float32)."""
@@ -210,23 +173,18 @@ def _dstate_tok_kernel(
 # host side
 
 
-def _chunk_layout(b: int, t: int, cu_seqlens: torch.Tensor | None, device: torch.device):
-    """Which tokens fill the chunk rows, and each sequence's first chunk.
-
-    Returns (tok, chunk_start int32 [N_seq + 1]). tok is None for a dense batch (chunk rows are
-    tokens in order, zero-padded at each sequence's end); for a packed batch it is int64
-    [N_chunks · C], an index into the flattened [T] token axis, or T for padding rows."""
+def _chunk_layout(t: int, cu_seqlens: torch.Tensor | None, idx: torch.Tensor | None):
+    """Which tokens fill the chunk rows: None for a dense batch (chunk rows are tokens in order,
+    zero-padded at each sequence's end); for a packed batch (idx: its chunk table, linear._chunk_tables)
+    int64 [N_chunks · C], an index into the flattened [T] token axis, or T for padding rows."""
     if cu_seqlens is None:
-        n = triton.cdiv(t, CHUNK)
-        return None, torch.arange(b + 1, device=device, dtype=torch.int32) * n
-    idx, offsets = _chunk_tables(cu_seqlens, CHUNK)  # (N_chunks, 2): sequence, chunk within it
-    idx = idx.long()
+        return None
+    device = cu_seqlens.device
+    idx = idx.long()  # (N_chunks, 2): sequence, chunk within it
     bos, eos = cu_seqlens[idx[:, 0]].long(), cu_seqlens[idx[:, 0] + 1].long()
     tok = bos[:, None] + idx[:, 1:] * CHUNK + torch.arange(CHUNK, device=device)  # (N_chunks, C)
     tok = torch.where(tok < eos[:, None], tok, t)
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    total = offsets.new_tensor([sum(-(-n // CHUNK) for n in lens)])
-    return tok.reshape(-1), torch.cat([offsets, total])
+    return tok.reshape(-1)
 
 
 def _to_chunks(x: torch.Tensor, tok: torch.Tensor | None) -> torch.Tensor:
@@ -370,7 +328,6 @@ def delta_rule_backward(
     "triton" then skips recomputing them.
     Returns (dq, dk, dv, dg, dbeta, dh0 float32 [N, H, K, V] or None), each in its input's dtype."""
     b, t = q.shape[:2]
-    dev = q.device
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
     if cu_seqlens is None:
         n_chunks = b * triton.cdiv(t, CHUNK)
@@ -387,12 +344,18 @@ def delta_rule_backward(
         return _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens, need_dh0,
                                 n_seq, n_chunks, saved)
 
-    tok, start = _chunk_layout(b, t, cu_seqlens, dev)
-    # 1. the state entering each chunk, by the forward kernels
+    layout = _layout(q, v, cu_seqlens)
+    tok = _chunk_layout(t, cu_seqlens, layout[1] if cu_seqlens is not None else None)
+    # 1. the states entering the chunks (the forward kernels) and the state gradients (part 1)
+    inter: dict = {}
     with torch.no_grad():
-        _, _, states = _forward(q, k, v, g, beta, None, scale, initial_state, False, cu_seqlens, gate)
+        _, _, states = _forward(q, k, v, g, beta, None, scale, initial_state, False, cu_seqlens, gate,
+                                keep=inter, output=False)
     S = states[:n_chunks].float()  # (N_chunks, H, K, V)
     del states
+    dstates, _, dh0 = _state_grads(q, k, do, dht, scale, inter, cu_seqlens, layout, gate, n_seq, n_chunks,
+                                   need_dh0, torch.float32)
+    del inter
     products = "scalar"
     if gate == 2:
         with torch.no_grad():
@@ -400,27 +363,27 @@ def delta_rule_backward(
             steep = float((G[:, :, :1] - G).amax()) > DIAG_SPAN
             del G
         products = "subchunk" if steep else "channel"
-    args = (q, k, v, g, beta, S, scale, do, dht, tok, start, n_seq, need_dh0, products)
+    args = (q, k, v, g, beta, S, scale, do, dstates, tok, products)
     terms = _terms_fn(q.is_cuda and products != "subchunk")
     if terms is _chunk_terms:
-        return _chunk_grads(_chunk_terms, *args)
+        return (*_chunk_grads(_chunk_terms, *args), dh0)
     try:
-        return _chunk_grads(terms, *args)
+        return (*_chunk_grads(terms, *args), dh0)
     except Exception as e:  # noqa: BLE001 - a compiler failure must not cost the gradient; say so once
         global COMPILE
         COMPILE = False
         warnings.warn(f"attnlab.kernels.linear_bwd: torch.compile of the per-chunk terms failed "
                       f"({type(e).__name__}: {str(e)[:200]}); using eager PyTorch from now on", stacklevel=2)
-        return _chunk_grads(_chunk_terms, *args)
+        return (*_chunk_grads(_chunk_terms, *args), dh0)
 
 
-def _chunk_grads(terms, q, k, v, g, beta, S, scale, do, dht, tok, start, n_seq, need_dh0, products):
-    """Steps 2-4 of the backward (see the module docstring) with `terms` = _chunk_terms, compiled or not."""
-    hk, d_k = q.shape[2:]
-    h, d_v = v.shape[2:]
-    dev = q.device
-    n_chunks = S.shape[0]
-    # 2. the per-chunk quantities, batched over chunks, on an autograd graph
+def _chunk_grads(terms, q, k, v, g, beta, S, scale, do, dstates, tok, products):
+    """Part 2 of the batched backward (module docstring) with `terms` = _chunk_terms, compiled or not:
+    the gradients (dq, dk, dv, dg, dbeta) given the states S and state gradients dstates
+    [N_chunks, H, K, V] (float32)."""
+    hk = q.shape[2]
+    h = v.shape[2]
+    # the per-chunk quantities, batched over chunks, on an autograd graph
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
     with torch.enable_grad():
         q_, k_, v_, g_, beta_ = (_to_chunks(x, tok) for x in leaves)  # (N_chunks, H_(k), C, ...)
@@ -428,35 +391,61 @@ def _chunk_grads(terms, q, k, v, g, beta, S, scale, do, dht, tok, start, n_seq, 
             q_ = q_.repeat_interleave(h // hk, dim=1)  # (N_chunks, H, C, K)
             k_ = k_.repeat_interleave(h // hk, dim=1)  # (N_chunks, H, C, K)
         o, vn, w, kd, qg, aq, G_last = terms(q_, k_, v_, g_, beta_, S, scale, products)
-
-    # 3. the state gradients, sequentially from the last chunk
     do_ = _to_chunks(do, tok)  # (N_chunks, H, C, V)
-    gl = G_last.detach().exp().expand(n_chunks, h, 1, d_k).reshape(n_chunks, h, d_k).contiguous()
-    dstates = _empty(n_chunks, h, d_k, d_v, dtype=torch.float32, device=dev)
-    dh0 = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if need_dh0 else dstates
-    with torch.no_grad():
-        dvi = aq.detach().transpose(-1, -2) @ do_  # (N_chunks, H, C, V)
-    bk = max(16, triton.next_power_of_2(d_k))
-    bv = min(DSTATE_TUNING["BV"], max(16, triton.next_power_of_2(d_v)))
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    dt = q.dtype  # the sweep reads its per-chunk matrices in the inputs' dtype (half the bytes in bf16)
-    _dstate_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-        qg.detach().to(dt).contiguous(), do_.to(dt).contiguous(), w.detach().to(dt).contiguous(),
-        kd.detach().to(dt).contiguous(), dvi.contiguous(), gl,
-        dht.float().contiguous() if dht is not None else dstates, dstates, dh0, start.to(torch.int32),
-        H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, USE_DHT=dht is not None, STORE_DH0=need_dh0,
-        DT=_tl_dtype(dt), PREC=prec,
-        num_warps=DSTATE_TUNING["num_warps"], num_stages=DSTATE_TUNING["num_stages"],
-    )
-
-    # 4. per-chunk gradients: L = Σ_c ⟨o_c, dO_c⟩ + ⟨S_{c+1}, dS'_c⟩ with every S_c held fixed, where
-    #    ⟨S_{c+1}, dS'⟩ = Σ_d Γ_C,d (S dS'ᵀ)_dd + ⟨v', Kd dS'⟩
+    # L = Σ_c ⟨o_c, dO_c⟩ + ⟨S_{c+1}, dS'_c⟩ with every S_c held fixed, where
+    # ⟨S_{c+1}, dS'⟩ = Σ_d Γ_C,d (S dS'ᵀ)_dd + ⟨v', Kd dS'⟩
     with torch.no_grad():
         s_ds = (S * dstates).sum(-1)[:, :, None]  # (N_chunks, H, 1, K)
     with torch.enable_grad():
         loss = (o * do_).sum() + (G_last.exp() * s_ds).sum() + (vn * (kd @ dstates)).sum()
-        grads = torch.autograd.grad(loss, leaves)
-    return (*grads, dh0 if need_dh0 else None)
+        return torch.autograd.grad(loss, leaves)
+
+
+def _layout(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """The per-chunk kernels' grid and tables: (cu, chunk table, chunk offsets, grid), the tensors any
+    pointer when the batch is dense (the kernels do not read them then)."""
+    if cu_seqlens is None:
+        return q, q, q, (triton.cdiv(q.shape[1], CHUNK), q.shape[0] * v.shape[2])
+    idx, offsets = _chunk_tables(cu_seqlens, CHUNK)
+    return cu_seqlens, idx, offsets, (idx.shape[0], v.shape[2])
+
+
+def _state_grads(q, k, do, dht, scale, inter, cu_seqlens, layout, gate, n_seq, n_chunks, need_dh0, ds_dtype):
+    """Part 1 (module docstring), both backwards: _dv_local_kernel (Aqᵀ dO) then the sweep over the
+    forward's kept intermediates `inter`. Returns (dstates [N_chunks, H, K, V] in ds_dtype, dv'
+    [B, T, H, V] in q's dtype, dh0 float32 [N, H, K, V] or None)."""
+    b, t, hk, d_k = q.shape
+    h, d_v = do.shape[2:]
+    dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
+    cu, idx, offsets, grid = layout
+    varlen = cu_seqlens is not None
+    gcum, vec = inter["gcum"], gate == 2
+    do = do.contiguous().to(q.dtype)
+    dvn = _empty(b, t, h, d_v, dtype=q.dtype, device=q.device)  # Aqᵀ dO, then dv'
+    bk = max(16, triton.next_power_of_2(d_k))
+    _dv_local_kernel[grid](
+        q, k, gcum, inter["aqk"] if vec else gcum, do, dvn, cu, idx, scale, t,
+        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=min(64, bk), BV=min(64, max(16, triton.next_power_of_2(d_v))),
+        GATE_VEC=vec, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=4,
+    )
+    dstates = _empty(n_chunks, h, d_k, d_v, dtype=ds_dtype, device=q.device)
+    dh0 = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=q.device) if need_dh0 else None
+    bv = min(DSTATE_TUNING["BV"], max(16, triton.next_power_of_2(d_v)))
+    dht_ = dht.float().contiguous() if dht is not None else dstates
+    for stages in range(DSTATE_TUNING["num_stages"], 0, -1):  # float32 / wide tiles: fewer pipeline stages
+        try:
+            _dstate_tok_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+                q, gcum, inter["w"], inter["kd"], do, dvn, dht_, dstates, dh0 if need_dh0 else dstates, cu,
+                offsets, scale, t,
+                H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=vec, USE_DHT=dht is not None,
+                STORE_DH0=need_dh0, IS_VARLEN=varlen, DT=dt, PREC=prec,
+                num_warps=DSTATE_TUNING["num_warps"], num_stages=stages,
+            )
+            break
+        except OutOfResources:  # raised before the launch: nothing was written
+            if stages == 1:
+                raise
+    return dstates, dvn, dh0
 
 
 def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_seqlens, need_dh0, n_seq,
@@ -469,60 +458,32 @@ def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_s
     from .delta_bwd_pairs import bwd_pairs
 
     b, t, hk, d_k = q.shape
-    h, d_v = v.shape[2:]
-    dev = q.device
-    dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
+    h = v.shape[2]
     varlen = cu_seqlens is not None
-    if varlen:
-        idx, offsets = _chunk_tables(cu_seqlens, CHUNK)
-        cu = cu_seqlens
-        grid = (idx.shape[0], h)
-        end = int(cu_seqlens[-1])
-    else:
-        idx = offsets = cu = q  # any pointer; unused
-        grid = (triton.cdiv(t, CHUNK), b * h)
+    layout = _layout(q, v, cu_seqlens)
     inter: dict = {}
     with torch.no_grad():
         _, _, states = _forward(q, k, v, g, beta, None, scale, initial_state, False, cu_seqlens, gate,
                                 keep=inter, output=False, saved=saved)
-    gcum, vec = inter["gcum"], gate == 2
+    # dS' and dv' in the inputs' dtype, as the states: their consumers' tensor-core products round to it
+    dstates, dvn, dh0 = _state_grads(q, k, do, dht, scale, inter, cu_seqlens, layout, gate, n_seq, n_chunks,
+                                     need_dh0, q.dtype)
+    gcum, idx = inter["gcum"], layout[1]
     do = do.contiguous().to(q.dtype)
-    # dv' and dS' in the inputs' dtype, as the states: their consumers' tensor-core products round to it
-    dvn = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)  # Aqᵀ dO, then dv'
-    bk = max(16, triton.next_power_of_2(d_k))
-    _dv_local_kernel[grid](
-        q, k, gcum, inter["aqk"] if vec else gcum, do, dvn, cu, idx, scale, t,
-        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=min(64, bk), BV=min(64, max(16, triton.next_power_of_2(d_v))),
-        GATE_VEC=vec, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=4,
-    )
-    dstates = _empty(n_chunks, h, d_k, d_v, dtype=q.dtype, device=dev)
-    dh0 = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if need_dh0 else dstates
-    bv = min(DSTATE_TUNING["BV"], max(16, triton.next_power_of_2(d_v)))
-    dht_ = dht.float().contiguous() if dht is not None else dstates
-    for stages in range(DSTATE_TUNING["num_stages"], 0, -1):  # float32 / wide tiles: fewer pipeline stages
-        try:
-            _dstate_tok_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-                q, gcum, inter["w"], inter["kd"], do, dvn, dht_, dstates, dh0, cu, offsets, scale, t,
-                H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=vec, USE_DHT=dht is not None,
-                STORE_DH0=need_dh0, IS_VARLEN=varlen, DT=dt, PREC=prec,
-                num_warps=DSTATE_TUNING["num_warps"], num_stages=stages,
-            )
-            break
-        except OutOfResources:  # raised before the launch: nothing was written
-            if stages == 1:
-                raise
     dq, dk, dv, dbeta, dG, dAq, dA = bwd_local(q, k, v, beta, gcum, inter["xa"], inter["w"], inter["u"],
                                                inter["vn"], states, do, dstates, dvn, scale, cu_seqlens, gate,
                                                chunk_indices=idx if varlen else None, dv_dtype=v.dtype)
     del dstates, dvn, states, inter
     # dq, dk written in the inputs' dtype unless key heads are shared (then summed in float32 first)
     dq, dk, dg, dbeta = bwd_pairs(q, k, beta, gcum, dAq, dA, dq, dk, dG, dbeta, scale, cu_seqlens, gate,
-                                  out_dtype=q.dtype if hk == h else torch.float32)
+                                  out_dtype=q.dtype if hk == h else torch.float32,
+                                  chunk_indices=idx if varlen else None)
     if hk != h:  # key heads shared by h // hk value heads: sum their gradients
         dq = dq.reshape(b, t, hk, h // hk, d_k).sum(3)  # (B, T, H_k, D_k)
         dk = dk.reshape(b, t, hk, h // hk, d_k).sum(3)  # (B, T, H_k, D_k)
     out = [dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), dbeta.to(beta.dtype)]
-    if varlen and end < t:  # rows past the last sequence: no kernel wrote them; nothing depends on them
+    end = int(cu_seqlens[-1]) if varlen else t
+    if end < t:  # rows past the last sequence: no kernel wrote them; nothing depends on them
         for x in out:
             x[:, end:] = 0
-    return (*out, dh0 if need_dh0 else None)
+    return (*out, dh0)
