@@ -1279,7 +1279,7 @@ class _ChunkFunction(torch.autograd.Function):
             dq, dk, dv, dh0 = _lightning_backward(q, k, v, slope, ctx.scale, states, do, dht,
                                                   h0 is not None and need[8], ctx.cu_seqlens)
             return None, dq, dk, dv, None, None, None, None, dh0, None, None
-        if ctx.gate != 0:  # the delta rule: Triton state-gradient sweep + batched per-chunk gradients
+        if ctx.gate != 0:  # the delta rule: linear_bwd (BACKWARD picks the per-chunk gradients' form)
             from .linear_bwd import delta_rule_backward  # lazy: it imports this module
 
             kept = dict(xa=xa, aqk=aqk, gcum=gcum) if xa is not None else None
