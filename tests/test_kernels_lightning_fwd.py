@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, rel_err, run_interpreter_suite
+from _triton_tests import (
+    HAVE_TRITON,
+    INTERPRETED,
+    compile_sm90,
+    interp,
+    needs_sm90_toolchain,
+    rel_err,
+    run_interpreter_suite,
+    sm90_usage,
+)
 
 
 def make(b, t, h, hk, d_k, d_v, slopes, dtype=torch.float32, device="cpu", seed=0):
@@ -305,3 +314,127 @@ def test_gpu_varlen_and_gradients(segmented):
     old = run()
     for a, r in zip(new, old, strict=True):
         assert rel_err(a, r) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# pass 3's lean variant (TUNING["output"]["lean"]): the same numbers as the current kernel
+
+
+@pytest.fixture
+def lean(segmented):
+    """The segmented forward (as `segmented`) with segments of 128 tokens (two chunks: pass 3 carries
+    its state across a chunk), whose pass 3 runs the kernel TUNING["output"]["lean"] selects; the
+    table is restored afterwards."""
+    saved = dict(segmented.TUNING["output"])
+    segmented.SEGMENT_LEN = 128
+    yield segmented
+    segmented.TUNING["output"] = saved
+
+
+def _both_pass3(lf, run):
+    """run() with the current pass 3 and with the lean one (which runs at LEAN_OUTPUT's BV)."""
+    out = []
+    for cfg in ({**lf.TUNING["output"], "lean": 0}, dict(lf.LEAN_OUTPUT)):
+        lf.TUNING["output"] = cfg
+        out.append(run())
+    return out
+
+
+@interp
+@pytest.mark.parametrize("dims", [(24, 40, 2), (64, 64, 1), (64, 128, 1)])  # masked / exact column blocks
+@pytest.mark.parametrize("varlen", [False, True])
+def test_interp_lean_output_equals_current(lean, dims, varlen):
+    """Outputs and final states of the lean pass 3 are the current one's (to float rounding) and the
+    loop's: a partial last chunk (150 = 128 + 22 tokens), GQA, an initial state, D_v = 128 split in
+    two column blocks; packed sequences of 70 and 80 tokens (each one segment, a partial 2nd chunk)."""
+    from attnlab.kernels import linear
+
+    d_k, d_v, rep = dims
+    q, k, v, slope, h0 = make(1 if varlen else 2, 150, 4, 4 // rep, d_k, d_v, SLOPES, seed=21)
+    cu = torch.tensor([0, 70, 150], dtype=torch.int32) if varlen else None
+    if varlen:
+        h0 = torch.cat([h0, -h0])  # one per sequence: (N, H, K, V)
+    (o0, s0), (o1, s1) = _both_pass3(lean, lambda: linear.lightning_attention(
+        q, k, v, slope, scale=0.5, initial_state=h0, output_final_state=True, cu_seqlens=cu))
+    assert rel_err(o1, o0) < 1e-6 and rel_err(s1, s0) < 1e-6
+    bounds = [(0, 70), (70, 150)] if varlen else [(0, 150)]
+    for i, (a, b) in enumerate(bounds):
+        sl = slice(i, i + 1) if varlen else slice(None)
+        ro, rs = oracle(q[:, a:b], k[:, a:b], v[:, a:b], slope, h0[sl], 0.5)
+        assert rel_err(o1[:, a:b], ro) < 1e-5 and rel_err(s1[sl], rs) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("varlen", [False, True])
+def test_interp_lean_chunk_states_and_gradients(lean, varlen):
+    """With STORE_STATES (inputs need gradients): the per-chunk states the lean pass 3 writes equal
+    the current one's, and so do dq, dk, dv, dh0 of (o·dO + S_T·dS) through Lightning's backward."""
+    from attnlab.kernels import linear
+
+    t = 140
+    q, k, v, slope, h0 = make(1, t, 4, 2, 24, 40, SLOPES, seed=22)
+    cu = torch.tensor([0, 65, t], dtype=torch.int32) if varlen else None
+    h0 = torch.cat([h0, -h0]) if varlen else h0
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(1, t, 4, 40, generator=gen)
+    dS = torch.randn(h0.shape, generator=gen)
+
+    def run():
+        states = lean.chunk_states(q, k, v, slope, h0, cu)
+        xs = [x.clone().requires_grad_() for x in (q, k, v, h0)]
+        o, ht = linear.lightning_attention(*xs[:3], slope, initial_state=xs[3], output_final_state=True,
+                                           cu_seqlens=cu)
+        return states, *torch.autograd.grad((o * do).sum() + (ht * dS).sum(), xs)
+
+    cur, new = _both_pass3(lean, run)
+    assert new[0].shape == cur[0].shape == (4 if varlen else 3, 4, 24, 40)
+    for name, a, r in zip(("states", "q", "k", "v", "h0"), new, cur, strict=True):
+        assert rel_err(a, r) < 1e-6, name
+
+
+@needs_sm90_toolchain
+@pytest.mark.parametrize("store_states", [False, True])
+@pytest.mark.parametrize("store_ht", [False, True])
+def test_lean_output_compiles_without_spill_for_sm90(store_states, store_ht):
+    """The lean pass 3 as an H100 runs it at LEAN_OUTPUT (H = 16, D_k = D_v = 128, bf16, pointers
+    and T, L 16-divisible as triton specialises them): no stack (no spills), and registers and
+    shared memory for two programs per SM (the current kernel at this launch spills 32 bytes with
+    the final state; at its 3-stage default it takes 128 KB of shared memory: one program per SM)."""
+    import triton.language as tl
+
+    from attnlab.kernels import lightning_fwd as lf
+
+    cfg = lf.LEAN_OUTPUT
+    fn = lf._segment_output_lean_kernel
+    const = dict(H=16, HK=16, K=128, V=128, BT=64, BK=128, BV=cfg["BV"], IS_VARLEN=False,
+                 STORE_STATES=store_states, STORE_HT=store_ht, DT=tl.bfloat16, PREC="tf32")
+    ptr = dict(q="*bf16", k="*bf16", v="*bf16", slope="*fp32", seg_states="*fp32", states="*bf16", o="*bf16",
+               ht="*fp32" if store_ht else "*bf16", cu_seqlens="*i32", seg_table="*i32", chunk_offsets="*i32")
+    div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a in ("T", "L")}
+    kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"])
+    regs, stack, usage = sm90_usage(kernel)
+    assert stack == 0, usage
+    assert 2 * regs * 32 * cfg["num_warps"] <= 65536, usage
+    assert 2 * kernel.metadata.shared <= 227 * 1024, kernel.metadata.shared
+    assert "wgmma" in kernel.asm["ptx"]  # the products run on Hopper's tensor cores
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [4096, 70000])
+def test_gpu_lean_output_equals_current(lean, t):
+    """bf16, default (device-chosen) segments, H = 16, D = 128: the lean pass 3 at LEAN_OUTPUT gives
+    the current pass 3's outputs and final state to bf16 rounding, and the same per-chunk states."""
+    from attnlab.kernels import linear
+
+    lean.SEGMENT_LEN = None
+    q, k, v, slope, h0 = _gpu_case(t, seed=7)
+
+    def run():
+        o, ht = linear.lightning_attention(q, k, v, slope, initial_state=h0, output_final_state=True)
+        return o, ht, lean.chunk_states(q, k, v, slope, h0, None)
+
+    cur, new = _both_pass3(lean, run)
+    assert new[0].dtype == torch.bfloat16
+    for name, a, r in zip(("o", "ht", "states"), new, cur, strict=True):
+        assert rel_err(a, r) < 1e-2, name
