@@ -46,15 +46,10 @@ from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile,
 # 3.554 ms in the same run; the first defaults, 2 stages and 2 programs per SM, 0.212 / 0.896 / 3.479).
 TUNING: dict[str, dict[str, int]] = {
     "state": {"BV": 64, "num_warps": 4, "num_stages": 3},
-    "output": {"BV": 64, "num_warps": 4, "num_stages": 3, "lean": 0},
+    "output": {"BV": 64, "num_warps": 4, "num_stages": 3},
     "scan": {"BLOCK": 1024, "num_warps": 4},
     "segments": {"programs_per_sm": 3, "min_segment": 256},
 }
-# Pass 3 with "lean": 1 runs _segment_output_lean_kernel (the same arithmetic, fewer live values:
-# see its docstring), to be timed against the default; this is the launch it is meant for (no
-# spill on sm_90 with or without the final state; 88 KB of shared memory, so two programs fit an SM,
-# where the 3-stage default takes 128 KB, one). The A/B: TUNING["output"] = dict(LEAN_OUTPUT).
-LEAN_OUTPUT = {"BV": 64, "num_warps": 4, "num_stages": 2, "lean": 1}
 SEGMENT_LEN: int | None = None  # tests force a segment length (a multiple of CHUNK) here
 CPU_SEGMENT_LEN = 2 * CHUNK  # under the interpreter: short segments, so several are exercised
 
@@ -204,119 +199,6 @@ def _segment_output_kernel(
             tl.store(ht + (i_b.to(tl.int64) * H + i_h) * K * V + kv, S, mask=mkv)
 
 
-@triton.jit
-def _segment_output_lean_kernel(
-    q, k, v, slope, seg_states, states, o, ht, cu_seqlens, seg_table, chunk_offsets, scale, T, L, n_seg,
-    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
-    STORE_STATES: tl.constexpr, STORE_HT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-):
-    """Pass 3 as _segment_output_kernel (the same products, decays and order), with fewer values
-    live across the chunk loop when the block tiles the head exactly (K = BK, BV | V): tiles are
-    masked by rows only, and the [BK, BV] state offsets and mask are formed where a state is read
-    or written, so the final-state store keeps nothing per element across the loop (the current
-    kernel carries a [BK, BV] mask through it). On sm_90 (Triton 3.9, H = 16, D = 128, bf16) at
-    BV 64, 4 warps, 2 stages: 238 / 250 registers without / with the final state and no spill
-    (the current kernel: 238 / 255 + 32 bytes of stack). Recomputing the decay triangle per chunk
-    or 32-bit in-chunk offsets (linear._ctile) made ptxas use more registers here, not fewer."""
-    i_v, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_s = _segment_of(i_p, n_seg, seg_table, IS_VARLEN)
-    i_hk = i_h // (H // HK)
-    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
-    c0 = i_v * BV
-    rt = tl.arange(0, BT)
-    s_h = tl.load(slope + i_h).to(tl.float32)
-    pos = rt.to(tl.float32)
-    # loop invariants as in _segment_output_kernel
-    gq = tl.exp(-s_h * (pos + 1)) * scale
-    causal = rt[:, None] >= rt[None, :]
-    dmask = tl.where(causal, tl.exp(tl.where(causal, -s_h * (pos[:, None] - pos[None, :]), 0.0)) * scale, 0.0)
-
-    S = _state_load(seg_states + (i_p.to(tl.int64) * H + i_h) * K * V, c0, K, V, BK, BV)
-    q_p = q + (bos * HK + i_hk) * K
-    k_p = k + (bos * HK + i_hk) * K
-    v_p = v + (bos * H + i_h) * V
-    o_p = o + (bos * H + i_h) * V
-    t_beg = i_s * L
-    n_ch = tl.cdiv(tl.minimum(n - t_beg, L), BT)
-    if STORE_STATES:  # the state entering each chunk, for the backward
-        if IS_VARLEN:
-            c_first = tl.load(chunk_offsets + i_b).to(tl.int64)
-        else:
-            c_first = i_b.to(tl.int64) * tl.cdiv(T, BT)
-        st_p = states + ((c_first + i_s * (L // BT)) * H + i_h) * K * V
-    for i_t in range(0, n_ch):
-        t0 = t_beg + i_t * BT
-        n_in = tl.minimum(n - t0, BT)
-        if STORE_STATES:
-            _state_store(st_p, S, c0, K, V, BK, BV)
-            st_p += H * K * V  # 64-bit pointer steps (states pass 2^31 elements at ~512K tokens)
-        b_q = _rows_tile(q_p, t0, n, HK * K, 0, K, BT, BK, K % BK == 0)
-        b_k = _rows_tile(k_p, t0, n, HK * K, 0, K, BT, BK, K % BK == 0)
-        b_a = _mm(b_q, tl.trans(b_k), DT, PREC) * dmask
-        b_v = _rows_tile(v_p, t0, n, H * V, c0, V, BT, BV, V % BV == 0)  # read once b_a is formed
-        b_o = _mm(b_q, S, DT, PREC) * gq[:, None] + _mm(b_a, b_v, DT, PREC)
-        _rows_store(o_p, b_o, t0, n, H * V, c0, V, BT, BV, V % BV == 0)
-        e = tl.where(rt < n_in, -s_h * (n_in - 1 - rt).to(tl.float32), 0.0)  # padded rows masked
-        b_vd = b_v.to(tl.float32) * tl.exp(e)[:, None]  # decayed to the chunk end
-        S = S * tl.exp(-s_h * n_in.to(tl.float32)) + _mm(tl.trans(b_k), b_vd, DT, PREC)
-    if STORE_HT:
-        if t_beg + L >= n:  # the sequence's last segment
-            _state_store(ht + (i_b.to(tl.int64) * H + i_h) * K * V, S, c0, K, V, BK, BV)
-
-
-@triton.jit
-def _rows_tile(ptr, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BCOL: tl.constexpr,
-               FULL_COLS: tl.constexpr):
-    """linear._tile; with FULL_COLS (columns col0 .. col0 + BCOL all inside n_cols) masked by rows only."""
-    r = row0 + tl.arange(0, BR)
-    c = col0 + tl.arange(0, BCOL)
-    p = ptr + r[:, None].to(tl.int64) * row_stride + c[None, :]
-    if FULL_COLS:
-        return tl.load(p, mask=(r < n_rows)[:, None], other=0.0)
-    else:
-        return tl.load(p, mask=(r < n_rows)[:, None] & (c < n_cols)[None, :], other=0.0)
-
-
-@triton.jit
-def _rows_store(ptr, x, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BCOL: tl.constexpr,
-                FULL_COLS: tl.constexpr):
-    """linear._store_tile; with FULL_COLS masked by rows only (as _rows_tile)."""
-    r = row0 + tl.arange(0, BR)
-    c = col0 + tl.arange(0, BCOL)
-    p = ptr + r[:, None].to(tl.int64) * row_stride + c[None, :]
-    if FULL_COLS:
-        tl.store(p, x.to(ptr.dtype.element_ty), mask=(r < n_rows)[:, None])
-    else:
-        tl.store(p, x.to(ptr.dtype.element_ty), mask=(r < n_rows)[:, None] & (c < n_cols)[None, :])
-
-
-@triton.jit
-def _state_load(ptr, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """The float32 [BK, BV] block at column c0 of a row-major [K, V] state, zero outside it."""
-    rk = tl.arange(0, BK)
-    rv = c0 + tl.arange(0, BV)
-    p = ptr + rk[:, None] * V + rv[None, :]
-    if (K % BK == 0) and (V % BV == 0):
-        return tl.load(p)
-    else:
-        return tl.load(p, mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
-
-
-@triton.jit
-def _state_store(ptr, S, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Store the [BK, BV] block S at column c0 of a [K, V] state, in ptr's dtype, inside it only.
-    (Offsets written rv + rk·V, not as _state_load does: the same expression would be shared with
-    the load before the loop and kept live through it.)"""
-    rk = tl.arange(0, BK)
-    rv = c0 + tl.arange(0, BV)
-    p = ptr + rv[None, :] + rk[:, None] * V
-    if (K % BK == 0) and (V % BV == 0):
-        tl.store(p, S.to(ptr.dtype.element_ty))
-    else:
-        tl.store(p, S.to(ptr.dtype.element_ty), mask=(rv < V)[None, :] & (rk < K)[:, None])
-
-
 # ---------------------------------------------------------------------------------------------
 # host side
 
@@ -429,9 +311,8 @@ def forward(
     )
     cfg = TUNING["output"]
     bv = _block_v(cfg["BV"], d_v, d_k)
-    kernel = _segment_output_lean_kernel if cfg.get("lean", 0) else _segment_output_kernel
     if n_slots > 0:
-        kernel[(triton.cdiv(d_v, bv), n_slots, h)](
+        _segment_output_kernel[(triton.cdiv(d_v, bv), n_slots, h)](
             q, k, v, slope, seg_states, states, o, ht, cu, table, chunk_offsets, scale, t, length, n_seg,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, IS_VARLEN=varlen,
             STORE_STATES=store_states, STORE_HT=output_final_state, DT=dt, PREC=prec,
@@ -453,4 +334,4 @@ def chunk_states(
     return forward(q, k, v, slope, 1.0, initial_state, False, cu_seqlens, store_states=True)[2]
 
 
-__all__ = ["LEAN_OUTPUT", "TUNING", "chunk_states", "forward", "segment_length"]
+__all__ = ["TUNING", "chunk_states", "forward", "segment_length"]
