@@ -20,6 +20,8 @@ backward of attnlab.kernels.linear_bwd). Also prints ours-vs-fla output differen
 batched-PyTorch backward; an fla backward that refuses to run is recorded as fla_<op>_error.
 ``--ops`` picks the ops timed, ``--fwd-max`` skips the forward rows above a T, ``--ab-backward`` adds
 forward+backward rows with the batched-PyTorch backward (linear_bwd.BACKWARD = "batched").
+``--graph`` times every forward as the replay of one captured CUDA graph (same for ours, fla and SDPA:
+the kernels' throughput without the Python launch path, which at 16K is longer than Lightning's kernels).
 ``--ab-prepare`` first times the delta-rule prepare variants against each other, interleaved (best of
 3, whole forward with the segment-parallel state pass): the single ``_prepare_kernel``, the split
 kernels with w, u, kd in a second launch, and fused (linear.PREP_SPLIT / PREP_FUSED per gate kind),
@@ -135,9 +137,22 @@ def sdpa(q, k, v, g, b):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+GRAPH = False  # --graph: time the forward as a CUDA-graph replay (no host launch overhead)
+
+
 def bench_fwd(fn, xs) -> float:
+    """Median forward ms: of eager calls, or (GRAPH) of replays of one CUDA graph of the call, so that
+    the kernels' throughput is timed and not the Python launch path (at 16K, Lightning's kernels take
+    ~0.19 ms, less than either library's host-side launch sequence)."""
     with torch.no_grad():
-        return do_bench(lambda: fn(*xs), warmup=10, rep=40, return_mode="median")
+        if not GRAPH:
+            return do_bench(lambda: fn(*xs), warmup=10, rep=40, return_mode="median")
+        fn(*xs)  # compile / autotune outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(*xs)
+        return do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
 
 
 def bench_fwdbwd(fn, xs, reps: int = 5) -> float:
@@ -390,7 +405,8 @@ def save(out: str, name: str, bw: float, rows: list[dict], brows: list[dict], ab
     """Write linear_gpu.json (atomically) with the rows so far and the launch parameters."""
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "linear_gpu.json"),
-                      {"device": name, "bandwidth": bw, "tuning": linear.TUNING,
+                      {"device": name, "bandwidth": bw, "forward_timing": "cuda_graph" if GRAPH else "eager",
+                       "tuning": linear.TUNING,
                        "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
                        "prep_split": linear.PREP_SPLIT, "prep_fused": linear.PREP_FUSED,
                        "lightning_seg_tuning": lightning_fwd.TUNING,
@@ -414,8 +430,12 @@ def main() -> None:
     ap.add_argument("--ops", default="gdn,kda,lightning", help="comma list of the ops to time")
     ap.add_argument("--fwd-max", type=int, default=1 << 40,
                     help="time the forward only up to this T (0: forward + backward rows only)")
+    ap.add_argument("--graph", action="store_true",
+                    help="time forwards as CUDA-graph replays (ours, fla and SDPA alike)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    global GRAPH
+    GRAPH = args.graph
     ts = [int(x) for x in args.T.split(",")]
     ops = [x for x in args.ops.split(",") if x]
     bad = [x for x in ops if x not in ("gdn", "kda", "lightning")]
@@ -532,7 +552,8 @@ def main() -> None:
     cols = ["sdpa", "ours_gdn", "ours_gdn_seg", "fla_gdn", "ours_kda", "ours_kda_seg", "fla_kda",
             "ours_lightning", "ours_lightning_seg",
             "fla_lightning"]
-    print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median)")
+    how = "CUDA-graph replays" if GRAPH else "eager calls"
+    print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median; forward: {how})")
     print("forward:")
     print("| T | floor | " + " | ".join(cols) + " |")
     for r in rows:

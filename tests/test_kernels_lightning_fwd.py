@@ -205,8 +205,10 @@ def test_interp_backward_recomputes_missing_states(segmented, monkeypatch):
 
 @interp
 def test_interp_segment_length(segmented, monkeypatch):
-    """Forced lengths are checked; on CUDA the length gives pass 3 ~programs_per_sm programs per SM
-    and respects min_segment (the SM count faked: the rule is host arithmetic)."""
+    """Forced lengths are checked; on CUDA the length keeps pass 3 within one wave of programs_per_sm
+    programs per SM, uses most of it, and respects min_segment (the SM count faked: the rule is host
+    arithmetic). At H = 16 (32 programs a segment) and the default one program per SM: 4 segments;
+    at H = 64 (128 a segment): 1."""
     segmented.SEGMENT_LEN = 100
     with pytest.raises(ValueError, match="SEGMENT_LEN"):
         segmented.segment_length(1000, 4, 64, 64, torch.device("cpu"))
@@ -215,14 +217,20 @@ def test_interp_segment_length(segmented, monkeypatch):
     monkeypatch.setattr(segmented, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     cfg = segmented.TUNING
-    per_seg = 16 * -(-128 // min(cfg["output"]["BV"], 128))  # programs per segment, 16 heads
-    for t in (16384, 65536, 262144):
-        length = segmented.segment_length(t, 16, 128, 128, cuda)
-        n_seg = -(-t // length)
-        assert length % 64 == 0 and length >= cfg["segments"]["min_segment"]
-        assert n_seg * per_seg >= cfg["segments"]["programs_per_sm"] * 132
-        assert (n_seg - 1) * per_seg < 2 * cfg["segments"]["programs_per_sm"] * 132  # not needlessly many
-    assert segmented.segment_length(1000, 16, 128, 128, cuda) == cfg["segments"]["min_segment"]
+    for h in (16, 64, 256):
+        per_seg = h * -(-128 // min(cfg["output"]["BV"], 128))  # programs per segment
+        for pps in (1, 2, 3):
+            monkeypatch.setitem(cfg, "segments", {"programs_per_sm": pps, "min_segment": 256})
+            for t in (16384, 65536, 262144):
+                length = segmented.segment_length(t, h, 128, 128, cuda)
+                n_seg = -(-t // length)
+                assert length % 64 == 0 and length >= 256
+                assert n_seg * per_seg <= max(pps * 132, per_seg)  # one wave (or one segment)
+                assert (n_seg + 1) * per_seg > pps * 132  # and most of it
+    monkeypatch.setitem(cfg, "segments", {"programs_per_sm": 1, "min_segment": 256})
+    assert -(-16384 // segmented.segment_length(16384, 16, 128, 128, cuda)) == 4
+    assert segmented.segment_length(65536, 64, 128, 128, cuda) == 65536
+    assert segmented.segment_length(300, 16, 128, 128, cuda) == 256
 
 
 # ------------------------------------------------------------------------------------------------

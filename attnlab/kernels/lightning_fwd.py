@@ -39,16 +39,24 @@ from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile,
 # Launch parameters; the benchmark (benchmarks/linear_gpu.py --sweep segmented) may override them.
 # "state" is pass 1, "output" pass 3 (BV = D_v columns per program, the state [D_k, BV] float32 in
 # registers), "scan" pass 2 (BLOCK state elements per program). A segment is chosen so that pass 3
-# has about programs_per_sm programs per SM, and is never shorter than min_segment tokens (each
-# segment costs a state written, scanned and read: ~4 x 64 KB per head at D = 128).
-# Defaults from `benchmarks/linear_gpu.py --sweep segmented` on an H200 (Triton 3.6, B=1, H=16,
-# D=128, bf16, 2026-11-26): 0.181 / 0.613 / 2.427 ms at T = 16K / 64K / 256K (fla 0.244 / 0.903 /
-# 3.554 ms in the same run; the first defaults, 2 stages and 2 programs per SM, 0.212 / 0.896 / 3.479).
+# has at most programs_per_sm programs per SM (one wave: segments rounded down, at least one), and
+# is never shorter than min_segment tokens (each segment costs a state written, scanned and read:
+# ~4 x 64 KB per head at D = 128).
+# Launch shapes from `benchmarks/linear_gpu.py --sweep segmented` on an H200 (Triton 3.6, B=1, H=16,
+# D=128, bf16, 2026-11-26). The segment count from an H100 A/B timed as CUDA-graph replays (eager
+# timings at 16K measure the host's launch path, ~0.29 ms, not these kernels): pass 3 at 3 stages
+# takes 128 KB of shared memory, so ONE program fits an SM, and any program past one wave waits for a
+# whole chain. Forward ms at B=1, D=128, bf16, by segment count (fla's chunk_lightning_attn beside):
+#   H=16 16K: 2 segments 0.287, 4 (128 programs) 0.163, 6 0.197, 8 0.168, 12 0.184, 13 (the old
+#             rule: 3 per SM rounded up, 416 programs) 0.201; fla 0.282
+#   H=16 64K: 4 0.588, 8 0.585, 12 0.618, 13 0.699; fla 1.086
+#   H=64 16K: 1 (128 programs) 0.404, 2 0.522, 4 0.581; fla 1.113.  H=32 16K: 1 0.385, 2 0.294,
+#             4 0.294; fla 0.514.  So: one wave, as full as it gets (programs_per_sm 1, rounded down).
 TUNING: dict[str, dict[str, int]] = {
     "state": {"BV": 64, "num_warps": 4, "num_stages": 3},
     "output": {"BV": 64, "num_warps": 4, "num_stages": 3},
     "scan": {"BLOCK": 1024, "num_warps": 4},
-    "segments": {"programs_per_sm": 3, "min_segment": 256},
+    "segments": {"programs_per_sm": 1, "min_segment": 256},
 }
 SEGMENT_LEN: int | None = None  # tests force a segment length (a multiple of CHUNK) here
 CPU_SEGMENT_LEN = 2 * CHUNK  # under the interpreter: short segments, so several are exercised
@@ -210,8 +218,8 @@ def _sm_count(index: int) -> int:
 
 def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.device) -> int:
     """Tokens per segment (a multiple of CHUNK) for n_tokens in all sequences, h value heads:
-    enough segments that pass 3 has TUNING["segments"]["programs_per_sm"] programs per SM, each
-    at least min_segment tokens long. SEGMENT_LEN overrides; off CUDA, CPU_SEGMENT_LEN."""
+    as many segments as keep pass 3 within TUNING["segments"]["programs_per_sm"] programs per SM (at
+    least one), each at least min_segment tokens long. SEGMENT_LEN overrides; off CUDA, CPU_SEGMENT_LEN."""
     if SEGMENT_LEN is not None:
         if SEGMENT_LEN <= 0 or SEGMENT_LEN % CHUNK:
             raise ValueError(f"SEGMENT_LEN: expected a positive multiple of {CHUNK}, got {SEGMENT_LEN}")
@@ -220,7 +228,7 @@ def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.devi
         return CPU_SEGMENT_LEN
     seg = TUNING["segments"]
     per_segment = h * triton.cdiv(d_v, _block_v(TUNING["output"]["BV"], d_v, d_k))
-    want = triton.cdiv(seg["programs_per_sm"] * _sm_count(device.index or 0), per_segment)
+    want = max(1, seg["programs_per_sm"] * _sm_count(device.index or 0) // per_segment)  # one wave
     length = triton.cdiv(triton.cdiv(max(n_tokens, 1), want), CHUNK) * CHUNK
     return max(length, triton.cdiv(seg["min_segment"], CHUNK) * CHUNK)
 
