@@ -377,6 +377,21 @@ def test_gpu_fp32_awkward_shapes(segmented, op):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda"])
+def test_gpu_fp32_head_dim_256(segmented, op):
+    """fp32, D_k = D_v = 256 (the largest accepted), 1300 tokens in segments of 512: the launches whose
+    tiles need more shared memory than an SM has at their tuned pipeline depth (pass 1: 304 KB at 3
+    stages) drop stages (_common.launch_fitting) instead of failing; o and the final state equal the
+    float64 loop's."""
+    q, k, v, g, beta, h0 = make_inputs(op, 1, 1300, 2, 2, 256, 256, -0.02, seed=8)
+    xs = [x.cuda() for x in (q, k, v, g, beta, h0)]
+    segmented.SEGMENT_LEN = 512
+    o, ht = kernel(op)(*xs[:5], initial_state=xs[5], output_final_state=True)
+    ro, rs = oracle(op, q, k, v, g, beta, h0)
+    assert rel_err(o, ro) < 2e-5 and rel_err(ht, rs) < 2e-5
+
+
+@pytest.mark.gpu
 def test_gpu_packed_bf16_and_gradients(segmented):
     """Packed bf16 GDN sequences, default segments: outputs, final states and gradients equal the
     single-pass forward's."""

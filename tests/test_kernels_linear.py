@@ -439,3 +439,33 @@ def test_gpu_lightning_states_past_2_31_elements():
     for full, part in ((q, q2), (k, k2), (v, v2)):
         assert torch.isfinite(full.grad).all()
         assert rel_err(full.grad[:, half:], part.grad) < 1e-2
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_launch_fitting_drops_stages_until_the_kernel_fits():
+    """_common.launch_fitting retries a launch that Triton refuses for shared memory with one pipeline
+    stage fewer (the tiles tuned for bf16 at D = 128 do not fit at float32 / D = 256: e.g. Lightning's
+    pass 3 asks 320 KB), passes everything else through, and re-raises at one stage."""
+    from triton.runtime.errors import OutOfResources
+
+    from attnlab.kernels._common import launch_fitting
+
+    class Kernel:  # stands in for a triton.jit function: kernel[grid](*args, **kwargs)
+        def __init__(self, fits_at):
+            self.fits_at, self.calls = fits_at, []
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kwargs):
+                self.calls.append((grid, args, num_stages, kwargs))
+                if num_stages > self.fits_at:
+                    raise OutOfResources(num_stages * 100_000, 232_448, "shared memory")
+            return launch
+
+    k = Kernel(fits_at=2)
+    launch_fitting(k, (3, 1), "x", 7, num_stages=4, num_warps=8, BV=64)
+    assert [c[2] for c in k.calls] == [4, 3, 2]
+    assert all(c[0] == (3, 1) and c[1] == ("x", 7) and c[3] == {"num_warps": 8, "BV": 64} for c in k.calls)
+    k = Kernel(fits_at=0)
+    with pytest.raises(OutOfResources):
+        launch_fitting(k, (1,), num_stages=2)
+    assert [c[2] for c in k.calls] == [2, 1]

@@ -1,11 +1,12 @@
 """Pieces the Triton kernels share: output buffers that tests can poison, buffers kept zeroed across
-launches, and the RMSNorm weight step."""
+launches, a launch that drops pipeline stages when its tiles do not fit, and the RMSNorm weight step."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 
 def output_buffer(
@@ -28,6 +29,20 @@ def reused_zeros(buffers: dict, key: tuple, n: int, dtype: torch.dtype, device: 
     if buf is None:
         buf = buffers[key] = torch.zeros(n, dtype=dtype, device=device)
     return buf
+
+
+def launch_fitting(kernel, grid, *args, num_stages: int, **kwargs) -> None:
+    """``kernel[grid](*args, num_stages=..., **kwargs)``, retried with one pipeline stage fewer while the
+    compiled kernel needs more shared memory than the device has (float32 or wide tiles: the stages
+    tuned for bf16 at D = 128 can ask for 2-3x what fits). Triton raises OutOfResources before the
+    launch, so nothing was written by a failed try."""
+    for stages in range(num_stages, 0, -1):
+        try:
+            kernel[grid](*args, num_stages=stages, **kwargs)
+            return
+        except OutOfResources:
+            if stages == 1:
+                raise
 
 
 @triton.jit

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launch_fitting
 from .lightning_fwd import _segment_of, _segment_tables, _sm_count
 from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile, _tile, _tl_dtype
 
@@ -305,7 +306,8 @@ def state_pass(
     bx = _block(cfg["BX"], max(d_k, d_v), d_k)
     nxk = triton.cdiv(d_k, bx)
     if n_nonlast > 0:
-        _transition_kernel[(nxk + triton.cdiv(d_v, bx), n_nonlast, h)](
+        launch_fitting(  # float32 at D = 256: 3 stages would need 304 KB of shared memory
+            _transition_kernel, (nxk + triton.cdiv(d_v, bx), n_nonlast, h),
             w, u, kd, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
             H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
             DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -321,7 +323,8 @@ def state_pass(
     cfg = TUNING["state"]
     bv = _block(cfg["BV"], d_v, d_k)
     if n_slots > 0:
-        _segment_state_kernel[(triton.cdiv(d_v, bv), n_slots, h)](
+        launch_fitting(
+            _segment_state_kernel, (triton.cdiv(d_v, bv), n_slots, h),
             w, u, kd, gcum, seg_b, states, vn, ht_, cu, table, chunk_offsets, t, length, n_seg,
             H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
             IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=cfg["num_warps"],

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launch_fitting
 from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile, _tile, _tl_dtype
 
 # Launch parameters; the benchmark (benchmarks/linear_gpu.py --sweep segmented) may override them.
@@ -305,7 +306,8 @@ def forward(
     cfg = TUNING["state"]
     bv = _block_v(cfg["BV"], d_v, d_k)
     if n_nonlast > 0:
-        _segment_state_kernel[(triton.cdiv(d_v, bv), n_nonlast, h)](
+        launch_fitting(
+            _segment_state_kernel, (triton.cdiv(d_v, bv), n_nonlast, h),
             k, v, slope, seg_states, cu, table, nonlast, t, length, n_seg,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, IS_VARLEN=varlen, DT=dt, PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -320,7 +322,8 @@ def forward(
     cfg = TUNING["output"]
     bv = _block_v(cfg["BV"], d_v, d_k)
     if n_slots > 0:
-        _segment_output_kernel[(triton.cdiv(d_v, bv), n_slots, h)](
+        launch_fitting(  # float32 at D = 256: 3 stages would need 320 KB of shared memory
+            _segment_output_kernel, (triton.cdiv(d_v, bv), n_slots, h),
             q, k, v, slope, seg_states, states, o, ht, cu, table, chunk_offsets, scale, t, length, n_seg,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, IS_VARLEN=varlen,
             STORE_STATES=store_states, STORE_HT=output_final_state, DT=dt, PREC=prec,

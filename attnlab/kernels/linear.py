@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_heads_divide, check_same_device, check_tensor
-from ._common import output_buffer
+from ._common import launch_fitting, output_buffer
 
 CHUNK = 64  # tokens per chunk
 SUB = 16  # rows per block of the triangular solve (and per-channel-gate sub-chunk)
@@ -1184,7 +1184,8 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
     else:
         cfg = TUNING[kind]
         bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
-        _state_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+        launch_fitting(  # float32 at D = 256: 4 stages would need 412 KB of shared memory
+            _state_kernel, (triton.cdiv(d_v, bv), n_seq * h),
             k, v, kd, u, w, gcum, slope if slope is not None else o, states, vn, h0, ht, cu, offsets, t,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate,
             USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=varlen,
@@ -1195,7 +1196,8 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
     cfg = OUT_TUNING[kind]
     bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
     if n_chunks > 0:
-        _output_kernel[(triton.cdiv(d_v, bv), n_chunks, h)](
+        launch_fitting(
+            _output_kernel, (triton.cdiv(d_v, bv), n_chunks, h),
             q, k, v if gate == 0 else vn, gcum, aqk, slope if slope is not None else o, states, o, cu, idx,
             scale, t, H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, IS_VARLEN=varlen,
             DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

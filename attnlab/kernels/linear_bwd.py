@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
+from ._common import launch_fitting
 from .linear import (
     CHUNK,
     SUB,
@@ -432,19 +432,14 @@ def _state_grads(q, k, do, dht, scale, inter, cu_seqlens, layout, gate, n_seq, n
     dh0 = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=q.device) if need_dh0 else None
     bv = min(DSTATE_TUNING["BV"], max(16, triton.next_power_of_2(d_v)))
     dht_ = dht.float().contiguous() if dht is not None else dstates
-    for stages in range(DSTATE_TUNING["num_stages"], 0, -1):  # float32 / wide tiles: fewer pipeline stages
-        try:
-            _dstate_tok_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-                q, gcum, inter["w"], inter["kd"], do, dvn, dht_, dstates, dh0 if need_dh0 else dstates, cu,
-                offsets, scale, t,
-                H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=vec, USE_DHT=dht is not None,
-                STORE_DH0=need_dh0, IS_VARLEN=varlen, DT=dt, PREC=prec,
-                num_warps=DSTATE_TUNING["num_warps"], num_stages=stages,
-            )
-            break
-        except OutOfResources:  # raised before the launch: nothing was written
-            if stages == 1:
-                raise
+    launch_fitting(  # float32 at D = 128: 3 stages would need 246 KB of shared memory
+        _dstate_tok_kernel, (triton.cdiv(d_v, bv), n_seq * h),
+        q, gcum, inter["w"], inter["kd"], do, dvn, dht_, dstates, dh0 if need_dh0 else dstates, cu,
+        offsets, scale, t,
+        H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE_VEC=vec, USE_DHT=dht is not None,
+        STORE_DH0=need_dh0, IS_VARLEN=varlen, DT=dt, PREC=prec,
+        num_warps=DSTATE_TUNING["num_warps"], num_stages=DSTATE_TUNING["num_stages"],
+    )
     return dstates, dvn, dh0
 
 
