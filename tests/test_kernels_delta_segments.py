@@ -366,27 +366,18 @@ def test_gpu_bf16_matches_single_pass(op, t):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["gdn", "kda"])
-def test_gpu_fp32_awkward_shapes(segmented, op):
-    """fp32, D_k = 100, D_v = 60, GQA, 1000 tokens in segments of 128 (last one partial)."""
-    q, k, v, g, beta, h0 = make_inputs(op, 2, 1000, 4, 2, 100, 60, -0.02, seed=3)
+@pytest.mark.parametrize(("shape", "seg_len"),
+                         [((2, 1000, 4, 2, 100, 60), 128), ((1, 1300, 2, 2, 256, 256), 512)],
+                         ids=["awkward", "head_dim_256"])
+def test_gpu_fp32_shapes(segmented, op, shape, seg_len):
+    """fp32 against the float64 loop. "awkward": D_k = 100, D_v = 60, GQA, 1000 tokens in segments of 128
+    (last one partial). "head_dim_256": D_k = D_v = 256 (the largest accepted), 1300 tokens in segments
+    of 512: the launches whose tiles need more shared memory than an SM has at their tuned pipeline depth
+    (pass 1: 304 KB at 3 stages) drop stages (_common.launch_fitting) instead of failing. Slow: compiling
+    the float32 D = 256 kernels took over 230 s on the H100 (its first GPU run hit the time limit)."""
+    q, k, v, g, beta, h0 = make_inputs(op, *shape, -0.02, seed=3)
     xs = [x.cuda() for x in (q, k, v, g, beta, h0)]
-    segmented.SEGMENT_LEN = 128
-    o, ht = kernel(op)(*xs[:5], initial_state=xs[5], output_final_state=True)
-    ro, rs = oracle(op, q, k, v, g, beta, h0)
-    assert rel_err(o, ro) < 2e-5 and rel_err(ht, rs) < 2e-5
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("op", ["gdn", "kda"])
-def test_gpu_fp32_head_dim_256(segmented, op):
-    """fp32, D_k = D_v = 256 (the largest accepted), 1300 tokens in segments of 512: the launches whose
-    tiles need more shared memory than an SM has at their tuned pipeline depth (pass 1: 304 KB at 3
-    stages) drop stages (_common.launch_fitting) instead of failing; o and the final state equal the
-    float64 loop's. Slow: compiling the float32 D = 256 kernels took over 230 s on the H100 (the
-    first GPU run of this test hit its time limit there)."""
-    q, k, v, g, beta, h0 = make_inputs(op, 1, 1300, 2, 2, 256, 256, -0.02, seed=8)
-    xs = [x.cuda() for x in (q, k, v, g, beta, h0)]
-    segmented.SEGMENT_LEN = 512
+    segmented.SEGMENT_LEN = seg_len
     o, ht = kernel(op)(*xs[:5], initial_state=xs[5], output_final_state=True)
     ro, rs = oracle(op, q, k, v, g, beta, h0)
     assert rel_err(o, ro) < 2e-5 and rel_err(ht, rs) < 2e-5
