@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ._common import launch_fitting
 from .lightning_fwd import _segment_of, _segment_tables, _sm_count
-from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile, _tile, _tl_dtype
+from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _seq_chunks, _store_tile, _tile, _tl_dtype
 
 # Launch parameters; `benchmarks/linear_gpu.py --sweep delta_segmented` may override them.
 # "transition": pass 1 (BX columns of [M | B] per program); "scan": pass 2 (BV state columns per
@@ -132,7 +132,7 @@ def _transition_kernel(
 
 @triton.jit
 def _scan_kernel(
-    seg_m, seg_b, h0, ht, cu_seqlens, seg_offsets, T, L, n_seg,
+    seg_m, seg_b, h0, ht, cu_seqlens, seg_offsets, T, L,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BKK: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
     SPREC: tl.constexpr,
@@ -141,13 +141,7 @@ def _scan_kernel(
     the M slot s M_seg[s − 1]). S_in[s] is re-read from memory BKK rows at a time for the product
     (a register tile cannot be sliced by rows); the barrier orders this program's store and loads."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
-    ns = tl.cdiv(n, L)
-    if IS_VARLEN:
-        first = tl.load(seg_offsets + i_b).to(tl.int64)
-    else:
-        first = i_b.to(tl.int64) * n_seg
+    _, i_h, _, _, n, ns, first = _seq_chunks(cu_seqlens, seg_offsets, T, H, H, L, IS_VARLEN)
     rk = tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     rkk = tl.arange(0, BKK)
@@ -316,7 +310,7 @@ def state_pass(
     bv = _block(cfg["BV"], d_v, d_k)
     sprec = "ieee" if w.dtype == torch.float32 else cfg["precision"]
     _scan_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-        seg_m, seg_b, h0, ht_, cu, firsts, t, length, n_seg,
+        seg_m, seg_b, h0, ht_, cu, firsts, t, length,
         H=h, K=d_k, V=d_v, BK=bk, BV=bv, BKK=min(cfg["BKK"], bk), USE_H0=initial_state is not None,
         STORE_HT=ht is not None, IS_VARLEN=varlen, SPREC=sprec, num_warps=cfg["num_warps"],
     )

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import launch_fitting
-from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _store_tile, _tile, _tl_dtype
+from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _seq_chunks, _store_tile, _tile, _tl_dtype
 
 # Launch parameters; the benchmark (benchmarks/linear_gpu.py --sweep segmented) may override them.
 # "state" is pass 1, "output" pass 3 (BV = D_v columns per program, the state [D_k, BV] float32 in
@@ -117,20 +117,14 @@ def _segment_state_kernel(
 
 @triton.jit
 def _segment_scan_kernel(
-    slope, seg_states, h0, ht, cu_seqlens, seg_offsets, T, L, n_seg,
+    slope, seg_states, h0, ht, cu_seqlens, seg_offsets, T, L,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Pass 2: slot s ← the state entering segment s (slot 0 the initial state; slot s > 0 held
     the local end state of segment s − 1). A sequence without tokens writes its final state here."""
     i_x, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
-    ns = tl.cdiv(n, L)
-    if IS_VARLEN:
-        first = tl.load(seg_offsets + i_b).to(tl.int64)
-    else:
-        first = i_b.to(tl.int64) * n_seg
+    _, i_h, _, _, n, ns, first = _seq_chunks(cu_seqlens, seg_offsets, T, H, H, L, IS_VARLEN)
     r = i_x * BLOCK + tl.arange(0, BLOCK)
     m = r < K * V
     S = tl.zeros([BLOCK], dtype=tl.float32)
@@ -315,7 +309,7 @@ def forward(
     cfg = TUNING["scan"]
     block = min(cfg["BLOCK"], triton.next_power_of_2(d_k * d_v))
     _segment_scan_kernel[(triton.cdiv(d_k * d_v, block), n_seq * h)](
-        slope, seg_states, h0, ht, cu, firsts, t, length, n_seg,
+        slope, seg_states, h0, ht, cu, firsts, t, length,
         H=h, K=d_k, V=d_v, BLOCK=block, USE_H0=initial_state is not None, STORE_HT=output_final_state,
         IS_VARLEN=varlen, num_warps=cfg["num_warps"],
     )

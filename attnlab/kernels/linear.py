@@ -258,10 +258,11 @@ def _prep_chunk(chunk_indices, cu_seqlens, T, H: tl.constexpr, HK: tl.constexpr,
 
 
 @triton.jit
-def _seq_chunks(cu_seqlens, chunk_offsets, T, H: tl.constexpr, HK: tl.constexpr, BT: tl.constexpr,
-                IS_VARLEN: tl.constexpr):
-    """A sequential program's sequence (grid: D_v blocks, sequences · H): (sequence, value head, key
-    head, its first row, its length, its chunk count, the global index of its first chunk)."""
+def _seq_chunks(cu_seqlens, chunk_offsets, T, H: tl.constexpr, HK: tl.constexpr, BT, IS_VARLEN: tl.constexpr):
+    """A sequential program's sequence (grid: column blocks, sequences · H): (sequence, value head, key
+    head, its first row, its length, its count of BT-token units, the global index of its first unit).
+    The units are chunks (BT = CHUNK, chunk_offsets from _chunk_tables) or the segment scans' segments
+    (BT = the segment length, chunk_offsets each sequence's first segment slot)."""
     i_bh = tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
