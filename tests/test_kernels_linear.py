@@ -93,6 +93,46 @@ def test_interpreter_suite():
     run_interpreter_suite(__file__)
 
 
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from attnlab.kernels import linear as _linear
+
+    @triton.jit
+    def _inverse_kernel(a_ptr, x_ptr):
+        """X = (I + A)⁻¹ of one strictly lower [16, 16] fp32 tile per program (linear._inv_unit_lower)."""
+        rr = tl.arange(0, 16)
+        offs = tl.program_id(0) * 256 + rr[:, None] * 16 + rr[None, :]
+        tl.store(x_ptr + offs, _linear._inv_unit_lower(tl.load(a_ptr + offs), 16))
+
+
+@interp
+def test_interp_block_inverse_on_correlated_keys():
+    """The prepare's 16×16 triangular inverse (4×4-block products) against float64 on the A the delta
+    rule makes from unit keys that are random, correlated or nearly parallel, β up to 2 (negative
+    eigenvalues), with and without decay: no more error than forward substitution has (~1e-5 of the
+    largest entry in fp32; a full doubling (I − A)(I + A²)(I + A⁴)(I + A⁸) is ~1e-1 on the nearly
+    parallel ones)."""
+    gen = torch.Generator().manual_seed(0)
+    mats = []
+    for spread in (1.0, 0.3, 0.1, 1e-3):  # key = shared direction + spread · noise
+        for beta_max in (1.0, 2.0):
+            for decay in (0.0, 0.2):
+                k = torch.randn(1, 128, generator=gen) + spread * torch.randn(16, 128, generator=gen)
+                k = torch.nn.functional.normalize(k, dim=-1)
+                beta = beta_max * torch.rand(16, 1, generator=gen)
+                g = -decay * torch.arange(16.0)
+                a = (beta * (k @ k.T) * (g[:, None] - g[None, :]).clamp(max=0).exp()).tril(-1)
+                mats.append(a)
+    a = torch.stack(mats).contiguous()  # (N, 16, 16)
+    x = torch.empty_like(a)
+    _inverse_kernel[(a.shape[0],)](a, x)
+    ref = torch.linalg.inv(torch.eye(16, dtype=torch.float64) + a.double())
+    err = (x.double() - ref).abs().amax((1, 2)) / ref.abs().amax((1, 2))
+    assert err.max().item() < 3e-5, err
+
+
 @interp
 @pytest.mark.parametrize("op", ["gdn", "kda", "lightning"])
 @pytest.mark.parametrize("t", [1, 70])
@@ -327,7 +367,8 @@ def test_prepare_compiles_for_sm90(op, fused):
     PREP_TUNING, pointers and T 16-divisible as triton specialises them), w, u, kd in a second
     launch or fused into the first: at most 128 registers per thread at 8 warps (two programs share
     an SM) and, as launched by default (PREP_FUSED), no stack (no spills); the other form at most
-    16 bytes (KDA fused under the cap: a few values parked once per program). (The single
+    32 bytes (KDA fused under the cap: 24 bytes with the 4x4-block inverse, a few values parked once
+    per program; 16 before it). (The single
     _prepare_kernel they replace spilled 1-2 KB per thread here: see PREP_TUNING.)"""
     import triton.language as tl
 
@@ -351,7 +392,7 @@ def test_prepare_compiles_for_sm90(op, fused):
         div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
         kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, **options)
         regs, stack, usage = sm90_usage(kernel)
-        assert stack <= (0 if fused == linear.PREP_FUSED[kind] else 16), (fn.__name__, usage)
+        assert stack <= (0 if fused == linear.PREP_FUSED[kind] else 32), (fn.__name__, usage)
         assert regs * 32 * options["num_warps"] * 2 <= 65536, (fn.__name__, usage)
         assert "wgmma" in kernel.asm["ptx"], fn.__name__  # the 64-row products run on Hopper's tensor cores
 

@@ -10,7 +10,7 @@ the Delta Rule over Sequence Length" and "Gated Delta Networks" 2025, as in fla'
 With G the within-chunk cumulative log-gate, Γ = exp(G), S₀ the state entering the chunk:
 
     A     = strict_tril(β_i Σ_d k_id k_jd Γ_id/Γ_jd)          [C, C]
-    X     = (I + A)⁻¹                    (forward substitution on 16-row blocks, then block merge)
+    X     = (I + A)⁻¹                    (16-row blocks in 4×4-block products, then block merge)
     w     = X (β K ⊙ Γ),   u = X (β V)                         [C, D_k], [C, D_v]
     v'    = u − w S₀                                            (the delta-rule corrected values)
     o     = scale (Q ⊙ Γ) S₀ + (scale · tril(Σ_d q_id k_jd Γ_id/Γ_jd)) v'
@@ -98,19 +98,20 @@ OUT_TUNING: dict[str, dict[str, int]] = {
 # Without PREP_SPLIT: PREP_SINGLE_WARPS.
 # sm_90 (registers, stack bytes per thread) at H = HK = 16, D_k = D_v = 128, bf16, pointers and T
 # 16-divisible as at a real launch (tests/test_kernels_linear.py::test_prepare_compiles_for_sm90):
-#   single _prepare_kernel     KDA 2 warps (255, 1904), 4 warps (255, 1136)
-#                              GDN 2 warps (255, 200),  4 warps (255, 0)
-#     (without the 16-divisibility: KDA 2 warps (168, 5224), 4 (255, 2296); GDN 2 (255, 1784))
-#   _kkt_inv_kernel            KDA 8 warps BK 32, maxnreg 128: (128, 0)  [uncapped (162, 0); 4 warps
+# (Triton 3.9; the numbers in [] are from before the 4x4-block inverse, the ninth session's)
+#   single _prepare_kernel     KDA 2 warps (255, 1928) [4 warps (255, 1136)]
+#                              GDN 2 warps (255, 288),  4 warps (255, 0)
+#     [without the 16-divisibility: KDA 2 warps (168, 5224), 4 (255, 2296); GDN 2 (255, 1784)]
+#   _kkt_inv_kernel            KDA 8 warps BK 32, maxnreg 128: (127, 0)  [uncapped (162, 0); 4 warps
 #                                (250, 0); BK 64 at 8 warps (250, 0)]
-#                              GDN 8 warps BK 64: (110, 0)  [4 warps (168, 0)]
-#   _kkt_inv_kernel + w, u, kd KDA 8 warps, maxnreg 128: (128, 16)  [uncapped (177, 0)]
-#     (FUSE_WU)                GDN 8 warps, maxnreg 128: (124, 0)  [uncapped (126, 0); 4 warps (240, 0)]
+#                              GDN 8 warps BK 64: (121, 0)  [4 warps (168, 0)]
+#   _kkt_inv_kernel + w, u, kd KDA 8 warps, maxnreg 128: (128, 24), uncapped (177, 0)
+#     (FUSE_WU)                GDN 8 warps, maxnreg 128: (121, 0), uncapped (160, 0)  [4 warps (240, 0)]
 #   _wu_kernel                 KDA 8 warps 1 stage (71, 0), 3 stages (102, 0); 4 warps (128 / 168, 0)
 #                              GDN 8 warps 1 stage (70, 0), 3 stages (80, 0);  4 warps (104 / 144, 0)
 # 8 warps and at most 128 registers: two 8-warp programs share an SM (16 warps resident; the
 # spilling single kernel ran 8 per SM at 2 warps). The cap costs KDA's kernel nothing (ptxas just
-# spreads out when allowed); the fused KDA form would spill 16 bytes under it, so PREP_FUSED is off
+# spreads out when allowed); the fused KDA form would spill 24 bytes under it, so PREP_FUSED is off
 # for KDA (X, k and gcum go through DRAM once more) and on for GDN. _wu_kernel's K and V loops have
 # two steps, whose loads one stage already issues together; more stages only cost registers.
 # float32 inputs (products on FMA units, not tensor cores) go uncapped: (255, 160) KDA, (255, 280) GDN.
@@ -170,15 +171,20 @@ def _mm32(a, b):
 
 @triton.jit
 def _inv_unit_lower(a, BC: tl.constexpr):
-    """(I + a)⁻¹ for a strictly lower-triangular [BC, BC] fp32 tile, by forward substitution:
-    row i of L = X − I is −a_i − Σ_{m<i} a_im L_m (rows 0, 1 are just −a)."""
+    """(I + a)⁻¹ for a strictly lower-triangular [16, 16] fp32 tile, in straight-line products (no
+    sequential row loop): with b = a's 4×4 diagonal blocks and o = a − b (strictly block-lower),
+    (I + b)⁻¹ = (I − b)(I + b²) because b⁴ = 0, and with m = (I + b)⁻¹ o (m⁴ = 0: four block rows),
+    (I + a)⁻¹ = (I + m)⁻¹ (I + b)⁻¹ = (I − m)(I + m²)(I + b)⁻¹. Powers above the third never appear,
+    so there is none of the cancellation a full doubling (I − a)(I + a²)(I + a⁴)(I + a⁸) suffers on
+    correlated keys; its error matches forward substitution's (fp32, β up to 2, near-parallel keys:
+    relative 7e-6 against 7e-6)."""
+    tl.static_assert(BC == 16, "the 4x4-block inverse is written for 16x16 tiles")
     rr = tl.arange(0, BC)
-    lo = -a
-    for i in range(2, BC):
-        r = _row(lo, i, BC)  # −a_i, nonzero only left of the diagonal
-        r = r + tl.sum(r[:, None] * lo, 0)
-        lo = tl.where((rr == i)[:, None], r[None, :], lo)
-    return lo + (rr[:, None] == rr[None, :]).to(tl.float32)
+    eye = (rr[:, None] == rr[None, :]).to(tl.float32)
+    b = tl.where((rr[:, None] // 4) == (rr[None, :] // 4), a, 0.0)
+    dinv = _mm32(eye - b, eye + _mm32(b, b))
+    m = _mm32(dinv, a - b)
+    return _mm32(_mm32(eye - m, eye + _mm32(m, m)), dinv)
 
 
 @triton.jit
@@ -620,23 +626,6 @@ def _place_seg(acc, seg, BT: tl.constexpr, MIN_SEG: tl.constexpr):
 
 
 @triton.jit
-def _inv_block(d, x_p, row0, col0, n, stride, BC: tl.constexpr):
-    """(I + a)⁻¹ of the strictly lower [BC, BC] block a = d of A, stored at (row0, col0) of x_p (fp32,
-    row stride `stride`, rows ≥ n zero), by columns from the right: column j of L = X − I is
-    −a_{:,j} − Σ_{m>j} L_{:,m} a_{mj}, a sum along L's rows (inside a warp: no barrier, unlike
-    _inv_unit_lower's sums over rows), with a_{mj} read back from memory as a row vector."""
-    rr = tl.arange(0, BC)
-    base = x_p + row0.to(tl.int64) * stride + col0
-    lo = tl.zeros([BC, BC], dtype=tl.float32)
-    for jj in range(1, BC):
-        j = BC - 1 - jj  # BC − 2 down to 0 (column BC − 1 of L is 0)
-        a_mj = tl.load(base + rr * stride + j, mask=row0 + rr < n, other=0.0)  # [BC] over m
-        col = tl.sum(tl.where(rr[None, :] == j, d, 0.0) + lo * a_mj[None, :], 1)  # [BC] over i
-        lo = tl.where(rr[None, :] == j, -col[:, None], lo)
-    return lo + (rr[:, None] == rr[None, :]).to(tl.float32)
-
-
-@triton.jit
 def _kkt_inv_kernel(
     q, k, v, g, beta, gcum, aqk, xa, w, u, kd, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -711,22 +700,23 @@ def _kkt_inv_kernel(
     d1 = _ctile(x_p, r1, n, H * BT, BC, BT, BC, BC)
     d2 = _ctile(x_p, r2, n, H * BT, 2 * BC, BT, BC, BC)
     d3 = _ctile(x_p, r3, n, H * BT, 3 * BC, BT, BC, BC)
-    i0 = _inv_block(d0, x_p, t0, 0, n, H * BT, BC)  # the diagonal blocks' inverses (read A's columns)
-    i1 = _inv_block(d1, x_p, r1, BC, n, H * BT, BC)
-    i2 = _inv_block(d2, x_p, r2, 2 * BC, n, H * BT, BC)
-    i3 = _inv_block(d3, x_p, r3, 3 * BC, n, H * BT, BC)
     tl.debug_barrier()  # every block of A is read before X overwrites it
-    # _prepare_kernel's block merge, each block stored as soon as it is made: computing all six first
-    # (one helper for both kernels) spilled 24 bytes per thread under the 128-register cap (sm_90)
+    # _prepare_kernel's block merge, each block stored as soon as it is made and each diagonal inverse
+    # made where it is first needed: computing all of them first spilled 16-40 bytes per thread
+    # under the 128-register cap (sm_90)
+    i0 = _inv_unit_lower(d0, BC)
     _cstore(x_p, i0, t0, n, H * BT, 0, BT, BC, BC)
+    i1 = _inv_unit_lower(d1, BC)
     _cstore(x_p, i1, r1, n, H * BT, BC, BT, BC, BC)
     x10 = -_mm32(i1, _mm32(a10, i0))
     _cstore(x_p, x10, r1, n, H * BT, 0, BT, BC, BC)
+    i2 = _inv_unit_lower(d2, BC)
     _cstore(x_p, i2, r2, n, H * BT, 2 * BC, BT, BC, BC)
     x21 = -_mm32(i2, _mm32(a21, i1))
     _cstore(x_p, x21, r2, n, H * BT, BC, BT, BC, BC)
     x20 = -_mm32(i2, _mm32(a20, i0) + _mm32(a21, x10))
     _cstore(x_p, x20, r2, n, H * BT, 0, BT, BC, BC)
+    i3 = _inv_unit_lower(d3, BC)
     _cstore(x_p, i3, r3, n, H * BT, 3 * BC, BT, BC, BC)
     x32 = -_mm32(i3, _mm32(a32, i2))
     _cstore(x_p, x32, r3, n, H * BT, 2 * BC, BT, BC, BC)
