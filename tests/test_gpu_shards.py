@@ -1,0 +1,42 @@
+"""tests/gpu_shards.py, the parallel runner of the GPU tests: how it deals tests out, and a run on
+the CPU, where the selected gpu tests are collected and skipped."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_shards  # noqa: E402
+
+
+def test_deal_round_robin_in_order():
+    ids = [f"t{i}" for i in range(7)]
+    assert gpu_shards.deal(ids, 3) == [["t0", "t3", "t6"], ["t1", "t4"], ["t2", "t5"]]
+    assert gpu_shards.deal(ids[:2], 4) == [["t0"], ["t1"]]  # no empty shard
+    assert gpu_shards.deal([], 4) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        gpu_shards.deal(ids, 0)
+
+
+def test_summary_line_is_the_last_count_line():
+    log = "x\n==== 2 passed in 1.0s ====\nmore\n= 1 failed, 3 passed in 2.5s =\n"
+    assert gpu_shards.summary_line(log) == "1 failed, 3 passed in 2.5s"
+    assert "no pytest summary" in gpu_shards.summary_line("Traceback ...")
+
+
+def test_runs_the_selection_in_processes(tmp_path, capsys):
+    """Two processes over a file's gpu tests (skipped here: no GPU): exit 0, one log each."""
+    rc = gpu_shards.main(["-n", "2", "--logs", str(tmp_path), "tests/test_kernels_absorb.py"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("shard ") == 2 and "skipped" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_shard0.txt", "gpu_shard1.txt"]
+
+
+def test_a_process_past_the_timeout_fails_the_run(tmp_path, capsys):
+    rc = gpu_shards.run([["tests/test_kernels_absorb.py"]], timeout=0.2, logs=tmp_path)
+    out = capsys.readouterr().out
+    assert rc == 1 and "killed after" in out
