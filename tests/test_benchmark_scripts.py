@@ -104,3 +104,17 @@ def test_decode_parts_gpu_cpu_smoke(tmp_path):
     assert all(row["ok"] for row in topk)
     assert all(row["err"] < 1e-4 for row in rows if row["part"] in ("index", "mla"))
     assert all(row["finite"] for row in rows if row["part"] == "delta")
+
+
+def test_prepare_latency_gpu_cpu_smoke():
+    """benchmarks/prepare_latency_gpu.py --cpu-smoke: the chained prepare (linear._prepare_chunk over a
+    segment's chunks in one program, outputs to the program's scratch) leaves each program's last
+    chunk equal to the production prepare's, GDN and KDA, under the interpreter."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(BENCH / "prepare_latency_gpu.py"), "--cpu-smoke"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("cpu smoke") == 2

@@ -288,19 +288,32 @@ def _prepare_kernel(
     GATE_VEC: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
-    t0 = i_t * BT
+    if GATE_VEC:
+        g_p = g + (bos * H + i_h) * K
+        G_p = gcum + (bos * H + i_h) * K
+    else:
+        g_p = g + bos * H + i_h
+        G_p = gcum + bos * H + i_h
+    _prepare_chunk(q + (bos * HK + i_hk) * K, k + (bos * HK + i_hk) * K, v + (bos * H + i_h) * V, g_p,
+                   beta + bos * H + i_h, w + (bos * H + i_h) * K, u + (bos * H + i_h) * V,
+                   kd + (bos * H + i_h) * K, G_p, aqk + (bos * H + i_h) * BT, i_t * BT, n, scale,
+                   H, HK, K, V, BT, BC, BK, BV, GATE_VEC, DT, PREC)
+
+
+@triton.jit
+def _prepare_chunk(
+    q_p, k_p, v_p, g_p, b_p, w_p, u_p, kd_p, G_p, a_p, t0, n, scale,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE_VEC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """_prepare_kernel's work on the chunk of rows t0 .. t0 + BT − 1 (n rows in the sequence), every
+    pointer at its sequence's row 0 and its head: q_p, k_p, v_p, the log-gate g_p, β b_p; out w_p,
+    u_p, kd_p, the cumulative gate G_p (also read back) and, for the per-channel gate, a_p (aqk).
+    benchmarks/prepare_latency_gpu.py loops it over a segment's chunks in one program."""
     r1, r2, r3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
     rr = tl.arange(0, BC)
     last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)  # last token of this chunk
-
-    q_p = q + (bos * HK + i_hk) * K
-    k_p = k + (bos * HK + i_hk) * K
-    v_p = v + (bos * H + i_h) * V
-    w_p = w + (bos * H + i_h) * K
-    kd_p = kd + (bos * H + i_h) * K
-    u_p = u + (bos * H + i_h) * V
-    b_p = beta + bos * H + i_h
-    a_p = aqk + (bos * H + i_h) * BT
 
     b0 = _vec(b_p, t0, n, H, BC)
     b1 = _vec(b_p, r1, n, H, BC)
@@ -319,8 +332,6 @@ def _prepare_kernel(
     d3 = tl.zeros([BC, BC], dtype=tl.float32)
 
     if GATE_VEC:
-        g_p = g + (bos * H + i_h) * K
-        G_p = gcum + (bos * H + i_h) * K
         s10 = tl.zeros([BC, BC], dtype=tl.float32)
         s20 = tl.zeros([BC, BC], dtype=tl.float32)
         s21 = tl.zeros([BC, BC], dtype=tl.float32)
@@ -402,12 +413,10 @@ def _prepare_kernel(
         _store_tile(a_p, s32 * scale, r3, n, H * BT, 2 * BC, BT, BC, BC)
         _store_tile(a_p, e3 * scale, r3, n, H * BT, 3 * BC, BT, BC, BC)
     else:
-        g_p = g + bos * H + i_h
         gs0 = tl.cumsum(_vec(g_p, t0, n, H, BC), 0)
         gs1 = tl.cumsum(_vec(g_p, r1, n, H, BC), 0) + tl.sum(tl.where(rr == BC - 1, gs0, 0.0), 0)
         gs2 = tl.cumsum(_vec(g_p, r2, n, H, BC), 0) + tl.sum(tl.where(rr == BC - 1, gs1, 0.0), 0)
         gs3 = tl.cumsum(_vec(g_p, r3, n, H, BC), 0) + tl.sum(tl.where(rr == BC - 1, gs2, 0.0), 0)
-        G_p = gcum + bos * H + i_h
         tl.store(G_p + (t0 + rr).to(tl.int64) * H, gs0, mask=t0 + rr < n)
         tl.store(G_p + (r1 + rr).to(tl.int64) * H, gs1, mask=r1 + rr < n)
         tl.store(G_p + (r2 + rr).to(tl.int64) * H, gs2, mask=r2 + rr < n)
