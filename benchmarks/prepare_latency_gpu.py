@@ -60,25 +60,15 @@ def _chain_kernel(
     for c in range(0, SEG):
         t0 = (s * SEG + c) * BT
         back = t0.to(tl.int64)
-        _prepare_chunk_at(q, k, v, g, beta, sw, su, skd, sg, sa, scale, T, pid, back, t0, i_h, i_hk,
-                          H, HK, K, V, BT, BC, BK, BV, GW, GATE_VEC, DT, PREC)
-
-
-@triton.jit
-def _prepare_chunk_at(q, k, v, g, beta, sw, su, skd, sg, sa, scale, T, pid, back, t0, i_h, i_hk,
-                      H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      GW: tl.constexpr, GATE_VEC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """One chunk: inputs at head i_h of the sequence, outputs at program pid's scratch (rows shifted)."""
-    linear._prepare_chunk(
-        q + i_hk * K, k + i_hk * K, v + i_h * V, g + i_h * GW, beta + i_h,
-        sw + pid * (BT * H * K) + i_h * K - back * (H * K),
-        su + pid * (BT * H * V) + i_h * V - back * (H * V),
-        skd + pid * (BT * H * K) + i_h * K - back * (H * K),
-        sg + pid * (BT * H * GW) + i_h * GW - back * (H * GW),
-        sa + pid * (BT * H * BT) + i_h * BT - back * (H * BT),
-        t0, T, scale, H, HK, K, V, BT, BC, BK, BV, GATE_VEC, DT, PREC,
-    )
+        linear._prepare_chunk(
+            q + i_hk * K, k + i_hk * K, v + i_h * V, g + i_h * GW, beta + i_h,
+            sw + pid * (BT * H * K) + i_h * K - back * (H * K),
+            su + pid * (BT * H * V) + i_h * V - back * (H * V),
+            skd + pid * (BT * H * K) + i_h * K - back * (H * K),
+            sg + pid * (BT * H * GW) + i_h * GW - back * (H * GW),
+            sa + pid * (BT * H * BT) + i_h * BT - back * (H * BT),
+            t0, T, scale, H, HK, K, V, BT, BC, BK, BV, GATE_VEC, DT, PREC,
+        )
 
 
 def make(op: str, t: int, h: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -160,17 +150,32 @@ def cpu_smoke() -> None:
             raise SystemExit(f"{op}: the chained prepare differs from the production prepare ({worst:.2e})")
 
 
+def _counts(text: str, flag: str) -> list[int]:
+    """A comma list of positive integers (argparse type for --seg / --segments)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag}: expected a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{flag}: expected positive integers, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", default="gdn", choices=("gdn", "kda"))
-    ap.add_argument("--seg", default="1,8,32", help="chunks per program, comma list")
-    ap.add_argument("--segments", default="8,16,32", help="segments per head, comma list (programs: x H)")
-    ap.add_argument("--warps", type=int, default=linear.PREP_SINGLE_WARPS["scalar"])
+    ap.add_argument("--seg", default="1,8,32", type=lambda x: _counts(x, "--seg"),
+                    help="chunks per program, comma list")
+    ap.add_argument("--segments", default="8,16,32", type=lambda x: _counts(x, "--segments"),
+                    help="segments per head, comma list (programs: x H)")
+    ap.add_argument("--warps", type=int, default=linear.PREP_SINGLE_WARPS["scalar"], choices=(1, 2, 4, 8))
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args(argv)
+    if args.heads < 1 or not 16 <= args.head_dim <= 256:
+        ap.error(f"--heads must be positive and --head-dim in 16..256, got {args.heads}, {args.head_dim}")
     if args.cpu_smoke:
         cpu_smoke()
         return []
@@ -187,8 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     name = torch.cuda.get_device_name()
     print(f"device: {name}; {args.op}, H = {args.heads}, D = {args.head_dim}, bf16, {args.warps} warps")
-    for segments in (int(x) for x in args.segments.split(",")):
-        for seg in (int(x) for x in args.seg.split(",")):
+    for segments in args.segments:
+        for seg in args.seg:
             t = segments * seg * linear.CHUNK
             xs = make(args.op, t, args.heads, args.head_dim, torch.bfloat16, "cuda")
             run, _ = chain(xs, args.op, seg, segments, args.warps)
@@ -210,4 +215,3 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -460,11 +460,11 @@ def _triton_backward(gate, q, k, v, g, beta, scale, initial_state, do, dht, cu_s
     with torch.no_grad():
         _, _, states = _forward(q, k, v, g, beta, None, scale, initial_state, False, cu_seqlens, gate,
                                 keep=inter, output=False, saved=saved)
+    do = do.contiguous().to(q.dtype)  # once: _state_grads' own conversion is then a no-op
     # dS' and dv' in the inputs' dtype, as the states: their consumers' tensor-core products round to it
     dstates, dvn, dh0 = _state_grads(q, k, do, dht, scale, inter, cu_seqlens, layout, gate, n_seq, n_chunks,
                                      need_dh0, q.dtype)
     gcum, idx = inter["gcum"], layout[1]
-    do = do.contiguous().to(q.dtype)
     dq, dk, dv, dbeta, dG, dAq, dA = bwd_local(q, k, v, beta, gcum, inter["xa"], inter["w"], inter["u"],
                                                inter["vn"], states, do, dstates, dvn, scale, cu_seqlens, gate,
                                                chunk_indices=idx if varlen else None, dv_dtype=v.dtype)
