@@ -14,6 +14,9 @@ tests are dealt round-robin over the processes in collection order, so each gets
 file. Prints each process's pytest summary line and the failures; exits non-zero when a process
 failed, errored or ran past ``--timeout`` seconds (its log keeps what it printed). No GPU here: the
 tests are collected and reported as skipped, which is how the CPU suite checks this script.
+
+Tests also marked ``bigmem`` (each needs most of the GPU's memory: two processes beside one ran out of
+it on an H100) run after the others, alone, in one more process (log ``gpu_bigmem.txt``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 _SUMMARY = re.compile(r"\d+ (passed|failed|skipped|error|errors|deselected)\b")
 
 
-def collect(pytest_args: list[str]) -> list[str]:
-    """Node ids of the gpu-marked tests that ``pytest_args`` select (collection only)."""
-    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+def collect(pytest_args: list[str], marks: str = "gpu") -> list[str]:
+    """Node ids of the tests that ``pytest_args`` and the marker expression select (collection only)."""
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", marks,
            *pytest_args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     ids = [line.strip() for line in proc.stdout.splitlines() if "::" in line and not line.startswith(" ")]
@@ -56,13 +59,13 @@ def summary_line(log: str) -> str:
     return lines[-1] if lines else "(no pytest summary: see the log)"
 
 
-def run(shards: list[list[str]], timeout: float, logs: Path) -> int:
+def run(shards: list[list[str]], timeout: float, logs: Path, name: str = "gpu_shard") -> int:
     """Run one pytest process per shard at once; print each one's summary; 0 when all passed."""
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     t0 = time.monotonic()
     for i, ids in enumerate(shards):
-        log = logs / f"gpu_shard{i}.txt"
+        log = logs / (f"{name}{i}.txt" if len(shards) > 1 or name == "gpu_shard" else f"{name}.txt")
         fh = open(log, "w")  # noqa: SIM115 - closed below, after the process ends
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *ids]
         procs.append((i, log, fh, subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)))
@@ -81,7 +84,7 @@ def run(shards: list[list[str]], timeout: float, logs: Path) -> int:
         text = log.read_text(errors="replace")
         if rc not in (0, 5) and not status.startswith("killed"):
             bad += 1
-        print(f"shard {i} ({len(shards[i])} tests, {status}): {summary_line(text)}  [{log}]")
+        print(f"{name} {i} ({len(shards[i])} tests, {status}): {summary_line(text)}  [{log}]")
         for line in text.splitlines():
             if line.startswith(("FAILED", "ERROR")):
                 print(f"  {line}")
@@ -99,13 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0:
         ap.error(f"--timeout must be positive, got {args.timeout}")
     try:
-        shards = deal(collect(pytest_args or ["tests"]), args.processes)
+        shards = deal(collect(pytest_args or ["tests"], "gpu and not bigmem"), args.processes)
     except ValueError as e:
         ap.error(str(e))
-    if not shards:
+    big = collect(pytest_args or ["tests"], "gpu and bigmem")
+    if not shards and not big:
         print("gpu_shards: no gpu test selected")
         return 0
-    return run(shards, args.timeout, Path(args.logs))
+    t0, rc = time.monotonic(), 0
+    if shards:
+        rc = run(shards, args.timeout, Path(args.logs))
+    if big:
+        left = args.timeout - (time.monotonic() - t0)
+        if left <= 0:
+            print(f"gpu_bigmem: {len(big)} tests not run: the timeout was spent")
+            return 1
+        rc = max(rc, run([big], left, Path(args.logs), name="gpu_bigmem"))
+    return rc
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the CPU, where the selected gpu tests are collected and skipped."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -40,3 +41,19 @@ def test_a_process_past_the_timeout_fails_the_run(tmp_path, capsys):
     rc = gpu_shards.run([["tests/test_kernels_absorb.py"]], timeout=0.2, logs=tmp_path)
     out = capsys.readouterr().out
     assert rc == 1 and "killed after" in out
+
+
+def test_bigmem_tests_run_alone_after_the_others(tmp_path, capsys):
+    """A bigmem-marked gpu test is not dealt into the parallel shards: it runs after them, in a process
+    of its own (two processes beside the 2^31-element state test ran out of an H100's memory)."""
+    sel = ["tests/test_kernels_linear.py", "-k", "past_2_31 or test_gpu_varlen or forward_fp32"]
+    rc = gpu_shards.main(["-n", "2", "--logs", str(tmp_path), *sel])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    others = gpu_shards.collect(sel, "gpu and not bigmem")
+    assert len(others) > 1 and not any("past_2_31" in i for i in others)
+    dealt = sum(int(m) for m in re.findall(r"gpu_shard \d \((\d+) tests", out))
+    assert dealt == len(others) and "gpu_bigmem 0 (1 tests" in out, out
+    logs = sorted(p.name for p in tmp_path.iterdir())
+    assert logs == ["gpu_bigmem.txt", "gpu_shard0.txt", "gpu_shard1.txt"]
+    assert gpu_shards.summary_line((tmp_path / "gpu_bigmem.txt").read_text()).startswith("1 skipped")

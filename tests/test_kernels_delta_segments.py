@@ -434,6 +434,7 @@ def test_gpu_bf16_weak_gates_error_not_worse(op):
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem
 def test_gpu_states_past_2_31_elements():
     """576K tokens, 16 heads, 128x128: the per-chunk states hold 4.7e9 elements (64-bit offsets);
     the segmented forward equals the single pass."""

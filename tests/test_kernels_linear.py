@@ -453,6 +453,7 @@ def test_gpu_varlen(poisoned):
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem
 def test_gpu_lightning_states_past_2_31_elements():
     """The per-chunk states of a 576K-token, 16-head, 128×128 sequence hold 4.7e9 elements: their
     offsets need 64 bits (an int32 chunk offset crashed lightning at 1M tokens in the H200 cost
