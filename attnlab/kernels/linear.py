@@ -71,7 +71,7 @@ DELTA_SEGMENTED = True  # GDN/KDA state pass: kernels/delta_segments.py (False: 
 # H100, B = 1, H = 16, D = 128, bf16, whole forward, interleaved, best of 3 (benchmarks/RESULTS.md):
 # KDA 16K 2.054 ms (single) -> 1.265 (split, two launches), 64K 8.155 -> 4.841; steep gates (x 30) 16K
 # 1.997 -> 1.779. GDN 16K 0.758 (single) vs 0.830 (split, fused) / 0.893 (two launches), 64K 2.857 vs
-# 3.163 / 3.468: GDN keeps the single kernel (it spills little: 200 bytes at 2 warps).
+# 3.163 / 3.468: GDN keeps the single kernel (since the tenth session it does not spill at 2 warps).
 PREP_SPLIT: dict[str, bool] = {"scalar": False, "vector": True}
 # with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel);
 # "scalar" applies only when GDN is switched to the split form
@@ -98,15 +98,18 @@ OUT_TUNING: dict[str, dict[str, int]] = {
 # Without PREP_SPLIT: PREP_SINGLE_WARPS.
 # sm_90 (registers, stack bytes per thread) at H = HK = 16, D_k = D_v = 128, bf16, pointers and T
 # 16-divisible as at a real launch (tests/test_kernels_linear.py::test_prepare_compiles_for_sm90):
-# (Triton 3.9; the numbers in [] are from before the 4x4-block inverse, the ninth session's)
-#   single _prepare_kernel     KDA 2 warps (255, 1928) [4 warps (255, 1136)]
-#                              GDN 2 warps (255, 288),  4 warps (255, 0)
+# (Triton 3.9; the numbers in [] are from before the 4x4-block inverse, the ninth session's; the
+# single kernel's are with w, u as 64-row products, the tenth session's: before it, KDA 2 warps
+# (255, 1928), GDN 2 warps (255, 288), 4 warps (255, 0))
+#   single _prepare_kernel     KDA 2 warps (255, 1832), 4 warps (255, 1024)
+#                              GDN 2 warps (255, 0),  4 warps (219, 0)
 #     [without the 16-divisibility: KDA 2 warps (168, 5224), 4 (255, 2296); GDN 2 (255, 1784)]
-#   _kkt_inv_kernel            KDA 8 warps BK 32, maxnreg 128: (127, 0)  [uncapped (162, 0); 4 warps
-#                                (250, 0); BK 64 at 8 warps (250, 0)]
-#                              GDN 8 warps BK 64: (121, 0)  [4 warps (168, 0)]
-#   _kkt_inv_kernel + w, u, kd KDA 8 warps, maxnreg 128: (128, 24), uncapped (177, 0)
-#     (FUSE_WU)                GDN 8 warps, maxnreg 128: (121, 0), uncapped (160, 0)  [4 warps (240, 0)]
+#   _kkt_inv_kernel            KDA 8 warps BK 32, maxnreg 128: (128, 0)  [uncapped (162, 0); 4 warps
+#                                (250, 0); BK 64 at 8 warps (250, 0)]; since A's blocks are split off
+#                                in registers (tenth session) uncapped (171, 0)
+#                              GDN 8 warps BK 64: (114, 0)  [4 warps (168, 0)]
+#   _kkt_inv_kernel + w, u, kd KDA 8 warps, maxnreg 128: (128, 24), uncapped (172, 0)
+#     (FUSE_WU)                GDN 8 warps, maxnreg 128: (121, 0), uncapped (121, 0)  [4 warps (240, 0)]
 #   _wu_kernel                 KDA 8 warps 1 stage (71, 0), 3 stages (102, 0); 4 warps (128 / 168, 0)
 #                              GDN 8 warps 1 stage (70, 0), 3 stages (80, 0);  4 warps (104 / 144, 0)
 # 8 warps and at most 128 registers: two 8-warp programs share an SM (16 warps resident; the
@@ -167,6 +170,47 @@ def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
 def _mm32(a, b):
     """a @ b in full fp32 (the small blocks of the triangular solve)."""
     return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _cat_cols(a, b):
+    """[R, C], [R, C] register tiles side by side: [R, 2C]."""
+    R: tl.constexpr = a.shape[0]
+    C: tl.constexpr = a.shape[1]
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [R, 2 * C])
+
+
+@triton.jit
+def _cat_rows(a, b):
+    """[R, C], [R, C] register tiles one above the other: [2R, C]."""
+    R: tl.constexpr = a.shape[0]
+    C: tl.constexpr = a.shape[1]
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), [2 * R, C])
+
+
+@triton.jit
+def _split_rows(x):
+    """[2R, C] register tile -> its top and bottom [R, C] halves."""
+    R2: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, [2, R2 // 2, C]), (1, 2, 0)))
+
+
+@triton.jit
+def _split_cols(x):
+    """[R, 2C] register tile -> its left and right [R, C] halves."""
+    R: tl.constexpr = x.shape[0]
+    C2: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, [R, 2, C2 // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _quarters(x):
+    """[2R, 2C] register tile -> its [R, C] blocks: top-left, top-right, bottom-left, bottom-right."""
+    top, bot = _split_rows(x)
+    a, b = _split_cols(top)
+    c, d = _split_cols(bot)
+    return a, b, c, d
 
 
 @triton.jit
@@ -471,50 +515,33 @@ def _prepare_chunk(
     x31 = -_mm32(i3, _mm32(a31, i1) + _mm32(a32, x21))
     x30 = -_mm32(i3, _mm32(a30, i0) + _mm32(a31, x10) + _mm32(a32, x20))
 
-    # w = X (β K ⊙ Γ), and k decayed to the chunk end, kd = K ⊙ Γ_C/Γ, for the state update
+    # X as one [BT, BT] tile, so that w = X (β K ⊙ Γ) and u = X (β V) are one BT-row product per
+    # channel block (sixteen-row products, ten per block, took 4% longer at 16K on an H100 and
+    # spilled 288 bytes a thread); kd = K ⊙ Γ_C/Γ, k decayed to the chunk end, for the state update
+    z = tl.zeros([BC, BC], dtype=tl.float32)
+    xt = _cat_rows(_cat_rows(_cat_cols(_cat_cols(i0, z), _cat_cols(z, z)),
+                             _cat_cols(_cat_cols(x10, i1), _cat_cols(z, z))),
+                   _cat_rows(_cat_cols(_cat_cols(x20, x21), _cat_cols(i2, z)),
+                             _cat_cols(_cat_cols(x30, x31), _cat_cols(x32, i3)))).to(DT)
+    bb = _vec(b_p, t0, n, H, BT)[:, None]
+    if not GATE_VEC:
+        Gv = _vec(G_p, t0, n, H, BT)[:, None]
     for i_k in range(0, tl.cdiv(K, BK)):
         c0 = i_k * BK
-        k0 = _tile(k_p, t0, n, HK * K, c0, K, BC, BK).to(tl.float32)
-        k1 = _tile(k_p, r1, n, HK * K, c0, K, BC, BK).to(tl.float32)
-        k2 = _tile(k_p, r2, n, HK * K, c0, K, BC, BK).to(tl.float32)
-        k3 = _tile(k_p, r3, n, HK * K, c0, K, BC, BK).to(tl.float32)
+        kt = _tile(k_p, t0, n, HK * K, c0, K, BT, BK).to(tl.float32)
         if GATE_VEC:
-            G0 = _tile(G_p, t0, n, H * K, c0, K, BC, BK)
-            G1 = _tile(G_p, r1, n, H * K, c0, K, BC, BK)
-            G2 = _tile(G_p, r2, n, H * K, c0, K, BC, BK)
-            G3 = _tile(G_p, r3, n, H * K, c0, K, BC, BK)
+            G = _tile(G_p, t0, n, H * K, c0, K, BT, BK)
             cols = c0 + tl.arange(0, BK)
             Gl = tl.load(G_p + last * H * K + cols, mask=cols < K, other=0.0)[None, :]
         else:
-            G0, G1, G2, G3 = gs0[:, None], gs1[:, None], gs2[:, None], gs3[:, None]
+            G = Gv
             Gl = G_last
-        _store_tile(kd_p, k0 * tl.exp(Gl - G0), t0, n, H * K, c0, K, BC, BK)
-        _store_tile(kd_p, k1 * tl.exp(Gl - G1), r1, n, H * K, c0, K, BC, BK)
-        _store_tile(kd_p, k2 * tl.exp(Gl - G2), r2, n, H * K, c0, K, BC, BK)
-        _store_tile(kd_p, k3 * tl.exp(Gl - G3), r3, n, H * K, c0, K, BC, BK)
-        y0 = k0 * tl.exp(G0) * b0[:, None]
-        y1 = k1 * tl.exp(G1) * b1[:, None]
-        y2 = k2 * tl.exp(G2) * b2[:, None]
-        y3 = k3 * tl.exp(G3) * b3[:, None]
-        _store_tile(w_p, _mm(i0, y0, DT, PREC), t0, n, H * K, c0, K, BC, BK)
-        _store_tile(w_p, _mm(x10, y0, DT, PREC) + _mm(i1, y1, DT, PREC), r1, n, H * K, c0, K, BC, BK)
-        _store_tile(w_p, _mm(x20, y0, DT, PREC) + _mm(x21, y1, DT, PREC) + _mm(i2, y2, DT, PREC),
-                    r2, n, H * K, c0, K, BC, BK)
-        _store_tile(w_p, _mm(x30, y0, DT, PREC) + _mm(x31, y1, DT, PREC) + _mm(x32, y2, DT, PREC)
-                    + _mm(i3, y3, DT, PREC), r3, n, H * K, c0, K, BC, BK)
-    # u = X (β V)
+        _store_tile(kd_p, kt * tl.exp(Gl - G), t0, n, H * K, c0, K, BT, BK)
+        _store_tile(w_p, _mm(xt, kt * tl.exp(G) * bb, DT, PREC), t0, n, H * K, c0, K, BT, BK)
     for i_v in range(0, tl.cdiv(V, BV)):
         c0 = i_v * BV
-        y0 = _tile(v_p, t0, n, H * V, c0, V, BC, BV).to(tl.float32) * b0[:, None]
-        y1 = _tile(v_p, r1, n, H * V, c0, V, BC, BV).to(tl.float32) * b1[:, None]
-        y2 = _tile(v_p, r2, n, H * V, c0, V, BC, BV).to(tl.float32) * b2[:, None]
-        y3 = _tile(v_p, r3, n, H * V, c0, V, BC, BV).to(tl.float32) * b3[:, None]
-        _store_tile(u_p, _mm(i0, y0, DT, PREC), t0, n, H * V, c0, V, BC, BV)
-        _store_tile(u_p, _mm(x10, y0, DT, PREC) + _mm(i1, y1, DT, PREC), r1, n, H * V, c0, V, BC, BV)
-        _store_tile(u_p, _mm(x20, y0, DT, PREC) + _mm(x21, y1, DT, PREC) + _mm(i2, y2, DT, PREC),
-                    r2, n, H * V, c0, V, BC, BV)
-        _store_tile(u_p, _mm(x30, y0, DT, PREC) + _mm(x31, y1, DT, PREC) + _mm(x32, y2, DT, PREC)
-                    + _mm(i3, y3, DT, PREC), r3, n, H * V, c0, V, BC, BV)
+        y = _tile(v_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32) * bb
+        _store_tile(u_p, _mm(xt, y, DT, PREC), t0, n, H * V, c0, V, BT, BV)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +670,8 @@ def _kkt_inv_kernel(
     FUSE_WU: tl.constexpr,
 ):
     """Per chunk and head: gcum, A (β-scaled, strictly lower), aqk (per-channel gate: scale · gated
-    q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa (fp32, [.., BT] per token row, as aqk); with
+    q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa ([.., BT] per token row, as aqk; both float32, or
+    the input dtype where only this forward reads them: they enter products in that dtype); with
     FUSE_WU also w, u, kd (_wu_chunk, BKW channels per step), which then re-reads X, k and gcum
     from this program's own recent writes and loads (cache hits) instead of DRAM."""
     i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
@@ -694,22 +722,23 @@ def _kkt_inv_kernel(
         low = rr[:, None] > rr[None, :]
         A *= tl.exp(tl.where(low, gs[:, None] - gs[None, :], 0.0))  # exponent masked before exp
     b = _vec(beta + bos * H + i_h, t0, n, H, BT)
-    A = tl.where(rr[:, None] > rr[None, :], A * b[:, None], 0.0)
-    _cstore(x_p, A, t0, n, H * BT, 0, BT, BT, BT)
-    tl.debug_barrier()  # the solve reads A back in 16×16 blocks
+    A = tl.where((rr[:, None] > rr[None, :]) & (rr < n_in)[:, None], A * b[:, None], 0.0)  # rows past n: 0
+    # A's 16×16 blocks, split off in registers (A went through xa and back before: a float32 round
+    # trip that also kept xa float32 where X itself is only needed in the input dtype)
+    q00, _q01, q10, q11 = _quarters(A)
+    d0, _u0, a10, d1 = _quarters(q00)
+    a20, a21, a30, a31 = _quarters(q10)
+    d2, _u1, a32, d3 = _quarters(q11)
 
     r1, r2, r3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
-    a10 = _ctile(x_p, r1, n, H * BT, 0, BT, BC, BC)
-    a20 = _ctile(x_p, r2, n, H * BT, 0, BT, BC, BC)
-    a21 = _ctile(x_p, r2, n, H * BT, BC, BT, BC, BC)
-    a30 = _ctile(x_p, r3, n, H * BT, 0, BT, BC, BC)
-    a31 = _ctile(x_p, r3, n, H * BT, BC, BT, BC, BC)
-    a32 = _ctile(x_p, r3, n, H * BT, 2 * BC, BT, BC, BC)
-    d0 = _ctile(x_p, t0, n, H * BT, 0, BT, BC, BC)
-    d1 = _ctile(x_p, r1, n, H * BT, BC, BT, BC, BC)
-    d2 = _ctile(x_p, r2, n, H * BT, 2 * BC, BT, BC, BC)
-    d3 = _ctile(x_p, r3, n, H * BT, 3 * BC, BT, BC, BC)
-    tl.debug_barrier()  # every block of A is read before X overwrites it
+    # X's zero blocks above the diagonal (its readers load whole rows)
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    _cstore(x_p, zero, t0, n, H * BT, BC, BT, BC, BC)
+    _cstore(x_p, zero, t0, n, H * BT, 2 * BC, BT, BC, BC)
+    _cstore(x_p, zero, t0, n, H * BT, 3 * BC, BT, BC, BC)
+    _cstore(x_p, zero, r1, n, H * BT, 2 * BC, BT, BC, BC)
+    _cstore(x_p, zero, r1, n, H * BT, 3 * BC, BT, BC, BC)
+    _cstore(x_p, zero, r2, n, H * BT, 3 * BC, BT, BC, BC)
     # _prepare_kernel's block merge, each block stored as soon as it is made and each diagonal inverse
     # made where it is first needed: computing all of them first spilled 16-40 bytes per thread
     # under the 128-register cap (sm_90)
@@ -746,7 +775,7 @@ def _wu_chunk(k_p, v_p, b_p, G_p, x_p, w_p, u_p, kd_p, t0, n, H: tl.constexpr, H
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               GATE_VEC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """One chunk and head: w = X (β K ⊙ Γ), u = X (β V), kd = K ⊙ Γ_C/Γ, with X [BT, BT] read from
-    x_p (fp32, row stride H·BT) and G from G_p (gcum); pointers at this sequence's row 0 and head."""
+    x_p (row stride H·BT) and G from G_p (gcum); pointers at this sequence's row 0 and head."""
     last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)  # last token of this chunk
     X = _ctile(x_p, t0, n, H * BT, 0, BT, BT, BT).to(DT)  # [BT, BT]
     b = _vec(b_p, t0, n, H, BT)[:, None]
@@ -1077,10 +1106,11 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
     return idx, torch.tensor(offsets, dtype=torch.int32, device=dev)
 
 
-def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None, xa=None):
+def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None, xa=None,
+             x_dtype=torch.float32):
     """The per-chunk preparation of the delta rule into w, u, kd, gcum (and aqk for gate 2): the split
     kernels (`split`, by default PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and
-    the chunk table (any tensor when not varlen). Returns the split kernels' X = (I + A)⁻¹ (float32
+    the chunk table (any tensor when not varlen). Returns the split kernels' X = (I + A)⁻¹ (x_dtype
     [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), or None from the single kernel.
     Given xa (X from an earlier call, with its gcum and aqk), only w, u, kd are made (_wu_kernel)."""
     b, t, hk, d_k = q.shape
@@ -1105,7 +1135,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
             GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=PREP_SINGLE_WARPS[kind],
         )
         return None
-    xa = _empty(b, t, h, CHUNK, dtype=torch.float32, device=q.device)  # A, then X = (I + A)⁻¹, per row
+    xa = _empty(b, t, h, CHUNK, dtype=x_dtype, device=q.device)  # X = (I + A)⁻¹, per row
     _kkt_inv_kernel[grid](
         q, k, v, g, beta, gcum, aqk, xa, w, u, kd, cu, idx, scale, t,
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
@@ -1163,16 +1193,20 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
         kd = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         u = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
         vn = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
+        # X and aqk enter their products in the input dtype: stored so, unless the backward (keep)
+        # reads them in float32
+        inter_dt = q.dtype if keep is None else torch.float32
         if saved is not None:
             gcum, aqk, xa = saved["gcum"], saved["aqk"] if gate == 2 else o, saved["xa"]
         else:
             gcum = _empty(*g.shape, dtype=torch.float32, device=dev)
             if gate == 2:
-                aqk = _empty(b, t, h, CHUNK, dtype=torch.float32, device=dev)
+                aqk = _empty(b, t, h, CHUNK, dtype=inter_dt, device=dev)
             xa = None
         if n_chunks > 0:
             xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate,
-                          split=True if keep is not None else None, xa=xa)
+                          split=True if keep is not None else None, xa=xa,
+                          x_dtype=inter_dt)
         if keep is not None:
             keep.update(w=w, u=u, kd=kd, vn=vn, gcum=gcum, aqk=aqk if gate == 2 else None, xa=xa)
     kind = ("lightning", "scalar", "vector")[gate]
