@@ -379,10 +379,12 @@ def test_prepare_compiles_for_sm90(op, fused):
     common = dict(H=16, HK=16, K=128, V=128, BT=linear.CHUNK, GATE_VEC=op == "kda", IS_VARLEN=False,
                   DT=tl.bfloat16, PREC="tf32")
     ptr_types = dict(q="*bf16", k="*bf16", v="*bf16", w="*bf16", u="*bf16", kd="*bf16", beta="*bf16",
-                     g="*fp32", gcum="*fp32", aqk="*fp32", xa="*fp32", cu_seqlens="*i32",
+                     g="*fp32", gcum="*fp32", aqk="*bf16", xa="*bf16", qg="*bf16", cu_seqlens="*i32",
                      chunk_indices="*i32")
+    # as an inference forward launches it: X and aqk in bf16, and KDA's q ⊙ e^G stored (STORE_QG)
     launches = [(linear._kkt_inv_kernel, dict(common, BC=linear.SUB, BK=cfg["BK"], BKW=64, BV=64,
-                                              SPAN=linear._span(torch.bfloat16), FUSE_WU=fused),
+                                              SPAN=linear._span(torch.bfloat16), FUSE_WU=fused,
+                                              STORE_QG=op == "kda"),
                  dict(num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"]))]
     if not fused:
         launches.append((linear._wu_kernel, dict(common, BK=64, BV=64),

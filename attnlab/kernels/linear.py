@@ -663,11 +663,11 @@ def _place_seg(acc, seg, BT: tl.constexpr, MIN_SEG: tl.constexpr):
 
 @triton.jit
 def _kkt_inv_kernel(
-    q, k, v, g, beta, gcum, aqk, xa, w, u, kd, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, g, beta, gcum, aqk, xa, w, u, kd, qg, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BC: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr, GATE_VEC: tl.constexpr,
     IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr,
-    FUSE_WU: tl.constexpr,
+    FUSE_WU: tl.constexpr, STORE_QG: tl.constexpr,
 ):
     """Per chunk and head: gcum, A (β-scaled, strictly lower), aqk (per-channel gate: scale · gated
     q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa ([.., BT] per token row, as aqk; both float32, or
@@ -695,6 +695,8 @@ def _kkt_inv_kernel(
             tl.debug_barrier()  # _gated_kkt reads the segments' middle rows of G back
             kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK)
             qb = _ctile(q_p, t0, n, HK * K, c0, K, BT, BK)
+            if STORE_QG:  # q ⊙ e^G for the output kernel, which would read G (float32) for it
+                _cstore(qg + (bos * H + i_h) * K, qb.to(tl.float32) * tl.exp(G), t0, n, H * K, c0, K, BT, BK)
             A, Aq, done = _gated_kkt(A, Aq, kb, qb, G, G_p, H * K, t0, n_in, c0, K, BT, BK, 4, DT, PREC, SPAN)
             steep = steep | ((1 - done) << i_k)
         if steep != 0:  # a log-gate below ~−7 per token: elementwise inside 4-token segments
@@ -893,12 +895,14 @@ def _state_kernel(
 
 @triton.jit
 def _output_kernel(
-    q, k, vn, gcum, aqk, slope, h, o, cu_seqlens, chunk_indices, scale, T,
+    q, k, vn, gcum, aqk, qg, slope, h, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    QG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """o = scale (Q ⊙ Γ) h[c] + (scale · masked gated Q Kᵀ) v' for one chunk c and D_v block."""
+    """o = scale (Q ⊙ Γ) h[c] + (scale · masked gated Q Kᵀ) v' for one chunk c and D_v block (QG,
+    per-channel gate: Q ⊙ Γ read from qg, as the split prepare stored it in the input dtype, the
+    dtype the product takes it in; otherwise made here from q and gcum)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_VARLEN:
         i_b = tl.load(chunk_indices + 2 * i_c)
@@ -915,17 +919,21 @@ def _output_kernel(
     rt = tl.arange(0, BT)
     valid = t0 + rt < n
 
-    b_q = _tile(q + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
     b_vn = _tile(vn + (bos * H + i_h) * V, t0, n, H * V, c0, V, BT, BV)
     b_h = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
                   mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
     causal = (rt[:, None] >= rt[None, :]) & valid[:, None]
     if GATE == 2:
-        b_G = _tile(gcum + (bos * H + i_h) * K, t0, n, H * K, 0, K, BT, BK)
-        b_o = _mm(b_q.to(tl.float32) * tl.exp(b_G), b_h, DT, PREC) * scale
+        if QG:
+            b_o = _mm(_tile(qg + (bos * H + i_h) * K, t0, n, H * K, 0, K, BT, BK), b_h, DT, PREC) * scale
+        else:
+            b_q = _tile(q + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
+            b_G = _tile(gcum + (bos * H + i_h) * K, t0, n, H * K, 0, K, BT, BK)
+            b_o = _mm(b_q.to(tl.float32) * tl.exp(b_G), b_h, DT, PREC) * scale
         b_a = _tile(aqk + (bos * H + i_h) * BT, t0, n, H * BT, 0, BT, BT, BT)
         b_a = tl.where(causal, b_a, 0.0)
     else:
+        b_q = _tile(q + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
         if GATE == 0:
             b_G = -tl.load(slope + i_h).to(tl.float32) * (rt + 1).to(tl.float32)
         else:
@@ -1107,12 +1115,13 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
 
 
 def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None, xa=None,
-             x_dtype=torch.float32):
+             x_dtype=torch.float32, qg=None):
     """The per-chunk preparation of the delta rule into w, u, kd, gcum (and aqk for gate 2): the split
     kernels (`split`, by default PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and
     the chunk table (any tensor when not varlen). Returns the split kernels' X = (I + A)⁻¹ (x_dtype
     [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), or None from the single kernel.
-    Given xa (X from an earlier call, with its gcum and aqk), only w, u, kd are made (_wu_kernel)."""
+    Given xa (X from an earlier call, with its gcum and aqk), only w, u, kd are made (_wu_kernel).
+    qg (per-channel gate, split kernels): also q ⊙ e^{gcum} there, [B, T, H, D_k] in q's dtype."""
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
     dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
@@ -1137,10 +1146,10 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
         return None
     xa = _empty(b, t, h, CHUNK, dtype=x_dtype, device=q.device)  # X = (I + A)⁻¹, per row
     _kkt_inv_kernel[grid](
-        q, k, v, g, beta, gcum, aqk, xa, w, u, kd, cu, idx, scale, t,
+        q, k, v, g, beta, gcum, aqk, xa, w, u, kd, w if qg is None else qg, cu, idx, scale, t,
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
         BKW=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
-        FUSE_WU=PREP_FUSED[kind], num_warps=cfg["num_warps"],
+        FUSE_WU=PREP_FUSED[kind], STORE_QG=qg is not None, num_warps=cfg["num_warps"],
         maxnreg=cfg.get("maxnreg") if q.dtype != torch.float32 else None,  # fp32's FMA products need more
     )
     if not PREP_FUSED[kind]:
@@ -1188,6 +1197,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
     h0 = initial_state.float().contiguous() if initial_state is not None else o
     states = _empty(max(n_chunks, 1), h, d_k, d_v, dtype=q.dtype, device=dev)  # state entering each chunk
     w = u = kd = gcum = aqk = vn = o  # placeholders for arguments a kernel does not read
+    qg = None  # q ⊙ e^{gcum} from the split prepare (per-channel gate), read by the output kernel
     if gate != 0:
         w = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         kd = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
@@ -1203,10 +1213,12 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
             if gate == 2:
                 aqk = _empty(b, t, h, CHUNK, dtype=inter_dt, device=dev)
             xa = None
+        split = True if keep is not None else None
+        if output and gate == 2 and saved is None and (split or PREP_SPLIT["vector"]):  # the split prepare
+            qg = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         if n_chunks > 0:
-            xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate,
-                          split=True if keep is not None else None, xa=xa,
-                          x_dtype=inter_dt)
+            xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=split,
+                          xa=xa, x_dtype=inter_dt, qg=qg)
         if keep is not None:
             keep.update(w=w, u=u, kd=kd, vn=vn, gcum=gcum, aqk=aqk if gate == 2 else None, xa=xa)
     kind = ("lightning", "scalar", "vector")[gate]
@@ -1232,8 +1244,9 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
     if n_chunks > 0:
         launch_fitting(
             _output_kernel, (triton.cdiv(d_v, bv), n_chunks, h),
-            q, k, v if gate == 0 else vn, gcum, aqk, slope if slope is not None else o, states, o, cu, idx,
-            scale, t, H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, IS_VARLEN=varlen,
+            q, k, v if gate == 0 else vn, gcum, aqk, o if qg is None else qg,
+            slope if slope is not None else o, states, o, cu, idx, scale, t,
+            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, IS_VARLEN=varlen, QG=qg is not None,
             DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return o, (ht if output_final_state else None), states
