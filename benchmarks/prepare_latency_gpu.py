@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"  {segments * args.heads:4d} programs x {seg:3d} chunks (T = {t:6d}): chained "
                   f"{ms:.4f} ms = {ms * 1e3 / seg:6.2f} us per chunk step; production prepare {pms:.4f} ms",
                   flush=True)
-            out = os.path.join(args.out, "prepare_latency_gpu.json")
-            atomic_write_json(out, {"device": name, "rows": rows})
+            # one file per op and width, so that a second invocation does not replace the first's rows
+            out = os.path.join(args.out, f"prepare_latency_gpu_{args.op}_w{args.warps}.json")
+            atomic_write_json(out, {"device": name, "warps": args.warps, "rows": rows})
             del xs
             torch.cuda.empty_cache()
     return rows
