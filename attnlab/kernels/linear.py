@@ -673,7 +673,8 @@ def _kkt_inv_kernel(
     q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa ([.., BT] per token row, as aqk; both float32, or
     the input dtype where only this forward reads them: they enter products in that dtype); with
     FUSE_WU also w, u, kd (_wu_chunk, BKW channels per step), which then re-reads X, k and gcum
-    from this program's own recent writes and loads (cache hits) instead of DRAM."""
+    from this program's own recent writes and loads (cache hits) instead of DRAM. STORE_QG
+    (per-channel gate): also q ⊙ e^G into qg, for the output kernel."""
     i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
     t0 = i_t * BT
     n_in = tl.minimum(n - t0, BT)
