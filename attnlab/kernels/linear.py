@@ -71,15 +71,8 @@ DELTA_SEGMENTED = True  # GDN/KDA state pass: kernels/delta_segments.py (False: 
 # H100, B = 1, H = 16, D = 128, bf16, whole forward, interleaved, best of 3 (benchmarks/RESULTS.md):
 # KDA 16K 2.054 ms (single) -> 1.265 (split, two launches), 64K 8.155 -> 4.841; steep gates (x 30) 16K
 # 1.997 -> 1.779. GDN 16K 0.758 (single) vs 0.830 (split, fused) / 0.893 (two launches), 64K 2.857 vs
-# 3.163 / 3.468: GDN kept the single kernel then. Tenth session, after X went to the input dtype and A's
-# blocks into registers (H100, CUDA graphs, interleaved, best of 3, whole forward, two calls): single
-# 0.744 / 2.735 ms at 16K / 64K; split + fused w, u, kd at 8 warps capped at 128 registers 0.740 /
-# 2.839, 4 warps uncapped 0.727 / 2.798, capped at 128 / 144 / 168 / 192: 0.755 / 2.930, 0.725 /
-# 2.771, 0.710 / 2.691, 0.727 / 2.801. So GDN's inference forward takes the split form at 4 warps and
-# 168 registers (three programs per SM; it parks 96 bytes a thread, which costs less than the fourth
-# program it would take to avoid). The training path and float32 inputs keep the 8-warp launch
-# ("scalar_train").
-PREP_SPLIT: dict[str, bool] = {"scalar": True, "vector": True}
+# 3.163 / 3.468: GDN keeps the single kernel (since the tenth session it does not spill at 2 warps).
+PREP_SPLIT: dict[str, bool] = {"scalar": False, "vector": True}
 # with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel);
 # "scalar" applies only when GDN is switched to the split form
 PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": False}
@@ -114,8 +107,7 @@ OUT_TUNING: dict[str, dict[str, int]] = {
 #   _kkt_inv_kernel            KDA 8 warps BK 32, maxnreg 128: (128, 0)  [uncapped (162, 0); 4 warps
 #                                (250, 0); BK 64 at 8 warps (250, 0)]; since A's blocks are split off
 #                                in registers (tenth session) uncapped (171, 0)
-#                              GDN 8 warps BK 64: (114, 0)  [4 warps (168, 0)]; fused, 4 warps capped
-#                                at 168 (the inference default): (168, 96) with X in bf16
+#                              GDN 8 warps BK 64: (114, 0)  [4 warps (168, 0)]
 #   _kkt_inv_kernel + w, u, kd KDA 8 warps, maxnreg 128: (128, 24), uncapped (172, 0)
 #     (FUSE_WU)                GDN 8 warps, maxnreg 128: (121, 0), uncapped (121, 0)  [4 warps (240, 0)]
 #   _wu_kernel                 KDA 8 warps 1 stage (71, 0), 3 stages (102, 0); 4 warps (128 / 168, 0)
@@ -127,11 +119,8 @@ OUT_TUNING: dict[str, dict[str, int]] = {
 # two steps, whose loads one stage already issues together; more stages only cost registers.
 # float32 inputs (products on FMA units, not tensor cores) go uncapped: (255, 160) KDA, (255, 280) GDN.
 PREP_TUNING: dict[str, dict[str, int]] = {
-    "scalar": {"num_warps": 4, "BK": 64, "maxnreg": 168, "wu_num_warps": 8, "wu_num_stages": 1},
+    "scalar": {"num_warps": 8, "BK": 64, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
     "vector": {"num_warps": 8, "BK": 32, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
-    # GDN's split prepare when the backward keeps X (float32), and for float32 inputs: the launch
-    # timed for training
-    "scalar_train": {"num_warps": 8, "BK": 64, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
 }
 PREP_SINGLE_WARPS = {"scalar": 2, "vector": 2}  # num_warps of _prepare_kernel (PREP_SPLIT = False)
 
@@ -1141,10 +1130,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     bv = min(64, max(16, triton.next_power_of_2(d_v)))
     grid = (idx.shape[0], h) if varlen else (triton.cdiv(t, CHUNK), b * h)
     kind = "vector" if gate == 2 else "scalar"
-    # GDN's split launch for training (X kept in float32) and for float32 inputs (FMA products: at 4
-    # warps an sm_90 build parks ~5.7 KB a thread) is the 8-warp one
-    train_shape = kind == "scalar" and (bool(split) or q.dtype == torch.float32)
-    cfg = PREP_TUNING["scalar_train" if train_shape else kind]
+    cfg = PREP_TUNING[kind]
     if xa is not None:
         _wu_kernel[grid](
             k, v, beta, gcum, xa, w, u, kd, cu, idx, t,
