@@ -11,10 +11,9 @@ kernel's work: gate cumsum, A, the 4x4-block inverse and merge, w, u, kd) over S
 chunks per program, P = segments x heads programs. Inputs come from HBM as usual. Outputs go to a
 scratch region of the program's own (the same rows for every chunk, so they stay in L2), so
 nothing but the inputs moves through DRAM. Per configuration it prints the time, the time per chunk
-step of one program (time / SEG), and, for comparison, the single prepare kernel as production
-launched it until the tenth session (``linear._prepare(split=False)``; since then GDN's 16-bit
-inference takes the split kernels) over the same tokens, one chunk per program, writing to HBM. The
-printout and JSON call it "production".
+step of one program (time / SEG), and, for comparison, the production prepare
+(``linear._prepare(split=False)``, GDN's single kernel) over the same tokens, one chunk per program,
+writing to HBM.
 
     python benchmarks/prepare_latency_gpu.py                 # GDN, H = 16, D = 128, bf16
     python benchmarks/prepare_latency_gpu.py --op kda --seg 8,32 --segments 8,16

@@ -72,6 +72,9 @@ DELTA_SEGMENTED = True  # GDN/KDA state pass: kernels/delta_segments.py (False: 
 # KDA 16K 2.054 ms (single) -> 1.265 (split, two launches), 64K 8.155 -> 4.841; steep gates (x 30) 16K
 # 1.997 -> 1.779. GDN 16K 0.758 (single) vs 0.830 (split, fused) / 0.893 (two launches), 64K 2.857 vs
 # 3.163 / 3.468: GDN keeps the single kernel (since the tenth session it does not spill at 2 warps).
+# Tenth session: with X in the input dtype, the split form at 4 warps capped at 168 registers timed
+# 0.710 / 2.691 against the single kernel's 0.744 / 2.735 (RESULTS.md); not the default until it has
+# passed the GPU tests and been timed beside fla in one run.
 PREP_SPLIT: dict[str, bool] = {"scalar": False, "vector": True}
 # with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel);
 # "scalar" applies only when GDN is switched to the split form
