@@ -1141,7 +1141,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
             DT=dt, PREC=prec, num_warps=cfg.get("wu_num_warps", 8), num_stages=cfg.get("wu_num_stages", 1),
         )
         return xa
-    if not (PREP_SPLIT[kind] if split is None else split):
+    if not _split_prepare(kind, split):
         _prepare_kernel[grid](
             q, k, v, g, beta, w, u, kd, gcum, aqk, cu, idx, scale, t,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=bk, BV=bv,
@@ -1159,6 +1159,11 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     if not PREP_FUSED[kind]:
         _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, xa=xa)
     return xa
+
+
+def _split_prepare(kind: str, split: bool | None) -> bool:
+    """Whether _prepare runs the split kernels for this gate kind: `split`, or by default PREP_SPLIT."""
+    return PREP_SPLIT[kind] if split is None else bool(split)
 
 
 def _span(dtype: torch.dtype) -> float:
@@ -1218,7 +1223,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
                 aqk = _empty(b, t, h, CHUNK, dtype=inter_dt, device=dev)
             xa = None
         split = True if keep is not None else None
-        if output and gate == 2 and saved is None and (split or PREP_SPLIT["vector"]):  # the split prepare
+        if output and gate == 2 and saved is None and _split_prepare("vector", split):
             qg = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         if n_chunks > 0:
             xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=split,
