@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, rel_err, run_interpreter_suite
+from _triton_tests import (
+    HAVE_TRITON,
+    INTERPRETED,
+    compile_sm90,
+    interp,
+    needs_sm90_toolchain,
+    rel_err,
+    run_interpreter_suite,
+    sm90_usage,
+)
 
 C = 64  # the kernels' chunk
 
@@ -288,6 +297,68 @@ def test_interp_forward_matches_loop_and_single_pass(segmented, op, log_gate):
     ro, rs = oracle(op, q, k, v, g, beta, h0)
     assert rel_err(o, ro) < 1e-5 and rel_err(ht, rs) < 1e-5
     assert rel_err(o, o_old) < 1e-5 and rel_err(ht, ht_old) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize(("op", "qg"), [("gdn", False), ("kda", True), ("kda", False)])
+def test_interp_fused_output_equals_stored_states(segmented, monkeypatch, op, qg):
+    """The outputs made inside the segmented pass (linear.FUSED_OUTPUT: no per-chunk states or v'
+    stored, no output launch) equal the ones the output kernel makes from the stored states and
+    v': packed sequences of 150, 1 and 70 tokens (partial chunks, one sequence of a single token),
+    GQA (4 value heads on 2 key heads), D_k = 24, D_v = 40, initial states, segments of 64. KDA with
+    the split prepare's q ⊙ e^G (qg) and without it (the single prepare kernel). The fused run
+    returns no states: proof that it took the fused path."""
+    from attnlab.kernels import linear
+
+    lens = [150, 1, 70]
+    parts = [make_inputs(op, 1, n, 4, 2, 24, 40, -0.05, seed=10 + i) for i, n in enumerate(lens)]
+    q, k, v, g, beta = (torch.cat([p[j] for p in parts], dim=1) for j in range(5))
+    h0 = torch.cat([p[5] for p in parts], dim=0)
+    cu = torch.tensor([0, 150, 151, 221])
+    gate = 1 if op == "gdn" else 2
+    if op == "kda":
+        monkeypatch.setitem(linear.PREP_SPLIT, "vector", qg)
+    outs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": fused, "vector": fused})
+        outs[fused] = linear._forward(q, k, v, g, beta, None, 24 ** -0.5, h0, True, cu, gate)
+    (o, ht, states), (o_ref, ht_ref, states_ref) = outs[True], outs[False]
+    assert states is None and states_ref is not None
+    assert rel_err(o, o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
+    assert rel_err(o[:, :150], oracle(op, *parts[0])[0]) < 1e-5
+
+
+@needs_sm90_toolchain
+@pytest.mark.parametrize("gate", [1, 2])
+@pytest.mark.parametrize("store_ht", [False, True])
+def test_fused_output_launch_fits_its_programs_per_sm(gate, store_ht):
+    """The fused output pass as an H100 runs it (H = 16, D_k = D_v = 128, bf16, TUNING["output_*"],
+    pointers and T 16-divisible as triton specialises them): its programs_per_sm (which sets the
+    segment count, so that pass 3 is one wave) fit an SM by registers and by shared memory; its
+    products run on wgmma. Its registers are at the 255 limit, so it parks a little (Triton 3.9):
+    GDN 112 bytes a thread (216 with the final state stored), timed faster than the spill-free
+    shapes all the same; KDA none (16 with the final state): allowed 256 and 32."""
+    import triton.language as tl
+
+    from attnlab.kernels import delta_segments
+
+    cfg = delta_segments.TUNING[("output_scalar", "output_vector")[gate - 1]]
+    fn = delta_segments._segment_state_kernel
+    ptr = {a: "*bf16" for a in ("w", "u", "kd", "h", "vn", "q", "k", "qg", "aqk", "o")}
+    ptr.update(gcum="*fp32", seg_b="*fp32", ht="*fp32", cu_seqlens="*i32", seg_table="*i32",
+               chunk_offsets="*i32")
+    const = dict(H=16, HK=16, K=128, V=128, BT=C, BK=128, BV=cfg["BV"], GATE=gate, STORE_HT=store_ht,
+                 IS_VARLEN=False, OUTPUT=True, QG=gate == 2, DT=tl.bfloat16, PREC="tf32")
+    div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
+    kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"])
+    regs, stack, usage = sm90_usage(kernel)
+    threads = 32 * cfg["num_warps"]
+    by_regs = 65536 // (-(-regs // 8) * 8 * threads)
+    by_smem = (228 * 1024) // (kernel.metadata.shared + 1024)  # 1 KB reserved per block
+    assert min(by_regs, by_smem) >= cfg["programs_per_sm"], (regs, kernel.metadata.shared)
+    assert stack <= (256 if gate == 1 else 32), (regs, stack)
+    assert "wgmma" in kernel.asm["ptx"]
 
 
 @interp

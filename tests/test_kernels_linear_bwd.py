@@ -259,17 +259,30 @@ def test_interp_triton_and_batched_backward_agree(op, monkeypatch):
 
 @interp
 @pytest.mark.parametrize("op", OPS)
-def test_interp_forward_keeps_what_the_backward_reuses(op):
+@pytest.mark.parametrize("fused", [False, True])
+def test_interp_forward_keeps_what_the_backward_reuses(op, fused, monkeypatch):
     """linear._forward(keep=...) gives the plain forward's output and states, and a later call that
-    starts from its kept X, aqk and gcum (saved=...) the same w, u, kd, v' and states."""
+    starts from its kept X, aqk and gcum (saved=...) the same w, u, kd, v' and states. With the
+    outputs made in the segmented pass (FUSED_OUTPUT) the forward returns no states and keeps no
+    v' (nothing wrote them); the states then come from the call without outputs, as the backward
+    makes them."""
     from attnlab.kernels import linear
 
+    monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": fused, "vector": fused})
     q, k, v, g, beta, h0 = make_inputs(op, 2, 70, 2, 1, 24, 40, seed=22)
     gate = 1 if op == "gdn" else 2
     keep, again = {}, {}
     o, _, states = linear._forward(q, k, v, g, beta, None, 0.3, h0, False, None, gate, keep=keep)
     o_plain, _, states_plain = linear._forward(q, k, v, g, beta, None, 0.3, h0, False, None, gate)
-    assert rel_err(o, o_plain) < 1e-6 and rel_err(states, states_plain) < 1e-6
+    assert rel_err(o, o_plain) < 1e-6
+    if fused:
+        assert states is None and states_plain is None and keep["vn"] is None
+        _, _, states = linear._forward(q, k, v, g, beta, None, 0.3, h0, False, None, gate, keep=keep,
+                                       output=False)
+        monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": False, "vector": False})
+        o_plain, _, states_plain = linear._forward(q, k, v, g, beta, None, 0.3, h0, False, None, gate)
+        assert rel_err(o, o_plain) < 1e-6
+    assert rel_err(states, states_plain) < 1e-6
     saved = {name: keep[name] for name in ("xa", "aqk", "gcum")}
     out, _, states2 = linear._forward(q, k, v, g, beta, None, 0.3, h0, False, None, gate, keep=again,
                                       output=False, saved=saved)

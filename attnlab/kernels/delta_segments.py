@@ -44,7 +44,18 @@ import triton.language as tl
 
 from ._common import launch_fitting
 from .lightning_fwd import _segment_of, _segment_tables, _sm_count
-from .linear import CHUNK, _chunk_tables, _empty, _mm, _seq_bounds, _seq_chunks, _store_tile, _tile, _tl_dtype
+from .linear import (
+    CHUNK,
+    _chunk_output,
+    _chunk_tables,
+    _empty,
+    _mm,
+    _seq_bounds,
+    _seq_chunks,
+    _store_tile,
+    _tile,
+    _tl_dtype,
+)
 
 # Launch parameters; `benchmarks/linear_gpu.py --sweep delta_segmented` may override them.
 # "transition": pass 1 (BX columns of [M | B] per program); "scan": pass 2 (BV state columns per
@@ -63,6 +74,22 @@ TUNING: dict[str, dict] = {
     "transition": {"BX": 32, "num_warps": 4, "num_stages": 3},
     "scan": {"BV": 32, "BKK": 32, "num_warps": 4, "precision": "ieee"},
     "state": {"BV": 16, "num_warps": 4, "num_stages": 2},
+    # pass 3 making the outputs too (linear.FUSED_OUTPUT), by gate: GDN ("output_scalar"), KDA
+    # ("output_vector"); programs_per_sm overrides "segments"' (it sets the segment count). H100, 16K /
+    # 64K, bf16, whole forward, CUDA graphs, interleaved, best of 3 (RESULTS.md, eleventh session;
+    # sm_90 registers / stack bytes / shared memory from an sm_90 compile):
+    #   GDN BV 64, 4 warps, 1 stage, 2 per SM: 0.671 / 2.427 ms (255 regs, parks 112 bytes, 32 KB);
+    #       BV 32: 0.751 / 2.853; BV 128 at 8 warps: 0.767 / 2.750; BV 16 (3 per SM, 2 stages) 1.107 /
+    #       4.284; stored states and v' (no fusion) 0.709 / 2.692. BV 32 at 8 warps, 1 stage hits an
+    #       illegal shared-memory read in a tensor-core product (compute-sanitizer: "Invalid __shared__
+    #       read of size 512 bytes" in _mm) with Triton 3.6: a code-generation fault, so not launched.
+    #   KDA BV 64, 4 warps, 2 stages, 1 per SM: 1.025 / 3.926 ms (246 regs, no stack, 128 KB);
+    #       1 stage, 2 per SM: 1.058 / 3.956; BV 32, 3 per SM: 1.089 / 4.131; BV 128 at 8 warps 1.080 /
+    #       4.054; no fusion 1.092 / 4.202.
+    # programs_per_sm must be what fits (registers, shared memory): one more starts a second wave of
+    # long chains, one fewer leaves SMs idle (tests/test_kernels_delta_segments.py checks the fit).
+    "output_scalar": {"BV": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2},
+    "output_vector": {"BV": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 1},
     "segments": {"programs_per_sm": 3, "min_segment": 512},
 }
 SEGMENT_LEN: int | None = None  # tests force a segment length (a multiple of CHUNK) here
@@ -175,12 +202,14 @@ def _scan_kernel(
 
 @triton.jit
 def _segment_state_kernel(
-    w, u, kd, gcum, seg_b, h, vn, ht, cu_seqlens, seg_table, chunk_offsets, T, L, n_seg,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, GATE: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    w, u, kd, gcum, seg_b, h, vn, ht, q, k, qg, aqk, o, cu_seqlens, seg_table, chunk_offsets, scale, T, L,
+    n_seg, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    OUTPUT: tl.constexpr, QG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Pass 3: linear._state_kernel's loop (GATE 1, 2) over one segment's chunks, from S_in."""
+    """Pass 3: linear._state_kernel's loop (GATE 1, 2) over one segment's chunks, from S_in. OUTPUT:
+    instead of the states and v', each chunk's output (linear._chunk_output, as the output kernel
+    would make it from them), while the state and v' are in registers."""
     i_v, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_s = _segment_of(i_p, n_seg, seg_table, IS_VARLEN)
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
@@ -199,6 +228,7 @@ def _segment_state_kernel(
     kd_p = kd + (bos * H + i_h) * K
     u_p = u + (bos * H + i_h) * V
     vn_p = vn + (bos * H + i_h) * V
+    i_hk = i_h // (H // HK)
     if GATE == 1:
         G_p = gcum + bos * H + i_h
     else:
@@ -208,11 +238,18 @@ def _segment_state_kernel(
     for i_t in range(0, n_ch):
         t0 = t_beg + i_t * BT
         n_in = tl.minimum(n - t0, BT)
-        tl.store(h_p + kv, S.to(h.dtype.element_ty), mask=mkv)
-        h_p += H * K * V  # 64-bit pointer steps (states pass 2^31 elements at ~1M tokens)
+        if not OUTPUT:
+            tl.store(h_p + kv, S.to(h.dtype.element_ty), mask=mkv)
+            h_p += H * K * V  # 64-bit pointer steps (states pass 2^31 elements at ~1M tokens)
         b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
         b_vn = _tile(u_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32) - _mm(b_w, S, DT, PREC)
-        _store_tile(vn_p, b_vn, t0, n, H * V, c0, V, BT, BV)
+        if OUTPUT:
+            b_o = _chunk_output(q + (bos * HK + i_hk) * K, k + (bos * HK + i_hk) * K,
+                                qg + (bos * H + i_h) * K, aqk + (bos * H + i_h) * BT, gcum, gcum, S, b_vn,
+                                bos, i_h, t0, n, scale, H, HK, K, BT, BK, GATE, QG, DT, PREC)
+            _store_tile(o + (bos * H + i_h) * V, b_o, t0, n, H * V, c0, V, BT, BV)
+        else:
+            _store_tile(vn_p, b_vn, t0, n, H * V, c0, V, BT, BV)
         b_kd = _tile(kd_p, t0, n, H * K, 0, K, BT, BK)
         S = _decay_rows(S, G_p, (t0 + n_in - 1).to(tl.int64), rk, K, GATE, H)
         S += _mm(tl.trans(b_kd), b_vn, DT, PREC)
@@ -232,11 +269,13 @@ def _block(b: int, d: int, d_k: int) -> int:
     return min(b, max(16, triton.next_power_of_2(d)))
 
 
-def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.device) -> int:
+def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.device,
+                   pass3: str = "state") -> int:
     """Tokens per segment (a multiple of CHUNK) for n_tokens in all sequences and h value heads:
-    as many segments as keep pass 3 within TUNING["segments"]["programs_per_sm"] programs per SM
-    (at least one), each at least min_segment tokens. SEGMENT_LEN overrides; off CUDA,
-    CPU_SEGMENT_LEN."""
+    as many segments as keep pass 3 (launched as TUNING[pass3]: "state", "output_scalar" or
+    "output_vector") within
+    programs_per_sm programs per SM (TUNING[pass3]'s, else TUNING["segments"]'s; at least one
+    segment), each at least min_segment tokens. SEGMENT_LEN overrides; off CUDA, CPU_SEGMENT_LEN."""
     if SEGMENT_LEN is not None:
         if SEGMENT_LEN <= 0 or SEGMENT_LEN % CHUNK:
             raise ValueError(f"SEGMENT_LEN: expected a positive multiple of {CHUNK}, got {SEGMENT_LEN}")
@@ -244,10 +283,11 @@ def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.devi
     if device.type != "cuda":
         return CPU_SEGMENT_LEN
     seg = TUNING["segments"]
-    per_segment = h * triton.cdiv(d_v, _block(TUNING["state"]["BV"], d_v, d_k))
+    per_segment = h * triton.cdiv(d_v, _block(TUNING[pass3]["BV"], d_v, d_k))
+    per_sm = TUNING[pass3].get("programs_per_sm", seg["programs_per_sm"])
     # rounded down: one wave (a segment is ~H · D_v / 16 programs, about one per SM at H = 16, so
     # rounding up could start a second wave of long chains)
-    want = max(1, seg["programs_per_sm"] * _sm_count(device.index or 0) // per_segment)
+    want = max(1, per_sm * _sm_count(device.index or 0) // per_segment)
     length = triton.cdiv(triton.cdiv(max(n_tokens, 1), want), CHUNK) * CHUNK
     return max(length, triton.cdiv(seg["min_segment"], CHUNK) * CHUNK)
 
@@ -260,9 +300,10 @@ def state_pass(
     gate: int,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-    states: torch.Tensor,
+    states: torch.Tensor | None,
     vn: torch.Tensor,
     ht: torch.Tensor | None,
+    out: tuple | None = None,
 ) -> None:
     """The delta rule's chunk-to-chunk pass, segment-parallel; fills what linear._state_kernel does.
 
@@ -272,7 +313,12 @@ def state_pass(
     cu_seqlens: int32 [N + 1] with B = 1, or None (N = B). Writes, in place: states
     [n_chunks, H, D_k, D_v] (the state entering each chunk, in the input dtype, chunks ordered as
     linear._forward orders them), vn [B, T, H, D_v] (v' = u − w S), and ht float32
-    [N, H, D_k, D_v] (the final state) unless None."""
+    [N, H, D_k, D_v] (the final state) unless None.
+
+    out = (q, k, qg, aqk, o, scale): pass 3 writes the outputs o [B, T, H, D_v] instead of states
+    and vn (both unused, may be placeholders): q, k [B, T, H_k, D_k] the forward's inputs, qg
+    (KDA: q ⊙ e^G from the split prepare, or None), aqk (KDA: the prepare's scale · gated q·k, or
+    None for GDN, which makes it here), as linear._output_kernel takes them."""
     if gate not in (1, 2):
         raise ValueError(f"gate: expected 1 (GDN) or 2 (KDA), got {gate}")
     b, t, h, d_k = w.shape
@@ -281,7 +327,8 @@ def state_pass(
     dt, prec = _tl_dtype(w.dtype), ("ieee" if w.dtype == torch.float32 else "tf32")
     bk = max(16, triton.next_power_of_2(d_k))
     varlen = cu_seqlens is not None
-    length = segment_length(b * t, h, d_k, d_v, dev)
+    pass3 = "state" if out is None else ("output_scalar", "output_vector")[gate - 1]
+    length = segment_length(b * t, h, d_k, d_v, dev, pass3)
     if varlen:
         n_seq = cu_seqlens.numel() - 1
         table, firsts, nonlast, n_slots, n_nonlast = _segment_tables(cu_seqlens, length)
@@ -314,15 +361,22 @@ def state_pass(
         H=h, K=d_k, V=d_v, BK=bk, BV=bv, BKK=min(cfg["BKK"], bk), USE_H0=initial_state is not None,
         STORE_HT=ht is not None, IS_VARLEN=varlen, SPREC=sprec, num_warps=cfg["num_warps"],
     )
-    cfg = TUNING["state"]
+    cfg = TUNING[pass3]
     bv = _block(cfg["BV"], d_v, d_k)
+    if out is None:
+        q = k = qg = aqk = o = w  # any pointer: not read
+        scale = 1.0
+    else:
+        q, k, qg, aqk, o, scale = out
+        states = o  # not written
     if n_slots > 0:
         launch_fitting(
             _segment_state_kernel, (triton.cdiv(d_v, bv), n_slots, h),
-            w, u, kd, gcum, seg_b, states, vn, ht_, cu, table, chunk_offsets, t, length, n_seg,
-            H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
-            IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            w, u, kd, gcum, seg_b, states, vn, ht_, q, k, qg if qg is not None else o,
+            aqk if aqk is not None else o, o, cu, table, chunk_offsets, scale, t, length, n_seg,
+            H=h, HK=q.shape[2], K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
+            IS_VARLEN=varlen, OUTPUT=out is not None, QG=qg is not None, DT=dt, PREC=prec,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
 

@@ -22,7 +22,9 @@ program per (sequence, head, D_v block) walking the chunks in order; it writes t
 each chunk and the corrected values v', and does nothing else, since its loop is the critical path)
 and ``_output_kernel`` (parallel over chunks). Lightning attention has no delta rule (v' = v) and a
 constant decay, so it skips the first launch. (A first version fused the output into the
-sequential loop; on an H200 that was ~2x slower than fla at 64K tokens, so the output moved out.)
+sequential loop; on an H200 that was ~2x slower than fla at 64K tokens, so the output moved out. It
+came back into the segment-parallel pass below, FUSED_OUTPUT, once that pass had the programs to
+carry it: ~2 per SM of 64 value columns each.)
 With ``PREP_SPLIT`` (KDA's default) the first launch is instead ``_kkt_inv_kernel`` (gate cumsum, A and
 the q·k matrix as 64-row tensor-core products, X into a float32 scratch, as fla's chunk_scaled_dot_kkt
 + solve_tril do) and ``_wu_kernel`` (w, u, kd: 64-row products with X), or the first alone with
@@ -30,7 +32,10 @@ w, u, kd fused (``PREP_FUSED``): no register spills, unlike the single kernel.
 With ``LIGHTNING_SEGMENTED`` (the default) Lightning's forward is instead the segment-parallel one
 in :mod:`.lightning_fwd`, which writes per-chunk states only when an input needs a gradient.
 With ``DELTA_SEGMENTED`` (the default) the delta rule's state pass is instead the segment-parallel
-one in :mod:`.delta_segments` (same outputs: per-chunk states, v', final state).
+one in :mod:`.delta_segments` (same outputs: per-chunk states, v', final state); with ``FUSED_OUTPUT``
+(the default) a forward that makes outputs has that pass make them too, so the per-chunk states and v'
+never reach memory and ``_output_kernel`` is not launched (the backward's recomputing forward, which
+makes no outputs, still writes the states).
 
 Decay ratios never overflow: for the scalar gate the [C, C] exponent is masked before exp; for
 the per-channel gate, pairs in different 16-token sub-chunks factor through the first token r of
@@ -67,15 +72,26 @@ L2NORM_EPS = 1e-6  # q, k ← x / sqrt(Σx² + eps), as the ops (fla / HF Qwen3-
 POISON_OUTPUTS = False  # tests set this: buffers the kernels must fill start as NaN, not garbage
 LIGHTNING_SEGMENTED = True  # Lightning forward: kernels/lightning_fwd.py (False: the kernels below)
 DELTA_SEGMENTED = True  # GDN/KDA state pass: kernels/delta_segments.py (False: _state_kernel)
+# with DELTA_SEGMENTED, by gate kind: a forward that makes outputs has the segment pass make them while
+# each chunk's state and v' are in registers (no per-chunk states or v' through memory, no
+# _output_kernel launch; launch shapes: delta_segments.TUNING["output_*"]). H100, 16K / 64K, bf16,
+# whole forward, CUDA graphs, interleaved, best of 3 (RESULTS.md, eleventh session): GDN 0.709 /
+# 2.692 ms -> 0.671 / 2.427, KDA 1.092 / 4.202 -> 1.025 / 3.926; outputs bit-identical
+FUSED_OUTPUT: dict[str, bool] = {"scalar": True, "vector": True}
 # GDN/KDA prepare by gate kind: _kkt_inv_kernel (+ _wu_kernel) (False: the single _prepare_kernel).
 # H100, B = 1, H = 16, D = 128, bf16, whole forward, interleaved, best of 3 (benchmarks/RESULTS.md):
 # KDA 16K 2.054 ms (single) -> 1.265 (split, two launches), 64K 8.155 -> 4.841; steep gates (x 30) 16K
 # 1.997 -> 1.779. GDN 16K 0.758 (single) vs 0.830 (split, fused) / 0.893 (two launches), 64K 2.857 vs
-# 3.163 / 3.468: GDN keeps the single kernel (since the tenth session it does not spill at 2 warps).
-# Tenth session: with X in the input dtype, the split form at 4 warps capped at 168 registers timed
-# 0.710 / 2.691 against the single kernel's 0.744 / 2.735 (RESULTS.md); not the default until it has
-# passed the GPU tests and been timed beside fla in one run.
-PREP_SPLIT: dict[str, bool] = {"scalar": False, "vector": True}
+# 3.163 / 3.468: GDN kept the single kernel then. Tenth session, after X went to the input dtype and A's
+# blocks into registers (H100, CUDA graphs, interleaved, best of 3, whole forward, two calls): single
+# 0.744 / 2.735 ms at 16K / 64K; split + fused w, u, kd at 8 warps capped at 128 registers 0.740 /
+# 2.839, 4 warps uncapped 0.727 / 2.798, capped at 128 / 144 / 168 / 192: 0.755 / 2.930, 0.725 /
+# 2.771, 0.710 / 2.691, 0.727 / 2.801. So GDN's inference forward takes the split form at 4 warps and
+# 168 registers (three programs per SM; it parks 96 bytes a thread, which costs less than the fourth
+# program it would take to avoid). The training path and float32 inputs keep the 8-warp launch
+# ("scalar_train"). Confirmed in the eleventh session (same card, interleaved with fla): single 0.744 /
+# 2.739, split 0.711 / 2.691, fla 0.693 / 2.684; GPU tests passed on it.
+PREP_SPLIT: dict[str, bool] = {"scalar": True, "vector": True}
 # with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel);
 # "scalar" applies only when GDN is switched to the split form
 PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": False}
@@ -110,7 +126,8 @@ OUT_TUNING: dict[str, dict[str, int]] = {
 #   _kkt_inv_kernel            KDA 8 warps BK 32, maxnreg 128: (128, 0)  [uncapped (162, 0); 4 warps
 #                                (250, 0); BK 64 at 8 warps (250, 0)]; since A's blocks are split off
 #                                in registers (tenth session) uncapped (171, 0)
-#                              GDN 8 warps BK 64: (114, 0)  [4 warps (168, 0)]
+#                              GDN 8 warps BK 64: (114, 0)  [4 warps (168, 0)]; fused, 4 warps capped
+#                                at 168 (the inference default): (168, 96) with X in bf16
 #   _kkt_inv_kernel + w, u, kd KDA 8 warps, maxnreg 128: (128, 24), uncapped (172, 0)
 #     (FUSE_WU)                GDN 8 warps, maxnreg 128: (121, 0), uncapped (121, 0)  [4 warps (240, 0)]
 #   _wu_kernel                 KDA 8 warps 1 stage (71, 0), 3 stages (102, 0); 4 warps (128 / 168, 0)
@@ -122,8 +139,11 @@ OUT_TUNING: dict[str, dict[str, int]] = {
 # two steps, whose loads one stage already issues together; more stages only cost registers.
 # float32 inputs (products on FMA units, not tensor cores) go uncapped: (255, 160) KDA, (255, 280) GDN.
 PREP_TUNING: dict[str, dict[str, int]] = {
-    "scalar": {"num_warps": 8, "BK": 64, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
+    "scalar": {"num_warps": 4, "BK": 64, "maxnreg": 168, "wu_num_warps": 8, "wu_num_stages": 1},
     "vector": {"num_warps": 8, "BK": 32, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
+    # GDN's split prepare when the backward keeps X (float32), and for float32 inputs: the launch
+    # timed for training
+    "scalar_train": {"num_warps": 8, "BK": 64, "maxnreg": 128, "wu_num_warps": 8, "wu_num_stages": 1},
 }
 PREP_SINGLE_WARPS = {"scalar": 2, "vector": 2}  # num_warps of _prepare_kernel (PREP_SPLIT = False)
 
@@ -898,15 +918,47 @@ def _state_kernel(
 
 
 @triton.jit
+def _chunk_output(q_p, k_p, qg_p, aqk_p, gcum, slope, S, b_vn, bos, i_h, t0, n, scale,
+                  H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  GATE: tl.constexpr, QG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk's o = scale (Q ⊙ Γ) S + (scale · masked gated Q Kᵀ) v' for the D_v block of S
+    [BK, BV] (the state entering the chunk) and b_vn [BT, BV] (v'). q_p, k_p: this sequence's row 0
+    at its key head; qg_p, aqk_p: at its head (QG, per-channel gate: Q ⊙ Γ read from qg as the split
+    prepare stored it in the input dtype, the dtype the product takes it in; otherwise made from q
+    and gcum). Both operands of each product are rounded to DT, as a stored state and v' are."""
+    rt = tl.arange(0, BT)
+    valid = t0 + rt < n
+    causal = (rt[:, None] >= rt[None, :]) & valid[:, None]
+    if GATE == 2:
+        if QG:
+            b_o = _mm(_tile(qg_p, t0, n, H * K, 0, K, BT, BK), S, DT, PREC) * scale
+        else:
+            b_q = _tile(q_p, t0, n, HK * K, 0, K, BT, BK)
+            b_G = _tile(gcum + (bos * H + i_h) * K, t0, n, H * K, 0, K, BT, BK)
+            b_o = _mm(b_q.to(tl.float32) * tl.exp(b_G), S, DT, PREC) * scale
+        b_a = _tile(aqk_p, t0, n, H * BT, 0, BT, BT, BT)
+        b_a = tl.where(causal, b_a, 0.0)
+    else:
+        b_q = _tile(q_p, t0, n, HK * K, 0, K, BT, BK)
+        if GATE == 0:
+            b_G = -tl.load(slope + i_h).to(tl.float32) * (rt + 1).to(tl.float32)
+        else:
+            b_G = tl.load(gcum + bos * H + i_h + (t0 + rt).to(tl.int64) * H, mask=valid, other=0.0)
+        b_o = _mm(b_q, S, DT, PREC) * (tl.exp(b_G) * scale)[:, None]
+        b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK)
+        b_a = _mm(b_q, tl.trans(b_k), DT, PREC)
+        b_a = tl.where(causal, b_a * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0) * scale
+    return b_o + _mm(b_a, b_vn, DT, PREC)
+
+
+@triton.jit
 def _output_kernel(
     q, k, vn, gcum, aqk, qg, slope, h, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
     QG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """o = scale (Q ⊙ Γ) h[c] + (scale · masked gated Q Kᵀ) v' for one chunk c and D_v block (QG,
-    per-channel gate: Q ⊙ Γ read from qg, as the split prepare stored it in the input dtype, the
-    dtype the product takes it in; otherwise made here from q and gcum)."""
+    """_chunk_output for one chunk c and D_v block, from the stored state h[c] and v'."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_VARLEN:
         i_b = tl.load(chunk_indices + 2 * i_c)
@@ -920,33 +972,12 @@ def _output_kernel(
     c0 = i_v * BV
     rk = tl.arange(0, BK)
     rv = c0 + tl.arange(0, BV)
-    rt = tl.arange(0, BT)
-    valid = t0 + rt < n
-
     b_vn = _tile(vn + (bos * H + i_h) * V, t0, n, H * V, c0, V, BT, BV)
     b_h = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
                   mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
-    causal = (rt[:, None] >= rt[None, :]) & valid[:, None]
-    if GATE == 2:
-        if QG:
-            b_o = _mm(_tile(qg + (bos * H + i_h) * K, t0, n, H * K, 0, K, BT, BK), b_h, DT, PREC) * scale
-        else:
-            b_q = _tile(q + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
-            b_G = _tile(gcum + (bos * H + i_h) * K, t0, n, H * K, 0, K, BT, BK)
-            b_o = _mm(b_q.to(tl.float32) * tl.exp(b_G), b_h, DT, PREC) * scale
-        b_a = _tile(aqk + (bos * H + i_h) * BT, t0, n, H * BT, 0, BT, BT, BT)
-        b_a = tl.where(causal, b_a, 0.0)
-    else:
-        b_q = _tile(q + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
-        if GATE == 0:
-            b_G = -tl.load(slope + i_h).to(tl.float32) * (rt + 1).to(tl.float32)
-        else:
-            b_G = tl.load(gcum + bos * H + i_h + (t0 + rt).to(tl.int64) * H, mask=valid, other=0.0)
-        b_o = _mm(b_q, b_h, DT, PREC) * (tl.exp(b_G) * scale)[:, None]
-        b_k = _tile(k + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
-        b_a = _mm(b_q, tl.trans(b_k), DT, PREC)
-        b_a = tl.where(causal, b_a * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], 0.0)), 0.0) * scale
-    b_o += _mm(b_a, b_vn, DT, PREC)
+    b_o = _chunk_output(q + (bos * HK + i_hk) * K, k + (bos * HK + i_hk) * K, qg + (bos * H + i_h) * K,
+                        aqk + (bos * H + i_h) * BT, gcum, slope, b_h, b_vn, bos, i_h, t0, n, scale,
+                        H, HK, K, BT, BK, GATE, QG, DT, PREC)
     _store_tile(o + (bos * H + i_h) * V, b_o, t0, n, H * V, c0, V, BT, BV)
 
 
@@ -1133,7 +1164,10 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     bv = min(64, max(16, triton.next_power_of_2(d_v)))
     grid = (idx.shape[0], h) if varlen else (triton.cdiv(t, CHUNK), b * h)
     kind = "vector" if gate == 2 else "scalar"
-    cfg = PREP_TUNING[kind]
+    # GDN's split launch for training (X kept in float32) and for float32 inputs (FMA products: at 4
+    # warps an sm_90 build parks ~5.7 KB a thread) is the 8-warp one
+    train_shape = kind == "scalar" and (bool(split) or q.dtype == torch.float32)
+    cfg = PREP_TUNING["scalar_train" if train_shape else kind]
     if xa is not None:
         _wu_kernel[grid](
             k, v, beta, gcum, xa, w, u, kd, cu, idx, t,
@@ -1161,6 +1195,16 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     return xa
 
 
+def _fuse_output(gate: int, q: torch.Tensor, d_k: int, output: bool) -> bool:
+    """Whether the segmented delta-rule pass makes the outputs (FUSED_OUTPUT). On CUDA only for
+    16-bit inputs and D_k <= 128, the shapes its launches were tuned for: float32 products run on
+    the FMA units and wider keys need wider tiles, and either would spill those launches' registers
+    (the stored-states path is the one timed there). The interpreter (CPU) takes it at any shape."""
+    if gate == 0 or not (DELTA_SEGMENTED and output and FUSED_OUTPUT["vector" if gate == 2 else "scalar"]):
+        return False
+    return not q.is_cuda or (q.dtype != torch.float32 and d_k <= 128)
+
+
 def _split_prepare(kind: str, split: bool | None) -> bool:
     """Whether _prepare runs the split kernels for this gate kind: `split`, or by default PREP_SPLIT."""
     return PREP_SPLIT[kind] if split is None else bool(split)
@@ -1177,7 +1221,8 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
              keep: dict | None = None, output: bool = True, saved: dict | None = None):
     """Launch the kernels. gate 0: Lightning (slope [H]); 1: GDN (g [B,T,H]); 2: KDA (g [B,T,H,K]).
     All tensors contiguous; q, k [B, T, HK, K]; v [B, T, H, V]. Returns (o, final state | None,
-    states: the state entering each chunk [N_chunks, H, K, V] in the input dtype).
+    states: the state entering each chunk [N_chunks, H, K, V] in the input dtype, or None where the
+    segmented pass made the outputs itself: FUSED_OUTPUT).
     keep (the delta rule's backward): a dict that receives the intermediates w, u, kd, vn, gcum, aqk
     (gate 2) and xa (X = (I + A)⁻¹, by the split prepare whatever PREP_SPLIT says). output=False: o is
     not computed (None). saved: gcum, aqk, xa from an earlier call with keep on the same inputs; the
@@ -1204,14 +1249,16 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
     o = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
     ht = _empty(n_seq, h, d_k, d_v, dtype=torch.float32, device=dev) if output_final_state else o
     h0 = initial_state.float().contiguous() if initial_state is not None else o
-    states = _empty(max(n_chunks, 1), h, d_k, d_v, dtype=q.dtype, device=dev)  # state entering each chunk
+    # the segmented delta-rule pass makes the outputs itself: no per-chunk states, no v'
+    fused = _fuse_output(gate, q, d_k, output)
+    states = None if fused else _empty(max(n_chunks, 1), h, d_k, d_v, dtype=q.dtype, device=dev)
     w = u = kd = gcum = aqk = vn = o  # placeholders for arguments a kernel does not read
     qg = None  # q ⊙ e^{gcum} from the split prepare (per-channel gate), read by the output kernel
     if gate != 0:
         w = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         kd = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         u = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
-        vn = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
+        vn = o if fused else _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
         # X and aqk enter their products in the input dtype: stored so, unless the backward (keep)
         # reads them in float32
         inter_dt = q.dtype if keep is None else torch.float32
@@ -1229,13 +1276,17 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
             xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=split,
                           xa=xa, x_dtype=inter_dt, qg=qg)
         if keep is not None:
-            keep.update(w=w, u=u, kd=kd, vn=vn, gcum=gcum, aqk=aqk if gate == 2 else None, xa=xa)
+            keep.update(w=w, u=u, kd=kd, vn=None if fused else vn, gcum=gcum, aqk=aqk if gate == 2 else None,
+                        xa=xa)
     kind = ("lightning", "scalar", "vector")[gate]
     if gate != 0 and DELTA_SEGMENTED:  # the same outputs from segment-parallel launches
         from .delta_segments import state_pass
 
         state_pass(w, u, kd, gcum, gate, h0 if initial_state is not None else None, cu_seqlens, states, vn,
-                   ht if output_final_state else None)
+                   ht if output_final_state else None,
+                   out=(q, k, qg, aqk if gate == 2 else None, o, scale) if fused else None)
+        if fused:
+            return o, (ht if output_final_state else None), None
     else:
         cfg = TUNING[kind]
         bv = min(cfg["BV"], max(16, triton.next_power_of_2(d_v)))
