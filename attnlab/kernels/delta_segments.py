@@ -70,9 +70,18 @@ from .linear import (
 # The chains are latency-bound (the single-pass kernel takes ~1.2 us a chunk at 64K on an H200,
 # ~10x its tensor-core time), so several programs per SM is what pays.
 TUNING: dict[str, dict] = {
-    # --sweep delta_segmented (H200, 2026-11-26), GDN fwd 16K/64K: 3 stages 0.711/2.708 ms, 2: 0.736/2.801
-    "transition": {"BX": 32, "num_warps": 4, "num_stages": 3},
-    "scan": {"BV": 32, "BKK": 32, "num_warps": 4, "precision": "ieee"},
+    # --sweep delta_segmented (H200, 2026-11-26), GDN fwd 16K/64K: 3 stages 0.711/2.708 ms, 2: 0.736/2.801.
+    # H100, eleventh session, with the fused output pass's segment counts (whole forward, CUDA graphs,
+    # interleaved, best of 3; GDN / KDA at 16K / 64K, ms): BX 32 / 4 warps / 3 stages 0.682 / 2.430,
+    # 1.026 / 3.931; BX 64 / 4 / 2 (166 registers, 88 KB shared: 2 per SM) 0.652 / 2.305, 0.995 / 3.800;
+    # BX 64 / 8 / 2 0.780 / 2.803, 1.127 / 4.323; BX 128 / 8 / 2 0.689 / 2.454, 1.029 / 3.932; BX 16 /
+    # 4 / 3 0.774 / 2.812, 1.081 / 4.153. At BX 64 / 4: 1 stage 0.662 / 2.366, 1.005 / 3.847; 3 stages
+    # 0.682 / 2.438, 1.040 / 3.984
+    "transition": {"BX": 64, "num_warps": 4, "num_stages": 2},
+    # same A/B, 16-bit inputs: BV 32, "ieee" 0.651 / 2.318, 0.999 / 3.824; BV 16, "tf32x3" 0.638 / 2.307,
+    # 0.994 / 3.817 (bf16 outputs identical; 8 segments of GDN at 16K made this pass ~45 us); BV 16
+    # "ieee" 0.648 / 2.317; BV 32 "tf32x3" 0.646 / 2.317; BKK 64 0.661 / 2.334
+    "scan": {"BV": 16, "BKK": 32, "num_warps": 4, "precision": "tf32x3"},
     "state": {"BV": 16, "num_warps": 4, "num_stages": 2},
     # pass 3 making the outputs too (linear.FUSED_OUTPUT), by gate: GDN ("output_scalar"), KDA
     # ("output_vector"); programs_per_sm overrides "segments"' (it sets the segment count). H100, 16K /
