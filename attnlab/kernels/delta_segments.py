@@ -22,7 +22,11 @@ the state kernel's exact order (store h, v' = u − w S, S ← Diag(γ) S, S += 
    slots; a sequence without tokens writes its final state here.
 3. ``_segment_state_kernel`` (parallel over sequence, head, segment, D_v block): the state
    kernel's loop over one segment's chunks, from S_in: writes the state entering every chunk and
-   v' (the output kernel reads both, unchanged), and the last segment the final state.
+   v' (the output kernel reads both, unchanged), and the last segment the final state. With
+   ``out`` (linear.FUSED_OUTPUT, a forward that makes outputs) it writes each chunk's output
+   instead, made while the chunk's state and v' are in registers (linear._chunk_output), so that
+   neither reaches memory and the output launch goes away; its launch shape (TUNING["output_*"])
+   then sets the segment count.
 
 The two-level scan is the usual parallel-prefix form of a linear recurrence (Blelloch 1990); the
 same split of fla's ``chunk_gated_delta_rule_fwd_h`` over segments. Pass 1 does (D_k + D_v) / D_v
@@ -282,9 +286,9 @@ def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.devi
                    pass3: str = "state") -> int:
     """Tokens per segment (a multiple of CHUNK) for n_tokens in all sequences and h value heads:
     as many segments as keep pass 3 (launched as TUNING[pass3]: "state", "output_scalar" or
-    "output_vector") within
-    programs_per_sm programs per SM (TUNING[pass3]'s, else TUNING["segments"]'s; at least one
-    segment), each at least min_segment tokens. SEGMENT_LEN overrides; off CUDA, CPU_SEGMENT_LEN."""
+    "output_vector") within programs_per_sm programs per SM (TUNING[pass3]'s, else
+    TUNING["segments"]'s; at least one segment), each at least min_segment tokens. SEGMENT_LEN
+    overrides; off CUDA, CPU_SEGMENT_LEN."""
     if SEGMENT_LEN is not None:
         if SEGMENT_LEN <= 0 or SEGMENT_LEN % CHUNK:
             raise ValueError(f"SEGMENT_LEN: expected a positive multiple of {CHUNK}, got {SEGMENT_LEN}")
