@@ -11,11 +11,12 @@ named kernels (attnlab.kernels.linear.PREP_TUNING, TUNING, OUT_TUNING) at T = 16
 fastest per op; ``--sweep segmented`` tunes the segment-parallel Lightning forward
 (attnlab.kernels.lightning_fwd.TUNING) at 16K and 64K. Lightning has two rows of ours: the
 per-chunk forward ("ours_lightning", LIGHTNING_SEGMENTED off) and the segment-parallel one
-("ours_lightning_seg", issue #8's target: 1.5x fla's throughput). GDN and KDA likewise: "ours_gdn"
-with the single-pass state kernel (linear.DELTA_SEGMENTED off), "ours_gdn_seg" with the segment-
-parallel state pass (attnlab.kernels.delta_segments), tuned by ``--sweep delta_segmented`` at 16K and
-64K; the forward+backward rows of ours use the defaults (segment-parallel state pass, the Triton
-backward of attnlab.kernels.linear_bwd). Also prints ours-vs-fla output differences as a sanity check.
+("ours_lightning_seg", issue #8's target: 1.5x fla's throughput). GDN and KDA likewise: "ours_gdn" with
+the single-pass state kernel (linear.DELTA_SEGMENTED off), "ours_gdn_seg" with the segment-parallel
+state pass (attnlab.kernels.delta_segments, which also makes the outputs: linear.FUSED_OUTPUT), tuned by
+``--sweep delta_segmented`` at 16K and 64K; the forward+backward rows of ours use the defaults
+(segment-parallel state pass, the Triton backward of attnlab.kernels.linear_bwd). Also prints ours-vs-fla
+output differences as a sanity check.
 --profile-bwd prints per-kernel times of our GDN/KDA forward+backward at 64K, with the Triton and the
 batched-PyTorch backward; an fla backward that refuses to run is recorded as fla_<op>_error.
 ``--ops`` picks the ops timed, ``--fwd-max`` skips the forward rows above a T, ``--ab-backward`` adds
@@ -251,23 +252,26 @@ def sweep_segmented(ts=(16384, 65536)) -> None:
 # time, a config setting one or more tables. Pass 3's column width, pipeline depth (shared memory:
 # how many programs fit an SM) and the segment count go together: wider blocks need more segments.
 DS_SWEEP = [
-    [{"state": {"BV": bv, "num_warps": 4, "num_stages": st},
-      "segments": {"programs_per_sm": p, "min_segment": 512}}
-     for bv in (16, 32, 64) for st in (1, 2) for p in (2, 3, 4, 6)],
+    # the fused output pass (GDN's launch; KDA's, "output_vector", is tuned by hand: RESULTS.md). Its
+    # programs_per_sm sets the segment count. 32 columns at 8 warps, 1 stage is left out: Triton 3.6
+    # builds it with an illegal shared-memory read (compute-sanitizer; delta_segments.TUNING).
+    [{"output_scalar": {"BV": bv, "num_warps": w, "num_stages": st, "programs_per_sm": p}}
+     for bv, w, st, p in [(32, 4, 1, 2), (32, 4, 1, 3), (64, 4, 1, 1), (64, 4, 1, 2), (64, 4, 2, 1),
+                          (128, 8, 1, 1), (128, 8, 1, 2)]],
     [{"transition": {"BX": bx, "num_warps": w, "num_stages": st}} for bx, w, st in
      [(16, 4, 2), (32, 4, 1), (32, 4, 2), (32, 4, 3), (64, 4, 1), (64, 4, 2), (64, 8, 2), (128, 8, 1),
       (128, 8, 2)]],
     [{"scan": {"BV": bv, "BKK": bkk, "num_warps": w, "precision": p}} for bv, bkk, w, p in
      [(32, 32, 4, "ieee"), (16, 32, 4, "ieee"), (64, 32, 4, "ieee"), (32, 64, 8, "ieee"),
-      (32, 32, 4, "tf32x3"), (32, 32, 4, "tf32")]],
-    [{"segments": {"programs_per_sm": p, "min_segment": m}} for p, m in
-     [(2, 512), (3, 512), (4, 512), (6, 512), (8, 512), (12, 512), (4, 256), (4, 2048)]],
+      (32, 32, 4, "tf32x3"), (16, 32, 4, "tf32x3"), (32, 32, 4, "tf32")]],
 ]
 
 
 def sweep_delta_segmented(ts=(16384, 65536)) -> None:
-    """Coordinate search over delta_segments.TUNING on GDN's forward (KDA runs the same state
-    pass): a config's score is the sum over ts of its time relative to the step's starting point."""
+    """Coordinate search over delta_segments.TUNING on GDN's forward (its fused output pass, then
+    the transition and scan passes, which KDA shares): a config's score is the sum over ts of its
+    time relative to the step's starting point. (Pass 3 without outputs, TUNING["state"], runs
+    only in the backward's recompute now; this sweep does not time it.)"""
     ours = ours_fns()
     fn = ours["gdn_seg"]
     xss = {t: make(t, "gdn") for t in ts}
