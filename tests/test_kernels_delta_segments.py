@@ -455,6 +455,31 @@ def test_gpu_fp32_shapes(segmented, op, shape, seg_len):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda"])
+def test_gpu_fused_output_bf16_gqa_packed(segmented, monkeypatch, op):
+    """The fused output pass as a bf16 GPU forward launches it (its tuned shapes, device-chosen
+    segments) with GQA (8 value heads on 4 key heads) and packed sequences of 3000, 1, 5000 and 70
+    tokens: o and the final states equal the stored-states path's (the output kernel), and the fused
+    run returns no per-chunk states (it took the fused path)."""
+    from attnlab.kernels import linear
+
+    segmented.SEGMENT_LEN = None
+    lens = [3000, 1, 5000, 70]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    q, k, v, g, beta, _ = make_inputs(op, 1, sum(lens), 8, 4, 128, 128, -0.05, seed=5)
+    q, k, v, beta = (x.to("cuda", torch.bfloat16) for x in (q, k, v, beta))
+    g = g.cuda()
+    h0 = torch.randn(len(lens), 8, 128, 128, device="cuda")
+    gate, outs = 1 if op == "gdn" else 2, {}
+    for fused in (True, False):
+        monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": fused, "vector": fused})
+        outs[fused] = linear._forward(q, k, v, g, beta, None, 128 ** -0.5, h0, True, cu, gate)
+    (o, ht, states), (o_ref, ht_ref, _) = outs[True], outs[False]
+    assert states is None and o.dtype == torch.bfloat16
+    assert rel_err(o, o_ref) < 1e-3 and rel_err(ht, ht_ref) < 1e-5
+
+
+@pytest.mark.gpu
 def test_gpu_packed_bf16_and_gradients(segmented):
     """Packed bf16 GDN sequences, default segments: outputs, final states and gradients equal the
     single-pass forward's."""
