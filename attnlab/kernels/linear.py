@@ -759,12 +759,9 @@ def _kkt_inv_kernel(
     r1, r2, r3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
     # X's zero blocks above the diagonal (its readers load whole rows)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
-    _cstore(x_p, zero, t0, n, H * BT, BC, BT, BC, BC)
-    _cstore(x_p, zero, t0, n, H * BT, 2 * BC, BT, BC, BC)
-    _cstore(x_p, zero, t0, n, H * BT, 3 * BC, BT, BC, BC)
-    _cstore(x_p, zero, r1, n, H * BT, 2 * BC, BT, BC, BC)
-    _cstore(x_p, zero, r1, n, H * BT, 3 * BC, BT, BC, BC)
-    _cstore(x_p, zero, r2, n, H * BT, 3 * BC, BT, BC, BC)
+    for bi in tl.static_range(0, 3):
+        for bj in tl.static_range(bi + 1, 4):
+            _cstore(x_p, zero, t0 + bi * BC, n, H * BT, bj * BC, BT, BC, BC)
     # _prepare_kernel's block merge, each block stored as soon as it is made and each diagonal inverse
     # made where it is first needed: computing all of them first spilled 16-40 bytes per thread
     # under the 128-register cap (sm_90)
