@@ -93,8 +93,13 @@ FUSED_OUTPUT: dict[str, bool] = {"scalar": True, "vector": True}
 # 2.739, split 0.711 / 2.691, fla 0.693 / 2.684; GPU tests passed on it.
 PREP_SPLIT: dict[str, bool] = {"scalar": True, "vector": True}
 # with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel);
-# "scalar" applies only when GDN is switched to the split form
-PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": False}
+# "scalar" applies only when GDN is switched to the split form. KDA, twelfth session (H100, whole
+# forward, CUDA graphs, interleaved, best of 3, ms at 16K / 64K): gentle gates (0.1 · logsigmoid)
+# 0.989 / 3.801 two launches, 0.962 / 3.661 fused; log-gates x 30 1.241 / 4.748 vs 1.195 / 4.610
+# (fla in the same runs 1.312 / 5.149 and 1.312 / 5.159). It parks 56 bytes a thread under the
+# 128-register cap (PREP_TUNING), which costs less than the launch and the DRAM round trip of X,
+# k and gcum it saves; more registers would leave one program per SM.
+PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": True}
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -128,15 +133,17 @@ OUT_TUNING: dict[str, dict[str, int]] = {
 #                                in registers (tenth session) uncapped (171, 0)
 #                              GDN 8 warps BK 64: (114, 0)  [4 warps (168, 0)]; fused, 4 warps capped
 #                                at 168 (the inference default): (168, 96) with X in bf16
-#   _kkt_inv_kernel + w, u, kd KDA 8 warps, maxnreg 128: (128, 24), uncapped (172, 0)
+#   _kkt_inv_kernel + w, u, kd KDA 8 warps, maxnreg 128: (128, 24), uncapped (172, 0); one product per
+#                                segment size (twelfth session) (128, 56), and (128, 24) unfused
 #     (FUSE_WU)                GDN 8 warps, maxnreg 128: (121, 0), uncapped (121, 0)  [4 warps (240, 0)]
 #   _wu_kernel                 KDA 8 warps 1 stage (71, 0), 3 stages (102, 0); 4 warps (128 / 168, 0)
 #                              GDN 8 warps 1 stage (70, 0), 3 stages (80, 0);  4 warps (104 / 144, 0)
 # 8 warps and at most 128 registers: two 8-warp programs share an SM (16 warps resident; the
 # spilling single kernel ran 8 per SM at 2 warps). The cap costs KDA's kernel nothing (ptxas just
-# spreads out when allowed); the fused KDA form would spill 24 bytes under it, so PREP_FUSED is off
-# for KDA (X, k and gcum go through DRAM once more) and on for GDN. _wu_kernel's K and V loops have
-# two steps, whose loads one stage already issues together; more stages only cost registers.
+# spreads out when allowed); the fused KDA form spills under it, which until the twelfth session
+# kept PREP_FUSED off for KDA (X, k and gcum through DRAM once more; see PREP_FUSED). _wu_kernel's K
+# and V loops have two steps, whose loads one stage already issues together; more stages only cost
+# registers.
 # float32 inputs (products on FMA units, not tensor cores) go uncapped: (255, 160) KDA, (255, 280) GDN.
 PREP_TUNING: dict[str, dict[str, int]] = {
     "scalar": {"num_warps": 4, "BK": 64, "maxnreg": 168, "wu_num_warps": 8, "wu_num_stages": 1},
@@ -612,10 +619,13 @@ def _gated_kkt(a_acc, q_acc, kb, qb, G, G_p, G_stride, t0, n_in, col0, K: tl.con
     Otherwise only the pairs across the middle (i after m, j up to m: both factors ≤ 1, always
     safe) take that product, and the halves go on to the next size. The pairs inside segments of
     MIN_SEG rows that are left (a gate falling by more than SPAN / 2 within 2·MIN_SEG tokens) go to
-    _seg_pairs. A gentle gate (the usual case) takes one product of the whole chunk, the steepest
-    15 (BT = 64, MIN_SEG = 4) and _seg_pairs. Each product is one tensor-core dot accumulated in
-    place: the rows outside its segment are zeroed in both operands, so pairs across segments get
-    nothing (a masked add of the product would keep a second [BT, BT] tile live)."""
+    _seg_pairs. A gentle gate (the usual case) takes one product of the whole chunk, accumulated in
+    place; a smaller size takes one product for all its segments (two tensor-core dots, for A and
+    Aq), whose pairs across segments are masked off before the add: those are finite too (factors
+    ≤ e^{SPAN/2} each, or ≤ 1 across the middle). The steepest gates take 4 sizes (BT = 64,
+    MIN_SEG = 4) and _seg_pairs. (One dot per segment with the other rows zeroed, the form before,
+    took 15 sizes' worth of dots there: KDA with log-gates x 30 ran 1.54 ms at 16K on an H100, 1.24
+    with this form, both with the two-launch prepare.)"""
     rr = tl.arange(0, BT)
     cols = col0 + tl.arange(0, BK)
     cmask = (cols < K)[None, :]
@@ -641,11 +651,13 @@ def _gated_kkt(a_acc, q_acc, kb, qb, G, G_p, G_stride, t0, n_in, col0, K: tl.con
                 rk = tl.where(after, 0.0, kb * e).to(DT)
                 lk = tl.where(after, kb * e, 0.0).to(DT)
                 lq = tl.where(after, qb * e, 0.0).to(DT)
-            for a in range(0, BT // S):
-                ins = (seg == a)[:, None]
-                right = tl.trans(tl.where(ins, rk, 0.0))
-                a_acc = tl.dot(tl.where(ins, lk, 0.0), right, a_acc, input_precision=PREC)
-                q_acc = tl.dot(tl.where(ins, lq, 0.0), right, q_acc, input_precision=PREC)
+            if S == BT:  # one segment: accumulated in place
+                a_acc = tl.dot(lk, tl.trans(rk), a_acc, input_precision=PREC)
+                q_acc = tl.dot(lq, tl.trans(rk), q_acc, input_precision=PREC)
+            else:  # every segment in one product; the pairs across segments (finite) are dropped
+                same = seg[:, None] == seg[None, :]
+                a_acc += tl.where(same, tl.dot(lk, tl.trans(rk), input_precision=PREC), 0.0)
+                q_acc += tl.where(same, tl.dot(lq, tl.trans(rk), input_precision=PREC), 0.0)
     return a_acc, q_acc, done
 
 
