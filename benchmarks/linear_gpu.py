@@ -21,8 +21,10 @@ output differences as a sanity check.
 batched-PyTorch backward; an fla backward that refuses to run is recorded as fla_<op>_error.
 ``--ops`` picks the ops timed, ``--fwd-max`` skips the forward rows above a T, ``--ab-backward`` adds
 forward+backward rows with the batched-PyTorch backward (linear_bwd.BACKWARD = "batched").
-``--graph`` times every forward as the replay of one captured CUDA graph (same for ours, fla and SDPA:
-the kernels' throughput without the Python launch path, which at 16K is longer than Lightning's kernels).
+``--gate-scale S`` multiplies the GDN / KDA log-gates by S (30: steep gates, the case where KDA's
+prepare factors its gated pairs over shorter segments). ``--graph`` times every forward as the replay
+of one captured CUDA graph (same for ours, fla and SDPA: the kernels' throughput without the Python
+launch path, which at 16K is longer than Lightning's kernels).
 ``--ab-prepare`` first times the delta-rule prepare variants against each other, interleaved (best of
 3, whole forward with the segment-parallel state pass): the single ``_prepare_kernel``, the split
 kernels with w, u, kd in a second launch, and fused (linear.PREP_SPLIT / PREP_FUSED per gate kind),
@@ -45,6 +47,7 @@ from attnlab.kernels import delta_segments, lightning_fwd, linear, linear_bwd
 
 H, D = 16, 128
 DT = torch.bfloat16
+GATE_SCALE = 1.0  # --gate-scale: GDN / KDA log-gates times this (1: 0.1 · logsigmoid(N(0, 1)))
 
 
 def copy_bandwidth() -> float:
@@ -61,9 +64,9 @@ def make(t: int, op: str, grad: bool = False):
     v = torch.randn(1, t, H, D, device="cuda", dtype=DT)
     beta = torch.rand(1, t, H, device="cuda", dtype=DT)
     if op == "gdn":
-        g = F.logsigmoid(torch.randn(1, t, H, device="cuda")) * 0.1
+        g = F.logsigmoid(torch.randn(1, t, H, device="cuda")) * (0.1 * GATE_SCALE)
     elif op == "kda":
-        g = F.logsigmoid(torch.randn(1, t, H, D, device="cuda")) * 0.1
+        g = F.logsigmoid(torch.randn(1, t, H, D, device="cuda")) * (0.1 * GATE_SCALE)
     else:
         g = None
     xs = [q, k, v, g, beta]
@@ -410,6 +413,7 @@ def save(out: str, name: str, bw: float, rows: list[dict], brows: list[dict], ab
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "linear_gpu.json"),
                       {"device": name, "bandwidth": bw, "forward_timing": "cuda_graph" if GRAPH else "eager",
+                       "gate_scale": GATE_SCALE,
                        "tuning": linear.TUNING,
                        "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
                        "prep_split": linear.PREP_SPLIT, "prep_fused": linear.PREP_FUSED,
@@ -436,10 +440,16 @@ def main() -> None:
                     help="time the forward only up to this T (0: forward + backward rows only)")
     ap.add_argument("--graph", action="store_true",
                     help="time forwards as CUDA-graph replays (ours, fla and SDPA alike)")
+    ap.add_argument("--gate-scale", type=float, default=1.0,
+                    help="GDN / KDA log-gates times this (30: steep gates, ~-2.4 a token; KDA's prepare then "
+                         "factors its pairs over shorter segments)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    global GRAPH
+    global GRAPH, GATE_SCALE
     GRAPH = args.graph
+    if not args.gate_scale > 0:
+        ap.error(f"--gate-scale must be positive, got {args.gate_scale}")
+    GATE_SCALE = args.gate_scale
     ts = [int(x) for x in args.T.split(",")]
     ops = [x for x in args.ops.split(",") if x]
     bad = [x for x in ops if x not in ("gdn", "kda", "lightning")]
@@ -448,7 +458,8 @@ def main() -> None:
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
-    print(f"device: {name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s (read+write)")
+    print(f"device: {name}; torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s (read+write); "
+          f"gate scale {GATE_SCALE:g}")
     kernels = [x for x in args.sweep.split(",") if x and x not in ("segmented", "delta_segmented")]
     if kernels:
         sweep(16384, ",".join(kernels))

@@ -96,6 +96,8 @@ TUNING: dict[str, dict] = {
     #       4.284; stored states and v' (no fusion) 0.709 / 2.692. BV 32 at 8 warps, 1 stage hits an
     #       illegal shared-memory read in a tensor-core product (compute-sanitizer: "Invalid __shared__
     #       read of size 512 bytes" in _mm) with Triton 3.6: a code-generation fault, so not launched.
+    #       Twelfth session, same A/B: default 0.629 / 2.293; 2 stages at 1 per SM 0.666 / 2.476, at 2 per
+    #       SM 0.690 / 2.512; 8 warps, 2 stages, 1 per SM 0.704 / 2.663.
     #   KDA BV 64, 4 warps, 2 stages, 1 per SM: 1.025 / 3.926 ms (246 regs, no stack, 128 KB);
     #       1 stage, 2 per SM: 1.058 / 3.956; BV 32, 3 per SM: 1.089 / 4.131; BV 128 at 8 warps 1.080 /
     #       4.054; no fusion 1.092 / 4.202.
