@@ -25,10 +25,11 @@ constant decay, so it skips the first launch. (A first version fused the output 
 sequential loop; on an H200 that was ~2x slower than fla at 64K tokens, so the output moved out. It
 came back into the segment-parallel pass below, FUSED_OUTPUT, once that pass had the programs to
 carry it: ~2 per SM of 64 value columns each.)
-With ``PREP_SPLIT`` (KDA's default) the first launch is instead ``_kkt_inv_kernel`` (gate cumsum, A and
-the q·k matrix as 64-row tensor-core products, X into a float32 scratch, as fla's chunk_scaled_dot_kkt
-+ solve_tril do) and ``_wu_kernel`` (w, u, kd: 64-row products with X), or the first alone with
-w, u, kd fused (``PREP_FUSED``): no register spills, unlike the single kernel.
+With ``PREP_SPLIT`` (the default for both gates) the first launch is instead ``_kkt_inv_kernel`` (gate
+cumsum, A and the q·k matrix as 64-row tensor-core products, X into a scratch, as fla's
+chunk_scaled_dot_kkt + solve_tril do) and ``_wu_kernel`` (w, u, kd: 64-row products with X), or, by
+default (``PREP_FUSED``), the first alone with w, u, kd fused: far fewer register spills than the
+single kernel.
 With ``LIGHTNING_SEGMENTED`` (the default) Lightning's forward is instead the segment-parallel one
 in :mod:`.lightning_fwd`, which writes per-chunk states only when an input needs a gradient.
 With ``DELTA_SEGMENTED`` (the default) the delta rule's state pass is instead the segment-parallel
@@ -45,8 +46,9 @@ sub-chunk (the second factor is then ≤ e^60, finite), and an elementwise loop 
 chunk_kda does), so a log-gate of −40 per token is exact too (tested).
 The split kernel instead halves segments from the whole chunk down (_gated_kkt): a segment whose
 gate falls by less than DIAG_SPAN factors all its pairs through its middle token (factors ≤ e^30),
-else only the pairs across the middle (factors ≤ 1) and its halves go on; pairs left inside
-4-token segments go elementwise (_seg_pairs), so no gate overflows either.
+else only the pairs across the middle (factors ≤ 1) and its halves go on (one product per segment
+size, the pairs across segments masked off); pairs left inside 4-token segments go elementwise
+(_seg_pairs), so no gate overflows either.
 
 Backward: Lightning has a Triton backward (q, k, v, initial state; the slope is a fixed buffer
 in the layers, and asking for its gradient falls back to recomputing through the chunked PyTorch
