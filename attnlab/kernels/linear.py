@@ -94,13 +94,12 @@ FUSED_OUTPUT: dict[str, bool] = {"scalar": True, "vector": True}
 # ("scalar_train"). Confirmed in the eleventh session (same card, interleaved with fla): single 0.744 /
 # 2.739, split 0.711 / 2.691, fla 0.693 / 2.684; GPU tests passed on it.
 PREP_SPLIT: dict[str, bool] = {"scalar": True, "vector": True}
-# with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel);
-# "scalar" applies only when GDN is switched to the split form. KDA, twelfth session (H100, whole
-# forward, CUDA graphs, interleaved, best of 3, ms at 16K / 64K): gentle gates (0.1 · logsigmoid)
-# 0.989 / 3.801 two launches, 0.962 / 3.661 fused; log-gates x 30 1.241 / 4.748 vs 1.195 / 4.610
-# (fla in the same runs 1.312 / 5.149 and 1.312 / 5.159). It parks 56 bytes a thread under the
-# 128-register cap (PREP_TUNING), which costs less than the launch and the DRAM round trip of X,
-# k and gcum it saves; more registers would leave one program per SM.
+# with PREP_SPLIT, by gate kind: w, u, kd inside _kkt_inv_kernel (False: a second launch, _wu_kernel).
+# KDA, twelfth session (H100, whole forward, CUDA graphs, interleaved, best of 3, ms at 16K / 64K):
+# gentle gates (0.1 · logsigmoid) 0.989 / 3.801 two launches, 0.962 / 3.661 fused; log-gates x 30
+# 1.241 / 4.748 vs 1.195 / 4.610 (fla in the same runs 1.312 / 5.149 and 1.312 / 5.159). It parks 56
+# bytes a thread under the 128-register cap (PREP_TUNING), which costs less than the launch and the
+# DRAM round trip of X, k and gcum it saves; more registers would leave one program per SM.
 PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": True}
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
