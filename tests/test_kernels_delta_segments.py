@@ -299,6 +299,19 @@ def test_interp_forward_matches_loop_and_single_pass(segmented, op, log_gate):
     assert rel_err(o, o_old) < 1e-5 and rel_err(ht, ht_old) < 1e-5
 
 
+def fused_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu):
+    """linear._forward's (o, final states, per-chunk states) with the outputs made in the segmented
+    pass (FUSED_OUTPUT on), then by the output kernel from the stored states (off); scale D_k^-1/2."""
+    from attnlab.kernels import linear
+
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": fused, "vector": fused})
+        outs.append(linear._forward(q, k, v, g, beta, None, q.shape[-1] ** -0.5, h0, True, cu,
+                                    1 if op == "gdn" else 2))
+    return outs
+
+
 @interp
 @pytest.mark.parametrize(("op", "qg"), [("gdn", False), ("kda", True), ("kda", False)])
 def test_interp_fused_output_equals_stored_states(segmented, monkeypatch, op, qg):
@@ -315,14 +328,9 @@ def test_interp_fused_output_equals_stored_states(segmented, monkeypatch, op, qg
     q, k, v, g, beta = (torch.cat([p[j] for p in parts], dim=1) for j in range(5))
     h0 = torch.cat([p[5] for p in parts], dim=0)
     cu = torch.tensor([0, 150, 151, 221])
-    gate = 1 if op == "gdn" else 2
     if op == "kda":
         monkeypatch.setitem(linear.PREP_SPLIT, "vector", qg)
-    outs = {}
-    for fused in (True, False):
-        monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": fused, "vector": fused})
-        outs[fused] = linear._forward(q, k, v, g, beta, None, 24 ** -0.5, h0, True, cu, gate)
-    (o, ht, states), (o_ref, ht_ref, states_ref) = outs[True], outs[False]
+    (o, ht, states), (o_ref, ht_ref, states_ref) = fused_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu)
     assert states is None and states_ref is not None
     assert rel_err(o, o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
     assert rel_err(o[:, :150], oracle(op, *parts[0])[0]) < 1e-5
@@ -461,8 +469,6 @@ def test_gpu_fused_output_bf16_gqa_packed(segmented, monkeypatch, op):
     segments) with GQA (8 value heads on 4 key heads) and packed sequences of 3000, 1, 5000 and 70
     tokens: o and the final states equal the stored-states path's (the output kernel), and the fused
     run returns no per-chunk states (it took the fused path)."""
-    from attnlab.kernels import linear
-
     segmented.SEGMENT_LEN = None
     lens = [3000, 1, 5000, 70]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
@@ -470,11 +476,7 @@ def test_gpu_fused_output_bf16_gqa_packed(segmented, monkeypatch, op):
     q, k, v, beta = (x.to("cuda", torch.bfloat16) for x in (q, k, v, beta))
     g = g.cuda()
     h0 = torch.randn(len(lens), 8, 128, 128, device="cuda")
-    gate, outs = 1 if op == "gdn" else 2, {}
-    for fused in (True, False):
-        monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": fused, "vector": fused})
-        outs[fused] = linear._forward(q, k, v, g, beta, None, 128 ** -0.5, h0, True, cu, gate)
-    (o, ht, states), (o_ref, ht_ref, _) = outs[True], outs[False]
+    (o, ht, states), (o_ref, ht_ref, _) = fused_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu)
     assert states is None and o.dtype == torch.bfloat16
     assert rel_err(o, o_ref) < 1e-3 and rel_err(ht, ht_ref) < 1e-5
 
