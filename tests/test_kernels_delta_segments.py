@@ -225,6 +225,9 @@ def test_interp_bad_gate_and_segment_length(segmented, monkeypatch):
     w, u, kd, gcum, _ = synthetic(1, [10], 1, 16, 16, False, 0)
     with pytest.raises(ValueError, match="gate"):
         segmented.state_pass(w, u, kd, gcum, 0, None, None, w, u, None)
+    kw, ku, kkd, kgcum, _ = synthetic(2, [10], 1, 16, 16, False, 0)
+    with pytest.raises(ValueError, match="keys"):  # kd from k: GDN's scalar gate only
+        segmented.state_pass(kw, ku, kkd, kgcum, 2, None, None, kw, ku, None, keys=kw)
     segmented.SEGMENT_LEN = 100
     with pytest.raises(ValueError, match="SEGMENT_LEN"):
         segmented.segment_length(1000, 4, 64, 64, torch.device("cpu"))
@@ -336,6 +339,51 @@ def test_interp_fused_output_equals_stored_states(segmented, monkeypatch, op, qg
     assert rel_err(o[:, :150], oracle(op, *parts[0])[0]) < 1e-5
 
 
+def kd_from_k_and_stored(monkeypatch, q, k, v, g, beta, h0, cu):
+    """GDN's linear._forward (o, final states, per-chunk states) with kd made from k inside the
+    segmented pass (linear.KD_FROM_K), then written by the prepare and read back (off); and the
+    `keys` each run handed delta_segments.state_pass (proof of the path taken)."""
+    from attnlab.kernels import delta_segments, linear
+
+    seen, state_pass = [], delta_segments.state_pass
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("keys"))
+        return state_pass(*args, **kwargs)
+
+    monkeypatch.setattr(delta_segments, "state_pass", spy)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(linear, "KD_FROM_K", on)
+        outs.append(linear._forward(q, k, v, g, beta, None, q.shape[-1] ** -0.5, h0, True, cu, 1))
+    assert seen[0] is k and seen[1] is None
+    return outs
+
+
+@interp
+@pytest.mark.parametrize("fused", [True, False])
+def test_interp_kd_from_k_equals_stored_kd(segmented, monkeypatch, fused):
+    """GDN with kd made from k inside the segment passes (linear.KD_FROM_K: the prepare does not
+    write it; the passes add Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v') equals the forward with kd written
+    by the prepare and read back, and the float64 loop: packed sequences of 150, 1 and 70 tokens,
+    GQA (4 value heads on 2 key heads), D_k = 24, D_v = 40, initial states, segments of 64, with the
+    outputs made in pass 3 (fused) and from stored states and v' (not fused)."""
+    from attnlab.kernels import linear
+
+    monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": fused, "vector": fused})
+    lens = [150, 1, 70]
+    parts = [make_inputs("gdn", 1, n, 4, 2, 24, 40, -0.05, seed=20 + i) for i, n in enumerate(lens)]
+    q, k, v, g, beta = (torch.cat([p[j] for p in parts], dim=1) for j in range(5))
+    h0 = torch.cat([p[5] for p in parts], dim=0)
+    cu = torch.tensor([0, 150, 151, 221])
+    (o, ht, states), (o_ref, ht_ref, states_ref) = kd_from_k_and_stored(monkeypatch, q, k, v, g, beta, h0, cu)
+    assert rel_err(o, o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
+    if not fused:
+        assert rel_err(states, states_ref) < 1e-6
+    ro, rs = oracle("gdn", *parts[2])
+    assert rel_err(o[:, 151:], ro) < 1e-5 and rel_err(ht[2], rs[0]) < 1e-5
+
+
 @needs_sm90_toolchain
 @pytest.mark.parametrize("gate", [1, 2])
 @pytest.mark.parametrize("store_ht", [False, True])
@@ -344,11 +392,12 @@ def test_fused_output_launch_fits_its_programs_per_sm(gate, store_ht):
     pointers and T 16-divisible as triton specialises them): its programs_per_sm (which sets the
     segment count, so that pass 3 is one wave) fit an SM by registers and by shared memory; its
     products run on wgmma. Its registers are at the 255 limit, so it parks a little (Triton 3.9):
-    GDN 112 bytes a thread (216 with the final state stored), timed faster than the spill-free
-    shapes all the same; KDA none (16 with the final state): allowed 256 and 32."""
+    GDN 160 bytes a thread with kd made from k (248 with the final state stored; 112 / 216 reading
+    kd), timed faster than the spill-free shapes all the same; KDA none (16 with the final state):
+    allowed 256 and 32."""
     import triton.language as tl
 
-    from attnlab.kernels import delta_segments
+    from attnlab.kernels import delta_segments, linear
 
     cfg = delta_segments.TUNING[("output_scalar", "output_vector")[gate - 1]]
     fn = delta_segments._segment_state_kernel
@@ -356,7 +405,8 @@ def test_fused_output_launch_fits_its_programs_per_sm(gate, store_ht):
     ptr.update(gcum="*fp32", seg_b="*fp32", ht="*fp32", cu_seqlens="*i32", seg_table="*i32",
                chunk_offsets="*i32")
     const = dict(H=16, HK=16, K=128, V=128, BT=C, BK=128, BV=cfg["BV"], GATE=gate, STORE_HT=store_ht,
-                 IS_VARLEN=False, OUTPUT=True, QG=gate == 2, DT=tl.bfloat16, PREC="tf32")
+                 IS_VARLEN=False, OUTPUT=True, QG=gate == 2, KD_FROM_K=gate == 1 and linear.KD_FROM_K,
+                 DT=tl.bfloat16, PREC="tf32")
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
     kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"])
@@ -479,6 +529,31 @@ def test_gpu_fused_output_bf16_gqa_packed(segmented, monkeypatch, op):
     (o, ht, states), (o_ref, ht_ref, _) = fused_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu)
     assert states is None and o.dtype == torch.bfloat16
     assert rel_err(o, o_ref) < 1e-3 and rel_err(ht, ht_ref) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_kd_from_k_bf16_gqa_packed(segmented, monkeypatch):
+    """GDN's kd made from k in the segment passes (linear.KD_FROM_K) as a bf16 GPU forward runs it
+    (tuned shapes, device-chosen segments, fused outputs), GQA (8 value heads on 4 key heads),
+    packed sequences of 3000, 1, 5000 and 70 tokens: its error against the float32 forward (same
+    inputs, ieee products) is no worse than that of the bf16 forward with kd written by the
+    prepare (it rounds v' ⊙ e^{G_last − G} where that rounds K ⊙ e^{G_last − G})."""
+    segmented.SEGMENT_LEN = None
+    lens = [3000, 1, 5000, 70]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    q, k, v, g, beta, _ = make_inputs("gdn", 1, sum(lens), 8, 4, 128, 128, -0.05, seed=6)
+    q, k, v, beta = (x.to("cuda", torch.bfloat16) for x in (q, k, v, beta))
+    h0 = torch.randn(len(lens), 8, 128, 128, device="cuda")
+    g = g.cuda()
+    (o, ht, _), (o_st, ht_st, _) = kd_from_k_and_stored(monkeypatch, q, k, v, g, beta, h0, cu)
+    from attnlab.kernels import linear
+
+    o32, ht32, _ = linear._forward(*(x.float() for x in (q, k, v, g, beta)), None, 128**-0.5, h0, True, cu, 1)
+    assert o.dtype == torch.bfloat16
+    err, err_st = (rel_err(x, o32) for x in (o, o_st))
+    assert err < 1e-2 and err <= 1.1 * err_st + 1e-5, (err, err_st)
+    err, err_st = (rel_err(x, ht32) for x in (ht, ht_st))
+    assert err < 1e-2 and err <= 1.1 * err_st + 1e-5, (err, err_st)
 
 
 @pytest.mark.gpu

@@ -59,6 +59,7 @@ from .linear import (
     _store_tile,
     _tile,
     _tl_dtype,
+    _vec,
 )
 
 # Launch parameters; `benchmarks/linear_gpu.py --sweep delta_segmented` may override them.
@@ -97,7 +98,9 @@ TUNING: dict[str, dict] = {
     #       illegal shared-memory read in a tensor-core product (compute-sanitizer: "Invalid __shared__
     #       read of size 512 bytes" in _mm) with Triton 3.6: a code-generation fault, so not launched.
     #       Twelfth session, same A/B: default 0.629 / 2.293; 2 stages at 1 per SM 0.666 / 2.476, at 2 per
-    #       SM 0.690 / 2.512; 8 warps, 2 stages, 1 per SM 0.704 / 2.663.
+    #       SM 0.690 / 2.512; 8 warps, 2 stages, 1 per SM 0.704 / 2.663. Thirteenth session, kd made
+    #       from k (linear.KD_FROM_K; parks 160 bytes): 0.576 / 2.061; 2 stages 0.625 / 2.241; the
+    #       transition at 1 stage 0.580 / 2.096.
     #   KDA BV 64, 4 warps, 2 stages, 1 per SM: 1.025 / 3.926 ms (246 regs, no stack, 128 KB);
     #       1 stage, 2 per SM: 1.058 / 3.956; BV 32, 3 per SM: 1.089 / 4.131; BV 128 at 8 warps 1.080 /
     #       4.054; no fusion 1.092 / 4.202.
@@ -125,14 +128,24 @@ def _decay_rows(X, G_p, last, rk, K: tl.constexpr, GATE: tl.constexpr, H: tl.con
 
 
 @triton.jit
+def _to_chunk_end(y, G_p, t0, n, last, H: tl.constexpr, BT: tl.constexpr):
+    """y [BT, N] with row t scaled by e^{G_last − G_t} (GDN's scalar gcum at G_p: this sequence's
+    row 0 and head), so that Kᵀ (that) = kdᵀ y with kd = K ⊙ e^{G_last − G}, the decayed keys the
+    prepare would otherwise write (KD_FROM_K)."""
+    G = _vec(G_p, t0, n, H, BT)[:, None]
+    return y * tl.exp(tl.load(G_p + last * H) - G)
+
+
+@triton.jit
 def _transition_kernel(
-    w, u, kd, gcum, seg_m, seg_b, cu_seqlens, seg_table, nonlast, T, L, n_seg,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    w, u, kd, k, gcum, seg_m, seg_b, cu_seqlens, seg_table, nonlast, T, L, n_seg,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BX: tl.constexpr, NXK: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    KD_FROM_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 1: BX columns of [M_seg | B_seg] of one non-last segment, into the next slot.
-    Column blocks 0 .. NXK−1 are M's (from the identity), the rest B's (from zero)."""
+    Column blocks 0 .. NXK−1 are M's (from the identity), the rest B's (from zero). KD_FROM_K
+    (GDN): kd made from k (_to_chunk_end), not read."""
     i_x, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_VARLEN:
         slot = tl.load(nonlast + i_p)
@@ -148,6 +161,7 @@ def _transition_kernel(
     X = tl.where(is_m & (rk[:, None] == cols[None, :]), 1.0, 0.0)  # [BK, BX] float32
     w_p = w + (bos * H + i_h) * K
     kd_p = kd + (bos * H + i_h) * K
+    k_p = k + (bos * HK + i_h // (H // HK)) * K
     u_p = u + (bos * H + i_h) * V
     if GATE == 1:
         G_p = gcum + bos * H + i_h
@@ -160,9 +174,13 @@ def _transition_kernel(
         n_in = tl.minimum(n - t0, BT)
         b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
         b_y = _tile(u_p, t0, n_u, H * V, c0, V, BT, BX).to(tl.float32) - _mm(b_w, X, DT, PREC)  # [BT, BX]
-        b_kd = _tile(kd_p, t0, n, H * K, 0, K, BT, BK)
-        X = _decay_rows(X, G_p, (t0 + n_in - 1).to(tl.int64), rk, K, GATE, H)
-        X += _mm(tl.trans(b_kd), b_y, DT, PREC)
+        last = (t0 + n_in - 1).to(tl.int64)
+        X = _decay_rows(X, G_p, last, rk, K, GATE, H)
+        if KD_FROM_K:
+            b_y = _to_chunk_end(b_y, G_p, t0, n, last, H, BT)
+            X += _mm(tl.trans(_tile(k_p, t0, n, HK * K, 0, K, BT, BK)), b_y, DT, PREC)
+        else:
+            X += _mm(tl.trans(_tile(kd_p, t0, n, H * K, 0, K, BT, BK)), b_y, DT, PREC)
     dst = (slot + 1).to(tl.int64) * H + i_h
     if is_m:
         tl.store(seg_m + dst * K * K + rk[:, None] * K + cols[None, :], X,
@@ -220,11 +238,12 @@ def _segment_state_kernel(
     w, u, kd, gcum, seg_b, h, vn, ht, q, k, qg, aqk, o, cu_seqlens, seg_table, chunk_offsets, scale, T, L,
     n_seg, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    OUTPUT: tl.constexpr, QG: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    OUTPUT: tl.constexpr, QG: tl.constexpr, KD_FROM_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 3: linear._state_kernel's loop (GATE 1, 2) over one segment's chunks, from S_in. OUTPUT:
     instead of the states and v', each chunk's output (linear._chunk_output, as the output kernel
-    would make it from them), while the state and v' are in registers."""
+    would make it from them), while the state and v' are in registers. KD_FROM_K (GDN): kd made
+    from the chunk's K tile (_to_chunk_end), which the outputs read too, not read from kd."""
     i_v, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_s = _segment_of(i_p, n_seg, seg_table, IS_VARLEN)
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
@@ -256,18 +275,25 @@ def _segment_state_kernel(
         if not OUTPUT:
             tl.store(h_p + kv, S.to(h.dtype.element_ty), mask=mkv)
             h_p += H * K * V  # 64-bit pointer steps (states pass 2^31 elements at ~1M tokens)
+        last = (t0 + n_in - 1).to(tl.int64)
         b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
         b_vn = _tile(u_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32) - _mm(b_w, S, DT, PREC)
+        if KD_FROM_K:
+            b_k = _tile(k + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
+        else:
+            b_k = b_w  # not read
         if OUTPUT:
-            b_o = _chunk_output(q + (bos * HK + i_hk) * K, k + (bos * HK + i_hk) * K,
+            b_o = _chunk_output(q + (bos * HK + i_hk) * K, k + (bos * HK + i_hk) * K, b_k,
                                 qg + (bos * H + i_h) * K, aqk + (bos * H + i_h) * BT, gcum, gcum, S, b_vn,
-                                bos, i_h, t0, n, scale, H, HK, K, BT, BK, GATE, QG, DT, PREC)
+                                bos, i_h, t0, n, scale, H, HK, K, BT, BK, GATE, QG, DT, PREC, KD_FROM_K)
             _store_tile(o + (bos * H + i_h) * V, b_o, t0, n, H * V, c0, V, BT, BV)
         else:
             _store_tile(vn_p, b_vn, t0, n, H * V, c0, V, BT, BV)
-        b_kd = _tile(kd_p, t0, n, H * K, 0, K, BT, BK)
-        S = _decay_rows(S, G_p, (t0 + n_in - 1).to(tl.int64), rk, K, GATE, H)
-        S += _mm(tl.trans(b_kd), b_vn, DT, PREC)
+        S = _decay_rows(S, G_p, last, rk, K, GATE, H)
+        if KD_FROM_K:
+            S += _mm(tl.trans(b_k), _to_chunk_end(b_vn, G_p, t0, n, last, H, BT), DT, PREC)
+        else:
+            S += _mm(tl.trans(_tile(kd_p, t0, n, H * K, 0, K, BT, BK)), b_vn, DT, PREC)
     if STORE_HT:
         if t_beg + L >= n:  # the sequence's last segment
             tl.store(ht + (i_b.to(tl.int64) * H + i_h) * K * V + kv, S, mask=mkv)
@@ -319,6 +345,7 @@ def state_pass(
     vn: torch.Tensor,
     ht: torch.Tensor | None,
     out: tuple | None = None,
+    keys: torch.Tensor | None = None,
 ) -> None:
     """The delta rule's chunk-to-chunk pass, segment-parallel; fills what linear._state_kernel does.
 
@@ -333,9 +360,14 @@ def state_pass(
     out = (q, k, qg, aqk, o, scale): pass 3 writes the outputs o [B, T, H, D_v] instead of states
     and vn (both unused, may be placeholders): q, k [B, T, H_k, D_k] the forward's inputs, qg
     (KDA: q ⊙ e^G from the split prepare, or None), aqk (KDA: the prepare's scale · gated q·k, or
-    None for GDN, which makes it here), as linear._output_kernel takes them."""
+    None for GDN, which makes it here), as linear._output_kernel takes them.
+
+    keys (GDN only): the forward's k [B, T, H_k, D_k]; kd is then made from it and gcum where it is
+    read (the prepare's bits, K ⊙ e^{G_last − G}), and the kd argument is not read (any tensor)."""
     if gate not in (1, 2):
         raise ValueError(f"gate: expected 1 (GDN) or 2 (KDA), got {gate}")
+    if keys is not None and gate != 1:
+        raise ValueError("keys: kd is made from k only for GDN's scalar gate (gate 1); KDA reads kd")
     b, t, h, d_k = w.shape
     d_v = u.shape[3]
     dev = w.device
@@ -357,6 +389,8 @@ def state_pass(
     seg_m = _empty(max(n_slots, 1), h, d_k, d_k, dtype=torch.float32, device=dev)
     seg_b = _empty(max(n_slots, 1), h, d_k, d_v, dtype=torch.float32, device=dev)
     h0 = initial_state if initial_state is not None else seg_b
+    k_in = keys if keys is not None else (out[1] if out is not None else w)  # w: any pointer, not read
+    hk = k_in.shape[2]
     ht_ = ht if ht is not None else seg_b
     cfg = TUNING["transition"]
     bx = _block(cfg["BX"], max(d_k, d_v), d_k)
@@ -364,9 +398,10 @@ def state_pass(
     if n_nonlast > 0:
         launch_fitting(  # float32 at D = 256: 3 stages would need 304 KB of shared memory
             _transition_kernel, (nxk + triton.cdiv(d_v, bx), n_nonlast, h),
-            w, u, kd, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
-            H=h, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
-            DT=dt, PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            w, u, kd, k_in, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
+            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
+            KD_FROM_K=keys is not None, DT=dt, PREC=prec, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
     cfg = TUNING["scan"]
     bv = _block(cfg["BV"], d_v, d_k)
@@ -379,7 +414,8 @@ def state_pass(
     cfg = TUNING[pass3]
     bv = _block(cfg["BV"], d_v, d_k)
     if out is None:
-        q = k = qg = aqk = o = w  # any pointer: not read
+        q = qg = aqk = o = w  # any pointer: not read
+        k = k_in
         scale = 1.0
     else:
         q, k, qg, aqk, o, scale = out
@@ -389,8 +425,9 @@ def state_pass(
             _segment_state_kernel, (triton.cdiv(d_v, bv), n_slots, h),
             w, u, kd, gcum, seg_b, states, vn, ht_, q, k, qg if qg is not None else o,
             aqk if aqk is not None else o, o, cu, table, chunk_offsets, scale, t, length, n_seg,
-            H=h, HK=q.shape[2], K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
-            IS_VARLEN=varlen, OUTPUT=out is not None, QG=qg is not None, DT=dt, PREC=prec,
+            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
+            IS_VARLEN=varlen, OUTPUT=out is not None, QG=qg is not None, KD_FROM_K=keys is not None,
+            DT=dt, PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
