@@ -339,35 +339,39 @@ def test_interp_fused_output_equals_stored_states(segmented, monkeypatch, op, qg
     assert rel_err(o[:, :150], oracle(op, *parts[0])[0]) < 1e-5
 
 
-def kd_from_k_and_stored(monkeypatch, q, k, v, g, beta, h0, cu):
+def kd_from_k_and_stored(monkeypatch, q, k, v, g, beta, h0, cu, wu_from_x=True):
     """GDN's linear._forward (o, final states, per-chunk states) with kd made from k inside the
-    segmented pass (linear.KD_FROM_K), then written by the prepare and read back (off); and the
-    `keys` each run handed delta_segments.state_pass (proof of the path taken)."""
+    segmented pass (linear.KD_FROM_K; and w, u from X, v, β there: linear.WU_FROM_X), then with w,
+    u, kd written by the prepare and read back (both off). Checks from the arguments each run handed
+    delta_segments.state_pass that it took the path asked for."""
     from attnlab.kernels import delta_segments, linear
 
     seen, state_pass = [], delta_segments.state_pass
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("keys"))
+        seen.append((kwargs.get("keys"), kwargs.get("from_x")))
         return state_pass(*args, **kwargs)
 
     monkeypatch.setattr(delta_segments, "state_pass", spy)
+    monkeypatch.setattr(linear, "WU_FROM_X", wu_from_x)
     outs = []
     for on in (True, False):
         monkeypatch.setattr(linear, "KD_FROM_K", on)
         outs.append(linear._forward(q, k, v, g, beta, None, q.shape[-1] ** -0.5, h0, True, cu, 1))
-    assert seen[0] is k and seen[1] is None
+    assert seen[0][0] is k and (seen[0][1] is not None) == wu_from_x and seen[1] == (None, None)
     return outs
 
 
 @interp
 @pytest.mark.parametrize("fused", [True, False])
-def test_interp_kd_from_k_equals_stored_kd(segmented, monkeypatch, fused):
+@pytest.mark.parametrize("wu_from_x", [True, False])
+def test_interp_kd_from_k_equals_stored_kd(segmented, monkeypatch, fused, wu_from_x):
     """GDN with kd made from k inside the segment passes (linear.KD_FROM_K: the prepare does not
-    write it; the passes add Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v') equals the forward with kd written
-    by the prepare and read back, and the float64 loop: packed sequences of 150, 1 and 70 tokens,
-    GQA (4 value heads on 2 key heads), D_k = 24, D_v = 40, initial states, segments of 64, with the
-    outputs made in pass 3 (fused) and from stored states and v' (not fused)."""
+    write it; the passes add Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v'), and w, u with it (WU_FROM_X:
+    v' = X (β ⊙ (V − e^G ⊙ (K S)))), equals the forward with w, u, kd written by the prepare and
+    read back, and the float64 loop: packed sequences of 150, 1 and 70 tokens, GQA (4 value heads on
+    2 key heads), D_k = 24, D_v = 40, initial states, segments of 64, with the outputs made in pass 3
+    (fused) and from stored states and v' (not fused)."""
     from attnlab.kernels import linear
 
     monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": fused, "vector": fused})
@@ -376,7 +380,8 @@ def test_interp_kd_from_k_equals_stored_kd(segmented, monkeypatch, fused):
     q, k, v, g, beta = (torch.cat([p[j] for p in parts], dim=1) for j in range(5))
     h0 = torch.cat([p[5] for p in parts], dim=0)
     cu = torch.tensor([0, 150, 151, 221])
-    (o, ht, states), (o_ref, ht_ref, states_ref) = kd_from_k_and_stored(monkeypatch, q, k, v, g, beta, h0, cu)
+    (o, ht, states), (o_ref, ht_ref, states_ref) = kd_from_k_and_stored(monkeypatch, q, k, v, g, beta, h0, cu,
+                                                                        wu_from_x)
     assert rel_err(o, o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
     if not fused:
         assert rel_err(states, states_ref) < 1e-6
@@ -392,21 +397,21 @@ def test_fused_output_launch_fits_its_programs_per_sm(gate, store_ht):
     pointers and T 16-divisible as triton specialises them): its programs_per_sm (which sets the
     segment count, so that pass 3 is one wave) fit an SM by registers and by shared memory; its
     products run on wgmma. Its registers are at the 255 limit, so it parks a little (Triton 3.9):
-    GDN 160 bytes a thread with kd made from k (248 with the final state stored; 112 / 216 reading
-    kd), timed faster than the spill-free shapes all the same; KDA none (16 with the final state):
-    allowed 256 and 32."""
+    GDN 96 bytes a thread with v' and kd made from X, v, β, k (176 with the final state stored; 120 /
+    216 reading w, u, kd), timed faster than the spill-free shapes all the same; KDA none (16 with
+    the final state): allowed 256 and 32."""
     import triton.language as tl
 
     from attnlab.kernels import delta_segments, linear
 
     cfg = delta_segments.TUNING[("output_scalar", "output_vector")[gate - 1]]
     fn = delta_segments._segment_state_kernel
-    ptr = {a: "*bf16" for a in ("w", "u", "kd", "h", "vn", "q", "k", "qg", "aqk", "o")}
+    ptr = {a: "*bf16" for a in ("w", "u", "kd", "h", "vn", "q", "k", "qg", "aqk", "o", "xa", "v", "beta")}
     ptr.update(gcum="*fp32", seg_b="*fp32", ht="*fp32", cu_seqlens="*i32", seg_table="*i32",
                chunk_offsets="*i32")
     const = dict(H=16, HK=16, K=128, V=128, BT=C, BK=128, BV=cfg["BV"], GATE=gate, STORE_HT=store_ht,
                  IS_VARLEN=False, OUTPUT=True, QG=gate == 2, KD_FROM_K=gate == 1 and linear.KD_FROM_K,
-                 DT=tl.bfloat16, PREC="tf32")
+                 WU_FROM_X=gate == 1 and linear.KD_FROM_K and linear.WU_FROM_X, DT=tl.bfloat16, PREC="tf32")
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
     kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"])

@@ -52,6 +52,7 @@ from .linear import (
     CHUNK,
     _chunk_output,
     _chunk_tables,
+    _ctile,
     _empty,
     _mm,
     _seq_bounds,
@@ -100,7 +101,8 @@ TUNING: dict[str, dict] = {
     #       Twelfth session, same A/B: default 0.629 / 2.293; 2 stages at 1 per SM 0.666 / 2.476, at 2 per
     #       SM 0.690 / 2.512; 8 warps, 2 stages, 1 per SM 0.704 / 2.663. Thirteenth session, kd made
     #       from k (linear.KD_FROM_K; parks 160 bytes): 0.576 / 2.061; 2 stages 0.625 / 2.241; the
-    #       transition at 1 stage 0.580 / 2.096.
+    #       transition at 1 stage 0.580 / 2.096. And v' from X, v, β (linear.WU_FROM_X; parks 96):
+    #       0.517 / 1.884; the transition at 1 stage 0.528 / 1.922.
     #   KDA BV 64, 4 warps, 2 stages, 1 per SM: 1.025 / 3.926 ms (246 regs, no stack, 128 KB);
     #       1 stage, 2 per SM: 1.058 / 3.956; BV 32, 3 per SM: 1.089 / 4.131; BV 128 at 8 warps 1.080 /
     #       4.054; no fusion 1.092 / 4.202.
@@ -137,15 +139,35 @@ def _to_chunk_end(y, G_p, t0, n, last, H: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, S, t0, n, n_u, col0, H: tl.constexpr, K: tl.constexpr,
+             V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, WU_FROM_X: tl.constexpr,
+             DT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk's v' = u − w S [BT, BX] for the BX columns of S [BK, BX] from col0 (rows of u at
+    or past n_u read as 0). WU_FROM_X (GDN): from the prepare's X = (I + A)⁻¹ (x_p), v, β and the
+    scalar gcum instead of w and u, which it then need not make: w = X (β e^G ⊙ K), u = X (β V), so
+    u − w S = X (β ⊙ (V − e^G ⊙ (K S))), with b_k the chunk's K tile. Pointers at this sequence's
+    row 0 and head (x_p, w_p, u_p, v_p, b_p, G_p: value head)."""
+    if WU_FROM_X:
+        y = _tile(v_p, t0, n_u, H * V, col0, V, BT, BX).to(tl.float32)
+        y -= tl.exp(_vec(G_p, t0, n, H, BT))[:, None] * _mm(b_k, S, DT, PREC)
+        y *= _vec(b_p, t0, n, H, BT)[:, None]
+        return _mm(_ctile(x_p, t0, n, H * BT, 0, BT, BT, BT), y, DT, PREC)
+    else:
+        b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
+        return _tile(u_p, t0, n_u, H * V, col0, V, BT, BX).to(tl.float32) - _mm(b_w, S, DT, PREC)
+
+
+@triton.jit
 def _transition_kernel(
-    w, u, kd, k, gcum, seg_m, seg_b, cu_seqlens, seg_table, nonlast, T, L, n_seg,
+    w, u, kd, k, xa, v, beta, gcum, seg_m, seg_b, cu_seqlens, seg_table, nonlast, T, L, n_seg,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BX: tl.constexpr, NXK: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    KD_FROM_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    KD_FROM_K: tl.constexpr, WU_FROM_X: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 1: BX columns of [M_seg | B_seg] of one non-last segment, into the next slot.
     Column blocks 0 .. NXK−1 are M's (from the identity), the rest B's (from zero). KD_FROM_K
-    (GDN): kd made from k (_to_chunk_end), not read."""
+    (GDN): kd made from k (_to_chunk_end), not read; WU_FROM_X (with it): w, u not read either
+    (_v_prime)."""
     i_x, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_VARLEN:
         slot = tl.load(nonlast + i_p)
@@ -163,6 +185,7 @@ def _transition_kernel(
     kd_p = kd + (bos * H + i_h) * K
     k_p = k + (bos * HK + i_h // (H // HK)) * K
     u_p = u + (bos * H + i_h) * V
+    x_p, v_p, b_p = xa + (bos * H + i_h) * BT, v + (bos * H + i_h) * V, beta + bos * H + i_h
     if GATE == 1:
         G_p = gcum + bos * H + i_h
     else:
@@ -172,13 +195,16 @@ def _transition_kernel(
     for i_t in range(0, n_ch):
         t0 = t_beg + i_t * BT
         n_in = tl.minimum(n - t0, BT)
-        b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
-        b_y = _tile(u_p, t0, n_u, H * V, c0, V, BT, BX).to(tl.float32) - _mm(b_w, X, DT, PREC)  # [BT, BX]
+        if KD_FROM_K:
+            b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK)
+        else:
+            b_k = X  # not read
+        b_y = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, X, t0, n, n_u, c0, H, K, V, BT, BK, BX, WU_FROM_X,
+                       DT, PREC)  # [BT, BX]
         last = (t0 + n_in - 1).to(tl.int64)
         X = _decay_rows(X, G_p, last, rk, K, GATE, H)
         if KD_FROM_K:
-            b_y = _to_chunk_end(b_y, G_p, t0, n, last, H, BT)
-            X += _mm(tl.trans(_tile(k_p, t0, n, HK * K, 0, K, BT, BK)), b_y, DT, PREC)
+            X += _mm(tl.trans(b_k), _to_chunk_end(b_y, G_p, t0, n, last, H, BT), DT, PREC)
         else:
             X += _mm(tl.trans(_tile(kd_p, t0, n, H * K, 0, K, BT, BK)), b_y, DT, PREC)
     dst = (slot + 1).to(tl.int64) * H + i_h
@@ -235,15 +261,17 @@ def _scan_kernel(
 
 @triton.jit
 def _segment_state_kernel(
-    w, u, kd, gcum, seg_b, h, vn, ht, q, k, qg, aqk, o, cu_seqlens, seg_table, chunk_offsets, scale, T, L,
-    n_seg, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    w, u, kd, gcum, seg_b, h, vn, ht, q, k, qg, aqk, o, xa, v, beta, cu_seqlens, seg_table, chunk_offsets,
+    scale, T, L, n_seg, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    OUTPUT: tl.constexpr, QG: tl.constexpr, KD_FROM_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    OUTPUT: tl.constexpr, QG: tl.constexpr, KD_FROM_K: tl.constexpr, WU_FROM_X: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 3: linear._state_kernel's loop (GATE 1, 2) over one segment's chunks, from S_in. OUTPUT:
     instead of the states and v', each chunk's output (linear._chunk_output, as the output kernel
     would make it from them), while the state and v' are in registers. KD_FROM_K (GDN): kd made
-    from the chunk's K tile (_to_chunk_end), which the outputs read too, not read from kd."""
+    from the chunk's K tile (_to_chunk_end), which the outputs read too, not read from kd; WU_FROM_X
+    (with it): v' made from X, v, β and that tile (_v_prime), w and u not read."""
     i_v, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_s = _segment_of(i_p, n_seg, seg_table, IS_VARLEN)
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
@@ -262,6 +290,7 @@ def _segment_state_kernel(
     kd_p = kd + (bos * H + i_h) * K
     u_p = u + (bos * H + i_h) * V
     vn_p = vn + (bos * H + i_h) * V
+    x_p, v_p, b_p = xa + (bos * H + i_h) * BT, v + (bos * H + i_h) * V, beta + bos * H + i_h
     i_hk = i_h // (H // HK)
     if GATE == 1:
         G_p = gcum + bos * H + i_h
@@ -276,12 +305,12 @@ def _segment_state_kernel(
             tl.store(h_p + kv, S.to(h.dtype.element_ty), mask=mkv)
             h_p += H * K * V  # 64-bit pointer steps (states pass 2^31 elements at ~1M tokens)
         last = (t0 + n_in - 1).to(tl.int64)
-        b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
-        b_vn = _tile(u_p, t0, n, H * V, c0, V, BT, BV).to(tl.float32) - _mm(b_w, S, DT, PREC)
         if KD_FROM_K:
             b_k = _tile(k + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
         else:
-            b_k = b_w  # not read
+            b_k = S  # not read
+        b_vn = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, S, t0, n, n, c0, H, K, V, BT, BK, BV, WU_FROM_X,
+                        DT, PREC)
         if OUTPUT:
             b_o = _chunk_output(q + (bos * HK + i_hk) * K, k + (bos * HK + i_hk) * K, b_k,
                                 qg + (bos * H + i_h) * K, aqk + (bos * H + i_h) * BT, gcum, gcum, S, b_vn,
@@ -346,6 +375,7 @@ def state_pass(
     ht: torch.Tensor | None,
     out: tuple | None = None,
     keys: torch.Tensor | None = None,
+    from_x: tuple | None = None,
 ) -> None:
     """The delta rule's chunk-to-chunk pass, segment-parallel; fills what linear._state_kernel does.
 
@@ -363,13 +393,20 @@ def state_pass(
     None for GDN, which makes it here), as linear._output_kernel takes them.
 
     keys (GDN only): the forward's k [B, T, H_k, D_k]; kd is then made from it and gcum where it is
-    read (the prepare's bits, K ⊙ e^{G_last − G}), and the kd argument is not read (any tensor)."""
+    read (Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v'), and the kd argument is not read (any tensor).
+    from_x = (xa, v, beta) (with keys): v' = u − w S made from the prepare's X = (I + A)⁻¹ (xa
+    [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), v [B, T, H, D_v] and beta [B, T, H],
+    so that w and u are not read either (any tensors)."""
     if gate not in (1, 2):
         raise ValueError(f"gate: expected 1 (GDN) or 2 (KDA), got {gate}")
     if keys is not None and gate != 1:
         raise ValueError("keys: kd is made from k only for GDN's scalar gate (gate 1); KDA reads kd")
+    if from_x is not None and keys is None:
+        raise ValueError("from_x: w and u are made from X, v, beta together with kd from k: pass keys too")
     b, t, h, d_k = w.shape
     d_v = u.shape[3]
+    if from_x is not None:  # w, u: placeholders
+        d_k, d_v = keys.shape[3], from_x[1].shape[3]
     dev = w.device
     dt, prec = _tl_dtype(w.dtype), ("ieee" if w.dtype == torch.float32 else "tf32")
     bk = max(16, triton.next_power_of_2(d_k))
@@ -391,6 +428,7 @@ def state_pass(
     h0 = initial_state if initial_state is not None else seg_b
     k_in = keys if keys is not None else (out[1] if out is not None else w)  # w: any pointer, not read
     hk = k_in.shape[2]
+    xa, v_in, beta = from_x if from_x is not None else (w, u, w)  # any pointers: not read
     ht_ = ht if ht is not None else seg_b
     cfg = TUNING["transition"]
     bx = _block(cfg["BX"], max(d_k, d_v), d_k)
@@ -398,10 +436,10 @@ def state_pass(
     if n_nonlast > 0:
         launch_fitting(  # float32 at D = 256: 3 stages would need 304 KB of shared memory
             _transition_kernel, (nxk + triton.cdiv(d_v, bx), n_nonlast, h),
-            w, u, kd, k_in, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
+            w, u, kd, k_in, xa, v_in, beta, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
-            KD_FROM_K=keys is not None, DT=dt, PREC=prec, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            KD_FROM_K=keys is not None, WU_FROM_X=from_x is not None, DT=dt, PREC=prec,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     cfg = TUNING["scan"]
     bv = _block(cfg["BV"], d_v, d_k)
@@ -424,10 +462,11 @@ def state_pass(
         launch_fitting(
             _segment_state_kernel, (triton.cdiv(d_v, bv), n_slots, h),
             w, u, kd, gcum, seg_b, states, vn, ht_, q, k, qg if qg is not None else o,
-            aqk if aqk is not None else o, o, cu, table, chunk_offsets, scale, t, length, n_seg,
+            aqk if aqk is not None else o, o, xa, v_in, beta, cu, table, chunk_offsets, scale, t, length,
+            n_seg,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
             IS_VARLEN=varlen, OUTPUT=out is not None, QG=qg is not None, KD_FROM_K=keys is not None,
-            DT=dt, PREC=prec,
+            WU_FROM_X=from_x is not None, DT=dt, PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 

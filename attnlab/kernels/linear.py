@@ -108,6 +108,14 @@ PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": True}
 # whole forward, CUDA graphs, interleaved, best of 3 (RESULTS.md, thirteenth session), 16K / 64K:
 # off 0.644 / 2.312 ms, on 0.576 / 2.061 (fla 0.683 / 2.688). Off: the prepare writes kd.
 KD_FROM_K = True
+# And with it (WU_FROM_X), w = X (β e^G ⊙ K) and u = X (β V) are not made by the prepare either: the
+# segment passes make v' = u − w S as X (β ⊙ (V − e^G ⊙ (K S))) from X (which the prepare writes
+# anyway, 128 bytes a token and head in bf16), v, β and the K tile they load: one 64 x 64 x BV
+# product more a chunk; the prepare writes 16 KB a token less, and does two 64 x 64 x 128 products
+# less a chunk. Same A/B (thirteenth session), 16K / 64K: KD_FROM_K alone 0.578 / 2.116 ms, with
+# WU_FROM_X 0.517 / 1.884 (fla 0.694 / 2.699); its prepare at 8 warps capped at 128 registers
+# 0.556 / 2.071, so PREP_TUNING["scalar"] stays.
+WU_FROM_X = True
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -1174,7 +1182,7 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
 
 
 def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None, xa=None,
-             x_dtype=torch.float32, qg=None, store_kd=True):
+             x_dtype=torch.float32, qg=None, store_kd=True, make_wu=True):
     """The per-chunk preparation of the delta rule into w, u, kd, gcum (and aqk for gate 2): the split
     kernels (`split`, by default PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and
     the chunk table (any tensor when not varlen). Returns the split kernels' X = (I + A)⁻¹ (x_dtype
@@ -1182,7 +1190,8 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     Given xa (X from an earlier call, with its gcum and aqk), only w, u, kd are made (_wu_kernel).
     qg (per-channel gate, split kernels): also q ⊙ e^{gcum} there, [B, T, H, D_k] in q's dtype.
     store_kd=False: kd is not written (only the split, fused prepare can leave it; kd may then be a
-    placeholder)."""
+    placeholder). make_wu=False (split prepare): only gcum, A and X (and aqk, qg); w, u, kd are not
+    made (placeholders)."""
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
     dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
@@ -1213,10 +1222,11 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
         q, k, v, g, beta, gcum, aqk, xa, w, u, kd, w if qg is None else qg, cu, idx, scale, t,
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
         BKW=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
-        FUSE_WU=PREP_FUSED[kind], STORE_QG=qg is not None, STORE_KD=store_kd, num_warps=cfg["num_warps"],
+        FUSE_WU=PREP_FUSED[kind] and make_wu, STORE_QG=qg is not None, STORE_KD=store_kd,
+        num_warps=cfg["num_warps"],
         maxnreg=cfg.get("maxnreg") if q.dtype != torch.float32 else None,  # fp32's FMA products need more
     )
-    if not PREP_FUSED[kind]:
+    if make_wu and not PREP_FUSED[kind]:
         _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, xa=xa)
     return xa
 
@@ -1283,11 +1293,13 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
     # GDN: kd made from k inside the segmented pass (KD_FROM_K) where only this forward reads it
     kd_from_k = (gate == 1 and KD_FROM_K and DELTA_SEGMENTED and keep is None and saved is None
                  and _split_prepare("scalar", None) and PREP_FUSED["scalar"])
+    wu_from_x = kd_from_k and WU_FROM_X  # and w, u made from X, v, β there too
     if gate != 0:
-        w = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
+        if not wu_from_x:
+            w = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
+            u = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
         if not kd_from_k:
             kd = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
-        u = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
         vn = o if fused else _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
         # X and aqk enter their products in the input dtype: stored so, unless the backward (keep)
         # reads them in float32
@@ -1304,7 +1316,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
             qg = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         if n_chunks > 0:
             xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=split,
-                          xa=xa, x_dtype=inter_dt, qg=qg, store_kd=not kd_from_k)
+                          xa=xa, x_dtype=inter_dt, qg=qg, store_kd=not kd_from_k, make_wu=not wu_from_x)
         if keep is not None:
             keep.update(w=w, u=u, kd=kd, vn=None if fused else vn, gcum=gcum, aqk=aqk if gate == 2 else None,
                         xa=xa)
@@ -1315,7 +1327,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
         state_pass(w, u, kd, gcum, gate, h0 if initial_state is not None else None, cu_seqlens, states, vn,
                    ht if output_final_state else None,
                    out=(q, k, qg, aqk if gate == 2 else None, o, scale) if fused else None,
-                   keys=k if kd_from_k else None)
+                   keys=k if kd_from_k else None, from_x=(xa, v, beta) if wu_from_x else None)
         if fused:
             return o, (ht if output_final_state else None), None
     else:
