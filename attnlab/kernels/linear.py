@@ -114,7 +114,10 @@ KD_FROM_K = True
 # product more a chunk; the prepare writes 16 KB a token less, and does two 64 x 64 x 128 products
 # less a chunk. Same A/B (thirteenth session), 16K / 64K: KD_FROM_K alone 0.578 / 2.116 ms, with
 # WU_FROM_X 0.517 / 1.884 (fla 0.694 / 2.699); its prepare at 8 warps capped at 128 registers
-# 0.556 / 2.071, so PREP_TUNING["scalar"] stays.
+# 0.556 / 2.071, so PREP_TUNING["scalar"] stays. With 7 segments (delta_segments' transition_per_sm):
+# 0.486 / 1.795 at PREP_TUNING["scalar"] (164 registers, 3 programs an SM), 2 warps uncapped (222, 4
+# an SM) 0.492 / 1.808, 4 warps capped at 128 (parks 200 bytes, 4 an SM) 0.492 / 1.832, BK 32 0.493
+# / 1.842.
 WU_FROM_X = True
 # KDA's inference forward (segmented pass, split + fused prepare), when on: u = X (β V) is not made
 # by the prepare; the segment passes make it from X, v, β where they read it (one 64 x 64 x BV
