@@ -38,6 +38,12 @@ pass 2's [D_k, D_k] x [D_k, BV] products take TUNING["scan"]["precision"] (float
 
 Packed batches (``cu_seqlens``) are supported: segments never cross a sequence (the host-built
 segment tables of :mod:`.lightning_fwd`).
+
+GDN's inference forward hands passes 1 and 3 its k, X = (I + A)⁻¹, v and β instead of kd, w and u
+(``state_pass``'s ``keys`` and ``from_x``; linear.KD_FROM_K, WU_FROM_X): with a scalar gate,
+kdᵀ y = Kᵀ (e^{G_last − G} ⊙ y) and u − w S = X (β ⊙ (V − e^G ⊙ (K S))), so the prepare writes only
+X and the gate's cumulative sum, and the passes read X (128 bytes a token and head) where they read
+w, u, kd (768 at D = 128, bf16), for one more 64 x 64 x BV product a chunk.
 """
 
 from __future__ import annotations
