@@ -229,6 +229,8 @@ def test_interp_bad_gate_and_segment_length(segmented, monkeypatch):
     kw, ku, kkd, kgcum, _ = synthetic(2, [10], 1, 16, 16, False, 0)
     with pytest.raises(ValueError, match="keys"):  # kd from k: GDN's scalar gate only
         segmented.state_pass(kw, ku, kkd, kgcum, 2, None, None, kw, ku, None, keys=kw)
+    with pytest.raises(ValueError, match="from_x"):  # w, u from X only with kd from k
+        segmented.state_pass(w, u, kd, gcum, 1, None, None, w, u, None, from_x=(w, u, gcum))
     segmented.SEGMENT_LEN = 100
     with pytest.raises(ValueError, match="SEGMENT_LEN"):
         segmented.segment_length(1000, 4, 64, 64, torch.device("cpu"))
@@ -351,12 +353,11 @@ def test_interp_fused_output_equals_stored_states(segmented, monkeypatch, op, qg
     assert rel_err(o[:, :150], oracle(op, *parts[0])[0]) < 1e-5
 
 
-def from_inputs_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu, wu_from_x=True):
-    """linear._forward (o, final states, per-chunk states) with the segmented pass making what it
-    can from the forward's inputs, then with the prepare writing w, u, kd and the pass reading them
-    back. GDN: kd made from k (linear.KD_FROM_K), and w, u from X, v, β (WU_FROM_X, when
-    wu_from_x); KDA: u from X, v, β (U_FROM_X). Checks from the arguments each run handed
-    delta_segments.state_pass that it took the path asked for."""
+def from_inputs_and_stored(monkeypatch, q, k, v, g, beta, h0, cu, wu_from_x=True):
+    """GDN's linear._forward (o, final states, per-chunk states) with the segmented pass making kd
+    from k (linear.KD_FROM_K), and w, u from X, v, β (WU_FROM_X, when wu_from_x), then with the
+    prepare writing w, u, kd and the pass reading them back (both off). Checks from the arguments
+    each run handed delta_segments.state_pass that it took the path asked for."""
     from attnlab.kernels import delta_segments, linear
 
     seen, state_pass = [], delta_segments.state_pass
@@ -370,42 +371,35 @@ def from_inputs_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu, wu_from_x=
     outs = []
     for on in (True, False):
         monkeypatch.setattr(linear, "KD_FROM_K", on)
-        monkeypatch.setattr(linear, "U_FROM_X", on)
-        outs.append(linear._forward(q, k, v, g, beta, None, q.shape[-1] ** -0.5, h0, True, cu,
-                                    1 if op == "gdn" else 2))
-    if op == "gdn":
-        assert seen[0][0] is k and (seen[0][1] is not None) == wu_from_x
-    else:
-        assert seen[0][0] is None and seen[0][1] is not None
-    assert seen[1] == (None, None)
+        outs.append(linear._forward(q, k, v, g, beta, None, q.shape[-1] ** -0.5, h0, True, cu, 1))
+    assert seen[0][0] is k and (seen[0][1] is not None) == wu_from_x and seen[1] == (None, None)
     return outs
 
 
 @interp
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize(("op", "wu_from_x"), [("gdn", True), ("gdn", False), ("kda", False)])
-def test_interp_from_inputs_equals_stored(segmented, monkeypatch, fused, op, wu_from_x):
-    """The segmented pass making from the forward's inputs what the prepare would write: GDN's kd
-    from k (linear.KD_FROM_K: the passes add Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v') and w, u with it
-    (WU_FROM_X: v' = X (β ⊙ (V − e^G ⊙ (K S)))); KDA's u = X (β V) (U_FROM_X). Equal to the forward
-    with w, u, kd written by the prepare and read back, and to the float64 loop: packed sequences of
-    150, 1 and 70 tokens, GQA (4 value heads on 2 key heads), D_k = 24, D_v = 40, initial states,
-    segments of 64, with the outputs made in pass 3 (fused) and from stored states and v' (not
-    fused)."""
+@pytest.mark.parametrize("wu_from_x", [True, False])
+def test_interp_from_inputs_equals_stored(segmented, monkeypatch, fused, wu_from_x):
+    """GDN's segmented pass making from the forward's inputs what the prepare would write: kd from k
+    (linear.KD_FROM_K: the passes add Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v') and w, u with it
+    (WU_FROM_X: v' = X (β ⊙ (V − e^G ⊙ (K S)))). Equal to the forward with w, u, kd written by the
+    prepare and read back, and to the float64 loop: packed sequences of 150, 1 and 70 tokens, GQA (4
+    value heads on 2 key heads), D_k = 24, D_v = 40, initial states, segments of 64, with the outputs
+    made in pass 3 (fused) and from stored states and v' (not fused)."""
     from attnlab.kernels import linear
 
     monkeypatch.setattr(linear, "FUSED_OUTPUT", {"scalar": fused, "vector": fused})
     lens = [150, 1, 70]
-    parts = [make_inputs(op, 1, n, 4, 2, 24, 40, -0.05, seed=20 + i) for i, n in enumerate(lens)]
+    parts = [make_inputs("gdn", 1, n, 4, 2, 24, 40, -0.05, seed=20 + i) for i, n in enumerate(lens)]
     q, k, v, g, beta = (torch.cat([p[j] for p in parts], dim=1) for j in range(5))
     h0 = torch.cat([p[5] for p in parts], dim=0)
     cu = torch.tensor([0, 150, 151, 221])
-    outs = from_inputs_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu, wu_from_x)
+    outs = from_inputs_and_stored(monkeypatch, q, k, v, g, beta, h0, cu, wu_from_x)
     (o, ht, states), (o_ref, ht_ref, states_ref) = outs
     assert rel_err(o, o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
     if not fused:
         assert rel_err(states, states_ref) < 1e-6
-    ro, rs = oracle(op, *parts[2])
+    ro, rs = oracle("gdn", *parts[2])
     assert rel_err(o[:, 151:], ro) < 1e-5 and rel_err(ht[2], rs[0]) < 1e-5
 
 
@@ -431,8 +425,7 @@ def test_fused_output_launch_fits_its_programs_per_sm(gate, store_ht):
                chunk_offsets="*i32")
     const = dict(H=16, HK=16, K=128, V=128, BT=C, BK=128, BV=cfg["BV"], GATE=gate, STORE_HT=store_ht,
                  IS_VARLEN=False, OUTPUT=True, QG=gate == 2, KD_FROM_K=gate == 1 and linear.KD_FROM_K,
-                 FROM_X=(2 * (linear.KD_FROM_K and linear.WU_FROM_X)) if gate == 1 else int(linear.U_FROM_X),
-                 DT=tl.bfloat16, PREC="tf32")
+                 WU_FROM_X=gate == 1 and linear.KD_FROM_K and linear.WU_FROM_X, DT=tl.bfloat16, PREC="tf32")
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
     kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"])
@@ -441,7 +434,7 @@ def test_fused_output_launch_fits_its_programs_per_sm(gate, store_ht):
     by_regs = 65536 // (-(-regs // 8) * 8 * threads)
     by_smem = (228 * 1024) // (kernel.metadata.shared + 1024)  # 1 KB reserved per block
     assert min(by_regs, by_smem) >= cfg["programs_per_sm"], (regs, kernel.metadata.shared)
-    assert stack <= (256 if gate == 1 else (128 if linear.U_FROM_X else 32)), (regs, stack)
+    assert stack <= (256 if gate == 1 else 32), (regs, stack)
     assert "wgmma" in kernel.asm["ptx"]
     # pass 1 as this gate's forward launches it fits the transition_per_sm that sets the segment count
     tcfg = delta_segments.TUNING["transition"]
@@ -450,7 +443,7 @@ def test_fused_output_launch_fits_its_programs_per_sm(gate, store_ht):
     ptr.update(gcum="*fp32", seg_m="*fp32", seg_b="*fp32", cu_seqlens="*i32", seg_table="*i32",
                nonlast="*i32")
     const = dict(H=16, HK=16, K=128, V=128, BT=C, BK=128, BX=tcfg["BX"], NXK=128 // tcfg["BX"], GATE=gate,
-                 IS_VARLEN=False, KD_FROM_K=const["KD_FROM_K"], FROM_X=const["FROM_X"], DT=tl.bfloat16,
+                 IS_VARLEN=False, KD_FROM_K=const["KD_FROM_K"], WU_FROM_X=const["WU_FROM_X"], DT=tl.bfloat16,
                  PREC="tf32")
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
     kernel = compile_sm90(fn, const, ptr, attrs=div, num_warps=tcfg["num_warps"],
@@ -575,26 +568,23 @@ def test_gpu_fused_output_bf16_gqa_packed(segmented, monkeypatch, op):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["gdn", "kda"])
-def test_gpu_from_inputs_bf16_gqa_packed(segmented, monkeypatch, op):
-    """The segmented pass making from the forward's inputs what the prepare would write (GDN: kd,
-    w, u; KDA: u; linear.KD_FROM_K, WU_FROM_X, U_FROM_X) as a bf16 GPU forward runs it (tuned
-    shapes, device-chosen segments, fused outputs), GQA (8 value heads on 4 key heads), packed
-    sequences of 3000, 1, 5000 and 70 tokens: its error against the float32 forward (same inputs,
-    ieee products) is no worse than that of the bf16 forward reading them from the prepare (the
-    two round in different places)."""
+def test_gpu_from_inputs_bf16_gqa_packed(segmented, monkeypatch):
+    """GDN's segmented pass making kd, w, u from the forward's inputs (linear.KD_FROM_K, WU_FROM_X)
+    as a bf16 GPU forward runs it (tuned shapes, device-chosen segments, fused outputs), GQA (8 value
+    heads on 4 key heads), packed sequences of 3000, 1, 5000 and 70 tokens: its error against the
+    float32 forward (same inputs, ieee products) is no worse than that of the bf16 forward reading
+    them from the prepare (the two round in different places)."""
     from attnlab.kernels import linear
 
     segmented.SEGMENT_LEN = None
     lens = [3000, 1, 5000, 70]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
-    q, k, v, g, beta, _ = make_inputs(op, 1, sum(lens), 8, 4, 128, 128, -0.05, seed=6)
+    q, k, v, g, beta, _ = make_inputs("gdn", 1, sum(lens), 8, 4, 128, 128, -0.05, seed=6)
     q, k, v, beta = (x.to("cuda", torch.bfloat16) for x in (q, k, v, beta))
     g = g.cuda()
     h0 = torch.randn(len(lens), 8, 128, 128, device="cuda")
-    (o, ht, _), (o_st, ht_st, _) = from_inputs_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu)
-    o32, ht32, _ = linear._forward(*(x.float() for x in (q, k, v, g, beta)), None, 128**-0.5, h0, True, cu,
-                                   1 if op == "gdn" else 2)
+    (o, ht, _), (o_st, ht_st, _) = from_inputs_and_stored(monkeypatch, q, k, v, g, beta, h0, cu)
+    o32, ht32, _ = linear._forward(*(x.float() for x in (q, k, v, g, beta)), None, 128**-0.5, h0, True, cu, 1)
     assert o.dtype == torch.bfloat16
     err, err_st = (rel_err(x, o32) for x in (o, o_st))
     assert err < 1e-2 and err <= 1.1 * err_st + 1e-5, (err, err_st)

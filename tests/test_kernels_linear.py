@@ -387,10 +387,9 @@ def test_prepare_compiles_for_sm90(op, config, fused):
     # as a forward launches it: X and aqk in bf16 for inference, KDA's q ⊙ e^G stored (STORE_QG),
     # GDN's inference forward leaving kd to the segment passes (KD_FROM_K)
     store_kd = not (config == "scalar" and fused and linear.KD_FROM_K)
-    store_u = not (config == "vector" and fused and linear.U_FROM_X)  # KDA's u made in the segment pass
     launches = [(linear._kkt_inv_kernel, dict(common, BC=linear.SUB, BK=cfg["BK"], BKW=64, BV=64,
                                               SPAN=linear._span(torch.bfloat16), FUSE_WU=fused,
-                                              STORE_QG=op == "kda", STORE_KD=store_kd, STORE_U=store_u),
+                                              STORE_QG=op == "kda", STORE_KD=store_kd),
                  dict(num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"]))]
     if not fused:
         launches.append((linear._wu_kernel, dict(common, BK=64, BV=64),

@@ -153,25 +153,21 @@ def _to_chunk_end(y, G_p, t0, n, last, H: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, S, t0, n, n_u, col0, H: tl.constexpr, K: tl.constexpr,
-             V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, FROM_X: tl.constexpr,
+             V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, WU_FROM_X: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr):
     """One chunk's v' = u − w S [BT, BX] for the BX columns of S [BK, BX] from col0 (rows of u, or
-    of v, at or past n_u read as 0), with u = X (β V) and w = X (β e^G ⊙ K) (X = (I + A)⁻¹): FROM_X
-    0 reads w and u; 1 makes u here from X (x_p), v and β, reading w; 2 (GDN, scalar gate) makes
-    both, as X (β ⊙ (V − e^G ⊙ (K S))) with b_k the chunk's K tile and the scalar gcum, so the
-    prepare need make neither. Pointers at this sequence's row 0 and value head."""
-    if FROM_X == 2:
+    of v, at or past n_u read as 0). WU_FROM_X (GDN, scalar gate): not from w and u but as
+    X (β ⊙ (V − e^G ⊙ (K S))), which equals it for u = X (β V), w = X (β e^G ⊙ K), from the prepare's
+    X = (I + A)⁻¹ (x_p), v, β, the scalar gcum and b_k, the chunk's K tile; the prepare then need make
+    neither. Pointers at this sequence's row 0 and value head."""
+    if WU_FROM_X:
         y = _tile(v_p, t0, n_u, H * V, col0, V, BT, BX).to(tl.float32)
         y -= tl.exp(_vec(G_p, t0, n, H, BT))[:, None] * _mm(b_k, S, DT, PREC)
         y *= _vec(b_p, t0, n, H, BT)[:, None]
         return _mm(_ctile(x_p, t0, n, H * BT, 0, BT, BT, BT), y, DT, PREC)
     else:
-        ws = _mm(_tile(w_p, t0, n, H * K, 0, K, BT, BK), S, DT, PREC)
-        if FROM_X == 1:
-            y = _tile(v_p, t0, n_u, H * V, col0, V, BT, BX).to(tl.float32) * _vec(b_p, t0, n, H, BT)[:, None]
-            return _mm(_ctile(x_p, t0, n, H * BT, 0, BT, BT, BT), y, DT, PREC) - ws
-        else:
-            return _tile(u_p, t0, n_u, H * V, col0, V, BT, BX).to(tl.float32) - ws
+        b_w = _tile(w_p, t0, n, H * K, 0, K, BT, BK)
+        return _tile(u_p, t0, n_u, H * V, col0, V, BT, BX).to(tl.float32) - _mm(b_w, S, DT, PREC)
 
 
 @triton.jit
@@ -179,12 +175,12 @@ def _transition_kernel(
     w, u, kd, k, xa, v, beta, gcum, seg_m, seg_b, cu_seqlens, seg_table, nonlast, T, L, n_seg,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BX: tl.constexpr, NXK: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    KD_FROM_K: tl.constexpr, FROM_X: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    KD_FROM_K: tl.constexpr, WU_FROM_X: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 1: BX columns of [M_seg | B_seg] of one non-last segment, into the next slot.
     Column blocks 0 .. NXK−1 are M's (from the identity), the rest B's (from zero). KD_FROM_K
-    (GDN): kd made from k (_to_chunk_end), not read; FROM_X: u, or (2, with KD_FROM_K) w and u, made
-    from X, v, β (_v_prime), not read."""
+    (GDN): kd made from k (_to_chunk_end), not read; WU_FROM_X (with it): w, u not read either
+    (_v_prime)."""
     i_x, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_VARLEN:
         slot = tl.load(nonlast + i_p)
@@ -216,7 +212,7 @@ def _transition_kernel(
             b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK)
         else:
             b_k = X  # not read
-        b_y = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, X, t0, n, n_u, c0, H, K, V, BT, BK, BX, FROM_X,
+        b_y = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, X, t0, n, n_u, c0, H, K, V, BT, BK, BX, WU_FROM_X,
                        DT, PREC)  # [BT, BX]
         last = (t0 + n_in - 1).to(tl.int64)
         X = _decay_rows(X, G_p, last, rk, K, GATE, H)
@@ -281,14 +277,14 @@ def _segment_state_kernel(
     w, u, kd, gcum, seg_b, h, vn, ht, q, k, qg, aqk, o, xa, v, beta, cu_seqlens, seg_table, chunk_offsets,
     scale, T, L, n_seg, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    OUTPUT: tl.constexpr, QG: tl.constexpr, KD_FROM_K: tl.constexpr, FROM_X: tl.constexpr,
+    OUTPUT: tl.constexpr, QG: tl.constexpr, KD_FROM_K: tl.constexpr, WU_FROM_X: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 3: linear._state_kernel's loop (GATE 1, 2) over one segment's chunks, from S_in. OUTPUT:
     instead of the states and v', each chunk's output (linear._chunk_output, as the output kernel
     would make it from them), while the state and v' are in registers. KD_FROM_K (GDN): kd made
-    from the chunk's K tile (_to_chunk_end), which the outputs read too, not read from kd; FROM_X: u,
-    or (2, with KD_FROM_K) w and u, made from X, v, β and that tile (_v_prime), not read."""
+    from the chunk's K tile (_to_chunk_end), which the outputs read too, not read from kd; WU_FROM_X
+    (with it): v' made from X, v, β and that tile (_v_prime), w and u not read."""
     i_v, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_s = _segment_of(i_p, n_seg, seg_table, IS_VARLEN)
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
@@ -326,7 +322,7 @@ def _segment_state_kernel(
             b_k = _tile(k + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
         else:
             b_k = S  # not read
-        b_vn = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, S, t0, n, n, c0, H, K, V, BT, BK, BV, FROM_X,
+        b_vn = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, S, t0, n, n, c0, H, K, V, BT, BK, BV, WU_FROM_X,
                         DT, PREC)
         if OUTPUT:
             b_o = _chunk_output(q + (bos * HK + i_hk) * K, k + (bos * HK + i_hk) * K, b_k,
@@ -417,19 +413,19 @@ def state_pass(
 
     keys (GDN only): the forward's k [B, T, H_k, D_k]; kd is then made from it and gcum where it is
     read (Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v'), and the kd argument is not read (any tensor).
-    from_x = (xa, v, beta): u = X (β V) made from the prepare's X = (I + A)⁻¹ (xa [B, T, H, CHUNK],
-    row t0 + i holding row i of its chunk's X), v [B, T, H, D_v] and beta [B, T, H], so that u is
-    not read (any tensor); with keys (GDN) w = X (β e^G ⊙ K) too, which is then not read either."""
+    from_x = (xa, v, beta) (with keys): v' = u − w S made from the prepare's X = (I + A)⁻¹ (xa
+    [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), v [B, T, H, D_v] and beta [B, T, H],
+    so that w and u are not read either (any tensors)."""
     if gate not in (1, 2):
         raise ValueError(f"gate: expected 1 (GDN) or 2 (KDA), got {gate}")
     if keys is not None and gate != 1:
         raise ValueError("keys: kd is made from k only for GDN's scalar gate (gate 1); KDA reads kd")
+    if from_x is not None and keys is None:
+        raise ValueError("from_x: w and u are made from X, v, beta together with kd from k: pass keys too")
     b, t, h, d_k = w.shape
     d_v = u.shape[3]
-    if from_x is not None:  # u (and with keys w): placeholders
-        d_v = from_x[1].shape[3]
-        if keys is not None:
-            d_k = keys.shape[3]
+    if from_x is not None:  # w, u: placeholders
+        d_k, d_v = keys.shape[3], from_x[1].shape[3]
     dev = w.device
     dt, prec = _tl_dtype(w.dtype), ("ieee" if w.dtype == torch.float32 else "tf32")
     bk = max(16, triton.next_power_of_2(d_k))
@@ -452,7 +448,6 @@ def state_pass(
     k_in = keys if keys is not None else (out[1] if out is not None else w)  # w: any pointer, not read
     hk = k_in.shape[2]
     xa, v_in, beta = from_x if from_x is not None else (w, u, w)  # any pointers: not read
-    from_x_mode = 0 if from_x is None else (2 if keys is not None else 1)
     ht_ = ht if ht is not None else seg_b
     cfg = TUNING["transition"]
     bx = _block(cfg["BX"], max(d_k, d_v), d_k)
@@ -462,7 +457,7 @@ def state_pass(
             _transition_kernel, (nxk + triton.cdiv(d_v, bx), n_nonlast, h),
             w, u, kd, k_in, xa, v_in, beta, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
-            KD_FROM_K=keys is not None, FROM_X=from_x_mode, DT=dt, PREC=prec,
+            KD_FROM_K=keys is not None, WU_FROM_X=from_x is not None, DT=dt, PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     cfg = TUNING["scan"]
@@ -490,7 +485,7 @@ def state_pass(
             n_seg,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
             IS_VARLEN=varlen, OUTPUT=out is not None, QG=qg is not None, KD_FROM_K=keys is not None,
-            FROM_X=from_x_mode, DT=dt, PREC=prec,
+            WU_FROM_X=from_x is not None, DT=dt, PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
