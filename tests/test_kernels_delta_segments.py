@@ -219,18 +219,16 @@ def test_interp_state_pass_fp16_equals_single_pass(segmented):
 
 @interp
 def test_interp_bad_gate_and_segment_length(segmented, monkeypatch):
-    """state_pass refuses Lightning's gate 0, and kd from k for KDA; forced lengths are checked; on
-    CUDA the length keeps pass 3 within programs_per_sm programs per SM (one wave), uses most of
-    them, and respects min_segment, and where the pass-3 shape has transition_per_sm keeps pass 1
-    within that too (SM count faked: the rule is host arithmetic)."""
+    """state_pass refuses Lightning's gate 0, and kd, w, u from the inputs for KDA; forced lengths
+    are checked; on CUDA the length keeps pass 3 within programs_per_sm programs per SM (one wave),
+    uses most of them, and respects min_segment, and where the pass-3 shape has transition_per_sm
+    keeps pass 1 within that too (SM count faked: the rule is host arithmetic)."""
     w, u, kd, gcum, _ = synthetic(1, [10], 1, 16, 16, False, 0)
     with pytest.raises(ValueError, match="gate"):
         segmented.state_pass(w, u, kd, gcum, 0, None, None, w, u, None)
     kw, ku, kkd, kgcum, _ = synthetic(2, [10], 1, 16, 16, False, 0)
-    with pytest.raises(ValueError, match="keys"):  # kd from k: GDN's scalar gate only
-        segmented.state_pass(kw, ku, kkd, kgcum, 2, None, None, kw, ku, None, keys=kw)
-    with pytest.raises(ValueError, match="from_x"):  # w, u from X only with kd from k
-        segmented.state_pass(w, u, kd, gcum, 1, None, None, w, u, None, from_x=(w, u, gcum))
+    with pytest.raises(ValueError, match="from_inputs"):  # GDN's scalar gate only
+        segmented.state_pass(kw, ku, kkd, kgcum, 2, None, None, kw, ku, None, from_inputs=(kw, kw, ku, kgcum))
     segmented.SEGMENT_LEN = 100
     with pytest.raises(ValueError, match="SEGMENT_LEN"):
         segmented.segment_length(1000, 4, 64, 64, torch.device("cpu"))
@@ -353,36 +351,34 @@ def test_interp_fused_output_equals_stored_states(segmented, monkeypatch, op, qg
     assert rel_err(o[:, :150], oracle(op, *parts[0])[0]) < 1e-5
 
 
-def from_inputs_and_stored(monkeypatch, q, k, v, g, beta, h0, cu, wu_from_x=True):
-    """GDN's linear._forward (o, final states, per-chunk states) with the segmented pass making kd
-    from k (linear.KD_FROM_K), and w, u from X, v, β (WU_FROM_X, when wu_from_x), then with the
-    prepare writing w, u, kd and the pass reading them back (both off). Checks from the arguments
-    each run handed delta_segments.state_pass that it took the path asked for."""
+def from_inputs_and_stored(monkeypatch, q, k, v, g, beta, h0, cu):
+    """GDN's linear._forward (o, final states, per-chunk states) with the segmented pass making kd,
+    w, u from k, X, v, β (linear.WUKD_FROM_INPUTS), then with the prepare writing them and the pass
+    reading them back (off). Checks from the arguments each run handed delta_segments.state_pass that
+    it took the path asked for."""
     from attnlab.kernels import delta_segments, linear
 
     seen, state_pass = [], delta_segments.state_pass
 
     def spy(*args, **kwargs):
-        seen.append((kwargs.get("keys"), kwargs.get("from_x")))
+        seen.append(kwargs.get("from_inputs"))
         return state_pass(*args, **kwargs)
 
     monkeypatch.setattr(delta_segments, "state_pass", spy)
-    monkeypatch.setattr(linear, "WU_FROM_X", wu_from_x)
     outs = []
     for on in (True, False):
-        monkeypatch.setattr(linear, "KD_FROM_K", on)
+        monkeypatch.setattr(linear, "WUKD_FROM_INPUTS", on)
         outs.append(linear._forward(q, k, v, g, beta, None, q.shape[-1] ** -0.5, h0, True, cu, 1))
-    assert seen[0][0] is k and (seen[0][1] is not None) == wu_from_x and seen[1] == (None, None)
+    assert seen[0] is not None and seen[0][0] is k and seen[1] is None
     return outs
 
 
 @interp
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("wu_from_x", [True, False])
-def test_interp_from_inputs_equals_stored(segmented, monkeypatch, fused, wu_from_x):
-    """GDN's segmented pass making from the forward's inputs what the prepare would write: kd from k
-    (linear.KD_FROM_K: the passes add Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v') and w, u with it
-    (WU_FROM_X: v' = X (β ⊙ (V − e^G ⊙ (K S)))). Equal to the forward with w, u, kd written by the
+def test_interp_from_inputs_equals_stored(segmented, monkeypatch, fused):
+    """GDN's segmented pass making from the forward's inputs what the prepare would write
+    (linear.WUKD_FROM_INPUTS): the passes add Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v' and make v' as
+    X (β ⊙ (V − e^G ⊙ (K S))). Equal to the forward with w, u, kd written by the
     prepare and read back, and to the float64 loop: packed sequences of 150, 1 and 70 tokens, GQA (4
     value heads on 2 key heads), D_k = 24, D_v = 40, initial states, segments of 64, with the outputs
     made in pass 3 (fused) and from stored states and v' (not fused)."""
@@ -394,7 +390,7 @@ def test_interp_from_inputs_equals_stored(segmented, monkeypatch, fused, wu_from
     q, k, v, g, beta = (torch.cat([p[j] for p in parts], dim=1) for j in range(5))
     h0 = torch.cat([p[5] for p in parts], dim=0)
     cu = torch.tensor([0, 150, 151, 221])
-    outs = from_inputs_and_stored(monkeypatch, q, k, v, g, beta, h0, cu, wu_from_x)
+    outs = from_inputs_and_stored(monkeypatch, q, k, v, g, beta, h0, cu)
     (o, ht, states), (o_ref, ht_ref, states_ref) = outs
     assert rel_err(o, o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
     if not fused:
@@ -424,8 +420,8 @@ def test_fused_output_launch_fits_its_programs_per_sm(gate, store_ht):
     ptr.update(gcum="*fp32", seg_b="*fp32", ht="*fp32", cu_seqlens="*i32", seg_table="*i32",
                chunk_offsets="*i32")
     const = dict(H=16, HK=16, K=128, V=128, BT=C, BK=128, BV=cfg["BV"], GATE=gate, STORE_HT=store_ht,
-                 IS_VARLEN=False, OUTPUT=True, QG=gate == 2, KD_FROM_K=gate == 1 and linear.KD_FROM_K,
-                 WU_FROM_X=gate == 1 and linear.KD_FROM_K and linear.WU_FROM_X, DT=tl.bfloat16, PREC="tf32")
+                 IS_VARLEN=False, OUTPUT=True, QG=gate == 2,
+                 FROM_INPUTS=gate == 1 and linear.WUKD_FROM_INPUTS, DT=tl.bfloat16, PREC="tf32")
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
     kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"])
@@ -443,8 +439,7 @@ def test_fused_output_launch_fits_its_programs_per_sm(gate, store_ht):
     ptr.update(gcum="*fp32", seg_m="*fp32", seg_b="*fp32", cu_seqlens="*i32", seg_table="*i32",
                nonlast="*i32")
     const = dict(H=16, HK=16, K=128, V=128, BT=C, BK=128, BX=tcfg["BX"], NXK=128 // tcfg["BX"], GATE=gate,
-                 IS_VARLEN=False, KD_FROM_K=const["KD_FROM_K"], WU_FROM_X=const["WU_FROM_X"], DT=tl.bfloat16,
-                 PREC="tf32")
+                 IS_VARLEN=False, FROM_INPUTS=const["FROM_INPUTS"], DT=tl.bfloat16, PREC="tf32")
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
     kernel = compile_sm90(fn, const, ptr, attrs=div, num_warps=tcfg["num_warps"],
                           num_stages=tcfg["num_stages"])
@@ -569,7 +564,7 @@ def test_gpu_fused_output_bf16_gqa_packed(segmented, monkeypatch, op):
 
 @pytest.mark.gpu
 def test_gpu_from_inputs_bf16_gqa_packed(segmented, monkeypatch):
-    """GDN's segmented pass making kd, w, u from the forward's inputs (linear.KD_FROM_K, WU_FROM_X)
+    """GDN's segmented pass making kd, w, u from the forward's inputs (linear.WUKD_FROM_INPUTS)
     as a bf16 GPU forward runs it (tuned shapes, device-chosen segments, fused outputs), GQA (8 value
     heads on 4 key heads), packed sequences of 3000, 1, 5000 and 70 tokens: its error against the
     float32 forward (same inputs, ieee products) is no worse than that of the bf16 forward reading

@@ -384,12 +384,10 @@ def test_prepare_compiles_for_sm90(op, config, fused):
     ptr_types = dict(q="*bf16", k="*bf16", v="*bf16", w="*bf16", u="*bf16", kd="*bf16", beta="*bf16",
                      g="*fp32", gcum="*fp32", aqk="*bf16", xa="*fp32" if train else "*bf16", qg="*bf16",
                      cu_seqlens="*i32", chunk_indices="*i32")
-    # as a forward launches it: X and aqk in bf16 for inference, KDA's q ⊙ e^G stored (STORE_QG),
-    # GDN's inference forward leaving kd to the segment passes (KD_FROM_K)
-    store_kd = not (config == "scalar" and fused and linear.KD_FROM_K)
+    # as a forward launches it: X and aqk in bf16 for inference, and KDA's q ⊙ e^G stored (STORE_QG)
     launches = [(linear._kkt_inv_kernel, dict(common, BC=linear.SUB, BK=cfg["BK"], BKW=64, BV=64,
                                               SPAN=linear._span(torch.bfloat16), FUSE_WU=fused,
-                                              STORE_QG=op == "kda", STORE_KD=store_kd),
+                                              STORE_QG=op == "kda"),
                  dict(num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"]))]
     if not fused:
         launches.append((linear._wu_kernel, dict(common, BK=64, BV=64),

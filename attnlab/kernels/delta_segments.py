@@ -40,7 +40,7 @@ Packed batches (``cu_seqlens``) are supported: segments never cross a sequence (
 segment tables of :mod:`.lightning_fwd`).
 
 GDN's inference forward hands passes 1 and 3 its k, X = (I + A)⁻¹, v and β instead of kd, w and u
-(``state_pass``'s ``keys`` and ``from_x``; linear.KD_FROM_K, WU_FROM_X): with a scalar gate,
+(``state_pass``'s ``from_inputs``; linear.WUKD_FROM_INPUTS): with a scalar gate,
 kdᵀ y = Kᵀ (e^{G_last − G} ⊙ y) and u − w S = X (β ⊙ (V − e^G ⊙ (K S))), so the prepare writes only
 X and the gate's cumulative sum, and the passes read X (128 bytes a token and head) where they read
 w, u, kd (768 at D = 128, bf16), for one more 64 x 64 x BV product a chunk.
@@ -105,20 +105,20 @@ TUNING: dict[str, dict] = {
     #       illegal shared-memory read in a tensor-core product (compute-sanitizer: "Invalid __shared__
     #       read of size 512 bytes" in _mm) with Triton 3.6: a code-generation fault, so not launched.
     #       Twelfth session, same A/B: default 0.629 / 2.293; 2 stages at 1 per SM 0.666 / 2.476, at 2 per
-    #       SM 0.690 / 2.512; 8 warps, 2 stages, 1 per SM 0.704 / 2.663. Thirteenth session, kd made
-    #       from k (linear.KD_FROM_K; parks 160 bytes): 0.576 / 2.061; 2 stages 0.625 / 2.241; the
-    #       transition at 1 stage 0.580 / 2.096. And v' from X, v, β (linear.WU_FROM_X; parks 96):
-    #       0.517 / 1.884; the transition at 1 stage 0.528 / 1.922.
+    #       SM 0.690 / 2.512; 8 warps, 2 stages, 1 per SM 0.704 / 2.663. Thirteenth session, kd alone
+    #       made from k (parks 160 bytes): 0.576 / 2.061; 2 stages 0.625 / 2.241; the transition at 1
+    #       stage 0.580 / 2.096. With w, u, kd made from the inputs (linear.WUKD_FROM_INPUTS; parks
+    #       96): 0.517 / 1.884; the transition at 1 stage 0.528 / 1.922.
     #   KDA BV 64, 4 warps, 2 stages, 1 per SM: 1.025 / 3.926 ms (246 regs, no stack, 128 KB);
     #       1 stage, 2 per SM: 1.058 / 3.956; BV 32, 3 per SM: 1.089 / 4.131; BV 128 at 8 warps 1.080 /
     #       4.054; no fusion 1.092 / 4.202.
     # programs_per_sm must be what fits (registers, shared memory): one more starts a second wave of
     # long chains, one fewer leaves SMs idle (tests/test_kernels_delta_segments.py checks the fit).
     # transition_per_sm: what pass 1 fits an SM as launched for that gate (an sm_90 compile: GDN with
-    # v' made from X (linear.WU_FROM_X) 160 registers and 74 KB, 3 fit; KDA 166 and 90 KB, 2); with
-    # it the segment count also keeps pass 1 one wave. GDN at H = 16: 7 segments, not 8 (pass 1's 448
-    # programs were 1.13 waves of 396 slots), 16K / 64K 0.523 / 1.884 ms -> 0.488 / 1.794; 6 segments
-    # 0.518 / 2.005 (H100, same A/B as above, thirteenth session). KDA: 4 either way.
+    # w, u, kd made from the inputs (linear.WUKD_FROM_INPUTS) 160 registers and 74 KB, 3 fit; KDA 166
+    # and 90 KB, 2); with it the segment count also keeps pass 1 one wave. GDN at H = 16: 7 segments,
+    # not 8 (pass 1's 448 programs were 1.13 waves of 396 slots), 16K / 64K 0.523 / 1.884 ms -> 0.488 /
+    # 1.794; 6 segments 0.518 / 2.005 (H100, same A/B as above, thirteenth session). KDA: 4 either way.
     "output_scalar": {"BV": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2,
                       "transition_per_sm": 3},
     "output_vector": {"BV": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 1,
@@ -146,21 +146,21 @@ def _decay_rows(X, G_p, last, rk, K: tl.constexpr, GATE: tl.constexpr, H: tl.con
 def _to_chunk_end(y, G_p, t0, n, last, H: tl.constexpr, BT: tl.constexpr):
     """y [BT, N] with row t scaled by e^{G_last − G_t} (GDN's scalar gcum at G_p: this sequence's
     row 0 and head), so that Kᵀ (that) = kdᵀ y with kd = K ⊙ e^{G_last − G}, the decayed keys the
-    prepare would otherwise write (KD_FROM_K)."""
+    prepare would otherwise write (FROM_INPUTS)."""
     G = _vec(G_p, t0, n, H, BT)[:, None]
     return y * tl.exp(tl.load(G_p + last * H) - G)
 
 
 @triton.jit
 def _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, S, t0, n, n_u, col0, H: tl.constexpr, K: tl.constexpr,
-             V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, WU_FROM_X: tl.constexpr,
+             V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BX: tl.constexpr, FROM_INPUTS: tl.constexpr,
              DT: tl.constexpr, PREC: tl.constexpr):
     """One chunk's v' = u − w S [BT, BX] for the BX columns of S [BK, BX] from col0 (rows of u, or
-    of v, at or past n_u read as 0). WU_FROM_X (GDN, scalar gate): not from w and u but as
+    of v, at or past n_u read as 0). FROM_INPUTS (GDN, scalar gate): not from w and u but as
     X (β ⊙ (V − e^G ⊙ (K S))), which equals it for u = X (β V), w = X (β e^G ⊙ K), from the prepare's
     X = (I + A)⁻¹ (x_p), v, β, the scalar gcum and b_k, the chunk's K tile; the prepare then need make
     neither. Pointers at this sequence's row 0 and value head."""
-    if WU_FROM_X:
+    if FROM_INPUTS:
         y = _tile(v_p, t0, n_u, H * V, col0, V, BT, BX).to(tl.float32)
         y -= tl.exp(_vec(G_p, t0, n, H, BT))[:, None] * _mm(b_k, S, DT, PREC)
         y *= _vec(b_p, t0, n, H, BT)[:, None]
@@ -175,12 +175,11 @@ def _transition_kernel(
     w, u, kd, k, xa, v, beta, gcum, seg_m, seg_b, cu_seqlens, seg_table, nonlast, T, L, n_seg,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BX: tl.constexpr, NXK: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    KD_FROM_K: tl.constexpr, WU_FROM_X: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    FROM_INPUTS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 1: BX columns of [M_seg | B_seg] of one non-last segment, into the next slot.
-    Column blocks 0 .. NXK−1 are M's (from the identity), the rest B's (from zero). KD_FROM_K
-    (GDN): kd made from k (_to_chunk_end), not read; WU_FROM_X (with it): w, u not read either
-    (_v_prime)."""
+    Column blocks 0 .. NXK−1 are M's (from the identity), the rest B's (from zero). FROM_INPUTS
+    (GDN): kd, w, u not read but made from k, X, v, β (_to_chunk_end, _v_prime)."""
     i_x, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_VARLEN:
         slot = tl.load(nonlast + i_p)
@@ -208,15 +207,15 @@ def _transition_kernel(
     for i_t in range(0, n_ch):
         t0 = t_beg + i_t * BT
         n_in = tl.minimum(n - t0, BT)
-        if KD_FROM_K:
+        if FROM_INPUTS:
             b_k = _tile(k_p, t0, n, HK * K, 0, K, BT, BK)
         else:
             b_k = X  # not read
-        b_y = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, X, t0, n, n_u, c0, H, K, V, BT, BK, BX, WU_FROM_X,
+        b_y = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, X, t0, n, n_u, c0, H, K, V, BT, BK, BX, FROM_INPUTS,
                        DT, PREC)  # [BT, BX]
         last = (t0 + n_in - 1).to(tl.int64)
         X = _decay_rows(X, G_p, last, rk, K, GATE, H)
-        if KD_FROM_K:
+        if FROM_INPUTS:
             X += _mm(tl.trans(b_k), _to_chunk_end(b_y, G_p, t0, n, last, H, BT), DT, PREC)
         else:
             X += _mm(tl.trans(_tile(kd_p, t0, n, H * K, 0, K, BT, BK)), b_y, DT, PREC)
@@ -277,14 +276,13 @@ def _segment_state_kernel(
     w, u, kd, gcum, seg_b, h, vn, ht, q, k, qg, aqk, o, xa, v, beta, cu_seqlens, seg_table, chunk_offsets,
     scale, T, L, n_seg, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    OUTPUT: tl.constexpr, QG: tl.constexpr, KD_FROM_K: tl.constexpr, WU_FROM_X: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    OUTPUT: tl.constexpr, QG: tl.constexpr, FROM_INPUTS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Pass 3: linear._state_kernel's loop (GATE 1, 2) over one segment's chunks, from S_in. OUTPUT:
     instead of the states and v', each chunk's output (linear._chunk_output, as the output kernel
-    would make it from them), while the state and v' are in registers. KD_FROM_K (GDN): kd made
-    from the chunk's K tile (_to_chunk_end), which the outputs read too, not read from kd; WU_FROM_X
-    (with it): v' made from X, v, β and that tile (_v_prime), w and u not read."""
+    would make it from them), while the state and v' are in registers. FROM_INPUTS (GDN): kd, w, u
+    not read but made from the chunk's K tile, which the outputs read too, X, v and β
+    (_to_chunk_end, _v_prime)."""
     i_v, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_s = _segment_of(i_p, n_seg, seg_table, IS_VARLEN)
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
@@ -318,21 +316,21 @@ def _segment_state_kernel(
             tl.store(h_p + kv, S.to(h.dtype.element_ty), mask=mkv)
             h_p += H * K * V  # 64-bit pointer steps (states pass 2^31 elements at ~1M tokens)
         last = (t0 + n_in - 1).to(tl.int64)
-        if KD_FROM_K:
+        if FROM_INPUTS:
             b_k = _tile(k + (bos * HK + i_hk) * K, t0, n, HK * K, 0, K, BT, BK)
         else:
             b_k = S  # not read
-        b_vn = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, S, t0, n, n, c0, H, K, V, BT, BK, BV, WU_FROM_X,
+        b_vn = _v_prime(w_p, u_p, x_p, v_p, b_p, G_p, b_k, S, t0, n, n, c0, H, K, V, BT, BK, BV, FROM_INPUTS,
                         DT, PREC)
         if OUTPUT:
             b_o = _chunk_output(q + (bos * HK + i_hk) * K, k + (bos * HK + i_hk) * K, b_k,
                                 qg + (bos * H + i_h) * K, aqk + (bos * H + i_h) * BT, gcum, gcum, S, b_vn,
-                                bos, i_h, t0, n, scale, H, HK, K, BT, BK, GATE, QG, DT, PREC, KD_FROM_K)
+                                bos, i_h, t0, n, scale, H, HK, K, BT, BK, GATE, QG, DT, PREC, FROM_INPUTS)
             _store_tile(o + (bos * H + i_h) * V, b_o, t0, n, H * V, c0, V, BT, BV)
         else:
             _store_tile(vn_p, b_vn, t0, n, H * V, c0, V, BT, BV)
         S = _decay_rows(S, G_p, last, rk, K, GATE, H)
-        if KD_FROM_K:
+        if FROM_INPUTS:
             S += _mm(tl.trans(b_k), _to_chunk_end(b_vn, G_p, t0, n, last, H, BT), DT, PREC)
         else:
             S += _mm(tl.trans(_tile(kd_p, t0, n, H * K, 0, K, BT, BK)), b_vn, DT, PREC)
@@ -393,8 +391,7 @@ def state_pass(
     vn: torch.Tensor,
     ht: torch.Tensor | None,
     out: tuple | None = None,
-    keys: torch.Tensor | None = None,
-    from_x: tuple | None = None,
+    from_inputs: tuple | None = None,
 ) -> None:
     """The delta rule's chunk-to-chunk pass, segment-parallel; fills what linear._state_kernel does.
 
@@ -411,21 +408,20 @@ def state_pass(
     (KDA: q ⊙ e^G from the split prepare, or None), aqk (KDA: the prepare's scale · gated q·k, or
     None for GDN, which makes it here), as linear._output_kernel takes them.
 
-    keys (GDN only): the forward's k [B, T, H_k, D_k]; kd is then made from it and gcum where it is
-    read (Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v'), and the kd argument is not read (any tensor).
-    from_x = (xa, v, beta) (with keys): v' = u − w S made from the prepare's X = (I + A)⁻¹ (xa
-    [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), v [B, T, H, D_v] and beta [B, T, H],
-    so that w and u are not read either (any tensors)."""
+    from_inputs = (k, xa, v, beta) (GDN only): the forward's k [B, T, H_k, D_k], the prepare's X =
+    (I + A)⁻¹ (xa [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), v [B, T, H, D_v] and
+    beta [B, T, H]. kd, w, u are then made from them and gcum where they are read (Kᵀ (v' ⊙
+    e^{G_last − G}) for kdᵀ v', X (β ⊙ (V − e^G ⊙ (K S))) for u − w S), and the w, u, kd arguments
+    are not read (any tensors)."""
     if gate not in (1, 2):
         raise ValueError(f"gate: expected 1 (GDN) or 2 (KDA), got {gate}")
-    if keys is not None and gate != 1:
-        raise ValueError("keys: kd is made from k only for GDN's scalar gate (gate 1); KDA reads kd")
-    if from_x is not None and keys is None:
-        raise ValueError("from_x: w and u are made from X, v, beta together with kd from k: pass keys too")
+    if from_inputs is not None and gate != 1:
+        raise ValueError("from_inputs: kd, w, u are made from the inputs only for GDN's scalar gate "
+                         "(gate 1); KDA reads them")
     b, t, h, d_k = w.shape
     d_v = u.shape[3]
-    if from_x is not None:  # w, u: placeholders
-        d_k, d_v = keys.shape[3], from_x[1].shape[3]
+    if from_inputs is not None:  # w, u, kd: placeholders
+        d_k, d_v = from_inputs[0].shape[3], from_inputs[2].shape[3]
     dev = w.device
     dt, prec = _tl_dtype(w.dtype), ("ieee" if w.dtype == torch.float32 else "tf32")
     bk = max(16, triton.next_power_of_2(d_k))
@@ -445,9 +441,9 @@ def state_pass(
     seg_m = _empty(max(n_slots, 1), h, d_k, d_k, dtype=torch.float32, device=dev)
     seg_b = _empty(max(n_slots, 1), h, d_k, d_v, dtype=torch.float32, device=dev)
     h0 = initial_state if initial_state is not None else seg_b
-    k_in = keys if keys is not None else (out[1] if out is not None else w)  # w: any pointer, not read
+    # k, X, v, β (any pointers where not read; k is read for the outputs too)
+    k_in, xa, v_in, beta = from_inputs or ((out[1] if out is not None else w), w, u, w)
     hk = k_in.shape[2]
-    xa, v_in, beta = from_x if from_x is not None else (w, u, w)  # any pointers: not read
     ht_ = ht if ht is not None else seg_b
     cfg = TUNING["transition"]
     bx = _block(cfg["BX"], max(d_k, d_v), d_k)
@@ -457,7 +453,7 @@ def state_pass(
             _transition_kernel, (nxk + triton.cdiv(d_v, bx), n_nonlast, h),
             w, u, kd, k_in, xa, v_in, beta, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
-            KD_FROM_K=keys is not None, WU_FROM_X=from_x is not None, DT=dt, PREC=prec,
+            FROM_INPUTS=from_inputs is not None, DT=dt, PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     cfg = TUNING["scan"]
@@ -484,8 +480,8 @@ def state_pass(
             aqk if aqk is not None else o, o, xa, v_in, beta, cu, table, chunk_offsets, scale, t, length,
             n_seg,
             H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BV=bv, GATE=gate, STORE_HT=ht is not None,
-            IS_VARLEN=varlen, OUTPUT=out is not None, QG=qg is not None, KD_FROM_K=keys is not None,
-            WU_FROM_X=from_x is not None, DT=dt, PREC=prec,
+            IS_VARLEN=varlen, OUTPUT=out is not None, QG=qg is not None, FROM_INPUTS=from_inputs is not None,
+            DT=dt, PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 

@@ -101,25 +101,20 @@ PREP_SPLIT: dict[str, bool] = {"scalar": True, "vector": True}
 # bytes a thread under the 128-register cap (PREP_TUNING), which costs less than the launch and the
 # DRAM round trip of X, k and gcum it saves; more registers would leave one program per SM.
 PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": True}
-# GDN's inference forward (segmented pass, split + fused prepare): kd = K ⊙ e^{G_last − G} is not
-# written by the prepare and read back; the segment passes add Kᵀ (v' ⊙ e^{G_last − G}) for kdᵀ v'
-# (pass 3 loads that K tile for the outputs anyway): 8 KB a token less through memory at H = 16,
-# D_k = 128, bf16. The same sum, rounded in another place (v' ⊙ e^{..} to bf16 instead of kd). H100,
-# whole forward, CUDA graphs, interleaved, best of 3 (RESULTS.md, thirteenth session), 16K / 64K:
-# off 0.644 / 2.312 ms, on 0.576 / 2.061 (fla 0.683 / 2.688). Off: the prepare writes kd.
-KD_FROM_K = True
-# And with it (WU_FROM_X), w = X (β e^G ⊙ K) and u = X (β V) are not made by the prepare either: the
-# segment passes make v' = u − w S as X (β ⊙ (V − e^G ⊙ (K S))) from X (which the prepare writes
-# anyway, 128 bytes a token and head in bf16), v, β and the K tile they load: one 64 x 64 x BV
-# product more a chunk; the prepare writes 16 KB a token less, and does two 64 x 64 x 128 products
-# less a chunk. Same A/B (thirteenth session), 16K / 64K: KD_FROM_K alone 0.578 / 2.116 ms, with
-# WU_FROM_X 0.517 / 1.884 (fla 0.694 / 2.699); its prepare at 8 warps capped at 128 registers
-# 0.556 / 2.071, so PREP_TUNING["scalar"] stays. With 7 segments (delta_segments' transition_per_sm):
-# 0.486 / 1.795 at PREP_TUNING["scalar"] (164 registers, 3 programs an SM), 2 warps uncapped (222, 4
-# an SM) 0.492 / 1.808, 4 warps capped at 128 (parks 200 bytes, 4 an SM) 0.492 / 1.832, BK 32 0.493
-# / 1.842. (KDA's u made so alone, w still read, did not pay: 0.970 / 3.738 ms vs 0.971 / 3.658;
-# removed, see RESULTS.md.)
-WU_FROM_X = True
+# GDN's inference forward (segmented pass, split prepare): the prepare writes only X and gcum; the
+# segment passes make what it would write from the K tile they load (pass 3 loads it for the
+# outputs anyway), X, v and β: kdᵀ y as Kᵀ (e^{G_last − G} ⊙ y), and v' = u − w S as
+# X (β ⊙ (V − e^G ⊙ (K S))) (one 64 x 64 x BV product more a chunk). The prepare writes 24 KB a
+# token less at H = 16, D = 128, bf16, and does two 64 x 64 x 128 products less a chunk; the same
+# sums, rounded in other places. H100, whole forward, CUDA graphs, interleaved, best of 3 (RESULTS.md,
+# thirteenth session), 16K / 64K: off 0.644 / 2.312 ms; kd alone made so 0.576 / 2.061 (0.578 /
+# 2.116 in a second call); kd, w, u 0.517 / 1.884 (fla 0.683-0.694 / 2.688-2.699); its prepare at 8
+# warps capped at 128 registers 0.556 / 2.071, so PREP_TUNING["scalar"] stays. With 7 segments
+# (delta_segments' transition_per_sm): 0.486 / 1.795 at PREP_TUNING["scalar"] (164 registers, 3
+# programs an SM), 2 warps uncapped (222, 4 an SM) 0.492 / 1.808, 4 warps capped at 128 (parks 200
+# bytes, 4 an SM) 0.492 / 1.832, BK 32 0.493 / 1.842. (KDA's u made so alone, w still read, did not
+# pay: 0.970 / 3.738 ms vs 0.971 / 3.658; removed, see RESULTS.md.) Off: the prepare writes w, u, kd.
+WUKD_FROM_INPUTS = True
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -722,15 +717,14 @@ def _kkt_inv_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BC: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr, GATE_VEC: tl.constexpr,
     IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr,
-    FUSE_WU: tl.constexpr, STORE_QG: tl.constexpr, STORE_KD: tl.constexpr,
+    FUSE_WU: tl.constexpr, STORE_QG: tl.constexpr,
 ):
     """Per chunk and head: gcum, A (β-scaled, strictly lower), aqk (per-channel gate: scale · gated
     q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa ([.., BT] per token row, as aqk; both float32, or
     the input dtype where only this forward reads them: they enter products in that dtype); with
     FUSE_WU also w, u, kd (_wu_chunk, BKW channels per step), which then re-reads X, k and gcum
     from this program's own recent writes and loads (cache hits) instead of DRAM. STORE_QG
-    (per-channel gate): also q ⊙ e^G into qg, for the output kernel. STORE_KD off (FUSE_WU): kd is
-    not written (the segment pass makes it from k: delta_segments.state_pass's `keys`)."""
+    (per-channel gate): also q ⊙ e^G into qg, for the output kernel."""
     i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
     t0 = i_t * BT
     n_in = tl.minimum(n - t0, BT)
@@ -823,16 +817,15 @@ def _kkt_inv_kernel(
         G_p = gcum + (bos * H + i_h) * K if GATE_VEC else gcum + bos * H + i_h
         _wu_chunk(k_p, v + (bos * H + i_h) * V, beta + bos * H + i_h, G_p, x_p, w + (bos * H + i_h) * K,
                   u + (bos * H + i_h) * V, kd + (bos * H + i_h) * K, t0, n, H, HK, K, V, BT, BKW, BV,
-                  GATE_VEC, DT, PREC, STORE_KD)
+                  GATE_VEC, DT, PREC)
 
 
 @triton.jit
 def _wu_chunk(k_p, v_p, b_p, G_p, x_p, w_p, u_p, kd_p, t0, n, H: tl.constexpr, HK: tl.constexpr,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              GATE_VEC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, STORE_KD: tl.constexpr = True):
-    """One chunk and head: w = X (β K ⊙ Γ), u = X (β V), kd = K ⊙ Γ_C/Γ (unless STORE_KD is off), with
-    X [BT, BT] read from x_p (row stride H·BT) and G from G_p (gcum); pointers at this sequence's row
-    0 and head."""
+              GATE_VEC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk and head: w = X (β K ⊙ Γ), u = X (β V), kd = K ⊙ Γ_C/Γ, with X [BT, BT] read from
+    x_p (row stride H·BT) and G from G_p (gcum); pointers at this sequence's row 0 and head."""
     last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)  # last token of this chunk
     X = _ctile(x_p, t0, n, H * BT, 0, BT, BT, BT).to(DT)  # [BT, BT]
     b = _vec(b_p, t0, n, H, BT)[:, None]
@@ -849,8 +842,7 @@ def _wu_chunk(k_p, v_p, b_p, G_p, x_p, w_p, u_p, kd_p, t0, n, H: tl.constexpr, H
         else:
             G = Gs
             Gl = Gl_s
-        if STORE_KD:
-            _cstore(kd_p, kb * tl.exp(Gl - G), t0, n, H * K, c0, K, BT, BK)
+        _cstore(kd_p, kb * tl.exp(Gl - G), t0, n, H * K, c0, K, BT, BK)
         y = (kb * (tl.exp(G) * b)).to(DT)
         _cstore(w_p, tl.dot(X, y, input_precision=PREC), t0, n, H * K, c0, K, BT, BK)
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -1186,16 +1178,15 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
 
 
 def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None, xa=None,
-             x_dtype=torch.float32, qg=None, store_kd=True, make_wu=True):
+             x_dtype=torch.float32, qg=None, make_wu=True):
     """The per-chunk preparation of the delta rule into w, u, kd, gcum (and aqk for gate 2): the split
     kernels (`split`, by default PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and
     the chunk table (any tensor when not varlen). Returns the split kernels' X = (I + A)⁻¹ (x_dtype
     [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), or None from the single kernel.
     Given xa (X from an earlier call, with its gcum and aqk), only w, u, kd are made (_wu_kernel).
     qg (per-channel gate, split kernels): also q ⊙ e^{gcum} there, [B, T, H, D_k] in q's dtype.
-    store_kd=False: kd is not written (only the split, fused prepare can leave it; kd may then be a
-    placeholder). make_wu=False (split prepare): only gcum, A and X (and aqk, qg); w, u, kd are not
-    made (placeholders)."""
+    make_wu=False (split prepare): only gcum, A and X (and aqk, qg); w, u, kd are not made
+    (placeholders)."""
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
     dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
@@ -1226,8 +1217,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
         q, k, v, g, beta, gcum, aqk, xa, w, u, kd, w if qg is None else qg, cu, idx, scale, t,
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
         BKW=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
-        FUSE_WU=PREP_FUSED[kind] and make_wu, STORE_QG=qg is not None, STORE_KD=store_kd,
-        num_warps=cfg["num_warps"],
+        FUSE_WU=PREP_FUSED[kind] and make_wu, STORE_QG=qg is not None, num_warps=cfg["num_warps"],
         maxnreg=cfg.get("maxnreg") if q.dtype != torch.float32 else None,  # fp32's FMA products need more
     )
     if make_wu and not PREP_FUSED[kind]:
@@ -1294,15 +1284,13 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
     states = None if fused else _empty(max(n_chunks, 1), h, d_k, d_v, dtype=q.dtype, device=dev)
     w = u = kd = gcum = aqk = vn = o  # placeholders for arguments a kernel does not read
     qg = None  # q ⊙ e^{gcum} from the split prepare (per-channel gate), read by the output kernel
-    # GDN: kd made from k inside the segmented pass (KD_FROM_K) where only this forward reads it
-    kd_from_k = (gate == 1 and KD_FROM_K and DELTA_SEGMENTED and keep is None and saved is None
-                 and _split_prepare("scalar", None) and PREP_FUSED["scalar"])
-    wu_from_x = kd_from_k and WU_FROM_X  # and w, u made from X, v, β there too
+    # GDN: w, u, kd made inside the segmented pass (WUKD_FROM_INPUTS) where only this forward reads them
+    from_inputs = (gate == 1 and WUKD_FROM_INPUTS and DELTA_SEGMENTED and keep is None and saved is None
+                   and _split_prepare("scalar", None))
     if gate != 0:
-        if not wu_from_x:
+        if not from_inputs:
             w = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
             u = _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
-        if not kd_from_k:
             kd = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         vn = o if fused else _empty(b, t, h, d_v, dtype=q.dtype, device=dev)
         # X and aqk enter their products in the input dtype: stored so, unless the backward (keep)
@@ -1320,7 +1308,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
             qg = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         if n_chunks > 0:
             xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=split,
-                          xa=xa, x_dtype=inter_dt, qg=qg, store_kd=not kd_from_k, make_wu=not wu_from_x)
+                          xa=xa, x_dtype=inter_dt, qg=qg, make_wu=not from_inputs)
         if keep is not None:
             keep.update(w=w, u=u, kd=kd, vn=None if fused else vn, gcum=gcum, aqk=aqk if gate == 2 else None,
                         xa=xa)
@@ -1331,7 +1319,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
         state_pass(w, u, kd, gcum, gate, h0 if initial_state is not None else None, cu_seqlens, states, vn,
                    ht if output_final_state else None,
                    out=(q, k, qg, aqk if gate == 2 else None, o, scale) if fused else None,
-                   keys=k if kd_from_k else None, from_x=(xa, v, beta) if wu_from_x else None)
+                   from_inputs=(k, xa, v, beta) if from_inputs else None)
         if fused:
             return o, (ht if output_final_state else None), None
     else:
