@@ -299,10 +299,10 @@ def test_interp_bad_input_raises_value_error():
         linear.gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([[0, 4]]))
 
 
-def run_prepare(split, op, q, k, v, g, beta, cu=None, fused=False):
+def run_prepare(split, op, q, k, v, g, beta, cu=None, fused=False, sparse_g=False):
     """The prepare stage alone (linear._prepare: the split kernels, w, u, kd in the first one with
-    `fused`, or the single kernel) into NaN-filled buffers: (w, u, kd, gcum[, aqk with its unused
-    part above the diagonal zeroed])."""
+    `fused`, or the single kernel; `sparse_g` as the inference forward asks) into NaN-filled
+    buffers: (w, u, kd, gcum[, aqk with its unused part above the diagonal zeroed])."""
     from attnlab.kernels import linear
 
     gate = 2 if op == "kda" else 1
@@ -317,7 +317,7 @@ def run_prepare(split, op, q, k, v, g, beta, cu=None, fused=False):
     linear.PREP_SPLIT[kind], linear.PREP_FUSED[kind] = split, fused
     try:
         linear._prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, 0.3, q if cu is None else cu, idx,
-                        cu is not None, gate)
+                        cu is not None, gate, sparse_g=sparse_g)
     finally:
         linear.PREP_SPLIT[kind], linear.PREP_FUSED[kind] = old
     if gate == 1:
@@ -359,6 +359,47 @@ def test_interp_split_prepare_equals_single_kernel(op, gate_scale, packed, fused
         assert rel_err(a, r) < 2e-5, name
 
 
+@interp
+@pytest.mark.parametrize("gate_scale, packed", [(0.1, False), (6.0, True), (300.0, False)])
+def test_interp_sparse_gcum_prepare(gate_scale, packed):
+    """KDA's fused prepare as the inference forward runs it (sparse_g: linear.SPARSE_GCUM) writes
+    the w, u, kd, aqk of the single kernel, with w's operand and kd made in the channel loop, and
+    gcum where the later passes read it: every 4th row of a chunk and its last row (of a sequence's
+    last, partial chunk too), equal there; most other rows left unwritten at gentle gates. Gates
+    and shapes as test_interp_split_prepare_equals_single_kernel (the steep case takes
+    _seg_pairs, which reads its channel block's gcum whole)."""
+    if packed:
+        cu = torch.tensor([0, 5, 69, 92])
+        xs = make_inputs("kda", 1, 92, 2, 2, 16, 16, gate_scale=gate_scale, seed=5)[:5]
+    else:
+        cu = None
+        xs = make_inputs("kda", 1, 70, 4, 2, 40, 20, gate_scale=gate_scale, seed=4)[:5]
+        if gate_scale > 100:
+            xs[3][..., :32] *= 1e-3  # gentle in the first channel block, steep in the second
+    got, ref = run_prepare(True, "kda", *xs, cu, True, sparse_g=True), run_prepare(False, "kda", *xs, cu)
+    for name, a, r in zip(("w", "u", "kd", "aqk"), got[:3] + got[4:], ref[:3] + ref[4:], strict=True):
+        assert rel_err(a, r) < 2e-5, name
+    t = xs[0].shape[1]
+    bounds = cu.tolist() if cu is not None else [0, t]
+    pos = torch.cat([torch.arange(e - s) for s, e in zip(bounds[:-1], bounds[1:], strict=True)])
+    ends = torch.zeros(t, dtype=torch.bool)
+    ends[torch.tensor(bounds[1:]) - 1] = True
+    read = (pos % 4 == 3) | (pos % linear_chunk() == linear_chunk() - 1) | ends  # rows the passes read
+    gcum, gref = got[3][0], ref[3][0]  # [T, H, D_k]
+    assert bool(gcum[read].isfinite().all())
+    assert rel_err(gcum[read], gref[read]) < 2e-5
+    written = gcum.isfinite()
+    assert rel_err(gcum[written], gref[written]) < 2e-5  # the same cumulative sums wherever written
+    if gate_scale < 1:
+        assert float(written.float().mean()) < 0.5  # sparse: the rows no pass reads are not written
+
+
+def linear_chunk() -> int:
+    from attnlab.kernels import linear
+
+    return linear.CHUNK
+
+
 @needs_sm90_toolchain
 @pytest.mark.parametrize("op,config", [("gdn", "scalar"), ("gdn", "scalar_train"), ("kda", "vector")])
 @pytest.mark.parametrize("fused", [False, True])
@@ -369,9 +410,10 @@ def test_prepare_compiles_for_sm90(op, config, fused):
     share an SM) and a bounded stack: as launched by default (PREP_FUSED) GDN's training launch none,
     its inference launch (4 warps capped at 168 registers: 96 bytes parked a thread, measured faster
     than the spill-free launches, see PREP_SPLIT) at most 128, KDA's fused launch (8 warps capped at
-    128: 56 bytes, measured faster than the two launches, see PREP_FUSED) at most 64; the other
-    form at most 32 bytes (KDA's two launches: 24). (The single _prepare_kernel they replace
-    spilled 1-2 KB per thread here: see PREP_TUNING.)"""
+    128: 56 bytes, measured faster than the two launches, see PREP_FUSED) at most 64, and as its
+    inference forward launches it (SPARSE_G, linear.SPARSE_GCUM: 136 bytes, measured faster than
+    without) at most 144; the other form at most 32 bytes (KDA's two launches: 24). (The single
+    _prepare_kernel they replace spilled 1-2 KB per thread here: see PREP_TUNING.)"""
     import triton.language as tl
 
     from attnlab.kernels import linear
@@ -385,21 +427,23 @@ def test_prepare_compiles_for_sm90(op, config, fused):
                      g="*fp32", gcum="*fp32", aqk="*bf16", xa="*fp32" if train else "*bf16", qg="*bf16",
                      cu_seqlens="*i32", chunk_indices="*i32")
     # as a forward launches it: X and aqk in bf16 for inference, and KDA's q ⊙ e^G stored (STORE_QG)
-    launches = [(linear._kkt_inv_kernel, dict(common, BC=linear.SUB, BK=cfg["BK"], BKW=64, BV=64,
-                                              SPAN=linear._span(torch.bfloat16), FUSE_WU=fused,
-                                              STORE_QG=op == "kda"),
-                 dict(num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"]))]
+    default = fused == linear.PREP_FUSED[kind]
+    allowed = {"scalar": 128, "scalar_train": 0, "vector": 64}[config] if default else 32
+    kkt = dict(common, BC=linear.SUB, BK=cfg["BK"], BKW=64, BV=64, SPAN=linear._span(torch.bfloat16),
+               FUSE_WU=fused, STORE_QG=op == "kda", SPARSE_G=False)
+    options = dict(num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
+    launches = [(linear._kkt_inv_kernel, kkt, options, allowed)]
     if not fused:
         launches.append((linear._wu_kernel, dict(common, BK=64, BV=64),
-                         dict(num_warps=cfg["wu_num_warps"], num_stages=cfg["wu_num_stages"])))
-    default = fused == linear.PREP_FUSED[kind]
-    for fn, const, options in launches:
+                         dict(num_warps=cfg["wu_num_warps"], num_stages=cfg["wu_num_stages"]), allowed))
+    elif op == "kda" and linear.SPARSE_GCUM:  # the inference forward's launch
+        launches.append((linear._kkt_inv_kernel, dict(kkt, SPARSE_G=True), options, 144 if default else 32))
+    for fn, const, options, allowed in launches:
         ptr = {a: t for a, t in ptr_types.items() if a in fn.arg_names}
         div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in ptr or a == "T"}
         kernel = compile_sm90(fn, const, ptr, floats=("scale",), attrs=div, **options)
         regs, stack, usage = sm90_usage(kernel)
-        allowed = {"scalar": 128, "scalar_train": 0, "vector": 64}[config] if default else 32
-        assert stack <= allowed, (fn.__name__, usage)
+        assert stack <= allowed, (fn.__name__, const.get("SPARSE_G"), usage)
         assert regs * 32 * options["num_warps"] * 2 <= 65536, (fn.__name__, usage)
         assert "wgmma" in kernel.asm["ptx"], fn.__name__  # the 64-row products run on Hopper's tensor cores
 

@@ -115,6 +115,14 @@ PREP_FUSED: dict[str, bool] = {"scalar": True, "vector": True}
 # bytes, 4 an SM) 0.492 / 1.832, BK 32 0.493 / 1.842. (KDA's u made so alone, w still read, did not
 # pay: 0.970 / 3.738 ms vs 0.971 / 3.658; removed, see RESULTS.md.) Off: the prepare writes w, u, kd.
 WUKD_FROM_INPUTS = True
+# KDA's inference forward (split, fused prepare): gcum, float32 [B, T, H, D_k], stored only at the
+# rows read later (every 4th row of a chunk, its last row, and the channel blocks of steep gates
+# whole), a quarter of its bytes; w's operand and kd are made from G in registers in the prepare's
+# channel loop. Off: gcum is stored whole and the w step re-reads it with k. H100, whole forward,
+# CUDA graphs, interleaved, best of 3 (RESULTS.md, fourteenth session), 16K / 64K: off 0.957 / 3.649
+# ms, on 0.911 / 3.485 (fla 1.312 / 5.156); it parks 136 bytes a thread under the 128-register cap
+# (56 off), which costs less than the 12 KB a token at H = 16 it keeps from DRAM.
+SPARSE_GCUM = True
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -608,11 +616,14 @@ def _ctile(ptr, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BCOL: 
 
 
 @triton.jit
-def _cstore(ptr, x, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BCOL: tl.constexpr):
-    """_store_tile with 32-bit offsets, as _ctile."""
+def _cstore(ptr, x, row0, n_rows, row_stride, col0, n_cols, BR: tl.constexpr, BCOL: tl.constexpr,
+            rows=None):
+    """_store_tile with 32-bit offsets, as _ctile; rows ([BR, 1] booleans): only those rows."""
     r = tl.arange(0, BR)
     c = col0 + tl.arange(0, BCOL)
     m = (row0 + r < n_rows)[:, None] & (c < n_cols)[None, :]
+    if rows is not None:
+        m = m & rows
     tl.store(ptr + row0.to(tl.int64) * row_stride + (r[:, None] * row_stride + c[None, :]),
              x.to(ptr.dtype.element_ty), mask=m)
 
@@ -717,14 +728,18 @@ def _kkt_inv_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BC: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr, GATE_VEC: tl.constexpr,
     IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr,
-    FUSE_WU: tl.constexpr, STORE_QG: tl.constexpr,
+    FUSE_WU: tl.constexpr, STORE_QG: tl.constexpr, SPARSE_G: tl.constexpr = False,
 ):
     """Per chunk and head: gcum, A (β-scaled, strictly lower), aqk (per-channel gate: scale · gated
     q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa ([.., BT] per token row, as aqk; both float32, or
     the input dtype where only this forward reads them: they enter products in that dtype); with
     FUSE_WU also w, u, kd (_wu_chunk, BKW channels per step), which then re-reads X, k and gcum
     from this program's own recent writes and loads (cache hits) instead of DRAM. STORE_QG
-    (per-channel gate): also q ⊙ e^G into qg, for the output kernel."""
+    (per-channel gate): also q ⊙ e^G into qg, for the output kernel. SPARSE_G (per-channel gate,
+    FUSE_WU; SPARSE_GCUM): gcum only at the rows read later, every 4th (_gated_kkt's segment middles)
+    and the chunk's last (the state passes' decay), and whole for a channel block with pairs left to
+    _seg_pairs; w's operand β K ⊙ e^G (parked in w) and kd are then made in the channel loop from G
+    in registers, and the w step reads that back instead of k and gcum."""
     i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
     t0 = i_t * BT
     n_in = tl.minimum(n - t0, BT)
@@ -739,18 +754,36 @@ def _kkt_inv_kernel(
         A = tl.zeros([BT, BT], dtype=tl.float32)
         Aq = tl.zeros([BT, BT], dtype=tl.float32)
         steep = n_in * 0  # bit i_k: channel block i_k has pairs left inside 4-token segments
+        if SPARSE_G:
+            b_s = _vec(beta + bos * H + i_h, t0, n, H, BT)[:, None]
+            last = (t0 + n_in - 1).to(tl.int64)
+            read_later = ((rr % 4 == 3) | (rr == n_in - 1))[:, None]  # the rows of G read after the loop
         for i_k in range(0, tl.cdiv(K, BK)):
             c0 = i_k * BK
             G = tl.cumsum(_ctile(g_p, t0, n, H * K, c0, K, BT, BK).to(tl.float32), 0)
-            _cstore(G_p, G, t0, n, H * K, c0, K, BT, BK)
+            if SPARSE_G:
+                _cstore(G_p, G, t0, n, H * K, c0, K, BT, BK, read_later)
+            else:
+                _cstore(G_p, G, t0, n, H * K, c0, K, BT, BK)
             tl.debug_barrier()  # _gated_kkt reads the segments' middle rows of G back
             kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK)
             qb = _ctile(q_p, t0, n, HK * K, c0, K, BT, BK)
+            eG = tl.exp(G)
             if STORE_QG:  # q ⊙ e^G for the output kernel, which would read G (float32) for it
-                _cstore(qg + (bos * H + i_h) * K, qb.to(tl.float32) * tl.exp(G), t0, n, H * K, c0, K, BT, BK)
+                _cstore(qg + (bos * H + i_h) * K, qb.to(tl.float32) * eG, t0, n, H * K, c0, K, BT, BK)
+            if SPARSE_G:  # kd = K ⊙ e^{G_last − G}, and β K ⊙ e^G parked in w for w = X (that)
+                cols = c0 + tl.arange(0, BK)
+                Gl = tl.load(G_p + last * H * K + cols, mask=cols < K, other=0.0)[None, :]
+                kf = kb.to(tl.float32)
+                _cstore(kd + (bos * H + i_h) * K, kf * tl.exp(Gl - G), t0, n, H * K, c0, K, BT, BK)
+                _cstore(w + (bos * H + i_h) * K, kf * eG * b_s, t0, n, H * K, c0, K, BT, BK)
             A, Aq, done = _gated_kkt(A, Aq, kb, qb, G, G_p, H * K, t0, n_in, c0, K, BT, BK, 4, DT, PREC, SPAN)
             steep = steep | ((1 - done) << i_k)
+            if SPARSE_G:
+                if done == 0:  # _seg_pairs reads this block's G whole
+                    _cstore(G_p, G, t0, n, H * K, c0, K, BT, BK)
         if steep != 0:  # a log-gate below ~−7 per token: elementwise inside 4-token segments
+            tl.debug_barrier()  # (SPARSE_G: G's blocks stored whole just above are read back)
             A4 = tl.zeros([BT, 4], dtype=tl.float32)
             Aq4 = tl.zeros([BT, 4], dtype=tl.float32)
             for i_k in range(0, tl.cdiv(K, BK)):
@@ -817,15 +850,16 @@ def _kkt_inv_kernel(
         G_p = gcum + (bos * H + i_h) * K if GATE_VEC else gcum + bos * H + i_h
         _wu_chunk(k_p, v + (bos * H + i_h) * V, beta + bos * H + i_h, G_p, x_p, w + (bos * H + i_h) * K,
                   u + (bos * H + i_h) * V, kd + (bos * H + i_h) * K, t0, n, H, HK, K, V, BT, BKW, BV,
-                  GATE_VEC, DT, PREC)
+                  GATE_VEC, DT, PREC, SPARSE_G)
 
 
 @triton.jit
 def _wu_chunk(k_p, v_p, b_p, G_p, x_p, w_p, u_p, kd_p, t0, n, H: tl.constexpr, HK: tl.constexpr,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              GATE_VEC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+              GATE_VEC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, Y_IN_W: tl.constexpr = False):
     """One chunk and head: w = X (β K ⊙ Γ), u = X (β V), kd = K ⊙ Γ_C/Γ, with X [BT, BT] read from
-    x_p (row stride H·BT) and G from G_p (gcum); pointers at this sequence's row 0 and head."""
+    x_p (row stride H·BT) and G from G_p (gcum); pointers at this sequence's row 0 and head. Y_IN_W:
+    kd is made already and w holds β K ⊙ Γ (_kkt_inv_kernel's SPARSE_G), read for w = X (that)."""
     last = (t0 + tl.minimum(n - t0, BT) - 1).to(tl.int64)  # last token of this chunk
     X = _ctile(x_p, t0, n, H * BT, 0, BT, BT, BT).to(DT)  # [BT, BT]
     b = _vec(b_p, t0, n, H, BT)[:, None]
@@ -834,16 +868,19 @@ def _wu_chunk(k_p, v_p, b_p, G_p, x_p, w_p, u_p, kd_p, t0, n, H: tl.constexpr, H
         Gl_s = tl.load(G_p + last * H)
     for i_k in range(0, tl.cdiv(K, BK)):
         c0 = i_k * BK
-        kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK).to(tl.float32)
-        if GATE_VEC:
-            G = _ctile(G_p, t0, n, H * K, c0, K, BT, BK)
-            cols = c0 + tl.arange(0, BK)
-            Gl = tl.load(G_p + last * H * K + cols, mask=cols < K, other=0.0)[None, :]
+        if Y_IN_W:
+            y = _ctile(w_p, t0, n, H * K, c0, K, BT, BK)
         else:
-            G = Gs
-            Gl = Gl_s
-        _cstore(kd_p, kb * tl.exp(Gl - G), t0, n, H * K, c0, K, BT, BK)
-        y = (kb * (tl.exp(G) * b)).to(DT)
+            kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK).to(tl.float32)
+            if GATE_VEC:
+                G = _ctile(G_p, t0, n, H * K, c0, K, BT, BK)
+                cols = c0 + tl.arange(0, BK)
+                Gl = tl.load(G_p + last * H * K + cols, mask=cols < K, other=0.0)[None, :]
+            else:
+                G = Gs
+                Gl = Gl_s
+            _cstore(kd_p, kb * tl.exp(Gl - G), t0, n, H * K, c0, K, BT, BK)
+            y = (kb * (tl.exp(G) * b)).to(DT)
         _cstore(w_p, tl.dot(X, y, input_precision=PREC), t0, n, H * K, c0, K, BT, BK)
     for i_v in range(0, tl.cdiv(V, BV)):
         c0 = i_v * BV
@@ -1178,7 +1215,7 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
 
 
 def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None, xa=None,
-             x_dtype=torch.float32, qg=None, make_wu=True):
+             x_dtype=torch.float32, qg=None, make_wu=True, sparse_g=False):
     """The per-chunk preparation of the delta rule into w, u, kd, gcum (and aqk for gate 2): the split
     kernels (`split`, by default PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and
     the chunk table (any tensor when not varlen). Returns the split kernels' X = (I + A)⁻¹ (x_dtype
@@ -1186,7 +1223,9 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     Given xa (X from an earlier call, with its gcum and aqk), only w, u, kd are made (_wu_kernel).
     qg (per-channel gate, split kernels): also q ⊙ e^{gcum} there, [B, T, H, D_k] in q's dtype.
     make_wu=False (split prepare): only gcum, A and X (and aqk, qg); w, u, kd are not made
-    (placeholders)."""
+    (placeholders). sparse_g (per-channel gate, fused split prepare): gcum is written only at the
+    rows the state passes and the prepare itself read (_kkt_inv_kernel's SPARSE_G), the rest
+    is left unwritten."""
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
     dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
@@ -1213,11 +1252,13 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
         )
         return None
     xa = _empty(b, t, h, CHUNK, dtype=x_dtype, device=q.device)  # X = (I + A)⁻¹, per row
+    fuse_wu = PREP_FUSED[kind] and make_wu
     _kkt_inv_kernel[grid](
         q, k, v, g, beta, gcum, aqk, xa, w, u, kd, w if qg is None else qg, cu, idx, scale, t,
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
         BKW=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
-        FUSE_WU=PREP_FUSED[kind] and make_wu, STORE_QG=qg is not None, num_warps=cfg["num_warps"],
+        FUSE_WU=fuse_wu, STORE_QG=qg is not None, SPARSE_G=sparse_g and fuse_wu and gate == 2,
+        num_warps=cfg["num_warps"],
         maxnreg=cfg.get("maxnreg") if q.dtype != torch.float32 else None,  # fp32's FMA products need more
     )
     if make_wu and not PREP_FUSED[kind]:
@@ -1308,7 +1349,8 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
             qg = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         if n_chunks > 0:
             xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=split,
-                          xa=xa, x_dtype=inter_dt, qg=qg, make_wu=not from_inputs)
+                          xa=xa, x_dtype=inter_dt, qg=qg, make_wu=not from_inputs,
+                          sparse_g=SPARSE_GCUM and keep is None and saved is None)
         if keep is not None:
             keep.update(w=w, u=u, kd=kd, vn=None if fused else vn, gcum=gcum, aqk=aqk if gate == 2 else None,
                         xa=xa)
