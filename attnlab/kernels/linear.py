@@ -123,6 +123,15 @@ WUKD_FROM_INPUTS = True
 # ms, on 0.911 / 3.485 (fla 1.312 / 5.156); it parks 136 bytes a thread under the 128-register cap
 # (56 off), which costs less than the 12 KB a token at H = 16 it keeps from DRAM.
 SPARSE_GCUM = True
+# By gate kind: the split prepare's triangular solve, X = (I + A)⁻¹ from A's 16 x 16 blocks, with its
+# fp32 products at tf32 on the tensor cores (mma.sync; fla's solve_tril merges its blocks so) where X
+# is stored in a 16-bit dtype (inference: its rounding there, 2^-9, is above tf32's 2^-11); off, or X
+# in float32 (the backward keeps it, float32 inputs): "ieee" (FMA). H100, whole forward, CUDA graphs,
+# interleaved, best of 3 (RESULTS.md, fourteenth session): GDN's prepare 126.8 -> 102.7 us at 16K
+# (torch.profiler), the forward at 64K 1.810 -> 1.700 ms (fla 2.707); KDA's prepare parks 272 bytes
+# a thread instead of 136 under its 128-register cap and got slower (16K / 64K 0.906 / 3.491 ms ->
+# 0.938 / 3.635), so off there.
+SOLVE_TF32: dict[str, bool] = {"scalar": True, "vector": False}
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -220,9 +229,9 @@ def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _mm32(a, b):
-    """a @ b in full fp32 (the small blocks of the triangular solve)."""
-    return tl.dot(a, b, input_precision="ieee")
+def _mm32(a, b, P: tl.constexpr = "ieee"):
+    """a @ b in full fp32 (the small blocks of the triangular solve), or fp32 tiles at precision P."""
+    return tl.dot(a, b, input_precision=P)
 
 
 @triton.jit
@@ -267,7 +276,7 @@ def _quarters(x):
 
 
 @triton.jit
-def _inv_unit_lower(a, BC: tl.constexpr):
+def _inv_unit_lower(a, BC: tl.constexpr, P: tl.constexpr = "ieee"):
     """(I + a)⁻¹ for a strictly lower-triangular [16, 16] fp32 tile, in straight-line products (no
     sequential row loop): with b = a's 4×4 diagonal blocks and o = a − b (strictly block-lower),
     (I + b)⁻¹ = (I − b)(I + b²) because b⁴ = 0, and with m = (I + b)⁻¹ o (m⁴ = 0: four block rows),
@@ -279,9 +288,9 @@ def _inv_unit_lower(a, BC: tl.constexpr):
     rr = tl.arange(0, BC)
     eye = (rr[:, None] == rr[None, :]).to(tl.float32)
     b = tl.where((rr[:, None] // 4) == (rr[None, :] // 4), a, 0.0)
-    dinv = _mm32(eye - b, eye + _mm32(b, b))
-    m = _mm32(dinv, a - b)
-    return _mm32(_mm32(eye - m, eye + _mm32(m, m)), dinv)
+    dinv = _mm32(eye - b, eye + _mm32(b, b, P), P)
+    m = _mm32(dinv, a - b, P)
+    return _mm32(_mm32(eye - m, eye + _mm32(m, m, P), P), dinv, P)
 
 
 @triton.jit
@@ -729,6 +738,7 @@ def _kkt_inv_kernel(
     BC: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr, GATE_VEC: tl.constexpr,
     IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr,
     FUSE_WU: tl.constexpr, STORE_QG: tl.constexpr, SPARSE_G: tl.constexpr = False,
+    SOLVE_PREC: tl.constexpr = "ieee",
 ):
     """Per chunk and head: gcum, A (β-scaled, strictly lower), aqk (per-channel gate: scale · gated
     q·k, j ≤ i, zero above) and X = (I + A)⁻¹ into xa ([.., BT] per token row, as aqk; both float32, or
@@ -739,7 +749,9 @@ def _kkt_inv_kernel(
     FUSE_WU; SPARSE_GCUM): gcum only at the rows read later, every 4th (_gated_kkt's segment middles)
     and the chunk's last (the state passes' decay), and whole for a channel block with pairs left to
     _seg_pairs; w's operand β K ⊙ e^G (parked in w) and kd are then made in the channel loop from G
-    in registers, and the w step reads that back instead of k and gcum."""
+    in registers, and the w step reads that back instead of k and gcum. SOLVE_PREC: the precision
+    of the triangular solve's fp32 16 x 16 products ("ieee", or "tf32" where X is stored in a 16-bit
+    dtype: SOLVE_TF32)."""
     i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
     t0 = i_t * BT
     n_in = tl.minimum(n - t0, BT)
@@ -825,25 +837,26 @@ def _kkt_inv_kernel(
     # _prepare_kernel's block merge, each block stored as soon as it is made and each diagonal inverse
     # made where it is first needed: computing all of them first spilled 16-40 bytes per thread
     # under the 128-register cap (sm_90)
-    i0 = _inv_unit_lower(d0, BC)
+    P: tl.constexpr = SOLVE_PREC
+    i0 = _inv_unit_lower(d0, BC, P)
     _cstore(x_p, i0, t0, n, H * BT, 0, BT, BC, BC)
-    i1 = _inv_unit_lower(d1, BC)
+    i1 = _inv_unit_lower(d1, BC, P)
     _cstore(x_p, i1, r1, n, H * BT, BC, BT, BC, BC)
-    x10 = -_mm32(i1, _mm32(a10, i0))
+    x10 = -_mm32(i1, _mm32(a10, i0, P), P)
     _cstore(x_p, x10, r1, n, H * BT, 0, BT, BC, BC)
-    i2 = _inv_unit_lower(d2, BC)
+    i2 = _inv_unit_lower(d2, BC, P)
     _cstore(x_p, i2, r2, n, H * BT, 2 * BC, BT, BC, BC)
-    x21 = -_mm32(i2, _mm32(a21, i1))
+    x21 = -_mm32(i2, _mm32(a21, i1, P), P)
     _cstore(x_p, x21, r2, n, H * BT, BC, BT, BC, BC)
-    x20 = -_mm32(i2, _mm32(a20, i0) + _mm32(a21, x10))
+    x20 = -_mm32(i2, _mm32(a20, i0, P) + _mm32(a21, x10, P), P)
     _cstore(x_p, x20, r2, n, H * BT, 0, BT, BC, BC)
-    i3 = _inv_unit_lower(d3, BC)
+    i3 = _inv_unit_lower(d3, BC, P)
     _cstore(x_p, i3, r3, n, H * BT, 3 * BC, BT, BC, BC)
-    x32 = -_mm32(i3, _mm32(a32, i2))
+    x32 = -_mm32(i3, _mm32(a32, i2, P), P)
     _cstore(x_p, x32, r3, n, H * BT, 2 * BC, BT, BC, BC)
-    x31 = -_mm32(i3, _mm32(a31, i1) + _mm32(a32, x21))
+    x31 = -_mm32(i3, _mm32(a31, i1, P) + _mm32(a32, x21, P), P)
     _cstore(x_p, x31, r3, n, H * BT, BC, BT, BC, BC)
-    x30 = -_mm32(i3, _mm32(a30, i0) + _mm32(a31, x10) + _mm32(a32, x20))
+    x30 = -_mm32(i3, _mm32(a30, i0, P) + _mm32(a31, x10, P) + _mm32(a32, x20, P), P)
     _cstore(x_p, x30, r3, n, H * BT, 0, BT, BC, BC)
     if FUSE_WU:
         tl.debug_barrier()  # X is read back whole
@@ -1258,6 +1271,7 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
         BKW=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
         FUSE_WU=fuse_wu, STORE_QG=qg is not None, SPARSE_G=sparse_g and fuse_wu and gate == 2,
+        SOLVE_PREC="tf32" if SOLVE_TF32[kind] and x_dtype != torch.float32 else "ieee",
         num_warps=cfg["num_warps"],
         maxnreg=cfg.get("maxnreg") if q.dtype != torch.float32 else None,  # fp32's FMA products need more
     )
