@@ -368,6 +368,8 @@ def test_interp_sparse_gcum_prepare(gate_scale, packed):
     last, partial chunk too), equal there; most other rows left unwritten at gentle gates. Gates
     and shapes as test_interp_split_prepare_equals_single_kernel (the steep case takes
     _seg_pairs, which reads its channel block's gcum whole)."""
+    from attnlab.kernels.linear import CHUNK
+
     if packed:
         cu = torch.tensor([0, 5, 69, 92])
         xs = make_inputs("kda", 1, 92, 2, 2, 16, 16, gate_scale=gate_scale, seed=5)[:5]
@@ -384,7 +386,7 @@ def test_interp_sparse_gcum_prepare(gate_scale, packed):
     pos = torch.cat([torch.arange(e - s) for s, e in zip(bounds[:-1], bounds[1:], strict=True)])
     ends = torch.zeros(t, dtype=torch.bool)
     ends[torch.tensor(bounds[1:]) - 1] = True
-    read = (pos % 4 == 3) | (pos % linear_chunk() == linear_chunk() - 1) | ends  # rows the passes read
+    read = (pos % 4 == 3) | (pos % CHUNK == CHUNK - 1) | ends  # rows the passes read
     gcum, gref = got[3][0], ref[3][0]  # [T, H, D_k]
     assert bool(gcum[read].isfinite().all())
     assert rel_err(gcum[read], gref[read]) < 2e-5
@@ -392,12 +394,6 @@ def test_interp_sparse_gcum_prepare(gate_scale, packed):
     assert rel_err(gcum[written], gref[written]) < 2e-5  # the same cumulative sums wherever written
     if gate_scale < 1:
         assert float(written.float().mean()) < 0.5  # sparse: the rows no pass reads are not written
-
-
-def linear_chunk() -> int:
-    from attnlab.kernels import linear
-
-    return linear.CHUNK
 
 
 @needs_sm90_toolchain
