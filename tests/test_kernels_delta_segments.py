@@ -314,6 +314,48 @@ def test_interp_forward_matches_loop_and_single_pass(segmented, op, log_gate):
     assert rel_err(o, o_old) < 1e-5 and rel_err(ht, ht_old) < 1e-5
 
 
+def with_and_without_overlap(monkeypatch, op, xs, call=None):
+    """(o, final state) of linear._forward with OVERLAP_PREPARE on, then off, for op's gate, and the
+    chunk ranges _prepare was called with each time; call(fn) runs the forward (default: once)."""
+    from attnlab.kernels import linear
+
+    gate, kind = (1, "scalar") if op == "gdn" else (2, "vector")
+    ranges, prepare = [], linear._prepare
+
+    def spy(*args, **kwargs):
+        ranges[-1].append(kwargs.get("chunks"))
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "_prepare", spy)
+    q, k, v, g, beta, h0 = xs
+    outs = []
+    for on in (True, False):
+        monkeypatch.setitem(linear.OVERLAP_PREPARE, kind, on)
+        ranges.append([])
+
+        def fn():
+            return linear._forward(q, k, v, g, beta, None, q.shape[-1] ** -0.5, h0, True, None, gate)[:2]
+
+        outs.append(call(fn) if call is not None else fn())
+    return outs, ranges
+
+
+@interp
+@pytest.mark.parametrize("op", ["gdn", "kda"])
+def test_interp_overlapped_prepare_equals_one_launch(segmented, monkeypatch, op):
+    """linear.OVERLAP_PREPARE: the prepare in two chunk ranges (the segments but the last, then the
+    last segment's, after passes 1 and 2 are queued) gives the outputs and final states of the one
+    prepare launch, bit for bit: a batch of two sequences of 300 tokens (segments of 128: the last
+    of three is partial, so is its last chunk), bf16, GQA."""
+    q, k, v, g, beta, h0 = make_inputs(op, 2, 300, 4, 2, 24, 40, -0.05, seed=11)
+    segmented.SEGMENT_LEN = 128
+    xs = (*(x.to(torch.bfloat16) for x in (q, k, v)), g, beta.to(torch.bfloat16), h0)
+    (on, off), ranges = with_and_without_overlap(monkeypatch, op, xs)
+    assert ranges == [[(0, 4), (4, 5)], [None]]  # 5 chunks a sequence; the last segment's 5th
+    for a, b in zip(on, off, strict=True):
+        assert a.isfinite().all() and torch.equal(a, b)
+
+
 def fused_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu):
     """linear._forward's (o, final states, per-chunk states) with the outputs made in the segmented
     pass (FUSED_OUTPUT on), then by the output kernel from the stored states (off); scale D_k^-1/2."""
@@ -522,6 +564,40 @@ def test_gpu_bf16_matches_single_pass(op, t):
     if t <= 4096:
         ro, rs = oracle(op, *(x.cpu() for x in xs))
         assert rel_err(o, ro) < 2e-2 and rel_err(ht, rs) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gdn", "kda"])
+def test_gpu_overlapped_prepare_equals_one_launch(monkeypatch, op):
+    """linear.OVERLAP_PREPARE on the GPU (the last segment's prepare on the caller's stream beside
+    passes 1 and 2 on a second one): bf16, B = 2, 20000 tokens (device-chosen segments, a partial
+    last chunk), poisoned buffers; outputs and final states equal to the one prepare launch's, bit
+    for bit, called eagerly and replayed from a CUDA graph (the second stream forks from and joins
+    the captured one)."""
+    from attnlab.kernels import linear
+
+    monkeypatch.setattr(linear, "POISON_OUTPUTS", True)
+    q, k, v, g, beta, h0 = make_inputs(op, 2, 20000, 16, 16, 128, 128, -0.05, seed=7)
+    xs = (*(x.to("cuda", torch.bfloat16) for x in (q, k, v)), g.cuda(), beta.to("cuda", torch.bfloat16),
+          h0.cuda())
+
+    def replayed(fn):
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        for x in out:
+            x.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        return out
+
+    for call in (None, replayed):
+        (on, off), ranges = with_and_without_overlap(monkeypatch, op, xs, call)
+        assert len(ranges[0]) >= 2 and ranges[0][0][0] == 0 and ranges[0][-1][1] == 313
+        for a, b in zip(on, off, strict=True):
+            assert a.isfinite().all() and torch.equal(a, b)
 
 
 @pytest.mark.gpu

@@ -407,7 +407,7 @@ def test_prepare_compiles_for_sm90(op, config, fused):
     its inference launch (4 warps capped at 168 registers: 96 bytes parked a thread, measured faster
     than the spill-free launches, see PREP_SPLIT) at most 128, KDA's fused launch (8 warps capped at
     128: 56 bytes, measured faster than the two launches, see PREP_FUSED) at most 64, and as its
-    inference forward launches it (SPARSE_G, linear.SPARSE_GCUM: 136 bytes, measured faster than
+    inference forward launches it (SPARSE_G, linear.SPARSE_GCUM: 144 bytes, measured faster than
     without) at most 144; the other form at most 32 bytes (KDA's two launches: 24). (The single
     _prepare_kernel they replace spilled 1-2 KB per thread here: see PREP_TUNING.)"""
     import triton.language as tl

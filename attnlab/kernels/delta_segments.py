@@ -48,6 +48,9 @@ w, u, kd (768 at D = 128, bf16), for one more 64 x 64 x BV product a chunk.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -350,6 +353,20 @@ def _block(b: int, d: int, d_k: int) -> int:
     return min(b, max(16, triton.next_power_of_2(d)))
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The second stream the overlapped prepare's passes 1 and 2 run on (one per device), at the
+    default priority: a high-priority one (which would dispatch their programs before the prepare's)
+    timed the same or slower on an H100 (KDA 16K / 64K: 0.889 / 3.441 ms high, 0.884 / 3.368 default;
+    a second call 0.867 / 3.259 and 0.862 / 3.254; RESULTS.md, fifteenth session)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
 def segment_length(n_tokens: int, h: int, d_k: int, d_v: int, device: torch.device,
                    pass3: str = "state") -> int:
     """Tokens per segment (a multiple of CHUNK) for n_tokens in all sequences and h value heads:
@@ -392,6 +409,7 @@ def state_pass(
     ht: torch.Tensor | None,
     out: tuple | None = None,
     from_inputs: tuple | None = None,
+    prepare: Callable[[int, int], None] | None = None,
 ) -> None:
     """The delta rule's chunk-to-chunk pass, segment-parallel; fills what linear._state_kernel does.
 
@@ -412,7 +430,13 @@ def state_pass(
     (I + A)⁻¹ (xa [B, T, H, CHUNK], row t0 + i holding row i of its chunk's X), v [B, T, H, D_v] and
     beta [B, T, H]. kd, w, u are then made from them and gcum where they are read (Kᵀ (v' ⊙
     e^{G_last − G}) for kdᵀ v', X (β ⊙ (V − e^G ⊙ (K S))) for u − w S), and the w, u, kd arguments
-    are not read (any tensors)."""
+    are not read (any tensors).
+
+    prepare (no cu_seqlens; linear.OVERLAP_PREPARE): launches the prepare that makes what the passes
+    read for chunks lo .. hi−1 of each sequence, prepare(lo, hi); called here for the chunks of
+    every segment but the last before pass 1, and for the last segment's after passes 1 and 2 have
+    been queued on a second stream (CUDA), so that it runs beside them on the SMs they leave; pass
+    3 waits for both."""
     if gate not in (1, 2):
         raise ValueError(f"gate: expected 1 (GDN) or 2 (KDA), got {gate}")
     if from_inputs is not None and gate != 1:
@@ -445,25 +469,39 @@ def state_pass(
     k_in, xa, v_in, beta = from_inputs or ((out[1] if out is not None else w), w, u, w)
     hk = k_in.shape[2]
     ht_ = ht if ht is not None else seg_b
-    cfg = TUNING["transition"]
-    bx = _block(cfg["BX"], max(d_k, d_v), d_k)
-    nxk = triton.cdiv(d_k, bx)
-    if n_nonlast > 0:
-        launch_fitting(  # float32 at D = 256: 3 stages would need 304 KB of shared memory
-            _transition_kernel, (nxk + triton.cdiv(d_v, bx), n_nonlast, h),
-            w, u, kd, k_in, xa, v_in, beta, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
-            H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
-            FROM_INPUTS=from_inputs is not None, DT=dt, PREC=prec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    if prepare is not None and varlen:
+        raise ValueError("state_pass: prepare (the overlapped prepare) takes no cu_seqlens")
+    split = (n_seg - 1) * length // CHUNK  # the last segment's first chunk
+    if prepare is not None:
+        prepare(0, split)
+    main = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
+    side = _side_stream(dev) if prepare is not None and main is not None and split > 0 else None
+    if side is not None:  # passes 1 and 2 on the second stream, after the first prepare
+        side.wait_stream(main)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        cfg = TUNING["transition"]
+        bx = _block(cfg["BX"], max(d_k, d_v), d_k)
+        nxk = triton.cdiv(d_k, bx)
+        if n_nonlast > 0:
+            launch_fitting(  # float32 at D = 256: 3 stages would need 304 KB of shared memory
+                _transition_kernel, (nxk + triton.cdiv(d_v, bx), n_nonlast, h),
+                w, u, kd, k_in, xa, v_in, beta, gcum, seg_m, seg_b, cu, table, nonlast, t, length, n_seg,
+                H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BK=bk, BX=bx, NXK=nxk, GATE=gate, IS_VARLEN=varlen,
+                FROM_INPUTS=from_inputs is not None, DT=dt, PREC=prec,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+        cfg = TUNING["scan"]
+        bv = _block(cfg["BV"], d_v, d_k)
+        sprec = "ieee" if w.dtype == torch.float32 else cfg["precision"]
+        _scan_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+            seg_m, seg_b, h0, ht_, cu, firsts, t, length,
+            H=h, K=d_k, V=d_v, BK=bk, BV=bv, BKK=min(cfg["BKK"], bk), USE_H0=initial_state is not None,
+            STORE_HT=ht is not None, IS_VARLEN=varlen, SPREC=sprec, num_warps=cfg["num_warps"],
         )
-    cfg = TUNING["scan"]
-    bv = _block(cfg["BV"], d_v, d_k)
-    sprec = "ieee" if w.dtype == torch.float32 else cfg["precision"]
-    _scan_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-        seg_m, seg_b, h0, ht_, cu, firsts, t, length,
-        H=h, K=d_k, V=d_v, BK=bk, BV=bv, BKK=min(cfg["BKK"], bk), USE_H0=initial_state is not None,
-        STORE_HT=ht is not None, IS_VARLEN=varlen, SPREC=sprec, num_warps=cfg["num_warps"],
-    )
+    if prepare is not None:
+        prepare(split, triton.cdiv(t, CHUNK))
+    if side is not None:
+        main.wait_stream(side)
     cfg = TUNING[pass3]
     bv = _block(cfg["BV"], d_v, d_k)
     if out is None:

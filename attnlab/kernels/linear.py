@@ -121,7 +121,13 @@ WUKD_FROM_INPUTS = True
 # channel loop. Off: gcum is stored whole and the w step re-reads it with k. H100, whole forward,
 # CUDA graphs, interleaved, best of 3 (RESULTS.md, fourteenth session), 16K / 64K: off 0.957 / 3.649
 # ms, on 0.911 / 3.485 (fla 1.312 / 5.156); it parks 136 bytes a thread under the 128-register cap
-# (56 off), which costs less than the 12 KB a token at H = 16 it keeps from DRAM.
+# (56 off), which costs less than the 12 KB a token at H = 16 it keeps from DRAM. Fifteenth session:
+# on this launch the channel loop loads each block's k and q tiles beside its g tile, before the
+# cumulative sum and the barrier, not after them (one DRAM wait a block instead of two; 144 bytes
+# parked): KDA 16K / 64K 0.889 -> 0.858 ms, 3.441 -> 3.263 (interleaved in one call, OVERLAP_PREPARE
+# on; fla 1.310 / 5.149). Also tried there: the chunk's middle and last rows of G taken from
+# registers (no store-barrier-load round trip; 200 bytes parked) 0.970 / 3.697 ms, and the next
+# block's g, k, q prefetched a block ahead (256 bytes) 1.007 / 3.818: slower, not kept.
 SPARSE_GCUM = True
 # By gate kind: the split prepare's triangular solve, X = (I + A)⁻¹ from A's 16 x 16 blocks, with its
 # fp32 products at tf32 on the tensor cores (mma.sync; fla's solve_tril merges its blocks so) where X
@@ -132,6 +138,17 @@ SPARSE_GCUM = True
 # a thread instead of 136 under its 128-register cap and got slower (16K / 64K 0.906 / 3.491 ms ->
 # 0.938 / 3.635), so off there.
 SOLVE_TF32: dict[str, bool] = {"scalar": True, "vector": False}
+# By gate kind, segmented state pass (DELTA_SEGMENTED), no cu_seqlens: the prepare runs in two
+# launches, the chunks of the segments but the last, then the last segment's, which needs to be done
+# only for pass 3 and so runs beside passes 1 and 2, which go on a second stream (CUDA; the
+# interpreter runs them in order). KDA's pass 1 fits 2 programs an SM and fills ~96 of an H100's 132
+# SMs (3 segments x 16 heads x 4 column blocks); the last segment's prepare takes the rest. H100,
+# whole forward, CUDA graphs, interleaved, best of 3 (RESULTS.md, fifteenth session), 16K / 64K, ms:
+# KDA off 0.877 / 3.343, on 0.862-0.868 / 3.254-3.317 (fla 1.309 / 5.133-5.154; outputs bit-identical);
+# eager calls 0.910 off, 0.908 on. GDN, whose pass 1 fills the GPU (6 x 16 x 4 programs, 3 an SM): on
+# 0.461 / 1.652, 0.461 / 1.653, 0.466 / 1.648 against off 0.460 / 1.686, 0.460 / 1.687, 0.463 / 1.685
+# in three calls; off, since 16K is where GDN is nearest fla.
+OVERLAP_PREPARE: dict[str, bool] = {"scalar": False, "vector": True}
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -354,9 +371,11 @@ def _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _prep_chunk(chunk_indices, cu_seqlens, T, H: tl.constexpr, HK: tl.constexpr, IS_VARLEN: tl.constexpr):
+def _prep_chunk(chunk_indices, cu_seqlens, T, H: tl.constexpr, HK: tl.constexpr, IS_VARLEN: tl.constexpr,
+                chunk0=0):
     """A prepare-style program's chunk (grid: chunks, B·H; varlen: chunks from the chunk table, H):
-    (value head, key head, chunk within its sequence, the sequence's first row, its length)."""
+    (value head, key head, chunk within its sequence, the sequence's first row, its length). chunk0
+    (not varlen): the grid's first chunk within each sequence."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
         i_h = i_bh
@@ -364,7 +383,7 @@ def _prep_chunk(chunk_indices, cu_seqlens, T, H: tl.constexpr, HK: tl.constexpr,
         i_t = tl.load(chunk_indices + 2 * i_c + 1)
     else:
         i_b, i_h = i_bh // H, i_bh % H
-        i_t = i_c
+        i_t = i_c + chunk0
     bos, n = _seq_bounds(i_b, T, cu_seqlens, IS_VARLEN)
     return i_h, i_h // (H // HK), i_t, bos, n
 
@@ -733,7 +752,7 @@ def _place_seg(acc, seg, BT: tl.constexpr, MIN_SEG: tl.constexpr):
 
 @triton.jit
 def _kkt_inv_kernel(
-    q, k, v, g, beta, gcum, aqk, xa, w, u, kd, qg, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, g, beta, gcum, aqk, xa, w, u, kd, qg, cu_seqlens, chunk_indices, scale, T, chunk0,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BC: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr, GATE_VEC: tl.constexpr,
     IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr,
@@ -751,8 +770,9 @@ def _kkt_inv_kernel(
     _seg_pairs; w's operand β K ⊙ e^G (parked in w) and kd are then made in the channel loop from G
     in registers, and the w step reads that back instead of k and gcum. SOLVE_PREC: the precision
     of the triangular solve's fp32 16 x 16 products ("ieee", or "tf32" where X is stored in a 16-bit
-    dtype: SOLVE_TF32)."""
-    i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN)
+    dtype: SOLVE_TF32). chunk0 (not varlen): the grid's first chunk within each sequence
+    (_forward's OVERLAP_PREPARE launches the chunks in two ranges)."""
+    i_h, i_hk, i_t, bos, n = _prep_chunk(chunk_indices, cu_seqlens, T, H, HK, IS_VARLEN, chunk0)
     t0 = i_t * BT
     n_in = tl.minimum(n - t0, BT)
     rr = tl.arange(0, BT)
@@ -772,14 +792,19 @@ def _kkt_inv_kernel(
             read_later = ((rr % 4 == 3) | (rr == n_in - 1))[:, None]  # the rows of G read after the loop
         for i_k in range(0, tl.cdiv(K, BK)):
             c0 = i_k * BK
-            G = tl.cumsum(_ctile(g_p, t0, n, H * K, c0, K, BT, BK).to(tl.float32), 0)
+            gt = _ctile(g_p, t0, n, H * K, c0, K, BT, BK)
+            if SPARSE_G:  # k and q loaded beside g, not after the barrier below (one DRAM wait a block)
+                kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK)
+                qb = _ctile(q_p, t0, n, HK * K, c0, K, BT, BK)
+            G = tl.cumsum(gt.to(tl.float32), 0)
             if SPARSE_G:
                 _cstore(G_p, G, t0, n, H * K, c0, K, BT, BK, read_later)
             else:
                 _cstore(G_p, G, t0, n, H * K, c0, K, BT, BK)
             tl.debug_barrier()  # _gated_kkt reads the segments' middle rows of G back
-            kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK)
-            qb = _ctile(q_p, t0, n, HK * K, c0, K, BT, BK)
+            if not SPARSE_G:
+                kb = _ctile(k_p, t0, n, HK * K, c0, K, BT, BK)
+                qb = _ctile(q_p, t0, n, HK * K, c0, K, BT, BK)
             eG = tl.exp(G)
             if STORE_QG:  # q ⊙ e^G for the output kernel, which would read G (float32) for it
                 _cstore(qg + (bos * H + i_h) * K, qb.to(tl.float32) * eG, t0, n, H * K, c0, K, BT, BK)
@@ -1228,7 +1253,7 @@ def _chunk_tables(cu_seqlens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, t
 
 
 def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=None, xa=None,
-             x_dtype=torch.float32, qg=None, make_wu=True, sparse_g=False):
+             x_dtype=torch.float32, qg=None, make_wu=True, sparse_g=False, chunks=None, x_out=None):
     """The per-chunk preparation of the delta rule into w, u, kd, gcum (and aqk for gate 2): the split
     kernels (`split`, by default PREP_SPLIT) or the single _prepare_kernel. cu / idx: cu_seqlens and
     the chunk table (any tensor when not varlen). Returns the split kernels' X = (I + A)⁻¹ (x_dtype
@@ -1238,7 +1263,8 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     make_wu=False (split prepare): only gcum, A and X (and aqk, qg); w, u, kd are not made
     (placeholders). sparse_g (per-channel gate, fused split prepare): gcum is written only at the
     rows the state passes and the prepare itself read (_kkt_inv_kernel's SPARSE_G), the rest
-    is left unwritten."""
+    is left unwritten. chunks = (lo, hi) (split prepare making w, u, kd in its one launch or not at
+    all, not varlen): only chunks lo .. hi−1 of each sequence, X into x_out (made by the caller)."""
     b, t, hk, d_k = q.shape
     h, d_v = v.shape[2], v.shape[3]
     dt, prec = _tl_dtype(q.dtype), ("ieee" if q.dtype == torch.float32 else "tf32")
@@ -1246,6 +1272,13 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
     bv = min(64, max(16, triton.next_power_of_2(d_v)))
     grid = (idx.shape[0], h) if varlen else (triton.cdiv(t, CHUNK), b * h)
     kind = "vector" if gate == 2 else "scalar"
+    chunk0 = 0
+    if chunks is not None:
+        if varlen or xa is not None or not _split_prepare(kind, split) or (make_wu and not PREP_FUSED[kind]):
+            raise ValueError("_prepare: a chunk range needs the one-launch split prepare and no cu_seqlens")
+        chunk0, grid = chunks[0], (chunks[1] - chunks[0], b * h)
+        if grid[0] <= 0:
+            return x_out
     # GDN's split launch for training (X kept in float32) and for float32 inputs (FMA products: at 4
     # warps an sm_90 build parks ~5.7 KB a thread) is the 8-warp one
     train_shape = kind == "scalar" and (bool(split) or q.dtype == torch.float32)
@@ -1264,10 +1297,11 @@ def _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate
             GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, num_warps=PREP_SINGLE_WARPS[kind],
         )
         return None
-    xa = _empty(b, t, h, CHUNK, dtype=x_dtype, device=q.device)  # X = (I + A)⁻¹, per row
+    # X = (I + A)⁻¹, per row
+    xa = x_out if x_out is not None else _empty(b, t, h, CHUNK, dtype=x_dtype, device=q.device)
     fuse_wu = PREP_FUSED[kind] and make_wu
     _kkt_inv_kernel[grid](
-        q, k, v, g, beta, gcum, aqk, xa, w, u, kd, w if qg is None else qg, cu, idx, scale, t,
+        q, k, v, g, beta, gcum, aqk, xa, w, u, kd, w if qg is None else qg, cu, idx, scale, t, chunk0,
         H=h, HK=hk, K=d_k, V=d_v, BT=CHUNK, BC=SUB, BK=min(cfg.get("BK", 32 if gate == 2 else 64), bk),
         BKW=bk, BV=bv, GATE_VEC=gate == 2, IS_VARLEN=varlen, DT=dt, PREC=prec, SPAN=_span(q.dtype),
         FUSE_WU=fuse_wu, STORE_QG=qg is not None, SPARSE_G=sparse_g and fuse_wu and gate == 2,
@@ -1288,6 +1322,16 @@ def _fuse_output(gate: int, q: torch.Tensor, d_k: int, output: bool) -> bool:
     if gate == 0 or not (DELTA_SEGMENTED and output and FUSED_OUTPUT["vector" if gate == 2 else "scalar"]):
         return False
     return not q.is_cuda or (q.dtype != torch.float32 and d_k <= 128)
+
+
+def _overlap_prepare(gate: int, varlen: bool, saved: dict | None, split: bool | None,
+                     from_inputs: bool) -> bool:
+    """Whether the delta-rule forward hands its prepare to the segmented state pass in two chunk
+    ranges (OVERLAP_PREPARE): the split prepare in one launch (w, u, kd fused, or not made), no
+    cu_seqlens, no saved X."""
+    kind = "vector" if gate == 2 else "scalar"
+    return (gate != 0 and OVERLAP_PREPARE[kind] and DELTA_SEGMENTED and not varlen and saved is None
+            and _split_prepare(kind, split) and (PREP_FUSED[kind] or from_inputs))
 
 
 def _split_prepare(kind: str, split: bool | None) -> bool:
@@ -1338,6 +1382,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
     fused = _fuse_output(gate, q, d_k, output)
     states = None if fused else _empty(max(n_chunks, 1), h, d_k, d_v, dtype=q.dtype, device=dev)
     w = u = kd = gcum = aqk = vn = o  # placeholders for arguments a kernel does not read
+    prepare = None  # OVERLAP_PREPARE: the prepare of a chunk range, launched by the state pass
     qg = None  # q ⊙ e^{gcum} from the split prepare (per-channel gate), read by the output kernel
     # GDN: w, u, kd made inside the segmented pass (WUKD_FROM_INPUTS) where only this forward reads them
     from_inputs = (gate == 1 and WUKD_FROM_INPUTS and DELTA_SEGMENTED and keep is None and saved is None
@@ -1362,9 +1407,16 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
         if output and gate == 2 and saved is None and _split_prepare("vector", split):
             qg = _empty(b, t, h, d_k, dtype=q.dtype, device=dev)
         if n_chunks > 0:
-            xa = _prepare(q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate, split=split,
-                          xa=xa, x_dtype=inter_dt, qg=qg, make_wu=not from_inputs,
-                          sparse_g=SPARSE_GCUM and keep is None and saved is None)
+            args = (q, k, v, g, beta, w, u, kd, gcum, aqk, scale, cu, idx, varlen, gate)
+            opts = dict(split=split, x_dtype=inter_dt, qg=qg, make_wu=not from_inputs,
+                        sparse_g=SPARSE_GCUM and keep is None and saved is None)
+            if _overlap_prepare(gate, varlen, saved, split, from_inputs):
+                xa = _empty(b, t, h, CHUNK, dtype=inter_dt, device=dev)
+
+                def prepare(lo: int, hi: int) -> None:
+                    _prepare(*args, **opts, chunks=(lo, hi), x_out=xa)
+            else:
+                xa = _prepare(*args, xa=xa, **opts)
         if keep is not None:
             keep.update(w=w, u=u, kd=kd, vn=None if fused else vn, gcum=gcum, aqk=aqk if gate == 2 else None,
                         xa=xa)
@@ -1375,7 +1427,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
         state_pass(w, u, kd, gcum, gate, h0 if initial_state is not None else None, cu_seqlens, states, vn,
                    ht if output_final_state else None,
                    out=(q, k, qg, aqk if gate == 2 else None, o, scale) if fused else None,
-                   from_inputs=(k, xa, v, beta) if from_inputs else None)
+                   from_inputs=(k, xa, v, beta) if from_inputs else None, prepare=prepare)
         if fused:
             return o, (ht if output_final_state else None), None
     else:
