@@ -418,7 +418,7 @@ def save(out: str, name: str, bw: float, rows: list[dict], brows: list[dict], ab
                        "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
                        "prep_split": linear.PREP_SPLIT, "prep_fused": linear.PREP_FUSED,
                        "wukd_from_inputs": linear.WUKD_FROM_INPUTS, "sparse_gcum": linear.SPARSE_GCUM,
-                       "solve_tf32": linear.SOLVE_TF32,
+                       "solve_tf32": linear.SOLVE_TF32, "overlap_prepare": linear.OVERLAP_PREPARE,
                        "lightning_seg_tuning": lightning_fwd.TUNING,
                        "delta_seg_tuning": delta_segments.TUNING,
                        "fwd": rows, "fwdbwd": brows, "ab_prepare": ab_rows})
