@@ -9,7 +9,8 @@ the host's cores (16 on the device machines); they share the GPU, which these te
     python tests/gpu_shards.py -n 6 --timeout 500 tests/test_kernels_linear.py -k "fp32"
     python tests/gpu_shards.py --logs "$OUT"                      # one log per process there
 
-Arguments after the options are passed to pytest's collection (files, ``-k`` ...). The selected
+Arguments after the options are passed to pytest's collection (files, ``-k`` ...; a ``-m`` expression
+is combined with this script's ``gpu`` and ``bigmem`` ones, not put in their place). The selected
 tests are dealt round-robin over the processes in collection order, so each gets a share of every
 file. Prints each process's pytest summary line and the failures; exits non-zero when a process
 failed, errored or ran past ``--timeout`` seconds (its log keeps what it printed). No GPU here: the
@@ -43,6 +44,27 @@ def collect(pytest_args: list[str], marks: str = "gpu") -> list[str]:
         raise SystemExit(f"gpu_shards: collection failed (pytest exit {proc.returncode}):\n"
                          f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return ids
+
+
+def split_marks(pytest_args: list[str]) -> tuple[str | None, list[str]]:
+    """A marker expression the caller passed (``-m EXPR`` or ``-mEXPR``; the last one, as pytest takes
+    it) and the other arguments. Passed on as they are, it would replace this script's own expression
+    (pytest keeps the last ``-m``): the bigmem tests would then be dealt into the parallel shards and
+    run a second time after them, so the script combines the two instead."""
+    marks, rest, i = None, [], 0
+    while i < len(pytest_args):
+        arg = pytest_args[i]
+        if arg == "-m":
+            if i + 1 == len(pytest_args):
+                raise ValueError("gpu_shards: -m needs a marker expression")
+            marks, i = pytest_args[i + 1], i + 2
+            continue
+        if arg.startswith("-m") and not arg.startswith("--"):
+            marks = arg[2:]
+        else:
+            rest.append(arg)
+        i += 1
+    return marks, rest
 
 
 def deal(ids: list[str], n: int) -> list[list[str]]:
@@ -102,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0:
         ap.error(f"--timeout must be positive, got {args.timeout}")
     try:
-        shards = deal(collect(pytest_args or ["tests"], "gpu and not bigmem"), args.processes)
+        marks, pytest_args = split_marks(pytest_args)
+        both = f"({marks}) and " if marks else ""
+        shards = deal(collect(pytest_args or ["tests"], f"{both}gpu and not bigmem"), args.processes)
     except ValueError as e:
         ap.error(str(e))
-    big = collect(pytest_args or ["tests"], "gpu and bigmem")
+    big = collect(pytest_args or ["tests"], f"{both}gpu and bigmem")
     if not shards and not big:
         print("gpu_shards: no gpu test selected")
         return 0

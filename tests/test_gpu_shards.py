@@ -57,3 +57,23 @@ def test_bigmem_tests_run_alone_after_the_others(tmp_path, capsys):
     logs = sorted(p.name for p in tmp_path.iterdir())
     assert logs == ["gpu_bigmem.txt", "gpu_shard0.txt", "gpu_shard1.txt"]
     assert gpu_shards.summary_line((tmp_path / "gpu_bigmem.txt").read_text()).startswith("1 skipped")
+
+
+
+def test_a_marker_expression_is_combined_not_replacing(monkeypatch, tmp_path):
+    """-m EXPR (or -mEXPR) from the caller joins the script's own marker expression: passed on as
+    it was, it replaced it, and the bigmem tests ran in the shards and once more after them."""
+    got = gpu_shards.split_marks(["tests/x.py", "-m", "gpu", "-k", "kda"])
+    assert got == ("gpu", ["tests/x.py", "-k", "kda"])
+    assert gpu_shards.split_marks(["-mnot slow", "a.py"]) == ("not slow", ["a.py"])
+    assert gpu_shards.split_marks(["-k", "m"]) == (None, ["-k", "m"])
+    with pytest.raises(ValueError, match="marker expression"):
+        gpu_shards.split_marks(["a.py", "-m"])
+    seen = []  # (marker expression, arguments) of each collection main makes
+    monkeypatch.setattr(gpu_shards, "collect", lambda args, marks: seen.append((marks, args)) or [])
+    assert gpu_shards.main(["--logs", str(tmp_path), "-m", "not slow", "a.py", "-k", "kda"]) == 0
+    assert seen == [("(not slow) and gpu and not bigmem", ["a.py", "-k", "kda"]),
+                    ("(not slow) and gpu and bigmem", ["a.py", "-k", "kda"])]
+    seen.clear()
+    gpu_shards.main(["--logs", str(tmp_path), "a.py"])
+    assert seen == [("gpu and not bigmem", ["a.py"]), ("gpu and bigmem", ["a.py"])]
