@@ -474,9 +474,9 @@ def state_pass(
     split = (n_seg - 1) * length // CHUNK  # the last segment's first chunk
     if prepare is not None:
         prepare(0, split)
-    main = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
-    side = _side_stream(dev) if prepare is not None and main is not None and split > 0 else None
+    side = _side_stream(dev) if prepare is not None and split > 0 and dev.type == "cuda" else None
     if side is not None:  # passes 1 and 2 on the second stream, after the first prepare
+        main = torch.cuda.current_stream(dev)
         side.wait_stream(main)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         cfg = TUNING["transition"]
