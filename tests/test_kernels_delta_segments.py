@@ -219,7 +219,8 @@ def test_interp_state_pass_fp16_equals_single_pass(segmented):
 
 @interp
 def test_interp_bad_gate_and_segment_length(segmented, monkeypatch):
-    """state_pass refuses Lightning's gate 0, and kd, w, u from the inputs for KDA; forced lengths
+    """state_pass refuses Lightning's gate 0, kd, w, u from the inputs for KDA, and an overlapped
+    prepare beside a pass other than 1 or 2; forced lengths
     are checked; on CUDA the length keeps pass 3 within programs_per_sm programs per SM (one wave),
     uses most of them, and respects min_segment, and where the pass-3 shape has transition_per_sm
     keeps pass 1 within that too (SM count faked: the rule is host arithmetic)."""
@@ -229,6 +230,9 @@ def test_interp_bad_gate_and_segment_length(segmented, monkeypatch):
     kw, ku, kkd, kgcum, _ = synthetic(2, [10], 1, 16, 16, False, 0)
     with pytest.raises(ValueError, match="from_inputs"):  # GDN's scalar gate only
         segmented.state_pass(kw, ku, kkd, kgcum, 2, None, None, kw, ku, None, from_inputs=(kw, kw, ku, kgcum))
+    with pytest.raises(ValueError, match="beside"):  # the overlapped prepare runs beside pass 1 or 2
+        segmented.state_pass(kw, ku, kkd, kgcum, 2, None, None, kw, ku, None, prepare=lambda lo, hi: None,
+                             beside=3)
     segmented.SEGMENT_LEN = 100
     with pytest.raises(ValueError, match="SEGMENT_LEN"):
         segmented.segment_length(1000, 4, 64, 64, torch.device("cpu"))
@@ -315,8 +319,9 @@ def test_interp_forward_matches_loop_and_single_pass(segmented, op, log_gate):
 
 
 def with_and_without_overlap(monkeypatch, op, xs, call=None):
-    """(o, final state) of linear._forward with OVERLAP_PREPARE on, then off, for op's gate, and the
-    chunk ranges _prepare was called with each time; call(fn) runs the forward (default: once)."""
+    """(o, final state) of linear._forward with OVERLAP_PREPARE beside passes 1 and 2 (1), beside
+    pass 2 (2), then off (0), for op's gate, and the chunk ranges _prepare was called with each
+    time; call(fn) runs the forward (default: once)."""
     from attnlab.kernels import linear
 
     gate, kind = (1, "scalar") if op == "gdn" else (2, "vector")
@@ -329,8 +334,8 @@ def with_and_without_overlap(monkeypatch, op, xs, call=None):
     monkeypatch.setattr(linear, "_prepare", spy)
     q, k, v, g, beta, h0 = xs
     outs = []
-    for on in (True, False):
-        monkeypatch.setitem(linear.OVERLAP_PREPARE, kind, on)
+    for mode in (1, 2, 0):
+        monkeypatch.setitem(linear.OVERLAP_PREPARE, kind, mode)
         ranges.append([])
 
         def fn():
@@ -344,16 +349,19 @@ def with_and_without_overlap(monkeypatch, op, xs, call=None):
 @pytest.mark.parametrize("op", ["gdn", "kda"])
 def test_interp_overlapped_prepare_equals_one_launch(segmented, monkeypatch, op):
     """linear.OVERLAP_PREPARE: the prepare in two chunk ranges (the segments but the last, then the
-    last segment's, after passes 1 and 2 are queued) gives the outputs and final states of the one
-    prepare launch, bit for bit: a batch of two sequences of 300 tokens (segments of 128: the last
-    of three is partial, so is its last chunk), bf16, GQA."""
+    last segment's, after passes 1 and 2 are queued, or after pass 1 is launched and pass 2 queued)
+    gives the outputs and final states of the one prepare launch, bit for bit: a batch of two
+    sequences of 300 tokens (segments of 128: the last of three is partial, so is its last chunk),
+    bf16, GQA."""
     q, k, v, g, beta, h0 = make_inputs(op, 2, 300, 4, 2, 24, 40, -0.05, seed=11)
     segmented.SEGMENT_LEN = 128
     xs = (*(x.to(torch.bfloat16) for x in (q, k, v)), g, beta.to(torch.bfloat16), h0)
-    (on, off), ranges = with_and_without_overlap(monkeypatch, op, xs)
-    assert ranges == [[(0, 4), (4, 5)], [None]]  # 5 chunks a sequence; the last segment's 5th
-    for a, b in zip(on, off, strict=True):
-        assert a.isfinite().all() and torch.equal(a, b)
+    (*ons, off), ranges = with_and_without_overlap(monkeypatch, op, xs)
+    # 5 chunks a sequence; the last segment's is the 5th
+    assert ranges == [[(0, 4), (4, 5)], [(0, 4), (4, 5)], [None]]
+    for on in ons:
+        for a, b in zip(on, off, strict=True):
+            assert a.isfinite().all() and torch.equal(a, b)
 
 
 def fused_and_stored(monkeypatch, op, q, k, v, g, beta, h0, cu):
@@ -570,10 +578,10 @@ def test_gpu_bf16_matches_single_pass(op, t):
 @pytest.mark.parametrize("op", ["gdn", "kda"])
 def test_gpu_overlapped_prepare_equals_one_launch(monkeypatch, op):
     """linear.OVERLAP_PREPARE on the GPU (the last segment's prepare on the caller's stream beside
-    passes 1 and 2 on a second one): bf16, B = 2, 20000 tokens (device-chosen segments, a partial
-    last chunk), poisoned buffers; outputs and final states equal to the one prepare launch's, bit
-    for bit, called eagerly and replayed from a CUDA graph (the second stream forks from and joins
-    the captured one)."""
+    passes 1 and 2, or pass 2 alone, on a second one): bf16, B = 2, 20000 tokens (device-chosen
+    segments, a partial last chunk), poisoned buffers; outputs and final states equal to the one
+    prepare launch's, bit for bit, called eagerly and replayed from a CUDA graph (the second stream
+    forks from and joins the captured one)."""
     from attnlab.kernels import linear
 
     monkeypatch.setattr(linear, "POISON_OUTPUTS", True)
@@ -594,10 +602,11 @@ def test_gpu_overlapped_prepare_equals_one_launch(monkeypatch, op):
         return out
 
     for call in (None, replayed):
-        (on, off), ranges = with_and_without_overlap(monkeypatch, op, xs, call)
-        assert len(ranges[0]) >= 2 and ranges[0][0][0] == 0 and ranges[0][-1][1] == 313
-        for a, b in zip(on, off, strict=True):
-            assert a.isfinite().all() and torch.equal(a, b)
+        (*ons, off), ranges = with_and_without_overlap(monkeypatch, op, xs, call)
+        for on, r in zip(ons, ranges, strict=False):
+            assert len(r) >= 2 and r[0][0] == 0 and r[-1][1] == 313
+            for a, b in zip(on, off, strict=True):
+                assert a.isfinite().all() and torch.equal(a, b)
 
 
 @pytest.mark.gpu

@@ -410,6 +410,7 @@ def state_pass(
     out: tuple | None = None,
     from_inputs: tuple | None = None,
     prepare: Callable[[int, int], None] | None = None,
+    beside: int = 1,
 ) -> None:
     """The delta rule's chunk-to-chunk pass, segment-parallel; fills what linear._state_kernel does.
 
@@ -434,9 +435,9 @@ def state_pass(
 
     prepare (no cu_seqlens; linear.OVERLAP_PREPARE): launches the prepare that makes what the passes
     read for chunks lo .. hi−1 of each sequence, prepare(lo, hi); called here for the chunks of
-    every segment but the last before pass 1, and for the last segment's after passes 1 and 2 have
-    been queued on a second stream (CUDA), so that it runs beside them on the SMs they leave; pass
-    3 waits for both."""
+    every segment but the last before pass 1, and for the last segment's after the passes from
+    ``beside`` on (1: passes 1 and 2; 2: pass 2 only) have been queued on a second stream (CUDA),
+    so that it runs beside them on the SMs they leave; pass 3 waits for both."""
     if gate not in (1, 2):
         raise ValueError(f"gate: expected 1 (GDN) or 2 (KDA), got {gate}")
     if from_inputs is not None and gate != 1:
@@ -471,14 +472,21 @@ def state_pass(
     ht_ = ht if ht is not None else seg_b
     if prepare is not None and varlen:
         raise ValueError("state_pass: prepare (the overlapped prepare) takes no cu_seqlens")
+    if beside not in (1, 2):
+        raise ValueError(f"state_pass: beside: expected 1 (passes 1 and 2) or 2 (pass 2), got {beside}")
     split = (n_seg - 1) * length // CHUNK  # the last segment's first chunk
     if prepare is not None:
         prepare(0, split)
     side = _side_stream(dev) if prepare is not None and split > 0 and dev.type == "cuda" else None
-    if side is not None:  # passes 1 and 2 on the second stream, after the first prepare
-        main = torch.cuda.current_stream(dev)
+    main = torch.cuda.current_stream(dev) if side is not None else None
+
+    def on_side(first: int):  # passes from `first` on go to the second stream, after what is queued
+        if side is None or first != beside:
+            return contextlib.nullcontext()
         side.wait_stream(main)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        return torch.cuda.stream(side)
+
+    with on_side(1):
         cfg = TUNING["transition"]
         bx = _block(cfg["BX"], max(d_k, d_v), d_k)
         nxk = triton.cdiv(d_k, bx)
@@ -490,14 +498,15 @@ def state_pass(
                 FROM_INPUTS=from_inputs is not None, DT=dt, PREC=prec,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
-        cfg = TUNING["scan"]
-        bv = _block(cfg["BV"], d_v, d_k)
-        sprec = "ieee" if w.dtype == torch.float32 else cfg["precision"]
-        _scan_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
-            seg_m, seg_b, h0, ht_, cu, firsts, t, length,
-            H=h, K=d_k, V=d_v, BK=bk, BV=bv, BKK=min(cfg["BKK"], bk), USE_H0=initial_state is not None,
-            STORE_HT=ht is not None, IS_VARLEN=varlen, SPREC=sprec, num_warps=cfg["num_warps"],
-        )
+        with on_side(2):
+            cfg = TUNING["scan"]
+            bv = _block(cfg["BV"], d_v, d_k)
+            sprec = "ieee" if w.dtype == torch.float32 else cfg["precision"]
+            _scan_kernel[(triton.cdiv(d_v, bv), n_seq * h)](
+                seg_m, seg_b, h0, ht_, cu, firsts, t, length,
+                H=h, K=d_k, V=d_v, BK=bk, BV=bv, BKK=min(cfg["BKK"], bk), USE_H0=initial_state is not None,
+                STORE_HT=ht is not None, IS_VARLEN=varlen, SPREC=sprec, num_warps=cfg["num_warps"],
+            )
     if prepare is not None:
         prepare(split, triton.cdiv(t, CHUNK))
     if side is not None:

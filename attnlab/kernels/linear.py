@@ -136,19 +136,26 @@ SPARSE_GCUM = True
 # interleaved, best of 3 (RESULTS.md, fourteenth session): GDN's prepare 126.8 -> 102.7 us at 16K
 # (torch.profiler), the forward at 64K 1.810 -> 1.700 ms (fla 2.707); KDA's prepare parks 272 bytes
 # a thread instead of 136 under its 128-register cap and got slower (16K / 64K 0.906 / 3.491 ms ->
-# 0.938 / 3.635), so off there.
+# 0.938 / 3.635), so off there. Also tried (sixteenth session): X from whole 64 x 64 tiles, the
+# 16 x 16 form nested one level further (ten dependent 64 x 64 tf32 products, 26 barriers instead of
+# 64, sm_90: 16 bytes parked): GDN's prepare 113.9 -> 126.4 us at 16K, the forward 0.4531 -> 0.4684
+# ms (16K), 1.6793 -> 1.7252 (64K); not kept.
 SOLVE_TF32: dict[str, bool] = {"scalar": True, "vector": False}
 # By gate kind, segmented state pass (DELTA_SEGMENTED), no cu_seqlens: the prepare runs in two
-# launches, the chunks of the segments but the last, then the last segment's, which needs to be done
-# only for pass 3 and so runs beside passes 1 and 2, which go on a second stream (CUDA; the
-# interpreter runs them in order). KDA's pass 1 fits 2 programs an SM and fills ~96 of an H100's 132
-# SMs (3 segments x 16 heads x 4 column blocks); the last segment's prepare takes the rest. H100,
-# whole forward, CUDA graphs, interleaved, best of 3 (RESULTS.md, fifteenth session), 16K / 64K, ms:
-# KDA off 0.877 / 3.343, on 0.862-0.868 / 3.254-3.317 (fla 1.309 / 5.133-5.154; outputs bit-identical);
-# eager calls 0.910 off, 0.908 on. GDN, whose pass 1 fills the GPU (6 x 16 x 4 programs, 3 an SM): on
-# 0.461 / 1.652, 0.461 / 1.653, 0.466 / 1.648 against off 0.460 / 1.686, 0.460 / 1.687, 0.463 / 1.685
-# in three calls; off, since 16K is where GDN is nearest fla.
-OVERLAP_PREPARE: dict[str, bool] = {"scalar": False, "vector": True}
+# launches, the chunks of the segments but the last, then the last segment's, which only pass 3 reads
+# and so runs beside earlier passes, which go on a second stream (CUDA; the interpreter runs them in
+# order). The value is the first pass it runs beside: 1, passes 1 and 2; 2, pass 2 only (the scan:
+# one program per head and 16-column block); 0, off (one prepare launch). H100, whole forward, CUDA
+# graphs, interleaved, best of 3 (RESULTS.md), 16K / 64K, ms:
+# - KDA, whose pass 1 fits 2 programs an SM and fills ~96 of the 132 SMs (3 segments x 16 heads x 4
+#   column blocks), so the prepare takes the rest: fifteenth session, 0 0.877 / 3.343, 1 0.862-0.868 /
+#   3.254-3.317 (fla 1.309 / 5.133-5.154; outputs bit-identical), eager calls 0.910 off, 0.908 on;
+#   sixteenth, 1 0.8600 / 3.2703, 2 0.8896 / 3.3747, 0 0.8812 / 3.3624.
+# - GDN, whose pass 1 fills the GPU (6 x 16 x 4 programs, 3 an SM): fifteenth session, 1 0.461 / 1.652,
+#   0.461 / 1.653, 0.466 / 1.648 against 0 0.460 / 1.686, 0.460 / 1.687, 0.463 / 1.685 in three
+#   calls; sixteenth, 2 0.4552 / 1.6863, 0 0.4572 / 1.6942, 1 0.4609 / 1.6725 (fla 0.6918 / 2.7112),
+#   and in a second call (another change in all three) 2 0.4684 / 1.7252, 0 0.4710 / 1.7286.
+OVERLAP_PREPARE: dict[str, int] = {"scalar": 2, "vector": 1}
 
 # Kernel launch parameters, by gate kind; the benchmark may override them. From sweeps on an H200
 # at T = 16K, B = 1, H = 16, D = 128, bf16 (benchmarks/linear_gpu.py --sweep; see RESULTS.md).
@@ -1427,7 +1434,8 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
         state_pass(w, u, kd, gcum, gate, h0 if initial_state is not None else None, cu_seqlens, states, vn,
                    ht if output_final_state else None,
                    out=(q, k, qg, aqk if gate == 2 else None, o, scale) if fused else None,
-                   from_inputs=(k, xa, v, beta) if from_inputs else None, prepare=prepare)
+                   from_inputs=(k, xa, v, beta) if from_inputs else None, prepare=prepare,
+                   beside=OVERLAP_PREPARE[kind] or 1)
         if fused:
             return o, (ht if output_final_state else None), None
     else:
