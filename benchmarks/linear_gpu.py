@@ -141,6 +141,7 @@ def sdpa(q, k, v, g, b):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+ROUNDS = 1  # --rounds: forward timings per implementation, interleaved; the median is reported
 GRAPH = False  # --graph: time the forward as a CUDA-graph replay (no host launch overhead)
 
 
@@ -182,6 +183,23 @@ def bench_fwdbwd(fn, xs, reps: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2]
+
+
+def timed_rounds(fns: dict, xs, rounds: int) -> dict:
+    """{name: median forward ms over `rounds` rounds} for the functions fns (None: not available,
+    NaN), timed one after another in each round (interleaved: a slow spell of the card hits all of
+    them), and with rounds > 1 {name + "_rounds": every round's ms} too."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(safe(bench_fwd, fn, xs) if fn is not None else float("nan"))
+    out = {}
+    for name, ms in times.items():
+        ok = sorted(x for x in ms if x == x)
+        out[name] = ok[(len(ok) - 1) // 2] if ok else float("nan")  # the median (lower middle if even)
+        if rounds > 1:
+            out[name + "_rounds"] = ms
+    return out
 
 
 def safe(f, *a):
@@ -413,6 +431,7 @@ def save(out: str, name: str, bw: float, rows: list[dict], brows: list[dict], ab
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "linear_gpu.json"),
                       {"device": name, "bandwidth": bw, "forward_timing": "cuda_graph" if GRAPH else "eager",
+                       "forward_rounds": ROUNDS,
                        "gate_scale": GATE_SCALE,
                        "tuning": linear.TUNING,
                        "out_tuning": linear.OUT_TUNING, "prep_tuning": linear.PREP_TUNING,
@@ -445,13 +464,18 @@ def main() -> None:
     ap.add_argument("--gate-scale", type=float, default=1.0,
                     help="GDN / KDA log-gates times this (30: steep gates, ~-2.4 a token; KDA's prepare then "
                          "factors its pairs over shorter segments)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="forward: time ours and fla this many times, interleaved, and report the median")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    global GRAPH, GATE_SCALE
+    global GRAPH, GATE_SCALE, ROUNDS
     GRAPH = args.graph
     if not args.gate_scale > 0:
         ap.error(f"--gate-scale must be positive, got {args.gate_scale}")
     GATE_SCALE = args.gate_scale
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    ROUNDS = args.rounds
     ts = [int(x) for x in args.T.split(",")]
     ops = [x for x in args.ops.split(",") if x]
     bad = [x for x in ops if x not in ("gdn", "kda", "lightning")]
@@ -514,14 +538,15 @@ def main() -> None:
         del xs
         for op in ops:
             xs = make(t, op)
-            row[f"ours_{op}"] = safe(bench_fwd, ours[op], xs)
-            row[f"fla_{op}"] = safe(bench_fwd, fla[op], xs) if fla else float("nan")
-            if op != "lightning":  # the segment-parallel state pass (issue #8) beside the single pass
-                row[f"ours_{op}_seg"] = safe(bench_fwd, ours[f"{op}_seg"], xs)
+            # the single-pass state (Lightning: per-chunk), fla, and the segment-parallel pass (issue #8),
+            # interleaved, --rounds times each
+            fns = {f"ours_{op}": ours[op], f"fla_{op}": fla[op] if fla else None,
+                   f"ours_{op}_seg": ours[f"{op}_seg"]}
+            row.update(timed_rounds(fns, xs, ROUNDS))
+            if op != "lightning":
                 print(f"  fwd T={t} {op}: ours single-pass state {row[f'ours_{op}']:.3f} ms, ours segmented "
                       f"{row[f'ours_{op}_seg']:.3f} ms, fla {row[f'fla_{op}']:.3f} ms", flush=True)
             if op == "lightning":
-                row["ours_lightning_seg"] = safe(bench_fwd, ours["lightning_seg"], xs)
                 print(f"  fwd T={t} lightning: ours per-chunk {row['ours_lightning']:.3f} ms, ours segmented "
                       f"{row['ours_lightning_seg']:.3f} ms, fla {row['fla_lightning']:.3f} ms, "
                       f"floor {floor:.3f} ms", flush=True)
@@ -571,7 +596,8 @@ def main() -> None:
             "ours_lightning", "ours_lightning_seg",
             "fla_lightning"]
     how = "CUDA-graph replays" if GRAPH else "eager calls"
-    print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median; forward: {how})")
+    rounds = f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else ""
+    print(f"\n{name}, B=1 H={H} D={D} bf16, ms (median; forward: {how}{rounds})")
     print("forward:")
     print("| T | floor | " + " | ".join(cols) + " |")
     for r in rows:

@@ -118,3 +118,26 @@ def test_prepare_latency_gpu_cpu_smoke():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count("cpu smoke") == 2
+
+
+def test_linear_gpu_timed_rounds_interleaves_and_takes_the_median(monkeypatch):
+    """benchmarks/linear_gpu.py --rounds: each round times every function once, in order
+    (interleaved), the reported ms is the median over rounds, every round's ms is kept, and a
+    missing function (fla not installed) or a failed timing is NaN without hiding the others."""
+    pytest.importorskip("triton")
+    lg = load("linear_gpu")
+    calls = []
+    fake = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, float("nan"), 4.0])}
+
+    def bench_fwd(fn, xs):
+        calls.append(fn)
+        return next(fake[fn])
+
+    monkeypatch.setattr(lg, "bench_fwd", bench_fwd)
+    out = lg.timed_rounds({"x": "a", "y": "b", "z": None}, None, 3)
+    assert calls == ["a", "b"] * 3
+    assert out["x"] == 2.0 and out["x_rounds"] == [3.0, 1.0, 2.0]
+    assert out["y"] == 4.0 and out["y_rounds"][1] != out["y_rounds"][1]  # lower middle of the two timed
+    assert out["z"] != out["z"] and len(out["z_rounds"]) == 3
+    fake["a"] = iter([7.0])
+    assert lg.timed_rounds({"x": "a"}, None, 1) == {"x": 7.0}  # one round: no per-round list
