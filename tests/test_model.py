@@ -338,3 +338,44 @@ def test_out_of_vocabulary_tokens_raise_value_error():
     with pytest.raises(ValueError, match="id -1"):
         model(torch.tensor([[-1, 3]]))
     assert model(torch.tensor([[0, 63]])).shape == (1, 2, 64)
+
+
+# ----------------------------------------------------------------------------- GPU (device machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "gate"), [("minimax-01", 0), ("qwen3-next", 1), ("kimi-linear", 2)])
+def test_gpu_preset_trains_through_the_triton_kernels(name, gate, monkeypatch):
+    """A training step of a tiny preset on CUDA (float32, 2 x 150 tokens: three chunks) runs its
+    linear layers through the Triton kernels with their autograd (linear._ChunkFunction, seen with
+    inputs that need gradients), and its loss and every parameter's gradient equal the CPU step's
+    (the chunked PyTorch path)."""
+    from attnlab.kernels import linear
+
+    seen = []
+    apply = linear._ChunkFunction.apply
+
+    def spy(*args):
+        seen.append((args[0], args[1].requires_grad))
+        return apply(*args)
+
+    monkeypatch.setattr(linear._ChunkFunction, "apply", staticmethod(spy))
+    torch.manual_seed(0)
+    model = tiny(name).train()
+    tokens = torch.randint(0, 64, (2, 150))
+    results = []
+    for device in ("cpu", "cuda"):
+        model.zero_grad(set_to_none=True)
+        model.to(device)
+        logits = model(tokens.to(device))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.to(device).flatten())
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.detach().cpu() for n, p in model.named_parameters()}))
+        if device == "cpu":
+            assert not seen  # the CPU step takes the chunked PyTorch path
+    assert (gate, True) in seen
+    (loss_cpu, grads_cpu), (loss_gpu, grads_gpu) = results
+    assert abs(loss_gpu - loss_cpu) <= 1e-4 * abs(loss_cpu)
+    for n, g in grads_cpu.items():
+        assert torch.isfinite(grads_gpu[n]).all(), n
+        assert rms_rel(g, grads_gpu[n]) <= 2e-3, (n, rms_rel(g, grads_gpu[n]))
