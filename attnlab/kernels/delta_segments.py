@@ -357,7 +357,7 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The second stream the overlapped prepare's passes 1 and 2 run on (one per device), at the
+    """The second stream the passes beside the overlapped prepare run on (one per device), at the
     default priority: a high-priority one (which would dispatch their programs before the prepare's)
     timed the same or slower on an H100 (KDA 16K / 64K: 0.889 / 3.441 ms high, 0.884 / 3.368 default;
     a second call 0.867 / 3.259 and 0.862 / 3.254; RESULTS.md, fifteenth session)."""
@@ -472,7 +472,7 @@ def state_pass(
     ht_ = ht if ht is not None else seg_b
     if prepare is not None and varlen:
         raise ValueError("state_pass: prepare (the overlapped prepare) takes no cu_seqlens")
-    if beside not in (1, 2):
+    if prepare is not None and beside not in (1, 2):
         raise ValueError(f"state_pass: beside: expected 1 (passes 1 and 2) or 2 (pass 2), got {beside}")
     split = (n_seg - 1) * length // CHUNK  # the last segment's first chunk
     if prepare is not None:

@@ -1435,7 +1435,7 @@ def _forward(q, k, v, g, beta, slope, scale, initial_state, output_final_state, 
                    ht if output_final_state else None,
                    out=(q, k, qg, aqk if gate == 2 else None, o, scale) if fused else None,
                    from_inputs=(k, xa, v, beta) if from_inputs else None, prepare=prepare,
-                   beside=OVERLAP_PREPARE[kind] or 1)
+                   beside=OVERLAP_PREPARE[kind])
         if fused:
             return o, (ht if output_final_state else None), None
     else:
