@@ -18,10 +18,9 @@ from attnlab import HybridLM, ModelConfig
 from attnlab.generate import DecodeStep, decode_one_token, prefill
 from attnlab.layers import fused
 
-# every preset: S / W / G / K / M / D blocks take the fused mixers, L its own step behind the fused
-# MLP, minimax-01 (postnorm) the plain block
+# every preset: S / W / G / K / L / M / D blocks take the fused mixers, minimax-01's postnorm blocks too
 PRESETS = ["llama", "swa", "qwen3-next", "kimi-linear", "deepseek-v3", "deepseek-v32", "minimax-01", "gdn",
-           "kda"]
+           "kda", "lightning"]
 
 
 def _decode(model, x: torch.Tensor, T: int, n: int, dtype: torch.dtype, on: bool, lengths=None):
@@ -115,7 +114,7 @@ def test_interp_fused_step_equals_plain_step(name):
 
 
 @interp
-@pytest.mark.parametrize("name", ["llama", "qwen3-next", "kimi-linear", "deepseek-v32"])
+@pytest.mark.parametrize("name", ["llama", "qwen3-next", "kimi-linear", "deepseek-v32", "minimax-01"])
 def test_interp_fused_step_bf16_mixed_lengths(name):
     """bf16 model, rows of different lengths: fused vs plain logits agree to bf16 rounding. D: with
     index_topk above the context (every visible token chosen): a top-k boundary inside the context
@@ -155,6 +154,62 @@ def test_interp_fused_step_is_taken():
     n_layers = len(model.blocks)
     assert calls.count("rmsnorm") == 2 * n_layers + 1  # qkv and gate/up per layer, the LM head
     assert calls.count("silu_mul") == n_layers
+
+
+@interp
+def test_interp_fused_lightning_and_postnorm_blocks_are_taken(monkeypatch):
+    """minimax-01 (postnorm, LLLLLLLS with alpha != 1): every block takes the fused kernels — no block
+    norm module and no L layer's own forward runs in a decode step; each L layer launches
+    lightning_decode once a step; each block's two branches write their normed input with the first
+    GEMV (x_hat_out), and the out projections of L layers carry the norm + gate prologue. Logits and
+    caches equal the plain step's (which runs the layers' own postnorm forward)."""
+    from attnlab.kernels import gemv as kg
+    from attnlab.kernels import lightning_decode as ld
+    from attnlab.layers.common import RMSNorm
+    from attnlab.layers.lightning import LightningAttention
+
+    model = tiny_model("minimax-01")
+    assert all(b.postnorm for b in model.blocks) and model.blocks[0].mixer_alpha != 1.0
+    n_l = sum(isinstance(b.mixer, LightningAttention) for b in model.blocks)
+    T, n = 9, 3
+    x = tokens(2, T + n, seed=6)
+    with torch.no_grad():
+        plain, c_plain = _decode(model, x, T, n, torch.float32, on=False)
+    calls, steps = [], []
+    real_gemv, real_step = kg.gemv, ld.lightning_decode
+    real_norm, real_l = RMSNorm.forward, LightningAttention.forward
+    block_norms = {id(m) for b in model.blocks for m in (b.mixer_norm, b.mlp_norm)}
+
+    def gemv(*args, **kwargs):
+        calls.append((kwargs.get("prologue"), kwargs.get("x_hat_out") is not None))
+        return real_gemv(*args, **kwargs)
+
+    def step(*args, **kwargs):
+        steps.append(kwargs.get("count_token"))
+        return real_step(*args, **kwargs)
+
+    def norm(self, h):
+        if fused.ENABLED and id(self) in block_norms and h.shape[1] == 1:
+            raise AssertionError("a block's own norm ran in a fused decode step")
+        return real_norm(self, h)
+
+    def lightning(self, h, cache=None, *args, **kwargs):
+        if fused.ENABLED and cache is not None and h.shape[1] == 1:
+            raise AssertionError("an L layer's own decode step ran")
+        return real_l(self, h, cache, *args, **kwargs)
+
+    monkeypatch.setattr(kg, "gemv", gemv)
+    monkeypatch.setattr(ld, "lightning_decode", step)
+    monkeypatch.setattr(RMSNorm, "forward", norm)
+    monkeypatch.setattr(LightningAttention, "forward", lightning)
+    with torch.no_grad():
+        ours, c_ours = _decode(model, x, T, n, torch.float32, on=True)
+    n_layers = len(model.blocks)
+    assert steps == [True] * (n_l * n)
+    assert calls.count(("rmsnorm", True)) == 2 * n_layers * n  # both branches of every block
+    assert calls.count(("rmsnorm_sigmoid_gate", False)) == n_l * n
+    assert rms_rel(plain, ours) <= 1e-5, rms_rel(plain, ours)
+    _assert_same_caches(c_plain, c_ours)
 
 
 @interp
@@ -304,7 +359,8 @@ def _gpu_model(preset: str) -> HybridLM:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["llama", "qwen3-next", "kimi-linear", "deepseek-v3", "deepseek-v32"])
+@pytest.mark.parametrize("preset", ["llama", "qwen3-next", "kimi-linear", "deepseek-v3", "deepseek-v32",
+                                    "minimax-01", "lightning"])
 def test_gpu_fused_step_equals_plain_step_in_a_cuda_graph(preset):
     model = _gpu_model(preset)
     T, n = 300, 4

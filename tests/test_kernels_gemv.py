@@ -34,7 +34,7 @@ from attnlab.layers.common import Residual, RMSNorm, SwiGLU
 
 pytestmark = needs_triton  # attnlab.kernels.gemv imports triton
 
-PROLOGUES = (None, "rmsnorm", "silu_mul", "sigmoid_gate")
+PROLOGUES = (None, "rmsnorm", "silu_mul", "sigmoid_gate", "rmsnorm_sigmoid_gate")
 
 
 _poison = poison_outputs("gemv")
@@ -47,10 +47,10 @@ def make(m, n, k, prologue, dtype=torch.float32, device="cpu", seed=0, row_pad=0
     x = torch.randn(m, k_in + row_pad, generator=gen).to(device=device, dtype=dtype)[:, :k_in]  # (M, K_in)
     weight = (torch.randn(n, k, generator=gen) / k**0.5).to(device=device, dtype=dtype)  # (N, K)
     kwargs = {}
-    if prologue == "rmsnorm":
+    if prologue in ("rmsnorm", "rmsnorm_sigmoid_gate"):
         w = 0.3 * torch.randn(k, generator=gen) + (0.0 if zero_centered else 1.0)
         kwargs.update(norm_weight=w.to(device), norm_zero_centered=zero_centered, norm_eps=1e-5)
-    if prologue == "sigmoid_gate":
+    if prologue in ("sigmoid_gate", "rmsnorm_sigmoid_gate"):
         g = torch.randn(m, k + row_pad, generator=gen).to(device=device, dtype=dtype)[:, :k]  # (M, K)
         kwargs["gate"] = g
     return x, weight, kwargs
@@ -59,13 +59,16 @@ def make(m, n, k, prologue, dtype=torch.float32, device="cpu", seed=0, row_pad=0
 def module_math(x, weight, prologue, residual=None, keep=1.0, scale=1.0, norm_weight=None, norm_eps=1e-6,
                 norm_zero_centered=False, gate=None, out_dtype=None):
     """What the unfused layers compute, with the modules of attnlab.layers.common where one exists:
-    RMSNorm then the projection; SwiGLU's silu(gate) * up; o * sigmoid(g); Residual.project (addmm_)."""
+    RMSNorm then the projection; SwiGLU's silu(gate) * up; o * sigmoid(g); Lightning's
+    RMSNorm(o) * sigmoid(g) (its own ops); Residual.project (addmm_)."""
     K = weight.shape[1]
-    if prologue == "rmsnorm":
+    if prologue in ("rmsnorm", "rmsnorm_sigmoid_gate"):
         norm = RMSNorm(K, eps=norm_eps, zero_centered=norm_zero_centered).to(x.device)
         with torch.no_grad():
             norm.weight.copy_(norm_weight)
         x = norm(x)
+        if prologue == "rmsnorm_sigmoid_gate":
+            x = x * torch.sigmoid(gate)  # LightningAttention.forward's output gate
     elif prologue == "silu_mul":
         x = F.silu(x[:, :K]) * x[:, K:]
     elif prologue == "sigmoid_gate":
@@ -148,6 +151,11 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
             (dict(x=torch.randn(32, 2).t()), "x: the last dim must be contiguous"),
             (dict(prologue="gelu"), "prologue: expected one of"),
             (dict(norm_weight=None), "norm_weight: prologue='rmsnorm' needs"),
+            (dict(x_hat_out=torch.empty(2, 31)), "x_hat_out: expected shape"),
+            (dict(x_hat_out=torch.empty(2, 32, dtype=torch.bfloat16)), "x_hat_out: expected dtype"),
+            (dict(x_hat_out=x), "x_hat_out: must not share memory with x"),
+            (dict(x_hat_out=torch.empty(2, 32), prologue="silu_mul", norm_weight=None, x=torch.randn(2, 64)),
+             "x_hat_out: only written with prologue in"),
             (dict(norm_weight=torch.ones(31)), "norm_weight: expected shape"),
             (dict(prologue=None), "norm_weight: only used with"),
             (dict(gate=torch.randn(2, 32)), "gate: only used with"),
@@ -165,6 +173,8 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         g = make(2, 16, 32, "sigmoid_gate")[2]["gate"]
         with pytest.raises(ValueError, match="gate: prologue='sigmoid_gate' needs"):
             fn(x, w, prologue="sigmoid_gate")
+        with pytest.raises(ValueError, match="gate: prologue='rmsnorm_sigmoid_gate' needs"):
+            fn(x, w, prologue="rmsnorm_sigmoid_gate", norm_weight=kw["norm_weight"])
         with pytest.raises(ValueError, match="gate: expected shape"):
             fn(x, w, prologue="sigmoid_gate", gate=g[:1])
         with pytest.raises(ValueError, match=r"x: expected shape \(\?, 64\) \[M, 2K\]"):
@@ -365,6 +375,48 @@ def test_interp_launch_shapes_and_row_counts():
 
 
 @interp
+@pytest.mark.parametrize("prologue", ["rmsnorm", "rmsnorm_sigmoid_gate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_interp_gemv_writes_x_hat(prologue, dtype, with_residual):
+    """x_hat_out (a postnorm block's normed stream): every element of x̂ written once, by one of the
+    several programs, equal to the modules' norm (and gate) output; the product is unchanged (bitwise
+    the call without it). M 3 (padded to 4), N 64 (8 programs), K 100 (ragged K steps); M 1, K 40.
+    A TUNING entry of the persistent form for the shape is replaced by the tiled default."""
+    from attnlab.kernels import gemv as kg
+
+    for m, n, k in ((3, 64, 100), (1, 17, 40)):
+        x, w, kw = make(m, n, k, prologue, dtype, seed=m + k, row_pad=3)
+        xh = torch.full((m, k), float("nan"), dtype=dtype)
+        plain_r = torch.randn(m, n).to(dtype) if with_residual else None
+        args = dict(prologue=prologue, **kw)
+        if with_residual:
+            r = plain_r.clone()
+            out = kg.gemv(x, w, residual=r, x_hat_out=xh, **args)
+            plain = kg.gemv(x, w, residual=plain_r, **args)
+        else:
+            out = kg.gemv(x, w, x_hat_out=xh, **args)
+            plain = kg.gemv(x, w, **args)
+        assert torch.equal(out, plain)
+        with torch.no_grad():
+            expect = module_math(x, torch.eye(k, dtype=dtype), prologue, **kw)  # the identity: x̂ itself
+        assert not xh.isnan().any()
+        assert rel_err(xh, expect) <= (1e-6 if dtype == torch.float32 else 8e-3), (m, k)
+    key = (1, 17, 40)
+    kg.TUNING[key] = (4, 32, 4, 1, False, 1)  # persistent: does not write x̂, so gemv takes the tiled form
+    try:
+        xh = torch.full((1, 40), float("nan"), dtype=dtype)
+        x, w, kw = make(1, 17, 40, prologue, dtype, seed=5)
+        kg.gemv(x, w, prologue=prologue, x_hat_out=xh, **kw)
+        assert not xh.isnan().any()
+        with pytest.raises(ValueError, match="x_hat_out is written by the tiled form only"):
+            kg._launch(x, w, prologue, kw["norm_weight"], 1e-5, False, kw.get("gate"), None, 1.0, 1.0,
+                       torch.empty(1, 17, dtype=dtype), kg.TUNING[key], xh)
+    finally:
+        del kg.TUNING[key]
+
+
+@interp
 def test_interp_empty_rows_and_custom_ops():
     """M = 0 returns an empty result; both custom ops pass torch.library.opcheck (schema, fake
     tensor shapes, the residual op's in-place mutation)."""
@@ -383,6 +435,11 @@ def test_interp_empty_rows_and_custom_ops():
     persistent = (4, 16, 4, 1, False, 1)  # 3 tiles on the interpreter's 4 "SMs"
     torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
                                                  1.0, 1.0, *persistent))
+    xh = torch.empty(2, 16)  # x̂ written too (a mutated optional argument of both ops)
+    torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, 1.0,
+                                        "float32", *cfg), dict(x_hat_out=xh))
+    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
+                                                 1.0, 1.0, *cfg), dict(x_hat_out=xh))
 
     def step(h, nw, wq, res):  # what a decode layer calls: dynamo must trace gemv's checks whole
         logits = kg.gemv(h, wq, prologue="rmsnorm", norm_weight=nw, out_dtype=torch.float32)
@@ -416,6 +473,8 @@ def test_interp_empty_rows_and_custom_ops():
     (1, "silu_mul", True, "*bf16", 5472, 2048, (4, 2048, 4, 1, False, 1)),  # down, 3 K steps (ragged)
     (1, "rmsnorm", False, "*bf16", 2048, 3072, (16, 2048, 8, 1, False, 1)),  # qkv, 16 columns, 8 warps
     (1, "silu_mul", True, "*bf16", 5472, 2048, (4, 2048, 4, 1, False, 2, 2)),  # + L2 prefetch 3 tiles ahead
+    (1, "rmsnorm_sigmoid_gate", True, "*bf16", 2048, 2048, None),  # Lightning's out_proj (norm, gate)
+    (1, "rmsnorm", False, "*bf16", 2048, 8192, "x_hat"),  # a postnorm block's in_proj, writing x̂
 ])
 def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl):
     """The kernel as an H100 runs it (not the interpreter), at launch_config's default for the shape
@@ -428,6 +487,8 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
 
     from attnlab.kernels import gemv as kg
 
+    write_xh = config == "x_hat"
+    config = None if write_xh else config
     kg._SMS[0] = 132
     try:
         config = config or kg.launch_config(m, n, k, torch.device("cuda", 0))
@@ -442,8 +503,8 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
         const.update(K_STEPS=triton.cdiv(k, bk), L2_AHEAD=l2_ahead)
     else:
         fn = kg._gemv_kernel
-        const.update(DOT=dot, PREC="tf32")
-    ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out)
+        const.update(DOT=dot, PREC="tf32", WRITE_XH=write_xh)
+    ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out, XH="*bf16")
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
            if a in ptr or a in ("N", "K", "stride_xm", "stride_gm")}
     kernel = compile_sm90(fn, const, ptr, floats=("eps", "keep", "scale"), attrs=div, num_warps=warps,
@@ -471,6 +532,7 @@ GPU_SHAPES = [  # (name, K, N, prologue, residual, out_dtype)
     ("down", 5504, 2048, "silu_mul", True, None),
     ("lm_head", 2048, 32768, "rmsnorm", False, torch.float32),
     ("gdn_in_proj", 2048, 8256, "rmsnorm", False, None),
+    ("lightning_out", 2048, 2048, "rmsnorm_sigmoid_gate", True, None),
     ("kda_in_proj", 2048, 6400, "rmsnorm", False, None),
     ("odd", 5504, 37, "silu_mul", True, None),
     ("odd_k", 100, 37, "rmsnorm", False, None),
@@ -500,6 +562,14 @@ def test_gpu_gemv_matches_float32_reference(shape, m):
         # float32 logits: both sides accumulate in float32 from the same rounded x̂ (up to a one-ulp
         # flip of an x̂ element where the norm's float32 math differs in the last bit)
         assert rel_err(out, ref) <= (2e-3 if out_dtype == torch.float32 else 1e-2)
+    if prologue in ("rmsnorm", "rmsnorm_sigmoid_gate"):  # x̂ written too: the same product, x̂ the oracle's
+        xh = torch.full((m, k), float("nan"), device="cuda", dtype=torch.bfloat16)
+        xh_ref = torch.empty_like(xh)
+        gemv_reference(x, w, prologue=prologue, x_hat_out=xh_ref, **kw)
+        again = gemv(x, w, prologue=prologue, out_dtype=out_dtype, x_hat_out=xh, **kw)
+        if not with_residual:
+            assert torch.equal(again, out)
+        assert rel_err(xh, xh_ref) <= 4e-3
 
 
 @pytest.mark.gpu

@@ -54,8 +54,10 @@ from ._pdl import launch_options, use_pdl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 8
 POISON_OUTPUTS = False  # tests: fill every new output buffer with NaN first, so an unwritten element fails
-PROLOGUES = (None, "rmsnorm", "silu_mul", "sigmoid_gate")
-_PROLOGUE_ID = {None: 0, "rmsnorm": 1, "silu_mul": 2, "sigmoid_gate": 3}
+PROLOGUES = (None, "rmsnorm", "silu_mul", "sigmoid_gate", "rmsnorm_sigmoid_gate")
+_PROLOGUE_ID = {None: 0, "rmsnorm": 1, "silu_mul": 2, "sigmoid_gate": 3, "rmsnorm_sigmoid_gate": 4}
+_NORM_PROLOGUES = ("rmsnorm", "rmsnorm_sigmoid_gate")
+_GATE_PROLOGUES = ("sigmoid_gate", "rmsnorm_sigmoid_gate")
 _IO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -124,6 +126,10 @@ def _x_hat(x_rows, k, x_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.constexpr
     if PROLOGUE == 1:
         nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
         xv = norm_weight(xv * rstd, nw, ZERO_CENTERED)
+    elif PROLOGUE == 4:  # the norm's output, then the gate's sigmoid, each rounded as the layer does
+        nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
+        g = tl.load(gate_rows + k, mask=x_ok, other=0.0).to(tl.float32)
+        xv = _round(norm_weight(xv * rstd, nw, ZERO_CENTERED), DT, INTERP) * _round(tl.sigmoid(g), DT, INTERP)
     elif PROLOGUE == 2:
         up = tl.load(x_rows + K + k, mask=x_ok, other=0.0).to(tl.float32)
         xv = xv * tl.sigmoid(xv) * up
@@ -136,11 +142,15 @@ def _x_hat(x_rows, k, x_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.constexpr
 @triton.jit
 def _k_step(acc, w, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.constexpr,
             ZERO_CENTERED: tl.constexpr, XDT: tl.constexpr, WDT: tl.constexpr, DOT: tl.constexpr,
-            PREC: tl.constexpr, INTERP: tl.constexpr):
-    """acc + the weight tile w (at columns k) times x̂ there."""
+            PREC: tl.constexpr, INTERP: tl.constexpr, xh_rows, xh_ok, WRITE_XH: tl.constexpr):
+    """acc + the weight tile w (at columns k) times x̂ there. WRITE_XH: x̂ is also stored at xh_rows + k
+    where xh_ok (one program does it: x̂ is the same in every program)."""
     k_ok = k < K
     x_hat = _x_hat(x_rows, k, m_ok & k_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
                    XDT, INTERP)  # float32, (ROWS, BLOCK_K) or (ROWS, 1, BLOCK_K)
+    if WRITE_XH:
+        if xh_ok:
+            tl.store(xh_rows + k, x_hat.to(XDT), mask=m_ok & k_ok)
     if DOT:
         acc += _mm(w, tl.trans(x_hat.to(WDT)), PREC, INTERP)  # (BLOCK_N, ROWS)
     else:
@@ -168,16 +178,18 @@ def _epilogue(out, tile, R, O, N, keep, scale, M: tl.constexpr, ROWS: tl.constex
 
 @triton.jit
 def _gemv_kernel(
-    X, W, NW, GATE, R, O,
+    X, W, NW, GATE, R, O, XH,
     N, K, stride_xm, stride_gm,
     eps, keep, scale,
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, WRITE_XH: tl.constexpr = False,
 ):
     """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N); rows padded to ROWS.
-    PROLOGUE 0 none, 1 rmsnorm (NW [K]), 2 silu_mul (X [M, 2K]), 3 sigmoid_gate (GATE [M, K]).
+    PROLOGUE 0 none, 1 rmsnorm (NW [K]), 2 silu_mul (X [M, 2K]), 3 sigmoid_gate (GATE [M, K]),
+    4 rmsnorm then sigmoid_gate.
     HAS_RES: R [M, N] <- R * keep + scale * acc; else O [M, N] <- scale * acc.
+    WRITE_XH: program 0 also writes x̂ (the prologue's output, x's dtype) to XH [M, K] (contiguous).
     DOT False: elementwise float32 products in a [ROWS, BLOCK_N, BLOCK_K] tile, reduced at the end.
     DOT True: acc [BLOCK_N, ROWS] += W_tile @ x̂_tileᵀ on the tensor cores (ROWS >= 16, BLOCK_N >= 16),
     the weight tile a dot operand, so triton's pipeliner can keep num_stages tiles in flight (cp.async)
@@ -199,6 +211,8 @@ def _gemv_kernel(
     n_ok = n < N
     x_rows = X + m.to(tl.int64) * stride_xm
     gate_rows = GATE + m.to(tl.int64) * stride_gm
+    xh_rows = XH + m.to(tl.int64) * K
+    xh_ok = pid == 0
     w_rows = W + n.to(tl.int64) * K
     if PDL:
         if not DOT:  # (the DOT form's pipelined loads would spill with a tile held across the wait)
@@ -206,7 +220,7 @@ def _gemv_kernel(
         gdc_wait()  # x, the gate and the residual come from earlier kernels
 
     rstd = 0.0
-    if PROLOGUE == 1:  # first pass: each row's mean square (float32, as F.rms_norm)
+    if PROLOGUE == 1 or PROLOGUE == 4:  # first pass: each row's mean square (float32, as F.rms_norm)
         if DOT:
             ss = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
         else:
@@ -228,13 +242,13 @@ def _gemv_kernel(
     if PDL:
         if not DOT:  # the first K step with the tile loaded before the wait
             acc = _k_step(acc, w_first, x_rows, kk, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
-                          X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
+                          X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP, xh_rows, xh_ok, WRITE_XH)
             k_start = BLOCK_K
     for k0 in range(k_start, K, BLOCK_K):
         k = k0 + kk
         w = tl.load(w_rows + k, mask=n_ok & (k < K), other=0.0, eviction_policy="evict_first")
         acc = _k_step(acc, w, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
-                      X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP)
+                      X.dtype.element_ty, W.dtype.element_ty, DOT, PREC, INTERP, xh_rows, xh_ok, WRITE_XH)
     if DOT:
         out = tl.trans(acc)  # (ROWS, BLOCK_N)
     else:
@@ -304,7 +318,7 @@ def _gemv_persistent_kernel(
         gdc_wait()  # x, the gate and the residual come from earlier kernels
 
     rstd = 0.0
-    if PROLOGUE == 1:  # each row's mean square (float32, as F.rms_norm), once per program
+    if PROLOGUE == 1 or PROLOGUE == 4:  # each row's mean square (float32, as F.rms_norm), once per program
         ss = tl.zeros([ROWS, 1, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kk
@@ -337,7 +351,8 @@ def _gemv_persistent_kernel(
             else:
                 k = ks * BLOCK_K + kk
                 acc = _k_step(acc, w_cur, x_rows, k, m_ok, NW, gate_rows, rstd, K, PROLOGUE, ZERO_CENTERED,
-                              X.dtype.element_ty, W.dtype.element_ty, False, "ieee", INTERP)
+                              X.dtype.element_ty, W.dtype.element_ty, False, "ieee", INTERP, x_rows, False,
+                              False)
             w_cur = w_next
         _epilogue(tl.sum(acc, axis=2), t, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
 
@@ -383,6 +398,12 @@ def launch_config(m: int, n: int, k: int, device: torch.device) -> Config:
     if hit is not None:
         persist, l2_ahead = (*hit[5:7], 0, 0)[:2]
         return (*hit[:4], bool(hit[4]) if len(hit) > 4 else False, int(persist), int(l2_ahead))
+    return _default_config(m, n, k, device)
+
+
+def _default_config(m: int, n: int, k: int, device: torch.device) -> Config:
+    """launch_config's reasoned default (the tiled elementwise form), whatever TUNING says."""
+    m_pad = rows_padded(m)
     if device.type != "cuda":
         return (8, 32, 4, 1, False, 0, 0)
     block_n = 32
@@ -405,8 +426,9 @@ def persistent_grid(n: int, block_n: int, persist: int, device: torch.device) ->
 def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_weight: torch.Tensor | None,
             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
             residual: torch.Tensor | None, keep: float, scale: float, out: torch.Tensor | None,
-            config: Config) -> None:
-    """Run the kernel: into ``residual`` in place if given, else into ``out`` [M, N]."""
+            config: Config, x_hat_out: torch.Tensor | None = None) -> None:
+    """Run the kernel: into ``residual`` in place if given, else into ``out`` [M, N]; x̂ into
+    ``x_hat_out`` [M, K] too if given (the tiled form only)."""
     M = x.shape[0]
     N, K = weight.shape
     if M == 0 or N == 0:
@@ -418,6 +440,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         raise ValueError(f"config: the DOT form needs BLOCK_N and BLOCK_K >= 16, got {config}")
     if persist < 0 or (persist and dot):
         raise ValueError(f"config: PERSIST must be >= 0, and 0 with the DOT form, got {config}")
+    if persist and x_hat_out is not None:
+        raise ValueError(f"config: x_hat_out is written by the tiled form only (PERSIST 0), got {config}")
     if l2_ahead < 0 or (l2_ahead and (not persist or K * weight.element_size() % 16)):
         raise ValueError(f"config: L2_AHEAD must be >= 0, and 0 unless PERSIST > 0 and K x the element size "
                          f"is a multiple of 16 bytes, got {config} for K={K}")
@@ -450,12 +474,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         dummy if gate is None else gate,
         dummy if residual is None else residual,
         dummy if out is None else out,
+        x if x_hat_out is None else x_hat_out,
         N, K, x.stride(0), 0 if gate is None else gate.stride(0),
         float(norm_eps), float(keep), float(scale),
         M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
         HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET, PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
+        WRITE_XH=x_hat_out is not None, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
     )
 
 
@@ -463,11 +488,12 @@ def _dtype_of(name: str) -> torch.dtype:
     return {v: k for k, v in _DTYPE_NAME.items()}[name]
 
 
-@torch.library.custom_op("attnlab::gemv", mutates_args=())
+@torch.library.custom_op("attnlab::gemv", mutates_args=("x_hat_out",))
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
              norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
              out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int,
-             dot: bool, persist: int = 0, l2_ahead: int = 0) -> torch.Tensor:
+             dot: bool, persist: int = 0, l2_ahead: int = 0,
+             x_hat_out: torch.Tensor | None = None) -> torch.Tensor:
     dt = _dtype_of(out_dtype)
     shape = (x.shape[0], weight.shape[0])
     if POISON_OUTPUTS:
@@ -475,33 +501,33 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: 
     else:
         out = torch.empty(shape, dtype=dt, device=x.device)
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, None, 1.0, scale,
-            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead))
+            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), x_hat_out)
     return out
 
 
 @_gemv_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
-      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
+      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0, x_hat_out=None):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=_dtype_of(out_dtype))
 
 
-@torch.library.custom_op("attnlab::gemv_residual_", mutates_args=("residual",))
+@torch.library.custom_op("attnlab::gemv_residual_", mutates_args=("residual", "x_hat_out"))
 def _gemv_residual_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
                       norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
                       residual: torch.Tensor, keep: float, scale: float, block_n: int, block_k: int,
                       num_warps: int, num_stages: int, dot: bool, persist: int = 0,
-                      l2_ahead: int = 0) -> None:
+                      l2_ahead: int = 0, x_hat_out: torch.Tensor | None = None) -> None:
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep,
-            scale, None, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead))
+            scale, None, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), x_hat_out)
 
 
 @_gemv_residual_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep, scale,
-      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
+      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0, x_hat_out=None):
     return None
 
 
-def _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype) -> None:
+def _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out=None) -> None:
     """Shared by gemv and gemv_reference: every argument's shape, dtype and device."""
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue: expected one of {PROLOGUES}, got {prologue!r}")
@@ -515,22 +541,34 @@ def _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype) ->
     if not weight.is_contiguous():
         raise ValueError(f"weight: expected a contiguous [N, K] tensor, got strides {weight.stride()}")
     M = x.shape[0]
-    if prologue == "rmsnorm":
+    if prologue in _NORM_PROLOGUES:
         if norm_weight is None:
-            raise ValueError("norm_weight: prologue='rmsnorm' needs the norm's weight [K]")
+            raise ValueError(f"norm_weight: prologue={prologue!r} needs the norm's weight [K]")
         check_tensor("norm_weight", norm_weight, 1, "[K]", shape=(K,))
         if not norm_weight.is_contiguous():
             raise ValueError("norm_weight: expected a contiguous [K] tensor")
     elif norm_weight is not None:
-        raise ValueError(f"norm_weight: only used with prologue='rmsnorm', got prologue={prologue!r}")
-    if prologue == "sigmoid_gate":
+        raise ValueError(f"norm_weight: only used with prologue in {_NORM_PROLOGUES}, "
+                         f"got prologue={prologue!r}")
+    if prologue in _GATE_PROLOGUES:
         if gate is None:
-            raise ValueError("gate: prologue='sigmoid_gate' needs gate [M, K]")
+            raise ValueError(f"gate: prologue={prologue!r} needs gate [M, K]")
         check_tensor("gate", gate, 2, "[M, K]", shape=(M, K), dtypes=(x.dtype,))
         if gate.stride(-1) != 1:
             raise ValueError(f"gate: the last dim must be contiguous (stride 1), got strides {gate.stride()}")
     elif gate is not None:
-        raise ValueError(f"gate: only used with prologue='sigmoid_gate', got prologue={prologue!r}")
+        raise ValueError(f"gate: only used with prologue in {_GATE_PROLOGUES}, got prologue={prologue!r}")
+    if x_hat_out is not None:
+        if prologue not in _NORM_PROLOGUES:
+            raise ValueError(f"x_hat_out: only written with prologue in {_NORM_PROLOGUES}, "
+                             f"got prologue={prologue!r}")
+        check_tensor("x_hat_out", x_hat_out, 2, "[M, K]", shape=(M, K), dtypes=(x.dtype,))
+        if not x_hat_out.is_contiguous():
+            raise ValueError("x_hat_out: expected a contiguous [M, K] tensor")
+        for name, t in (("x", x), ("gate", gate), ("residual", residual)):
+            if t is not None and t.untyped_storage().data_ptr() == x_hat_out.untyped_storage().data_ptr():
+                raise ValueError(f"x_hat_out: must not share memory with {name} (the kernel reads {name} "
+                                 "while one program writes x_hat_out)")
     if residual is not None:
         check_tensor("residual", residual, 2, "[M, N]", shape=(M, N), dtypes=(x.dtype,))
         if not residual.is_contiguous():
@@ -542,7 +580,8 @@ def _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype) ->
         raise ValueError(f"keep: only applies with residual, got keep={keep}")
     if out_dtype is not None and out_dtype not in _IO_DTYPES:
         raise ValueError(f"out_dtype: expected one of bfloat16, float16, float32, got {out_dtype}")
-    check_same_device(x=x, weight=weight, norm_weight=norm_weight, gate=gate, residual=residual)
+    check_same_device(x=x, weight=weight, norm_weight=norm_weight, gate=gate, residual=residual,
+                      x_hat_out=x_hat_out)
 
 
 def gemv(
@@ -558,6 +597,7 @@ def gemv(
     keep: float = 1.0,
     scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
+    x_hat_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``epilogue(prologue(x) @ weight.T)`` in one Triton kernel, for M <= MAX_ROWS rows.
 
@@ -570,17 +610,21 @@ def gemv(
             ``norm_eps``, ``norm_zero_centered`` (``h + h * w``), as
             :class:`attnlab.layers.common.RMSNorm`. ``"silu_mul"``: x = [gate | up],
             x̂ = silu(gate) * up. ``"sigmoid_gate"``: x̂ = x * sigmoid(gate), gate [M, K] (x's dtype,
-            last dim contiguous).
+            last dim contiguous). ``"rmsnorm_sigmoid_gate"``: x̂ = RMSNorm(x) * sigmoid(gate), the
+            norm's output and the sigmoid each rounded to x's dtype (Lightning's output norm and gate).
         residual: [M, N] contiguous, x's dtype: updated IN PLACE to
             ``residual * keep + scale * (x̂ @ weight.T)`` (rounded once) and returned.
         keep, scale: see residual; without a residual the output is ``scale * (x̂ @ weight.T)``.
         out_dtype: dtype of the new output when no residual is given (default x's dtype).
+        x_hat_out: [M, K] contiguous, x's dtype, sharing no memory with x, gate or residual; with a
+            norm prologue, x̂ is also written here (a postnorm block's normed residual stream, which
+            the GEMV computes anyway).
 
     Returns:
         [M, N]: ``residual``, or a new tensor of ``out_dtype``. Float32 accumulation. CUDA tensors
         (CPU tensors only under TRITON_INTERPRET=1; else call :func:`gemv_reference`). No autograd.
     """
-    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype)
+    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out)
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"x: gemv runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device {x.device}; "
@@ -590,14 +634,16 @@ def gemv(
     if M > MAX_ROWS:
         raise ValueError(f"x: gemv takes at most MAX_ROWS={MAX_ROWS} rows, got {M}; use gemv_reference")
     config = launch_config(M, weight.shape[0], weight.shape[1], x.device)
+    if x_hat_out is not None and config[5]:  # the persistent form does not write x̂: the tiled default
+        config = (*_default_config(M, weight.shape[0], weight.shape[1], x.device)[:5], 0, 0)
     name = prologue or ""
     if residual is not None:
         _gemv_residual_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
-                          residual, float(keep), float(scale), *config)
+                          residual, float(keep), float(scale), *config, x_hat_out=x_hat_out)
         return residual
     dt = _DTYPE_NAME[out_dtype or x.dtype]
     return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
-                    float(scale), dt, *config)
+                    float(scale), dt, *config, x_hat_out=x_hat_out)
 
 
 def gemv_reference(
@@ -613,23 +659,28 @@ def gemv_reference(
     keep: float = 1.0,
     scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
+    x_hat_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`gemv` in torch ops (any device, any M): the CPU fallback and the tests' oracle.
     The product is float32 (16-bit weights are upcast: a float32 copy of the weight per call)."""
-    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype)
+    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out)
     K = weight.shape[1]
     xf = x.float()
-    if prologue == "rmsnorm":  # RMSNorm.forward's float32 math
+    if prologue in _NORM_PROLOGUES:  # RMSNorm.forward's float32 math
         if norm_zero_centered:
             h = F.rms_norm(xf, (K,), None, norm_eps)  # (M, K)
             xf = torch.addcmul(h, h, norm_weight.float())
         else:
             xf = F.rms_norm(xf, (K,), norm_weight.float(), norm_eps)
+        if prologue == "rmsnorm_sigmoid_gate":  # the norm's output and the sigmoid rounded, as the layer
+            xf = xf.to(x.dtype).float() * torch.sigmoid(gate.float()).to(x.dtype).float()
     elif prologue == "silu_mul":
         xf = F.silu(xf[:, :K]) * xf[:, K:]  # (M, K)
     elif prologue == "sigmoid_gate":
         xf = xf * torch.sigmoid(gate.float())
     x_hat = xf.to(x.dtype).float()  # rounded where the unfused layer rounds its output
+    if x_hat_out is not None:
+        x_hat_out.copy_(x_hat)
     acc = x_hat @ weight.float().t()  # (M, N) float32
     if residual is None:
         return (acc * scale if scale != 1.0 else acc).to(out_dtype or x.dtype)

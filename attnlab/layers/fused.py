@@ -13,6 +13,9 @@ the kernels around it:
   (:mod:`attnlab.kernels.rope_cache`), then the split-K decode kernel;
 - a GDN / KDA layer's conv step, gates, L2 norms, recurrence step and gated output norm are one
   launch (:mod:`attnlab.kernels.delta_decode`);
+- a Lightning (L) layer's SiLU over q|k|v and recurrence step are one launch
+  (:mod:`attnlab.kernels.lightning_decode`); its output RMSNorm (over all heads) and sigmoid gate are
+  the output projection's GEMV prologue;
 - an MLA layer's latent norm, both RoPEs, the latent cache write, the absorbed query's assembly
   (W_UK^T q_nope included, FOLD_ABSORB_Q) and the token count are one launch
   (:mod:`attnlab.kernels.latent_cache`); W_UV o_lat after the attention is one more
@@ -24,8 +27,16 @@ Llama-style block: norm+qkv GEMV, RoPE+cache write, attention (split + combine, 
 the token), o-proj GEMV+residual, norm+gate/up GEMV, SiLU·mul+down GEMV+residual. GDN block: norm+in_proj
 GEMV, the fused step (which also counts the token), out GEMV+residual, the two MLP GEMVs. DSA block: MLA's
 GEMVs and latent write (with the indexer's part), then index scores, top-k and the sparse absorbed attention
-over the whole cache bounded by each row's length (no host sync), W_UV, o-proj GEMV+residual. Lightning (L)
-keeps its own decode step behind a plain norm; its MLP and the LM head still fuse.
+over the whole cache bounded by each row's length (no host sync), W_UV, o-proj GEMV+residual. Lightning
+block: norm+in_proj GEMV, the fused step (which also counts the token), norm+gate+out GEMV+residual, the
+two MLP GEMVs.
+
+Postnorm blocks (MiniMax-01: the residual each branch adds into is the branch's NORMED input,
+``h <- alpha * norm(h) + beta * f(norm(h))``) take the same kernels: the first GEMV of each branch
+already computes norm(h) in every program for its prologue, and one of its programs writes it out
+(``x_hat_out``); the branch's last GEMV adds into that. The mixer's normed input goes to a new
+buffer, which then holds the stream; the MLP's normed input is written back into h (no longer read),
+which its down projection then adds into.
 
 Taken only for inference (no gradient, not while torch.compile traces: inductor fuses the plain
 step itself) on CUDA tensors — or CPU tensors under ``TRITON_INTERPRET=1`` with ``ON_CPU_INTERPRETER``
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -46,6 +58,7 @@ from .. import ops
 from .attention import SlidingKVCache, SoftmaxAttention
 from .common import Residual
 from .deltanet import DeltaRuleMixer
+from .lightning import LightningAttention
 from .mla import DeepSeekSparseAttention, MultiHeadLatentAttention
 
 ENABLED = os.environ.get("ATTNLAB_FUSED_DECODE", "1") != "0"
@@ -90,18 +103,18 @@ def _norm_args(norm) -> dict:
 # ----------------------------------------------------------------------------- mixers
 
 
-def _softmax(attn: SoftmaxAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
+def _softmax(attn: SoftmaxAttention, io: _Stream, norm, cache, rotation, keep: float,
              scale: float) -> None:
-    """S / W decode step, adding into h2 [B, d_model] in place."""
+    """S / W decode step, from io.x into io.res (:class:`_Stream`)."""
     from ..kernels.decode import gqa_decode_advance
     from ..kernels.rope_cache import rope_write
 
-    B = h2.shape[0]
+    B = io.x.shape[0]
     H, D = attn.n_heads, attn.head_dim
     weight = attn.qkv.weight()
     if weight is None:
         raise ValueError("attn: the fused decode step needs the fused q|k|v weight (FusedLinears)")
-    qkv = gemv(h2, weight, **_norm_args(norm))  # (B, W)
+    qkv = gemv(io.x, weight, **_norm_args(norm), x_hat_out=io.x_hat)  # (B, W)
     q, gate = rope_write(attn, qkv, cache, rotation)  # (B, H, D) each; k, v written to the cache
     if cache.k.dtype == q.dtype:
         # attends to the new token's slot too, then counts it (lengths += 1) in the same launches; a
@@ -115,30 +128,46 @@ def _softmax(attn: SoftmaxAttention, h2: torch.Tensor, norm, cache, rotation, ke
         o = ops.softmax_decode(q, cache.k.to(q.dtype), cache.v.to(q.dtype), n_valid)  # (B, H, D)
     o = o.reshape(B, H * D)  # (B, H*D)
     if gate is None:
-        gemv(o, attn.o_proj.weight, residual=h2, keep=keep, scale=scale)
+        gemv(o, attn.o_proj.weight, residual=io.res, keep=keep, scale=scale)
     else:
         gate = gate.reshape(B, H * D)  # (B, H*D): rope_write stores the gate contiguous
-        gemv(o, attn.o_proj.weight, prologue="sigmoid_gate", gate=gate, residual=h2, keep=keep, scale=scale)
+        gemv(o, attn.o_proj.weight, prologue="sigmoid_gate", gate=gate, residual=io.res, keep=keep,
+             scale=scale)
 
 
-def _delta(mixer: DeltaRuleMixer, h2: torch.Tensor, norm, cache, keep: float, scale: float) -> None:
-    """G / K decode step, adding into h2 [B, d_model] in place."""
+def _delta(mixer: DeltaRuleMixer, io: _Stream, norm, cache, keep: float, scale: float) -> None:
+    """G / K decode step, from io.x into io.res."""
     from ..kernels.delta_decode import delta_decode
 
-    proj = gemv(h2, mixer.in_proj.weight, **_norm_args(norm))  # (B, sum(in_sizes))
+    proj = gemv(io.x, mixer.in_proj.weight, **_norm_args(norm), x_hat_out=io.x_hat)  # (B, sum(in_sizes))
     # K: the gates' up-projections (f_b_proj, g_b_proj) run inside the kernel (f_up = g_up = None)
     o = delta_decode(mixer, proj, cache, count_token=True)  # (B, H*D_v); caches stepped
-    gemv(o, mixer.o_proj.weight, residual=h2, keep=keep, scale=scale)
+    gemv(o, mixer.o_proj.weight, residual=io.res, keep=keep, scale=scale)
 
 
-def _latent_rows(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+def _lightning(mixer: LightningAttention, io: _Stream, norm, cache, keep: float, scale: float) -> None:
+    """L decode step, from io.x into io.res: the step kernel, then the output norm (over all heads)
+    and the sigmoid gate as the out projection's prologue."""
+    from ..kernels.lightning_decode import lightning_decode
+
+    proj = gemv(io.x, mixer.in_proj.weight, **_norm_args(norm), x_hat_out=io.x_hat)  # (B, 4*H*D)
+    o = lightning_decode(mixer, proj, cache, count_token=True)  # (B, H*D); state stepped
+    gate = proj[:, 3 * mixer.n_heads * mixer.head_dim :]  # (B, H*D), a strided view of the gate columns
+    norm_out = mixer.norm
+    gemv(o, mixer.out_proj.weight, prologue="rmsnorm_sigmoid_gate", norm_weight=norm_out.weight,
+         norm_eps=norm_out.eps, norm_zero_centered=norm_out.zero_centered, gate=gate, residual=io.res,
+         keep=keep, scale=scale)
+
+
+def _latent_rows(mla: MultiHeadLatentAttention, io: _Stream, norm) -> tuple[torch.Tensor, torch.Tensor]:
     """The projections of an M / D decode step: (q [B, N_q] the unrotated query row — MLA's heads,
     then D's indexer query heads —, kv [B, N_kv] the rest of x_proj's row: [c_kv | k_pe], then D's
     indexer [key | head weights]), in one GEMV per input (x; with q LoRA, the normed q latent)."""
     n_q = mla.n_heads * (mla.nope_dim + mla.rope_dim)
     if isinstance(mla, DeepSeekSparseAttention):  # x_proj / q_up hold the indexer's projections too
         n_q += mla.index_n_heads * mla.index_head_dim
-    row = gemv(h2, mla.x_proj.weight(), **_norm_args(norm))  # (B, [q | q latent] + N_kv)
+    # (B, [q | q latent] + N_kv)
+    row = gemv(io.x, mla.x_proj.weight(), **_norm_args(norm), x_hat_out=io.x_hat)
     if mla.q_lora_rank is None:
         return row[:, :n_q], row[:, n_q:]
     q = gemv(row[:, : mla.q_lora_rank], mla.q_up.weight(), **_norm_args(mla.q_a_norm))  # (B, N_q)
@@ -159,37 +188,37 @@ def _absorbed_query(mla: MultiHeadLatentAttention, q: torch.Tensor) -> torch.Ten
     return absorb.absorb_q(q_nope, w[:, :dn])  # (B, H, R)
 
 
-def _output(mla: MultiHeadLatentAttention, o_lat: torch.Tensor, h2: torch.Tensor, keep: float,
+def _output(mla: MultiHeadLatentAttention, o_lat: torch.Tensor, res: torch.Tensor, keep: float,
             scale: float) -> None:
     """W_UV on the weighted latents o_lat [B, H, R] (one Triton launch), then o_proj adding into
-    h2 [B, d_model]."""
+    res [B, d_model]."""
     from ..kernels import absorb
 
     B = o_lat.shape[0]
     H, dn, dv, R = mla.n_heads, mla.nope_dim, mla.v_head_dim, mla.kv_lora_rank
     w = mla.kv_b_proj.weight.view(H, dn + dv, R)
     o = absorb.unabsorb_o(o_lat.contiguous(), w[:, dn:])  # (B, H, dv): W_UV o_lat
-    gemv(o.reshape(B, H * dv), mla.o_proj.weight, residual=h2, keep=keep, scale=scale)
+    gemv(o.reshape(B, H * dv), mla.o_proj.weight, residual=res, keep=keep, scale=scale)
 
 
-def _latent(mla: MultiHeadLatentAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
+def _latent(mla: MultiHeadLatentAttention, io: _Stream, norm, cache, rotation, keep: float,
             scale: float) -> None:
-    """M (absorbed MLA) decode step, adding into h2 [B, d_model] in place."""
+    """M (absorbed MLA) decode step, from io.x into io.res."""
     from ..kernels.latent_cache import latent_write
 
     R = mla.kv_lora_rank
-    q, kv = _latent_rows(mla, h2, norm)  # (B, H*(dn+dr)), (B, R + dr)
+    q, kv = _latent_rows(mla, io, norm)  # (B, H*(dn+dr)), (B, R + dr)
     # (B, H, R + dr); the row cached at slot lengths[b], then the token counted (lengths += 1) in the
     # same launch: the attention sees the new length, as the layer's own decode step counts it first
     q_abs = latent_write(mla, q, kv, _absorbed_query(mla, q), cache, rotation, count_token=True)
     lat = cache.latent if cache.latent.dtype == q_abs.dtype else cache.latent.to(q_abs.dtype)
     o_lat = ops.softmax_decode(q_abs, lat, lat[..., :R], cache.lengths, scale=mla.scale)  # (B, H, R)
-    _output(mla, o_lat, h2, keep, scale)
+    _output(mla, o_lat, io.res, keep, scale)
 
 
-def _sparse_latent(dsa: DeepSeekSparseAttention, h2: torch.Tensor, norm, cache, rotation, keep: float,
+def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotation, keep: float,
                    scale: float) -> None:
-    """D (DeepSeek Sparse Attention) decode step, adding into h2 [B, d_model] in place: M's step with
+    """D (DeepSeek Sparse Attention) decode step, from io.x into io.res: M's step with
     the indexer's projections inside the same GEMVs and its key / query post-processing inside the
     latent-write launch, then index scores, top-k and the sparse absorbed attention over the WHOLE
     cache with each row's length as its bound (no host sync: CUDA-graph safe). Positions past a
@@ -198,7 +227,7 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, h2: torch.Tensor, norm, cache, 
     from ..kernels.latent_cache import latent_write
 
     R = dsa.kv_lora_rank
-    q, kv = _latent_rows(dsa, h2, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
+    q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
     q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
     # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
     # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
@@ -211,7 +240,7 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, h2: torch.Tensor, norm, cache, 
     idx = ops.dsa_topk(scores, min(dsa.index_topk, S), causal=False, sort=False)  # (B, 1, k); -1 = empty
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
-    _output(dsa, o_lat[:, 0], h2, keep, scale)
+    _output(dsa, o_lat[:, 0], io.res, keep, scale)
 
 
 def _fused_latent(mixer) -> bool:
@@ -220,43 +249,85 @@ def _fused_latent(mixer) -> bool:
             and (mixer.q_lora_rank is None or mixer.q_up.weight() is not None))
 
 
+def _fused_kind(mixer) -> str | None:
+    """Which fused mixer step ``mixer`` takes ("softmax", "delta", "lightning", "latent", "sparse"), or
+    None (an unfused M / D layer, or projections not fused into one weight)."""
+    if isinstance(mixer, SoftmaxAttention):
+        return "softmax" if mixer.qkv.weight() is not None else None
+    if isinstance(mixer, DeltaRuleMixer):
+        return "delta"
+    if isinstance(mixer, LightningAttention):
+        return "lightning"
+    if _fused_latent(mixer):
+        return "sparse" if isinstance(mixer, DeepSeekSparseAttention) else "latent"
+    return None
+
+
+def _takes_fused_block(block) -> bool:
+    """Whether ``block``'s step takes the fused kernels: not when a hook watches it; a postnorm block
+    only when its mixer has a fused step and its MLP a fused gate|up weight (every GEMV must write
+    the normed stream the next one adds into)."""
+    if block.watched():
+        return False
+    if block.postnorm:
+        return _fused_kind(block.mixer) is not None and block.mlp.gate_up.weight() is not None
+    return True
+
+
 def computes_rope(block) -> bool:
     """Whether ``block``'s fused decode step rotates q and k with angles its kernel computes (S / W
     through rope_write, M and D through latent_write): then the step's shared RoPE tables are not
     needed."""
-    if block.postnorm or block.watched():
-        return False
-    mixer = block.mixer
-    return (isinstance(mixer, SoftmaxAttention) and mixer.qkv.weight() is not None) or _fused_latent(mixer)
+    return _takes_fused_block(block) and _fused_kind(block.mixer) in ("softmax", "latent", "sparse")
+
+
+@dataclass
+class _Stream:
+    """Where a branch of a fused block reads and adds: its first GEMV normalises ``x`` (and writes the
+    normed row to ``x_hat`` if given: a postnorm block's residual), its last GEMV adds into ``res``."""
+
+    x: torch.Tensor
+    res: torch.Tensor
+    x_hat: torch.Tensor | None = None
 
 
 def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
     """One decode step of ``block`` (an :class:`attnlab.model.Block`) over h [B, 1, d_model], added
-    into h in place. ``rotation``: the step's RoPE factors for this block's mixer (or None). Returns
-    False (h untouched) when the block does not take the fused path: a postnorm block (MiniMax's
-    residual is the normed stream) or one a hook watches."""
-    if block.postnorm or block.watched():
+    into h in place (prenorm: ``h + f(norm(h))`` per branch; postnorm: ``alpha * norm(h) + beta *
+    f(norm(h))``). ``rotation``: the step's RoPE factors for this block's mixer (or None). Returns
+    False (h untouched) when the block does not take the fused path (:func:`_takes_fused_block`)."""
+    if not _takes_fused_block(block):
         return False
     h2 = h.view(h.shape[0], h.shape[2])  # (B, d_model): h is contiguous, the residual stream
     mixer, keep, scale = block.mixer, block.mixer_alpha, block.mixer_beta
-    if isinstance(mixer, SoftmaxAttention) and mixer.qkv.weight() is not None:
-        _softmax(mixer, h2, block.mixer_norm, cache, rotation, keep, scale)
-    elif isinstance(mixer, DeltaRuleMixer):
-        _delta(mixer, h2, block.mixer_norm, cache, keep, scale)
-    elif _fused_latent(mixer):
-        step = _sparse_latent if isinstance(mixer, DeepSeekSparseAttention) else _latent
-        step(mixer, h2, block.mixer_norm, cache, rotation, keep, scale)
-    else:  # L, unfused M / D: their own decode step behind a plain norm, adding into h
+    if block.postnorm:  # norm(h) written by the mixer's first GEMV, then the stream its output adds into
+        normed = torch.empty_like(h2)
+        io = _Stream(x=h2, res=normed, x_hat=normed)
+    else:
+        io = _Stream(x=h2, res=h2)
+    kind = _fused_kind(mixer)
+    if kind == "softmax":
+        _softmax(mixer, io, block.mixer_norm, cache, rotation, keep, scale)
+    elif kind == "delta":
+        _delta(mixer, io, block.mixer_norm, cache, keep, scale)
+    elif kind == "lightning":
+        _lightning(mixer, io, block.mixer_norm, cache, keep, scale)
+    elif kind in ("latent", "sparse"):
+        step = _sparse_latent if kind == "sparse" else _latent
+        step(mixer, io, block.mixer_norm, cache, rotation, keep, scale)
+    else:  # unfused M / D (prenorm only): their own decode step behind a plain norm, adding into h
         kwargs = {} if rotation is None else {"rotation": rotation}
         mixer(block.mixer_norm(h), cache, residual=Residual(h, keep, scale), **kwargs)
     mlp = block.mlp
     gate_up = mlp.gate_up.weight()
-    if gate_up is None:
+    if gate_up is None:  # prenorm only
         mlp(block.mlp_norm(h), Residual(h, block.mlp_alpha, block.mlp_beta))
         return True
-    gu = gemv(h2, gate_up, **_norm_args(block.mlp_norm))  # (B, 2 * d_ff): [gate | up]
+    # postnorm: the stream is io.res; its norm goes back into h2, which the down projection adds into
+    x_mlp = io.res
+    gu = gemv(x_mlp, gate_up, **_norm_args(block.mlp_norm), x_hat_out=h2 if block.postnorm else None)
     gemv(gu, mlp.down_proj.weight, prologue="silu_mul", residual=h2, keep=block.mlp_alpha,
-         scale=block.mlp_beta)
+         scale=block.mlp_beta)  # (B, 2 * d_ff) [gate | up] -> added into h2
     return True
 
 
