@@ -427,19 +427,19 @@ def test_interp_empty_rows_and_custom_ops():
     x, w, kw = make(2, 9, 16, "rmsnorm")
     cfg = kg.launch_config(2, 9, 16, x.device)
     kg.POISON_OUTPUTS = False  # opcheck compares repeated calls; NaN never equals itself
-    torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, 1.0,
+    torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, None, 1.0,
                                         "float32", *cfg))
     r = torch.randn(2, 9)
-    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
-                                                 1.0, 1.0, *cfg))
+    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, None,
+                                                 r, 1.0, 1.0, *cfg))
     persistent = (4, 16, 4, 1, False, 1)  # 3 tiles on the interpreter's 4 "SMs"
-    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
-                                                 1.0, 1.0, *persistent))
+    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, None,
+                                                 r, 1.0, 1.0, *persistent))
     xh = torch.empty(2, 16)  # x̂ written too (a mutated optional argument of both ops)
-    torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, 1.0,
-                                        "float32", *cfg), dict(x_hat_out=xh))
-    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
-                                                 1.0, 1.0, *cfg), dict(x_hat_out=xh))
+    torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, xh, 1.0,
+                                        "float32", *cfg))
+    torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, xh,
+                                                 r, 1.0, 1.0, *cfg))
 
     def step(h, nw, wq, res):  # what a decode layer calls: dynamo must trace gemv's checks whole
         logits = kg.gemv(h, wq, prologue="rmsnorm", norm_weight=nw, out_dtype=torch.float32)

@@ -488,12 +488,13 @@ def _dtype_of(name: str) -> torch.dtype:
     return {v: k for k, v in _DTYPE_NAME.items()}[name]
 
 
+# x_hat_out sits before the trailing arguments: torch 2.11's custom-op dispatcher drops a trailing None
+# argument and then fails to index a mutated one (an IndexError seen on the H100 image)
 @torch.library.custom_op("attnlab::gemv", mutates_args=("x_hat_out",))
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
-             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
-             out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int,
-             dot: bool, persist: int = 0, l2_ahead: int = 0,
-             x_hat_out: torch.Tensor | None = None) -> torch.Tensor:
+             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
+             x_hat_out: torch.Tensor | None, scale: float, out_dtype: str, block_n: int, block_k: int,
+             num_warps: int, num_stages: int, dot: bool, persist: int = 0, l2_ahead: int = 0) -> torch.Tensor:
     dt = _dtype_of(out_dtype)
     shape = (x.shape[0], weight.shape[0])
     if POISON_OUTPUTS:
@@ -506,24 +507,24 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: 
 
 
 @_gemv_op.register_fake
-def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
-      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0, x_hat_out=None):
+def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, x_hat_out, scale, out_dtype,
+      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=_dtype_of(out_dtype))
 
 
 @torch.library.custom_op("attnlab::gemv_residual_", mutates_args=("residual", "x_hat_out"))
 def _gemv_residual_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
                       norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
-                      residual: torch.Tensor, keep: float, scale: float, block_n: int, block_k: int,
-                      num_warps: int, num_stages: int, dot: bool, persist: int = 0,
-                      l2_ahead: int = 0, x_hat_out: torch.Tensor | None = None) -> None:
+                      x_hat_out: torch.Tensor | None, residual: torch.Tensor, keep: float, scale: float,
+                      block_n: int, block_k: int, num_warps: int, num_stages: int, dot: bool, persist: int = 0,
+                      l2_ahead: int = 0) -> None:
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep,
             scale, None, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), x_hat_out)
 
 
 @_gemv_residual_op.register_fake
-def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep, scale,
-      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0, x_hat_out=None):
+def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, x_hat_out, residual, keep, scale,
+      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
     return None
 
 
@@ -639,11 +640,11 @@ def gemv(
     name = prologue or ""
     if residual is not None:
         _gemv_residual_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
-                          residual, float(keep), float(scale), *config, x_hat_out=x_hat_out)
+                          x_hat_out, residual, float(keep), float(scale), *config)
         return residual
     dt = _DTYPE_NAME[out_dtype or x.dtype]
-    return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
-                    float(scale), dt, *config, x_hat_out=x_hat_out)
+    return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate, x_hat_out,
+                    float(scale), dt, *config)
 
 
 def gemv_reference(

@@ -145,7 +145,7 @@ class LightningAttention(nn.Module):
                 f"hf_module: q/k/v activation is {type(hf.act_fn).__name__}; only silu (MiniMax's "
                 f"hidden_act='silu') is supported"
             )
-        slope = lightning_slopes(H, self.layer_idx, self.n_layers)
+        slope = lightning_slopes(H, self.layer_idx, self.n_layers).cpu()  # (built on a default device if set)
         if not torch.allclose(hf.slope_rate.reshape(-1).float().cpu(), slope, rtol=1e-6, atol=0):
             raise ValueError(
                 f"hf_module: its decay slopes belong to layer {hf.layer_idx} of {hf.num_hidden_layers}, "
