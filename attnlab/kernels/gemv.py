@@ -48,7 +48,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
-from ._common import norm_weight
+from ._common import norm_weight, output_buffer
 from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -488,13 +488,11 @@ def _dtype_of(name: str) -> torch.dtype:
     return {v: k for k, v in _DTYPE_NAME.items()}[name]
 
 
-# x_hat_out sits before the trailing arguments: torch 2.11's custom-op dispatcher drops a trailing None
-# argument and then fails to index a mutated one (an IndexError seen on the H100 image)
-@torch.library.custom_op("attnlab::gemv", mutates_args=("x_hat_out",))
+@torch.library.custom_op("attnlab::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
-             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
-             x_hat_out: torch.Tensor | None, scale: float, out_dtype: str, block_n: int, block_k: int,
-             num_warps: int, num_stages: int, dot: bool, persist: int = 0, l2_ahead: int = 0) -> torch.Tensor:
+             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
+             out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int,
+             dot: bool, persist: int = 0, l2_ahead: int = 0) -> torch.Tensor:
     dt = _dtype_of(out_dtype)
     shape = (x.shape[0], weight.shape[0])
     if POISON_OUTPUTS:
@@ -502,29 +500,49 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: 
     else:
         out = torch.empty(shape, dtype=dt, device=x.device)
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, None, 1.0, scale,
-            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), x_hat_out)
+            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead))
     return out
 
 
 @_gemv_op.register_fake
-def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, x_hat_out, scale, out_dtype,
+def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
       block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=_dtype_of(out_dtype))
 
 
-@torch.library.custom_op("attnlab::gemv_residual_", mutates_args=("residual", "x_hat_out"))
+@torch.library.custom_op("attnlab::gemv_residual_", mutates_args=("residual",))
 def _gemv_residual_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
                       norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
-                      x_hat_out: torch.Tensor | None, residual: torch.Tensor, keep: float, scale: float,
-                      block_n: int, block_k: int, num_warps: int, num_stages: int, dot: bool, persist: int = 0,
+                      residual: torch.Tensor, keep: float, scale: float, block_n: int, block_k: int,
+                      num_warps: int, num_stages: int, dot: bool, persist: int = 0,
                       l2_ahead: int = 0) -> None:
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep,
-            scale, None, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), x_hat_out)
+            scale, None, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead))
 
 
 @_gemv_residual_op.register_fake
-def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, x_hat_out, residual, keep, scale,
+def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, residual, keep, scale,
       block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
+    return None
+
+
+# The form that also writes x̂ is its own op with no optional mutated argument and no return value:
+# torch 2.11 (the H100 image) drops a trailing None argument before indexing a mutated one, and its
+# inductor could not lower attnlab::gemv once that op both mutated an argument and returned a tensor.
+@torch.library.custom_op("attnlab::gemv_x_hat_", mutates_args=("x_hat_out", "dst"))
+def _gemv_x_hat_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
+                   norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
+                   x_hat_out: torch.Tensor, dst: torch.Tensor, is_residual: bool, keep: float, scale: float,
+                   block_n: int, block_k: int, num_warps: int, num_stages: int, dot: bool) -> None:
+    """dst <- dst * keep + scale * x̂ @ Wᵀ (is_residual) or scale * x̂ @ Wᵀ; x̂ into x_hat_out."""
+    _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate,
+            dst if is_residual else None, keep, scale, None if is_residual else dst,
+            (block_n, block_k, num_warps, num_stages, dot, 0, 0), x_hat_out)
+
+
+@_gemv_x_hat_op.register_fake
+def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, x_hat_out, dst, is_residual, keep,
+      scale, block_n, block_k, num_warps, num_stages, dot):
     return None
 
 
@@ -567,7 +585,9 @@ def _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_
         if not x_hat_out.is_contiguous():
             raise ValueError("x_hat_out: expected a contiguous [M, K] tensor")
         for name, t in (("x", x), ("gate", gate), ("residual", residual)):
-            if t is not None and t.untyped_storage().data_ptr() == x_hat_out.untyped_storage().data_ptr():
+            if t is None or torch.compiler.is_compiling():  # (dynamo cannot trace storage pointers)
+                continue
+            if t.untyped_storage().data_ptr() == x_hat_out.untyped_storage().data_ptr():
                 raise ValueError(f"x_hat_out: must not share memory with {name} (the kernel reads {name} "
                                  "while one program writes x_hat_out)")
     if residual is not None:
@@ -635,15 +655,22 @@ def gemv(
     if M > MAX_ROWS:
         raise ValueError(f"x: gemv takes at most MAX_ROWS={MAX_ROWS} rows, got {M}; use gemv_reference")
     config = launch_config(M, weight.shape[0], weight.shape[1], x.device)
-    if x_hat_out is not None and config[5]:  # the persistent form does not write x̂: the tiled default
-        config = (*_default_config(M, weight.shape[0], weight.shape[1], x.device)[:5], 0, 0)
     name = prologue or ""
+    if x_hat_out is not None:
+        if config[5]:  # the persistent form does not write x̂: the tiled default for the shape
+            config = _default_config(M, weight.shape[0], weight.shape[1], x.device)
+        dst = residual
+        if dst is None:
+            dst = output_buffer((M, weight.shape[0]), out_dtype or x.dtype, x.device, POISON_OUTPUTS)
+        _gemv_x_hat_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
+                       x_hat_out, dst, residual is not None, float(keep), float(scale), *config[:5])
+        return dst
     if residual is not None:
         _gemv_residual_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
-                          x_hat_out, residual, float(keep), float(scale), *config)
+                          residual, float(keep), float(scale), *config)
         return residual
     dt = _DTYPE_NAME[out_dtype or x.dtype]
-    return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate, x_hat_out,
+    return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
                     float(scale), dt, *config)
 
 
