@@ -638,10 +638,15 @@ def test_interp_decode_64_heads_paged(share):
 
 
 @interp
-def test_interp_decode_many_splits_combine():
-    """30 splits (the combine reads 16 at a time), some of them empty for a short row."""
+@pytest.mark.parametrize("per_sm, tile", [(2, 4096), (2, 256), (0, 4096)])
+def test_interp_decode_many_splits_combine(monkeypatch, per_sm, tile):
+    """30 splits, some of them empty for a short row, merged by the combine in each of its shapes:
+    all 30 in one load (the default here), 16 at a time (a smaller COMBINE_TILE), and the earlier
+    fixed shape (COMBINE_PROGRAMS_PER_SM 0)."""
     from attnlab.kernels import sparse as ks
 
+    monkeypatch.setattr(ks, "COMBINE_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(ks, "COMBINE_TILE", tile)
     gen = torch.Generator().manual_seed(22)
     q, k = torch.randn(2, 4, 24, generator=gen), torch.randn(2, 480, 1, 24, generator=gen)
     n_valid = torch.tensor([100, 480])
@@ -649,6 +654,29 @@ def test_interp_decode_many_splits_combine():
     with tuned("decode", BLOCK_N=16):
         o = ks.softmax_decode(q, k, k[..., :16], n_valid, n_splits=30)
     assert rel_err(o, ref) < 1e-5
+
+
+def test_combine_shape():
+    """On 132 SMs: a batch-1 MLA row (16 heads x 512 value columns, 128 splits) is cut into 32-column
+    programs (256) reading all its splits in one load; 512 rows keep 128 columns, 32 splits a load;
+    COMBINE_PROGRAMS_PER_SM 0 gives the earlier fixed shape."""
+    from attnlab.kernels import sparse as ks
+
+    real = ks._num_sms
+    ks._num_sms = lambda device: 132
+    try:
+        cuda = torch.device("cuda", 0)
+        assert ks.combine_shape(16, 512, 128, cuda) == (32, 128)
+        assert ks.combine_shape(512, 512, 40, cuda) == (128, 32)
+        assert ks.combine_shape(1, 16, 3, cuda) == (16, 4)
+        before = ks.COMBINE_PROGRAMS_PER_SM
+        ks.COMBINE_PROGRAMS_PER_SM = 0
+        try:
+            assert ks.combine_shape(16, 512, 128, cuda) == (128, 16)
+        finally:
+            ks.COMBINE_PROGRAMS_PER_SM = before
+    finally:
+        ks._num_sms = real
 
 
 @interp

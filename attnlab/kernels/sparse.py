@@ -116,6 +116,10 @@ FORCE_ROW64 = False  # tests: int64 row offsets even for small caches
 ALLOW_FALLBACK = True  # the benchmark's sweep turns it off, so a failing shape is not timed as another
 # Split slots across programs until there are about this many programs per SM.
 PROGRAMS_PER_SM = 2
+# The split combine's launch (combine_shape): value columns cut for about this many programs per SM
+# (0: the earlier fixed shape), each load up to COMBINE_TILE partial elements.
+COMBINE_PROGRAMS_PER_SM = 2
+COMBINE_TILE = 4096
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 _GATHER_DENSE, _GATHER_INDEX, _GATHER_PAGED = 0, 1, 2
@@ -1004,13 +1008,26 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     if splits > 1:
-        bdv_c = min(128, _pow2(D_v))
+        bdv_c, step = combine_shape(B * T * H, D_v, splits, q.device)
         _combine[(B * T * H, triton.cdiv(D_v, bdv_c))](
             op, lp, o, lse, T, H, splits, o.stride(0), o.stride(1), o.stride(2),
-            D_V=D_v, BDV=bdv_c, BSPLIT=_pow2(splits, 2), SPLIT_STEP=min(16, _pow2(splits, 2)), PDL=pdl,
+            D_V=D_v, BDV=bdv_c, BSPLIT=_pow2(splits, 2), SPLIT_STEP=step, PDL=pdl,
             num_warps=4, **launch_options(pdl),
         )
     return o, lse
+
+
+def combine_shape(rows: int, d_v: int, splits: int, device: torch.device) -> tuple[int, int]:
+    """(BDV, SPLIT_STEP) of the combine over ``rows`` (query token, head) rows of ``splits`` partials.
+    COMBINE_PROGRAMS_PER_SM 0: 128 value columns a program, 16 splits a load (the earlier shape: 64
+    programs for a batch-1 MLA row, each 8 dependent loads). Otherwise the value columns are cut until
+    there are about COMBINE_PROGRAMS_PER_SM programs per SM (at least 16 columns), and a load takes up
+    to COMBINE_TILE partial elements (all 128 splits of 32 columns in one)."""
+    if COMBINE_PROGRAMS_PER_SM <= 0:
+        return min(128, _pow2(d_v)), min(16, _pow2(splits, 2))
+    blocks = triton.cdiv(COMBINE_PROGRAMS_PER_SM * _num_sms(device), max(1, rows))
+    bdv = max(16, min(128, _pow2(triton.cdiv(d_v, blocks))))
+    return bdv, min(_pow2(splits, 2), max(16, COMBINE_TILE // bdv))
 
 
 def _check_indices(indices: torch.Tensor, B: int, T: int, q: torch.Tensor) -> torch.Tensor:
