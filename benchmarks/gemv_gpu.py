@@ -52,8 +52,11 @@ from attnlab.layers.common import Residual, RMSNorm  # noqa: E402
 
 DT = torch.bfloat16
 DEVICE = "cuda"  # --cpu-smoke: "cpu" under TRITON_INTERPRET=1, tiny shapes, one call per timing
+WIDE_TILED = False  # --tiled-only: the chain sweep times more tiled configs and no persistent ones
 # (name, K, N, prologue, residual, out_dtype): a d_model 2048 model's decode projections
-# (the GEMVs of benchmarks/decode_gpu.py's ~1B presets: llama, qwen3-next, kimi-linear, deepseek-v32)
+# (the GEMVs of benchmarks/decode_gpu.py's ~1B presets; the first block as of the fifth session's sweep,
+# the second the shapes the presets use now that no sweep had covered: Qwen3-Next / GDN with 32 value
+# heads, Kimi Linear's KDA and MLA, DeepSeek-V3 / V3.2's MLA, MiniMax-01's Lightning and softmax)
 SHAPES = [
     ("qkv", 2048, 3072, "rmsnorm", False, None),
     ("o_proj", 2048, 2048, None, True, None),
@@ -66,6 +69,16 @@ SHAPES = [
     ("kda_in_proj", 2048, 6304, "rmsnorm", False, None),
     ("mla_x_proj", 2048, 2064, "rmsnorm", False, None),
     ("mla_o_proj", 1024, 2048, None, True, None),
+    ("gdn32_in_proj", 2048, 12352, "rmsnorm", False, None),
+    ("gdn32_o_proj", 4096, 2048, None, True, None),
+    ("kda_in_proj_6416", 2048, 6416, "rmsnorm", False, None),
+    ("kimi_mla_x_proj", 2048, 3648, "rmsnorm", False, None),
+    ("v3_x_proj", 2048, 1600, "rmsnorm", False, None),
+    ("v3_q_up", 1024, 3072, "rmsnorm", False, None),
+    ("v32_x_proj", 2048, 1792, "rmsnorm", False, None),
+    ("v32_q_up", 1024, 11264, "rmsnorm", False, None),
+    ("lightning_in_proj", 2048, 8192, "rmsnorm", False, None),
+    ("minimax_qkv", 2048, 2560, "rmsnorm", False, None),
 ]
 SMOKE_SHAPES = [  # the same kinds at toy sizes (ragged against the interpreter's 8 x 32 blocks)
     ("qkv", 64, 96, "rmsnorm", False, None),
@@ -337,6 +350,9 @@ def tiled_candidates(n: int, k: int) -> list[tuple]:
         return [default]
     k_pow2 = triton.next_power_of_2(k)
     cands = [default, (4, min(2048, k_pow2), 4, 1, False, 0), (8, min(1024, k_pow2), 4, 1, False, 0)]
+    if WIDE_TILED:  # --tiled-only: the whole 16 KB-a-step family, and 8 warps for the widest steps
+        cands += [(16, min(512, k_pow2), 4, 1, False, 0), (32, min(256, k_pow2), 4, 1, False, 0),
+                  (8, min(2048, k_pow2), 8, 1, False, 0), (4, min(4096, k_pow2), 8, 1, False, 0)]
     return list(dict.fromkeys(cands))
 
 
@@ -425,7 +441,7 @@ def chain_sweep(shapes, env: dict, results: list, out_path: str, n_calls: int = 
             r.copy_(kept)
 
         grid_end = share_end - 0.2 * (share_end - time.time())  # the last fifth: the L2 prefetch variants
-        for cfg in tiled_candidates(n, k) + persistent_candidates(n, k):
+        for cfg in tiled_candidates(n, k) + ([] if WIDE_TILED else persistent_candidates(n, k)):
             if cfg[5] and time.time() > grid_end:
                 skipped += 1
                 continue
@@ -468,7 +484,7 @@ def tuning_json() -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    global DEVICE
+    global DEVICE, WIDE_TILED
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,4", help="decode rows M to time (comma-separated, <= MAX_ROWS)")
     ap.add_argument("--sweep", action="store_true", help="tune the launch shape per shape first")
@@ -483,8 +499,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chain-budget-s", type=float, default=105.0,  # the H100 run: < 150 s in all
                     help="the chain sweep's wall time (past a shape's share, its persistent configs are "
                     "skipped)")
+    ap.add_argument("--tiled-only", action="store_true",
+                    help="the chain sweep: the tiled form only (more BLOCK_N x BLOCK_K choices, no "
+                    "persistent form: inside the decode step it lost, benchmarks/RESULTS.md)")
+    ap.add_argument("--shapes", default=None, help="comma-separated SHAPES names to run (default: all)")
     args = ap.parse_args(argv)
     shapes = SHAPES
+    if args.shapes:
+        names = args.shapes.split(",")
+        unknown = sorted(set(names) - {s[0] for s in SHAPES})
+        if unknown:
+            ap.error(f"--shapes: unknown {', '.join(unknown)}; choose from {', '.join(s[0] for s in SHAPES)}")
+        shapes = [s for s in SHAPES if s[0] in names]
+    WIDE_TILED = args.tiled_only
     if args.cpu_smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--cpu-smoke: TRITON_INTERPRET=1 must be set before triton is imported")
