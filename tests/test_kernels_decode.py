@@ -152,6 +152,27 @@ def test_interp_advance_reads_the_new_slot_and_counts_it():
 
 
 @interp
+@pytest.mark.parametrize("per_sm, tile", [(64, 64), (0, 4096)])
+def test_interp_combine_shapes(monkeypatch, per_sm, tile):
+    """The combine cut into 16-column programs (3 per head) loading 16 of the 20 splits at a time (more
+    programs per SM and a smaller tile than the interpreter's defaults give), and the earlier fixed
+    shape; with the token count (advance: counted once per row, by one of its programs)."""
+    from attnlab.kernels import sparse as ks
+    from attnlab.kernels.decode import gqa_decode, gqa_decode_advance
+
+    monkeypatch.setattr(ks, "COMBINE_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(ks, "COMBINE_TILE", tile)
+    q, k, v = make(3, 2, 2, 640, 40, d_v=48, seed=13)
+    nv = torch.tensor([1, 150, 640])
+    assert ks.combine_shape(12, 48, 20, q.device) == ((16, 16) if per_sm else (64, 16))
+    assert rel_err(gqa_decode(q, k, v, nv, n_splits=20), oracle(q, k, v, nv)) <= 1e-5
+    lengths = torch.tensor([0, 100, 200])
+    out = gqa_decode_advance(q, k, v, lengths)
+    assert lengths.tolist() == [1, 101, 201]
+    assert rel_err(out, oracle(q, k, v, torch.tensor([1, 101, 201]))) <= 1e-5
+
+
+@interp
 def test_interp_op_dispatch_runs_the_kernel_and_ignores_stale_slots():
     """ops.softmax_decode(mode="triton") runs the kernel; slots past n_valid are never read (NaN there)."""
     q, k, v = make(2, 2, 4, 96, 32, seed=7)

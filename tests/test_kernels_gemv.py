@@ -201,7 +201,7 @@ def test_launch_config_from_shapes():
         # shapes TUNING does not list (those it lists come from it: the H100 sweep's winners)
         assert kg.launch_config(1, 2000, 2048, cuda) == (4, 2048, 4, 1, False, 0, 0)  # 500 programs
         assert kg.launch_config(1, 3000, 2048, cuda) == (8, 1024, 4, 1, False, 0, 0)  # 375 programs
-        assert kg.launch_config(1, 32000, 2048, cuda) == (32, 256, 4, 1, False, 0, 0)  # 1000 programs
+        assert kg.launch_config(1, 32000, 2048, cuda) == (8, 1024, 4, 1, False, 0, 0)  # 4000 programs
         tuned = kg.TUNING[(1, 32768, 2048)]
         assert kg.launch_config(1, 32768, 2048, cuda) == (*tuned[:4], False, *(*tuned, 0, 0)[5:7])
         assert kg.launch_config(4, 2048, 5504, cuda) == (4, 512, 4, 1, False, 0, 0)  # accumulator bounded

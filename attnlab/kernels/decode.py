@@ -30,6 +30,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .._checks import check_heads_divide, check_same_device, check_tensor
 from ._common import output_buffer
 from ._pdl import launch_options, use_pdl
+from .sparse import combine_shape
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
@@ -127,9 +128,10 @@ def _split_kernel(
 def _combine(OP, LP, O, LENGTHS, stride_ob, stride_oh, H,
              N_SPLIT: tl.constexpr, CHUNK: tl.constexpr, D_V: tl.constexpr, BDV: tl.constexpr,
              ADVANCE: tl.constexpr, PDL: tl.constexpr):
-    """Program (row b, head h): o = Σ_i 2^(lse_i - lse) o_i over the splits; 0 if every split is empty.
-    ADVANCE: head 0's program also counts the row's new token, LENGTHS[b] += 1 (the split kernel,
-    which read it, has finished: same stream)."""
+    """Program (row b, head h, value columns [pid1 * BDV, +BDV)): o = Σ_i 2^(lse_i - lse) o_i over the
+    splits, CHUNK at a time; 0 if every split is empty. ADVANCE: the (head 0, first columns) program also
+    counts the row's new token, LENGTHS[b] += 1 (the split kernel, which read it, has finished: same
+    stream)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -137,9 +139,9 @@ def _combine(OP, LP, O, LENGTHS, stride_ob, stride_oh, H,
     b = pid // H
     h = pid % H
     if ADVANCE:
-        if h == 0:
+        if h == 0 and tl.program_id(1) == 0:
             tl.store(LENGTHS + b, tl.load(LENGTHS + b) + 1)
-    dv = tl.arange(0, BDV)
+    dv = tl.program_id(1) * BDV + tl.arange(0, BDV)
     m = tl.full([], float("-inf"), dtype=tl.float32)
     for c in range(0, N_SPLIT, CHUNK):
         sp = c + tl.arange(0, CHUNK)
@@ -225,9 +227,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Te
         N_SPLIT=n_splits, PREC=prec, INTERP=_INTERPRET, NV_ADD=int(advance), PDL=pdl, num_warps=NUM_WARPS,
         **launch,
     )
-    _combine[(B * H,)](
+    bdv, chunk = combine_shape(B * H, D_v, n_splits, q.device)  # (the MLA / DSA combine's choice)
+    _combine[(B * H, triton.cdiv(D_v, bdv))](
         op, lp, o, n_valid, o.stride(0), o.stride(1), H,
-        N_SPLIT=n_splits, CHUNK=min(16, _pow2(n_splits, 2)), D_V=D_v, BDV=_pow2(D_v), ADVANCE=advance,
+        N_SPLIT=n_splits, CHUNK=chunk, D_V=D_v, BDV=bdv, ADVANCE=advance,
         PDL=pdl, num_warps=4, **launch,
     )
     return o

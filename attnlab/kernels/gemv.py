@@ -94,6 +94,27 @@ TUNING: dict[tuple[int, int, int], tuple] = {
     (1, 6304, 2048): (16, 512, 4, 1, False, 0),
     (1, 10944, 2048): (8, 1024, 4, 1, False, 0),
     (1, 32768, 2048): (8, 1024, 4, 1, False, 0),
+    # Seventeenth session, same card and sweep with a wider tiled grid and no persistent form
+    # (benchmarks/gemv_gpu.py --chain-only --tiled-only --shapes ...; JSON
+    # benchmarks/results/gemv_gpu_h100_presets_chain.json): the presets' shapes no sweep had covered,
+    # us per launch (floor): Qwen3-Next / GDN in_proj 12352 x 2048 18.15 (16.86; the reasoned default
+    # (32, 256) 20.74), its o_proj 2048 x 4096 6.30 (5.59; default 6.73), KDA in_proj 6416 10.66 (8.76),
+    # Kimi MLA x_proj 3648 6.36 (4.98), DeepSeek-V3 x_proj 1600 3.26 (2.18) / q_up 3072 x 1024 3.19
+    # (2.10), V3.2 x_proj 1792 3.70 (2.45) / q_up 11264 x 1024 10.05 (7.69), Lightning in_proj 8192
+    # 12.57 (11.18), MiniMax-01 qkv 2560 5.31 (3.49). Inside the CUDA-graph decode step (interleaved,
+    # best of 2, ms at 4K / 32K): qwen3-next 1.091 / 1.100 -> 1.039 / 1.070, kimi-linear 0.903 /
+    # 0.941 -> 0.865 / 0.903, deepseek-v32 1.293 / 1.352 -> 1.244 / 1.308, minimax-01 0.848 / 0.888
+    # -> 0.825 / 0.855, deepseek-v3 unchanged (0.934 / 1.144: its defaults were already these).
+    (1, 12352, 2048): (8, 1024, 4, 1, False, 0),
+    (1, 2048, 4096): (8, 2048, 8, 1, False, 0),
+    (1, 6416, 2048): (8, 1024, 4, 1, False, 0),
+    (1, 3648, 2048): (8, 1024, 4, 1, False, 0),
+    (1, 1600, 2048): (4, 2048, 4, 1, False, 0),
+    (1, 3072, 1024): (8, 1024, 4, 1, False, 0),
+    (1, 1792, 2048): (4, 2048, 4, 1, False, 0),
+    (1, 11264, 1024): (8, 1024, 4, 1, False, 0),
+    (1, 8192, 2048): (8, 1024, 4, 1, False, 0),
+    (1, 2560, 2048): (8, 1024, 4, 1, False, 0),
 }
 
 
@@ -379,10 +400,12 @@ def rows_padded(m: int) -> int:
 
 def launch_config(m: int, n: int, k: int, device: torch.device) -> Config:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, PERSIST, L2_AHEAD) for x [m, .] times weight
-    [n, k]: TUNING's entry (missing DOT / PERSIST / L2_AHEAD read False / 0 / 0), else a default by
-    reasoning (not yet measured on a GPU), the tiled elementwise form (DOT False, PERSIST 0):
-    - BLOCK_N the largest of 32..4 giving >= 2 programs per SM (d_model 2048 on 132 SMs: o_proj
-      BLOCK_N 4 = 512 programs, the LM head 32): every SM gets weight rows, without a split-K;
+    [n, k]: TUNING's entry (missing DOT / PERSIST / L2_AHEAD read False / 0 / 0), else a default, the
+    tiled elementwise form (DOT False, PERSIST 0):
+    - BLOCK_N 8 if that gives >= 2 programs per SM, else 4 (d_model 2048 on 132 SMs: o_proj BLOCK_N 4
+      = 512 programs, the LM head 8): every SM gets weight rows, without a split-K. The H100 chain
+      sweeps' winners (TUNING) are this shape on 15 of their 20 shapes; the rule it replaced (the
+      largest of 32..4) lost 10-25% where it chose 16 or 32 (GDN in_proj 20.74 vs 18.15 us);
     - BLOCK_K so that a K step loads 8192 / M_PAD weights (16 KB in bf16 at M = 1): the loads
       are not software-pipelined (these loop-carried register loads get no cp.async; checked in
       the sm_90 SASS), so the bytes in flight per SM are (programs per SM) x (one K step's tile),
@@ -406,9 +429,7 @@ def _default_config(m: int, n: int, k: int, device: torch.device) -> Config:
     m_pad = rows_padded(m)
     if device.type != "cuda":
         return (8, 32, 4, 1, False, 0, 0)
-    block_n = 32
-    while block_n > 4 and triton.cdiv(n, block_n) < 2 * _num_sms(device):
-        block_n //= 2
+    block_n = 8 if triton.cdiv(n, 8) >= 2 * _num_sms(device) else 4
     block_k = max(64, 8192 // (m_pad * block_n))
     block_k = min(block_k, max(64, triton.next_power_of_2(k)))
     return (block_n, block_k, 4, 1, False, 0, 0)

@@ -1018,7 +1018,8 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
 
 
 def combine_shape(rows: int, d_v: int, splits: int, device: torch.device) -> tuple[int, int]:
-    """(BDV, SPLIT_STEP) of the combine over ``rows`` (query token, head) rows of ``splits`` partials.
+    """(BDV, SPLIT_STEP) of the combine over ``rows`` (query token, head) rows of ``splits`` partials
+    (this module's, and attnlab.kernels.decode's GQA combine, whose CHUNK it gives).
     COMBINE_PROGRAMS_PER_SM 0: 128 value columns a program, 16 splits a load (the earlier shape: 64
     programs for a batch-1 MLA row, each 8 dependent loads). Otherwise the value columns are cut until
     there are about COMBINE_PROGRAMS_PER_SM programs per SM (at least 16 columns), and a load takes up
