@@ -29,8 +29,9 @@ torch with counting paused. ``F.rms_norm`` counts as the one fused kernel CUDA r
 dtype. The step's host checks that ``in_graph()`` skips inside a CUDA graph
 (token range, cache room) are skipped here too. ``--branch fused`` (the default) adds the fused decode
 step a CUDA step takes (attnlab.layers.fused: GEMVs with norm / SiLU·mul / gate prologues and residual
-epilogues, one RoPE + cache-write launch, one GDN/KDA step launch; see ``_fused_branch``); ``--branch
-cuda`` is the step without it (``ATTNLAB_FUSED_DECODE=0``). ``--branch torch`` counts the plain CPU path.
+epilogues, one RoPE + cache-write launch, one GDN/KDA/Lightning step launch; see ``_fused_branch``);
+``--branch cuda`` is the step without it (``ATTNLAB_FUSED_DECODE=0``). ``--branch torch`` counts the plain
+CPU path.
 """
 
 from __future__ import annotations
@@ -227,13 +228,15 @@ def _cuda_branch(stack: ExitStack) -> None:
 def _fused_branch(stack: ExitStack) -> None:
     """The fused decode step of a CUDA bf16/fp16 step (attnlab.layers.fused), on top of the CUDA
     branch: the block takes it on the CPU, each of its Triton launches (GEMV, RoPE + cache write, the
-    GDN/KDA step, MLA's latent write, the split-K attention + combine that counts the token) is a
-    stand-in that counts its launches and computes the kernel's torch reference with counting paused."""
+    GDN/KDA / Lightning step, MLA's latent write, the split-K attention + combine that counts the
+    token) is a stand-in that counts its launches and computes the kernel's torch reference with
+    counting paused."""
     from attnlab.kernels import absorb as kabsorb
     from attnlab.kernels import decode as kdecode
     from attnlab.kernels import delta_decode as kdelta
     from attnlab.kernels import gemv as kgemv
     from attnlab.kernels import latent_cache as klatent
+    from attnlab.kernels import lightning_decode as klightning
     from attnlab.kernels import rope_cache as krope
     from attnlab.layers import fused
 
@@ -260,6 +263,7 @@ def _fused_branch(stack: ExitStack) -> None:
         (kgemv, "gemv", stand_in("gemv", kgemv.gemv_reference)),
         (krope, "rope_write", stand_in("rope_write", krope.rope_write_reference)),
         (kdelta, "delta_decode", stand_in("delta_decode", kdelta.delta_decode_reference)),
+        (klightning, "lightning_decode", stand_in("lightning_decode", klightning.lightning_decode_reference)),
         (klatent, "latent_write", stand_in("latent_write", klatent.latent_write_reference)),
         (kabsorb, "absorb_q", stand_in("absorb_q", kabsorb.absorb_q_reference)),
         (kabsorb, "unabsorb_o", stand_in("unabsorb_o", kabsorb.unabsorb_o_reference)),
