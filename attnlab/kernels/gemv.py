@@ -5,10 +5,13 @@ matters, and the norms, activations and residual adds around it are separate lau
 cost more time than their bytes (a Llama-style 0.84B step: ~250 such tiny kernels took 0.73 ms
 beside 0.55 ms of GEMVs). :func:`gemv` folds them into the GEMV:
 
-- prologue (computed per program from x, never written to memory): ``"rmsnorm"`` (RMSNorm, plain
-  or zero-centered), ``"silu_mul"`` (SwiGLU's ``silu(gate) * up`` of the fused gate|up output),
-  ``"sigmoid_gate"`` (Qwen3-Next's gated attention output ``o * sigmoid(gate)``); each rounded to
-  x's dtype before the product, exactly where the unfused layer rounds its output;
+- prologue (computed per program from x; written to memory only on request): ``"rmsnorm"``
+  (RMSNorm, plain or zero-centered), ``"silu_mul"`` (SwiGLU's ``silu(gate) * up`` of the fused
+  gate|up output), ``"sigmoid_gate"`` (Qwen3-Next's gated attention output ``o * sigmoid(gate)``),
+  ``"rmsnorm_sigmoid_gate"`` (Lightning's output norm over all heads, then its gate); each rounded
+  to x's dtype before the product, exactly where the unfused layer rounds its output. With a norm
+  prologue, ``x_hat_out`` has one program also write x̂ (a postnorm block's normed residual stream:
+  its own custom op, ``attnlab::gemv_x_hat_``);
 - epilogue: ``residual <- residual * keep + scale * (x̂ @ W.T)`` in place (``Residual.project``),
   or a new output in any float dtype (the LM head's float32 logits).
 
