@@ -263,22 +263,22 @@ def _fused_kind(mixer) -> str | None:
     return None
 
 
-def _takes_fused_block(block) -> bool:
-    """Whether ``block``'s step takes the fused kernels: not when a hook watches it; a postnorm block
-    only when its mixer has a fused step and its MLP a fused gate|up weight (every GEMV must write
-    the normed stream the next one adds into)."""
+def _takes_fused_block(block, kind: str | None, gate_up: torch.Tensor | None) -> bool:
+    """Whether ``block``'s step takes the fused kernels, given its mixer's :func:`_fused_kind` and its
+    MLP's fused gate|up weight: not when a hook watches it; a postnorm block only when both exist
+    (every GEMV must write the normed stream the next one adds into)."""
     if block.watched():
         return False
-    if block.postnorm:
-        return _fused_kind(block.mixer) is not None and block.mlp.gate_up.weight() is not None
-    return True
+    return not block.postnorm or (kind is not None and gate_up is not None)
 
 
 def computes_rope(block) -> bool:
     """Whether ``block``'s fused decode step rotates q and k with angles its kernel computes (S / W
     through rope_write, M and D through latent_write): then the step's shared RoPE tables are not
     needed."""
-    return _takes_fused_block(block) and _fused_kind(block.mixer) in ("softmax", "latent", "sparse")
+    kind = _fused_kind(block.mixer)
+    return kind in ("softmax", "latent", "sparse") and _takes_fused_block(
+        block, kind, block.mlp.gate_up.weight())
 
 
 @dataclass
@@ -296,16 +296,16 @@ def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
     into h in place (prenorm: ``h + f(norm(h))`` per branch; postnorm: ``alpha * norm(h) + beta *
     f(norm(h))``). ``rotation``: the step's RoPE factors for this block's mixer (or None). Returns
     False (h untouched) when the block does not take the fused path (:func:`_takes_fused_block`)."""
-    if not _takes_fused_block(block):
+    mixer, keep, scale = block.mixer, block.mixer_alpha, block.mixer_beta
+    kind, gate_up = _fused_kind(mixer), block.mlp.gate_up.weight()
+    if not _takes_fused_block(block, kind, gate_up):
         return False
     h2 = h.view(h.shape[0], h.shape[2])  # (B, d_model): h is contiguous, the residual stream
-    mixer, keep, scale = block.mixer, block.mixer_alpha, block.mixer_beta
     if block.postnorm:  # norm(h) written by the mixer's first GEMV, then the stream its output adds into
         normed = torch.empty_like(h2)
         io = _Stream(x=h2, res=normed, x_hat=normed)
     else:
         io = _Stream(x=h2, res=h2)
-    kind = _fused_kind(mixer)
     if kind == "softmax":
         _softmax(mixer, io, block.mixer_norm, cache, rotation, keep, scale)
     elif kind == "delta":
@@ -319,13 +319,11 @@ def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
         kwargs = {} if rotation is None else {"rotation": rotation}
         mixer(block.mixer_norm(h), cache, residual=Residual(h, keep, scale), **kwargs)
     mlp = block.mlp
-    gate_up = mlp.gate_up.weight()
     if gate_up is None:  # prenorm only
         mlp(block.mlp_norm(h), Residual(h, block.mlp_alpha, block.mlp_beta))
         return True
     # postnorm: the stream is io.res; its norm goes back into h2, which the down projection adds into
-    x_mlp = io.res
-    gu = gemv(x_mlp, gate_up, **_norm_args(block.mlp_norm), x_hat_out=h2 if block.postnorm else None)
+    gu = gemv(io.res, gate_up, **_norm_args(block.mlp_norm), x_hat_out=h2 if block.postnorm else None)
     gemv(gu, mlp.down_proj.weight, prologue="silu_mul", residual=h2, keep=block.mlp_alpha,
          scale=block.mlp_beta)  # (B, 2 * d_ff) [gate | up] -> added into h2
     return True
