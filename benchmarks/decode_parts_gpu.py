@@ -19,10 +19,10 @@ One decode row (batch 1), each part's kernel timed alone. Five parts (``--parts`
   sorted output equal to ``ops.dsa_topk(mode="torch")``; unsorted, the same set. Why: which path a
   single decode row should take up to which S (``TOPK_FUSED_MAX``).
 - ``mla``: MLA absorbed dense decode (``softmax_decode``, 16 heads over one 576-dim latent, values
-  its first 512 dims, bf16; the ``TUNING["decode_narrow"]`` launch shape): BLOCK_N in (32, 64) x DVB
-  in (1, 4) x n_splits in (None, 16, 32, 64, 128, 256), num_warps 4, BLOCK_H 16, fallback shapes off
-  (``ALLOW_FALLBACK`` = False). ``n_splits`` None is the default split policy (``MIN_STEPS``,
-  ``MAX_SPLITS``); a row's ``err`` is the max abs difference from the output of the untouched
+  its first 512 dims, bf16; the ``TUNING["decode_row"]`` launch shape of one query row): BLOCK_N in
+  (32, 64) x DVB in (1, 4) x n_splits in (None, 16, 32, 64, 128, 256), num_warps 4, BLOCK_H 16,
+  fallback shapes off (``ALLOW_FALLBACK`` = False). ``n_splits`` None is the default split policy
+  (``MIN_STEPS``, ``MAX_SPLITS``); a row's ``err`` is the max abs difference from the output of the untouched
   default TUNING. Why: the split policy and block shape for a batch-1 row.
 - ``sparse``: DSA's attention of one decode row over its top-k (``sparse_attention``, T = 1, 16 heads
   over one 576-dim latent, values its first 512 dims, bf16, k = ``--topk`` distinct positions of S in
@@ -279,7 +279,7 @@ def part_mla(timer: Timer, contexts, smoke: bool, rows: list[dict]) -> None:
         nv = torch.tensor([S], device=dev)
         return functools.partial(ks.softmax_decode, q, lat, lat[..., :D_v], nv, scale=0.07)  # -> (1, H, D_v)
 
-    _sweep_latent(timer, rows, "mla", "decode_narrow", contexts, grid, call_at, {})
+    _sweep_latent(timer, rows, "mla", "decode_row", contexts, grid, call_at, {})
 
 
 def part_sparse(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) -> None:

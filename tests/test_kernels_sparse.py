@@ -1020,6 +1020,48 @@ def test_gpu_mla_decode_heads_and_pages(h):
     assert rel_err(o, ref) < 1e-2 and (o[0] == 0).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("s", [100, 4100, 40000])
+def test_gpu_mla_decode_one_row_after_a_writer(s):
+    """A single decode row (TUNING["decode_row"]: PDL, 64-slot blocks, each split asking L2 for its
+    key rows before it waits) right after kernels that write the row's newest slot and count it,
+    captured in a CUDA graph and replayed with a new row each time: the attention sees the slot
+    written just before it, not what was there. (torch's writers here are not PDL-aware, so the
+    decode waits for them as usual; the early start after a PDL-aware writer, latent_write, is
+    tests/test_fused_decode.py's deepseek-v3 graph step.)"""
+    from attnlab.kernels import sparse as ks
+
+    assert ks.TUNING["decode_row"].get("PDL") and ks.TUNING["decode_row"].get("PF_BLOCKS", 0) > 0
+    torch.manual_seed(0)
+    q = torch.randn(1, 16, 576, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, s + 8, 1, 576, device="cuda", dtype=torch.bfloat16)
+    new = torch.randn(576, device="cuda", dtype=torch.bfloat16)
+    n_valid = torch.tensor([s - 1], device="cuda")
+
+    def step():
+        k.index_copy_(1, n_valid, (new * 8).view(1, 1, 1, 576))  # large: the newest slot dominates
+        n_valid.add_(1)
+        return ks.softmax_decode(q, k, k[..., :512], n_valid)
+
+    step()  # compile outside the capture
+    n_valid.fill_(s - 1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for i in range(3):
+        n_valid.fill_(s - 1 + i)
+        new.copy_(torch.randn(576, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(n_valid) == s + i
+        ref = ops.softmax_decode(q.double(), k.double(), k[..., :512].double(), n_valid, mode="torch")
+        assert rel_err(out, ref) < 1e-2, (s, i)
+        stale = k.clone()
+        stale[0, s - 1 + i, 0] = 0
+        assert rel_err(out, ops.softmax_decode(q.double(), stale.double(), stale[..., :512].double(), n_valid,
+                                               mode="torch")) > 0.1
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -54,3 +54,16 @@ def norm_weight(h, w, ZERO_CENTERED: tl.constexpr):
     else:
         out = h * w
     return out
+
+
+@triton.jit
+def l2_prefetch(ptr, nbytes, pred):
+    """Ask L2 for the ``nbytes`` bytes at ``ptr`` if ``pred`` (scalars): one
+    ``cp.async.bulk.prefetch.L2`` (sm_90, PTX 8.0) from thread 0, no registers held, nothing waited
+    for. ``ptr`` must be 16-byte aligned and ``nbytes`` a multiple of 16 (the launchers check); a
+    prefetch never changes what a later load returns (L2 is where global memory is coherent). GPU
+    only: the interpreter has no inline assembly."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 p, tid, 0; "
+        "setp.ne.and.s32 p, $2, 0, p; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+        "=r,l,r,r", [ptr, pred.to(tl.int32), nbytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)

@@ -51,7 +51,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
-from ._common import norm_weight, output_buffer
+from ._common import l2_prefetch, norm_weight, output_buffer
 from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -288,11 +288,7 @@ def _prefetch_tile_l2(W, tile, t_end, N, K, BLOCK_N: tl.constexpr):
     size must be a multiple of 16 bytes (the launcher checks)."""
     n0 = tile * BLOCK_N
     nbytes = tl.minimum(N - n0, BLOCK_N) * K * (W.dtype.element_ty.primitive_bitwidth // 8)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 p, tid, 0; "
-        "setp.ne.and.s32 p, $2, 0, p; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-        "=r,l,r,r", [W + n0.to(tl.int64) * K, (tile < t_end).to(tl.int32), nbytes.to(tl.int32)],
-        dtype=tl.int32, is_pure=False, pack=1)
+    l2_prefetch(W + n0.to(tl.int64) * K, nbytes, tile < t_end)
 
 
 @triton.jit

@@ -66,7 +66,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
-from ._common import output_buffer
+from ._common import l2_prefetch, output_buffer
 from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -105,6 +105,16 @@ TUNING: dict[str, dict[str, int]] = {
     # 32K 33.8 -> 25.4 (128); 128K 77.2 (256) -> 67.4 (128)
     "decode_narrow": {"BLOCK_H": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "DVB": 1, "SHARE_QK": 0,
                       "MIN_STEPS": 1, "MAX_SPLITS": 128},
+    # decode_narrow's case for a single query row (B * T = 1: batch-1 decode), with PDL (optional
+    # keys, default 0: "PDL" 1 launches it and its combine with PDL; "PF_BLOCKS" n > 0 has each
+    # split ask L2 for its first n blocks of key rows before it waits, _latent_attn_fwd). H100,
+    # 2026-11-27, the ~1B deepseek-v3 decode step in a CUDA graph (interleaved, best of 2-3, ms at
+    # 4K / 32K / 128K): decode_narrow's shape 0.925 / 1.130 / 1.759; with PDL and PF_BLOCKS 1 0.907
+    # at 4K but 1.147 at 32K; BLOCK_N 64 alone 1.129 at 32K (0.963 at 4K, a session earlier); BLOCK_N
+    # 64, PDL and PF_BLOCKS 4 0.899 / 1.063 / 1.697 (PF_BLOCKS 0 1.074 / 1.730; 8 warps or 256 splits
+    # slower); kimi-linear (4 M layers) 0.866 / 0.904 -> 0.866 / 0.897
+    "decode_row": {"BLOCK_H": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "DVB": 1, "SHARE_QK": 0,
+                   "MIN_STEPS": 1, "MAX_SPLITS": 128, "PDL": 1, "PF_BLOCKS": 4},
 }
 # Tried in order after TUNING[...] when a launch shape does not compile (out of shared memory or
 # registers on another GPU or Triton version): the previous default (16 slots, 3 stages, 131 KB).
@@ -183,6 +193,7 @@ def _latent_attn_fwd(
     D_V: tl.constexpr, BDV: tl.constexpr, NUM_DVB: tl.constexpr, V_IS_K: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_OUT: tl.constexpr, PREC: tl.constexpr,
     ROW64: tl.constexpr, SHARE_QK: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr = False,
+    PF_SLOTS: tl.constexpr = 0,
 ):
     """One program: query token (b, t), kv head hk, query heads hk*G + [hb*BLOCK_H, +BLOCK_H),
     value columns [dvb*BDV, +BDV), slots [split*slots_per_split, +slots_per_split). Writes o
@@ -190,10 +201,11 @@ def _latent_attn_fwd(
     SPLIT_OUT float32 partials. NUM_DVB > 1 splits the value columns across programs (each recomputes
     q·k): a smaller accumulator for fewer registers, at the price of more tensor-core work.
     PDL (attnlab.kernels._pdl, decode-shaped launches): the next kernel may launch now; everything
-    this one reads may come from the previous kernel, so it waits first."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    this one reads may come from the previous kernel, so it waits first. PF_SLOTS > 0 (dense decode
+    under PDL, GPU only): before waiting, one program per (row, split) asks L2 for the key rows of
+    its first PF_SLOTS slots below the row's length (read before the wait, so the count before or
+    after the new token: either way the rows exist; a slot the previous kernel is writing is read
+    again after the wait like every other), so the loads after the wait find them there."""
     pid = tl.program_id(0)
     hb = pid % N_HBLK  # head blocks fastest: programs reading the same rows run side by side (L2)
     rest = pid // N_HBLK
@@ -206,6 +218,17 @@ def _latent_attn_fwd(
     bt = rest
     b = (bt // T).to(tl.int64)
     t = (bt % T).to(tl.int64)  # int64: t * stride_qt overflows int32 at 128K tokens x 128 heads
+    if PDL:
+        gdc_launch_dependents()
+        if PF_SLOTS > 0:
+            pf_lo = split * slots_per_split
+            pf_nv = tl.minimum(tl.load(NVALID + b).to(tl.int32) + 1, n_slots)
+            pf_hi = tl.minimum(tl.minimum(pf_lo + slots_per_split, pf_lo + PF_SLOTS), pf_nv)
+            row_bytes = stride_ks * (K.dtype.element_ty.primitive_bitwidth // 8)
+            pf_bytes = tl.maximum(pf_hi - pf_lo, 0) * row_bytes
+            l2_prefetch(K + b * stride_kb + pf_lo.to(tl.int64) * stride_ks, pf_bytes,
+                        (pf_hi > pf_lo) & (hb == 0) & (dvb == 0) & (hk == 0))
+        gdc_wait()
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < G
@@ -939,7 +962,7 @@ def _attend(
     if q.dtype == torch.float32 and q.is_cuda and not _INTERPRET:
         tuning = "fp32"
     elif tuning == "decode" and q.shape[2] // k.shape[2] <= 32:
-        tuning = "decode_narrow"
+        tuning = "decode_row" if q.shape[0] * q.shape[1] == 1 else "decode_narrow"
     last_error = None
     for cfg in _launch_configs(tuning):
         try:
@@ -983,12 +1006,18 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         op, lp = o, lse
     sb = lambda x, i: x.stride(i) if x.shape[i] > 1 else 0  # noqa: E731  (paged caches: one "batch")
     grid = (B * T * splits * n_dvb * n_hblk, H_kv)
-    # A decode row over its top-k (DSA) chains with PDL (attnlab.kernels._pdl). Not the dense latent
-    # decode: H100, interleaved A/B inside the ~1B decode steps (CUDA graph, twice each): deepseek-v32
-    # (index + top-k + sparse attention with PDL) 1.354 -> 1.297 ms at 4K, 1.431 -> 1.367 at 32K, but
-    # kimi-linear (dense MLA decode of its 4 M layers with PDL, up to 128 early-launched splits)
-    # 0.912 -> 0.920 and 0.959 -> 0.982.
-    pdl = T == 1 and gather == _GATHER_INDEX and use_pdl(q.device)
+    # A decode row over its top-k (DSA) chains with PDL (attnlab.kernels._pdl): H100, interleaved A/B
+    # inside the ~1B decode steps (CUDA graph, twice each): deepseek-v32 (index + top-k + sparse
+    # attention with PDL) 1.354 -> 1.297 ms at 4K, 1.431 -> 1.367 at 32K. The dense decode only where
+    # its launch shape says so ("PDL" in TUNING["decode_row"]): with decode_narrow's 32-slot blocks it
+    # made kimi-linear slower (its 4 M layers: 0.912 -> 0.920 ms at 4K, 0.959 -> 0.982 at 32K), and
+    # deepseek-v3 at 32K (1.130 -> 1.147 with PF_BLOCKS 1); with 64-slot blocks and the early L2
+    # requests (PF_SLOTS: whole key rows from a 16-byte aligned base) it is faster at every context.
+    pdl = (T == 1 and (gather == _GATHER_INDEX or (gather == _GATHER_DENSE and cfg.get("PDL", 0)))
+           and use_pdl(q.device))
+    pf_ok = (pdl and gather == _GATHER_DENSE and v_is_k and n_valid is not None and k.data_ptr() % 16 == 0
+             and (k.stride(1) * k.element_size()) % 16 == 0)
+    pf_slots = cfg.get("PF_BLOCKS", 0) * cfg["BLOCK_N"] if pf_ok else 0
     _latent_attn_fwd[grid](
         q, k, v,
         idx if idx is not None else dummy,
@@ -1005,7 +1034,8 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         GATHER=gather, PAGE=page, DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=bdv, NUM_DVB=n_dvb,
         V_IS_K=v_is_k, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], SPLIT_OUT=splits > 1, PREC=prec,
         ROW64=row64, SHARE_QK=bool(cfg.get("SHARE_QK", 0)) and block_h >= 64, INTERP=_INTERPRET,
-        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
+        PDL=pdl, PF_SLOTS=pf_slots, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_options(pdl),
     )
     if splits > 1:
         bdv_c, step = combine_shape(B * T * H, D_v, splits, q.device)
