@@ -66,4 +66,5 @@ def l2_prefetch(ptr, nbytes, pred):
     tl.inline_asm_elementwise(
         "{ .reg .pred p; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 p, tid, 0; "
         "setp.ne.and.s32 p, $2, 0, p; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-        "=r,l,r,r", [ptr, pred.to(tl.int32), nbytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+        "=r,l,r,r", [ptr, pred.to(tl.int32), (nbytes + tl.zeros([], dtype=tl.int32)).to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)

@@ -101,11 +101,17 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.deltanet import DeltaRuleCache, GatedDeltaNet, KimiDeltaAttention
-from ._common import reused_zeros
+from ._common import l2_prefetch, reused_zeros
 from ._pdl import launch_options, use_pdl
 
 POISON_OUTPUTS = False  # tests set this: the output buffer starts as NaN, so an unwritten element fails
 V_BLOCK = 32  # value columns per program (a power of two); >= D_v: one program per value head
+# Under PDL, block 0 of each value head asks L2 for the head's whole float32 state before it waits
+# (nothing else writes the state between steps; the loads after the wait find it there). H100,
+# 2026-11-27, ~1B decode steps in a CUDA graph at 4K (interleaved A/B, best of 2, ms): kda 0.839 ->
+# 0.823, kimi-linear 0.869 -> 0.860, gdn 1.068 -> 1.066, qwen3-next 1.033 -> 1.032. (The same request
+# in the Lightning step, attnlab.kernels.lightning_decode, made it slower: lightning 0.790 -> 0.825.)
+PREFETCH_STATE = True
 NUM_WARPS: int | None = None  # None: chosen from the program's state tile (num_warps); a benchmark may set it
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -190,15 +196,18 @@ def _delta_decode_kernel(
     OFF_GATE: tl.constexpr, PER_CHANNEL: tl.constexpr, SIGMOID_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
     COUNT: tl.constexpr, PDL: tl.constexpr, UP: tl.constexpr, BR: tl.constexpr,
     RANK: tl.constexpr, OFF_F: tl.constexpr, OFF_G: tl.constexpr, EARLY_STATE: tl.constexpr,
+    PF_STATE: tl.constexpr = False,
 ):
-    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
-        gdc_launch_dependents()
-        gdc_wait()
     # program (b, value head, value block), the blocks of a value head and the value heads of a key
     # head adjacent: i = ((b · H + h) · NVB + block)
     pid = tl.program_id(0)
     i_vb = pid % NVB
     i_bh = pid // NVB  # b · H + h
+    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
+        gdc_launch_dependents()
+        if PF_STATE:  # block 0 asks L2 for its head's whole state before the wait (GPU only)
+            l2_prefetch(state + i_bh.to(tl.int64) * (K * V), K * V * 4, i_vb == 0)
+        gdc_wait()
     i_h = i_bh % H
     i_b = (i_bh // H).to(tl.int64)
     i_hk = i_h // REP
@@ -515,7 +524,7 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
         mixer.A_log, mixer.dt_bias, mixer.o_norm.weight, cache.state, o, Dk ** -0.5, float(mixer.o_norm.eps),
         cache.lengths, w_f, w_g, w_f.stride(0), w_g.stride(0), tickets, scratch, **const,
         COUNT=bool(count_token), PDL=pdl, num_warps=num_warps(const["BK"], const["BV"]),
-        **launch_options(pdl),
+        PF_STATE=PREFETCH_STATE and pdl and cache.state.data_ptr() % 16 == 0, **launch_options(pdl),
     )
     return o
 

@@ -1387,8 +1387,11 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # run one after another) a row is one chunk, so no program waits for one that has not run.
 # H100, 2026-11-26, one decode row, k = 2048, CUDA graph (sorted / unsorted): 4K fused 21.3 / 12.9 us vs
 # multi-launch 34.2 / 25.5; 32K 22.9 / 14.0 vs 34.7 / 26.0; 128K 32.8 / 23.8 vs 35.9 / 27.1; 256K 46.0 /
-# 37.0 vs 39.1 / 30.3 (a row's ~132 programs each stream 2K scores per pass there): so up to 128K.
-TOPK_FUSED_MAX = 1 << 17
+# 37.0 vs 39.1 / 30.3 (a row's ~132 programs each stream 2K scores per pass there): so up to 160K,
+# between those two (a 128K context's cache holds a few slots more than 2^17). H100, 2026-11-27, the
+# ~1B deepseek-v32 decode step in a CUDA graph at 128K (cache 131,144 slots; interleaved, best of 2):
+# 1 << 17 (multi-launch there) 1.687 ms, 160K (fused) 1.628.
+TOPK_FUSED_MAX = 160 * 1024
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
