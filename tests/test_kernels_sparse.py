@@ -1066,6 +1066,21 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@needs_triton
+def test_decode_row_falls_back_to_the_narrow_shape(monkeypatch):
+    """A single decode row's launch shape (64-slot blocks in 3 stages: ~220 KB of shared memory, an
+    H100's) is followed, where it does not build, by decode_narrow's (which a GPU with less shared
+    memory builds) before the general fallbacks; shapes that failed are skipped."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "_FAILED_CONFIGS", set())
+    row, narrow = ks.TUNING["decode_row"], ks.TUNING["decode_narrow"]
+    assert ks._launch_configs("decode_row") == [row, narrow, *ks.FALLBACK]
+    ks._FAILED_CONFIGS.add(ks._config_key("decode_row", row))
+    assert ks._launch_configs("decode_row")[0] == narrow
+    assert ks._launch_configs("decode_narrow") == [narrow, *ks.FALLBACK]
+
+
 @pytest.mark.gpu
 def test_gpu_default_launch_shapes_compile():
     """The default bf16 launch shapes build on this GPU / Triton (no fallback to a smaller one,
