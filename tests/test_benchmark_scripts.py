@@ -141,3 +141,62 @@ def test_linear_gpu_timed_rounds_interleaves_and_takes_the_median(monkeypatch):
     assert out["z"] != out["z"] and len(out["z_rounds"]) == 3
     fake["a"] = iter([7.0])
     assert lg.timed_rounds({"x": "a"}, None, 1) == {"x": 7.0}  # one round: no per-round list
+
+
+def test_decode_ab_tiny_on_cpu(tmp_path):
+    """benchmarks/decode_ab.py on tiny models (eager, CPU): every configuration timed in every round,
+    the settings back as they were after, the JSON written."""
+    from attnlab.kernels import decode as kd
+
+    decode_ab = load("decode_ab")
+    waves = kd.WAVES
+    js = tmp_path / "ab.json"
+    rows = decode_ab.main(["--tiny", "--device", "cpu", "--mode", "eager", "--presets", "llama",
+                           "--contexts", "32", "--rounds", "2", "--steps", "2", "--json", str(js),
+                           "base", "decode.WAVES=1"])
+    assert [(r["config"], r["round"]) for r in rows] == [("base", 0), ("decode.WAVES=1", 0), ("base", 1),
+                                                          ("decode.WAVES=1", 1)]
+    assert all(r["ms"] > 0 for r in rows) and kd.WAVES == waves
+    assert len(json.loads(js.read_text())["rows"]) == 4
+
+
+def test_decode_ab_configs_and_restore():
+    """A configuration names a module of attnlab.kernels, an attribute and dict keys that exist and a
+    Python literal (else a ValueError naming the part); nested settings, including a key added to a
+    dict, are restored after the timing, also when it fails."""
+    pytest.importorskip("triton")
+    from attnlab.kernels import sparse as ks
+
+    decode_ab = load("decode_ab")
+    assert decode_ab.parse_config("base") == []
+    (mod, path, value), = decode_ab.parse_config("sparse.TUNING.decode_row.BLOCK_N=32")
+    assert mod is ks and path == ["TUNING", "decode_row", "BLOCK_N"] and value == 32
+    for bad, word in [("sparse.TUNING.decode_row.BLOCK_N", "MODULE.PATH=VALUE"), ("nosuch.X=1", "nosuch"),
+                      ("sparse.NOPE=1", "NOPE"), ("sparse.TUNING.nope=1", "nope"),
+                      ("sparse.PROGRAMS_PER_SM=os.system", "literal"), ("sparse=1", "MODULE.ATTRIBUTE")]:
+        with pytest.raises(ValueError, match=word):
+            decode_ab.parse_config(bad)
+
+    before = {k: dict(v) for k, v in ks.TUNING.items()}
+    config = [(ks, ["TUNING", "decode_row", "BLOCK_N"], 16), (ks, ["PROGRAMS_PER_SM"], 7)]
+    old = decode_ab._set(ks, ["TUNING", "decode_row", "NEW_KEY"], 1)  # a key the dict did not have
+    assert old is decode_ab._MISSING
+    decode_ab._restore(ks, ["TUNING", "decode_row", "NEW_KEY"], old)
+
+    def boom(*a, **k):
+        assert ks.TUNING["decode_row"]["BLOCK_N"] == 16 and ks.PROGRAMS_PER_SM == 7  # set while timing
+        raise RuntimeError("timing failed")
+
+    real = decode_ab.dg.time_ours
+    decode_ab.dg.time_ours = boom
+    try:
+        with pytest.raises(RuntimeError, match="timing failed"):
+            decode_ab.time_config(None, config, 1, 1, "cpu", None, "eager")
+    finally:
+        decode_ab.dg.time_ours = real
+    assert ks.TUNING == before and ks.PROGRAMS_PER_SM == 2
+    usage_errors = (["--presets", "nope", "base"], ["--device", "cpu", "sparse.NOPE=1"],
+                    ["--device", "cpu", "base"])
+    for argv in usage_errors:
+        with pytest.raises(SystemExit):  # unknown preset, bad config, cuda_graph on a CPU: usage errors
+            decode_ab.main(argv)
