@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.mode == "cuda_graph" and not args.device.startswith("cuda"):
         ap.error("--mode cuda_graph needs a CUDA --device (use --mode eager on a CPU)")
     dtype = getattr(torch, args.dtype)
+    card = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     rows: list[dict] = []
     for preset in presets:
         model, _, _ = dg.build_models(preset, args.tiny, args.device, dtype, with_hf=False)
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(f"{preset} {context} round {r} {name}: {ms:.4f} ms", flush=True)
                     if args.json:
                         atomic_write_json(args.json, dict(argv=sys.argv[1:] if argv is None else argv,
-                                                          mode=args.mode, dtype=args.dtype, rows=rows))
+                                                          card=card, mode=args.mode, dtype=args.dtype,
+                                                          rows=rows))
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -157,7 +157,8 @@ def test_decode_ab_tiny_on_cpu(tmp_path):
     assert [(r["config"], r["round"]) for r in rows] == [("base", 0), ("decode.WAVES=1", 0), ("base", 1),
                                                           ("decode.WAVES=1", 1)]
     assert all(r["ms"] > 0 for r in rows) and kd.WAVES == waves
-    assert len(json.loads(js.read_text())["rows"]) == 4
+    report = json.loads(js.read_text())
+    assert len(report["rows"]) == 4 and report["card"] == "cpu"
 
 
 def test_decode_ab_configs_and_restore():
