@@ -111,6 +111,8 @@ V_BLOCK = 32  # value columns per program (a power of two); >= D_v: one program 
 # 2026-11-27, ~1B decode steps in a CUDA graph at 4K (interleaved A/B, best of 2, ms): kda 0.839 ->
 # 0.823, kimi-linear 0.869 -> 0.860, gdn 1.068 -> 1.066, qwen3-next 1.033 -> 1.032. (The same request
 # in the Lightning step, attnlab.kernels.lightning_decode, made it slower: lightning 0.790 -> 0.825.)
+# Not for whole-row programs (NVB = 1, 16 warps: 128 registers a thread), where the request made the
+# K kernel spill 40 bytes (Triton 3.9, sm_90) and was not timed.
 PREFETCH_STATE = True
 NUM_WARPS: int | None = None  # None: chosen from the program's state tile (num_warps); a benchmark may set it
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -198,16 +200,17 @@ def _delta_decode_kernel(
     RANK: tl.constexpr, OFF_F: tl.constexpr, OFF_G: tl.constexpr, EARLY_STATE: tl.constexpr,
     PF_STATE: tl.constexpr = False,
 ):
+    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
+        gdc_launch_dependents()
+        if PF_STATE:  # block 0 of a value head asks L2 for the head's whole state before the wait
+            p0 = tl.program_id(0)
+            l2_prefetch(state + (p0 // NVB).to(tl.int64) * (K * V), K * V * 4, p0 % NVB == 0)
+        gdc_wait()
     # program (b, value head, value block), the blocks of a value head and the value heads of a key
     # head adjacent: i = ((b · H + h) · NVB + block)
     pid = tl.program_id(0)
     i_vb = pid % NVB
     i_bh = pid // NVB  # b · H + h
-    if PDL:  # attnlab.kernels._pdl: the next kernel may launch; wait for the previous one
-        gdc_launch_dependents()
-        if PF_STATE:  # block 0 asks L2 for its head's whole state before the wait (GPU only)
-            l2_prefetch(state + i_bh.to(tl.int64) * (K * V), K * V * 4, i_vb == 0)
-        gdc_wait()
     i_h = i_bh % H
     i_b = (i_bh // H).to(tl.int64)
     i_hk = i_h // REP
@@ -388,6 +391,12 @@ def launch_constants(mixer, up: bool) -> dict:
     return dict(const, BV=BV, NVB=NVB, UP=up, EARLY_STATE=not up and const["BK"] * BV <= 128 * 64)
 
 
+def prefetches_state(const: dict) -> bool:
+    """Whether a launch with :func:`launch_constants` ``const`` asks L2 for the state before its PDL wait
+    (PREFETCH_STATE, and not for whole-row programs)."""
+    return PREFETCH_STATE and const["NVB"] > 1
+
+
 def num_warps(bk: int, bv: int) -> int:
     """Warps for a program's [bk, bv] state tile: NUM_WARPS if set, else one warp per 1024 float32
     elements (32 per thread), in [4, 16]: 4 at 128 x 32 and 64 x 64, 8 at 128 x 64, 16 at 128 x 128.
@@ -524,7 +533,7 @@ def delta_decode(mixer, proj: torch.Tensor, cache, f_up: torch.Tensor | None = N
         mixer.A_log, mixer.dt_bias, mixer.o_norm.weight, cache.state, o, Dk ** -0.5, float(mixer.o_norm.eps),
         cache.lengths, w_f, w_g, w_f.stride(0), w_g.stride(0), tickets, scratch, **const,
         COUNT=bool(count_token), PDL=pdl, num_warps=num_warps(const["BK"], const["BV"]),
-        PF_STATE=PREFETCH_STATE and pdl and cache.state.data_ptr() % 16 == 0, **launch_options(pdl),
+        PF_STATE=prefetches_state(const) and pdl and cache.state.data_ptr() % 16 == 0, **launch_options(pdl),
     )
     return o
 
