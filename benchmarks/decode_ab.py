@@ -38,8 +38,6 @@ import decode_gpu as dg  # noqa: E402
 
 from attnlab._io import atomic_write_json  # noqa: E402
 
-_MISSING = object()
-
 
 def parse_config(text: str) -> list[tuple[object, list[str], object]]:
     """``base`` -> []; else [(module, [attribute, key, ...], value)] for each ``MODULE.PATH=VALUE``.
@@ -79,7 +77,8 @@ def _get(module, path: list[str], text: str):
 
 
 def _set(module, path: list[str], value) -> object:
-    """Set the setting at ``path``; returns what was there (_MISSING: no such dict key yet)."""
+    """Replace the setting at ``path`` (one that exists: parse_config checked) by ``value``; returns
+    the object that was there, which restores it when set back."""
     if len(path) == 1:
         old = getattr(module, path[0])
         setattr(module, path[0], value)
@@ -87,22 +86,9 @@ def _set(module, path: list[str], value) -> object:
     parent = getattr(module, path[0])
     for key in path[1:-1]:
         parent = parent[key]
-    old = parent.get(path[-1], _MISSING)
+    old = parent[path[-1]]
     parent[path[-1]] = value
     return old
-
-
-def _restore(module, path: list[str], old) -> None:
-    if len(path) == 1:
-        setattr(module, path[0], old)
-        return
-    parent = getattr(module, path[0])
-    for key in path[1:-1]:
-        parent = parent[key]
-    if old is _MISSING:
-        del parent[path[-1]]
-    else:
-        parent[path[-1]] = old
 
 
 def time_config(model, config: list, context: int, steps: int, device: str, dtype: torch.dtype,
@@ -111,11 +97,11 @@ def time_config(model, config: list, context: int, steps: int, device: str, dtyp
     done = []
     try:
         for module, path, value in config:
-            done.append((module, path, copy.deepcopy(_set(module, path, copy.deepcopy(value)))))
+            done.append((module, path, _set(module, path, copy.deepcopy(value))))
         return dg.time_ours(model, context, steps, device, dtype, mode)["ms"]
     finally:
         for module, path, old in reversed(done):
-            _restore(module, path, old)
+            _set(module, path, old)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
