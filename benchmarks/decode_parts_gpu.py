@@ -11,8 +11,7 @@ One decode row (batch 1), each part's kernel timed alone. Five parts (``--parts`
   8); a pair whose effective chunk was already timed at that S is skipped (the same launch). Each row
   records ``s_chunk_eff``.
 - ``topk``: ``dsa_topk`` of k = 2048 over one row of S scores (quantised to quarters, so there are
-  ties) by each path: ``whole-row`` (one program per row holding it in registers, S <= 32K;
-  ``TOPK_WHOLE_ROW_MAX``), ``fused`` (one launch, chunks meeting at atomics; ``TOPK_FUSED_MAX``),
+  ties) by each path: ``fused`` (one launch, chunks meeting at atomics; ``TOPK_FUSED_MAX``),
   ``multi`` (the multi-launch radix select), ``one-program`` (``_topk_row``, one program per row,
   sorted in it; ``TOPK_ONE_PROGRAM_MAX``, with ``TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM`` = 0 so a single
   row takes it) and ``one-program+rank`` (``TOPK_ONE_PROGRAM_SORT`` = False: a rank pass sorts), each
@@ -173,8 +172,7 @@ def part_index(timer: Timer, contexts, smoke: bool, rows: list[dict]) -> None:
 
 
 TOPK_KNOBS = (
-    "TOPK_FUSED_MAX", "TOPK_WHOLE_ROW_MAX", "TOPK_ONE_PROGRAM_MAX", "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM",
-    "TOPK_ONE_PROGRAM_SORT",
+    "TOPK_FUSED_MAX", "TOPK_ONE_PROGRAM_MAX", "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", "TOPK_ONE_PROGRAM_SORT",
 )
 
 
@@ -185,9 +183,8 @@ def part_topk(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) 
     dev = timer.device
     big = 1 << 20
     paths = {  # knob values per path (the rest as found)
-        "whole-row": dict(TOPK_WHOLE_ROW_MAX=1 << 15, TOPK_ONE_PROGRAM_MAX=0),
-        "fused": dict(TOPK_FUSED_MAX=big, TOPK_WHOLE_ROW_MAX=0, TOPK_ONE_PROGRAM_MAX=0),
-        "multi": dict(TOPK_FUSED_MAX=0, TOPK_WHOLE_ROW_MAX=0, TOPK_ONE_PROGRAM_MAX=0),
+        "fused": dict(TOPK_FUSED_MAX=big, TOPK_ONE_PROGRAM_MAX=0),
+        "multi": dict(TOPK_FUSED_MAX=0, TOPK_ONE_PROGRAM_MAX=0),
         "one-program": dict(TOPK_ONE_PROGRAM_MAX=big, TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM=0,
                             TOPK_ONE_PROGRAM_SORT=True),
         "one-program+rank": dict(TOPK_ONE_PROGRAM_MAX=big, TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM=0,
@@ -200,8 +197,6 @@ def part_topk(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) 
             sc = (torch.randn(1, 1, S, device=dev) * 4).round() / 4  # (1, 1, S): ties
             want = ops.dsa_topk(sc, topk, causal=False, mode="torch")  # (1, 1, topk)
             for path, knobs in paths.items():
-                if path == "whole-row" and S > 1 << 15:  # past its limit dsa_topk would take another path
-                    continue
                 for sort in ((True,) if path == "one-program+rank" else (True, False)):
                     for name in TOPK_KNOBS:
                         setattr(ks, name, knobs.get(name, saved[name]))

@@ -426,19 +426,16 @@ def _tie_scores(B, T, S, seed):
 
 
 def _topk_path(ks, monkeypatch, path: str) -> None:
-    """Route ks.dsa_topk to one of its paths: "one_program" (_topk_row), "whole_row" (_topk_whole_row,
-    rows up to 32K), "fused" (_topk_fused, one launch; one chunk per row under the interpreter) or
-    "multi" (the _topk_hist ... passes)."""
+    """Route ks.dsa_topk to one of its paths: "one_program" (_topk_row), "fused" (_topk_fused, one
+    launch; one chunk per row under the interpreter) or "multi" (the _topk_hist ... passes)."""
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if path == "one_program" else 0)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
-    monkeypatch.setattr(ks, "TOPK_WHOLE_ROW_MAX", 1 << 15 if path == "whole_row" else 0)
     monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
 
 
 @interp
 @pytest.mark.parametrize("causal,path", [(True, "multi"), (False, "multi"), (False, "one_program"),
-                                         (True, "fused"), (False, "fused"), (True, "whole_row"),
-                                         (False, "whole_row")])
+                                         (True, "fused"), (False, "fused")])
 def test_interp_triton_topk_equals_oracle(causal, path, monkeypatch):
     """The radix-select top-k (many chunks per row: small blocks; or the one-program or the fused
     path) equals ops.dsa_topk exactly: ties at the k-th value go to the earlier positions, -inf and
@@ -459,7 +456,7 @@ def test_interp_triton_topk_equals_oracle(causal, path, monkeypatch):
 
 
 @interp
-@pytest.mark.parametrize("path", ["one_program", "multi", "fused", "whole_row"])
+@pytest.mark.parametrize("path", ["one_program", "multi", "fused"])
 def test_interp_triton_topk_decode_row_long(path, monkeypatch):
     """One decode row (B = 1, T = 1) split over many programs (or one), scores from integer data so
     the k-th value is tied across chunk boundaries, float64 and bfloat16 inputs compared at float32."""
@@ -484,8 +481,6 @@ def test_interp_topk_one_program_edge_cases(monkeypatch):
     padding), S = 1, T > 1 causal and not, a strided bf16 input, equal to the oracle exactly; and
     the limit: a row one longer than TOPK_ONE_PROGRAM_MAX takes the multi-program path."""
     from attnlab.kernels import sparse as ks
-
-    monkeypatch.setattr(ks, "TOPK_WHOLE_ROW_MAX", 0)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the multi-program top-k ran")
@@ -538,7 +533,7 @@ def _assert_same_set_in_position_order(got: torch.Tensor, want: torch.Tensor) ->
 
 
 @interp
-@pytest.mark.parametrize("path", ["one_program", "multi", "fused", "whole_row"])
+@pytest.mark.parametrize("path", ["one_program", "multi", "fused"])
 def test_interp_topk_unsorted_same_set_in_position_order(path, monkeypatch):
     """sort=False (a decode step's top-k): the oracle's positions, ties to the earlier position,
     -inf and causally hidden positions -1, k above the visible count and above S, in position order,
@@ -562,15 +557,14 @@ def test_interp_topk_unsorted_same_set_in_position_order(path, monkeypatch):
 
 
 @interp
-def test_interp_topk_decode_rows_paths(monkeypatch):
-    """A decode row (few rows per SM) takes the whole-row program up to TOPK_WHOLE_ROW_MAX, then the
-    one-launch fused path even when short enough for the one-program path, the multi-launch passes
-    when the fused path is off or the row is longer than TOPK_FUSED_MAX; many rows keep the
-    one-program path."""
+def test_interp_topk_decode_rows_take_the_fused_path(monkeypatch):
+    """A decode row (few rows per SM) takes the one-launch fused path even when short enough for the
+    one-program path, the multi-launch passes when the fused path is off or the row is longer than
+    TOPK_FUSED_MAX; many rows keep the one-program path."""
     from attnlab.kernels import sparse as ks
 
     launched = []
-    for name in ("_topk_row", "_topk_hist", "_topk_fused", "_topk_whole_row", "_topk_rank"):
+    for name in ("_topk_row", "_topk_hist", "_topk_fused"):
         original = getattr(ks, name)
 
         class Spy:
@@ -584,30 +578,17 @@ def test_interp_topk_decode_rows_paths(monkeypatch):
         monkeypatch.setattr(ks, name, Spy(name, original))
     scores = _tie_scores(1, 1, 200, seed=6)
     want = ops.dsa_topk(scores, 30, mode="torch")
-    _assert_same_set_in_position_order(ks.dsa_topk(scores, 30, sort=False), want)
-    assert launched == ["_topk_whole_row"]
-    launched.clear()
     assert torch.equal(ks.dsa_topk(scores, 30), want)
-    assert launched == ["_topk_whole_row", "_topk_rank"]
-    launched.clear()
-    monkeypatch.setattr(ks, "TOPK_WHOLE_ROW_MAX", 199)
-    assert torch.equal(ks.dsa_topk(scores, 30), want)
-    assert launched == ["_topk_fused", "_topk_rank"]
+    assert launched == ["_topk_fused"]
     for limit in (0, 199):
         launched.clear()
         monkeypatch.setattr(ks, "TOPK_FUSED_MAX", limit)
         assert torch.equal(ks.dsa_topk(scores, 30), want)
         assert "_topk_hist" in launched and "_topk_row" not in launched and "_topk_fused" not in launched
-        assert "_topk_whole_row" not in launched
     launched.clear()
     many = _tie_scores(2, 4, 200, seed=7)  # 8 rows >= 0.5 per SM of the interpreter's 4
     assert torch.equal(ks.dsa_topk(many, 30), ops.dsa_topk(many, 30, mode="torch"))
     assert launched == ["_topk_row"]
-    launched.clear()
-    monkeypatch.setattr(ks, "TOPK_WHOLE_ROW_MAX", 1 << 20)  # past the kernel's 32K limit: not taken
-    big = _tie_scores(1, 1, 40000, seed=8)
-    assert torch.equal(ks.dsa_topk(big, 30), ops.dsa_topk(big, 30, mode="torch"))
-    assert "_topk_whole_row" not in launched
 
 
 @interp
@@ -952,19 +933,15 @@ def test_gpu_topk_one_program_equals_oracle(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "multi", "whole_row"])
+@pytest.mark.parametrize("path", ["fused", "multi"])
 @pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 1, 32768), (2, 1, 131072), (1, 1, 3000), (8, 1, 70000),
-                                   (1, 1, 200), (3, 1, 16000), (1, 1, 8200)])
+                                   (1, 1, 200)])
 def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
-    """Decode rows on the whole-row program (the row in registers, up to 32K), the one-launch fused
-    path (a row's chunks meeting at barriers: the only place more than one chunk per row runs it)
-    and on the multi-launch passes: sorted, the oracle exactly; unsorted, the oracle's set in
-    position order."""
+    """Decode rows on the one-launch fused path (a row's chunks meeting at barriers: the only place
+    more than one chunk per row runs it) and on the multi-launch passes: sorted, the oracle exactly;
+    unsorted, the oracle's set in position order."""
     from attnlab.kernels import sparse as ks
 
-    if path == "whole_row" and shape[2] > 1 << 15:
-        pytest.skip("past the whole-row program's 32K limit")
-    monkeypatch.setattr(ks, "TOPK_WHOLE_ROW_MAX", 1 << 15 if path == "whole_row" else 0)
     monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
 
     gen = torch.Generator(device="cuda").manual_seed(shape[2] + 1)
@@ -997,15 +974,11 @@ def test_gpu_topk_cuda_graph_both_paths(s, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("s,path", [(4096, "fused"), (65536, "fused"), (4168, "whole_row"), (16384, "whole_row")])
-def test_gpu_topk_fused_cuda_graph_replays(s, path, monkeypatch):
-    """The fused top-k (zeroed barrier counters and histograms each call) and the whole-row program
-    captured in a CUDA graph, replayed many times on new scores, sorted and unsorted: the oracle
-    every time, never a hang."""
-    from attnlab.kernels import sparse as ks
+@pytest.mark.parametrize("s", [4096, 65536])
+def test_gpu_topk_fused_cuda_graph_replays(s):
+    """The fused top-k (zeroed barrier counters and histograms each call) captured in a CUDA graph,
+    replayed many times on new scores, sorted and unsorted: the oracle every time, never a hang."""
     from attnlab.kernels.sparse import dsa_topk
-
-    monkeypatch.setattr(ks, "TOPK_WHOLE_ROW_MAX", 1 << 15 if path == "whole_row" else 0)
 
     scores = torch.randn(1, 1, s, device="cuda")
     dsa_topk(scores, 2048)

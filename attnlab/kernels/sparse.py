@@ -827,57 +827,6 @@ def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
         cols = j + tl.arange(0, BLOCK)
         tl.store(out + cols, tl.full([BLOCK], -1, tl.int64), mask=cols < topk)
 
-
-@triton.jit
-def _topk_whole_row(SC, OUT, S, T, stride_r, stride_out, k_eff, topk, CAUSAL: tl.constexpr, SP: tl.constexpr,
-                    POSITIONS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    """The whole top-k of one row per program with the row's SP (next power of two >= S) keys held in
-    registers from ONE load: the four 256-bin histogram levels, then a single scan of packed (keys
-    above the k-th, keys equal to it) counts gives each taken key its slot in position order. No
-    global atomics, no barriers between programs, no scratch buffers (a decode row at 4K-16K: the
-    fused path's five row barriers cost more than this program's whole work). Writes OUT's row as
-    _topk_fused does: positions (POSITIONS; -1 for a -inf score) or _topk_rank's int64 sort keys, and
-    -1 in slots k_eff..topk (POSITIONS only: the sorting caller fills those). PDL: as _topk_fused."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    r = tl.program_id(0)
-    row_off = r.to(tl.int64) * stride_r
-    qpos = S - T + r % T
-    cols = tl.arange(0, SP)
-    ok = cols < S
-    key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-    bins = tl.arange(0, _TOPK_BINS)
-    prefix = tl.zeros([], dtype=tl.int32)
-    k_rem = k_eff
-    for LEVEL in tl.static_range(4):
-        if LEVEL == 0:
-            m = ok
-            digit = (key >> 24) + 128
-        else:
-            m = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
-            digit = (key >> (24 - 8 * LEVEL)) & 0xFF
-        counts = tl.histogram(tl.where(m, digit, 0), _TOPK_BINS)
-        counts -= tl.where(bins == 0, tl.sum((~m).to(tl.int32), 0), 0)  # the others went to bin 0
-        prefix, k_rem = _topk_descend(counts, k_rem, prefix, LEVEL)
-    thr = prefix  # the k-th largest key; k_rem of the keys equal to it (the earliest) are taken
-    gt = (ok & (key > thr)).to(tl.int32)
-    eq = (ok & (key == thr)).to(tl.int32)
-    both = tl.cumsum(gt + (eq << 16), 0)  # inclusive; each half <= 2^15 (SP <= 32K, the caller's limit)
-    eq_before = ((both >> 16) & 0xFFFF) - eq  # & 0xFFFF: a row of 32K ties wraps the sign bit
-    take = (gt > 0) | ((eq > 0) & (eq_before < k_rem))
-    dst = (both & 0xFFFF) - gt + tl.minimum(eq_before, k_rem)  # keys taken at earlier positions
-    if POSITIONS:
-        val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
-    else:
-        val = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-    out = OUT + r.to(tl.int64) * stride_out
-    tl.store(out + dst, val, mask=take)
-    if POSITIONS:
-        for j in range(k_eff, topk, BLOCK):
-            c = j + tl.arange(0, BLOCK)
-            tl.store(out + c, tl.full([BLOCK], -1, tl.int64), mask=c < topk)
-
 # ---------------------------------------------------------------------------------------------
 # host side
 
@@ -1447,12 +1396,6 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # 1 << 17 (multi-launch there) 1.687 ms, 160K (fused) 1.628.
 TOPK_FUSED_MAX = 160 * 1024
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
-# Rows of at most this many scores, when there are few of them (not the one-program case: decode), take
-# _topk_whole_row: one program per row holding the whole row in registers (one load, no atomics, no row
-# barriers, no scratch buffers). At most 32768 (its packed counts' limit); 0 turns it off.
-TOPK_WHOLE_ROW_MAX = 16384
-TOPK_WHOLE_ROW_KEYS_PER_THREAD = 16  # num_warps = SP / (32 x this), clamped to [4, 16]: at 16 warps a
-# 16K row is 32 keys a thread (124 registers on sm_90, no spill); 32 warps cap a thread at 64 and spill
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
 # (two launches: k^2 comparisons over many programs). Also False after the sorting variant failed
@@ -1496,9 +1439,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     R = B * T
     one_program = (0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
                    and R >= TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM * _num_sms(scores.device))
-    whole_row = not one_program and 0 < S <= min(TOPK_WHOLE_ROW_MAX, 1 << 15)
-    fused = not (one_program or whole_row) and 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(scores.device)
-    if (one_program or whole_row or fused) and R > 0:  # these write every slot: no -1 fill launch
+    fused = not one_program and 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(scores.device)
+    if (one_program or fused) and R > 0:  # _topk_row / _topk_fused write every slot: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
         out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
@@ -1509,9 +1451,6 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         sc = sc.to(torch.float32).contiguous()
     if one_program:
         _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
-        return out
-    if whole_row:
-        _topk_whole_row_launch(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
         return out
     if fused:
         _topk_fused_launch(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
@@ -1572,32 +1511,6 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
                                                     BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
 
 
-def _topk_whole_row_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
-                           causal: bool, sort: bool) -> None:
-    """_topk_whole_row over the R rows of sc [R, S] (S <= 32768) into res [R, topk] (then _topk_rank if
-    ``sort``)."""
-    R = sc.shape[0]
-    sp = _pow2(S)
-    warps = max(4, min(16, sp // (32 * TOPK_WHOLE_ROW_KEYS_PER_THREAD)))
-    sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
-    pdl = use_pdl(sc.device)
-    _topk_whole_row[(R,)](sc, sel, S, T, sc.stride(0), sel.stride(0), k_eff, topk, CAUSAL=causal, SP=sp,
-                          POSITIONS=not sort, BLOCK=TOPK_FUSED_BLOCK, PDL=pdl, num_warps=warps,
-                          **launch_options(pdl))
-    if sort:
-        _rank_into(sel, res, S, k_eff, topk)
-
-
-def _rank_into(sel: torch.Tensor, res: torch.Tensor, S: int, k_eff: int, topk: int) -> None:
-    """res [R, topk] <- the R rows of k_eff int64 sort keys in sel, sorted (_topk_rank), -1 past k_eff."""
-    R = sel.shape[0]
-    if topk > k_eff:
-        res[:, k_eff:] = -1
-    block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(sel.device) else 16  # decode: more programs
-    _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
-                                                BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
-
-
 def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
                        causal: bool, sort: bool) -> None:
     """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
@@ -1616,7 +1529,11 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
                                  BCH=_pow2(n_chunks, 2), POSITIONS=not sort, PDL=pdl, num_warps=4,
                                  **launch_options(pdl))
     if sort:
-        _rank_into(sel, res, S, k_eff, topk)
+        if topk > k_eff:
+            res[:, k_eff:] = -1
+        block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(sc.device) else 16  # decode: more programs
+        _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
+                                                    BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
 
 
 def _kth_largest(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
