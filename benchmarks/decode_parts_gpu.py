@@ -11,7 +11,9 @@ One decode row (batch 1), each part's kernel timed alone. Five parts (``--parts`
   8); a pair whose effective chunk was already timed at that S is skipped (the same launch). Each row
   records ``s_chunk_eff``.
 - ``topk``: ``dsa_topk`` of k = 2048 over one row of S scores (quantised to quarters, so there are
-  ties) by each path: ``fused`` (one launch, chunks meeting at atomics; ``TOPK_FUSED_MAX``),
+  ties) by each path: ``fused`` (one launch, chunks meeting at atomics; ``TOPK_FUSED_MAX``; with ties
+  this many it takes five barriers, as ``fused-5-barriers`` (``TOPK_CANDIDATES_MAX`` = 0) always does;
+  both are also timed on distinct scores, where ``fused`` takes its two-barrier candidate path),
   ``multi`` (the multi-launch radix select), ``one-program`` (``_topk_row``, one program per row,
   sorted in it; ``TOPK_ONE_PROGRAM_MAX``, with ``TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM`` = 0 so a single
   row takes it) and ``one-program+rank`` (``TOPK_ONE_PROGRAM_SORT`` = False: a rank pass sorts), each
@@ -172,7 +174,8 @@ def part_index(timer: Timer, contexts, smoke: bool, rows: list[dict]) -> None:
 
 
 TOPK_KNOBS = (
-    "TOPK_FUSED_MAX", "TOPK_ONE_PROGRAM_MAX", "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", "TOPK_ONE_PROGRAM_SORT",
+    "TOPK_FUSED_MAX", "TOPK_CANDIDATES_MAX", "TOPK_ONE_PROGRAM_MAX", "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM",
+    "TOPK_ONE_PROGRAM_SORT",
 )
 
 
@@ -184,6 +187,7 @@ def part_topk(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) 
     big = 1 << 20
     paths = {  # knob values per path (the rest as found)
         "fused": dict(TOPK_FUSED_MAX=big, TOPK_ONE_PROGRAM_MAX=0),
+        "fused-5-barriers": dict(TOPK_FUSED_MAX=big, TOPK_ONE_PROGRAM_MAX=0, TOPK_CANDIDATES_MAX=0),
         "multi": dict(TOPK_FUSED_MAX=0, TOPK_ONE_PROGRAM_MAX=0),
         "one-program": dict(TOPK_ONE_PROGRAM_MAX=big, TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM=0,
                             TOPK_ONE_PROGRAM_SORT=True),
@@ -192,11 +196,15 @@ def part_topk(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) 
     }
     saved = {name: getattr(ks, name) for name in TOPK_KNOBS}
     try:
-        for S in contexts:
+        for S, scores in itertools.product(contexts, ("quarters", "distinct")):
             torch.manual_seed(0)
-            sc = (torch.randn(1, 1, S, device=dev) * 4).round() / 4  # (1, 1, S): ties
+            sc = torch.randn(1, 1, S, device=dev) * 4  # (1, 1, S)
+            if scores == "quarters":
+                sc = sc.round() / 4  # ties: hundreds of keys share the k-th key's top 16 bits
             want = ops.dsa_topk(sc, topk, causal=False, mode="torch")  # (1, 1, topk)
             for path, knobs in paths.items():
+                if scores == "distinct" and not path.startswith("fused"):
+                    continue
                 for sort in ((True,) if path == "one-program+rank" else (True, False)):
                     for name in TOPK_KNOBS:
                         setattr(ks, name, knobs.get(name, saved[name]))
@@ -207,17 +215,21 @@ def part_topk(timer: Timer, contexts, smoke: bool, rows: list[dict], topk: int) 
                               else torch.equal(got.sort(-1).values, want.sort(-1).values))
                         us = timer.warm(fn)
                     except Exception as e:  # a path that does not build at this S: say so, go on
-                        emit(rows, dict(part="topk", S=S, path=path, sort=sort,
+                        emit(rows, dict(part="topk", S=S, scores=scores, path=path, sort=sort,
                                         failed=f"{type(e).__name__}: {str(e)[:200]}"))
                         continue
-                    emit(rows, dict(part="topk", S=S, path=path, sort=sort, us=us, ok=bool(ok)))
+                    emit(rows, dict(part="topk", S=S, scores=scores, path=path, sort=sort, us=us,
+                                    ok=bool(ok)))
             for name in TOPK_KNOBS:
                 setattr(ks, name, saved[name])
+            if scores == "distinct":
+                continue
             got = torch.topk(sc, topk, dim=-1, sorted=False).indices  # (1, 1, topk)
             # ties may take other positions: the same multiset of scores
             ok = torch.equal(sc.gather(-1, got).sort(-1).values, sc.gather(-1, want).sort(-1).values)
             us = timer.warm(functools.partial(torch.topk, sc, topk, dim=-1, sorted=False))
-            emit(rows, dict(part="topk", S=S, path="torch.topk", sort=False, us=us, ok=bool(ok)))
+            emit(rows, dict(part="topk", S=S, scores=scores, path="torch.topk", sort=False, us=us,
+                            ok=bool(ok)))
     finally:
         for name in TOPK_KNOBS:
             setattr(ks, name, saved[name])

@@ -556,6 +556,55 @@ def test_interp_topk_unsorted_same_set_in_position_order(path, monkeypatch):
                                        ops.dsa_topk(scores, 40, mode="torch"))
 
 
+def _threshold_ties(scores: torch.Tensor, topk: int, copies: int, seed: int) -> torch.Tensor:
+    """scores (distinct values) with the k-th largest value of each row copied to ``copies`` more
+    positions spread over the row: ties at the cut, among few keys that share its top bits."""
+    gen = torch.Generator(device=scores.device).manual_seed(seed)
+    kth = scores.topk(topk, dim=-1).values[..., -1:]  # (B, T, 1)
+    pos = torch.randint(0, scores.shape[-1], (*scores.shape[:-1], copies), device=scores.device,
+                        generator=gen)
+    return scores.scatter(-1, pos, kth.expand(*scores.shape[:-1], copies))
+
+
+@interp
+def test_interp_topk_fused_candidate_path(monkeypatch):
+    """The fused top-k's two-barrier candidate path (the keys sharing the k-th key's top 16 bits
+    ranked in the program) equals the oracle sorted and unsorted, with ties at the cut; it is taken
+    for distinct scores and left (the row's candidate count 0) for scores with more than
+    TOPK_CANDIDATES_MAX candidates, a row whose k-th score is -inf, and TOPK_CANDIDATES_MAX = 0."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
+    gen = torch.Generator().manual_seed(12)
+
+    def run(scores, topk, causal=False):
+        B, T, S = scores.shape
+        rows, want = scores.reshape(B * T, S), ops.dsa_topk(scores, topk, causal=causal, mode="torch")
+        got = torch.empty(B * T, topk, dtype=torch.int64)
+        n_cand = ks._topk_fused_launch(rows, got, S, T, min(topk, S), topk, causal, True)
+        assert torch.equal(got.view_as(want), want)
+        unsorted = torch.empty(B * T, topk, dtype=torch.int64)
+        n_unsorted = ks._topk_fused_launch(rows, unsorted, S, T, min(topk, S), topk, causal, False)
+        assert torch.equal(n_unsorted, n_cand)
+        _assert_same_set_in_position_order(unsorted.view_as(want), want)
+        return n_cand
+
+    distinct = torch.randn(2, 1, 700, generator=gen)
+    distinct[1, 0, 600:] = float("-inf")  # past the row's length
+    for topk in (1, 100, 350):
+        assert bool((run(distinct, topk) > 0).all()), topk
+    tied = _threshold_ties(distinct, 100, copies=5, seed=3)
+    assert bool((run(tied, 100) >= 6).all())  # the k-th value and its 5 copies are all candidates
+    assert bool((run(torch.randn(1, 3, 400, generator=gen), 30, causal=True) > 0).all())
+    quarters = (torch.randn(1, 1, 2000, generator=gen) * 4).round() / 4  # ~200 keys per value
+    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX", 64)
+    assert run(quarters, 500).tolist() == [0]
+    n_cand = run(distinct, 650)  # row 1 has 600 finite scores: its 650th is -inf
+    assert n_cand[0] > 0 and n_cand[1] == 0
+    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX", 0)
+    assert run(distinct, 100).tolist() == [0, 0]
+
+
 @interp
 def test_interp_topk_decode_rows_take_the_fused_path(monkeypatch):
     """A decode row (few rows per SM) takes the one-launch fused path even when short enough for the
@@ -951,6 +1000,40 @@ def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
         want = ops.dsa_topk(scores, topk, causal=False, mode="torch")
         _assert_same_set_in_position_order(ks.dsa_topk(scores, topk, causal=False, sort=False), want)
         assert torch.equal(ks.dsa_topk(scores, topk, causal=False), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1, 4168), (1, 1, 32840), (1, 1, 131144), (2, 1, 70000), (8, 1, 5000),
+                                   (1, 1, 300)])
+def test_gpu_topk_fused_candidate_path(shape, monkeypatch):
+    """Decode rows over many chunks on the fused path's two-barrier candidate path (its length limit
+    lifted): distinct scores (and the same with the k-th value copied to positions across the row, so
+    tied candidates sit in different chunks) give the oracle sorted and unsorted, and the path was
+    taken (every row's candidate count > 0); a row with fewer finite scores than k keeps the
+    five-barrier path."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX_S", 1 << 20)
+
+    gen = torch.Generator(device="cuda").manual_seed(shape[2] + 7)
+    R, S = shape[0] * shape[1], shape[2]
+    distinct = torch.randn(shape, device="cuda", generator=gen)
+    for topk in (2048, 100):
+        k_eff = min(topk, S)
+        for scores in (distinct, _threshold_ties(distinct, k_eff, copies=9, seed=S)):
+            want = ops.dsa_topk(scores, topk, causal=False, mode="torch")
+            got = torch.empty(R, topk, dtype=torch.int64, device="cuda")
+            n_cand = ks._topk_fused_launch(scores.reshape(R, S), got, S, 1, k_eff, topk, False, True)
+            assert torch.equal(got.view_as(want), want), topk
+            assert bool((n_cand > 0).all()), n_cand
+            _assert_same_set_in_position_order(ks.dsa_topk(scores, topk, causal=False, sort=False), want)
+    short = distinct.clone()
+    short[0, 0, 50:] = float("-inf")
+    got = torch.empty(R, 100, dtype=torch.int64, device="cuda")
+    n_cand = ks._topk_fused_launch(short.reshape(R, S), got, S, 1, 100, 100, False, True)
+    want = ops.dsa_topk(short, 100, causal=False, mode="torch")
+    assert torch.equal(got.view_as(want), want)
+    assert n_cand[0].item() == 0
 
 
 @pytest.mark.gpu

@@ -718,16 +718,110 @@ def _row_sync(CTR, target):
 
 
 @triton.jit
-def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
+def _topk_fine_counts(SC, H16, row_off, lo, hi, qpos, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Add the keys at positions [lo, hi) of a row into the row's 65536-bin histogram of their top 16
+    bits, H16[(key >> 16) + 32768], one atomic per key; keys in level 0's bin 0 (-inf, NaN and
+    negatives beyond -2^127: often thousands of -inf past a row's length) are left out."""
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        fine = (_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL) >> 16) + 32768
+        tl.atomic_add(H16 + fine, 1, mask=ok & (fine >= 256), sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _topk_candidates(SC, CAND, NC, row_off, lo, hi, qpos, S, prefix, CAUSAL: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """The keys at positions [lo, hi) of a row whose top 16 bits equal ``prefix`` (the candidates for
+    the k-th largest) appended to the row's list CAND as int64 sort keys (key << 32) | (S - 1 -
+    position), at slots reserved with one atomic on the row's count NC; returns how many keys there
+    are above the candidates (all taken)."""
+    n_gt = 0
+    n_c = 0
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        top = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL) >> 16
+        n_gt += tl.sum((ok & (top > prefix)).to(tl.int32), 0)
+        n_c += tl.sum((ok & (top == prefix)).to(tl.int32), 0)
+    slot = tl.atomic_add(NC, n_c, sem="relaxed", scope="gpu")
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        is_c = ok & ((key >> 16) == prefix)
+        dst = slot + tl.cumsum(is_c.to(tl.int32), 0) - 1
+        tl.store(CAND + dst, (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64), mask=is_c)
+        slot += tl.sum(is_c.to(tl.int32), 0)
+    return n_gt
+
+
+@triton.jit
+def _topk_candidate_threshold(CAND, n_cand, k_rem, lo, S, CB: tl.constexpr):
+    """(the k_rem-th largest of the row's n_cand candidate sort keys, how many of the k_rem largest sit
+    at positions before lo): each candidate's rank counted against all of them (n_cand^2 comparisons;
+    the sort keys are distinct, so exactly one has rank k_rem - 1)."""
+    thr = tl.full([], -9223372036854775808, tl.int64)
+    taken_before = 0
+    for i0 in range(0, n_cand, CB):
+        i = i0 + tl.arange(0, CB)
+        xi = tl.load(CAND + i, mask=i < n_cand, other=0, volatile=True)
+        rank = tl.zeros([CB], dtype=tl.int32)
+        for j0 in range(0, n_cand, CB):
+            j = j0 + tl.arange(0, CB)
+            xj = tl.load(CAND + j, mask=j < n_cand, other=0, volatile=True)
+            rank += tl.sum(((xj[None, :] > xi[:, None]) & (j < n_cand)[None, :]).to(tl.int32), 1)
+        valid = i < n_cand
+        thr = tl.maximum(thr, tl.max(tl.where(valid & (rank == k_rem - 1), xi, thr), 0))
+        taken = valid & (rank < k_rem) & ((S - 1 - (xi & 0xFFFFFFFF)) < lo)
+        taken_before += tl.sum(taken.to(tl.int32), 0)
+    return thr, taken_before
+
+
+@triton.jit
+def _topk_take_fine(SC, row_off, lo, hi, qpos, S, prefix, thr, slot, DST, CAUSAL: tl.constexpr,
+                    BLOCK: tl.constexpr, POSITIONS: tl.constexpr):
+    """_topk_take for the candidate path: every key at positions [lo, hi) whose top 16 bits exceed
+    ``prefix``, and every candidate whose sort key is at least ``thr``, stored in position order from
+    DST[slot] on (as sort keys, or with POSITIONS the positions, -1 for a -inf score)."""
+    for j in range(lo, hi, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        ok = cols < hi
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        sk = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+        top = key >> 16
+        take = ok & ((top > prefix) | ((top == prefix) & (sk >= thr)))
+        take_i = take.to(tl.int32)
+        dst = slot + tl.cumsum(take_i, 0) - 1
+        if POSITIONS:
+            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
+        else:
+            val = sk
+        tl.store(DST + dst, val, mask=take)
+        slot += tl.sum(take_i, 0)
+
+
+@triton.jit
+def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                PDL: tl.constexpr = False):
+                CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
-    [R, 4, 256] and CTR [R] start at zero. Writes SEL-style int64 sort keys into OUT's row (for
+    [R, 4, 256] and CTR [R, 2] start at zero. Writes SEL-style int64 sort keys into OUT's row (for
     _topk_rank) or, with POSITIONS, the positions (-1 for a -inf score) in position order; the last
     chunk fills slots k_eff..topk with -1. PDL: the next kernel may launch once every program has
-    started (so all of them are resident before any later kernel takes SM slots); wait for the previous."""
+    started (so all of them are resident before any later kernel takes SM slots); wait for the previous.
+
+    CAND_MAX > 0: two barriers instead of five when they suffice. Level 0's pass also fills the row's
+    65536-bin histogram of the keys' top 16 bits (H16 [R, 65536], zero at launch), so its barrier
+    settles levels 0 and 1 together; if the keys sharing the chosen 16 bits (the candidates) are at
+    most CAND_MAX, each program appends its own to the row's list CAND [R, CAND_MAX] and counts the
+    keys above them, and after ONE more barrier every program finds the k-th largest among the
+    candidates by ranking them (ties broken by position, as everywhere here) and writes its taken keys
+    at once. Otherwise (more candidates; or the k-th key in level 0's bin 0, e.g. a row with fewer
+    finite scores than k) the remaining levels run as above, every program taking the same branch
+    (each decides from the same row totals)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -735,7 +829,7 @@ def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_ef
     r = pid // N_CHUNK
     c = pid % N_CHUNK
     hist = HIST + r.to(tl.int64) * (4 * 256)
-    ctr = CTR + r
+    ctr = CTR + r * 2  # the row's barrier counter, then its candidate count
     row_off = r.to(tl.int64) * stride_r
     qpos = S - T + r % T
     lo = c * chunk
@@ -743,25 +837,57 @@ def _topk_fused(SC, HIST, CTR, CNT, OUT, S, T, chunk, stride_r, stride_out, k_ef
     bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
-    for LEVEL in tl.static_range(4):
-        counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
-        tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
-        _row_sync(ctr, (LEVEL + 1) * N_CHUNK)
-        h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
-        prefix, k_rem = _topk_descend(h, k_rem, prefix, LEVEL)
-    thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
-    n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
-    tl.store(CNT + pid * 2, n_gt)
-    tl.store(CNT + pid * 2 + 1, n_eq)
-    _row_sync(ctr, 5 * N_CHUNK)
-    ch = tl.arange(0, BCH)
-    before = ch < c
-    cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
-    gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0, volatile=True), 0)
-    eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
-    slot = gt_before + tl.minimum(eq_seen, k_rem)
+    counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 0, CAUSAL, BLOCK)
+    tl.atomic_add(hist + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
+    if CAND_MAX > 0:
+        _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
+    _row_sync(ctr, N_CHUNK)
+    prefix, k_rem = _topk_descend(tl.load(hist + bins, volatile=True), k_rem, prefix, 0)
+    levels = tl.full([], 1, tl.int32)  # levels settled
+    n_cand = tl.full([], CAND_MAX + 1, tl.int32)  # not the candidate path unless set below
+    if CAND_MAX > 0:
+        if prefix != -128:  # H16 holds the chosen level-0 bin's keys
+            h1 = tl.load(H16 + r.to(tl.int64) * 65536 + (prefix + 128) * 256 + bins, volatile=True)
+            b, k_rem = _topk_pick(h1, k_rem)
+            n_cand = tl.sum(tl.where(bins == b, h1, 0), 0)
+            prefix = prefix * 256 + b
+            levels = tl.full([], 2, tl.int32)
+    syncs = tl.full([], 1, tl.int32)
     out = OUT + r.to(tl.int64) * stride_out
-    _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
+    done = tl.full([], 0, tl.int32)
+    if CAND_MAX > 0:  # (a compile-time branch: no trace of the path in the kernel without it)
+        if n_cand <= CAND_MAX:
+            cand = CAND + r.to(tl.int64) * CAND_MAX
+            n_gt = _topk_candidates(SC, cand, ctr + 1, row_off, lo, hi, qpos, S, prefix, CAUSAL, BLOCK)
+            tl.store(CNT + pid * 2, n_gt)
+            _row_sync(ctr, 2 * N_CHUNK)
+            thr_sk, taken_before = _topk_candidate_threshold(cand, n_cand, k_rem, lo, S, CB)
+            ch = tl.arange(0, BCH)
+            cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
+            slot = tl.sum(tl.load(cnt + ch * 2, mask=ch < c, other=0, volatile=True), 0) + taken_before
+            _topk_take_fine(SC, row_off, lo, hi, qpos, S, prefix, thr_sk, slot, out, CAUSAL, BLOCK, POSITIONS)
+            done = tl.full([], 1, tl.int32)
+    if done == 0:
+        for LEVEL in tl.static_range(1, 4):
+            if LEVEL >= levels:
+                counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
+                tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
+                syncs += 1
+                _row_sync(ctr, syncs * N_CHUNK)
+                h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
+                prefix, k_rem = _topk_descend(h, k_rem, prefix, LEVEL)
+        thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
+        n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
+        tl.store(CNT + pid * 2, n_gt)
+        tl.store(CNT + pid * 2 + 1, n_eq)
+        _row_sync(ctr, (syncs + 1) * N_CHUNK)
+        ch = tl.arange(0, BCH)
+        before = ch < c
+        cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
+        gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0, volatile=True), 0)
+        eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
+        slot = gt_before + tl.minimum(eq_seen, k_rem)
+        _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
     if c == N_CHUNK - 1:
         for j in range(k_eff, topk, BLOCK):
             cols = j + tl.arange(0, BLOCK)
@@ -1396,6 +1522,18 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # 1 << 17 (multi-launch there) 1.687 ms, 160K (fused) 1.628.
 TOPK_FUSED_MAX = 160 * 1024
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
+# The fused path's candidate shortcut (_topk_fused's CAND_MAX): when at most this many keys share the
+# k-th largest key's top 16 bits, a row takes two barriers instead of five. Each program ranks all of
+# them (CAND_MAX^2 comparisons at most). 0 turns it off; rows past TOPK_CANDIDATES_MAX_ROWS never take
+# it (each needs a 256 KB zeroed histogram), nor rows longer than TOPK_CANDIDATES_MAX_S: its one atomic
+# per score (the 16-bit histogram) costs more than the three barriers it saves on long rows. H100,
+# 2026-11-27, one decode row, k = 2048, distinct scores, CUDA graph (unsorted, us): 4168 scores 10.4 vs
+# 13.3 with five barriers, 32840: 17.4 vs 15.9, 131144: 40.2 vs 24.7. The ~1B deepseek-v32 step
+# (interleaved, best of 2, ms): 4K 1.193 vs 1.224, 8K 1.214 vs 1.239, 16K 1.274 vs 1.270, 32K 1.356 vs
+# 1.304, 128K 1.980 vs 1.630 (benchmarks/results/decode_ab_h100_topk_candidates*.json).
+TOPK_CANDIDATES_MAX = 256
+TOPK_CANDIDATES_MAX_ROWS = 8
+TOPK_CANDIDATES_MAX_S = 12 * 1024
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
 # (two launches: k^2 comparisons over many programs). Also False after the sorting variant failed
@@ -1414,6 +1552,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     Six passes over the scores (L2-resident for a decode row), no host sync, CUDA-graph safe.
     Rows of S <= ``TOPK_ONE_PROGRAM_MAX`` (k <= ``TOPK_ONE_PROGRAM_MAX_K``) do all of it in ONE
     launch, a program per row (``_topk_row``: same passes, histograms in registers, a bitonic sort).
+    Fewer rows (decode) of S <= ``TOPK_FUSED_MAX`` run the passes in one launch with a row's chunks
+    meeting at barriers (``_topk_fused``); up to ``TOPK_CANDIDATES_MAX_S`` scores two barriers do:
+    one pass settles the top 16 bits, and the few keys sharing the k-th key's are ranked directly.
 
     Args:
         scores: float32 [B, T, S] (other float dtypes are compared at float32); the T queries are the
@@ -1512,28 +1653,37 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
 
 
 def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
-                       causal: bool, sort: bool) -> None:
+                       causal: bool, sort: bool) -> torch.Tensor:
     """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
-    row's chunks, at most SMs // R of them, are one program each, so every program is resident."""
+    row's chunks, at most SMs // R of them, are one program each, so every program is resident.
+    Returns each row's count of candidates (int32 [R]; 0 where the row took the five-barrier path)."""
     R = sc.shape[0]
     n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, TOPK_FUSED_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_FUSED_BLOCK) * TOPK_FUSED_BLOCK
     n_chunks = triton.cdiv(S, chunk)
-    sync = torch.zeros(R * (4 * 256 + 1), dtype=torch.int32, device=sc.device)  # histograms, then counters
-    hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 :]
+    cand_max = TOPK_CANDIDATES_MAX if R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
+    n_fine = 65536 if cand_max else 0
+    # histograms, counters (barrier, candidates) and the 16-bit histograms: zero at launch, one fill
+    sync = torch.zeros(R * (4 * 256 + 2 + n_fine), dtype=torch.int32, device=sc.device)
+    hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 : R * (4 * 256 + 2)]
+    fine = sync[R * (4 * 256 + 2) :] if cand_max else sync
+    cand = torch.empty(R, max(cand_max, 1), dtype=torch.int64, device=sc.device)  # (the path's branch is
+    # compiled even when CAND_MAX = 0 rules it out: its int64 loads need an int64 pointer)
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
     pdl = use_pdl(sc.device)
-    _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, sel, S, T, chunk, sc.stride(0), sel.stride(0), k_eff,
-                                 topk if not sort else k_eff, n_chunks, CAUSAL=causal, BLOCK=TOPK_FUSED_BLOCK,
-                                 BCH=_pow2(n_chunks, 2), POSITIONS=not sort, PDL=pdl, num_warps=4,
-                                 **launch_options(pdl))
+    _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, fine, cand, sel, S, T, chunk, sc.stride(0),
+                                 sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
+                                 BLOCK=TOPK_FUSED_BLOCK, BCH=_pow2(n_chunks, 2), POSITIONS=not sort,
+                                 CAND_MAX=cand_max, PDL=pdl, num_warps=4, **launch_options(pdl))
+    n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:
             res[:, k_eff:] = -1
         block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(sc.device) else 16  # decode: more programs
         _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
                                                     BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
+    return n_cand
 
 
 def _kth_largest(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
