@@ -99,8 +99,9 @@ def test_decode_parts_gpu_cpu_smoke(tmp_path):
         assert timed and all(row["us"] > 0 for row in timed), part
     assert not [row for row in rows if "failed" in row]
     topk = [row for row in rows if row["part"] == "topk"]
-    paths = {"fused", "multi", "one-program", "one-program+rank", "torch.topk"}
-    assert {row["path"] for row in topk} == paths
+    paths = {"fused", "fused-5-barriers", "multi", "one-program", "one-program+rank", "torch.topk"}
+    assert {row["path"] for row in topk if row["scores"] == "quarters"} == paths
+    assert {row["path"] for row in topk if row["scores"] == "distinct"} == {"fused", "fused-5-barriers"}
     assert all(row["ok"] for row in topk)
     assert all(row["err"] < 1e-4 for row in rows if row["part"] in ("index", "mla"))
     assert all(row["finite"] for row in rows if row["part"] == "delta")
