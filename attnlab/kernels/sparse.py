@@ -1534,6 +1534,11 @@ TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smal
 TOPK_CANDIDATES_MAX = 256
 TOPK_CANDIDATES_MAX_ROWS = 8
 TOPK_CANDIDATES_MAX_S = 12 * 1024
+# TOPK_FUSED_BLOCK for the rows that may take the candidate path (scores per step, smallest chunk):
+# more, smaller chunks there. H100, 2026-11-27, deepseek-v32 step (interleaved, best / median of 3, ms):
+# 4K 256 1.191 / 1.195, 128 1.174 / 1.186, 64 1.195 / 1.196; 8K 1.221 / 1.221, 1.222 / 1.222, 1.217 /
+# 1.218 (benchmarks/results/decode_ab_h100_topk_candidates_block.json)
+TOPK_CANDIDATES_BLOCK = 128
 TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of_2(k) int64 keys
 # True: _topk_row also sorts the k taken (tl.sort, one launch); False: it leaves them to _topk_rank
 # (two launches: k^2 comparisons over many programs). Also False after the sorting variant failed
@@ -1658,24 +1663,24 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     row's chunks, at most SMs // R of them, are one program each, so every program is resident.
     Returns each row's count of candidates (int32 [R]; 0 where the row took the five-barrier path)."""
     R = sc.shape[0]
-    n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, TOPK_FUSED_BLOCK)))
-    chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_FUSED_BLOCK) * TOPK_FUSED_BLOCK
-    n_chunks = triton.cdiv(S, chunk)
     cand_max = TOPK_CANDIDATES_MAX if R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
+    block = TOPK_CANDIDATES_BLOCK if cand_max else TOPK_FUSED_BLOCK
+    n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, block)))
+    chunk = triton.cdiv(triton.cdiv(S, n_chunks), block) * block
+    n_chunks = triton.cdiv(S, chunk)
     n_fine = 65536 if cand_max else 0
     # histograms, counters (barrier, candidates) and the 16-bit histograms: zero at launch, one fill
     sync = torch.zeros(R * (4 * 256 + 2 + n_fine), dtype=torch.int32, device=sc.device)
     hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 : R * (4 * 256 + 2)]
     fine = sync[R * (4 * 256 + 2) :] if cand_max else sync
-    cand = torch.empty(R, max(cand_max, 1), dtype=torch.int64, device=sc.device)  # (the path's branch is
-    # compiled even when CAND_MAX = 0 rules it out: its int64 loads need an int64 pointer)
+    cand = torch.empty(R, max(cand_max, 1), dtype=torch.int64, device=sc.device)  # one unused slot for 0
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
     pdl = use_pdl(sc.device)
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, fine, cand, sel, S, T, chunk, sc.stride(0),
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
-                                 BLOCK=TOPK_FUSED_BLOCK, BCH=_pow2(n_chunks, 2), POSITIONS=not sort,
-                                 CAND_MAX=cand_max, PDL=pdl, num_warps=4, **launch_options(pdl))
+                                 BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
+                                 PDL=pdl, num_warps=4, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:
