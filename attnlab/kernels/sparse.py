@@ -541,6 +541,27 @@ def _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL: tl.constexpr):
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+@triton.jit
+def _topk_sort_key(key, cols, S):
+    """int64 sort keys (key << 32) | (S - 1 - position): a bigger one is a higher score, then an
+    earlier position (all distinct)."""
+    return (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
+
+
+@triton.jit
+def _topk_store(DST, slot, take, key, cols, S, POSITIONS: tl.constexpr):
+    """Store the taken keys of one block in position order from DST[slot] on, as sort keys or with
+    POSITIONS the positions (-1 for a -inf score); returns the next free slot."""
+    take_i = take.to(tl.int32)
+    dst = slot + tl.cumsum(take_i, 0) - 1
+    if POSITIONS:
+        val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
+    else:
+        val = _topk_sort_key(key, cols, S)
+    tl.store(DST + dst, val, mask=take)
+    return slot + tl.sum(take_i, 0)
+
+
 _TOPK_BINS: tl.constexpr = tl.constexpr(256)  # 8 bits per level: tl.histogram's cost grows with the bins
 # (2048-bin levels, 11 + 11 + 10 bits, took 69 us per level over a 1M-score decode row on an H200)
 
@@ -632,14 +653,7 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
         eq = (ok & (key == thr)).to(tl.int32)
         tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
         take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
-        take_i = take.to(tl.int32)
-        dst = slot + tl.cumsum(take_i, 0) - 1
-        if POSITIONS:
-            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
-        else:
-            val = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-        tl.store(DST + dst, val, mask=take)
-        slot += tl.sum(take_i, 0)
+        slot = _topk_store(DST, slot, take, key, cols, S, POSITIONS)
         eq_seen += tl.sum(eq, 0)
 
 
@@ -751,7 +765,7 @@ def _topk_candidates(SC, CAND, NC, row_off, lo, hi, qpos, S, prefix, CAUSAL: tl.
         key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
         is_c = ok & ((key >> 16) == prefix)
         dst = slot + tl.cumsum(is_c.to(tl.int32), 0) - 1
-        tl.store(CAND + dst, (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64), mask=is_c)
+        tl.store(CAND + dst, _topk_sort_key(key, cols, S), mask=is_c)
         slot += tl.sum(is_c.to(tl.int32), 0)
     return n_gt
 
@@ -779,26 +793,16 @@ def _topk_candidate_threshold(CAND, n_cand, k_rem, lo, S, CB: tl.constexpr):
 
 
 @triton.jit
-def _topk_take_fine(SC, row_off, lo, hi, qpos, S, prefix, thr, slot, DST, CAUSAL: tl.constexpr,
-                    BLOCK: tl.constexpr, POSITIONS: tl.constexpr):
-    """_topk_take for the candidate path: every key at positions [lo, hi) whose top 16 bits exceed
-    ``prefix``, and every candidate whose sort key is at least ``thr``, stored in position order from
-    DST[slot] on (as sort keys, or with POSITIONS the positions, -1 for a -inf score)."""
+def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL: tl.constexpr,
+                           BLOCK: tl.constexpr, POSITIONS: tl.constexpr):
+    """_topk_take for the candidate path: every key at positions [lo, hi) whose sort key is at least
+    ``thr`` (the k-th largest sort key: every key above the candidates, and the taken candidates),
+    stored in position order from DST[slot] on."""
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
         key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        sk = (key.to(tl.int64) << 32) | (S - 1 - cols).to(tl.int64)
-        top = key >> 16
-        take = ok & ((top > prefix) | ((top == prefix) & (sk >= thr)))
-        take_i = take.to(tl.int32)
-        dst = slot + tl.cumsum(take_i, 0) - 1
-        if POSITIONS:
-            val = tl.where(key == _KEY_NEG_INF, -1, cols).to(tl.int64)
-        else:
-            val = sk
-        tl.store(DST + dst, val, mask=take)
-        slot += tl.sum(take_i, 0)
+        slot = _topk_store(DST, slot, ok & (_topk_sort_key(key, cols, S) >= thr), key, cols, S, POSITIONS)
 
 
 @triton.jit
@@ -865,7 +869,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
             ch = tl.arange(0, BCH)
             cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
             slot = tl.sum(tl.load(cnt + ch * 2, mask=ch < c, other=0, volatile=True), 0) + taken_before
-            _topk_take_fine(SC, row_off, lo, hi, qpos, S, prefix, thr_sk, slot, out, CAUSAL, BLOCK, POSITIONS)
+            _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot, out, CAUSAL, BLOCK, POSITIONS)
             done = tl.full([], 1, tl.int32)
     if done == 0:
         for LEVEL in tl.static_range(1, 4):
