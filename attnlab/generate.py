@@ -29,6 +29,7 @@ Return forms of :func:`generate` (the output follows the input):
 from __future__ import annotations
 
 import codecs
+import importlib.util
 import json
 import math
 import sys
@@ -45,6 +46,7 @@ from .cache import LayerCache
 from .ops.softmax import prepare_decode_kernels
 
 DECODE_MODES = ("eager", "cuda_graph", "compile")
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
@@ -83,6 +85,18 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` for float logits [B, V] -> int64 [B]: on CUDA with Triton one short
+    launch (:func:`attnlab.kernels.argmax.argmax_rows`; torch's argmax of a 32K row is a 12 µs
+    reduction on an H100), elsewhere torch's."""
+    if logits.is_cuda and _HAVE_TRITON and not torch.compiler.is_compiling():
+        from .kernels import argmax
+
+        if argmax.ENABLED:
+            return argmax.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -99,7 +113,7 @@ def sample(
     check_tensor("logits", logits, ndim=2, layout="[B, V]")
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy_tokens(logits)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
@@ -262,6 +276,10 @@ class DecodeStep:
     In the graph modes the layers skip their own cache-overflow checks (a host sync); the step
     checks on the host instead, from a host count of the longest row (``capacity`` is the
     smallest per-row capacity over the caches, None = unbounded).
+
+    ``greedy=True``: every call also sets ``next_tokens`` (int64 [B]) to the logits' argmax
+    (:func:`greedy_tokens`), inside the graph in mode "cuda_graph" (its launch then overlaps the
+    LM head's end, where a launch after the replay would not); None otherwise.
     """
 
     def __init__(
@@ -271,9 +289,12 @@ class DecodeStep:
         mode: str = "eager",
         simulate: bool = False,
         warmup: int = 2,
+        greedy: bool = False,
     ) -> None:
         check_mode(mode, DECODE_MODES)
         self.model, self.caches, self.mode = model, list(caches), mode
+        self.greedy = bool(greedy)
+        self.next_tokens: torch.Tensor | None = None  # (B,) with greedy: the last call's argmax
         if not self.caches:
             raise ValueError("caches: expected one LayerCache per layer, got none")
         B = self.caches[0].lengths.shape[0]
@@ -330,6 +351,8 @@ class DecodeStep:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self._forward(self.tokens)
+                if self.greedy:
+                    self.next_tokens = greedy_tokens(self.logits)  # (B,), a static buffer
         for c in self.caches:  # warm-up (and capture) wrote into the caches
             c.reset()
 
@@ -338,18 +361,22 @@ class DecodeStep:
         """tokens int64 [B] -> logits float32 [B, V] (a view of a static buffer in graph modes:
         read it before the next call)."""
         if self.mode == "eager":
-            return self._forward(tokens[:, None])
+            out = self._forward(tokens[:, None])
+            if self.greedy:
+                self.next_tokens = greedy_tokens(out)  # (B,)
+            return out
         self._check_room()
         self.tokens.copy_(tokens[:, None])
         if self.mode == "compile":
             torch.compiler.cudagraph_mark_step_begin()
             out = self._compiled(self.tokens).clone()
+        elif self.graph is None:  # simulated capture
+            self.logits = out = self._forward(self.tokens)
         else:
-            if self.graph is None:  # simulated capture
-                self.logits = self._forward(self.tokens)
-            else:
-                self.graph.replay()
+            self.graph.replay()  # also fills next_tokens with greedy
             out = self.logits
+        if self.greedy and self.graph is None:
+            self.next_tokens = greedy_tokens(out)  # (B,)
         self._stepped()
         return out
 
@@ -392,11 +419,16 @@ def decode_one_token(
     """Feed one token per row (int64 [B]) and sample the next.
 
     Returns (next_tokens int64 [B], logits float32 [B, V]). ``step`` is a :class:`DecodeStep`
-    over the same model and caches (None = an eager call).
+    over the same model and caches (None = an eager call); greedy decoding takes a
+    ``DecodeStep(greedy=True)``'s own argmax (like the logits in the graph modes, a static buffer:
+    read it before the next call).
     """
     tokens = check_tensor("tokens", tokens, ndim=1, layout="[B]", dtypes=INT_DTYPES).long()
     with torch.no_grad():
         logits = step(tokens) if step is not None else model(tokens[:, None], list(caches))[:, -1].float()
+    if temperature == 0 and getattr(step, "next_tokens", None) is not None:
+        check_sampling(temperature, top_k, top_p)
+        return step.next_tokens, logits  # the step's own argmax (DecodeStep(greedy=True))
     return sample(logits, temperature, top_k, top_p, generator), logits
 
 
@@ -589,7 +621,9 @@ def generate(
         generator.manual_seed(seed)
 
     caches = model.new_caches(B, max_len, device=device, dtype=cache_dtype)
-    step = DecodeStep(model, caches, decode_mode) if decode_mode != "eager" and max_new_tokens > 1 else None
+    step = None
+    if decode_mode != "eager" and max_new_tokens > 1:
+        step = DecodeStep(model, caches, decode_mode, greedy=temperature == 0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     new = torch.empty(B, 0, dtype=torch.long, device=device)

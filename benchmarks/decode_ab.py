@@ -10,7 +10,8 @@ the best and every round.
 
 A configuration is ``base`` (the code as it is) or ``;``-separated assignments ``MODULE.PATH=VALUE``:
 MODULE a module of ``attnlab.kernels`` (``sparse``, ``gemv``, ``decode``, ``delta_decode``, ...), PATH
-an attribute followed by dict keys (``TUNING.decode_row.BLOCK_N``), VALUE a Python literal
+an attribute followed by dict keys (``TUNING.decode_row.BLOCK_N``; a key that is not a string is
+written as its literal, without spaces: ``gemv.TUNING.(1,2048,5472)``), VALUE a Python literal
 (``ast.literal_eval``)::
 
     python benchmarks/decode_ab.py --presets deepseek-v3 --contexts 4096,32768 --rounds 2 \\
@@ -65,14 +66,29 @@ def parse_config(text: str) -> list[tuple[object, list[str], object]]:
     return out
 
 
+def _key(obj, key: str):
+    """``key`` as ``obj`` (a dict) holds it: the string, else the Python literal it spells (the
+    tuple keys of ``gemv.TUNING``: ``(1,2048,5472)``, no spaces); None when it holds neither."""
+    if not isinstance(obj, dict):
+        return None
+    if key in obj:
+        return key
+    try:
+        lit = ast.literal_eval(key)
+    except (ValueError, SyntaxError):
+        return None
+    return lit if lit in obj else None
+
+
 def _get(module, path: list[str], text: str):
     if not hasattr(module, path[0]):
         raise ValueError(f"config {text!r}: {module.__name__} has no attribute {path[0]!r}")
     obj = getattr(module, path[0])
     for key in path[1:]:
-        if not isinstance(obj, dict) or key not in obj:
+        found = _key(obj, key)
+        if found is None:
             raise ValueError(f"config {text!r}: no key {key!r} under {'.'.join(path)}")
-        obj = obj[key]
+        obj = obj[found]
     return obj
 
 
@@ -85,9 +101,10 @@ def _set(module, path: list[str], value) -> object:
         return old
     parent = getattr(module, path[0])
     for key in path[1:-1]:
-        parent = parent[key]
-    old = parent[path[-1]]
-    parent[path[-1]] = value
+        parent = parent[_key(parent, key)]
+    last = _key(parent, path[-1])
+    old = parent[last]
+    parent[last] = value
     return old
 
 

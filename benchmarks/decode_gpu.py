@@ -11,7 +11,9 @@ For each preset at about 1B parameters (bf16, batch 1) and each context length (
   compiled per context instead). Each is replayed ``--steps`` times after the caches were filled
   to the context length (random cache contents and ``lengths = context``: decode reads the same
   bytes whatever they hold, and a real 1M-token prefill of the softmax presets would take most of
-  the time budget). ``ours`` is the best mode (named in the row); the same step is also run eagerly.
+  the time budget). A token is the step and its greedy choice (``DecodeStep(greedy=True)``: the
+  argmax inside the graph), as :func:`attnlab.generate.generate` decodes greedily. ``ours`` is the
+  best mode (named in the row); the same step is also run eagerly.
 - **transformers**: ``generate()`` on the same model (the HF model is built first and converted
   with :func:`attnlab.hf.from_hf`, so both run identical weights), with a real prompt of the
   context length; per-token time = the median interval between successive new tokens inside one
@@ -47,7 +49,7 @@ import torch
 
 from attnlab._io import atomic_write_json, atomic_write_text
 from attnlab.config import ModelConfig
-from attnlab.generate import DecodeStep, cache_nbytes
+from attnlab.generate import DecodeStep, cache_nbytes, greedy_tokens
 from attnlab.layers import fused
 from attnlab.model import HybridLM
 
@@ -233,6 +235,14 @@ def bytes_read_per_token(model: HybridLM, context: int, dtype: torch.dtype) -> t
     return weights, cache
 
 
+def greedy_step(step, tok: torch.Tensor) -> torch.Tensor:
+    """One greedy decode token: the step, then its argmax (the step's own with greedy=True,
+    inside the CUDA graph in that mode)."""
+    logits = step(tok)
+    next_tokens = getattr(step, "next_tokens", None)
+    return next_tokens if next_tokens is not None else greedy_tokens(logits)
+
+
 def time_step(step, caches, context: int, steps: int, device: str) -> dict:
     """Per-token time of ``step`` with the caches' lengths set to ``context`` (3 warm-up steps,
     which also compile a fresh compiled step); lengths are restored after, so a shared step can be
@@ -241,14 +251,14 @@ def time_step(step, caches, context: int, steps: int, device: str) -> dict:
     tok = torch.zeros(caches[0].lengths.shape[0], dtype=torch.long, device=device)
     t0 = time.perf_counter()
     for _ in range(3):
-        tok = step(tok).argmax(-1)
+        tok = greedy_step(step, tok)
     sync(device)
     warm_s = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(steps):
-        tok = step(tok).argmax(-1)
+        tok = greedy_step(step, tok)
     sync(device)
     dt = (time.perf_counter() - t) / steps
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else float("nan")
@@ -268,7 +278,7 @@ def time_ours(model: HybridLM, context: int, steps: int, device: str, dtype: tor
     try:
         caches = model.new_caches(1, context + steps + 8, device=device, dtype=dtype)
         # graph capture on fresh caches, then reset
-        step = DecodeStep(model, caches, mode="cuda_graph" if plain else mode)
+        step = DecodeStep(model, caches, mode="cuda_graph" if plain else mode, greedy=True)
         fill_caches(caches)
         out = time_step(step, caches, context, steps, device)
     finally:
@@ -285,7 +295,7 @@ class SharedCompiledStep:
         reset_compile()
         self.caches = model.new_caches(1, max_context + steps + 8, device=device, dtype=dtype)
         fill_caches(self.caches)
-        self.step = DecodeStep(model, self.caches, mode="compile")
+        self.step = DecodeStep(model, self.caches, mode="compile", greedy=True)
 
     def time(self, context: int, steps: int, device: str) -> dict:
         return time_step(self.step, self.caches, context, steps, device)

@@ -173,8 +173,19 @@ def test_decode_ab_configs_and_restore():
     assert decode_ab.parse_config("base") == []
     (mod, path, value), = decode_ab.parse_config("sparse.TUNING.decode_row.BLOCK_N=32")
     assert mod is ks and path == ["TUNING", "decode_row", "BLOCK_N"] and value == 32
+    from attnlab.kernels import gemv as kg
+
+    key = next(iter(kg.TUNING))  # a tuple key, written as its literal
+    literal = str(key).replace(" ", "")
+    (mod, path, value), = decode_ab.parse_config(f"gemv.TUNING.{literal}=(4,64,4,1,False,0)")
+    assert mod is kg and decode_ab._get(kg, path, "") == kg.TUNING[key] and value == (4, 64, 4, 1, False, 0)
+    old = decode_ab._set(kg, path, value)
+    assert kg.TUNING[key] == value and str(key) not in kg.TUNING
+    decode_ab._set(kg, path, old)
+    assert kg.TUNING[key] == old
     for bad, word in [("sparse.TUNING.decode_row.BLOCK_N", "MODULE.PATH=VALUE"), ("nosuch.X=1", "nosuch"),
                       ("sparse.NOPE=1", "NOPE"), ("sparse.TUNING.nope=1", "nope"),
+                      ("gemv.TUNING.(1,1,1)=(4,64,4,1,False,0)", "no key"),
                       ("sparse.PROGRAMS_PER_SM=os.system", "literal"), ("sparse=1", "MODULE.ATTRIBUTE")]:
         with pytest.raises(ValueError, match=word):
             decode_ab.parse_config(bad)
