@@ -210,3 +210,27 @@ def test_decode_ab_configs_and_restore():
     for argv in usage_errors:
         with pytest.raises(SystemExit):  # unknown preset, bad config, cuda_graph on a CPU: usage errors
             decode_ab.main(argv)
+
+
+def test_decode_timeline_tiny_on_cpu(tmp_path):
+    """benchmarks/decode_timeline.py on tiny models (eager, CPU: aten ops stand in for kernels): the
+    exposed times sum to the token's span, every kernel kind is counted, the JSON is written; and the
+    exposed-time rule on a made-up overlapping timeline."""
+    timeline = load("decode_timeline")
+    js = tmp_path / "t.json"
+    results = timeline.main(["--tiny", "--device", "cpu", "--presets", "llama,deepseek-v32",
+                             "--contexts", "32", "--rounds", "2", "--json", str(js)])
+    assert [(m["preset"], m["context"]) for m in results] == [("llama", 32), ("deepseek-v32", 32)]
+    for m in results:
+        rows = m["kernels"]
+        assert rows and m["by_kind"]
+        span = max(r["end_us"] for r in rows) - rows[0]["start_us"]
+        assert abs(sum(r["exposed_us"] for r in rows) - span) < 1e-6 * max(1.0, span)
+        assert sum(v["launches"] for v in m["by_kind"].values()) == len(rows)
+    assert len(json.loads(js.read_text())) == 2
+    # PDL-style overlap: B starts inside A and ends after it, C ends inside B (0 exposed)
+    rows = timeline.exposed_times([("_a_kernel", 0.0, 10.0), ("_b", 4.0, 15.0), ("_c", 5.0, 12.0)])
+    assert [r["exposed_us"] for r in rows] == [10.0, 5.0, 0.0] and rows[0]["kind"] == "a"
+    assert timeline.kind("void at::native::reduce_kernel<512, 1>(...)") == "reduce_kernel"
+    with pytest.raises(SystemExit):
+        timeline.main(["--tiny", "--device", "cpu", "--presets", "nope"])
