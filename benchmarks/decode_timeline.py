@@ -2,8 +2,8 @@
 
 For each preset at ~1B parameters (``decode_gpu.build_models``, bf16, batch 1) and context, the
 greedy decode step (``DecodeStep(mode="cuda_graph", greedy=True)``, caches filled to the context) is
-replayed once under ``torch.profiler`` after warm-up, and every kernel of that token (the graph's,
-then the token copy before the next replay) is listed with its start and end on the GPU. With PDL
+replayed a few times back to back under ``torch.profiler`` after warm-up, and every kernel of one of
+those tokens (its token copy, then the graph's kernels) is listed with its start and end on the GPU. With PDL
 (``attnlab.kernels._pdl``) a kernel starts before the one ahead of it ends, so durations overlap and
 do not add up to the token's time; the **exposed** time does: a kernel's end minus the latest end
 before it (0 if it ends earlier). The exposed times sum to the span from the first kernel's start to
@@ -11,7 +11,7 @@ the last one's end, and show which kernels the token waits on.
 
 Printed per (preset, context): the exposed time by kernel kind (summed over the layers, and per
 launch), and one stretch of consecutive kernels from the middle of the step (a layer, roughly).
-``--rounds`` profiles that many separate replays; the by-kind table is their mean. The JSON
+``--rounds`` profiles that many separate runs of replays; the by-kind table is their mean. The JSON
 (``--json``, written atomically after each measurement) keeps every kernel of the last round.
 
     python benchmarks/decode_timeline.py --presets deepseek-v3,deepseek-v32 --contexts 4096
@@ -51,19 +51,30 @@ def kind(name: str) -> str:
     return name[:40]
 
 
-def step_kernels(step, tok: torch.Tensor, cuda: bool) -> list[tuple[str, float, float]]:
-    """(name, start us, end us) of the kernels of one greedy token (on the CPU: top-level aten ops)."""
+def step_kernels(step, tok: torch.Tensor, cuda: bool, steps: int = 5) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of the kernels of one greedy token (on the CPU: the top-level aten ops
+    of one eager step). On CUDA ``steps`` tokens are queued back to back, as a decode loop runs them
+    (the host ahead of the GPU: no idle gaps), and the second-to-last one is returned, from its token
+    copy (the Memcpy DtoD before each replay) up to the next one's."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        dg.greedy_step(step, tok)
+        for _ in range(steps if cuda else 1):
+            tok = dg.greedy_step(step, tok)
         if cuda:
             torch.cuda.synchronize()
     if cuda:
         events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     else:
         events = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
-    out = [(e.name, float(e.time_range.start), float(e.time_range.end)) for e in events]
-    return sorted(out, key=lambda k: k[1])
+    out = sorted(((e.name, float(e.time_range.start), float(e.time_range.end)) for e in events),
+                 key=lambda k: k[1])
+    if not cuda:
+        return out
+    starts = [i for i, k in enumerate(out) if k[0].startswith("Memcpy DtoD")]
+    if len(starts) < 3:
+        raise RuntimeError(f"expected a token copy (Memcpy DtoD) before each of {steps} replays, found "
+                           f"{len(starts)}: is the step a CUDA graph?")
+    return out[starts[-2]: starts[-1]]
 
 
 def exposed_times(kernels: list[tuple[str, float, float]]) -> list[dict]:
@@ -106,8 +117,7 @@ def measure(model, preset: str, context: int, rounds: int, device: str, dtype: t
     for _ in range(3):  # warm-up: compile, first replays
         tok = dg.greedy_step(step, tok)
     all_rounds = []
-    for _ in range(rounds):
-        dg.set_lengths(caches, context)
+    for _ in range(rounds):  # (each round adds a few tokens to the context: a negligible change)
         all_rounds.append(exposed_times(step_kernels(step, tok, cuda)))
     spans = [sum(r["exposed_us"] for r in rows) for rows in all_rounds]
     return dict(preset=preset, context=context, n_layers=model.cfg.n_layers, span_us=spans,
