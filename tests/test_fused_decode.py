@@ -260,17 +260,13 @@ def test_interp_fused_dsa_step(topk):
 
 
 @interp
-def test_interp_fused_dsa_step_bf16_sparse(monkeypatch):
+def test_interp_fused_dsa_step_bf16_sparse():
     """bf16, rows of different lengths, top-2 of up to 9 tokens: what decides the selection, the first
     D layer's index scores (the same inputs in both steps), agree to bf16 rounding at every decode
     step, -inf at the same positions (past each row's length; the fused step scores the whole cache);
-    each step's top-2 is a true top-2 of its own scores (a near tie may order the two steps apart).
-    The fused step's top-k is watched here through ops.dsa_topk, so its attention is not folded into
-    the top-k launch (sparse.TOPK_ATTEND off; test_interp_fused_dsa_step_attends_in_topk has it on)."""
+    each step's top-2 is a true top-2 of its own scores (a near tie may order the two steps apart)."""
     from attnlab import ops
-    from attnlab.kernels import sparse as ksparse
 
-    monkeypatch.setattr(ksparse, "TOPK_ATTEND", False)
     model = copy.deepcopy(tiny_model("deepseek-v32")).to(torch.bfloat16)
     for block in model.blocks:
         block.mixer.index_topk = 2
@@ -308,47 +304,6 @@ def test_interp_fused_dsa_step_bf16_sparse(monkeypatch):
         picked = scores.gather(-1, idx)  # (B, 1, 2)
         others = scores.scatter(-1, idx, float("-inf"))
         assert (picked.amin(-1) >= others.amax(-1)).all()
-
-
-@interp
-@pytest.mark.parametrize("topk", [2, 64])
-def test_interp_fused_dsa_step_attends_in_topk(monkeypatch, topk):
-    """bf16, rows of different lengths: the fused D step attends inside the top-k launch
-    (sparse.dsa_topk_attention, once per D layer and step, never the separate top-k) and its logits
-    and caches agree with the same step through ops.dsa_topk + ops.sparse_attention (TOPK_ATTEND off:
-    the same selection, another float32 summation order): top-2 (sparse) and top-64 (all)."""
-    from attnlab import ops
-    from attnlab.kernels import sparse as ksparse
-
-    model = copy.deepcopy(tiny_model("deepseek-v32")).to(torch.bfloat16)
-    for block in model.blocks:
-        block.mixer.index_topk = topk
-    T, n = 7, 3
-    x = tokens(3, T + n, seed=4)
-    lengths = torch.tensor([7, 3, 5])
-    attended, separate = [], []
-    real_attend, real_topk = ksparse.dsa_topk_attention, ops.dsa_topk
-
-    def attend(*args, **kwargs):
-        out = real_attend(*args, **kwargs)
-        attended.append(out is not None)
-        return out
-
-    def topk_op(scores, *args, **kwargs):
-        separate.append(scores.shape[1] == 1)  # a decode row (prefill scores T > 1 queries)
-        return real_topk(scores, *args, **kwargs)
-
-    monkeypatch.setattr(ksparse, "dsa_topk_attention", attend)
-    monkeypatch.setattr(ops, "dsa_topk", topk_op)
-    with torch.no_grad():
-        ours, c_ours = _decode(model, x, T, n, torch.bfloat16, on=True, lengths=lengths)
-        assert attended == [True] * (n * len(model.blocks)) and not any(separate)
-        monkeypatch.setattr(ksparse, "TOPK_ATTEND", False)
-        two_ops, c_two = _decode(model, x, T, n, torch.bfloat16, on=True, lengths=lengths)
-    assert any(separate)
-    assert rms_rel(two_ops.float(), ours.float()) <= 1e-2, rms_rel(two_ops.float(), ours.float())
-    for a, b in zip(c_two, c_ours, strict=True):
-        assert torch.equal(a.lengths, b.lengths)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,17 +16,7 @@ import contextlib
 
 import pytest
 import torch
-from _triton_tests import (
-    HAVE_TRITON,
-    INTERPRETED,
-    compile_sm90,
-    interp,
-    needs_sm90_toolchain,
-    needs_triton,
-    rel_err,
-    run_interpreter_suite,
-    sm90_usage,
-)
+from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, rel_err, run_interpreter_suite
 
 from attnlab import ops
 
@@ -615,67 +605,6 @@ def test_interp_topk_fused_candidate_path(monkeypatch):
     assert run(distinct, 100).tolist() == [0, 0]
 
 
-def _dsa_decode_inputs(B, S, H, d_v, d_r, device="cpu", seed=0, lengths=None):
-    """(scores float32 [B, 1, S] with -inf past each row's length, q [B, H, d_v + d_r] bf16, latent
-    [B, S, 1, d_v + d_r] bf16): a D layer's decode step after its indexer."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    scores = torch.randn(B, 1, S, device=device, generator=gen)
-    if lengths is not None:
-        row_len = torch.tensor(lengths, device=device)[:, None, None]  # (B, 1, 1)
-        past = torch.arange(S, device=device)[None, None, :] >= row_len
-        scores = scores.masked_fill(past, float("-inf"))
-    q = torch.randn(B, H, d_v + d_r, device=device, generator=gen).to(torch.bfloat16)
-    latent = torch.randn(B, S, 1, d_v + d_r, device=device, generator=gen).to(torch.bfloat16)
-    return scores, q, latent
-
-
-def _dsa_decode_oracle(scores, q, latent, topk, scale, d_v):
-    """The two ops on the torch path in float32: o [B, H, d_v]."""
-    idx = ops.dsa_topk(scores, min(topk, scores.shape[-1]), causal=False, mode="torch")  # (B, 1, k)
-    lat = latent.float()
-    return ops.sparse_attention(q[:, None].float(), lat, lat[..., :d_v], idx, scale=scale, mode="torch")[:, 0]
-
-
-@interp
-def test_interp_dsa_topk_attention_matches_the_two_ops(monkeypatch):
-    """The attention inside the top-k launch (ks.dsa_topk_attention) gives what the top-k then the
-    sparse attention give (float32 oracle, bf16 tolerance; and the two Triton ops): rows of different
-    lengths, k below, near and above S, ties at the cut (the five-barrier path); it declines (None)
-    float32, too many rows, too long rows and TOPK_ATTEND off; bad arguments raise ValueError."""
-    from attnlab.kernels import sparse as ks
-
-    cases = [(1, 40, 2, 16, 16, 8, None), (3, 100, 5, 32, 16, 30, [100, 7, 64]),
-             (2, 20, 4, 16, 16, 64, [20, 11])]  # (B, S, H, d_v, d_r, topk, lengths)
-    for B, S, H, d_v, d_r, topk, lengths in cases:
-        scores, q, latent = _dsa_decode_inputs(B, S, H, d_v, d_r, seed=S, lengths=lengths)
-        for sc in (scores, _threshold_ties(scores.nan_to_num(neginf=-1e4), min(topk, S), copies=4, seed=1)):
-            if lengths is not None:
-                sc = sc.masked_fill(scores.isinf(), float("-inf"))
-            got = ks.dsa_topk_attention(sc, q, latent, topk, 0.3, d_v)  # (B, H, d_v)
-            assert got is not None and got.shape == (B, H, d_v) and got.dtype == torch.bfloat16
-            assert rel_err(got, _dsa_decode_oracle(sc, q, latent, topk, 0.3, d_v)) <= TOL[torch.bfloat16]
-            idx = ks.dsa_topk(sc, min(topk, S), causal=False, sort=False)
-            two = ks.sparse_attention(q[:, None], latent, latent[..., :d_v], idx, scale=0.3)[:, 0]
-            assert rel_err(got, two) <= 1e-2
-    scores, q, latent = _dsa_decode_inputs(3, 50, 2, 16, 16)
-    assert ks.dsa_topk_attention(scores, q.float(), latent.float(), 8, 0.3, 16) is None
-    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX_ROWS", 2)
-    assert ks.dsa_topk_attention(scores, q, latent, 8, 0.3, 16) is None
-    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX_ROWS", 8)
-    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX_S", 49)
-    assert ks.dsa_topk_attention(scores, q, latent, 8, 0.3, 16) is None
-    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX_S", 50)
-    assert ks.dsa_topk_attention(scores, q, latent, 8, 0.3, 16) is not None
-    monkeypatch.setattr(ks, "TOPK_ATTEND", False)
-    assert ks.dsa_topk_attention(scores, q, latent, 8, 0.3, 16) is None
-    bad = [((scores, q, latent, 0, 0.3, 16), "^topk"), ((scores, q, latent, 8, 0.3, 32), "^d_v"),
-           ((scores, q, latent[:, :10], 8, 0.3, 16), "^latent"),
-           ((scores[:, 0], q, latent, 8, 0.3, 16), "^scores")]
-    for args, word in bad:
-        with pytest.raises(ValueError, match=word):
-            ks.dsa_topk_attention(*args)
-
-
 @interp
 def test_interp_topk_decode_rows_take_the_fused_path(monkeypatch):
     """A decode row (few rows per SM) takes the one-launch fused path even when short enough for the
@@ -1105,68 +1034,6 @@ def test_gpu_topk_fused_candidate_path(shape, monkeypatch):
     want = ops.dsa_topk(short, 100, causal=False, mode="torch")
     assert torch.equal(got.view_as(want), want)
     assert n_cand[0].item() == 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,S", [(1, 4168), (1, 12288), (8, 4168), (3, 700)])
-def test_gpu_dsa_topk_attention(B, S):
-    """The attention inside the top-k launch at DeepSeek's dims (16 heads over 512 + 64 latent dims),
-    rows over many chunks: the float32 oracle of top-k then sparse attention (bf16 tolerance) and the
-    two Triton ops, with rows of different lengths, ties at the cut and k = 2048 / 100; captured in a
-    CUDA graph and replayed on new scores."""
-    from attnlab.kernels import sparse as ks
-
-    lengths = [S - 17 * b for b in range(B)]
-    scores, q, latent = _dsa_decode_inputs(B, S, 16, 512, 64, device="cuda", seed=S + B, lengths=lengths)
-    scale = 576**-0.5
-    for topk in (2048, 100):
-        k_eff = min(topk, S)
-        tied = _threshold_ties(scores.nan_to_num(neginf=-1e4), k_eff, copies=9, seed=S)
-        for sc in (scores, tied.masked_fill(scores.isinf(), float("-inf"))):
-            got = ks.dsa_topk_attention(sc, q, latent, topk, scale, 512)
-            assert rel_err(got, _dsa_decode_oracle(sc, q, latent, topk, scale, 512)) <= TOL[torch.bfloat16]
-            idx = ks.dsa_topk(sc, k_eff, causal=False, sort=False)
-            two = ks.sparse_attention(q[:, None], latent, latent[..., :512], idx, scale=scale)[:, 0]
-            assert rel_err(got, two) <= 1e-2
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ks.dsa_topk_attention(scores, q, latent, 2048, scale, 512)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ks.dsa_topk_attention(scores, q, latent, 2048, scale, 512)
-    for seed in range(2):
-        fresh = _dsa_decode_inputs(B, S, 16, 512, 64, device="cuda", seed=seed + 40, lengths=lengths)[0]
-        scores.copy_(fresh)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(out, _dsa_decode_oracle(scores, q, latent, 2048, scale, 512)) <= TOL[torch.bfloat16]
-
-
-@needs_sm90_toolchain
-def test_topk_attention_compiles_for_sm90():
-    """The top-k launch with the attention folded in compiles for an H100 (sm_90) at DeepSeek's dims
-    with the launcher's shape (TOPK_ATTEND_WARPS / _BLOCK_N / _STAGES, the candidate path's chunks),
-    PDL and the L2 request, without spills; without ATTEND the kernel is what it was (161 registers)."""
-    from attnlab.kernels import sparse as ks
-
-    ptr = dict(SC="*fp32", HIST="*i32", CTR="*i32", CNT="*i32", H16="*i32", CAND="*i64", OUT="*i64",
-               Q="*bf16", LAT="*bf16", OP="*fp32", LP="*fp32")
-    const = dict(CAUSAL=False, BLOCK=ks.TOPK_CANDIDATES_BLOCK, BCH=64, POSITIONS=True,
-                 CAND_MAX=ks.TOPK_CANDIDATES_MAX, CB=64, PDL=True, ATTEND=True, DK1=512, BD1=512, DK2=64,
-                 BD2=64, BLOCK_H=16,
-                 BLOCK_N=ks.TOPK_ATTEND_BLOCK_N, PREC="tf32", INTERP=False, PF=True)
-    kernel = compile_sm90(ks._topk_fused, const, ptr, floats=("sm_scale",), num_warps=ks.TOPK_ATTEND_WARPS,
-                          num_stages=ks.TOPK_ATTEND_STAGES)
-    regs, stack, res = sm90_usage(kernel)
-    assert "LOCAL:0 " in res and stack == 0, res
-    ptx = kernel.asm["ptx"]
-    assert "griddepcontrol.wait" in ptx and "cp.async.bulk.prefetch.L2" in ptx and "mma" in ptx
-    plain = compile_sm90(ks._topk_fused, dict(const, ATTEND=False, PF=False), ptr, floats=("sm_scale",),
-                         num_warps=4)
-    regs, stack, res = sm90_usage(plain)
-    assert stack == 0 and regs <= 168 and "mma" not in plain.asm["ptx"], res
 
 
 @pytest.mark.gpu

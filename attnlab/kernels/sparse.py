@@ -645,7 +645,7 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
     every key above ``thr`` and, of the keys equal to it, those whose rank among the row's ties
     (``eq_seen`` of them before lo) is below ``need``. Stored as int64 sort keys (key << 32) |
     (S - 1 - position) (a bigger one: a higher score, then an earlier position), or with POSITIONS
-    the positions themselves (-1 for a -inf score). Returns the next free slot."""
+    the positions themselves (-1 for a -inf score)."""
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
@@ -655,7 +655,6 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
         take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
         slot = _topk_store(DST, slot, take, key, cols, S, POSITIONS)
         eq_seen += tl.sum(eq, 0)
-    return slot
 
 
 @triton.jit
@@ -798,63 +797,18 @@ def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL:
                            BLOCK: tl.constexpr, POSITIONS: tl.constexpr):
     """_topk_take for the candidate path: every key at positions [lo, hi) whose sort key is at least
     ``thr`` (the k-th largest sort key: every key above the candidates, and the taken candidates),
-    stored in position order from DST[slot] on; returns the next free slot."""
+    stored in position order from DST[slot] on."""
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
         key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
         slot = _topk_store(DST, slot, ok & (_topk_sort_key(key, cols, S) >= thr), key, cols, S, POSITIONS)
-    return slot
-
-
-@triton.jit
-def _attend_taken(POS, lo, hi, Q, LAT, OP, LP, q_off, lat_off, part_row, split, N_SPLIT, H, n_rows, sm_scale,
-                  stride_qh, stride_ls, DK1: tl.constexpr, BD1: tl.constexpr, DK2: tl.constexpr,
-                  BD2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                  INTERP: tl.constexpr):
-    """Absorbed MLA attention of one decode row's H query heads (Q + q_off: [H, DK1 + DK2], stride_qh)
-    over the latent rows (LAT + lat_off: [n_rows, DK1 + DK2], stride_ls; the value is a row's first DK1
-    dims) at the positions POS[lo:hi) (-1: none), as split ``split`` of N_SPLIT in _combine's layout:
-    the normalised partial output at rows part_row + h of OP [., N_SPLIT, DK1] (float32) and its base-2
-    log-sum-exp (-inf when the split holds no position) in LP [., N_SPLIT]."""
-    offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < H
-    d1 = tl.arange(0, BD1)
-    d2 = tl.arange(0, BD2)
-    q_rows = Q + q_off + offs_h[:, None].to(tl.int64) * stride_qh
-    q1 = tl.load(q_rows + d1[None, :], mask=h_ok[:, None] & (d1 < DK1)[None, :], other=0.0)  # (BLOCK_H, BD1)
-    q2 = tl.load(q_rows + DK1 + d2[None, :], mask=h_ok[:, None] & (d2 < DK2)[None, :], other=0.0)
-    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BD1], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        slots = start + tl.arange(0, BLOCK_N)
-        idx = tl.load(POS + slots, mask=slots < hi, other=-1)
-        valid = (idx >= 0) & (idx < n_rows)
-        k_rows = LAT + lat_off + tl.where(valid, idx, 0)[:, None] * stride_ls
-        k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None] & (d1 < DK1)[None, :],
-                     other=0.0)  # (BLOCK_N, BD1)
-        k2 = tl.load(k_rows + DK1 + d2[None, :], mask=valid[:, None] & (d2 < DK2)[None, :], other=0.0)
-        s1 = _mm(q1, tl.trans(k1), PREC, INTERP)  # (BLOCK_H, BLOCK_N)
-        s2 = _mm(q2, tl.trans(k2), PREC, INTERP)
-        p, m_i, l_i, acc = _online_softmax(s1, s2, True, valid, sm_scale, m_i, l_i, acc, k1.dtype)
-        acc += _dot_lowp(p, k1, PREC, INTERP)  # (BLOCK_H, BD1)
-    has = l_i > 0
-    row = (part_row + offs_h) * N_SPLIT + split
-    tl.store(OP + row[:, None].to(tl.int64) * DK1 + d1[None, :], acc / tl.where(has, l_i, 1.0)[:, None],
-             mask=h_ok[:, None] & (d1 < DK1)[None, :])
-    tl.store(LP + row, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=h_ok)
 
 
 @triton.jit
 def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
-                Q, LAT, OP, LP, H, n_rows, sm_scale, stride_qb, stride_qh, stride_lb, stride_ls,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
-                ATTEND: tl.constexpr = False, DK1: tl.constexpr = 16, BD1: tl.constexpr = 16,
-                DK2: tl.constexpr = 16, BD2: tl.constexpr = 16, BLOCK_H: tl.constexpr = 16,
-                BLOCK_N: tl.constexpr = 64, PREC: tl.constexpr = "tf32", INTERP: tl.constexpr = False,
-                PF: tl.constexpr = False):
+                CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -871,13 +825,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     candidates by ranking them (ties broken by position, as everywhere here) and writes its taken keys
     at once. Otherwise (more candidates; or the k-th key in level 0's bin 0, e.g. a row with fewer
     finite scores than k) the remaining levels run as above, every program taking the same branch
-    (each decides from the same row totals).
-
-    ATTEND (decode rows, T = 1; POSITIONS): then each program also attends to the positions it took,
-    a split of DSA's sparse absorbed attention (_attend_taken: row r's query heads Q [R, H, DK1 + DK2]
-    over its latent cache LAT [., n_rows, DK1 + DK2]; partials OP / LP for _combine, one split per
-    chunk), so the attention needs no launch of its own; PF: it first asks L2 for its chunk's latent
-    rows (its positions come from them)."""
+    (each decides from the same row totals)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -891,12 +839,6 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     lo = c * chunk
     hi = tl.minimum(lo + chunk, S)
     bins = tl.arange(0, _TOPK_BINS)
-    if ATTEND:
-        if PF:
-            row_bytes = stride_ls * (LAT.dtype.element_ty.primitive_bitwidth // 8)
-            pf_hi = tl.minimum(hi, n_rows)
-            l2_prefetch(LAT + r.to(tl.int64) * stride_lb + lo.to(tl.int64) * stride_ls,
-                        tl.maximum(pf_hi - lo, 0) * row_bytes, pf_hi > lo)
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
     counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 0, CAUSAL, BLOCK)
@@ -917,8 +859,6 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     syncs = tl.full([], 1, tl.int32)
     out = OUT + r.to(tl.int64) * stride_out
     done = tl.full([], 0, tl.int32)
-    slot0 = tl.full([], 0, tl.int32)  # this program's slots of the row's result: [slot0, slot1)
-    slot1 = tl.full([], 0, tl.int32)
     if CAND_MAX > 0:  # (a compile-time branch: no trace of the path in the kernel without it)
         if n_cand <= CAND_MAX:
             cand = CAND + r.to(tl.int64) * CAND_MAX
@@ -928,9 +868,8 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
             thr_sk, taken_before = _topk_candidate_threshold(cand, n_cand, k_rem, lo, S, CB)
             ch = tl.arange(0, BCH)
             cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
-            slot0 = tl.sum(tl.load(cnt + ch * 2, mask=ch < c, other=0, volatile=True), 0) + taken_before
-            slot1 = _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot0, out, CAUSAL, BLOCK,
-                                           POSITIONS)
+            slot = tl.sum(tl.load(cnt + ch * 2, mask=ch < c, other=0, volatile=True), 0) + taken_before
+            _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot, out, CAUSAL, BLOCK, POSITIONS)
             done = tl.full([], 1, tl.int32)
     if done == 0:
         for LEVEL in tl.static_range(1, 4):
@@ -951,18 +890,12 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
         cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
         gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0, volatile=True), 0)
         eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
-        slot0 = gt_before + tl.minimum(eq_seen, k_rem)
-        slot1 = _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot0, eq_seen, out, S, CAUSAL, BLOCK,
-                           POSITIONS)
+        slot = gt_before + tl.minimum(eq_seen, k_rem)
+        _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
     if c == N_CHUNK - 1:
         for j in range(k_eff, topk, BLOCK):
             cols = j + tl.arange(0, BLOCK)
             tl.store(out + cols, tl.full([BLOCK], -1, tl.int64), mask=cols < topk)
-    if ATTEND:
-        tl.debug_barrier()  # the positions this program stored, visible to all of its threads
-        _attend_taken(out, slot0, slot1, Q, LAT, OP, LP, r.to(tl.int64) * stride_qb,
-                      r.to(tl.int64) * stride_lb, r * H, c, N_CHUNK, H, n_rows, sm_scale, stride_qh,
-                      stride_ls, DK1, BD1, DK2, BD2, BLOCK_H, BLOCK_N, PREC, INTERP)
 
 
 @triton.jit
@@ -1728,23 +1661,17 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
                                                     BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
 
 
-def _topk_fused_chunks(R: int, S: int, device: torch.device) -> tuple[int, int, int, int]:
-    """_topk_fused's launch over R rows of S scores: (CAND_MAX, BLOCK, chunk, chunks per row) -- a
-    row's chunks, at most SMs // R of them, are one program each, so every program is resident."""
-    cand_max = TOPK_CANDIDATES_MAX if R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
-    block = TOPK_CANDIDATES_BLOCK if cand_max else TOPK_FUSED_BLOCK
-    n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(device) // R, triton.cdiv(S, block)))
-    chunk = triton.cdiv(triton.cdiv(S, n_chunks), block) * block
-    return cand_max, block, chunk, triton.cdiv(S, chunk)
-
-
 def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
-                       causal: bool, sort: bool, attend: tuple | None = None) -> torch.Tensor:
-    """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``).
-    ``attend``: (its runtime arguments Q .. stride_ls, its constexprs) for ATTEND (dsa_topk_attention).
+                       causal: bool, sort: bool) -> torch.Tensor:
+    """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
+    row's chunks, at most SMs // R of them, are one program each, so every program is resident.
     Returns each row's count of candidates (int32 [R]; 0 where the row took the five-barrier path)."""
     R = sc.shape[0]
-    cand_max, block, chunk, n_chunks = _topk_fused_chunks(R, S, sc.device)
+    cand_max = TOPK_CANDIDATES_MAX if R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
+    block = TOPK_CANDIDATES_BLOCK if cand_max else TOPK_FUSED_BLOCK
+    n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, block)))
+    chunk = triton.cdiv(triton.cdiv(S, n_chunks), block) * block
+    n_chunks = triton.cdiv(S, chunk)
     n_fine = 65536 if cand_max else 0
     # histograms, counters (barrier, candidates) and the 16-bit histograms: zero at launch, one fill
     sync = torch.zeros(R * (4 * 256 + 2 + n_fine), dtype=torch.int32, device=sc.device)
@@ -1753,16 +1680,11 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     cand = torch.empty(R, max(cand_max, 1), dtype=torch.int64, device=sc.device)  # one unused slot for 0
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
-    shape = dict(num_warps=4)
-    if attend is None:  # the ATTEND arguments, unused
-        attend = ((sc, sc, sc, sc, 1, 0, 1.0, 0, 0, 0, 0), {})
-    else:
-        shape = dict(num_warps=TOPK_ATTEND_WARPS, num_stages=TOPK_ATTEND_STAGES)
     pdl = use_pdl(sc.device)
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, fine, cand, sel, S, T, chunk, sc.stride(0),
-                                 sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, *attend[0],
-                                 CAUSAL=causal, BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort,
-                                 CAND_MAX=cand_max, PDL=pdl, **attend[1], **shape, **launch_options(pdl))
+                                 sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
+                                 BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
+                                 PDL=pdl, num_warps=4, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:
@@ -1771,79 +1693,6 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
         _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
                                                     BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
     return n_cand
-
-
-# The D layer's fused decode step attends inside the top-k launch (dsa_topk_attention) for rows it
-# takes (False: the top-k's positions, then sparse_attention's split launch, to compare on a GPU)
-TOPK_ATTEND = True
-# the ATTEND launch: positions per step of a program's attention, warps, pipeline stages (sm_90, Triton
-# 3.9: 8 warps, 32 positions, 2 stages 208 registers; 4 warps spill at 32 or 64 positions)
-TOPK_ATTEND_BLOCK_N = 32
-TOPK_ATTEND_WARPS = 8
-TOPK_ATTEND_STAGES = 2
-TOPK_ATTEND_PF = True  # each program first asks L2 for its chunk's latent rows
-
-
-def dsa_topk_attention(scores: torch.Tensor, q: torch.Tensor, latent: torch.Tensor, topk: int,
-                       scale: float, d_v: int) -> torch.Tensor | None:
-    """A batch of decode rows' DSA step after the indexer, selection and absorbed attention, with the
-    attention inside the top-k launch: each of a row's top-k programs attends to the positions it
-    took (one split of the row), then :func:`_combine` merges the splits. The same result as
-    ``sparse_attention(q[:, None], latent, latent[..., :d_v], dsa_topk(scores, topk, causal=False,
-    sort=False))[:, 0]`` (up to the float32 summation order), one launch fewer.
-
-    Args:
-        scores: float32 [B, 1, S] index scores, -inf past each row's length.
-        q: [B, H, D] absorbed queries, D = d_v + the RoPE dims (bf16 / fp16 for this path).
-        latent: [B, S, 1, D] the latent cache (its first d_v dims are the value), q's dtype.
-        topk: k >= 1; scale: the logit scale.
-
-    Returns:
-        o [B, H, d_v] in q's dtype, or None where this path does not apply (TOPK_ATTEND off; more than
-        TOPK_CANDIDATES_MAX_ROWS rows or TOPK_CANDIDATES_MAX_S scores, where the fused top-k does not
-        run or takes its longer form; float32, which the attention kernels compute exactly on the
-        torch path; not a CUDA device (or the interpreter); over 64 heads): the caller then runs
-        the two ops.
-    """
-    check_tensor("scores", scores, 3, "[B, 1, S]", dtypes=(torch.float32,))
-    B, T, S = scores.shape
-    check_tensor("q", q, 3, "[B, H, D]", shape=(B, None, None))
-    H, D = q.shape[1], q.shape[2]
-    check_tensor("latent", latent, 4, "[B, S, 1, D]", shape=(B, S, 1, D), dtypes=(q.dtype,))
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
-    if not 0 < d_v < D:
-        raise ValueError(f"d_v: expected 0 < d_v < D={D} (the value: the latent's first d_v dims), got {d_v}")
-    if not (TOPK_ATTEND and T == 1 and 0 < B <= TOPK_CANDIDATES_MAX_ROWS and 0 < S <= TOPK_CANDIDATES_MAX_S
-            and H <= 64 and q.dtype in (torch.bfloat16, torch.float16) and (q.is_cuda or _INTERPRET)
-            and q.device == latent.device == scores.device
-            and B <= _num_sms(q.device)):
-        return None
-    q, latent, sc = _last_contiguous(q), _last_contiguous(latent), _last_contiguous(scores.view(B, S))
-    k_eff = min(topk, S)
-    _, _, _, n_chunks = _topk_fused_chunks(B, S, q.device)
-    dk1, bd1, dk2, bd2 = _key_split(D, d_v, True)
-    op = _empty(B * H, n_chunks, d_v, dtype=torch.float32, device=q.device)
-    lp = _empty(B * H, n_chunks, dtype=torch.float32, device=q.device)
-    positions = torch.empty(B, k_eff, dtype=torch.int64, device=q.device)  # (B, k): scratch
-    elem = latent.element_size()
-    pf = (TOPK_ATTEND_PF and not _INTERPRET and latent.data_ptr() % 16 == 0
-          and (latent.stride(1) * elem) % 16 == 0 and (latent.stride(0) * elem) % 16 == 0)
-    args = (q, latent, op, lp, H, S, scale * LOG2E, q.stride(0), q.stride(1), latent.stride(0),
-            latent.stride(1))
-    const = dict(ATTEND=True, DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, BLOCK_H=max(16, _pow2(H)),
-                 BLOCK_N=TOPK_ATTEND_BLOCK_N, PREC=_precision(q.dtype), INTERP=_INTERPRET, PF=pf)
-    _topk_fused_launch(sc, positions, S, 1, k_eff, k_eff, False, False, attend=(args, const))
-    o = _empty(B, 1, H, d_v, dtype=q.dtype, device=q.device)
-    lse = _empty(B, 1, H, dtype=torch.float32, device=q.device)
-    bdv_c, step = combine_shape(B * H, d_v, n_chunks, q.device)
-    pdl = use_pdl(q.device)
-    _combine[(B * H, triton.cdiv(d_v, bdv_c))](
-        op, lp, o, lse, 1, H, n_chunks, o.stride(0), o.stride(1), o.stride(2),
-        D_V=d_v, BDV=bdv_c, BSPLIT=_pow2(n_chunks, 2), SPLIT_STEP=step, PDL=pdl,
-        num_warps=4, **launch_options(pdl),
-    )
-    return o[:, 0]
 
 
 def _kth_largest(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:

@@ -27,8 +27,7 @@ Llama-style block: norm+qkv GEMV, RoPE+cache write, attention (split + combine, 
 the token), o-proj GEMV+residual, norm+gate/up GEMV, SiLU·mul+down GEMV+residual. GDN block: norm+in_proj
 GEMV, the fused step (which also counts the token), out GEMV+residual, the two MLP GEMVs. DSA block: MLA's
 GEMVs and latent write (with the indexer's part), then index scores, top-k and the sparse absorbed attention
-over the whole cache bounded by each row's length (no host sync; for short rows the attention runs inside
-the top-k launch, then its split combine), W_UV, o-proj GEMV+residual. Lightning
+over the whole cache bounded by each row's length (no host sync), W_UV, o-proj GEMV+residual. Lightning
 block: norm+in_proj GEMV, the fused step (which also counts the token), norm+gate+out GEMV+residual, the
 two MLP GEMVs.
 
@@ -88,12 +87,6 @@ def _gemv_module():
     from ..kernels import gemv
 
     return gemv
-
-
-def _sparse_kernels():
-    from ..kernels import sparse
-
-    return sparse
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -243,15 +236,11 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
     scores = ops.dsa_index_scores(q_idx[:, None], keys, w[:, None], n_valid=cache.lengths)  # (B, 1, S_max)
     S = keys.shape[1]
+    # the set in any order (sort=False: one pass fewer on CUDA); the attention sums over it
+    idx = ops.dsa_topk(scores, min(dsa.index_topk, S), causal=False, sort=False)  # (B, 1, k); -1 = empty
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
-    # short rows: the attention inside the top-k launch (each program attends to what it took)
-    o_lat = _sparse_kernels().dsa_topk_attention(scores, q_abs, lat, dsa.index_topk, dsa.scale, R)
-    if o_lat is None:
-        # the set in any order (sort=False: one pass fewer on CUDA); the attention sums over it
-        idx = ops.dsa_topk(scores, min(dsa.index_topk, S), causal=False, sort=False)  # (B, 1, k); -1 = empty
-        o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)[:, 0]
-    # o_lat (B, H, R)
-    _output(dsa, o_lat, io.res, keep, scale)
+    o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
+    _output(dsa, o_lat[:, 0], io.res, keep, scale)
 
 
 def _fused_latent(mixer) -> bool:
