@@ -51,14 +51,19 @@ def kind(name: str) -> str:
     return name[:40]
 
 
-def step_kernels(step, tok: torch.Tensor, cuda: bool, steps: int = 5) -> list[tuple[str, float, float]]:
+STEPS_PER_ROUND = 5  # tokens queued back to back per profiled round (CUDA)
+WARMUP = 3
+
+
+def step_kernels(step, tok: torch.Tensor, cuda: bool) -> list[tuple[str, float, float]]:
     """(name, start us, end us) of the kernels of one greedy token (on the CPU: the top-level aten ops
-    of one eager step). On CUDA ``steps`` tokens are queued back to back, as a decode loop runs them
-    (the host ahead of the GPU: no idle gaps), and the second-to-last one is returned, from its token
-    copy (the Memcpy DtoD before each replay) up to the next one's."""
+    of all the eager steps). STEPS_PER_ROUND tokens are queued back to back, as a decode loop runs
+    them (the host ahead of the GPU: no idle gaps); on CUDA the second-to-last one is returned, from
+    its token copy (the Memcpy DtoD before each replay) up to the next one's."""
+    steps = STEPS_PER_ROUND
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        for _ in range(steps if cuda else 1):
+        for _ in range(steps):
             tok = dg.greedy_step(step, tok)
         if cuda:
             torch.cuda.synchronize()
@@ -109,12 +114,12 @@ def by_kind(rounds: list[list[dict]]) -> dict[str, dict]:
 
 def measure(model, preset: str, context: int, rounds: int, device: str, dtype: torch.dtype) -> dict:
     cuda = device.startswith("cuda")
-    caches = model.new_caches(1, context + 16, device=device, dtype=dtype)
+    caches = model.new_caches(1, context + WARMUP + rounds * STEPS_PER_ROUND + 1, device=device, dtype=dtype)
     step = DecodeStep(model, caches, mode="cuda_graph" if cuda else "eager", greedy=True)
     dg.fill_caches(caches)
     dg.set_lengths(caches, context)
     tok = torch.zeros(1, dtype=torch.long, device=device)
-    for _ in range(3):  # warm-up: compile, first replays
+    for _ in range(WARMUP):  # compile, first replays
         tok = dg.greedy_step(step, tok)
     all_rounds = []
     for _ in range(rounds):  # (each round adds a few tokens to the context: a negligible change)
