@@ -140,6 +140,22 @@ def sm90_usage(kernel) -> tuple[int, int, str]:
 # shared checks
 
 
+def capture_graph(fn):
+    """(graph, output): ``fn`` run once on a side stream (compiles, warms up), then captured in a CUDA
+    graph (PyTorch's capture recipe); replay the graph to re-run it on the inputs' new contents."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def rel_err(out, ref) -> float:
     """rms(out - ref) / rms(ref) in float64 on the CPU; the output must be finite (an unwritten,
     NaN-poisoned element fails here)."""

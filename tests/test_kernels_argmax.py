@@ -16,6 +16,7 @@ import pytest
 import torch
 from _triton_tests import (
     INTERPRETED,
+    capture_graph,
     compile_sm90,
     interp,
     needs_sm90_toolchain,
@@ -171,14 +172,7 @@ def test_gpu_matches_torch_in_a_cuda_graph(B):
         torch.mul(src, 2.0, out=logits)  # the producer
         return argmax_rows(logits)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_graph(step)
     for seed in range(3):
         src.copy_(rows(B, 32768, torch.float32, seed=seed + 1, device="cuda"))
         if seed == 2:
