@@ -1,8 +1,8 @@
 """Greedy decoding's token choice, ``logits.argmax(-1)``, as one short Triton launch.
 
 At batch 1 torch's argmax over a 32K-vocabulary row of float32 logits is a 12 µs reduction kernel
-on an H100 (NVIDIA H100 80GB HBM3, torch 2.11; benchmarks/RESULTS.md, "Twentieth session"): more
-than any single layer's attention. Here one program per row loads the whole row at once (up to
+on an H100 (NVIDIA H100 80GB HBM3, torch 2.11; benchmarks/RESULTS.md, "Twentieth session"): longer
+than any one kernel of a layer's attention. Here one program per row loads the whole row at once (up to
 ONE_PASS_MAX values; longer rows in passes of that many) and reduces it in registers, launched with
 PDL (:mod:`attnlab.kernels._pdl`) so that inside the CUDA-graph decode step it starts while the LM
 head's GEMV is finishing.
