@@ -362,22 +362,20 @@ class DecodeStep:
         read it before the next call)."""
         if self.mode == "eager":
             out = self._forward(tokens[:, None])
-            if self.greedy:
-                self.next_tokens = greedy_tokens(out)  # (B,)
-            return out
-        self._check_room()
-        self.tokens.copy_(tokens[:, None])
-        if self.mode == "compile":
-            torch.compiler.cudagraph_mark_step_begin()
-            out = self._compiled(self.tokens).clone()
-        elif self.graph is None:  # simulated capture
-            self.logits = out = self._forward(self.tokens)
         else:
-            self.graph.replay()  # also fills next_tokens with greedy
-            out = self.logits
+            self._check_room()
+            self.tokens.copy_(tokens[:, None])
+            if self.mode == "compile":
+                torch.compiler.cudagraph_mark_step_begin()
+                out = self._compiled(self.tokens).clone()
+            elif self.graph is None:  # simulated capture
+                self.logits = out = self._forward(self.tokens)
+            else:
+                self.graph.replay()  # also fills next_tokens with greedy
+                out = self.logits
+            self._stepped()
         if self.greedy and self.graph is None:
             self.next_tokens = greedy_tokens(out)  # (B,)
-        self._stepped()
         return out
 
     def _length_versions(self) -> tuple[int, ...] | None:

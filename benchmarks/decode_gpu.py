@@ -49,7 +49,7 @@ import torch
 
 from attnlab._io import atomic_write_json, atomic_write_text
 from attnlab.config import ModelConfig
-from attnlab.generate import DecodeStep, cache_nbytes, greedy_tokens
+from attnlab.generate import DecodeStep, cache_nbytes, decode_one_token
 from attnlab.layers import fused
 from attnlab.model import HybridLM
 
@@ -236,11 +236,9 @@ def bytes_read_per_token(model: HybridLM, context: int, dtype: torch.dtype) -> t
 
 
 def greedy_step(step, tok: torch.Tensor) -> torch.Tensor:
-    """One greedy decode token: the step, then its argmax (the step's own with greedy=True,
-    inside the CUDA graph in that mode)."""
-    logits = step(tok)
-    next_tokens = getattr(step, "next_tokens", None)
-    return next_tokens if next_tokens is not None else greedy_tokens(logits)
+    """One greedy decode token as generation runs it (:func:`attnlab.generate.decode_one_token`): the
+    step, then its argmax (the step's own with greedy=True, inside the CUDA graph in that mode)."""
+    return decode_one_token(step.model, tok, step.caches, step=step)[0]
 
 
 def time_step(step, caches, context: int, steps: int, device: str) -> dict:

@@ -763,10 +763,7 @@ def _topk_candidates(SC, CAND, NC, row_off, lo, hi, qpos, S, prefix, CAUSAL: tl.
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
         key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        is_c = ok & ((key >> 16) == prefix)
-        dst = slot + tl.cumsum(is_c.to(tl.int32), 0) - 1
-        tl.store(CAND + dst, _topk_sort_key(key, cols, S), mask=is_c)
-        slot += tl.sum(is_c.to(tl.int32), 0)
+        slot = _topk_store(CAND, slot, ok & ((key >> 16) == prefix), key, cols, S, False)
     return n_gt
 
 
