@@ -311,15 +311,20 @@ def test_interp_fused_dsa_step_bf16_sparse():
 
 
 @interp
-@pytest.mark.parametrize("name, fold", [("deepseek-v32", True), ("deepseek-v3", False)])
-def test_interp_fused_latent_step_launches(monkeypatch, name, fold):
+@pytest.mark.parametrize("name, fold, one_launch", [
+    ("deepseek-v32", True, True), ("deepseek-v3", False, True), ("deepseek-v3", True, False),
+    ("deepseek-v3", True, True)])
+def test_interp_fused_latent_step_launches(monkeypatch, name, fold, one_launch):
     """An M / D layer's step runs both absorption products in Triton (W_UK^T q_nope inside
     latent_write with fused.FOLD_ABSORB_Q, else absorb_q; W_UV through unabsorb_o) and counts its
     token inside latent_write (count_token=True): once per row and step, with no separate
-    lengths += 1 (the caches' lengths end at prompt + steps, the logits as the plain step's)."""
-    from attnlab.kernels import absorb, latent_cache
+    lengths += 1 (the caches' lengths end at prompt + steps, the logits as the plain step's). An M
+    layer with FOLD_ABSORB_Q and mla_step.ENABLED runs all of it, attention included, as mla_step
+    (one launch) instead; a D layer never does (its top-k selection sits between)."""
+    from attnlab.kernels import absorb, latent_cache, mla_step
 
     monkeypatch.setattr(fused, "FOLD_ABSORB_Q", fold)
+    monkeypatch.setattr(mla_step, "ENABLED", one_launch)
     model = tiny_model(name)
     calls = []
 
@@ -333,7 +338,8 @@ def test_interp_fused_latent_step_launches(monkeypatch, name, fold):
 
         monkeypatch.setattr(module, fn_name, wrapped)
 
-    for module, fn_name in ((absorb, "absorb_q"), (absorb, "unabsorb_o"), (latent_cache, "latent_write")):
+    for module, fn_name in ((absorb, "absorb_q"), (absorb, "unabsorb_o"), (latent_cache, "latent_write"),
+                            (mla_step, "mla_step")):
         spy(module, fn_name)
     T, n = 5, 2
     x = tokens(2, T + n)
@@ -342,10 +348,13 @@ def test_interp_fused_latent_step_launches(monkeypatch, name, fold):
         calls_fused = list(calls)
         plain, _ = _decode(model, x, T, n, torch.float32, on=False)
     steps = n * len(model.blocks)
-    assert calls_fused.count(("latent_write", True, fold)) == steps  # q_lat None when folded
-    assert calls_fused.count(("absorb_q", None, True)) == (0 if fold else steps)
-    assert calls_fused.count(("unabsorb_o", None, True)) == steps
-    assert len(calls_fused) == (2 if fold else 3) * steps
+    if fold and one_launch and name == "deepseek-v3":
+        assert calls_fused == [("mla_step", None, True)] * steps
+    else:
+        assert calls_fused.count(("latent_write", True, fold)) == steps  # q_lat None when folded
+        assert calls_fused.count(("absorb_q", None, True)) == (0 if fold else steps)
+        assert calls_fused.count(("unabsorb_o", None, True)) == steps
+        assert len(calls_fused) == (2 if fold else 3) * steps
     assert all(c.lengths.tolist() == [T + n] * 2 for c in caches)
     assert rms_rel(plain, ours) <= 1e-5
 
