@@ -48,7 +48,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..layers.mla import MLACache, MultiHeadLatentAttention
-from ._common import l2_prefetch, output_buffer, reused_zeros
+from ._common import l2_prefetch, launch_fitting, output_buffer, reused_zeros
 from ._pdl import launch_options, use_pdl
 from .absorb import _round
 from .latent_cache import _check, _latent_write_program, _rope_args, _w_uk
@@ -305,8 +305,9 @@ def _launch(q, kv, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_w
     pf_slots = PF_BLOCKS * BLOCK_N if (pdl and latent.data_ptr() % 16 == 0
                                        and (latent.stride(1) * elt) % 16 == 0) else 0
     for phase in phases:
-        _mla_step_kernel[(B * NS,)](
-            q, kv, lengths, cos if tables else q, sin if tables else q, freq if freq is not None else q,
+        launch_fitting(  # fewer pipeline stages where the shared memory does not hold three
+            _mla_step_kernel, (B * NS,), q, kv, lengths, cos if tables else q, sin if tables else q,
+            freq if freq is not None else q,
             partner_q if rope else q, partner_k if rope else q, norm_weight, q_abs, latent, w_uk,
             op, lp, o_lat, w_uv, o, ctr,
             q.stride(0), w_uk.stride(0), w_uk.stride(1), kv.stride(0), stride_cb, latent.stride(0),
