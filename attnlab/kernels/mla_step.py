@@ -69,6 +69,12 @@ NUM_STAGES = 3
 MAX_SPLITS = 128
 PF_BLOCKS = 4
 MAX_HEADS = 32  # usable(): more heads per latent (DeepSeek-V3's 128 on one GPU) take the four launches
+# Experiment knobs (benchmarks/decode_ab.py): at least this many programs per row (those past the
+# attention's splits attend to nothing and only take work items); launch with PDL (early, beside the
+# kernel before) or not; ask L2 for W_UK / W_UV before the wait
+MIN_PROGRAMS = 0
+PDL_EARLY = True
+PREFETCH_WEIGHTS = True
 BC = 64  # latent columns per combine item
 BV = 16  # value rows per W_UV item
 ALL_PHASES = 7  # the kernel's PHASES for the production launch (bits 1, 2, 4: the three phases)
@@ -284,6 +290,8 @@ def _launch(q, kv, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_w
     dev = q.device
     NS = splits or n_splits(B, S, dev)
     per_split = triton.cdiv(triton.cdiv(max(1, S), NS), BLOCK_N) * BLOCK_N
+    if not splits and dev.type == "cuda":
+        NS = max(NS, min(MIN_PROGRAMS, _num_sms(dev) // B))
     empty = lambda *shape, dtype: output_buffer(shape, dtype, dev, POISON_OUTPUTS)  # noqa: E731
     q_abs = empty(B, H, R + dr, dtype=q.dtype)
     op = empty(B * H, NS, R, dtype=torch.float32)
@@ -299,9 +307,9 @@ def _launch(q, kv, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_w
     block_r = max(16, min(64, 8192 // BD, BR))  # latent_write's absorb tile
     pdl = use_pdl(dev)
     elt = q.element_size()
-    pf_weights = (pdl and (dn * R * elt) % 16 == 0 and (dv * R * elt) % 16 == 0 and w_uk.stride(1) == R
-                  and w_uv.stride(1) == R and (w_uk.stride(0) * elt) % 16 == 0 and w_uk.data_ptr() % 16 == 0
-                  and w_uv.data_ptr() % 16 == 0)
+    pf_weights = (pdl and PREFETCH_WEIGHTS and (dn * R * elt) % 16 == 0 and (dv * R * elt) % 16 == 0
+                  and w_uk.stride(1) == R and w_uv.stride(1) == R and (w_uk.stride(0) * elt) % 16 == 0
+                  and w_uk.data_ptr() % 16 == 0 and w_uv.data_ptr() % 16 == 0)
     pf_slots = PF_BLOCKS * BLOCK_N if (pdl and latent.data_ptr() % 16 == 0
                                        and (latent.stride(1) * elt) % 16 == 0) else 0
     for phase in phases:
@@ -319,7 +327,7 @@ def _launch(q, kv, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_w
             BLOCK_N=BLOCK_N, BNS=max(2, triton.next_power_of_2(NS)), BC=min(BC, BR), BV=BV, PHASES=phase,
             COUNT=True, PF_SLOTS=pf_slots, PF_WEIGHTS=pf_weights, PREC=_precision(q.dtype), PDL=pdl,
             INTERP=_INTERPRET, num_warps=max(NUM_WARPS, _write_warps(BR)), num_stages=NUM_STAGES,
-            **launch_options(pdl),
+            **launch_options(pdl and PDL_EARLY),
         )
     return o
 
