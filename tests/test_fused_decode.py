@@ -133,6 +133,28 @@ def test_interp_fused_step_bf16_mixed_lengths(name):
 
 
 @interp
+@pytest.mark.parametrize("name", ["deepseek-v3", "kimi-linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_fused_step_with_the_one_launch_mla(monkeypatch, name, dtype):
+    """With attnlab.kernels.mla_step on (off by default): M layers in one launch, rows of different
+    lengths; the logits as the plain step's (float32 rounding; bf16 rounding); float32: every cache
+    equal (bf16: the linear layers' states already differ by bf16 roundings between the two steps)."""
+    from attnlab.kernels import mla_step
+
+    monkeypatch.setattr(mla_step, "ENABLED", True)
+    model = copy.deepcopy(tiny_model(name)).to(dtype)
+    T, n = 7, 3
+    x = tokens(3, T + n, seed=5)
+    lengths = torch.tensor([7, 2, 5])
+    with torch.no_grad():
+        plain, c_plain = _decode(model, x, T, n, dtype, on=False, lengths=lengths)
+        ours, c_ours = _decode(model, x, T, n, dtype, on=True, lengths=lengths)
+    assert rms_rel(plain.float(), ours.float()) <= (1e-5 if dtype == torch.float32 else 3e-2)
+    if dtype == torch.float32:
+        _assert_same_caches(c_plain, c_ours)
+
+
+@interp
 def test_interp_fused_step_is_taken():
     """The fused kernels really run (a broken dispatch would silently give the plain step)."""
     from attnlab.kernels import gemv

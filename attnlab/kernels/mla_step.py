@@ -33,6 +33,18 @@ the layers' launches, which run one after another on a stream (as latent_write's
 concurrent launches of the same shape on two streams). The token is counted (``lengths += 1``) in
 phase 3 by the row's first program, after every program has read the old length.
 
+Measured (H100 80GB HBM3, 2026-11-27, the ~1B deepseek-v3 step in a CUDA graph at 4K, interleaved,
+best of 2; benchmarks/RESULTS.md, "Twenty-first session"): correct (GPU tests with 5-128 programs a row
+at real barriers, CUDA-graph replays), but SLOWER, so ``ENABLED`` is off: 1.078 ms a token against
+0.882 with the four launches (kimi-linear 0.897 vs 0.854). The timeline has the launch at 27.8 µs
+exposed a layer against the four's 15.6; ncu (alone, 33 programs at 4,104 slots) 31.9 µs with every
+program active throughout: each program's work items run one after another, every one a dependent
+L2 / DRAM round trip, where the four launches run each item in its own program at once. 132
+programs a row (MIN_PROGRAMS; one item each) gave 0.976 ms; without PDL, with 8 warps or without the
+weights' L2 requests it was slower still. What would have to change: items loaded before the waits
+(as the separate kernels' weight tiles are), and barriers cheaper than the ~2 µs each that this
+suggests (not measured alone).
+
 Under ``TRITON_INTERPRET=1`` programs run one after another, so a row is one program (a barrier
 there is its own arrival); ``phases`` (tests) runs the phases as separate launches instead, so the
 work items' distribution over NS > 1 programs is checked there too.
@@ -56,9 +68,9 @@ from .latent_cache import num_warps as _write_warps
 from .sparse import _dot_lowp, _mm, _n_splits, _num_sms, _online_softmax, _precision, _row_sync
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The fused decode step takes this kernel for its M layers (usable()); ``ATTNLAB_MLA_ONE_LAUNCH=0`` or
-# False here: the four launches it replaces (latent_write, split, combine, unabsorb_o), to compare
-ENABLED = os.environ.get("ATTNLAB_MLA_ONE_LAUNCH", "1") != "0"
+# True (or ``ATTNLAB_MLA_ONE_LAUNCH=1``): the fused decode step takes this kernel for its M layers
+# (usable()). Off by default: SLOWER than the four launches it replaces on the H100 (module docstring).
+ENABLED = os.environ.get("ATTNLAB_MLA_ONE_LAUNCH", "0") == "1"
 POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an unwritten element fails
 LOG2E = 1.4426950408889634
 # The attention phase's launch shape: sparse.TUNING["decode_row"]'s (64-slot blocks, 3 stages, 4

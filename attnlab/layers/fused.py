@@ -20,8 +20,9 @@ the kernels around it:
   (W_UK^T q_nope included, FOLD_ABSORB_Q) and the token count are one launch
   (:mod:`attnlab.kernels.latent_cache`); W_UV o_lat after the attention is one more
   (:mod:`attnlab.kernels.absorb`, which also has the separate q absorption) — for an M layer all of
-  it, the split attention over the latent cache and its combine included, is ONE launch whose
-  programs meet at barriers (:mod:`attnlab.kernels.mla_step`; its ENABLED off: the four); for a DSA
+  it, the split attention over the latent cache and its combine included, can be ONE launch whose
+  programs meet at barriers (:mod:`attnlab.kernels.mla_step` with its ENABLED; off by default: slower
+  on the H100); for a DSA
   layer the same launch also LayerNorms, rotates and caches the indexer key, rotates the indexer
   query and scales its head weights (the indexer's projections ride in the same GEMVs).
 
