@@ -133,28 +133,6 @@ def test_interp_fused_step_bf16_mixed_lengths(name):
 
 
 @interp
-@pytest.mark.parametrize("name", ["deepseek-v3", "kimi-linear"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_interp_fused_step_with_the_one_launch_mla(monkeypatch, name, dtype):
-    """With attnlab.kernels.mla_step on (off by default): M layers in one launch, rows of different
-    lengths; the logits as the plain step's (float32 rounding; bf16 rounding); float32: every cache
-    equal (bf16: the linear layers' states already differ by bf16 roundings between the two steps)."""
-    from attnlab.kernels import mla_step
-
-    monkeypatch.setattr(mla_step, "ENABLED", True)
-    model = copy.deepcopy(tiny_model(name)).to(dtype)
-    T, n = 7, 3
-    x = tokens(3, T + n, seed=5)
-    lengths = torch.tensor([7, 2, 5])
-    with torch.no_grad():
-        plain, c_plain = _decode(model, x, T, n, dtype, on=False, lengths=lengths)
-        ours, c_ours = _decode(model, x, T, n, dtype, on=True, lengths=lengths)
-    assert rms_rel(plain.float(), ours.float()) <= (1e-5 if dtype == torch.float32 else 3e-2)
-    if dtype == torch.float32:
-        _assert_same_caches(c_plain, c_ours)
-
-
-@interp
 def test_interp_fused_step_is_taken():
     """The fused kernels really run (a broken dispatch would silently give the plain step)."""
     from attnlab.kernels import gemv
@@ -333,20 +311,15 @@ def test_interp_fused_dsa_step_bf16_sparse():
 
 
 @interp
-@pytest.mark.parametrize("name, fold, one_launch", [
-    ("deepseek-v32", True, True), ("deepseek-v3", False, True), ("deepseek-v3", True, False),
-    ("deepseek-v3", True, True)])
-def test_interp_fused_latent_step_launches(monkeypatch, name, fold, one_launch):
+@pytest.mark.parametrize("name, fold", [("deepseek-v32", True), ("deepseek-v3", False)])
+def test_interp_fused_latent_step_launches(monkeypatch, name, fold):
     """An M / D layer's step runs both absorption products in Triton (W_UK^T q_nope inside
     latent_write with fused.FOLD_ABSORB_Q, else absorb_q; W_UV through unabsorb_o) and counts its
     token inside latent_write (count_token=True): once per row and step, with no separate
-    lengths += 1 (the caches' lengths end at prompt + steps, the logits as the plain step's). An M
-    layer with FOLD_ABSORB_Q and mla_step.ENABLED runs all of it, attention included, as mla_step
-    (one launch) instead; a D layer never does (its top-k selection sits between)."""
-    from attnlab.kernels import absorb, latent_cache, mla_step
+    lengths += 1 (the caches' lengths end at prompt + steps, the logits as the plain step's)."""
+    from attnlab.kernels import absorb, latent_cache
 
     monkeypatch.setattr(fused, "FOLD_ABSORB_Q", fold)
-    monkeypatch.setattr(mla_step, "ENABLED", one_launch)
     model = tiny_model(name)
     calls = []
 
@@ -360,8 +333,7 @@ def test_interp_fused_latent_step_launches(monkeypatch, name, fold, one_launch):
 
         monkeypatch.setattr(module, fn_name, wrapped)
 
-    for module, fn_name in ((absorb, "absorb_q"), (absorb, "unabsorb_o"), (latent_cache, "latent_write"),
-                            (mla_step, "mla_step")):
+    for module, fn_name in ((absorb, "absorb_q"), (absorb, "unabsorb_o"), (latent_cache, "latent_write")):
         spy(module, fn_name)
     T, n = 5, 2
     x = tokens(2, T + n)
@@ -370,13 +342,10 @@ def test_interp_fused_latent_step_launches(monkeypatch, name, fold, one_launch):
         calls_fused = list(calls)
         plain, _ = _decode(model, x, T, n, torch.float32, on=False)
     steps = n * len(model.blocks)
-    if fold and one_launch and name == "deepseek-v3":
-        assert calls_fused == [("mla_step", None, True)] * steps
-    else:
-        assert calls_fused.count(("latent_write", True, fold)) == steps  # q_lat None when folded
-        assert calls_fused.count(("absorb_q", None, True)) == (0 if fold else steps)
-        assert calls_fused.count(("unabsorb_o", None, True)) == steps
-        assert len(calls_fused) == (2 if fold else 3) * steps
+    assert calls_fused.count(("latent_write", True, fold)) == steps  # q_lat None when folded
+    assert calls_fused.count(("absorb_q", None, True)) == (0 if fold else steps)
+    assert calls_fused.count(("unabsorb_o", None, True)) == steps
+    assert len(calls_fused) == (2 if fold else 3) * steps
     assert all(c.lengths.tolist() == [T + n] * 2 for c in caches)
     assert rms_rel(plain, ours) <= 1e-5
 

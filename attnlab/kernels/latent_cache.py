@@ -132,31 +132,6 @@ def _latent_write_kernel(
     COUNT: tl.constexpr, NPROG: tl.constexpr, FOLD: tl.constexpr, BD: tl.constexpr, BLOCK_R: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """Grid (B, NPROG [+ absorb programs]): program (b, p) is :func:`_latent_write_program`'s."""
-    if PDL:  # attnlab.kernels._pdl: the next kernel may launch
-        gdc_launch_dependents()
-    _latent_write_program(
-        tl.program_id(0).to(tl.int64), tl.program_id(1), Q, KV, Q_LAT, LENGTHS, COS, SIN, FREQ, PARTNER_Q,
-        PARTNER_K, NORM_W, OUT, LATENT, QI, W_OUT, INDEX_KEYS, K_NORM_W, K_NORM_B, TICKETS, W_UK,
-        stride_qb, stride_wh, stride_wd, stride_kvb, stride_lb, stride_lh, stride_cb,
-        stride_cache_b, stride_cache_s, stride_ik_b, stride_ik_s, S, eps, factor, k_eps, w_scale,
-        H, DN, DR, R, BR, BDR, NQ, INDEX, HI, DI, BHI, BDI, ROPE, TABLES, ZERO_CENTERED, PDL, COUNT, NPROG,
-        FOLD, BD, BLOCK_R, INTERP)
-
-
-@triton.jit
-def _latent_write_program(
-    b, p, Q, KV, Q_LAT, LENGTHS, COS, SIN, FREQ, PARTNER_Q, PARTNER_K, NORM_W, OUT, LATENT,
-    QI, W_OUT, INDEX_KEYS, K_NORM_W, K_NORM_B, TICKETS, W_UK,
-    stride_qb, stride_wh, stride_wd, stride_kvb, stride_lb, stride_lh, stride_cb,
-    stride_cache_b, stride_cache_s, stride_ik_b, stride_ik_s, S, eps, factor, k_eps, w_scale,
-    H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr,
-    BR: tl.constexpr, BDR: tl.constexpr, NQ: tl.constexpr,
-    INDEX: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
-    ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
-    COUNT: tl.constexpr, NPROG: tl.constexpr, FOLD: tl.constexpr, BD: tl.constexpr, BLOCK_R: tl.constexpr,
-    INTERP: tl.constexpr,
-):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
     outside [0, S). With INDEX (a DSA layer): h == H + 1 writes INDEX_KEYS[b, lengths[b]] =
@@ -164,16 +139,18 @@ def _latent_write_program(
     QI[b, i] = rope(q_I head i). COUNT: LENGTHS[b] += 1 by the last of the row's NPROG programs to
     take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value.
     FOLD: programs h >= NPROG compute q_lat themselves (:func:`_absorb_program`) instead of the
-    h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket. PDL: wait for the
-    previous kernel here (an absorb program after loading its weight tile); without it the caller has
-    (:mod:`attnlab.kernels.mla_step` runs these programs as work items of its own launch)."""
+    h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket."""
+    if PDL:  # attnlab.kernels._pdl: the next kernel may launch
+        gdc_launch_dependents()
+    p = tl.program_id(1)
     if FOLD and p >= NPROG:  # W_UK^T q_nope: head h, columns [j·BLOCK_R, +BLOCK_R) of row b
-        _absorb_program(Q, W_UK, OUT, b, p - NPROG, stride_qb, stride_wh, stride_wd, H, DN, DR, R, BD,
-                        BLOCK_R, INTERP, PDL)
+        _absorb_program(Q, W_UK, OUT, tl.program_id(0).to(tl.int64), p - NPROG, stride_qb, stride_wh,
+                        stride_wd, H, DN, DR, R, BD, BLOCK_R, INTERP, PDL)
     else:
         if PDL:  # wait for the previous kernel
             gdc_wait()
-        h = p
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
         r = tl.arange(0, BR)
         r_ok = r < R
         j = tl.arange(0, BDR)
@@ -482,7 +459,24 @@ def latent_write(
     for name, t in tensors:
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {t.stride()}")
-    cos, sin, freq, partner_q, partner_k, factor = _rope_args(mla, q, rotation)
+    cos = sin = freq = partner_q = partner_k = None
+    factor = 1.0
+    if mla.rotary is not None:
+        partner_q, partner_k = mla.rope_partner_q, mla.rope_partner_k
+        if rotation is None:
+            freq = mla.rope_freq
+            if freq.device != q.device or freq.dtype != torch.float32:
+                raise ValueError(f"mla: rope_freq is {freq.dtype} on {freq.device}; expected float32 on "
+                                 f"{q.device} (move the layer with .to(device))")
+            if mla.rope_cos_scale is not None:  # YaRN: cos and sin of the rotated columns times it
+                factor = float(mla.rotary.attention_factor)
+        else:
+            cos, sin = rotation
+            n = cos.shape[-1]
+            if cos.shape[0] != sin.shape[0] or cos.stride(0) != sin.stride(0) or cos.stride(-1) != 1 \
+                    or sin.stride(-1) != 1:
+                cos, sin = (t.expand(B, 1, n).contiguous() for t in (cos, sin))  # (B, 1, N_q + N_k)
+        check_same_device(q=q, rope_partner_q=partner_q)
     weight = mla.kv_a_norm.weight.detach()
     check_same_device(q=q, kv_a_norm_weight=weight)
     args = (mla.n_heads, mla.nope_dim, mla.rope_dim, float(mla.kv_a_norm.eps), factor,
@@ -511,32 +505,6 @@ def latent_write(
         weight.contiguous(), k_w.detach().contiguous(), k_b.detach().contiguous(), *args,
         mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), tickets, w_uk,
     )
-
-
-def _rope_args(mla: MultiHeadLatentAttention, q: torch.Tensor, rotation) -> tuple:
-    """The kernel's RoPE inputs (cos, sin, freq, partner_q, partner_k, factor) for rows q [B, ...]:
-    all None (factor 1) for a NoPE layer; the tables when ``rotation`` is given (made contiguous
-    per row where the kernel cannot read them as they are), else the layer's rope_freq (and YaRN's
-    attention factor)."""
-    cos = sin = freq = partner_q = partner_k = None
-    factor = 1.0
-    if mla.rotary is not None:
-        partner_q, partner_k = mla.rope_partner_q, mla.rope_partner_k
-        if rotation is None:
-            freq = mla.rope_freq
-            if freq.device != q.device or freq.dtype != torch.float32:
-                raise ValueError(f"mla: rope_freq is {freq.dtype} on {freq.device}; expected float32 on "
-                                 f"{q.device} (move the layer with .to(device))")
-            if mla.rope_cos_scale is not None:  # YaRN: cos and sin of the rotated columns times it
-                factor = float(mla.rotary.attention_factor)
-        else:
-            cos, sin = rotation
-            n = cos.shape[-1]
-            if cos.shape[0] != sin.shape[0] or cos.stride(0) != sin.stride(0) or cos.stride(-1) != 1 \
-                    or sin.stride(-1) != 1:
-                cos, sin = (t.expand(q.shape[0], 1, n).contiguous() for t in (cos, sin))  # (B, 1, N_q + N_k)
-        check_same_device(q=q, rope_partner_q=partner_q)
-    return cos, sin, freq, partner_q, partner_k, factor
 
 
 def _w_uk(mla: MultiHeadLatentAttention) -> torch.Tensor:

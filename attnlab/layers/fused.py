@@ -19,10 +19,7 @@ the kernels around it:
 - an MLA layer's latent norm, both RoPEs, the latent cache write, the absorbed query's assembly
   (W_UK^T q_nope included, FOLD_ABSORB_Q) and the token count are one launch
   (:mod:`attnlab.kernels.latent_cache`); W_UV o_lat after the attention is one more
-  (:mod:`attnlab.kernels.absorb`, which also has the separate q absorption) — for an M layer all of
-  it, the split attention over the latent cache and its combine included, can be ONE launch whose
-  programs meet at barriers (:mod:`attnlab.kernels.mla_step` with its ENABLED; off by default: slower
-  on the H100); for a DSA
+  (:mod:`attnlab.kernels.absorb`, which also has the separate q absorption); for a DSA
   layer the same launch also LayerNorms, rotates and caches the indexer key, rotates the indexer
   query and scales its head weights (the indexer's projections ride in the same GEMVs).
 
@@ -211,13 +208,6 @@ def _latent(mla: MultiHeadLatentAttention, io: _Stream, norm, cache, rotation, k
 
     R = mla.kv_lora_rank
     q, kv = _latent_rows(mla, io, norm)  # (B, H*(dn+dr)), (B, R + dr)
-    if FOLD_ABSORB_Q:
-        from ..kernels import mla_step
-
-        if mla_step.usable(mla, q, cache):  # all four in one launch: o = W_UV o_lat (B, H, dv)
-            o = mla_step.mla_step(mla, q, kv, cache, rotation)
-            gemv(o.reshape(o.shape[0], -1), mla.o_proj.weight, residual=io.res, keep=keep, scale=scale)
-            return
     # (B, H, R + dr); the row cached at slot lengths[b], then the token counted (lengths += 1) in the
     # same launch: the attention sees the new length, as the layer's own decode step counts it first
     q_abs = latent_write(mla, q, kv, _absorbed_query(mla, q), cache, rotation, count_token=True)
