@@ -601,16 +601,10 @@ class _GraphDecode:
                 runner(x, caches)
             self.replay = lambda: runner(x, caches)
         else:
+            from .generate import capture_cuda_graph
+
             with torch.cuda.device(runner.device):  # streams of the tensors' device
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(_GRAPH_WARMUP):
-                        runner(x, caches)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = runner(x, caches)
+                graph, out = capture_cuda_graph(lambda: runner(x, caches), _GRAPH_WARMUP)
             self.replay = graph.replay
             self._keep = (graph, out)  # the output lives in the graph's memory pool
         for c in caches:  # warm-up (and, for a model, its capture) wrote into the caches

@@ -254,6 +254,24 @@ def prefill(
 
 
 # ----------------------------------------------------------------------------- decode step
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = 1) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, fn's output): ``fn`` run ``warmup`` (>= 1) times on a side stream (kernels compile,
+    the allocator warms up), then captured in a CUDA graph on the current device (PyTorch's capture
+    recipe, https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs). The output lives in the
+    graph's memory pool: keep it with the graph; each ``graph.replay()`` rewrites it from the inputs'
+    current contents."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class DecodeStep:
     """One decode step as a pure function of preallocated tensors.
 
@@ -342,17 +360,13 @@ class DecodeStep:
             for _ in range(max(1, warmup)):
                 self.logits = self._forward(self.tokens)
         else:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(max(1, warmup)):
-                    self._forward(self.tokens)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._forward(self.tokens)
-                if self.greedy:
-                    self.next_tokens = greedy_tokens(self.logits)  # (B,), a static buffer
+            def step():  # logits (B, V) and, greedy, their argmax (B,): static buffers of the graph
+                logits = self._forward(self.tokens)
+                return logits, greedy_tokens(logits) if self.greedy else None
+
+            self.graph, (self.logits, next_tokens) = capture_cuda_graph(step, warmup)
+            if self.greedy:
+                self.next_tokens = next_tokens
         for c in self.caches:  # warm-up (and capture) wrote into the caches
             c.reset()
 

@@ -47,6 +47,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from attnlab._io import atomic_write_json  # noqa: E402
+from attnlab.generate import capture_cuda_graph  # noqa: E402
 from attnlab.kernels import gemv as kg  # noqa: E402
 from attnlab.layers.common import Residual, RMSNorm  # noqa: E402
 
@@ -63,6 +64,7 @@ SHAPES = [
     ("o_proj_gated", 2048, 2048, "sigmoid_gate", True, None),
     ("gate_up", 2048, 10944, "rmsnorm", False, None),
     ("down", 5472, 2048, "silu_mul", True, None),
+    ("down_plain", 5472, 2048, None, True, None),  # down after gate|up's silu_mul epilogue
     ("lm_head", 2048, 32768, "rmsnorm", False, torch.float32),
     ("gdn_in_proj", 2048, 6208, "rmsnorm", False, None),
     ("gated_qkv", 2048, 4608, "rmsnorm", False, None),
@@ -326,14 +328,7 @@ def chain(n_calls: int, k: int, env: dict, results: list) -> None:
                 else:
                     kg._launch(x, w[i % n_w], None, None, 1e-6, False, None, None, 1.0, 1.0, y, cfg)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph, _ = capture_cuda_graph(step)
         ms = bench(graph.replay, rep=50)
         per_us = ms * 1e3 / n_calls
         print(f"  {label:7} {per_us:6.2f} us per GEMV ({100 * floor_us / per_us:.0f}% of floor)", flush=True)
@@ -395,16 +390,11 @@ def time_chain(fns: list, n_calls: int) -> float:
         for fn in fns:
             fn()
         return (time.perf_counter() - t0) * 1e6 / len(fns)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def chain():
         for i in range(n_calls):
             fns[i % len(fns)]()
+
+    graph, _ = capture_cuda_graph(chain)
     return bench(graph.replay, rep=30) * 1e3 / n_calls
 
 

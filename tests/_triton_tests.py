@@ -141,19 +141,12 @@ def sm90_usage(kernel) -> tuple[int, int, str]:
 
 
 def capture_graph(fn):
-    """(graph, output): ``fn`` run once on a side stream (compiles, warms up), then captured in a CUDA
-    graph (PyTorch's capture recipe); replay the graph to re-run it on the inputs' new contents."""
-    import torch
+    """(graph, output): ``fn`` warmed up on a side stream, then captured in a CUDA graph
+    (:func:`attnlab.generate.capture_cuda_graph`); replay the graph to re-run it on the inputs' new
+    contents."""
+    from attnlab.generate import capture_cuda_graph
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+    return capture_cuda_graph(fn)
 
 
 def rel_err(out, ref) -> float:

@@ -133,16 +133,19 @@ def test_interp_fused_step_bf16_mixed_lengths(name):
 
 
 @interp
-def test_interp_fused_step_is_taken():
-    """The fused kernels really run (a broken dispatch would silently give the plain step)."""
+@pytest.mark.parametrize("swiglu_epilogue", [True, False])
+def test_interp_fused_step_is_taken(monkeypatch, swiglu_epilogue):
+    """The fused kernels really run (a broken dispatch would silently give the plain step); SwiGLU's
+    silu(gate) * up as gate|up's epilogue (gemv.MLP_SWIGLU_EPILOGUE) or down's prologue."""
     from attnlab.kernels import gemv
 
+    monkeypatch.setattr(gemv, "MLP_SWIGLU_EPILOGUE", swiglu_epilogue)
     model = tiny_model("llama")
     calls = []
     real = gemv.gemv
 
     def counted(*args, **kwargs):
-        calls.append(kwargs.get("prologue"))
+        calls.append((kwargs.get("prologue"), kwargs.get("epilogue")))
         return real(*args, **kwargs)
 
     gemv.gemv = counted
@@ -152,8 +155,11 @@ def test_interp_fused_step_is_taken():
     finally:
         gemv.gemv = real
     n_layers = len(model.blocks)
-    assert calls.count("rmsnorm") == 2 * n_layers + 1  # qkv and gate/up per layer, the LM head
-    assert calls.count("silu_mul") == n_layers
+    gate_up = ("rmsnorm", "silu_mul" if swiglu_epilogue else None)
+    down = (None, None) if swiglu_epilogue else ("silu_mul", None)
+    assert calls.count(("rmsnorm", None)) == (1 if swiglu_epilogue else 2) * n_layers + 1  # qkv, the LM head
+    assert calls.count(gate_up) == (n_layers if swiglu_epilogue else 2 * n_layers + 1)
+    assert calls.count(down) == (2 if swiglu_epilogue else 1) * n_layers  # (and o_proj: (None, None))
 
 
 @interp

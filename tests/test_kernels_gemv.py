@@ -115,6 +115,30 @@ def test_reference_matches_module_math(prologue, dtype, with_residual):
         assert rel_err(out, ref) <= tol, (prologue, zero_centered)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_silu_mul_epilogue_is_the_two_step_mlp(dtype):
+    """The oracle's silu_mul epilogue is the plain gate|up output fed to the silu_mul prologue's x̂:
+    the same bits (both round gate and up to the output dtype, then silu(g) * u once); and SwiGLU's
+    module math to the bf16 rounding of its own intermediate steps."""
+    from attnlab.kernels.gemv import gemv_reference
+
+    x, w, kw = make(3, 2 * 40, 96, "rmsnorm", dtype, seed=2, row_pad=3)
+    norm = dict(prologue="rmsnorm", **kw)
+    act = gemv_reference(x, w, epilogue="silu_mul", **norm)  # (M, 40)
+    gu = gemv_reference(x, w, **norm)  # (M, 80) [gate | up]
+    assert act.shape == (3, 40) and act.dtype == dtype
+    eye = torch.eye(40, dtype=dtype)  # the identity weight returns the prologue's x̂ itself
+    assert torch.equal(act, gemv_reference(gu, eye, prologue="silu_mul"))
+    mlp = SwiGLU(96, 40).to(dtype)
+    with torch.no_grad():
+        mlp.gate_up.weight().copy_(w)
+        h = RMSNorm(96, eps=kw["norm_eps"]).to(dtype)
+        h.weight.copy_(kw["norm_weight"])
+        x_hat = h(x)
+        ref = F.silu(F.linear(x_hat, w[:40])) * F.linear(x_hat, w[40:])
+    assert rel_err(act, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_reference_rmsnorm_is_the_module_bitwise_in_float32():
     """The oracle's x̂ for the plain norm is RMSNorm.forward's own F.rms_norm call: same bits."""
     from attnlab.kernels.gemv import gemv_reference
@@ -164,6 +188,9 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
             (dict(residual=torch.randn(2, 16), out_dtype=torch.bfloat16), "out_dtype: with residual"),
             (dict(keep=0.5), "keep: only applies with residual"),
             (dict(out_dtype=torch.int32), "out_dtype: expected one of"),
+            (dict(epilogue="gelu"), "epilogue: expected one of"),
+            (dict(epilogue="silu_mul", weight=w[:15]), r"weight: epilogue='silu_mul' needs \[gate \| up\]"),
+            (dict(epilogue="silu_mul", residual=torch.randn(2, 8)), "residual: epilogue='silu_mul' writes"),
         ]
         for change, message in cases:
             args = dict(x=x, weight=w, prologue="rmsnorm", **kw)
@@ -375,6 +402,57 @@ def test_interp_launch_shapes_and_row_counts():
 
 
 @interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_silu_mul_epilogue(dtype):
+    """gate|up with the silu_mul epilogue: bitwise the plain gate|up GEMV followed by the silu_mul
+    prologue's x̂ (read back through an identity weight), and the oracle to rounding; M 1, 3 and
+    MAX_ROWS, F 37 (a ragged last tile) and 64, K 100 (ragged K steps), tiles of 2..16 rows, x̂ written
+    too (a postnorm block), a scale. Forms that cannot run it are refused by _launch and replaced by the
+    tiled default in gemv()."""
+    from attnlab.kernels import gemv as kg
+
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+
+    def inputs(m, f, seed, row_pad=0):  # x, [gate | up] weight, the rmsnorm prologue's keywords
+        x, w, kw = make(m, 2 * f, 100, "rmsnorm", dtype, seed=seed, row_pad=row_pad)
+        return x, w, dict(prologue="rmsnorm", **kw)
+
+    shapes = ((1, 37, None), (3, 64, (2, 32, 1, 1, False)), (kg.MAX_ROWS, 37, (16, 64, 4, 1, False)))
+    for m, f, config in shapes:
+        x, w, kw = inputs(m, f, m + f, row_pad=3)
+        if config is None:
+            act, gu = kg.gemv(x, w, epilogue="silu_mul", **kw), kg.gemv(x, w, **kw)
+        else:  # the plain GEMV in the same launch shape: the same summation order
+            act, gu = torch.full((m, f), float("nan"), dtype=dtype), torch.empty(m, 2 * f, dtype=dtype)
+            for out, epilogue in ((act, "silu_mul"), (gu, None)):
+                kg._launch(x, w, "rmsnorm", kw["norm_weight"], kw["norm_eps"], False, None, None, 1.0, 1.0,
+                           out, config, epilogue=epilogue)
+        assert act.shape == (m, f) and not act.isnan().any()
+        two_step = kg.gemv(gu, torch.eye(f, dtype=dtype), prologue="silu_mul")
+        assert torch.equal(act, two_step), (m, f, config)
+        assert rel_err(act, kg.gemv_reference(x, w, epilogue="silu_mul", **kw)) <= tol, (m, f, config)
+    x, w, kw = inputs(2, 37, 4)
+    xh, ref_xh = torch.full((2, 100), float("nan"), dtype=dtype), torch.empty(2, 100, dtype=dtype)
+    act = kg.gemv(x, w, epilogue="silu_mul", x_hat_out=xh, scale=0.5, out_dtype=torch.float32, **kw)
+    ref = kg.gemv_reference(x, w, epilogue="silu_mul", x_hat_out=ref_xh, scale=0.5, out_dtype=torch.float32,
+                            **kw)
+    assert act.dtype == torch.float32 and rel_err(act, ref) <= tol
+    assert not xh.isnan().any() and rel_err(xh, ref_xh) <= tol
+    for bad in [(3, 32, 4, 1, False), (16, 32, 4, 1, True), (8, 32, 4, 1, False, 1)]:
+        with pytest.raises(ValueError, match="config: the silu_mul epilogue runs in the tiled elementwise"):
+            kg._launch(x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, None, 1.0, 1.0,
+                       torch.empty(2, 37, dtype=dtype), bad, epilogue="silu_mul")
+    key = (2, 74, 100)
+    for entry in [(16, 32, 4, 1, True), (8, 32, 4, 1, False, 1), (5, 32, 4, 1, False)]:
+        kg.TUNING[key] = entry  # a form without the epilogue: gemv takes the tiled default instead
+        try:
+            act = kg.gemv(x, w, epilogue="silu_mul", **kw)
+            assert rel_err(act, kg.gemv_reference(x, w, epilogue="silu_mul", **kw)) <= tol, entry
+        finally:
+            del kg.TUNING[key]
+
+
+@interp
 @pytest.mark.parametrize("prologue", ["rmsnorm", "rmsnorm_sigmoid_gate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -429,6 +507,9 @@ def test_interp_empty_rows_and_custom_ops():
     kg.POISON_OUTPUTS = False  # opcheck compares repeated calls; NaN never equals itself
     torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, 1.0,
                                         "float32", *cfg))
+    w2 = torch.cat([w, w[:7]])  # 16 rows: [gate | up] of 8 outputs for the silu_mul epilogue
+    torch.library.opcheck(kg._gemv_op, (x, w2, "rmsnorm", kw["norm_weight"], 1e-5, False, None, 1.0,
+                                        "float32", *cfg, "silu_mul"))
     r = torch.randn(2, 9)
     torch.library.opcheck(kg._gemv_residual_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, r,
                                                  1.0, 1.0, *cfg))
@@ -439,6 +520,8 @@ def test_interp_empty_rows_and_custom_ops():
     for dst, is_res in ((r, True), (torch.empty(2, 9), False)):
         torch.library.opcheck(kg._gemv_x_hat_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, xh,
                                                   dst, is_res, 1.0, 1.0, *cfg[:5]))
+    torch.library.opcheck(kg._gemv_x_hat_op, (x, w2, "rmsnorm", kw["norm_weight"], 1e-5, False, None, xh,
+                                              torch.empty(2, 8), False, 1.0, 1.0, *cfg[:5], "silu_mul"))
 
     def step(h, nw, wq, res, xh):  # what a decode layer calls: dynamo must trace gemv's checks whole
         logits = kg.gemv(h, wq, prologue="rmsnorm", norm_weight=nw, out_dtype=torch.float32)
@@ -476,6 +559,8 @@ def test_interp_empty_rows_and_custom_ops():
     (1, "silu_mul", True, "*bf16", 5472, 2048, (4, 2048, 4, 1, False, 2, 2)),  # + L2 prefetch 3 tiles ahead
     (1, "rmsnorm_sigmoid_gate", True, "*bf16", 2048, 2048, None),  # Lightning's out_proj (norm, gate)
     (1, "rmsnorm", False, "*bf16", 2048, 8192, "x_hat"),  # a postnorm block's in_proj, writing x̂
+    (1, "rmsnorm", False, "*bf16", 2048, 10944, "silu_mul"),  # gate|up with the silu_mul epilogue
+    (1, None, True, "*bf16", 5472, 2048, None),  # down after it: TUNING's 8 columns x 2048 at 8 warps
 ])
 def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl):
     """The kernel as an H100 runs it (not the interpreter), at launch_config's default for the shape
@@ -488,8 +573,8 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
 
     from attnlab.kernels import gemv as kg
 
-    write_xh = config == "x_hat"
-    config = None if write_xh else config
+    write_xh, swiglu = config == "x_hat", config == "silu_mul"
+    config = None if write_xh or swiglu else config
     kg._SMS[0] = 132
     try:
         config = config or kg.launch_config(m, n, k, torch.device("cuda", 0))
@@ -504,7 +589,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
         const.update(K_STEPS=triton.cdiv(k, bk), L2_AHEAD=l2_ahead)
     else:
         fn = kg._gemv_kernel
-        const.update(DOT=dot, PREC="tf32", WRITE_XH=write_xh)
+        const.update(DOT=dot, PREC="tf32", WRITE_XH=write_xh, SWIGLU=swiglu)
     ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O=out, XH="*bf16")
     div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
            if a in ptr or a in ("N", "K", "stride_xm", "stride_gm")}
@@ -571,6 +656,25 @@ def test_gpu_gemv_matches_float32_reference(shape, m):
         # (the compiled kernel with the store may round the products differently from the one without)
         assert rel_err(again, ref) <= (2e-3 if out_dtype == torch.float32 else 1e-2)
         assert rel_err(xh, xh_ref) <= 4e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("f", [5472, 5504, 37])
+def test_gpu_silu_mul_epilogue(m, f):
+    """gate|up with the silu_mul epilogue at the presets' d_ff (and a ragged one): the float32 oracle
+    to bf16 rounding, and the two-step form (plain GEMV, then the prologue's x̂) to the last bit
+    outside a few one-ulp flips (the two kernels may contract multiply-adds differently)."""
+    from attnlab.kernels.gemv import gemv, gemv_reference
+
+    x, w, kw = make(m, 2 * f, 2048, "rmsnorm", torch.bfloat16, device="cuda", seed=f + m)
+    kw["prologue"] = "rmsnorm"
+    act = gemv(x, w, epilogue="silu_mul", **kw)  # (m, f)
+    assert act.shape == (m, f) and act.dtype == torch.bfloat16
+    ref = gemv_reference(x, w, epilogue="silu_mul", out_dtype=torch.float32, **kw)
+    assert rel_err(act, ref) <= 1e-2
+    two_step = gemv(gemv(x, w, **kw), torch.eye(f, device="cuda", dtype=torch.bfloat16), prologue="silu_mul")
+    assert (act != two_step).float().mean() <= 1e-3 and rel_err(act, two_step) <= 1e-3
 
 
 @pytest.mark.gpu

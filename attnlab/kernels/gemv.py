@@ -56,8 +56,13 @@ from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 8
+# The fused decode step's MLP (attnlab.layers.fused.block_step): gate|up with the silu_mul epilogue,
+# then down on its [M, F] output (True); or gate|up's [M, 2F] output, then down with the silu_mul
+# prologue (False). Bit-identical; an A/B knob for benchmarks/decode_ab.py.
+MLP_SWIGLU_EPILOGUE = True
 POISON_OUTPUTS = False  # tests: fill every new output buffer with NaN first, so an unwritten element fails
 PROLOGUES = (None, "rmsnorm", "silu_mul", "sigmoid_gate", "rmsnorm_sigmoid_gate")
+EPILOGUES = (None, "silu_mul")
 _PROLOGUE_ID = {None: 0, "rmsnorm": 1, "silu_mul": 2, "sigmoid_gate": 3, "rmsnorm_sigmoid_gate": 4}
 _NORM_PROLOGUES = ("rmsnorm", "rmsnorm_sigmoid_gate")
 _GATE_PROLOGUES = ("sigmoid_gate", "rmsnorm_sigmoid_gate")
@@ -89,7 +94,6 @@ TUNING: dict[tuple[int, int, int], tuple] = {
     # chain of GEMVs alone does not show). So every shape keeps the tiled form.
     (1, 2048, 1024): (8, 1024, 4, 1, False, 0),
     (1, 2048, 2048): (4, 2048, 4, 1, False, 0),
-    (1, 2048, 5472): (4, 2048, 4, 1, False, 0),
     (1, 2064, 2048): (4, 2048, 4, 1, False, 0),
     (1, 3072, 2048): (8, 1024, 4, 1, False, 0),
     (1, 4608, 2048): (4, 2048, 4, 1, False, 0),
@@ -118,6 +122,14 @@ TUNING: dict[tuple[int, int, int], tuple] = {
     (1, 11264, 1024): (8, 1024, 4, 1, False, 0),
     (1, 8192, 2048): (8, 1024, 4, 1, False, 0),
     (1, 2560, 2048): (8, 1024, 4, 1, False, 0),
+    # Twenty-second session, same card: with gate|up's silu_mul epilogue the down projection reads its
+    # [M, F] input with no prologue, and its best tiled shape moved. Chain sweep (gemv_gpu.py --chain-only
+    # --tiled-only --shapes down,down_plain,gate_up): down as it was, with the prologue, (4, 2048, 4) 10.04
+    # us (74% of the floor); without it (8, 2048, 8) 8.77 us (85%). In the step (decode_ab.py, best of 3,
+    # ms at 4K): deepseek-v3 0.8682 -> 0.8527, llama (best of 2) 0.7867 -> 0.7812; (4, 2048, 8) 0.8830 /
+    # 0.7880, (8, 1024, 4) 0.8900 / 0.8351 (benchmarks/results/decode_ab_h100_down_shapes.json,
+    # ..._gemv_shapes_run22.json; there 8 x 2048 at 8 warps lost for o_proj, x_proj, q_up, gate|up, LM head).
+    (1, 2048, 5472): (8, 2048, 8, 1, False, 0),
 }
 
 
@@ -201,6 +213,21 @@ def _epilogue(out, tile, R, O, N, keep, scale, M: tl.constexpr, ROWS: tl.constex
 
 
 @triton.jit
+def _swiglu_epilogue(g, u, tile, O, F, scale, M: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr,
+                     INTERP: tl.constexpr):
+    """O[:, tile * HALF + j] <- silu(g) * u from the float32 products g, u (ROWS, HALF): each rounded to
+    O's dtype first, as the gate|up GEMV's output, then silu(g) * u in float32 rounded once, as the
+    down projection's silu_mul prologue computes it (the same operations, so the same bits)."""
+    DT = O.dtype.element_ty
+    g = _round(scale * g, DT, INTERP)
+    u = _round(scale * u, DT, INTERP)
+    h = _round(g * tl.sigmoid(g) * u, DT, INTERP)
+    m2 = tl.arange(0, ROWS)[:, None]
+    n2 = tile * HALF + tl.arange(0, HALF)[None, :]
+    tl.store(O + m2.to(tl.int64) * F + n2, h.to(DT), mask=(m2 < M) & (n2 < F))
+
+
+@triton.jit
 def _gemv_kernel(
     X, W, NW, GATE, R, O, XH,
     N, K, stride_xm, stride_gm,
@@ -208,8 +235,12 @@ def _gemv_kernel(
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, WRITE_XH: tl.constexpr = False,
+    SWIGLU: tl.constexpr = False,
 ):
     """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N); rows padded to ROWS.
+    SWIGLU (elementwise form, no residual): W is [gate | up] (N = 2F rows) and program p owns the
+    F-wide output's columns [p * BLOCK_N / 2, +BLOCK_N / 2): its tile interleaves their gate rows (even
+    tile rows) and up rows (odd), and O [M, F] <- silu(g) * u, g and u each rounded to O's dtype first.
     PROLOGUE 0 none, 1 rmsnorm (NW [K]), 2 silu_mul (X [M, 2K]), 3 sigmoid_gate (GATE [M, K]),
     4 rmsnorm then sigmoid_gate.
     HAS_RES: R [M, N] <- R * keep + scale * acc; else O [M, N] <- scale * acc.
@@ -231,8 +262,13 @@ def _gemv_kernel(
         m = tl.arange(0, ROWS)[:, None, None]  # (ROWS, 1, 1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]  # (1, BLOCK_N, 1)
         kk = tl.arange(0, BLOCK_K)[None, None, :]  # (1, 1, BLOCK_K)
-    m_ok = m < M
     n_ok = n < N
+    if SWIGLU:  # tile row j: output column pid * BLOCK_N / 2 + j // 2, its gate row (j even) or up row
+        j = tl.arange(0, BLOCK_N)[None, :, None]  # (1, BLOCK_N, 1)
+        col = pid * (BLOCK_N // 2) + j // 2
+        n = (j % 2) * (N // 2) + col
+        n_ok = col < N // 2
+    m_ok = m < M
     x_rows = X + m.to(tl.int64) * stride_xm
     gate_rows = GATE + m.to(tl.int64) * stride_gm
     xh_rows = XH + m.to(tl.int64) * K
@@ -278,7 +314,11 @@ def _gemv_kernel(
     else:
         out = tl.sum(acc, axis=2)  # (ROWS, BLOCK_N)
 
-    _epilogue(out, pid, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
+    if SWIGLU:
+        g, u = tl.split(tl.reshape(out, (ROWS, BLOCK_N // 2, 2)))  # (ROWS, BLOCK_N / 2) each
+        _swiglu_epilogue(g, u, pid, O, N // 2, scale, M, ROWS, BLOCK_N // 2, INTERP)
+    else:
+        _epilogue(out, pid, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
 
 
 @triton.jit
@@ -446,9 +486,9 @@ def persistent_grid(n: int, block_n: int, persist: int, device: torch.device) ->
 def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_weight: torch.Tensor | None,
             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
             residual: torch.Tensor | None, keep: float, scale: float, out: torch.Tensor | None,
-            config: Config, x_hat_out: torch.Tensor | None = None) -> None:
-    """Run the kernel: into ``residual`` in place if given, else into ``out`` [M, N]; x̂ into
-    ``x_hat_out`` [M, K] too if given (the tiled form only)."""
+            config: Config, x_hat_out: torch.Tensor | None = None, epilogue: str | None = None) -> None:
+    """Run the kernel: into ``residual`` in place if given, else into ``out`` [M, N] ([M, N / 2] with
+    the silu_mul epilogue); x̂ into ``x_hat_out`` [M, K] too if given (the tiled form only)."""
     M = x.shape[0]
     N, K = weight.shape
     if M == 0 or N == 0:
@@ -462,6 +502,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         raise ValueError(f"config: PERSIST must be >= 0, and 0 with the DOT form, got {config}")
     if persist and x_hat_out is not None:
         raise ValueError(f"config: x_hat_out is written by the tiled form only (PERSIST 0), got {config}")
+    swiglu = epilogue == "silu_mul"
+    if swiglu and (dot or persist or block_n % 2):
+        raise ValueError(f"config: the silu_mul epilogue runs in the tiled elementwise form (DOT False, "
+                         f"PERSIST 0) with an even BLOCK_N, got {config}")
     if l2_ahead < 0 or (l2_ahead and (not persist or K * weight.element_size() % 16)):
         raise ValueError(f"config: L2_AHEAD must be >= 0, and 0 unless PERSIST > 0 and K x the element size "
                          f"is a multiple of 16 bytes, got {config} for K={K}")
@@ -500,7 +544,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
         HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET, PDL=pdl,
-        WRITE_XH=x_hat_out is not None, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
+        WRITE_XH=x_hat_out is not None, SWIGLU=swiglu, num_warps=num_warps, num_stages=num_stages,
+        **launch_options(pdl),
     )
 
 
@@ -512,22 +557,27 @@ def _dtype_of(name: str) -> torch.dtype:
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
              norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
              out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int,
-             dot: bool, persist: int = 0, l2_ahead: int = 0) -> torch.Tensor:
+             dot: bool, persist: int = 0, l2_ahead: int = 0, epilogue: str = "") -> torch.Tensor:
     dt = _dtype_of(out_dtype)
-    shape = (x.shape[0], weight.shape[0])
+    shape = (x.shape[0], _out_columns(weight, epilogue))
     if POISON_OUTPUTS:
         out = torch.full(shape, float("nan"), dtype=dt, device=x.device)
     else:
         out = torch.empty(shape, dtype=dt, device=x.device)
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, None, 1.0, scale,
-            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead))
+            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), epilogue=epilogue or None)
     return out
 
 
 @_gemv_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
-      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=_dtype_of(out_dtype))
+      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0, epilogue=""):
+    return x.new_empty(x.shape[0], _out_columns(weight, epilogue), dtype=_dtype_of(out_dtype))
+
+
+def _out_columns(weight: torch.Tensor, epilogue: str | None) -> int:
+    """The output's width: N, or F = N / 2 with the silu_mul epilogue (weight [gate | up])."""
+    return weight.shape[0] // 2 if epilogue == "silu_mul" else weight.shape[0]
 
 
 @torch.library.custom_op("attnlab::gemv_residual_", mutates_args=("residual",))
@@ -553,25 +603,36 @@ def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, resi
 def _gemv_x_hat_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
                    norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
                    x_hat_out: torch.Tensor, dst: torch.Tensor, is_residual: bool, keep: float, scale: float,
-                   block_n: int, block_k: int, num_warps: int, num_stages: int, dot: bool) -> None:
-    """dst <- dst * keep + scale * x̂ @ Wᵀ (is_residual) or scale * x̂ @ Wᵀ; x̂ into x_hat_out."""
+                   block_n: int, block_k: int, num_warps: int, num_stages: int, dot: bool,
+                   epilogue: str = "") -> None:
+    """dst <- dst * keep + scale * x̂ @ Wᵀ (is_residual) or scale * x̂ @ Wᵀ (through the epilogue);
+    x̂ into x_hat_out."""
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate,
             dst if is_residual else None, keep, scale, None if is_residual else dst,
-            (block_n, block_k, num_warps, num_stages, dot, 0, 0), x_hat_out)
+            (block_n, block_k, num_warps, num_stages, dot, 0, 0), x_hat_out, epilogue or None)
 
 
 @_gemv_x_hat_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, x_hat_out, dst, is_residual, keep,
-      scale, block_n, block_k, num_warps, num_stages, dot):
+      scale, block_n, block_k, num_warps, num_stages, dot, epilogue=""):
     return None
 
 
-def _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out=None) -> None:
+def _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out=None,
+           epilogue=None) -> None:
     """Shared by gemv and gemv_reference: every argument's shape, dtype and device."""
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue: expected one of {PROLOGUES}, got {prologue!r}")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue: expected one of {EPILOGUES}, got {epilogue!r}")
     check_tensor("weight", weight, 2, "[N, K]", dtypes=_IO_DTYPES)
     N, K = weight.shape
+    if epilogue == "silu_mul":
+        if N % 2:
+            raise ValueError(f"weight: epilogue='silu_mul' needs [gate | up] rows (an even N), got N={N}")
+        if residual is not None:
+            raise ValueError("residual: epilogue='silu_mul' writes a new output [M, N / 2], not into a "
+                             "residual")
     k_in = 2 * K if prologue == "silu_mul" else K
     layout = "[M, 2K] = [gate | up]" if prologue == "silu_mul" else "[M, K]"
     check_tensor("x", x, 2, layout, shape=(None, k_in), dtypes=(weight.dtype,))
@@ -639,6 +700,7 @@ def gemv(
     scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
     x_hat_out: torch.Tensor | None = None,
+    epilogue: str | None = None,
 ) -> torch.Tensor:
     """``epilogue(prologue(x) @ weight.T)`` in one Triton kernel, for M <= MAX_ROWS rows.
 
@@ -660,12 +722,17 @@ def gemv(
         x_hat_out: [M, K] contiguous, x's dtype, sharing no memory with x, gate or residual; with a
             norm prologue, x̂ is also written here (a postnorm block's normed residual stream, which
             the GEMV computes anyway).
+        epilogue: None, or ``"silu_mul"``: weight is SwiGLU's [gate | up] ([2F, K]) and the output
+            is ``silu(g) * u`` [M, F] with g, u = scale * (x̂ @ weight.T) halves, each rounded to the
+            output dtype first: what the down projection's ``"silu_mul"`` prologue would compute from
+            this GEMV's plain output, without writing or re-reading [gate | up]. No residual.
 
     Returns:
-        [M, N]: ``residual``, or a new tensor of ``out_dtype``. Float32 accumulation. CUDA tensors
-        (CPU tensors only under TRITON_INTERPRET=1; else call :func:`gemv_reference`). No autograd.
+        [M, N] ([M, N / 2] with the silu_mul epilogue): ``residual``, or a new tensor of ``out_dtype``.
+        Float32 accumulation. CUDA tensors (CPU tensors only under TRITON_INTERPRET=1; else call
+        :func:`gemv_reference`). No autograd.
     """
-    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out)
+    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out, epilogue)
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"x: gemv runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device {x.device}; "
@@ -675,15 +742,17 @@ def gemv(
     if M > MAX_ROWS:
         raise ValueError(f"x: gemv takes at most MAX_ROWS={MAX_ROWS} rows, got {M}; use gemv_reference")
     config = launch_config(M, weight.shape[0], weight.shape[1], x.device)
-    name = prologue or ""
+    name, epi = prologue or "", epilogue or ""
+    # x̂ and the epilogue are written by the tiled elementwise form only: else its default for the shape
+    if (x_hat_out is not None and config[5]) or (epilogue and (config[4] or config[5] or config[0] % 2)):
+        config = _default_config(M, weight.shape[0], weight.shape[1], x.device)
     if x_hat_out is not None:
-        if config[5]:  # the persistent form does not write x̂: the tiled default for the shape
-            config = _default_config(M, weight.shape[0], weight.shape[1], x.device)
         dst = residual
         if dst is None:
-            dst = output_buffer((M, weight.shape[0]), out_dtype or x.dtype, x.device, POISON_OUTPUTS)
+            shape = (M, _out_columns(weight, epilogue))
+            dst = output_buffer(shape, out_dtype or x.dtype, x.device, POISON_OUTPUTS)
         _gemv_x_hat_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
-                       x_hat_out, dst, residual is not None, float(keep), float(scale), *config[:5])
+                       x_hat_out, dst, residual is not None, float(keep), float(scale), *config[:5], epi)
         return dst
     if residual is not None:
         _gemv_residual_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
@@ -691,7 +760,7 @@ def gemv(
         return residual
     dt = _DTYPE_NAME[out_dtype or x.dtype]
     return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
-                    float(scale), dt, *config)
+                    float(scale), dt, *config, epi)
 
 
 def gemv_reference(
@@ -708,10 +777,11 @@ def gemv_reference(
     scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
     x_hat_out: torch.Tensor | None = None,
+    epilogue: str | None = None,
 ) -> torch.Tensor:
     """:func:`gemv` in torch ops (any device, any M): the CPU fallback and the tests' oracle.
     The product is float32 (16-bit weights are upcast: a float32 copy of the weight per call)."""
-    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out)
+    _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out, epilogue)
     K = weight.shape[1]
     xf = x.float()
     if prologue in _NORM_PROLOGUES:  # RMSNorm.forward's float32 math
@@ -730,10 +800,14 @@ def gemv_reference(
     if x_hat_out is not None:
         x_hat_out.copy_(x_hat)
     acc = x_hat @ weight.float().t()  # (M, N) float32
+    if epilogue == "silu_mul":  # SwiGLU on [gate | up], each half rounded as a plain output first
+        dt = out_dtype or x.dtype
+        g, u = (acc * scale).to(dt).float().chunk(2, dim=1)  # (M, N / 2) each
+        return (F.silu(g) * u).to(dt)
     if residual is None:
         return (acc * scale if scale != 1.0 else acc).to(out_dtype or x.dtype)
     residual.copy_(torch.add(residual.float() * keep, acc, alpha=scale))
     return residual
 
 
-__all__ = ["MAX_ROWS", "TUNING", "gemv", "gemv_reference", "launch_config"]
+__all__ = ["EPILOGUES", "MAX_ROWS", "TUNING", "gemv", "gemv_reference", "launch_config"]

@@ -323,9 +323,15 @@ def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
         mlp(block.mlp_norm(h), Residual(h, block.mlp_alpha, block.mlp_beta))
         return True
     # postnorm: the stream is io.res; its norm goes back into h2, which the down projection adds into
-    gu = gemv(io.res, gate_up, **_norm_args(block.mlp_norm), x_hat_out=h2 if block.postnorm else None)
+    x_hat_out = h2 if block.postnorm else None
+    if _gemv_module().MLP_SWIGLU_EPILOGUE:
+        act = gemv(io.res, gate_up, **_norm_args(block.mlp_norm), x_hat_out=x_hat_out,
+                   epilogue="silu_mul")  # (B, d_ff): silu(gate) * up
+        gemv(act, mlp.down_proj.weight, residual=h2, keep=block.mlp_alpha, scale=block.mlp_beta)
+        return True
+    gu = gemv(io.res, gate_up, **_norm_args(block.mlp_norm), x_hat_out=x_hat_out)  # (B, 2 * d_ff)
     gemv(gu, mlp.down_proj.weight, prologue="silu_mul", residual=h2, keep=block.mlp_alpha,
-         scale=block.mlp_beta)  # (B, 2 * d_ff) [gate | up] -> added into h2
+         scale=block.mlp_beta)  # [gate | up] -> added into h2
     return True
 
 
