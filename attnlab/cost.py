@@ -601,10 +601,10 @@ class _GraphDecode:
                 runner(x, caches)
             self.replay = lambda: runner(x, caches)
         else:
-            from .generate import capture_cuda_graph
+            from .generate import capture_cuda_graph, prefer_l1
 
             with torch.cuda.device(runner.device):  # streams of the tensors' device
-                graph, out = capture_cuda_graph(lambda: runner(x, caches), _GRAPH_WARMUP)
+                graph, out = capture_cuda_graph(lambda: runner(x, caches), _GRAPH_WARMUP, prefer_l1)
             self.replay = graph.replay
             self._keep = (graph, out)  # the output lives in the graph's memory pool
         for c in caches:  # warm-up (and, for a model, its capture) wrote into the caches

@@ -254,18 +254,33 @@ def prefill(
 
 
 # ----------------------------------------------------------------------------- decode step
-def capture_cuda_graph(fn: Callable[[], object], warmup: int = 1) -> tuple[torch.cuda.CUDAGraph, object]:
+def prefer_l1() -> None:
+    """The L1 carveout hint for the attnlab Triton kernels compiled so far
+    (:func:`attnlab.kernels._common.prefer_l1`; 3-4% of a decode step on an H100); nothing without
+    triton."""
+    try:
+        from .kernels._common import prefer_l1 as hint
+    except ImportError:
+        return
+    hint()
+
+
+def capture_cuda_graph(
+    fn: Callable[[], object], warmup: int = 1, before_capture: Callable[[], object] | None = None
+) -> tuple[torch.cuda.CUDAGraph, object]:
     """(graph, fn's output): ``fn`` run ``warmup`` (>= 1) times on a side stream (kernels compile,
-    the allocator warms up), then captured in a CUDA graph on the current device (PyTorch's capture
-    recipe, https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs). The output lives in the
-    graph's memory pool: keep it with the graph; each ``graph.replay()`` rewrites it from the inputs'
-    current contents."""
+    the allocator warms up), ``before_capture()`` if given, then ``fn`` captured in a CUDA graph on
+    the current device (PyTorch's capture recipe, https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs).
+    The output lives in the graph's memory pool: keep it with the graph; each ``graph.replay()``
+    rewrites it from the inputs' current contents."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(max(1, warmup)):
             fn()
     torch.cuda.current_stream().wait_stream(side)
+    if before_capture is not None:
+        before_capture()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
@@ -321,6 +336,7 @@ class DecodeStep:
         self.logits: torch.Tensor | None = None  # static output (B, V) once captured
         self.graph = None
         self._compiled = None
+        self._l1_hinted = False
         # room in the caches is checked on the host, outside the step: a host copy of the longest
         # row's length, re-read (one sync) only when something else changed the caches' lengths
         # (prefill, reset), which the lengths tensors' version counters reveal without a sync
@@ -364,7 +380,7 @@ class DecodeStep:
                 logits = self._forward(self.tokens)
                 return logits, greedy_tokens(logits) if self.greedy else None
 
-            self.graph, (self.logits, next_tokens) = capture_cuda_graph(step, warmup)
+            self.graph, (self.logits, next_tokens) = capture_cuda_graph(step, warmup, prefer_l1)
             if self.greedy:
                 self.next_tokens = next_tokens
         for c in self.caches:  # warm-up (and capture) wrote into the caches
@@ -376,12 +392,14 @@ class DecodeStep:
         read it before the next call)."""
         if self.mode == "eager":
             out = self._forward(tokens[:, None])
+            self._hint_l1()
         else:
             self._check_room()
             self.tokens.copy_(tokens[:, None])
             if self.mode == "compile":
                 torch.compiler.cudagraph_mark_step_begin()
                 out = self._compiled(self.tokens).clone()
+                self._hint_l1()  # (after the first call compiled the kernels, before a later one records)
             elif self.graph is None:  # simulated capture
                 self.logits = out = self._forward(self.tokens)
             else:
@@ -391,6 +409,12 @@ class DecodeStep:
         if self.greedy and self.graph is None:
             self.next_tokens = greedy_tokens(out)  # (B,)
         return out
+
+    def _hint_l1(self) -> None:
+        """prefer_l1 once the step's kernels are compiled (the first call, on CUDA)."""
+        if not self._l1_hinted and self.tokens.is_cuda:
+            prefer_l1()
+            self._l1_hinted = True
 
     def _length_versions(self) -> tuple[int, ...] | None:
         try:

@@ -107,6 +107,8 @@ def compile_sm90(fn, constexprs: dict, pointers: dict, floats: tuple = (), ints:
     from triton.compiler import ASTSource
 
     ints = ints or {}
+    # constexpr parameters left out take their defaults (as a launch that does not pass them)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
 
     def kind(a: str) -> str:
         if a in constexprs:
