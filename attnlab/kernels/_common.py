@@ -14,10 +14,9 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # CUfunction_attribute (cuda.h)
-_CARVEOUT_SET: set[int] = set()  # CUfunction handles already seen
-# Kernels with at most this much shared memory take the hint; bigger users keep the driver's choice,
-# which fits several of their programs on an SM (llama's split decode kernel, 70 KB: hinted too, 1M
-# context 14.50 vs 13.33 ms a token)
+# Kernels with at most this much shared memory get the L1 hint; bigger users keep the driver's choice,
+# which fits several of their programs on an SM (llama's split decode kernel, 70 KB, hinted too: 1M
+# context 14.50 vs 13.33 ms a token). -1: no kernel is hinted (an A/B knob for decode_ab.py)
 CARVEOUT_HINT_MAX_SHARED = 16 * 1024
 _LIBCUDA: list = []  # [the driver library] once loaded, [None] when it cannot be
 
@@ -26,11 +25,11 @@ def prefer_l1() -> int:
     """Hint the driver to give every attnlab Triton kernel launched so far (on CUDA) that uses little
     shared memory (<= CARVEOUT_HINT_MAX_SHARED: the GEMVs, cache writes, combines, top-k) the smallest
     shared-memory carveout, the rest of each SM's unified L1 / shared memory staying L1
-    (``cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 0)``). Without it the
-    ~1B decode steps ran 3-5% slower on an H100 at 4K-128K (benchmarks/RESULTS.md, twenty-second
-    session). Call it after the kernels ran once and before a CUDA graph captures them (DecodeStep
-    does). Returns the number of kernels newly hinted; 0 without a CUDA driver (a warning says so
-    once)."""
+    (``cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 0)``); the others get
+    the driver's default (-1) back. Without it the ~1B decode steps ran 3-5% slower on an H100 at
+    4K-128K (benchmarks/RESULTS.md, twenty-second session). Call it after the kernels ran once and
+    before a CUDA graph captures them (DecodeStep does). Returns the number of kernels hinted; 0
+    without a CUDA driver (a warning says so once)."""
     if not _LIBCUDA:
         try:
             _LIBCUDA.append(ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll"))
@@ -51,18 +50,16 @@ def prefer_l1() -> int:
             for cache in list(getattr(fn, "device_caches", {}).values()):
                 for kernel in list(cache[0].values()):  # the compiled kernels of one device
                     handle = getattr(kernel, "function", None)  # None until launched (loaded) once
-                    if handle is None or getattr(kernel, "module", None) is None or handle in _CARVEOUT_SET:
+                    if handle is None or getattr(kernel, "module", None) is None:
                         continue
-                    _CARVEOUT_SET.add(handle)
-                    if kernel.metadata.shared > CARVEOUT_HINT_MAX_SHARED:
-                        continue
+                    hint = 0 if kernel.metadata.shared <= CARVEOUT_HINT_MAX_SHARED else -1
                     err = lib.cuFuncSetAttribute(ctypes.c_void_p(handle),
                                                  _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                                                 ctypes.c_int(0))
+                                                 ctypes.c_int(hint))
                     if err:
                         warnings.warn(f"attnlab.kernels: cuFuncSetAttribute(carveout) failed for "
                                       f"{fn.__name__} (CUresult {err})", stacklevel=2)
-                    count += not err  # (a failure is not retried)
+                    count += hint == 0 and not err
     return count
 
 
