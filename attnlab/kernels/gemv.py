@@ -130,6 +130,14 @@ TUNING: dict[tuple[int, int, int], tuple] = {
     # 0.7880, (8, 1024, 4) 0.8900 / 0.8351 (benchmarks/results/decode_ab_h100_down_shapes.json,
     # ..._gemv_shapes_run22.json; there 8 x 2048 at 8 warps lost for o_proj, x_proj, q_up, gate|up, LM head).
     (1, 2048, 5472): (8, 2048, 8, 1, False, 0),
+    # Then with the L1 carveout hint (kernels._common.prefer_l1), the same in-step A/B over the presets'
+    # other big shapes (decode_ab_h100_gemv_shapes_l1.json, deepseek-v3 / llama at 4K, best of 2, base
+    # 0.8230 / 0.7490 ms) found none better: gate|up as 4 x 2048 / 16 x 512 / 4 x 1024 0.8339 / 1.0343 /
+    # 0.8263 (deepseek-v3), down as 4 x 2048 / 8 x 1024 / 16 x 1024 at 8 warps 0.8402 / 0.8598 / 0.8708,
+    # o_proj as 2 x 2048 / 8 x 1024 0.8451 / 0.8445, the LM head as 4 x 2048 / 16 x 512 0.8231 / 0.8512,
+    # x_proj 8 x 1024 0.8497, q_up 4 x 1024 0.8320; llama's qkv as 4 x 2048 0.7448 there, but against
+    # the kept 8 x 1024 over three rounds (decode_ab_h100_qkv_shape.json) llama 4K 0.7479 vs 0.7494, 32K
+    # 1.0836 vs 1.0796, swa 4K 0.7448 vs 0.7354, 32K 0.8306 vs 0.8183.
 }
 
 
