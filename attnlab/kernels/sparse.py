@@ -1523,6 +1523,14 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # 1 << 17 (multi-launch there) 1.687 ms, 160K (fused) 1.628.
 TOPK_FUSED_MAX = 160 * 1024
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
+# Rows whose chunks hold at least this many scores take TOPK_FUSED_WIDE_BLOCK-score steps at 8 warps
+# (two scores a thread, as 256 at 4 warps): one program an SM issued an instruction every ~10 cycles
+# there (ncu, 128K: 26.8 us; benchmarks/results/ncu_h100_v32_topk_128k.txt). H100, 2026-11-27, the
+# ~1B deepseek-v32 step (best of 2, ms; decode_ab_h100_topk_warps.json, ..._topk_wide.json): 128K
+# (chunks of 994 scores) 1.5693 -> 1.4890 (16 warps x 1024: 1.4796 / 1.5157), 64K (497) 1.3589 ->
+# 1.3123, but 32K (249) 1.2467 -> 1.2515.
+TOPK_FUSED_WIDE_MIN_CHUNK = 384
+TOPK_FUSED_WIDE_BLOCK = 512
 # The fused path's candidate shortcut (_topk_fused's CAND_MAX): when at most this many keys share the
 # k-th largest key's top 16 bits, a row takes two barriers instead of five. Each program ranks all of
 # them (CAND_MAX^2 comparisons at most). 0 turns it off; rows past TOPK_CANDIDATES_MAX_ROWS never take
@@ -1667,6 +1675,9 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     cand_max = TOPK_CANDIDATES_MAX if R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
     block = TOPK_CANDIDATES_BLOCK if cand_max else TOPK_FUSED_BLOCK
     n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, block)))
+    warps = 4
+    if not cand_max and triton.cdiv(S, n_chunks) >= TOPK_FUSED_WIDE_MIN_CHUNK:  # long chunks: wider steps
+        block, warps = TOPK_FUSED_WIDE_BLOCK, 8
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), block) * block
     n_chunks = triton.cdiv(S, chunk)
     n_fine = 65536 if cand_max else 0
@@ -1681,7 +1692,7 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, fine, cand, sel, S, T, chunk, sc.stride(0),
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
-                                 PDL=pdl, num_warps=4, **launch_options(pdl))
+                                 PDL=pdl, num_warps=warps, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:
