@@ -163,6 +163,13 @@ def _mm(a, b, PREC: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _silu_mul(g, u):
+    """SwiGLU's silu(g) * u in float32: the silu_mul prologue's and epilogue's one formula (so the two
+    give the same bits)."""
+    return g * tl.sigmoid(g) * u
+
+
+@triton.jit
 def _x_hat(x_rows, k, x_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.constexpr,
            ZERO_CENTERED: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
     """The prologue at columns k of the rows x_rows (any broadcast shape): float32 x̂, rounded to DT."""
@@ -176,7 +183,7 @@ def _x_hat(x_rows, k, x_ok, k_ok, NW, gate_rows, rstd, K, PROLOGUE: tl.constexpr
         xv = _round(norm_weight(xv * rstd, nw, ZERO_CENTERED), DT, INTERP) * _round(tl.sigmoid(g), DT, INTERP)
     elif PROLOGUE == 2:
         up = tl.load(x_rows + K + k, mask=x_ok, other=0.0).to(tl.float32)
-        xv = xv * tl.sigmoid(xv) * up
+        xv = _silu_mul(xv, up)
     elif PROLOGUE == 3:
         g = tl.load(gate_rows + k, mask=x_ok, other=0.0).to(tl.float32)
         xv = xv * tl.sigmoid(g)
@@ -218,21 +225,6 @@ def _epilogue(out, tile, R, O, N, keep, scale, M: tl.constexpr, ROWS: tl.constex
     else:
         out = _round(scale * out, O.dtype.element_ty, INTERP)
         tl.store(O + offs, out.to(O.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _swiglu_epilogue(g, u, tile, O, F, scale, M: tl.constexpr, ROWS: tl.constexpr, HALF: tl.constexpr,
-                     INTERP: tl.constexpr):
-    """O[:, tile * HALF + j] <- silu(g) * u from the float32 products g, u (ROWS, HALF): each rounded to
-    O's dtype first, as the gate|up GEMV's output, then silu(g) * u in float32 rounded once, as the
-    down projection's silu_mul prologue computes it (the same operations, so the same bits)."""
-    DT = O.dtype.element_ty
-    g = _round(scale * g, DT, INTERP)
-    u = _round(scale * u, DT, INTERP)
-    h = _round(g * tl.sigmoid(g) * u, DT, INTERP)
-    m2 = tl.arange(0, ROWS)[:, None]
-    n2 = tile * HALF + tl.arange(0, HALF)[None, :]
-    tl.store(O + m2.to(tl.int64) * F + n2, h.to(DT), mask=(m2 < M) & (n2 < F))
 
 
 @triton.jit
@@ -322,9 +314,11 @@ def _gemv_kernel(
     else:
         out = tl.sum(acc, axis=2)  # (ROWS, BLOCK_N)
 
-    if SWIGLU:
+    if SWIGLU:  # g and u rounded as the plain GEMV's output, then silu(g) * u stored (rounded once)
         g, u = tl.split(tl.reshape(out, (ROWS, BLOCK_N // 2, 2)))  # (ROWS, BLOCK_N / 2) each
-        _swiglu_epilogue(g, u, pid, O, N // 2, scale, M, ROWS, BLOCK_N // 2, INTERP)
+        DT = O.dtype.element_ty
+        h = _silu_mul(_round(scale * g, DT, INTERP), _round(scale * u, DT, INTERP))
+        _epilogue(h, pid, R, O, N // 2, keep, 1.0, M, ROWS, False, BLOCK_N // 2, INTERP)
     else:
         _epilogue(out, pid, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
 
