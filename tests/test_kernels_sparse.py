@@ -567,19 +567,14 @@ def _threshold_ties(scores: torch.Tensor, topk: int, copies: int, seed: int) -> 
 
 
 @interp
-@pytest.mark.parametrize("fine", [True, False])
-def test_interp_topk_fused_candidate_path(fine, monkeypatch):
-    """The fused top-k's candidate path (the keys sharing the k-th key's top 16 bits ranked in the
-    program; their bits settled by the 16-bit histogram, two barriers, or with ``fine`` off by level 1's
-    own barrier, three) equals the oracle sorted and unsorted, with ties at the cut; it is taken for
-    distinct scores and left (the row's candidate count 0) for scores with more than the path's
-    candidate limit, a row whose k-th score is -inf (the 16-bit path), and both limits 0."""
+def test_interp_topk_fused_candidate_path(monkeypatch):
+    """The fused top-k's two-barrier candidate path (the keys sharing the k-th key's top 16 bits
+    ranked in the program) equals the oracle sorted and unsorted, with ties at the cut; it is taken
+    for distinct scores and left (the row's candidate count 0) for scores with more than
+    TOPK_CANDIDATES_MAX candidates, a row whose k-th score is -inf, and TOPK_CANDIDATES_MAX = 0."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
-    if not fine:  # every row is "long"
-        monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX_S", 0)
-    limit = "TOPK_CANDIDATES_MAX" if fine else "TOPK_LEVEL_CANDIDATES_MAX"
     gen = torch.Generator().manual_seed(12)
 
     def run(scores, topk, causal=False):
@@ -602,16 +597,11 @@ def test_interp_topk_fused_candidate_path(fine, monkeypatch):
     assert bool((run(tied, 100) >= 6).all())  # the k-th value and its 5 copies are all candidates
     assert bool((run(torch.randn(1, 3, 400, generator=gen), 30, causal=True) > 0).all())
     quarters = (torch.randn(1, 1, 2000, generator=gen) * 4).round() / 4  # ~200 keys per value
-    monkeypatch.setattr(ks, limit, 64)
+    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX", 64)
     assert run(quarters, 500).tolist() == [0]
     n_cand = run(distinct, 650)  # row 1 has 600 finite scores: its 650th is -inf
-    # the 16-bit histogram leaves out level 0's bin 0 (-inf); level 1 counts its 100 keys (> 64)
     assert n_cand[0] > 0 and n_cand[1] == 0
-    if not fine:
-        monkeypatch.setattr(ks, limit, 128)
-        assert run(distinct, 650)[1] == 100  # the 100 -inf keys are the candidates, 50 of them taken
     monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX", 0)
-    monkeypatch.setattr(ks, "TOPK_LEVEL_CANDIDATES_MAX", 0)
     assert run(distinct, 100).tolist() == [0, 0]
 
 
@@ -1015,17 +1005,15 @@ def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 1, 4168), (1, 1, 32840), (1, 1, 131144), (2, 1, 70000), (8, 1, 5000),
                                    (1, 1, 300)])
-@pytest.mark.parametrize("fine", [True, False])
-def test_gpu_topk_fused_candidate_path(shape, fine, monkeypatch):
-    """Decode rows over many chunks on the fused path's candidate path (the two-barrier one with its
-    length limit lifted, or with ``fine`` off the three-barrier one for every row): distinct scores
-    (and the same with the k-th value copied to positions across the row, so tied candidates sit in
-    different chunks) give the oracle sorted and unsorted, and the path was taken (every row's
-    candidate count > 0); a row with fewer finite scores than k keeps the five-barrier path unless
-    (three-barrier path) its -inf keys are few enough to be the candidates."""
+def test_gpu_topk_fused_candidate_path(shape, monkeypatch):
+    """Decode rows over many chunks on the fused path's two-barrier candidate path (its length limit
+    lifted): distinct scores (and the same with the k-th value copied to positions across the row, so
+    tied candidates sit in different chunks) give the oracle sorted and unsorted, and the path was
+    taken (every row's candidate count > 0); a row with fewer finite scores than k keeps the
+    five-barrier path."""
     from attnlab.kernels import sparse as ks
 
-    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX_S", 1 << 20 if fine else 0)
+    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX_S", 1 << 20)
 
     gen = torch.Generator(device="cuda").manual_seed(shape[2] + 7)
     R, S = shape[0] * shape[1], shape[2]
@@ -1045,8 +1033,7 @@ def test_gpu_topk_fused_candidate_path(shape, fine, monkeypatch):
     n_cand = ks._topk_fused_launch(short.reshape(R, S), got, S, 1, 100, 100, False, True)
     want = ops.dsa_topk(short, 100, causal=False, mode="torch")
     assert torch.equal(got.view_as(want), want)
-    n_inf = S - 50
-    assert n_cand[0].item() == (0 if fine or n_inf > ks.TOPK_LEVEL_CANDIDATES_MAX else n_inf)
+    assert n_cand[0].item() == 0
 
 
 @pytest.mark.gpu

@@ -790,16 +790,6 @@ def _topk_candidate_threshold(CAND, n_cand, k_rem, lo, S, CB: tl.constexpr):
 
 
 @triton.jit
-def _topk_settle_candidates(h1, k_rem, prefix):
-    """Level 1 settled from its histogram h1 (int32 [256]) of the keys under level 0's ``prefix``:
-    (the top 16 bits of the k-th largest key, keys still to take at them, how many keys share them:
-    the candidates)."""
-    b, k_rem = _topk_pick(h1, k_rem)
-    n_cand = tl.sum(tl.where(tl.arange(0, _TOPK_BINS) == b, h1, 0), 0)
-    return prefix * 256 + b, k_rem, n_cand
-
-
-@triton.jit
 def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL: tl.constexpr,
                            BLOCK: tl.constexpr, POSITIONS: tl.constexpr):
     """_topk_take for the candidate path: every key at positions [lo, hi) whose sort key is at least
@@ -815,8 +805,7 @@ def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL:
 @triton.jit
 def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
-                FINE: tl.constexpr = True):
+                CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -833,9 +822,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     candidates by ranking them (ties broken by position, as everywhere here) and writes its taken keys
     at once. Otherwise (more candidates; or the k-th key in level 0's bin 0, e.g. a row with fewer
     finite scores than k) the remaining levels run as above, every program taking the same branch
-    (each decides from the same row totals). FINE = False (long rows, where the 16-bit histogram's
-    one atomic per key costs more than a barrier): level 1 settles the top 16 bits through its own
-    barrier instead, then the same candidate path: three barriers instead of five."""
+    (each decides from the same row totals)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -853,27 +840,20 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     k_rem = k_eff
     counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 0, CAUSAL, BLOCK)
     tl.atomic_add(hist + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
-    if CAND_MAX > 0 and FINE:
+    if CAND_MAX > 0:
         _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
     _row_sync(ctr, N_CHUNK)
     prefix, k_rem = _topk_descend(tl.load(hist + bins, volatile=True), k_rem, prefix, 0)
     levels = tl.full([], 1, tl.int32)  # levels settled
-    syncs = tl.full([], 1, tl.int32)  # row barriers passed
     n_cand = tl.full([], CAND_MAX + 1, tl.int32)  # not the candidate path unless set below
     if CAND_MAX > 0:
-        if FINE:
-            if prefix != -128:  # H16 holds the chosen level-0 bin's keys
-                h1 = tl.load(H16 + r.to(tl.int64) * 65536 + (prefix + 128) * 256 + bins, volatile=True)
-                prefix, k_rem, n_cand = _topk_settle_candidates(h1, k_rem, prefix)
-                levels = tl.full([], 2, tl.int32)
-        else:  # level 1 through its own barrier
-            counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 1, CAUSAL, BLOCK)
-            tl.atomic_add(hist + 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
-            syncs += 1
-            _row_sync(ctr, syncs * N_CHUNK)
-            h1 = tl.load(hist + 256 + bins, volatile=True)
-            prefix, k_rem, n_cand = _topk_settle_candidates(h1, k_rem, prefix)
+        if prefix != -128:  # H16 holds the chosen level-0 bin's keys
+            h1 = tl.load(H16 + r.to(tl.int64) * 65536 + (prefix + 128) * 256 + bins, volatile=True)
+            b, k_rem = _topk_pick(h1, k_rem)
+            n_cand = tl.sum(tl.where(bins == b, h1, 0), 0)
+            prefix = prefix * 256 + b
             levels = tl.full([], 2, tl.int32)
+    syncs = tl.full([], 1, tl.int32)
     out = OUT + r.to(tl.int64) * stride_out
     done = tl.full([], 0, tl.int32)
     if CAND_MAX > 0:  # (a compile-time branch: no trace of the path in the kernel without it)
@@ -881,7 +861,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
             cand = CAND + r.to(tl.int64) * CAND_MAX
             n_gt = _topk_candidates(SC, cand, ctr + 1, row_off, lo, hi, qpos, S, prefix, CAUSAL, BLOCK)
             tl.store(CNT + pid * 2, n_gt)
-            _row_sync(ctr, (syncs + 1) * N_CHUNK)
+            _row_sync(ctr, 2 * N_CHUNK)
             thr_sk, taken_before = _topk_candidate_threshold(cand, n_cand, k_rem, lo, S, CB)
             ch = tl.arange(0, BCH)
             cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
@@ -1563,10 +1543,6 @@ TOPK_FUSED_WIDE_BLOCK = 512
 TOPK_CANDIDATES_MAX = 256
 TOPK_CANDIDATES_MAX_ROWS = 8
 TOPK_CANDIDATES_MAX_S = 12 * 1024
-# The candidate path for the other fused rows (longer, or more of them): level 1 through its own
-# barrier instead of the 16-bit histogram (_topk_fused's FINE = False), so three barriers instead of
-# five when at most this many keys share the k-th key's top 16 bits. 0 turns it off.
-TOPK_LEVEL_CANDIDATES_MAX = 256
 # TOPK_FUSED_BLOCK for the rows that may take the candidate path (scores per step, smallest chunk):
 # more, smaller chunks there. H100, 2026-11-27, deepseek-v32 step (interleaved, best / median of 3, ms):
 # 4K 256 1.191 / 1.195, 128 1.174 / 1.186, 64 1.195 / 1.196; 8K 1.221 / 1.221, 1.222 / 1.222, 1.217 /
@@ -1696,20 +1672,19 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     row's chunks, at most SMs // R of them, are one program each, so every program is resident.
     Returns each row's count of candidates (int32 [R]; 0 where the row took the five-barrier path)."""
     R = sc.shape[0]
-    use_fine = TOPK_CANDIDATES_MAX > 0 and R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S
-    cand_max = TOPK_CANDIDATES_MAX if use_fine else TOPK_LEVEL_CANDIDATES_MAX
-    block = TOPK_CANDIDATES_BLOCK if use_fine else TOPK_FUSED_BLOCK
+    cand_max = TOPK_CANDIDATES_MAX if R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
+    block = TOPK_CANDIDATES_BLOCK if cand_max else TOPK_FUSED_BLOCK
     n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, block)))
     warps = 4
-    if not use_fine and triton.cdiv(S, n_chunks) >= TOPK_FUSED_WIDE_MIN_CHUNK:  # long chunks: wider steps
+    if not cand_max and triton.cdiv(S, n_chunks) >= TOPK_FUSED_WIDE_MIN_CHUNK:  # long chunks: wider steps
         block, warps = TOPK_FUSED_WIDE_BLOCK, 8
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), block) * block
     n_chunks = triton.cdiv(S, chunk)
-    n_fine = 65536 if use_fine else 0
+    n_fine = 65536 if cand_max else 0
     # histograms, counters (barrier, candidates) and the 16-bit histograms: zero at launch, one fill
     sync = torch.zeros(R * (4 * 256 + 2 + n_fine), dtype=torch.int32, device=sc.device)
     hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 : R * (4 * 256 + 2)]
-    fine = sync[R * (4 * 256 + 2) :] if use_fine else sync
+    fine = sync[R * (4 * 256 + 2) :] if cand_max else sync
     cand = torch.empty(R, max(cand_max, 1), dtype=torch.int64, device=sc.device)  # one unused slot for 0
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
@@ -1717,7 +1692,6 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, fine, cand, sel, S, T, chunk, sc.stride(0),
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
-                                 FINE=use_fine,
                                  PDL=pdl, num_warps=warps, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
