@@ -961,16 +961,17 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
 
 
 @triton.jit
-def _index_topk(Q, K, W, NV, HIST, CTR, CNT, H16, CAND, OUT, S, H, chunk, k_eff, topk, N_CHUNK,
+def _index_topk(Q, K, W, NV, SC, HIST, CTR, CNT, H16, CAND, OUT, S, H, chunk, k_eff, topk, N_CHUNK,
                 stride_qb, stride_qh, stride_kb, stride_ks, stride_wb, stride_out,
                 D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_S: tl.constexpr, N_SUB: tl.constexpr,
                 BCH: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, CAND_MAX: tl.constexpr,
                 CB: tl.constexpr = 64, PDL: tl.constexpr = False):
     """A decode row's index scores and their top-k in ONE launch (``dsa_index_topk``): program c of row
     r scores keys [c*chunk, +chunk) of the row's cache as _index_scores_kernel does (one query; keys at
-    or past NV[r] are -inf and never read), in N_SUB steps of BLOCK_S keys, and keeps the scores in
-    registers ([N_SUB, BLOCK_S], chunk = N_SUB * BLOCK_S); then it runs _topk_fused's radix select on
-    them (_topk_select with REG: no pass reads memory for its keys) and writes the row's taken
+    or past NV[r] are -inf and never read), in N_SUB steps of BLOCK_S keys (chunk = N_SUB * BLOCK_S),
+    writes them to its part of SC [B, S] and reads them back once into registers; then it runs
+    _topk_fused's radix select on them (_topk_select with REG: no pass reads memory for its keys) and
+    writes the row's taken
     positions in position order (-1 for a -inf score and past k_eff). The row's programs meet at
     barriers, so all must be resident (the launcher keeps the grid within the SMs). HIST / CTR / H16
     start at zero as for _topk_fused. PDL: as _topk_fused."""
@@ -989,18 +990,22 @@ def _index_topk(Q, K, W, NV, HIST, CTR, CNT, H16, CAND, OUT, S, H, chunk, k_eff,
     q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + d[None, :], mask=(hq < H)[:, None] & (d < D)[None, :],
                 other=0.0)
     w = tl.load(W + b * stride_wb + hq, mask=hq < H, other=0.0).to(tl.float32)
-    sub = tl.arange(0, N_SUB)
-    x = tl.full([N_SUB, BLOCK_S], float("-inf"), tl.float32)
-    for i in range(0, tl.cdiv(tl.maximum(n_ok - lo, 0), BLOCK_S)):  # the blocks holding valid keys
+    sc = SC + b * S
+    n_steps = tl.cdiv(tl.maximum(n_ok - lo, 0), BLOCK_S)  # the blocks holding valid keys
+    for i in range(0, n_steps):
         kc = lo + i * BLOCK_S + tl.arange(0, BLOCK_S)
         k_ok = kc < n_ok
         k = tl.load(K + b * stride_kb + kc[:, None].to(tl.int64) * stride_ks + d[None, :],
                     mask=k_ok[:, None] & (d < D)[None, :], other=0.0)
         logits = _mm(q, tl.trans(k), PREC, INTERP)  # (BH, BLOCK_S)
         score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)  # (BLOCK_S,)
-        x = tl.where(sub[:, None] == i, tl.where(k_ok, score, float("-inf"))[None, :], x)
-    key = _topk_key_of(tl.reshape(x, [N_SUB * BLOCK_S]))
+        tl.store(sc + kc, tl.where(k_ok, score, float("-inf")), mask=kc < hi)
+    # read back in a plain 1D layout: the dot's reduction leaves each score in many threads, and
+    # tl.histogram / the atomics would count every copy
+    tl.debug_barrier()
     cols = lo + tl.arange(0, N_SUB * BLOCK_S)
+    key = _topk_key_of(tl.load(sc + cols, mask=(cols < hi) & (cols < lo + n_steps * BLOCK_S),
+                               other=float("-inf")))
     _topk_select(OUT, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, 1, 0, stride_out, k_eff, topk, N_CHUNK,
                  key, cols, cols < hi, False, BLOCK_S, BCH, True, CAND_MAX, CB, True)
 
@@ -1835,7 +1840,7 @@ def dsa_index_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_valid: t
                    topk: int) -> torch.Tensor:
     """A decode step's lightning-indexer top-k in one launch: ``dsa_topk(dsa_index_scores(q[:, None],
     k, w[:, None], n_valid=n_valid), topk, causal=False, sort=False)``, the same positions in the same
-    (position) order, without the scores ever written (``_index_topk``).
+    (position) order, each program reading back only the scores it wrote (``_index_topk``).
 
     Args:
         q: [B, H_I, D_I] the rows' indexer queries, bf16 / fp16 / fp32, last dim contiguous.
@@ -1876,8 +1881,9 @@ def dsa_index_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_valid: t
     cand = torch.empty(B, max(cand_max, 1), dtype=torch.int64, device=q.device)
     cnt = torch.empty(B, n_chunks, 2, dtype=torch.int32, device=q.device)
     pdl = use_pdl(q.device)
+    sc = torch.empty(B, S, dtype=torch.float32, device=q.device)  # each program's own scores
     _index_topk[(B * n_chunks,)](
-        q, k, w, n_valid, hist, ctr, cnt, fine, cand, out, S, H, chunk, k_eff, topk, n_chunks,
+        q, k, w, n_valid, sc, hist, ctr, cnt, fine, cand, out, S, H, chunk, k_eff, topk, n_chunks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), out.stride(0),
         D=D, BD=_pow2(D), BH=_pow2(H), BLOCK_S=block_s, N_SUB=chunk // block_s, BCH=_pow2(n_chunks, 2),
         PREC=_precision(q.dtype), INTERP=_INTERPRET, CAND_MAX=cand_max, PDL=pdl,
