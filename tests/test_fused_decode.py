@@ -225,9 +225,8 @@ def test_interp_fused_dsa_step(topk):
     decode step; latent_write gets the DSA layer), rows of different lengths, index_topk below the
     shortest context (a sparse selection) or above the cache: logits and every cache tensor agree
     with the plain step's to float32 rounding, and the selection matters (top-2 and top-64 give
-    different logits); the index scores and top-k run as one launch (dsa_index_topk)."""
+    different logits)."""
     from attnlab.kernels import latent_cache
-    from attnlab.kernels import sparse as ks
     from attnlab.layers.mla import DeepSeekSparseAttention
 
     model = copy.deepcopy(tiny_model("deepseek-v32")).float()  # .float(): re-fuses the copied weights
@@ -241,15 +240,10 @@ def test_interp_fused_dsa_step(topk):
         plain, c_plain = _decode(model, x, T, n, torch.float32, on=False, lengths=lengths)
         seen = []
         real_write, real_forward = latent_cache.latent_write, DeepSeekSparseAttention.forward
-        real_index_topk = ks.dsa_index_topk
 
         def write(mla, *args, **kwargs):
             seen.append(type(mla))
             return real_write(mla, *args, **kwargs)
-
-        def index_topk(*args, **kwargs):
-            seen.append("index_topk")
-            return real_index_topk(*args, **kwargs)
 
         def forward(self, x, cache=None, *args, **kwargs):
             if fused.ENABLED and cache is not None and x.shape[1] == 1:  # a decode step, not prefill
@@ -257,32 +251,28 @@ def test_interp_fused_dsa_step(topk):
             return real_forward(self, x, cache, *args, **kwargs)
 
         latent_cache.latent_write, DeepSeekSparseAttention.forward = write, forward
-        ks.dsa_index_topk = index_topk
         try:
             ours, c_ours = _decode(model, x, T, n, torch.float32, on=True, lengths=lengths)
         finally:
             latent_cache.latent_write, DeepSeekSparseAttention.forward = real_write, real_forward
-            ks.dsa_index_topk = real_index_topk
         if topk == 2:
             for block in model.blocks:
                 block.mixer.index_topk = 64
             dense, _ = _decode(model, x, T, n, torch.float32, on=False, lengths=lengths)
             assert rms_rel(dense, plain) > 1e-3  # top-2 of 4..11 tokens: a real selection
-    assert seen == [DeepSeekSparseAttention, "index_topk"] * (len(model.blocks) * n)
+    assert seen == [DeepSeekSparseAttention] * (len(model.blocks) * n)
     assert rms_rel(plain, ours) <= 1e-5, rms_rel(plain, ours)
     _assert_same_caches(c_plain, c_ours)
 
 
 @interp
-def test_interp_fused_dsa_step_bf16_sparse(monkeypatch):
+def test_interp_fused_dsa_step_bf16_sparse():
     """bf16, rows of different lengths, top-2 of up to 9 tokens: what decides the selection, the first
     D layer's index scores (the same inputs in both steps), agree to bf16 rounding at every decode
     step, -inf at the same positions (past each row's length; the fused step scores the whole cache);
     each step's top-2 is a true top-2 of its own scores (a near tie may order the two steps apart)."""
     from attnlab import ops
-    from attnlab.kernels import sparse as ks
 
-    monkeypatch.setattr(ks, "INDEX_TOPK", False)  # the two launches, whose scores this compares
     model = copy.deepcopy(tiny_model("deepseek-v32")).to(torch.bfloat16)
     for block in model.blocks:
         block.mixer.index_topk = 2

@@ -605,57 +605,6 @@ def test_interp_topk_fused_candidate_path(monkeypatch):
     assert run(distinct, 100).tolist() == [0, 0]
 
 
-def _index_topk_case(B: int, S: int, H: int, D: int, dtype: torch.dtype, seed: int, device: str = "cpu",
-                     spread: int = 2):
-    """Indexer inputs of integers in [-spread, spread] (every score exact in float32 whatever the
-    summation order: spread 2 gives many tied scores, 8 mostly distinct ones), each row a different
-    length (the last one full)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randint(-spread, spread + 1, (B, H, D), generator=gen, device=device).to(dtype)
-    k = torch.randint(-spread, spread + 1, (B, S, D), generator=gen, device=device).to(dtype)
-    w = torch.randint(-spread, spread + 1, (B, H), generator=gen, device=device).float()
-    n_valid = torch.linspace(S // 3, S, B, device=device).long()
-    return q, k, w, n_valid
-
-
-def _index_topk_oracle(q, k, w, n_valid, topk):
-    scores = ops.dsa_index_scores(q[:, None], k, w[:, None], mode="torch", n_valid=n_valid)  # (B, 1, S)
-    return ops.dsa_topk(scores, topk, causal=False, mode="torch")
-
-
-@interp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_interp_index_topk_equals_scores_then_topk(dtype, monkeypatch):
-    """dsa_index_topk (scores kept in registers, then the fused radix select) gives the oracle's set
-    (torch scores, torch top-k) in position order: rows of different lengths, many tied scores, k above
-    a row's length and above S, the candidate path and the five-barrier one."""
-    from attnlab.kernels import sparse as ks
-
-    for spread in (2, 8):
-        q, k, w, n_valid = _index_topk_case(3, 300, 4, 32, dtype, seed=5, spread=spread)
-        for cand in (ks.TOPK_CANDIDATES_MAX, 0):
-            monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX", cand)
-            for topk in (1, 37, 150, 400):
-                _assert_same_set_in_position_order(ks.dsa_index_topk(q, k, w, n_valid, topk),
-                                                   _index_topk_oracle(q, k, w, n_valid, topk))
-
-
-@interp
-def test_interp_index_topk_bad_input():
-    """dsa_index_topk names what is wrong."""
-    from attnlab.kernels import sparse as ks
-
-    q, k, w, n_valid = _index_topk_case(2, 64, 4, 32, torch.float32, seed=1)
-    with pytest.raises(ValueError, match="topk"):
-        ks.dsa_index_topk(q, k, w, n_valid, 0)
-    with pytest.raises(ValueError, match="k"):
-        ks.dsa_index_topk(q, k.to(torch.bfloat16), w, n_valid, 4)
-    with pytest.raises(ValueError, match="n_valid"):
-        ks.dsa_index_topk(q, k, w, n_valid.float(), 4)
-    with pytest.raises(ValueError, match="w"):
-        ks.dsa_index_topk(q, k, w[:, :3], n_valid, 4)
-
-
 @interp
 def test_interp_topk_decode_rows_take_the_fused_path(monkeypatch):
     """A decode row (few rows per SM) takes the one-launch fused path even when short enough for the
@@ -1085,24 +1034,6 @@ def test_gpu_topk_fused_candidate_path(shape, monkeypatch):
     want = ops.dsa_topk(short, 100, causal=False, mode="torch")
     assert torch.equal(got.view_as(want), want)
     assert n_cand[0].item() == 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 4168), (1, 32840), (1, 131144), (2, 70000), (8, 5000), (1, 300)])
-@pytest.mark.parametrize("per_sm", [1, 2])
-def test_gpu_index_topk_equals_scores_then_topk(shape, per_sm, monkeypatch):
-    """dsa_index_topk on the GPU (a row over up to ~260 programs meeting at barriers, scores in
-    registers) gives the oracle's set in position order: bf16 integer-valued inputs (exact scores,
-    many tied or mostly distinct), rows of different lengths, k = 2048 and 100."""
-    from attnlab.kernels import sparse as ks
-
-    monkeypatch.setattr(ks, "INDEX_TOPK_PROGRAMS_PER_SM", per_sm)
-    B, S = shape
-    for spread in (2, 8):
-        q, k, w, n_valid = _index_topk_case(B, S, 64, 128, torch.bfloat16, seed=S, device="cuda", spread=spread)
-        for topk in (2048, 100):
-            _assert_same_set_in_position_order(ks.dsa_index_topk(q, k, w, n_valid, topk),
-                                               _index_topk_oracle(q, k, w, n_valid, topk))
 
 
 @pytest.mark.gpu

@@ -537,12 +537,6 @@ def _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL: tl.constexpr):
     x = tl.load(SC + row_off + cols, mask=ok, other=float("-inf"))
     if CAUSAL:
         x = tl.where(cols > qpos, float("-inf"), x)
-    return _topk_key_of(x)
-
-
-@triton.jit
-def _topk_key_of(x):
-    """The int32 keys of float32 scores x (the order of the floats)."""
     bits = (x + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 ties with +0.0
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
@@ -609,35 +603,25 @@ def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _topk_block_counts(key, ok, prefix, LEVEL: tl.constexpr):
-    """Level LEVEL's 256-bin histogram (int32, in registers) of one block of keys (ok: in the range)
-    whose higher bits match ``prefix`` (the earlier levels' choice; ignored at level 0)."""
-    if LEVEL == 0:
-        digit = (key >> 24) + 128
-    else:
-        ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
-        digit = (key >> (24 - 8 * LEVEL)) & 0xFF
-    counts = tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
-    n_out = tl.sum((~ok).to(tl.int32), 0)
-    return counts - tl.where(tl.arange(0, _TOPK_BINS) == 0, n_out, 0)  # those went to bin 0
-
-
-@triton.jit
 def _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL: tl.constexpr, CAUSAL: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """_topk_block_counts over the keys at positions [lo, hi) of a row."""
+    """Level LEVEL's 256-bin histogram (int32, in registers) of the keys at positions [lo, hi) of a row
+    whose higher bits match ``prefix`` (the earlier levels' choice; ignored at level 0)."""
     counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
+    n_out = 0
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
-        counts += _topk_block_counts(_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL), ok, prefix, LEVEL)
-    return counts
-
-
-@triton.jit
-def _topk_block_ties(key, ok, thr):
-    """(keys of a block above the k-th largest key ``thr``, keys equal to it)."""
-    return tl.sum((ok & (key > thr)).to(tl.int32), 0), tl.sum((ok & (key == thr)).to(tl.int32), 0)
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        if LEVEL == 0:
+            digit = (key >> 24) + 128
+        else:
+            ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
+            digit = (key >> (24 - 8 * LEVEL)) & 0xFF
+        counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
+        n_out += tl.sum((~ok).to(tl.int32), 0)
+    bins = tl.arange(0, _TOPK_BINS)
+    return counts - tl.where(bins == 0, n_out, 0)  # the keys outside [lo, hi) or the prefix went to bin 0
 
 
 @triton.jit
@@ -648,19 +632,10 @@ def _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL: tl.constexpr, BLOCK
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
-        gt, eq = _topk_block_ties(_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL), ok, thr)
-        n_gt += gt
-        n_eq += eq
+        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
+        n_gt += tl.sum((ok & (key > thr)).to(tl.int32), 0)
+        n_eq += tl.sum((ok & (key == thr)).to(tl.int32), 0)
     return n_gt, n_eq
-
-
-@triton.jit
-def _topk_block_take(key, cols, ok, thr, need, slot, eq_seen, DST, S, POSITIONS: tl.constexpr):
-    """_topk_take for one block of keys at positions ``cols``; returns (next slot, ties seen)."""
-    eq = (ok & (key == thr)).to(tl.int32)
-    tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
-    take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
-    return _topk_store(DST, slot, take, key, cols, S, POSITIONS), eq_seen + tl.sum(eq, 0)
 
 
 @triton.jit
@@ -675,7 +650,11 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
         key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        slot, eq_seen = _topk_block_take(key, cols, ok, thr, need, slot, eq_seen, DST, S, POSITIONS)
+        eq = (ok & (key == thr)).to(tl.int32)
+        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
+        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
+        slot = _topk_store(DST, slot, take, key, cols, S, POSITIONS)
+        eq_seen += tl.sum(eq, 0)
 
 
 @triton.jit
@@ -760,14 +739,8 @@ def _topk_fine_counts(SC, H16, row_off, lo, hi, qpos, CAUSAL: tl.constexpr, BLOC
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
-        _topk_block_fine_counts(_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL), ok, H16)
-
-
-@triton.jit
-def _topk_block_fine_counts(key, ok, H16):
-    """_topk_fine_counts for one block of keys."""
-    fine = (key >> 16) + 32768
-    tl.atomic_add(H16 + fine, 1, mask=ok & (fine >= 256), sem="relaxed", scope="gpu")
+        fine = (_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL) >> 16) + 32768
+        tl.atomic_add(H16 + fine, 1, mask=ok & (fine >= 256), sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -782,9 +755,9 @@ def _topk_candidates(SC, CAND, NC, row_off, lo, hi, qpos, S, prefix, CAUSAL: tl.
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
-        gt, c = _topk_block_ties(_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL) >> 16, ok, prefix)
-        n_gt += gt
-        n_c += c
+        top = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL) >> 16
+        n_gt += tl.sum((ok & (top > prefix)).to(tl.int32), 0)
+        n_c += tl.sum((ok & (top == prefix)).to(tl.int32), 0)
     slot = tl.atomic_add(NC, n_c, sem="relaxed", scope="gpu")
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
@@ -856,39 +829,19 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
-    lo = c * chunk
-    zero = tl.zeros([], dtype=tl.int32)
-    _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, tl.minimum(lo + chunk, S), S, T, stride_r,
-                 stride_out, k_eff, topk, N_CHUNK, zero, zero, zero, CAUSAL, BLOCK, BCH, POSITIONS, CAND_MAX, CB,
-                 False)
-
-
-@triton.jit
-def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_r, stride_out, k_eff, topk,
-                 N_CHUNK, key, cols, ok, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr,
-                 POSITIONS: tl.constexpr, CAND_MAX: tl.constexpr, CB: tl.constexpr, REG: tl.constexpr):
-    """_topk_fused's work for chunk c (positions [lo, hi)) of row r. REG: the chunk's keys are the
-    program's registers (``key`` int32 at positions ``cols``, ``ok`` inside [lo, hi): _index_topk,
-    which computed the scores) and every pass reads them there; else each pass reads the row's scores
-    SC in BLOCK steps (those three arguments unused)."""
-    pid = r * N_CHUNK + c
     hist = HIST + r.to(tl.int64) * (4 * 256)
     ctr = CTR + r * 2  # the row's barrier counter, then its candidate count
     row_off = r.to(tl.int64) * stride_r
     qpos = S - T + r % T
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, S)
     bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
-    if REG:
-        counts = _topk_block_counts(key, ok, prefix, 0)
-    else:
-        counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 0, CAUSAL, BLOCK)
+    counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 0, CAUSAL, BLOCK)
     tl.atomic_add(hist + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
     if CAND_MAX > 0:
-        if REG:
-            _topk_block_fine_counts(key, ok, H16 + r.to(tl.int64) * 65536)
-        else:
-            _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
+        _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
     _row_sync(ctr, N_CHUNK)
     prefix, k_rem = _topk_descend(tl.load(hist + bins, volatile=True), k_rem, prefix, 0)
     levels = tl.full([], 1, tl.int32)  # levels settled
@@ -906,41 +859,26 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
     if CAND_MAX > 0:  # (a compile-time branch: no trace of the path in the kernel without it)
         if n_cand <= CAND_MAX:
             cand = CAND + r.to(tl.int64) * CAND_MAX
-            if REG:
-                n_gt, n_c = _topk_block_ties(key >> 16, ok, prefix)
-                slot = tl.atomic_add(ctr + 1, n_c, sem="relaxed", scope="gpu")
-                _topk_store(cand, slot, ok & ((key >> 16) == prefix), key, cols, S, False)
-            else:
-                n_gt = _topk_candidates(SC, cand, ctr + 1, row_off, lo, hi, qpos, S, prefix, CAUSAL, BLOCK)
+            n_gt = _topk_candidates(SC, cand, ctr + 1, row_off, lo, hi, qpos, S, prefix, CAUSAL, BLOCK)
             tl.store(CNT + pid * 2, n_gt)
             _row_sync(ctr, 2 * N_CHUNK)
             thr_sk, taken_before = _topk_candidate_threshold(cand, n_cand, k_rem, lo, S, CB)
             ch = tl.arange(0, BCH)
             cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
             slot = tl.sum(tl.load(cnt + ch * 2, mask=ch < c, other=0, volatile=True), 0) + taken_before
-            if REG:
-                _topk_store(out, slot, ok & (_topk_sort_key(key, cols, S) >= thr_sk), key, cols, S, POSITIONS)
-            else:
-                _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot, out, CAUSAL, BLOCK,
-                                       POSITIONS)
+            _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot, out, CAUSAL, BLOCK, POSITIONS)
             done = tl.full([], 1, tl.int32)
     if done == 0:
         for LEVEL in tl.static_range(1, 4):
             if LEVEL >= levels:
-                if REG:
-                    counts = _topk_block_counts(key, ok, prefix, LEVEL)
-                else:
-                    counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
+                counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
                 tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
                 syncs += 1
                 _row_sync(ctr, syncs * N_CHUNK)
                 h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
                 prefix, k_rem = _topk_descend(h, k_rem, prefix, LEVEL)
         thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
-        if REG:
-            n_gt, n_eq = _topk_block_ties(key, ok, thr)
-        else:
-            n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
+        n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
         tl.store(CNT + pid * 2, n_gt)
         tl.store(CNT + pid * 2 + 1, n_eq)
         _row_sync(ctr, (syncs + 1) * N_CHUNK)
@@ -950,64 +888,11 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
         gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0, volatile=True), 0)
         eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
         slot = gt_before + tl.minimum(eq_seen, k_rem)
-        if REG:
-            _topk_block_take(key, cols, ok, thr, k_rem, slot, eq_seen, out, S, POSITIONS)
-        else:
-            _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
+        _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
     if c == N_CHUNK - 1:
         for j in range(k_eff, topk, BLOCK):
-            fill = j + tl.arange(0, BLOCK)
-            tl.store(out + fill, tl.full([BLOCK], -1, tl.int64), mask=fill < topk)
-
-
-@triton.jit
-def _index_topk(Q, K, W, NV, SC, HIST, CTR, CNT, H16, CAND, OUT, S, H, chunk, k_eff, topk, N_CHUNK,
-                stride_qb, stride_qh, stride_kb, stride_ks, stride_wb, stride_out,
-                D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_S: tl.constexpr, N_SUB: tl.constexpr,
-                BCH: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, CAND_MAX: tl.constexpr,
-                CB: tl.constexpr = 64, PDL: tl.constexpr = False):
-    """A decode row's index scores and their top-k in ONE launch (``dsa_index_topk``): program c of row
-    r scores keys [c*chunk, +chunk) of the row's cache as _index_scores_kernel does (one query; keys at
-    or past NV[r] are -inf and never read), in N_SUB steps of BLOCK_S keys (chunk = N_SUB * BLOCK_S),
-    writes them to its part of SC [B, S] and reads them back once into registers; then it runs
-    _topk_fused's radix select on them (_topk_select with REG: no pass reads memory for its keys) and
-    writes the row's taken
-    positions in position order (-1 for a -inf score and past k_eff). The row's programs meet at
-    barriers, so all must be resident (the launcher keeps the grid within the SMs). HIST / CTR / H16
-    start at zero as for _topk_fused. PDL: as _topk_fused."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    pid = tl.program_id(0)
-    r = pid // N_CHUNK
-    c = pid % N_CHUNK
-    b = r.to(tl.int64)
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, S)
-    n_ok = tl.minimum(tl.maximum(tl.load(NV + b).to(tl.int32), 0), hi)
-    hq = tl.arange(0, BH)
-    d = tl.arange(0, BD)
-    q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + d[None, :], mask=(hq < H)[:, None] & (d < D)[None, :],
-                other=0.0)
-    w = tl.load(W + b * stride_wb + hq, mask=hq < H, other=0.0).to(tl.float32)
-    sc = SC + b * S
-    n_steps = tl.cdiv(tl.maximum(n_ok - lo, 0), BLOCK_S)  # the blocks holding valid keys
-    for i in range(0, n_steps):
-        kc = lo + i * BLOCK_S + tl.arange(0, BLOCK_S)
-        k_ok = kc < n_ok
-        k = tl.load(K + b * stride_kb + kc[:, None].to(tl.int64) * stride_ks + d[None, :],
-                    mask=k_ok[:, None] & (d < D)[None, :], other=0.0)
-        logits = _mm(q, tl.trans(k), PREC, INTERP)  # (BH, BLOCK_S)
-        score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], 0)  # (BLOCK_S,)
-        tl.store(sc + kc, tl.where(k_ok, score, float("-inf")), mask=kc < hi)
-    # read back in a plain 1D layout: the dot's reduction leaves each score in many threads, and
-    # tl.histogram / the atomics would count every copy
-    tl.debug_barrier()
-    cols = lo + tl.arange(0, N_SUB * BLOCK_S)
-    key = _topk_key_of(tl.load(sc + cols, mask=(cols < hi) & (cols < lo + n_steps * BLOCK_S),
-                               other=float("-inf")))
-    _topk_select(OUT, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, 1, 0, stride_out, k_eff, topk, N_CHUNK,
-                 key, cols, cols < hi, False, BLOCK_S, BCH, True, CAND_MAX, CB, True)
+            cols = j + tl.arange(0, BLOCK)
+            tl.store(out + cols, tl.full([BLOCK], -1, tl.int64), mask=cols < topk)
 
 
 @triton.jit
@@ -1816,80 +1701,6 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
         _topk_rank[(R, triton.cdiv(k_eff, block_i))](sel, res, S, k_eff, sel.stride(0), res.stride(0),
                                                     BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
     return n_cand
-
-
-# dsa_index_topk: one launch for a decode row's index scores and top-k (_index_topk). False: the two
-# launches (dsa_index_scores, dsa_topk) and the zero fill between them, to compare on a GPU.
-INDEX_TOPK = True
-INDEX_TOPK_PROGRAMS_PER_SM = 1  # a row's programs (chunks) per SM, all resident: they meet at barriers
-INDEX_TOPK_BLOCK_S = 64  # keys per step (the decode indexer's BLOCK_S)
-INDEX_TOPK_WARPS = 4
-INDEX_TOPK_STAGES = 3
-
-
-def index_topk_fits(B: int, S: int, device: torch.device) -> bool:
-    """Whether :func:`dsa_index_topk` takes B decode rows over S cache slots on ``device``: one
-    program per chunk of a row, every program resident (B at most the SMs), rows the fused top-k
-    takes (S <= TOPK_FUSED_MAX)."""
-    if not INDEX_TOPK or (device.type != "cuda" and not _INTERPRET):
-        return False
-    return 0 < B <= _num_sms(device) and 0 < S <= TOPK_FUSED_MAX
-
-
-def dsa_index_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_valid: torch.Tensor,
-                   topk: int) -> torch.Tensor:
-    """A decode step's lightning-indexer top-k in one launch: ``dsa_topk(dsa_index_scores(q[:, None],
-    k, w[:, None], n_valid=n_valid), topk, causal=False, sort=False)``, the same positions in the same
-    (position) order, each program reading back only the scores it wrote (``_index_topk``).
-
-    Args:
-        q: [B, H_I, D_I] the rows' indexer queries, bf16 / fp16 / fp32, last dim contiguous.
-        k: [B, S, D_I] the indexer-key cache, q's dtype, last dim contiguous.
-        w: [B, H_I] head weights, every scale folded in.
-        n_valid: int64 / int32 [B]: slots s >= n_valid[b] are -inf (never read).
-        topk: k >= 1.
-
-    Returns:
-        int64 [B, 1, topk]: each row's min(topk, S) best slots in position order, -1 for -inf scores
-        and past S. Needs :func:`index_topk_fits`.
-    """
-    check_tensor("q", q, 3, "[B, H_I, D_I]")
-    B, H, D = q.shape
-    check_tensor("k", k, 3, "[B, S, D_I]", shape=(B, None, D), dtypes=(q.dtype,))
-    check_tensor("w", w, 2, "[B, H_I]", shape=(B, H))
-    check_tensor("n_valid", n_valid, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
-    check_same_device(q=q, k=k, w=w, n_valid=n_valid)
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
-    S = k.shape[1]
-    if not index_topk_fits(B, S, q.device):
-        raise ValueError(f"dsa_index_topk: {B} rows of {S} slots on {q.device} do not fit one launch "
-                         f"(index_topk_fits); use dsa_index_scores + dsa_topk")
-    q, k, w = _last_contiguous(q), _last_contiguous(k), _last_contiguous(w)
-    k_eff = min(topk, S)
-    out = _empty(B, 1, topk, dtype=torch.int64, device=q.device)
-    block_s = INDEX_TOPK_BLOCK_S
-    n_chunks = 1 if _INTERPRET else max(1, min(INDEX_TOPK_PROGRAMS_PER_SM * _num_sms(q.device) // B,
-                                               triton.cdiv(S, block_s)))
-    chunk = max(block_s, _pow2(triton.cdiv(S, n_chunks)))  # N_SUB = chunk / block_s: a power of two
-    n_chunks = triton.cdiv(S, chunk)
-    cand_max = TOPK_CANDIDATES_MAX if B <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
-    n_fine = 65536 if cand_max else 0
-    sync = torch.zeros(B * (4 * 256 + 2 + n_fine), dtype=torch.int32, device=q.device)  # as _topk_fused_launch
-    hist, ctr = sync[: B * 4 * 256], sync[B * 4 * 256 : B * (4 * 256 + 2)]
-    fine = sync[B * (4 * 256 + 2) :] if cand_max else sync
-    cand = torch.empty(B, max(cand_max, 1), dtype=torch.int64, device=q.device)
-    cnt = torch.empty(B, n_chunks, 2, dtype=torch.int32, device=q.device)
-    pdl = use_pdl(q.device)
-    sc = torch.empty(B, S, dtype=torch.float32, device=q.device)  # each program's own scores
-    _index_topk[(B * n_chunks,)](
-        q, k, w, n_valid, sc, hist, ctr, cnt, fine, cand, out, S, H, chunk, k_eff, topk, n_chunks,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), out.stride(0),
-        D=D, BD=_pow2(D), BH=_pow2(H), BLOCK_S=block_s, N_SUB=chunk // block_s, BCH=_pow2(n_chunks, 2),
-        PREC=_precision(q.dtype), INTERP=_INTERPRET, CAND_MAX=cand_max, PDL=pdl,
-        num_warps=INDEX_TOPK_WARPS, num_stages=INDEX_TOPK_STAGES, **launch_options(pdl),
-    )
-    return out
 
 
 def _kth_largest(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:

@@ -224,7 +224,6 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     cache with each row's length as its bound (no host sync: CUDA-graph safe). Positions past a
     row's length score -inf and are never chosen, so this selects what the layer's own decode step
     (which scores the first max(lengths) slots) selects."""
-    from ..kernels import sparse as sparse_kernels
     from ..kernels.latent_cache import latent_write
 
     R = dsa.kv_lora_rank
@@ -235,14 +234,10 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     # the layer counts it
     dtype = q_abs.dtype
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-    B, S = keys.shape[:2]
-    k = min(dsa.index_topk, S)
-    if sparse_kernels.index_topk_fits(B, S, keys.device):  # scores and top-k in one launch
-        idx = sparse_kernels.dsa_index_topk(q_idx, keys, w, cache.lengths, k)  # (B, 1, k); -1 = empty
-    else:
-        scores = ops.dsa_index_scores(q_idx[:, None], keys, w[:, None], n_valid=cache.lengths)  # (B, 1, S_max)
-        # the set in any order (sort=False: one pass fewer on CUDA); the attention sums over it
-        idx = ops.dsa_topk(scores, k, causal=False, sort=False)  # (B, 1, k); -1 = empty
+    scores = ops.dsa_index_scores(q_idx[:, None], keys, w[:, None], n_valid=cache.lengths)  # (B, 1, S_max)
+    S = keys.shape[1]
+    # the set in any order (sort=False: one pass fewer on CUDA); the attention sums over it
+    idx = ops.dsa_topk(scores, min(dsa.index_topk, S), causal=False, sort=False)  # (B, 1, k); -1 = empty
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
     _output(dsa, o_lat[:, 0], io.res, keep, scale)
