@@ -659,9 +659,13 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
 
 @triton.jit
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
-               LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+               LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
-    the earlier levels chose (recomputed here from their histograms: no extra launch)."""
+    the earlier levels chose (recomputed here from their histograms: no extra launch). PDL: as
+    _topk_fused (the passes of a decode row chained)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
@@ -678,8 +682,12 @@ def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
 
 @triton.jit
 def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
-                CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-    """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]."""
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]. PDL: as
+    _topk_hist."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
@@ -695,11 +703,15 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
 
 @triton.jit
 def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, stride_sel,
-                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr):
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
+                PDL: tl.constexpr = False):
     """The taken keys of chunk c of row r, in position order, into SEL[r, slot] as int64 sort keys
     (key << 32) | (S - 1 - position): a bigger one is a higher score, then an earlier position; with
     POSITIONS the positions themselves (-1 for a -inf score): the unsorted result. A chunk's first
-    slot counts the keys taken in the chunks before it (from CNT)."""
+    slot counts the keys taken in the chunks before it (from CNT). PDL: as _topk_hist."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
@@ -1498,6 +1510,9 @@ INDEX_DECODE_PROGRAMS_PER_SM = 2
 TOPK_PROGRAMS_PER_SM = 4
 TOPK_BLOCK = 1024  # scores per step of a top-k program
 TOPK_MAX_CHUNKS = 1024  # a row's chunk counts are read as one vector by _topk_write
+# The multi-program passes (_topk_hist x 4, _topk_count, _topk_write) launched with PDL, chained as the
+# decode step's other kernels (attnlab.kernels._pdl); False: plain launches, to compare on a GPU.
+TOPK_PASSES_PDL = True
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
@@ -1620,11 +1635,13 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device) if sort else res
     grid = (R * n_chunks,)
     args = (sc, hist, S, T, chunk, sc.stride(0), k_eff, n_chunks)
+    pdl = TOPK_PASSES_PDL and use_pdl(scores.device)
+    opts = dict(PDL=pdl, num_warps=8, **launch_options(pdl))
     for level in range(4):
-        _topk_hist[grid](*args, LEVEL=level, CAUSAL=causal, BLOCK=TOPK_BLOCK, num_warps=8)
-    _topk_count[grid](sc, hist, cnt, *args[2:], CAUSAL=causal, BLOCK=TOPK_BLOCK, num_warps=8)
+        _topk_hist[grid](*args, LEVEL=level, CAUSAL=causal, BLOCK=TOPK_BLOCK, **opts)
+    _topk_count[grid](sc, hist, cnt, *args[2:], CAUSAL=causal, BLOCK=TOPK_BLOCK, **opts)
     _topk_write[grid](sc, hist, cnt, sel, *args[2:], sel.stride(0), CAUSAL=causal, BLOCK=TOPK_BLOCK,
-                      BCH=_pow2(n_chunks, 2), POSITIONS=not sort, num_warps=8)
+                      BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
     if not sort:  # _topk_write stored the positions themselves, in position order
         return out
     block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(scores.device) else 16  # decode: more programs
