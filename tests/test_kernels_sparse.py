@@ -427,14 +427,18 @@ def _tie_scores(B, T, S, seed):
 
 def _topk_path(ks, monkeypatch, path: str) -> None:
     """Route ks.dsa_topk to one of its paths: "one_program" (_topk_row), "fused" (_topk_fused, one
-    launch; one chunk per row under the interpreter) or "multi" (the _topk_hist ... passes)."""
+    launch; one chunk per row under the interpreter), "multi" (the _topk_hist ... passes, each chunk
+    in registers) or "multi_loop" (the same passes looping over their chunks)."""
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if path == "one_program" else 0)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
     monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
+    if path == "multi_loop":
+        monkeypatch.setattr(ks, "TOPK_REG_CHUNK_MAX", 0)
 
 
 @interp
-@pytest.mark.parametrize("causal,path", [(True, "multi"), (False, "multi"), (False, "one_program"),
+@pytest.mark.parametrize("causal,path", [(True, "multi"), (False, "multi"), (True, "multi_loop"),
+                                         (False, "multi_loop"), (False, "one_program"),
                                          (True, "fused"), (False, "fused")])
 def test_interp_triton_topk_equals_oracle(causal, path, monkeypatch):
     """The radix-select top-k (many chunks per row: small blocks; or the one-program or the fused
@@ -456,7 +460,7 @@ def test_interp_triton_topk_equals_oracle(causal, path, monkeypatch):
 
 
 @interp
-@pytest.mark.parametrize("path", ["one_program", "multi", "fused"])
+@pytest.mark.parametrize("path", ["one_program", "multi", "multi_loop", "fused"])
 def test_interp_triton_topk_decode_row_long(path, monkeypatch):
     """One decode row (B = 1, T = 1) split over many programs (or one), scores from integer data so
     the k-th value is tied across chunk boundaries, float64 and bfloat16 inputs compared at float32."""
@@ -533,7 +537,7 @@ def _assert_same_set_in_position_order(got: torch.Tensor, want: torch.Tensor) ->
 
 
 @interp
-@pytest.mark.parametrize("path", ["one_program", "multi", "fused"])
+@pytest.mark.parametrize("path", ["one_program", "multi", "multi_loop", "fused"])
 def test_interp_topk_unsorted_same_set_in_position_order(path, monkeypatch):
     """sort=False (a decode step's top-k): the oracle's positions, ties to the earlier position,
     -inf and causally hidden positions -1, k above the visible count and above S, in position order,
@@ -982,16 +986,18 @@ def test_gpu_topk_one_program_equals_oracle(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "multi"])
+@pytest.mark.parametrize("path", ["fused", "multi", "multi_loop"])
 @pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 1, 32768), (2, 1, 131072), (1, 1, 3000), (8, 1, 70000),
-                                   (1, 1, 200)])
+                                   (1, 1, 200), (1, 1, 1048600)])
 def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
     """Decode rows on the one-launch fused path (a row's chunks meeting at barriers: the only place
-    more than one chunk per row runs it) and on the multi-launch passes: sorted, the oracle exactly;
-    unsorted, the oracle's set in position order."""
+    more than one chunk per row runs it) and on the multi-launch passes (chunks in registers or
+    looped over): sorted, the oracle exactly; unsorted, the oracle's set in position order."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
+    if path == "multi_loop":
+        monkeypatch.setattr(ks, "TOPK_REG_CHUNK_MAX", 0)
 
     gen = torch.Generator(device="cuda").manual_seed(shape[2] + 1)
     scores = (torch.randn(shape, device="cuda", generator=gen) * 4).round() / 4

@@ -537,6 +537,12 @@ def _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL: tl.constexpr):
     x = tl.load(SC + row_off + cols, mask=ok, other=float("-inf"))
     if CAUSAL:
         x = tl.where(cols > qpos, float("-inf"), x)
+    return _topk_key_of(x)
+
+
+@triton.jit
+def _topk_key_of(x):
+    """The int32 keys of float32 scores x (the order of the floats)."""
     bits = (x + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 ties with +0.0
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
@@ -603,25 +609,35 @@ def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _topk_block_counts(key, ok, prefix, LEVEL: tl.constexpr):
+    """Level LEVEL's 256-bin histogram (int32, in registers) of one block of keys (ok: in the range)
+    whose higher bits match ``prefix`` (the earlier levels' choice; ignored at level 0)."""
+    if LEVEL == 0:
+        digit = (key >> 24) + 128
+    else:
+        ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
+        digit = (key >> (24 - 8 * LEVEL)) & 0xFF
+    counts = tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
+    n_out = tl.sum((~ok).to(tl.int32), 0)
+    return counts - tl.where(tl.arange(0, _TOPK_BINS) == 0, n_out, 0)  # those went to bin 0
+
+
+@triton.jit
 def _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL: tl.constexpr, CAUSAL: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """Level LEVEL's 256-bin histogram (int32, in registers) of the keys at positions [lo, hi) of a row
-    whose higher bits match ``prefix`` (the earlier levels' choice; ignored at level 0)."""
+    """_topk_block_counts over the keys at positions [lo, hi) of a row."""
     counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)
-    n_out = 0
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
-        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        if LEVEL == 0:
-            digit = (key >> 24) + 128
-        else:
-            ok = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
-            digit = (key >> (24 - 8 * LEVEL)) & 0xFF
-        counts += tl.histogram(tl.where(ok, digit, 0), _TOPK_BINS)
-        n_out += tl.sum((~ok).to(tl.int32), 0)
-    bins = tl.arange(0, _TOPK_BINS)
-    return counts - tl.where(bins == 0, n_out, 0)  # the keys outside [lo, hi) or the prefix went to bin 0
+        counts += _topk_block_counts(_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL), ok, prefix, LEVEL)
+    return counts
+
+
+@triton.jit
+def _topk_block_ties(key, ok, thr):
+    """(keys of a block above the k-th largest key ``thr``, keys equal to it)."""
+    return tl.sum((ok & (key > thr)).to(tl.int32), 0), tl.sum((ok & (key == thr)).to(tl.int32), 0)
 
 
 @triton.jit
@@ -632,10 +648,19 @@ def _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL: tl.constexpr, BLOCK
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
-        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        n_gt += tl.sum((ok & (key > thr)).to(tl.int32), 0)
-        n_eq += tl.sum((ok & (key == thr)).to(tl.int32), 0)
+        gt, eq = _topk_block_ties(_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL), ok, thr)
+        n_gt += gt
+        n_eq += eq
     return n_gt, n_eq
+
+
+@triton.jit
+def _topk_block_take(key, cols, ok, thr, need, slot, eq_seen, DST, S, POSITIONS: tl.constexpr):
+    """_topk_take for one block of keys at positions ``cols``; returns (next slot, ties seen)."""
+    eq = (ok & (key == thr)).to(tl.int32)
+    tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
+    take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
+    return _topk_store(DST, slot, take, key, cols, S, POSITIONS), eq_seen + tl.sum(eq, 0)
 
 
 @triton.jit
@@ -650,71 +675,82 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
         key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        eq = (ok & (key == thr)).to(tl.int32)
-        tie_rank = eq_seen + tl.cumsum(eq, 0) - 1  # ties at earlier positions of the row
-        take = (ok & (key > thr)) | ((eq > 0) & (tie_rank < need))
-        slot = _topk_store(DST, slot, take, key, cols, S, POSITIONS)
-        eq_seen += tl.sum(eq, 0)
+        slot, eq_seen = _topk_block_take(key, cols, ok, thr, need, slot, eq_seen, DST, S, POSITIONS)
+
+
+@triton.jit
+def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
+                     PDL: tl.constexpr):
+    """The start of a multi-program pass (CHUNK > 0: the whole chunk in one register tile): program
+    pid's row r, chunk c, its positions [lo, hi), and with CHUNK its keys (positions cols, ok inside
+    [lo, hi)) loaded BEFORE the PDL wait — the scores were written before the zero fill that precedes
+    the first pass, which starts only when that plain launch has completed — so the load overlaps the
+    previous pass's end. CHUNK = 0: the keys are left to each pass's loop (key / cols / ok zero)."""
+    if PDL:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    r = pid // N_CHUNK
+    c = pid % N_CHUNK
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, S)
+    if CHUNK > 0:
+        cols = lo + tl.arange(0, CHUNK)
+        ok = cols < hi
+        key = _topk_keys(SC, r.to(tl.int64) * stride_r, cols, ok, S - T + r % T, CAUSAL)
+    else:
+        cols = tl.zeros([], dtype=tl.int32)
+        ok = cols == 0
+        key = cols
+    if PDL:
+        gdc_wait()
+    return r, c, lo, hi, key, cols, ok
 
 
 @triton.jit
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
-               LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+               LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
+               PDL: tl.constexpr = False):
     """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
-    the earlier levels chose (recomputed here from their histograms: no extra launch). PDL: as
-    _topk_fused (the passes of a decode row chained)."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    pid = tl.program_id(0)
-    r = pid // N_CHUNK
-    c = pid % N_CHUNK
+    the earlier levels chose (recomputed here from their histograms: no extra launch). CHUNK, PDL:
+    _topk_chunk_keys."""
+    r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
     hist = HIST + r.to(tl.int64) * (4 * 256)
     prefix, k_rem = _topk_threshold(hist, k_eff, LEVEL)
-    row_off = r.to(tl.int64) * stride_r
-    qpos = S - T + r % T
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, S)
-    counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
+    if CHUNK > 0:
+        counts = _topk_block_counts(key, ok, prefix, LEVEL)
+    else:
+        counts = _topk_level_counts(SC, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, prefix, LEVEL,
+                                    CAUSAL, BLOCK)
     bins = tl.arange(0, _TOPK_BINS)
     tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0)
 
 
 @triton.jit
 def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
-                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]. PDL: as
-    _topk_hist."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    pid = tl.program_id(0)
-    r = pid // N_CHUNK
-    c = pid % N_CHUNK
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False):
+    """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]. CHUNK, PDL:
+    _topk_chunk_keys."""
+    r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
     thr, need = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
-    row_off = r.to(tl.int64) * stride_r
-    qpos = S - T + r % T
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, S)
-    n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
+    if CHUNK > 0:
+        n_gt, n_eq = _topk_block_ties(key, ok, thr)
+    else:
+        n_gt, n_eq = _topk_tie_counts(SC, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, thr, CAUSAL, BLOCK)
+    pid = r * N_CHUNK + c
     tl.store(CNT + pid * 2, n_gt)
     tl.store(CNT + pid * 2 + 1, n_eq)
 
 
 @triton.jit
-def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, stride_sel,
+def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, topk, N_CHUNK, stride_sel,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                PDL: tl.constexpr = False):
+                CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False):
     """The taken keys of chunk c of row r, in position order, into SEL[r, slot] as int64 sort keys
     (key << 32) | (S - 1 - position): a bigger one is a higher score, then an earlier position; with
-    POSITIONS the positions themselves (-1 for a -inf score): the unsorted result. A chunk's first
-    slot counts the keys taken in the chunks before it (from CNT). PDL: as _topk_hist."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    pid = tl.program_id(0)
-    r = pid // N_CHUNK
-    c = pid % N_CHUNK
+    POSITIONS the positions themselves (-1 for a -inf score): the unsorted result, the row's last
+    chunk also filling slots k_eff..topk with -1. A chunk's first slot counts the keys taken in the
+    chunks before it (from CNT). CHUNK, PDL: _topk_chunk_keys."""
+    r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
     thr, need = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     ch = tl.arange(0, BCH)
     before = ch < c
@@ -722,12 +758,17 @@ def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, N_CHUNK, strid
     gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0), 0)
     eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0), 0)
     slot = gt_before + tl.minimum(eq_seen, need)
-    row_off = r.to(tl.int64) * stride_r
-    qpos = S - T + r % T
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, S)
-    _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, SEL + r.to(tl.int64) * stride_sel, S,
-               CAUSAL, BLOCK, POSITIONS)
+    sel = SEL + r.to(tl.int64) * stride_sel
+    if CHUNK > 0:
+        _topk_block_take(key, cols, ok, thr, need, slot, eq_seen, sel, S, POSITIONS)
+    else:
+        _topk_take(SC, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, thr, need, slot, eq_seen, sel, S,
+                   CAUSAL, BLOCK, POSITIONS)
+    if POSITIONS:
+        if c == N_CHUNK - 1:
+            for j in range(k_eff, topk, BLOCK):
+                fill = j + tl.arange(0, BLOCK)
+                tl.store(sel + fill, tl.full([BLOCK], -1, tl.int64), mask=fill < topk)
 
 
 @triton.jit
@@ -751,8 +792,14 @@ def _topk_fine_counts(SC, H16, row_off, lo, hi, qpos, CAUSAL: tl.constexpr, BLOC
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
-        fine = (_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL) >> 16) + 32768
-        tl.atomic_add(H16 + fine, 1, mask=ok & (fine >= 256), sem="relaxed", scope="gpu")
+        _topk_block_fine_counts(_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL), ok, H16)
+
+
+@triton.jit
+def _topk_block_fine_counts(key, ok, H16):
+    """_topk_fine_counts for one block of keys."""
+    fine = (key >> 16) + 32768
+    tl.atomic_add(H16 + fine, 1, mask=ok & (fine >= 256), sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -767,9 +814,9 @@ def _topk_candidates(SC, CAND, NC, row_off, lo, hi, qpos, S, prefix, CAUSAL: tl.
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         ok = cols < hi
-        top = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL) >> 16
-        n_gt += tl.sum((ok & (top > prefix)).to(tl.int32), 0)
-        n_c += tl.sum((ok & (top == prefix)).to(tl.int32), 0)
+        gt, c = _topk_block_ties(_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL) >> 16, ok, prefix)
+        n_gt += gt
+        n_c += c
     slot = tl.atomic_add(NC, n_c, sem="relaxed", scope="gpu")
     for j in range(lo, hi, BLOCK):
         cols = j + tl.arange(0, BLOCK)
@@ -1513,6 +1560,10 @@ TOPK_MAX_CHUNKS = 1024  # a row's chunk counts are read as one vector by _topk_w
 # The multi-program passes (_topk_hist x 4, _topk_count, _topk_write) launched with PDL, chained as the
 # decode step's other kernels (attnlab.kernels._pdl); False: plain launches, to compare on a GPU.
 TOPK_PASSES_PDL = True
+# ... each holding its whole chunk in registers (one tile, loaded before the PDL wait: the load overlaps
+# the pass before) when the chunk has at most this many scores (32 a thread at 8 warps); 0: every pass
+# loops over its chunk after the wait.
+TOPK_REG_CHUNK_MAX = 8192
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
@@ -1610,7 +1661,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     one_program = (0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
                    and R >= TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM * _num_sms(scores.device))
     fused = not one_program and 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(scores.device)
-    if (one_program or fused) and R > 0:  # _topk_row / _topk_fused write every slot: no -1 fill launch
+    if R > 0 and S > 0 and (one_program or fused or not sort):  # every slot written: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
         out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
@@ -1636,12 +1687,13 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     grid = (R * n_chunks,)
     args = (sc, hist, S, T, chunk, sc.stride(0), k_eff, n_chunks)
     pdl = TOPK_PASSES_PDL and use_pdl(scores.device)
-    opts = dict(PDL=pdl, num_warps=8, **launch_options(pdl))
+    reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
+    opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, num_warps=8, **launch_options(pdl))
     for level in range(4):
-        _topk_hist[grid](*args, LEVEL=level, CAUSAL=causal, BLOCK=TOPK_BLOCK, **opts)
-    _topk_count[grid](sc, hist, cnt, *args[2:], CAUSAL=causal, BLOCK=TOPK_BLOCK, **opts)
-    _topk_write[grid](sc, hist, cnt, sel, *args[2:], sel.stride(0), CAUSAL=causal, BLOCK=TOPK_BLOCK,
-                      BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
+        _topk_hist[grid](*args, LEVEL=level, **opts)
+    _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
+    _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff, n_chunks,
+                      sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
     if not sort:  # _topk_write stored the positions themselves, in position order
         return out
     block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(scores.device) else 16  # decode: more programs
