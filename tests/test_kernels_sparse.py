@@ -427,18 +427,19 @@ def _tie_scores(B, T, S, seed):
 
 def _topk_path(ks, monkeypatch, path: str) -> None:
     """Route ks.dsa_topk to one of its paths: "one_program" (_topk_row), "fused" (_topk_fused, one
-    launch; one chunk per row under the interpreter), "multi" (the _topk_hist ... passes, each chunk
-    in registers) or "multi_loop" (the same passes looping over their chunks)."""
+    launch; one chunk per row under the interpreter), "multi" (the _topk_hist ... passes), each with its
+    chunks in registers, or "fused_loop" / "multi_loop" (the same, every pass reading the scores)."""
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20 if path == "one_program" else 0)
     monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 0)
-    monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
-    if path == "multi_loop":
+    monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path.startswith("fused") else 0)
+    if path.endswith("_loop"):
         monkeypatch.setattr(ks, "TOPK_REG_CHUNK_MAX", 0)
+        monkeypatch.setattr(ks, "TOPK_FUSED_REG_CHUNK_MAX", 0)
 
 
 @interp
 @pytest.mark.parametrize("causal,path", [(True, "multi"), (False, "multi"), (True, "multi_loop"),
-                                         (False, "multi_loop"), (False, "one_program"),
+                                         (False, "multi_loop"), (False, "one_program"), (True, "fused_loop"),
                                          (True, "fused"), (False, "fused")])
 def test_interp_triton_topk_equals_oracle(causal, path, monkeypatch):
     """The radix-select top-k (many chunks per row: small blocks; or the one-program or the fused
@@ -460,7 +461,7 @@ def test_interp_triton_topk_equals_oracle(causal, path, monkeypatch):
 
 
 @interp
-@pytest.mark.parametrize("path", ["one_program", "multi", "multi_loop", "fused"])
+@pytest.mark.parametrize("path", ["one_program", "multi", "multi_loop", "fused", "fused_loop"])
 def test_interp_triton_topk_decode_row_long(path, monkeypatch):
     """One decode row (B = 1, T = 1) split over many programs (or one), scores from integer data so
     the k-th value is tied across chunk boundaries, float64 and bfloat16 inputs compared at float32."""
@@ -537,7 +538,7 @@ def _assert_same_set_in_position_order(got: torch.Tensor, want: torch.Tensor) ->
 
 
 @interp
-@pytest.mark.parametrize("path", ["one_program", "multi", "multi_loop", "fused"])
+@pytest.mark.parametrize("path", ["one_program", "multi", "multi_loop", "fused", "fused_loop"])
 def test_interp_topk_unsorted_same_set_in_position_order(path, monkeypatch):
     """sort=False (a decode step's top-k): the oracle's positions, ties to the earlier position,
     -inf and causally hidden positions -1, k above the visible count and above S, in position order,
@@ -571,12 +572,17 @@ def _threshold_ties(scores: torch.Tensor, topk: int, copies: int, seed: int) -> 
 
 
 @interp
-def test_interp_topk_fused_candidate_path(monkeypatch):
+@pytest.mark.parametrize("reg", [True, False])
+def test_interp_topk_fused_candidate_path(reg, monkeypatch):
     """The fused top-k's two-barrier candidate path (the keys sharing the k-th key's top 16 bits
-    ranked in the program) equals the oracle sorted and unsorted, with ties at the cut; it is taken
-    for distinct scores and left (the row's candidate count 0) for scores with more than
-    TOPK_CANDIDATES_MAX candidates, a row whose k-th score is -inf, and TOPK_CANDIDATES_MAX = 0."""
+    ranked in the program) equals the oracle sorted and unsorted, with ties at the cut, the chunks in
+    registers or read by every pass; it is taken for distinct scores and left (the row's candidate
+    count 0) for scores with more than TOPK_CANDIDATES_MAX candidates, a row whose k-th score is
+    -inf, and TOPK_CANDIDATES_MAX = 0."""
     from attnlab.kernels import sparse as ks
+
+    if not reg:
+        monkeypatch.setattr(ks, "TOPK_FUSED_REG_CHUNK_MAX", 0)
 
     monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
     gen = torch.Generator().manual_seed(12)
@@ -986,7 +992,7 @@ def test_gpu_topk_one_program_equals_oracle(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "multi", "multi_loop"])
+@pytest.mark.parametrize("path", ["fused", "fused_loop", "multi", "multi_loop"])
 @pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 1, 32768), (2, 1, 131072), (1, 1, 3000), (8, 1, 70000),
                                    (1, 1, 200), (1, 1, 1048600)])
 def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
@@ -995,9 +1001,7 @@ def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
     looped over): sorted, the oracle exactly; unsorted, the oracle's set in position order."""
     from attnlab.kernels import sparse as ks
 
-    monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 1 << 20 if path == "fused" else 0)
-    if path == "multi_loop":
-        monkeypatch.setattr(ks, "TOPK_REG_CHUNK_MAX", 0)
+    _topk_path(ks, monkeypatch, path)
 
     gen = torch.Generator(device="cuda").manual_seed(shape[2] + 1)
     scores = (torch.randn(shape, device="cuda", generator=gen) * 4).round() / 4
@@ -1011,15 +1015,18 @@ def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 1, 4168), (1, 1, 32840), (1, 1, 131144), (2, 1, 70000), (8, 1, 5000),
                                    (1, 1, 300)])
-def test_gpu_topk_fused_candidate_path(shape, monkeypatch):
+@pytest.mark.parametrize("reg", [True, False])
+def test_gpu_topk_fused_candidate_path(shape, reg, monkeypatch):
     """Decode rows over many chunks on the fused path's two-barrier candidate path (its length limit
     lifted): distinct scores (and the same with the k-th value copied to positions across the row, so
     tied candidates sit in different chunks) give the oracle sorted and unsorted, and the path was
     taken (every row's candidate count > 0); a row with fewer finite scores than k keeps the
-    five-barrier path."""
+    five-barrier path; the chunks in registers (``reg``) or read by every pass."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX_S", 1 << 20)
+    if not reg:
+        monkeypatch.setattr(ks, "TOPK_FUSED_REG_CHUNK_MAX", 0)
 
     gen = torch.Generator(device="cuda").manual_seed(shape[2] + 7)
     R, S = shape[0] * shape[1], shape[2]

@@ -864,7 +864,8 @@ def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL:
 @triton.jit
 def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False):
+                CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
+                CHUNK: tl.constexpr = 0):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -881,26 +882,54 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     candidates by ranking them (ties broken by position, as everywhere here) and writes its taken keys
     at once. Otherwise (more candidates; or the k-th key in level 0's bin 0, e.g. a row with fewer
     finite scores than k) the remaining levels run as above, every program taking the same branch
-    (each decides from the same row totals)."""
+    (each decides from the same row totals). CHUNK > 0 (a power of two >= chunk): each program reads its
+    chunk's scores once into registers and every pass works on them (_topk_select's REG)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, S)
+    if CHUNK > 0:  # the chunk's keys in registers, read once
+        cols = lo + tl.arange(0, CHUNK)
+        ok = cols < hi
+        key = _topk_keys(SC, r.to(tl.int64) * stride_r, cols, ok, S - T + r % T, CAUSAL)
+    else:
+        cols = tl.zeros([], dtype=tl.int32)
+        ok = cols == 0
+        key = cols
+    _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_r, stride_out, k_eff, topk,
+                 N_CHUNK, key, cols, ok, CAUSAL, BLOCK, BCH, POSITIONS, CAND_MAX, CB, CHUNK > 0)
+
+
+@triton.jit
+def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_r, stride_out, k_eff, topk,
+                 N_CHUNK, key, cols, ok, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr,
+                 POSITIONS: tl.constexpr, CAND_MAX: tl.constexpr, CB: tl.constexpr, REG: tl.constexpr):
+    """_topk_fused's work for chunk c (positions [lo, hi)) of row r. REG: the chunk's keys are the
+    program's registers (``key`` int32 at positions ``cols``, ``ok`` inside [lo, hi): _index_topk,
+    which computed the scores) and every pass reads them there; else each pass reads the row's scores
+    SC in BLOCK steps (those three arguments unused)."""
+    pid = r * N_CHUNK + c
     hist = HIST + r.to(tl.int64) * (4 * 256)
     ctr = CTR + r * 2  # the row's barrier counter, then its candidate count
     row_off = r.to(tl.int64) * stride_r
     qpos = S - T + r % T
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, S)
     bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
-    counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 0, CAUSAL, BLOCK)
+    if REG:
+        counts = _topk_block_counts(key, ok, prefix, 0)
+    else:
+        counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 0, CAUSAL, BLOCK)
     tl.atomic_add(hist + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
     if CAND_MAX > 0:
-        _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
+        if REG:
+            _topk_block_fine_counts(key, ok, H16 + r.to(tl.int64) * 65536)
+        else:
+            _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
     _row_sync(ctr, N_CHUNK)
     prefix, k_rem = _topk_descend(tl.load(hist + bins, volatile=True), k_rem, prefix, 0)
     levels = tl.full([], 1, tl.int32)  # levels settled
@@ -918,26 +947,41 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     if CAND_MAX > 0:  # (a compile-time branch: no trace of the path in the kernel without it)
         if n_cand <= CAND_MAX:
             cand = CAND + r.to(tl.int64) * CAND_MAX
-            n_gt = _topk_candidates(SC, cand, ctr + 1, row_off, lo, hi, qpos, S, prefix, CAUSAL, BLOCK)
+            if REG:
+                n_gt, n_c = _topk_block_ties(key >> 16, ok, prefix)
+                slot = tl.atomic_add(ctr + 1, n_c, sem="relaxed", scope="gpu")
+                _topk_store(cand, slot, ok & ((key >> 16) == prefix), key, cols, S, False)
+            else:
+                n_gt = _topk_candidates(SC, cand, ctr + 1, row_off, lo, hi, qpos, S, prefix, CAUSAL, BLOCK)
             tl.store(CNT + pid * 2, n_gt)
             _row_sync(ctr, 2 * N_CHUNK)
             thr_sk, taken_before = _topk_candidate_threshold(cand, n_cand, k_rem, lo, S, CB)
             ch = tl.arange(0, BCH)
             cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
             slot = tl.sum(tl.load(cnt + ch * 2, mask=ch < c, other=0, volatile=True), 0) + taken_before
-            _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot, out, CAUSAL, BLOCK, POSITIONS)
+            if REG:
+                _topk_store(out, slot, ok & (_topk_sort_key(key, cols, S) >= thr_sk), key, cols, S, POSITIONS)
+            else:
+                _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot, out, CAUSAL, BLOCK,
+                                       POSITIONS)
             done = tl.full([], 1, tl.int32)
     if done == 0:
         for LEVEL in tl.static_range(1, 4):
             if LEVEL >= levels:
-                counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
+                if REG:
+                    counts = _topk_block_counts(key, ok, prefix, LEVEL)
+                else:
+                    counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
                 tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
                 syncs += 1
                 _row_sync(ctr, syncs * N_CHUNK)
                 h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
                 prefix, k_rem = _topk_descend(h, k_rem, prefix, LEVEL)
         thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
-        n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
+        if REG:
+            n_gt, n_eq = _topk_block_ties(key, ok, thr)
+        else:
+            n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
         tl.store(CNT + pid * 2, n_gt)
         tl.store(CNT + pid * 2 + 1, n_eq)
         _row_sync(ctr, (syncs + 1) * N_CHUNK)
@@ -947,11 +991,14 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
         gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0, volatile=True), 0)
         eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
         slot = gt_before + tl.minimum(eq_seen, k_rem)
-        _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
+        if REG:
+            _topk_block_take(key, cols, ok, thr, k_rem, slot, eq_seen, out, S, POSITIONS)
+        else:
+            _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
     if c == N_CHUNK - 1:
         for j in range(k_eff, topk, BLOCK):
-            cols = j + tl.arange(0, BLOCK)
-            tl.store(out + cols, tl.full([BLOCK], -1, tl.int64), mask=cols < topk)
+            fill = j + tl.arange(0, BLOCK)
+            tl.store(out + fill, tl.full([BLOCK], -1, tl.int64), mask=fill < topk)
 
 
 @triton.jit
@@ -1595,6 +1642,9 @@ TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smal
 # ~1B deepseek-v32 step (best of 2, ms; decode_ab_h100_topk_warps.json, ..._topk_wide.json): 128K
 # (chunks of 994 scores) 1.5693 -> 1.4890 (16 warps x 1024: 1.4796 / 1.5157), 64K (497) 1.3589 ->
 # 1.3123, but 32K (249) 1.2467 -> 1.2515.
+# Chunks of at most this many scores are read once into a program's registers (_topk_fused's CHUNK);
+# 0: every pass reads them again (from L2).
+TOPK_FUSED_REG_CHUNK_MAX = 4096
 TOPK_FUSED_WIDE_MIN_CHUNK = 384
 TOPK_FUSED_WIDE_BLOCK = 512
 # The fused path's candidate shortcut (_topk_fused's CAND_MAX): when at most this many keys share the
@@ -1758,10 +1808,11 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
     pdl = use_pdl(sc.device)
+    reg = _pow2(chunk) if chunk <= TOPK_FUSED_REG_CHUNK_MAX else 0
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, fine, cand, sel, S, T, chunk, sc.stride(0),
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
-                                 PDL=pdl, num_warps=warps, **launch_options(pdl))
+                                 PDL=pdl, CHUNK=reg, num_warps=warps, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:
