@@ -709,7 +709,7 @@ def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CA
 @triton.jit
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
                LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
-               PDL: tl.constexpr = False):
+               PDL: tl.constexpr = False, RELAXED: tl.constexpr = False):
     """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
     the earlier levels chose (recomputed here from their histograms: no extra launch). CHUNK, PDL:
     _topk_chunk_keys."""
@@ -722,7 +722,10 @@ def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
         counts = _topk_level_counts(SC, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, prefix, LEVEL,
                                     CAUSAL, BLOCK)
     bins = tl.arange(0, _TOPK_BINS)
-    tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0)
+    if RELAXED:  # the kernel's end orders them before the next pass
+        tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
+    else:
+        tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0)
 
 
 @triton.jit
@@ -1611,6 +1614,7 @@ TOPK_PASSES_PDL = True
 # the pass before) when the chunk has at most this many scores (32 a thread at 8 warps); 0: every pass
 # loops over its chunk after the wait.
 TOPK_REG_CHUNK_MAX = 8192
+TOPK_HIST_RELAXED = False  # _topk_hist's histogram atomics relaxed (the kernel boundary orders them)
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
@@ -1740,7 +1744,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
     opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, num_warps=8, **launch_options(pdl))
     for level in range(4):
-        _topk_hist[grid](*args, LEVEL=level, **opts)
+        _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, **opts)
     _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
     _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff, n_chunks,
                       sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
