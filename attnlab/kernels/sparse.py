@@ -1614,7 +1614,7 @@ TOPK_PASSES_PDL = True
 # the pass before) when the chunk has at most this many scores (32 a thread at 8 warps); 0: every pass
 # loops over its chunk after the wait.
 TOPK_REG_CHUNK_MAX = 8192
-TOPK_HIST_RELAXED = False  # _topk_hist's histogram atomics relaxed (the kernel boundary orders them)
+X
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
