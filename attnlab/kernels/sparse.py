@@ -1614,7 +1614,10 @@ TOPK_PASSES_PDL = True
 # the pass before) when the chunk has at most this many scores (32 a thread at 8 warps); 0: every pass
 # loops over its chunk after the wait.
 TOPK_REG_CHUNK_MAX = 8192
-X
+# _topk_hist's histogram atomics relaxed (the kernel boundary orders them before the next pass) or, False,
+# acq_rel. H100, 2026-11-28, deepseek-v32 step at 1M, best of 2: 3.2641 vs 3.2913 ms (rounds 3.2835 /
+# 3.2641 vs 3.3013 / 3.2913; benchmarks/results/decode_ab_h100_1m_knobs.json).
+TOPK_HIST_RELAXED = True
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
