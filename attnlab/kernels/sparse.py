@@ -1640,8 +1640,11 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # 37.0 vs 39.1 / 30.3 (a row's ~132 programs each stream 2K scores per pass there): so up to 160K,
 # between those two (a 128K context's cache holds a few slots more than 2^17). H100, 2026-11-27, the
 # ~1B deepseek-v32 decode step in a CUDA graph at 128K (cache 131,144 slots; interleaved, best of 2):
-# 1 << 17 (multi-launch there) 1.687 ms, 160K (fused) 1.628.
-TOPK_FUSED_MAX = 160 * 1024
+# 1 << 17 (multi-launch there) 1.687 ms, 160K (fused) 1.628. With the chunks in registers
+# (TOPK_FUSED_REG_CHUNK_MAX, TOPK_REG_CHUNK_MAX), H100, 2026-11-28, the step at 256K (262,144 + a few
+# slots; best of 2): fused 1.7725 ms vs multi-launch 1.8172 (decode_ab_h100_topk_reg_shapes.json): so
+# up to 300K.
+TOPK_FUSED_MAX = 300 * 1024
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
 # Rows whose chunks hold at least this many scores take TOPK_FUSED_WIDE_BLOCK-score steps at 8 warps
 # (two scores a thread, as 256 at 4 warps): one program an SM issued an instruction every ~10 cycles
