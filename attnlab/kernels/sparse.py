@@ -1643,8 +1643,9 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # 1 << 17 (multi-launch there) 1.687 ms, 160K (fused) 1.628. With the chunks in registers
 # (TOPK_FUSED_REG_CHUNK_MAX, TOPK_REG_CHUNK_MAX), H100, 2026-11-28, the step at 256K (262,144 + a few
 # slots; best of 2): fused 1.7725 ms vs multi-launch 1.8172 (decode_ab_h100_topk_reg_shapes.json): so
-# up to 300K.
-TOPK_FUSED_MAX = 300 * 1024
+# up to 264K, where a row's chunks on 132 SMs stay within 2048 scores (the register tile the GPU tests
+# ran; 300K, whose 4096-score tiles no GPU test has run yet, was the A/B's limit).
+TOPK_FUSED_MAX = 264 * 1024
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
 # Rows whose chunks hold at least this many scores take TOPK_FUSED_WIDE_BLOCK-score steps at 8 warps
 # (two scores a thread, as 256 at 4 warps): one program an SM issued an instruction every ~10 cycles
