@@ -681,11 +681,12 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
 @triton.jit
 def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
                      PDL: tl.constexpr):
-    """The start of a multi-program pass (CHUNK > 0: the whole chunk in one register tile): program
-    pid's row r, chunk c, its positions [lo, hi), and with CHUNK its keys (positions cols, ok inside
-    [lo, hi)) loaded BEFORE the PDL wait — the scores were written before the zero fill that precedes
-    the first pass, which starts only when that plain launch has completed — so the load overlaps the
-    previous pass's end. CHUNK = 0: the keys are left to each pass's loop (key / cols / ok zero)."""
+    """The start of a multi-program pass or of _topk_fused (CHUNK > 0: the whole chunk in one register
+    tile): program pid's row r, chunk c, its positions [lo, hi), and with CHUNK its keys (positions
+    cols, ok inside [lo, hi)) loaded BEFORE the PDL wait — the scores were written before the zero fill
+    launched just before _topk_fused or the first pass, which start only when that plain launch has
+    completed — so a pass's load overlaps the previous pass's end. CHUNK = 0: the keys are left to the
+    loops over the chunk (key / cols / ok zero)."""
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -887,22 +888,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     finite scores than k) the remaining levels run as above, every program taking the same branch
     (each decides from the same row totals). CHUNK > 0 (a power of two >= chunk): each program reads its
     chunk's scores once into registers and every pass works on them (_topk_select's REG)."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    pid = tl.program_id(0)
-    r = pid // N_CHUNK
-    c = pid % N_CHUNK
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, S)
-    if CHUNK > 0:  # the chunk's keys in registers, read once
-        cols = lo + tl.arange(0, CHUNK)
-        ok = cols < hi
-        key = _topk_keys(SC, r.to(tl.int64) * stride_r, cols, ok, S - T + r % T, CAUSAL)
-    else:
-        cols = tl.zeros([], dtype=tl.int32)
-        ok = cols == 0
-        key = cols
+    r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
     _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_r, stride_out, k_eff, topk,
                  N_CHUNK, key, cols, ok, CAUSAL, BLOCK, BCH, POSITIONS, CAND_MAX, CB, CHUNK > 0)
 
