@@ -16,7 +16,17 @@ import contextlib
 
 import pytest
 import torch
-from _triton_tests import HAVE_TRITON, INTERPRETED, interp, needs_triton, rel_err, run_interpreter_suite
+from _triton_tests import (
+    HAVE_TRITON,
+    INTERPRETED,
+    compile_sm90,
+    interp,
+    needs_sm90_toolchain,
+    needs_triton,
+    rel_err,
+    run_interpreter_suite,
+    sm90_usage,
+)
 
 from attnlab import ops
 
@@ -613,6 +623,33 @@ def test_interp_topk_fused_candidate_path(reg, monkeypatch):
     assert n_cand[0] > 0 and n_cand[1] == 0
     monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX", 0)
     assert run(distinct, 100).tolist() == [0, 0]
+
+
+@needs_sm90_toolchain
+@pytest.mark.parametrize("kernel,chunk", [("_topk_fused", 1024), ("_topk_fused", 128), ("_topk_hist", 2048),
+                                          ("_topk_count", 8192), ("_topk_write", 2048)])
+def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
+    """The top-k kernels with their chunk in registers compile for an H100 (sm_90) without spills, and
+    the chunk's score loads come before the PDL wait (a multi-program pass's load overlaps the pass
+    before it)."""
+    from attnlab.kernels import sparse as ks
+
+    ptrs = {"SC": "*fp32", "HIST": "*i32", "CTR": "*i32", "CNT": "*i32", "H16": "*i32", "CAND": "*i64",
+            "OUT": "*i64", "SEL": "*i64"}
+    fn = getattr(ks, kernel)
+    const = dict(CAUSAL=False, BLOCK=min(chunk, 1024), CHUNK=chunk, PDL=True)
+    if kernel == "_topk_fused":
+        const.update(BCH=256, POSITIONS=True, CAND_MAX=256 if chunk == 128 else 0)
+    elif kernel == "_topk_hist":
+        const.update(LEVEL=3)
+    elif kernel == "_topk_write":
+        const.update(BCH=1024, POSITIONS=True)
+    compiled = compile_sm90(fn, const, {a: t for a, t in ptrs.items() if a in fn.arg_names},
+                            num_warps=4 if chunk == 128 else 8)
+    regs, stack, res = sm90_usage(compiled)
+    assert "LOCAL:0 " in res and stack == 0, res
+    ptx = compiled.asm["ptx"]
+    assert -1 < ptx.find("ld.global") < ptx.find("griddepcontrol.wait"), kernel
 
 
 @interp

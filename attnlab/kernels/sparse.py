@@ -537,12 +537,6 @@ def _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL: tl.constexpr):
     x = tl.load(SC + row_off + cols, mask=ok, other=float("-inf"))
     if CAUSAL:
         x = tl.where(cols > qpos, float("-inf"), x)
-    return _topk_key_of(x)
-
-
-@triton.jit
-def _topk_key_of(x):
-    """The int32 keys of float32 scores x (the order of the floats)."""
     bits = (x + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 ties with +0.0
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
