@@ -725,7 +725,8 @@ def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
 
 @triton.jit
 def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
-                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False):
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
+                PDL: tl.constexpr = False):
     """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]. CHUNK, PDL:
     _topk_chunk_keys."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
@@ -733,7 +734,8 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
     if CHUNK > 0:
         n_gt, n_eq = _topk_block_ties(key, ok, thr)
     else:
-        n_gt, n_eq = _topk_tie_counts(SC, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, thr, CAUSAL, BLOCK)
+        n_gt, n_eq = _topk_tie_counts(SC, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, thr, CAUSAL,
+                                      BLOCK)
     pid = r * N_CHUNK + c
     tl.store(CNT + pid * 2, n_gt)
     tl.store(CNT + pid * 2 + 1, n_eq)
@@ -892,9 +894,9 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
                  N_CHUNK, key, cols, ok, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr,
                  POSITIONS: tl.constexpr, CAND_MAX: tl.constexpr, CB: tl.constexpr, REG: tl.constexpr):
     """_topk_fused's work for chunk c (positions [lo, hi)) of row r. REG: the chunk's keys are the
-    program's registers (``key`` int32 at positions ``cols``, ``ok`` inside [lo, hi): _index_topk,
-    which computed the scores) and every pass reads them there; else each pass reads the row's scores
-    SC in BLOCK steps (those three arguments unused)."""
+    program's registers (``key`` int32 at positions ``cols``, ``ok`` inside [lo, hi), read once by
+    _topk_chunk_keys) and every pass works on them; else each pass reads the row's scores SC in BLOCK
+    steps (those three arguments unused)."""
     pid = r * N_CHUNK + c
     hist = HIST + r.to(tl.int64) * (4 * 256)
     ctr = CTR + r * 2  # the row's barrier counter, then its candidate count
@@ -1733,8 +1735,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     for level in range(4):
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, **opts)
     _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
-    _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff, n_chunks,
-                      sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
+    _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff,
+                      n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
     if not sort:  # _topk_write stored the positions themselves, in position order
         return out
     block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(scores.device) else 16  # decode: more programs
