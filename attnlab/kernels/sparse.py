@@ -883,20 +883,9 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     at once. Otherwise (more candidates; or the k-th key in level 0's bin 0, e.g. a row with fewer
     finite scores than k) the remaining levels run as above, every program taking the same branch
     (each decides from the same row totals). CHUNK > 0 (a power of two >= chunk): each program reads its
-    chunk's scores once into registers and every pass works on them (_topk_select's REG)."""
+    chunk's scores once into registers (_topk_chunk_keys) and every pass works on them; else each
+    pass reads them again in BLOCK steps."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
-    _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_r, stride_out, k_eff, topk,
-                 N_CHUNK, key, cols, ok, CAUSAL, BLOCK, BCH, POSITIONS, CAND_MAX, CB, CHUNK > 0)
-
-
-@triton.jit
-def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_r, stride_out, k_eff, topk,
-                 N_CHUNK, key, cols, ok, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr,
-                 POSITIONS: tl.constexpr, CAND_MAX: tl.constexpr, CB: tl.constexpr, REG: tl.constexpr):
-    """_topk_fused's work for chunk c (positions [lo, hi)) of row r. REG: the chunk's keys are the
-    program's registers (``key`` int32 at positions ``cols``, ``ok`` inside [lo, hi), read once by
-    _topk_chunk_keys) and every pass works on them; else each pass reads the row's scores SC in BLOCK
-    steps (those three arguments unused)."""
     pid = r * N_CHUNK + c
     hist = HIST + r.to(tl.int64) * (4 * 256)
     ctr = CTR + r * 2  # the row's barrier counter, then its candidate count
@@ -905,13 +894,13 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
     bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
-    if REG:
+    if CHUNK > 0:
         counts = _topk_block_counts(key, ok, prefix, 0)
     else:
         counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 0, CAUSAL, BLOCK)
     tl.atomic_add(hist + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
     if CAND_MAX > 0:
-        if REG:
+        if CHUNK > 0:
             _topk_block_fine_counts(key, ok, H16 + r.to(tl.int64) * 65536)
         else:
             _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
@@ -932,7 +921,7 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
     if CAND_MAX > 0:  # (a compile-time branch: no trace of the path in the kernel without it)
         if n_cand <= CAND_MAX:
             cand = CAND + r.to(tl.int64) * CAND_MAX
-            if REG:
+            if CHUNK > 0:
                 n_gt, n_c = _topk_block_ties(key >> 16, ok, prefix)
                 slot = tl.atomic_add(ctr + 1, n_c, sem="relaxed", scope="gpu")
                 _topk_store(cand, slot, ok & ((key >> 16) == prefix), key, cols, S, False)
@@ -944,7 +933,7 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
             ch = tl.arange(0, BCH)
             cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
             slot = tl.sum(tl.load(cnt + ch * 2, mask=ch < c, other=0, volatile=True), 0) + taken_before
-            if REG:
+            if CHUNK > 0:
                 _topk_store(out, slot, ok & (_topk_sort_key(key, cols, S) >= thr_sk), key, cols, S, POSITIONS)
             else:
                 _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot, out, CAUSAL, BLOCK,
@@ -953,7 +942,7 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
     if done == 0:
         for LEVEL in tl.static_range(1, 4):
             if LEVEL >= levels:
-                if REG:
+                if CHUNK > 0:
                     counts = _topk_block_counts(key, ok, prefix, LEVEL)
                 else:
                     counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
@@ -963,7 +952,7 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
                 h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
                 prefix, k_rem = _topk_descend(h, k_rem, prefix, LEVEL)
         thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
-        if REG:
+        if CHUNK > 0:
             n_gt, n_eq = _topk_block_ties(key, ok, thr)
         else:
             n_gt, n_eq = _topk_tie_counts(SC, row_off, lo, hi, qpos, thr, CAUSAL, BLOCK)
@@ -976,7 +965,7 @@ def _topk_select(SC, HIST, CTR, CNT, H16, CAND, OUT, r, c, lo, hi, S, T, stride_
         gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0, volatile=True), 0)
         eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
         slot = gt_before + tl.minimum(eq_seen, k_rem)
-        if REG:
+        if CHUNK > 0:
             _topk_block_take(key, cols, ok, thr, k_rem, slot, eq_seen, out, S, POSITIONS)
         else:
             _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
