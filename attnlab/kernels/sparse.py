@@ -580,26 +580,28 @@ def _topk_pick(h, k_rem):
 def _topk_descend(h, k_rem, prefix, LEVEL: tl.constexpr):
     """One radix level: the bin of histogram h (int32 [256]) holding the k_rem-th largest key appended
     to ``prefix`` (level 0: the signed top byte, key >> 24; then prefix * 256 + bin, the floor division
-    holding for negative keys too), and k_rem minus the keys in the bins above it."""
+    holding for negative keys too), k_rem minus the keys in the bins above it, and the keys in the
+    bin (those whose top 8 (LEVEL + 1) bits are the new prefix)."""
     b, k_rem = _topk_pick(h, k_rem)
     if LEVEL == 0:
         prefix = b - 128
     else:
         prefix = prefix * 256 + b
-    return prefix, k_rem
+    return prefix, k_rem, tl.sum(tl.where(tl.arange(0, _TOPK_BINS) == b, h, 0), 0)
 
 
 @triton.jit
 def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
-    """(key prefix, keys still to take at it) after LEVELS histogram levels (0..4) of a row: the
-    prefix is key >> (32 - 8 LEVELS) (arithmetic shift); LEVELS = 4 gives the full k-th largest key
-    and how many of the keys equal to it are taken."""
+    """(key prefix, keys still to take at it, keys of the row sharing it) after LEVELS histogram levels
+    (0..4) of a row: the prefix is key >> (32 - 8 LEVELS) (arithmetic shift); LEVELS = 4 gives the full
+    k-th largest key and how many of the keys equal to it are taken. (LEVELS = 0: the third is 0.)"""
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
+    n_match = tl.zeros([], dtype=tl.int32)
     for LEVEL in tl.static_range(LEVELS):
-        prefix, k_rem = _topk_descend(tl.load(HIST + LEVEL * 256 + tl.arange(0, _TOPK_BINS)), k_rem, prefix,
-                                      LEVEL)
-    return prefix, k_rem
+        prefix, k_rem, n_match = _topk_descend(tl.load(HIST + LEVEL * 256 + tl.arange(0, _TOPK_BINS)), k_rem,
+                                               prefix, LEVEL)
+    return prefix, k_rem, n_match
 
 
 @triton.jit
@@ -626,6 +628,49 @@ def _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL: tl.constexpr, C
         ok = cols < hi
         counts += _topk_block_counts(_topk_keys(SC, row_off, cols, ok, qpos, CAUSAL), ok, prefix, LEVEL)
     return counts
+
+
+@triton.jit
+def _topk_block_match_adds(key, ok, prefix, H, LEVEL: tl.constexpr):
+    """Level LEVEL's (>= 1) counts of one block of keys added into the level's histogram H (int32
+    [256]) with one relaxed atomic per key whose higher bits match ``prefix``: when few keys of the row
+    do, cheaper than tl.histogram over every key (whose cost grows with the keys, matching or not)."""
+    match = ok & ((key >> (32 - 8 * LEVEL)) == prefix)
+    tl.atomic_add(H + ((key >> (24 - 8 * LEVEL)) & 0xFF), 1, mask=match, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _topk_level_adds(SC, H, row_off, lo, hi, qpos, key, ok, prefix, n_match, LEVEL: tl.constexpr,
+                     CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MATCH_MAX: tl.constexpr,
+                     RELAXED: tl.constexpr = True):
+    """Add level LEVEL's counts of a chunk's keys (positions [lo, hi) of a row; with CHUNK > 0 already
+    in registers: key, ok) whose higher bits match ``prefix`` into the level's histogram H (int32
+    [256]): one atomic per matching key when the row has at most MATCH_MAX of them (``n_match``, from
+    the level before), else a tl.histogram and one atomic per bin (acq_rel unless RELAXED)."""
+    few = n_match <= MATCH_MAX
+    if LEVEL == 0:
+        few = False
+    if MATCH_MAX == 0:
+        few = False
+    if few:
+        if CHUNK > 0:
+            _topk_block_match_adds(key, ok, prefix, H, LEVEL)
+        else:
+            for j in range(lo, hi, BLOCK):
+                cols = j + tl.arange(0, BLOCK)
+                c_ok = cols < hi
+                keys = _topk_keys(SC, row_off, cols, c_ok, qpos, CAUSAL)
+                _topk_block_match_adds(keys, c_ok, prefix, H, LEVEL)
+    else:
+        if CHUNK > 0:
+            counts = _topk_block_counts(key, ok, prefix, LEVEL)
+        else:
+            counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
+        bins = tl.arange(0, _TOPK_BINS)
+        if RELAXED:  # a kernel's end or the row barrier orders them before the histogram is read
+            tl.atomic_add(H + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
+        else:
+            tl.atomic_add(H + bins, counts, mask=counts > 0)
 
 
 @triton.jit
@@ -704,23 +749,15 @@ def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CA
 @triton.jit
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
                LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
-               PDL: tl.constexpr = False, RELAXED: tl.constexpr = False):
+               PDL: tl.constexpr = False, RELAXED: tl.constexpr = False, MATCH_MAX: tl.constexpr = 0):
     """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
     the earlier levels chose (recomputed here from their histograms: no extra launch). CHUNK, PDL:
-    _topk_chunk_keys."""
+    _topk_chunk_keys; MATCH_MAX, RELAXED: _topk_level_adds."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
     hist = HIST + r.to(tl.int64) * (4 * 256)
-    prefix, k_rem = _topk_threshold(hist, k_eff, LEVEL)
-    if CHUNK > 0:
-        counts = _topk_block_counts(key, ok, prefix, LEVEL)
-    else:
-        counts = _topk_level_counts(SC, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, prefix, LEVEL,
-                                    CAUSAL, BLOCK)
-    bins = tl.arange(0, _TOPK_BINS)
-    if RELAXED:  # the kernel's end orders them before the next pass
-        tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
-    else:
-        tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0)
+    prefix, k_rem, n_match = _topk_threshold(hist, k_eff, LEVEL)
+    _topk_level_adds(SC, hist + LEVEL * 256, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, key, ok,
+                     prefix, n_match, LEVEL, CAUSAL, BLOCK, CHUNK, MATCH_MAX, RELAXED)
 
 
 @triton.jit
@@ -730,7 +767,7 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
     """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]. CHUNK, PDL:
     _topk_chunk_keys."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
-    thr, need = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
+    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     if CHUNK > 0:
         n_gt, n_eq = _topk_block_ties(key, ok, thr)
     else:
@@ -751,7 +788,7 @@ def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, topk, N_CHUNK,
     chunk also filling slots k_eff..topk with -1. A chunk's first slot counts the keys taken in the
     chunks before it (from CNT). CHUNK, PDL: _topk_chunk_keys."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
-    thr, need = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
+    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     ch = tl.arange(0, BCH)
     before = ch < c
     cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
@@ -865,7 +902,7 @@ def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL:
 def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
                 CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
-                CHUNK: tl.constexpr = 0):
+                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -884,7 +921,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     finite scores than k) the remaining levels run as above, every program taking the same branch
     (each decides from the same row totals). CHUNK > 0 (a power of two >= chunk): each program reads its
     chunk's scores once into registers (_topk_chunk_keys) and every pass works on them; else each
-    pass reads them again in BLOCK steps."""
+    pass reads them again in BLOCK steps. MATCH_MAX: _topk_level_adds (levels 1-3)."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
     pid = r * N_CHUNK + c
     hist = HIST + r.to(tl.int64) * (4 * 256)
@@ -894,18 +931,14 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
-    if CHUNK > 0:
-        counts = _topk_block_counts(key, ok, prefix, 0)
-    else:
-        counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, 0, CAUSAL, BLOCK)
-    tl.atomic_add(hist + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
+    _topk_level_adds(SC, hist, row_off, lo, hi, qpos, key, ok, prefix, k_rem, 0, CAUSAL, BLOCK, CHUNK, 0)
     if CAND_MAX > 0:
         if CHUNK > 0:
             _topk_block_fine_counts(key, ok, H16 + r.to(tl.int64) * 65536)
         else:
             _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
     _row_sync(ctr, N_CHUNK)
-    prefix, k_rem = _topk_descend(tl.load(hist + bins, volatile=True), k_rem, prefix, 0)
+    prefix, k_rem, n_match = _topk_descend(tl.load(hist + bins, volatile=True), k_rem, prefix, 0)
     levels = tl.full([], 1, tl.int32)  # levels settled
     n_cand = tl.full([], CAND_MAX + 1, tl.int32)  # not the candidate path unless set below
     if CAND_MAX > 0:
@@ -913,6 +946,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
             h1 = tl.load(H16 + r.to(tl.int64) * 65536 + (prefix + 128) * 256 + bins, volatile=True)
             b, k_rem = _topk_pick(h1, k_rem)
             n_cand = tl.sum(tl.where(bins == b, h1, 0), 0)
+            n_match = n_cand
             prefix = prefix * 256 + b
             levels = tl.full([], 2, tl.int32)
     syncs = tl.full([], 1, tl.int32)
@@ -942,15 +976,12 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     if done == 0:
         for LEVEL in tl.static_range(1, 4):
             if LEVEL >= levels:
-                if CHUNK > 0:
-                    counts = _topk_block_counts(key, ok, prefix, LEVEL)
-                else:
-                    counts = _topk_level_counts(SC, row_off, lo, hi, qpos, prefix, LEVEL, CAUSAL, BLOCK)
-                tl.atomic_add(hist + LEVEL * 256 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
+                _topk_level_adds(SC, hist + LEVEL * 256, row_off, lo, hi, qpos, key, ok, prefix, n_match,
+                                 LEVEL, CAUSAL, BLOCK, CHUNK, MATCH_MAX)
                 syncs += 1
                 _row_sync(ctr, syncs * N_CHUNK)
                 h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
-                prefix, k_rem = _topk_descend(h, k_rem, prefix, LEVEL)
+                prefix, k_rem, n_match = _topk_descend(h, k_rem, prefix, LEVEL)
         thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
         if CHUNK > 0:
             n_gt, n_eq = _topk_block_ties(key, ok, thr)
@@ -1016,7 +1047,7 @@ def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
     k_rem = k_eff
     for LEVEL in tl.static_range(4):
         counts = _topk_level_counts(SC, row_off, 0, S, qpos, prefix, LEVEL, CAUSAL, BLOCK)
-        prefix, k_rem = _topk_descend(counts, k_rem, prefix, LEVEL)
+        prefix, k_rem, _ = _topk_descend(counts, k_rem, prefix, LEVEL)
     thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
     zero = tl.zeros([], dtype=tl.int32)
     _topk_take(SC, row_off, 0, S, qpos, thr, k_rem, zero, zero, sel, S, CAUSAL, BLOCK, POSITIONS)
@@ -1589,6 +1620,14 @@ TOPK_REG_CHUNK_MAX = 8192
 # acq_rel. H100, 2026-11-28, deepseek-v32 step at 1M, best of 2: 3.2641 vs 3.2913 ms (rounds 3.2835 /
 # 3.2641 vs 3.3013 / 3.2913; benchmarks/results/decode_ab_h100_1m_knobs.json).
 TOPK_HIST_RELAXED = True
+# Histogram levels 1-3 (multi-program passes and _topk_fused) count a row's keys matching the levels
+# before with one atomic per matching key, instead of a tl.histogram over every key, when the row has
+# at most this many of them (known from the level before); 0: always tl.histogram. tl.histogram's cost
+# grows with every key of the chunk (a warp ballot per bit, a popcount per bin a lane owns), matching or
+# not: over a 1M-score row, ~7 us a level. H100, 2026-11-28, the ~1B deepseek-v32 step (best of 2, ms;
+# decode_ab_h100_match_atomics.json): 0 / 4096 / 32768 / 262144: 32K 1.2225 / 1.2204 / 1.2251 / 1.2253;
+# 128K 1.4643 / 1.4320 / 1.4930 / 1.4761; 1M 3.2530 / 3.1153 / 3.1491 / 3.4654.
+TOPK_MATCH_ATOMICS_MAX = 4096
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
@@ -1722,7 +1761,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
     opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, num_warps=8, **launch_options(pdl))
     for level in range(4):
-        _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, **opts)
+        _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
+                         **opts)
     _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
     _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff,
                       n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
@@ -1794,7 +1834,8 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, fine, cand, sel, S, T, chunk, sc.stride(0),
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
-                                 PDL=pdl, CHUNK=reg, num_warps=warps, **launch_options(pdl))
+                                 PDL=pdl, CHUNK=reg, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX, num_warps=warps,
+                                 **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:
