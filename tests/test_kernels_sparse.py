@@ -490,6 +490,47 @@ def test_interp_triton_topk_decode_row_long(path, monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("path,match_max,lookback", [
+    ("multi", 1 << 30, True), ("multi", 0, True), ("multi", 1 << 30, False), ("multi", 40, True),
+    ("multi_loop", 1 << 30, True), ("fused", 1 << 30, True), ("fused", 40, True),
+    ("fused_loop", 1 << 30, True)])
+def test_interp_topk_match_atomics_and_lookback(path, match_max, lookback, monkeypatch):
+    """Histogram levels 1-3 counted with one atomic per matching key (TOPK_MATCH_ATOMICS_MAX: always,
+    never, or by the row's count), and the write pass looking back at the chunks before it instead of
+    a count pass (TOPK_WRITE_LOOKBACK, multi-program path), equal the oracle: sorted exactly, unsorted
+    the same set in position order; ties at the cut across chunks, -inf tails, k > S."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
+    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 32)
+    monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX", 0)  # the fused path's levels 1-3 run
+    monkeypatch.setattr(ks, "TOPK_MATCH_ATOMICS_MAX", match_max)
+    monkeypatch.setattr(ks, "TOPK_WRITE_LOOKBACK", lookback)
+    _topk_path(ks, monkeypatch, path)
+    if not lookback:
+        calls = []
+        original = ks._topk_count
+
+        class Spy:
+            def __getitem__(self, grid):
+                calls.append(grid)
+                return original[grid]
+
+        monkeypatch.setattr(ks, "_topk_count", Spy())
+    gen = torch.Generator().manual_seed(21)
+    scores = torch.randn(2, 1, 700, generator=gen)
+    scores[1, 0, 500:] = float("-inf")
+    tied = _threshold_ties(scores, 100, copies=6, seed=4)
+    for sc in (tied, _tie_scores(2, 2, 300, seed=9)):
+        for topk in (100, 900):
+            want = ops.dsa_topk(sc, topk, causal=False, mode="torch")
+            assert torch.equal(ks.dsa_topk(sc, topk, causal=False), want), topk
+            _assert_same_set_in_position_order(ks.dsa_topk(sc, topk, causal=False, sort=False), want)
+    if not lookback and path.startswith("multi"):
+        assert calls
+
+
+@interp
 def test_interp_topk_one_program_edge_cases(monkeypatch):
     """The one-launch top-k (_topk_row) alone (the multi-program kernels would raise): negative
     scores, -0.0 next to +0.0, all--inf rows, k > S (tail of -1), k_eff not a power of two (sort
@@ -627,7 +668,8 @@ def test_interp_topk_fused_candidate_path(reg, monkeypatch):
 
 @needs_sm90_toolchain
 @pytest.mark.parametrize("kernel,chunk", [("_topk_fused", 1024), ("_topk_fused", 128), ("_topk_hist", 2048),
-                                          ("_topk_count", 8192), ("_topk_write", 2048)])
+                                          ("_topk_count", 8192), ("_topk_write", 2048),
+                                          ("_topk_write", 8192)])
 def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     """The top-k kernels with their chunk in registers compile for an H100 (sm_90) without spills, and
     the chunk's score loads come before the PDL wait (a multi-program pass's load overlaps the pass
@@ -641,9 +683,10 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     if kernel == "_topk_fused":
         const.update(BCH=256, POSITIONS=True, CAND_MAX=256 if chunk == 128 else 0)
     elif kernel == "_topk_hist":
-        const.update(LEVEL=3)
+        const.update(LEVEL=3, MATCH_MAX=4096)
     elif kernel == "_topk_write":
-        const.update(BCH=1024, POSITIONS=True)
+        const.update(BCH=1024, POSITIONS=True, LOOKBACK=chunk == 8192)
+        ptrs["CNT"] = "*i64" if chunk == 8192 else "*i32"
     compiled = compile_sm90(fn, const, {a: t for a, t in ptrs.items() if a in fn.arg_names},
                             num_warps=4 if chunk == 128 else 8)
     regs, stack, res = sm90_usage(compiled)
@@ -1047,6 +1090,30 @@ def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
         want = ops.dsa_topk(scores, topk, causal=False, mode="torch")
         _assert_same_set_in_position_order(ks.dsa_topk(scores, topk, causal=False, sort=False), want)
         assert torch.equal(ks.dsa_topk(scores, topk, causal=False), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "multi", "multi_loop"])
+@pytest.mark.parametrize("shape", [(1, 1, 32840), (1, 1, 131144), (2, 1, 70000), (1, 1, 1048600)])
+@pytest.mark.parametrize("match_max,lookback", [(1 << 30, True), (0, False), (64, True)])
+def test_gpu_topk_match_atomics_and_lookback(shape, path, match_max, lookback, monkeypatch):
+    """Decode rows with histogram levels 1-3 counted by one atomic per matching key (always, never, or
+    by the row's count) and the write pass looking back at the chunks before it (or a count pass), on
+    the fused and the multi-program paths: sorted, the oracle exactly; unsorted, its set in position
+    order; distinct scores and scores with many ties."""
+    from attnlab.kernels import sparse as ks
+
+    _topk_path(ks, monkeypatch, path)
+    monkeypatch.setattr(ks, "TOPK_MATCH_ATOMICS_MAX", match_max)
+    monkeypatch.setattr(ks, "TOPK_WRITE_LOOKBACK", lookback)
+    gen = torch.Generator(device="cuda").manual_seed(shape[2] + 3)
+    distinct = torch.randn(shape, device="cuda", generator=gen)
+    distinct[-1, -1, shape[2] // 2:] = float("-inf")
+    for scores in (distinct, (distinct * 4).round() / 4):
+        for topk in (2048, 100):
+            want = ops.dsa_topk(scores, topk, causal=False, mode="torch")
+            _assert_same_set_in_position_order(ks.dsa_topk(scores, topk, causal=False, sort=False), want)
+            assert torch.equal(ks.dsa_topk(scores, topk, causal=False), want)
 
 
 @pytest.mark.gpu
