@@ -490,33 +490,21 @@ def test_interp_triton_topk_decode_row_long(path, monkeypatch):
 
 
 @interp
-@pytest.mark.parametrize("path,match_max,lookback", [
-    ("multi", 1 << 30, True), ("multi", 0, True), ("multi", 1 << 30, False), ("multi", 40, True),
-    ("multi_loop", 1 << 30, True), ("fused", 1 << 30, True), ("fused", 40, True),
-    ("fused_loop", 1 << 30, True)])
-def test_interp_topk_match_atomics_and_lookback(path, match_max, lookback, monkeypatch):
+@pytest.mark.parametrize("path,match_max", [("multi", 1 << 30), ("multi", 0), ("multi", 40),
+                                            ("multi_loop", 1 << 30), ("fused", 1 << 30), ("fused", 40),
+                                            ("fused_loop", 1 << 30)])
+def test_interp_topk_match_atomics(path, match_max, monkeypatch):
     """Histogram levels 1-3 counted with one atomic per matching key (TOPK_MATCH_ATOMICS_MAX: always,
-    never, or by the row's count), and the write pass looking back at the chunks before it instead of
-    a count pass (TOPK_WRITE_LOOKBACK, multi-program path), equal the oracle: sorted exactly, unsorted
-    the same set in position order; ties at the cut across chunks, -inf tails, k > S."""
+    never, or by the row's count) equal the oracle on the multi-program and fused paths: sorted
+    exactly, unsorted the same set in position order; ties at the cut across chunks, -inf tails,
+    k > S."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
     monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 32)
     monkeypatch.setattr(ks, "TOPK_CANDIDATES_MAX", 0)  # the fused path's levels 1-3 run
     monkeypatch.setattr(ks, "TOPK_MATCH_ATOMICS_MAX", match_max)
-    monkeypatch.setattr(ks, "TOPK_WRITE_LOOKBACK", lookback)
     _topk_path(ks, monkeypatch, path)
-    if not lookback:
-        calls = []
-        original = ks._topk_count
-
-        class Spy:
-            def __getitem__(self, grid):
-                calls.append(grid)
-                return original[grid]
-
-        monkeypatch.setattr(ks, "_topk_count", Spy())
     gen = torch.Generator().manual_seed(21)
     scores = torch.randn(2, 1, 700, generator=gen)
     scores[1, 0, 500:] = float("-inf")
@@ -526,8 +514,6 @@ def test_interp_topk_match_atomics_and_lookback(path, match_max, lookback, monke
             want = ops.dsa_topk(sc, topk, causal=False, mode="torch")
             assert torch.equal(ks.dsa_topk(sc, topk, causal=False), want), topk
             _assert_same_set_in_position_order(ks.dsa_topk(sc, topk, causal=False, sort=False), want)
-    if not lookback and path.startswith("multi"):
-        assert calls
 
 
 @interp
@@ -668,8 +654,7 @@ def test_interp_topk_fused_candidate_path(reg, monkeypatch):
 
 @needs_sm90_toolchain
 @pytest.mark.parametrize("kernel,chunk", [("_topk_fused", 1024), ("_topk_fused", 128), ("_topk_hist", 2048),
-                                          ("_topk_count", 8192), ("_topk_write", 2048),
-                                          ("_topk_write", 8192)])
+                                          ("_topk_count", 8192), ("_topk_write", 2048)])
 def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     """The top-k kernels with their chunk in registers compile for an H100 (sm_90) without spills, and
     the chunk's score loads come before the PDL wait (a multi-program pass's load overlaps the pass
@@ -685,8 +670,7 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     elif kernel == "_topk_hist":
         const.update(LEVEL=3, MATCH_MAX=4096)
     elif kernel == "_topk_write":
-        const.update(BCH=1024, POSITIONS=True, LOOKBACK=chunk == 8192)
-        ptrs["CNT"] = "*i64" if chunk == 8192 else "*i32"
+        const.update(BCH=1024, POSITIONS=True)
     compiled = compile_sm90(fn, const, {a: t for a, t in ptrs.items() if a in fn.arg_names},
                             num_warps=4 if chunk == 128 else 8)
     regs, stack, res = sm90_usage(compiled)
@@ -1095,17 +1079,15 @@ def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["fused", "multi", "multi_loop"])
 @pytest.mark.parametrize("shape", [(1, 1, 32840), (1, 1, 131144), (2, 1, 70000), (1, 1, 1048600)])
-@pytest.mark.parametrize("match_max,lookback", [(1 << 30, True), (0, False), (64, True)])
-def test_gpu_topk_match_atomics_and_lookback(shape, path, match_max, lookback, monkeypatch):
+@pytest.mark.parametrize("match_max", [1 << 30, 0, 64])
+def test_gpu_topk_match_atomics(shape, path, match_max, monkeypatch):
     """Decode rows with histogram levels 1-3 counted by one atomic per matching key (always, never, or
-    by the row's count) and the write pass looking back at the chunks before it (or a count pass), on
-    the fused and the multi-program paths: sorted, the oracle exactly; unsorted, its set in position
-    order; distinct scores and scores with many ties."""
+    by the row's count), on the fused and the multi-program paths: sorted, the oracle exactly;
+    unsorted, its set in position order; distinct scores and scores with many ties."""
     from attnlab.kernels import sparse as ks
 
     _topk_path(ks, monkeypatch, path)
     monkeypatch.setattr(ks, "TOPK_MATCH_ATOMICS_MAX", match_max)
-    monkeypatch.setattr(ks, "TOPK_WRITE_LOOKBACK", lookback)
     gen = torch.Generator(device="cuda").manual_seed(shape[2] + 3)
     distinct = torch.randn(shape, device="cuda", generator=gen)
     distinct[-1, -1, shape[2] // 2:] = float("-inf")

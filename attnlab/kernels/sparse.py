@@ -781,40 +781,19 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
 @triton.jit
 def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, topk, N_CHUNK, stride_sel,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False, LOOKBACK: tl.constexpr = False):
+                CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False):
     """The taken keys of chunk c of row r, in position order, into SEL[r, slot] as int64 sort keys
     (key << 32) | (S - 1 - position): a bigger one is a higher score, then an earlier position; with
     POSITIONS the positions themselves (-1 for a -inf score): the unsorted result, the row's last
     chunk also filling slots k_eff..topk with -1. A chunk's first slot counts the keys taken in the
-    chunks before it (from CNT). CHUNK, PDL: _topk_chunk_keys.
-
-    LOOKBACK: no _topk_count pass before it. Each chunk counts its own keys above the k-th largest
-    and equal to it, publishes both in one int64 of CNT ([R, N_CHUNK], zero at launch: (n_gt + 1) <<
-    32 | n_eq, released) and waits until every chunk before it has published (one vector load of
-    them all, repeated: they publish at about the same time). Lower chunks never wait for higher
-    ones, and blocks start in order, so a grid larger than the GPU cannot deadlock."""
+    chunks before it (from CNT). CHUNK, PDL: _topk_chunk_keys."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
     thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     ch = tl.arange(0, BCH)
     before = ch < c
-    if LOOKBACK:
-        if CHUNK > 0:
-            n_gt, n_eq = _topk_block_ties(key, ok, thr)
-        else:
-            n_gt, n_eq = _topk_tie_counts(SC, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, thr, CAUSAL,
-                                          BLOCK)
-        cnt = CNT + (r * N_CHUNK).to(tl.int64)
-        tl.atomic_xchg(cnt + c, ((n_gt + 1).to(tl.int64) << 32) | n_eq.to(tl.int64), sem="release",
-                       scope="gpu")
-        seen = tl.load(cnt + ch, mask=before, other=1 << 32, volatile=True)
-        while tl.min(seen >> 32, 0) == 0:  # a chunk before this one has not published yet
-            seen = tl.load(cnt + ch, mask=before, other=1 << 32, volatile=True)
-        gt_before = tl.sum(tl.where(before, (seen >> 32) - 1, 0), 0).to(tl.int32)
-        eq_seen = tl.sum(tl.where(before, seen & 0xFFFFFFFF, 0), 0).to(tl.int32)
-    else:
-        cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
-        gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0), 0)
-        eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0), 0)
+    cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
+    gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0), 0)
+    eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0), 0)
     slot = gt_before + tl.minimum(eq_seen, need)
     sel = SEL + r.to(tl.int64) * stride_sel
     if CHUNK > 0:
@@ -1649,9 +1628,6 @@ TOPK_HIST_RELAXED = True
 # decode_ab_h100_match_atomics.json): 0 / 4096 / 32768 / 262144: 32K 1.2225 / 1.2204 / 1.2251 / 1.2253;
 # 128K 1.4643 / 1.4320 / 1.4930 / 1.4761; 1M 3.2530 / 3.1153 / 3.1491 / 3.4654.
 TOPK_MATCH_ATOMICS_MAX = 4096
-# The write pass counts its chunk's keys and looks back at the chunks before it (_topk_write's
-# LOOKBACK) instead of a _topk_count pass before it: one launch fewer.
-TOPK_WRITE_LOOKBACK = True
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
@@ -1775,15 +1751,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_BLOCK) * TOPK_BLOCK
     n_chunks = triton.cdiv(S, chunk)
-    lookback = TOPK_WRITE_LOOKBACK
-    # histograms, then (lookback) the chunks' published counts: zero at launch, one fill
-    sync = torch.zeros(R * 4 * 256 + (R * n_chunks * 2 if lookback else 0), dtype=torch.int32,
-                       device=scores.device)
-    hist = sync[: R * 4 * 256]
-    if lookback:
-        cnt = sync[R * 4 * 256 :].view(torch.int64)  # (R * n_chunks,)
-    else:
-        cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=scores.device)
+    hist = torch.zeros(R, 4, 256, dtype=torch.int32, device=scores.device)
+    cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=scores.device)
     res = out.view(R, topk)  # (R, topk)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device) if sort else res
     grid = (R * n_chunks,)
@@ -1794,11 +1763,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     for level in range(4):
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
                          **opts)
-    if not lookback:
-        _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
+    _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
     _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff,
-                      n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, LOOKBACK=lookback,
-                      **opts)
+                      n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
     if not sort:  # _topk_write stored the positions themselves, in position order
         return out
     block_i = 64 if R * triton.cdiv(k_eff, 64) >= _num_sms(scores.device) else 16  # decode: more programs
