@@ -298,6 +298,47 @@ def test_interp_index_scores_match_oracle(dtype, h, d):
 
 
 @interp
+@pytest.mark.parametrize("path", ["fused", "multi", "multi_loop"])
+def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
+    """A decode step's selection without a fill launch: dsa_index_scores(..., zero=scratch) zeroes the
+    buffer (garbage before; more elements than its programs' blocks) and gives the same scores, and
+    dsa_topk(..., scratch=scratch) on them gives the oracle's set (fused and multi-program paths, the
+    first pass reading the scores after its wait); the scratch size follows the path; a scratch of
+    the wrong dtype, shape or size is refused."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
+    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
+    _topk_path(ks, monkeypatch, path)
+    gen = torch.Generator().manual_seed(31)
+    B, S, H, D = 2, 900, 4, 16
+    q = torch.randn(B, 1, H, D, generator=gen).bfloat16()
+    k = torch.randn(B, S, D, generator=gen).bfloat16()
+    w = torch.randn(B, 1, H, generator=gen)
+    lengths = torch.tensor([900, 610])
+    n = ks.topk_scratch_numel(B, 1, S, 100, q.device)
+    assert n == (B * (4 * 256 + 2 + 65536) if path == "fused" else B * 4 * 256)
+    scratch = torch.full((n + 5,), 7, dtype=torch.int32)
+    with tuned("index_decode", S_CHUNK=128):
+        plain = ks.dsa_index_scores(q, k, w, n_valid=lengths)
+        scores = ks.dsa_index_scores(q, k, w, n_valid=lengths, zero=scratch)
+    assert bool((scratch == 0).all())
+    assert torch.equal(scores, plain)
+    for topk in (100, 700):
+        want = ops.dsa_topk(scores, topk, causal=False, mode="torch")
+        if topk != 100:
+            scratch = torch.zeros(ks.topk_scratch_numel(B, 1, S, topk, q.device), dtype=torch.int32)
+        got = ks.dsa_topk(scores, topk, causal=False, sort=False, scratch=scratch)
+        _assert_same_set_in_position_order(got, want)
+    with pytest.raises(ValueError, match="scratch: 3 int32 elements"):
+        ks.dsa_topk(scores, 100, causal=False, sort=False, scratch=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="scratch: expected a contiguous 1-D int32"):
+        ks.dsa_topk(scores, 100, causal=False, sort=False, scratch=torch.zeros(n, dtype=torch.int64))
+    with pytest.raises(ValueError, match="zero: expected a contiguous 1-D int32"):
+        ks.dsa_index_scores(q, k, w, zero=torch.zeros(2, n, dtype=torch.int32))
+
+
+@interp
 def test_interp_index_scores_causal_prefill_many_chunks():
     """T = S (prefill from position 0) over several key chunks: early query blocks see none of the
     later chunks, whose programs must write -inf only inside their own chunk."""

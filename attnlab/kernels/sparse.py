@@ -460,7 +460,7 @@ def _index_scores_kernel(
     stride_ob, stride_ot,
     D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     FP8: tl.constexpr, CAUSAL: tl.constexpr, HAS_NV: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, ZERO=None, N_ZERO=0, ZERO_BLOCK: tl.constexpr = 0,
 ):
     """One program: BLOCK_T queries x all H index heads (one [BLOCK_T*BH, D] tile, kept in
     registers) against keys [chunk*s_chunk, +s_chunk) in BLOCK_S steps: relu(q kᵀ) weighted by w
@@ -468,11 +468,17 @@ def _index_scores_kernel(
     are e4m3, the q scales are folded into W (relu(c x) = c relu(x) for c > 0), the k scale KS[b, s]
     multiplies the column. CAUSAL: keys after the query (queries are the last T of S) get -inf.
     HAS_NV: keys at or past NV[b] (the row's valid length) get -inf and are never read.
-    PDL: as _latent_attn_fwd (decode)."""
+    PDL: as _latent_attn_fwd (decode). ZERO_BLOCK > 0: the programs also zero ZERO[0:N_ZERO] (int32,
+    ZERO_BLOCK elements a store, after the wait: the buffer may be memory a kernel before used), the
+    buffers of the top-k launched next (dsa_topk's ``scratch``)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     pid = tl.program_id(0)
+    if ZERO_BLOCK > 0:
+        for z in range(pid * ZERO_BLOCK, N_ZERO, tl.num_programs(0) * ZERO_BLOCK):
+            zs = z + tl.arange(0, ZERO_BLOCK)
+            tl.store(ZERO + zs, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=zs < N_ZERO)
     chunk = pid % N_SCHUNK
     rest = pid // N_SCHUNK
     tb = rest % N_TBLK
@@ -719,15 +725,21 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
 
 @triton.jit
 def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, EARLY: tl.constexpr = True):
     """The start of a multi-program pass or of _topk_fused (CHUNK > 0: the whole chunk in one register
     tile): program pid's row r, chunk c, its positions [lo, hi), and with CHUNK its keys (positions
     cols, ok inside [lo, hi)) loaded BEFORE the PDL wait — the scores were written before the zero fill
     launched just before _topk_fused or the first pass, which start only when that plain launch has
     completed — so a pass's load overlaps the previous pass's end. CHUNK = 0: the keys are left to the
-    loops over the chunk (key / cols / ok zero)."""
+    loops over the chunk (key / cols / ok zero). EARLY False: the kernel just before wrote the scores
+    (no zero fill between: the index scores zeroed the buffers), so they are read after the wait, and
+    the next kernel may launch only then (its early loads of the scores must find them written)."""
     if PDL:
-        gdc_launch_dependents()
+        if EARLY:
+            gdc_launch_dependents()
+        else:
+            gdc_wait()
+            gdc_launch_dependents()
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
@@ -742,18 +754,21 @@ def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CA
         ok = cols == 0
         key = cols
     if PDL:
-        gdc_wait()
+        if EARLY:
+            gdc_wait()
     return r, c, lo, hi, key, cols, ok
 
 
 @triton.jit
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
                LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
-               PDL: tl.constexpr = False, RELAXED: tl.constexpr = False, MATCH_MAX: tl.constexpr = 0):
+               PDL: tl.constexpr = False, RELAXED: tl.constexpr = False, MATCH_MAX: tl.constexpr = 0,
+               EARLY: tl.constexpr = True):
     """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
     the earlier levels chose (recomputed here from their histograms: no extra launch). CHUNK, PDL:
-    _topk_chunk_keys; MATCH_MAX, RELAXED: _topk_level_adds."""
-    r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
+    _topk_chunk_keys (and EARLY); MATCH_MAX, RELAXED: _topk_level_adds."""
+    r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
+                                                   EARLY)
     hist = HIST + r.to(tl.int64) * (4 * 256)
     prefix, k_rem, n_match = _topk_threshold(hist, k_eff, LEVEL)
     _topk_level_adds(SC, hist + LEVEL * 256, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, key, ok,
@@ -902,7 +917,7 @@ def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL:
 def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
                 CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
-                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0):
+                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -921,8 +936,10 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     finite scores than k) the remaining levels run as above, every program taking the same branch
     (each decides from the same row totals). CHUNK > 0 (a power of two >= chunk): each program reads its
     chunk's scores once into registers (_topk_chunk_keys) and every pass works on them; else each
-    pass reads them again in BLOCK steps. MATCH_MAX: _topk_level_adds (levels 1-3)."""
-    r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
+    pass reads them again in BLOCK steps. MATCH_MAX: _topk_level_adds (levels 1-3). EARLY:
+    _topk_chunk_keys."""
+    r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
+                                                   EARLY)
     pid = r * N_CHUNK + c
     hist = HIST + r.to(tl.int64) * (4 * 256)
     ctr = CTR + r * 2  # the row's barrier counter, then its candidate count
@@ -1527,6 +1544,7 @@ def dsa_index_scores(
     k_scale: torch.Tensor | None = None,
     causal: bool = False,
     n_valid: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lightning-indexer scores ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])`` (the op's kernel).
 
@@ -1540,6 +1558,8 @@ def dsa_index_scores(
             keys after the query are -inf and never computed (what ``dsa_topk`` would mask anyway).
         n_valid: int64/int32 [B] or None: keys s >= n_valid[b] score -inf and are never read (decode
             over a preallocated cache: the work follows the rows' lengths, not the buffer's).
+        zero: None, or a contiguous int32 buffer the same launch sets to zero: the top-k's ``scratch``
+            (``dsa_topk``), so that no fill launch sits between the two.
 
     Returns:
         I: float32 [B, T, S]. Inference only (no autograd; the op's torch path has the gradient).
@@ -1554,6 +1574,8 @@ def dsa_index_scores(
     S = k.shape[1]
     if n_valid is not None:
         check_tensor("n_valid", n_valid, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
+    if zero is not None:
+        _check_scratch("zero", zero, q.device)
     if fp8:
         check_tensor("k_scale", k_scale, 2, "[B, S]", shape=(B, S), dtypes=(torch.float32,))
         q, q_scale = quantize_fp8_rows(q)  # (B, T, H, D) e4m3, (B, T, H)
@@ -1568,6 +1590,8 @@ def dsa_index_scores(
     q, k, w = _last_contiguous(q), _last_contiguous(k), _last_contiguous(w)
     out = _empty(B, T, S, dtype=torch.float32, device=q.device)
     if T == 0 or S == 0:
+        if zero is not None:
+            zero.zero_()
         return out
     cfg = TUNING["index_decode" if T == 1 else "index"]
     bh = _pow2(H, 1)
@@ -1592,9 +1616,18 @@ def dsa_index_scores(
         out.stride(0), out.stride(1),
         D=D, BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"],
         FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET, PDL=pdl,
+        ZERO=zero, N_ZERO=zero.numel() if zero is not None else 0, ZERO_BLOCK=1024 if zero is not None else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     return out
+
+
+def _check_scratch(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous 1-D int32 buffer, got {t.dtype} of shape "
+                         f"{tuple(t.shape)} and strides {t.stride()}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, the other tensors on {device}")
 
 
 # Decode (T = 1) index scores: a row's keys are cut into chunks (at most TUNING["index_decode"]
@@ -1692,7 +1725,29 @@ TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of
 TOPK_ONE_PROGRAM_SORT = True
 
 
-def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = True) -> torch.Tensor:
+def _topk_plan(R: int, S: int, k_eff: int, device: torch.device) -> tuple[str, int]:
+    """(path, int32 zeros it needs) of dsa_topk over R rows of S scores: "one_program" (none),
+    "fused" (a row's histograms, barrier / candidate counters and, on the candidate path, its 16-bit
+    histogram) or "multi" (a row's histograms)."""
+    if (0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
+            and R >= TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM * _num_sms(device)):
+        return "one_program", 0
+    if 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(device):
+        return "fused", R * (4 * 256 + 2 + (65536 if _topk_candidates_max(R, S) else 0))
+    return "multi", R * 4 * 256
+
+
+def _topk_candidates_max(R: int, S: int) -> int:
+    return TOPK_CANDIDATES_MAX if R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
+
+
+def topk_scratch_numel(B: int, T: int, S: int, topk: int, device: torch.device) -> int:
+    """How many int32 zeros ``dsa_topk`` over [B, T, S] scores needs as its ``scratch`` (0: none)."""
+    return _topk_plan(B * T, S, min(topk, S), device)[1]
+
+
+def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = True,
+             scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``attnlab.ops.dsa_topk`` in Triton: the same indices, ties to the earlier position.
 
     A radix select on the scores' order-preserving int32 keys: four 256-bin histogram passes (8
@@ -1714,6 +1769,10 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         causal: True: positions s > S - T + t are invisible to query t (needs S >= T).
         sort: True: by score descending. False: the same set in POSITION order, without the rank
             pass (a decode step's sparse attention does not care about the order): one launch fewer.
+        scratch: None (a zero fill launch precedes the top-k), or a contiguous int32 buffer of at
+            least ``topk_scratch_numel`` elements that the kernel launched just before this call
+            set to zero (``dsa_index_scores(..., zero=scratch)``, which also wrote ``scores``): the
+            top-k then launches right after it and reads the scores after its PDL wait.
 
     Returns:
         int64 [B, T, topk], by score descending (sort) or position (not sort), ties to the earlier
@@ -1729,9 +1788,13 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         raise ValueError(f"scores: S={S} positions do not fit the kernel's int32 positions")
     k_eff = min(topk, S)
     R = B * T
-    one_program = (0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
-                   and R >= TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM * _num_sms(scores.device))
-    fused = not one_program and 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(scores.device)
+    path, n_zero = _topk_plan(R, S, k_eff, scores.device)
+    one_program, fused = path == "one_program", path == "fused"
+    if scratch is not None:
+        _check_scratch("scratch", scratch, scores.device)
+        if scratch.numel() < n_zero:
+            raise ValueError(f"scratch: {scratch.numel()} int32 elements, this top-k needs {n_zero} "
+                             f"(topk_scratch_numel)")
     if R > 0 and S > 0 and (one_program or fused or not sort):  # every slot written: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
@@ -1745,13 +1808,13 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
         return out
     if fused:
-        _topk_fused_launch(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
+        _topk_fused_launch(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort, scratch)  # (R, topk)
         return out
     target = TOPK_PROGRAMS_PER_SM * _num_sms(scores.device)
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_BLOCK) * TOPK_BLOCK
     n_chunks = triton.cdiv(S, chunk)
-    hist = torch.zeros(R, 4, 256, dtype=torch.int32, device=scores.device)
+    hist = torch.zeros(R, 4, 256, dtype=torch.int32, device=scores.device) if scratch is None else scratch
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=scores.device)
     res = out.view(R, topk)  # (R, topk)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device) if sort else res
@@ -1760,9 +1823,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     pdl = TOPK_PASSES_PDL and use_pdl(scores.device)
     reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
     opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, num_warps=8, **launch_options(pdl))
-    for level in range(4):
+    for level in range(4):  # (with scratch, the index scores were written by the kernel just before)
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
-                         **opts)
+                         EARLY=level > 0 or scratch is None, **opts)
     _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
     _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff,
                       n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
@@ -1808,12 +1871,13 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
 
 
 def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
-                       causal: bool, sort: bool) -> torch.Tensor:
+                       causal: bool, sort: bool, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
     row's chunks, at most SMs // R of them, are one program each, so every program is resident.
-    Returns each row's count of candidates (int32 [R]; 0 where the row took the five-barrier path)."""
+    ``scratch``: dsa_topk's. Returns each row's count of candidates (int32 [R]; 0 where the row took
+    the five-barrier path)."""
     R = sc.shape[0]
-    cand_max = TOPK_CANDIDATES_MAX if R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
+    cand_max = _topk_candidates_max(R, S)
     block = TOPK_CANDIDATES_BLOCK if cand_max else TOPK_FUSED_BLOCK
     n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, block)))
     warps = 4
@@ -1823,7 +1887,8 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     n_chunks = triton.cdiv(S, chunk)
     n_fine = 65536 if cand_max else 0
     # histograms, counters (barrier, candidates) and the 16-bit histograms: zero at launch, one fill
-    sync = torch.zeros(R * (4 * 256 + 2 + n_fine), dtype=torch.int32, device=sc.device)
+    n_sync = R * (4 * 256 + 2 + n_fine)
+    sync = torch.zeros(n_sync, dtype=torch.int32, device=sc.device) if scratch is None else scratch[:n_sync]
     hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 : R * (4 * 256 + 2)]
     fine = sync[R * (4 * 256 + 2) :] if cand_max else sync
     cand = torch.empty(R, max(cand_max, 1), dtype=torch.int64, device=sc.device)  # one unused slot for 0
@@ -1834,8 +1899,8 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, fine, cand, sel, S, T, chunk, sc.stride(0),
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
-                                 PDL=pdl, CHUNK=reg, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX, num_warps=warps,
-                                 **launch_options(pdl))
+                                 PDL=pdl, CHUNK=reg, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX, EARLY=scratch is None,
+                                 num_warps=warps, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:

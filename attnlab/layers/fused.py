@@ -65,6 +65,9 @@ ENABLED = os.environ.get("ATTNLAB_FUSED_DECODE", "1") != "0"
 # M / D: W_UK^T q_nope computed inside latent_write's launch (extra programs) instead of its own
 # absorb_q launch before it (one launch fewer per layer; False: the separate kernel, to compare)
 FOLD_ABSORB_Q = os.environ.get("ATTNLAB_FOLD_ABSORB_Q", "1") != "0"
+# D: the index-scores launch zeroes the top-k's buffers (no fill launch between the two); False: the
+# ops' calls, with the top-k's own fill launch, to compare on a GPU
+INDEX_TOPK_SCRATCH = True
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
 # interpreter tests check the plain step's kernels
 ON_CPU_INTERPRETER = False
@@ -234,13 +237,32 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     # the layer counts it
     dtype = q_abs.dtype
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-    scores = ops.dsa_index_scores(q_idx[:, None], keys, w[:, None], n_valid=cache.lengths)  # (B, 1, S_max)
-    S = keys.shape[1]
-    # the set in any order (sort=False: one pass fewer on CUDA); the attention sums over it
-    idx = ops.dsa_topk(scores, min(dsa.index_topk, S), causal=False, sort=False)  # (B, 1, k); -1 = empty
+    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
     _output(dsa, o_lat[:, 0], io.res, keep, scale)
+
+
+def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
+                index_topk: int) -> torch.Tensor:
+    """A D decode step's selection: the indexer's scores of q_idx [B, 1, H_I, D_I] (head weights w
+    [B, 1, H_I]) over the cached keys [B, S_max, D_I] (positions past each row's length -inf), then
+    their top min(index_topk, S_max) positions, unsorted (the attention sums over the set; on CUDA the
+    positions in position order, one pass fewer): int64 [B, 1, k], -1 = empty. When both run as Triton
+    kernels (what "auto" picks: CUDA bf16 / fp16), the index-scores launch also zeroes the top-k's
+    buffers (its ``scratch``), so no fill launch sits between the two."""
+    from ..ops.softmax import _sparse_kernel
+
+    k = min(index_topk, keys.shape[1])
+    if not INDEX_TOPK_SCRATCH or _sparse_kernel("auto", "dsa_index_scores", q_idx) is None:
+        scores = ops.dsa_index_scores(q_idx, keys, w, n_valid=lengths)  # (B, 1, S_max)
+        return ops.dsa_topk(scores, k, causal=False, sort=False)
+    from ..kernels import sparse as ks
+
+    n = ks.topk_scratch_numel(q_idx.shape[0], 1, keys.shape[1], k, keys.device)
+    scratch = torch.empty(n, dtype=torch.int32, device=keys.device) if n else None
+    scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, zero=scratch)  # (B, 1, S_max) float32
+    return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=scratch)
 
 
 def _fused_latent(mixer) -> bool:
