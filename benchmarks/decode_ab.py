@@ -9,7 +9,8 @@ configurations alternate within each round, so drift on the card hits them alike
 the best and every round.
 
 A configuration is ``base`` (the code as it is) or ``;``-separated assignments ``MODULE.PATH=VALUE``:
-MODULE a module of ``attnlab.kernels`` (``sparse``, ``gemv``, ``decode``, ``delta_decode``, ...), PATH
+MODULE a module of ``attnlab.kernels`` (``sparse``, ``gemv``, ``decode``, ``delta_decode``, ...) or else of
+``attnlab.layers`` (``fused``: the fused decode step's switches), PATH
 an attribute followed by dict keys (``TUNING.decode_row.BLOCK_N``; a key that is not a string is
 written as its literal, without spaces: ``gemv.TUNING.(1,2048,5472)``), VALUE a Python literal
 (``ast.literal_eval``)::
@@ -53,10 +54,15 @@ def parse_config(text: str) -> list[tuple[object, list[str], object]]:
         parts = lhs.strip().split(".")
         if len(parts) < 2 or not all(parts):
             raise ValueError(f"config {text!r}: {lhs!r} is not MODULE.ATTRIBUTE[.KEY...]")
-        try:
-            module = importlib.import_module(f"attnlab.kernels.{parts[0]}")
-        except ImportError as e:
-            raise ValueError(f"config {text!r}: no module attnlab.kernels.{parts[0]} ({e})") from e
+        module = None
+        for package in ("attnlab.kernels", "attnlab.layers"):
+            try:
+                module = importlib.import_module(f"{package}.{parts[0]}")
+                break
+            except ImportError:
+                continue
+        if module is None:
+            raise ValueError(f"config {text!r}: no module {parts[0]!r} in attnlab.kernels or attnlab.layers")
         try:
             value = ast.literal_eval(rhs.strip())
         except (ValueError, SyntaxError) as e:
