@@ -163,9 +163,9 @@ def test_decode_ab_tiny_on_cpu(tmp_path):
 
 
 def test_decode_ab_configs_and_restore():
-    """A configuration names a module of attnlab.kernels, an attribute and dict keys that exist and a
-    Python literal (else a ValueError naming the part); nested settings are restored after the timing,
-    also when it fails."""
+    """A configuration names a module of attnlab.kernels (or attnlab.layers), an attribute and dict
+    keys that exist and a Python literal (else a ValueError naming the part); nested settings are
+    restored after the timing, also when it fails."""
     pytest.importorskip("triton")
     from attnlab.kernels import sparse as ks
 
@@ -183,6 +183,10 @@ def test_decode_ab_configs_and_restore():
     assert kg.TUNING[key] == value and str(key) not in kg.TUNING
     decode_ab._set(kg, path, old)
     assert kg.TUNING[key] == old
+    from attnlab.layers import fused
+
+    (mod, path, value), = decode_ab.parse_config("fused.INDEX_TOPK_SCRATCH=False")  # attnlab.layers
+    assert mod is fused and path == ["INDEX_TOPK_SCRATCH"] and value is False
     for bad, word in [("sparse.TUNING.decode_row.BLOCK_N", "MODULE.PATH=VALUE"), ("nosuch.X=1", "nosuch"),
                       ("sparse.NOPE=1", "NOPE"), ("sparse.TUNING.nope=1", "nope"),
                       ("gemv.TUNING.(1,1,1)=(4,64,4,1,False,0)", "no key"),
