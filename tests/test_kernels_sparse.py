@@ -19,6 +19,7 @@ import torch
 from _triton_tests import (
     HAVE_TRITON,
     INTERPRETED,
+    capture_graph,
     compile_sm90,
     interp,
     needs_sm90_toolchain,
@@ -318,6 +319,11 @@ def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
     lengths = torch.tensor([900, 610])
     n = ks.topk_scratch_numel(B, 1, S, 100, q.device)
     assert n == (B * (4 * 256 + 2 + 65536) if path == "fused" else B * 4 * 256)
+    with monkeypatch.context() as m:  # fused rows past the candidate path keep their own fill
+        m.setattr(ks, "TOPK_CANDIDATES_MAX_S", 100)
+        assert ks.topk_scratch_numel(B, 1, S, 100, q.device) == (0 if path == "fused" else n)
+        m.setattr(ks, "TOPK_SCRATCH_LONG_FUSED", True)
+        assert ks.topk_scratch_numel(B, 1, S, 100, q.device) == (B * (4 * 256 + 2) if path == "fused" else n)
     scratch = torch.full((n + 5,), 7, dtype=torch.int32)
     with tuned("index_decode", S_CHUNK=128):
         plain = ks.dsa_index_scores(q, k, w, n_valid=lengths)
@@ -1137,6 +1143,40 @@ def test_gpu_topk_match_atomics(shape, path, match_max, monkeypatch):
             want = ops.dsa_topk(scores, topk, causal=False, mode="torch")
             _assert_same_set_in_position_order(ks.dsa_topk(scores, topk, causal=False, sort=False), want)
             assert torch.equal(ks.dsa_topk(scores, topk, causal=False), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,S", [(1, 4168), (2, 9000), (1, 131144), (1, 1048600), (3, 300000)])
+def test_gpu_index_scores_zero_the_topk_scratch(B, S, monkeypatch):
+    """The decode selection without a fill launch on the GPU: dsa_index_scores(..., zero=scratch) then
+    dsa_topk(..., scratch=scratch) (the top-k launched with PDL right after the scores it reads; the
+    fused candidate path, long fused rows with TOPK_SCRATCH_LONG_FUSED, the multi-program path),
+    replayed in a CUDA graph on new keys (garbage in the scratch before each replay), gives the
+    oracle's set in position order."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_SCRATCH_LONG_FUSED", True)
+    gen = torch.Generator(device="cuda").manual_seed(S)
+    H, D = 64, 128
+    q = torch.randn(B, 1, H, D, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(B, S, D, device="cuda", generator=gen).bfloat16()
+    w = torch.randn(B, 1, H, device="cuda", generator=gen) / H
+    lengths = torch.full((B,), S - 37, device="cuda")
+    n = ks.topk_scratch_numel(B, 1, S, 2048, q.device)
+    assert n > 0
+    scratch = torch.full((n,), 5, dtype=torch.int32, device="cuda")
+
+    def select():
+        scores = ks.dsa_index_scores(q, k, w, n_valid=lengths, zero=scratch)
+        return scores, ks.dsa_topk(scores, 2048, causal=False, sort=False, scratch=scratch)
+
+    graph, (scores, idx) = capture_graph(select)
+    for _ in range(2):
+        k.copy_(torch.randn(k.shape, device="cuda", generator=gen).bfloat16())
+        scratch.fill_(5)
+        graph.replay()
+        _assert_same_set_in_position_order(idx, ops.dsa_topk(scores, 2048, causal=False, mode="torch"))
+        assert bool((scores[:, :, S - 37:] == float("-inf")).all())
 
 
 @pytest.mark.gpu

@@ -1725,6 +1725,15 @@ TOPK_ONE_PROGRAM_MAX_K = 4096  # the in-program bitonic sort holds next_power_of
 TOPK_ONE_PROGRAM_SORT = True
 
 
+# A decode step's index scores zero the top-k's buffers (dsa_index_scores' ``zero``, dsa_topk's
+# ``scratch``: no fill launch between them, and the top-k launched early with PDL). H100, 2026-11-28,
+# the ~1B deepseek-v32 step, best of 2, ms, with / without (decode_ab_h100_index_topk_scratch.json):
+# 4K 1.0921 / 1.1102, 32K 1.2182 / 1.2192, 1M 3.0925 / 3.1200, but 128K 1.4698 / 1.4333: there the
+# fused top-k's 132 wide programs, resident early, slow the index scores. So fused rows past the
+# candidate path (TOPK_CANDIDATES_MAX_S) keep their fill unless this is True.
+TOPK_SCRATCH_LONG_FUSED = False
+
+
 def _topk_plan(R: int, S: int, k_eff: int, device: torch.device) -> tuple[str, int]:
     """(path, int32 zeros it needs) of dsa_topk over R rows of S scores: "one_program" (none),
     "fused" (a row's histograms, barrier / candidate counters and, on the candidate path, its 16-bit
@@ -1742,8 +1751,13 @@ def _topk_candidates_max(R: int, S: int) -> int:
 
 
 def topk_scratch_numel(B: int, T: int, S: int, topk: int, device: torch.device) -> int:
-    """How many int32 zeros ``dsa_topk`` over [B, T, S] scores needs as its ``scratch`` (0: none)."""
-    return _topk_plan(B * T, S, min(topk, S), device)[1]
+    """How many int32 zeros to give ``dsa_topk`` over [B, T, S] scores as its ``scratch``; 0: none (the
+    one-program path needs none; fused rows past the candidate path keep their own fill launch unless
+    TOPK_SCRATCH_LONG_FUSED)."""
+    path, n = _topk_plan(B * T, S, min(topk, S), device)
+    if path == "fused" and not _topk_candidates_max(B * T, S) and not TOPK_SCRATCH_LONG_FUSED:
+        return 0
+    return n
 
 
 def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = True,
