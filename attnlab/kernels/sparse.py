@@ -1742,12 +1742,18 @@ def _topk_plan(R: int, S: int, k_eff: int, device: torch.device) -> tuple[str, i
             and R >= TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM * _num_sms(device)):
         return "one_program", 0
     if 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(device):
-        return "fused", R * (4 * 256 + 2 + (65536 if _topk_candidates_max(R, S) else 0))
+        return "fused", _topk_fused_sync_numel(R, S)
     return "multi", R * 4 * 256
 
 
 def _topk_candidates_max(R: int, S: int) -> int:
     return TOPK_CANDIDATES_MAX if R <= TOPK_CANDIDATES_MAX_ROWS and S <= TOPK_CANDIDATES_MAX_S else 0
+
+
+def _topk_fused_sync_numel(R: int, S: int) -> int:
+    """_topk_fused's zeroed int32s: a row's histograms [4, 256], its counters (barrier, candidates)
+    and, on the candidate path, its 16-bit histogram [65536]."""
+    return R * (4 * 256 + 2 + (65536 if _topk_candidates_max(R, S) else 0))
 
 
 def topk_scratch_numel(B: int, T: int, S: int, topk: int, device: torch.device) -> int:
@@ -1775,6 +1781,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     Fewer rows (decode) of S <= ``TOPK_FUSED_MAX`` run the passes in one launch with a row's chunks
     meeting at barriers (``_topk_fused``); up to ``TOPK_CANDIDATES_MAX_S`` scores two barriers do:
     one pass settles the top 16 bits, and the few keys sharing the k-th key's are ranked directly.
+    Levels 1-3 count the keys still matching with one atomic each when at most
+    ``TOPK_MATCH_ATOMICS_MAX`` of the row's keys do (a tl.histogram costs the same for every key).
 
     Args:
         scores: float32 [B, T, S] (other float dtypes are compared at float32); the T queries are the
@@ -1899,9 +1907,9 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
         block, warps = TOPK_FUSED_WIDE_BLOCK, 8
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), block) * block
     n_chunks = triton.cdiv(S, chunk)
-    n_fine = 65536 if cand_max else 0
     # histograms, counters (barrier, candidates) and the 16-bit histograms: zero at launch, one fill
-    n_sync = R * (4 * 256 + 2 + n_fine)
+    # (or the scratch the index scores zeroed)
+    n_sync = _topk_fused_sync_numel(R, S)
     sync = torch.zeros(n_sync, dtype=torch.int32, device=sc.device) if scratch is None else scratch[:n_sync]
     hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 : R * (4 * 256 + 2)]
     fine = sync[R * (4 * 256 + 2) :] if cand_max else sync
