@@ -30,6 +30,7 @@ import argparse
 import ast
 import copy
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -54,15 +55,14 @@ def parse_config(text: str) -> list[tuple[object, list[str], object]]:
         parts = lhs.strip().split(".")
         if len(parts) < 2 or not all(parts):
             raise ValueError(f"config {text!r}: {lhs!r} is not MODULE.ATTRIBUTE[.KEY...]")
-        module = None
-        for package in ("attnlab.kernels", "attnlab.layers"):
-            try:
-                module = importlib.import_module(f"{package}.{parts[0]}")
-                break
-            except ImportError:
-                continue
-        if module is None:
+        names = [f"{package}.{parts[0]}" for package in ("attnlab.kernels", "attnlab.layers")]
+        name = next((n for n in names if importlib.util.find_spec(n) is not None), None)
+        if name is None:
             raise ValueError(f"config {text!r}: no module {parts[0]!r} in attnlab.kernels or attnlab.layers")
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:  # the module is there but does not import here (e.g. no triton)
+            raise ValueError(f"config {text!r}: {name} does not import ({e})") from e
         try:
             value = ast.literal_eval(rhs.strip())
         except (ValueError, SyntaxError) as e:
