@@ -293,54 +293,38 @@ def test_cpu_tensors_without_interpreter_are_refused():
 
 
 @needs_sm90_toolchain
-@pytest.mark.parametrize("rope, tables, index, count, fold, scores", [
-    (True, False, False, True, True, False), (True, True, False, False, False, False),
-    (False, False, False, True, True, False), (True, False, True, True, True, False),
-    (True, True, True, False, False, False), (True, False, True, True, False, False),
-    (True, False, True, True, True, True), (True, True, True, True, True, True),
+@pytest.mark.parametrize("rope, tables, index, count, fold", [
+    (True, False, False, True, True), (True, True, False, False, False), (False, False, False, True, True),
+    (True, False, True, True, True), (True, True, True, False, False), (True, False, True, True, False),
 ])
-def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count, fold, scores):
+def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count, fold):
     """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
     ptxas, no GPU needed) at H = 16, dn 128, dr 64, R 512 (DSA: indexer 64 x 128), bf16, with the
-    warps (and, with the scores programs, stages) the launcher gives; no local memory (spills);
-    in-kernel cos / sin are libdevice's (full range reduction, not the MUFU approximation, whose error
-    grows with the angle at long positions); the scores programs' products on the tensor cores."""
+    warps latent_write launches; no local memory (spills); in-kernel cos / sin are libdevice's (full
+    range reduction, not the MUFU approximation, whose error grows with the angle at long positions)."""
     from attnlab.kernels.latent_cache import _latent_write_kernel as fn
     from attnlab.kernels.latent_cache import num_warps
-    from attnlab.kernels.sparse import TUNING
 
     HI, DI = (64, 128) if index else (0, 0)
     const = dict(H=16, DN=128, DR=64, R=512, BR=512, BDR=64, NQ=16 * 192 + HI * DI, INDEX=index, HI=HI, DI=DI,
                  BHI=max(HI, 1), BDI=max(DI, 1), ROPE=rope, TABLES=tables, ZERO_CENTERED=False, PDL=True,
-                 COUNT=count, NPROG=16 + 1 + ((1 if scores else 1 + HI) if index else 0), FOLD=fold, BD=128,
-                 BLOCK_R=64, INTERP=False)
+                 COUNT=count, NPROG=16 + 1 + (1 + HI if index else 0), FOLD=fold, BD=128, BLOCK_R=64,
+                 INTERP=False)
     ptr = dict(Q="*bf16", KV="*bf16", Q_LAT="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32",
                PARTNER_Q="*i64", PARTNER_K="*i64", NORM_W="*bf16", OUT="*bf16", LATENT="*bf16", QI="*bf16",
                W_OUT="*fp32", INDEX_KEYS="*bf16", K_NORM_W="*bf16", K_NORM_B="*bf16", TICKETS="*i32",
-               W_UK="*bf16", SC="*fp32", ZERO="*i32")
-    options = dict(num_warps=num_warps(512))
-    if scores:
-        cfg = TUNING["index_decode"]
-        const.update(SCORES=True, BDS=128, BHS=64, BLOCK_TS=1, BLOCK_S=cfg["BLOCK_S"], ZERO_BLOCK=1024,
-                     PREC="tf32")
-        options = dict(num_warps=max(num_warps(512), cfg["num_warps"]), num_stages=cfg["num_stages"])
-    else:
-        for name in ("SC", "ZERO"):
-            ptr.pop(name)
-            const[name] = None
+               W_UK="*bf16")
     kernel = compile_sm90(fn, const, ptr, floats=("eps", "factor", "k_eps", "w_scale"),
                           ints=dict(stride_cache_b="i64", stride_cache_s="i64", stride_ik_b="i64",
-                                    stride_ik_s="i64"), **options)
+                                    stride_ik_s="i64"), num_warps=num_warps(512))
     regs, stack, res = sm90_usage(kernel)
     assert "LOCAL:0 " in res, res
     # DSA with in-kernel angles (four sin/cos sites): 8 bytes of stack at 32 registers, the PTX local
     # array of libdevice's large-angle (Payne-Hanek) range reduction, not spills; other variants none
-    most = 128 if scores else 64
-    assert stack == 0 or (index and rope and not tables and stack <= 16 and regs <= most), res
+    assert stack == 0 or (index and rope and not tables and stack <= 16 and regs <= 64), res
     ptx = kernel.asm["ptx"]
     assert ("atom" in ptx) == count  # the ticket (count_token) and nothing atomic without it
     assert ptx.count("griddepcontrol.wait") == (2 if fold else 1)  # FOLD: the absorb programs' own wait
-    assert ("mma" in ptx) == scores  # the scores programs' q·kᵀ (wgmma or mma.sync)
     if rope and not tables:
         assert "__nv_sinf" in ptx and "__nv_cosf" in ptx and "sin.approx" not in ptx
     else:
@@ -621,91 +605,3 @@ def test_gpu_torch_compile_keeps_the_kernel(name):
         torch.testing.assert_close(cache.index_keys, ref.index_keys, rtol=1e-2, atol=2.0**-5)
     torch.testing.assert_close(out, out_ref, rtol=1e-2, atol=1e-5)
     torch.testing.assert_close(cache.latent, ref.latent, rtol=1e-2, atol=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------
-# latent_write_scores: latent_write with the indexer's decode scores in the same launch
-
-
-def check_scores_against_two_launches(mla, cache, q, kv, q_lat, rotation, count_token, exact, zero_n=3000):
-    """latent_write_scores on ``cache`` vs latent_write then dsa_index_scores (n_valid = lengths + 1,
-    the whole cache) on a copy: q_abs and both caches equal (the same programs wrote them), the same
-    token count, the scores equal (``exact``: bit for bit; else to bf16 rounding of the rotated
-    query, with -inf at exactly the same places), and the ``zero`` buffer (junk first) all zeros."""
-    from attnlab.kernels import sparse
-    from attnlab.kernels.latent_cache import latent_write, latent_write_scores
-
-    before = clone(cache)
-    ref = clone(cache)
-    zero = torch.full((zero_n,), -7, dtype=torch.int32, device=q.device)
-    q_abs, scores = latent_write_scores(mla, q, kv, q_lat, cache, rotation, count_token=count_token,
-                                        zero=zero)
-    q_abs_ref, q_idx, w = latent_write(mla, q, kv, q_lat, ref, rotation, count_token=count_token)
-    scores_ref = sparse.dsa_index_scores(q_idx[:, None], ref.index_keys, w[:, None],
-                                         n_valid=before.lengths + 1)
-    B, S = q.shape[0], cache.index_keys.shape[1]
-    assert scores.shape == (B, 1, S) and scores.dtype == torch.float32
-    assert torch.equal(q_abs, q_abs_ref)
-    for name in ("latent", "index_keys", "lengths"):
-        assert torch.equal(getattr(cache, name), getattr(ref, name)), name
-    assert torch.equal(cache.lengths, before.lengths + (1 if count_token else 0))
-    assert not zero.any()
-    inf = torch.isinf(scores)
-    assert torch.equal(inf, torch.isinf(scores_ref))
-    pos = torch.arange(S, device=q.device)
-    assert torch.equal(inf[:, 0], pos[None, :] > before.lengths[:, None])  # past each row's new length
-    if exact:
-        assert torch.equal(scores, scores_ref)
-    else:
-        assert rel_err(scores[~inf], scores_ref[~inf]) <= 1e-3
-
-
-@interp
-@pytest.mark.parametrize("name", list(DSA_CONFIGS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shared_rotation, fold, count_token", [(False, True, True), (True, False, False)])
-def test_interp_scores_in_the_launch(name, dtype, shared_rotation, fold, count_token):
-    mla, cache, x = make(name, dtype)
-    q, kv, q_lat = inputs(mla, x)
-    with torch.no_grad():
-        check_scores_against_two_launches(mla, cache, q, kv, None if fold else q_lat,
-                                          tables(mla, cache, shared_rotation), count_token, exact=True)
-
-
-@interp
-def test_interp_scores_in_the_launch_real_shapes():
-    """The ~1B D layer's indexer (64 heads x 128, 16 MLA heads, R 512), bf16, 300 slots over several
-    chunks: the scores programs' real tiles under the interpreter."""
-    mla, cache, x = make(None, torch.bfloat16, lengths=[0, 150, 299], max_len=300, d_model=512,
-                         **GPU_CONFIGS["dsa_16h"])
-    q, kv, _ = inputs(mla, x)
-    with torch.no_grad():
-        check_scores_against_two_launches(mla, cache, q, kv, None, None, True, exact=True)
-
-
-@interp
-def test_interp_scores_bad_input():
-    from attnlab.kernels.latent_cache import latent_write_scores
-
-    mla, cache, x = make("dsa_lora")
-    q, kv, q_lat = inputs(mla, x)
-    with torch.no_grad(), pytest.raises(ValueError, match="dsa: expected a DeepSeekSparseAttention"):
-        latent_write_scores(make("lora_interleaved")[0], q, kv, q_lat, cache)
-    with torch.no_grad(), pytest.raises(ValueError, match="cache.index_keys: dtype"):
-        bf16_keys = dataclasses.replace(cache, index_keys=cache.index_keys.bfloat16())
-        latent_write_scores(mla, q, kv, q_lat, bf16_keys)
-    with torch.no_grad(), pytest.raises(ValueError, match="zero: expected a contiguous 1-D int32"):
-        latent_write_scores(mla, q, kv, q_lat, cache, zero=torch.zeros(4, dtype=torch.int64))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("lengths", [[4095], [0, 1000, 4095], [70_000]])
-@pytest.mark.parametrize("shared_rotation", [False, True])
-def test_gpu_scores_in_the_launch(lengths, shared_rotation):
-    """Real shapes, bf16, many chunks a row (the new token's key must come from the program's own
-    registers: the program that stores it runs concurrently)."""
-    mla, cache, x = make_gpu("dsa_16h", lengths, max_len=max(lengths) + 64)
-    q, kv, _ = inputs(mla, x)
-    with torch.no_grad():
-        check_scores_against_two_launches(mla, cache, q, kv, None, tables(mla, cache, shared_rotation), True,
-                                          exact=False)

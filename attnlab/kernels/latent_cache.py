@@ -39,7 +39,6 @@ reads a tensor value. Under ``torch.compile`` the launcher is an opaque custom o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -51,7 +50,6 @@ from ..layers.mla import DeepSeekSparseAttention, DSACache, MLACache, MultiHeadL
 from ._common import norm_weight, output_buffer, reused_zeros
 from ._pdl import launch_options, use_pdl
 from .absorb import _round
-from .sparse import _index_scores_span, _zero_fill
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an unwritten element fails
@@ -100,71 +98,6 @@ def _layer_norm_cols(ROW, W, B_, cols, ok, mean, rstd):
 
 
 @triton.jit
-def _index_key_row(kv_row, K_NORM_W, K_NORM_B, PARTNER_K, cos_row, sin_row, FREQ, pos, factor, k_eps,
-                   R: tl.constexpr, DR: tl.constexpr, NQ: tl.constexpr, DI: tl.constexpr, BDI: tl.constexpr,
-                   ROPE: tl.constexpr, TABLES: tl.constexpr):
-    """The new token's indexer key from its key row kv_row = [c_kv | k_pe | k_I | w_I]: rope(LayerNorm(k_I))
-    over BDI columns (DI real), rounded to the row's dtype as _rotate rounds it."""
-    d = tl.arange(0, BDI)
-    d_ok = d < DI
-    k_row = kv_row + R + DR  # k_I's columns start at R + dr
-    x = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 0) / DI
-    xc = tl.where(d_ok, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, 0) / DI + k_eps)
-    k = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, d, d_ok, mean, rstd).to(tl.float32)
-    # x[partner] is the partner column's LayerNorm output: normalised again from its load
-    if ROPE:
-        partner = tl.load(PARTNER_K + R + DR + d, mask=d_ok, other=R + DR) - (R + DR)
-        kp = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, partner, d_ok, mean, rstd).to(tl.float32)
-        c, s = _cos_sin(cos_row + NQ + R + DR, sin_row + NQ + R + DR, FREQ + NQ + R + DR, d, d_ok,
-                        pos, factor, TABLES)
-        k = k * c + kp * s
-    return k.to(kv_row.dtype.element_ty)
-
-
-@triton.jit
-def _scores_program(Q, KV, COS_ROW, SIN_ROW, FREQ, PARTNER_Q, PARTNER_K, K_NORM_W, K_NORM_B, INDEX_KEYS, SC,
-                    ZERO, b, c, zero_pid, zero_programs, N_ZERO, pos, s_chunk, S, stride_qb, stride_kvb,
-                    stride_ik_b, stride_ik_s, stride_sb, factor, k_eps, w_scale,
-                    H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr, NQ: tl.constexpr,
-                    HI: tl.constexpr, DI: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr, TABLES: tl.constexpr,
-                    ZERO_BLOCK: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
-    """Chunk c of row b's indexer scores, as attnlab.kernels.sparse.dsa_index_scores' decode program
-    computes them from latent_write's outputs, but from the launch's own inputs: the rotated indexer
-    query tile (head i's columns H·(dn+dr) + i·DI + d of the query row; every head rotates like head
-    0, _q_segments' one indexer segment), the scaled head weights, and the keys of INDEX_KEYS with
-    the new token's (position pos, which program H + 1 of this launch stores) computed here. Scores
-    past pos are -inf (the row's length once counted is pos + 1). Also zeroes its share of ZERO."""
-    if ZERO_BLOCK > 0:
-        _zero_fill(ZERO, N_ZERO, zero_pid, zero_programs, ZERO_BLOCK)
-    base = H * (DN + DR)  # the indexer query heads' first column in the query row
-    d = tl.arange(0, BD)
-    d_ok = d < DI
-    r = tl.arange(0, BLOCK_T * BH)  # the tile's rows: query block 0 (the one query) x heads
-    hq = r % BH
-    r_ok = (r // BH == 0) & (hq < HI)
-    ok = r_ok[:, None] & d_ok[None, :]
-    q_row = Q + b * stride_qb
-    head_cols = base + hq[:, None] * DI  # (BLOCK_T*BH, 1)
-    x = tl.load(q_row + head_cols + d[None, :], mask=ok, other=0.0).to(tl.float32)
-    if ROPE:  # as _rope_cols, with head 0's partner and angles for every head
-        partner = tl.load(PARTNER_Q + base + d, mask=d_ok, other=base) - base
-        cs, sn = _cos_sin(COS_ROW + base, SIN_ROW + base, FREQ + base, d, d_ok, pos, factor, TABLES)
-        xp = tl.load(q_row + head_cols + partner[None, :], mask=ok, other=0.0).to(tl.float32)
-        x = x * cs[None, :] + xp * sn[None, :]
-    q = x.to(Q.dtype.element_ty)  # latent_write's rounding of the rotated query
-    kv_row = KV + b * stride_kvb
-    w = tl.load(kv_row + R + DR + DI + hq, mask=r_ok, other=0.0).to(tl.float32) * w_scale
-    key = _index_key_row(kv_row, K_NORM_W, K_NORM_B, PARTNER_K, COS_ROW, SIN_ROW, FREQ, pos, factor, k_eps,
-                         R, DR, NQ, DI, BD, ROPE, TABLES).to(INDEX_KEYS.dtype.element_ty)
-    _index_scores_span(q, w, INDEX_KEYS, SC, SC, b, 0, c * s_chunk, s_chunk, (pos + 1).to(tl.int32), S, 1,
-                       stride_ik_b, stride_ik_s, 0, stride_sb, 0, DI, BD, BH, BLOCK_T, BLOCK_S, False, False,
-                       True, PREC, INTERP, True, pos, key)
-
-
-@triton.jit
 def _absorb_program(Q, W_UK, OUT, b, i, stride_qb, stride_wh, stride_wd,
                     H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
                     BLOCK_R: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
@@ -197,26 +130,20 @@ def _latent_write_kernel(
     INDEX: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
     ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
     COUNT: tl.constexpr, NPROG: tl.constexpr, FOLD: tl.constexpr, BD: tl.constexpr, BLOCK_R: tl.constexpr,
-    INTERP: tl.constexpr, first_score=0, n_tickets=0, SC=None, ZERO=None, N_ZERO=0, s_chunk=0, n_schunk=1,
-    stride_sb=0, SCORES: tl.constexpr = False, BDS: tl.constexpr = 16, BHS: tl.constexpr = 16,
-    BLOCK_TS: tl.constexpr = 1, BLOCK_S: tl.constexpr = 64, ZERO_BLOCK: tl.constexpr = 0,
-    PREC: tl.constexpr = "tf32",
+    INTERP: tl.constexpr,
 ):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
     outside [0, S). With INDEX (a DSA layer): h == H + 1 writes INDEX_KEYS[b, lengths[b]] =
     rope(layernorm(k_I)) (same slot rule) and W_OUT[b] = float32(w_I) * w_scale; h = H + 2 + i writes
-    QI[b, i] = rope(q_I head i). COUNT: LENGTHS[b] += 1 by the last of the row's n_tickets programs
-    to take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value.
-    FOLD: programs NPROG <= h < first_score compute q_lat themselves (:func:`_absorb_program`) instead
-    of the h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket.
-    SCORES (DSA): no program writes QI / W_OUT (NPROG = H + 2); programs h = first_score + c compute
-    chunk c of the row's indexer scores into SC[b] (:func:`_scores_program`; n_schunk chunks of
-    s_chunk keys) and zero their share of ZERO[0:N_ZERO], the top-k's buffers."""
+    QI[b, i] = rope(q_I head i). COUNT: LENGTHS[b] += 1 by the last of the row's NPROG programs to
+    take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value.
+    FOLD: programs h >= NPROG compute q_lat themselves (:func:`_absorb_program`) instead of the
+    h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket."""
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch
         gdc_launch_dependents()
     p = tl.program_id(1)
-    if FOLD and (p >= NPROG) & (p < first_score):  # W_UK^T q_nope: head h, columns [j·BLOCK_R, +BLOCK_R)
+    if FOLD and p >= NPROG:  # W_UK^T q_nope: head h, columns [j·BLOCK_R, +BLOCK_R) of row b
         _absorb_program(Q, W_UK, OUT, tl.program_id(0).to(tl.int64), p - NPROG, stride_qb, stride_wh,
                         stride_wd, H, DN, DR, R, BD, BLOCK_R, INTERP, PDL)
     else:
@@ -231,20 +158,13 @@ def _latent_write_kernel(
         pos = tl.load(LENGTHS + b).to(tl.int64)
         if COUNT:  # every thread has read pos before the ticket's release; the result is used at the end
             tl.debug_barrier()
-            last = tl.atomic_add(TICKETS + b, 1, sem="acq_rel") == n_tickets - 1
+            last = tl.atomic_add(TICKETS + b, 1, sem="acq_rel") == NPROG - 1
         # (a scalar & a block mask trips the interpreter: fold the slot test into the bounds)
         room = (pos >= 0) & (pos < S)
         cos_row = COS + b * stride_cb
         sin_row = SIN + b * stride_cb
         kv_row = KV + b * stride_kvb
-        if SCORES and h >= first_score:  # chunk h - first_score of row b's indexer scores
-            c = h - first_score
-            _scores_program(
-                Q, KV, cos_row, sin_row, FREQ, PARTNER_Q, PARTNER_K, K_NORM_W, K_NORM_B, INDEX_KEYS, SC,
-                ZERO, b, c, b * n_schunk + c, tl.num_programs(0) * n_schunk, N_ZERO, pos, s_chunk, S,
-                stride_qb, stride_kvb, stride_ik_b, stride_ik_s, stride_sb, factor, k_eps, w_scale,
-                H, DN, DR, R, NQ, HI, DI, BDS, BHS, BLOCK_TS, BLOCK_S, ROPE, TABLES, ZERO_BLOCK, PREC, INTERP)
-        elif h < H:  # head h of the absorbed query
+        if h < H:  # head h of the absorbed query
             out_row = OUT + (b * H + h) * (R + DR)
             if not FOLD:  # q_lat given: copied (FOLD: the absorb programs write it)
                 lat = tl.load(Q_LAT + b * stride_lb + h * stride_lh + r, mask=r_ok)
@@ -273,15 +193,26 @@ def _latent_write_kernel(
             d_ok = d < DI
             # the indexer key: LayerNorm, rope on its first dims, cache store; the head weights
             if h == H + 1:
-                k = _index_key_row(kv_row, K_NORM_W, K_NORM_B, PARTNER_K, cos_row, sin_row, FREQ, pos, factor,
-                                   k_eps, R, DR, NQ, DI, BDI, ROPE, TABLES)
+                k_row = kv_row + R + DR  # the key row is [c_kv | k_pe | k_I]: k_I's columns start at R + dr
+                x = tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32)
+                mean = tl.sum(x, 0) / DI
+                xc = tl.where(d_ok, x - mean, 0.0)
+                rstd = tl.rsqrt(tl.sum(xc * xc, 0) / DI + k_eps)
+                k = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, d, d_ok, mean, rstd).to(tl.float32)
+                # x[partner] is the partner column's LayerNorm output: normalised again from its load
+                if ROPE:
+                    partner = tl.load(PARTNER_K + R + DR + d, mask=d_ok, other=R + DR) - (R + DR)
+                    kp = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, partner, d_ok, mean, rstd).to(tl.float32)
+                    c, s = _cos_sin(cos_row + NQ + R + DR, sin_row + NQ + R + DR, FREQ + NQ + R + DR, d, d_ok,
+                                    pos, factor, TABLES)
+                    k = k * c + kp * s
+                k = k.to(KV.dtype.element_ty)  # _rotate's rounding
                 dst = INDEX_KEYS + b * stride_ik_b + pos * stride_ik_s
                 tl.store(dst + d, k.to(INDEX_KEYS.dtype.element_ty), mask=d < tl.where(room, DI, 0))
-                if not SCORES:  # the head weights (the scores programs scale their own)
-                    e = tl.arange(0, BHI)
-                    e_ok = e < HI
-                    w_i = tl.load(kv_row + R + DR + DI + e, mask=e_ok, other=0.0).to(tl.float32) * w_scale
-                    tl.store(W_OUT + b * HI + e, w_i, mask=e_ok)
+                e = tl.arange(0, BHI)
+                e_ok = e < HI
+                w_i = tl.load(k_row + DI + e, mask=e_ok, other=0.0).to(tl.float32) * w_scale
+                tl.store(W_OUT + b * HI + e, w_i, mask=e_ok)
             else:  # indexer query head i: rope on its first dims
                 i = h - H - 2
                 cols = H * (DN + DR) + i * DI + d  # its columns in the query row [q heads | indexer q heads]
@@ -315,52 +246,35 @@ def _launch(
     index_keys: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
     k_norm_bias: torch.Tensor | None = None, index_n_heads: int = 0, index_head_dim: int = 0,
     k_eps: float = 0.0, w_scale: float = 1.0, tickets: torch.Tensor | None = None,
-    w_uk: torch.Tensor | None = None, scores: bool = False, zero: torch.Tensor | None = None,
+    w_uk: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One launch; with ``index_keys`` (a DSA layer) also the indexer's part -> (q_abs, q_idx, w)
     (the last two None without it); with ``tickets`` (int32 [B], zeros) it counts the token; with
-    ``w_uk`` [H, dn, R] (q_lat None) it computes q_lat = W_UK^T q_nope itself (FOLD). ``scores`` (DSA):
-    -> (q_abs, the indexer's scores float32 [B, 1, S], None), the scores computed by more programs
-    of the same launch, which also zero ``zero`` (latent_write_scores)."""
+    ``w_uk`` [H, dn, R] (q_lat None) it computes q_lat = W_UK^T q_nope itself (FOLD)."""
     dr = rope_dim
     B, H, R = q.shape[0], n_heads, latent.shape[-1] - dr
     fold = w_uk is not None
     index = index_keys is not None
     HI, DI = (index_n_heads, index_head_dim) if index else (0, 0)
     out = _empty(B, H, R + dr, dtype=q.dtype, device=q.device)
-    q_idx = _empty(B, HI, DI, dtype=q.dtype, device=q.device) if index and not scores else None
-    w = _empty(B, HI, dtype=torch.float32, device=q.device) if index and not scores else None
+    q_idx = _empty(B, HI, DI, dtype=q.dtype, device=q.device) if index else None
+    w = _empty(B, HI, dtype=torch.float32, device=q.device) if index else None
     rope = partner_q is not None
     tables = cos is not None
     stride_cb = cos.stride(0) if tables and cos.shape[0] > 1 else 0  # one row of tables: broadcast
     BR = triton.next_power_of_2(R)
     dummy = q  # never read: an argument its constexpr switch leaves unused
     pdl = use_pdl(q.device)
-    n_prog = H + 1 + ((1 if scores else 1 + HI) if index else 0)
+    n_prog = H + 1 + (1 + HI if index else 0)
     count = tickets is not None
     BD = triton.next_power_of_2(nope_dim)
     block_r = max(16, min(64, 8192 // BD, triton.next_power_of_2(R)))  # absorb.absorb_q's tile
     n_absorb = H * triton.cdiv(R, block_r) if fold else 0
-    warps, stages, sc, extra = num_warps(BR), None, None, {}
-    n_schunk = 0
-    if scores:  # the indexer programs: dsa_index_scores' decode launch shape
-        from . import sparse
-
-        S = index_keys.shape[1]
-        shape = sparse.index_launch_shape(B, 1, S, HI, DI, q.device)
-        n_schunk = shape["n_schunk"]
-        sc = _empty(B, 1, S, dtype=torch.float32, device=q.device)
-        has_zero = zero is not None
-        extra = dict(SC=sc, ZERO=zero if has_zero else sc, N_ZERO=zero.numel() if has_zero else 0,
-                     s_chunk=shape["s_chunk"], n_schunk=n_schunk, stride_sb=sc.stride(0), SCORES=True,
-                     BDS=shape["BD"], BHS=shape["BH"], BLOCK_TS=shape["BLOCK_T"], BLOCK_S=shape["BLOCK_S"],
-                     ZERO_BLOCK=1024 if has_zero else 0, PREC=sparse._precision(q.dtype))
-        warps, stages = max(warps, shape["num_warps"]), shape["num_stages"]
-    _latent_write_kernel[(B, n_prog + n_absorb + n_schunk)](
+    _latent_write_kernel[(B, n_prog + n_absorb)](
         q, kv, dummy if fold else q_lat, lengths, cos if tables else dummy, sin if tables else dummy,
         freq if freq is not None else dummy, partner_q if rope else dummy, partner_k if rope else dummy,
         norm_weight, out, latent,
-        q_idx if q_idx is not None else dummy, w if w is not None else dummy, index_keys if index else dummy,
+        q_idx if index else dummy, w if index else dummy, index_keys if index else dummy,
         k_norm_weight if index else dummy, k_norm_bias if index else dummy, tickets if count else lengths,
         w_uk if fold else dummy, q.stride(0), w_uk.stride(0) if fold else 0, w_uk.stride(1) if fold else 0,
         kv.stride(0), 0 if fold else q_lat.stride(0), 0 if fold else q_lat.stride(1), stride_cb,
@@ -371,11 +285,8 @@ def _launch(
         BHI=triton.next_power_of_2(max(HI, 1)), BDI=triton.next_power_of_2(max(DI, 1)),
         ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
         PDL=pdl, COUNT=count, NPROG=n_prog, FOLD=fold, BD=BD, BLOCK_R=block_r, INTERP=_INTERPRET,
-        first_score=n_prog + n_absorb, n_tickets=n_prog + n_schunk, **extra,
-        num_warps=warps, **({} if stages is None else {"num_stages": stages}), **launch_options(pdl),
+        num_warps=num_warps(BR), **launch_options(pdl),
     )
-    if scores:
-        return out, sc, None
     return out, q_idx, w
 
 
@@ -535,91 +446,9 @@ def latent_write(
         returns them. Inference only.
     """
     _check(mla, q, kv, q_lat, cache, rotation)
-    p = _prepared(mla, q, kv, q_lat, cache, rotation, count_token, "latent_write")
-    args = (p.weight, mla.n_heads, mla.nope_dim, mla.rope_dim, float(mla.kv_a_norm.eps), p.factor,
-            bool(mla.kv_a_norm.zero_centered))
-    if not isinstance(mla, DeepSeekSparseAttention):
-        return _latent_write_op(q, kv, q_lat, cache.lengths, cache.latent, p.cos, p.sin, p.freq, p.partner_q,
-                                p.partner_k, *args, p.tickets, p.w_uk)
-    return _dsa_latent_write_op(
-        q, kv, q_lat, cache.lengths, cache.latent, cache.index_keys, p.cos, p.sin, p.freq, p.partner_q,
-        p.partner_k, args[0], p.k_norm_weight, p.k_norm_bias, *args[1:], mla.index_n_heads,
-        mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), p.tickets, p.w_uk,
-    )
-
-
-def latent_write_scores(
-    dsa: DeepSeekSparseAttention,
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    q_lat: torch.Tensor | None,
-    cache: DSACache,
-    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
-    count_token: bool = False,
-    zero: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`latent_write` for a DSA layer with its indexer's decode scores in the SAME launch: more
-    programs compute ``attnlab.kernels.sparse.dsa_index_scores(q_idx[:, None], cache.index_keys,
-    w[:, None], n_valid=cache.lengths + 1)`` from the launch's own inputs (each rotates the indexer
-    query, scales the head weights and computes the new token's key itself: latent_write's q_idx and w
-    are never written), one launch and one kernel boundary fewer in a decode step than latent_write
-    then dsa_index_scores (the fused step, attnlab.layers.fused).
-
-    Args: as :func:`latent_write` (``dsa`` a :class:`DeepSeekSparseAttention`), and
-        zero: None, or a contiguous int32 buffer the indexer's programs also set to zero (the top-k's
-            ``scratch``: ``attnlab.kernels.sparse.dsa_topk``).
-
-    ``cache.index_keys`` must have q's dtype (the scores read it as it is). The scores cover the whole
-    cache: keys at or past row b's new length (cache.lengths[b] + 1, the token included whether or not
-    ``count_token`` counts it) score -inf and are never read.
-
-    Returns:
-        (q_abs [B, H, R + dr] as latent_write's, scores float32 [B, 1, S_max]). Inference only.
-    """
-    if not isinstance(dsa, DeepSeekSparseAttention):
-        raise ValueError(f"dsa: expected a DeepSeekSparseAttention, got {type(dsa).__name__}")
-    _check(dsa, q, kv, q_lat, cache, rotation)
-    if cache.index_keys.dtype != q.dtype:
-        raise ValueError(f"cache.index_keys: dtype {cache.index_keys.dtype} differs from q's {q.dtype} (the "
-                         f"scores read the keys as they are; use latent_write, then dsa_index_scores)")
-    if zero is not None:
-        from .sparse import _check_scratch
-
-        _check_scratch("zero", zero, q.device)
-    p = _prepared(dsa, q, kv, q_lat, cache, rotation, count_token, "latent_write_scores")
-    out, scores, _ = _launch(
-        q, kv, q_lat, cache.lengths, cache.latent, p.cos, p.sin, p.freq, p.partner_q, p.partner_k, p.weight,
-        dsa.n_heads, dsa.nope_dim, dsa.rope_dim, float(dsa.kv_a_norm.eps), p.factor,
-        bool(dsa.kv_a_norm.zero_centered), cache.index_keys, p.k_norm_weight, p.k_norm_bias,
-        dsa.index_n_heads, dsa.index_head_dim, float(dsa.k_norm.eps), _index_weight_scale(dsa),
-        p.tickets if count_token else None, p.w_uk, scores=True, zero=zero,
-    )
-    return out, scores
-
-
-@dataclass
-class _Prepared:
-    """latent_write's launch arguments beyond the tensors it was given."""
-
-    cos: torch.Tensor | None
-    sin: torch.Tensor | None
-    freq: torch.Tensor | None
-    partner_q: torch.Tensor | None
-    partner_k: torch.Tensor | None
-    factor: float
-    weight: torch.Tensor
-    w_uk: torch.Tensor | None
-    tickets: torch.Tensor
-    k_norm_weight: torch.Tensor | None
-    k_norm_bias: torch.Tensor | None
-
-
-def _prepared(mla, q, kv, q_lat, cache, rotation, count_token: bool, caller: str) -> _Prepared:
-    """Checks beyond _check, and the launch's RoPE tables / angles, norm weights, W_UK (q_lat None) and
-    tickets (an empty tensor: no token count)."""
     B = q.shape[0]
     if q.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"q: {caller} runs a Triton kernel on CUDA tensors (or CPU ones under "
+        raise ValueError(f"q: latent_write runs a Triton kernel on CUDA tensors (or CPU ones under "
                          f"TRITON_INTERPRET=1), got device {q.device}; call latent_write_reference there")
     index = isinstance(mla, DeepSeekSparseAttention)
     tensors = [("q", q), ("kv", kv), ("cache.latent", cache.latent)]
@@ -650,6 +479,8 @@ def _prepared(mla, q, kv, q_lat, cache, rotation, count_token: bool, caller: str
         check_same_device(q=q, rope_partner_q=partner_q)
     weight = mla.kv_a_norm.weight.detach()
     check_same_device(q=q, kv_a_norm_weight=weight)
+    args = (mla.n_heads, mla.nope_dim, mla.rope_dim, float(mla.kv_a_norm.eps), factor,
+            bool(mla.kv_a_norm.zero_centered))
     w_uk = None
     if q_lat is None:
         w_uk = _w_uk(mla)
@@ -662,15 +493,18 @@ def _prepared(mla, q, kv, q_lat, cache, rotation, count_token: bool, caller: str
             raise ValueError(f"cache.lengths: count_token needs it contiguous, got strides "
                              f"{cache.lengths.stride()}")
         tickets = _tickets(B, q.device)
-    k_w = k_b = None
-    if index:
-        k_w, k_b = mla.k_norm.weight, mla.k_norm.bias
-        if k_w is None or k_b is None:
-            raise ValueError("mla: k_norm must have a weight and a bias (nn.LayerNorm, elementwise_affine)")
-        check_same_device(q=q, k_norm_weight=k_w, k_norm_bias=k_b)
-        k_w, k_b = k_w.detach().contiguous(), k_b.detach().contiguous()
-    return _Prepared(cos, sin, freq, partner_q, partner_k, factor, weight.contiguous(), w_uk, tickets, k_w,
-                     k_b)
+    if not index:
+        return _latent_write_op(q, kv, q_lat, cache.lengths, cache.latent, cos, sin, freq, partner_q,
+                                partner_k, weight.contiguous(), *args, tickets, w_uk)
+    k_w, k_b = mla.k_norm.weight, mla.k_norm.bias
+    if k_w is None or k_b is None:
+        raise ValueError("mla: k_norm must have a weight and a bias (nn.LayerNorm, elementwise_affine)")
+    check_same_device(q=q, k_norm_weight=k_w, k_norm_bias=k_b)
+    return _dsa_latent_write_op(
+        q, kv, q_lat, cache.lengths, cache.latent, cache.index_keys, cos, sin, freq, partner_q, partner_k,
+        weight.contiguous(), k_w.detach().contiguous(), k_b.detach().contiguous(), *args,
+        mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), tickets, w_uk,
+    )
 
 
 def _w_uk(mla: MultiHeadLatentAttention) -> torch.Tensor:
@@ -742,4 +576,4 @@ def latent_write_reference(
     return q_abs, q_idx.contiguous(), w
 
 
-__all__ = ["latent_write", "latent_write_reference", "latent_write_scores"]
+__all__ = ["latent_write", "latent_write_reference"]

@@ -476,7 +476,9 @@ def _index_scores_kernel(
         gdc_wait()
     pid = tl.program_id(0)
     if ZERO_BLOCK > 0:
-        _zero_fill(ZERO, N_ZERO, pid, tl.num_programs(0), ZERO_BLOCK)
+        for z in range(pid * ZERO_BLOCK, N_ZERO, tl.num_programs(0) * ZERO_BLOCK):
+            zs = z + tl.arange(0, ZERO_BLOCK)
+            tl.store(ZERO + zs, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=zs < N_ZERO)
     chunk = pid % N_SCHUNK
     rest = pid // N_SCHUNK
     tb = rest % N_TBLK
@@ -489,44 +491,16 @@ def _index_scores_kernel(
     q_rows = Q + b * stride_qb + tq[:, None].to(tl.int64) * stride_qt + hq[:, None] * stride_qh
     q = tl.load(q_rows + d[None, :], mask=r_ok[:, None] & (d < D)[None, :], other=0.0)
     w = tl.load(W + b * stride_wb + tq.to(tl.int64) * stride_wt + hq, mask=r_ok, other=0.0).to(tl.float32)
-    n_valid = 0
-    if HAS_NV:
-        n_valid = tl.load(NV + b).to(tl.int32)
-    _index_scores_span(q, w, K, KS, OUT, b, tb, chunk * s_chunk, s_chunk, n_valid, S, T,
-                       stride_kb, stride_ks, stride_sb, stride_ob, stride_ot, D, BD, BH, BLOCK_T, BLOCK_S,
-                       FP8, CAUSAL, HAS_NV, PREC, INTERP)
-
-
-@triton.jit
-def _zero_fill(ZERO, N_ZERO, pid, n_programs, ZERO_BLOCK: tl.constexpr):
-    """Program pid of n_programs zeroes its share of ZERO[0:N_ZERO] (int32), ZERO_BLOCK elements a store."""
-    for z in range(pid * ZERO_BLOCK, N_ZERO, n_programs * ZERO_BLOCK):
-        zs = z + tl.arange(0, ZERO_BLOCK)
-        tl.store(ZERO + zs, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=zs < N_ZERO)
-
-
-@triton.jit
-def _index_scores_span(q, w, K, KS, OUT, b, tb, lo, s_chunk, n_valid, S, T,
-                       stride_kb, stride_ks, stride_sb, stride_ob, stride_ot,
-                       D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_S: tl.constexpr, FP8: tl.constexpr, CAUSAL: tl.constexpr, HAS_NV: tl.constexpr,
-                       PREC: tl.constexpr, INTERP: tl.constexpr, SUBST: tl.constexpr = False, new_pos=0,
-                       new_key=None):
-    """_index_scores_kernel's work once its query tile is in registers: q [BLOCK_T*BH, BD] (query block
-    tb of row b, all heads), head weights w [BLOCK_T*BH] float32, against the keys [lo, lo + s_chunk)
-    in BLOCK_S steps -> OUT. n_valid: the row's valid length (HAS_NV). SUBST: the key row at position
-    new_pos is new_key [BD] (K's dtype) instead of what K holds there (a launch that also writes that
-    row: attnlab.kernels.latent_cache's scores mode)."""
-    d = tl.arange(0, BD)
     ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = ts < T
+    lo = chunk * s_chunk
     hi = tl.minimum(lo + s_chunk, S)
     top = hi
     if CAUSAL:  # the block's last query sees keys up to S - T + t_last
         top = tl.maximum(tl.minimum(hi, S - T + tl.minimum(tb * BLOCK_T + BLOCK_T, T)), lo)
     n_ok = hi
     if HAS_NV:
-        n_ok = tl.minimum(tl.maximum(n_valid, 0), hi)
+        n_ok = tl.minimum(tl.maximum(tl.load(NV + b).to(tl.int32), 0), hi)
         top = tl.maximum(tl.minimum(top, n_ok), lo)
     # two branch-free loops (so the first can be software-pipelined): computed blocks, then the
     # blocks wholly after the block's last query, filled with -inf (CAUSAL only)
@@ -536,8 +510,6 @@ def _index_scores_span(q, w, K, KS, OUT, b, tb, lo, s_chunk, n_valid, S, T,
         c_ok = cols < hi
         k = tl.load(K + b * stride_kb + cols[:, None].to(tl.int64) * stride_ks + d[None, :],
                     mask=(c_ok & (cols < n_ok))[:, None] & (d < D)[None, :], other=0.0)
-        if SUBST:
-            k = tl.where((cols == new_pos)[:, None], new_key[None, :], k)
         logits = _mm(q, tl.trans(k), PREC, INTERP)  # (BLOCK_T*BH, BLOCK_S)
         part = tl.maximum(logits, 0.0) * w[:, None]
         score = tl.sum(tl.reshape(part, (BLOCK_T, BH, BLOCK_S)), 1)  # (BLOCK_T, BLOCK_S)
@@ -1621,9 +1593,18 @@ def dsa_index_scores(
         if zero is not None:
             zero.zero_()
         return out
-    shape = index_launch_shape(B, T, S, H, D, q.device)
-    bh, block_t, s_chunk, n_schunk = shape["BH"], shape["BLOCK_T"], shape["s_chunk"], shape["n_schunk"]
+    cfg = TUNING["index_decode" if T == 1 else "index"]
+    bh = _pow2(H, 1)
+    block_t = max(1, min(cfg["BLOCK_T"], 128 // bh)) if bh < 128 else 1
+    block_t = min(block_t, _pow2(T, 1))  # decode (T = 1): no tile rows of absent queries
+    block_t = max(block_t, triton.cdiv(16, bh))  # the dot needs >= 16 rows
     n_tblk = triton.cdiv(T, block_t)
+    s_chunk = cfg["S_CHUNK"]
+    if T == 1:  # decode: chunks small enough for ~INDEX_DECODE_PROGRAMS_PER_SM programs per SM
+        target = INDEX_DECODE_PROGRAMS_PER_SM * _num_sms(q.device)
+        s_chunk = min(s_chunk, max(cfg["BLOCK_S"], _pow2(triton.cdiv(B * S, target), 1)))
+    s_chunk = triton.cdiv(s_chunk, cfg["BLOCK_S"]) * cfg["BLOCK_S"]
+    n_schunk = triton.cdiv(S, s_chunk)
     ks = k_scale if fp8 else out
     pdl = T == 1 and use_pdl(q.device)  # decode: chained with PDL (attnlab.kernels._pdl)
     _index_scores_kernel[(B * n_tblk * n_schunk,)](
@@ -1633,31 +1614,12 @@ def dsa_index_scores(
         w.stride(0), w.stride(1),
         ks.stride(0),
         out.stride(0), out.stride(1),
-        D=D, BD=shape["BD"], BH=bh, BLOCK_T=block_t, BLOCK_S=shape["BLOCK_S"],
+        D=D, BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"],
         FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET, PDL=pdl,
         ZERO=zero, N_ZERO=zero.numel() if zero is not None else 0, ZERO_BLOCK=1024 if zero is not None else 0,
-        num_warps=shape["num_warps"], num_stages=shape["num_stages"], **launch_options(pdl),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     return out
-
-
-def index_launch_shape(B: int, T: int, S: int, H: int, D: int, device: torch.device) -> dict:
-    """dsa_index_scores' launch shape for B rows of T queries (H heads of D) over S keys: its tile
-    (BD, BH, BLOCK_T queries, BLOCK_S keys a step), s_chunk keys a program in n_schunk chunks a row,
-    num_warps and num_stages (TUNING["index_decode"] for T = 1, else TUNING["index"]). Also the
-    shape of attnlab.kernels.latent_cache's scores programs."""
-    cfg = TUNING["index_decode" if T == 1 else "index"]
-    bh = _pow2(H, 1)
-    block_t = max(1, min(cfg["BLOCK_T"], 128 // bh)) if bh < 128 else 1
-    block_t = min(block_t, _pow2(T, 1))  # decode (T = 1): no tile rows of absent queries
-    block_t = max(block_t, triton.cdiv(16, bh))  # the dot needs >= 16 rows
-    s_chunk = cfg["S_CHUNK"]
-    if T == 1:  # decode: chunks small enough for ~INDEX_DECODE_PROGRAMS_PER_SM programs per SM
-        target = INDEX_DECODE_PROGRAMS_PER_SM * _num_sms(device)
-        s_chunk = min(s_chunk, max(cfg["BLOCK_S"], _pow2(triton.cdiv(B * S, target), 1)))
-    s_chunk = triton.cdiv(s_chunk, cfg["BLOCK_S"]) * cfg["BLOCK_S"]
-    return dict(BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"], s_chunk=s_chunk,
-                n_schunk=triton.cdiv(S, s_chunk), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _check_scratch(name: str, t: torch.Tensor, device: torch.device) -> None:

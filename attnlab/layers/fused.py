@@ -26,9 +26,8 @@ the kernels around it:
 Llama-style block: norm+qkv GEMV, RoPE+cache write, attention (split + combine, which also counts
 the token), o-proj GEMV+residual, norm+gate/up GEMV, SiLU·mul+down GEMV+residual. GDN block: norm+in_proj
 GEMV, the fused step (which also counts the token), out GEMV+residual, the two MLP GEMVs. DSA block: MLA's
-GEMVs and latent write (with the indexer's part; on a GPU its scores too), then the top-k and the sparse
-absorbed attention over the whole cache bounded by each row's length (no host sync), W_UV, o-proj
-GEMV+residual. Lightning
+GEMVs and latent write (with the indexer's part), then index scores, top-k and the sparse absorbed attention
+over the whole cache bounded by each row's length (no host sync), W_UV, o-proj GEMV+residual. Lightning
 block: norm+in_proj GEMV, the fused step (which also counts the token), norm+gate+out GEMV+residual, the
 two MLP GEMVs.
 
@@ -69,9 +68,6 @@ FOLD_ABSORB_Q = os.environ.get("ATTNLAB_FOLD_ABSORB_Q", "1") != "0"
 # D: the index-scores launch zeroes the top-k's buffers (no fill launch between the two); False: the
 # ops' calls, with the top-k's own fill launch, to compare on a GPU
 INDEX_TOPK_SCRATCH = True
-# D: the index scores computed by more programs of the latent-write launch (latent_write_scores: one launch
-# and one kernel boundary fewer a layer); False: latent_write, then the index-scores launch, to compare
-SCORES_IN_LATENT_WRITE = True
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
 # interpreter tests check the plain step's kernels
 ON_CPU_INTERPRETER = False
@@ -227,56 +223,24 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
                    scale: float) -> None:
     """D (DeepSeek Sparse Attention) decode step, from io.x into io.res: M's step with
     the indexer's projections inside the same GEMVs and its key / query post-processing inside the
-    latent-write launch (on the GPU the index scores too: SCORES_IN_LATENT_WRITE), then the index
-    scores, top-k and the sparse absorbed attention over the WHOLE cache with each row's length as
-    its bound (no host sync: CUDA-graph safe). Positions past a
+    latent-write launch, then index scores, top-k and the sparse absorbed attention over the WHOLE
+    cache with each row's length as its bound (no host sync: CUDA-graph safe). Positions past a
     row's length score -inf and are never chosen, so this selects what the layer's own decode step
     (which scores the first max(lengths) slots) selects."""
     from ..kernels.latent_cache import latent_write
 
     R = dsa.kv_lora_rank
     q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
-    if _scores_in_latent_write(q, cache):
-        q_abs, idx = _latent_write_index_topk(dsa, q, kv, cache, rotation)
-    else:
-        q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
-        # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
-        # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
-        # the layer counts it
-        dtype = q_abs.dtype
-        keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-        idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk)  # (B, 1, k)
+    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
+    # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
+    # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
+    # the layer counts it
     dtype = q_abs.dtype
+    keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
+    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
     _output(dsa, o_lat[:, 0], io.res, keep, scale)
-
-
-def _scores_in_latent_write(q: torch.Tensor, cache) -> bool:
-    """Whether a D step's index scores run inside its latent_write launch (SCORES_IN_LATENT_WRITE): when
-    the ops would run them as the Triton kernel ("auto": CUDA bf16 / fp16) over the cache's keys as
-    they are (their dtype is q's)."""
-    from ..ops.softmax import _sparse_kernel
-
-    return (SCORES_IN_LATENT_WRITE and cache.index_keys.dtype == q.dtype
-            and _sparse_kernel("auto", "dsa_index_scores", q) is not None)
-
-
-def _latent_write_index_topk(dsa: DeepSeekSparseAttention, q: torch.Tensor, kv: torch.Tensor, cache,
-                             rotation) -> tuple[torch.Tensor, torch.Tensor]:
-    """latent_write with the index scores in the same launch (latent_write_scores, the token counted
-    there), then the top-k: (q_abs [B, H, R + dr], the selected positions int64 [B, 1, k] in position
-    order, -1 = empty). With INDEX_TOPK_SCRATCH the launch also zeroes the top-k's buffers."""
-    from ..kernels import sparse as ks
-    from ..kernels.latent_cache import latent_write_scores
-
-    B, S = q.shape[0], cache.index_keys.shape[1]
-    k = min(dsa.index_topk, S)
-    n = ks.topk_scratch_numel(B, 1, S, k, q.device) if INDEX_TOPK_SCRATCH else 0
-    scratch = torch.empty(n, dtype=torch.int32, device=q.device) if n else None
-    q_abs, scores = latent_write_scores(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation,
-                                        count_token=True, zero=scratch)  # (B, H, R + dr), (B, 1, S) float32
-    return q_abs, ks.dsa_topk(scores, k, causal=False, sort=False, scratch=scratch)
 
 
 def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
