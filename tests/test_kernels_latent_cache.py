@@ -605,33 +605,3 @@ def test_gpu_torch_compile_keeps_the_kernel(name):
         torch.testing.assert_close(cache.index_keys, ref.index_keys, rtol=1e-2, atol=2.0**-5)
     torch.testing.assert_close(out, out_ref, rtol=1e-2, atol=1e-5)
     torch.testing.assert_close(cache.latent, ref.latent, rtol=1e-2, atol=1e-5)
-
-
-@interp
-@pytest.mark.parametrize("count_token", [False, True])
-def test_interp_dsa_launch_zeroes_the_topk_buffer(count_token):
-    """latent_write(..., zero=buf) (a DSA layer, B * n int32 elements of garbage) sets every element to
-    zero, row b's n by row b's program, and leaves its outputs as they were without it; an MLA layer,
-    a buffer not split evenly over the rows, or one of another dtype is refused."""
-    from attnlab.kernels.latent_cache import latent_write
-
-    mla, cache, x = make("dsa_lora")
-    q, kv, q_lat = inputs(mla, x)
-    B = q.shape[0]
-    ref = clone(cache)
-    buf = torch.full((B * 1500,), -3, dtype=torch.int32)  # more than one 1024-element store a row
-    with torch.no_grad():
-        out = latent_write(mla, q, kv, q_lat, cache, count_token=count_token, zero=buf)
-        want = latent_write(mla, q, kv, q_lat, ref, count_token=count_token)
-    assert not buf.any()
-    for a, b in zip(out, want, strict=True):
-        assert torch.equal(a, b)
-    for name in ("latent", "index_keys", "lengths"):
-        assert torch.equal(getattr(cache, name), getattr(ref, name)), name
-    mla_m, cache_m, x_m = make("lora_interleaved")
-    with torch.no_grad(), pytest.raises(ValueError, match="zero: only a DSA layer"):
-        latent_write(mla_m, *inputs(mla_m, x_m), cache_m, zero=buf)
-    with torch.no_grad(), pytest.raises(ValueError, match="not a multiple of the 3 rows"):
-        latent_write(mla, q, kv, q_lat, cache, zero=torch.zeros(7, dtype=torch.int32))
-    with torch.no_grad(), pytest.raises(ValueError, match="zero: expected a contiguous 1-D int32"):
-        latent_write(mla, q, kv, q_lat, cache, zero=torch.zeros(9, dtype=torch.int64))

@@ -344,71 +344,6 @@ def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
         ks.dsa_index_scores(q, k, w, zero=torch.zeros(2, n, dtype=torch.int32))
 
 
-def _level0_counts(scores: torch.Tensor) -> torch.Tensor:
-    """The top-k's level-0 histogram of each row of scores [R, S] (every column): int32 [R, 256] of
-    (order-preserving int32 key >> 24) + 128 (ops.sparse's key: -0.0 as +0.0)."""
-    bits = (scores.float() + 0.0).view(torch.int32)
-    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    digit = (keys >> 24) + 128
-    return torch.stack([torch.bincount(row, minlength=256) for row in digit]).to(torch.int32)
-
-
-@interp
-@pytest.mark.parametrize("lengths", [[900, 610], [0, 1]])
-def test_interp_index_scores_count_the_topk_level0(lengths, monkeypatch):
-    """dsa_index_scores(..., hist0=scratch) gives the same scores and adds each row's level-0 histogram
-    into the multi-program top-k's buffer (every column: -inf past the length in bin 0, columns in
-    fill-only chunks too); dsa_topk(..., scratch, level0=True) then skips its first pass and gives
-    the oracle's set. Bad use is refused: overlap with ``zero``, a short buffer, T > 1, level0 on
-    another path or without a scratch."""
-    from attnlab.kernels import sparse as ks
-
-    monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
-    _topk_path(ks, monkeypatch, "multi")
-    gen = torch.Generator().manual_seed(37)
-    B, S, H, D = 2, 900, 4, 16
-    q = torch.randn(B, 1, H, D, generator=gen).bfloat16()
-    k = torch.randn(B, S, D, generator=gen).bfloat16()
-    w = torch.randn(B, 1, H, generator=gen)
-    n_valid = torch.tensor(lengths)
-    assert ks.topk_path(B, 1, S, 100, q.device) == "multi"
-    n = ks.topk_scratch_numel(B, 1, S, 100, q.device)
-    hist = torch.zeros(n, dtype=torch.int32)
-    with tuned("index_decode", S_CHUNK=128):
-        plain = ks.dsa_index_scores(q, k, w, n_valid=n_valid)
-        scores = ks.dsa_index_scores(q, k, w, n_valid=n_valid, hist0=hist)
-    assert torch.equal(scores, plain)
-    levels = hist.view(B, 4, 256)
-    assert torch.equal(levels[:, 0], _level0_counts(scores[:, 0])) and not levels[:, 1:].any()
-    assert int(levels[0, 0, 0]) >= S - lengths[0]  # the -inf scores past the row's length
-    passes = []
-    real = ks._topk_hist
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                passes.append(kwargs["LEVEL"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(ks, "_topk_hist", Spy())
-    got = ks.dsa_topk(scores, 100, causal=False, sort=False, scratch=hist, level0=True)
-    _assert_same_set_in_position_order(got, ops.dsa_topk(scores, 100, causal=False, mode="torch"))
-    assert passes == [1, 2, 3]
-    with pytest.raises(ValueError, match="hist0: overlaps zero"):
-        ks.dsa_index_scores(q, k, w, n_valid=n_valid, zero=hist[100:], hist0=hist)
-    with pytest.raises(ValueError, match="hist0: 5 int32 elements"):
-        ks.dsa_index_scores(q, k, w, n_valid=n_valid, hist0=torch.zeros(5, dtype=torch.int32))
-    with pytest.raises(ValueError, match="hist0: a decode row"):
-        ks.dsa_index_scores(q.expand(B, 2, H, D), k, w.expand(B, 2, H), hist0=hist)
-    with pytest.raises(ValueError, match="level0: needs a scratch"):
-        ks.dsa_topk(scores, 100, causal=False, sort=False, level0=True)
-    _topk_path(ks, monkeypatch, "fused")
-    with pytest.raises(ValueError, match="the 'fused' path"):
-        ks.dsa_topk(scores, 100, causal=False, sort=False, scratch=torch.zeros(10**6, dtype=torch.int32),
-                    level0=True)
-
-
 @interp
 def test_interp_index_scores_causal_prefill_many_chunks():
     """T = S (prefill from position 0) over several key chunks: early query blocks see none of the
@@ -1242,37 +1177,6 @@ def test_gpu_index_scores_zero_the_topk_scratch(B, S, monkeypatch):
         graph.replay()
         _assert_same_set_in_position_order(idx, ops.dsa_topk(scores, 2048, causal=False, mode="torch"))
         assert bool((scores[:, :, S - 37:] == float("-inf")).all())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,S", [(1, 1048600), (2, 300000)])
-def test_gpu_index_scores_count_the_topk_level0(B, S):
-    """The 1M decode selection as the fused step runs it: the multi-program top-k's buffer zeroed
-    (fill_ here, latent_write in the step), dsa_index_scores(..., hist0=scratch) counting level 0,
-    dsa_topk(..., level0=True) from the second pass, replayed in a CUDA graph on new keys: the level-0
-    histogram as counted from the scores, and the oracle's set in position order."""
-    from attnlab.kernels import sparse as ks
-
-    gen = torch.Generator(device="cuda").manual_seed(S)
-    H, D = 64, 128
-    q = torch.randn(B, 1, H, D, device="cuda", generator=gen).bfloat16()
-    k = torch.randn(B, S, D, device="cuda", generator=gen).bfloat16()
-    w = torch.randn(B, 1, H, device="cuda", generator=gen) / H
-    lengths = torch.full((B,), S - 37, device="cuda")
-    assert ks.topk_path(B, 1, S, 2048, q.device) == "multi"
-    scratch = torch.empty(ks.topk_scratch_numel(B, 1, S, 2048, q.device), dtype=torch.int32, device="cuda")
-
-    def select():
-        scratch.zero_()
-        scores = ks.dsa_index_scores(q, k, w, n_valid=lengths, hist0=scratch)
-        return scores, ks.dsa_topk(scores, 2048, causal=False, sort=False, scratch=scratch, level0=True)
-
-    graph, (scores, idx) = capture_graph(select)
-    for _ in range(2):
-        k.copy_(torch.randn(k.shape, device="cuda", generator=gen).bfloat16())
-        graph.replay()
-        assert torch.equal(scratch.view(B, 4, 256)[:, 0].cpu(), _level0_counts(scores[:, 0].cpu()))
-        _assert_same_set_in_position_order(idx, ops.dsa_topk(scores, 2048, causal=False, mode="torch"))
 
 
 @pytest.mark.gpu

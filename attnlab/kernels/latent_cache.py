@@ -130,7 +130,7 @@ def _latent_write_kernel(
     INDEX: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
     ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
     COUNT: tl.constexpr, NPROG: tl.constexpr, FOLD: tl.constexpr, BD: tl.constexpr, BLOCK_R: tl.constexpr,
-    INTERP: tl.constexpr, ZERO=None, n_zero=0, ZERO_BLOCK: tl.constexpr = 0,
+    INTERP: tl.constexpr,
 ):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
@@ -139,9 +139,7 @@ def _latent_write_kernel(
     QI[b, i] = rope(q_I head i). COUNT: LENGTHS[b] += 1 by the last of the row's NPROG programs to
     take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value.
     FOLD: programs h >= NPROG compute q_lat themselves (:func:`_absorb_program`) instead of the
-    h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket. ZERO_BLOCK > 0: program
-    h == H also zeroes ZERO[b * n_zero, +n_zero) (int32; the top-k's buffers, which the index scores
-    launched next add into)."""
+    h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket."""
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch
         gdc_launch_dependents()
     p = tl.program_id(1)
@@ -190,10 +188,6 @@ def _latent_write_kernel(
             dst = LATENT + b * stride_cache_b + pos * stride_cache_s  # 64-bit: B·S·(R+dr) may pass 2^31
             tl.store(dst + r, c_kv.to(LATENT.dtype.element_ty), mask=r < tl.where(room, R, 0))
             tl.store(dst + R + j, k_pe.to(LATENT.dtype.element_ty), mask=j < tl.where(room, DR, 0))
-            if ZERO_BLOCK > 0:
-                for z in range(0, n_zero, ZERO_BLOCK):
-                    zs = z + tl.arange(0, ZERO_BLOCK)
-                    tl.store(ZERO + b * n_zero + zs, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=zs < n_zero)
         elif INDEX:
             d = tl.arange(0, BDI)
             d_ok = d < DI
@@ -252,12 +246,11 @@ def _launch(
     index_keys: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
     k_norm_bias: torch.Tensor | None = None, index_n_heads: int = 0, index_head_dim: int = 0,
     k_eps: float = 0.0, w_scale: float = 1.0, tickets: torch.Tensor | None = None,
-    w_uk: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+    w_uk: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One launch; with ``index_keys`` (a DSA layer) also the indexer's part -> (q_abs, q_idx, w)
     (the last two None without it); with ``tickets`` (int32 [B], zeros) it counts the token; with
-    ``w_uk`` [H, dn, R] (q_lat None) it computes q_lat = W_UK^T q_nope itself (FOLD); ``zero``
-    (int32, B * n elements) is set to zero, row b's n by row b's latent program."""
+    ``w_uk`` [H, dn, R] (q_lat None) it computes q_lat = W_UK^T q_nope itself (FOLD)."""
     dr = rope_dim
     B, H, R = q.shape[0], n_heads, latent.shape[-1] - dr
     fold = w_uk is not None
@@ -292,8 +285,6 @@ def _launch(
         BHI=triton.next_power_of_2(max(HI, 1)), BDI=triton.next_power_of_2(max(DI, 1)),
         ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
         PDL=pdl, COUNT=count, NPROG=n_prog, FOLD=fold, BD=BD, BLOCK_R=block_r, INTERP=_INTERPRET,
-        ZERO=zero, n_zero=zero.numel() // B if zero is not None else 0,
-        ZERO_BLOCK=1024 if zero is not None and zero.numel() else 0,
         num_warps=num_warps(BR), **launch_options(pdl),
     )
     return out, q_idx, w
@@ -324,7 +315,7 @@ def _(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_
 
 
 @torch.library.custom_op("attnlab::dsa_latent_write",
-                         mutates_args=("latent", "index_keys", "lengths", "tickets", "zero"))
+                         mutates_args=("latent", "index_keys", "lengths", "tickets"))
 def _dsa_latent_write_op(
     q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor | None, lengths: torch.Tensor,
     latent: torch.Tensor,
@@ -333,18 +324,18 @@ def _dsa_latent_write_op(
     k_norm_weight: torch.Tensor, k_norm_bias: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
     index_n_heads: int, index_head_dim: int, k_eps: float, w_scale: float,
-    tickets: torch.Tensor, w_uk: torch.Tensor | None, zero: torch.Tensor,
+    tickets: torch.Tensor, w_uk: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
                    n_heads, nope_dim, rope_dim, eps, factor, zero_centered, index_keys, k_norm_weight,
                    k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale,
-                   tickets if tickets.numel() else None, w_uk, zero if zero.numel() else None)
+                   tickets if tickets.numel() else None, w_uk)
 
 
 @_dsa_latent_write_op.register_fake
 def _(q, kv, q_lat, lengths, latent, index_keys, cos, sin, freq, partner_q, partner_k, norm_weight,
       k_norm_weight, k_norm_bias, n_heads, nope_dim, rope_dim, eps, factor, zero_centered,
-      index_n_heads, index_head_dim, k_eps, w_scale, tickets, w_uk, zero):
+      index_n_heads, index_head_dim, k_eps, w_scale, tickets, w_uk):
     B = q.shape[0]
     return (q.new_empty(B, n_heads, latent.shape[-1]), q.new_empty(B, index_n_heads, index_head_dim),
             q.new_empty(B, index_n_heads, dtype=torch.float32))
@@ -416,7 +407,6 @@ def latent_write(
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     count_token: bool = False,
-    zero: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An MLA layer's decode-step latent norm, both RoPEs, latent cache write and absorbed-query
     assembly in one Triton launch; for a DSA layer also its indexer's key LayerNorm, RoPE and cache
@@ -447,9 +437,6 @@ def latent_write(
             between launches) increments it once every program has read the old value (as
             delta_decode's count_token; the tickets are shared, so not for concurrent launches of
             the same B on two streams). ``cache.lengths`` must then be contiguous.
-        zero: DSA only: None, or a contiguous int32 buffer of B * n elements the same launch sets to
-            zero (the top-k's buffers that the index scores launched next add into:
-            ``dsa_index_scores(..., hist0=zero)``).
 
     Returns:
         q_abs [B, H, R + dr] in q's dtype, contiguous: [q_lat | rope(q_pe)], the absorbed query of
@@ -500,15 +487,6 @@ def latent_write(
         if w_uk.dtype != q.dtype or w_uk.device != q.device:
             raise ValueError(f"mla: kv_b_proj.weight is {w_uk.dtype} on {w_uk.device}; q_lat=None needs q's "
                              f"dtype and device ({q.dtype} on {q.device})")
-    if zero is not None:
-        from .sparse import _check_scratch
-
-        if not index:
-            raise ValueError("zero: only a DSA layer's launch zeroes a buffer (the top-k's, for its index "
-                             "scores)")
-        _check_scratch("zero", zero, q.device)
-        if zero.numel() % B:
-            raise ValueError(f"zero: {zero.numel()} elements, not a multiple of the {B} rows")
     tickets = cache.lengths.new_empty(0, dtype=torch.int32)  # empty: no token count
     if count_token:
         if not cache.lengths.is_contiguous():
@@ -526,7 +504,6 @@ def latent_write(
         q, kv, q_lat, cache.lengths, cache.latent, cache.index_keys, cos, sin, freq, partner_q, partner_k,
         weight.contiguous(), k_w.detach().contiguous(), k_b.detach().contiguous(), *args,
         mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), tickets, w_uk,
-        zero if zero is not None else tickets.new_empty(0),
     )
 
 

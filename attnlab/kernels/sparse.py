@@ -460,8 +460,7 @@ def _index_scores_kernel(
     stride_ob, stride_ot,
     D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     FP8: tl.constexpr, CAUSAL: tl.constexpr, HAS_NV: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
-    PDL: tl.constexpr = False, ZERO=None, N_ZERO=0, ZERO_BLOCK: tl.constexpr = 0, HIST0=None,
-    LEVEL0: tl.constexpr = False,
+    PDL: tl.constexpr = False, ZERO=None, N_ZERO=0, ZERO_BLOCK: tl.constexpr = 0,
 ):
     """One program: BLOCK_T queries x all H index heads (one [BLOCK_T*BH, D] tile, kept in
     registers) against keys [chunk*s_chunk, +s_chunk) in BLOCK_S steps: relu(q kᵀ) weighted by w
@@ -471,10 +470,7 @@ def _index_scores_kernel(
     HAS_NV: keys at or past NV[b] (the row's valid length) get -inf and are never read.
     PDL: as _latent_attn_fwd (decode). ZERO_BLOCK > 0: the programs also zero ZERO[0:N_ZERO] (int32,
     ZERO_BLOCK elements a store, after the wait: the buffer may be memory a kernel before used), the
-    buffers of the top-k launched next (dsa_topk's ``scratch``). LEVEL0 (T = 1, not CAUSAL): each
-    program also counts its chunk's scores into the top-k's level-0 histogram of row b, HIST0[b * 1024
-    + bin] (int32, zero before the launch: _topk_block_counts' level 0 over every column of the row,
-    one relaxed atomic per bin at the end), so that dsa_topk's first radix pass is not needed."""
+    buffers of the top-k launched next (dsa_topk's ``scratch``)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -509,7 +505,6 @@ def _index_scores_kernel(
     # two branch-free loops (so the first can be software-pipelined): computed blocks, then the
     # blocks wholly after the block's last query, filled with -inf (CAUSAL only)
     top = lo + tl.cdiv(top - lo, BLOCK_S) * BLOCK_S
-    counts = tl.zeros([_TOPK_BINS], dtype=tl.int32)  # LEVEL0: the chunk's level-0 histogram
     for s0 in range(lo, top, BLOCK_S):
         cols = s0 + tl.arange(0, BLOCK_S)
         c_ok = cols < hi
@@ -527,19 +522,11 @@ def _index_scores_kernel(
             score = tl.where(cols[None, :] < n_ok, score, float("-inf"))
         out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
         tl.store(out_ptr, score, mask=t_ok[:, None] & c_ok[None, :])
-        if LEVEL0:  # the keys of the scores as stored (_topk_keys), the row's one query only (T = 1)
-            ok = tl.reshape(t_ok[:, None] & c_ok[None, :], (BLOCK_T * BLOCK_S,))
-            bits = (tl.reshape(score, (BLOCK_T * BLOCK_S,)) + 0.0).to(tl.int32, bitcast=True)
-            counts += _topk_block_counts(tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), ok, 0, 0)
     for s0 in range(top, hi, BLOCK_S):
         cols = s0 + tl.arange(0, BLOCK_S)
         out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
         tl.store(out_ptr, tl.full([BLOCK_T, BLOCK_S], float("-inf"), tl.float32),
                  mask=t_ok[:, None] & (cols < hi)[None, :])
-    if LEVEL0:  # -inf past the row's length: level 0's bin 0 (_KEY_NEG_INF >> 24 is -128)
-        bins = tl.arange(0, _TOPK_BINS)
-        counts += tl.where(bins == 0, tl.maximum(hi - top, 0), 0)
-        tl.atomic_add(HIST0 + b * 1024 + bins, counts, mask=counts > 0, sem="relaxed", scope="gpu")
 
 
 # Exact causal top-k (attnlab.ops.dsa_topk) as a radix select on the scores' bits. Each score maps
@@ -1558,7 +1545,6 @@ def dsa_index_scores(
     causal: bool = False,
     n_valid: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
-    hist0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lightning-indexer scores ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])`` (the op's kernel).
 
@@ -1574,11 +1560,6 @@ def dsa_index_scores(
             over a preallocated cache: the work follows the rows' lengths, not the buffer's).
         zero: None, or a contiguous int32 buffer the same launch sets to zero: the top-k's ``scratch``
             (``dsa_topk``), so that no fill launch sits between the two.
-        hist0: None, or (decode: T = 1, not causal) the top-k's ``scratch`` of its multi-program path,
-            contiguous int32, at least B * 1024 elements, ZERO before the launch (not ``zero``: the
-            programs add into it as they finish): the launch also counts each row's scores into the
-            top-k's level-0 histogram there, and ``dsa_topk(..., scratch=hist0, level0=True)`` then
-            skips its first pass.
 
     Returns:
         I: float32 [B, T, S]. Inference only (no autograd; the op's torch path has the gradient).
@@ -1595,16 +1576,6 @@ def dsa_index_scores(
         check_tensor("n_valid", n_valid, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
     if zero is not None:
         _check_scratch("zero", zero, q.device)
-    if hist0 is not None:
-        _check_scratch("hist0", hist0, q.device)
-        if T != 1 or causal:
-            raise ValueError(f"hist0: a decode row's histogram (T = 1, causal=False), got T={T}, "
-                             f"causal={causal}")
-        if hist0.numel() < B * 1024:
-            raise ValueError(f"hist0: {hist0.numel()} int32 elements, {B} rows need {B * 1024}")
-        if zero is not None and zero.data_ptr() < hist0.data_ptr() + 4 * B * 1024 and \
-                hist0.data_ptr() < zero.data_ptr() + 4 * zero.numel():
-            raise ValueError("hist0: overlaps zero (the launch zeroes zero while it adds into hist0)")
     if fp8:
         check_tensor("k_scale", k_scale, 2, "[B, S]", shape=(B, S), dtypes=(torch.float32,))
         q, q_scale = quantize_fp8_rows(q)  # (B, T, H, D) e4m3, (B, T, H)
@@ -1646,7 +1617,6 @@ def dsa_index_scores(
         D=D, BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"],
         FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET, PDL=pdl,
         ZERO=zero, N_ZERO=zero.numel() if zero is not None else 0, ZERO_BLOCK=1024 if zero is not None else 0,
-        HIST0=hist0, LEVEL0=hist0 is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     return out
@@ -1786,11 +1756,6 @@ def _topk_fused_sync_numel(R: int, S: int) -> int:
     return R * (4 * 256 + 2 + (65536 if _topk_candidates_max(R, S) else 0))
 
 
-def topk_path(B: int, T: int, S: int, topk: int, device: torch.device) -> str:
-    """Which path dsa_topk takes over [B, T, S] scores: "one_program", "fused" or "multi"."""
-    return _topk_plan(B * T, S, min(topk, S), device)[0]
-
-
 def topk_scratch_numel(B: int, T: int, S: int, topk: int, device: torch.device) -> int:
     """How many int32 zeros to give ``dsa_topk`` over [B, T, S] scores as its ``scratch``; 0: none (the
     one-program path needs none; fused rows past the candidate path keep their own fill launch unless
@@ -1802,7 +1767,7 @@ def topk_scratch_numel(B: int, T: int, S: int, topk: int, device: torch.device) 
 
 
 def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = True,
-             scratch: torch.Tensor | None = None, level0: bool = False) -> torch.Tensor:
+             scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``attnlab.ops.dsa_topk`` in Triton: the same indices, ties to the earlier position.
 
     A radix select on the scores' order-preserving int32 keys: four 256-bin histogram passes (8
@@ -1830,10 +1795,6 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
             least ``topk_scratch_numel`` elements that the kernel launched just before this call
             set to zero (``dsa_index_scores(..., zero=scratch)``, which also wrote ``scores``): the
             top-k then launches right after it and reads the scores after its PDL wait.
-        level0: True: ``scratch`` already holds the rows' level-0 histograms, counted by the index
-            scores just before (``dsa_index_scores(..., hist0=scratch)``, its other histograms zero):
-            the first radix pass is skipped. Only for rows that take the multi-program path
-            (``topk_path`` "multi": decode rows longer than ``TOPK_FUSED_MAX``).
 
     Returns:
         int64 [B, T, topk], by score descending (sort) or position (not sort), ties to the earlier
@@ -1856,10 +1817,6 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         if scratch.numel() < n_zero:
             raise ValueError(f"scratch: {scratch.numel()} int32 elements, this top-k needs {n_zero} "
                              f"(topk_scratch_numel)")
-    if level0 and (scratch is None or path != "multi"):
-        given = "None" if scratch is None else "given"
-        raise ValueError(f"level0: needs a scratch holding the level-0 histograms and rows that take the "
-                         f"multi-program path (topk_path), got scratch={given} and the {path!r} path")
     if R > 0 and S > 0 and (one_program or fused or not sort):  # every slot written: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
@@ -1888,10 +1845,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     pdl = TOPK_PASSES_PDL and use_pdl(scores.device)
     reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
     opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, num_warps=8, **launch_options(pdl))
-    first = 1 if level0 else 0  # level0: the index scores counted level 0
-    for level in range(first, 4):  # (with scratch, the index scores were written by the kernel just before)
+    for level in range(4):  # (with scratch, the index scores were written by the kernel just before)
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
-                         EARLY=level > first or scratch is None, **opts)
+                         EARLY=level > 0 or scratch is None, **opts)
     _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
     _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff,
                       n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)

@@ -68,10 +68,6 @@ FOLD_ABSORB_Q = os.environ.get("ATTNLAB_FOLD_ABSORB_Q", "1") != "0"
 # D: the index-scores launch zeroes the top-k's buffers (no fill launch between the two); False: the
 # ops' calls, with the top-k's own fill launch, to compare on a GPU
 INDEX_TOPK_SCRATCH = True
-# D rows whose top-k takes the multi-program path (decode past sparse.TOPK_FUSED_MAX: 1M): the index scores
-# also count the top-k's level-0 histogram (its first pass), into buffers latent_write zeroes; False: the
-# top-k's own first pass, to compare on a GPU
-LEVEL0_IN_INDEX_SCORES = True
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
 # interpreter tests check the plain step's kernels
 ON_CPU_INTERPRETER = False
@@ -235,61 +231,34 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
 
     R = dsa.kv_lora_rank
     q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
-    hist = _level0_scratch(q, cache, dsa.index_topk)
-    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True,
-                                   zero=hist)
+    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
     # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
     # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
     # the layer counts it
     dtype = q_abs.dtype
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, hist)  # (B, 1, k)
+    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
     _output(dsa, o_lat[:, 0], io.res, keep, scale)
 
 
-def _kernel_index_topk(q: torch.Tensor) -> bool:
-    """Whether a D step's index scores and top-k run as the Triton kernels themselves (what the ops'
-    "auto" picks for q: CUDA bf16 / fp16), so that the step may hand them their buffers."""
-    from ..ops.softmax import _sparse_kernel
-
-    return INDEX_TOPK_SCRATCH and _sparse_kernel("auto", "dsa_index_scores", q) is not None
-
-
-def _level0_scratch(q: torch.Tensor, cache, index_topk: int) -> torch.Tensor | None:
-    """The top-k's buffers when its rows take the multi-program path (LEVEL0_IN_INDEX_SCORES): zeroed by
-    latent_write, the index scores then count the top-k's level-0 histogram into them (one top-k pass
-    fewer); None otherwise."""
-    if not (LEVEL0_IN_INDEX_SCORES and _kernel_index_topk(q)):
-        return None
-    from ..kernels import sparse as ks
-
-    B, S = q.shape[0], cache.index_keys.shape[1]
-    if ks.topk_path(B, 1, S, index_topk, q.device) != "multi":
-        return None
-    n = ks.topk_scratch_numel(B, 1, S, index_topk, q.device)
-    return torch.empty(n, dtype=torch.int32, device=q.device)
-
-
 def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
-                index_topk: int, hist: torch.Tensor | None = None) -> torch.Tensor:
+                index_topk: int) -> torch.Tensor:
     """A D decode step's selection: the indexer's scores of q_idx [B, 1, H_I, D_I] (head weights w
     [B, 1, H_I]) over the cached keys [B, S_max, D_I] (positions past each row's length -inf), then
     their top min(index_topk, S_max) positions, unsorted (the attention sums over the set; on CUDA the
     positions in position order, one pass fewer): int64 [B, 1, k], -1 = empty. When both run as Triton
     kernels (what "auto" picks: CUDA bf16 / fp16), the index-scores launch also zeroes the top-k's
-    buffers (its ``scratch``), so no fill launch sits between the two; or with ``hist``
-    (_level0_scratch, zeroed by latent_write) it counts the top-k's level-0 histogram there."""
+    buffers (its ``scratch``), so no fill launch sits between the two."""
+    from ..ops.softmax import _sparse_kernel
+
     k = min(index_topk, keys.shape[1])
-    if not _kernel_index_topk(q_idx):
+    if not INDEX_TOPK_SCRATCH or _sparse_kernel("auto", "dsa_index_scores", q_idx) is None:
         scores = ops.dsa_index_scores(q_idx, keys, w, n_valid=lengths)  # (B, 1, S_max)
         return ops.dsa_topk(scores, k, causal=False, sort=False)
     from ..kernels import sparse as ks
 
-    if hist is not None:
-        scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, hist0=hist)  # (B, 1, S_max) float32
-        return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=hist, level0=True)
     n = ks.topk_scratch_numel(q_idx.shape[0], 1, keys.shape[1], k, keys.device)
     scratch = torch.empty(n, dtype=torch.int32, device=keys.device) if n else None
     scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, zero=scratch)  # (B, 1, S_max) float32
