@@ -608,11 +608,9 @@ def _topk_level_hist(HIST, LEVEL: tl.constexpr, REPL: tl.constexpr, NREP: tl.con
     """Level LEVEL's histogram (int32 [256]) of the row whose histograms start at HIST: the sum of its
     REPL replicas if LEVEL < NREP."""
     bins = tl.arange(0, _TOPK_BINS)
-    if LEVEL < NREP and REPL > 1:  # (one [256] load a copy: a [REPL, 256] tile summed over its rows was
-        h = tl.load(HIST + LEVEL * REPL * 256 + bins)  # ~25 us a level slower at 1M, Triton 3.6)
-        for i in tl.static_range(1, REPL):
-            h += tl.load(HIST + (LEVEL * REPL + i) * 256 + bins)
-        return h
+    if LEVEL < NREP and REPL > 1:
+        rep = tl.arange(0, REPL)
+        return tl.sum(tl.load(HIST + LEVEL * REPL * 256 + rep[:, None] * 256 + bins[None, :]), 0)
     elif LEVEL < NREP:
         return tl.load(HIST + LEVEL * 256 + bins)
     else:
