@@ -318,8 +318,7 @@ def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
     w = torch.randn(B, 1, H, generator=gen)
     lengths = torch.tensor([900, 610])
     n = ks.topk_scratch_numel(B, 1, S, 100, q.device)
-    # the multi-program path: 8 copies of levels 0 and 1, one of levels 2 and 3
-    assert n == (B * (4 * 256 + 2 + 65536) if path == "fused" else B * (2 * 8 + 2) * 256)
+    assert n == (B * (4 * 256 + 2 + 65536) if path == "fused" else B * 4 * 256)
     with monkeypatch.context() as m:  # fused rows past the candidate path keep their own fill
         m.setattr(ks, "TOPK_CANDIDATES_MAX_S", 100)
         assert ks.topk_scratch_numel(B, 1, S, 100, q.device) == (0 if path == "fused" else n)
@@ -535,32 +534,6 @@ def test_interp_triton_topk_decode_row_long(path, monkeypatch):
     assert torch.equal(ks.dsa_topk(scores.double(), 300), want)
     bf = (scores / 3).bfloat16()
     assert torch.equal(ks.dsa_topk(bf, 64), ops.dsa_topk(bf, 64, mode="torch"))
-
-
-@interp
-@pytest.mark.parametrize("replicas,levels", [(1, 0), (8, 2), (4, 4), (2, 1)])
-@pytest.mark.parametrize("match_max", [0, 1 << 30])
-def test_interp_topk_replicated_histograms(replicas, levels, match_max, monkeypatch):
-    """The multi-program passes with their first levels' histograms in several copies (chunk c adds
-    into copy c % replicas; the passes after sum them) equal the oracle for any layout, with the
-    levels counted by tl.histogram or by one atomic per matching key; the scratch size follows."""
-    from attnlab.kernels import sparse as ks
-
-    monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
-    monkeypatch.setattr(ks, "TOPK_HIST_REPLICAS", replicas)
-    monkeypatch.setattr(ks, "TOPK_HIST_REPLICATED_LEVELS", levels)
-    monkeypatch.setattr(ks, "TOPK_MATCH_ATOMICS_MAX", match_max)
-    _topk_path(ks, monkeypatch, "multi")
-    n = ks.topk_scratch_numel(2, 1, 700, 100, torch.device("cpu"))
-    assert n == 2 * (levels * replicas + 4 - levels) * 256
-    gen = torch.Generator().manual_seed(23)
-    scores = torch.randn(2, 1, 700, generator=gen)
-    scores[1, 0, 500:] = float("-inf")
-    for sc in (_threshold_ties(scores, 100, copies=6, seed=5), _tie_scores(2, 2, 300, seed=3)):
-        for topk in (100, 650):
-            want = ops.dsa_topk(sc, topk, causal=False, mode="torch")
-            assert torch.equal(ks.dsa_topk(sc, topk, causal=False), want), topk
-            _assert_same_set_in_position_order(ks.dsa_topk(sc, topk, causal=False, sort=False), want)
 
 
 @interp

@@ -597,38 +597,16 @@ def _topk_descend(h, k_rem, prefix, LEVEL: tl.constexpr):
 
 
 @triton.jit
-def _topk_row_size(REPL: tl.constexpr, NREP: tl.constexpr):
-    """int32s of a row's level histograms: levels < NREP in REPL replicas of 256 bins, the others one
-    (REPL 1 or NREP 0: [4, 256])."""
-    return (NREP * REPL + 4 - NREP) * 256
-
-
-@triton.jit
-def _topk_level_hist(HIST, LEVEL: tl.constexpr, REPL: tl.constexpr, NREP: tl.constexpr):
-    """Level LEVEL's histogram (int32 [256]) of the row whose histograms start at HIST: the sum of its
-    REPL replicas if LEVEL < NREP."""
-    bins = tl.arange(0, _TOPK_BINS)
-    if LEVEL < NREP and REPL > 1:
-        rep = tl.arange(0, REPL)
-        return tl.sum(tl.load(HIST + LEVEL * REPL * 256 + rep[:, None] * 256 + bins[None, :]), 0)
-    elif LEVEL < NREP:
-        return tl.load(HIST + LEVEL * 256 + bins)
-    else:
-        return tl.load(HIST + (NREP * REPL + LEVEL - NREP) * 256 + bins)
-
-
-@triton.jit
-def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr, REPL: tl.constexpr = 1, NREP: tl.constexpr = 0):
+def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
     """(key prefix, keys still to take at it, keys of the row sharing it) after LEVELS histogram levels
     (0..4) of a row: the prefix is key >> (32 - 8 LEVELS) (arithmetic shift); LEVELS = 4 gives the full
-    k-th largest key and how many of the keys equal to it are taken. (LEVELS = 0: the third is 0.)
-    REPL, NREP: the histograms' layout (_topk_row_size)."""
+    k-th largest key and how many of the keys equal to it are taken. (LEVELS = 0: the third is 0.)"""
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
     n_match = tl.zeros([], dtype=tl.int32)
     for LEVEL in tl.static_range(LEVELS):
-        h = _topk_level_hist(HIST, LEVEL, REPL, NREP)
-        prefix, k_rem, n_match = _topk_descend(h, k_rem, prefix, LEVEL)
+        prefix, k_rem, n_match = _topk_descend(tl.load(HIST + LEVEL * 256 + tl.arange(0, _TOPK_BINS)), k_rem,
+                                               prefix, LEVEL)
     return prefix, k_rem, n_match
 
 
@@ -785,33 +763,26 @@ def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CA
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
                LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
                PDL: tl.constexpr = False, RELAXED: tl.constexpr = False, MATCH_MAX: tl.constexpr = 0,
-               EARLY: tl.constexpr = True, REPL: tl.constexpr = 1, NREP: tl.constexpr = 0):
+               EARLY: tl.constexpr = True):
     """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
     the earlier levels chose (recomputed here from their histograms: no extra launch). CHUNK, PDL:
-    _topk_chunk_keys (and EARLY); MATCH_MAX, RELAXED: _topk_level_adds. REPL, NREP: the histograms'
-    layout (_topk_row_size); a replicated level's chunk c adds into replica c % REPL, so that REPL
-    times fewer programs' atomics meet at one address."""
+    _topk_chunk_keys (and EARLY); MATCH_MAX, RELAXED: _topk_level_adds."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
                                                    EARLY)
-    hist = HIST + r.to(tl.int64) * _topk_row_size(REPL, NREP)
-    prefix, k_rem, n_match = _topk_threshold(hist, k_eff, LEVEL, REPL, NREP)
-    if LEVEL < NREP:
-        dst = hist + (LEVEL * REPL + c % REPL) * 256
-    else:
-        dst = hist + (NREP * REPL + LEVEL - NREP) * 256
-    _topk_level_adds(SC, dst, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, key, ok,
+    hist = HIST + r.to(tl.int64) * (4 * 256)
+    prefix, k_rem, n_match = _topk_threshold(hist, k_eff, LEVEL)
+    _topk_level_adds(SC, hist + LEVEL * 256, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, key, ok,
                      prefix, n_match, LEVEL, CAUSAL, BLOCK, CHUNK, MATCH_MAX, RELAXED)
 
 
 @triton.jit
 def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
-                PDL: tl.constexpr = False, REPL: tl.constexpr = 1, NREP: tl.constexpr = 0):
+                PDL: tl.constexpr = False):
     """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]. CHUNK, PDL:
-    _topk_chunk_keys; REPL, NREP: _topk_hist."""
+    _topk_chunk_keys."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
-    row = HIST + r.to(tl.int64) * _topk_row_size(REPL, NREP)
-    thr, need, _ = _topk_threshold(row, k_eff, 4, REPL, NREP)
+    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     if CHUNK > 0:
         n_gt, n_eq = _topk_block_ties(key, ok, thr)
     else:
@@ -825,16 +796,14 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
 @triton.jit
 def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, topk, N_CHUNK, stride_sel,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False, REPL: tl.constexpr = 1,
-                NREP: tl.constexpr = 0):
+                CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False):
     """The taken keys of chunk c of row r, in position order, into SEL[r, slot] as int64 sort keys
     (key << 32) | (S - 1 - position): a bigger one is a higher score, then an earlier position; with
     POSITIONS the positions themselves (-1 for a -inf score): the unsorted result, the row's last
     chunk also filling slots k_eff..topk with -1. A chunk's first slot counts the keys taken in the
-    chunks before it (from CNT). CHUNK, PDL: _topk_chunk_keys; REPL, NREP: _topk_hist."""
+    chunks before it (from CNT). CHUNK, PDL: _topk_chunk_keys."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
-    row = HIST + r.to(tl.int64) * _topk_row_size(REPL, NREP)
-    thr, need, _ = _topk_threshold(row, k_eff, 4, REPL, NREP)
+    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     ch = tl.arange(0, BCH)
     before = ch < c
     cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
@@ -1692,12 +1661,6 @@ TOPK_HIST_RELAXED = True
 # decode_ab_h100_match_atomics.json): 0 / 4096 / 32768 / 262144: 32K 1.2225 / 1.2204 / 1.2251 / 1.2253;
 # 128K 1.4643 / 1.4320 / 1.4930 / 1.4761; 1M 3.2530 / 3.1153 / 3.1491 / 3.4654.
 TOPK_MATCH_ATOMICS_MAX = 4096
-# The multi-program passes' first TOPK_HIST_REPLICATED_LEVELS histogram levels are kept in
-# TOPK_HIST_REPLICAS copies a row: chunk c adds into copy c % TOPK_HIST_REPLICAS and the passes after sum
-# the copies, so that fewer programs' atomics meet at one address (a 1M-score row's ~500 chunks mostly
-# hit the same few level-0 bins). 1 (or 0 levels): one copy, [R, 4, 256].
-TOPK_HIST_REPLICAS = 8
-TOPK_HIST_REPLICATED_LEVELS = 2
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
@@ -1780,16 +1743,7 @@ def _topk_plan(R: int, S: int, k_eff: int, device: torch.device) -> tuple[str, i
         return "one_program", 0
     if 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(device):
         return "fused", _topk_fused_sync_numel(R, S)
-    return "multi", R * _multi_row_size()
-
-
-def _multi_row_size() -> int:
-    """int32s of a row's histograms on the multi-program path (_topk_row_size's layout)."""
-    reps, levels = TOPK_HIST_REPLICAS, TOPK_HIST_REPLICATED_LEVELS
-    if reps < 1 or reps & (reps - 1) or not 0 <= levels <= 4:
-        raise ValueError(f"TOPK_HIST_REPLICAS: a power of two >= 1 (got {reps}) and "
-                         f"TOPK_HIST_REPLICATED_LEVELS 0..4 (got {levels})")
-    return (TOPK_HIST_REPLICATED_LEVELS * TOPK_HIST_REPLICAS + 4 - TOPK_HIST_REPLICATED_LEVELS) * 256
+    return "multi", R * 4 * 256
 
 
 def _topk_candidates_max(R: int, S: int) -> int:
@@ -1882,8 +1836,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_BLOCK) * TOPK_BLOCK
     n_chunks = triton.cdiv(S, chunk)
-    hist = scratch if scratch is not None else torch.zeros(R * _multi_row_size(), dtype=torch.int32,
-                                                           device=scores.device)
+    hist = torch.zeros(R, 4, 256, dtype=torch.int32, device=scores.device) if scratch is None else scratch
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=scores.device)
     res = out.view(R, topk)  # (R, topk)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device) if sort else res
@@ -1891,8 +1844,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     args = (sc, hist, S, T, chunk, sc.stride(0), k_eff, n_chunks)
     pdl = TOPK_PASSES_PDL and use_pdl(scores.device)
     reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
-    opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, REPL=TOPK_HIST_REPLICAS,
-                NREP=TOPK_HIST_REPLICATED_LEVELS, num_warps=8, **launch_options(pdl))
+    opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, num_warps=8, **launch_options(pdl))
     for level in range(4):  # (with scratch, the index scores were written by the kernel just before)
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
                          EARLY=level > 0 or scratch is None, **opts)
