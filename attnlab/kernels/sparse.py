@@ -461,6 +461,7 @@ def _index_scores_kernel(
     D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     FP8: tl.constexpr, CAUSAL: tl.constexpr, HAS_NV: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
     PDL: tl.constexpr = False, ZERO=None, N_ZERO=0, ZERO_BLOCK: tl.constexpr = 0,
+    KEY_ROWS: tl.constexpr = False,
 ):
     """One program: BLOCK_T queries x all H index heads (one [BLOCK_T*BH, D] tile, kept in
     registers) against keys [chunk*s_chunk, +s_chunk) in BLOCK_S steps: relu(q kᵀ) weighted by w
@@ -470,7 +471,9 @@ def _index_scores_kernel(
     HAS_NV: keys at or past NV[b] (the row's valid length) get -inf and are never read.
     PDL: as _latent_attn_fwd (decode). ZERO_BLOCK > 0: the programs also zero ZERO[0:N_ZERO] (int32,
     ZERO_BLOCK elements a store, after the wait: the buffer may be memory a kernel before used), the
-    buffers of the top-k launched next (dsa_topk's ``scratch``)."""
+    buffers of the top-k launched next (dsa_topk's ``scratch``). KEY_ROWS: the product as keys x
+    heads (k qᵀ) instead of heads x keys, so that the sum over heads runs along the accumulator's rows
+    (inside a warp) rather than across its warps."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -510,18 +513,32 @@ def _index_scores_kernel(
         c_ok = cols < hi
         k = tl.load(K + b * stride_kb + cols[:, None].to(tl.int64) * stride_ks + d[None, :],
                     mask=(c_ok & (cols < n_ok))[:, None] & (d < D)[None, :], other=0.0)
-        logits = _mm(q, tl.trans(k), PREC, INTERP)  # (BLOCK_T*BH, BLOCK_S)
-        part = tl.maximum(logits, 0.0) * w[:, None]
-        score = tl.sum(tl.reshape(part, (BLOCK_T, BH, BLOCK_S)), 1)  # (BLOCK_T, BLOCK_S)
-        if FP8:
-            k_scale = tl.load(KS + b * stride_sb + cols, mask=c_ok, other=0.0)
-            score = score * k_scale[None, :]
-        if CAUSAL:
-            score = tl.where(cols[None, :] <= (S - T + ts)[:, None], score, float("-inf"))
-        if HAS_NV:
-            score = tl.where(cols[None, :] < n_ok, score, float("-inf"))
-        out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
-        tl.store(out_ptr, score, mask=t_ok[:, None] & c_ok[None, :])
+        if KEY_ROWS:  # keys x heads: each key's sum over heads stays inside its rows' threads
+            logits = _mm(k, tl.trans(q), PREC, INTERP)  # (BLOCK_S, BLOCK_T*BH)
+            part = tl.maximum(logits, 0.0) * w[None, :]
+            score = tl.sum(tl.reshape(part, (BLOCK_S, BLOCK_T, BH)), 2)  # (BLOCK_S, BLOCK_T)
+            if FP8:
+                k_scale = tl.load(KS + b * stride_sb + cols, mask=c_ok, other=0.0)
+                score = score * k_scale[:, None]
+            if CAUSAL:
+                score = tl.where(cols[:, None] <= (S - T + ts)[None, :], score, float("-inf"))
+            if HAS_NV:
+                score = tl.where(cols[:, None] < n_ok, score, float("-inf"))
+            out_ptr = OUT + b * stride_ob + ts[None, :].to(tl.int64) * stride_ot + cols[:, None]
+            tl.store(out_ptr, score, mask=c_ok[:, None] & t_ok[None, :])
+        else:
+            logits = _mm(q, tl.trans(k), PREC, INTERP)  # (BLOCK_T*BH, BLOCK_S)
+            part = tl.maximum(logits, 0.0) * w[:, None]
+            score = tl.sum(tl.reshape(part, (BLOCK_T, BH, BLOCK_S)), 1)  # (BLOCK_T, BLOCK_S)
+            if FP8:
+                k_scale = tl.load(KS + b * stride_sb + cols, mask=c_ok, other=0.0)
+                score = score * k_scale[None, :]
+            if CAUSAL:
+                score = tl.where(cols[None, :] <= (S - T + ts)[:, None], score, float("-inf"))
+            if HAS_NV:
+                score = tl.where(cols[None, :] < n_ok, score, float("-inf"))
+            out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
+            tl.store(out_ptr, score, mask=t_ok[:, None] & c_ok[None, :])
     for s0 in range(top, hi, BLOCK_S):
         cols = s0 + tl.arange(0, BLOCK_S)
         out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
@@ -1617,6 +1634,7 @@ def dsa_index_scores(
         D=D, BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"],
         FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET, PDL=pdl,
         ZERO=zero, N_ZERO=zero.numel() if zero is not None else 0, ZERO_BLOCK=1024 if zero is not None else 0,
+        KEY_ROWS=INDEX_KEY_ROWS,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     return out
@@ -1636,6 +1654,9 @@ def _check_scratch(name: str, t: torch.Tensor, device: torch.device) -> None:
 # 13.2 at 1024, 4.8 at 256, 2.9 at 64; 32K: 47.8 / 13.6 / 5.4 (256) / 5.1 (128) / 6.3 (64); 128K: 48.1 /
 # 13.9 (1024) / 13.7 (256) / 16.1 (128); at 1M 4096 was best (the third session's sweep).
 INDEX_DECODE_PROGRAMS_PER_SM = 2
+# The index scores' product as keys x heads (k qᵀ: the sum over heads inside each key's threads) or,
+# False, heads x keys (q kᵀ: the sum across the accumulator's warps).
+INDEX_KEY_ROWS = True
 
 # Programs per SM the top-k passes aim for: chunks of a row are split across programs until the
 # rows x chunks reach this (a decode row of 1M scores: 4 x 132 chunks of 2048).
