@@ -299,6 +299,29 @@ def test_interp_index_scores_match_oracle(dtype, h, d):
 
 
 @interp
+@pytest.mark.parametrize("key_rows", [True, False])
+@pytest.mark.parametrize("h", [4, 64])
+def test_interp_decode_index_scores_both_product_forms(key_rows, h, monkeypatch):
+    """Decode rows (T = 1) with the product as keys x heads (INDEX_KEY_ROWS) or heads x keys: the
+    oracle's scores, -inf at and past each row's length, over several key chunks."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "INDEX_KEY_ROWS", key_rows)
+    gen = torch.Generator().manual_seed(h)
+    B, S, D = 3, 500, 32
+    q = torch.randn(B, 1, h, D, generator=gen).bfloat16()
+    k = torch.randn(B, S, D, generator=gen).bfloat16()
+    w = torch.randn(B, 1, h, generator=gen)
+    n_valid = torch.tensor([500, 131, 0])
+    ref = ops.dsa_index_scores(q.double(), k.double(), w.double(), mode="torch")
+    with tuned("index_decode", S_CHUNK=128):
+        out = ks.dsa_index_scores(q, k, w, n_valid=n_valid)
+    past = torch.arange(S)[None, None, :] >= n_valid[:, None, None]
+    assert bool((out[past] == float("-inf")).all())
+    assert rel_err(out[~past], ref[~past]) < 1e-5
+
+
+@interp
 @pytest.mark.parametrize("path", ["fused", "multi", "multi_loop"])
 def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
     """A decode step's selection without a fill launch: dsa_index_scores(..., zero=scratch) zeroes the

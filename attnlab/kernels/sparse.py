@@ -1634,7 +1634,7 @@ def dsa_index_scores(
         D=D, BD=_pow2(D), BH=bh, BLOCK_T=block_t, BLOCK_S=cfg["BLOCK_S"],
         FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET, PDL=pdl,
         ZERO=zero, N_ZERO=zero.numel() if zero is not None else 0, ZERO_BLOCK=1024 if zero is not None else 0,
-        KEY_ROWS=INDEX_KEY_ROWS,
+        KEY_ROWS=INDEX_KEY_ROWS and T == 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     return out
@@ -1654,8 +1654,11 @@ def _check_scratch(name: str, t: torch.Tensor, device: torch.device) -> None:
 # 13.2 at 1024, 4.8 at 256, 2.9 at 64; 32K: 47.8 / 13.6 / 5.4 (256) / 5.1 (128) / 6.3 (64); 128K: 48.1 /
 # 13.9 (1024) / 13.7 (256) / 16.1 (128); at 1M 4096 was best (the third session's sweep).
 INDEX_DECODE_PROGRAMS_PER_SM = 2
-# The index scores' product as keys x heads (k qᵀ: the sum over heads inside each key's threads) or,
-# False, heads x keys (q kᵀ: the sum across the accumulator's warps).
+# Decode (T = 1) index scores: the product as keys x heads (k qᵀ: the sum over heads inside each key's
+# threads) or, False, heads x keys (q kᵀ: the sum across the accumulator's warps; prefill keeps it, not
+# measured the other way). H100, 2026-11-28, the ~1B deepseek-v32 step, best of 2, ms, True / False
+# (benchmarks/results/decode_ab_h100_index_key_rows.json): 4K 1.0860 / 1.0937, 32K 1.2074 / 1.2201,
+# 128K 1.4464 / 1.4636, 1M 3.0473 / 3.1022.
 INDEX_KEY_ROWS = True
 
 # Programs per SM the top-k passes aim for: chunks of a row are split across programs until the
