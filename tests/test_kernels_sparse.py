@@ -518,19 +518,15 @@ def _topk_path(ks, monkeypatch, path: str) -> None:
 
 
 @interp
-@pytest.mark.parametrize("causal,path,few", [
-    (True, "multi", True), (False, "multi", True), (True, "multi_loop", True), (False, "multi_loop", True),
-    (False, "one_program", True), (True, "fused_loop", True), (True, "fused", True), (False, "fused", True),
-    (True, "multi", False), (False, "fused", False),
-])
-def test_interp_triton_topk_equals_oracle(causal, path, few, monkeypatch):
+@pytest.mark.parametrize("causal,path", [(True, "multi"), (False, "multi"), (True, "multi_loop"),
+                                         (False, "multi_loop"), (False, "one_program"), (True, "fused_loop"),
+                                         (True, "fused"), (False, "fused")])
+def test_interp_triton_topk_equals_oracle(causal, path, monkeypatch):
     """The radix-select top-k (many chunks per row: small blocks; or the one-program or the fused
     path) equals ops.dsa_topk exactly: ties at the k-th value go to the earlier positions, -inf and
     causally hidden positions are -1, k above the visible count and above S; the op's
-    mode="triton" dispatches to it. Either form of a level's bin pick (TOPK_PICK_FEW_REDUCTIONS)."""
+    mode="triton" dispatches to it."""
     from attnlab.kernels import sparse as ks
-
-    monkeypatch.setattr(ks, "TOPK_PICK_FEW_REDUCTIONS", few)
 
     monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
     monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 32)

@@ -590,45 +590,31 @@ _TOPK_BINS: tl.constexpr = tl.constexpr(256)  # 8 bits per level: tl.histogram's
 
 
 @triton.jit
-def _topk_pick_combine(b1, a1, h1, b2, a2, h2):
-    """tl.reduce's combine for _topk_pick: the (bin, keys at or above it, keys in it) of the higher bin."""
-    second = b2 > b1
-    return tl.where(second, b2, b1), tl.where(second, a2, a1), tl.where(second, h2, h1)
-
-
-@triton.jit
-def _topk_pick(h, k_rem, FEW_REDUCTIONS: tl.constexpr = True):
+def _topk_pick(h, k_rem):
     """The bin of a 256-bin histogram h (int32 [256], in registers) holding the k_rem-th largest
-    key (1 <= k_rem <= the keys in h), k_rem minus the keys in the bins above it, and the keys in the
-    bin. FEW_REDUCTIONS: one reversed scan and one three-value reduction (each a trip across the
-    program's warps); else the earlier form's scan and four reductions (TOPK_PICK_FEW_REDUCTIONS)."""
+    key, and k_rem minus the keys in the bins above it."""
     bins = tl.arange(0, _TOPK_BINS)
-    if FEW_REDUCTIONS:
-        at_or_above = tl.cumsum(h, 0, reverse=True)  # keys in bins >= b
-        b, a, n = tl.reduce((tl.where(at_or_above >= k_rem, bins, -1), at_or_above, h), 0, _topk_pick_combine)
-        return b, k_rem - (a - n), n
-    else:
-        at_or_above = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys in bins >= b
-        b = tl.max(tl.where(at_or_above >= k_rem, bins, -1), 0)
-        return b, k_rem - tl.sum(tl.where(bins > b, h, 0), 0), tl.sum(tl.where(bins == b, h, 0), 0)
+    at_or_above = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys in bins >= b
+    b = tl.max(tl.where(at_or_above >= k_rem, bins, -1), 0)
+    return b, k_rem - tl.sum(tl.where(bins > b, h, 0), 0)
 
 
 @triton.jit
-def _topk_descend(h, k_rem, prefix, LEVEL: tl.constexpr, FEW: tl.constexpr = True):
+def _topk_descend(h, k_rem, prefix, LEVEL: tl.constexpr):
     """One radix level: the bin of histogram h (int32 [256]) holding the k_rem-th largest key appended
     to ``prefix`` (level 0: the signed top byte, key >> 24; then prefix * 256 + bin, the floor division
     holding for negative keys too), k_rem minus the keys in the bins above it, and the keys in the
-    bin (those whose top 8 (LEVEL + 1) bits are the new prefix). FEW: _topk_pick's FEW_REDUCTIONS."""
-    b, k_rem, n = _topk_pick(h, k_rem, FEW)
+    bin (those whose top 8 (LEVEL + 1) bits are the new prefix)."""
+    b, k_rem = _topk_pick(h, k_rem)
     if LEVEL == 0:
         prefix = b - 128
     else:
         prefix = prefix * 256 + b
-    return prefix, k_rem, n
+    return prefix, k_rem, tl.sum(tl.where(tl.arange(0, _TOPK_BINS) == b, h, 0), 0)
 
 
 @triton.jit
-def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr, FEW: tl.constexpr = True):
+def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
     """(key prefix, keys still to take at it, keys of the row sharing it) after LEVELS histogram levels
     (0..4) of a row: the prefix is key >> (32 - 8 LEVELS) (arithmetic shift); LEVELS = 4 gives the full
     k-th largest key and how many of the keys equal to it are taken. (LEVELS = 0: the third is 0.)"""
@@ -637,7 +623,7 @@ def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr, FEW: tl.constexpr = True)
     n_match = tl.zeros([], dtype=tl.int32)
     for LEVEL in tl.static_range(LEVELS):
         prefix, k_rem, n_match = _topk_descend(tl.load(HIST + LEVEL * 256 + tl.arange(0, _TOPK_BINS)), k_rem,
-                                               prefix, LEVEL, FEW)
+                                               prefix, LEVEL)
     return prefix, k_rem, n_match
 
 
@@ -794,14 +780,14 @@ def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CA
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
                LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
                PDL: tl.constexpr = False, RELAXED: tl.constexpr = False, MATCH_MAX: tl.constexpr = 0,
-               EARLY: tl.constexpr = True, FEW: tl.constexpr = True):
+               EARLY: tl.constexpr = True):
     """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
     the earlier levels chose (recomputed here from their histograms: no extra launch). CHUNK, PDL:
     _topk_chunk_keys (and EARLY); MATCH_MAX, RELAXED: _topk_level_adds."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
                                                    EARLY)
     hist = HIST + r.to(tl.int64) * (4 * 256)
-    prefix, k_rem, n_match = _topk_threshold(hist, k_eff, LEVEL, FEW)
+    prefix, k_rem, n_match = _topk_threshold(hist, k_eff, LEVEL)
     _topk_level_adds(SC, hist + LEVEL * 256, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, key, ok,
                      prefix, n_match, LEVEL, CAUSAL, BLOCK, CHUNK, MATCH_MAX, RELAXED)
 
@@ -809,11 +795,11 @@ def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
 @triton.jit
 def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
-                PDL: tl.constexpr = False, FEW: tl.constexpr = True):
+                PDL: tl.constexpr = False):
     """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]. CHUNK, PDL:
     _topk_chunk_keys."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
-    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4, FEW)
+    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     if CHUNK > 0:
         n_gt, n_eq = _topk_block_ties(key, ok, thr)
     else:
@@ -827,14 +813,14 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
 @triton.jit
 def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, topk, N_CHUNK, stride_sel,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False, FEW: tl.constexpr = True):
+                CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False):
     """The taken keys of chunk c of row r, in position order, into SEL[r, slot] as int64 sort keys
     (key << 32) | (S - 1 - position): a bigger one is a higher score, then an earlier position; with
     POSITIONS the positions themselves (-1 for a -inf score): the unsorted result, the row's last
     chunk also filling slots k_eff..topk with -1. A chunk's first slot counts the keys taken in the
     chunks before it (from CNT). CHUNK, PDL: _topk_chunk_keys."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
-    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4, FEW)
+    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
     ch = tl.arange(0, BCH)
     before = ch < c
     cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
@@ -948,8 +934,7 @@ def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL:
 def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
                 CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
-                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True,
-                FEW: tl.constexpr = True):
+                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -987,13 +972,14 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
         else:
             _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
     _row_sync(ctr, N_CHUNK)
-    prefix, k_rem, n_match = _topk_descend(tl.load(hist + bins, volatile=True), k_rem, prefix, 0, FEW)
+    prefix, k_rem, n_match = _topk_descend(tl.load(hist + bins, volatile=True), k_rem, prefix, 0)
     levels = tl.full([], 1, tl.int32)  # levels settled
     n_cand = tl.full([], CAND_MAX + 1, tl.int32)  # not the candidate path unless set below
     if CAND_MAX > 0:
         if prefix != -128:  # H16 holds the chosen level-0 bin's keys
             h1 = tl.load(H16 + r.to(tl.int64) * 65536 + (prefix + 128) * 256 + bins, volatile=True)
-            b, k_rem, n_cand = _topk_pick(h1, k_rem, FEW)
+            b, k_rem = _topk_pick(h1, k_rem)
+            n_cand = tl.sum(tl.where(bins == b, h1, 0), 0)
             n_match = n_cand
             prefix = prefix * 256 + b
             levels = tl.full([], 2, tl.int32)
@@ -1029,7 +1015,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
                 syncs += 1
                 _row_sync(ctr, syncs * N_CHUNK)
                 h = tl.load(hist + LEVEL * 256 + bins, volatile=True)  # the row's whole level histogram
-                prefix, k_rem, n_match = _topk_descend(h, k_rem, prefix, LEVEL, FEW)
+                prefix, k_rem, n_match = _topk_descend(h, k_rem, prefix, LEVEL)
         thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
         if CHUNK > 0:
             n_gt, n_eq = _topk_block_ties(key, ok, thr)
@@ -1077,7 +1063,7 @@ def _topk_rank(SEL, OUT, S, k_eff, stride_sel, stride_out, BLOCK_I: tl.constexpr
 @triton.jit
 def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
               CAUSAL: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr,
-              POSITIONS: tl.constexpr, FEW: tl.constexpr = True):
+              POSITIONS: tl.constexpr):
     """The whole top-k of one short row per program (decode and short prefill rows): the four
     histogram levels of _topk_hist with the histograms in registers (no atomics, no zero fill),
     then the earliest `need` ties and every key above the k-th written in position order as the
@@ -1095,7 +1081,7 @@ def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
     k_rem = k_eff
     for LEVEL in tl.static_range(4):
         counts = _topk_level_counts(SC, row_off, 0, S, qpos, prefix, LEVEL, CAUSAL, BLOCK)
-        prefix, k_rem, _ = _topk_descend(counts, k_rem, prefix, LEVEL, FEW)
+        prefix, k_rem, _ = _topk_descend(counts, k_rem, prefix, LEVEL)
     thr = prefix  # the k-th largest key; k_rem of the keys equal to it are taken
     zero = tl.zeros([], dtype=tl.int32)
     _topk_take(SC, row_off, 0, S, qpos, thr, k_rem, zero, zero, sel, S, CAUSAL, BLOCK, POSITIONS)
@@ -1699,9 +1685,6 @@ TOPK_HIST_RELAXED = True
 # decode_ab_h100_match_atomics.json): 0 / 4096 / 32768 / 262144: 32K 1.2225 / 1.2204 / 1.2251 / 1.2253;
 # 128K 1.4643 / 1.4320 / 1.4930 / 1.4761; 1M 3.2530 / 3.1153 / 3.1491 / 3.4654.
 TOPK_MATCH_ATOMICS_MAX = 4096
-# Each radix level's pick of a bin (_topk_pick) as one reversed scan and one three-value reduction, or
-# (False) a scan and four reductions: each a trip through shared memory across the program's warps.
-TOPK_PICK_FEW_REDUCTIONS = True
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
@@ -1885,8 +1868,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     args = (sc, hist, S, T, chunk, sc.stride(0), k_eff, n_chunks)
     pdl = TOPK_PASSES_PDL and use_pdl(scores.device)
     reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
-    opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, FEW=TOPK_PICK_FEW_REDUCTIONS,
-                num_warps=8, **launch_options(pdl))
+    opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, num_warps=8, **launch_options(pdl))
     for level in range(4):  # (with scratch, the index scores were written by the kernel just before)
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
                          EARLY=level > 0 or scratch is None, **opts)
@@ -1911,7 +1893,7 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
     if not sort:
         _topk_row[(R,)](sc, res, res, S, T, sc.stride(0), res.stride(0), res.stride(0), k_eff, topk,
                         CAUSAL=causal, BLOCK=TOPK_BLOCK, KP=_pow2(k_eff), SORT=False, POSITIONS=True,
-                        FEW=TOPK_PICK_FEW_REDUCTIONS, num_warps=8)
+                        num_warps=8)
         return
     while True:
         sort = TOPK_ONE_PROGRAM_SORT
@@ -1919,7 +1901,7 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
         try:
             _topk_row[(R,)](sc, res, sel, S, T, sc.stride(0), res.stride(0), sel.stride(0), k_eff, topk,
                             CAUSAL=causal, BLOCK=TOPK_BLOCK, KP=_pow2(k_eff), SORT=sort, POSITIONS=False,
-                            FEW=TOPK_PICK_FEW_REDUCTIONS, num_warps=8)
+                            num_warps=8)
             break
         except _LAUNCH_ERRORS as e:
             if not sort or _INTERPRET or not sc.is_cuda or not ALLOW_FALLBACK or not _is_compile_failure(e):
@@ -1964,7 +1946,7 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
                                  PDL=pdl, CHUNK=reg, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX, EARLY=scratch is None,
-                                 FEW=TOPK_PICK_FEW_REDUCTIONS, num_warps=warps, **launch_options(pdl))
+                                 num_warps=warps, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:
