@@ -723,6 +723,27 @@ def test_interp_topk_fused_candidate_path(reg, monkeypatch):
 
 
 @needs_sm90_toolchain
+@pytest.mark.parametrize("key_rows", [True, False])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_index_scores_compile_for_sm90(key_rows, fp8):
+    """The decode index-scores kernel at the ~1B D layer's indexer (64 heads x 128, 64-key steps, 4
+    warps, 4 stages), either product form, bf16 or FP8 keys: builds for sm_90 without spills, its
+    products on the warpgroup tensor cores."""
+    from attnlab.kernels.sparse import TUNING
+    from attnlab.kernels.sparse import _index_scores_kernel as fn
+
+    cfg = TUNING["index_decode"]
+    dt = "*fp8e4nv" if fp8 else "*bf16"
+    const = dict(D=128, BD=128, BH=64, BLOCK_T=1, BLOCK_S=cfg["BLOCK_S"], FP8=fp8, CAUSAL=False, HAS_NV=True,
+                 PREC="tf32", INTERP=False, PDL=True, ZERO_BLOCK=1024, KEY_ROWS=key_rows)
+    ptr = dict(Q=dt, K=dt, W="*fp32", KS="*fp32", NV="*i64", OUT="*fp32", ZERO="*i32")
+    kernel = compile_sm90(fn, const, ptr, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    regs, stack, res = sm90_usage(kernel)
+    assert "LOCAL:0 " in res and stack == 0, res
+    assert "wgmma" in kernel.asm["ptx"]
+
+
+@needs_sm90_toolchain
 @pytest.mark.parametrize("kernel,chunk", [("_topk_fused", 1024), ("_topk_fused", 128), ("_topk_hist", 2048),
                                           ("_topk_count", 8192), ("_topk_write", 2048)])
 def test_topk_register_chunks_compile_for_sm90(kernel, chunk):

@@ -517,28 +517,19 @@ def _index_scores_kernel(
             logits = _mm(k, tl.trans(q), PREC, INTERP)  # (BLOCK_S, BLOCK_T*BH)
             part = tl.maximum(logits, 0.0) * w[None, :]
             score = tl.sum(tl.reshape(part, (BLOCK_S, BLOCK_T, BH)), 2)  # (BLOCK_S, BLOCK_T)
-            if FP8:
-                k_scale = tl.load(KS + b * stride_sb + cols, mask=c_ok, other=0.0)
-                score = score * k_scale[:, None]
-            if CAUSAL:
-                score = tl.where(cols[:, None] <= (S - T + ts)[None, :], score, float("-inf"))
-            if HAS_NV:
-                score = tl.where(cols[:, None] < n_ok, score, float("-inf"))
-            out_ptr = OUT + b * stride_ob + ts[None, :].to(tl.int64) * stride_ot + cols[:, None]
-            tl.store(out_ptr, score, mask=c_ok[:, None] & t_ok[None, :])
+            c2, t2 = cols[:, None], ts[None, :]  # the score's key and query axes
         else:
             logits = _mm(q, tl.trans(k), PREC, INTERP)  # (BLOCK_T*BH, BLOCK_S)
             part = tl.maximum(logits, 0.0) * w[:, None]
             score = tl.sum(tl.reshape(part, (BLOCK_T, BH, BLOCK_S)), 1)  # (BLOCK_T, BLOCK_S)
-            if FP8:
-                k_scale = tl.load(KS + b * stride_sb + cols, mask=c_ok, other=0.0)
-                score = score * k_scale[None, :]
-            if CAUSAL:
-                score = tl.where(cols[None, :] <= (S - T + ts)[:, None], score, float("-inf"))
-            if HAS_NV:
-                score = tl.where(cols[None, :] < n_ok, score, float("-inf"))
-            out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
-            tl.store(out_ptr, score, mask=t_ok[:, None] & c_ok[None, :])
+            c2, t2 = cols[None, :], ts[:, None]
+        if FP8:
+            score = score * tl.load(KS + b * stride_sb + c2, mask=c2 < hi, other=0.0)
+        if CAUSAL:
+            score = tl.where(c2 <= S - T + t2, score, float("-inf"))
+        if HAS_NV:
+            score = tl.where(c2 < n_ok, score, float("-inf"))
+        tl.store(OUT + b * stride_ob + t2.to(tl.int64) * stride_ot + c2, score, mask=(t2 < T) & (c2 < hi))
     for s0 in range(top, hi, BLOCK_S):
         cols = s0 + tl.arange(0, BLOCK_S)
         out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
