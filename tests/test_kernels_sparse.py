@@ -341,7 +341,8 @@ def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
     w = torch.randn(B, 1, H, generator=gen)
     lengths = torch.tensor([900, 610])
     n = ks.topk_scratch_numel(B, 1, S, 100, q.device)
-    assert n == (B * (4 * 256 + 2 + 65536) if path == "fused" else B * 4 * 256)
+    # multi-program: the histograms and the passes' carried states
+    assert n == (B * (4 * 256 + 2 + 65536) if path == "fused" else B * (4 * 256 + 20))
     with monkeypatch.context() as m:  # fused rows past the candidate path keep their own fill
         m.setattr(ks, "TOPK_CANDIDATES_MAX_S", 100)
         assert ks.topk_scratch_numel(B, 1, S, 100, q.device) == (0 if path == "fused" else n)
@@ -560,6 +561,31 @@ def test_interp_triton_topk_decode_row_long(path, monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("carry", [True, False])
+@pytest.mark.parametrize("path", ["multi", "multi_loop"])
+def test_interp_topk_passes_carry_their_state(carry, path, monkeypatch):
+    """The multi-program passes with each one descending only the level before it from the state the
+    pass before stored (TOPK_PASSES_CARRY), or every level again: the oracle either way (sorted
+    exactly, unsorted the same set in position order), ties at the cut across chunks, -inf tails,
+    causal rows, k > S; the scratch size follows."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 32)
+    monkeypatch.setattr(ks, "TOPK_PASSES_CARRY", carry)
+    _topk_path(ks, monkeypatch, path)
+    assert ks.topk_scratch_numel(2, 1, 700, 100, torch.device("cpu")) == 2 * (4 * 256 + (20 if carry else 0))
+    gen = torch.Generator().manual_seed(29)
+    scores = torch.randn(2, 1, 700, generator=gen)
+    scores[1, 0, 500:] = float("-inf")
+    cases = ((_threshold_ties(scores, 100, copies=6, seed=6), False), (_tie_scores(2, 2, 300, seed=8), True))
+    for sc, causal in cases:
+        for topk in (100, 650, 800):
+            want = ops.dsa_topk(sc, topk, causal=causal, mode="torch")
+            assert torch.equal(ks.dsa_topk(sc, topk, causal=causal), want), topk
+            _assert_same_set_in_position_order(ks.dsa_topk(sc, topk, causal=causal, sort=False), want)
+
+
+@interp
 @pytest.mark.parametrize("path,match_max", [("multi", 1 << 30), ("multi", 0), ("multi", 40),
                                             ("multi_loop", 1 << 30), ("fused", 1 << 30), ("fused", 40),
                                             ("fused_loop", 1 << 30)])
@@ -747,15 +773,17 @@ def test_decode_index_scores_compile_for_sm90(key_rows, fp8):
 @pytest.mark.parametrize("kernel,chunk", [("_topk_fused", 1024), ("_topk_fused", 128), ("_topk_hist", 2048),
                                           ("_topk_count", 8192), ("_topk_write", 2048)])
 def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
-    """The top-k kernels with their chunk in registers compile for an H100 (sm_90) without spills, and
-    the chunk's score loads come before the PDL wait (a multi-program pass's load overlaps the pass
-    before it)."""
+    """The top-k kernels with their chunk in registers (the passes carrying their state) compile for an
+    H100 (sm_90) without spills, and the chunk's score loads come before the PDL wait (a multi-program
+    pass's load overlaps the pass before it)."""
     from attnlab.kernels import sparse as ks
 
     ptrs = {"SC": "*fp32", "HIST": "*i32", "CTR": "*i32", "CNT": "*i32", "H16": "*i32", "CAND": "*i64",
-            "OUT": "*i64", "SEL": "*i64"}
+            "OUT": "*i64", "SEL": "*i64", "ST": "*i32"}
     fn = getattr(ks, kernel)
     const = dict(CAUSAL=False, BLOCK=min(chunk, 1024), CHUNK=chunk, PDL=True)
+    if "CARRY" in fn.arg_names:  # the multi-program passes as launched (TOPK_PASSES_CARRY)
+        const.update(CARRY=True)
     if kernel == "_topk_fused":
         const.update(BCH=256, POSITIONS=True, CAND_MAX=256 if chunk == 128 else 0)
     elif kernel == "_topk_hist":

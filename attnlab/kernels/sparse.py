@@ -619,6 +619,32 @@ def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _topk_pass_state(HIST, ST, r, c, k_eff, LEVELS: tl.constexpr, CARRY: tl.constexpr,
+                     STORED: tl.constexpr = False):
+    """_topk_threshold(row r's histograms, k_eff, LEVELS) in a multi-program pass. CARRY: the pass
+    before stored the row's (prefix, k_rem, n_match) after LEVELS - 1 levels in ST[r, LEVELS - 1]
+    (int32 [R, 5, 4]), so only level LEVELS - 1 is descended here, and chunk 0's program stores the
+    result in ST[r, LEVELS] for the pass after; STORED: the pass before already stored ST[r, LEVELS]
+    (the write pass, after the count pass): it is loaded, nothing descended."""
+    hist = HIST + r.to(tl.int64) * (4 * 256)
+    st = ST + r.to(tl.int64) * 20
+    if CARRY and STORED:
+        return tl.load(st + LEVELS * 4), tl.load(st + LEVELS * 4 + 1), tl.load(st + LEVELS * 4 + 2)
+    if CARRY and LEVELS >= 2:
+        h = tl.load(hist + (LEVELS - 1) * 256 + tl.arange(0, _TOPK_BINS))
+        prefix, k_rem, n_match = _topk_descend(h, tl.load(st + (LEVELS - 1) * 4 + 1),
+                                               tl.load(st + (LEVELS - 1) * 4), LEVELS - 1)
+    else:
+        prefix, k_rem, n_match = _topk_threshold(hist, k_eff, LEVELS)
+    if CARRY and LEVELS >= 1:
+        if c == 0:
+            tl.store(st + LEVELS * 4, prefix)
+            tl.store(st + LEVELS * 4 + 1, k_rem)
+            tl.store(st + LEVELS * 4 + 2, n_match)
+    return prefix, k_rem, n_match
+
+
+@triton.jit
 def _topk_block_counts(key, ok, prefix, LEVEL: tl.constexpr):
     """Level LEVEL's 256-bin histogram (int32, in registers) of one block of keys (ok: in the range)
     whose higher bits match ``prefix`` (the earlier levels' choice; ignored at level 0)."""
@@ -771,14 +797,15 @@ def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CA
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
                LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
                PDL: tl.constexpr = False, RELAXED: tl.constexpr = False, MATCH_MAX: tl.constexpr = 0,
-               EARLY: tl.constexpr = True):
+               EARLY: tl.constexpr = True, ST=None, CARRY: tl.constexpr = False):
     """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
-    the earlier levels chose (recomputed here from their histograms: no extra launch). CHUNK, PDL:
-    _topk_chunk_keys (and EARLY); MATCH_MAX, RELAXED: _topk_level_adds."""
+    the earlier levels chose (recomputed here from their histograms: no extra launch; with CARRY from
+    the pass before's, _topk_pass_state). CHUNK, PDL: _topk_chunk_keys (and EARLY); MATCH_MAX,
+    RELAXED: _topk_level_adds."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
                                                    EARLY)
     hist = HIST + r.to(tl.int64) * (4 * 256)
-    prefix, k_rem, n_match = _topk_threshold(hist, k_eff, LEVEL)
+    prefix, k_rem, n_match = _topk_pass_state(HIST, ST, r, c, k_eff, LEVEL, CARRY)
     _topk_level_adds(SC, hist + LEVEL * 256, r.to(tl.int64) * stride_r, lo, hi, S - T + r % T, key, ok,
                      prefix, n_match, LEVEL, CAUSAL, BLOCK, CHUNK, MATCH_MAX, RELAXED)
 
@@ -786,11 +813,11 @@ def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
 @triton.jit
 def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
-                PDL: tl.constexpr = False):
+                PDL: tl.constexpr = False, ST=None, CARRY: tl.constexpr = False):
     """Per chunk: keys above the k-th largest, and keys equal to it -> CNT[r, c, 0:2]. CHUNK, PDL:
-    _topk_chunk_keys."""
+    _topk_chunk_keys; CARRY: _topk_pass_state."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
-    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
+    thr, need, _ = _topk_pass_state(HIST, ST, r, c, k_eff, 4, CARRY)
     if CHUNK > 0:
         n_gt, n_eq = _topk_block_ties(key, ok, thr)
     else:
@@ -804,14 +831,15 @@ def _topk_count(SC, HIST, CNT, S, T, chunk, stride_r, k_eff, N_CHUNK,
 @triton.jit
 def _topk_write(SC, HIST, CNT, SEL, S, T, chunk, stride_r, k_eff, topk, N_CHUNK, stride_sel,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
-                CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False):
+                CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False, ST=None, CARRY: tl.constexpr = False):
     """The taken keys of chunk c of row r, in position order, into SEL[r, slot] as int64 sort keys
     (key << 32) | (S - 1 - position): a bigger one is a higher score, then an earlier position; with
     POSITIONS the positions themselves (-1 for a -inf score): the unsorted result, the row's last
     chunk also filling slots k_eff..topk with -1. A chunk's first slot counts the keys taken in the
-    chunks before it (from CNT). CHUNK, PDL: _topk_chunk_keys."""
+    chunks before it (from CNT). CHUNK, PDL: _topk_chunk_keys; CARRY: the k-th key and the ties to
+    take as the count pass stored them (_topk_pass_state)."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL)
-    thr, need, _ = _topk_threshold(HIST + r.to(tl.int64) * (4 * 256), k_eff, 4)
+    thr, need, _ = _topk_pass_state(HIST, ST, r, c, k_eff, 4, CARRY, True)
     ch = tl.arange(0, BCH)
     before = ch < c
     cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
@@ -1676,6 +1704,10 @@ TOPK_HIST_RELAXED = True
 # decode_ab_h100_match_atomics.json): 0 / 4096 / 32768 / 262144: 32K 1.2225 / 1.2204 / 1.2251 / 1.2253;
 # 128K 1.4643 / 1.4320 / 1.4930 / 1.4761; 1M 3.2530 / 3.1153 / 3.1491 / 3.4654.
 TOPK_MATCH_ATOMICS_MAX = 4096
+# Each multi-program pass descends only the level before it: the pass before stored the row's (prefix,
+# keys still to take) in a small state (_topk_pass_state), and the write pass loads the count pass's k-th
+# key; False: every pass descends all the levels before it from the histograms.
+TOPK_PASSES_CARRY = True
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
 # one launch instead of ~10). Longer rows keep the multi-program radix select (decode at 1M).
@@ -1758,7 +1790,7 @@ def _topk_plan(R: int, S: int, k_eff: int, device: torch.device) -> tuple[str, i
         return "one_program", 0
     if 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(device):
         return "fused", _topk_fused_sync_numel(R, S)
-    return "multi", R * 4 * 256
+    return "multi", R * (4 * 256 + (20 if TOPK_PASSES_CARRY else 0))
 
 
 def _topk_candidates_max(R: int, S: int) -> int:
@@ -1827,6 +1859,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     R = B * T
     path, n_zero = _topk_plan(R, S, k_eff, scores.device)
     one_program, fused = path == "one_program", path == "fused"
+    given = scratch is not None
     if scratch is not None:
         _check_scratch("scratch", scratch, scores.device)
         if scratch.numel() < n_zero:
@@ -1851,7 +1884,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_BLOCK) * TOPK_BLOCK
     n_chunks = triton.cdiv(S, chunk)
-    hist = torch.zeros(R, 4, 256, dtype=torch.int32, device=scores.device) if scratch is None else scratch
+    if scratch is None:
+        scratch = torch.zeros(n_zero, dtype=torch.int32, device=scores.device)
+    hist, state = scratch[: R * 4 * 256], scratch[R * 4 * 256 : n_zero]  # histograms, passes' states
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=scores.device)
     res = out.view(R, topk)  # (R, topk)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device) if sort else res
@@ -1859,10 +1894,11 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     args = (sc, hist, S, T, chunk, sc.stride(0), k_eff, n_chunks)
     pdl = TOPK_PASSES_PDL and use_pdl(scores.device)
     reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
-    opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, num_warps=8, **launch_options(pdl))
-    for level in range(4):  # (with scratch, the index scores were written by the kernel just before)
+    opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, ST=state if TOPK_PASSES_CARRY else hist,
+                CARRY=TOPK_PASSES_CARRY, num_warps=8, **launch_options(pdl))
+    for level in range(4):  # (with scratch given, the index scores were written by the kernel just before)
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
-                         EARLY=level > 0 or scratch is None, **opts)
+                         EARLY=level > 0 or not given, **opts)
     _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
     _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff,
                       n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
