@@ -1706,7 +1706,9 @@ TOPK_HIST_RELAXED = True
 TOPK_MATCH_ATOMICS_MAX = 4096
 # Each multi-program pass descends only the level before it: the pass before stored the row's (prefix,
 # keys still to take) in a small state (_topk_pass_state), and the write pass loads the count pass's k-th
-# key; False: every pass descends all the levels before it from the histograms.
+# key; False: every pass descends all the levels before it from the histograms (a descent is a 256-bin
+# load and a few reductions across the program's warps). H100, 2026-11-28, the ~1B deepseek-v32 step at
+# 1M, best of 2: 2.9090 vs 3.0445 ms (benchmarks/results/decode_ab_h100_topk_carry.json).
 TOPK_PASSES_CARRY = True
 # Rows of at most this many scores (and k <= TOPK_ONE_PROGRAM_MAX_K) take the one-launch path:
 # _topk_row, one program per row, histograms in registers, sorted in the program (decode at 4K-32K:
