@@ -618,16 +618,19 @@ def _topk_threshold(HIST, k_eff, LEVELS: tl.constexpr):
     return prefix, k_rem, n_match
 
 
+_TOPK_STATE: tl.constexpr = tl.constexpr(5 * 4)  # int32s of a row's carried states: after 0..4 levels, 4 each
+
+
 @triton.jit
 def _topk_pass_state(HIST, ST, r, c, k_eff, LEVELS: tl.constexpr, CARRY: tl.constexpr,
                      STORED: tl.constexpr = False):
     """_topk_threshold(row r's histograms, k_eff, LEVELS) in a multi-program pass. CARRY: the pass
     before stored the row's (prefix, k_rem, n_match) after LEVELS - 1 levels in ST[r, LEVELS - 1]
-    (int32 [R, 5, 4]), so only level LEVELS - 1 is descended here, and chunk 0's program stores the
-    result in ST[r, LEVELS] for the pass after; STORED: the pass before already stored ST[r, LEVELS]
-    (the write pass, after the count pass): it is loaded, nothing descended."""
+    (int32 [R, 5, 4]: _TOPK_STATE a row), so only level LEVELS - 1 is descended here, and chunk 0's
+    program stores the result in ST[r, LEVELS] for the pass after; STORED: the pass before already
+    stored ST[r, LEVELS] (the write pass, after the count pass): it is loaded, nothing descended."""
     hist = HIST + r.to(tl.int64) * (4 * 256)
-    st = ST + r.to(tl.int64) * 20
+    st = ST + r.to(tl.int64) * _TOPK_STATE
     if CARRY and STORED:
         return tl.load(st + LEVELS * 4), tl.load(st + LEVELS * 4 + 1), tl.load(st + LEVELS * 4 + 2)
     if CARRY and LEVELS >= 2:
@@ -1792,7 +1795,7 @@ def _topk_plan(R: int, S: int, k_eff: int, device: torch.device) -> tuple[str, i
         return "one_program", 0
     if 0 < S <= TOPK_FUSED_MAX and 0 < R <= _num_sms(device):
         return "fused", _topk_fused_sync_numel(R, S)
-    return "multi", R * (4 * 256 + (20 if TOPK_PASSES_CARRY else 0))
+    return "multi", R * (4 * 256 + (_TOPK_STATE.value if TOPK_PASSES_CARRY else 0))
 
 
 def _topk_candidates_max(R: int, S: int) -> int:
@@ -1861,7 +1864,6 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     R = B * T
     path, n_zero = _topk_plan(R, S, k_eff, scores.device)
     one_program, fused = path == "one_program", path == "fused"
-    given = scratch is not None
     if scratch is not None:
         _check_scratch("scratch", scratch, scores.device)
         if scratch.numel() < n_zero:
@@ -1886,9 +1888,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), TOPK_BLOCK) * TOPK_BLOCK
     n_chunks = triton.cdiv(S, chunk)
-    if scratch is None:
-        scratch = torch.zeros(n_zero, dtype=torch.int32, device=scores.device)
-    hist, state = scratch[: R * 4 * 256], scratch[R * 4 * 256 : n_zero]  # histograms, passes' states
+    buf = torch.zeros(n_zero, dtype=torch.int32, device=scores.device) if scratch is None else scratch
+    hist, state = buf[: R * 4 * 256], buf[R * 4 * 256 : n_zero]  # histograms, the passes' carried states
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=scores.device)
     res = out.view(R, topk)  # (R, topk)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=scores.device) if sort else res
@@ -1900,7 +1901,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
                 CARRY=TOPK_PASSES_CARRY, num_warps=8, **launch_options(pdl))
     for level in range(4):  # (with scratch given, the index scores were written by the kernel just before)
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
-                         EARLY=level > 0 or not given, **opts)
+                         EARLY=level > 0 or scratch is None, **opts)
     _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
     _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff,
                       n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
