@@ -13,8 +13,12 @@ Printed per (preset, context): the exposed time by kernel kind (summed over the 
 launch), and one stretch of consecutive kernels from the middle of the step (a layer, roughly).
 ``--rounds`` profiles that many separate runs of replays; the by-kind table is their mean. The JSON
 (``--json``, written atomically after each measurement) keeps every kernel of the last round.
+``--configs`` profiles the step under each of several kernel settings in turn, written as
+``benchmarks/decode_ab.py`` takes them (``base`` or ``MODULE.PATH=VALUE;...``), each restored after.
 
     python benchmarks/decode_timeline.py --presets deepseek-v3,deepseek-v32 --contexts 4096
+    python benchmarks/decode_timeline.py --presets deepseek-v32 --contexts 131072 \
+        --configs base "sparse.TOPK_FUSED_MAX=65536"
     python benchmarks/decode_timeline.py --tiny --device cpu --presets llama --contexts 64   # CPU smoke
 
 On the CPU (``--tiny --device cpu``) the step runs eagerly and its top-level aten ops stand in for
@@ -33,6 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode_ab  # noqa: E402
 import decode_gpu as dg  # noqa: E402
 
 from attnlab._io import atomic_write_json  # noqa: E402
@@ -112,7 +117,20 @@ def by_kind(rounds: list[list[dict]]) -> dict[str, dict]:
     return out
 
 
-def measure(model, preset: str, context: int, rounds: int, device: str, dtype: torch.dtype) -> dict:
+def measure(model, preset: str, context: int, rounds: int, device: str, dtype: torch.dtype,
+            config: list | None = None) -> dict:
+    """The step's timeline with ``config`` (decode_ab.parse_config's) set, restored after."""
+    done = []
+    try:
+        for module, path, value in config or []:
+            done.append((module, path, decode_ab._set(module, path, value)))
+        return _measure(model, preset, context, rounds, device, dtype)
+    finally:
+        for module, path, old in reversed(done):
+            decode_ab._set(module, path, old)
+
+
+def _measure(model, preset: str, context: int, rounds: int, device: str, dtype: torch.dtype) -> dict:
     cuda = device.startswith("cuda")
     caches = model.new_caches(1, context + WARMUP + rounds * STEPS_PER_ROUND + 1, device=device, dtype=dtype)
     step = DecodeStep(model, caches, mode="cuda_graph" if cuda else "eager", greedy=True)
@@ -132,7 +150,8 @@ def measure(model, preset: str, context: int, rounds: int, device: str, dtype: t
 def report(m: dict) -> None:
     rows, n_layers = m["kernels"], m["n_layers"]
     spans = ", ".join(f"{s:.1f}" for s in m["span_us"])
-    print(f"\n=== {m['preset']} @ {m['context']}: {len(rows)} kernels a token, span {spans} us")
+    config = f" [{m['config']}]" if m.get("config", "base") != "base" else ""
+    print(f"\n=== {m['preset']} @ {m['context']}{config}: {len(rows)} kernels a token, span {spans} us")
     print(f"{'kind':24s} {'exposed us':>10s} {'launches':>8s} {'us each':>8s}")
     for k, v in m["by_kind"].items():
         print(f"{k:24s} {v['exposed_us']:10.1f} {v['launches']:8d} {v['per_launch_us']:8.2f}")
@@ -154,6 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--tiny", action="store_true", help="tiny models (a CPU smoke run)")
     ap.add_argument("--json", default=None, help="write the measurements here (atomically, after each)")
+    ap.add_argument("--configs", nargs="+", default=["base"],
+                    help="kernel settings to profile in turn, as benchmarks/decode_ab.py takes them")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds: expected >= 1, got {args.rounds}")
@@ -167,6 +188,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ap.error(f"--contexts: expected comma-separated integers, got {args.contexts!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --tiny --device cpu for a smoke run)")
+    try:
+        configs = [(text, decode_ab.parse_config(text)) for text in args.configs]
+    except ValueError as e:
+        ap.error(f"--configs: {e}")
     dtype = getattr(torch, args.dtype)
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     command = "python benchmarks/decode_timeline.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -175,12 +200,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for preset in presets:
         model, _, _ = dg.build_models(preset, args.tiny, args.device, dtype, False)
         for ctx in contexts:
-            m = measure(model, preset, ctx, args.rounds, args.device, dtype)
-            m["card"], m["command"] = card, command
-            results.append(m)
-            report(m)
-            if args.json:
-                atomic_write_json(args.json, results)
+            for text, config in configs:
+                m = measure(model, preset, ctx, args.rounds, args.device, dtype, config)
+                m["card"], m["command"], m["config"] = card, command, text
+                results.append(m)
+                report(m)
+                if args.json:
+                    atomic_write_json(args.json, results)
         del model
         dg.free(args.device)
     return results

@@ -238,3 +238,34 @@ def test_decode_timeline_tiny_on_cpu(tmp_path):
     assert timeline.kind("void at::native::reduce_kernel<512, 1>(...)") == "reduce_kernel"
     with pytest.raises(SystemExit):
         timeline.main(["--tiny", "--device", "cpu", "--presets", "nope"])
+
+
+def test_decode_timeline_configs(monkeypatch):
+    """decode_timeline.py --configs: the step is profiled under each setting in turn (set while it runs,
+    restored after, also when it fails); a setting that does not exist is a usage error."""
+    from attnlab.kernels import decode as kd
+
+    timeline = load("decode_timeline")
+    waves = kd.WAVES
+    seen = []
+    real = timeline._measure
+
+    def spy(*a, **k):
+        seen.append(kd.WAVES)
+        return real(*a, **k)
+
+    monkeypatch.setattr(timeline, "_measure", spy)
+    results = timeline.main(["--tiny", "--device", "cpu", "--presets", "llama", "--contexts", "16",
+                             "--rounds", "1", "--configs", "base", "decode.WAVES=1"])
+    assert [m["config"] for m in results] == ["base", "decode.WAVES=1"]
+    assert seen == [waves, 1] and kd.WAVES == waves
+
+    def boom(*a, **k):
+        raise RuntimeError("profiling failed")
+
+    monkeypatch.setattr(timeline, "_measure", boom)
+    with pytest.raises(RuntimeError, match="profiling failed"):
+        timeline.measure(None, "llama", 16, 1, "cpu", None, [(kd, ["WAVES"], 1)])
+    assert kd.WAVES == waves
+    with pytest.raises(SystemExit):
+        timeline.main(["--tiny", "--device", "cpu", "--presets", "llama", "--configs", "decode.NOPE=1"])
