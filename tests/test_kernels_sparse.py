@@ -798,27 +798,6 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     assert -1 < ptx.find("ld.global") < ptx.find("griddepcontrol.wait"), kernel
 
 
-@needs_sm90_toolchain
-@pytest.mark.parametrize("late", [False, True])
-def test_topk_fused_late_dependents_compile_for_sm90(late):
-    """_topk_fused's LATE: the next kernel is let launch only after the row's barriers (an acq_rel
-    arrival comes first), not before the scores' PDL wait; builds for sm_90 without spills either way."""
-    from attnlab.kernels import sparse as ks
-
-    ptrs = {"SC": "*fp32", "HIST": "*i32", "CTR": "*i32", "CNT": "*i32", "H16": "*i32", "CAND": "*i64",
-            "OUT": "*i64"}
-    const = dict(CAUSAL=False, BLOCK=512, CHUNK=1024, PDL=True, BCH=256, POSITIONS=True, CAND_MAX=0,
-                 MATCH_MAX=4096, EARLY=True, LATE=late)
-    compiled = compile_sm90(ks._topk_fused, const, ptrs, num_warps=8)
-    regs, stack, res = sm90_usage(compiled)
-    assert "LOCAL:0 " in res and stack == 0, res
-    ptx = compiled.asm["ptx"]
-    launch, wait, arrival = (ptx.find(w) for w in ("griddepcontrol.launch_dependents", "griddepcontrol.wait",
-                                                   "atom.global.gpu.acq_rel"))
-    assert -1 < launch and -1 < wait < arrival
-    assert (launch > arrival) if late else (launch < wait)
-
-
 @interp
 def test_interp_topk_decode_rows_take_the_fused_path(monkeypatch):
     """A decode row (few rows per SM) takes the one-launch fused path even when short enough for the

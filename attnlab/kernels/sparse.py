@@ -762,7 +762,7 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
 
 @triton.jit
 def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
-                     PDL: tl.constexpr, EARLY: tl.constexpr = True, DEPENDENTS: tl.constexpr = True):
+                     PDL: tl.constexpr, EARLY: tl.constexpr = True):
     """The start of a multi-program pass or of _topk_fused (CHUNK > 0: the whole chunk in one register
     tile): program pid's row r, chunk c, its positions [lo, hi), and with CHUNK its keys (positions
     cols, ok inside [lo, hi)) loaded BEFORE the PDL wait — the scores were written before the zero fill
@@ -770,16 +770,13 @@ def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CA
     completed — so a pass's load overlaps the previous pass's end. CHUNK = 0: the keys are left to the
     loops over the chunk (key / cols / ok zero). EARLY False: the kernel just before wrote the scores
     (no zero fill between: the index scores zeroed the buffers), so they are read after the wait, and
-    the next kernel may launch only then (its early loads of the scores must find them written).
-    DEPENDENTS False: the next kernel is not let launch here (the caller does, later)."""
+    the next kernel may launch only then (its early loads of the scores must find them written)."""
     if PDL:
         if EARLY:
-            if DEPENDENTS:
-                gdc_launch_dependents()
+            gdc_launch_dependents()
         else:
             gdc_wait()
-            if DEPENDENTS:
-                gdc_launch_dependents()
+            gdc_launch_dependents()
     pid = tl.program_id(0)
     r = pid // N_CHUNK
     c = pid % N_CHUNK
@@ -959,8 +956,7 @@ def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL:
 def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
                 CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
-                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True,
-                LATE: tl.constexpr = False):
+                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -980,10 +976,9 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     (each decides from the same row totals). CHUNK > 0 (a power of two >= chunk): each program reads its
     chunk's scores once into registers (_topk_chunk_keys) and every pass works on them; else each
     pass reads them again in BLOCK steps. MATCH_MAX: _topk_level_adds (levels 1-3). EARLY:
-    _topk_chunk_keys. LATE (PDL): the next kernel may launch only after the row's last barrier, when
-    only the writes are left (its programs do not sit beside this kernel's while the row selects)."""
+    _topk_chunk_keys."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
-                                                   EARLY, not LATE)
+                                                   EARLY)
     pid = r * N_CHUNK + c
     hist = HIST + r.to(tl.int64) * (4 * 256)
     ctr = CTR + r * 2  # the row's barrier counter, then its candidate count
@@ -1024,8 +1019,6 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
                 n_gt = _topk_candidates(SC, cand, ctr + 1, row_off, lo, hi, qpos, S, prefix, CAUSAL, BLOCK)
             tl.store(CNT + pid * 2, n_gt)
             _row_sync(ctr, 2 * N_CHUNK)
-            if PDL and LATE:
-                gdc_launch_dependents()
             thr_sk, taken_before = _topk_candidate_threshold(cand, n_cand, k_rem, lo, S, CB)
             ch = tl.arange(0, BCH)
             cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
@@ -1053,8 +1046,6 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
         tl.store(CNT + pid * 2, n_gt)
         tl.store(CNT + pid * 2 + 1, n_eq)
         _row_sync(ctr, (syncs + 1) * N_CHUNK)
-        if PDL and LATE:
-            gdc_launch_dependents()
         ch = tl.arange(0, BCH)
         before = ch < c
         cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
@@ -1772,11 +1763,6 @@ TOPK_FUSED_WIDE_BLOCK = 512
 # (interleaved, best of 2, ms): 4K 1.193 vs 1.224, 8K 1.214 vs 1.239, 16K 1.274 vs 1.270, 32K 1.356 vs
 # 1.304, 128K 1.980 vs 1.630 (benchmarks/results/decode_ab_h100_topk_candidates*.json).
 TOPK_CANDIDATES_MAX = 256
-# _topk_fused lets the next kernel (the sparse attention) launch only after a row's last barrier
-# (_topk_fused's LATE), not at its start: candidate rows (<= TOPK_CANDIDATES_MAX_S scores) and longer
-# ones apart. To compare on a GPU.
-TOPK_FUSED_LATE = False
-TOPK_FUSED_LATE_LONG = False
 TOPK_CANDIDATES_MAX_ROWS = 8
 TOPK_CANDIDATES_MAX_S = 12 * 1024
 # TOPK_FUSED_BLOCK for the rows that may take the candidate path (scores per step, smallest chunk):
@@ -1990,7 +1976,6 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
                                  PDL=pdl, CHUNK=reg, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX, EARLY=scratch is None,
-                                 LATE=TOPK_FUSED_LATE if cand_max else TOPK_FUSED_LATE_LONG,
                                  num_warps=warps, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
