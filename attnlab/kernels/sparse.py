@@ -1739,8 +1739,15 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # (TOPK_FUSED_REG_CHUNK_MAX, TOPK_REG_CHUNK_MAX), H100, 2026-11-28, the step at 256K (262,144 + a few
 # slots; best of 2): fused 1.7725 ms vs multi-launch 1.8172 (decode_ab_h100_topk_reg_shapes.json): so
 # up to 264K, where a row's chunks on 132 SMs stay within 2048 scores (the register tile the GPU tests
-# ran; 300K, whose 4096-score tiles no GPU test has run yet, was the A/B's limit).
-TOPK_FUSED_MAX = 264 * 1024
+# ran; 300K, whose 4096-score tiles no GPU test has run yet, was the A/B's limit). Since then the
+# passes got cheaper (match atomics, carried state, chunks in registers) and the fused kernel's rows
+# past the candidate path lost: H100, 2026-11-28, the ~1B deepseek-v32 step, best of 2, ms, fused up to
+# 264K vs 2048 (decode_ab_h100_topk_fused_vs_multi.json): 4K 1.0858 vs 1.1017, 32K 1.2033 vs 1.1909,
+# 128K 1.4161 vs 1.3794. Its 132 programs, resident with the sparse attention launched early beside
+# them, left the attention 13.5 us exposed a layer at 128K, against 7.6 after the last pass
+# (decode_timeline_h100_run26b_128k.json). So only rows the candidate path may take (<=
+# TOPK_CANDIDATES_MAX_S) stay fused; 8K-16K were not measured.
+TOPK_FUSED_MAX = 12 * 1024
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
 # Rows whose chunks hold at least this many scores take TOPK_FUSED_WIDE_BLOCK-score steps at 8 warps
 # (two scores a thread, as 256 at 4 warps): one program an SM issued an instruction every ~10 cycles
