@@ -130,6 +130,9 @@ PROGRAMS_PER_SM = 2
 # (0: the earlier fixed shape), each load up to COMBINE_TILE partial elements.
 COMBINE_PROGRAMS_PER_SM = 2
 COMBINE_TILE = 4096
+# The combine loads its splits' lse and partials together when one tile holds them all (_combine's
+# ONE_LOAD: one round trip to L2 after the PDL wait instead of two); False: the partials after the lse.
+COMBINE_ONE_LOAD = True
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 _GATHER_DENSE, _GATHER_INDEX, _GATHER_PAGED = 0, 1, 2
@@ -327,11 +330,13 @@ def _latent_attn_fwd(
 @triton.jit
 def _combine(OP, LP, O, LSE, T, H, N_SPLIT, stride_ob, stride_ot, stride_oh,
              D_V: tl.constexpr, BDV: tl.constexpr, BSPLIT: tl.constexpr, SPLIT_STEP: tl.constexpr,
-             PDL: tl.constexpr = False):
+             PDL: tl.constexpr = False, ONE_LOAD: tl.constexpr = False):
     """Merge N_SPLIT partial (o_i, lse_i) of one (query token, head) and value columns
     [pid1*BDV, +BDV): o = Σ 2^(lse_i − lse) o_i. The partials are read SPLIT_STEP splits at a time
     as one [SPLIT_STEP, BDV] tile (a serial loop over 100+ splits at batch 1 was latency-bound).
-    PDL: as _latent_attn_fwd."""
+    ONE_LOAD (BSPLIT <= SPLIT_STEP): the lse_i and the partials are loaded together, one round trip
+    (every split wrote its partial, 0 when empty), instead of the partials after the lse_i they were
+    masked by. PDL: as _latent_attn_fwd."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -341,13 +346,19 @@ def _combine(OP, LP, O, LSE, T, H, N_SPLIT, stride_ob, stride_ot, stride_oh,
     b = bt // T
     t = bt % T
     sp = tl.arange(0, BSPLIT)
+    dv = tl.program_id(1) * BDV + tl.arange(0, BDV)
     lse_i = tl.load(LP + pid * N_SPLIT + sp, mask=sp < N_SPLIT, other=float("-inf"))
+    if ONE_LOAD:
+        first = tl.load(OP + (pid * N_SPLIT + sp[:, None]) * D_V + dv[None, :],
+                        mask=(sp < N_SPLIT)[:, None] & (dv < D_V)[None, :], other=0.0)
     m = tl.max(lse_i, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp2(lse_i - m), 0)  # empty splits: 0
-    dv = tl.program_id(1) * BDV + tl.arange(0, BDV)
     acc = tl.zeros([BDV], dtype=tl.float32)
-    for s0 in range(0, N_SPLIT, SPLIT_STEP):
+    if ONE_LOAD:
+        w = tl.exp2(lse_i - m)
+        acc += tl.sum(w[:, None] * first, 0)
+    for s0 in range(0, N_SPLIT if not ONE_LOAD else 0, SPLIT_STEP):
         si = s0 + tl.arange(0, SPLIT_STEP)
         w = tl.exp2(tl.load(LP + pid * N_SPLIT + si, mask=si < N_SPLIT, other=float("-inf")) - m)
         part = tl.load(OP + (pid * N_SPLIT + si[:, None]) * D_V + dv[None, :],
@@ -1339,7 +1350,7 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         _combine[(B * T * H, triton.cdiv(D_v, bdv_c))](
             op, lp, o, lse, T, H, splits, o.stride(0), o.stride(1), o.stride(2),
             D_V=D_v, BDV=bdv_c, BSPLIT=_pow2(splits, 2), SPLIT_STEP=step, PDL=pdl,
-            num_warps=4, **launch_options(pdl),
+            ONE_LOAD=COMBINE_ONE_LOAD and _pow2(splits, 2) <= step, num_warps=4, **launch_options(pdl),
         )
     return o, lse
 
