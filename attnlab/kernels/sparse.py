@@ -132,6 +132,9 @@ COMBINE_PROGRAMS_PER_SM = 2
 COMBINE_TILE = 4096
 # The combine loads its splits' lse and partials together when one tile holds them all (_combine's
 # ONE_LOAD: one round trip to L2 after the PDL wait instead of two); False: the partials after the lse.
+# H100, 2026-11-28, the ~1B step, best of 2, ms, with / without (decode_ab_h100_combine_one_load.json):
+# deepseek-v32 4K 1.0789 / 1.0860, 32K 1.1840 / 1.1917, 128K 1.3700 / 1.3786; deepseek-v3 4K 0.8174 /
+# 0.8250, 32K 0.9978 / 1.0077, 128K 1.6301 / 1.6388.
 COMBINE_ONE_LOAD = True
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
