@@ -309,7 +309,7 @@ def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count, fold):
     const = dict(H=16, DN=128, DR=64, R=512, BR=512, BDR=64, NQ=16 * 192 + HI * DI, INDEX=index, HI=HI, DI=DI,
                  BHI=max(HI, 1), BDI=max(DI, 1), ROPE=rope, TABLES=tables, ZERO_CENTERED=False, PDL=True,
                  COUNT=count, NPROG=16 + 1 + (1 + HI if index else 0), FOLD=fold, BD=128, BLOCK_R=64,
-                 INTERP=False)
+                 INTERP=False, EARLY_PARTNERS=True)
     ptr = dict(Q="*bf16", KV="*bf16", Q_LAT="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32",
                PARTNER_Q="*i64", PARTNER_K="*i64", NORM_W="*bf16", OUT="*bf16", LATENT="*bf16", QI="*bf16",
                W_OUT="*fp32", INDEX_KEYS="*bf16", K_NORM_W="*bf16", K_NORM_B="*bf16", TICKETS="*i32",

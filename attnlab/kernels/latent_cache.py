@@ -54,6 +54,9 @@ from .absorb import _round
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an unwritten element fails
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Each program loads its RoPE partner columns (a constant table) before the PDL wait, so that after it
+# the row and its partner columns are one round trip, not two; False: after the wait, to compare.
+EARLY_PARTNERS = True
 
 
 @triton.jit
@@ -74,13 +77,15 @@ def _cos_sin(COS, SIN, FREQ, cols, ok, pos, factor, TABLES: tl.constexpr):
 
 @triton.jit
 def _rope_cols(ROW, PARTNER, COS, SIN, FREQ, cols, ok, pos, factor,
-               ROPE: tl.constexpr, TABLES: tl.constexpr):
+               ROPE: tl.constexpr, TABLES: tl.constexpr, partner=None):
     """Columns ``cols`` of one projection row rotated in float32: x·cos + x[partner]·sin, the
     partner column and the tables (or the angle pos·freq, with YaRN's factor) per column; the
-    columns unrotated without ROPE."""
+    columns unrotated without ROPE. ``partner``: the partner columns already loaded from PARTNER
+    (before the PDL wait: the table is constant), else loaded here."""
     x = tl.load(ROW + cols, mask=ok, other=0.0).to(tl.float32)
     if ROPE:
-        partner = tl.load(PARTNER + cols, mask=ok, other=0)
+        if partner is None:
+            partner = tl.load(PARTNER + cols, mask=ok, other=0)
         xp = tl.load(ROW + partner, mask=ok, other=0.0).to(tl.float32)  # x[partner]
         c, s = _cos_sin(COS, SIN, FREQ, cols, ok, pos, factor, TABLES)
         x = x * c + xp * s
@@ -130,7 +135,7 @@ def _latent_write_kernel(
     INDEX: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
     ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
     COUNT: tl.constexpr, NPROG: tl.constexpr, FOLD: tl.constexpr, BD: tl.constexpr, BLOCK_R: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, EARLY_PARTNERS: tl.constexpr = False,
 ):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
@@ -139,7 +144,8 @@ def _latent_write_kernel(
     QI[b, i] = rope(q_I head i). COUNT: LENGTHS[b] += 1 by the last of the row's NPROG programs to
     take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value.
     FOLD: programs h >= NPROG compute q_lat themselves (:func:`_absorb_program`) instead of the
-    h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket."""
+    h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket. EARLY_PARTNERS: each
+    program loads its RoPE partner columns (constant tables) before the PDL wait."""
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch
         gdc_launch_dependents()
     p = tl.program_id(1)
@@ -147,14 +153,30 @@ def _latent_write_kernel(
         _absorb_program(Q, W_UK, OUT, tl.program_id(0).to(tl.int64), p - NPROG, stride_qb, stride_wh,
                         stride_wd, H, DN, DR, R, BD, BLOCK_R, INTERP, PDL)
     else:
-        if PDL:  # wait for the previous kernel
-            gdc_wait()
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         r = tl.arange(0, BR)
         r_ok = r < R
         j = tl.arange(0, BDR)
         j_ok = j < DR
+        if ROPE and EARLY_PARTNERS:  # the constant partner tables before the wait: one round trip less
+            q_cols = tl.where(h < H, h * (DN + DR) + DN, 0) + j
+            pj_q = tl.load(PARTNER_Q + q_cols, mask=j < tl.where(h < H, DR, 0), other=0)
+            pj_k = tl.load(PARTNER_K + R + j, mask=j < tl.where(h == H, DR, 0), other=0)
+            pj = tl.where(h < H, pj_q, pj_k)
+            if INDEX:
+                d = tl.arange(0, BDI)
+                i_cols = tl.where(h >= H + 2, H * (DN + DR) + (h - H - 2) * DI, 0) + d
+                pd_q = tl.load(PARTNER_Q + i_cols, mask=d < tl.where(h >= H + 2, DI, 0), other=0)
+                pd_k = tl.load(PARTNER_K + R + DR + d, mask=d < tl.where(h == H + 1, DI, 0), other=R + DR)
+                pd = tl.where(h >= H + 2, pd_q, pd_k - (R + DR))
+            else:
+                pd = None
+        else:
+            pj = None
+            pd = None
+        if PDL:  # wait for the previous kernel
+            gdc_wait()
         pos = tl.load(LENGTHS + b).to(tl.int64)
         if COUNT:  # every thread has read pos before the ticket's release; the result is used at the end
             tl.debug_barrier()
@@ -171,7 +193,7 @@ def _latent_write_kernel(
                 tl.store(out_row + r, lat.to(OUT.dtype.element_ty), mask=r_ok)
             cols = h * (DN + DR) + DN + j  # q_pe's columns in the query row
             q_pe = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, j_ok, pos, factor,
-                              ROPE, TABLES)
+                              ROPE, TABLES, pj)
             # OUT has q's dtype: one rounding
             tl.store(out_row + R + j, q_pe.to(OUT.dtype.element_ty), mask=j_ok)
         elif h == H:  # the latent row: norm, rope, cache store
@@ -183,7 +205,7 @@ def _latent_write_kernel(
             c_kv = c_kv.to(KV.dtype.element_ty)  # kv_a_norm's rounding
             cols = R + j  # k_pe's columns in the key row [c_kv | k_pe]
             k_pe = _rope_cols(kv_row, PARTNER_K, cos_row + NQ, sin_row + NQ, FREQ + NQ, cols, j_ok, pos,
-                              factor, ROPE, TABLES)
+                              factor, ROPE, TABLES, pj)
             k_pe = k_pe.to(KV.dtype.element_ty)  # _rotate's rounding
             dst = LATENT + b * stride_cache_b + pos * stride_cache_s  # 64-bit: B·S·(R+dr) may pass 2^31
             tl.store(dst + r, c_kv.to(LATENT.dtype.element_ty), mask=r < tl.where(room, R, 0))
@@ -201,7 +223,10 @@ def _latent_write_kernel(
                 k = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, d, d_ok, mean, rstd).to(tl.float32)
                 # x[partner] is the partner column's LayerNorm output: normalised again from its load
                 if ROPE:
-                    partner = tl.load(PARTNER_K + R + DR + d, mask=d_ok, other=R + DR) - (R + DR)
+                    if pd is None:
+                        partner = tl.load(PARTNER_K + R + DR + d, mask=d_ok, other=R + DR) - (R + DR)
+                    else:
+                        partner = pd
                     kp = _layer_norm_cols(k_row, K_NORM_W, K_NORM_B, partner, d_ok, mean, rstd).to(tl.float32)
                     c, s = _cos_sin(cos_row + NQ + R + DR, sin_row + NQ + R + DR, FREQ + NQ + R + DR, d, d_ok,
                                     pos, factor, TABLES)
@@ -217,7 +242,7 @@ def _latent_write_kernel(
                 i = h - H - 2
                 cols = H * (DN + DR) + i * DI + d  # its columns in the query row [q heads | indexer q heads]
                 q_i = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, d_ok, pos,
-                                 factor, ROPE, TABLES)
+                                 factor, ROPE, TABLES, pd)
                 tl.store(QI + (b * HI + i) * DI + d, q_i.to(QI.dtype.element_ty), mask=d_ok)
         if COUNT:
             if last:  # every program of the row has read the old length: count the token
@@ -285,7 +310,7 @@ def _launch(
         BHI=triton.next_power_of_2(max(HI, 1)), BDI=triton.next_power_of_2(max(DI, 1)),
         ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
         PDL=pdl, COUNT=count, NPROG=n_prog, FOLD=fold, BD=BD, BLOCK_R=block_r, INTERP=_INTERPRET,
-        num_warps=num_warps(BR), **launch_options(pdl),
+        EARLY_PARTNERS=EARLY_PARTNERS, num_warps=num_warps(BR), **launch_options(pdl),
     )
     return out, q_idx, w
 
