@@ -887,9 +887,9 @@ def test_interp_decode_64_heads_paged(share):
 @pytest.mark.parametrize("per_sm, tile, one_load", [(2, 4096, True), (2, 4096, False), (2, 256, True),
                                                     (0, 4096, True)])
 def test_interp_decode_many_splits_combine(monkeypatch, per_sm, tile, one_load):
-    """30 splits, some of them empty for a short row, merged by the combine in each of its shapes: all 30 in one load (the default here), with the partials loaded
-    beside the lse (ONE_LOAD) or after them, 16 at a time (a smaller COMBINE_TILE), and the earlier
-    fixed shape (COMBINE_PROGRAMS_PER_SM 0)."""
+    """30 splits, some of them empty for a short row, merged by the combine in each of its shapes:
+    all 30 in one load (the default here), with the partials loaded beside the lse (ONE_LOAD) or after
+    them, 16 at a time (a smaller COMBINE_TILE), and the earlier fixed shape (COMBINE_PROGRAMS_PER_SM 0)."""
     from attnlab.kernels import sparse as ks
 
     monkeypatch.setattr(ks, "COMBINE_ONE_LOAD", one_load)
