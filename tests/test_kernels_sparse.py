@@ -387,14 +387,11 @@ def test_interp_index_scores_causal_prefill_many_chunks():
 
 
 @interp
-@pytest.mark.parametrize("scores_only", [True, False])
-def test_interp_index_scores_row_lengths(monkeypatch, scores_only):
-    """n_valid: keys at or past a row's length score -inf (NaN keys there stay out: a decode program
-    of one key block loads them, INDEX_NV_SCORES_ONLY, others never read them), the rest equal the
-    unmasked scores; decode (T = 1) and a prefill block, several key chunks."""
+def test_interp_index_scores_row_lengths():
+    """n_valid: keys at or past a row's length score -inf (never read: NaN keys there stay out),
+    the rest equal the unmasked scores; decode (T = 1) and a prefill block, several key chunks."""
     from attnlab.kernels import sparse as ks
 
-    monkeypatch.setattr(ks, "INDEX_NV_SCORES_ONLY", scores_only)
     gen = torch.Generator().manual_seed(21)
     for T in (1, 3):
         B, S, H, D = 3, 150, 4, 16
@@ -405,8 +402,7 @@ def test_interp_index_scores_row_lengths(monkeypatch, scores_only):
         for b, n in enumerate(n_valid.tolist()):
             k_poisoned[b, n:] = float("nan")
         ref = ops.dsa_index_scores(q.double(), k.double(), w.double(), mode="torch")  # (B, T, S)
-        # decode: one 32-key block a program (where INDEX_NV_SCORES_ONLY applies); prefill: two
-        with tuned("index", S_CHUNK=64, BLOCK_S=32), tuned("index_decode", S_CHUNK=32, BLOCK_S=32):
+        with tuned("index", S_CHUNK=64, BLOCK_S=32), tuned("index_decode", S_CHUNK=64, BLOCK_S=32):
             got = ks.dsa_index_scores(q, k_poisoned, w, n_valid=n_valid)
         past = torch.arange(S)[None, :] >= n_valid[:, None]  # (B, S)
         assert (got.transpose(1, 2)[past] == float("-inf")).all()

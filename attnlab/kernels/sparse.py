@@ -475,7 +475,7 @@ def _index_scores_kernel(
     D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     FP8: tl.constexpr, CAUSAL: tl.constexpr, HAS_NV: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
     PDL: tl.constexpr = False, ZERO=None, N_ZERO=0, ZERO_BLOCK: tl.constexpr = 0,
-    KEY_ROWS: tl.constexpr = False, NV_SCORES_ONLY: tl.constexpr = False,
+    KEY_ROWS: tl.constexpr = False,
 ):
     """One program: BLOCK_T queries x all H index heads (one [BLOCK_T*BH, D] tile, kept in
     registers) against keys [chunk*s_chunk, +s_chunk) in BLOCK_S steps: relu(q kᵀ) weighted by w
@@ -487,9 +487,7 @@ def _index_scores_kernel(
     ZERO_BLOCK elements a store, after the wait: the buffer may be memory a kernel before used), the
     buffers of the top-k launched next (dsa_topk's ``scratch``). KEY_ROWS: the product as keys x
     heads (k qᵀ) instead of heads x keys, so that the sum over heads runs along the accumulator's rows
-    (inside a warp) rather than across its warps. NV_SCORES_ONLY (HAS_NV, one block a program): the
-    block's keys are loaded whatever NV[b] is (they lie in the cache), so the load need not wait for
-    NV's; the scores at or past it still get -inf."""
+    (inside a warp) rather than across its warps."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -520,17 +518,15 @@ def _index_scores_kernel(
     n_ok = hi
     if HAS_NV:
         n_ok = tl.minimum(tl.maximum(tl.load(NV + b).to(tl.int32), 0), hi)
-        if not NV_SCORES_ONLY:
-            top = tl.maximum(tl.minimum(top, n_ok), lo)
+        top = tl.maximum(tl.minimum(top, n_ok), lo)
     # two branch-free loops (so the first can be software-pipelined): computed blocks, then the
     # blocks wholly after the block's last query, filled with -inf (CAUSAL only)
     top = lo + tl.cdiv(top - lo, BLOCK_S) * BLOCK_S
     for s0 in range(lo, top, BLOCK_S):
         cols = s0 + tl.arange(0, BLOCK_S)
         c_ok = cols < hi
-        k_ok = c_ok if NV_SCORES_ONLY else c_ok & (cols < n_ok)
         k = tl.load(K + b * stride_kb + cols[:, None].to(tl.int64) * stride_ks + d[None, :],
-                    mask=k_ok[:, None] & (d < D)[None, :], other=0.0)
+                    mask=(c_ok & (cols < n_ok))[:, None] & (d < D)[None, :], other=0.0)
         if KEY_ROWS:  # keys x heads: each key's sum over heads stays inside its rows' threads
             logits = _mm(k, tl.trans(q), PREC, INTERP)  # (BLOCK_S, BLOCK_T*BH)
             part = tl.maximum(logits, 0.0) * w[None, :]
@@ -1675,7 +1671,6 @@ def dsa_index_scores(
         FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET, PDL=pdl,
         ZERO=zero, N_ZERO=zero.numel() if zero is not None else 0, ZERO_BLOCK=1024 if zero is not None else 0,
         KEY_ROWS=INDEX_KEY_ROWS and T == 1,
-        NV_SCORES_ONLY=INDEX_NV_SCORES_ONLY and n_valid is not None and s_chunk == cfg["BLOCK_S"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     return out
@@ -1695,10 +1690,6 @@ def _check_scratch(name: str, t: torch.Tensor, device: torch.device) -> None:
 # 13.2 at 1024, 4.8 at 256, 2.9 at 64; 32K: 47.8 / 13.6 / 5.4 (256) / 5.1 (128) / 6.3 (64); 128K: 48.1 /
 # 13.9 (1024) / 13.7 (256) / 16.1 (128); at 1M 4096 was best (the third session's sweep).
 INDEX_DECODE_PROGRAMS_PER_SM = 2
-# Programs of one key block (decode rows up to ~16K slots) load their keys without the row's length
-# bound (_index_scores_kernel's NV_SCORES_ONLY): the load goes out with the length's, one round trip
-# after the PDL wait instead of two; False: the keys after the length, to compare.
-INDEX_NV_SCORES_ONLY = True
 # Decode (T = 1) index scores: the product as keys x heads (k qᵀ: the sum over heads inside each key's
 # threads) or, False, heads x keys (q kᵀ: the sum across the accumulator's warps; prefill keeps it, not
 # measured the other way). H100, 2026-11-28, the ~1B deepseek-v32 step, best of 2, ms, True / False
