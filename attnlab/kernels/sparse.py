@@ -124,6 +124,11 @@ FALLBACK: list[dict[str, int]] = [
 _FAILED_CONFIGS: set = set()
 FORCE_ROW64 = False  # tests: int64 row offsets even for small caches
 ALLOW_FALLBACK = True  # the benchmark's sweep turns it off, so a failing shape is not timed as another
+# A decode step's sparse attention asks L2 for the first this many bytes of the weights the step reads
+# next (``sparse_attention``'s ``prefetch``: the MLP's gate|up), while its latency-bound stretch (top-k,
+# attention, combine, W_UV) leaves DRAM idle, in pieces of PREFETCH_NEXT_CHUNK bytes; 0: off.
+PREFETCH_NEXT_BYTES = 24 << 20
+PREFETCH_NEXT_CHUNK = 64 << 10
 # Split slots across programs until there are about this many programs per SM.
 PROGRAMS_PER_SM = 2
 # The split combine's launch (combine_shape): value columns cut for about this many programs per SM
@@ -199,7 +204,7 @@ def _latent_attn_fwd(
     D_V: tl.constexpr, BDV: tl.constexpr, NUM_DVB: tl.constexpr, V_IS_K: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_OUT: tl.constexpr, PREC: tl.constexpr,
     ROW64: tl.constexpr, SHARE_QK: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr = False,
-    PF_SLOTS: tl.constexpr = 0,
+    PF_SLOTS: tl.constexpr = 0, PF_NEXT=None, pf_next_bytes=0, PF_NEXT_CHUNK: tl.constexpr = 0,
 ):
     """One program: query token (b, t), kv head hk, query heads hk*G + [hb*BLOCK_H, +BLOCK_H),
     value columns [dvb*BDV, +BDV), slots [split*slots_per_split, +slots_per_split). Writes o
@@ -211,7 +216,10 @@ def _latent_attn_fwd(
     under PDL, GPU only): before waiting, one program per (row, split) asks L2 for the key rows of
     its first PF_SLOTS slots below the row's length (read before the wait, so the count before or
     after the new token: either way the rows exist; a slot the previous kernel is writing is read
-    again after the wait like every other), so the loads after the wait find them there."""
+    again after the wait like every other), so the loads after the wait find them there.
+    PF_NEXT_CHUNK > 0 (under PDL, GPU only): before waiting, the programs also ask L2 for the first
+    pf_next_bytes bytes at PF_NEXT in PF_NEXT_CHUNK-byte pieces, spread over them: weights a later
+    kernel of the step reads (the MLP's), fetched while this latency-bound stretch leaves DRAM idle."""
     pid = tl.program_id(0)
     hb = pid % N_HBLK  # head blocks fastest: programs reading the same rows run side by side (L2)
     rest = pid // N_HBLK
@@ -234,6 +242,13 @@ def _latent_attn_fwd(
             pf_bytes = tl.maximum(pf_hi - pf_lo, 0) * row_bytes
             l2_prefetch(K + b * stride_kb + pf_lo.to(tl.int64) * stride_ks, pf_bytes,
                         (pf_hi > pf_lo) & (hb == 0) & (dvb == 0) & (hk == 0))
+        if PF_NEXT_CHUNK > 0:
+            n_prog = tl.num_programs(0) * n_kv
+            me = pid * n_kv + hk
+            base = PF_NEXT.to(tl.pointer_type(tl.int8))
+            step = n_prog.to(tl.int64) * PF_NEXT_CHUNK
+            for off in range(me.to(tl.int64) * PF_NEXT_CHUNK, pf_next_bytes, step):
+                l2_prefetch(base + off, tl.minimum(pf_next_bytes - off, PF_NEXT_CHUNK), off >= 0)
         gdc_wait()
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -1259,6 +1274,7 @@ def _attend(
     page: int = 1,
     tuning: str = "sparse",
     n_splits: int | None = None,
+    prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared launcher. q [B, T, H, D]; k [B|1, rows, H_kv, D] (paged: [1, pages*page, H_kv, D]);
     v likewise with D_v. Returns o [B, T, H, D_v] in q's dtype and lse float32 [B, T, H] (base 2,
@@ -1278,7 +1294,7 @@ def _attend(
     for cfg in _launch_configs(tuning):
         try:
             return _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_splits, cfg,
-                                dk1, bd1, dk2, bd2, v_is_k, prec, row64)
+                                dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch)
         except _LAUNCH_ERRORS as e:  # shared memory / registers of a launch shape on this GPU/Triton
             if _INTERPRET or not q.is_cuda or not ALLOW_FALLBACK or not _is_compile_failure(e):
                 raise
@@ -1290,7 +1306,7 @@ def _attend(
 
 
 def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_splits, cfg,
-                 dk1, bd1, dk2, bd2, v_is_k, prec, row64):
+                 dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch=None):
     B, T, H, D = q.shape
     H_kv, D_v, n_rows = k.shape[2], v.shape[3], k.shape[1]
     G = H // H_kv
@@ -1329,6 +1345,11 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
     pf_ok = (pdl and gather == _GATHER_DENSE and v_is_k and n_valid is not None and k.data_ptr() % 16 == 0
              and (k.stride(1) * k.element_size()) % 16 == 0)
     pf_slots = cfg.get("PF_BLOCKS", 0) * cfg["BLOCK_N"] if pf_ok else 0
+    pf_next = {}
+    if pdl and prefetch is not None and PREFETCH_NEXT_BYTES > 0 and prefetch.data_ptr() % 16 == 0:
+        nbytes = min(PREFETCH_NEXT_BYTES, prefetch.numel() * prefetch.element_size()) // 16 * 16
+        if nbytes:
+            pf_next = dict(PF_NEXT=prefetch, pf_next_bytes=nbytes, PF_NEXT_CHUNK=PREFETCH_NEXT_CHUNK)
     _latent_attn_fwd[grid](
         q, k, v,
         idx if idx is not None else dummy,
@@ -1345,7 +1366,7 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         GATHER=gather, PAGE=page, DK1=dk1, BD1=bd1, DK2=dk2, BD2=bd2, D_V=D_v, BDV=bdv, NUM_DVB=n_dvb,
         V_IS_K=v_is_k, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], SPLIT_OUT=splits > 1, PREC=prec,
         ROW64=row64, SHARE_QK=bool(cfg.get("SHARE_QK", 0)) and block_h >= 64, INTERP=_INTERPRET,
-        PDL=pdl, PF_SLOTS=pf_slots, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PDL=pdl, PF_SLOTS=pf_slots, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pf_next,
         **launch_options(pdl),
     )
     if splits > 1:
@@ -1452,6 +1473,7 @@ def sparse_attention(
     indices: torch.Tensor,
     scale: float | None = None,
     n_splits: int | None = None,
+    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of each query over its selected key rows (``attnlab.ops.sparse_attention``).
 
@@ -1462,6 +1484,9 @@ def sparse_attention(
         scale: logit scale; None = D ** -0.5.
         n_splits: programs per (query, head block) over the slots; None = enough to fill the GPU
             (decode), 1 for prefill. Tests set it to exercise the split-and-combine path.
+        prefetch: a decode launch under PDL (one query row, Hopper) also asks L2 for the first
+            ``PREFETCH_NEXT_BYTES`` of this tensor's bytes (a hint: weights a later kernel reads; the
+            result never depends on it). Ignored elsewhere.
 
     Returns:
         o: [B, T, H, D_v] in q's dtype, float32 softmax; 0 for a query with no valid slot.
@@ -1475,7 +1500,8 @@ def sparse_attention(
         return torch.zeros(B, T, H, v.shape[3], dtype=q.dtype, device=q.device)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _SparseAttention.apply(q, k, v, indices, scale, n_splits)
-    return _attend(q, k, v, scale, _GATHER_INDEX, indices.shape[2], idx=indices, n_splits=n_splits)[0]
+    return _attend(q, k, v, scale, _GATHER_INDEX, indices.shape[2], idx=indices, n_splits=n_splits,
+                   prefetch=prefetch)[0]
 
 
 def softmax_decode(

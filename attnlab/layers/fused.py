@@ -68,6 +68,9 @@ FOLD_ABSORB_Q = os.environ.get("ATTNLAB_FOLD_ABSORB_Q", "1") != "0"
 # D: the index-scores launch zeroes the top-k's buffers (no fill launch between the two); False: the
 # ops' calls, with the top-k's own fill launch, to compare on a GPU
 INDEX_TOPK_SCRATCH = True
+# D: the sparse attention asks L2 for the first bytes of the block's MLP gate|up weight
+# (attnlab.kernels.sparse.PREFETCH_NEXT_BYTES) while the attention stretch leaves DRAM idle; False: not
+PREFETCH_MLP = True
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
 # interpreter tests check the plain step's kernels
 ON_CPU_INTERPRETER = False
@@ -220,14 +223,16 @@ def _latent(mla: MultiHeadLatentAttention, io: _Stream, norm, cache, rotation, k
 
 
 def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotation, keep: float,
-                   scale: float) -> None:
+                   scale: float, prefetch: torch.Tensor | None = None) -> None:
     """D (DeepSeek Sparse Attention) decode step, from io.x into io.res: M's step with
     the indexer's projections inside the same GEMVs and its key / query post-processing inside the
     latent-write launch, then index scores, top-k and the sparse absorbed attention over the WHOLE
     cache with each row's length as its bound (no host sync: CUDA-graph safe). Positions past a
     row's length score -inf and are never chosen, so this selects what the layer's own decode step
-    (which scores the first max(lengths) slots) selects."""
+    (which scores the first max(lengths) slots) selects. ``prefetch``: weights the block reads next
+    (its MLP's gate|up), which the sparse attention's programs ask L2 for (PREFETCH_MLP)."""
     from ..kernels.latent_cache import latent_write
+    from ..ops.softmax import _sparse_kernel
 
     R = dsa.kv_lora_rank
     q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
@@ -239,7 +244,13 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
     idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
-    o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
+    kernel = None
+    if prefetch is not None and PREFETCH_MLP:
+        kernel = _sparse_kernel("auto", "sparse_attention", q_abs)  # kernels.sparse.sparse_attention or None
+    if kernel is not None:  # the kernel itself, given the weights to prefetch
+        o_lat = kernel(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale, prefetch=prefetch)
+    else:
+        o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
     _output(dsa, o_lat[:, 0], io.res, keep, scale)
 
 
@@ -334,9 +345,10 @@ def block_step(block, h: torch.Tensor, cache, rotation=None) -> bool:
         _delta(mixer, io, block.mixer_norm, cache, keep, scale)
     elif kind == "lightning":
         _lightning(mixer, io, block.mixer_norm, cache, keep, scale)
-    elif kind in ("latent", "sparse"):
-        step = _sparse_latent if kind == "sparse" else _latent
-        step(mixer, io, block.mixer_norm, cache, rotation, keep, scale)
+    elif kind == "sparse":
+        _sparse_latent(mixer, io, block.mixer_norm, cache, rotation, keep, scale, prefetch=gate_up)
+    elif kind == "latent":
+        _latent(mixer, io, block.mixer_norm, cache, rotation, keep, scale)
     else:  # unfused M / D (prenorm only): their own decode step behind a plain norm, adding into h
         kwargs = {} if rotation is None else {"rotation": rotation}
         mixer(block.mixer_norm(h), cache, residual=Residual(h, keep, scale), **kwargs)
