@@ -127,8 +127,12 @@ ALLOW_FALLBACK = True  # the benchmark's sweep turns it off, so a failing shape 
 # A decode step's sparse attention asks L2 for the first this many bytes of the weights the step reads
 # next (``sparse_attention``'s ``prefetch``: the MLP's gate|up), while its latency-bound stretch (top-k,
 # attention, combine, W_UV) leaves DRAM idle, in pieces of PREFETCH_NEXT_CHUNK bytes; 0: off.
-PREFETCH_NEXT_BYTES = 24 << 20
+# Only over caches of at most PREFETCH_NEXT_MAX_ROWS rows. H100, 2026-11-28, the ~1B deepseek-v32 step, best of 2,
+# ms, off / 12 / 24 / 40 MB (decode_ab_h100_prefetch_mlp.json): 4K 1.0771 / 1.0662 / 1.0804 / 1.1136,
+# 32K 1.1796 / 1.1695 / 1.1797 / 1.2020, 128K 1.3671 / 1.3804 / 1.4209 / 1.4538.
+PREFETCH_NEXT_BYTES = 12 << 20
 PREFETCH_NEXT_CHUNK = 64 << 10
+PREFETCH_NEXT_MAX_ROWS = 64 << 10
 # Split slots across programs until there are about this many programs per SM.
 PROGRAMS_PER_SM = 2
 # The split combine's launch (combine_shape): value columns cut for about this many programs per SM
@@ -1346,7 +1350,8 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
              and (k.stride(1) * k.element_size()) % 16 == 0)
     pf_slots = cfg.get("PF_BLOCKS", 0) * cfg["BLOCK_N"] if pf_ok else 0
     pf_next = {}
-    if pdl and prefetch is not None and PREFETCH_NEXT_BYTES > 0 and prefetch.data_ptr() % 16 == 0:
+    if (pdl and prefetch is not None and PREFETCH_NEXT_BYTES > 0 and prefetch.data_ptr() % 16 == 0
+            and n_rows <= PREFETCH_NEXT_MAX_ROWS):
         nbytes = min(PREFETCH_NEXT_BYTES, prefetch.numel() * prefetch.element_size()) // 16 * 16
         if nbytes:
             pf_next = dict(PF_NEXT=prefetch, pf_next_bytes=nbytes, PF_NEXT_CHUNK=PREFETCH_NEXT_CHUNK)
