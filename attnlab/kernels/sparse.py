@@ -128,8 +128,8 @@ ALLOW_FALLBACK = True  # the benchmark's sweep turns it off, so a failing shape 
 # next (``sparse_attention``'s ``prefetch``: the MLP's gate|up), while its latency-bound stretch (top-k,
 # attention, combine, W_UV) leaves DRAM idle, in pieces of PREFETCH_NEXT_CHUNK bytes; 0: off.
 # Only over caches of at most PREFETCH_NEXT_MAX_ROWS rows. H100, 2026-11-28, the ~1B deepseek-v32
-# step, best of 2, ms, off / 12 / 24 / 40 MB (decode_ab_h100_prefetch_mlp.json): 4K 1.0771 / 1.0662 / 1.0804 / 1.1136,
-# 32K 1.1796 / 1.1695 / 1.1797 / 1.2020, 128K 1.3671 / 1.3804 / 1.4209 / 1.4538.
+# step, best of 2, ms, off / 12 / 24 / 40 MB (decode_ab_h100_prefetch_mlp.json): 4K 1.0771 / 1.0662 /
+# 1.0804 / 1.1136, 32K 1.1796 / 1.1695 / 1.1797 / 1.2020, 128K 1.3671 / 1.3804 / 1.4209 / 1.4538.
 PREFETCH_NEXT_BYTES = 12 << 20
 PREFETCH_NEXT_CHUNK = 64 << 10
 PREFETCH_NEXT_MAX_ROWS = 64 << 10
