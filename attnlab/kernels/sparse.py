@@ -133,9 +133,6 @@ ALLOW_FALLBACK = True  # the benchmark's sweep turns it off, so a failing shape 
 PREFETCH_NEXT_BYTES = 12 << 20
 PREFETCH_NEXT_CHUNK = 64 << 10
 PREFETCH_NEXT_MAX_ROWS = 64 << 10
-# ... and the next PREFETCH_NEXT_LATE_BYTES after those (any cache), asked for by each program after its
-# own loads, while the combine, W_UV and o_proj run; 0: none.
-PREFETCH_NEXT_LATE_BYTES = 0
 # Split slots across programs until there are about this many programs per SM.
 PROGRAMS_PER_SM = 2
 # The split combine's launch (combine_shape): value columns cut for about this many programs per SM
@@ -197,15 +194,6 @@ def _online_softmax(s1, s2, HAS_S2: tl.constexpr, valid, sm_scale, m_i, l_i, acc
 
 
 @triton.jit
-def _prefetch_share(PTR, lo, hi, me, n_prog, CHUNK: tl.constexpr):
-    """Program ``me`` of ``n_prog`` asks L2 for its CHUNK-byte pieces of bytes [lo, hi) at PTR (a bulk
-    prefetch each, from thread 0: l2_prefetch); lo, hi and CHUNK multiples of 16."""
-    base = PTR.to(tl.pointer_type(tl.int8))
-    for off in range(lo + me.to(tl.int64) * CHUNK, hi, n_prog.to(tl.int64) * CHUNK):
-        l2_prefetch(base + off, tl.minimum(hi - off, CHUNK), off >= 0)
-
-
-@triton.jit
 def _latent_attn_fwd(
     Q, K, V, IDX, NVALID, TABLE, O, LSE, OP, LP,
     sm_scale, T, G, N_HBLK, N_SPLIT, n_slots, slots_per_split, n_rows,
@@ -221,7 +209,6 @@ def _latent_attn_fwd(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_OUT: tl.constexpr, PREC: tl.constexpr,
     ROW64: tl.constexpr, SHARE_QK: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr = False,
     PF_SLOTS: tl.constexpr = 0, PF_NEXT=None, pf_next_bytes=0, PF_NEXT_CHUNK: tl.constexpr = 0,
-    pf_late_lo=0, pf_late_hi=0, PF_LATE: tl.constexpr = False,
 ):
     """One program: query token (b, t), kv head hk, query heads hk*G + [hb*BLOCK_H, +BLOCK_H),
     value columns [dvb*BDV, +BDV), slots [split*slots_per_split, +slots_per_split). Writes o
@@ -236,9 +223,7 @@ def _latent_attn_fwd(
     again after the wait like every other), so the loads after the wait find them there.
     PF_NEXT_CHUNK > 0 (under PDL, GPU only): before waiting, the programs also ask L2 for the first
     pf_next_bytes bytes at PF_NEXT in PF_NEXT_CHUNK-byte pieces, spread over them: weights a later
-    kernel of the step reads (the MLP's), fetched while this latency-bound stretch leaves DRAM idle.
-    PF_LATE: after its own loads, each program also asks for its share of bytes [pf_late_lo,
-    pf_late_hi) (fetched while the kernels after it run, not in the way of this one's gathers)."""
+    kernel of the step reads (the MLP's), fetched while this latency-bound stretch leaves DRAM idle."""
     pid = tl.program_id(0)
     hb = pid % N_HBLK  # head blocks fastest: programs reading the same rows run side by side (L2)
     rest = pid // N_HBLK
@@ -262,8 +247,12 @@ def _latent_attn_fwd(
             l2_prefetch(K + b * stride_kb + pf_lo.to(tl.int64) * stride_ks, pf_bytes,
                         (pf_hi > pf_lo) & (hb == 0) & (dvb == 0) & (hk == 0))
         if PF_NEXT_CHUNK > 0:
-            _prefetch_share(PF_NEXT, 0, pf_next_bytes, pid * n_kv + hk, tl.num_programs(0) * n_kv,
-                            PF_NEXT_CHUNK)
+            n_prog = tl.num_programs(0) * n_kv
+            me = pid * n_kv + hk
+            base = PF_NEXT.to(tl.pointer_type(tl.int8))
+            step = n_prog.to(tl.int64) * PF_NEXT_CHUNK
+            for off in range(me.to(tl.int64) * PF_NEXT_CHUNK, pf_next_bytes, step):
+                l2_prefetch(base + off, tl.minimum(pf_next_bytes - off, PF_NEXT_CHUNK), off >= 0)
         gdc_wait()
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -346,9 +335,6 @@ def _latent_attn_fwd(
                         mask=valid[:, None] & (dv < D_V)[None, :], other=0.0)
         acc += _dot_lowp(p, v, PREC, INTERP)
 
-    if PF_LATE:
-        _prefetch_share(PF_NEXT, pf_late_lo, pf_late_hi, pid * n_kv + hk, tl.num_programs(0) * n_kv,
-                        PF_NEXT_CHUNK)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if SPLIT_OUT:  # partials [B*T*H, N_SPLIT, D_V] float32 and [B*T*H, N_SPLIT]
@@ -1364,13 +1350,11 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
              and (k.stride(1) * k.element_size()) % 16 == 0)
     pf_slots = cfg.get("PF_BLOCKS", 0) * cfg["BLOCK_N"] if pf_ok else 0
     pf_next = {}
-    if pdl and prefetch is not None and prefetch.data_ptr() % 16 == 0:
-        size = prefetch.numel() * prefetch.element_size() // 16 * 16
-        early = min(PREFETCH_NEXT_BYTES if n_rows <= PREFETCH_NEXT_MAX_ROWS else 0, size)
-        late = min(early + PREFETCH_NEXT_LATE_BYTES, size)
-        if early or late > early:
-            pf_next = dict(PF_NEXT=prefetch, pf_next_bytes=early, PF_NEXT_CHUNK=PREFETCH_NEXT_CHUNK,
-                           pf_late_lo=early, pf_late_hi=late, PF_LATE=late > early)
+    if (pdl and prefetch is not None and PREFETCH_NEXT_BYTES > 0 and prefetch.data_ptr() % 16 == 0
+            and n_rows <= PREFETCH_NEXT_MAX_ROWS):
+        nbytes = min(PREFETCH_NEXT_BYTES, prefetch.numel() * prefetch.element_size()) // 16 * 16
+        if nbytes:
+            pf_next = dict(PF_NEXT=prefetch, pf_next_bytes=nbytes, PF_NEXT_CHUNK=PREFETCH_NEXT_CHUNK)
     _latent_attn_fwd[grid](
         q, k, v,
         idx if idx is not None else dummy,
