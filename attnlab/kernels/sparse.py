@@ -133,6 +133,8 @@ ALLOW_FALLBACK = True  # the benchmark's sweep turns it off, so a failing shape 
 PREFETCH_NEXT_BYTES = 12 << 20
 PREFETCH_NEXT_CHUNK = 64 << 10
 PREFETCH_NEXT_MAX_ROWS = 64 << 10
+# dsa_topk's ``prefetch``: the first multi-program pass asks L2 for this many bytes (0: off)
+TOPK_PREFETCH_BYTES = 0
 # Split slots across programs until there are about this many programs per SM.
 PROGRAMS_PER_SM = 2
 # The split combine's launch (combine_shape): value columns cut for about this many programs per SM
@@ -194,6 +196,15 @@ def _online_softmax(s1, s2, HAS_S2: tl.constexpr, valid, sm_scale, m_i, l_i, acc
 
 
 @triton.jit
+def _prefetch_share(PTR, nbytes, me, n_prog, CHUNK: tl.constexpr):
+    """Program ``me`` of ``n_prog`` asks L2 for its CHUNK-byte pieces of the first ``nbytes`` bytes at
+    PTR (a bulk prefetch each, from thread 0: l2_prefetch); nbytes and CHUNK multiples of 16."""
+    base = PTR.to(tl.pointer_type(tl.int8))
+    for off in range(me.to(tl.int64) * CHUNK, nbytes, n_prog.to(tl.int64) * CHUNK):
+        l2_prefetch(base + off, tl.minimum(nbytes - off, CHUNK), off >= 0)
+
+
+@triton.jit
 def _latent_attn_fwd(
     Q, K, V, IDX, NVALID, TABLE, O, LSE, OP, LP,
     sm_scale, T, G, N_HBLK, N_SPLIT, n_slots, slots_per_split, n_rows,
@@ -247,12 +258,7 @@ def _latent_attn_fwd(
             l2_prefetch(K + b * stride_kb + pf_lo.to(tl.int64) * stride_ks, pf_bytes,
                         (pf_hi > pf_lo) & (hb == 0) & (dvb == 0) & (hk == 0))
         if PF_NEXT_CHUNK > 0:
-            n_prog = tl.num_programs(0) * n_kv
-            me = pid * n_kv + hk
-            base = PF_NEXT.to(tl.pointer_type(tl.int8))
-            step = n_prog.to(tl.int64) * PF_NEXT_CHUNK
-            for off in range(me.to(tl.int64) * PF_NEXT_CHUNK, pf_next_bytes, step):
-                l2_prefetch(base + off, tl.minimum(pf_next_bytes - off, PF_NEXT_CHUNK), off >= 0)
+            _prefetch_share(PF_NEXT, pf_next_bytes, pid * n_kv + hk, tl.num_programs(0) * n_kv, PF_NEXT_CHUNK)
         gdc_wait()
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -833,11 +839,15 @@ def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CA
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
                LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
                PDL: tl.constexpr = False, RELAXED: tl.constexpr = False, MATCH_MAX: tl.constexpr = 0,
-               EARLY: tl.constexpr = True, ST=None, CARRY: tl.constexpr = False):
+               EARLY: tl.constexpr = True, ST=None, CARRY: tl.constexpr = False, PF=None, pf_bytes=0,
+               PF_CHUNK: tl.constexpr = 0):
     """Level LEVEL's histogram of the keys of chunk c of row r whose higher bits match the prefix
     the earlier levels chose (recomputed here from their histograms: no extra launch; with CARRY from
     the pass before's, _topk_pass_state). CHUNK, PDL: _topk_chunk_keys (and EARLY); MATCH_MAX,
-    RELAXED: _topk_level_adds."""
+    RELAXED: _topk_level_adds. PF_CHUNK > 0 (PDL): first the programs ask L2 for the first pf_bytes
+    bytes at PF (_prefetch_share: weights a later kernel of the step reads)."""
+    if PDL and PF_CHUNK > 0:
+        _prefetch_share(PF, pf_bytes, tl.program_id(0), tl.num_programs(0), PF_CHUNK)
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
                                                    EARLY)
     hist = HIST + r.to(tl.int64) * (4 * 256)
@@ -1871,7 +1881,7 @@ def topk_scratch_numel(B: int, T: int, S: int, topk: int, device: torch.device) 
 
 
 def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = True,
-             scratch: torch.Tensor | None = None) -> torch.Tensor:
+             scratch: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """``attnlab.ops.dsa_topk`` in Triton: the same indices, ties to the earlier position.
 
     A radix select on the scores' order-preserving int32 keys: four 256-bin histogram passes (8
@@ -1899,6 +1909,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
             least ``topk_scratch_numel`` elements that the kernel launched just before this call
             set to zero (``dsa_index_scores(..., zero=scratch)``, which also wrote ``scores``): the
             top-k then launches right after it and reads the scores after its PDL wait.
+        prefetch: the multi-program passes under PDL (long decode rows, Hopper) also ask L2 for the
+            first ``TOPK_PREFETCH_BYTES`` of this tensor's bytes (a hint: weights a later kernel of
+            the step reads, fetched while the passes work on L2-resident scores). Ignored elsewhere.
 
     Returns:
         int64 [B, T, topk], by score descending (sort) or position (not sort), ties to the earlier
@@ -1951,9 +1964,13 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
     opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, ST=state if TOPK_PASSES_CARRY else hist,
                 CARRY=TOPK_PASSES_CARRY, num_warps=8, **launch_options(pdl))
+    pf = {}
+    if pdl and prefetch is not None and TOPK_PREFETCH_BYTES > 0 and prefetch.data_ptr() % 16 == 0:
+        nbytes = min(TOPK_PREFETCH_BYTES, prefetch.numel() * prefetch.element_size()) // 16 * 16
+        pf = dict(PF=prefetch, pf_bytes=nbytes, PF_CHUNK=PREFETCH_NEXT_CHUNK) if nbytes else {}
     for level in range(4):  # (with scratch given, the index scores were written by the kernel just before)
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
-                         EARLY=level > 0 or scratch is None, **opts)
+                         EARLY=level > 0 or scratch is None, **(pf if level == 0 else {}), **opts)
     _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
     _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff,
                       n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)

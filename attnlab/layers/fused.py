@@ -242,7 +242,8 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     # the layer counts it
     dtype = q_abs.dtype
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk)  # (B, 1, k)
+    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk,
+                      prefetch if PREFETCH_MLP else None)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     kernel = None
     if prefetch is not None and PREFETCH_MLP:
@@ -255,13 +256,13 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
 
 
 def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
-                index_topk: int) -> torch.Tensor:
+                index_topk: int, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """A D decode step's selection: the indexer's scores of q_idx [B, 1, H_I, D_I] (head weights w
     [B, 1, H_I]) over the cached keys [B, S_max, D_I] (positions past each row's length -inf), then
     their top min(index_topk, S_max) positions, unsorted (the attention sums over the set; on CUDA the
     positions in position order, one pass fewer): int64 [B, 1, k], -1 = empty. When both run as Triton
     kernels (what "auto" picks: CUDA bf16 / fp16), the index-scores launch also zeroes the top-k's
-    buffers (its ``scratch``), so no fill launch sits between the two."""
+    buffers (its ``scratch``), so no fill launch sits between the two; ``prefetch``: dsa_topk's."""
     from ..ops.softmax import _sparse_kernel
 
     k = min(index_topk, keys.shape[1])
@@ -273,7 +274,7 @@ def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, length
     n = ks.topk_scratch_numel(q_idx.shape[0], 1, keys.shape[1], k, keys.device)
     scratch = torch.empty(n, dtype=torch.int32, device=keys.device) if n else None
     scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, zero=scratch)  # (B, 1, S_max) float32
-    return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=scratch)
+    return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=scratch, prefetch=prefetch)
 
 
 def _fused_latent(mixer) -> bool:
