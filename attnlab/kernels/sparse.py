@@ -133,8 +133,14 @@ ALLOW_FALLBACK = True  # the benchmark's sweep turns it off, so a failing shape 
 PREFETCH_NEXT_BYTES = 12 << 20
 PREFETCH_NEXT_CHUNK = 64 << 10
 PREFETCH_NEXT_MAX_ROWS = 64 << 10
-# dsa_topk's ``prefetch``: the first multi-program pass asks L2 for this many bytes (0: off)
-TOPK_PREFETCH_BYTES = 0
+# dsa_topk's ``prefetch``: the first multi-program pass asks L2 for this many bytes (0: off), over rows
+# longer than PREFETCH_NEXT_MAX_ROWS (there the attention asks for none) and at most
+# TOPK_PREFETCH_MAX_ROWS. H100, 2026-11-28, the ~1B deepseek-v32 step, best of 2, ms, the attention's 12
+# MB (base) vs the top-k's 12 / 24 / 36 MB (decode_ab_h100_prefetch_topk.json): 128K 1.3661 vs 1.3480 /
+# 1.3499 / 1.3725; 32K 1.1615 vs 1.2057 / 1.2913 / 1.3847 (there the pass launches while the index
+# scores stream their keys from DRAM).
+TOPK_PREFETCH_BYTES = 12 << 20
+TOPK_PREFETCH_MAX_ROWS = 256 << 10
 # Split slots across programs until there are about this many programs per SM.
 PROGRAMS_PER_SM = 2
 # The split combine's launch (combine_shape): value columns cut for about this many programs per SM
@@ -1965,7 +1971,8 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, ST=state if TOPK_PASSES_CARRY else hist,
                 CARRY=TOPK_PASSES_CARRY, num_warps=8, **launch_options(pdl))
     pf = {}
-    if pdl and prefetch is not None and TOPK_PREFETCH_BYTES > 0 and prefetch.data_ptr() % 16 == 0:
+    if (pdl and prefetch is not None and TOPK_PREFETCH_BYTES > 0 and prefetch.data_ptr() % 16 == 0
+            and PREFETCH_NEXT_MAX_ROWS < S <= TOPK_PREFETCH_MAX_ROWS):
         nbytes = min(TOPK_PREFETCH_BYTES, prefetch.numel() * prefetch.element_size()) // 16 * 16
         pf = dict(PF=prefetch, pf_bytes=nbytes, PF_CHUNK=PREFETCH_NEXT_CHUNK) if nbytes else {}
     for level in range(4):  # (with scratch given, the index scores were written by the kernel just before)
