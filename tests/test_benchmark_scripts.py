@@ -269,3 +269,17 @@ def test_decode_timeline_configs(monkeypatch):
     assert kd.WAVES == waves
     with pytest.raises(SystemExit):
         timeline.main(["--tiny", "--device", "cpu", "--presets", "llama", "--configs", "decode.NOPE=1"])
+
+
+def test_gemv_l2_gpu_refuses_without_a_gpu(monkeypatch):
+    """benchmarks/gemv_l2_gpu.py is GPU-only: without CUDA, or with bad sizes, a usage error."""
+    import torch
+
+    script = load("gemv_l2_gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        script.main([])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bad in (["--mb", "a,b"], ["--reps", "0"], ["--mb", "-1"]):
+        with pytest.raises(SystemExit):
+            script.main(bad)
