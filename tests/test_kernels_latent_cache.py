@@ -309,11 +309,11 @@ def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count, fold):
     const = dict(H=16, DN=128, DR=64, R=512, BR=512, BDR=64, NQ=16 * 192 + HI * DI, INDEX=index, HI=HI, DI=DI,
                  BHI=max(HI, 1), BDI=max(DI, 1), ROPE=rope, TABLES=tables, ZERO_CENTERED=False, PDL=True,
                  COUNT=count, NPROG=16 + 1 + (1 + HI if index else 0), FOLD=fold, BD=128, BLOCK_R=64,
-                 INTERP=False, EARLY_PARTNERS=True, ZERO_BLOCK=1024 if index else 0)
+                 INTERP=False, EARLY_PARTNERS=True)
     ptr = dict(Q="*bf16", KV="*bf16", Q_LAT="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32",
                PARTNER_Q="*i64", PARTNER_K="*i64", NORM_W="*bf16", OUT="*bf16", LATENT="*bf16", QI="*bf16",
                W_OUT="*fp32", INDEX_KEYS="*bf16", K_NORM_W="*bf16", K_NORM_B="*bf16", TICKETS="*i32",
-               W_UK="*bf16", ZERO="*i32")
+               W_UK="*bf16")
     kernel = compile_sm90(fn, const, ptr, floats=("eps", "factor", "k_eps", "w_scale"),
                           ints=dict(stride_cache_b="i64", stride_cache_s="i64", stride_ik_b="i64",
                                     stride_ik_s="i64"), num_warps=num_warps(512))
@@ -372,34 +372,6 @@ def test_interp_q_lat_computed_in_the_launch(name, dtype):
     q, kv, _ = inputs(mla, x)
     with torch.no_grad():
         check_against_reference(mla, cache, q, kv, None, None, *TOL[dtype], count_token=True)
-
-
-@interp
-def test_interp_zeroes_the_topk_buffers():
-    """zero (DSA): the same launch sets the whole buffer to zero (more ints than programs x a store
-    block, so each program loops), and still writes what the reference writes; an MLA layer, or a
-    buffer that is not contiguous 1-D int32, is refused by name."""
-    from attnlab.kernels.latent_cache import latent_write, latent_write_reference
-
-    mla, cache, x = make("dsa_lora")
-    q, kv, _ = inputs(mla, x)
-    zero = torch.randint(1, 9, (70_001,), dtype=torch.int32)
-    with torch.no_grad():
-        ref = clone(cache)
-        want = latent_write_reference(mla, q, kv, None, ref, count_token=True)
-        got = latent_write(mla, q, kv, None, cache, count_token=True, zero=zero)
-    assert not zero.any()
-    rtol, atol = TOL[torch.float32]
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
-    assert torch.equal(cache.lengths, ref.lengths)
-    with torch.no_grad():
-        for bad in (zero.long(), zero[:70_000].view(7, -1), zero[::2]):
-            with pytest.raises(ValueError, match="zero"):
-                latent_write(mla, q, kv, None, cache, zero=bad)
-        plain, plain_cache, px = make("lora_interleaved")
-        with pytest.raises(ValueError, match="zero"):
-            latent_write(plain, *inputs(plain, px)[:2], None, plain_cache, zero=zero)
 
 
 @interp

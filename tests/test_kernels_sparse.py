@@ -413,44 +413,6 @@ def test_interp_index_scores_row_lengths():
 
 
 @interp
-def test_interp_index_topk_in_one_launch(monkeypatch):
-    """dsa_index_topk (the fused top-k computing its chunk's indexer scores itself) selects exactly what
-    dsa_index_scores then dsa_topk select: integer-valued operands and power-of-two head weights make
-    every score exact, with many ties (the tie rule: earlier positions first); keys past a row's length
-    (NaN here) never chosen, an empty row all -1, k above the valid keys; the set is the torch oracle's."""
-    from attnlab.kernels import sparse as ks
-
-    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM", 10.0)  # three rows on the fused path
-    gen = torch.Generator().manual_seed(31)
-    B, S, H, D = 3, 300, 8, 32
-    q = torch.randint(-3, 4, (B, 1, H, D), generator=gen).to(torch.bfloat16)
-    k = torch.randint(-3, 4, (B, S, D), generator=gen).to(torch.bfloat16)
-    sign = torch.where(torch.rand(B, 1, H, generator=gen) < 0.3, -1.0, 1.0)
-    w = 2.0 ** torch.randint(-2, 2, (B, 1, H), generator=gen).float() * sign
-    n_valid = torch.tensor([S, 157, 0])
-    k_dirty = k.clone()
-    k_dirty[1, 157:] = float("nan")
-    for topk in (50, 200, 400):
-        assert ks.index_topk_fusable(q, k, topk)
-        got = ks.dsa_index_topk(q, k_dirty, w, n_valid, topk)
-        two = ks.dsa_topk(ks.dsa_index_scores(q, k_dirty, w, n_valid=n_valid), topk, causal=False, sort=False)
-        assert torch.equal(got, two), topk
-        scores = ops.dsa_index_scores(q.double(), k.double(), w.double(), mode="torch", n_valid=n_valid)
-        want = ops.dsa_topk(scores, topk, causal=False, mode="torch")  # (B, 1, topk), sorted by score
-        for b in range(B):
-            assert sorted(got[b, 0].tolist()) == sorted(want[b, 0].tolist()), (topk, b)
-        assert (got[2] == -1).all() and (got[1] < 157).all()
-    long = torch.zeros(B, 20000, D, dtype=q.dtype)  # past the candidate path
-    assert not ks.index_topk_fusable(q, long, 4)
-    with pytest.raises(ValueError, match="index_topk_fusable"):
-        ks.dsa_index_topk(q, long, w, n_valid, 4)
-    assert not ks.index_topk_fusable(q.float(), k.float(), 50)  # 16-bit operands only
-    assert not ks.index_topk_fusable(q.expand(B, 2, H, D), k, 50)  # one query row a batch row
-    with pytest.raises(ValueError, match="n_valid"):
-        ks.dsa_index_topk(q, k, w, n_valid[:2], 50)
-
-
-@interp
 def test_interp_index_scores_fp8():
     """FP8 e4m3 operands with per-row scales: a few percent from the exact scores (3 mantissa bits)."""
     from attnlab.kernels import sparse as ks
@@ -834,26 +796,6 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     assert "LOCAL:0 " in res and stack == 0, res
     ptx = compiled.asm["ptx"]
     assert -1 < ptx.find("ld.global") < ptx.find("griddepcontrol.wait"), kernel
-
-
-@needs_sm90_toolchain
-def test_topk_fused_scores_compile_for_sm90():
-    """The fused top-k computing its chunk's indexer scores (SCORE: the ~1B D layer's indexer, 64 heads
-    x 128, a 128-score chunk a program at 4 warps, the candidate path) builds for sm_90 without spills,
-    its products on the tensor cores, and reads nothing before the PDL wait."""
-    from attnlab.kernels import sparse as ks
-
-    ptrs = {"SC": "*fp32", "HIST": "*i32", "CTR": "*i32", "CNT": "*i32", "H16": "*i32", "CAND": "*i64",
-            "OUT": "*i64", "Q": "*bf16", "KI": "*bf16", "WI": "*fp32", "NV": "*i64"}
-    const = dict(CAUSAL=False, BLOCK=128, CHUNK=128, PDL=True, BCH=64, POSITIONS=True, CAND_MAX=256,
-                 MATCH_MAX=4096, EARLY=False, SCORE=True, D_I=128, BD_I=128, BH_I=64, PREC="tf32",
-                 INTERP=False)
-    compiled = compile_sm90(ks._topk_fused, const, ptrs, num_warps=4)
-    regs, stack, res = sm90_usage(compiled)
-    assert "LOCAL:0 " in res and stack == 0, res
-    ptx = compiled.asm["ptx"]
-    assert "mma" in ptx
-    assert -1 < ptx.find("griddepcontrol.wait") < ptx.find("ld.global")
 
 
 @interp

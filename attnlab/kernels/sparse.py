@@ -842,42 +842,6 @@ def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CA
 
 
 @triton.jit
-def _topk_chunk_scores(Q, KI, WI, NV, S, chunk, N_CHUNK, stride_qb, stride_qh, stride_kb, stride_ks,
-                       stride_wb, H, D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, CHUNK: tl.constexpr,
-                       PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
-    """_topk_chunk_keys (CHUNK > 0) for a decode row (T = 1) whose scores are not in memory: the
-    program computes the indexer scores of its chunk itself, as _index_scores_kernel's KEY_ROWS form
-    does (relu(k qᵀ) weighted by the head weights WI, summed over the H heads in each key's rows;
-    keys at or past NV[b] and past S -inf), after the PDL wait (q, the head weights, the newest key and
-    the length come from the kernel before); only then may the next kernel launch."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    r = pid // N_CHUNK
-    c = pid % N_CHUNK
-    b = r.to(tl.int64)
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, S)
-    cols = lo + tl.arange(0, CHUNK)
-    ok = cols < hi
-    d = tl.arange(0, BD)
-    hq = tl.arange(0, BH)
-    q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + d[None, :],
-                mask=(hq < H)[:, None] & (d < D)[None, :], other=0.0)  # (BH, BD)
-    w = tl.load(WI + b * stride_wb + hq, mask=hq < H, other=0.0).to(tl.float32)  # (BH,)
-    n_ok = tl.minimum(tl.maximum(tl.load(NV + b).to(tl.int32), 0), hi)
-    k = tl.load(KI + b * stride_kb + cols[:, None].to(tl.int64) * stride_ks + d[None, :],
-                mask=(ok & (cols < n_ok))[:, None] & (d < D)[None, :], other=0.0)  # (CHUNK, BD)
-    logits = _mm(k, tl.trans(q), PREC, INTERP)  # (CHUNK, BH)
-    x = tl.sum(tl.maximum(logits, 0.0) * w[None, :], 1)  # (CHUNK,)
-    x = tl.where(cols < n_ok, x, float("-inf"))
-    bits = (x + 0.0).to(tl.int32, bitcast=True)  # as _topk_keys: -0.0 ties with +0.0
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return r, c, lo, hi, key, cols, ok
-
-
-@triton.jit
 def _topk_hist(SC, HIST, S, T, chunk, stride_r, k_eff, N_CHUNK,
                LEVEL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 0,
                PDL: tl.constexpr = False, RELAXED: tl.constexpr = False, MATCH_MAX: tl.constexpr = 0,
@@ -1041,10 +1005,7 @@ def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL:
 def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
                 CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
-                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True,
-                SCORE: tl.constexpr = False, Q=None, KI=None, WI=None, NV=None, stride_qb=0, stride_qh=0,
-                stride_kb=0, stride_ks=0, stride_wb=0, H_I=0, D_I: tl.constexpr = 1, BD_I: tl.constexpr = 1,
-                BH_I: tl.constexpr = 1, PREC: tl.constexpr = "ieee", INTERP: tl.constexpr = False):
+                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -1064,16 +1025,9 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     (each decides from the same row totals). CHUNK > 0 (a power of two >= chunk): each program reads its
     chunk's scores once into registers (_topk_chunk_keys) and every pass works on them; else each
     pass reads them again in BLOCK steps. MATCH_MAX: _topk_level_adds (levels 1-3). EARLY:
-    _topk_chunk_keys. SCORE (decode rows, CHUNK > 0, not CAUSAL): no scores in memory (SC unused); each
-    program computes its chunk's indexer scores from Q [B, H_I, D_I], the key cache KI [B, S, D_I],
-    the head weights WI [B, H_I] and the lengths NV [B] (_topk_chunk_scores), one launch fewer."""
-    if SCORE:
-        r, c, lo, hi, key, cols, ok = _topk_chunk_scores(Q, KI, WI, NV, S, chunk, N_CHUNK, stride_qb,
-                                                         stride_qh, stride_kb, stride_ks, stride_wb, H_I, D_I,
-                                                         BD_I, BH_I, CHUNK, PREC, INTERP, PDL)
-    else:
-        r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
-                                                       EARLY)
+    _topk_chunk_keys."""
+    r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
+                                                   EARLY)
     pid = r * N_CHUNK + c
     hist = HIST + r.to(tl.int64) * (4 * 256)
     ctr = CTR + r * 2  # the row's barrier counter, then its candidate count
@@ -2035,79 +1989,6 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     return out
 
 
-# A decode row short enough for the fused top-k's candidate path computes its indexer scores inside the
-# top-k (dsa_index_topk: _topk_fused's SCORE): no index-scores launch, no scores written and read back.
-# False: the two launches (dsa_index_scores then dsa_topk), to compare on a GPU.
-INDEX_IN_TOPK = True
-
-
-def index_topk_fusable(q: torch.Tensor, k: torch.Tensor, topk: int,
-                       k_scale: torch.Tensor | None = None) -> bool:
-    """Whether :func:`dsa_index_topk` takes indexer queries q [B, 1, H_I, D_I] over keys k [B, S, D_I]
-    (INDEX_IN_TOPK; 16-bit keys of q's dtype; rows on the fused top-k's candidate path, each program's
-    chunk in registers)."""
-    if k_scale is not None or q.dim() != 4 or q.shape[1] != 1 or k.dim() != 3:
-        return False
-    return _index_topk_fusable(q.shape[0], k.shape[1], topk, q.dtype, k.dtype, q.device)
-
-
-def _index_topk_fusable(B: int, S: int, topk: int, q_dtype: torch.dtype, k_dtype: torch.dtype,
-                        device: torch.device) -> bool:
-    """index_topk_fusable from the sizes: B decode rows over S keys."""
-    if not INDEX_IN_TOPK or q_dtype not in (torch.bfloat16, torch.float16) or k_dtype != q_dtype:
-        return False
-    if S == 0 or B == 0 or not _topk_candidates_max(B, S):
-        return False
-    if _topk_plan(B, S, min(topk, S), device)[0] != "fused":
-        return False
-    return _topk_fused_shape(B, S, device)[3] > 0
-
-
-def dsa_index_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_valid: torch.Tensor, topk: int,
-                   scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """``dsa_topk(dsa_index_scores(q, k, w, n_valid=n_valid), topk, causal=False, sort=False)`` in ONE
-    launch for decode rows (:func:`index_topk_fusable`): each program of the fused top-k computes its
-    chunk's scores itself (the same products and sums as the index-scores kernel's decode form).
-
-    Args:
-        q: [B, 1, H_I, D_I] bf16 / fp16. k: [B, S, D_I], q's dtype. w: [B, 1, H_I] head weights (every
-            scale folded in). n_valid: int64 / int32 [B]: keys at or past it score -inf.
-        topk: k >= 1. scratch: as dsa_topk's (``topk_scratch_numel`` zeros, set by the kernel launched
-            just before), or None (a fill launch).
-
-    Returns:
-        int64 [B, 1, topk]: the selected positions in position order, -1 for -inf scores and past S.
-    """
-    check_tensor("q", q, 4, "[B, 1, H_I, D_I]", shape=(None, 1, None, None),
-                 dtypes=(torch.bfloat16, torch.float16))
-    check_tensor("k", k, 3, "[B, S, D_I]", shape=(q.shape[0], None, q.shape[3]), dtypes=(q.dtype,))
-    check_tensor("w", w, 3, "[B, 1, H_I]", shape=q.shape[:3])
-    check_tensor("n_valid", n_valid, 1, "[B]", shape=(q.shape[0],), dtypes=(torch.int64, torch.int32))
-    check_same_device(q=q, k=k, w=w, n_valid=n_valid)
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
-    if not index_topk_fusable(q, k, topk):
-        raise ValueError(f"dsa_index_topk: q {tuple(q.shape)} {q.dtype} over keys {tuple(k.shape)} {k.dtype} "
-                         "is not a decode row the fused top-k takes (index_topk_fusable); call "
-                         "dsa_index_scores then dsa_topk")
-    B, _, H, D = q.shape
-    S = k.shape[1]
-    k_eff = min(topk, S)
-    n_zero = _topk_plan(B, S, k_eff, q.device)[1]
-    if scratch is not None:
-        _check_scratch("scratch", scratch, q.device)
-        if scratch.numel() < n_zero:
-            raise ValueError(f"scratch: {scratch.numel()} int32 elements, this top-k needs {n_zero} "
-                             f"(topk_scratch_numel)")
-    q, k, w = _last_contiguous(q), _last_contiguous(k), _last_contiguous(w)
-    out = _empty(B, 1, topk, dtype=torch.int64, device=q.device)
-    score = dict(SCORE=True, Q=q, KI=k, WI=w, NV=n_valid, stride_qb=q.stride(0), stride_qh=q.stride(2),
-                 stride_kb=k.stride(0), stride_ks=k.stride(1), stride_wb=w.stride(0), H_I=H, D_I=D,
-                 BD_I=_pow2(D), BH_I=_pow2(H), PREC=_precision(q.dtype), INTERP=_INTERPRET)
-    _topk_fused_launch(None, out.view(B, topk), S, 1, k_eff, topk, False, False, scratch, score)
-    return out
-
-
 def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
                       causal: bool, sort: bool = True) -> None:
     """_topk_row over the R rows of sc [R, S] into res [R, topk]: sorted in the program
@@ -2141,48 +2022,37 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
                                                     BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
 
 
-def _topk_fused_shape(R: int, S: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(scores per step, chunks per row, scores per chunk, its register tile (0: none), warps) of
-    _topk_fused over R rows of S scores: a row's chunks, at most SMs // R of them, one program each."""
+def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
+                       causal: bool, sort: bool, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
+    row's chunks, at most SMs // R of them, are one program each, so every program is resident.
+    ``scratch``: dsa_topk's. Returns each row's count of candidates (int32 [R]; 0 where the row took
+    the five-barrier path)."""
+    R = sc.shape[0]
     cand_max = _topk_candidates_max(R, S)
     block = TOPK_CANDIDATES_BLOCK if cand_max else TOPK_FUSED_BLOCK
-    n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(device) // R, triton.cdiv(S, block)))
+    n_chunks = 1 if _INTERPRET else max(1, min(_num_sms(sc.device) // R, triton.cdiv(S, block)))
     warps = 4
     if not cand_max and triton.cdiv(S, n_chunks) >= TOPK_FUSED_WIDE_MIN_CHUNK:  # long chunks: wider steps
         block, warps = TOPK_FUSED_WIDE_BLOCK, 8
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), block) * block
-    reg = _pow2(chunk) if chunk <= TOPK_FUSED_REG_CHUNK_MAX else 0
-    return block, triton.cdiv(S, chunk), chunk, reg, warps
-
-
-def _topk_fused_launch(sc: torch.Tensor | None, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
-                       causal: bool, sort: bool, scratch: torch.Tensor | None = None,
-                       score: dict | None = None) -> torch.Tensor:
-    """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
-    row's chunks, at most SMs // R of them, are one program each, so every program is resident.
-    ``scratch``: dsa_topk's. ``score``: no sc (None); the kernel's SCORE arguments, with which it
-    computes the indexer scores itself. Returns each row's count of candidates (int32 [R]; 0 where
-    the row took the five-barrier path)."""
-    R = res.shape[0]
-    device = res.device
-    cand_max = _topk_candidates_max(R, S)
-    block, n_chunks, chunk, reg, warps = _topk_fused_shape(R, S, device)
+    n_chunks = triton.cdiv(S, chunk)
     # histograms, counters (barrier, candidates) and the 16-bit histograms: zero at launch, one fill
     # (or the scratch the index scores zeroed)
     n_sync = _topk_fused_sync_numel(R, S)
-    sync = torch.zeros(n_sync, dtype=torch.int32, device=device) if scratch is None else scratch[:n_sync]
+    sync = torch.zeros(n_sync, dtype=torch.int32, device=sc.device) if scratch is None else scratch[:n_sync]
     hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 : R * (4 * 256 + 2)]
     fine = sync[R * (4 * 256 + 2) :] if cand_max else sync
-    cand = torch.empty(R, max(cand_max, 1), dtype=torch.int64, device=device)  # one unused slot for 0
-    cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=device)
-    sel = torch.empty(R, k_eff, dtype=torch.int64, device=device) if sort else res
-    pdl = use_pdl(device)
-    _topk_fused[(R * n_chunks,)](sc if sc is not None else res, hist, ctr, cnt, fine, cand, sel, S, T, chunk,
-                                 sc.stride(0) if sc is not None else 0, sel.stride(0), k_eff,
-                                 topk if not sort else k_eff, n_chunks, CAUSAL=causal,
+    cand = torch.empty(R, max(cand_max, 1), dtype=torch.int64, device=sc.device)  # one unused slot for 0
+    cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
+    sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res
+    pdl = use_pdl(sc.device)
+    reg = _pow2(chunk) if chunk <= TOPK_FUSED_REG_CHUNK_MAX else 0
+    _topk_fused[(R * n_chunks,)](sc, hist, ctr, cnt, fine, cand, sel, S, T, chunk, sc.stride(0),
+                                 sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
                                  PDL=pdl, CHUNK=reg, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX, EARLY=scratch is None,
-                                 num_warps=warps, **(score or {}), **launch_options(pdl))
+                                 num_warps=warps, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:

@@ -230,36 +230,20 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     cache with each row's length as its bound (no host sync: CUDA-graph safe). Positions past a
     row's length score -inf and are never chosen, so this selects what the layer's own decode step
     (which scores the first max(lengths) slots) selects. ``prefetch``: weights the block reads next
-    (its MLP's gate|up), which the sparse attention's programs ask L2 for (PREFETCH_MLP). Rows short
-    enough for the fused top-k's candidate path score and select in one launch
-    (``kernels.sparse.dsa_index_topk``), whose buffers latent_write zeroes."""
+    (its MLP's gate|up), which the sparse attention's programs ask L2 for (PREFETCH_MLP)."""
     from ..kernels.latent_cache import latent_write
     from ..ops.softmax import _sparse_kernel
 
     R = dsa.kv_lora_rank
     q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
-    B, S = q.shape[0], cache.index_keys.shape[1]
-    k = min(dsa.index_topk, S)
-    one_launch, zero = False, None
-    if _sparse_kernel("auto", "dsa_index_scores", q) is not None:  # the Triton kernels
-        from ..kernels import sparse as ks
-
-        one_launch = ks._index_topk_fusable(B, S, k, q.dtype, cache.index_keys.dtype, q.device)
-    if one_launch:  # the top-k computes the scores itself (INDEX_IN_TOPK); latent_write zeroes its buffers
-        n = ks.topk_scratch_numel(B, 1, S, k, q.device)
-        zero = torch.empty(n, dtype=torch.int32, device=q.device) if n else None
-    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True,
-                                   zero=zero)
+    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
     # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
     # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
     # the layer counts it
     dtype = q_abs.dtype
-    if one_launch:
-        idx = ks.dsa_index_topk(q_idx[:, None], cache.index_keys, w[:, None], cache.lengths, k, zero)
-    else:
-        keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-        idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk,
-                          prefetch if PREFETCH_MLP else None)  # (B, 1, k)
+    keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
+    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk,
+                      prefetch if PREFETCH_MLP else None)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     kernel = None
     if prefetch is not None and PREFETCH_MLP:
