@@ -798,6 +798,36 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     assert -1 < ptx.find("ld.global") < ptx.find("griddepcontrol.wait"), kernel
 
 
+@needs_sm90_toolchain
+@pytest.mark.parametrize("kernel", ["_latent_attn_fwd", "_topk_hist"])
+def test_prefetch_hints_compile_for_sm90(kernel):
+    """The decode kernels that ask L2 for a later kernel's weights (the DSA row's sparse attention at
+    its "sparse" shape, the top-k's first multi-program pass) build for sm_90 without spills and issue
+    the bulk prefetches before their PDL wait."""
+    from attnlab.kernels import sparse as ks
+
+    fn = getattr(ks, kernel)
+    if kernel == "_topk_hist":
+        ptrs = {"SC": "*fp32", "HIST": "*i32", "ST": "*i32", "PF": "*bf16"}
+        const = dict(LEVEL=0, CAUSAL=False, BLOCK=1024, CHUNK=1024, PDL=True, RELAXED=True, MATCH_MAX=4096,
+                     EARLY=False, CARRY=True, PF_CHUNK=ks.PREFETCH_NEXT_CHUNK)
+        compiled = compile_sm90(fn, const, ptrs, num_warps=8)
+    else:
+        cfg = ks.TUNING["sparse"]
+        ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "IDX": "*i64", "NVALID": "*i64", "TABLE": "*i64",
+                "O": "*bf16", "LSE": "*fp32", "OP": "*fp32", "LP": "*fp32", "PF_NEXT": "*bf16"}
+        const = dict(GATHER=1, PAGE=1, DK1=512, BD1=512, DK2=64, BD2=64, D_V=512, BDV=512, NUM_DVB=1,
+                     V_IS_K=True, BLOCK_H=16, BLOCK_N=cfg["BLOCK_N"], SPLIT_OUT=True, PREC="tf32",
+                     ROW64=False, SHARE_QK=False, INTERP=False, PDL=True, PF_SLOTS=0,
+                     PF_NEXT_CHUNK=ks.PREFETCH_NEXT_CHUNK)
+        compiled = compile_sm90(fn, const, ptrs, floats=("sm_scale",), ints={"pf_next_bytes": "i64"},
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    regs, stack, res = sm90_usage(compiled)
+    assert "LOCAL:0 " in res and stack == 0, res
+    ptx = compiled.asm["ptx"]
+    assert -1 < ptx.find("cp.async.bulk.prefetch.L2") < ptx.find("griddepcontrol.wait")
+
+
 @interp
 def test_interp_topk_decode_rows_take_the_fused_path(monkeypatch):
     """A decode row (few rows per SM) takes the one-launch fused path even when short enough for the
@@ -1096,6 +1126,25 @@ def test_gpu_mla_decode_matches_oracle(b, s):
         table = perm.view(b, s // 64).int()
         o_paged = ks.paged_decode(q, shuffled, shuffled[..., :512], table, n_valid)
         assert rel_err(o_paged, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_prefetch_hints_change_nothing():
+    """The L2 prefetch hints (a decode row's sparse attention and the first multi-program top-k pass
+    asking for a weight a later kernel reads) leave the results bit for bit as they are without, and
+    a tensor too small for the bytes asked (or of odd alignment) is clamped / skipped."""
+    from attnlab.kernels import sparse as ks
+
+    weight = torch.randn(10944, 2048, device="cuda", dtype=torch.bfloat16)  # the ~1B MLP's gate|up
+    q, k, v, idx = _gpu_inputs_mla(1, 1, 16, 4096, 2048, seed=5)
+    o = ks.sparse_attention(q, k, v, idx)
+    for hint in (weight, weight[:3], weight.view(-1)[1:]):
+        assert torch.equal(ks.sparse_attention(q, k, v, idx, prefetch=hint), o)
+    scores = torch.randn(1, 1, 100_000, device="cuda")
+    assert ks.PREFETCH_NEXT_MAX_ROWS < 100_000 <= ks.TOPK_PREFETCH_MAX_ROWS  # the top-k's pass asks
+    want = ks.dsa_topk(scores, 2048, causal=False, sort=False)
+    for hint in (weight, weight[:3]):
+        assert torch.equal(ks.dsa_topk(scores, 2048, causal=False, sort=False, prefetch=hint), want)
 
 
 @pytest.mark.gpu

@@ -68,8 +68,9 @@ FOLD_ABSORB_Q = os.environ.get("ATTNLAB_FOLD_ABSORB_Q", "1") != "0"
 # D: the index-scores launch zeroes the top-k's buffers (no fill launch between the two); False: the
 # ops' calls, with the top-k's own fill launch, to compare on a GPU
 INDEX_TOPK_SCRATCH = True
-# D: the sparse attention asks L2 for the first bytes of the block's MLP gate|up weight
-# (attnlab.kernels.sparse.PREFETCH_NEXT_BYTES) while the attention stretch leaves DRAM idle; False: not
+# D: a kernel of the attention stretch asks L2 for the first bytes of the block's MLP gate|up weight while
+# DRAM is otherwise idle: the sparse attention (caches up to attnlab.kernels.sparse.PREFETCH_NEXT_MAX_ROWS
+# rows) or the top-k's first multi-program pass (longer ones, TOPK_PREFETCH_BYTES); False: neither
 PREFETCH_MLP = True
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
 # interpreter tests check the plain step's kernels
@@ -230,11 +231,12 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     cache with each row's length as its bound (no host sync: CUDA-graph safe). Positions past a
     row's length score -inf and are never chosen, so this selects what the layer's own decode step
     (which scores the first max(lengths) slots) selects. ``prefetch``: weights the block reads next
-    (its MLP's gate|up), which the sparse attention's programs ask L2 for (PREFETCH_MLP)."""
+    (its MLP's gate|up), which the top-k or the sparse attention asks L2 for (PREFETCH_MLP)."""
     from ..kernels.latent_cache import latent_write
     from ..ops.softmax import _sparse_kernel
 
     R = dsa.kv_lora_rank
+    prefetch = prefetch if PREFETCH_MLP else None
     q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
     q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
     # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
@@ -242,11 +244,10 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     # the layer counts it
     dtype = q_abs.dtype
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk,
-                      prefetch if PREFETCH_MLP else None)  # (B, 1, k)
+    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     kernel = None
-    if prefetch is not None and PREFETCH_MLP:
+    if prefetch is not None:
         kernel = _sparse_kernel("auto", "sparse_attention", q_abs)  # kernels.sparse.sparse_attention or None
     if kernel is not None:  # the kernel itself, given the weights to prefetch
         o_lat = kernel(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale, prefetch=prefetch)
