@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -114,17 +115,24 @@ def _set(module, path: list[str], value) -> object:
     return old
 
 
-def time_config(model, config: list, context: int, steps: int, device: str, dtype: torch.dtype,
-                mode: str) -> float:
-    """ms per token of the step with ``config`` set, restored after (also on an error)."""
+@contextlib.contextmanager
+def applied(config: list):
+    """``config`` (parse_config's) set while the block runs, restored after (also on an error)."""
     done = []
     try:
         for module, path, value in config:
             done.append((module, path, _set(module, path, copy.deepcopy(value))))
-        return dg.time_ours(model, context, steps, device, dtype, mode)["ms"]
+        yield
     finally:
         for module, path, old in reversed(done):
             _set(module, path, old)
+
+
+def time_config(model, config: list, context: int, steps: int, device: str, dtype: torch.dtype,
+                mode: str) -> float:
+    """ms per token of the step with ``config`` set, restored after (also on an error)."""
+    with applied(config):
+        return dg.time_ours(model, context, steps, device, dtype, mode)["ms"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

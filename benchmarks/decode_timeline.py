@@ -120,14 +120,8 @@ def by_kind(rounds: list[list[dict]]) -> dict[str, dict]:
 def measure(model, preset: str, context: int, rounds: int, device: str, dtype: torch.dtype,
             config: list | None = None) -> dict:
     """The step's timeline with ``config`` (decode_ab.parse_config's) set, restored after."""
-    done = []
-    try:
-        for module, path, value in config or []:
-            done.append((module, path, decode_ab._set(module, path, value)))
+    with decode_ab.applied(config or []):
         return _measure(model, preset, context, rounds, device, dtype)
-    finally:
-        for module, path, old in reversed(done):
-            decode_ab._set(module, path, old)
 
 
 def _measure(model, preset: str, context: int, rounds: int, device: str, dtype: torch.dtype) -> dict:

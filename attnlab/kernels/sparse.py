@@ -1325,6 +1325,14 @@ def _attend(
     raise RuntimeError(f"no launch shape for {tuning!r} compiled") from last_error
 
 
+def _prefetch_bytes(t: torch.Tensor | None, limit: int) -> int:
+    """How many of tensor t's first bytes a kernel may ask L2 for (_prefetch_share): at most ``limit``,
+    a multiple of 16 from a 16-byte aligned start; 0 for none (no tensor, a misaligned one, limit 0)."""
+    if t is None or limit <= 0 or t.data_ptr() % 16:
+        return 0
+    return min(limit, t.numel() * t.element_size()) // 16 * 16
+
+
 def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_splits, cfg,
                  dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch=None):
     B, T, H, D = q.shape
@@ -1365,12 +1373,11 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
     pf_ok = (pdl and gather == _GATHER_DENSE and v_is_k and n_valid is not None and k.data_ptr() % 16 == 0
              and (k.stride(1) * k.element_size()) % 16 == 0)
     pf_slots = cfg.get("PF_BLOCKS", 0) * cfg["BLOCK_N"] if pf_ok else 0
+    nbytes = (_prefetch_bytes(prefetch, PREFETCH_NEXT_BYTES)
+              if pdl and n_rows <= PREFETCH_NEXT_MAX_ROWS else 0)
     pf_next = {}
-    if (pdl and prefetch is not None and PREFETCH_NEXT_BYTES > 0 and prefetch.data_ptr() % 16 == 0
-            and n_rows <= PREFETCH_NEXT_MAX_ROWS):
-        nbytes = min(PREFETCH_NEXT_BYTES, prefetch.numel() * prefetch.element_size()) // 16 * 16
-        if nbytes:
-            pf_next = dict(PF_NEXT=prefetch, pf_next_bytes=nbytes, PF_NEXT_CHUNK=PREFETCH_NEXT_CHUNK)
+    if nbytes:  # the MLP's weights asked of L2 before the wait
+        pf_next = dict(PF_NEXT=prefetch, pf_next_bytes=nbytes, PF_NEXT_CHUNK=PREFETCH_NEXT_CHUNK)
     _latent_attn_fwd[grid](
         q, k, v,
         idx if idx is not None else dummy,
@@ -1970,11 +1977,9 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     reg = _pow2(chunk) if chunk <= TOPK_REG_CHUNK_MAX else 0
     opts = dict(CAUSAL=causal, BLOCK=TOPK_BLOCK, CHUNK=reg, PDL=pdl, ST=state if TOPK_PASSES_CARRY else hist,
                 CARRY=TOPK_PASSES_CARRY, num_warps=8, **launch_options(pdl))
-    pf = {}
-    if (pdl and prefetch is not None and TOPK_PREFETCH_BYTES > 0 and prefetch.data_ptr() % 16 == 0
-            and PREFETCH_NEXT_MAX_ROWS < S <= TOPK_PREFETCH_MAX_ROWS):
-        nbytes = min(TOPK_PREFETCH_BYTES, prefetch.numel() * prefetch.element_size()) // 16 * 16
-        pf = dict(PF=prefetch, pf_bytes=nbytes, PF_CHUNK=PREFETCH_NEXT_CHUNK) if nbytes else {}
+    nbytes = (_prefetch_bytes(prefetch, TOPK_PREFETCH_BYTES)
+              if pdl and PREFETCH_NEXT_MAX_ROWS < S <= TOPK_PREFETCH_MAX_ROWS else 0)
+    pf = dict(PF=prefetch, pf_bytes=nbytes, PF_CHUNK=PREFETCH_NEXT_CHUNK) if nbytes else {}
     for level in range(4):  # (with scratch given, the index scores were written by the kernel just before)
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
                          EARLY=level > 0 or scratch is None, **(pf if level == 0 else {}), **opts)
