@@ -79,9 +79,6 @@ PREFETCH_MLP = True
 # waiting last), the top-k, a latent_write part 2 (the absorbed query, while the top-k runs), the
 # attention. False: one query GEMV and one latent_write before the index scores
 DSA_OVERLAP = True
-# DSA_OVERLAP's MLA query GEMV: "between" the index scores and the top-k (streaming beside them), or
-# "early", right after the indexer's (then it lets the next kernel launch late; no GEMV overlap)
-DSA_OVERLAP_QGEMV = "between"
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
 # interpreter tests check the plain step's kernels
 ON_CPU_INTERPRETER = False
@@ -294,20 +291,16 @@ def _overlapped_rows(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rot
     row = gemv(io.x, dsa.x_proj.weight(), **_norm_args(norm), x_hat_out=io.x_hat)  # (B, q_lora + N_kv)
     q_lora, kv = row[:, : dsa.q_lora_rank], row[:, dsa.q_lora_rank :]
     w_up = dsa.q_up.weight()  # (H*(dn+dr) + H_I*D_I, q_lora): the MLA heads' rows, then the indexer's
-    early = DSA_OVERLAP_QGEMV == "early"
-    q_i = gemv(q_lora, w_up[n_main:], **_norm_args(dsa.q_a_norm), pdl="chain" if early else "trigger_late")
+    q_i = gemv(q_lora, w_up[n_main:], **_norm_args(dsa.q_a_norm), pdl="trigger_late")  # (B, H_I*D_I)
+    _, q_idx, w = latent_write(dsa, q_i, kv, None, cache, rotation, count_token=True, part=1)
     main: dict[str, torch.Tensor] = {}
 
-    def mla_query() -> None:  # launched between the index scores and the top-k (or early)
-        main["q"] = gemv(q_lora, w_up[:n_main], **_norm_args(dsa.q_a_norm),
-                         pdl="trigger_late" if early else "wait_late")  # (B, H*(dn+dr))
+    def mla_query() -> None:  # launched between the index scores and the top-k
+        main["q"] = gemv(q_lora, w_up[:n_main], **_norm_args(dsa.q_a_norm), pdl="wait_late")  # (B, H*(dn+dr))
 
-    if early:
-        mla_query()
-    _, q_idx, w = latent_write(dsa, q_i, kv, None, cache, rotation, count_token=True, part=1)
     keys = _index_keys(cache, q_idx.dtype)
     idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch,
-                      between=None if early else mla_query)  # (B, 1, k)
+                      between=mla_query)  # (B, 1, k)
     q_abs, _, _ = latent_write(dsa, main["q"], kv, None, cache, rotation, part=2)  # (B, H, R + dr)
     return q_abs, idx
 
