@@ -627,7 +627,7 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
 def test_pdl_modes_compile_for_sm90(mode, persist):
     """gemv's ``pdl`` as the H100 builds it (the DSA step's query GEMVs, attnlab.layers.fused.
     _overlapped_rows: 1024 -> 8192 and 3072): "trigger_late" (1) lets the next kernel launch only after
-    its wait; "wait_late" (2) reads x with no wait before it and waits once, before its first store."""
+    its wait; "wait_late" (2) reads x with no wait before it and waits once, after its last store."""
     from attnlab.kernels import gemv as kg
 
     bn, bk, warps = (8, 1024, 4)
@@ -648,7 +648,7 @@ def test_pdl_modes_compile_for_sm90(mode, persist):
     if mode == 1:
         assert wait < trigger
     else:
-        assert trigger < wait < ptx.find("st.global")  # every store after the one wait
+        assert trigger < wait and ptx.rfind("st.global") < wait  # every store before the one wait
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,10 +255,8 @@ def _gemv_kernel(
     the previous kernel (weights are never written by the step), everything else after. PDL_MODE
     (PDL_MODES): 0 as that; 1 the next kernel may launch only once this one's wait has returned (the
     kernels before it are then complete); 2 no wait before reading x (x comes from a kernel that
-    completed before this one launched), one wait between the product and the stores, so that this
-    kernel completes only after the one before it (the next one's wait covers both) and writes its
-    output only then (the caching allocator may have given O memory that a kernel still running beside
-    this one used)."""
+    completed before this one launched), one wait at the very end, so that this kernel completes only
+    after the one before it."""
     pid = tl.program_id(0)
     if PDL and PDL_MODE != 1:
         gdc_launch_dependents()
@@ -325,8 +323,6 @@ def _gemv_kernel(
     else:
         out = tl.sum(acc, axis=2)  # (ROWS, BLOCK_N)
 
-    if PDL and PDL_MODE == 2:
-        gdc_wait()  # before the stores: O may be memory freed by a kernel still running beside this one
     if SWIGLU:  # g and u rounded as the plain GEMV's output, then silu(g) * u stored (rounded once)
         g, u = tl.split(tl.reshape(out, (ROWS, BLOCK_N // 2, 2)))  # (ROWS, BLOCK_N / 2) each
         DT = O.dtype.element_ty
@@ -334,6 +330,8 @@ def _gemv_kernel(
         _epilogue(h, pid, R, O, N // 2, keep, 1.0, M, ROWS, False, BLOCK_N // 2, INTERP)
     else:
         _epilogue(out, pid, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
+    if PDL and PDL_MODE == 2:
+        gdc_wait()  # complete only after the kernel before: the next one's wait covers both
 
 
 @triton.jit
@@ -432,9 +430,9 @@ def _gemv_persistent_kernel(
                               X.dtype.element_ty, W.dtype.element_ty, False, "ieee", INTERP, x_rows, False,
                               False)
             w_cur = w_next
-        if PDL and PDL_MODE == 2:
-            gdc_wait()  # before the first store (_gemv_kernel's PDL_MODE); returns at once after it
         _epilogue(tl.sum(acc, axis=2), t, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
+    if PDL and PDL_MODE == 2:
+        gdc_wait()  # complete only after the kernel before (_gemv_kernel's PDL_MODE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,8 +754,7 @@ def gemv(
             only once this one's wait has returned, so the kernel after it may read, without a wait of
             its own, what the kernels before this one wrote; ``"wait_late"``: x is read without waiting
             (the caller guarantees the kernel that wrote it has completed: see "trigger_late") and the
-            one wait comes between the product and the stores, so the next kernel's wait also covers
-            the kernel before this one, and nothing is written while that one may still run.
+            one wait comes last, so the next kernel's wait also covers the kernel before this one.
             The last two need a plain output (no residual, no x_hat_out).
 
     Returns:

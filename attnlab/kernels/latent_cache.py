@@ -107,16 +107,6 @@ def _layer_norm_cols(ROW, W, B_, cols, ok, mean, rstd):
 
 
 @triton.jit
-def _wait_before_stores(LATE: tl.constexpr):
-    """A late program's PDL wait, between its work and its first store (PART 1 / 2): OUT and the other
-    outputs are memory the caching allocator may have handed out again after the kernels still running
-    beside this one freed it (their buffers are freed on the host once their launch is queued), so
-    nothing is written before they have completed."""
-    if LATE:
-        gdc_wait()
-
-
-@triton.jit
 def _absorb_program(Q, W_UK, OUT, b, i, stride_qb, stride_wh, stride_wd,
                     H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
                     BLOCK_R: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
@@ -124,7 +114,7 @@ def _absorb_program(Q, W_UK, OUT, b, i, stride_qb, stride_wh, stride_wd,
     """OUT[b, h, r] = Σ_d q_nope[b, h, d] · W_UK[h, d, r] for head h = i // (R / BLOCK_R) and BLOCK_R
     columns r (as attnlab.kernels.absorb.absorb_q, one row): the [dn, BLOCK_R] weight tile loaded
     before waiting for the previous kernel, float32 sums, one rounding to OUT's dtype. WAIT_LATE: q
-    is read without waiting (_latent_write_kernel's PART 2), the wait comes before the store."""
+    is read without waiting (_latent_write_kernel's PART 2), the wait comes last."""
     n_blocks: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
     h = (i // n_blocks).to(tl.int64)
     r = (i % n_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
@@ -137,8 +127,9 @@ def _absorb_program(Q, W_UK, OUT, b, i, stride_qb, stride_wh, stride_wd,
         gdc_wait()  # q comes from the previous kernel
     q = tl.load(Q + b * stride_qb + h * (DN + DR) + d, mask=d_ok, other=0.0).to(tl.float32)  # (BD,) q_nope
     o = tl.sum(q[:, None] * w.to(tl.float32), axis=0)  # (BLOCK_R,)
-    _wait_before_stores(PDL and WAIT_LATE)
     tl.store(OUT + (b * H + h) * (R + DR) + r, _round(o, OUT.dtype.element_ty, INTERP), mask=r_ok)
+    if PDL and WAIT_LATE:
+        gdc_wait()
 
 
 @triton.jit
@@ -168,11 +159,11 @@ def _latent_write_kernel(
     PART (a DSA layer's step split in two launches, so that each overlaps other work under PDL;
     attnlab.layers.fused.DSA_OVERLAP): 0 every program above. 1 programs h = H .. H + 1 + HI (grid
     (B, 2 + HI), NPROG = 2 + HI, COUNT): the latent row and the indexer key and head weights are
-    computed WITHOUT waiting (their inputs, KV and LENGTHS, come from kernels that completed before this
-    one launched) and stored after the wait (_wait_before_stores); the indexer query heads (Q from the
-    kernel just before) wait first; then the token count. 2 programs h < H (NPROG = H) and the absorb
-    programs, with no wait before reading Q and KV (completed before this one launched), waiting
-    before their stores; the token was counted by PART 1, so the position is LENGTHS[b] - 1. Q_OFF: the column of the full query row [q heads | indexer q
+    written WITHOUT waiting (their inputs, KV and LENGTHS, come from kernels that completed before this
+    one launched), then the wait, then the indexer query heads (Q from the kernel just before) and the
+    token count. 2 programs h < H (NPROG = H) and the absorb programs, with no wait before reading Q
+    and KV (completed before this one launched) and one wait last; the token was counted by PART 1, so
+    the position is LENGTHS[b] - 1. Q_OFF: the column of the full query row [q heads | indexer q
     heads] at which Q's columns start (PART 1 takes the indexer's columns only)."""
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch
         gdc_launch_dependents()
@@ -224,14 +215,12 @@ def _latent_write_kernel(
         q_row = Q + b * stride_qb  # the query row from its column Q_OFF on (PART 1: the indexer's)
         if h < H:  # head h of the absorbed query
             out_row = OUT + (b * H + h) * (R + DR)
+            if not FOLD:  # q_lat given: copied (FOLD: the absorb programs write it)
+                lat = tl.load(Q_LAT + b * stride_lb + h * stride_lh + r, mask=r_ok)
+                tl.store(out_row + r, lat.to(OUT.dtype.element_ty), mask=r_ok)
             cols = h * (DN + DR) + DN + j  # q_pe's columns in the query row
             q_pe = _rope_cols(q_row, PARTNER_Q, cos_row, sin_row, FREQ, cols, j_ok, pos, factor,
                               ROPE, TABLES, pj)
-            if not FOLD:  # q_lat given: copied (FOLD: the absorb programs write it)
-                lat = tl.load(Q_LAT + b * stride_lb + h * stride_lh + r, mask=r_ok)
-            _wait_before_stores(PDL and PART == 2)
-            if not FOLD:
-                tl.store(out_row + r, lat.to(OUT.dtype.element_ty), mask=r_ok)
             # OUT has q's dtype: one rounding
             tl.store(out_row + R + j, q_pe.to(OUT.dtype.element_ty), mask=j_ok)
         elif h == H:  # the latent row: norm, rope, cache store
@@ -245,7 +234,6 @@ def _latent_write_kernel(
             k_pe = _rope_cols(kv_row, PARTNER_K, cos_row + NQ, sin_row + NQ, FREQ + NQ, cols, j_ok, pos,
                               factor, ROPE, TABLES, pj)
             k_pe = k_pe.to(KV.dtype.element_ty)  # _rotate's rounding
-            _wait_before_stores(PDL and PART == 1)
             dst = LATENT + b * stride_cache_b + pos * stride_cache_s  # 64-bit: B·S·(R+dr) may pass 2^31
             tl.store(dst + r, c_kv.to(LATENT.dtype.element_ty), mask=r < tl.where(room, R, 0))
             tl.store(dst + R + j, k_pe.to(LATENT.dtype.element_ty), mask=j < tl.where(room, DR, 0))
@@ -271,12 +259,11 @@ def _latent_write_kernel(
                                     pos, factor, TABLES)
                     k = k * c + kp * s
                 k = k.to(KV.dtype.element_ty)  # _rotate's rounding
+                dst = INDEX_KEYS + b * stride_ik_b + pos * stride_ik_s
+                tl.store(dst + d, k.to(INDEX_KEYS.dtype.element_ty), mask=d < tl.where(room, DI, 0))
                 e = tl.arange(0, BHI)
                 e_ok = e < HI
                 w_i = tl.load(k_row + DI + e, mask=e_ok, other=0.0).to(tl.float32) * w_scale
-                _wait_before_stores(PDL and PART == 1)
-                dst = INDEX_KEYS + b * stride_ik_b + pos * stride_ik_s
-                tl.store(dst + d, k.to(INDEX_KEYS.dtype.element_ty), mask=d < tl.where(room, DI, 0))
                 tl.store(W_OUT + b * HI + e, w_i, mask=e_ok)
             else:  # indexer query head i: rope on its first dims
                 i = h - H - 2
@@ -284,6 +271,11 @@ def _latent_write_kernel(
                 q_i = _rope_cols(q_row, PARTNER_Q, cos_row, sin_row, FREQ, cols, d_ok, pos,
                                  factor, ROPE, TABLES, pd, Q_OFF)
                 tl.store(QI + (b * HI + i) * DI + d, q_i.to(QI.dtype.element_ty), mask=d_ok)
+        if PDL and PART == 1:  # the latent row's and the indexer key's programs: wait last
+            if h < H + 2:
+                gdc_wait()
+        if PDL and PART == 2:
+            gdc_wait()  # complete only after the kernel before (the next one's wait covers both)
         if COUNT:
             if last:  # every program of the row has read the old length: count the token
                 tl.store(TICKETS + b, 0)  # all zeros again between launches (CUDA-graph replays)

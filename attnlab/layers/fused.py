@@ -277,14 +277,12 @@ def _overlapped_rows(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rot
     Under PDL (attnlab.kernels._pdl) each launch overlaps the one before it; here two launches also do
     their work beside later ones, which is safe because every read below is of a tensor whose writer has
     completed before the reader launches (a "trigger_late" kernel lets the next launch only after its own
-    wait), and every "late" kernel waits before its first store, so that it writes nothing while the
-    kernel before it runs (the caching allocator may hand a late kernel's output memory that kernel
-    freed on the host) and the wait of the kernel after it covers both:
+    wait), and every "late" kernel waits last, so the wait of the kernel after it covers both:
 
       x_proj GEMV -> indexer q GEMV (trigger_late) -> latent_write part 1 (latent row, indexer key and
       weights while that GEMV streams; its wait; indexer q RoPE; token count) -> index scores -> MLA q
       GEMV (wait_late: streams beside the scores and the top-k) -> top-k (waits, then lets the next
-      launch) -> latent_write part 2 (absorbed query beside the top-k; stored after its wait) -> attention."""
+      launch) -> latent_write part 2 (absorbed query beside the top-k; waits last) -> attention."""
     from ..kernels.latent_cache import latent_write
 
     n_main = dsa.n_heads * (dsa.nope_dim + dsa.rope_dim)
