@@ -220,17 +220,14 @@ def test_interp_fused_lightning_and_postnorm_blocks_are_taken(monkeypatch):
 
 @interp
 @pytest.mark.parametrize("topk", [2, 64])
-@pytest.mark.parametrize("overlap", [True, False])
-def test_interp_fused_dsa_step(monkeypatch, topk, overlap):
+def test_interp_fused_dsa_step(topk):
     """D layers take their fused step (fused._sparse_latent: the layer's own forward never runs in a
-    decode step; latent_write gets the DSA layer: twice a step in the DSA_OVERLAP order, its two parts),
-    rows of different lengths, index_topk below the shortest context (a sparse selection) or above the
-    cache: logits and every cache tensor agree with the plain step's to float32 rounding, and the
-    selection matters (top-2 and top-64 give different logits)."""
+    decode step; latent_write gets the DSA layer), rows of different lengths, index_topk below the
+    shortest context (a sparse selection) or above the cache: logits and every cache tensor agree
+    with the plain step's to float32 rounding, and the selection matters (top-2 and top-64 give
+    different logits)."""
     from attnlab.kernels import latent_cache
     from attnlab.layers.mla import DeepSeekSparseAttention
-
-    monkeypatch.setattr(fused, "DSA_OVERLAP", overlap)
 
     model = copy.deepcopy(tiny_model("deepseek-v32")).float()  # .float(): re-fuses the copied weights
     for block in model.blocks:
@@ -263,7 +260,7 @@ def test_interp_fused_dsa_step(monkeypatch, topk, overlap):
                 block.mixer.index_topk = 64
             dense, _ = _decode(model, x, T, n, torch.float32, on=False, lengths=lengths)
             assert rms_rel(dense, plain) > 1e-3  # top-2 of 4..11 tokens: a real selection
-    assert seen == [DeepSeekSparseAttention] * (len(model.blocks) * n * (2 if overlap else 1))
+    assert seen == [DeepSeekSparseAttention] * (len(model.blocks) * n)
     assert rms_rel(plain, ours) <= 1e-5, rms_rel(plain, ours)
     _assert_same_caches(c_plain, c_ours)
 
@@ -320,18 +317,15 @@ def test_interp_fused_dsa_step_bf16_sparse():
 
 
 @interp
-@pytest.mark.parametrize("name, fold, overlap", [("deepseek-v32", True, False), ("deepseek-v32", True, True),
-                                                 ("deepseek-v3", False, False)])
-def test_interp_fused_latent_step_launches(monkeypatch, name, fold, overlap):
+@pytest.mark.parametrize("name, fold", [("deepseek-v32", True), ("deepseek-v3", False)])
+def test_interp_fused_latent_step_launches(monkeypatch, name, fold):
     """An M / D layer's step runs both absorption products in Triton (W_UK^T q_nope inside
     latent_write with fused.FOLD_ABSORB_Q, else absorb_q; W_UV through unabsorb_o) and counts its
     token inside latent_write (count_token=True): once per row and step, with no separate
-    lengths += 1 (the caches' lengths end at prompt + steps, the logits as the plain step's). A D layer
-    in the DSA_OVERLAP order calls latent_write twice: part 1 counts, part 2 does not."""
+    lengths += 1 (the caches' lengths end at prompt + steps, the logits as the plain step's)."""
     from attnlab.kernels import absorb, latent_cache
 
     monkeypatch.setattr(fused, "FOLD_ABSORB_Q", fold)
-    monkeypatch.setattr(fused, "DSA_OVERLAP", overlap)
     model = tiny_model(name)
     calls = []
 
@@ -355,10 +349,9 @@ def test_interp_fused_latent_step_launches(monkeypatch, name, fold, overlap):
         plain, _ = _decode(model, x, T, n, torch.float32, on=False)
     steps = n * len(model.blocks)
     assert calls_fused.count(("latent_write", True, fold)) == steps  # q_lat None when folded
-    assert calls_fused.count(("latent_write", None, True)) == (steps if overlap else 0)  # part 2
     assert calls_fused.count(("absorb_q", None, True)) == (0 if fold else steps)
     assert calls_fused.count(("unabsorb_o", None, True)) == steps
-    assert len(calls_fused) == (2 if fold else 3) * steps + (steps if overlap else 0)
+    assert len(calls_fused) == (2 if fold else 3) * steps
     assert all(c.lengths.tolist() == [T + n] * 2 for c in caches)
     assert rms_rel(plain, ours) <= 1e-5
 
@@ -390,34 +383,3 @@ def test_gpu_fused_step_equals_plain_step_in_a_cuda_graph(preset):
             _, logits = decode_one_token(model, x[:, T + i], caches, step=step)
             graphed.append(logits.clone())
     assert rms_rel(ours.float(), torch.stack(graphed, 1).float()) <= 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [3000, 14000])  # the one-launch top-k (<= 12K scores), the multi-launch one
-def test_gpu_dsa_overlap_equals_the_plain_order_in_a_cuda_graph(monkeypatch, T):
-    """fused.DSA_OVERLAP's order, in which three launches of a D step work beside later ones under PDL
-    (the indexer and MLA query GEMVs split, latent_write in two parts), against the plain order: the
-    ~1B preset's layer shapes, both captured in a CUDA graph after the same prefill and replayed,
-    give the same logits at every step and the same caches, bit for bit (the same kernels' arithmetic
-    in another order of launches; a launch reading what another has not finished writing would not)."""
-    cfg = ModelConfig.preset("deepseek-v32", d_model=2048, n_layers=2, vocab_size=4096, qk_nope_head_dim=128,
-                             qk_rope_head_dim=64, v_head_dim=128, n_heads=16, index_n_heads=64,
-                             index_head_dim=128, index_topk=2048)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = HybridLM(cfg).to(torch.bfloat16).eval()
-    n = 6
-    x = torch.randint(0, 4096, (1, T + n), device="cuda")
-    results = []
-    with torch.no_grad():
-        for overlap in (False, True):
-            monkeypatch.setattr(fused, "DSA_OVERLAP", overlap)
-            caches = model.new_caches(1, T + n, dtype=torch.bfloat16)
-            step = DecodeStep(model, caches, mode="cuda_graph")  # captured here, in this order
-            prefill(model, x[:, :T], caches)
-            logits = [decode_one_token(model, x[:, T + i], caches, step=step)[1].clone() for i in range(n)]
-            results.append((torch.stack(logits, 1), _cache_tensors(caches)))
-    (plain, c_plain), (ours, c_ours) = results
-    assert torch.isfinite(ours).all() and torch.equal(plain, ours)
-    for a, b in zip(c_plain, c_ours, strict=True):
-        assert torch.equal(a, b)

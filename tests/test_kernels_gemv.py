@@ -206,13 +206,6 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
             fn(x, w, prologue="sigmoid_gate", gate=g[:1])
         with pytest.raises(ValueError, match=r"x: expected shape \(\?, 64\) \[M, 2K\]"):
             fn(x, w, prologue="silu_mul")
-    for change, message in [
-        (dict(pdl="late"), "pdl: expected one of"),
-        (dict(pdl="wait_late", residual=torch.randn(2, 16)), "pdl='wait_late': only for a plain output"),
-        (dict(pdl="trigger_late", x_hat_out=torch.empty(2, 32)), "pdl='trigger_late': only for a plain"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            gemv(x, w, prologue="rmsnorm", **kw, **change)
 
 
 def test_gemv_on_cpu_needs_the_interpreter():
@@ -530,13 +523,6 @@ def test_interp_empty_rows_and_custom_ops():
     torch.library.opcheck(kg._gemv_x_hat_op, (x, w2, "rmsnorm", kw["norm_weight"], 1e-5, False, None, xh,
                                               torch.empty(2, 8), False, 1.0, 1.0, *cfg[:5], "silu_mul"))
 
-    for pdl_mode in (1, 2):  # where the PDL trigger / wait sit: the schema takes it, the result ignores it
-        torch.library.opcheck(kg._gemv_op, (x, w, "rmsnorm", kw["norm_weight"], 1e-5, False, None, 1.0,
-                                            "float32", *cfg, "", pdl_mode))
-    for pdl in ("trigger_late", "wait_late"):
-        assert torch.equal(kg.gemv(x, w, prologue="rmsnorm", pdl=pdl, **kw),
-                           kg.gemv(x, w, prologue="rmsnorm", **kw))
-
     def step(h, nw, wq, res, xh):  # what a decode layer calls: dynamo must trace gemv's checks whole
         logits = kg.gemv(h, wq, prologue="rmsnorm", norm_weight=nw, out_dtype=torch.float32)
         kg.gemv(h, wq, prologue="rmsnorm", norm_weight=nw, residual=res, keep=0.5)
@@ -619,36 +605,6 @@ def test_kernel_compiles_for_sm90(m, prologue, residual, out, k, n, config, pdl)
         assert weight_loads and set(weight_loads) == {"ld.global.L1::evict_first.L2::cache_hint.v4.b32"}
     regs, stack, usage = sm90_usage(kernel)
     assert stack == 0 and regs <= (184 if persist else 168), usage
-
-
-@needs_sm90_toolchain
-@pytest.mark.parametrize("persist", [0, 1])
-@pytest.mark.parametrize("mode", [1, 2])
-def test_pdl_modes_compile_for_sm90(mode, persist):
-    """gemv's ``pdl`` as the H100 builds it (the DSA step's query GEMVs, attnlab.layers.fused.
-    _overlapped_rows: 1024 -> 8192 and 3072): "trigger_late" (1) lets the next kernel launch only after
-    its wait; "wait_late" (2) reads x with no wait before it and waits once, after its last store."""
-    from attnlab.kernels import gemv as kg
-
-    bn, bk, warps = (8, 1024, 4)
-    const = dict(M=1, ROWS=kg.rows_padded(1), PROLOGUE=kg._PROLOGUE_ID["rmsnorm"], ZERO_CENTERED=False,
-                 HAS_RES=False, BLOCK_N=bn, BLOCK_K=bk, INTERP=False, PDL=True, PDL_MODE=mode)
-    if persist:
-        fn = kg._gemv_persistent_kernel
-        const.update(K_STEPS=1, L2_AHEAD=0)
-    else:
-        fn = kg._gemv_kernel
-        const.update(DOT=False, PREC="tf32", WRITE_XH=False, SWIGLU=False)
-    ptr = dict(X="*bf16", W="*bf16", NW="*bf16", GATE="*bf16", R="*bf16", O="*bf16", XH="*bf16")
-    div = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-           if a in ptr or a in ("N", "K", "stride_xm", "stride_gm")}
-    ptx = compile_sm90(fn, const, ptr, floats=("eps", "keep", "scale"), attrs=div, num_warps=warps).asm["ptx"]
-    assert ptx.count("griddepcontrol.wait") == 1 and ptx.count("griddepcontrol.launch_dependents") == 1
-    wait, trigger = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
-    if mode == 1:
-        assert wait < trigger
-    else:
-        assert trigger < wait and ptx.rfind("st.global") < wait  # every store before the one wait
 
 
 # ---------------------------------------------------------------------------------------------

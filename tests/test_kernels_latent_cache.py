@@ -280,18 +280,6 @@ def test_bad_input_raises_value_error_naming_the_argument():
             fn(mla, q, kv, q_lat, cache, (cos.double(), sin.double()))
         with pytest.raises(ValueError, match="rotation"):  # tables for a NoPE layer
             fn(nope, *nope_inputs, nope_cache, (cos, sin))
-    # the DSA step's two parts (fused.DSA_OVERLAP): each takes its own query columns
-    n_main = dsa.n_heads * (dsa.nope_dim + dsa.rope_dim)
-    with pytest.raises(ValueError, match="part: expected 0"):
-        latent_write(dsa, dsa_q, dsa_kv, None, dsa_cache, part=3)
-    with pytest.raises(ValueError, match="part=1: only a DeepSeekSparseAttention"):
-        latent_write(mla, q, kv, None, cache, part=1)
-    with pytest.raises(ValueError, match=r"q: expected shape .*index_n_heads\*index_head_dim"):
-        latent_write(dsa, dsa_q, dsa_kv, None, dsa_cache, count_token=True, part=1)
-    with pytest.raises(ValueError, match=r"q: expected shape .*H\*\(qk_nope_head_dim"):
-        latent_write(dsa, dsa_q[:, n_main + 1 :], dsa_kv, None, dsa_cache, part=2)
-    with pytest.raises(ValueError, match="count_token: part 2 comes after part 1"):
-        latent_write(dsa, dsa_q[:, :n_main], dsa_kv, None, dsa_cache, count_token=True, part=2)
 
 
 @needs_triton
@@ -305,27 +293,23 @@ def test_cpu_tensors_without_interpreter_are_refused():
 
 
 @needs_sm90_toolchain
-@pytest.mark.parametrize("rope, tables, index, count, fold, part", [
-    (True, False, False, True, True, 0), (True, True, False, False, False, 0), (False, False, False, True, True, 0),
-    (True, False, True, True, True, 0), (True, True, True, False, False, 0), (True, False, True, True, False, 0),
-    (True, False, True, True, False, 1), (True, False, True, False, True, 2),  # fused.DSA_OVERLAP's launches
+@pytest.mark.parametrize("rope, tables, index, count, fold", [
+    (True, False, False, True, True), (True, True, False, False, False), (False, False, False, True, True),
+    (True, False, True, True, True), (True, True, True, False, False), (True, False, True, True, False),
 ])
-def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count, fold, part):
+def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count, fold):
     """What the interpreter cannot check: the kernel compiles for an H100 (sm_90, Triton's bundled
     ptxas, no GPU needed) at H = 16, dn 128, dr 64, R 512 (DSA: indexer 64 x 128), bf16, with the
     warps latent_write launches; no local memory (spills); in-kernel cos / sin are libdevice's (full
-    range reduction, not the MUFU approximation, whose error grows with the angle at long positions).
-    PART 1 / 2 (the DSA step split in two): two wait sites each (part 1: the indexer query heads' before
-    their loads, the other programs' after their stores; part 2: the absorb and head programs' last)."""
+    range reduction, not the MUFU approximation, whose error grows with the angle at long positions)."""
     from attnlab.kernels.latent_cache import _latent_write_kernel as fn
     from attnlab.kernels.latent_cache import num_warps
 
     HI, DI = (64, 128) if index else (0, 0)
-    nprog = {0: 16 + 1 + (1 + HI if index else 0), 1: 2 + HI, 2: 16}[part]
-    const = dict(H=16, DN=128, DR=64, R=512, BR=512, BDR=64, NQ=16 * 192 + HI * DI, INDEX=index and part != 2,
-                 HI=HI, DI=DI, BHI=max(HI, 1), BDI=max(DI, 1), ROPE=rope, TABLES=tables, ZERO_CENTERED=False,
-                 PDL=True, COUNT=count, NPROG=nprog, FOLD=fold, BD=128, BLOCK_R=64, INTERP=False,
-                 EARLY_PARTNERS=True, PART=part, Q_OFF=16 * 192 if part == 1 else 0)
+    const = dict(H=16, DN=128, DR=64, R=512, BR=512, BDR=64, NQ=16 * 192 + HI * DI, INDEX=index, HI=HI, DI=DI,
+                 BHI=max(HI, 1), BDI=max(DI, 1), ROPE=rope, TABLES=tables, ZERO_CENTERED=False, PDL=True,
+                 COUNT=count, NPROG=16 + 1 + (1 + HI if index else 0), FOLD=fold, BD=128, BLOCK_R=64,
+                 INTERP=False, EARLY_PARTNERS=True)
     ptr = dict(Q="*bf16", KV="*bf16", Q_LAT="*bf16", LENGTHS="*i64", COS="*fp32", SIN="*fp32", FREQ="*fp32",
                PARTNER_Q="*i64", PARTNER_K="*i64", NORM_W="*bf16", OUT="*bf16", LATENT="*bf16", QI="*bf16",
                W_OUT="*fp32", INDEX_KEYS="*bf16", K_NORM_W="*bf16", K_NORM_B="*bf16", TICKETS="*i32",
@@ -340,7 +324,7 @@ def test_compiles_for_sm90_at_real_shapes(rope, tables, index, count, fold, part
     assert stack == 0 or (index and rope and not tables and stack <= 16 and regs <= 64), res
     ptx = kernel.asm["ptx"]
     assert ("atom" in ptx) == count  # the ticket (count_token) and nothing atomic without it
-    assert ptx.count("griddepcontrol.wait") == (2 if fold or part else 1)  # FOLD: the absorb programs' own
+    assert ptx.count("griddepcontrol.wait") == (2 if fold else 1)  # FOLD: the absorb programs' own wait
     if rope and not tables:
         assert "__nv_sinf" in ptx and "__nv_cosf" in ptx and "sin.approx" not in ptx
     else:
@@ -376,35 +360,6 @@ def test_interp_count_token(name, shared_rotation):
             check_against_reference(mla, cache, *inputs(mla, x), tables(mla, cache, shared_rotation),
                                     *TOL[torch.float32], count_token=True)
     assert cache.lengths.tolist() == [5, 2, MAX_LEN]
-
-
-@interp
-@pytest.mark.parametrize("name", list(DSA_CONFIGS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shared_rotation", [False, True])
-def test_interp_parts_equal_the_whole_launch(name, dtype, shared_rotation):
-    """part=1 (latent row, indexer key, weights and query, token count) then part=2 (the absorbed
-    query at the counted length - 1), as the fused step's DSA_OVERLAP launches them, give exactly what one
-    part-0 launch gives: q_abs, q_idx, w, both caches and the lengths, bit for bit, over two steps (the
-    second writes the next slot), with the last slot of the cache among them."""
-    from attnlab.kernels.latent_cache import latent_write
-
-    mla, whole, x = make(name, dtype, lengths=[3, 0, MAX_LEN - 2])
-    split = clone(whole)
-    n_main = mla.n_heads * (mla.nope_dim + mla.rope_dim)
-    with torch.no_grad():
-        q, kv, _ = inputs(mla, x)
-        for _ in range(2):
-            rot = tables(mla, whole, shared_rotation)  # the step's tables: from the lengths before the count
-            want = latent_write(mla, q, kv, None, whole, rot, count_token=True)
-            none, q_idx, w = latent_write(mla, q[:, n_main:], kv, None, split, rot, count_token=True, part=1)
-            q_abs, none2, none3 = latent_write(mla, q[:, :n_main], kv, None, split, rot, part=2)
-            assert none is None and none2 is None and none3 is None
-            for got, ref in zip((q_abs, q_idx, w), want, strict=True):
-                assert got.shape == ref.shape and got.dtype == ref.dtype and torch.equal(got, ref)
-            for t in ("latent", "index_keys", "lengths"):
-                assert torch.equal(getattr(split, t), getattr(whole, t)), t
-    assert whole.lengths.tolist() == [5, 2, MAX_LEN]
 
 
 @interp

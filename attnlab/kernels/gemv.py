@@ -63,8 +63,6 @@ MLP_SWIGLU_EPILOGUE = True
 POISON_OUTPUTS = False  # tests: fill every new output buffer with NaN first, so an unwritten element fails
 PROLOGUES = (None, "rmsnorm", "silu_mul", "sigmoid_gate", "rmsnorm_sigmoid_gate")
 EPILOGUES = (None, "silu_mul")
-# gemv's ``pdl`` -> the kernels' PDL_MODE (where the launch's PDL trigger and wait sit; _gemv_kernel)
-PDL_MODES = {"chain": 0, "trigger_late": 1, "wait_late": 2}
 _PROLOGUE_ID = {None: 0, "rmsnorm": 1, "silu_mul": 2, "sigmoid_gate": 3, "rmsnorm_sigmoid_gate": 4}
 _NORM_PROLOGUES = ("rmsnorm", "rmsnorm_sigmoid_gate")
 _GATE_PROLOGUES = ("sigmoid_gate", "rmsnorm_sigmoid_gate")
@@ -237,7 +235,7 @@ def _gemv_kernel(
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, WRITE_XH: tl.constexpr = False,
-    SWIGLU: tl.constexpr = False, PDL_MODE: tl.constexpr = 0,
+    SWIGLU: tl.constexpr = False,
 ):
     """Program p: out[m, n] for all m < M and n in [p * BLOCK_N, +BLOCK_N); rows padded to ROWS.
     SWIGLU (elementwise form, no residual): W is [gate | up] (N = 2F rows) and program p owns the
@@ -252,13 +250,9 @@ def _gemv_kernel(
     the weight tile a dot operand, so triton's pipeliner can keep num_stages tiles in flight (cp.async)
     without the register cost of the elementwise accumulator.
     PDL (attnlab.kernels._pdl): the elementwise form loads its first weight tile before waiting for
-    the previous kernel (weights are never written by the step), everything else after. PDL_MODE
-    (PDL_MODES): 0 as that; 1 the next kernel may launch only once this one's wait has returned (the
-    kernels before it are then complete); 2 no wait before reading x (x comes from a kernel that
-    completed before this one launched), one wait at the very end, so that this kernel completes only
-    after the one before it."""
+    the previous kernel (weights are never written by the step), everything else after."""
     pid = tl.program_id(0)
-    if PDL and PDL_MODE != 1:
+    if PDL:
         gdc_launch_dependents()
     if DOT:
         m = tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
@@ -283,10 +277,7 @@ def _gemv_kernel(
     if PDL:
         if not DOT:  # (the DOT form's pipelined loads would spill with a tile held across the wait)
             w_first = tl.load(w_rows + kk, mask=n_ok & (kk < K), other=0.0, eviction_policy="evict_first")
-        if PDL_MODE != 2:
-            gdc_wait()  # x, the gate and the residual come from earlier kernels
-        if PDL_MODE == 1:
-            gdc_launch_dependents()
+        gdc_wait()  # x, the gate and the residual come from earlier kernels
 
     rstd = 0.0
     if PROLOGUE == 1 or PROLOGUE == 4:  # first pass: each row's mean square (float32, as F.rms_norm)
@@ -330,8 +321,6 @@ def _gemv_kernel(
         _epilogue(h, pid, R, O, N // 2, keep, 1.0, M, ROWS, False, BLOCK_N // 2, INTERP)
     else:
         _epilogue(out, pid, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
-    if PDL and PDL_MODE == 2:
-        gdc_wait()  # complete only after the kernel before: the next one's wait covers both
 
 
 @triton.jit
@@ -351,7 +340,7 @@ def _gemv_persistent_kernel(
     eps, keep, scale,
     M: tl.constexpr, ROWS: tl.constexpr, PROLOGUE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    L2_AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, PDL_MODE: tl.constexpr = 0,
+    L2_AHEAD: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
 ):
     """The persistent form (PERSIST > 0): a grid of G <= n_tiles programs, program p owns the
     contiguous tiles [p * n_tiles // G, (p + 1) * n_tiles // G) -- shares differ by at most one tile,
@@ -367,11 +356,10 @@ def _gemv_persistent_kernel(
     reuse) but before the cross-thread reduction, the residual load and the store, so the load is in
     flight across the epilogue, not the FMAs; carrying the tile as float32 did not change that.
     L2_AHEAD > 0 (GPU only) therefore also asks L2 for the tile L2_AHEAD + 1 ahead of the current one
-    (a bulk prefetch, no registers), so the register loads of the next tile find it in L2.
-    PDL_MODE: as _gemv_kernel's."""
+    (a bulk prefetch, no registers), so the register loads of the next tile find it in L2."""
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
-    if PDL and PDL_MODE != 1:
+    if PDL:
         gdc_launch_dependents()
     t_start = pid * n_tiles // grid
     t_end = (pid + 1) * n_tiles // grid
@@ -388,10 +376,8 @@ def _gemv_persistent_kernel(
     if L2_AHEAD > 0 and not INTERP:
         for a in tl.static_range(1, L2_AHEAD + 1):
             _prefetch_tile_l2(W, t_start + a, t_end, N, K, BLOCK_N)
-    if PDL and PDL_MODE != 2:
+    if PDL:
         gdc_wait()  # x, the gate and the residual come from earlier kernels
-    if PDL and PDL_MODE == 1:
-        gdc_launch_dependents()
 
     rstd = 0.0
     if PROLOGUE == 1 or PROLOGUE == 4:  # each row's mean square (float32, as F.rms_norm), once per program
@@ -431,8 +417,6 @@ def _gemv_persistent_kernel(
                               False)
             w_cur = w_next
         _epilogue(tl.sum(acc, axis=2), t, R, O, N, keep, scale, M, ROWS, HAS_RES, BLOCK_N, INTERP)
-    if PDL and PDL_MODE == 2:
-        gdc_wait()  # complete only after the kernel before (_gemv_kernel's PDL_MODE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,11 +488,9 @@ def persistent_grid(n: int, block_n: int, persist: int, device: torch.device) ->
 def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_weight: torch.Tensor | None,
             norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None,
             residual: torch.Tensor | None, keep: float, scale: float, out: torch.Tensor | None,
-            config: Config, x_hat_out: torch.Tensor | None = None, epilogue: str | None = None,
-            pdl_mode: int = 0) -> None:
+            config: Config, x_hat_out: torch.Tensor | None = None, epilogue: str | None = None) -> None:
     """Run the kernel: into ``residual`` in place if given, else into ``out`` [M, N] ([M, N / 2] with
-    the silu_mul epilogue); x̂ into ``x_hat_out`` [M, K] too if given (the tiled form only);
-    ``pdl_mode``: the kernels' PDL_MODE (PDL_MODES[gemv's ``pdl``])."""
+    the silu_mul epilogue); x̂ into ``x_hat_out`` [M, K] too if given (the tiled form only)."""
     M = x.shape[0]
     N, K = weight.shape
     if M == 0 or N == 0:
@@ -548,8 +530,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
             float(norm_eps), float(keep), float(scale),
             M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
             HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, K_STEPS=k_steps,
-            L2_AHEAD=l2_ahead, INTERP=_INTERPRET, PDL=pdl, PDL_MODE=pdl_mode, num_warps=num_warps,
-            num_stages=num_stages, **launch_options(pdl),
+            L2_AHEAD=l2_ahead, INTERP=_INTERPRET, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+            **launch_options(pdl),
         )
         return
     _gemv_kernel[(triton.cdiv(N, block_n),)](
@@ -564,8 +546,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, prologue: str | None, norm_we
         M=M, ROWS=rows, PROLOGUE=_PROLOGUE_ID[prologue], ZERO_CENTERED=bool(norm_zero_centered),
         HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, DOT=bool(dot),
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERP=_INTERPRET, PDL=pdl,
-        WRITE_XH=x_hat_out is not None, SWIGLU=swiglu, PDL_MODE=pdl_mode, num_warps=num_warps,
-        num_stages=num_stages, **launch_options(pdl),
+        WRITE_XH=x_hat_out is not None, SWIGLU=swiglu, num_warps=num_warps, num_stages=num_stages,
+        **launch_options(pdl),
     )
 
 
@@ -577,8 +559,7 @@ def _dtype_of(name: str) -> torch.dtype:
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: torch.Tensor | None,
              norm_eps: float, norm_zero_centered: bool, gate: torch.Tensor | None, scale: float,
              out_dtype: str, block_n: int, block_k: int, num_warps: int, num_stages: int,
-             dot: bool, persist: int = 0, l2_ahead: int = 0, epilogue: str = "",
-             pdl_mode: int = 0) -> torch.Tensor:
+             dot: bool, persist: int = 0, l2_ahead: int = 0, epilogue: str = "") -> torch.Tensor:
     dt = _dtype_of(out_dtype)
     shape = (x.shape[0], _out_columns(weight, epilogue))
     if POISON_OUTPUTS:
@@ -586,14 +567,13 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, prologue: str, norm_weight: 
     else:
         out = torch.empty(shape, dtype=dt, device=x.device)
     _launch(x, weight, prologue or None, norm_weight, norm_eps, norm_zero_centered, gate, None, 1.0, scale,
-            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), epilogue=epilogue or None,
-            pdl_mode=pdl_mode)
+            out, (block_n, block_k, num_warps, num_stages, dot, persist, l2_ahead), epilogue=epilogue or None)
     return out
 
 
 @_gemv_op.register_fake
 def _(x, weight, prologue, norm_weight, norm_eps, norm_zero_centered, gate, scale, out_dtype,
-      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0, epilogue="", pdl_mode=0):
+      block_n, block_k, num_warps, num_stages, dot, persist=0, l2_ahead=0, epilogue=""):
     return x.new_empty(x.shape[0], _out_columns(weight, epilogue), dtype=_dtype_of(out_dtype))
 
 
@@ -723,7 +703,6 @@ def gemv(
     out_dtype: torch.dtype | None = None,
     x_hat_out: torch.Tensor | None = None,
     epilogue: str | None = None,
-    pdl: str = "chain",
 ) -> torch.Tensor:
     """``epilogue(prologue(x) @ weight.T)`` in one Triton kernel, for M <= MAX_ROWS rows.
 
@@ -749,13 +728,6 @@ def gemv(
             is ``silu(g) * u`` [M, F] with g, u = scale * (x̂ @ weight.T) halves, each rounded to the
             output dtype first: what the down projection's ``"silu_mul"`` prologue would compute from
             this GEMV's plain output, without writing or re-reading [gate | up]. No residual.
-        pdl: how the launch takes part in a PDL chain (attnlab.kernels._pdl; no effect without PDL):
-            ``"chain"`` as every kernel of the step; ``"trigger_late"``: the next kernel may launch
-            only once this one's wait has returned, so the kernel after it may read, without a wait of
-            its own, what the kernels before this one wrote; ``"wait_late"``: x is read without waiting
-            (the caller guarantees the kernel that wrote it has completed: see "trigger_late") and the
-            one wait comes last, so the next kernel's wait also covers the kernel before this one.
-            The last two need a plain output (no residual, no x_hat_out).
 
     Returns:
         [M, N] ([M, N / 2] with the silu_mul epilogue): ``residual``, or a new tensor of ``out_dtype``.
@@ -763,10 +735,6 @@ def gemv(
         :func:`gemv_reference`). No autograd.
     """
     _check(x, weight, prologue, norm_weight, gate, residual, keep, out_dtype, x_hat_out, epilogue)
-    if pdl not in PDL_MODES:
-        raise ValueError(f"pdl: expected one of {tuple(PDL_MODES)}, got {pdl!r}")
-    if pdl != "chain" and (residual is not None or x_hat_out is not None):
-        raise ValueError(f"pdl={pdl!r}: only for a plain output (no residual, no x_hat_out)")
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"x: gemv runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device {x.device}; "
@@ -794,7 +762,7 @@ def gemv(
         return residual
     dt = _DTYPE_NAME[out_dtype or x.dtype]
     return _gemv_op(x, weight, name, norm_weight, float(norm_eps), bool(norm_zero_centered), gate,
-                    float(scale), dt, *config, epi, PDL_MODES[pdl])
+                    float(scale), dt, *config, epi)
 
 
 def gemv_reference(

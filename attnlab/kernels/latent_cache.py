@@ -80,17 +80,16 @@ def _cos_sin(COS, SIN, FREQ, cols, ok, pos, factor, TABLES: tl.constexpr):
 
 @triton.jit
 def _rope_cols(ROW, PARTNER, COS, SIN, FREQ, cols, ok, pos, factor,
-               ROPE: tl.constexpr, TABLES: tl.constexpr, partner=None, COL0: tl.constexpr = 0):
+               ROPE: tl.constexpr, TABLES: tl.constexpr, partner=None):
     """Columns ``cols`` of one projection row rotated in float32: x·cos + x[partner]·sin, the
     partner column and the tables (or the angle pos·freq, with YaRN's factor) per column; the
     columns unrotated without ROPE. ``partner``: the partner columns already loaded from PARTNER
-    (before the PDL wait: the table is constant), else loaded here. COL0: the row's column at ROW
-    (ROW holds only the columns from COL0 on; cols, partner and the tables count from the row's 0)."""
-    x = tl.load(ROW + (cols - COL0), mask=ok, other=0.0).to(tl.float32)
+    (before the PDL wait: the table is constant), else loaded here."""
+    x = tl.load(ROW + cols, mask=ok, other=0.0).to(tl.float32)
     if ROPE:
         if partner is None:
             partner = tl.load(PARTNER + cols, mask=ok, other=0)
-        xp = tl.load(ROW + (partner - COL0), mask=ok, other=0.0).to(tl.float32)  # x[partner]
+        xp = tl.load(ROW + partner, mask=ok, other=0.0).to(tl.float32)  # x[partner]
         c, s = _cos_sin(COS, SIN, FREQ, cols, ok, pos, factor, TABLES)
         x = x * c + xp * s
     return x
@@ -109,12 +108,10 @@ def _layer_norm_cols(ROW, W, B_, cols, ok, mean, rstd):
 @triton.jit
 def _absorb_program(Q, W_UK, OUT, b, i, stride_qb, stride_wh, stride_wd,
                     H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
-                    BLOCK_R: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
-                    WAIT_LATE: tl.constexpr = False):
+                    BLOCK_R: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr):
     """OUT[b, h, r] = Σ_d q_nope[b, h, d] · W_UK[h, d, r] for head h = i // (R / BLOCK_R) and BLOCK_R
     columns r (as attnlab.kernels.absorb.absorb_q, one row): the [dn, BLOCK_R] weight tile loaded
-    before waiting for the previous kernel, float32 sums, one rounding to OUT's dtype. WAIT_LATE: q
-    is read without waiting (_latent_write_kernel's PART 2), the wait comes last."""
+    before waiting for the previous kernel, float32 sums, one rounding to OUT's dtype."""
     n_blocks: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
     h = (i // n_blocks).to(tl.int64)
     r = (i % n_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
@@ -123,13 +120,11 @@ def _absorb_program(Q, W_UK, OUT, b, i, stride_qb, stride_wh, stride_wd,
     d_ok = d < DN
     w = tl.load(W_UK + h * stride_wh + d[:, None] * stride_wd + r[None, :],
                 mask=d_ok[:, None] & r_ok[None, :], other=0.0, eviction_policy="evict_first")  # (BD, BLOCK_R)
-    if PDL and not WAIT_LATE:
+    if PDL:
         gdc_wait()  # q comes from the previous kernel
     q = tl.load(Q + b * stride_qb + h * (DN + DR) + d, mask=d_ok, other=0.0).to(tl.float32)  # (BD,) q_nope
     o = tl.sum(q[:, None] * w.to(tl.float32), axis=0)  # (BLOCK_R,)
     tl.store(OUT + (b * H + h) * (R + DR) + r, _round(o, OUT.dtype.element_ty, INTERP), mask=r_ok)
-    if PDL and WAIT_LATE:
-        gdc_wait()
 
 
 @triton.jit
@@ -143,8 +138,7 @@ def _latent_write_kernel(
     INDEX: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
     ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
     COUNT: tl.constexpr, NPROG: tl.constexpr, FOLD: tl.constexpr, BD: tl.constexpr, BLOCK_R: tl.constexpr,
-    INTERP: tl.constexpr, EARLY_PARTNERS: tl.constexpr = False, PART: tl.constexpr = 0,
-    Q_OFF: tl.constexpr = 0,
+    INTERP: tl.constexpr, EARLY_PARTNERS: tl.constexpr = False,
 ):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
@@ -154,28 +148,16 @@ def _latent_write_kernel(
     take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value.
     FOLD: programs h >= NPROG compute q_lat themselves (:func:`_absorb_program`) instead of the
     h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket. EARLY_PARTNERS: each
-    program loads its RoPE partner columns (constant tables) before the PDL wait.
-
-    PART (a DSA layer's step split in two launches, so that each overlaps other work under PDL;
-    attnlab.layers.fused.DSA_OVERLAP): 0 every program above. 1 programs h = H .. H + 1 + HI (grid
-    (B, 2 + HI), NPROG = 2 + HI, COUNT): the latent row and the indexer key and head weights are
-    written WITHOUT waiting (their inputs, KV and LENGTHS, come from kernels that completed before this
-    one launched), then the wait, then the indexer query heads (Q from the kernel just before) and the
-    token count. 2 programs h < H (NPROG = H) and the absorb programs, with no wait before reading Q
-    and KV (completed before this one launched) and one wait last; the token was counted by PART 1, so
-    the position is LENGTHS[b] - 1. Q_OFF: the column of the full query row [q heads | indexer q
-    heads] at which Q's columns start (PART 1 takes the indexer's columns only)."""
+    program loads its RoPE partner columns (constant tables) before the PDL wait."""
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch
         gdc_launch_dependents()
     p = tl.program_id(1)
     if FOLD and p >= NPROG:  # W_UK^T q_nope: head h, columns [j·BLOCK_R, +BLOCK_R) of row b
         _absorb_program(Q, W_UK, OUT, tl.program_id(0).to(tl.int64), p - NPROG, stride_qb, stride_wh,
-                        stride_wd, H, DN, DR, R, BD, BLOCK_R, INTERP, PDL, PART == 2)
+                        stride_wd, H, DN, DR, R, BD, BLOCK_R, INTERP, PDL)
     else:
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
-        if PART == 1:
-            h += H
         r = tl.arange(0, BR)
         r_ok = r < R
         j = tl.arange(0, BDR)
@@ -196,14 +178,9 @@ def _latent_write_kernel(
         else:
             pj = None
             pd = None
-        if PDL and PART == 0:  # wait for the previous kernel
+        if PDL:  # wait for the previous kernel
             gdc_wait()
-        if PDL and PART == 1:  # the indexer query heads read Q, the previous kernel's
-            if h >= H + 2:
-                gdc_wait()
         pos = tl.load(LENGTHS + b).to(tl.int64)
-        if PART == 2:  # PART 1 counted the token
-            pos -= 1
         if COUNT:  # every thread has read pos before the ticket's release; the result is used at the end
             tl.debug_barrier()
             last = tl.atomic_add(TICKETS + b, 1, sem="acq_rel") == NPROG - 1
@@ -212,14 +189,13 @@ def _latent_write_kernel(
         cos_row = COS + b * stride_cb
         sin_row = SIN + b * stride_cb
         kv_row = KV + b * stride_kvb
-        q_row = Q + b * stride_qb  # the query row from its column Q_OFF on (PART 1: the indexer's)
         if h < H:  # head h of the absorbed query
             out_row = OUT + (b * H + h) * (R + DR)
             if not FOLD:  # q_lat given: copied (FOLD: the absorb programs write it)
                 lat = tl.load(Q_LAT + b * stride_lb + h * stride_lh + r, mask=r_ok)
                 tl.store(out_row + r, lat.to(OUT.dtype.element_ty), mask=r_ok)
             cols = h * (DN + DR) + DN + j  # q_pe's columns in the query row
-            q_pe = _rope_cols(q_row, PARTNER_Q, cos_row, sin_row, FREQ, cols, j_ok, pos, factor,
+            q_pe = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, j_ok, pos, factor,
                               ROPE, TABLES, pj)
             # OUT has q's dtype: one rounding
             tl.store(out_row + R + j, q_pe.to(OUT.dtype.element_ty), mask=j_ok)
@@ -268,14 +244,9 @@ def _latent_write_kernel(
             else:  # indexer query head i: rope on its first dims
                 i = h - H - 2
                 cols = H * (DN + DR) + i * DI + d  # its columns in the query row [q heads | indexer q heads]
-                q_i = _rope_cols(q_row, PARTNER_Q, cos_row, sin_row, FREQ, cols, d_ok, pos,
-                                 factor, ROPE, TABLES, pd, Q_OFF)
+                q_i = _rope_cols(Q + b * stride_qb, PARTNER_Q, cos_row, sin_row, FREQ, cols, d_ok, pos,
+                                 factor, ROPE, TABLES, pd)
                 tl.store(QI + (b * HI + i) * DI + d, q_i.to(QI.dtype.element_ty), mask=d_ok)
-        if PDL and PART == 1:  # the latent row's and the indexer key's programs: wait last
-            if h < H + 2:
-                gdc_wait()
-        if PDL and PART == 2:
-            gdc_wait()  # complete only after the kernel before (the next one's wait covers both)
         if COUNT:
             if last:  # every program of the row has read the old length: count the token
                 tl.store(TICKETS + b, 0)  # all zeros again between launches (CUDA-graph replays)
@@ -303,50 +274,46 @@ def _launch(
     index_keys: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
     k_norm_bias: torch.Tensor | None = None, index_n_heads: int = 0, index_head_dim: int = 0,
     k_eps: float = 0.0, w_scale: float = 1.0, tickets: torch.Tensor | None = None,
-    w_uk: torch.Tensor | None = None, part: int = 0,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    w_uk: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One launch; with ``index_keys`` (a DSA layer) also the indexer's part -> (q_abs, q_idx, w)
     (the last two None without it); with ``tickets`` (int32 [B], zeros) it counts the token; with
-    ``w_uk`` [H, dn, R] (q_lat None) it computes q_lat = W_UK^T q_nope itself (FOLD). ``part``
-    (DSA only, the kernel's PART): 1 -> (None, q_idx, w), q the indexer's query columns; 2 -> (q_abs,
-    None, None), q the MLA heads' columns, no cache write but q_abs."""
+    ``w_uk`` [H, dn, R] (q_lat None) it computes q_lat = W_UK^T q_nope itself (FOLD)."""
     dr = rope_dim
     B, H, R = q.shape[0], n_heads, latent.shape[-1] - dr
-    fold = w_uk is not None and part != 1
+    fold = w_uk is not None
     index = index_keys is not None
     HI, DI = (index_n_heads, index_head_dim) if index else (0, 0)
-    out = _empty(B, H, R + dr, dtype=q.dtype, device=q.device) if part != 1 else None
-    q_idx = _empty(B, HI, DI, dtype=q.dtype, device=q.device) if index and part != 2 else None
-    w = _empty(B, HI, dtype=torch.float32, device=q.device) if index and part != 2 else None
+    out = _empty(B, H, R + dr, dtype=q.dtype, device=q.device)
+    q_idx = _empty(B, HI, DI, dtype=q.dtype, device=q.device) if index else None
+    w = _empty(B, HI, dtype=torch.float32, device=q.device) if index else None
     rope = partner_q is not None
     tables = cos is not None
     stride_cb = cos.stride(0) if tables and cos.shape[0] > 1 else 0  # one row of tables: broadcast
     BR = triton.next_power_of_2(R)
     dummy = q  # never read: an argument its constexpr switch leaves unused
     pdl = use_pdl(q.device)
-    n_prog = {0: H + 1 + (1 + HI if index else 0), 1: 2 + HI, 2: H}[part]
+    n_prog = H + 1 + (1 + HI if index else 0)
     count = tickets is not None
     BD = triton.next_power_of_2(nope_dim)
     block_r = max(16, min(64, 8192 // BD, triton.next_power_of_2(R)))  # absorb.absorb_q's tile
     n_absorb = H * triton.cdiv(R, block_r) if fold else 0
     _latent_write_kernel[(B, n_prog + n_absorb)](
-        q, kv, dummy if fold or part == 1 else q_lat, lengths, cos if tables else dummy,
-        sin if tables else dummy, freq if freq is not None else dummy, partner_q if rope else dummy,
-        partner_k if rope else dummy, norm_weight, dummy if out is None else out, latent,
-        dummy if q_idx is None else q_idx, dummy if w is None else w, index_keys if index else dummy,
+        q, kv, dummy if fold else q_lat, lengths, cos if tables else dummy, sin if tables else dummy,
+        freq if freq is not None else dummy, partner_q if rope else dummy, partner_k if rope else dummy,
+        norm_weight, out, latent,
+        q_idx if index else dummy, w if index else dummy, index_keys if index else dummy,
         k_norm_weight if index else dummy, k_norm_bias if index else dummy, tickets if count else lengths,
         w_uk if fold else dummy, q.stride(0), w_uk.stride(0) if fold else 0, w_uk.stride(1) if fold else 0,
-        kv.stride(0), 0 if fold or part == 1 else q_lat.stride(0), 0 if fold or part == 1 else q_lat.stride(1),
-        stride_cb,
+        kv.stride(0), 0 if fold else q_lat.stride(0), 0 if fold else q_lat.stride(1), stride_cb,
         latent.stride(0), latent.stride(1), index_keys.stride(0) if index else 0,
         index_keys.stride(1) if index else 0, latent.shape[1], eps, factor, k_eps, w_scale,
         H=H, DN=nope_dim, DR=dr, R=R, BR=BR, BDR=triton.next_power_of_2(max(dr, 1)),
-        NQ=H * (nope_dim + dr) + HI * DI, INDEX=index and part != 2, HI=HI, DI=DI,
+        NQ=H * (nope_dim + dr) + HI * DI, INDEX=index, HI=HI, DI=DI,
         BHI=triton.next_power_of_2(max(HI, 1)), BDI=triton.next_power_of_2(max(DI, 1)),
         ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
         PDL=pdl, COUNT=count, NPROG=n_prog, FOLD=fold, BD=BD, BLOCK_R=block_r, INTERP=_INTERPRET,
-        EARLY_PARTNERS=EARLY_PARTNERS, PART=part, Q_OFF=H * (nope_dim + dr) if part == 1 else 0,
-        num_warps=num_warps(BR), **launch_options(pdl),
+        EARLY_PARTNERS=EARLY_PARTNERS, num_warps=num_warps(BR), **launch_options(pdl),
     )
     return out, q_idx, w
 
@@ -384,25 +351,21 @@ def _dsa_latent_write_op(
     partner_q: torch.Tensor | None, partner_k: torch.Tensor | None, norm_weight: torch.Tensor,
     k_norm_weight: torch.Tensor, k_norm_bias: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
-    index_n_heads: int, index_head_dim: int, k_eps: float, w_scale: float, part: int,
+    index_n_heads: int, index_head_dim: int, k_eps: float, w_scale: float,
     tickets: torch.Tensor, w_uk: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
-                  n_heads, nope_dim, rope_dim, eps, factor, zero_centered, index_keys, k_norm_weight,
-                  k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale,
-                  tickets if tickets.numel() else None, w_uk, part)
-    return tuple(q.new_empty(0) if t is None else t for t in out)  # a part's absent outputs: empty
+    return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
+                   n_heads, nope_dim, rope_dim, eps, factor, zero_centered, index_keys, k_norm_weight,
+                   k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale,
+                   tickets if tickets.numel() else None, w_uk)
 
 
 @_dsa_latent_write_op.register_fake
 def _(q, kv, q_lat, lengths, latent, index_keys, cos, sin, freq, partner_q, partner_k, norm_weight,
       k_norm_weight, k_norm_bias, n_heads, nope_dim, rope_dim, eps, factor, zero_centered,
-      index_n_heads, index_head_dim, k_eps, w_scale, part, tickets, w_uk):
+      index_n_heads, index_head_dim, k_eps, w_scale, tickets, w_uk):
     B = q.shape[0]
-    q_abs = q.new_empty(B, n_heads, latent.shape[-1]) if part != 1 else q.new_empty(0)
-    if part == 2:
-        return q_abs, q.new_empty(0), q.new_empty(0)
-    return (q_abs, q.new_empty(B, index_n_heads, index_head_dim),
+    return (q.new_empty(B, n_heads, latent.shape[-1]), q.new_empty(B, index_n_heads, index_head_dim),
             q.new_empty(B, index_n_heads, dtype=torch.float32))
 
 
@@ -416,25 +379,16 @@ def _widths(mla: MultiHeadLatentAttention) -> tuple[int, int]:
     return H * (dn + dr), R + dr
 
 
-def _check(mla, q, kv, q_lat, cache, rotation, part: int = 0) -> None:
+def _check(mla, q, kv, q_lat, cache, rotation) -> None:
     """ValueError naming the argument for anything latent_write / latent_write_reference cannot take."""
     if not isinstance(mla, MultiHeadLatentAttention):
         raise ValueError(f"mla: expected a MultiHeadLatentAttention (or its DSA subclass), got "
                          f"{type(mla).__name__}")
     index = isinstance(mla, DeepSeekSparseAttention)
-    if part not in (0, 1, 2):
-        raise ValueError(f"part: expected 0 (the whole step), 1 or 2, got {part!r}")
-    if part and not index:
-        raise ValueError(f"part={part}: only a DeepSeekSparseAttention layer's step is split in two")
     H, dr, R = mla.n_heads, mla.rope_dim, mla.kv_lora_rank
     n_q, n_kv = _widths(mla)
     q_layout = "[B, H*(qk_nope_head_dim + qk_rope_head_dim)"
     q_layout += " + index_n_heads*index_head_dim]" if index else "]"
-    n_q_full = n_q
-    if part == 1:
-        n_q, q_layout = mla.index_n_heads * mla.index_head_dim, "[B, index_n_heads*index_head_dim]"
-    elif part == 2:
-        n_q, q_layout = H * (mla.nope_dim + dr), "[B, H*(qk_nope_head_dim + qk_rope_head_dim)]"
     kv_layout = ("[B, kv_lora_rank + qk_rope_head_dim + index_head_dim + index_n_heads]" if index
                  else "[B, kv_lora_rank + qk_rope_head_dim]")
     check_tensor("q", q, 2, q_layout, shape=(None, n_q), dtypes=_DTYPES)
@@ -462,7 +416,7 @@ def _check(mla, q, kv, q_lat, cache, rotation, part: int = 0) -> None:
         if not isinstance(rotation, (tuple, list)) or len(rotation) != 2:
             raise ValueError("rotation: expected (cos, sin) = mla.rotation(cache.lengths[:, None])")
         cos, sin = rotation
-        n = n_q_full + R + dr + (mla.index_head_dim if index else 0)
+        n = n_q + R + dr + (mla.index_head_dim if index else 0)
         for name, t in (("rotation[0] (cos)", cos), ("rotation[1] (sin)", sin)):
             check_tensor(name, t, 3, "[B, 1, N_q + N_k]", shape=(None, 1, n), dtypes=(torch.float32,))
             if t.shape[0] not in (1, B):
@@ -481,8 +435,7 @@ def latent_write(
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     count_token: bool = False,
-    part: int = 0,
-) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An MLA layer's decode-step latent norm, both RoPEs, latent cache write and absorbed-query
     assembly in one Triton launch; for a DSA layer also its indexer's key LayerNorm, RoPE and cache
     write, its query RoPE and its head weights, in the same launch.
@@ -519,17 +472,8 @@ def latent_write(
         q_idx [B, H_I, D_I] in q's dtype, contiguous: the rotated indexer query, w float32 [B, H_I]:
         the head weights times index_head_dim^-0.5 · index_n_heads^-0.5), as ``_project_fused``
         returns them. Inference only.
-
-    ``part`` (a DSA layer only; the kernel's PART, for a decode step whose launches overlap under PDL,
-    attnlab.layers.fused.DSA_OVERLAP): 0 all of the above. 1: q is the indexer's query columns only
-    [B, H_I*D_I]; writes the latent row and the indexer key, counts the token if ``count_token``, and
-    returns (None, q_idx, w). 2, after part 1 counted the token: q is the MLA heads' columns only
-    [B, H*(dn + dr)], position lengths[b] - 1; returns (q_abs, None, None) and writes nothing else.
-    Parts 1 then 2 give what part 0 gives, bit for bit.
     """
-    _check(mla, q, kv, q_lat, cache, rotation, part)
-    if part == 2 and count_token:
-        raise ValueError("count_token: part 2 comes after part 1, which counts the token")
+    _check(mla, q, kv, q_lat, cache, rotation)
     B = q.shape[0]
     if q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"q: latent_write runs a Triton kernel on CUDA tensors (or CPU ones under "
@@ -584,17 +528,11 @@ def latent_write(
     if k_w is None or k_b is None:
         raise ValueError("mla: k_norm must have a weight and a bias (nn.LayerNorm, elementwise_affine)")
     check_same_device(q=q, k_norm_weight=k_w, k_norm_bias=k_b)
-    out = _dsa_latent_write_op(
+    return _dsa_latent_write_op(
         q, kv, q_lat, cache.lengths, cache.latent, cache.index_keys, cos, sin, freq, partner_q, partner_k,
         weight.contiguous(), k_w.detach().contiguous(), k_b.detach().contiguous(), *args,
-        mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), part, tickets,
-        w_uk,
+        mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), tickets, w_uk,
     )
-    if part == 1:
-        return None, out[1], out[2]
-    if part == 2:
-        return out[0], None, None
-    return out
 
 
 def _w_uk(mla: MultiHeadLatentAttention) -> torch.Tensor:

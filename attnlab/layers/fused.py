@@ -72,13 +72,6 @@ INDEX_TOPK_SCRATCH = True
 # DRAM is otherwise idle: the sparse attention (caches up to attnlab.kernels.sparse.PREFETCH_NEXT_MAX_ROWS
 # rows) or the top-k's first multi-program pass (longer ones, TOPK_PREFETCH_BYTES); False: neither
 PREFETCH_MLP = True
-# D (with q LoRA and FOLD_ABSORB_Q): the step's launches ordered so that work off the indexer's path
-# overlaps it under PDL (_overlapped_rows): the indexer's query GEMV, a latent_write part 1 (latent
-# row, indexer key and weights while that GEMV streams; the indexer query's RoPE and the token count
-# after it), the index scores, the MLA heads' query GEMV (streaming while the scores and the top-k run,
-# waiting last), the top-k, a latent_write part 2 (the absorbed query, while the top-k runs), the
-# attention. False: one query GEMV and one latent_write before the index scores
-DSA_OVERLAP = True
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
 # interpreter tests check the plain step's kernels
 ON_CPU_INTERPRETER = False
@@ -244,17 +237,14 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
 
     R = dsa.kv_lora_rank
     prefetch = prefetch if PREFETCH_MLP else None
-    if DSA_OVERLAP and FOLD_ABSORB_Q and dsa.q_lora_rank is not None:
-        q_abs, idx = _overlapped_rows(dsa, io, norm, cache, rotation, prefetch)
-    else:
-        q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
-        q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
-        # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
-        # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
-        # the layer counts it
-        keys = _index_keys(cache, q_abs.dtype)
-        idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch)  # (B, 1, k)
+    q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
+    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
+    # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
+    # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
+    # the layer counts it
     dtype = q_abs.dtype
+    keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
+    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     kernel = None
     if prefetch is not None:
@@ -266,67 +256,25 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     _output(dsa, o_lat[:, 0], io.res, keep, scale)
 
 
-def _index_keys(cache, dtype: torch.dtype) -> torch.Tensor:
-    return cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-
-
-def _overlapped_rows(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotation,
-                     prefetch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A D step's projections, latent write and selection in the DSA_OVERLAP order -> (q_abs [B, H, R +
-    dr], idx int64 [B, 1, k]): what _latent_rows, latent_write and _index_topk give in the plain order.
-    Under PDL (attnlab.kernels._pdl) each launch overlaps the one before it; here two launches also do
-    their work beside later ones, which is safe because every read below is of a tensor whose writer has
-    completed before the reader launches (a "trigger_late" kernel lets the next launch only after its own
-    wait), and every "late" kernel waits last, so the wait of the kernel after it covers both:
-
-      x_proj GEMV -> indexer q GEMV (trigger_late) -> latent_write part 1 (latent row, indexer key and
-      weights while that GEMV streams; its wait; indexer q RoPE; token count) -> index scores -> MLA q
-      GEMV (wait_late: streams beside the scores and the top-k) -> top-k (waits, then lets the next
-      launch) -> latent_write part 2 (absorbed query beside the top-k; waits last) -> attention."""
-    from ..kernels.latent_cache import latent_write
-
-    n_main = dsa.n_heads * (dsa.nope_dim + dsa.rope_dim)
-    row = gemv(io.x, dsa.x_proj.weight(), **_norm_args(norm), x_hat_out=io.x_hat)  # (B, q_lora + N_kv)
-    q_lora, kv = row[:, : dsa.q_lora_rank], row[:, dsa.q_lora_rank :]
-    w_up = dsa.q_up.weight()  # (H*(dn+dr) + H_I*D_I, q_lora): the MLA heads' rows, then the indexer's
-    q_i = gemv(q_lora, w_up[n_main:], **_norm_args(dsa.q_a_norm), pdl="trigger_late")  # (B, H_I*D_I)
-    _, q_idx, w = latent_write(dsa, q_i, kv, None, cache, rotation, count_token=True, part=1)
-    main: dict[str, torch.Tensor] = {}
-
-    def mla_query() -> None:  # launched between the index scores and the top-k
-        main["q"] = gemv(q_lora, w_up[:n_main], **_norm_args(dsa.q_a_norm), pdl="wait_late")  # (B, H*(dn+dr))
-
-    keys = _index_keys(cache, q_idx.dtype)
-    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch,
-                      between=mla_query)  # (B, 1, k)
-    q_abs, _, _ = latent_write(dsa, main["q"], kv, None, cache, rotation, part=2)  # (B, H, R + dr)
-    return q_abs, idx
-
-
 def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
-                index_topk: int, prefetch: torch.Tensor | None = None, between=None) -> torch.Tensor:
+                index_topk: int, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """A D decode step's selection: the indexer's scores of q_idx [B, 1, H_I, D_I] (head weights w
     [B, 1, H_I]) over the cached keys [B, S_max, D_I] (positions past each row's length -inf), then
     their top min(index_topk, S_max) positions, unsorted (the attention sums over the set; on CUDA the
     positions in position order, one pass fewer): int64 [B, 1, k], -1 = empty. When both run as Triton
     kernels (what "auto" picks: CUDA bf16 / fp16), the index-scores launch also zeroes the top-k's
-    buffers (its ``scratch``), so no fill launch sits between the two; ``prefetch``: dsa_topk's.
-    ``between``: a callable launched after the scores and before the top-k (_overlapped_rows)."""
+    buffers (its ``scratch``), so no fill launch sits between the two; ``prefetch``: dsa_topk's."""
     from ..ops.softmax import _sparse_kernel
 
     k = min(index_topk, keys.shape[1])
     if not INDEX_TOPK_SCRATCH or _sparse_kernel("auto", "dsa_index_scores", q_idx) is None:
         scores = ops.dsa_index_scores(q_idx, keys, w, n_valid=lengths)  # (B, 1, S_max)
-        if between is not None:
-            between()
         return ops.dsa_topk(scores, k, causal=False, sort=False)
     from ..kernels import sparse as ks
 
     n = ks.topk_scratch_numel(q_idx.shape[0], 1, keys.shape[1], k, keys.device)
     scratch = torch.empty(n, dtype=torch.int32, device=keys.device) if n else None
     scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, zero=scratch)  # (B, 1, S_max) float32
-    if between is not None:
-        between()
     return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=scratch, prefetch=prefetch)
 
 
