@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from _triton_tests import (
@@ -256,3 +258,147 @@ def test_gpu_cuda_graph_and_compile():
         assert rel_err(static[1], unabsorb_o_reference(static[0], w_uv)) <= TOL[torch.bfloat16]
     out = torch.compile(step, fullgraph=True)()
     assert rel_err(out[1], unabsorb_o_reference(out[0], w_uv)) <= TOL[torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------------
+# unabsorb_o_partials: the split attention's combine inside W_UV's launch (the fused DSA step)
+
+
+def partials(B, H, splits, R, seed=0, device="cpu", empty=(1,)):
+    """(op float32 [B*H, splits, R], lp float32 [B*H, splits]) as the split attention leaves them: each
+    split's output normalised within it, its base-2 lse; the splits in ``empty`` saw no slot (lse
+    -inf, partial 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    op = torch.randn(B * H, splits, R, generator=gen)
+    lp = 4 * torch.randn(B * H, splits, generator=gen)
+    for s in empty:
+        if s < splits:
+            op[:, s], lp[:, s] = 0.0, float("-inf")
+    return op.to(device), lp.to(device)
+
+
+def test_partials_bad_input_raises_value_error_naming_the_argument():
+    from attnlab.kernels import absorb
+
+    _, _, _, w_uv = views(SHAPES["odd"], 2, torch.float32)  # H 3, R 40
+    op, lp = partials(2, 3, 4, 40)
+    cases = [
+        ((op.double(), lp, w_uv), "op: expected dtype"),
+        ((op[..., :39], lp, w_uv), "op: expected shape"),
+        ((op[:5], lp[:5], w_uv), "op: expected a contiguous"),  # 5 rows: not B * 3
+        ((op.transpose(0, 1).contiguous().transpose(0, 1), lp, w_uv), "op: expected a contiguous"),
+        ((op, lp[:, :3], w_uv), "lp: expected shape"),
+        ((op, lp.t().contiguous().t(), w_uv), "lp: expected a contiguous"),
+        ((op, lp, w_uv.double()), "w_uv: expected dtype"),
+        ((op, lp, w_uv.transpose(1, 2).contiguous().transpose(1, 2)), "w_uv: the last dim"),
+        ((*partials(2, 3, 600, 40), w_uv), "op: 600 splits of 40 columns are more than one program holds"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            absorb.unabsorb_o_partials(*args)
+    if not INTERPRETED and importlib.util.find_spec("triton") is not None:
+        with pytest.raises(ValueError, match="^op: .*unabsorb_o_partials_reference"):
+            absorb.unabsorb_o_partials(op, lp, w_uv)
+
+
+def test_partials_reference_is_the_combine_then_unabsorb():
+    """unabsorb_o_partials_reference = unabsorb_o_reference of the merged latents: Σ 2^(lse_s - lse) op_s
+    over the splits (the softmax over the union of the splits' slots), rounded to w_uv's dtype; a
+    row whose splits are all empty gives 0."""
+    from attnlab.kernels.absorb import unabsorb_o_partials_reference, unabsorb_o_reference
+
+    _, _, _, w_uv = views(SHAPES["odd"], 2, torch.float32)
+    op, lp = partials(2, 3, 5, 40)
+    lp[4] = float("-inf")  # row 4 (b 1, h 1): no slot anywhere
+    weights = torch.softmax(lp * torch.log(torch.tensor(2.0)), dim=1).nan_to_num(0.0)  # (B*H, S)
+    o_lat = (weights[..., None] * op).sum(1).view(2, 3, 40)
+    torch.testing.assert_close(unabsorb_o_partials_reference(op, lp, w_uv), unabsorb_o_reference(o_lat, w_uv))
+    assert (unabsorb_o_partials_reference(op, lp, w_uv)[1, 1] == 0).all()
+
+
+@needs_sm90_toolchain
+def test_partials_compiles_for_sm90_at_real_shapes():
+    """The merged launch as the DSA step runs it (32 splits of R 512, 16 output rows, 8 warps, bf16,
+    PDL): no local memory (spills), the weight tile loaded before the wait."""
+    from attnlab.kernels import absorb
+
+    const = dict(BSPLIT=32, BR=512, BLOCK_V=16, INTERP=False, PDL=True)
+    kernel = compile_sm90(absorb._combine_unabsorb_kernel, const,
+                          dict(OP="*fp32", LP="*fp32", W="*bf16", O="*bf16"), num_warps=8)
+    regs, stack, res = sm90_usage(kernel)
+    assert "LOCAL:0 " in res and stack == 0, res
+    ptx = kernel.asm["ptx"]
+    assert ptx.count("griddepcontrol.wait") == 1
+    assert ptx.find("ld.global.L1::evict_first") < ptx.find("griddepcontrol.wait")  # W_UV before the wait
+
+
+@interp
+@pytest.mark.parametrize("name", ["tiny", "odd", "deepseek_16h"])
+@pytest.mark.parametrize("B, splits", [(1, 32), (2, 5), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_partials_match_reference(name, B, splits, dtype):
+    from attnlab.kernels.absorb import unabsorb_o_partials, unabsorb_o_partials_reference
+
+    H, _, dv, R, _ = SHAPES[name]
+    if name == "deepseek_16h" and (B, splits) != (1, 32):
+        pytest.skip("the real shape at the DSA step's split count only")
+    _, _, _, w_uv = views(SHAPES[name], B, dtype)
+    op, lp = partials(B, H, splits, R, empty=(1,) if splits > 1 else ())
+    out, ref = unabsorb_o_partials(op, lp, w_uv), unabsorb_o_partials_reference(op, lp, w_uv)
+    assert out.shape == (B, H, dv) and out.dtype == dtype and out.is_contiguous()
+    assert rel_err(out, ref) <= TOL[dtype], rel_err(out, ref)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_split_attention_partials_then_merged_unabsorb(dtype):
+    """The fused DSA step's pair: sparse_attention_partials (the attention's launch without its
+    combine) then unabsorb_o_partials give unabsorb_o of sparse_attention's output (its own combine),
+    at the splits the launcher picks (several, one empty row of slots -1 included), and a cap on the
+    splits (max_splits) changes nothing but the split count."""
+    from attnlab.kernels import sparse as ks
+    from attnlab.kernels.absorb import unabsorb_o, unabsorb_o_partials
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, R, dr, S, k = 2, 3, 40, 8, 400, 300  # 300 slots: several 64-slot splits
+    _, _, _, w_uv = views(SHAPES["odd"], B, dtype)
+    q = torch.randn(B, 1, H, R + dr, generator=gen).to(dtype)
+    cache = torch.randn(B, S, 1, R + dr, generator=gen).to(dtype)
+    idx = torch.randperm(S, generator=gen)[:k].repeat(B, 1, 1)
+    idx[1, 0, 60:] = -1  # a row with fewer selected slots: its last splits are empty
+    want = unabsorb_o(ks.sparse_attention(q, cache, cache[..., :R], idx)[:, 0], w_uv)
+    for cap in (None, 2):
+        o, op, lp = ks.sparse_attention_partials(q, cache, cache[..., :R], idx, max_splits=cap)
+        assert o is None and op.shape[:2] == (B * H, lp.shape[1]) and lp.shape[1] > 1
+        if cap:
+            assert lp.shape[1] <= cap
+        got = unabsorb_o_partials(op, lp, w_uv)
+        # bf16: the interpreter truncates _combine's cast of o_lat (triton 3.9; see absorb._round), which
+        # unabsorb_o_partials rounds to nearest as the GPU does both: a few units of 2^-8 apart
+        tol = TOL[dtype] if dtype == torch.float32 else 1e-2
+        assert rel_err(got, want) <= tol, (cap, rel_err(got, want))
+    with pytest.raises(ValueError, match="max_splits: expected an int >= 1"):
+        ks.sparse_attention_partials(q, cache, cache[..., :R], idx, max_splits=0)
+
+
+@interp
+def test_interp_partials_custom_op_schema_and_fake():
+    from attnlab.kernels import absorb
+
+    _, _, _, w_uv = views(SHAPES["odd"], 2, torch.float32)
+    op, lp = partials(2, 3, 4, 40)
+    result = torch.library.opcheck(absorb._unabsorb_partials_op, (op, lp, w_uv, 2),
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert result == {"test_schema": "SUCCESS", "test_faketensor": "SUCCESS"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 3])
+def test_gpu_partials_match_reference(B):
+    from attnlab.kernels.absorb import unabsorb_o_partials, unabsorb_o_partials_reference
+
+    H, _, _, R, _ = SHAPES["deepseek_16h"]
+    _, _, _, w_uv = views(SHAPES["deepseek_16h"], B, torch.bfloat16, device="cuda")
+    op, lp = partials(B, H, 32, R, device="cuda", empty=(1, 7))
+    got = unabsorb_o_partials(op, lp, w_uv)
+    assert rel_err(got, unabsorb_o_partials_reference(op, lp, w_uv)) <= TOL[torch.bfloat16]
