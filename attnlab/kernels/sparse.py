@@ -1908,7 +1908,6 @@ TOPK_RANK_MAX = 0
 TOPK_RANK_MAX_ROWS = 8
 TOPK_RANK_BI = 16
 TOPK_RANK_BJ = 512
-TOPK_RANK_WARPS = 4
 TOPK_RANK_STAGES = 3  # the j loops software-pipelined (cp.async): their L2 loads are not one round trip each
 TOPK_FUSED_MAX = 12 * 1024
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
@@ -2064,8 +2063,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         pdl = use_pdl(scores.device)
         _topk_count_rank[(triton.cdiv(S, TOPK_RANK_BI), R)](
             sc, out.view(R, topk), S, T, sc.stride(0), topk, k_eff, topk, CAUSAL=causal, BI=TOPK_RANK_BI,
-            BJ=TOPK_RANK_BJ, PDL=pdl, STAGES=TOPK_RANK_STAGES, num_warps=TOPK_RANK_WARPS,
-            num_stages=TOPK_RANK_STAGES,
+            BJ=TOPK_RANK_BJ, PDL=pdl, STAGES=TOPK_RANK_STAGES, num_warps=4, num_stages=TOPK_RANK_STAGES,
             **launch_options(pdl))
         return out
     if fused:
