@@ -799,20 +799,6 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
 
 
 @needs_sm90_toolchain
-def test_topk_count_rank_compiles_for_sm90():
-    """The counting top-k at its launch shape (TOPK_RANK_BI positions x TOPK_RANK_BJ, 4 warps, PDL,
-    TOPK_RANK_STAGES) builds for an H100 without spills, its loops' loads through cp.async."""
-    from attnlab.kernels import sparse as ks
-
-    const = dict(CAUSAL=False, BI=ks.TOPK_RANK_BI, BJ=ks.TOPK_RANK_BJ, PDL=True, STAGES=ks.TOPK_RANK_STAGES)
-    compiled = compile_sm90(ks._topk_count_rank, const, {"SC": "*fp32", "OUT": "*i64"}, num_warps=4,
-                            num_stages=ks.TOPK_RANK_STAGES)
-    regs, stack, res = sm90_usage(compiled)
-    assert "LOCAL:0 " in res and stack == 0, res
-    assert "cp.async" in compiled.asm["ptx"]  # the j loops' loads pipelined, not a round trip each
-
-
-@needs_sm90_toolchain
 @pytest.mark.parametrize("kernel", ["_latent_attn_fwd", "_topk_hist"])
 def test_prefetch_hints_compile_for_sm90(kernel):
     """The decode kernels that ask L2 for a later kernel's weights (the DSA row's sparse attention at
@@ -875,48 +861,6 @@ def test_interp_topk_decode_rows_take_the_fused_path(monkeypatch):
     many = _tie_scores(2, 4, 200, seed=7)  # 8 rows >= 0.5 per SM of the interpreter's 4
     assert torch.equal(ks.dsa_topk(many, 30), ops.dsa_topk(many, 30, mode="torch"))
     assert launched == ["_topk_row"]
-
-
-@interp
-def test_interp_topk_count_rank_path(monkeypatch):
-    """Short rows with TOPK_RANK_MAX set take the counting top-k (_topk_count_rank, one launch): the
-    oracle's indices, sorted, for sort=True and sort=False alike, with ties (at the cut too), -inf
-    tails, k above the finite count and above S, causal and not, rows not a multiple of the blocks (j
-    blocks before, holding and after each program's positions); longer rows or more rows than
-    TOPK_RANK_MAX_ROWS keep the other paths."""
-    from attnlab.kernels import sparse as ks
-
-    launched = []
-    original = ks._topk_count_rank
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return original[grid]
-
-    monkeypatch.setattr(ks, "_topk_count_rank", Spy())
-    monkeypatch.setattr(ks, "TOPK_RANK_MAX", 300)
-    monkeypatch.setattr(ks, "TOPK_RANK_BI", 8)
-    monkeypatch.setattr(ks, "TOPK_RANK_BJ", 32)
-    ties = _tie_scores(2, 2, 150, seed=5)
-    ties[1, 0, 120:] = float("-inf")  # a row shorter than some k below
-    distinct = torch.randn(1, 1, 277, generator=torch.Generator().manual_seed(8))
-    cut = _threshold_ties(distinct, 40, copies=4, seed=2)  # ties at the k-th value
-    for scores, topk, causal in ((ties, 40, False), (ties, 130, False), (ties, 60, True), (ties, 170, True),
-                                 (distinct, 1, False), (cut, 40, False), (distinct, 277, False)):
-        want = ops.dsa_topk(scores, topk, causal=causal, mode="torch")
-        for sort in (True, False):
-            launched.clear()
-            got = ks.dsa_topk(scores, topk, causal=causal, sort=sort)
-            assert torch.equal(got, want), (topk, causal, sort)
-            rows, n_blocks = scores.shape[0] * scores.shape[1], -(-scores.shape[-1] // 8)
-            assert launched == [(n_blocks, rows)]
-    launched.clear()
-    long_row = torch.randn(1, 1, 301)
-    assert torch.equal(ks.dsa_topk(long_row, 20), ops.dsa_topk(long_row, 20, mode="torch"))
-    many = _tie_scores(3, 3, 100, seed=9)  # 9 rows > TOPK_RANK_MAX_ROWS
-    assert torch.equal(ks.dsa_topk(many, 20), ops.dsa_topk(many, 20, mode="torch"))
-    assert launched == []
 
 
 @interp
@@ -1300,36 +1244,6 @@ def test_gpu_topk_decode_rows_equal_oracle(shape, path, monkeypatch):
         want = ops.dsa_topk(scores, topk, causal=False, mode="torch")
         _assert_same_set_in_position_order(ks.dsa_topk(scores, topk, causal=False, sort=False), want)
         assert torch.equal(ks.dsa_topk(scores, topk, causal=False), want)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 1, 4160), (1, 1, 2000), (8, 1, 4096), (1, 1, 8192)])
-def test_gpu_topk_count_rank_equals_oracle(shape, monkeypatch):
-    """The counting top-k (TOPK_RANK_MAX) on decode rows with many ties and a -inf tail, in a CUDA
-    graph replayed on new scores: the oracle's sorted indices for sort=True and sort=False."""
-    from attnlab.kernels import sparse as ks
-
-    monkeypatch.setattr(ks, "TOPK_RANK_MAX", 8192)
-    gen = torch.Generator(device="cuda").manual_seed(shape[2])
-    scores = torch.empty(shape, device="cuda")
-
-    def fill(seed):
-        gen.manual_seed(seed)
-        scores.copy_((torch.randn(shape, device="cuda", generator=gen) * 4).round() / 4)
-        scores[-1, -1, shape[2] // 2:] = float("-inf")
-
-    fill(0)
-    for topk in (2048, 100):
-        want = ops.dsa_topk(scores, topk, causal=False, mode="torch")
-        for sort in (True, False):
-            assert torch.equal(ks.dsa_topk(scores, topk, causal=False, sort=sort), want), (topk, sort)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ks.dsa_topk(scores, 2048, causal=False, sort=False)
-    for seed in (1, 2):
-        fill(seed)
-        graph.replay()
-        assert torch.equal(out, ops.dsa_topk(scores, 2048, causal=False, mode="torch"))
 
 
 @pytest.mark.gpu

@@ -1132,54 +1132,6 @@ def _topk_rank(SEL, OUT, S, k_eff, stride_sel, stride_out, BLOCK_I: tl.constexpr
     tl.store(OUT + r * stride_out + rank, pos, mask=ok_i)
 
 @triton.jit
-def _topk_count_rank(SC, OUT, S, T, stride_r, stride_out, k_eff, topk,
-                     CAUSAL: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, PDL: tl.constexpr = False,
-                     STAGES: tl.constexpr = 1):
-    """The top-k of short rows by counting ranks, with no histogram, atomic or barrier: program (ib, r)
-    takes positions i in [ib·BI, +BI) of row r and counts, against every position j of the row, the keys
-    ahead of its own (a bigger key, or an equal one at an earlier position: the tie rule), in a
-    [BI, BJ] int32 tile summed once at the end. rank(i) is then a permutation of 0..S-1, and i is taken
-    iff rank(i) < k_eff, landing at slot rank(i): the row comes out sorted (score descending, ties
-    to the earlier position), as a position, -1 for a -inf score; slots k_eff..topk get -1. S·S
-    comparisons a row: for short rows only (dsa_topk's TOPK_RANK_MAX). The j blocks wholly before i's
-    block compare with >=, those after with >, the one holding it with the tie rule. PDL: the next
-    kernel may launch; wait for the previous (which wrote the scores). STAGES: the j loops' software
-    pipelining (their loads in flight ahead of the compares)."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    r = tl.program_id(1).to(tl.int64)
-    row_off = r * stride_r
-    qpos = S - T + r % T
-    i = tl.program_id(0) * BI + tl.arange(0, BI)
-    i_ok = i < S
-    ki = _topk_keys(SC, row_off, i, i_ok, qpos, CAUSAL)  # (BI,)
-    acc = tl.zeros([BI, BJ], dtype=tl.int32)
-    i0 = tl.program_id(0) * BI
-    jb = i0 // BJ * BJ  # the j block holding i's block (BJ is a multiple of BI)
-    for j0 in tl.range(0, jb, BJ, num_stages=STAGES):  # before: an equal key there is ahead
-        j = j0 + tl.arange(0, BJ)
-        kj = _topk_keys(SC, row_off, j, j < S, qpos, CAUSAL)
-        acc += (kj[None, :] >= ki[:, None]).to(tl.int32)
-    j = jb + tl.arange(0, BJ)
-    j_ok = j < S
-    kj = tl.where(j_ok, _topk_keys(SC, row_off, j, j_ok, qpos, CAUSAL), -2147483648)  # past S: behind all
-    ahead = (kj[None, :] > ki[:, None]) | ((kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
-    acc += ahead.to(tl.int32)
-    for j0 in tl.range(jb + BJ, S, BJ, num_stages=STAGES):  # after: only a bigger key is ahead
-        j = j0 + tl.arange(0, BJ)
-        kj = tl.where(j < S, _topk_keys(SC, row_off, j, j < S, qpos, CAUSAL), -2147483648)
-        acc += (kj[None, :] > ki[:, None]).to(tl.int32)
-    rank = tl.sum(acc, 1)  # (BI,)
-    out = OUT + r * stride_out
-    tl.store(out + rank, tl.where(ki == _KEY_NEG_INF, -1, i).to(tl.int64), mask=i_ok & (rank < k_eff))
-    if tl.program_id(0) == 0:
-        for s0 in range(k_eff, topk, BJ):
-            slots = s0 + tl.arange(0, BJ)
-            tl.store(out + slots, tl.full([BJ], -1, tl.int64), mask=slots < topk)
-
-
-@triton.jit
 def _topk_row(SC, OUT, SEL, S, T, stride_r, stride_out, stride_sel, k_eff, topk,
               CAUSAL: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr,
               POSITIONS: tl.constexpr):
@@ -1901,14 +1853,6 @@ TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM = 0.5
 # them, left the attention 13.5 us exposed a layer at 128K, against 7.6 after the last pass
 # (decode_timeline_h100_run26b_128k.json). So only rows the candidate path may take (<=
 # TOPK_CANDIDATES_MAX_S) stay fused; 8K-16K were not measured.
-# Rows of at most TOPK_RANK_MAX scores, at most TOPK_RANK_MAX_ROWS of them (decode), take the
-# counting top-k (_topk_count_rank: S^2 comparisons, no barrier; TOPK_RANK_BI positions a program,
-# TOPK_RANK_BJ a step); 0: never.
-TOPK_RANK_MAX = 0
-TOPK_RANK_MAX_ROWS = 8
-TOPK_RANK_BI = 16
-TOPK_RANK_BJ = 512
-TOPK_RANK_STAGES = 3  # the j loops software-pipelined (cp.async): their L2 loads are not one round trip each
 TOPK_FUSED_MAX = 12 * 1024
 TOPK_FUSED_BLOCK = 256  # scores per step of a _topk_fused program (and the smallest chunk)
 # Rows whose chunks hold at least this many scores take TOPK_FUSED_WIDE_BLOCK-score steps at 8 warps
@@ -1956,12 +1900,9 @@ TOPK_SCRATCH_LONG_FUSED = False
 
 
 def _topk_plan(R: int, S: int, k_eff: int, device: torch.device) -> tuple[str, int]:
-    """(path, int32 zeros it needs) of dsa_topk over R rows of S scores: "one_program" (none), "rank"
-    (none),
+    """(path, int32 zeros it needs) of dsa_topk over R rows of S scores: "one_program" (none),
     "fused" (a row's histograms, barrier / candidate counters and, on the candidate path, its 16-bit
     histogram) or "multi" (a row's histograms)."""
-    if 0 < S <= TOPK_RANK_MAX and 0 < R <= TOPK_RANK_MAX_ROWS:
-        return "rank", 0
     if (0 < S <= TOPK_ONE_PROGRAM_MAX and k_eff <= TOPK_ONE_PROGRAM_MAX_K
             and R >= TOPK_ONE_PROGRAM_MIN_ROWS_PER_SM * _num_sms(device)):
         return "one_program", 0
@@ -2000,8 +1941,6 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     above it and the earliest ties, in position order; a rank pass sorts the k taken (each counts
     the bigger ones: k^2 comparisons over k / 64 programs per row).
     Six passes over the scores (L2-resident for a decode row), no host sync, CUDA-graph safe.
-    At most ``TOPK_RANK_MAX_ROWS`` rows of S <= ``TOPK_RANK_MAX`` count each score's rank instead
-    (``_topk_count_rank``: S^2 comparisons, one launch, no atomics or barriers, sorted output).
     Rows of S <= ``TOPK_ONE_PROGRAM_MAX`` (k <= ``TOPK_ONE_PROGRAM_MAX_K``) do all of it in ONE
     launch, a program per row (``_topk_row``: same passes, histograms in registers, a bitonic sort).
     Fewer rows (decode) of S <= ``TOPK_FUSED_MAX`` run the passes in one launch with a row's chunks
@@ -2016,8 +1955,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         topk: k >= 1; may exceed S.
         causal: True: positions s > S - T + t are invisible to query t (needs S >= T).
         sort: True: by score descending. False: the same set in POSITION order, without the rank
-            pass (a decode step's sparse attention does not care about the order): one launch fewer;
-            rows on the counting path (``TOPK_RANK_MAX``) come out sorted either way.
+            pass (a decode step's sparse attention does not care about the order): one launch fewer.
         scratch: None (a zero fill launch precedes the top-k), or a contiguous int32 buffer of at
             least ``topk_scratch_numel`` elements that the kernel launched just before this call
             set to zero (``dsa_index_scores(..., zero=scratch)``, which also wrote ``scores``): the
@@ -2047,7 +1985,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         if scratch.numel() < n_zero:
             raise ValueError(f"scratch: {scratch.numel()} int32 elements, this top-k needs {n_zero} "
                              f"(topk_scratch_numel)")
-    if R > 0 and S > 0 and (one_program or fused or path == "rank" or not sort):  # every slot written
+    if R > 0 and S > 0 and (one_program or fused or not sort):  # every slot written: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
         out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
@@ -2058,13 +1996,6 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         sc = sc.to(torch.float32).contiguous()
     if one_program:
         _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
-        return out
-    if path == "rank":  # sorted, whatever ``sort`` asks
-        pdl = use_pdl(scores.device)
-        _topk_count_rank[(triton.cdiv(S, TOPK_RANK_BI), R)](
-            sc, out.view(R, topk), S, T, sc.stride(0), topk, k_eff, topk, CAUSAL=causal, BI=TOPK_RANK_BI,
-            BJ=TOPK_RANK_BJ, PDL=pdl, STAGES=TOPK_RANK_STAGES, num_warps=4, num_stages=TOPK_RANK_STAGES,
-            **launch_options(pdl))
         return out
     if fused:
         _topk_fused_launch(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort, scratch)  # (R, topk)
