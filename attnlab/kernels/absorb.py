@@ -46,10 +46,6 @@ POISON_OUTPUTS = False  # tests: fill every output buffer with NaN first, so an 
 MAX_ROWS = 8  # rows per program (more rows: another program along grid dim 2)
 TILE = 8192  # weight elements a program holds (bf16: 16 KB; 64 float32 registers a thread at 4 warps)
 MAX_BK = 512  # unabsorb_o: R columns per step of its loop (R <= MAX_BK: one step, all loaded before the wait)
-# unabsorb_o_partials: a program's partials tile (splits x R, padded; the DSA step's 32 x 512) and its
-# output rows (16: 128 programs at H = 16, dv = 128, each holding a [16, 512] weight tile)
-PARTIALS_MAX = 32 * 512
-COMBINE_BLOCK_V = 16
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -132,45 +128,6 @@ def _unabsorb_o_kernel(
     tl.store(dst, _round(acc, O.dtype.element_ty, INTERP), mask=(b[:, None] < B) & v_ok[None, :])
 
 
-@triton.jit
-def _combine_unabsorb_kernel(
-    OP, LP, W, O, DV, R, N_SPLIT, stride_wh, stride_wv,
-    BSPLIT: tl.constexpr, BR: tl.constexpr, BLOCK_V: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr,
-):
-    """Program (h, j, b): O[b, h, j·BLOCK_V + v] as _unabsorb_o_kernel's (h, j) for row b, its input
-    o_lat[b, h] merged here from the split attention's N_SPLIT partials OP [B·H, N_SPLIT, R] (float32,
-    each normalised in its split) and their base-2 log-sum-exps LP [B·H, N_SPLIT] (-inf: an empty
-    split) as attnlab.kernels.sparse._combine merges them (lse and partials in one load, weights
-    2^(lse_i - max), the sum over the splits, one division, a cast to O's dtype), then the product with
-    the [BLOCK_V, R] weight tile loaded before the wait: the combine and W_UV in one launch."""
-    if PDL:
-        gdc_launch_dependents()
-    h = tl.program_id(0).to(tl.int64)
-    v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
-    b = tl.program_id(2).to(tl.int64)
-    r = tl.arange(0, BR)  # (BR,)
-    v_ok = v < DV
-    r_ok = r < R
-    w = tl.load(W + h * stride_wh + v[:, None].to(tl.int64) * stride_wv + r[None, :],
-                mask=v_ok[:, None] & r_ok[None, :], other=0.0, eviction_policy="evict_first")  # (BLOCK_V, BR)
-    if PDL:
-        gdc_wait()  # the partials come from the previous kernel
-    row = b * tl.num_programs(0) + h
-    sp = tl.arange(0, BSPLIT)
-    sp_ok = sp < N_SPLIT
-    lse_i = tl.load(LP + row * N_SPLIT + sp, mask=sp_ok, other=float("-inf"))  # (BSPLIT,)
-    part = tl.load(OP + (row * N_SPLIT + sp[:, None]) * R + r[None, :], mask=sp_ok[:, None] & r_ok[None, :],
-                   other=0.0)  # (BSPLIT, BR)
-    m = tl.max(lse_i, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    ws = tl.exp2(lse_i - m)  # empty splits: 0
-    total = tl.sum(ws, 0)
-    acc = tl.sum(ws[:, None] * part, 0)  # (BR,)
-    x = _round(acc / tl.where(total > 0, total, 1.0), O.dtype.element_ty, INTERP)  # o_lat, as the combine's
-    out = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # (BLOCK_V,)
-    tl.store(O + row * DV + v, _round(out, O.dtype.element_ty, INTERP), mask=v_ok)
-
-
 # ---------------------------------------------------------------------------------------------
 # host side
 
@@ -213,20 +170,6 @@ def _unabsorb_o_launch(o_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _unabsorb_partials_launch(op: torch.Tensor, lp: torch.Tensor, w_uv: torch.Tensor, B: int) -> torch.Tensor:
-    H, dv, R = w_uv.shape
-    out = output_buffer((B, H, dv), w_uv.dtype, w_uv.device, POISON_OUTPUTS)
-    br = triton.next_power_of_2(R)
-    block_v = max(1, min(COMBINE_BLOCK_V, TILE // br, triton.next_power_of_2(dv)))
-    pdl = use_pdl(op.device)
-    _combine_unabsorb_kernel[(H, triton.cdiv(dv, block_v), B)](
-        op, lp, w_uv, out, dv, R, op.shape[1], w_uv.stride(0), w_uv.stride(1),
-        BSPLIT=triton.next_power_of_2(max(op.shape[1], 2)), BR=br, BLOCK_V=block_v, INTERP=_INTERPRET,
-        PDL=pdl, num_warps=8, **launch_options(pdl),
-    )
-    return out
-
-
 # The launchers as custom ops: torch.compile keeps each as one opaque call (with a shape-only fake).
 @torch.library.custom_op("attnlab::absorb_q", mutates_args=())
 def _absorb_q_op(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
@@ -246,16 +189,6 @@ def _unabsorb_o_op(o_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
 @_unabsorb_o_op.register_fake
 def _(o_lat, w_uv):
     return o_lat.new_empty(o_lat.shape[0], o_lat.shape[1], w_uv.shape[1])
-
-
-@torch.library.custom_op("attnlab::unabsorb_o_partials", mutates_args=())
-def _unabsorb_partials_op(op: torch.Tensor, lp: torch.Tensor, w_uv: torch.Tensor, B: int) -> torch.Tensor:
-    return _unabsorb_partials_launch(op, lp, w_uv, B)
-
-
-@_unabsorb_partials_op.register_fake
-def _(op, lp, w_uv, B):
-    return w_uv.new_empty(B, w_uv.shape[0], w_uv.shape[1])
 
 
 def _check_absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor) -> None:
@@ -325,59 +258,10 @@ def unabsorb_o(o_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     return _unabsorb_o_op(o_lat, w_uv)
 
 
-def unabsorb_o_partials(op: torch.Tensor, lp: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
-    """:func:`unabsorb_o` of the latents a split decode attention leaves in pieces, merging them in the
-    same launch (no combine launch before it): the fused DSA step's sparse attention
-    (:func:`attnlab.kernels.sparse.sparse_attention_partials`).
-
-    Args:
-        op: float32 [B·H, S, R] contiguous: split s's output for (row b, head h) at row b·H + h,
-            normalised within its split (0 where the split saw no slot).
-        lp: float32 [B·H, S] contiguous: each split's base-2 log-sum-exp (-inf: no slot).
-        w_uv: [H, dv, R] W_UV, bf16 / fp16 / fp32, last dim contiguous. S·R (padded to powers of
-            two) at most ``PARTIALS_MAX`` elements: one program holds a head's partials.
-
-    Returns:
-        o [B, H, dv] in w_uv's dtype: ``unabsorb_o(o_lat, w_uv)`` with o_lat = Σ_s 2^(lse_s - lse) op_s
-        rounded to w_uv's dtype, as the split attention's combine writes it. Inference only.
-    """
-    check_tensor("w_uv", w_uv, 3, "[H, v_head_dim, kv_lora_rank]", dtypes=_DTYPES)
-    H, _, R = w_uv.shape
-    check_tensor("op", op, 3, "[B*H, splits, kv_lora_rank]", shape=(None, None, R), dtypes=(torch.float32,))
-    if op.shape[0] % H or not op.is_contiguous():
-        raise ValueError(f"op: expected a contiguous [B*H, splits, kv_lora_rank] tensor, B*H a multiple of "
-                         f"H={H}; got shape {tuple(op.shape)}, strides {op.stride()}")
-    check_tensor("lp", lp, 2, "[B*H, splits]", shape=op.shape[:2], dtypes=(torch.float32,))
-    if not lp.is_contiguous():
-        raise ValueError(f"lp: expected a contiguous tensor, got strides {lp.stride()}")
-    if w_uv.stride(-1) != 1:
-        raise ValueError(f"w_uv: the last dim (kv_lora_rank) must be contiguous, got strides {w_uv.stride()}")
-    n = triton.next_power_of_2(max(op.shape[1], 2)) * triton.next_power_of_2(R)
-    if n > PARTIALS_MAX:
-        raise ValueError(f"op: {op.shape[1]} splits of {R} columns are more than one program holds "
-                         f"(PARTIALS_MAX={PARTIALS_MAX} elements, padded); combine them first (unabsorb_o)")
-    check_same_device(op=op, lp=lp, w_uv=w_uv)
-    _check_runs_here("op", op, "unabsorb_o_partials")
-    return _unabsorb_partials_op(op, lp, w_uv, op.shape[0] // H)
-
-
-def unabsorb_o_partials_reference(op: torch.Tensor, lp: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
-    """:func:`unabsorb_o_partials` in torch (the oracle): the merge in float32, o_lat rounded to w_uv's
-    dtype, then :func:`unabsorb_o_reference`."""
-    H = w_uv.shape[0]
-    m = lp.amax(1, keepdim=True)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    ws = torch.exp2(lp - m)  # (B*H, S)
-    total = ws.sum(1, keepdim=True)
-    o_lat = (ws[..., None] * op).sum(1) / torch.where(total > 0, total, torch.ones_like(total))
-    return unabsorb_o_reference(o_lat.to(w_uv.dtype).view(-1, H, op.shape[2]), w_uv)
-
-
 def unabsorb_o_reference(o_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     """:func:`unabsorb_o` as the einsum (the oracle and the CPU path); same arguments and return."""
     _check_unabsorb_o(o_lat, w_uv)
     return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)  # (B, H, dv)
 
 
-__all__ = ["absorb_q", "absorb_q_reference", "unabsorb_o", "unabsorb_o_partials",
-           "unabsorb_o_partials_reference", "unabsorb_o_reference"]
+__all__ = ["absorb_q", "absorb_q_reference", "unabsorb_o", "unabsorb_o_reference"]

@@ -1295,14 +1295,10 @@ def _attend(
     tuning: str = "sparse",
     n_splits: int | None = None,
     prefetch: torch.Tensor | None = None,
-    partials: bool = False,
-    max_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared launcher. q [B, T, H, D]; k [B|1, rows, H_kv, D] (paged: [1, pages*page, H_kv, D]);
     v likewise with D_v. Returns o [B, T, H, D_v] in q's dtype and lse float32 [B, T, H] (base 2,
-    +inf for rows with no valid slot); with ``partials`` and more than one split, instead the splits'
-    float32 partials [B*T*H, splits, D_v] and their lse [B*T*H, splits], uncombined; ``max_splits``
-    caps the split count."""
+    +inf for rows with no valid slot)."""
     D, D_v, n_rows = q.shape[3], v.shape[3], k.shape[1]
     prec = _precision(q.dtype)
     v_is_k = _value_is_key_prefix(k, v)
@@ -1318,7 +1314,7 @@ def _attend(
     for cfg in _launch_configs(tuning):
         try:
             return _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_splits, cfg,
-                                dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch, partials, max_splits)
+                                dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch)
         except _LAUNCH_ERRORS as e:  # shared memory / registers of a launch shape on this GPU/Triton
             if _INTERPRET or not q.is_cuda or not ALLOW_FALLBACK or not _is_compile_failure(e):
                 raise
@@ -1338,7 +1334,7 @@ def _prefetch_bytes(t: torch.Tensor | None, limit: int) -> int:
 
 
 def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_splits, cfg,
-                 dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch=None, partials=False, max_splits=None):
+                 dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch=None):
     B, T, H, D = q.shape
     H_kv, D_v, n_rows = k.shape[2], v.shape[3], k.shape[1]
     G = H // H_kv
@@ -1352,7 +1348,6 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
     programs = B * T * H_kv * n_hblk * n_dvb
     splits = n_splits or min(_n_splits(programs, n_slots, cfg["BLOCK_N"], q.device, min_steps),
                              cfg.get("MAX_SPLITS", max(1, n_slots)))
-    splits = min(splits, max_splits or splits)
     per_split = triton.cdiv(max(1, n_slots), splits)
     per_split = triton.cdiv(per_split, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     splits = triton.cdiv(max(1, n_slots), per_split)
@@ -1402,8 +1397,6 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         PDL=pdl, PF_SLOTS=pf_slots, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pf_next,
         **launch_options(pdl),
     )
-    if splits > 1 and partials:
-        return op, lp
     if splits > 1:
         bdv_c, step = combine_shape(B * T * H, D_v, splits, q.device)
         _combine[(B * T * H, triton.cdiv(D_v, bdv_c))](
@@ -1537,37 +1530,6 @@ def sparse_attention(
         return _SparseAttention.apply(q, k, v, indices, scale, n_splits)
     return _attend(q, k, v, scale, _GATHER_INDEX, indices.shape[2], idx=indices, n_splits=n_splits,
                    prefetch=prefetch)[0]
-
-
-def sparse_attention_partials(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    indices: torch.Tensor,
-    scale: float | None = None,
-    prefetch: torch.Tensor | None = None,
-    max_splits: int | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """:func:`sparse_attention`'s launch without its combine, for a consumer that merges the splits
-    itself (:func:`attnlab.kernels.absorb.unabsorb_o_partials`: the fused DSA step). Same arguments
-    (inference only). Returns (o, None, None) when one split covers the slots (o as sparse_attention
-    returns it), else (None, op, lp): float32 [B*T*H, splits, D_v] partials, each normalised within
-    its split (0 for an empty one), and their base-2 log-sum-exps [B*T*H, splits] (-inf: empty).
-    ``max_splits``: at most this many splits (the consumer's limit; None: as sparse_attention)."""
-    _check_attention(q, k, v)
-    B, T, H, D = q.shape
-    indices = _check_indices(indices, B, T, q)
-    scale = D**-0.5 if scale is None else float(scale)
-    if indices.shape[2] == 0 or T == 0:
-        return torch.zeros(B, T, H, v.shape[3], dtype=q.dtype, device=q.device), None, None
-    if max_splits is not None and (isinstance(max_splits, bool) or not isinstance(max_splits, int)
-                                   or max_splits < 1):
-        raise ValueError(f"max_splits: expected an int >= 1 or None, got {max_splits!r}")
-    a, b = _attend(q, k, v, scale, _GATHER_INDEX, indices.shape[2], idx=indices, prefetch=prefetch,
-                   partials=True, max_splits=max_splits)
-    if a.dim() == 4:  # one split: the normalised output itself
-        return a, None, None
-    return None, a, b
 
 
 def softmax_decode(

@@ -72,9 +72,6 @@ INDEX_TOPK_SCRATCH = True
 # DRAM is otherwise idle: the sparse attention (caches up to attnlab.kernels.sparse.PREFETCH_NEXT_MAX_ROWS
 # rows) or the top-k's first multi-program pass (longer ones, TOPK_PREFETCH_BYTES); False: neither
 PREFETCH_MLP = True
-# D: the sparse attention's split partials merged inside W_UV's launch (absorb.unabsorb_o_partials), no
-# combine launch between them; False: the attention's own combine, then unabsorb_o
-COMBINE_IN_UNABSORB = True
 # CPU tensors take the fused path only when a test asks for it (under TRITON_INTERPRET=1): the other
 # interpreter tests check the plain step's kernels
 ON_CPU_INTERPRETER = False
@@ -198,19 +195,16 @@ def _absorbed_query(mla: MultiHeadLatentAttention, q: torch.Tensor) -> torch.Ten
     return absorb.absorb_q(q_nope, w[:, :dn])  # (B, H, R)
 
 
-def _output(mla: MultiHeadLatentAttention, o_lat: torch.Tensor | None, res: torch.Tensor, keep: float,
-            scale: float, partials: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """W_UV on the weighted latents o_lat [B, H, R] (one Triton launch) — or on the split attention's
-    ``partials`` (op, lp), merged in the same launch —, then o_proj adding into res [B, d_model]."""
+def _output(mla: MultiHeadLatentAttention, o_lat: torch.Tensor, res: torch.Tensor, keep: float,
+            scale: float) -> None:
+    """W_UV on the weighted latents o_lat [B, H, R] (one Triton launch), then o_proj adding into
+    res [B, d_model]."""
     from ..kernels import absorb
 
+    B = o_lat.shape[0]
     H, dn, dv, R = mla.n_heads, mla.nope_dim, mla.v_head_dim, mla.kv_lora_rank
     w = mla.kv_b_proj.weight.view(H, dn + dv, R)
-    if partials is not None:
-        o = absorb.unabsorb_o_partials(*partials, w[:, dn:])  # (B, H, dv)
-    else:
-        o = absorb.unabsorb_o(o_lat.contiguous(), w[:, dn:])  # (B, H, dv): W_UV o_lat
-    B = o.shape[0]
+    o = absorb.unabsorb_o(o_lat.contiguous(), w[:, dn:])  # (B, H, dv): W_UV o_lat
     gemv(o.reshape(B, H * dv), mla.o_proj.weight, residual=res, keep=keep, scale=scale)
 
 
@@ -253,25 +247,13 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     kernel = None
-    if prefetch is not None or COMBINE_IN_UNABSORB:
+    if prefetch is not None:
         kernel = _sparse_kernel("auto", "sparse_attention", q_abs)  # kernels.sparse.sparse_attention or None
-    if kernel is not None and COMBINE_IN_UNABSORB:
-        from ..kernels import absorb
-        from ..kernels import sparse as ks
-
-        # at most the splits one program of unabsorb_o_partials holds (32 of 512 columns)
-        max_splits = max(1, absorb.PARTIALS_MAX // (1 << (R - 1).bit_length()))
-        o_lat, op, lp = ks.sparse_attention_partials(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale,
-                                                     prefetch=prefetch, max_splits=max_splits)
-        if op is not None:  # (B*H, splits, R), (B*H, splits): merged in W_UV's launch
-            _output(dsa, None, io.res, keep, scale, partials=(op, lp))
-            return
-    elif kernel is not None:  # the kernel itself, given the weights to prefetch
+    if kernel is not None:  # the kernel itself, given the weights to prefetch
         o_lat = kernel(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale, prefetch=prefetch)
     else:
         o_lat = ops.sparse_attention(q_abs[:, None], lat, lat[..., :R], idx, scale=dsa.scale)  # (B, 1, H, R)
     _output(dsa, o_lat[:, 0], io.res, keep, scale)
-
 
 
 def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
