@@ -322,6 +322,37 @@ def test_interp_decode_index_scores_both_product_forms(key_rows, h, monkeypatch)
 
 
 @interp
+@pytest.mark.parametrize("S, min_chunk, programs",
+                         [(600, 256, 3), (600, 0, 5), (2000, 256, 8), (100, 256, 2)])
+def test_interp_decode_index_scores_chunking(S, min_chunk, programs, monkeypatch):
+    """A decode row's key chunks (the interpreter's 4 "SMs"): INDEX_DECODE_PROGRAMS_PER_SM (2) programs
+    per SM, unless that leaves chunks under INDEX_DECODE_MIN_CHUNK keys: then down to one program per SM
+    with chunks of at most that many (600 keys: 3 chunks of 256 instead of 5 of 128; 2000 keys: 8 of
+    256 either way; 100 keys: 2 of 64, BLOCK_S); the scores the same either way."""
+    from attnlab.kernels import sparse as ks
+
+    grids = []
+    original = ks._index_scores_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return original[grid]
+
+    monkeypatch.setattr(ks, "_index_scores_kernel", Spy())
+    monkeypatch.setattr(ks, "INDEX_DECODE_MIN_CHUNK", min_chunk)
+    gen = torch.Generator().manual_seed(S)
+    q = torch.randn(1, 1, 4, 16, generator=gen).bfloat16()
+    k = torch.randn(1, S, 16, generator=gen).bfloat16()
+    w = torch.randn(1, 1, 4, generator=gen)
+    out = ks.dsa_index_scores(q, k, w, n_valid=torch.tensor([S - 7]))
+    assert grids == [(programs,)]
+    ref = ops.dsa_index_scores(q.double(), k.double(), w.double(), mode="torch")
+    assert bool((out[..., S - 7 :] == float("-inf")).all())
+    assert rel_err(out[..., : S - 7], ref[..., : S - 7]) < 1e-5
+
+
+@interp
 @pytest.mark.parametrize("path", ["fused", "multi", "multi_loop"])
 def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
     """A decode step's selection without a fill launch: dsa_index_scores(..., zero=scratch) zeroes the

@@ -1708,8 +1708,11 @@ def dsa_index_scores(
     n_tblk = triton.cdiv(T, block_t)
     s_chunk = cfg["S_CHUNK"]
     if T == 1:  # decode: chunks small enough for ~INDEX_DECODE_PROGRAMS_PER_SM programs per SM
-        target = INDEX_DECODE_PROGRAMS_PER_SM * _num_sms(q.device)
-        s_chunk = min(s_chunk, max(cfg["BLOCK_S"], _pow2(triton.cdiv(B * S, target), 1)))
+        sms = _num_sms(q.device)
+        chunk = _pow2(triton.cdiv(B * S, INDEX_DECODE_PROGRAMS_PER_SM * sms), 1)
+        if chunk < INDEX_DECODE_MIN_CHUNK:  # short rows: down to one program per SM, chunks up to that
+            chunk = min(INDEX_DECODE_MIN_CHUNK, _pow2(triton.cdiv(B * S, sms), 1))
+        s_chunk = min(s_chunk, max(cfg["BLOCK_S"], chunk))
     s_chunk = triton.cdiv(s_chunk, cfg["BLOCK_S"]) * cfg["BLOCK_S"]
     n_schunk = triton.cdiv(S, s_chunk)
     ks = k_scale if fp8 else out
@@ -1744,6 +1747,14 @@ def _check_scratch(name: str, t: torch.Tensor, device: torch.device) -> None:
 # 13.2 at 1024, 4.8 at 256, 2.9 at 64; 32K: 47.8 / 13.6 / 5.4 (256) / 5.1 (128) / 6.3 (64); 128K: 48.1 /
 # 13.9 (1024) / 13.7 (256) / 16.1 (128); at 1M 4096 was best (the third session's sweep).
 INDEX_DECODE_PROGRAMS_PER_SM = 2
+# ... except where that leaves chunks shorter than this many keys: then fewer programs (down to one per
+# SM) with chunks of up to INDEX_DECODE_MIN_CHUNK keys, the query tile each program loads shared by more
+# keys; 0: off. H100, 2026-11-28, the ~1B deepseek-v32 step, ms (benchmarks/results/
+# decode_ab_h100_index_decode_shapes.json, _2.json): one program per SM vs two at 4K 1.0656 / 1.0659 (both
+# 64-key chunks), 32K 1.1482 / 1.1689 and 1.1456 / 1.1589 (256 vs 128 keys), 64K 1.2393 / 1.2281 (512 vs
+# 256), 128K 1.4039 / 1.3493 (1024 vs 512): 256 keys a chunk at least, where two programs per SM give
+# fewer, and no more than 256 from the second rule.
+INDEX_DECODE_MIN_CHUNK = 256
 # Decode (T = 1) index scores: the product as keys x heads (k qᵀ: the sum over heads inside each key's
 # threads) or, False, heads x keys (q kᵀ: the sum across the accumulator's warps; prefill keeps it, not
 # measured the other way). H100, 2026-11-28, the ~1B deepseek-v32 step, best of 2, ms, True / False
