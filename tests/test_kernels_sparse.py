@@ -321,6 +321,20 @@ def test_interp_decode_index_scores_both_product_forms(key_rows, h, monkeypatch)
     assert rel_err(out[~past], ref[~past]) < 1e-5
 
 
+def _spy_grids(monkeypatch, module, name: str) -> list:
+    """Replace the Triton kernel ``module.<name>`` by one that records each launch's grid, then
+    launches; returns the list of grids."""
+    grids, original = [], getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return original[grid]
+
+    monkeypatch.setattr(module, name, Spy())
+    return grids
+
+
 @interp
 @pytest.mark.parametrize("S, min_chunk, programs",
                          [(600, 256, 3), (600, 0, 5), (2000, 256, 8), (100, 256, 2)])
@@ -331,15 +345,7 @@ def test_interp_decode_index_scores_chunking(S, min_chunk, programs, monkeypatch
     256 either way; 100 keys: 2 of 64, BLOCK_S); the scores the same either way."""
     from attnlab.kernels import sparse as ks
 
-    grids = []
-    original = ks._index_scores_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return original[grid]
-
-    monkeypatch.setattr(ks, "_index_scores_kernel", Spy())
+    grids = _spy_grids(monkeypatch, ks, "_index_scores_kernel")
     monkeypatch.setattr(ks, "INDEX_DECODE_MIN_CHUNK", min_chunk)
     gen = torch.Generator().manual_seed(S)
     q = torch.randn(1, 1, 4, 16, generator=gen).bfloat16()
@@ -679,15 +685,7 @@ def test_interp_topk_one_program_edge_cases(monkeypatch):
                     got = ks.dsa_topk(scores, topk, causal=causal)
                     assert torch.equal(got, want), (scores.shape, topk, causal)
     long = torch.randint(-2, 3, (1, 1, 101), generator=gen).float()
-    calls = []
-    original = ks._topk_rank
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return original[grid]
-
-    monkeypatch.setattr(ks, "_topk_rank", Spy())
+    calls = _spy_grids(monkeypatch, ks, "_topk_rank")
     assert torch.equal(ks.dsa_topk(long, 9), ops.dsa_topk(long, 9, mode="torch")) and calls
 
 

@@ -1752,8 +1752,8 @@ INDEX_DECODE_PROGRAMS_PER_SM = 2
 # keys; 0: off. H100, 2026-11-28, the ~1B deepseek-v32 step, ms (benchmarks/results/
 # decode_ab_h100_index_decode_shapes.json, _2.json): one program per SM vs two at 4K 1.0656 / 1.0659 (both
 # 64-key chunks), 32K 1.1482 / 1.1689 and 1.1456 / 1.1589 (256 vs 128 keys), 64K 1.2393 / 1.2281 (512 vs
-# 256), 128K 1.4039 / 1.3493 (1024 vs 512): 256 keys a chunk at least, where two programs per SM give
-# fewer, and no more than 256 from the second rule.
+# 256), 128K 1.4039 / 1.3493 (1024 vs 512). Hence chunks of 256 keys where two programs per SM give fewer,
+# but never longer than 256 through this rule (at 64K, 512-key chunks lost).
 INDEX_DECODE_MIN_CHUNK = 256
 # Decode (T = 1) index scores: the product as keys x heads (k qᵀ: the sum over heads inside each key's
 # threads) or, False, heads x keys (q kᵀ: the sum across the accumulator's warps; prefill keeps it, not
