@@ -442,6 +442,36 @@ def test_interp_row_without_room_is_not_written(name):
 
 
 @interp
+@pytest.mark.parametrize("fold", [False, True])
+def test_interp_zero_the_topk_scratch(fold):
+    """A DSA layer's latent_write(..., zero=buf) also sets buf (garbage before, more elements than its
+    programs' blocks) to zero, everything else bit-identical to the call without it; a buffer of the
+    wrong dtype or layout, or an MLA layer asked to, is refused by name."""
+    from attnlab.kernels.latent_cache import latent_write
+
+    mla, cache, x = make("dsa_lora")
+    buf = torch.full((5000,), 9, dtype=torch.int32)
+    with torch.no_grad():
+        q, kv, q_lat = inputs(mla, x)
+        q_lat = None if fold else q_lat
+        with_zero, cache_zero = clone(cache), clone(cache)
+        plain = latent_write(mla, q, kv, q_lat, cache, count_token=True)
+        zeroed = latent_write(mla, q, kv, q_lat, cache_zero, count_token=True, zero=buf)
+        assert not buf.any()
+        for a, b in zip(plain, zeroed, strict=True):
+            assert torch.equal(a, b)
+        for name in ("latent", "index_keys", "lengths"):
+            assert torch.equal(getattr(cache, name), getattr(cache_zero, name))
+        with pytest.raises(ValueError, match="zero: expected a contiguous 1-D int32"):
+            latent_write(mla, q, kv, q_lat, with_zero, zero=buf.long())
+        with pytest.raises(ValueError, match="zero: expected a contiguous 1-D int32"):
+            latent_write(mla, q, kv, q_lat, with_zero, zero=buf.view(50, 100))
+        m_mla, m_cache, m_x = make("lora_interleaved")
+        with pytest.raises(ValueError, match="zero: only a DSA layer"):
+            latent_write(m_mla, *inputs(m_mla, m_x), m_cache, zero=buf)
+
+
+@interp
 @pytest.mark.parametrize("name", ["lora_interleaved", "dsa_lora"])
 @pytest.mark.parametrize("count_token, fold", [(False, False), (True, False), (True, True)])
 def test_interp_custom_op_schema_and_fake(name, count_token, fold):
@@ -462,7 +492,9 @@ def test_interp_custom_op_schema_and_fake(name, count_token, fold):
         q, kv, q_lat = inputs(mla, x)
         setattr(latent_cache, op_name, spy)
         try:
-            latent_cache.latent_write(mla, q, kv, None if fold else q_lat, cache, count_token=count_token)
+            zero = torch.ones(300, dtype=torch.int32) if is_dsa(mla) and fold else None  # the top-k's scratch
+            latent_cache.latent_write(mla, q, kv, None if fold else q_lat, cache, count_token=count_token,
+                                      zero=zero)
         finally:
             setattr(latent_cache, op_name, op)
     assert len(calls) == 1

@@ -405,6 +405,79 @@ def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
         ks.dsa_index_scores(q, k, w, zero=torch.zeros(2, n, dtype=torch.int32))
 
 
+def _key_histograms(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's level-0 histogram (int32 [R, 256] of key >> 24) and 16-bit histogram (int32 [R, 65536]
+    of key >> 16, keys in level 0's bin 0 left out) of float32 scores [B, 1, S], in torch."""
+    bits = scores.reshape(scores.shape[0] * scores.shape[1], -1).view(torch.int32)
+    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # (R, S)
+    level0 = torch.stack([torch.bincount((row >> 24) + 128, minlength=256) for row in keys])
+    fine = torch.stack([torch.bincount(((row >> 16) + 32768)[(row >> 24) > -128], minlength=65536)
+                        for row in keys])
+    return level0.int(), fine.int()
+
+
+@interp
+@pytest.mark.parametrize("path", ["fused", "fused_loop", "multi", "multi_loop"])
+def test_interp_index_scores_prefill_the_topk(path, monkeypatch):
+    """dsa_index_scores(..., topk_scratch=, topk=) writes the same scores and adds the top-k's level-0
+    histogram (and on the fused path's candidate shortcut the 16-bit one) of them into the zeroed
+    scratch, exactly as torch counts them (positions past a row's length as -inf); dsa_topk(...,
+    prefilled=True) then starts past that pass and gives the oracle's set, also for a row with fewer
+    finite scores than k (the k-th key in level 0's bin 0, where the 16-bit histogram has nothing);
+    bad combinations are refused by name."""
+    from attnlab.kernels import sparse as ks
+
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
+    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
+    _topk_path(ks, monkeypatch, path)
+    gen = torch.Generator().manual_seed(37)
+    B, S, H, D = 2, 900, 4, 16
+    q = torch.randn(B, 1, H, D, generator=gen).bfloat16()
+    k = torch.randn(B, S, D, generator=gen).bfloat16()
+    w = torch.randn(B, 1, H, generator=gen)
+    fused = path.startswith("fused")
+    multi_hist = _spy_grids(monkeypatch, ks, "_topk_hist")
+    for lengths, topk in (([900, 610], 100), ([900, 610], 700), ([50, 899], 100)):
+        lengths = torch.tensor(lengths)
+        n = ks.topk_scratch_numel(B, 1, S, topk, q.device)
+        scratch = torch.zeros(n, dtype=torch.int32)
+        with tuned("index_decode", S_CHUNK=128):  # several programs a row add into the histograms
+            scores = ks.dsa_index_scores(q, k, w, n_valid=lengths, topk_scratch=scratch, topk=topk)
+            plain = ks.dsa_index_scores(q, k, w, n_valid=lengths)
+        assert torch.equal(scores, plain)
+        level0, fine = _key_histograms(scores)
+        hist = scratch[: B * 1024].view(B, 4, 256)
+        assert torch.equal(hist[:, 0], level0)
+        assert not hist[:, 1:].any()
+        if fused:  # the counters, then the 16-bit histograms (the candidate path: <= 8 rows, short rows)
+            assert not scratch[B * 1024 : B * 1026].any()
+            assert torch.equal(scratch[B * 1026 :].view(B, 65536), fine)
+        else:  # the passes' carried states untouched
+            assert not scratch[B * 1024 :].any()
+        del multi_hist[:]
+        got = ks.dsa_topk(scores, topk, causal=False, sort=False, scratch=scratch, prefilled=True)
+        _assert_same_set_in_position_order(got, ops.dsa_topk(scores, topk, causal=False, mode="torch"))
+        assert len(multi_hist) == (0 if fused else 3)  # levels 1-3: level 0 came with the scores
+    zeros = torch.zeros(n, dtype=torch.int32)
+    with pytest.raises(ValueError, match="topk_scratch, topk: give both"):
+        ks.dsa_index_scores(q, k, w, topk_scratch=zeros)
+    with pytest.raises(ValueError, match="zero: not with topk_scratch"):
+        ks.dsa_index_scores(q, k, w, zero=zeros, topk_scratch=zeros, topk=100)
+    with pytest.raises(ValueError, match="topk_scratch: decode rows only"):
+        ks.dsa_index_scores(q.expand(B, 2, H, D), k, w.expand(B, 2, H), topk_scratch=zeros, topk=100)
+    with pytest.raises(ValueError, match="topk_scratch: 3 int32 elements"):
+        ks.dsa_index_scores(q, k, w, topk_scratch=zeros[:3], topk=100)
+    with pytest.raises(ValueError, match="topk: expected an int >= 1"):
+        ks.dsa_index_scores(q, k, w, topk_scratch=zeros, topk=0)
+    with pytest.raises(ValueError, match="prefilled: needs the scratch"):
+        ks.dsa_topk(scores, 100, causal=False, sort=False, prefilled=True)
+    with pytest.raises(ValueError, match="prefilled: decode rows with causal=False"):
+        ks.dsa_topk(scores, 100, causal=True, sort=False, scratch=zeros, prefilled=True)
+    monkeypatch.setattr(ks, "TOPK_ONE_PROGRAM_MAX", 1 << 20)  # a path without scratch
+    with pytest.raises(ValueError, match="takes no scratch"):
+        ks.dsa_index_scores(q, k, w, topk_scratch=zeros, topk=100)
+
+
 @interp
 def test_interp_index_scores_causal_prefill_many_chunks():
     """T = S (prefill from position 0) over several key chunks: early query blocks see none of the
@@ -780,18 +853,22 @@ def test_interp_topk_fused_candidate_path(reg, monkeypatch):
 @needs_sm90_toolchain
 @pytest.mark.parametrize("key_rows", [True, False])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_decode_index_scores_compile_for_sm90(key_rows, fp8):
+@pytest.mark.parametrize("pre", [0, 2])
+def test_decode_index_scores_compile_for_sm90(key_rows, fp8, pre):
     """The decode index-scores kernel at the ~1B D layer's indexer (64 heads x 128, 64-key steps, 4
-    warps, 4 stages), either product form, bf16 or FP8 keys: builds for sm_90 without spills, its
-    products on the warpgroup tensor cores."""
+    warps, 4 stages), either product form, bf16 or FP8 keys, zeroing the top-k's scratch or adding
+    its first histograms (PRE): builds for sm_90 without spills, its products on the warpgroup
+    tensor cores."""
     from attnlab.kernels.sparse import TUNING
     from attnlab.kernels.sparse import _index_scores_kernel as fn
 
     cfg = TUNING["index_decode"]
     dt = "*fp8e4nv" if fp8 else "*bf16"
     const = dict(D=128, BD=128, BH=64, BLOCK_T=1, BLOCK_S=cfg["BLOCK_S"], FP8=fp8, CAUSAL=False, HAS_NV=True,
-                 PREC="tf32", INTERP=False, PDL=True, ZERO_BLOCK=1024, KEY_ROWS=key_rows)
-    ptr = dict(Q=dt, K=dt, W="*fp32", KS="*fp32", NV="*i64", OUT="*fp32", ZERO="*i32")
+                 PREC="tf32", INTERP=False, PDL=True, ZERO_BLOCK=0 if pre else 1024, KEY_ROWS=key_rows,
+                 PRE=pre)
+    ptr = dict(Q=dt, K=dt, W="*fp32", KS="*fp32", NV="*i64", OUT="*fp32", ZERO="*i32", HIST="*i32",
+               H16="*i32")
     kernel = compile_sm90(fn, const, ptr, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     regs, stack, res = sm90_usage(kernel)
     assert "LOCAL:0 " in res and stack == 0, res
@@ -800,7 +877,8 @@ def test_decode_index_scores_compile_for_sm90(key_rows, fp8):
 
 @needs_sm90_toolchain
 @pytest.mark.parametrize("kernel,chunk", [("_topk_fused", 1024), ("_topk_fused", 128), ("_topk_hist", 2048),
-                                          ("_topk_count", 8192), ("_topk_write", 2048)])
+                                          ("_topk_count", 8192), ("_topk_write", 2048),
+                                          ("_topk_fused_pre", 128)])
 def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     """The top-k kernels with their chunk in registers (the passes carrying their state) compile for an
     H100 (sm_90) without spills, and the chunk's score loads come before the PDL wait (a multi-program
@@ -809,12 +887,14 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
 
     ptrs = {"SC": "*fp32", "HIST": "*i32", "CTR": "*i32", "CNT": "*i32", "H16": "*i32", "CAND": "*i64",
             "OUT": "*i64", "SEL": "*i64", "ST": "*i32"}
+    pre = kernel.endswith("_pre")  # prefilled: the scores read after the wait
+    kernel = kernel.removesuffix("_pre")
     fn = getattr(ks, kernel)
     const = dict(CAUSAL=False, BLOCK=min(chunk, 1024), CHUNK=chunk, PDL=True)
     if "CARRY" in fn.arg_names:  # the multi-program passes as launched (TOPK_PASSES_CARRY)
         const.update(CARRY=True)
     if kernel == "_topk_fused":
-        const.update(BCH=256, POSITIONS=True, CAND_MAX=256 if chunk == 128 else 0)
+        const.update(BCH=256, POSITIONS=True, CAND_MAX=256 if chunk == 128 else 0, PRE=pre, EARLY=not pre)
     elif kernel == "_topk_hist":
         const.update(LEVEL=3, MATCH_MAX=4096)
     elif kernel == "_topk_write":
@@ -824,7 +904,10 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     regs, stack, res = sm90_usage(compiled)
     assert "LOCAL:0 " in res and stack == 0, res
     ptx = compiled.asm["ptx"]
-    assert -1 < ptx.find("ld.global") < ptx.find("griddepcontrol.wait"), kernel
+    if pre:  # the scores come from the launch just before: read only after the wait
+        assert -1 < ptx.find("griddepcontrol.wait") < ptx.find("ld.global"), kernel
+    else:
+        assert -1 < ptx.find("ld.global") < ptx.find("griddepcontrol.wait"), kernel
 
 
 @needs_sm90_toolchain
@@ -1329,6 +1412,46 @@ def test_gpu_index_scores_zero_the_topk_scratch(B, S, monkeypatch):
         graph.replay()
         _assert_same_set_in_position_order(idx, ops.dsa_topk(scores, 2048, causal=False, mode="torch"))
         assert bool((scores[:, :, S - 37:] == float("-inf")).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,S", [(1, 4168), (2, 9000), (1, 32840), (1, 131144), (1, 1048600)])
+@pytest.mark.parametrize("keys", ["distinct", "short", "equal"])
+def test_gpu_index_scores_prefill_the_topk(B, S, keys):
+    """The decode selection with the top-k's first histogram level added by the index scores
+    (dsa_index_scores(..., topk_scratch=), dsa_topk(..., prefilled=True); the scratch zeroed by a launch
+    before, as latent_write's ``zero`` does in the step), replayed in a CUDA graph on new keys: the
+    histograms as torch counts them and the oracle's set in position order. Distinct scores (the fused
+    path's candidate shortcut after ONE barrier, or the multi-program passes from level 1); rows shorter
+    than k (the k-th key -inf: the fused path's level passes, its barriers counted from 0); every key
+    equal (all scores tie: more candidates than the shortcut takes)."""
+    from attnlab.kernels import sparse as ks
+
+    gen = torch.Generator(device="cuda").manual_seed(S)
+    H, D = 64, 128
+    q = torch.randn(B, 1, H, D, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(B, S, D, device="cuda", generator=gen).bfloat16()
+    w = torch.randn(B, 1, H, device="cuda", generator=gen) / H
+    lengths = torch.full((B,), 1000 if keys == "short" else S - 37, device="cuda")
+    n = ks.topk_scratch_numel(B, 1, S, 2048, q.device)
+    assert n > 0
+    scratch = torch.full((n,), 5, dtype=torch.int32, device="cuda")
+
+    def select():
+        scratch.zero_()
+        scores = ks.dsa_index_scores(q, k, w, n_valid=lengths, topk_scratch=scratch, topk=2048)
+        return scores, ks.dsa_topk(scores, 2048, causal=False, sort=False, scratch=scratch, prefilled=True)
+
+    graph, (scores, idx) = capture_graph(select)
+    for _ in range(2):
+        new = torch.randn(k.shape, device="cuda", generator=gen).bfloat16()
+        k.copy_(new[:, :1].expand_as(k) if keys == "equal" else new)
+        graph.replay()
+        _assert_same_set_in_position_order(idx, ops.dsa_topk(scores, 2048, causal=False, mode="torch"))
+        level0, fine = _key_histograms(scores.cpu())
+        assert torch.equal(scratch[: B * 1024].view(B, 4, 256)[:, 0].cpu(), level0)
+        if ks._topk_plan(B, S, 2048, q.device)[0] == "fused":
+            assert torch.equal(scratch[B * 1026 :].view(B, 65536).cpu(), fine)
 
 
 @pytest.mark.gpu

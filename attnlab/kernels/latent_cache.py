@@ -138,7 +138,8 @@ def _latent_write_kernel(
     INDEX: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BHI: tl.constexpr, BDI: tl.constexpr,
     ROPE: tl.constexpr, TABLES: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr,
     COUNT: tl.constexpr, NPROG: tl.constexpr, FOLD: tl.constexpr, BD: tl.constexpr, BLOCK_R: tl.constexpr,
-    INTERP: tl.constexpr, EARLY_PARTNERS: tl.constexpr = False,
+    INTERP: tl.constexpr, EARLY_PARTNERS: tl.constexpr = False, ZERO=None, N_ZERO=0,
+    ZERO_BLOCK: tl.constexpr = 0,
 ):
     """Program (row b, h): h < H writes OUT[b, h] = [Q_LAT[b, h] | rope(q_pe of head h)];
     h == H writes LATENT[b, lengths[b]] = [rmsnorm(c_kv) | rope(k_pe)], skipped if the slot is
@@ -148,7 +149,10 @@ def _latent_write_kernel(
     take a ticket (TICKETS[b], int32, zero between launches), once all have read the old value.
     FOLD: programs h >= NPROG compute q_lat themselves (:func:`_absorb_program`) instead of the
     h < H programs copying Q_LAT; they neither read LENGTHS nor take a ticket. EARLY_PARTNERS: each
-    program loads its RoPE partner columns (constant tables) before the PDL wait."""
+    program loads its RoPE partner columns (constant tables) before the PDL wait. ZERO_BLOCK > 0: the
+    programs also zero ZERO[0:N_ZERO] (int32, after the wait: the buffer may be memory a kernel
+    before used): the top-k's scratch, which the index scores launched next add their histograms
+    into (latent_write's ``zero``)."""
     if PDL:  # attnlab.kernels._pdl: the next kernel may launch
         gdc_launch_dependents()
     p = tl.program_id(1)
@@ -251,6 +255,12 @@ def _latent_write_kernel(
             if last:  # every program of the row has read the old length: count the token
                 tl.store(TICKETS + b, 0)  # all zeros again between launches (CUDA-graph replays)
                 tl.store(LENGTHS + b, (pos + 1).to(LENGTHS.dtype.element_ty))
+    if ZERO_BLOCK > 0:  # every program has waited above
+        me = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        n_prog = tl.num_programs(0) * tl.num_programs(1)
+        for z in range(me * ZERO_BLOCK, N_ZERO, n_prog * ZERO_BLOCK):
+            zs = z + tl.arange(0, ZERO_BLOCK)
+            tl.store(ZERO + zs, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=zs < N_ZERO)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,11 +284,12 @@ def _launch(
     index_keys: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
     k_norm_bias: torch.Tensor | None = None, index_n_heads: int = 0, index_head_dim: int = 0,
     k_eps: float = 0.0, w_scale: float = 1.0, tickets: torch.Tensor | None = None,
-    w_uk: torch.Tensor | None = None,
+    w_uk: torch.Tensor | None = None, zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One launch; with ``index_keys`` (a DSA layer) also the indexer's part -> (q_abs, q_idx, w)
     (the last two None without it); with ``tickets`` (int32 [B], zeros) it counts the token; with
-    ``w_uk`` [H, dn, R] (q_lat None) it computes q_lat = W_UK^T q_nope itself (FOLD)."""
+    ``w_uk`` [H, dn, R] (q_lat None) it computes q_lat = W_UK^T q_nope itself (FOLD); with ``zero``
+    (int32, contiguous) it also sets that buffer to zero."""
     dr = rope_dim
     B, H, R = q.shape[0], n_heads, latent.shape[-1] - dr
     fold = w_uk is not None
@@ -313,7 +324,8 @@ def _launch(
         BHI=triton.next_power_of_2(max(HI, 1)), BDI=triton.next_power_of_2(max(DI, 1)),
         ROPE=rope, TABLES=tables, ZERO_CENTERED=zero_centered,
         PDL=pdl, COUNT=count, NPROG=n_prog, FOLD=fold, BD=BD, BLOCK_R=block_r, INTERP=_INTERPRET,
-        EARLY_PARTNERS=EARLY_PARTNERS, num_warps=num_warps(BR), **launch_options(pdl),
+        EARLY_PARTNERS=EARLY_PARTNERS, ZERO=zero, N_ZERO=zero.numel() if zero is not None else 0,
+        ZERO_BLOCK=1024 if zero is not None else 0, num_warps=num_warps(BR), **launch_options(pdl),
     )
     return out, q_idx, w
 
@@ -343,7 +355,7 @@ def _(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_
 
 
 @torch.library.custom_op("attnlab::dsa_latent_write",
-                         mutates_args=("latent", "index_keys", "lengths", "tickets"))
+                         mutates_args=("latent", "index_keys", "lengths", "tickets", "zero"))
 def _dsa_latent_write_op(
     q: torch.Tensor, kv: torch.Tensor, q_lat: torch.Tensor | None, lengths: torch.Tensor,
     latent: torch.Tensor,
@@ -352,18 +364,18 @@ def _dsa_latent_write_op(
     k_norm_weight: torch.Tensor, k_norm_bias: torch.Tensor,
     n_heads: int, nope_dim: int, rope_dim: int, eps: float, factor: float, zero_centered: bool,
     index_n_heads: int, index_head_dim: int, k_eps: float, w_scale: float,
-    tickets: torch.Tensor, w_uk: torch.Tensor | None,
+    tickets: torch.Tensor, w_uk: torch.Tensor | None, zero: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch(q, kv, q_lat, lengths, latent, cos, sin, freq, partner_q, partner_k, norm_weight,
                    n_heads, nope_dim, rope_dim, eps, factor, zero_centered, index_keys, k_norm_weight,
                    k_norm_bias, index_n_heads, index_head_dim, k_eps, w_scale,
-                   tickets if tickets.numel() else None, w_uk)
+                   tickets if tickets.numel() else None, w_uk, zero if zero.numel() else None)
 
 
 @_dsa_latent_write_op.register_fake
 def _(q, kv, q_lat, lengths, latent, index_keys, cos, sin, freq, partner_q, partner_k, norm_weight,
       k_norm_weight, k_norm_bias, n_heads, nope_dim, rope_dim, eps, factor, zero_centered,
-      index_n_heads, index_head_dim, k_eps, w_scale, tickets, w_uk):
+      index_n_heads, index_head_dim, k_eps, w_scale, tickets, w_uk, zero):
     B = q.shape[0]
     return (q.new_empty(B, n_heads, latent.shape[-1]), q.new_empty(B, index_n_heads, index_head_dim),
             q.new_empty(B, index_n_heads, dtype=torch.float32))
@@ -435,6 +447,7 @@ def latent_write(
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     count_token: bool = False,
+    zero: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An MLA layer's decode-step latent norm, both RoPEs, latent cache write and absorbed-query
     assembly in one Triton launch; for a DSA layer also its indexer's key LayerNorm, RoPE and cache
@@ -465,6 +478,9 @@ def latent_write(
             between launches) increments it once every program has read the old value (as
             delta_decode's count_token; the tickets are shared, so not for concurrent launches of
             the same B on two streams). ``cache.lengths`` must then be contiguous.
+        zero: DSA layers only: None, or a contiguous 1-D int32 buffer on q's device that the same
+            launch sets to zero (the scratch of the decode step's top-k, which the index scores
+            launched next add their histograms into: ``dsa_index_scores(..., topk_scratch=)``).
 
     Returns:
         q_abs [B, H, R + dr] in q's dtype, contiguous: [q_lat | rope(q_pe)], the absorbed query of
@@ -515,6 +531,13 @@ def latent_write(
         if w_uk.dtype != q.dtype or w_uk.device != q.device:
             raise ValueError(f"mla: kv_b_proj.weight is {w_uk.dtype} on {w_uk.device}; q_lat=None needs q's "
                              f"dtype and device ({q.dtype} on {q.device})")
+    if zero is not None:
+        if not index:
+            raise ValueError("zero: only a DSA layer's latent_write clears the top-k's scratch")
+        if zero.dtype != torch.int32 or zero.dim() != 1 or not zero.is_contiguous():
+            raise ValueError(f"zero: expected a contiguous 1-D int32 buffer, got {zero.dtype} of shape "
+                             f"{tuple(zero.shape)} and strides {zero.stride()}")
+        check_same_device(q=q, zero=zero)
     tickets = cache.lengths.new_empty(0, dtype=torch.int32)  # empty: no token count
     if count_token:
         if not cache.lengths.is_contiguous():
@@ -532,6 +555,7 @@ def latent_write(
         q, kv, q_lat, cache.lengths, cache.latent, cache.index_keys, cos, sin, freq, partner_q, partner_k,
         weight.contiguous(), k_w.detach().contiguous(), k_b.detach().contiguous(), *args,
         mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), tickets, w_uk,
+        zero if zero is not None else tickets.new_empty(0),
     )
 
 

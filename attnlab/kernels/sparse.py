@@ -506,7 +506,7 @@ def _index_scores_kernel(
     D: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     FP8: tl.constexpr, CAUSAL: tl.constexpr, HAS_NV: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
     PDL: tl.constexpr = False, ZERO=None, N_ZERO=0, ZERO_BLOCK: tl.constexpr = 0,
-    KEY_ROWS: tl.constexpr = False,
+    KEY_ROWS: tl.constexpr = False, HIST=None, H16=None, PRE: tl.constexpr = 0,
 ):
     """One program: BLOCK_T queries x all H index heads (one [BLOCK_T*BH, D] tile, kept in
     registers) against keys [chunk*s_chunk, +s_chunk) in BLOCK_S steps: relu(q kᵀ) weighted by w
@@ -518,7 +518,12 @@ def _index_scores_kernel(
     ZERO_BLOCK elements a store, after the wait: the buffer may be memory a kernel before used), the
     buffers of the top-k launched next (dsa_topk's ``scratch``). KEY_ROWS: the product as keys x
     heads (k qᵀ) instead of heads x keys, so that the sum over heads runs along the accumulator's rows
-    (inside a warp) rather than across its warps."""
+    (inside a warp) rather than across its warps. PRE > 0 (decode, T = 1: row b's scores): the
+    programs also add the top-k's first histogram level of the keys they write (every position of
+    the chunk, -inf ones in bin 0) into HIST[b] (int32 [256] a row, 1024 apart: dsa_topk's level-0
+    histograms, zeroed by an earlier launch), and with PRE = 2 the 16-bit histogram of the keys
+    outside level 0's bin 0 into H16[b] (int32 [65536] a row, one atomic per key): the top-k then
+    starts past its first level (dsa_topk's ``prefilled``)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -553,6 +558,7 @@ def _index_scores_kernel(
     # two branch-free loops (so the first can be software-pipelined): computed blocks, then the
     # blocks wholly after the block's last query, filled with -inf (CAUSAL only)
     top = lo + tl.cdiv(top - lo, BLOCK_S) * BLOCK_S
+    hist0 = tl.zeros([_TOPK_BINS], dtype=tl.int32)  # PRE: level 0's counts of this chunk's keys
     for s0 in range(lo, top, BLOCK_S):
         cols = s0 + tl.arange(0, BLOCK_S)
         c_ok = cols < hi
@@ -575,11 +581,21 @@ def _index_scores_kernel(
         if HAS_NV:
             score = tl.where(c2 < n_ok, score, float("-inf"))
         tl.store(OUT + b * stride_ob + t2.to(tl.int64) * stride_ot + c2, score, mask=(t2 < T) & (c2 < hi))
+        if PRE > 0:  # (T = 1: every written score is row b's)
+            key = _score_keys(tl.reshape(score, (BLOCK_S * BLOCK_T,)))
+            written = tl.reshape((t2 < T) & (c2 < hi), (BLOCK_S * BLOCK_T,))
+            hist0 += _topk_block_counts(key, written, 0, 0)
+            if PRE > 1:
+                _topk_block_fine_counts(key, written, H16 + b * 65536)
     for s0 in range(top, hi, BLOCK_S):
         cols = s0 + tl.arange(0, BLOCK_S)
         out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
         tl.store(out_ptr, tl.full([BLOCK_T, BLOCK_S], float("-inf"), tl.float32),
                  mask=t_ok[:, None] & (cols < hi)[None, :])
+    if PRE > 0:  # the -inf blocks above (level 0's bin 0), then the chunk's counts into the row's
+        bins = tl.arange(0, _TOPK_BINS)
+        hist0 += tl.where(bins == 0, tl.maximum(hi - top, 0), 0)
+        tl.atomic_add(HIST + b * 1024 + bins, hist0, mask=hist0 > 0, sem="relaxed", scope="gpu")
 
 
 # Exact causal top-k (attnlab.ops.dsa_topk) as a radix select on the scores' bits. Each score maps
@@ -592,12 +608,18 @@ _KEY_NEG_INF: tl.constexpr = tl.constexpr(-2139095041)  # key of -inf: 0xFF80000
 
 
 @triton.jit
+def _score_keys(x):
+    """The int32 keys of float32 scores x, ordered as the floats (-0.0 ties with +0.0)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 ties with +0.0
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
 def _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL: tl.constexpr):
     x = tl.load(SC + row_off + cols, mask=ok, other=float("-inf"))
     if CAUSAL:
         x = tl.where(cols > qpos, float("-inf"), x)
-    bits = (x + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 ties with +0.0
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return _score_keys(x)
 
 
 @triton.jit
@@ -1005,7 +1027,8 @@ def _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr, slot, DST, CAUSAL:
 def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, stride_out, k_eff, topk, N_CHUNK,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
                 CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
-                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True):
+                CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True,
+                PRE: tl.constexpr = False):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -1025,7 +1048,8 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     (each decides from the same row totals). CHUNK > 0 (a power of two >= chunk): each program reads its
     chunk's scores once into registers (_topk_chunk_keys) and every pass works on them; else each
     pass reads them again in BLOCK steps. MATCH_MAX: _topk_level_adds (levels 1-3). EARLY:
-    _topk_chunk_keys."""
+    _topk_chunk_keys. PRE: the launch before (dsa_index_scores' ``topk_scratch``) already added level
+    0's histogram and (CAND_MAX > 0) the 16-bit one: no pass, no barrier before the first descent."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
                                                    EARLY)
     pid = r * N_CHUNK + c
@@ -1036,13 +1060,15 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     bins = tl.arange(0, _TOPK_BINS)
     prefix = tl.zeros([], dtype=tl.int32)
     k_rem = k_eff
-    _topk_level_adds(SC, hist, row_off, lo, hi, qpos, key, ok, prefix, k_rem, 0, CAUSAL, BLOCK, CHUNK, 0)
-    if CAND_MAX > 0:
-        if CHUNK > 0:
-            _topk_block_fine_counts(key, ok, H16 + r.to(tl.int64) * 65536)
-        else:
-            _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
-    _row_sync(ctr, N_CHUNK)
+    if not PRE:
+        _topk_level_adds(SC, hist, row_off, lo, hi, qpos, key, ok, prefix, k_rem, 0, CAUSAL, BLOCK, CHUNK, 0)
+        if CAND_MAX > 0:
+            if CHUNK > 0:
+                _topk_block_fine_counts(key, ok, H16 + r.to(tl.int64) * 65536)
+            else:
+                _topk_fine_counts(SC, H16 + r.to(tl.int64) * 65536, row_off, lo, hi, qpos, CAUSAL, BLOCK)
+        _row_sync(ctr, N_CHUNK)
+    base: tl.constexpr = 0 if PRE else 1  # row barriers passed so far
     prefix, k_rem, n_match = _topk_descend(tl.load(hist + bins, volatile=True), k_rem, prefix, 0)
     levels = tl.full([], 1, tl.int32)  # levels settled
     n_cand = tl.full([], CAND_MAX + 1, tl.int32)  # not the candidate path unless set below
@@ -1054,7 +1080,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
             n_match = n_cand
             prefix = prefix * 256 + b
             levels = tl.full([], 2, tl.int32)
-    syncs = tl.full([], 1, tl.int32)
+    syncs = tl.full([], base, tl.int32)
     out = OUT + r.to(tl.int64) * stride_out
     done = tl.full([], 0, tl.int32)
     if CAND_MAX > 0:  # (a compile-time branch: no trace of the path in the kernel without it)
@@ -1067,7 +1093,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
             else:
                 n_gt = _topk_candidates(SC, cand, ctr + 1, row_off, lo, hi, qpos, S, prefix, CAUSAL, BLOCK)
             tl.store(CNT + pid * 2, n_gt)
-            _row_sync(ctr, 2 * N_CHUNK)
+            _row_sync(ctr, (base + 1) * N_CHUNK)
             thr_sk, taken_before = _topk_candidate_threshold(cand, n_cand, k_rem, lo, S, CB)
             ch = tl.arange(0, BCH)
             cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
@@ -1652,6 +1678,8 @@ def dsa_index_scores(
     causal: bool = False,
     n_valid: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
+    topk_scratch: torch.Tensor | None = None,
+    topk: int | None = None,
 ) -> torch.Tensor:
     """Lightning-indexer scores ``I[b,t,s] = Σ_j w[b,t,j] relu(q[b,t,j]·k[b,s])`` (the op's kernel).
 
@@ -1667,6 +1695,13 @@ def dsa_index_scores(
             over a preallocated cache: the work follows the rows' lengths, not the buffer's).
         zero: None, or a contiguous int32 buffer the same launch sets to zero: the top-k's ``scratch``
             (``dsa_topk``), so that no fill launch sits between the two.
+        topk_scratch, topk: decode rows (T = 1) only, instead of ``zero``: the scratch of the
+            ``dsa_topk(scores, topk, causal=False, scratch=topk_scratch, prefilled=True)`` that
+            follows (``topk_scratch_numel(B, 1, S, topk)`` int32s, > 0, ALREADY zero: an earlier
+            launch cleared it, e.g. ``latent_write(..., zero=...)``). The same launch adds the top-k's
+            first histogram level (and on its candidate path the 16-bit histogram) of the scores it
+            writes into it, so the top-k skips that pass: one launch (multi-program path) or one row
+            barrier (fused path) fewer.
 
     Returns:
         I: float32 [B, T, S]. Inference only (no autograd; the op's torch path has the gradient).
@@ -1683,6 +1718,7 @@ def dsa_index_scores(
         check_tensor("n_valid", n_valid, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
     if zero is not None:
         _check_scratch("zero", zero, q.device)
+    pre, fine_at = _prefill_layout(topk_scratch, topk, zero, B, T, S, q.device)
     if fp8:
         check_tensor("k_scale", k_scale, 2, "[B, S]", shape=(B, S), dtypes=(torch.float32,))
         q, q_scale = quantize_fp8_rows(q)  # (B, T, H, D) e4m3, (B, T, H)
@@ -1728,9 +1764,39 @@ def dsa_index_scores(
         FP8=fp8, CAUSAL=causal, HAS_NV=n_valid is not None, PREC=prec, INTERP=_INTERPRET, PDL=pdl,
         ZERO=zero, N_ZERO=zero.numel() if zero is not None else 0, ZERO_BLOCK=1024 if zero is not None else 0,
         KEY_ROWS=INDEX_KEY_ROWS and T == 1,
+        HIST=topk_scratch, H16=topk_scratch[fine_at:] if pre > 1 else None, PRE=pre,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl),
     )
     return out
+
+
+def _prefill_layout(scratch: torch.Tensor | None, topk: int | None, zero: torch.Tensor | None, B: int, T: int,
+                    S: int, device: torch.device) -> tuple[int, int]:
+    """dsa_index_scores' (PRE, offset of the 16-bit histograms in ``scratch``) for its ``topk_scratch``
+    and ``topk`` (PRE 0: none given), after checking them."""
+    if scratch is None and topk is None:
+        return 0, 0
+    if scratch is None or topk is None:
+        raise ValueError("topk_scratch, topk: give both (the scratch of the top-k that follows, and its k) "
+                         "or neither")
+    if zero is not None:
+        raise ValueError("zero: not with topk_scratch (an earlier launch zeroes that; this one adds to it)")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk: expected an int >= 1, got {topk!r}")
+    if T != 1:
+        raise ValueError(f"topk_scratch: decode rows only (q with T = 1), got T = {T}")
+    _check_scratch("topk_scratch", scratch, device)
+    need = topk_scratch_numel(B, 1, S, topk, device)
+    if need == 0:
+        raise ValueError(f"topk_scratch: the top-k of {topk} over {B} row(s) of {S} scores takes no scratch "
+                         f"(topk_scratch_numel is 0): pass neither")
+    if scratch.numel() < need:
+        raise ValueError(f"topk_scratch: {scratch.numel()} int32 elements, this top-k needs {need} "
+                         f"(topk_scratch_numel)")
+    path, _ = _topk_plan(B, S, min(topk, S), device)
+    if path == "fused" and _topk_candidates_max(B, S):
+        return 2, B * (4 * 256 + 2)  # _topk_fused_launch's layout: histograms, counters, 16-bit histograms
+    return 1, 0
 
 
 def _check_scratch(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -1905,7 +1971,8 @@ def topk_scratch_numel(B: int, T: int, S: int, topk: int, device: torch.device) 
 
 
 def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = True,
-             scratch: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+             scratch: torch.Tensor | None = None, prefetch: torch.Tensor | None = None,
+             prefilled: bool = False) -> torch.Tensor:
     """``attnlab.ops.dsa_topk`` in Triton: the same indices, ties to the earlier position.
 
     A radix select on the scores' order-preserving int32 keys: four 256-bin histogram passes (8
@@ -1936,6 +2003,11 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         prefetch: the multi-program passes under PDL (long decode rows, Hopper) also ask L2 for the
             first ``TOPK_PREFETCH_BYTES`` of this tensor's bytes (a hint: weights a later kernel of
             the step reads, fetched while the passes work on L2-resident scores). Ignored elsewhere.
+        prefilled: ``scratch`` came zeroed from an earlier launch and ``dsa_index_scores(...,
+            topk_scratch=scratch, topk=topk)`` (the launch just before, which wrote ``scores``) added
+            the first histogram level (and the fused path's 16-bit histogram) into it: the
+            multi-program path starts at level 1 (one launch fewer), the fused path at its first
+            descent (one row barrier fewer). Needs ``scratch``; decode rows, ``causal=False``.
 
     Returns:
         int64 [B, T, topk], by score descending (sort) or position (not sort), ties to the earlier
@@ -1958,6 +2030,12 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         if scratch.numel() < n_zero:
             raise ValueError(f"scratch: {scratch.numel()} int32 elements, this top-k needs {n_zero} "
                              f"(topk_scratch_numel)")
+    if prefilled:
+        if scratch is None or topk_scratch_numel(B, T, S, topk, scores.device) == 0:
+            raise ValueError("prefilled: needs the scratch that dsa_index_scores(..., topk_scratch=, topk=) "
+                             "filled (topk_scratch_numel > 0)")
+        if T != 1 or causal:
+            raise ValueError(f"prefilled: decode rows with causal=False only, got T={T}, causal={causal}")
     if R > 0 and S > 0 and (one_program or fused or not sort):  # every slot written: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
@@ -1971,7 +2049,7 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
         _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
         return out
     if fused:
-        _topk_fused_launch(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort, scratch)  # (R, topk)
+        _topk_fused_launch(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort, scratch, prefilled)
         return out
     target = TOPK_PROGRAMS_PER_SM * _num_sms(scores.device)
     n_chunks = max(1, min(TOPK_MAX_CHUNKS, triton.cdiv(target, R), triton.cdiv(S, TOPK_BLOCK)))
@@ -1991,9 +2069,10 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
     nbytes = (_prefetch_bytes(prefetch, TOPK_PREFETCH_BYTES)
               if pdl and PREFETCH_NEXT_MAX_ROWS < S <= TOPK_PREFETCH_MAX_ROWS else 0)
     pf = dict(PF=prefetch, pf_bytes=nbytes, PF_CHUNK=PREFETCH_NEXT_CHUNK) if nbytes else {}
-    for level in range(4):  # (with scratch given, the index scores were written by the kernel just before)
+    first = 1 if prefilled else 0  # prefilled: the index scores added level 0
+    for level in range(first, 4):  # (with scratch given, the index scores were written by the kernel before)
         _topk_hist[grid](*args, LEVEL=level, RELAXED=TOPK_HIST_RELAXED, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX,
-                         EARLY=level > 0 or scratch is None, **(pf if level == 0 else {}), **opts)
+                         EARLY=level > first or scratch is None, **(pf if level == first else {}), **opts)
     _topk_count[grid](sc, hist, cnt, *args[2:], **opts)
     _topk_write[grid](sc, hist, cnt, sel, S, T, chunk, sc.stride(0), k_eff, topk if not sort else k_eff,
                       n_chunks, sel.stride(0), BCH=_pow2(n_chunks, 2), POSITIONS=not sort, **opts)
@@ -2039,11 +2118,12 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
 
 
 def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
-                       causal: bool, sort: bool, scratch: torch.Tensor | None = None) -> torch.Tensor:
+                       causal: bool, sort: bool, scratch: torch.Tensor | None = None,
+                       prefilled: bool = False) -> torch.Tensor:
     """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
     row's chunks, at most SMs // R of them, are one program each, so every program is resident.
-    ``scratch``: dsa_topk's. Returns each row's count of candidates (int32 [R]; 0 where the row took
-    the five-barrier path)."""
+    ``scratch``, ``prefilled``: dsa_topk's. Returns each row's count of candidates (int32 [R]; 0 where
+    the row took the five-barrier path)."""
     R = sc.shape[0]
     cand_max = _topk_candidates_max(R, S)
     block = TOPK_CANDIDATES_BLOCK if cand_max else TOPK_FUSED_BLOCK
@@ -2068,7 +2148,7 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
                                  PDL=pdl, CHUNK=reg, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX, EARLY=scratch is None,
-                                 num_warps=warps, **launch_options(pdl))
+                                 PRE=prefilled, num_warps=warps, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:

@@ -27,7 +27,9 @@ Llama-style block: norm+qkv GEMV, RoPE+cache write, attention (split + combine, 
 the token), o-proj GEMV+residual, norm+gate/up GEMV, SiLU·mul+down GEMV+residual. GDN block: norm+in_proj
 GEMV, the fused step (which also counts the token), out GEMV+residual, the two MLP GEMVs. DSA block: MLA's
 GEMVs and latent write (with the indexer's part), then index scores, top-k and the sparse absorbed attention
-over the whole cache bounded by each row's length (no host sync), W_UV, o-proj GEMV+residual. Lightning
+over the whole cache bounded by each row's length (no host sync), W_UV, o-proj GEMV+residual; on short
+caches the latent write also zeroes the top-k's scratch and the index scores add its first histogram
+level into it (INDEX_PREFILL_TOPK). Lightning
 block: norm+in_proj GEMV, the fused step (which also counts the token), norm+gate+out GEMV+residual, the
 two MLP GEMVs.
 
@@ -68,6 +70,19 @@ FOLD_ABSORB_Q = os.environ.get("ATTNLAB_FOLD_ABSORB_Q", "1") != "0"
 # D: the index-scores launch zeroes the top-k's buffers (no fill launch between the two); False: the
 # ops' calls, with the top-k's own fill launch, to compare on a GPU
 INDEX_TOPK_SCRATCH = True
+# D: ... and with this, the latent-write launch zeroes them instead, so that the index scores can add the
+# top-k's first histogram level (and its 16-bit histogram) of the scores they write: the top-k starts
+# past that pass (one launch fewer on the multi-program path, one row barrier fewer on the fused one);
+# False: the index scores zero them, the top-k counts its first level itself, to compare on a GPU.
+# H200, 2026-11-28, the ~1B deepseek-v32 step at 4K, best of 2, ms, prefilled / not: 0.9148 / 0.9334,
+# 0.9176 / 0.9339 (benchmarks/results/decode_ab_h200_prefill_topk.json, ..._level0_adds.json)
+INDEX_PREFILL_TOPK = True
+# ... for caches of at most this many slots (the fused top-k's rows); longer ones keep the top-k's own
+# first pass. There the index scores' per-block tl.histogram costs more than the launch it saves: same
+# card and step, 32K 1.0219 / 1.0083, 128K 1.1732 / 1.1649 (the multi-program passes from level 1; a
+# 32K timeline: index scores 7.4 us exposed a layer against 5.2, the level-0 pass it saves 1.7,
+# decode_timeline_h200_prefill.json); the fused top-k at 32K, prefilled, 1.0595 / 1.0715
+INDEX_PREFILL_MAX_S = 12 * 1024
 # D: a kernel of the attention stretch asks L2 for the first bytes of the block's MLP gate|up weight while
 # DRAM is otherwise idle: the sparse attention (caches up to attnlab.kernels.sparse.PREFETCH_NEXT_MAX_ROWS
 # rows) or the top-k's first multi-program pass (longer ones, TOPK_PREFETCH_BYTES); False: neither
@@ -238,13 +253,16 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     R = dsa.kv_lora_rank
     prefetch = prefetch if PREFETCH_MLP else None
     q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
-    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True)
+    prefill = _prefill_scratch(dsa, q, cache)  # zeroed by latent_write, filled by the index scores
+    q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True,
+                                   zero=prefill)
     # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
     # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
     # the layer counts it
     dtype = q_abs.dtype
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch)  # (B, 1, k)
+    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch,
+                      prefill)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     kernel = None
     if prefetch is not None:
@@ -256,14 +274,36 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     _output(dsa, o_lat[:, 0], io.res, keep, scale)
 
 
+def _prefill_scratch(dsa: DeepSeekSparseAttention, q: torch.Tensor, cache) -> torch.Tensor | None:
+    """The decode top-k's scratch for INDEX_PREFILL_TOPK (uninitialised: the latent-write launch zeroes
+    it), or None: the option off, the scores or the top-k not Triton kernels here, or a top-k path
+    that takes no scratch."""
+    from ..ops.softmax import _sparse_kernel
+
+    if not (INDEX_TOPK_SCRATCH and INDEX_PREFILL_TOPK):
+        return None
+    if _sparse_kernel("auto", "dsa_index_scores", q) is None:
+        return None
+    from ..kernels import sparse as ks
+
+    S = cache.index_keys.shape[1]
+    if S > INDEX_PREFILL_MAX_S:
+        return None
+    n = ks.topk_scratch_numel(q.shape[0], 1, S, min(dsa.index_topk, S), q.device)
+    return torch.empty(n, dtype=torch.int32, device=q.device) if n else None
+
+
 def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
-                index_topk: int, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                index_topk: int, prefetch: torch.Tensor | None = None,
+                prefill: torch.Tensor | None = None) -> torch.Tensor:
     """A D decode step's selection: the indexer's scores of q_idx [B, 1, H_I, D_I] (head weights w
     [B, 1, H_I]) over the cached keys [B, S_max, D_I] (positions past each row's length -inf), then
     their top min(index_topk, S_max) positions, unsorted (the attention sums over the set; on CUDA the
     positions in position order, one pass fewer): int64 [B, 1, k], -1 = empty. When both run as Triton
     kernels (what "auto" picks: CUDA bf16 / fp16), the index-scores launch also zeroes the top-k's
-    buffers (its ``scratch``), so no fill launch sits between the two; ``prefetch``: dsa_topk's."""
+    buffers (its ``scratch``), so no fill launch sits between the two; ``prefetch``: dsa_topk's.
+    ``prefill``: that scratch, already zeroed by the launch before (:func:`_prefill_scratch`): the
+    index scores add the top-k's first histogram level into it instead (``prefilled``)."""
     from ..ops.softmax import _sparse_kernel
 
     k = min(index_topk, keys.shape[1])
@@ -272,6 +312,10 @@ def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, length
         return ops.dsa_topk(scores, k, causal=False, sort=False)
     from ..kernels import sparse as ks
 
+    if prefill is not None:
+        scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, topk_scratch=prefill, topk=k)
+        return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=prefill, prefetch=prefetch,
+                           prefilled=True)
     n = ks.topk_scratch_numel(q_idx.shape[0], 1, keys.shape[1], k, keys.device)
     scratch = torch.empty(n, dtype=torch.int32, device=keys.device) if n else None
     scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, zero=scratch)  # (B, 1, S_max) float32
