@@ -478,73 +478,6 @@ def test_interp_index_scores_prefill_the_topk(path, monkeypatch):
         ks.dsa_index_scores(q, k, w, topk_scratch=zeros, topk=100)
 
 
-def _sort_keys(scores: torch.Tensor) -> torch.Tensor:
-    """dsa_topk's int64 sort keys (key << 32) | (S - 1 - position) of float32 scores [..., S], in torch."""
-    bits = scores.contiguous().view(torch.int32)
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    S = scores.shape[-1]
-    return (key << 32) | (S - 1 - torch.arange(S, device=scores.device))
-
-
-def _cut_case(case: str, B: int, S: int, H: int, D: int, gen, device="cpu"):
-    """(q, k, w, lengths) of an index-score case: distinct scores, every other key equal (ties at the
-    k-th score: more candidates than the fused path's shortcut), or rows shorter than k."""
-    q = torch.randn(B, 1, H, D, generator=gen, device=device).bfloat16()
-    k = torch.randn(B, S, D, generator=gen, device=device).bfloat16()
-    if case == "ties":
-        k[:, ::2] = k[:, :1]
-    w = torch.randn(B, 1, H, generator=gen, device=device) / H
-    full = [S - 37, S - 290][:B]
-    lengths = torch.tensor([40, 75][:B] if case == "short" else full, device=device)
-    return q, k, w, lengths
-
-
-@interp
-@pytest.mark.parametrize("path", ["fused", "fused_loop"])
-@pytest.mark.parametrize("case", ["distinct", "ties", "short"])
-def test_interp_topk_cut_and_attention(path, case, monkeypatch):
-    """dsa_topk(..., cut=True) returns each row's k-th largest sort key: the positions at or above it
-    are exactly the oracle's top-k (the candidate shortcut, the level passes behind many ties, and the
-    -inf cut of rows shorter than k); sparse_attention_cut over that cut equals sparse_attention over
-    the oracle's positions (Triton and torch); the paths and shapes it does not take are refused."""
-    from attnlab.kernels import sparse as ks
-
-    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
-    _topk_path(ks, monkeypatch, path)
-    gen = torch.Generator().manual_seed(41)
-    B, S, topk = 2, 700, 100
-    q, k, w, lengths = _cut_case(case, B, S, 4, 16, gen)
-    scratch = torch.zeros(ks.topk_scratch_numel(B, 1, S, topk, q.device), dtype=torch.int32)
-    scores = ks.dsa_index_scores(q, k, w, n_valid=lengths, topk_scratch=scratch, topk=topk)
-    cut = ks.dsa_topk(scores, topk, causal=False, sort=False, scratch=scratch, prefilled=True, cut=True)
-    assert cut.shape == (B, 1) and cut.dtype == torch.int64
-    want = ops.dsa_topk(scores, topk, causal=False, mode="torch")  # (B, 1, k), -1 past the finite scores
-    taken = _sort_keys(scores) >= cut[..., None]  # (B, 1, S)
-    assert taken.sum(-1).eq(topk).all()
-    for b in range(B):
-        got = torch.nonzero(taken[b, 0] & (torch.arange(S) < lengths[b])).flatten()
-        assert torch.equal(got, want[b, 0][want[b, 0] >= 0].sort().values)
-    H, R, dr = 8, 32, 16
-    qa = torch.randn(B, 1, H, R + dr, generator=gen).bfloat16()
-    lat = torch.randn(B, S, 1, R + dr, generator=gen).bfloat16()
-    o = ks.sparse_attention_cut(qa, lat, lat[..., :R], scores, cut, lengths, scale=0.1)
-    by_index = ks.sparse_attention(qa, lat, lat[..., :R], want, scale=0.1)
-    ref = ops.sparse_attention(qa.float(), lat.float(), lat[..., :R].float(), want, scale=0.1, mode="torch")
-    assert o.shape == by_index.shape and o.dtype == torch.bfloat16
-    assert rel_err(o, by_index) < 1e-2 and rel_err(o, ref) < 1e-2
-    with pytest.raises(ValueError, match="q: sparse_attention_cut takes one query row"):
-        ks.sparse_attention_cut(qa.expand(B, 2, H, R + dr), lat, lat[..., :R], scores, cut, lengths)
-    with pytest.raises(ValueError, match="scores"):
-        ks.sparse_attention_cut(qa, lat, lat[..., :R], scores.double(), cut, lengths)
-    with pytest.raises(ValueError, match="cut"):
-        ks.sparse_attention_cut(qa, lat, lat[..., :R], scores, cut.int(), lengths)
-    with pytest.raises(ValueError, match="cut: only for unsorted rows on the fused path"):
-        ks.dsa_topk(scores, topk, causal=False, sort=True, scratch=scratch, cut=True)
-    monkeypatch.setattr(ks, "TOPK_FUSED_MAX", 0)
-    with pytest.raises(ValueError, match="cut: only for unsorted rows on the fused path"):
-        ks.dsa_topk(scores, topk, causal=False, sort=False, cut=True)
-
-
 @interp
 def test_interp_index_scores_causal_prefill_many_chunks():
     """T = S (prefill from position 0) over several key chunks: early query blocks see none of the
@@ -945,7 +878,7 @@ def test_decode_index_scores_compile_for_sm90(key_rows, fp8, pre):
 @needs_sm90_toolchain
 @pytest.mark.parametrize("kernel,chunk", [("_topk_fused", 1024), ("_topk_fused", 128), ("_topk_hist", 2048),
                                           ("_topk_count", 8192), ("_topk_write", 2048),
-                                          ("_topk_fused_pre", 128), ("_topk_fused_cut", 128)])
+                                          ("_topk_fused_pre", 128)])
 def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
     """The top-k kernels with their chunk in registers (the passes carrying their state) compile for an
     H100 (sm_90) without spills, and the chunk's score loads come before the PDL wait (a multi-program
@@ -954,16 +887,14 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
 
     ptrs = {"SC": "*fp32", "HIST": "*i32", "CTR": "*i32", "CNT": "*i32", "H16": "*i32", "CAND": "*i64",
             "OUT": "*i64", "SEL": "*i64", "ST": "*i32"}
-    cut = kernel.endswith("_cut")  # the cut alone written (prefilled too)
-    pre = kernel.endswith(("_pre", "_cut"))  # prefilled: the scores read after the wait
-    kernel = kernel.removesuffix("_pre").removesuffix("_cut")
+    pre = kernel.endswith("_pre")  # prefilled: the scores read after the wait
+    kernel = kernel.removesuffix("_pre")
     fn = getattr(ks, kernel)
     const = dict(CAUSAL=False, BLOCK=min(chunk, 1024), CHUNK=chunk, PDL=True)
     if "CARRY" in fn.arg_names:  # the multi-program passes as launched (TOPK_PASSES_CARRY)
         const.update(CARRY=True)
     if kernel == "_topk_fused":
-        const.update(BCH=256, POSITIONS=True, CAND_MAX=256 if chunk == 128 else 0, PRE=pre, EARLY=not pre,
-                     CUT=cut)
+        const.update(BCH=256, POSITIONS=True, CAND_MAX=256 if chunk == 128 else 0, PRE=pre, EARLY=not pre)
     elif kernel == "_topk_hist":
         const.update(LEVEL=3, MATCH_MAX=4096)
     elif kernel == "_topk_write":
@@ -980,14 +911,11 @@ def test_topk_register_chunks_compile_for_sm90(kernel, chunk):
 
 
 @needs_sm90_toolchain
-@pytest.mark.parametrize("kernel", ["_latent_attn_fwd", "_latent_attn_fwd_cut", "_topk_hist"])
+@pytest.mark.parametrize("kernel", ["_latent_attn_fwd", "_topk_hist"])
 def test_prefetch_hints_compile_for_sm90(kernel):
     """The decode kernels that ask L2 for a later kernel's weights (the DSA row's sparse attention at
-    its "sparse" shape, or over its top-k's cut at its "sparse_cut" shape; the top-k's first
-    multi-program pass) build for sm_90 without spills and issue the bulk prefetches before their PDL
-    wait; over the cut, the key rows' loads and q·k come before the wait too."""
-    cut = kernel.endswith("_cut")
-    kernel = kernel.removesuffix("_cut")
+    its "sparse" shape, the top-k's first multi-program pass) build for sm_90 without spills and issue
+    the bulk prefetches before their PDL wait."""
     from attnlab.kernels import sparse as ks
 
     fn = getattr(ks, kernel)
@@ -997,12 +925,10 @@ def test_prefetch_hints_compile_for_sm90(kernel):
                      EARLY=False, CARRY=True, PF_CHUNK=ks.PREFETCH_NEXT_CHUNK)
         compiled = compile_sm90(fn, const, ptrs, num_warps=8)
     else:
-        cfg = ks.TUNING["sparse_cut" if cut else "sparse"]
+        cfg = ks.TUNING["sparse"]
         ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "IDX": "*i64", "NVALID": "*i64", "TABLE": "*i64",
-                "O": "*bf16", "LSE": "*fp32", "OP": "*fp32", "LP": "*fp32", "PF_NEXT": "*bf16", "SC": "*fp32",
-                "CUT": "*i64"}
-        const = dict(GATHER=3 if cut else 1, PAGE=1, DK1=512, BD1=512, DK2=64, BD2=64, D_V=512, BDV=512,
-                     NUM_DVB=1,
+                "O": "*bf16", "LSE": "*fp32", "OP": "*fp32", "LP": "*fp32", "PF_NEXT": "*bf16"}
+        const = dict(GATHER=1, PAGE=1, DK1=512, BD1=512, DK2=64, BD2=64, D_V=512, BDV=512, NUM_DVB=1,
                      V_IS_K=True, BLOCK_H=16, BLOCK_N=cfg["BLOCK_N"], SPLIT_OUT=True, PREC="tf32",
                      ROW64=False, SHARE_QK=False, INTERP=False, PDL=True, PF_SLOTS=0,
                      PF_NEXT_CHUNK=ks.PREFETCH_NEXT_CHUNK)
@@ -1012,8 +938,6 @@ def test_prefetch_hints_compile_for_sm90(kernel):
     assert "LOCAL:0 " in res and stack == 0, res
     ptx = compiled.asm["ptx"]
     assert -1 < ptx.find("cp.async.bulk.prefetch.L2") < ptx.find("griddepcontrol.wait")
-    if cut:
-        assert -1 < ptx.find("mma") < ptx.find("griddepcontrol.wait")  # q·k on the tensor cores
 
 
 @interp
@@ -1528,50 +1452,6 @@ def test_gpu_index_scores_prefill_the_topk(B, S, keys):
         assert torch.equal(scratch[: B * 1024].view(B, 4, 256)[:, 0].cpu(), level0)
         if ks._topk_plan(B, S, 2048, q.device)[0] == "fused":
             assert torch.equal(scratch[B * 1026 :].view(B, 65536).cpu(), fine)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,S", [(1, 4168), (2, 9000), (1, 12000)])
-@pytest.mark.parametrize("case", ["distinct", "ties", "short"])
-def test_gpu_topk_cut_and_attention_in_a_cuda_graph(B, S, case):
-    """The D decode step's short-cache selection on the GPU, as the step chains it (the scratch zeroed
-    by a launch before, the prefilled index scores, the fused top-k's cut, sparse_attention_cut under
-    PDL loading its rows and q·k before its wait), replayed in a CUDA graph on new keys and latents:
-    the cut selects the oracle's top-k, and the attention equals sparse_attention over the oracle's
-    positions (the ~1B layer's 16 heads over 576-dim latents, bf16)."""
-    from attnlab.kernels import sparse as ks
-
-    gen = torch.Generator(device="cuda").manual_seed(S)
-    q, k, w, lengths = _cut_case(case, B, S, 64, 128, gen, device="cuda")
-    qa = torch.randn(B, 1, 16, 576, device="cuda", generator=gen).bfloat16()
-    lat = torch.randn(B, S, 1, 576, device="cuda", generator=gen).bfloat16()
-    n = ks.topk_scratch_numel(B, 1, S, 2048, q.device)
-    scratch = torch.full((n,), 5, dtype=torch.int32, device="cuda")
-    prefetch = torch.randn(1 << 20, device="cuda").bfloat16()
-
-    def step():
-        scratch.zero_()
-        scores = ks.dsa_index_scores(q, k, w, n_valid=lengths, topk_scratch=scratch, topk=2048)
-        cut = ks.dsa_topk(scores, 2048, causal=False, sort=False, scratch=scratch, prefilled=True, cut=True)
-        o = ks.sparse_attention_cut(qa, lat, lat[..., :512], scores, cut, lengths, scale=0.07,
-                                    prefetch=prefetch)
-        return scores, cut, o
-
-    graph, (scores, cut, o) = capture_graph(step)
-    for _ in range(2):
-        new = torch.randn(k.shape, device="cuda", generator=gen).bfloat16()
-        if case == "ties":
-            new[:, ::2] = new[:, :1]
-        k.copy_(new)
-        lat.copy_(torch.randn(lat.shape, device="cuda", generator=gen).bfloat16())
-        graph.replay()
-        want = ops.dsa_topk(scores, 2048, causal=False, mode="torch")
-        below = torch.arange(S, device="cuda") < lengths[:, None]
-        taken = (_sort_keys(scores) >= cut[..., None])[:, 0] & below
-        for b in range(B):
-            assert torch.equal(torch.nonzero(taken[b]).flatten(), want[b, 0][want[b, 0] >= 0].sort().values)
-        ref = ks.sparse_attention(qa, lat, lat[..., :512], want, scale=0.07)
-        assert rel_err(o, ref) < 1e-2
 
 
 @pytest.mark.gpu

@@ -86,10 +86,6 @@ RESCALE_SLACK: tl.constexpr = tl.constexpr(8.0)  # log2 units: the running max m
 TUNING: dict[str, dict[str, int]] = {
     "sparse": {"BLOCK_H": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 0},
     "decode": {"BLOCK_H": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3, "DVB": 1, "SHARE_QK": 0},
-    # sparse_attention_cut (a decode row's top-k as its cut, one block a split): its rows and q·k held
-    # across the PDL wait; at MLA's 576 dims and 16 heads, 64-slot blocks spill (sm_90 compile: 255
-    # registers, 184 bytes of stack), 32-slot ones do not (250)
-    "sparse_cut": {"BLOCK_H": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "DVB": 1, "SHARE_QK": 0},
     "sparse_bwd": {"BLOCK_H": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
     # float32 inputs (mode="triton" only; exact products, no tensor cores) on a GPU: tiles twice the
     # bytes, so a small shape (74 KB of shared memory at MLA dims; the bf16 one would need 311 KB)
@@ -159,7 +155,7 @@ COMBINE_TILE = 4096
 COMBINE_ONE_LOAD = True
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
-_GATHER_DENSE, _GATHER_INDEX, _GATHER_PAGED, _GATHER_CUT = 0, 1, 2, 3
+_GATHER_DENSE, _GATHER_INDEX, _GATHER_PAGED = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +226,6 @@ def _latent_attn_fwd(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_OUT: tl.constexpr, PREC: tl.constexpr,
     ROW64: tl.constexpr, SHARE_QK: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr = False,
     PF_SLOTS: tl.constexpr = 0, PF_NEXT=None, pf_next_bytes=0, PF_NEXT_CHUNK: tl.constexpr = 0,
-    SC=None, CUT=None, stride_scb=0, CUT_EARLY: tl.constexpr = 1, CM: tl.constexpr = "",
 ):
     """One program: query token (b, t), kv head hk, query heads hk*G + [hb*BLOCK_H, +BLOCK_H),
     value columns [dvb*BDV, +BDV), slots [split*slots_per_split, +slots_per_split). Writes o
@@ -245,13 +240,7 @@ def _latent_attn_fwd(
     again after the wait like every other), so the loads after the wait find them there.
     PF_NEXT_CHUNK > 0 (under PDL, GPU only): before waiting, the programs also ask L2 for the first
     pf_next_bytes bytes at PF_NEXT in PF_NEXT_CHUNK-byte pieces, spread over them: weights a later
-    kernel of the step reads (the MLP's), fetched while this latency-bound stretch leaves DRAM idle.
-    GATHER 3 (a decode row's top-k given as its cut, one BLOCK_N block a split): the slots are the row's
-    positions below NVALID[b] whose sort key of the index score SC[b, slot] ((key << 32) | (n_slots - 1 -
-    slot), as dsa_topk's) reaches CUT[b], the row's k-th largest; under PDL the program loads q, the
-    block's rows and scores and takes q·k BEFORE waiting (the kernels that wrote them, two and more
-    launches back, have completed once the top-k launched just before lets this one start: it does so
-    only after its own wait), then waits for the cut alone."""
+    kernel of the step reads (the MLP's), fetched while this latency-bound stretch leaves DRAM idle."""
     pid = tl.program_id(0)
     hb = pid % N_HBLK  # head blocks fastest: programs reading the same rows run side by side (L2)
     rest = pid // N_HBLK
@@ -276,26 +265,24 @@ def _latent_attn_fwd(
                         (pf_hi > pf_lo) & (hb == 0) & (dvb == 0) & (hk == 0))
         if PF_NEXT_CHUNK > 0:
             _prefetch_share(PF_NEXT, pf_next_bytes, pid * n_kv + hk, tl.num_programs(0) * n_kv, PF_NEXT_CHUNK)
-        if GATHER != 3 or CUT_EARLY == 0:
-            gdc_wait()
+        gdc_wait()
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < G
     heads = (hk * G + offs_h).to(tl.int64)
     d1 = tl.arange(0, BD1)
     q_base = Q + b * stride_qb + t * stride_qt + heads[:, None] * stride_qh
-    q1 = tl.load(q_base + d1[None, :], mask=h_ok[:, None] & (d1 < DK1)[None, :], other=0.0, cache_modifier=CM)
+    q1 = tl.load(q_base + d1[None, :], mask=h_ok[:, None] & (d1 < DK1)[None, :], other=0.0)
     if DK2 > 0:
         d2 = tl.arange(0, BD2)
-        q2 = tl.load(q_base + DK1 + d2[None, :], mask=h_ok[:, None] & (d2 < DK2)[None, :], other=0.0,
-                     cache_modifier=CM)
+        q2 = tl.load(q_base + DK1 + d2[None, :], mask=h_ok[:, None] & (d2 < DK2)[None, :], other=0.0)
     dv = dvb * BDV + tl.arange(0, BDV)  # this program's value columns
     lse_writer = (offs_h * 0 + dvb) == 0  # one program per head block writes the log-sum-exp
 
     lo = split * slots_per_split
     hi = tl.minimum(lo + slots_per_split, n_slots)
     if GATHER != 1:  # dense / paged: slots are positions; the T queries are the last T of n_valid[b]
-        nv = tl.load(NVALID + b, cache_modifier=CM).to(tl.int32)
+        nv = tl.load(NVALID + b).to(tl.int32)
         nv = tl.minimum(tl.maximum(nv, 0), n_slots)
         hi = tl.minimum(hi, tl.maximum(nv - (T - 1 - t), 0).to(tl.int32))  # query t: positions <= nv-T+t
 
@@ -329,22 +316,14 @@ def _latent_attn_fwd(
             rows = slots.to(tl.int64 if ROW64 else tl.int32)
         k_rows = k_base + first * stride_ks + rows[:, None] * stride_ks
         if BD1 == DK1:
-            k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None], other=0.0, cache_modifier=CM)
+            k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None], other=0.0)
         else:
-            k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None] & (d1 < DK1)[None, :], other=0.0,
-                         cache_modifier=CM)
+            k1 = tl.load(k_rows + d1[None, :], mask=valid[:, None] & (d1 < DK1)[None, :], other=0.0)
         s1 = _mm(q1, tl.trans(k1), PREC, INTERP)  # (BLOCK_H, BLOCK_N)
         s2 = s1  # unused without a tail
         if DK2 > 0:
-            k2 = tl.load(k_rows + DK1 + d2[None, :], mask=valid[:, None] & (d2 < DK2)[None, :], other=0.0,
-                         cache_modifier=CM)
+            k2 = tl.load(k_rows + DK1 + d2[None, :], mask=valid[:, None] & (d2 < DK2)[None, :], other=0.0)
             s2 = _mm(q2, tl.trans(k2), PREC, INTERP)  # (BLOCK_H, BLOCK_N)
-        if GATHER == 3:  # the top-k's selection: sort keys at or above the row's cut
-            if PDL:
-                gdc_wait()  # the cut comes from the kernel just before (the scores, loaded with it, earlier)
-            sc = tl.load(SC + b * stride_scb + slots, mask=in_range, other=float("-inf"))
-            sort_key = (_score_keys(sc).to(tl.int64) << 32) | (n_slots - 1 - slots).to(tl.int64)
-            valid = in_range & (sort_key >= tl.load(CUT + b))
         if SHARE_QK:
             # Triton lays a dot out with all warps along M when its result reaches another dot
             # through SSA values (FlashAttention's layout: softmax rows stay inside a warp). For q·k
@@ -368,8 +347,6 @@ def _latent_attn_fwd(
                         mask=valid[:, None] & (dv < D_V)[None, :], other=0.0)
         acc += _dot_lowp(p, v, PREC, INTERP)
 
-    if GATHER == 3 and PDL:
-        gdc_wait()  # (a split past the row's length waited nowhere yet) before any store
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if SPLIT_OUT:  # partials [B*T*H, N_SPLIT, D_V] float32 and [B*T*H, N_SPLIT]
@@ -851,28 +828,6 @@ def _topk_take(SC, row_off, lo, hi, qpos, thr, need, slot, eq_seen, DST, S, CAUS
 
 
 @triton.jit
-def _topk_block_tie_at(key, cols, ok, thr, need):
-    """The position of the need-th key equal to ``thr`` (1-based, in position order) in one block, or
-    -1 if it has fewer."""
-    eq = ok & (key == thr)
-    return tl.max(tl.where(eq & (tl.cumsum(eq.to(tl.int32), 0) == need), cols, -1), 0)
-
-
-@triton.jit
-def _topk_tie_at(SC, row_off, lo, hi, qpos, thr, need, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-    """_topk_block_tie_at over the keys at positions [lo, hi) of a row."""
-    p_cut = -1
-    seen = 0
-    for j in range(lo, hi, BLOCK):
-        cols = j + tl.arange(0, BLOCK)
-        ok = cols < hi
-        key = _topk_keys(SC, row_off, cols, ok, qpos, CAUSAL)
-        p_cut = tl.maximum(p_cut, _topk_block_tie_at(key, cols, ok, thr, need - seen))
-        seen += tl.sum((ok & (key == thr)).to(tl.int32), 0)
-    return p_cut
-
-
-@triton.jit
 def _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
                      PDL: tl.constexpr, EARLY: tl.constexpr = True):
     """The start of a multi-program pass or of _topk_fused (CHUNK > 0: the whole chunk in one register
@@ -1073,7 +1028,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BCH: tl.constexpr, POSITIONS: tl.constexpr,
                 CAND_MAX: tl.constexpr = 0, CB: tl.constexpr = 64, PDL: tl.constexpr = False,
                 CHUNK: tl.constexpr = 0, MATCH_MAX: tl.constexpr = 0, EARLY: tl.constexpr = True,
-                PRE: tl.constexpr = False, CUT: tl.constexpr = False):
+                PRE: tl.constexpr = False):
     """The multi-program radix select of _topk_hist x 4, _topk_count and _topk_write in ONE launch:
     the programs of a row (one per chunk) meet at a row barrier (_row_sync) after each histogram
     level and after the count, instead of at kernel boundaries (a decode row: ~4 us a launch). HIST
@@ -1094,9 +1049,7 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
     chunk's scores once into registers (_topk_chunk_keys) and every pass works on them; else each
     pass reads them again in BLOCK steps. MATCH_MAX: _topk_level_adds (levels 1-3). EARLY:
     _topk_chunk_keys. PRE: the launch before (dsa_index_scores' ``topk_scratch``) already added level
-    0's histogram and (CAND_MAX > 0) the 16-bit one: no pass, no barrier before the first descent.
-    CUT: instead of the taken keys, OUT[r] (int64) gets the row's k-th largest sort key (key << 32) |
-    (S - 1 - position): position s is taken iff its sort key is at least that (dsa_topk's ``cut``)."""
+    0's histogram and (CAND_MAX > 0) the 16-bit one: no pass, no barrier before the first descent."""
     r, c, lo, hi, key, cols, ok = _topk_chunk_keys(SC, S, T, chunk, stride_r, N_CHUNK, CHUNK, CAUSAL, PDL,
                                                    EARLY)
     pid = r * N_CHUNK + c
@@ -1142,19 +1095,14 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
             tl.store(CNT + pid * 2, n_gt)
             _row_sync(ctr, (base + 1) * N_CHUNK)
             thr_sk, taken_before = _topk_candidate_threshold(cand, n_cand, k_rem, lo, S, CB)
-            if CUT:  # the row's k-th largest sort key is the whole output
-                if c == 0:
-                    tl.store(out, thr_sk)
+            ch = tl.arange(0, BCH)
+            cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
+            slot = tl.sum(tl.load(cnt + ch * 2, mask=ch < c, other=0, volatile=True), 0) + taken_before
+            if CHUNK > 0:
+                _topk_store(out, slot, ok & (_topk_sort_key(key, cols, S) >= thr_sk), key, cols, S, POSITIONS)
             else:
-                ch = tl.arange(0, BCH)
-                cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
-                slot = tl.sum(tl.load(cnt + ch * 2, mask=ch < c, other=0, volatile=True), 0) + taken_before
-                if CHUNK > 0:
-                    _topk_store(out, slot, ok & (_topk_sort_key(key, cols, S) >= thr_sk), key, cols, S,
-                                POSITIONS)
-                else:
-                    _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot, out, CAUSAL, BLOCK,
-                                           POSITIONS)
+                _topk_take_sorted_from(SC, row_off, lo, hi, qpos, S, thr_sk, slot, out, CAUSAL, BLOCK,
+                                       POSITIONS)
             done = tl.full([], 1, tl.int32)
     if done == 0:
         for LEVEL in tl.static_range(1, 4):
@@ -1178,26 +1126,15 @@ def _topk_fused(SC, HIST, CTR, CNT, H16, CAND, OUT, S, T, chunk, stride_r, strid
         cnt = CNT + (r * N_CHUNK).to(tl.int64) * 2
         gt_before = tl.sum(tl.load(cnt + ch * 2, mask=before, other=0, volatile=True), 0)
         eq_seen = tl.sum(tl.load(cnt + ch * 2 + 1, mask=before, other=0, volatile=True), 0)
-        if CUT:  # the chunk holding the last tie taken stores the cut: that tie's sort key
-            need = k_rem - eq_seen  # ties still to take from this chunk on
-            if (need > 0) & (need <= n_eq):
-                if CHUNK > 0:
-                    p_cut = _topk_block_tie_at(key, cols, ok, thr, need)
-                else:
-                    p_cut = _topk_tie_at(SC, row_off, lo, hi, qpos, thr, need, CAUSAL, BLOCK)
-                tl.store(out, (thr.to(tl.int64) << 32) | (S - 1 - p_cut).to(tl.int64))
+        slot = gt_before + tl.minimum(eq_seen, k_rem)
+        if CHUNK > 0:
+            _topk_block_take(key, cols, ok, thr, k_rem, slot, eq_seen, out, S, POSITIONS)
         else:
-            slot = gt_before + tl.minimum(eq_seen, k_rem)
-            if CHUNK > 0:
-                _topk_block_take(key, cols, ok, thr, k_rem, slot, eq_seen, out, S, POSITIONS)
-            else:
-                _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK,
-                           POSITIONS)
-    if not CUT:
-        if c == N_CHUNK - 1:
-            for j in range(k_eff, topk, BLOCK):
-                fill = j + tl.arange(0, BLOCK)
-                tl.store(out + fill, tl.full([BLOCK], -1, tl.int64), mask=fill < topk)
+            _topk_take(SC, row_off, lo, hi, qpos, thr, k_rem, slot, eq_seen, out, S, CAUSAL, BLOCK, POSITIONS)
+    if c == N_CHUNK - 1:
+        for j in range(k_eff, topk, BLOCK):
+            fill = j + tl.arange(0, BLOCK)
+            tl.store(out + fill, tl.full([BLOCK], -1, tl.int64), mask=fill < topk)
 
 
 @triton.jit
@@ -1384,8 +1321,6 @@ def _attend(
     tuning: str = "sparse",
     n_splits: int | None = None,
     prefetch: torch.Tensor | None = None,
-    scores: torch.Tensor | None = None,
-    cut: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared launcher. q [B, T, H, D]; k [B|1, rows, H_kv, D] (paged: [1, pages*page, H_kv, D]);
     v likewise with D_v. Returns o [B, T, H, D_v] in q's dtype and lse float32 [B, T, H] (base 2,
@@ -1405,7 +1340,7 @@ def _attend(
     for cfg in _launch_configs(tuning):
         try:
             return _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_splits, cfg,
-                                dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch, scores, cut)
+                                dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch)
         except _LAUNCH_ERRORS as e:  # shared memory / registers of a launch shape on this GPU/Triton
             if _INTERPRET or not q.is_cuda or not ALLOW_FALLBACK or not _is_compile_failure(e):
                 raise
@@ -1414,9 +1349,6 @@ def _attend(
             warnings.warn(f"attnlab.kernels.sparse: launch shape {cfg} for {tuning!r} failed "
                           f"({type(e).__name__}: {str(e)[:160]}); trying the next", stacklevel=2)
     raise RuntimeError(f"no launch shape for {tuning!r} compiled") from last_error
-
-
-_CUT_EARLY = 1  # debug
 
 
 def _prefetch_bytes(t: torch.Tensor | None, limit: int) -> int:
@@ -1428,7 +1360,7 @@ def _prefetch_bytes(t: torch.Tensor | None, limit: int) -> int:
 
 
 def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_splits, cfg,
-                 dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch=None, scores=None, cut=None):
+                 dk1, bd1, dk2, bd2, v_is_k, prec, row64, prefetch=None):
     B, T, H, D = q.shape
     H_kv, D_v, n_rows = k.shape[2], v.shape[3], k.shape[1]
     G = H // H_kv
@@ -1462,8 +1394,8 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
     # made kimi-linear slower (its 4 M layers: 0.912 -> 0.920 ms at 4K, 0.959 -> 0.982 at 32K), and
     # deepseek-v3 at 32K (1.130 -> 1.147 with PF_BLOCKS 1); with 64-slot blocks and the early L2
     # requests (PF_SLOTS: whole key rows from a 16-byte aligned base) it is faster at every context.
-    pdl = (T == 1 and use_pdl(q.device)
-           and (gather in (_GATHER_INDEX, _GATHER_CUT) or (gather == _GATHER_DENSE and cfg.get("PDL", 0))))
+    pdl = (T == 1 and (gather == _GATHER_INDEX or (gather == _GATHER_DENSE and cfg.get("PDL", 0)))
+           and use_pdl(q.device))
     pf_ok = (pdl and gather == _GATHER_DENSE and v_is_k and n_valid is not None and k.data_ptr() % 16 == 0
              and (k.stride(1) * k.element_size()) % 16 == 0)
     pf_slots = cfg.get("PF_BLOCKS", 0) * cfg["BLOCK_N"] if pf_ok else 0
@@ -1489,8 +1421,7 @@ def _attend_with(q, k, v, idx, n_valid, table, scale, gather, n_slots, page, n_s
         V_IS_K=v_is_k, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], SPLIT_OUT=splits > 1, PREC=prec,
         ROW64=row64, SHARE_QK=bool(cfg.get("SHARE_QK", 0)) and block_h >= 64, INTERP=_INTERPRET,
         PDL=pdl, PF_SLOTS=pf_slots, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pf_next,
-        SC=scores, CUT=cut, stride_scb=scores.stride(0) if scores is not None else 0, CUT_EARLY=_CUT_EARLY,
-        CM=".cg" if (_CUT_EARLY == 2 and gather == _GATHER_CUT) else "", **launch_options(pdl),
+        **launch_options(pdl),
     )
     if splits > 1:
         bdv_c, step = combine_shape(B * T * H, D_v, splits, q.device)
@@ -1625,55 +1556,6 @@ def sparse_attention(
         return _SparseAttention.apply(q, k, v, indices, scale, n_splits)
     return _attend(q, k, v, scale, _GATHER_INDEX, indices.shape[2], idx=indices, n_splits=n_splits,
                    prefetch=prefetch)[0]
-
-
-def sparse_attention_cut(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scores: torch.Tensor,
-    cut: torch.Tensor,
-    n_valid: torch.Tensor,
-    scale: float | None = None,
-    prefetch: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """A decode row's sparse attention over its top-k given as a cut (``dsa_topk(..., cut=True)``)
-    rather than as positions: row b attends to the positions s < n_valid[b] whose sort key of the
-    index score scores[b, 0, s] — (key << 32) | (S - 1 - s), the top-k's order: a higher score, then
-    an earlier position — is at least cut[b, 0]. The same set, so the same result, as
-    ``sparse_attention`` over ``dsa_topk(scores, k, causal=False, sort=False)``. Each program takes
-    BLOCK_N consecutive positions and, under PDL, loads its rows and scores and takes q·k before it
-    waits for the top-k (which only writes the cut): no index list to write or read back and no
-    gather after the wait, at the price of reading every row below the length (short caches).
-
-    Args:
-        q: [B, 1, H, D] (one query row), k: [B, S, H_kv, D], v: [B, S, H_kv, D_v] (MLA absorbed: a view
-            k[..., :D_v]); bf16 / fp16 / fp32.
-        scores: float32 [B, 1, S], the index scores the top-k selected from.
-        cut: int64 [B, 1], each row's k-th largest sort key.
-        n_valid: int64/int32 [B]: positions at or past it are not attended.
-        scale: logit scale; None = D ** -0.5. prefetch: as ``sparse_attention``'s.
-
-    Returns:
-        o: [B, 1, H, D_v] in q's dtype; 0 for a row with nothing selected. Inference only.
-    """
-    _check_attention(q, k, v)
-    B, T, H, D = q.shape
-    S = k.shape[1]
-    if T != 1:
-        raise ValueError(f"q: sparse_attention_cut takes one query row (T = 1), got T = {T}")
-    check_tensor("scores", scores, 3, "[B, 1, S]", shape=(B, 1, S), dtypes=(torch.float32,))
-    check_tensor("cut", cut, 2, "[B, 1]", shape=(B, 1), dtypes=(torch.int64,))
-    check_tensor("n_valid", n_valid, 1, "[B]", shape=(B,), dtypes=(torch.int64, torch.int32))
-    check_same_device(q=q, scores=scores, cut=cut, n_valid=n_valid)
-    if scores.stride(-1) != 1:
-        raise ValueError(f"scores: the last dim must be contiguous (stride 1), got strides {scores.stride()}")
-    scale = D**-0.5 if scale is None else float(scale)
-    if S == 0:
-        return torch.zeros(B, 1, H, v.shape[3], dtype=q.dtype, device=q.device)
-    splits = triton.cdiv(S, TUNING["sparse_cut"]["BLOCK_N"])
-    return _attend(q, k, v, scale, _GATHER_CUT, S, n_valid=n_valid, tuning="sparse_cut", n_splits=splits,
-                   prefetch=prefetch, scores=scores, cut=cut.contiguous())[0]
 
 
 def softmax_decode(
@@ -2090,7 +1972,7 @@ def topk_scratch_numel(B: int, T: int, S: int, topk: int, device: torch.device) 
 
 def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = True,
              scratch: torch.Tensor | None = None, prefetch: torch.Tensor | None = None,
-             prefilled: bool = False, cut: bool = False) -> torch.Tensor:
+             prefilled: bool = False) -> torch.Tensor:
     """``attnlab.ops.dsa_topk`` in Triton: the same indices, ties to the earlier position.
 
     A radix select on the scores' order-preserving int32 keys: four 256-bin histogram passes (8
@@ -2126,15 +2008,10 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
             the first histogram level (and the fused path's 16-bit histogram) into it: the
             multi-program path starts at level 1 (one launch fewer), the fused path at its first
             descent (one row barrier fewer). Needs ``scratch``; decode rows, ``causal=False``.
-        cut: return each row's k-th largest sort key instead of the positions (int64 [B, T]): position
-            s is selected iff (key(scores[..., s]) << 32) | (S - 1 - s) is at least it, key the
-            order-preserving int32 of the float32 score; ``sparse_attention_cut`` takes it. Only rows
-            on the one-launch fused path (decode rows of at most ``TOPK_FUSED_MAX`` scores), unsorted.
 
     Returns:
         int64 [B, T, topk], by score descending (sort) or position (not sort), ties to the earlier
         position; -1 for -inf scores and past S (sorted: last; unsorted: where the -inf positions are).
-        With ``cut``: int64 [B, T], the cuts.
     """
     check_tensor("scores", scores, 3, "[B, T, S]")
     B, T, S = scores.shape
@@ -2159,23 +2036,15 @@ def dsa_topk(scores: torch.Tensor, topk: int, causal: bool = True, sort: bool = 
                              "filled (topk_scratch_numel > 0)")
         if T != 1 or causal:
             raise ValueError(f"prefilled: decode rows with causal=False only, got T={T}, causal={causal}")
-    if cut and (path != "fused" or sort):
-        raise ValueError(f"cut: only for unsorted rows on the fused path (decode rows of at most "
-                         f"TOPK_FUSED_MAX={TOPK_FUSED_MAX} scores, at most one per SM), got {R} row(s) of "
-                         f"{S}, sort={sort}")
-    if cut:
-        out = _empty(B, T, dtype=torch.int64, device=scores.device)
-        if R > 0 and S > 0:
-            _topk_fused_launch(_sc_rows(scores), out.view(R, 1), S, T, k_eff, 1, causal, False, scratch,
-                               prefilled, cut=True)
-        return out
     if R > 0 and S > 0 and (one_program or fused or not sort):  # every slot written: no -1 fill launch
         out = _empty(B, T, topk, dtype=torch.int64, device=scores.device)
     else:
         out = torch.full((B, T, topk), -1, dtype=torch.int64, device=scores.device)
     if R == 0 or S == 0:
         return out
-    sc = _sc_rows(scores)  # (R, S)
+    sc = scores.reshape(R, S)  # (R, S)
+    if sc.dtype != torch.float32 or sc.stride(-1) != 1:
+        sc = sc.to(torch.float32).contiguous()
     if one_program:
         _topk_one_program(sc, out.view(R, topk), S, T, k_eff, topk, causal, sort)  # (R, topk)
         return out
@@ -2248,17 +2117,9 @@ def _topk_one_program(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff
                                                     BLOCK_I=block_i, BLOCK_J=128, num_warps=4)
 
 
-def _sc_rows(scores: torch.Tensor) -> torch.Tensor:
-    """scores [B, T, S] as float32 rows [B*T, S] with the last dim contiguous (a view when it is)."""
-    sc = scores.reshape(-1, scores.shape[-1])
-    if sc.dtype != torch.float32 or sc.stride(-1) != 1:
-        sc = sc.to(torch.float32).contiguous()
-    return sc
-
-
 def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_eff: int, topk: int,
                        causal: bool, sort: bool, scratch: torch.Tensor | None = None,
-                       prefilled: bool = False, cut: bool = False) -> torch.Tensor:
+                       prefilled: bool = False) -> torch.Tensor:
     """_topk_fused over the R rows of sc [R, S] into res [R, topk] (then _topk_rank if ``sort``): a
     row's chunks, at most SMs // R of them, are one program each, so every program is resident.
     ``scratch``, ``prefilled``: dsa_topk's. Returns each row's count of candidates (int32 [R]; 0 where
@@ -2287,7 +2148,7 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
                                  sel.stride(0), k_eff, topk if not sort else k_eff, n_chunks, CAUSAL=causal,
                                  BLOCK=block, BCH=_pow2(n_chunks, 2), POSITIONS=not sort, CAND_MAX=cand_max,
                                  PDL=pdl, CHUNK=reg, MATCH_MAX=TOPK_MATCH_ATOMICS_MAX, EARLY=scratch is None,
-                                 PRE=prefilled, CUT=cut, num_warps=warps, **launch_options(pdl))
+                                 PRE=prefilled, num_warps=warps, **launch_options(pdl))
     n_cand = ctr.view(R, 2)[:, 1]
     if sort:
         if topk > k_eff:

@@ -83,11 +83,6 @@ INDEX_PREFILL_TOPK = True
 # 32K timeline: index scores 7.4 us exposed a layer against 5.2, the level-0 pass it saves 1.7,
 # decode_timeline_h200_prefill.json); the fused top-k at 32K, prefilled, 1.0595 / 1.0715
 INDEX_PREFILL_MAX_S = 12 * 1024
-# D: where the index scores prefill the top-k and it takes its one-launch fused path, the top-k returns
-# only each row's cut (its k-th largest sort key) and the sparse attention reads every cache row below
-# the length, selecting by the cut (attnlab.kernels.sparse.sparse_attention_cut): its rows and q·k before
-# its wait, no index list written or read back; False: positions, gathered after the wait
-INDEX_TOPK_CUT = True
 # D: a kernel of the attention stretch asks L2 for the first bytes of the block's MLP gate|up weight while
 # DRAM is otherwise idle: the sparse attention (caches up to attnlab.kernels.sparse.PREFETCH_NEXT_MAX_ROWS
 # rows) or the top-k's first multi-program pass (longer ones, TOPK_PREFETCH_BYTES); False: neither
@@ -266,17 +261,9 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     # the layer counts it
     dtype = q_abs.dtype
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-    lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
-    if prefill is not None and INDEX_TOPK_CUT and _cut_path(q_idx, keys, dsa.index_topk):
-        from ..kernels import sparse as ks
-
-        scores, cut = _index_cut(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefill)
-        o_lat = ks.sparse_attention_cut(q_abs[:, None], lat, lat[..., :R], scores, cut, cache.lengths,
-                                        scale=dsa.scale, prefetch=prefetch)  # (B, 1, H, R)
-        _output(dsa, o_lat[:, 0], io.res, keep, scale)
-        return
     idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch,
                       prefill)  # (B, 1, k)
+    lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     kernel = None
     if prefetch is not None:
         kernel = _sparse_kernel("auto", "sparse_attention", q_abs)  # kernels.sparse.sparse_attention or None
@@ -304,25 +291,6 @@ def _prefill_scratch(dsa: DeepSeekSparseAttention, q: torch.Tensor, cache) -> to
         return None
     n = ks.topk_scratch_numel(q.shape[0], 1, S, min(dsa.index_topk, S), q.device)
     return torch.empty(n, dtype=torch.int32, device=q.device) if n else None
-
-
-def _cut_path(q_idx: torch.Tensor, keys: torch.Tensor, index_topk: int) -> bool:
-    """Whether a prefilled D step's top-k takes its fused path, so that it can return its cut."""
-    from ..kernels import sparse as ks
-
-    S = keys.shape[1]
-    return ks._topk_plan(q_idx.shape[0], S, min(index_topk, S), keys.device)[0] == "fused"
-
-
-def _index_cut(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
-               index_topk: int, prefill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """_index_topk's prefilled selection as (the index scores float32 [B, 1, S_max], each row's cut
-    int64 [B, 1]: its k-th largest sort key, dsa_topk's ``cut``)."""
-    from ..kernels import sparse as ks
-
-    k = min(index_topk, keys.shape[1])
-    scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, topk_scratch=prefill, topk=k)
-    return scores, ks.dsa_topk(scores, k, causal=False, sort=False, scratch=prefill, prefilled=True, cut=True)
 
 
 def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
