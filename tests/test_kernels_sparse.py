@@ -358,6 +358,18 @@ def test_interp_decode_index_scores_chunking(S, min_chunk, programs, monkeypatch
     assert rel_err(out[..., : S - 7], ref[..., : S - 7]) < 1e-5
 
 
+def _decode_selection(ks, monkeypatch, path: str, seed: int):
+    """A decode selection's inputs under the interpreter: dsa_topk routed to ``path`` (_topk_path) with
+    64-score steps, and (q [2, 1, 4, 16], k [2, 900, 16] bf16, w [2, 1, 4]) drawn from ``seed``."""
+    monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
+    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
+    _topk_path(ks, monkeypatch, path)
+    gen = torch.Generator().manual_seed(seed)
+    B, S, H, D = 2, 900, 4, 16
+    return (torch.randn(B, 1, H, D, generator=gen).bfloat16(), torch.randn(B, S, D, generator=gen).bfloat16(),
+            torch.randn(B, 1, H, generator=gen))
+
+
 @interp
 @pytest.mark.parametrize("path", ["fused", "multi", "multi_loop"])
 def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
@@ -368,14 +380,8 @@ def test_interp_index_scores_zero_the_topk_scratch(path, monkeypatch):
     the wrong dtype, shape or size is refused."""
     from attnlab.kernels import sparse as ks
 
-    monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
-    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
-    _topk_path(ks, monkeypatch, path)
-    gen = torch.Generator().manual_seed(31)
-    B, S, H, D = 2, 900, 4, 16
-    q = torch.randn(B, 1, H, D, generator=gen).bfloat16()
-    k = torch.randn(B, S, D, generator=gen).bfloat16()
-    w = torch.randn(B, 1, H, generator=gen)
+    q, k, w = _decode_selection(ks, monkeypatch, path, 31)
+    B, S = q.shape[0], k.shape[1]
     lengths = torch.tensor([900, 610])
     n = ks.topk_scratch_numel(B, 1, S, 100, q.device)
     # multi-program: the histograms and the passes' carried states
@@ -427,14 +433,8 @@ def test_interp_index_scores_prefill_the_topk(path, monkeypatch):
     bad combinations are refused by name."""
     from attnlab.kernels import sparse as ks
 
-    monkeypatch.setattr(ks, "TOPK_BLOCK", 64)
-    monkeypatch.setattr(ks, "TOPK_FUSED_BLOCK", 64)
-    _topk_path(ks, monkeypatch, path)
-    gen = torch.Generator().manual_seed(37)
-    B, S, H, D = 2, 900, 4, 16
-    q = torch.randn(B, 1, H, D, generator=gen).bfloat16()
-    k = torch.randn(B, S, D, generator=gen).bfloat16()
-    w = torch.randn(B, 1, H, generator=gen)
+    q, k, w = _decode_selection(ks, monkeypatch, path, 37)
+    (B, _, H, D), S = q.shape, k.shape[1]
     fused = path.startswith("fused")
     multi_hist = _spy_grids(monkeypatch, ks, "_topk_hist")
     for lengths, topk in (([900, 610], 100), ([900, 610], 700), ([50, 899], 100)):
