@@ -592,7 +592,7 @@ def _index_scores_kernel(
         out_ptr = OUT + b * stride_ob + ts[:, None].to(tl.int64) * stride_ot + cols[None, :]
         tl.store(out_ptr, tl.full([BLOCK_T, BLOCK_S], float("-inf"), tl.float32),
                  mask=t_ok[:, None] & (cols < hi)[None, :])
-    if PRE > 0:  # the -inf blocks above (level 0's bin 0), then the chunk's counts into the row's
+    if PRE > 0:  # the -inf blocks above (level 0's bin 0), then the chunk's counts into the row's histogram
         bins = tl.arange(0, _TOPK_BINS)
         hist0 += tl.where(bins == 0, tl.maximum(hi - top, 0), 0)
         tl.atomic_add(HIST + b * 1024 + bins, hist0, mask=hist0 > 0, sem="relaxed", scope="gpu")
