@@ -445,9 +445,10 @@ def test_interp_row_without_room_is_not_written(name):
 @pytest.mark.parametrize("fold", [False, True])
 def test_interp_zero_the_topk_scratch(fold):
     """A DSA layer's latent_write(..., zero=buf) also sets buf (garbage before, more elements than its
-    programs' blocks) to zero, everything else bit-identical to the call without it; a buffer of the
-    wrong dtype or layout, or an MLA layer asked to, is refused by name."""
-    from attnlab.kernels.latent_cache import latent_write
+    programs' blocks) to zero, everything else bit-identical to the call without it; so does the
+    reference (the same arguments); a buffer of the wrong dtype or layout, or an MLA layer asked to,
+    is refused by name."""
+    from attnlab.kernels.latent_cache import latent_write, latent_write_reference
 
     mla, cache, x = make("dsa_lora")
     buf = torch.full((5000,), 9, dtype=torch.int32)
@@ -462,6 +463,9 @@ def test_interp_zero_the_topk_scratch(fold):
             assert torch.equal(a, b)
         for name in ("latent", "index_keys", "lengths"):
             assert torch.equal(getattr(cache, name), getattr(cache_zero, name))
+        buf.fill_(9)
+        latent_write_reference(mla, q, kv, q_lat, clone(with_zero), zero=buf)
+        assert not buf.any()
         with pytest.raises(ValueError, match="zero: expected a contiguous 1-D int32"):
             latent_write(mla, q, kv, q_lat, with_zero, zero=buf.long())
         with pytest.raises(ValueError, match="zero: expected a contiguous 1-D int32"):
@@ -469,6 +473,8 @@ def test_interp_zero_the_topk_scratch(fold):
         m_mla, m_cache, m_x = make("lora_interleaved")
         with pytest.raises(ValueError, match="zero: only a DSA layer"):
             latent_write(m_mla, *inputs(m_mla, m_x), m_cache, zero=buf)
+        with pytest.raises(ValueError, match="zero: only a DSA layer"):
+            latent_write_reference(m_mla, *inputs(m_mla, m_x), m_cache, zero=buf)
 
 
 @interp

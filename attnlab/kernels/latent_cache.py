@@ -531,13 +531,7 @@ def latent_write(
         if w_uk.dtype != q.dtype or w_uk.device != q.device:
             raise ValueError(f"mla: kv_b_proj.weight is {w_uk.dtype} on {w_uk.device}; q_lat=None needs q's "
                              f"dtype and device ({q.dtype} on {q.device})")
-    if zero is not None:
-        if not index:
-            raise ValueError("zero: only a DSA layer's latent_write clears the top-k's scratch")
-        if zero.dtype != torch.int32 or zero.dim() != 1 or not zero.is_contiguous():
-            raise ValueError(f"zero: expected a contiguous 1-D int32 buffer, got {zero.dtype} of shape "
-                             f"{tuple(zero.shape)} and strides {zero.stride()}")
-        check_same_device(q=q, zero=zero)
+    _check_zero(mla, q, zero)
     tickets = cache.lengths.new_empty(0, dtype=torch.int32)  # empty: no token count
     if count_token:
         if not cache.lengths.is_contiguous():
@@ -557,6 +551,19 @@ def latent_write(
         mla.index_n_heads, mla.index_head_dim, float(mla.k_norm.eps), _index_weight_scale(mla), tickets, w_uk,
         zero if zero is not None else tickets.new_empty(0),
     )
+
+
+def _check_zero(mla: MultiHeadLatentAttention, q: torch.Tensor, zero: torch.Tensor | None) -> None:
+    """ValueError naming ``zero`` unless it is None or a DSA layer's contiguous 1-D int32 buffer on q's
+    device (latent_write / latent_write_reference's ``zero``)."""
+    if zero is None:
+        return
+    if not isinstance(mla, DeepSeekSparseAttention):
+        raise ValueError("zero: only a DSA layer's latent_write clears the top-k's scratch")
+    if zero.dtype != torch.int32 or zero.dim() != 1 or not zero.is_contiguous():
+        raise ValueError(f"zero: expected a contiguous 1-D int32 buffer, got {zero.dtype} of shape "
+                         f"{tuple(zero.shape)} and strides {zero.stride()}")
+    check_same_device(q=q, zero=zero)
 
 
 def _w_uk(mla: MultiHeadLatentAttention) -> torch.Tensor:
@@ -587,13 +594,17 @@ def latent_write_reference(
     cache: MLACache,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     count_token: bool = False,
+    zero: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`latent_write` in torch ops, from the layer's own ``kv_a_norm`` (and DSA's ``k_norm``),
     :meth:`rotation`, ``_rotate`` with ``rope_partner_q`` / ``rope_partner_k``, ``_check_cache`` and
     ``_write`` (as ``_project_fused`` and ``forward``'s decode branch use them): the oracle and the
     CPU path. Same arguments and return; writes the cache, leaves its lengths unless ``count_token``
-    (then ``cache.lengths += 1`` last; a full cache raises ValueError)."""
+    (then ``cache.lengths += 1`` last; a full cache raises ValueError); sets ``zero`` to zero."""
     _check(mla, q, kv, q_lat, cache, rotation)
+    _check_zero(mla, q, zero)
+    if zero is not None:
+        zero.zero_()
     B = q.shape[0]
     H, dn, dr, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.kv_lora_rank
     index = isinstance(mla, DeepSeekSparseAttention)
