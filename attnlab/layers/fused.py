@@ -312,7 +312,7 @@ def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, length
         return ops.dsa_topk(scores, k, causal=False, sort=False)
     from ..kernels import sparse as ks
 
-    if prefill is not None:
+    if prefill is not None:  # (B, 1, S_max) float32 scores, their first histogram level in prefill
         scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, topk_scratch=prefill, topk=k)
         return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=prefill, prefetch=prefetch,
                            prefilled=True)
