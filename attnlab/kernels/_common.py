@@ -122,3 +122,13 @@ def l2_prefetch(ptr, nbytes, pred):
         "setp.ne.and.s32 p, $2, 0, p; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
         "=r,l,r,r", [ptr, pred.to(tl.int32), (nbytes + tl.zeros([], dtype=tl.int32)).to(tl.int32)],
         dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def zero_share(ZERO, n, me, n_prog, BLOCK: tl.constexpr):
+    """Program ``me`` of ``n_prog`` sets its BLOCK-element pieces of the int32 buffer ZERO[0:n] to zero
+    (a later kernel's scratch, cleared by a launch that runs anyway; call it after the PDL wait: the
+    buffer may be memory a kernel before used)."""
+    for z in range(me * BLOCK, n, n_prog * BLOCK):
+        zs = z + tl.arange(0, BLOCK)
+        tl.store(ZERO + zs, tl.zeros([BLOCK], dtype=tl.int32), mask=zs < n)

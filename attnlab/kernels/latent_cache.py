@@ -47,7 +47,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
 from ..layers.mla import DeepSeekSparseAttention, DSACache, MLACache, MultiHeadLatentAttention, _rotate
-from ._common import norm_weight, output_buffer, reused_zeros
+from ._common import norm_weight, output_buffer, reused_zeros, zero_share
 from ._pdl import launch_options, use_pdl
 from .absorb import _round
 
@@ -256,11 +256,8 @@ def _latent_write_kernel(
                 tl.store(TICKETS + b, 0)  # all zeros again between launches (CUDA-graph replays)
                 tl.store(LENGTHS + b, (pos + 1).to(LENGTHS.dtype.element_ty))
     if ZERO_BLOCK > 0:  # every program has waited above
-        me = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        n_prog = tl.num_programs(0) * tl.num_programs(1)
-        for z in range(me * ZERO_BLOCK, N_ZERO, n_prog * ZERO_BLOCK):
-            zs = z + tl.arange(0, ZERO_BLOCK)
-            tl.store(ZERO + zs, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=zs < N_ZERO)
+        zero_share(ZERO, N_ZERO, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                   tl.num_programs(0) * tl.num_programs(1), ZERO_BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._checks import check_same_device, check_tensor
-from ._common import l2_prefetch, output_buffer
+from ._common import l2_prefetch, output_buffer, zero_share
 from ._pdl import launch_options, use_pdl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -529,9 +529,7 @@ def _index_scores_kernel(
         gdc_wait()
     pid = tl.program_id(0)
     if ZERO_BLOCK > 0:
-        for z in range(pid * ZERO_BLOCK, N_ZERO, tl.num_programs(0) * ZERO_BLOCK):
-            zs = z + tl.arange(0, ZERO_BLOCK)
-            tl.store(ZERO + zs, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=zs < N_ZERO)
+        zero_share(ZERO, N_ZERO, pid, tl.num_programs(0), ZERO_BLOCK)
     chunk = pid % N_SCHUNK
     rest = pid // N_SCHUNK
     tb = rest % N_TBLK
@@ -1795,7 +1793,7 @@ def _prefill_layout(scratch: torch.Tensor | None, topk: int | None, zero: torch.
                          f"(topk_scratch_numel)")
     path, _ = _topk_plan(B, S, min(topk, S), device)
     if path == "fused" and _topk_candidates_max(B, S):
-        return 2, B * (4 * 256 + 2)  # _topk_fused_launch's layout: histograms, counters, 16-bit histograms
+        return 2, _topk_fused_fine_at(B)
     return 1, 0
 
 
@@ -1956,8 +1954,14 @@ def _topk_candidates_max(R: int, S: int) -> int:
 
 def _topk_fused_sync_numel(R: int, S: int) -> int:
     """_topk_fused's zeroed int32s: a row's histograms [4, 256], its counters (barrier, candidates)
-    and, on the candidate path, its 16-bit histogram [65536]."""
-    return R * (4 * 256 + 2 + (65536 if _topk_candidates_max(R, S) else 0))
+    and, on the candidate path, its 16-bit histogram [65536] (from _topk_fused_fine_at(R) on)."""
+    return _topk_fused_fine_at(R) + (R * 65536 if _topk_candidates_max(R, S) else 0)
+
+
+def _topk_fused_fine_at(R: int) -> int:
+    """Where _topk_fused's 16-bit histograms start in its scratch: after R rows' histograms [4, 256]
+    (from 0) and their two counters (from R * 1024)."""
+    return R * (4 * 256 + 2)
 
 
 def topk_scratch_numel(B: int, T: int, S: int, topk: int, device: torch.device) -> int:
@@ -2137,8 +2141,9 @@ def _topk_fused_launch(sc: torch.Tensor, res: torch.Tensor, S: int, T: int, k_ef
     # (or the scratch the index scores zeroed)
     n_sync = _topk_fused_sync_numel(R, S)
     sync = torch.zeros(n_sync, dtype=torch.int32, device=sc.device) if scratch is None else scratch[:n_sync]
-    hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 : R * (4 * 256 + 2)]
-    fine = sync[R * (4 * 256 + 2) :] if cand_max else sync
+    fine_at = _topk_fused_fine_at(R)
+    hist, ctr = sync[: R * 4 * 256], sync[R * 4 * 256 : fine_at]
+    fine = sync[fine_at:] if cand_max else sync
     cand = torch.empty(R, max(cand_max, 1), dtype=torch.int64, device=sc.device)  # one unused slot for 0
     cnt = torch.empty(R, n_chunks, 2, dtype=torch.int32, device=sc.device)
     sel = torch.empty(R, k_eff, dtype=torch.int64, device=sc.device) if sort else res

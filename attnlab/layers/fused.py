@@ -253,15 +253,16 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     R = dsa.kv_lora_rank
     prefetch = prefetch if PREFETCH_MLP else None
     q, kv = _latent_rows(dsa, io, norm)  # (B, H*(dn+dr) + H_I*D_I), (B, R + dr + D_I + H_I)
-    prefill = _prefill_scratch(dsa, q, cache)  # zeroed by latent_write, filled by the index scores
+    # the top-k's scratch; prefill: zeroed by latent_write, the index scores add to it
+    scratch, prefill = _topk_scratch(dsa, q, cache)
     q_abs, q_idx, w = latent_write(dsa, q, kv, _absorbed_query(dsa, q), cache, rotation, count_token=True,
-                                   zero=prefill)
+                                   zero=scratch if prefill else None)
     # q_abs (B, H, R + dr), q_idx (B, H_I, D_I), w float32 (B, H_I); latent row and indexer key cached,
     # then the token counted in the same launch (lengths += 1): the rows include it before scoring, as
     # the layer counts it
     dtype = q_abs.dtype
     keys = cache.index_keys if cache.index_keys.dtype == dtype else cache.index_keys.to(dtype)
-    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch,
+    idx = _index_topk(q_idx[:, None], keys, w[:, None], cache.lengths, dsa.index_topk, prefetch, scratch,
                       prefill)  # (B, 1, k)
     lat = cache.latent if cache.latent.dtype == dtype else cache.latent.to(dtype)  # (B, S_max, 1, R + dr)
     kernel = None
@@ -274,36 +275,36 @@ def _sparse_latent(dsa: DeepSeekSparseAttention, io: _Stream, norm, cache, rotat
     _output(dsa, o_lat[:, 0], io.res, keep, scale)
 
 
-def _prefill_scratch(dsa: DeepSeekSparseAttention, q: torch.Tensor, cache) -> torch.Tensor | None:
-    """The decode top-k's scratch for INDEX_PREFILL_TOPK (uninitialised: the latent-write launch zeroes
-    it), or None: the option off, the scores or the top-k not Triton kernels here, or a top-k path
-    that takes no scratch."""
+def _topk_scratch(dsa: DeepSeekSparseAttention, q: torch.Tensor, cache) -> tuple[torch.Tensor | None, bool]:
+    """A D decode step's top-k scratch (int32, uninitialised) and whether it is prefilled: None when the
+    index scores and the top-k are not both Triton kernels here (INDEX_TOPK_SCRATCH off, or not what
+    "auto" picks for q's dtype and device) or the top-k's path takes none; prefilled (the latent-write
+    launch zeroes it, the index scores add the first histogram level) with INDEX_PREFILL_TOPK on
+    caches of at most INDEX_PREFILL_MAX_S slots, else the index scores zero it."""
     from ..ops.softmax import _sparse_kernel
 
-    if not (INDEX_TOPK_SCRATCH and INDEX_PREFILL_TOPK):
-        return None
-    if _sparse_kernel("auto", "dsa_index_scores", q) is None:
-        return None
+    if not INDEX_TOPK_SCRATCH or _sparse_kernel("auto", "dsa_index_scores", q) is None:
+        return None, False
     from ..kernels import sparse as ks
 
     S = cache.index_keys.shape[1]
-    if S > INDEX_PREFILL_MAX_S:
-        return None
     n = ks.topk_scratch_numel(q.shape[0], 1, S, min(dsa.index_topk, S), q.device)
-    return torch.empty(n, dtype=torch.int32, device=q.device) if n else None
+    if not n:
+        return None, False
+    return torch.empty(n, dtype=torch.int32, device=q.device), INDEX_PREFILL_TOPK and S <= INDEX_PREFILL_MAX_S
 
 
 def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, lengths: torch.Tensor,
-                index_topk: int, prefetch: torch.Tensor | None = None,
-                prefill: torch.Tensor | None = None) -> torch.Tensor:
+                index_topk: int, prefetch: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
+                prefilled: bool = False) -> torch.Tensor:
     """A D decode step's selection: the indexer's scores of q_idx [B, 1, H_I, D_I] (head weights w
     [B, 1, H_I]) over the cached keys [B, S_max, D_I] (positions past each row's length -inf), then
     their top min(index_topk, S_max) positions, unsorted (the attention sums over the set; on CUDA the
     positions in position order, one pass fewer): int64 [B, 1, k], -1 = empty. When both run as Triton
     kernels (what "auto" picks: CUDA bf16 / fp16), the index-scores launch also zeroes the top-k's
-    buffers (its ``scratch``), so no fill launch sits between the two; ``prefetch``: dsa_topk's.
-    ``prefill``: that scratch, already zeroed by the launch before (:func:`_prefill_scratch`): the
-    index scores add the top-k's first histogram level into it instead (``prefilled``)."""
+    buffers (``scratch``, from :func:`_topk_scratch`), so no fill launch sits between the two; or, when
+    ``prefilled`` (the launch before zeroed it), add the top-k's first histogram level into them;
+    ``prefetch``: dsa_topk's."""
     from ..ops.softmax import _sparse_kernel
 
     k = min(index_topk, keys.shape[1])
@@ -312,14 +313,10 @@ def _index_topk(q_idx: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, length
         return ops.dsa_topk(scores, k, causal=False, sort=False)
     from ..kernels import sparse as ks
 
-    if prefill is not None:  # (B, 1, S_max) float32 scores, their first histogram level in prefill
-        scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, topk_scratch=prefill, topk=k)
-        return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=prefill, prefetch=prefetch,
-                           prefilled=True)
-    n = ks.topk_scratch_numel(q_idx.shape[0], 1, keys.shape[1], k, keys.device)
-    scratch = torch.empty(n, dtype=torch.int32, device=keys.device) if n else None
-    scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, zero=scratch)  # (B, 1, S_max) float32
-    return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=scratch, prefetch=prefetch)
+    into = dict(topk_scratch=scratch, topk=k) if prefilled else dict(zero=scratch)
+    scores = ks.dsa_index_scores(q_idx, keys, w, n_valid=lengths, **into)  # (B, 1, S_max) float32
+    return ks.dsa_topk(scores, k, causal=False, sort=False, scratch=scratch, prefetch=prefetch,
+                       prefilled=prefilled)
 
 
 def _fused_latent(mixer) -> bool:
